@@ -1,0 +1,160 @@
+"""Embedded datasets (written once as Parquet into a cache) and dataset checks (no Ray).
+
+- `digits`: scikit-learn's bundled handwritten digits (real data: 1,797 8x8 images, 10 classes).
+- `digits_imbalanced`: a long-tailed subsample of it (class k keeps a share 0.1 ** (k / 9)).
+- `sequences`: synthetic variable-length token sequences; lengths long-tailed over 8..512, a
+  sequence label (which of three token groups dominates) and per-token targets (a function of
+  the token and its predecessor, so the model needs context).
+
+Files are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError
+
+DATASET_VERSION = "v1"
+SEQ_VOCAB = 64
+SEQ_NUM_CLASSES = 3
+SEQ_NUM_TARGETS = 4
+
+
+def cache_dir(configured: str | None = None) -> Path:
+    root = configured or os.environ.get("PIPELINE_DATA_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "batch-pipeline" / "datasets"
+
+
+def make_digits() -> pa.Table:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)  # pixel values 0..16 -> [0, 1]
+    return pa.table({
+        "sample_id": pa.array(np.arange(len(x), dtype=np.int64)),
+        "features": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]),
+        "label": pa.array(d.target.astype(np.int64)),
+    })
+
+
+def make_digits_imbalanced(ratio: float = 0.1, seed: int = 0) -> pa.Table:
+    """Class k keeps ceil(count_k * ratio ** (k / 9)) samples: class 0 whole, class 9 ~10%."""
+    t = make_digits()
+    labels = t.column("label").to_numpy()
+    rng = np.random.default_rng(seed)
+    keep = []
+    for k in range(10):
+        idx = np.flatnonzero(labels == k)
+        n = int(np.ceil(len(idx) * ratio ** (k / 9)))
+        keep.append(np.sort(rng.choice(idx, size=n, replace=False)))
+    rows = np.sort(np.concatenate(keep))
+    out = t.take(pa.array(rows))
+    return out.set_column(0, "sample_id", pa.array(np.arange(len(rows), dtype=np.int64)))
+
+
+def make_sequences(n: int = 4000, seed: int = 0) -> pa.Table:
+    """Lognormal lengths clipped to 8..512 (median ~40, long tail)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.round(rng.lognormal(mean=3.7, sigma=0.8, size=n)), 8, 512).astype(np.int64)
+    total = int(lengths.sum())
+    # Each sequence favours one of three token groups; its label is the favoured group.
+    labels = rng.integers(0, SEQ_NUM_CLASSES, size=n)
+    group_of_token = np.repeat(labels, lengths)
+    favoured = rng.random(total) < 0.5
+    group = np.where(favoured, group_of_token, rng.integers(0, SEQ_NUM_CLASSES, size=total))
+    tokens = group * (SEQ_VOCAB // SEQ_NUM_CLASSES) + rng.integers(0, SEQ_VOCAB // SEQ_NUM_CLASSES, total)
+    # Per-token target: (token + previous token in the same sequence) mod 4.
+    prev = np.concatenate([[0], tokens[:-1]])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    prev[starts] = 0
+    targets = (tokens + prev) % SEQ_NUM_TARGETS
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pa.table({
+        "sample_id": pa.array(np.arange(n, dtype=np.int64)),
+        "tokens": pa.ListArray.from_arrays(offsets, pa.array(tokens.astype(np.int64))),
+        "targets": pa.ListArray.from_arrays(offsets, pa.array(targets.astype(np.int64))),
+        "length": pa.array(lengths),
+        "label": pa.array(labels.astype(np.int64)),
+    })
+
+
+BUILDERS = {"digits": make_digits, "digits_imbalanced": make_digits_imbalanced,
+            "sequences": make_sequences}
+
+
+def embedded_path(name: str, root: str | None = None) -> Path:
+    """Write the embedded dataset once (atomically) and return its Parquet path."""
+    if name not in BUILDERS:
+        raise ConfigError(f"config error: data.name: unknown embedded dataset {name!r}; "
+                          f"known: {', '.join(EMBEDDED_DATASETS)} (or set data.path)")
+    path = cache_dir(root) / f"{name}-{DATASET_VERSION}.parquet"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        pq.write_table(BUILDERS[name](), tmp)
+        os.replace(tmp, path)
+    return path
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the driver knows about the dataset before any cluster work."""
+
+    uri: str  # absolute path or URI the workers read
+    num_rows: int
+    columns: tuple[str, ...]
+
+
+def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
+    """Find the dataset, apply the embedded datasets' column mapping, check every column the
+    config names exists and the data is non-empty. Raises ConfigError (exit 2) otherwise."""
+    d = cfg.data
+    if d.path is None:
+        uri = str(embedded_path(d.name, d.cache_dir).resolve())
+        if d.name == "sequences":
+            cfg = cfg.with_overrides({
+                "data.feature_column": None, "data.sequence_column": d.sequence_column or "tokens",
+                "data.target_column": d.target_column or "targets",
+                "model.name": cfg.model.name if cfg.model.name != "digits_cnn" else "seq_transformer",
+            })
+    else:
+        uri = d.path if "://" in d.path else str(Path(d.path).expanduser().resolve())
+        if "://" not in uri and not Path(uri).exists():
+            raise ConfigError(f"data error: data.path does not exist: {d.path}")
+    try:
+        ds = pads.dataset(uri, format="parquet")
+        schema = ds.schema
+        num_rows = ds.count_rows()
+    except (OSError, pa.ArrowInvalid) as err:
+        raise ConfigError(f"data error: data.path {uri} is not readable Parquet ({err})") from None
+    columns = tuple(schema.names)
+    named = {
+        "data.feature_column": cfg.data.feature_column,
+        "data.label_column": cfg.data.label_column,
+        "data.sequence_column": cfg.data.sequence_column,
+        "data.target_column": cfg.data.target_column,
+        "data.id_column": cfg.data.id_column,
+        "batching.difficulty_column": cfg.batching.difficulty_column,
+    }
+    for key, col in named.items():
+        if col is not None and col not in columns:
+            raise ConfigError(f"data error: {key}={col!r} is not a column of {uri} "
+                              f"(columns: {', '.join(columns)})")
+    if cfg.data.feature_column is None and cfg.data.sequence_column is None:
+        raise ConfigError("config error: data.feature_column or data.sequence_column must be set")
+    if num_rows == 0:
+        raise ConfigError(f"data error: {uri} has no rows")
+    n_train = num_rows - int(round(num_rows * cfg.data.val_fraction))
+    if n_train < cfg.train.global_batch_size and cfg.batching.drop_last:
+        raise ConfigError(
+            f"data error: train.global_batch_size={cfg.train.global_batch_size} is larger than "
+            f"the {n_train} training rows of {uri}")
+    return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns)

@@ -1,0 +1,203 @@
+"""Padding of ragged (variable-length) token sequences into dense batches (pure numpy).
+
+A ragged batch of B sequences is stored as two flat arrays, the layout Arrow list columns
+already use: ``values`` (the concatenation of all sequences, 1-D) and ``lengths`` (B,).
+Everything here is vectorised: one boolean mask ``np.arange(L) < lengths[:, None]`` selects
+the real-token slots of the dense ``[B, L]`` array and fancy indexing fills them, with no
+Python loop over samples or tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = -100
+"""Target value on padding positions (the default ``ignore_index`` of torch's cross-entropy)."""
+
+_RAGGED_KEYS = ("tokens_values", "tokens_lengths", "targets_values", "targets_lengths")
+
+
+def _check_positive(name: str, value: int | None, *, allow_zero: bool) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{name} must be {bound} or None, got {value}")
+
+
+def _truncated_lengths(lengths: np.ndarray, max_length: int | None) -> np.ndarray:
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size and lengths.min() < 0:
+        raise ValueError("lengths must be non-negative")
+    return lengths if max_length is None else np.minimum(lengths, max_length)
+
+
+def pad_ragged(
+    values: np.ndarray,
+    lengths: np.ndarray,
+    *,
+    pad_value: int = 0,
+    max_length: int | None = None,
+    multiple_of: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad the B sequences stored as ``(values, lengths)`` into a dense ``[B, L]`` array.
+
+    Each sequence is truncated to its first ``max_length`` tokens (if given); ``L`` is the
+    longest truncated length, rounded up to a multiple of ``multiple_of`` (if given). Empty
+    sequences are allowed; for B = 0 the result has shape ``(0, 0)``.
+
+    Returns ``(padded, mask)``: ``padded`` has the dtype of ``values`` with ``pad_value`` after
+    each sequence's end, ``mask`` is bool and True exactly on real tokens.
+
+    >>> values = np.array([1, 2, 3, 4, 5, 6])
+    >>> padded, mask = pad_ragged(values, np.array([3, 0, 2, 1]))
+    >>> padded
+    array([[1, 2, 3],
+           [0, 0, 0],
+           [4, 5, 0],
+           [6, 0, 0]])
+    >>> mask.astype(int)
+    array([[1, 1, 1],
+           [0, 0, 0],
+           [1, 1, 0],
+           [1, 0, 0]])
+    >>> pad_ragged(values, np.array([3, 0, 2, 1]), max_length=2, multiple_of=4, pad_value=-1)[0]
+    array([[ 1,  2, -1, -1],
+           [-1, -1, -1, -1],
+           [ 4,  5, -1, -1],
+           [ 6, -1, -1, -1]])
+    """
+    _check_positive("max_length", max_length, allow_zero=True)
+    _check_positive("multiple_of", multiple_of, allow_zero=False)
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise ValueError(f"values must be 1-D, got shape {values.shape}")
+    full = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    kept = _truncated_lengths(full, max_length)
+    if int(full.sum()) != values.shape[0]:
+        raise ValueError(
+            f"sum(lengths) = {int(full.sum())} does not match len(values) = {values.shape[0]}"
+        )
+    b = full.shape[0]
+    if b == 0:
+        return np.empty((0, 0), dtype=values.dtype), np.empty((0, 0), dtype=bool)
+
+    length = int(kept.max())
+    if multiple_of is not None:
+        length = -(-length // multiple_of) * multiple_of
+    positions = np.arange(length, dtype=np.int64)
+    mask = positions < kept[:, None]  # [B, L]
+    starts = np.cumsum(full) - full  # offset of each sequence in `values`
+    padded = np.full((b, length), pad_value, dtype=values.dtype)
+    # Row-major order of `mask` visits the kept tokens in the order they sit in `values`.
+    padded[mask] = values[(starts[:, None] + positions)[mask]]
+    return padded, mask
+
+
+def collate_sequences(
+    batch: dict[str, np.ndarray],
+    *,
+    max_length: int | None = None,
+    multiple_of: int | None = None,
+    pad_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """Turn a ragged batch into dense model inputs.
+
+    Input keys: ``tokens_values`` / ``tokens_lengths`` (ragged token ids), optionally
+    ``targets_values`` (ragged per-token targets with the same lengths; a ``targets_lengths``
+    key, if present, must equal ``tokens_lengths`` and is dropped), plus any other per-sample
+    arrays (``label``, ``sample_id``, ...), which are passed through unchanged.
+
+    Output keys: ``input_ids`` (int64 ``[B, L]``, ``pad_id`` on padding), ``attention_mask``
+    (bool ``[B, L]``), ``token_targets`` (int64 ``[B, L]``, :data:`IGNORE_INDEX` on padding;
+    only when targets are given), ``lengths`` (int64 ``(B,)``, after truncation) and the
+    pass-through keys.
+
+    >>> out = collate_sequences({
+    ...     "tokens_values": np.array([7, 8, 9]), "tokens_lengths": np.array([2, 1]),
+    ...     "targets_values": np.array([1, 0, 1]), "label": np.array([0, 2]),
+    ... })
+    >>> out["input_ids"]
+    array([[7, 8],
+           [9, 0]])
+    >>> out["token_targets"]
+    array([[   1,    0],
+           [   1, -100]])
+    >>> out["lengths"], out["label"]
+    (array([2, 1]), array([0, 2]))
+    """
+    lengths = np.asarray(batch["tokens_lengths"], dtype=np.int64).reshape(-1)
+    if "targets_lengths" in batch and not np.array_equal(
+        np.asarray(batch["targets_lengths"]).reshape(-1), lengths
+    ):
+        raise ValueError("targets_lengths differ from tokens_lengths")
+    input_ids, mask = pad_ragged(
+        np.asarray(batch["tokens_values"]).astype(np.int64, copy=False),
+        lengths,
+        pad_value=pad_id,
+        max_length=max_length,
+        multiple_of=multiple_of,
+    )
+    out: dict[str, np.ndarray] = {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "lengths": _truncated_lengths(lengths, max_length).copy(),
+    }
+    if "targets_values" in batch:
+        out["token_targets"], _ = pad_ragged(
+            np.asarray(batch["targets_values"]).astype(np.int64, copy=False),
+            lengths,
+            pad_value=IGNORE_INDEX,
+            max_length=max_length,
+            multiple_of=multiple_of,
+        )
+    for key, value in batch.items():
+        if key not in _RAGGED_KEYS:
+            out[key] = value
+    return out
+
+
+def padding_efficiency(lengths: np.ndarray, padded_length: int) -> float:
+    """Share of real tokens in a ``[B, padded_length]`` batch: ``sum(lengths) / (B * L)``.
+
+    1.0 when the batch has no slots (B = 0 or ``padded_length`` = 0).
+
+    >>> padding_efficiency(np.array([3, 0, 2, 1]), 3)
+    0.5
+    >>> padding_efficiency(np.array([], dtype=np.int64), 8)
+    1.0
+    """
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if lengths.size and lengths.max() > padded_length:
+        raise ValueError(f"a length ({int(lengths.max())}) exceeds padded_length={padded_length}")
+    slots = lengths.shape[0] * int(padded_length)
+    return 1.0 if slots == 0 else float(lengths.sum()) / slots
+
+
+def ragged_from_arrow(list_array) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, lengths)`` numpy arrays of an Arrow list column, without Python loops.
+
+    Accepts a ``ListArray``, ``LargeListArray``, ``FixedSizeListArray`` or a ``ChunkedArray`` of
+    those, including slices and ``.take()`` results whose offsets do not start at 0 (only the
+    elements the array actually covers are returned). A null list counts as empty (length 0).
+    ``lengths`` is int64.
+
+    >>> import pyarrow as pa
+    >>> arr = pa.array([[1, 2], [3], [], [4, 5, 6]])
+    >>> values, lengths = ragged_from_arrow(arr.slice(1, 3))
+    >>> values, lengths
+    (array([3, 4, 5, 6]), array([1, 0, 3]))
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(list_array, pa.ChunkedArray) and list_array.num_chunks == 0:
+        value_type = list_array.type.value_type
+        empty = pa.array([], type=value_type).to_numpy(zero_copy_only=False)
+        return empty, np.zeros(0, dtype=np.int64)
+    lengths = pc.fill_null(pc.list_value_length(list_array), 0)
+    values = pc.list_flatten(list_array)  # respects offsets; null lists emit nothing
+    return (
+        np.asarray(values.to_numpy(zero_copy_only=False)),
+        np.asarray(lengths.to_numpy(zero_copy_only=False), dtype=np.int64),
+    )

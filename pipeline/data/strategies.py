@@ -1,0 +1,505 @@
+"""More batch planners: stratified, balanced, curriculum, hard_mining, length_bucket, contrastive.
+
+Importing this module registers them next to ``random`` and ``sequential`` (see
+`pipeline.data.plan`). Like those, every planner is a pure function of
+``(meta, seed, epoch, global_batch_size, drop_last, options)`` -- never of the worker count --
+and returns global batches as int64 arrays of ``meta.ids`` (table positions).
+
+Options reach a planner as keyword arguments (``plan_epoch(name, meta, ..., **options)``);
+options a planner does not know are ignored, as in `plan.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline.data.pacing import competence
+from pipeline.data.plan import (
+    EpochPlan,
+    SampleMeta,
+    chunk,
+    epoch_rng,
+    plan_random,
+    register_planner,
+)
+
+__all__ = [
+    "batch_tokens",
+    "plan_balanced",
+    "plan_contrastive",
+    "plan_curriculum",
+    "plan_hard_mining",
+    "plan_length_bucket",
+    "plan_stratified",
+    "rank_based_probabilities",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _ids(meta: SampleMeta) -> np.ndarray:
+    return np.asarray(meta.ids).astype(np.int64, copy=False)
+
+
+def _column(meta: SampleMeta, name: str, strategy: str) -> np.ndarray:
+    """The metadata column `name`, checked to be present and aligned with ``meta.ids``."""
+    col = getattr(meta, name)
+    if col is None:
+        raise ValueError(f"batching strategy {strategy!r} needs meta.{name}, which is None")
+    col = np.asarray(col)
+    if len(col) != len(meta):
+        raise ValueError(
+            f"meta.{name} has {len(col)} rows but meta.ids has {len(meta)} ({strategy!r})"
+        )
+    return col
+
+
+def _check_batch_size(global_batch_size: int) -> int:
+    b = int(global_batch_size)
+    if b < 1:
+        raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    return b
+
+
+def _shuffle_within(rows: np.ndarray, batch_of: np.ndarray, rng: np.random.Generator):
+    """Reorder `rows` grouped by batch (ascending), randomly inside each batch."""
+    order = np.lexsort((rng.random(len(rows)), batch_of))
+    return rows[order]
+
+
+# --------------------------------------------------------------------------- stratified
+
+
+@register_planner("stratified")
+def plan_stratified(
+    meta: SampleMeta, *, seed: int, epoch: int, global_batch_size: int, drop_last: bool = True,
+    **_: object,
+) -> EpochPlan:
+    """Every full batch mirrors the class shares of the dataset (each class within +-1).
+
+    With ``N`` samples, ``n_k`` in class ``k`` and batch size ``B``, class ``k`` has quota
+    ``q_k = B * n_k / N`` per batch. Each full batch gets ``floor(q_k)`` of class ``k`` plus
+    the ``r = B - sum(floor(q_k))`` remainder seats, handed out by largest-remainder style
+    systematic sampling: the fractional parts ``f_k`` are laid end to end on ``[0, r)`` and
+    batch ``j`` takes the classes under the ``r`` points ``t_j, t_j + 1, ..., t_j + r - 1``.
+    The offsets ``t_j`` are a random permutation of a grid of step ``1 / n_batches`` (exact
+    integer arithmetic), so
+
+    - a class gets at most one extra seat per batch: ``floor(q_k) <= count <= floor(q_k)+1``;
+    - over the epoch class ``k`` fills at most ``ceil(n_batches * q_k) <= n_k`` seats, so no
+      sample is drawn twice (``n_batches = N // B``);
+    - which batches get the extra seats is random per (seed, epoch).
+
+    Samples of each class are taken from a fresh permutation; the order inside a batch is
+    shuffled. Unplaced samples are counted in ``dropped`` (placed + dropped == N); with
+    ``drop_last=False`` they form one last, partial batch, so every sample is placed once.
+    Needs ``meta.labels`` (any hashable/sortable values).
+
+    Worked example (10 samples, classes 7:3, batch 5 -> quotas 3.5 and 1.5):
+
+        >>> meta = SampleMeta(ids=np.arange(10), labels=np.array([0] * 7 + [1] * 3))
+        >>> plan = plan_stratified(meta, seed=0, epoch=0, global_batch_size=5)
+        >>> [sorted(np.bincount(meta.labels[b], minlength=2).tolist()) for b in plan.batches]
+        [[1, 4], [2, 3]]
+        >>> plan.dropped  # 10 = 2 * 5, nothing left over
+        0
+    """
+    b = _check_batch_size(global_batch_size)
+    labels = _column(meta, "labels", "stratified")
+    ids = _ids(meta)
+    n = len(ids)
+    rng = epoch_rng(seed, epoch)
+    if n == 0:
+        return EpochPlan(batches=[], dropped=0, pool_size=0)
+    classes, cls = np.unique(labels, return_inverse=True)
+    cls = cls.reshape(-1)
+    k = len(classes)
+    counts = np.bincount(cls, minlength=k).astype(np.int64)
+    n_batches = n // b
+
+    # Per-class rows in a random order, grouped by class: class c occupies
+    # grouped[starts[c] : starts[c] + counts[c]].
+    perm = rng.permutation(n)
+    grouped = perm[np.argsort(cls[perm], kind="stable")]
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+
+    if n_batches:
+        scaled = b * counts  # q_k * N, exact
+        base = scaled // n  # floor(q_k)
+        frac = scaled % n  # f_k * N, exact
+        r = int(b - base.sum())  # remainder seats per batch; sum(frac) == r * N
+        per_batch = np.broadcast_to(base, (n_batches, k)).copy()
+        if r:
+            # Units of 1 / (N * n_batches): segment k = [bounds[k-1], bounds[k]), total
+            # r * N * n_batches; grid points s + m * N, m = 0 .. r * n_batches - 1.
+            bounds = np.cumsum(frac) * n_batches
+            s = int(rng.integers(n))
+            offset = rng.permutation(n_batches)  # which grid point starts batch j
+            m = offset[:, None] + n_batches * np.arange(r)[None, :]  # (n_batches, r)
+            points = s + m * n
+            extra_cls = np.searchsorted(bounds, points, side="right")
+            np.add.at(per_batch, (np.repeat(np.arange(n_batches), r), extra_cls.ravel()), 1)
+        # Seats: (batch, class) pairs in batch-major order; the t-th seat of class c (in batch
+        # order) takes grouped[starts[c] + t].
+        batch_of = np.repeat(np.repeat(np.arange(n_batches), k), per_batch.ravel())
+        class_of = np.repeat(np.tile(np.arange(k), n_batches), per_batch.ravel())
+        by_class = np.argsort(class_of, kind="stable")
+        used = np.bincount(class_of, minlength=k)
+        rank_in_class = np.arange(len(class_of)) - np.repeat(np.cumsum(used) - used, used)
+        rows = np.empty(len(class_of), dtype=np.int64)
+        rows[by_class] = grouped[starts[class_of[by_class]] + rank_in_class]
+        placed = _shuffle_within(rows, batch_of, rng).reshape(n_batches, b)
+        batches = [ids[row] for row in placed]
+    else:
+        used = np.zeros(k, dtype=np.int64)
+        batches = []
+
+    # Leftover rows: the unused tail of every class.
+    grouped_cls = cls[grouped]
+    leftover = grouped[np.arange(n) - starts[grouped_cls] >= used[grouped_cls]]
+    if len(leftover) and not drop_last:
+        batches.append(ids[rng.permutation(leftover)])
+        return EpochPlan(batches=batches, dropped=0, pool_size=n)
+    return EpochPlan(batches=batches, dropped=int(len(leftover)), pool_size=n)
+
+
+# --------------------------------------------------------------------------- balanced
+
+
+@register_planner("balanced")
+def plan_balanced(
+    meta: SampleMeta, *, seed: int, epoch: int, global_batch_size: int, drop_last: bool = True,
+    epoch_samples: int | None = None, **_: object,
+) -> EpochPlan:
+    """Equal counts of every class in every batch (over-/under-sampling).
+
+    ``global_batch_size`` must be divisible by the number of classes ``K``; each batch holds
+    ``B / K`` samples of each class. The epoch has ``epoch_samples // B`` batches
+    (``epoch_samples`` defaults to ``len(meta)``). Each class is read through fresh random
+    permutations of its samples, one after another: a minority class repeats a sample only
+    once all of it has been drawn (then a new permutation starts); a majority class is
+    under-sampled. Only full batches are made (``drop_last`` has no effect: a partial batch
+    could not be balanced). ``dropped`` counts samples of the pool that appear in no batch.
+    Needs ``meta.labels``.
+
+    Worked example (classes 8:2, batch 4 -> 2 + 2 per batch, 2 batches):
+
+        >>> meta = SampleMeta(ids=np.arange(10), labels=np.array([0] * 8 + [1] * 2))
+        >>> plan = plan_balanced(meta, seed=0, epoch=0, global_batch_size=4, epoch_samples=8)
+        >>> [np.bincount(meta.labels[b]).tolist() for b in plan.batches]
+        [[2, 2], [2, 2]]
+        >>> plan.dropped  # 4 of the 8 majority samples were not drawn
+        4
+    """
+    b = _check_batch_size(global_batch_size)
+    labels = _column(meta, "labels", "balanced")
+    ids = _ids(meta)
+    n = len(ids)
+    rng = epoch_rng(seed, epoch)
+    total = n if epoch_samples is None else int(epoch_samples)
+    if total < 0:
+        raise ValueError(f"epoch_samples must be >= 0, got {epoch_samples}")
+    if n == 0:
+        return EpochPlan(batches=[], dropped=0, pool_size=0)
+    classes, cls = np.unique(labels, return_inverse=True)
+    cls = cls.reshape(-1)
+    k = len(classes)
+    if b % k:
+        raise ValueError(
+            f"balanced batching needs global_batch_size ({b}) divisible by the number of "
+            f"classes ({k})"
+        )
+    per = b // k
+    n_batches = total // b
+    need = n_batches * per
+    if n_batches == 0:
+        return EpochPlan(batches=[], dropped=n, pool_size=n)
+    cols = []
+    for c in range(k):
+        members = np.flatnonzero(cls == c)
+        reps = -(-need // len(members))
+        draws = np.concatenate([rng.permutation(members) for _ in range(reps)])[:need]
+        cols.append(draws.reshape(n_batches, per))
+    rows = np.concatenate(cols, axis=1)  # (n_batches, b), class-major inside a batch
+    rows = np.take_along_axis(rows, np.argsort(rng.random(rows.shape), axis=1), axis=1)
+    seen = np.zeros(n, dtype=bool)
+    seen[rows.ravel()] = True
+    return EpochPlan(
+        batches=[ids[row] for row in rows], dropped=int(n - seen.sum()), pool_size=n
+    )
+
+
+# --------------------------------------------------------------------------- curriculum
+
+
+def curriculum_pool_size(
+    n: int, epoch: int, *, pacing: str = "root", c0: float = 0.1, pacing_epochs: float = 10,
+    steps: int = 4, growth: float = 2.0,
+) -> int:
+    """``ceil(c * n)`` clipped to ``[1, n]`` with ``c = competence(epoch / pacing_epochs)``.
+
+    A relative tolerance of 1e-9 guards against ``0.3 * 10 -> 3.0000000000000004`` rounding
+    the pool up by one.
+
+        >>> [curriculum_pool_size(100, e, pacing="linear", c0=0.1, pacing_epochs=4)
+        ...  for e in range(6)]
+        [10, 33, 55, 78, 100, 100]
+    """
+    if n <= 0:
+        return 0
+    if not (float(pacing_epochs) > 0):
+        raise ValueError(f"pacing_epochs must be > 0, got {pacing_epochs}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    c = competence(epoch / float(pacing_epochs), pacing, c0=c0, steps=steps, growth=growth)
+    size = math.ceil(c * n - 1e-9 * n)
+    return int(min(n, max(1, size)))
+
+
+@register_planner("curriculum")
+def plan_curriculum(
+    meta: SampleMeta, *, seed: int, epoch: int, global_batch_size: int, drop_last: bool = True,
+    pacing: str = "root", c0: float = 0.1, pacing_epochs: float = 10, steps: int = 4,
+    growth: float = 2.0, **_: object,
+) -> EpochPlan:
+    """Competence-based curriculum: a growing pool of the easiest samples, shuffled.
+
+    The pool holds the ``ceil(c * N)`` easiest samples (never fewer than one) where
+    ``c = pacing.competence(epoch / pacing_epochs, pacing, c0=, steps=, growth=)``. Samples
+    are ranked by a stable sort on ``meta.difficulty`` (ascending: easy first; NaN last), ties
+    broken by id, so pools are nested and grow monotonically; from ``epoch >= pacing_epochs``
+    the pool is the whole dataset. The pool is permuted by (seed, epoch) and cut into batches.
+    ``pool_size`` is the pool's size; ``dropped`` counts pool samples cut by ``drop_last``
+    (samples outside the pool are neither placed nor dropped). Caveat: with ``drop_last`` a
+    pool smaller than the batch gives an epoch with no batches.
+
+    Worked example (difficulty = id, linear pacing over 2 epochs from c0 = 0.5):
+
+        >>> meta = SampleMeta(ids=np.arange(8), difficulty=np.arange(8.0))
+        >>> opts = dict(pacing="linear", c0=0.5, pacing_epochs=2, global_batch_size=2)
+        >>> [sorted(np.concatenate(plan_curriculum(meta, seed=0, epoch=e, **opts).batches).tolist())
+        ...  for e in (0, 1)]
+        [[0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
+        >>> plan_curriculum(meta, seed=0, epoch=2, **opts).pool_size
+        8
+    """
+    b = _check_batch_size(global_batch_size)
+    difficulty = _column(meta, "difficulty", "curriculum").astype(np.float64)
+    ids = _ids(meta)
+    size = curriculum_pool_size(
+        len(ids), epoch, pacing=pacing, c0=c0, pacing_epochs=pacing_epochs, steps=steps,
+        growth=growth,
+    )
+    easiest = np.lexsort((ids, difficulty))[:size]
+    order = ids[easiest[epoch_rng(seed, epoch).permutation(size)]]
+    batches, dropped = chunk(order, b, drop_last)
+    return EpochPlan(batches=batches, dropped=dropped, pool_size=size)
+
+
+# --------------------------------------------------------------------------- hard mining
+
+
+def rank_based_probabilities(losses: np.ndarray, selection_pressure: float = 100.0) -> np.ndarray:
+    """Rank-based selection probabilities (Loshchilov & Hutter 2015), summing to 1.
+
+    Samples are ranked by loss, descending (rank ``r = 0`` is the hardest) and
+    ``p_r ∝ exp(-log(s) * r / N)``, so ``p_0 / p_{N-1} = exp(log(s) * (N - 1) / N)``
+    (``-> s`` for large N). Tied losses share the mean probability of their ranks (so equal
+    losses mean equal probabilities). NaN losses (samples not yet scored) count as the
+    hardest: they are explored first. ``s = 1`` gives the uniform distribution; ``s < 1`` is
+    a ValueError.
+
+        >>> p = rank_based_probabilities(np.array([0.1, 3.0, 1.0, 2.0]), selection_pressure=16)
+        >>> (p * 15).round(6).tolist()  # ranks 3, 0, 2, 1 -> 2**-r / (15 / 8)
+        [1.0, 8.0, 2.0, 4.0]
+    """
+    losses = np.asarray(losses, dtype=np.float64).reshape(-1)
+    s = float(selection_pressure)
+    if not (math.isfinite(s) and s >= 1.0):
+        raise ValueError(f"selection_pressure must be a finite number >= 1, got {s}")
+    n = len(losses)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    key = np.where(np.isnan(losses), np.inf, losses)
+    order = np.argsort(-key, kind="stable")  # rank r -> sample
+    by_rank = np.exp(-math.log(s) * np.arange(n) / n)
+    # Average inside groups of equal loss (ranks of a group are contiguous).
+    sorted_key = key[order]
+    new_group = np.concatenate(([True], sorted_key[1:] != sorted_key[:-1]))
+    group = np.cumsum(new_group) - 1
+    mean = np.bincount(group, weights=by_rank) / np.bincount(group)
+    p = np.empty(n, dtype=np.float64)
+    p[order] = mean[group]
+    return p / p.sum()
+
+
+@register_planner("hard_mining")
+def plan_hard_mining(
+    meta: SampleMeta, *, seed: int, epoch: int, global_batch_size: int, drop_last: bool = True,
+    selection_pressure: float = 100.0, **_: object,
+) -> EpochPlan:
+    """Online hard-example mining by loss rank (Loshchilov & Hutter 2015).
+
+    ``meta.weights`` holds each sample's loss from the previous epoch (None or all-NaN on the
+    first epoch: uniform sampling). Probabilities come from `rank_based_probabilities` with
+    ``selection_pressure`` ``s`` (the hardest sample is about ``s`` times as likely as the
+    easiest). The epoch draws ``N`` samples with replacement (``N - N % B`` with
+    ``drop_last``; ``dropped`` is that shortfall, so placed + dropped == N) and cuts them into
+    batches; a sample may appear several times.
+
+    Worked example:
+
+        >>> meta = SampleMeta(ids=np.arange(6), weights=np.array([5.0, 0, 0, 0, 0, 0]))
+        >>> plan = plan_hard_mining(meta, seed=0, epoch=1, global_batch_size=4)
+        >>> [len(b) for b in plan.batches], plan.dropped
+        ([4], 2)
+    """
+    b = _check_batch_size(global_batch_size)
+    ids = _ids(meta)
+    n = len(ids)
+    rng = epoch_rng(seed, epoch)
+    losses = None if meta.weights is None else _column(meta, "weights", "hard_mining")
+    if losses is None or np.all(np.isnan(np.asarray(losses, dtype=np.float64))):
+        p = None
+    else:
+        p = rank_based_probabilities(losses, selection_pressure)
+    size = n - (n % b if drop_last else 0)
+    order = ids[rng.choice(n, size=size, replace=True, p=p)] if size else ids[:0]
+    batches, _unused = chunk(order, b, drop_last)
+    return EpochPlan(batches=batches, dropped=n - size, pool_size=n)
+
+
+# --------------------------------------------------------------------------- length bucketing
+
+
+def batch_tokens(lengths: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Greedy token-budget cut points for samples taken in the given order.
+
+    A batch grows while ``(len(batch) + 1) * max(lengths in batch incl. the new one)`` stays
+    ``<= max_tokens`` (padding to the batch's longest sample); every batch holds at least one
+    sample, so a sample longer than ``max_tokens`` gets a batch of its own. Returns the cut
+    points for ``np.split`` (the start offsets of batches 1, 2, ...).
+
+        >>> lengths = np.array([2, 3, 3, 5, 9, 20])
+        >>> [b.tolist() for b in np.split(lengths, batch_tokens(lengths, 10))]
+        [[2, 3, 3], [5], [9], [20]]
+    """
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if max_tokens is None or int(max_tokens) < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    t = int(max_tokens)
+    n = len(lengths)
+    cuts: list[int] = []
+    if n and bool(np.all(lengths[1:] >= lengths[:-1])):
+        # Sorted ascending: the batch's longest is its last sample, and
+        # (j - i + 1) * lengths[j] is non-decreasing in j: binary-search each batch's end.
+        lst = lengths.tolist()
+        i = 0
+        while i < n:
+            lo, hi = i + 1, n  # the batch is lst[i:end]; end in [i + 1, n]
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if (mid - i) * lst[mid - 1] <= t:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            i = lo
+            if i < n:
+                cuts.append(i)
+        return np.asarray(cuts, dtype=np.int64)
+    count, longest = 0, 0
+    for pos, length in enumerate(lengths.tolist()):
+        new_longest = max(longest, length)
+        if count and (count + 1) * new_longest > t:
+            cuts.append(pos)
+            count, new_longest = 0, length
+        count += 1
+        longest = new_longest
+    return np.asarray(cuts, dtype=np.int64)
+
+
+@register_planner("length_bucket")
+def plan_length_bucket(
+    meta: SampleMeta, *, seed: int, epoch: int, global_batch_size: int, drop_last: bool = True,
+    bucket_size_multiplier: int = 50, max_tokens: int | None = None, **_: object,
+) -> EpochPlan:
+    """Bucket by length to cut padding, keeping randomness (mega-batch sorting).
+
+    Shuffle the pool (seed, epoch), cut it into mega-batches of
+    ``bucket_size_multiplier * global_batch_size`` samples, sort each mega-batch by
+    ``meta.lengths`` (stable), cut it into batches, then shuffle the order of the batches.
+
+    - Fixed size (``max_tokens=None``): batches of ``global_batch_size``. The ``N % B``
+      samples that cannot fill a batch are chosen at random (the tail of the shuffled pool,
+      before bucketing): dropped with ``drop_last``, else one last partial batch (sorted by
+      length) after the shuffled full batches.
+    - Token budget (``max_tokens`` set): each sorted mega-batch is cut by `batch_tokens`
+      (``n_samples * longest <= max_tokens``, at least one sample per batch); batch sizes
+      vary and nothing is dropped (``drop_last`` has no effect).
+
+    Worked example (12 samples, batch 2, one mega-batch of 6 -> similar lengths together):
+
+        >>> meta = SampleMeta(ids=np.arange(12), lengths=np.array([1, 9] * 6))
+        >>> plan = plan_length_bucket(
+        ...     meta, seed=0, epoch=0, global_batch_size=2, bucket_size_multiplier=3)
+        >>> sorted(sorted(meta.lengths[b].tolist()) for b in plan.batches)
+        [[1, 1], [1, 1], [1, 1], [9, 9], [9, 9], [9, 9]]
+    """
+    b = _check_batch_size(global_batch_size)
+    lengths = _column(meta, "lengths", "length_bucket").astype(np.int64)
+    ids = _ids(meta)
+    n = len(ids)
+    mult = int(bucket_size_multiplier)
+    if mult < 1:
+        raise ValueError(f"bucket_size_multiplier must be >= 1, got {bucket_size_multiplier}")
+    mega = mult * b
+    rng = epoch_rng(seed, epoch)
+    perm = rng.permutation(n)
+
+    if max_tokens is not None:
+        mega_of = np.arange(n) // mega
+        rows = perm[np.lexsort((lengths[perm], mega_of))]
+        batches_rows: list[np.ndarray] = []
+        for start in range(0, n, mega):
+            seg = rows[start : start + mega]
+            batches_rows.extend(np.split(seg, batch_tokens(lengths[seg], max_tokens)))
+        order = rng.permutation(len(batches_rows))
+        return EpochPlan(
+            batches=[ids[batches_rows[i]] for i in order], dropped=0, pool_size=n
+        )
+
+    n_full = n // b
+    keep, rest = perm[: n_full * b], perm[n_full * b :]
+    mega_of = np.arange(len(keep)) // mega
+    rows = keep[np.lexsort((lengths[keep], mega_of))].reshape(n_full, b)
+    rows = rows[rng.permutation(n_full)]
+    batches = [ids[row] for row in rows]
+    if len(rest) and not drop_last:
+        batches.append(ids[rest[np.argsort(lengths[rest], kind="stable")]])
+        return EpochPlan(batches=batches, dropped=0, pool_size=n)
+    return EpochPlan(batches=batches, dropped=int(len(rest)), pool_size=n)
+
+
+# --------------------------------------------------------------------------- contrastive
+
+
+@register_planner("contrastive")
+def plan_contrastive(
+    meta: SampleMeta, *, seed: int, epoch: int, global_batch_size: int, drop_last: bool = True,
+    **options: object,
+) -> EpochPlan:
+    """Same batches as ``random``; the augmented views are made at collate time.
+
+        >>> meta = SampleMeta(ids=np.arange(10))
+        >>> a = plan_contrastive(meta, seed=1, epoch=2, global_batch_size=4)
+        >>> b = plan_random(meta, seed=1, epoch=2, global_batch_size=4)
+        >>> all(np.array_equal(x, y) for x, y in zip(a.batches, b.batches))
+        True
+    """
+    return plan_random(
+        meta, seed=seed, epoch=epoch, global_batch_size=global_batch_size, drop_last=drop_last,
+        **options,
+    )

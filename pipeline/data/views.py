@@ -1,0 +1,104 @@
+"""Contrastive views of a batch (pure numpy, vectorised over all rows at once).
+
+A batch of B samples becomes a batch of ``B * num_views`` rows, **view-major**: view ``v`` of
+sample ``i`` sits at row ``v * B + i``. So rows ``0..B-1`` are the first view of every sample,
+rows ``B..2B-1`` the second, and so on; ``view_to_sample[row] = row % B`` and
+``view_index[row] = row // B``. This is the layout :func:`pipeline.engine.contrastive.nt_xent`
+expects through its ``view_to_sample`` argument (any layout works there, this one is simply
+what is produced here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _shift_images(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, pad: int) -> np.ndarray:
+    """Shift each image ``images[n]`` ([N, H, W]) by ``(dy[n], dx[n])`` pixels, filling with 0.
+
+    ``out[n, y, x] = images[n, y - dy[n], x - dx[n]]`` (0 outside the image): the content moves
+    down by ``dy`` and right by ``dx``. Implemented with one zero padding by ``pad`` >= |shift|
+    and a single gather.
+    """
+    n, h, w = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))
+    rows = np.arange(h)[None, :] - dy[:, None] + pad  # [N, H]
+    cols = np.arange(w)[None, :] - dx[:, None] + pad  # [N, W]
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def make_views(
+    batch: dict[str, np.ndarray],
+    *,
+    num_views: int,
+    rng: np.random.Generator,
+    feature_key: str = "features",
+    noise_std: float = 0.1,
+    max_shift: int = 1,
+    image_shape: tuple[int, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Return ``num_views`` augmented views of every sample of ``batch``.
+
+    Layout: view ``v`` of sample ``i`` is row ``v * B + i`` of the output (view-major). Every
+    array of ``batch`` (all must have B rows) is repeated that way, ``batch[feature_key]`` is
+    replaced by its augmented views, and two int64 keys of length ``B * num_views`` are added:
+    ``view_to_sample`` (row -> index ``0..B-1`` of its sample in ``batch``) and ``view_index``
+    (row -> ``0..num_views-1``).
+
+    Augmentations, each drawn independently per row:
+
+    - with ``image_shape = (H, W)`` (features of ``H * W`` values per sample, flattened
+      row-major or already ``[B, H, W]``): a random integer shift in
+      ``[-max_shift, max_shift]`` along y and along x, with zero fill;
+    - then additive Gaussian noise of standard deviation ``noise_std`` (skipped when 0).
+
+    Without ``image_shape`` only the noise is applied. Features come back as floating point
+    (their own dtype if already floating, else float32). The result depends only on the
+    batch and the state of ``rng`` (shifts are drawn first, then the noise).
+
+    >>> batch = {"features": np.arange(4.0).reshape(2, 2), "label": np.array([7, 9])}
+    >>> out = make_views(batch, num_views=2, rng=np.random.default_rng(0), noise_std=0.0)
+    >>> out["features"]
+    array([[0., 1.],
+           [2., 3.],
+           [0., 1.],
+           [2., 3.]])
+    >>> out["label"], out["view_to_sample"], out["view_index"]
+    (array([7, 9, 7, 9]), array([0, 1, 0, 1]), array([0, 0, 1, 1]))
+    """
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    if feature_key not in batch:
+        raise KeyError(f"batch has no feature column {feature_key!r}")
+
+    features = np.asarray(batch[feature_key])
+    b = features.shape[0]
+    out: dict[str, np.ndarray] = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0 or value.shape[0] != b:
+            raise ValueError(f"column {key!r} has shape {value.shape}, expected {b} rows")
+        out[key] = np.tile(value, (num_views,) + (1,) * (value.ndim - 1))
+
+    dtype = features.dtype if np.issubdtype(features.dtype, np.floating) else np.float32
+    views = out[feature_key].astype(dtype, copy=False)  # np.tile already copied
+    n = views.shape[0]
+    if image_shape is not None:
+        h, w = image_shape
+        if int(np.prod(features.shape[1:])) != h * w:
+            raise ValueError(f"features of shape {features.shape} do not hold {h}x{w} images")
+        dy = rng.integers(-max_shift, max_shift + 1, size=n)
+        dx = rng.integers(-max_shift, max_shift + 1, size=n)
+        if max_shift > 0:
+            images = _shift_images(views.reshape(n, h, w), dy, dx, max_shift)
+            views = images.reshape(views.shape)
+    if noise_std > 0:
+        views = views + rng.normal(0.0, noise_std, size=views.shape).astype(dtype, copy=False)
+    out[feature_key] = views
+    out["view_to_sample"] = np.tile(np.arange(b, dtype=np.int64), num_views)
+    out["view_index"] = np.repeat(np.arange(num_views, dtype=np.int64), b)
+    return out

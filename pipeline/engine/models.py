@@ -1,0 +1,139 @@
+"""Model builders (pure PyTorch).
+
+- `digits_cnn`: a small CNN with BatchNorm for 8x8 images given as 64 features.
+- `mlp`: a BatchNorm-free MLP for any fixed-size feature vector (used by equivalence tests:
+  without BatchNorm the update of a batch does not depend on how it is split).
+- `seq_transformer`: a small Transformer encoder over padded token ids with an attention mask;
+  a sequence head (masked mean pool) or a per-token head.
+- `import:package.module:function`: a user model, called with the same keyword arguments.
+
+Every builder takes `input_dim`, `num_outputs`, `vocab_size`, `per_token` and
+`activation_checkpointing` plus its own kwargs, and returns an `nn.Module` whose forward takes
+the collated batch dict and returns logits (or embeddings for contrastive training).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _maybe_checkpoint(module: nn.Module, x: torch.Tensor, enabled: bool, *args: Any) -> torch.Tensor:
+    # Recompute the block's activations in backward instead of storing them: same gradients,
+    # less activation memory. Only while training (no backward at evaluation).
+    if enabled and module.training and torch.is_grad_enabled():
+        return checkpoint(module, x, *args, use_reentrant=False)
+    return module(x, *args)
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, num_outputs: int = 10, width: int = 32, activation_checkpointing: bool = False):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.blocks = nn.ModuleList([
+            block(1, width), nn.Sequential(block(width, 2 * width), nn.MaxPool2d(2)),
+            block(2 * width, 2 * width),
+        ])
+        self.head = nn.Linear(2 * width, num_outputs)
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["features"].reshape(-1, 1, 8, 8)
+        for blk in self.blocks:
+            x = _maybe_checkpoint(blk, x, self.activation_checkpointing)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class MLP(nn.Module):
+    def __init__(self, input_dim: int, num_outputs: int, hidden: int = 128, depth: int = 2,
+                 activation_checkpointing: bool = False):
+        super().__init__()
+        dims = [input_dim] + [hidden] * depth
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(a, b), nn.GELU()) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.head = nn.Linear(dims[-1], num_outputs)
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = batch["features"]
+        for layer in self.layers:
+            x = _maybe_checkpoint(layer, x, self.activation_checkpointing)
+        return self.head(x)
+
+
+def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Vaswani et al. 2017, sec. 3.5: PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(...)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32)
+                     * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe
+
+
+class SeqTransformer(nn.Module):
+    def __init__(self, vocab_size: int, num_outputs: int, per_token: bool = False, d_model: int = 64,
+                 nhead: int = 4, num_layers: int = 2, dim_feedforward: int = 128, dropout: float = 0.0,
+                 activation_checkpointing: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True,
+                                       norm_first=True)
+            for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_outputs)
+        self.per_token = per_token
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        x = self.embed(ids) + sinusoidal_positions(ids.shape[1], self.embed.embedding_dim, ids.device)
+        pad = ~mask
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, None, pad, use_reentrant=False)
+            else:
+                x = layer(x, src_key_padding_mask=pad)
+        x = self.norm(x)
+        if self.per_token:
+            return self.head(x)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(pooled)
+
+
+def build_model(name: str, *, input_dim: int | None, num_outputs: int, vocab_size: int | None,
+                per_token: bool = False, activation_checkpointing: bool = False,
+                **kwargs: Any) -> nn.Module:
+    if name == "digits_cnn":
+        if input_dim != 64:
+            raise ValueError(f"digits_cnn needs 64 features (8x8 images), got {input_dim}")
+        return DigitsCNN(num_outputs, activation_checkpointing=activation_checkpointing, **kwargs)
+    if name == "mlp":
+        return MLP(int(input_dim or 0), num_outputs, activation_checkpointing=activation_checkpointing,
+                   **kwargs)
+    if name == "seq_transformer":
+        if vocab_size is None:
+            raise ValueError("seq_transformer needs a sequence column (data.sequence_column)")
+        return SeqTransformer(vocab_size, num_outputs, per_token=per_token,
+                              activation_checkpointing=activation_checkpointing, **kwargs)
+    if name.startswith("import:"):
+        module_name, _, fn_name = name.removeprefix("import:").partition(":")
+        fn = getattr(importlib.import_module(module_name), fn_name)
+        return fn(input_dim=input_dim, num_outputs=num_outputs, vocab_size=vocab_size,
+                  per_token=per_token, activation_checkpointing=activation_checkpointing, **kwargs)
+    raise ValueError(f"unknown model {name!r}; known: digits_cnn, mlp, seq_transformer, "
+                     "import:package.module:function")

@@ -1,0 +1,57 @@
+"""LR scaling rules and the per-step LR schedule (pure functions of the step).
+
+Scaling from a base batch size B0 at base LR lr0 to a global batch B:
+- none:   lr = lr0
+- linear: lr = lr0 * B / B0              (Goyal et al. 2017, "Accurate, Large Minibatch SGD", sec. 2.1)
+- sqrt:   lr = lr0 * sqrt(B / B0)        (Krizhevsky 2014, "One weird trick", sec. 5; Hoffer et al. 2017)
+
+Gradual warmup (Goyal et al. 2017, sec. 2.2): the LR ramps linearly from lr0 to the scaled LR
+over the warmup steps, then follows the schedule (constant, step decay x0.1 at 50% and 75% of
+the remaining steps, or cosine to zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def scale_lr(base_lr: float, base_batch_size: int, global_batch_size: int, rule: str) -> float:
+    """>>> scale_lr(0.1, 256, 1024, "linear"), scale_lr(0.1, 256, 1024, "sqrt")
+    (0.4, 0.2)
+    """
+    ratio = global_batch_size / base_batch_size
+    if rule == "none":
+        return base_lr
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    raise ValueError(f"unknown LR scaling rule {rule!r}; known: none, linear, sqrt")
+
+
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    peak_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str = "constant",
+) -> float:
+    """The LR applied at optimizer step `step` (0-based).
+
+    >>> [round(lr_at(s, base_lr=0.1, peak_lr=0.5, warmup_steps=4, total_steps=10), 3)
+    ...  for s in range(6)]
+    [0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr + (peak_lr - base_lr) * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    if schedule == "constant":
+        return peak_lr
+    if schedule == "step":
+        return peak_lr * (0.1 ** (int(progress >= 0.5) + int(progress >= 0.75)))
+    if schedule == "cosine":
+        return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}; known: constant, step, cosine")

@@ -1,0 +1,173 @@
+"""One optimizer step over micro-batches with exact loss normalisation, and evaluation.
+
+Exact normalisation: the loss of every micro-batch is its *sum* over loss elements (samples, or
+real tokens for token-level losses) divided by the number of loss elements in the whole global
+batch -- across micro-steps and ranks -- so the accumulated gradient equals the gradient of the
+global batch's mean loss in one piece. The mean of per-micro-batch means is not that whenever
+micro-batches hold different numbers of tokens (the 2024 gradient-accumulation bug in Hugging
+Face Transformers). DDP averages gradients over ranks, so each rank's loss is multiplied by the
+world size to turn that average back into the global sum / global count.
+
+DDP synchronises gradients only on the last micro-step (`no_sync` on the others).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.engine.contrastive import nt_xent
+
+IGNORE_INDEX = -100
+LOSSES = ("cross_entropy", "token_cross_entropy", "nt_xent")
+
+
+def to_torch(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """numpy batch -> tensors on device (non-blocking copies from pinned memory on CUDA)."""
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        out[k] = t
+    return out
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def loss_count(batch: dict[str, torch.Tensor], loss: str) -> int:
+    """Number of loss elements in a micro-batch, known before the forward pass."""
+    if loss == "token_cross_entropy":
+        return int((batch["token_targets"] != IGNORE_INDEX).sum())
+    key = "view_to_sample" if loss == "nt_xent" else "label"
+    return int(batch[key].shape[0])
+
+
+def loss_sum(outputs: torch.Tensor, batch: dict[str, torch.Tensor], loss: str,
+             temperature: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the loss over its elements, number of correct predictions)."""
+    if loss == "cross_entropy":
+        target = batch["label"]
+        total = F.cross_entropy(outputs.float(), target, reduction="sum")
+        return total, (outputs.argmax(-1) == target).sum()
+    if loss == "token_cross_entropy":
+        target = batch["token_targets"]
+        total = F.cross_entropy(outputs.float().flatten(0, 1), target.flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        correct = ((outputs.argmax(-1) == target) & (target != IGNORE_INDEX)).sum()
+        return total, correct
+    if loss == "nt_xent":
+        v2s = batch["view_to_sample"]
+        total = nt_xent(outputs.float(), v2s, temperature=temperature, reduction="sum")
+        # Retrieval accuracy: is the most similar other row a view of the same sample?
+        z = F.normalize(outputs.float(), dim=1)
+        sim = z @ z.T
+        sim.fill_diagonal_(-float("inf"))
+        return total, (v2s[sim.argmax(1)] == v2s).sum()
+    raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum over ranks (a no-op without an initialised process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.to(torch.float32)  # NCCL on some builds lacks float64 reductions
+        dist.all_reduce(t)
+    return [float(x) for x in t.tolist()]
+
+
+@dataclass
+class StepResult:
+    loss: float  # global-batch mean loss
+    correct: float
+    count: float  # loss elements in the global batch (all ranks)
+    grad_norm: float
+    skipped: bool  # fp16: inf/nan gradients, the scaler skipped the update
+    local_samples: int
+
+
+def _no_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    loss: str,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+    grad_clip: float | None = None,
+    device: torch.device | None = None,
+) -> StepResult:
+    """Accumulate gradients over this rank's micro-batches and take one optimizer step."""
+    device = device or next(model.parameters()).device
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    local = [loss_count(mb, loss) for mb in micro_batches]
+    (global_count,) = all_reduce_sum([float(sum(local))], device)
+    model.train()
+    loss_total = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with _no_sync(model, not last):
+            with autocast(precision, device):
+                out = model(mb)
+            s, c = loss_sum(out, mb, loss)
+            scaled = s * (world / global_count)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_total += s.detach()
+        correct += c.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
+    skipped = False
+    if scaler is not None:
+        before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < before  # the scaler backs off exactly when it skipped
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_g, correct_g = all_reduce_sum([float(loss_total), float(correct)], device)
+    return StepResult(loss=loss_g / global_count, correct=correct_g, count=global_count,
+                      grad_norm=float(norm), skipped=skipped,
+                      local_samples=sum(int(next(iter(mb.values())).shape[0]) for mb in micro_batches))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], *, loss: str,
+             precision: str = "fp32", device: torch.device | None = None) -> dict[str, float]:
+    """Mean loss and accuracy over this rank's batches, summed over ranks. BatchNorm uses its
+    running statistics (model.eval())."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    total = correct = count = 0.0
+    for b in batches:
+        with autocast(precision, device):
+            out = model(b)
+        s, c = loss_sum(out, b, loss)
+        total += float(s)
+        correct += float(c)
+        count += loss_count(b, loss)
+    total, correct, count = all_reduce_sum([total, correct, count], device)
+    return {"val_loss": total / max(count, 1.0), "val_accuracy": correct / max(count, 1.0)}

@@ -1,0 +1,161 @@
+"""Launch one training job: Ray Data ingest, the TorchTrainer, the MLflow run, result.json.
+
+`run_training(cfg, out_dir)` is what `python -m pipeline train` and `jobs/train.py` call after
+the config and the dataset have been validated (so bad input never reaches the cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import ray.train
+import yaml
+from ray.train.torch import TorchTrainer
+
+from pipeline.config import Config, ConfigError
+from pipeline.data.datasets import DatasetInfo
+from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
+from pipeline.tracking import end_run, is_local_store, start_run
+from pipeline.worker import train_func
+
+# Ray Train V2 waits for the controller's poll on every report (default 2 s); 0.2 s keeps short
+# epochs from idling. The driver's value is propagated to the controller and the workers.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS, or start a local one (laptop)."""
+    if ray.is_initialized():
+        return
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_store_reachable(uri: str) -> None:
+    """A local sqlite/file store on a multi-node cluster would split the job over several
+    stores (one per node): require a tracking server there."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1 and is_local_store(uri):
+        raise ConfigError(
+            f"config error: tracking.uri={uri} is a local store but the cluster has {len(alive)} "
+            "nodes; set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
+
+
+def ingest(info: DatasetInfo) -> list[Any]:
+    """Ray Data reads the Parquet data (parallel, local path or object-store URI) into Arrow
+    blocks in the object store; workers gather their batches from those blocks."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # row positions must agree on every worker
+    ds = ray.data.read_parquet(info.uri)
+    return ds.materialize().to_arrow_refs()
+
+
+def _log(msg: str) -> None:
+    print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress_callback() -> Any:
+    class Progress(ray.train.UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
+            m = metrics[0]
+            keys = ("train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s")
+            shown = "  ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+            print(f"[pipeline] epoch {int(m.get('epoch', 0))}: {shown}", flush=True)
+
+    return Progress()
+
+
+def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = False,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 extra_callbacks: list[Any] | None = None) -> dict[str, Any]:
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = out_dir / "ray_results"
+    uri = cfg.tracking_uri()
+    state_file = out_dir / "run.json"
+    resume_from, run_id = None, None
+    if resume:
+        resume_from = find_latest_checkpoint(storage)
+        if resume_from is None:
+            raise ConfigError(f"argument error: --resume: no checkpoint under {storage}")
+        if state_file.exists():
+            run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
+        _log(f"resuming from {resume_from} (epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")
+    connect()
+    check_store_reachable(uri)
+    refs = ingest(info)
+    if run_id is None:
+        run_id = start_run(uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name,
+                           params=cfg.flat_params(), config_yaml=yaml.safe_dump(cfg.to_dict()),
+                           parent_run_id=parent_run_id, tags=tags)
+    else:
+        from pipeline.tracking import client
+
+        client(uri).update_run(run_id, status="RUNNING")
+    _atomic_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri})
+    _log(f"MLflow run {run_id} in {uri}")
+    name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
+    # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
+                           "tracking_uri": uri,
+                           "resume_from": str(resume_from) if resume_from else None},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=1),
+            callbacks=[_progress_callback(), *(extra_callbacks or [])]),
+    )
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        checkpoint_path = Path(result.checkpoint.path) if result.checkpoint else None
+        metrics = dict(result.metrics or {})
+        if checkpoint_path is not None and cfg.tracking.log_model:
+            log_model(uri, run_id, checkpoint_path)
+        summary = {
+            "status": "FINISHED", "metrics": metrics, "mlflow_run_id": run_id,
+            "tracking_uri": uri, "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+            "config": cfg.to_dict(), "ray_run_name": name,
+        }
+        _atomic_json(out_dir / "result.json", summary)
+        end_run(uri, run_id, "FINISHED")
+    except BaseException:
+        end_run(uri, run_id, "FAILED")
+        raise
+    return summary
+
+
+def log_model(uri: str, run_id: str, checkpoint_path: Path) -> None:
+    """Rebuild the model from the last checkpoint and log it as an MLflow PyTorch model."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from pipeline.engine.models import build_model
+
+    state = load_checkpoint(checkpoint_path)
+    model = build_model(**state["model_spec"])
+    model.load_state_dict(state["model"])
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

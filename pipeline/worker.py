@@ -1,0 +1,239 @@
+"""The per-worker function of Ray Train: shard -> batches -> engine (Ray lives here).
+
+Every worker receives the dataset's Arrow blocks (object refs: zero-copy from the node's object
+store), builds the same epoch plan from (data, seed, epoch, global batch size), takes its slice
+of each global batch, and steps the pure-PyTorch engine. Rank 0 logs metrics to MLflow and
+writes one checkpoint per epoch, reported to Ray Train (which keeps it in run storage).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from pipeline.config import Config
+from pipeline.data import strategies as _strategies  # noqa: F401  (registers planners)
+from pipeline.data.batches import SampleTable, micro_slices, split_train_val
+from pipeline.data.padding import padding_efficiency
+from pipeline.data.plan import epoch_rng, plan_epoch, rank_slice
+from pipeline.data.views import make_views
+from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.engine.loop import LoopState, train_epoch
+from pipeline.engine.models import build_model
+from pipeline.engine.optim import build_optimizer
+from pipeline.engine.schedule import lr_at, scale_lr
+from pipeline.engine.step import evaluate, to_torch
+from pipeline.tracking import MetricLogger
+
+
+def load_table(cfg: Config, refs: list[Any]) -> SampleTable:
+    table = pa.concat_tables(ray.get(refs))
+    d = cfg.data
+    return SampleTable.from_table(
+        table, feature_column=d.feature_column, label_column=d.label_column,
+        sequence_column=d.sequence_column, target_column=d.target_column,
+        id_column=d.id_column, difficulty_column=cfg.batching.difficulty_column)
+
+
+def model_spec(cfg: Config, st: SampleTable) -> dict[str, Any]:
+    """Everything needed to rebuild the model (kept in checkpoints for the final artifact)."""
+    per_token = cfg.train.loss == "token_cross_entropy"
+    if cfg.train.loss == "nt_xent":
+        outputs = int(cfg.model.kwargs.get("embedding_dim", 32))
+    elif per_token:
+        outputs = int(pa.compute.max(pa.compute.list_flatten(st.targets)).as_py()) + 1
+    else:
+        outputs = int(st.labels.max()) + 1
+    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embedding_dim"}
+    return {
+        "name": cfg.model.name,
+        "input_dim": None if st.features is None else int(st.features.shape[1]),
+        "num_outputs": outputs,
+        "vocab_size": None if st.tokens is None
+        else int(pa.compute.max(pa.compute.list_flatten(st.tokens)).as_py()) + 1,
+        "per_token": per_token,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+        **kwargs,
+    }
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    st = load_table(cfg, loop_config["table_refs"])
+    train_pos, val_pos = split_train_val(len(st), st.labels, cfg.data.val_fraction,
+                                         cfg.data.split_seed)
+    spec = model_spec(cfg, st)
+    model = build_model(**spec)
+    if cfg.train.sync_batchnorm and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
+    t = cfg.train
+    optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
+                                momentum=t.momentum)
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    G = t.global_batch_size
+    steps_per_epoch = max(1, len(train_pos) // G if cfg.batching.drop_last
+                          else math.ceil(len(train_pos) / G))
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    peak = scale_lr(t.base_lr, t.base_batch_size, G, t.lr_scaling)
+    warmup = int(round(t.warmup_epochs * steps_per_epoch))
+
+    def lr_fn(step: int) -> float:
+        return lr_at(step, base_lr=t.base_lr, peak_lr=peak, warmup_steps=warmup,
+                     total_steps=total_steps, schedule=t.schedule)
+
+    per_worker = G // world
+    state = LoopState(micro_batch_size=t.micro_batch_size
+                      if isinstance(t.micro_batch_size, int) else per_worker)
+    sample_losses: np.ndarray | None = None
+    ckpt = ray.train.get_checkpoint()
+    resume_dir = None
+    if ckpt is not None:
+        resume_dir = ckpt.to_directory()
+    elif loop_config.get("resume_from"):
+        resume_dir = loop_config["resume_from"]
+    if resume_dir is not None:
+        s = load_checkpoint(resume_dir, map_location=device)
+        _unwrap(model).load_state_dict(s["model"])
+        optimizer.load_state_dict(s["optimizer"])
+        if scaler is not None and s.get("scaler"):
+            scaler.load_state_dict(s["scaler"])
+        state.step, state.epoch = int(s["step"]), int(s["epoch"]) + 1
+        state.skipped_steps = int(s.get("skipped_steps", 0))
+        state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
+        sample_losses = s.get("sample_losses")
+    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    b = cfg.batching
+
+    for epoch in range(state.epoch, t.epochs):
+        state.epoch = epoch
+        if t.max_steps is not None and state.step >= t.max_steps:
+            break
+        plan = plan_epoch(b.strategy, st.meta(train_pos, sample_losses), seed=b.seed, epoch=epoch,
+                          global_batch_size=G, drop_last=b.drop_last,
+                          **_planner_options(cfg, epoch))
+        batches = [x for x in plan.batches if len(x) >= world]  # every rank needs >= 1 sample
+        dropped = plan.dropped + sum(len(x) for x in plan.batches if len(x) < world)
+        pad_stats = {"real": 0, "padded": 0}
+
+        def make_step(batch: np.ndarray, index: int) -> Any:
+            mine = rank_slice(batch, rank, world)
+
+            def micro(size: int) -> list[dict[str, torch.Tensor]]:
+                out = []
+                for part in micro_slices(mine, size):
+                    nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of)
+                    if "attention_mask" in nb:
+                        pad_stats["real"] += int(nb["attention_mask"].sum())
+                        pad_stats["padded"] += int(nb["attention_mask"].size)
+                    if t.loss == "nt_xent":
+                        rng = np.random.default_rng([b.seed, epoch, index, rank])
+                        nb = make_views(nb, num_views=b.num_views, rng=rng,
+                                        image_shape=(8, 8) if spec["name"] == "digits_cnn" else None)
+                        nb.pop("view_index", None)
+                    out.append(to_torch(nb, device))
+                return out
+
+            return micro
+
+        steps_log: list[tuple[int, dict[str, float]]] = []
+        start = time.perf_counter()
+        metrics = train_epoch(
+            model, optimizer, (make_step(x, i) for i, x in enumerate(batches)), state,
+            lr_fn=lr_fn, loss=t.loss, precision=t.precision, scaler=scaler,
+            grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
+            on_step=lambda s, rec: steps_log.append((s.step, rec)))
+        wall = time.perf_counter() - start
+        eval_batches = (to_torch(st.gather(p, max_length=b.max_length,
+                                           pad_multiple_of=b.pad_multiple_of), device)
+                        for p in micro_slices(rank_slice(val_pos, rank, world), per_worker))
+        if len(val_pos):
+            metrics.update(evaluate(model, eval_batches, loss=t.loss, precision=t.precision))
+        if b.strategy == "hard_mining":
+            sample_losses = _score_pool(model, st, train_pos, rank, world, per_worker, cfg, device)
+        trained = int(metrics["steps"]) and sum(len(x) for x in batches[: int(metrics["steps"])])
+        metrics.update({
+            "epoch": epoch + 1, "step": state.step, "samples_per_s": trained / wall,
+            "epoch_time_s": wall, "dropped": float(dropped), "pool_size": float(plan.pool_size),
+            "skipped_steps": float(state.skipped_steps),
+            "micro_batch_size": float(state.micro_batch_size),
+        })
+        if pad_stats["padded"]:
+            metrics["padding_efficiency"] = pad_stats["real"] / pad_stats["padded"]
+            metrics["tokens_per_s"] = pad_stats["real"] * world / wall
+        if scaler is not None:
+            metrics["loss_scale"] = float(scaler.get_scale())
+        if logger is not None:
+            for step, rec in steps_log:
+                logger.add({f"step/{k}": v for k, v in rec.items()}, step)
+            logger.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch + 1)
+            logger.flush()
+        _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank)
+
+
+def _planner_options(cfg: Config, epoch: int) -> dict[str, Any]:
+    opts = dict(cfg.batching.options)
+    if cfg.batching.strategy == "curriculum":
+        opts.setdefault("pacing_epochs", max(1, cfg.train.epochs // 2))
+    return opts
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def _score_pool(model: torch.nn.Module, st: SampleTable, train_pos: np.ndarray, rank: int,
+                world: int, batch: int, cfg: Config, device: torch.device) -> np.ndarray:
+    """Per-sample training losses (hard-example mining): each rank scores its share of the pool;
+    an all-reduce gives every rank the full vector, indexed by table position."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    losses = torch.zeros(len(st), dtype=torch.float64, device=device)
+    model.eval()
+    for part in micro_slices(rank_slice(train_pos, rank, world), batch):
+        nb = to_torch(st.gather(part, max_length=cfg.batching.max_length), device)
+        out = model(nb).float()
+        if cfg.train.loss == "token_cross_entropy":
+            per_tok = F.cross_entropy(out.flatten(0, 1), nb["token_targets"].flatten(),
+                                      ignore_index=-100, reduction="none").view(out.shape[:2])
+            mask = (nb["token_targets"] != -100).float()
+            per = (per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)
+        else:
+            per = F.cross_entropy(out, nb["label"], reduction="none")
+        losses[torch.as_tensor(part, device=device)] = per.double()
+    if dist.is_initialized() and world > 1:
+        dist.all_reduce(losses)
+    return losses.cpu().numpy()
+
+
+def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: Any, state: LoopState, spec: dict[str, Any], sample_losses: np.ndarray | None,
+            rank: int) -> None:
+    """One checkpoint per epoch: rank 0 writes it, every rank reports (report is a barrier)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(tmp, {
+                "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "step": state.step, "epoch": state.epoch, "skipped_steps": state.skipped_steps,
+                "micro_batch_size": state.micro_batch_size, "model_spec": spec,
+                "sample_losses": sample_losses, "metrics": metrics,
+            })
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,112 @@
+"""Real parts, one of each per pytest session: a Ray cluster started with `ray start --head`
+on this machine (token auth on, as `ray start` defaults to), and an `mlflow server` on
+127.0.0.1 with a sqlite backend. Tests that need them ask for the fixtures; pure engine and
+data tests start nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Embedded datasets are cached here for the whole session (and for subprocesses)."""
+    d = tmp_path_factory.mktemp("datasets")
+    os.environ["PIPELINE_DATA_DIR"] = str(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, data_dir):
+    """`ray start --head` on this machine; yields the env a client needs to join it."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+           "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+           f"--dashboard-port={dash}", "--disable-usage-stats"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
+    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_ADDRESS": info["address"]})
+    yield info
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_cluster):
+    """This pytest process joined to the session's cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster["address"])
+    return ray
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    log = open(root / "server.log", "w")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen(
+        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    _wait(healthy, 90, "mlflow server")
+    yield uri
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+    log.close()
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline ...` in a subprocess, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd or REPO,
+                          env={**os.environ, **(env or {})})

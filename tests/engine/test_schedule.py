@@ -1,0 +1,51 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.engine.schedule import lr_at, scale_lr
+
+
+@pytest.mark.parametrize(("rule", "expected"), [
+    ("none", 0.1), ("linear", 0.1 * 8), ("sqrt", 0.1 * math.sqrt(8)),
+])
+def test_scaling_rules(rule, expected):
+    # Goyal et al. 2017: base 0.1 at batch 256 -> batch 2048 is 0.8 with the linear rule.
+    assert scale_lr(0.1, 256, 2048, rule) == pytest.approx(expected, rel=1e-12)
+
+
+def test_scaling_rule_unknown():
+    with pytest.raises(ValueError, match="cubic"):
+        scale_lr(0.1, 256, 512, "cubic")
+
+
+def test_warmup_is_linear_from_base_to_peak_then_constant():
+    lrs = [lr_at(s, base_lr=0.1, peak_lr=0.8, warmup_steps=7, total_steps=20) for s in range(20)]
+    assert lrs[0] == pytest.approx(0.1)
+    for s in range(7):  # equal increments of (0.8 - 0.1) / 7
+        assert lrs[s] == pytest.approx(0.1 + 0.1 * s)
+    assert all(x == pytest.approx(0.8) for x in lrs[7:])
+
+
+def test_cosine_and_step_decay():
+    kw = dict(base_lr=0.1, peak_lr=1.0, warmup_steps=0, total_steps=100)
+    assert lr_at(0, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(50, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_at(100, schedule="cosine", **kw) == pytest.approx(0.0, abs=1e-12)
+    assert [lr_at(s, schedule="step", **kw) for s in (49, 50, 74, 75)] == pytest.approx(
+        [1.0, 0.1, 0.1, 0.01])
+
+
+def test_checkpoint_roundtrip_and_latest(tmp_path):
+    m = torch.nn.Linear(2, 2)
+    for step, epoch in ((10, 0), (30, 2), (20, 1)):
+        save_checkpoint(tmp_path / f"c{step}", {"model": m.state_dict(), "step": step, "epoch": epoch})
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "meta.json").write_text('{"step": 99, "epoch": 9}')  # no state.pt
+    latest = find_latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "c30"
+    state = load_checkpoint(latest)
+    assert state["step"] == 30 and state["epoch"] == 2
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert find_latest_checkpoint(tmp_path / "nothing-here") is None

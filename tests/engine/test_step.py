@@ -1,0 +1,213 @@
+"""Engine steps without Ray: exact normalisation across micro-steps and ranks.
+
+The reference is one step on the whole global batch in one piece (one process, one micro-batch).
+Ranks are real processes joined by torch.distributed (gloo) with the model wrapped in DDP.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline.data.padding import collate_sequences
+from pipeline.data.plan import rank_slice
+from pipeline.engine.loop import LoopState, train_epoch
+from pipeline.engine.models import build_model
+from pipeline.engine.step import evaluate, train_step
+
+G = 32
+
+
+def make_dense(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"features": rng.normal(size=(G, 10)).astype(np.float32),
+            "label": rng.integers(0, 3, size=G).astype(np.int64)}
+
+
+def make_tokens(seed: int = 0) -> dict[str, np.ndarray]:
+    """Sequences of very different lengths (2..60), so micro-batches hold unequal token counts."""
+    rng = np.random.default_rng(seed)
+    lengths = np.concatenate([np.full(G // 2, 2), rng.integers(30, 61, G // 2)]).astype(np.int64)
+    rng.shuffle(lengths)
+    total = int(lengths.sum())
+    return {"tokens_values": rng.integers(0, 16, total).astype(np.int64), "tokens_lengths": lengths,
+            "targets_values": rng.integers(0, 4, total).astype(np.int64),
+            "label": rng.integers(0, 3, G).astype(np.int64)}
+
+
+def model_for(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "dense":
+        return build_model("mlp", input_dim=10, num_outputs=3, vocab_size=None, hidden=16)
+    return build_model("seq_transformer", input_dim=None, num_outputs=4, vocab_size=16,
+                       per_token=True, d_model=16, nhead=2, num_layers=1, dim_feedforward=32)
+
+
+def micro_batches(kind: str, idx: np.ndarray, micro: int, seed: int = 0) -> list[dict]:
+    data = make_dense(seed) if kind == "dense" else make_tokens(seed)
+    out = []
+    for start in range(0, len(idx), micro):
+        part = idx[start : start + micro]
+        if kind == "dense":
+            out.append({k: torch.from_numpy(v[part]) for k, v in data.items()})
+        else:
+            offs = np.concatenate([[0], np.cumsum(data["tokens_lengths"])])
+            vals = np.concatenate([data["tokens_values"][offs[i] : offs[i + 1]] for i in part])
+            tgts = np.concatenate([data["targets_values"][offs[i] : offs[i + 1]] for i in part])
+            b = collate_sequences({"tokens_values": vals, "tokens_lengths": data["tokens_lengths"][part],
+                                   "targets_values": tgts, "label": data["label"][part]})
+            out.append({k: torch.from_numpy(v) for k, v in b.items()})
+    return out
+
+
+LOSS = {"dense": "cross_entropy", "tokens": "token_cross_entropy"}
+
+
+def one_step(kind: str, rank: int, world: int, micro: int, ckpt: bool = False) -> dict:
+    model = model_for(kind)
+    model.activation_checkpointing = ckpt
+    if world > 1:
+        model = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mine = rank_slice(np.arange(G), rank, world)
+    train_step(model, opt, micro_batches(kind, mine, micro), loss=LOSS[kind])
+    m = model.module if world > 1 else model
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _worker(rank: int, world: int, kind: str, micro: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        state = one_step(kind, rank, world, micro)
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(kind: str, world: int, micro: int) -> dict:
+    from tests.conftest import free_port
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "state.pt")
+        mp.spawn(_worker, args=(world, kind, micro, free_port(), out), nprocs=world, join=True)
+        return torch.load(out)
+
+
+def assert_same_update(ref: dict, got: dict, before: dict) -> None:
+    """Equal within 1e-6 of the update's size, plus one fp32 spacing of the weights (the
+    stored weights themselves are rounded to fp32 after the update)."""
+    for k in ref:
+        if not ref[k].is_floating_point():
+            assert torch.equal(got[k], ref[k])
+            continue
+        update = (ref[k] - before[k]).abs().max().item()
+        assert update > 0 or "running" in k
+        spacing = torch.finfo(torch.float32).eps * ref[k].abs().max().item()
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-6 * update + spacing)
+
+
+@pytest.mark.parametrize("kind", ["dense", "tokens"])
+def test_accumulation_and_ranks_equal_one_big_batch(kind):
+    """(workers, micro, accumulation) = (1, 32, 1) == (1, 8, 4) == (2, 8, 2) == (2, 4, 4)."""
+    before = model_for(kind).state_dict()
+    ref = one_step(kind, 0, 1, micro=G)
+    assert_same_update(ref, one_step(kind, 0, 1, micro=8), before)
+    assert_same_update(ref, run_ddp(kind, world=2, micro=8), before)
+    assert_same_update(ref, run_ddp(kind, world=2, micro=4), before)
+
+
+def test_mean_of_means_differs_for_token_loss():
+    """The test above can fail: averaging per-micro-batch token means gives another update."""
+    ref = one_step("tokens", 0, 1, micro=G)
+    model = model_for("tokens")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mbs = micro_batches("tokens", np.arange(G), 8)
+    for mb in mbs:  # the 2024 accumulation bug: mean per micro-batch, then / accumulation
+        out = model(mb)
+        loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), mb["token_targets"].flatten(),
+                                                 ignore_index=-100)
+        (loss / len(mbs)).backward()
+    opt.step()
+    diff = max((model.state_dict()[k] - ref[k]).abs().max().item() for k in ref)
+    assert diff > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["dense", "tokens"])
+def test_activation_checkpointing_same_update(kind):
+    before = model_for(kind).state_dict()
+    assert_same_update(one_step(kind, 0, 1, micro=8), one_step(kind, 0, 1, 8, ckpt=True), before)
+
+
+def test_short_last_window_is_exact():
+    """A last global batch of 20 (not 32) split 8+8+4 equals 20 in one piece."""
+    model_a, model_b = model_for("dense"), model_for("dense")
+    idx = np.arange(20)
+    for model, micro in ((model_a, 20), (model_b, 8)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        train_step(model, opt, micro_batches("dense", idx, micro), loss="cross_entropy")
+    for k, v in model_a.state_dict().items():
+        torch.testing.assert_close(model_b.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+def test_bf16_autocast_trains_like_fp32():
+    """bf16 autocast on CPU: same loss curve as fp32 to bf16 precision, and it learns."""
+    curves = {}
+    for precision in ("fp32", "bf16"):
+        model = model_for("dense")
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        mbs = micro_batches("dense", np.arange(G), 16)
+        curves[precision] = [train_step(model, opt, mbs, loss="cross_entropy",
+                                        precision=precision).loss for _ in range(15)]
+    assert curves["bf16"][-1] < 0.6 * curves["bf16"][0]
+    assert curves["bf16"] != curves["fp32"]  # autocast really ran in bf16
+    np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=0.05)
+
+
+class OOMAbove(torch.nn.Module):
+    """Raises CUDA-style out-of-memory for micro-batches above a size."""
+
+    def __init__(self, inner: torch.nn.Module, limit: int):
+        super().__init__()
+        self.inner, self.limit = inner, limit
+
+    def forward(self, batch):
+        if batch["features"].shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner(batch)
+
+
+def test_auto_micro_batch_halves_on_oom_and_keeps_update():
+    ref = one_step("dense", 0, 1, micro=G)
+    model = OOMAbove(model_for("dense"), limit=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    state = LoopState(micro_batch_size=G)
+    steps = [lambda size: micro_batches("dense", np.arange(G), size)]
+    train_epoch(model, opt, steps, state, lr_fn=lambda s: 0.5, loss="cross_entropy", auto_micro=True)
+    assert state.micro_batch_size == 4  # 32 -> 16 -> 8 -> 4
+    for k, v in ref.items():
+        torch.testing.assert_close(model.inner.state_dict()[k], v, rtol=0, atol=1e-6)
+    with pytest.raises(torch.OutOfMemoryError):
+        state = LoopState(micro_batch_size=G)
+        train_epoch(model, opt, steps, state, lr_fn=lambda s: 0.5, loss="cross_entropy")
+
+
+def test_evaluate_uses_running_stats():
+    """BatchNorm at evaluation: the same sample scores the same whatever its batch."""
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", input_dim=64, num_outputs=10, vocab_size=None)
+    x = torch.randn(16, 64)
+    y = torch.randint(0, 10, (16,))
+    one = evaluate(model, iter([{"features": x[:1], "label": y[:1]}]), loss="cross_entropy")
+    many = model(  # noqa: F841  (eval mode was set by evaluate)
+        {"features": x})
+    batch_loss = torch.nn.functional.cross_entropy(many[:1], y[:1]).item()
+    assert abs(one["val_loss"] - batch_loss) < 1e-5
