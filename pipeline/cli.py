@@ -46,7 +46,8 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     return args, cfg, info, out
 
 
-def run(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
+    """Run a command; `address="auto"` joins a running cluster and never starts one (jobs/)."""
     try:
         args, cfg, info, out = prepare(argv)
     except ConfigError as err:
@@ -56,7 +57,7 @@ def run(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from pipeline.launch import run_training
 
-            summary = run_training(cfg, info, out, resume=args.resume)
+            summary = run_training(cfg, info, out, resume=args.resume, address=address)
             m = summary["metrics"]
             print(f"[pipeline] done: val_accuracy={m.get('val_accuracy', float('nan')):.4f} "
                   f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} epochs")
@@ -64,6 +65,12 @@ def run(argv: list[str] | None = None) -> int:
             print(f"[pipeline] MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
             if summary["tracking_uri"].startswith("sqlite:///"):
                 print(f"[pipeline] see it: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+            return 0
+        if args.command == "inspect-batches":
+            from pipeline.inspect import inspect_batches, print_summary
+
+            print_summary(inspect_batches(cfg, info, out))
+            print(f"[pipeline] wrote {out / 'batches.parquet'} and {out / 'batches.png'}")
             return 0
         print(f"{args.command}: not available yet", file=sys.stderr)
         return 1

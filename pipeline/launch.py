@@ -32,10 +32,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` / RAY_ADDRESS, or start a local one (laptop)."""
+    """Join the cluster at RAY_ADDRESS / `address`, or start a local one (laptop) when neither
+    is given. `address="auto"` only joins: it fails rather than start a second cluster."""
     if ray.is_initialized():
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"))
+    ray.init(address=os.environ.get("RAY_ADDRESS") or address)
 
 
 def check_store_reachable(uri: str) -> None:
@@ -46,6 +47,17 @@ def check_store_reachable(uri: str) -> None:
         raise ConfigError(
             f"config error: tracking.uri={uri} is a local store but the cluster has {len(alive)} "
             "nodes; set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
+
+
+def ray_job_tags() -> dict[str, str]:
+    """The Ray job id, and the submission id when started by `ray job submit`."""
+    tags = {"ray.job_id": ray.get_runtime_context().get_job_id()}
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by the job server for the driver
+    if raw:
+        sub = (json.loads(raw).get("metadata") or {}).get("job_submission_id")
+        if sub:
+            tags["ray.submission_id"] = sub
+    return tags
 
 
 def ingest(info: DatasetInfo) -> list[Any]:
@@ -74,7 +86,8 @@ def _progress_callback() -> Any:
 
 def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = False,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 extra_callbacks: list[Any] | None = None) -> dict[str, Any]:
+                 extra_callbacks: list[Any] | None = None, address: str | None = None
+                 ) -> dict[str, Any]:
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = out_dir / "ray_results"
@@ -88,10 +101,11 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if state_file.exists():
             run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
         _log(f"resuming from {resume_from} (epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")
-    connect()
+    connect(address)
     check_store_reachable(uri)
     refs = ingest(info)
     if run_id is None:
+        tags = {**ray_job_tags(), **(tags or {})}
         run_id = start_run(uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name,
                            params=cfg.flat_params(), config_yaml=yaml.safe_dump(cfg.to_dict()),
                            parent_run_id=parent_run_id, tags=tags)

@@ -59,9 +59,6 @@ def start_run(uri: str, experiment: str, *, run_name: str | None, params: dict[s
     commit = git_commit()
     if commit:
         all_tags["git.commit"] = commit
-    job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
-    if job_id:
-        all_tags["ray.job_id"] = job_id
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags=all_tags)

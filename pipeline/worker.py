@@ -21,10 +21,10 @@ import ray.train.torch
 import torch
 
 from pipeline.config import Config
-from pipeline.data import strategies as _strategies  # noqa: F401  (registers planners)
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
 from pipeline.data.padding import padding_efficiency
-from pipeline.data.plan import epoch_rng, plan_epoch, rank_slice
+from pipeline.data.epochs import epoch_batches
+from pipeline.data.plan import rank_slice
 from pipeline.data.views import make_views
 from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.engine.loop import LoopState, train_epoch
@@ -122,11 +122,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         state.epoch = epoch
         if t.max_steps is not None and state.step >= t.max_steps:
             break
-        plan = plan_epoch(b.strategy, st.meta(train_pos, sample_losses), seed=b.seed, epoch=epoch,
-                          global_batch_size=G, drop_last=b.drop_last,
-                          **_planner_options(cfg, epoch))
-        batches = [x for x in plan.batches if len(x) >= world]  # every rank needs >= 1 sample
-        dropped = plan.dropped + sum(len(x) for x in plan.batches if len(x) < world)
+        eb = epoch_batches(cfg, st, train_pos, epoch, world, sample_losses)
+        plan, batches, dropped = eb.plan, eb.batches, eb.dropped
         pad_stats = {"real": 0, "padded": 0}
 
         def make_step(batch: np.ndarray, index: int) -> Any:
@@ -182,13 +179,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
             logger.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch + 1)
             logger.flush()
         _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank)
-
-
-def _planner_options(cfg: Config, epoch: int) -> dict[str, Any]:
-    opts = dict(cfg.batching.options)
-    if cfg.batching.strategy == "curriculum":
-        opts.setdefault("pacing_epochs", max(1, cfg.train.epochs // 2))
-    return opts
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -48,7 +48,6 @@ def ray_cluster(tmp_path_factory, data_dir):
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=4", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dash}", "--disable-usage-stats"]

@@ -1,0 +1,159 @@
+"""`inspect-batches`: run a job's exact batch pipeline without training.
+
+Same Ray Data ingest, same per-rank code (`epoch_batches` + `rank_slice` + micro-batches +
+padded collate) for `scaling.num_workers` ranks and `train.epochs` epochs, one Ray task per
+rank. Writes one row per sample drawn to `batches.parquet` (epoch, rank, batch, micro, sample
+id, label, length, difficulty, weight, padded length), prints a summary and writes a PNG.
+Hard-example mining has no losses without training: its weights are uniform here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.config import Config
+from pipeline.data.batches import micro_slices, split_train_val
+from pipeline.data.datasets import DatasetInfo
+from pipeline.data.epochs import epoch_batches
+from pipeline.data.plan import rank_slice
+
+
+def _padded_length(lengths: np.ndarray, max_length: int | None, multiple: int | None) -> int:
+    longest = int(np.minimum(lengths, max_length).max() if max_length else lengths.max())
+    return -(-longest // multiple) * multiple if multiple else longest
+
+
+@ray.remote(num_cpus=1)
+def rank_rows(cfg_dict: dict[str, Any], refs: list[Any], rank: int) -> pa.Table:
+    from pipeline.worker import load_table
+
+    cfg = Config.model_validate(cfg_dict)
+    st = load_table(cfg, refs)
+    train_pos, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
+    world, b = cfg.scaling.num_workers, cfg.batching
+    micro = cfg.train.micro_batch_size
+    micro = micro if isinstance(micro, int) else cfg.per_worker_batch()
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "epoch", "rank", "batch", "micro", "position", "sample_id", "label", "length",
+        "difficulty", "weight", "padded_length", "pool_size")}
+    for epoch in range(cfg.train.epochs):
+        eb = epoch_batches(cfg, st, train_pos, epoch, world)
+        weights = np.full(len(st), 1.0 / max(len(train_pos), 1))
+        for i, batch in enumerate(eb.batches):
+            for j, part in enumerate(micro_slices(rank_slice(batch, rank, world), micro)):
+                n = len(part)
+                lengths = st.lengths[part] if st.lengths is not None else np.zeros(n, np.int64)
+                padded = (_padded_length(lengths, b.max_length, b.pad_multiple_of)
+                          if st.lengths is not None and n else 0)
+                for key, val in (("epoch", epoch), ("rank", rank), ("batch", i), ("micro", j),
+                                 ("padded_length", padded), ("pool_size", eb.plan.pool_size)):
+                    cols[key].append(np.full(n, val, dtype=np.int64))
+                cols["position"].append(part)
+                cols["sample_id"].append(st.ids[part])
+                cols["label"].append(st.labels[part] if st.labels is not None
+                                     else np.full(n, -1, np.int64))
+                cols["length"].append(lengths)
+                cols["difficulty"].append(st.difficulty[part] if st.difficulty is not None
+                                          else np.full(n, np.nan))
+                cols["weight"].append(weights[part])
+    return pa.table({k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()})
+
+
+def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
+              class_share: pd.Series | None) -> dict[str, Any]:
+    """Coverage, duplicates, class-proportion deviation, padding efficiency, pool per epoch."""
+    per_epoch = []
+    for epoch, e in df.groupby("epoch"):
+        counts = e["sample_id"].value_counts()
+        row = {"epoch": int(epoch), "drawn": int(len(e)), "unique": int(len(counts)),
+               "coverage": len(counts) / num_train, "duplicates": int((counts - 1).sum()),
+               "pool_size": int(e["pool_size"].iloc[0])}
+        if class_share is not None:
+            full = e.groupby("batch").filter(lambda g: len(g) == global_batch)
+            if len(full):
+                c = full.groupby(["batch", "label"]).size().unstack(fill_value=0)
+                c = c.reindex(columns=class_share.index, fill_value=0)
+                row["max_class_deviation"] = float((c - class_share * global_batch).abs().max().max())
+        if (e["length"] > 0).any():
+            micro = e.groupby(["rank", "batch", "micro"]).agg(real=("length", "sum"),
+                                                              n=("length", "size"),
+                                                              padded=("padded_length", "first"))
+            row["padding_efficiency"] = float(micro["real"].sum() / (micro["n"] * micro["padded"]).sum())
+        per_epoch.append(row)
+    return {"epochs": per_epoch, "ranks": sorted(int(r) for r in df["rank"].unique())}
+
+
+def plot(df: pd.DataFrame, summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = pd.DataFrame(summary["epochs"])
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    first = df[df["epoch"] == df["epoch"].min()]
+    if (first["label"] >= 0).any():
+        c = first.groupby(["batch", "label"]).size().unstack(fill_value=0)
+        (c.div(c.sum(1), axis=0)).plot.area(ax=ax[0], legend=False, linewidth=0)
+        ax[0].set_title("class share per global batch (epoch 1)")
+        ax[0].set_ylabel("share")
+    ax[1].plot(ep["epoch"] + 1, ep["pool_size"], marker="o", label="pool size")
+    ax[1].plot(ep["epoch"] + 1, ep["unique"], marker="x", label="unique samples drawn")
+    ax[1].set_xlabel("epoch")
+    ax[1].legend()
+    ax[1].set_title("pool and coverage")
+    if "padding_efficiency" in ep:
+        ax[2].bar(ep["epoch"] + 1, ep["padding_efficiency"])
+        ax[2].set_ylim(0, 1)
+        ax[2].set_title("padding efficiency (real / padded tokens)")
+    else:
+        df.groupby("rank").size().plot.bar(ax=ax[2])
+        ax[2].set_title("samples drawn per rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, Any]:
+    from pipeline.launch import connect, ingest
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    connect()
+    refs = ingest(info)
+    tables = ray.get([rank_rows.remote(cfg.to_dict(), refs, r)
+                      for r in range(cfg.scaling.num_workers)])
+    table = pa.concat_tables(tables)
+    tmp = out_dir / "batches.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out_dir / "batches.parquet")
+    df = table.to_pandas()
+    labels = pq.read_table(info.uri, columns=[cfg.data.label_column]).column(0).to_numpy() \
+        if cfg.data.label_column else None
+    share = pd.Series(labels).value_counts(normalize=True).sort_index() if labels is not None else None
+    num_train = info.num_rows - len(split_train_val(info.num_rows, labels, cfg.data.val_fraction,
+                                                    cfg.data.split_seed)[1])
+    summary = summarize(df, num_train, cfg.train.global_batch_size, share)
+    summary.update(strategy=cfg.batching.strategy, workers=cfg.scaling.num_workers,
+                   rows=len(df), dataset=info.uri)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(df, summary, out_dir / "batches.png")
+    return summary
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"strategy {summary['strategy']} on {summary['workers']} worker(s), "
+          f"{summary['rows']} samples drawn from {summary['dataset']}")
+    cols = ["epoch", "drawn", "unique", "coverage", "duplicates", "pool_size",
+            "max_class_deviation", "padding_efficiency"]
+    ep = pd.DataFrame(summary["epochs"])
+    ep["epoch"] += 1
+    print(ep[[c for c in cols if c in ep]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
