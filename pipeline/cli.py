@@ -72,6 +72,16 @@ def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
             print_summary(inspect_batches(cfg, info, out))
             print(f"[pipeline] wrote {out / 'batches.parquet'} and {out / 'batches.png'}")
             return 0
+        if args.command == "tune":
+            from pipeline.tune.sweep import SweepInterrupted, print_sweep, run_sweep
+
+            try:
+                trials = run_sweep(cfg, info, out, resume=args.resume, address=address)
+            except SweepInterrupted as err:
+                print(f"[pipeline] {err}", file=sys.stderr)
+                return 1
+            print_sweep(trials, out)
+            return 0
         print(f"{args.command}: not available yet", file=sys.stderr)
         return 1
     except ConfigError as err:  # bad input found while connecting (e.g. multi-node + sqlite)

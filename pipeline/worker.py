@@ -118,6 +118,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     b = cfg.batching
 
+    def collate(part: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Gather + padded collate; contrastive: V augmented views per sample, seeded by key."""
+        nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of)
+        if t.loss == "nt_xent":
+            nb = make_views(nb, num_views=b.num_views, rng=np.random.default_rng(list(key)),
+                            image_shape=(8, 8) if spec["name"] == "digits_cnn" else None)
+            nb.pop("view_index", None)
+        return nb
+
     for epoch in range(state.epoch, t.epochs):
         state.epoch = epoch
         if t.max_steps is not None and state.step >= t.max_steps:
@@ -131,16 +140,11 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
             def micro(size: int) -> list[dict[str, torch.Tensor]]:
                 out = []
-                for part in micro_slices(mine, size):
-                    nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of)
+                for j, part in enumerate(micro_slices(mine, size)):
+                    nb = collate(part, (b.seed, epoch, index, j, rank))
                     if "attention_mask" in nb:
                         pad_stats["real"] += int(nb["attention_mask"].sum())
                         pad_stats["padded"] += int(nb["attention_mask"].size)
-                    if t.loss == "nt_xent":
-                        rng = np.random.default_rng([b.seed, epoch, index, rank])
-                        nb = make_views(nb, num_views=b.num_views, rng=rng,
-                                        image_shape=(8, 8) if spec["name"] == "digits_cnn" else None)
-                        nb.pop("view_index", None)
                     out.append(to_torch(nb, device))
                 return out
 
@@ -154,13 +158,16 @@ def train_func(loop_config: dict[str, Any]) -> None:
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
             on_step=lambda s, rec: steps_log.append((s.step, rec)))
         wall = time.perf_counter() - start
-        eval_batches = (to_torch(st.gather(p, max_length=b.max_length,
-                                           pad_multiple_of=b.pad_multiple_of), device)
-                        for p in micro_slices(rank_slice(val_pos, rank, world), per_worker))
+        eval_batches = (to_torch(collate(p, (b.seed, 10**6, j, rank)), device)
+                        for j, p in enumerate(micro_slices(rank_slice(val_pos, rank, world),
+                                                           per_worker)))
         if len(val_pos):
             metrics.update(evaluate(model, eval_batches, loss=t.loss, precision=t.precision))
         if b.strategy == "hard_mining":
             sample_losses = _score_pool(model, st, train_pos, rank, world, per_worker, cfg, device)
+            pool_losses = sample_losses[train_pos]
+            metrics.update({"hard_mining/loss_mean": float(pool_losses.mean()),
+                            "hard_mining/loss_p90": float(np.quantile(pool_losses, 0.9))})
         trained = int(metrics["steps"]) and sum(len(x) for x in batches[: int(metrics["steps"])])
         metrics.update({
             "epoch": epoch + 1, "step": state.step, "samples_per_s": trained / wall,

@@ -97,7 +97,9 @@ class SampleTable:
 def split_train_val(n: int, labels: np.ndarray | None, val_fraction: float, seed: int
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic hold-out: per class (stratified when labels exist) a seeded random
-    round(count x val_fraction) go to validation. Returns sorted (train, val) positions.
+    round(count x val_fraction) go to validation -- at least one and at most count - 1 when the
+    class has two or more samples, so every such class is in both splits. Returns sorted
+    (train, val) positions.
 
     >>> tr, va = split_train_val(10, None, 0.2, seed=0)
     >>> len(tr), len(va), sorted(set(tr) | set(va)) == list(range(10))
@@ -106,7 +108,11 @@ def split_train_val(n: int, labels: np.ndarray | None, val_fraction: float, seed
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7919]))
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == k)
                                                      for k in np.unique(labels)]
-    val = [g[rng.permutation(len(g))[: int(round(len(g) * val_fraction))]] for g in groups]
+    def n_val(count: int) -> int:
+        k = int(round(count * val_fraction))
+        return min(max(k, 1), count - 1) if val_fraction > 0 and count >= 2 else k
+
+    val = [g[rng.permutation(len(g))[: n_val(len(g))]] for g in groups]
     val_pos = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
     train_pos = np.setdiff1d(np.arange(n), val_pos)
     return train_pos.astype(np.int64), val_pos.astype(np.int64)

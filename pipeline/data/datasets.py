@@ -153,8 +153,53 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     if num_rows == 0:
         raise ConfigError(f"data error: {uri} has no rows")
     n_train = num_rows - int(round(num_rows * cfg.data.val_fraction))
+    if cfg.data.label_column and cfg.train.loss == "cross_entropy" and cfg.data.val_fraction > 0:
+        _check_split_classes(ds, cfg)
+    _check_first_epoch(ds, cfg)
     if n_train < cfg.train.global_batch_size and cfg.batching.drop_last:
         raise ConfigError(
             f"data error: train.global_batch_size={cfg.train.global_batch_size} is larger than "
             f"the {n_train} training rows of {uri}")
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns)
+
+
+def _check_split_classes(ds: pads.Dataset, cfg: Config) -> None:
+    """Every class must appear in both the training and the validation split."""
+    from pipeline.data.batches import split_train_val
+
+    labels = ds.to_table(columns=[cfg.data.label_column]).column(0).to_numpy()
+    train, val = split_train_val(len(labels), labels, cfg.data.val_fraction, cfg.data.split_seed)
+    for name, part in (("training", train), ("validation", val)):
+        missing = np.setdiff1d(np.unique(labels), np.unique(labels[part]))
+        if len(missing):
+            raise ConfigError(
+                f"data error: class {missing[0].item()!r} of data.label_column={cfg.data.label_column!r} "
+                f"is missing from the {name} split ({int((labels == missing[0]).sum())} sample(s), "
+                f"data.val_fraction={cfg.data.val_fraction})")
+
+
+def _check_first_epoch(ds: pads.Dataset, cfg: Config) -> None:
+    """Plan epoch 0 on the driver from the small metadata columns, so a strategy that cannot
+    work on this data (no labels, classes not dividing the batch, an empty pool...) fails here
+    with exit 2 rather than on the workers."""
+    from pipeline.data.batches import SampleTable, split_train_val
+    from pipeline.data.epochs import epoch_batches
+
+    b = cfg.batching
+    needs_lengths = b.strategy == "length_bucket" or b.options.get("difficulty") == "length"
+    cols = [c for c in (cfg.data.label_column, b.difficulty_column,
+                        cfg.data.sequence_column if needs_lengths else None) if c]
+    table = ds.to_table(columns=cols) if cols else pa.table({"_": pa.nulls(ds.count_rows())})
+    st = SampleTable.from_table(
+        table, feature_column=None, label_column=cfg.data.label_column,
+        sequence_column=cfg.data.sequence_column if needs_lengths else None,
+        difficulty_column=b.difficulty_column)
+    train, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
+    try:
+        eb = epoch_batches(cfg, st, train, 0, cfg.scaling.num_workers)
+    except (ValueError, KeyError) as err:
+        raise ConfigError(f"config error: batching.strategy={b.strategy}: {err}") from None
+    if not eb.batches:
+        raise ConfigError(
+            f"config error: batching.strategy={b.strategy}: epoch 1 has no batch of "
+            f"train.global_batch_size={cfg.train.global_batch_size} from {len(train)} training rows")

@@ -1,0 +1,460 @@
+"""Ray Tune sweeps: batch size x LR scaling rule x base LR (x anything the config has), ASHA or
+FIFO, one MLflow parent run per sweep with one nested run per trial.
+
+    python -m pipeline tune --config jobs/configs/sweep_digits.yaml --out runs/sweep
+
+How a trial runs. Under Ray Train V2 a `TorchTrainer` cannot itself be a Tune trainable, so
+each trial is a *function* (`_run_trial`) that applies the trial's overrides -- Tune's search
+space uses the config's own dotted keys -- to the base config and calls `run_training`, whose
+TorchTrainer forwards every epoch's report to Tune (`TuneReportCallback`). The trial's MLflow
+run is `run_training`'s own run, nested under the sweep's parent run.
+
+Resources. The trial function takes no CPU (`TRIAL_DRIVER_RESOURCES`); its TorchTrainer asks
+Ray for its workers itself. We do *not* reserve the workers in a Tune placement group: Train V2
+makes its own placement group for them, so a Tune reservation would hold the CPUs twice.
+Instead the number of concurrent trials is capped at what the cluster can run at once,
+floor(CPUs / (num_workers x cpus_per_worker)) (and GPUs likewise, `trial_concurrency`): every
+running trial's workers fit together, so no trial waits forever on workers (no deadlock), and a
+trial that ASHA stops frees them when its actor exits (its controller and workers go with it).
+
+Where things go (`out_dir`):
+
+    sweep.json                         the sweep's name, parent run id, base config (--resume)
+    ray_results/<sweep>/               Tune's experiment state (restored by --resume)
+    trials/<sweep>/<trial_id>/         each trial's run_training folder (checkpoints, run.json)
+    trials.csv, result.json, summary.md, accuracy_vs_batch.png, steps_vs_batch.png
+
+Resume. Every sweep gets a fresh name (reusing a Tune name silently resumes; resuming is
+explicit). `resume=True` restores the sweep recorded in sweep.json with `Tuner.restore`:
+finished, early-stopped and errored trials are not run again; an interrupted trial continues
+its own MLflow run from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from pipeline.config import Config, ConfigError, flatten
+from pipeline.data.datasets import DatasetInfo, resolve
+from pipeline.tracking import client, end_run, experiment_id, log_text, start_run
+from pipeline.tune.analysis import (
+    BATCH,
+    RULE,
+    accuracy_vs_batch_plot,
+    steps_to_target,
+    steps_vs_batch_plot,
+    summary_table,
+)
+
+SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
+ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
+ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
+MAX_CHECKED_COMBINATIONS = 4096
+# The trial function only waits on its TorchTrainer: no CPU, and the memory its process holds
+# (Tune needs a non-empty request; the workers' CPUs/GPUs are the trainer's own, see above).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+
+
+# -- the search space -------------------------------------------------------------------------
+def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
+    """`tune.search_space` as {dotted key: (kind, values)}; ConfigError naming the culprit for
+    an unknown kind, a malformed spec, or a key the config does not have (no Ray needed)."""
+    known = flatten(cfg.to_dict())
+    out: dict[str, tuple[str, list[Any]]] = {}
+    for key, spec in cfg.tune.search_space.items():
+        where = f"config error: tune.search_space.{key}"
+        if key.startswith("tune.") or key.startswith("tracking."):
+            raise ConfigError(f"{where}: the {key.split('.')[0]} section cannot be swept")
+        if key not in known and not any(key.startswith(k + ".") and isinstance(v, dict)
+                                        for k, v in known.items()):
+            raise ConfigError(f"config error: unknown key {key!r} in tune.search_space")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"{where}: expected one of {{{', '.join(SPEC_KINDS)}: [...]}} "
+                              f"(got {spec!r})")
+        (kind, values), = spec.items()
+        if kind not in SPEC_KINDS:
+            raise ConfigError(f"{where}: unknown spec kind {kind!r}; known: "
+                              f"{', '.join(SPEC_KINDS)}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{kind}: expected a non-empty list (got {values!r})")
+        if kind in ("uniform", "loguniform"):
+            ok = (len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           for v in values) and values[0] < values[1])
+            if not ok or (kind == "loguniform" and values[0] <= 0):
+                raise ConfigError(f"{where}.{kind}: expected [low, high] with "
+                                  f"{'0 < ' if kind == 'loguniform' else ''}low < high "
+                                  f"(got {values!r})")
+        out[key] = (kind, values)
+    return out
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """Tune's param space, keyed by the config's dotted keys. `tune.search: grid` expands every
+    `grid` spec (each point run `num_samples` times); `random` draws every `grid` list like a
+    `choice`, `num_samples` trials in all. `choice`/`uniform`/`loguniform` are drawn per trial."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, (kind, values) in parse_search_space(cfg).items():
+        if kind == "grid":
+            space[key] = (tune.grid_search(values) if cfg.tune.search == "grid"
+                          else tune.choice(values))
+        elif kind == "choice":
+            space[key] = tune.choice(values)
+        elif kind == "uniform":
+            space[key] = tune.uniform(*values)
+        else:
+            space[key] = tune.loguniform(*values)
+    return space
+
+
+def check_trials(cfg: Config) -> list[Config]:
+    """Validate the trial configs before any cluster work: every combination of the discrete
+    values (and of the continuous bounds) goes through `with_overrides` and the dataset checks,
+    so e.g. a batch size the workers cannot split fails fast with exit 2. Returns them."""
+    parsed = parse_search_space(cfg)
+    keys = list(parsed)
+    lists = [values for _, values in parsed.values()]
+    if math.prod(len(v) for v in lists) > MAX_CHECKED_COMBINATIONS:  # check one key at a time
+        combos = [{k: v} for k, vs in zip(keys, lists, strict=True) for v in vs]
+    else:
+        combos = [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*lists)]
+    checked = []
+    for combo in combos or [{}]:
+        try:
+            checked.append(resolve(cfg.with_overrides(combo))[0])
+        except ConfigError as err:
+            shown = ", ".join(f"{k}={v}" for k, v in combo.items())
+            raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
+    return checked
+
+
+def trial_concurrency(cluster: dict[str, float], trials: list[Config],
+                      cap: int | None = None) -> int:
+    """How many trials run at once: each trial's workers (the largest over the search space)
+    must fit in the cluster together with those of every other running trial."""
+    cpus = max(c.scaling.num_workers * c.scaling.cpus_per_worker for c in trials)
+    gpus = max(c.scaling.num_workers if c.scaling.use_gpu else 0 for c in trials)
+    fits = [int(cluster.get("CPU", 0) // cpus)]
+    if gpus:
+        fits.append(int(cluster.get("GPU", 0) // gpus))
+    n = max(1, min(fits))
+    return min(n, cap) if cap else n
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Tune stopped before every trial ended (Ctrl-C): the state is saved, --resume goes on."""
+
+
+# -- Tune pieces (Ray is imported here, after the input has been validated) ---------------------
+def asha(max_epochs: int) -> Any:
+    """ASHA over epochs that never stops a trial at its last epoch: the trial ends there by
+    itself, while a stop would kill it as it logs its model and marks its MLflow run FINISHED."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class FinalEpochASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            if result.get(self._time_attr, 0) >= self._max_t:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    return FinalEpochASHA(time_attr="epoch", max_t=max_epochs,
+                          grace_period=min(ASHA_GRACE_PERIOD, max_epochs),
+                          reduction_factor=ASHA_REDUCTION_FACTOR)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id  # results map back to trials (and MLflow runs) through it
+
+
+def _short(overrides: dict[str, Any]) -> str:
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+
+
+def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: DatasetInfo, root: str,
+               parent_run_id: str, sweep: str) -> None:
+    """One trial, inside its Tune actor: the base config with the trial's overrides, trained by
+    `run_training` (its own TorchTrainer and nested MLflow run), every epoch reported to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.engine.checkpoint import find_latest_checkpoint
+    from pipeline.launch import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = Config.model_validate(base).with_overrides(
+        {**overrides, "tracking.run_name": f"{trial_id} {_short(overrides)}".strip()})
+    if any(k.startswith("data.") for k in overrides):
+        cfg, info = resolve(cfg)
+    out = Path(root) / trial_id
+    # A trial the sweep's interruption cut short continues its MLflow run from its checkpoint.
+    resume = (out / "run.json").exists() and find_latest_checkpoint(out / "ray_results") is not None
+    run_training(cfg, info, out, resume=resume, parent_run_id=parent_run_id,
+                 tags={"tune.trial_id": trial_id, "tune.sweep": sweep,
+                       "tune.overrides": json.dumps(overrides, default=str)},
+                 extra_callbacks=[TuneReportCallback()])
+
+
+# -- the sweep ----------------------------------------------------------------------------------
+def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = False,
+              address: str | None = None) -> pd.DataFrame:
+    """Run (or with `resume`, continue) the sweep `cfg.tune` describes over `cfg`; return one row
+    per trial and write trials.csv, result.json and the plots to `out_dir` and to MLflow."""
+    out_dir = out_dir.resolve()
+    trials = check_trials(cfg)  # bad input raises ConfigError here, before Ray is imported
+    max_epochs = max(c.train.epochs for c in trials)
+    state_file = out_dir / "sweep.json"
+    state = _load_state(state_file, cfg) if resume else {
+        "name": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+        "config": cfg.to_dict()}
+    name = state["name"]
+    # Resolved here, once: a trial's actor has another working directory and environment.
+    uri = state.get("tracking_uri") or cfg.tracking_uri()
+    exp_path = out_dir / "ray_results" / name
+    import ray
+    from ray import tune
+
+    from pipeline.launch import check_store_reachable, connect, ray_job_tags
+
+    space = search_space(cfg)
+    if resume and not tune.Tuner.can_restore(str(exp_path)):
+        raise ConfigError(f"argument error: --resume: no Tune experiment to restore in {exp_path}")
+
+    connect(address)
+    check_store_reachable(uri)
+    concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent)
+    parent = state.get("parent_run_id")
+    if parent is None:
+        params = {**cfg.flat_params(), "tune.search_space": json.dumps(cfg.tune.search_space)}
+        parent = start_run(uri, cfg.tracking.experiment,
+                           run_name=cfg.tracking.run_name or name, params=params,
+                           config_yaml=yaml.safe_dump(cfg.to_dict()),
+                           tags={**ray_job_tags(), "pipeline.kind": "sweep", "tune.sweep": name,
+                                 "tune.scheduler": cfg.tune.scheduler,
+                                 "tune.search": cfg.tune.search})
+        log_text(uri, parent, json.dumps(cfg.tune.search_space, indent=2), "search_space.json")
+    else:
+        client(uri).update_run(parent, status="RUNNING")
+    state.update(parent_run_id=parent, tracking_uri=uri)
+    _write_json(state_file, state)
+    print(f"[pipeline] sweep {name}: {concurrency} trial(s) at a time; MLflow parent run "
+          f"{parent} in {uri}", flush=True)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_run_trial, base=cfg.with_overrides({"tracking.uri": uri}).to_dict(),
+                             info=info,
+                             root=str(out_dir / "trials" / name), parent_run_id=parent,
+                             sweep=name),
+        TRIAL_DRIVER_RESOURCES)
+    try:
+        if resume:
+            tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric=cfg.tune.metric, mode=cfg.tune.mode,
+                    scheduler=asha(max_epochs) if cfg.tune.scheduler == "asha" else None,
+                    num_samples=cfg.tune.num_samples,
+                    max_concurrent_trials=concurrency, reuse_actors=False,
+                    trial_dirname_creator=_trial_dirname),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(out_dir / "ray_results"),
+                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    verbose=1))
+        grid = tuner.fit()
+        if grid.num_terminated + grid.num_errors < len(grid):
+            raise SweepInterrupted(f"sweep {name} interrupted; continue it with --resume "
+                                   f"--out {out_dir}")
+        df = _finish(grid, cfg, uri, parent, out_dir, name)
+    except BaseException as err:
+        _close_open_runs(uri, cfg.tracking.experiment, parent)
+        end_run(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    end_run(uri, parent, "FINISHED")
+    return df
+
+
+def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:
+    if not state_file.exists():
+        raise ConfigError(f"argument error: --resume: no sweep.json in {state_file.parent}")
+    state = json.loads(state_file.read_text())
+    before = flatten(state["config"])
+    now = flatten(cfg.to_dict())
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"argument error: --resume: the config differs from the sweep's "
+                          f"in {', '.join(changed)}")
+    return state
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# -- after the sweep ----------------------------------------------------------------------------
+_TUNE_KEYS = {"config", "checkpoint_path", "checkpoint_dir_name", "timestamp", "date",
+              "hostname", "node_ip", "pid", "time_this_iter_s", "time_total_s",
+              "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
+              "training_iteration", "done", "trial_id", "experiment_tag"}
+
+
+def _nested_runs(uri: str, experiment: str, parent: str) -> list[Any]:
+    c = client(uri)
+    return c.search_runs([experiment_id(c, experiment)],
+                         filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                         max_results=5000, order_by=["attributes.start_time ASC"])
+
+
+def _close_open_runs(uri: str, experiment: str, parent: str) -> None:
+    """The sweep itself stopped: no trial run may stay RUNNING (a resume reopens its own)."""
+    try:
+        for run in _nested_runs(uri, experiment, parent):
+            if run.info.status == "RUNNING":
+                end_run(uri, run.info.run_id, "KILLED")
+    except Exception as err:  # never hide the sweep's own error behind a tracking one
+        print(f"[pipeline] could not close the trial runs: {err}", flush=True)
+
+
+def history(uri: str, run_id: str) -> pd.DataFrame:
+    """A trial's per-epoch curve read back from MLflow: epoch, step (optimizer steps at the end
+    of that epoch: the running sum of the per-epoch `steps` metric), val_accuracy, val_loss."""
+    c = client(uri)
+    cols: dict[str, dict[int, float]] = {}
+    for key in ("steps", "val_accuracy", "val_loss"):
+        cols[key] = {m.step: m.value for m in c.get_metric_history(run_id, key)}  # last wins
+    h = pd.DataFrame(cols).rename_axis("epoch").reset_index().sort_values("epoch")
+    if h.empty:
+        return pd.DataFrame(columns=["epoch", "step", "val_accuracy", "val_loss"])
+    h["step"] = h["steps"].fillna(0).cumsum().astype(int)
+    return h.drop(columns="steps").reset_index(drop=True)
+
+
+def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
+            name: str) -> pd.DataFrame:
+    """Settle every trial's MLflow run against Tune's verdict, build the table, tag the best
+    trial, write and log the artifacts."""
+    c = client(uri)
+    runs = {}
+    for run in _nested_runs(uri, cfg.tracking.experiment, parent):  # latest run per trial
+        runs[run.data.tags.get("tune.trial_id")] = run
+    swept = list(cfg.tune.search_space)
+    base = flatten(cfg.to_dict())
+    rows = []
+    for result in grid:
+        trial_id = Path(result.path).name
+        m = dict(result.metrics or {})
+        run = runs.get(trial_id)
+        run_id = run.info.run_id if run else None
+        if result.error is not None:
+            status = "ERROR"
+            if run and run.info.status != "FAILED":
+                end_run(uri, run_id, "FAILED")
+        elif run and run.info.status == "FINISHED":
+            status = "TERMINATED"
+        else:  # Tune stopped it (ASHA): its actor died mid-training, its run still RUNNING
+            status = "EARLY_STOPPED"
+            if run:
+                c.set_tag(run_id, "early_stopped", "true")
+                end_run(uri, run_id, "KILLED")
+        h = history(uri, run_id) if run_id else pd.DataFrame()
+        row: dict[str, Any] = {"trial_id": trial_id}
+        for key in dict.fromkeys([*swept, BATCH, RULE]):
+            row[key] = result.config.get(key, base.get(key))
+        last = h.iloc[-1] if len(h) else {}
+        row.update({
+            "status": status,
+            "epochs": int(m.get("epoch", len(h))),
+            "steps": int(m["step"]) if "step" in m else (int(last["step"]) if len(h) else 0),
+            "val_accuracy": m.get("val_accuracy", last.get("val_accuracy", math.nan)),
+            "val_loss": m.get("val_loss", last.get("val_loss", math.nan)),
+        })
+        if cfg.tune.metric not in row:
+            row[cfg.tune.metric] = m.get(cfg.tune.metric, math.nan)
+        row["steps_to_target"] = steps_to_target(h, cfg.tune.target_accuracy)
+        row["mlflow_run_id"] = run_id
+        row["error"] = _one_line(result.error)
+        row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    metrics_by_trial = dict(zip(df["trial_id"], df.pop("_metrics"), strict=True))
+    df["steps_to_target"] = df["steps_to_target"].astype("Int64")
+
+    ok = df[df["status"] != "ERROR"].dropna(subset=[cfg.tune.metric])
+    best = None
+    if len(ok):
+        best = ok.loc[ok[cfg.tune.metric].idxmax() if cfg.tune.mode == "max"
+                      else ok[cfg.tune.metric].idxmin()]
+    for tid, run in runs.items():
+        is_best = best is not None and tid == best["trial_id"]
+        if is_best:
+            c.set_tag(run.info.run_id, "best_trial", "true")
+        elif run.data.tags.get("best_trial"):
+            c.delete_tag(run.info.run_id, "best_trial")
+
+    df.to_csv(out_dir / "trials.csv", index=False)
+    table = summary_table(df.drop(columns=["error"]))
+    (out_dir / "summary.md").write_text(table)
+    accuracy_vs_batch_plot(df, out_dir / "accuracy_vs_batch.png")
+    steps_vs_batch_plot(df, out_dir / "steps_vs_batch.png", target=cfg.tune.target_accuracy)
+    for artifact in ("trials.csv", "summary.md", "accuracy_vs_batch.png", "steps_vs_batch.png"):
+        c.log_artifact(parent, str(out_dir / artifact))
+    counts = df["status"].value_counts().to_dict()
+    parent_metrics = {f"trials_{k.lower()}": float(v) for k, v in counts.items()}
+    if best is not None:
+        parent_metrics[f"best_{cfg.tune.metric}"] = float(best[cfg.tune.metric])
+    for key, value in parent_metrics.items():
+        c.log_metric(parent, key, value)
+
+    if best is None:
+        raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
+    overrides = {k: _plain(best[k]) for k in swept}
+    best_cfg = cfg.with_overrides(overrides)
+    _write_json(out_dir / "result.json", {
+        "status": "FINISHED", "sweep": name, "parent_run_id": parent, "tracking_uri": uri,
+        "best": {"trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],
+                 "overrides": overrides, "metrics": metrics_by_trial[best["trial_id"]],
+                 "config": best_cfg.to_dict()},
+        "trials": {k: int(v) for k, v in counts.items()},
+        "trials_csv": str(out_dir / "trials.csv"), "experiment_path": grid.experiment_path,
+    })
+    return df
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v  # numpy scalars from the frame -> JSON types
+
+
+def _one_line(err: BaseException | None) -> str:
+    if err is None:
+        return ""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
+def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
+    """What `python -m pipeline tune` prints at the end: the table, the best trial, the files."""
+    result = json.loads((out_dir / "result.json").read_text())
+    print(summary_table(trials.drop(columns=["error", "mlflow_run_id"])), flush=True)
+    best = result["best"]
+    shown = "  ".join(f"{k}={best['metrics'][k]:.4f}" for k in ("val_accuracy", "val_loss")
+                      if k in best["metrics"])
+    print(f"[pipeline] best trial {best['trial_id']} ({_short(best['overrides'])}): {shown}")
+    print(f"[pipeline] result: {out_dir / 'result.json'}; trials: {out_dir / 'trials.csv'}")
+    print(f"[pipeline] MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}")
+    if result["tracking_uri"].startswith("sqlite:///"):
+        print(f"[pipeline] see it: mlflow ui --backend-store-uri {result['tracking_uri']}")

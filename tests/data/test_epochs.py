@@ -1,0 +1,125 @@
+"""The batches a job trains on (shared by the worker and inspect-batches), on odd data:
+a prime number of rows, a class with 3 samples, lengths 1..2,000; 1, 2 and 3 workers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.batches import SampleTable, micro_slices, split_train_val
+from pipeline.data.datasets import make_digits, make_sequences
+from pipeline.data.epochs import epoch_batches
+from pipeline.data.plan import rank_slice
+
+N = 1009  # prime
+
+
+def odd_table(seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(3, 4), rng.integers(0, 4, N - 3)])  # class 4: 3 samples
+    lengths = np.clip(np.round(rng.lognormal(4, 1.2, N)), 1, 2000).astype(np.int64)
+    offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.table({
+        "tokens": pa.ListArray.from_arrays(pa.array(offs), pa.array(rng.integers(0, 50, offs[-1]))),
+        "label": pa.array(labels),
+        "hardness": pa.array(rng.random(N)),
+    })
+
+
+def odd_setup(strategy: str, world: int, **extra):
+    cfg = load_config(None, [f"batching.strategy={strategy}", f"scaling.num_workers={world}",
+                             "train.global_batch_size=60", "train.micro_batch_size=null",
+                             "data.feature_column=null", "data.sequence_column=tokens",
+                             "batching.difficulty_column=hardness", "data.val_fraction=0.1",
+                             *[f"{k}={v}" for k, v in extra.items()]])
+    st = SampleTable.from_table(odd_table(), feature_column=None, label_column="label",
+                                sequence_column="tokens", difficulty_column="hardness")
+    train, _ = split_train_val(len(st), st.labels, 0.1, 0)
+    return cfg, st, train
+
+
+STRATEGIES = ["random", "sequential", "stratified", "length_bucket", "curriculum", "hard_mining",
+              "balanced"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_global_batches_do_not_depend_on_worker_count(strategy):
+    """Worlds 1, 2 and 3 (60 = 20 x 3): the same global batches in the same order, and the
+    ranks' slices put back together give each global batch exactly."""
+    ref = None
+    for world in (1, 2, 3):
+        cfg, st, train = odd_setup(strategy, world)
+        for epoch in (0, 3):
+            eb = epoch_batches(cfg, st, train, epoch, world)
+            got = [b.tolist() for b in eb.batches]
+            if world == 1:
+                ref = ref or {}
+                ref[epoch] = got
+            assert got == ref[epoch]
+            for b in eb.batches:
+                parts = [rank_slice(b, r, world) for r in range(world)]
+                assert np.array_equal(np.concatenate(parts), b)
+                assert all(len(p) >= 1 for p in parts)
+
+
+@pytest.mark.parametrize("strategy", ["random", "sequential", "stratified", "length_bucket"])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_each_sample_once_per_epoch_and_drops_counted(strategy, world):
+    cfg, st, train = odd_setup(strategy, world)
+    for epoch in (0, 1):
+        eb = epoch_batches(cfg, st, train, epoch, world)
+        per_rank = [np.concatenate([rank_slice(b, r, world) for b in eb.batches])
+                    for r in range(world)]
+        drawn = np.concatenate(per_rank)
+        assert len(np.unique(drawn)) == len(drawn)  # no duplicates, ranks never share a sample
+        assert len(drawn) + eb.dropped == len(train)  # everything drawn or counted as dropped
+        assert set(drawn) <= set(train.tolist())
+
+
+def test_no_drop_last_draws_everything():
+    cfg, st, train = odd_setup("random", 3, **{"batching.drop_last": False})
+    eb = epoch_batches(cfg, st, train, 0, 3)
+    drawn = np.concatenate(eb.batches)
+    assert sorted(drawn.tolist()) == sorted(train.tolist()) and eb.dropped == 0
+
+
+def test_stratified_batches_keep_class_shares_within_one():
+    cfg, st, train = odd_setup("stratified", 2)
+    share = np.bincount(st.labels[train]) / len(train)
+    for b in epoch_batches(cfg, st, train, 0, 2).batches:
+        counts = np.bincount(st.labels[b], minlength=len(share))
+        assert np.all(np.abs(counts - share * len(b)) <= 1.0 + 1e-9)
+
+
+def test_curriculum_difficulty_from_length_scoring_pass():
+    cfg, st, train = odd_setup("curriculum", 1, **{"batching.difficulty_column": "null",
+                                                  "batching.options.difficulty": "length",
+                                                  "batching.options.c0": 0.2})
+    st.difficulty = None
+    eb = epoch_batches(cfg, st, train, 0, 1)
+    drawn = np.concatenate(eb.batches)
+    # The first epoch's pool is the shortest 20% of the training pool.
+    cutoff = np.sort(st.lengths[train])[int(np.ceil(0.2 * len(train))) - 1]
+    assert st.lengths[drawn].max() <= cutoff
+
+
+def test_padded_micro_batches_from_arrow():
+    st = SampleTable.from_table(odd_table(), feature_column=None, label_column="label",
+                                sequence_column="tokens")
+    pos = np.array([5, 17, 2, 999])
+    b = st.gather(pos, max_length=300, pad_multiple_of=8)
+    L = b["input_ids"].shape[1]
+    assert L % 8 == 0 and L <= 304
+    assert np.array_equal(b["attention_mask"].sum(1), np.minimum(st.lengths[pos], 300))
+    assert [len(m) for m in micro_slices(pos, 3)] == [3, 1]
+
+
+def test_embedded_datasets_are_deterministic_and_shaped():
+    a, b = make_digits(), make_digits()
+    assert a.equals(b) and a.num_rows == 1797
+    seq = make_sequences()
+    lengths = seq.column("length").to_numpy()
+    assert lengths.min() >= 8 and lengths.max() <= 512 and np.median(lengths) < 100
+    assert seq.equals(make_sequences())
