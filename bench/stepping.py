@@ -195,17 +195,22 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="rounds over the variants")
     ap.add_argument("--steps", type=int, help="transformer steps per variant per round "
-                                              "(cpu 2, cuda 10)")
+                                              "(cpu 1, cuda 10)")
     ap.add_argument("--cnn-steps", type=int, help="digits_cnn steps per variant per round "
-                                                  "(cpu 4, cuda 20)")
+                                                  "(cpu 10, cuda 20)")
+    ap.add_argument("--threads", type=int,
+                    help="torch CPU threads (cpu default 1: on a shared machine a second "
+                         "OpenMP thread stalls whenever the other core is busy; cuda: unchanged)")
     ap.add_argument("--out", type=Path, default=RESULTS / "stepping.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.threads or not cuda:
+        torch.set_num_threads(args.threads or 1)
     batch = args.batch or (32 if cuda else 4)
     cnn_batch = args.cnn_batch or (512 if cuda else 128)
-    steps = args.steps or (10 if cuda else 2)
-    cnn_steps = args.cnn_steps or (20 if cuda else 4)
+    steps = args.steps or (10 if cuda else 1)
+    cnn_steps = args.cnn_steps or (20 if cuda else 10)
     start = time.perf_counter()
     info: dict[str, Any] = {
         "benchmark": "stepping", "device": device.type, "torch": torch.__version__,

@@ -147,6 +147,11 @@ class Config(_Section):
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"scaling.num_workers={workers}"
             )
+        if t.sync_batchnorm and not self.scaling.use_gpu and workers > 1:
+            raise ValueError(
+                "train.sync_batchnorm=true needs GPU workers (scaling.use_gpu=true): PyTorch's "
+                "SyncBatchNorm runs only on CUDA (NCCL), not on CPU/gloo"
+            )
         if t.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError(
                 "train.precision=fp16 needs a CUDA device (scaling.use_gpu=false); use bf16 or fp32"

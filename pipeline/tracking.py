@@ -10,7 +10,6 @@ a multi-node cluster needs a tracking server (checked by `check_store_reachable`
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import tempfile
 import time

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,6 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
-from pipeline.data.padding import padding_efficiency
 from pipeline.data.epochs import epoch_batches
 from pipeline.data.plan import rank_slice
 from pipeline.data.views import make_views
@@ -127,6 +127,23 @@ def train_func(loop_config: dict[str, Any]) -> None:
             nb.pop("view_index", None)
         return nb
 
+    def step_batches(mine: np.ndarray, key: tuple[int, ...], pad_stats: dict[str, int]) -> Any:
+        """This rank's share of one global batch, cut into micro-batches on demand (the size
+        can shrink on out-of-memory)."""
+
+        def micro(size: int) -> list[dict[str, torch.Tensor]]:
+            out = []
+            for j, part in enumerate(micro_slices(mine, size)):
+                nb = collate(part, (*key, j, rank))
+                if "attention_mask" in nb:
+                    pad_stats["real"] += int(nb["attention_mask"].sum())
+                    pad_stats["padded"] += int(nb["attention_mask"].size)
+                out.append(to_torch(nb, device))
+            return out
+
+        return micro
+
+    my_val = rank_slice(val_pos, rank, world)
     for epoch in range(state.epoch, t.epochs):
         state.epoch = epoch
         if t.max_steps is not None and state.step >= t.max_steps:
@@ -135,32 +152,18 @@ def train_func(loop_config: dict[str, Any]) -> None:
         plan, batches, dropped = eb.plan, eb.batches, eb.dropped
         pad_stats = {"real": 0, "padded": 0}
 
-        def make_step(batch: np.ndarray, index: int) -> Any:
-            mine = rank_slice(batch, rank, world)
-
-            def micro(size: int) -> list[dict[str, torch.Tensor]]:
-                out = []
-                for j, part in enumerate(micro_slices(mine, size)):
-                    nb = collate(part, (b.seed, epoch, index, j, rank))
-                    if "attention_mask" in nb:
-                        pad_stats["real"] += int(nb["attention_mask"].sum())
-                        pad_stats["padded"] += int(nb["attention_mask"].size)
-                    out.append(to_torch(nb, device))
-                return out
-
-            return micro
-
         steps_log: list[tuple[int, dict[str, float]]] = []
         start = time.perf_counter()
         metrics = train_epoch(
-            model, optimizer, (make_step(x, i) for i, x in enumerate(batches)), state,
+            model, optimizer,
+            (step_batches(rank_slice(x, rank, world), (b.seed, epoch, i), pad_stats)
+             for i, x in enumerate(batches)), state,
             lr_fn=lr_fn, loss=t.loss, precision=t.precision, scaler=scaler,
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
-            on_step=lambda s, rec: steps_log.append((s.step, rec)))
+            on_step=partial(_record_step, steps_log))
         wall = time.perf_counter() - start
         eval_batches = (to_torch(collate(p, (b.seed, 10**6, j, rank)), device)
-                        for j, p in enumerate(micro_slices(rank_slice(val_pos, rank, world),
-                                                           per_worker)))
+                        for j, p in enumerate(micro_slices(my_val, per_worker)))
         if len(val_pos):
             metrics.update(evaluate(model, eval_batches, loss=t.loss, precision=t.precision))
         if b.strategy == "hard_mining":
@@ -186,6 +189,11 @@ def train_func(loop_config: dict[str, Any]) -> None:
             logger.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch + 1)
             logger.flush()
         _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank)
+
+
+def _record_step(log: list[tuple[int, dict[str, float]]], state: LoopState,
+                 record: dict[str, float]) -> None:
+    log.append((state.step, record))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
