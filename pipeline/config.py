@@ -142,7 +142,7 @@ class Config(_Section):
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"train.micro_batch_size={micro} x scaling.num_workers={workers}"
             )
-        if micro is None and t.global_batch_size % workers:
+        if not isinstance(micro, int) and t.global_batch_size % workers:
             raise ValueError(
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"scaling.num_workers={workers}"

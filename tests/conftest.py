@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# `ray start` turns token authentication on; clients must say so too. Set before any test
+# module imports ray (Ray reads the mode once per process).
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def free_port() -> int:

@@ -57,11 +57,12 @@ def test_main_job_two_workers_reaches_095_and_logs_every_epoch(ray_cluster, mlfl
     assert "epoch 1:" in out.stdout + out.stderr  # progress output
 
 
-def test_resume_continues_at_next_epoch_with_step_counter(ray_cluster, mlflow_server, tmp_path):
+def test_resume_continues_at_next_epoch_with_step_counter(ray_client, mlflow_server, tmp_path):
     common = ["--config", DIGITS, "--set", f"tracking.uri={mlflow_server}",
               "--set", "tracking.experiment=test-resume", "--out", str(tmp_path)]
-    first = run_cli("train", *common, "--set", "train.epochs=2")
-    assert first.returncode == 0, first.stderr[-3000:]
+    # First part in this process (the same job path as the CLI, cheaper to start), then the
+    # user's path: `python -m pipeline train ... --resume` in a new driver.
+    run_in_process(mlflow_server, tmp_path, "tracking.experiment=test-resume", "train.epochs=2")
     r1 = json.loads((tmp_path / "result.json").read_text())
     steps_per_epoch = r1["metrics"]["step"] // 2
     assert steps_per_epoch == (1797 - 360) // 64  # 1437 training rows, drop_last
@@ -78,11 +79,20 @@ def test_resume_continues_at_next_epoch_with_step_counter(ray_cluster, mlflow_se
     assert client.get_run(r1["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_failed_run_is_marked_failed(ray_cluster, mlflow_server, tmp_path):
-    out = run_cli("train", "--config", DIGITS, "--set", f"tracking.uri={mlflow_server}",
-                  "--set", "tracking.experiment=test-failed", "--set", "train.epochs=1",
-                  "--set", "model.name=import:os:no_such_model", "--out", str(tmp_path))
-    assert out.returncode == 1
+def run_in_process(mlflow_uri: str, out, *overrides: str) -> dict:
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+    from pipeline.launch import run_training
+
+    cfg, info = resolve(load_config(DIGITS, [f"tracking.uri={mlflow_uri}", *overrides]))
+    return run_training(cfg, info, out)
+
+
+def test_failed_run_is_marked_failed(ray_client, mlflow_server, tmp_path):
+    """The model import fails on the workers: the job raises and its run is FAILED."""
+    with pytest.raises(Exception, match="no_such_model"):
+        run_in_process(mlflow_server, tmp_path, "tracking.experiment=test-failed",
+                       "train.epochs=1", "model.name=import:os:no_such_model")
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("test-failed").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

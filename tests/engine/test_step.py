@@ -211,3 +211,21 @@ def test_evaluate_uses_running_stats():
         {"features": x})
     batch_loss = torch.nn.functional.cross_entropy(many[:1], y[:1]).item()
     assert abs(one["val_loss"] - batch_loss) < 1e-5
+
+
+def test_fp16_scaler_path_counts_skipped_steps():
+    """The fp16 path (autocast + GradScaler, unscale before clipping) on CPU: a step whose
+    gradients overflow is skipped (weights unchanged, scale halved) and reported as skipped."""
+    model = model_for("dense")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    mbs = micro_batches("dense", np.arange(G), 16)
+    ok = train_step(model, opt, mbs, loss="cross_entropy", precision="fp16", scaler=scaler,
+                    grad_clip=1.0)
+    assert not ok.skipped and ok.grad_norm > 0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = [{**mb, "features": mb["features"] * 1e30} for mb in mbs]  # overflows in fp16
+    res = train_step(model, opt, bad, loss="cross_entropy", precision="fp16", scaler=scaler)
+    assert res.skipped and scaler.get_scale() == 2.0**9
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
