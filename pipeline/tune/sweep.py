@@ -373,8 +373,15 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
                 end_run(uri, run_id, "KILLED")
         h = history(uri, run_id) if run_id else pd.DataFrame()
         row: dict[str, Any] = {"trial_id": trial_id}
+        conf = result.config or {}  # a restored errored trial may come back without it
+        params = run.data.params if run else {}
         for key in dict.fromkeys([*swept, BATCH, RULE]):
-            row[key] = result.config.get(key, base.get(key))
+            if key in conf:
+                row[key] = conf[key]
+            elif key in params:  # the trial's own resolved config, logged to its run
+                row[key] = yaml.safe_load(params[key])
+            else:
+                row[key] = base.get(key)
         last = h.iloc[-1] if len(h) else {}
         row.update({
             "status": status,
