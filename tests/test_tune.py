@@ -155,12 +155,13 @@ def test_final_epoch_asha_never_stops_at_the_last_epoch():
 
 
 # -- one real sweep ------------------------------------------------------------------------------
-EPOCHS = 2
+EPOCHS = 3
 GOOD_LR, TINY_LR = 0.025, 0.00002
-# Tune's grid order varies the first key fastest and 2 trials run at a time, so a tiny-LR trial
-# (index 3 and 4) starts only after a good-LR trial has ended -- and recorded its epoch-1
-# accuracy: ASHA (rung at epoch 1) must stop every tiny-LR trial there. The bad model fails.
-SPACE = {"model.name": {"grid": ["digits_cnn", "mlp", BAD_MODEL]},
+# Four trials, two at a time, in Tune's grid order (first key fastest): [cnn, good LR] and
+# [bad model, good LR] start together; [cnn, tiny LR] starts when one of them has ended, so it
+# reaches epoch 1 a whole trial start-up after the good-LR trial recorded its epoch-1 accuracy
+# there: ASHA (one rung, at epoch 1) must stop it. The bad model fails at import, twice.
+SPACE = {"model.name": {"grid": ["digits_cnn", BAD_MODEL]},
          "train.base_lr": {"grid": [GOOD_LR, TINY_LR]}}
 
 
@@ -188,7 +189,7 @@ def _nested(client: MlflowClient, parent: str) -> list:
 
 def test_sweep_table_and_result(sweep):
     df, result = sweep["trials"], sweep["result"]
-    assert len(df) == 6
+    assert len(df) == 4
     assert set(SPACE) <= set(df.columns) and {"status", "epochs", "steps", "val_accuracy",
                                               "val_loss", "mlflow_run_id"} <= set(df.columns)
     bad = df["model.name"] == BAD_MODEL
@@ -197,14 +198,16 @@ def test_sweep_table_and_result(sweep):
     lr = df["train.base_lr"]
     good, tiny = df[~bad & (lr == GOOD_LR)], df[~bad & (lr == TINY_LR)]
     assert (good["status"] == "TERMINATED").all() and (good["epochs"] == EPOCHS).all()
-    assert (tiny["status"] == "EARLY_STOPPED").all() and (tiny["epochs"] < EPOCHS).all()
+    assert len(good) == len(tiny) == 1
+    assert (tiny["status"] == "EARLY_STOPPED").all() and (tiny["stopped_at_epoch"] < EPOCHS).all()
+    assert good["stopped_at_epoch"].isna().all()
     steps_per_epoch = (1797 - 360) // 32  # 1437 training rows, drop_last
     assert (df.loc[~bad, "steps"] == df.loc[~bad, "epochs"] * steps_per_epoch).all()
     best = result["best"]
     assert best["overrides"]["train.base_lr"] == GOOD_LR
     assert best["metrics"]["val_accuracy"] == pytest.approx(good["val_accuracy"].max())
     assert best["config"]["train"]["base_lr"] == GOOD_LR and best["metrics"]["epoch"] == EPOCHS
-    assert best["config"]["model"]["name"] == best["overrides"]["model.name"]
+    assert best["config"]["model"]["name"] == best["overrides"]["model.name"] == "digits_cnn"
     assert result["tracking_uri"] and result["parent_run_id"]
     assert "best trial" in sweep["proc"].stdout
 

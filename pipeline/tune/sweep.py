@@ -382,13 +382,18 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
                 row[key] = yaml.safe_load(params[key])
             else:
                 row[key] = base.get(key)
-        last = h.iloc[-1] if len(h) else {}
+        # What the trial ran, as MLflow shows it: a trial that Tune stopped may have finished the
+        # epoch in flight before its actor went (the stop is asynchronous), so the history can
+        # hold one epoch more than Tune's last result; that epoch counts as run.
+        reported = int(m.get("epoch", 0))
+        final = h.iloc[-1] if len(h) and int(h["epoch"].iloc[-1]) >= reported else pd.Series(m)
         row.update({
             "status": status,
-            "epochs": int(m.get("epoch", len(h))),
-            "steps": int(m["step"]) if "step" in m else (int(last["step"]) if len(h) else 0),
-            "val_accuracy": m.get("val_accuracy", last.get("val_accuracy", math.nan)),
-            "val_loss": m.get("val_loss", last.get("val_loss", math.nan)),
+            "epochs": int(final.get("epoch", 0)),
+            "stopped_at_epoch": reported if status == "EARLY_STOPPED" else None,
+            "steps": int(final.get("step", 0)),
+            "val_accuracy": float(final.get("val_accuracy", math.nan)),
+            "val_loss": float(final.get("val_loss", math.nan)),
         })
         if cfg.tune.metric not in row:
             row[cfg.tune.metric] = m.get(cfg.tune.metric, math.nan)
@@ -399,9 +404,13 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
         rows.append(row)
     df = pd.DataFrame(rows)
     metrics_by_trial = dict(zip(df["trial_id"], df.pop("_metrics"), strict=True))
-    df["steps_to_target"] = df["steps_to_target"].astype("Int64")
+    for col in ("steps_to_target", "stopped_at_epoch"):
+        df[col] = df[col].astype("Int64")
 
-    ok = df[df["status"] != "ERROR"].dropna(subset=[cfg.tune.metric])
+    # The best trial: among those that ran their whole budget (else among the stopped ones).
+    ok = df[df["status"] == "TERMINATED"].dropna(subset=[cfg.tune.metric])
+    if ok.empty:
+        ok = df[df["status"] != "ERROR"].dropna(subset=[cfg.tune.metric])
     best = None
     if len(ok):
         best = ok.loc[ok[cfg.tune.metric].idxmax() if cfg.tune.mode == "max"
