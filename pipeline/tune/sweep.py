@@ -185,12 +185,15 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
                parent_run_id: str, sweep: str) -> None:
     """One trial, inside its Tune actor: the base config with the trial's overrides, trained by
     `run_training` (its own TorchTrainer and nested MLflow run), every epoch reported to Tune."""
+    import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.engine.checkpoint import find_latest_checkpoint
     from pipeline.launch import run_training
 
+    # Several trials ingest at once: their Ray Data progress bars would interleave on the driver.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
     cfg = Config.model_validate(base).with_overrides(
         {**overrides, "tracking.run_name": f"{trial_id} {_short(overrides)}".strip()})

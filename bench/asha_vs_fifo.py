@@ -1,0 +1,88 @@
+"""ASHA vs FIFO on the same grid: sweep wall time and the best accuracy each reaches.
+
+Both run `jobs/configs/sweep_digits.yaml`'s grid (global batch {32, 128, 512} x LR rule {none,
+sqrt, linear}) with the same epoch budget, one after the other in this process on the same
+local Ray cluster, alternating the order over `--repeats` rounds so machine noise hits both.
+Besides wall time, the total trial-epochs trained is reported: the work ASHA saves, free of the
+machine's noise.
+
+    python bench/asha_vs_fifo.py [--epochs 8] [--repeats 1]
+
+Prints a table and writes bench/results/asha_vs_fifo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.datasets import resolve  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def sweep(scheduler: str, epochs: int, root: Path) -> dict:
+    from pipeline.tune import run_sweep
+
+    cfg, info = resolve(load_config(REPO / "jobs" / "configs" / "sweep_digits.yaml", [
+        f"train.epochs={epochs}", f"tune.scheduler={scheduler}", "tracking.log_model=false",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.experiment=bench-{scheduler}"]))
+    start = time.perf_counter()
+    df = run_sweep(cfg, info, root / scheduler)
+    wall = time.perf_counter() - start
+    best = df.loc[df["val_accuracy"].idxmax()]
+    return {"scheduler": scheduler, "wall_s": wall, "trials": len(df),
+            "early_stopped": int((df["status"] == "EARLY_STOPPED").sum()),
+            "trial_epochs": int(df["epochs"].sum()), "best_val_accuracy": float(best["val_accuracy"]),
+            "best": {"batch": int(best["train.global_batch_size"]),
+                     "rule": str(best["train.lr_scaling"])}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-asha-"))
+    rows = []
+    for r in range(args.repeats):
+        order = ("fifo", "asha") if r % 2 == 0 else ("asha", "fifo")
+        for scheduler in order:
+            row = sweep(scheduler, args.epochs, tmp / f"round{r}")
+            rows.append({"round": r, **row})
+            print(f"[bench] round {r} {scheduler}: {row['wall_s']:.0f} s", flush=True)
+    by = {s: [row for row in rows if row["scheduler"] == s] for s in ("fifo", "asha")}
+    wall_ratio = statistics.median(a["wall_s"] / f["wall_s"]
+                                   for a, f in zip(by["asha"], by["fifo"], strict=True))
+    epoch_ratio = statistics.median(a["trial_epochs"] / f["trial_epochs"]
+                                    for a, f in zip(by["asha"], by["fifo"], strict=True))
+    print(f"\n{'round':>5} {'scheduler':>9} {'wall s':>7} {'trial-epochs':>12} {'stopped':>7} "
+          f"{'best val acc':>12}  best trial")
+    for row in rows:
+        print(f"{row['round']:>5} {row['scheduler']:>9} {row['wall_s']:>7.0f} "
+              f"{row['trial_epochs']:>12} {row['early_stopped']:>7} "
+              f"{row['best_val_accuracy']:>12.4f}  batch {row['best']['batch']}, "
+              f"{row['best']['rule']}")
+    print(f"ASHA/FIFO: wall time x{wall_ratio:.2f}, trial-epochs x{epoch_ratio:.2f} "
+          f"({args.epochs} epochs, 9 trials)")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"benchmark": "asha_vs_fifo", "config": "jobs/configs/sweep_digits.yaml",
+           "epochs": args.epochs, "wall_ratio": wall_ratio, "trial_epoch_ratio": epoch_ratio,
+           "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M")}
+    tmp_out = RESULTS / "asha_vs_fifo.json.tmp"
+    tmp_out.write_text(json.dumps(out, indent=2))
+    tmp_out.replace(RESULTS / "asha_vs_fifo.json")
+    print(f"wrote {RESULTS / 'asha_vs_fifo.json'}")
+
+
+if __name__ == "__main__":
+    main()

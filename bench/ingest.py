@@ -1,0 +1,82 @@
+"""Ray Data ingest: Ray 2.60's default Parquet datasource (V2) vs the V1 reader.
+
+`launch.ingest` reads the dataset once per job (and once per sweep trial) into Arrow blocks in
+the object store. Both readers run here on the same local Ray cluster, alternating over
+`--rounds` rounds: read_parquet -> materialize -> to_arrow_refs, timed from the call to the
+blocks being in the object store; both must give the same rows in the same order.
+
+    python bench/ingest.py [--rounds 4]
+
+Prints a table and writes bench/results/ingest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.datasets import resolve  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def read(uri: str, v2: bool) -> tuple[float, pa.Table]:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = v2
+    ctx.execution_options.preserve_order = True
+    start = time.perf_counter()
+    refs = ray.data.read_parquet(uri).materialize().to_arrow_refs()
+    ray.wait(refs, num_returns=len(refs))
+    wall = time.perf_counter() - start
+    return wall, pa.concat_tables(ray.get(refs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = []
+    for name in ("digits", "sequences"):
+        _, info = resolve(load_config(None, [f"data.name={name}"]))
+        tables = {}
+        for r in range(args.rounds):
+            for v2 in ((True, False) if r % 2 == 0 else (False, True)):
+                wall, tables[v2] = read(info.uri, v2)
+                rows.append({"dataset": name, "round": r, "reader": "V2" if v2 else "V1",
+                             "seconds": wall})
+        # The same rows in the same order (worker plans index rows by position).
+        assert tables[True].num_rows == info.num_rows and tables[True].equals(tables[False]), name
+    print(f"{'dataset':>10} {'V2 (default) s':>15} {'V1 s':>8} {'V1/V2 time':>11}")
+    summary = {}
+    for name in ("digits", "sequences"):
+        med = {k: statistics.median(r["seconds"] for r in rows
+                                    if r["dataset"] == name and r["reader"] == k)
+               for k in ("V1", "V2")}
+        summary[name] = {**med, "ratio": med["V1"] / med["V2"]}
+        print(f"{name:>10} {med['V2']:>15.2f} {med['V1']:>8.2f} {med['V1'] / med['V2']:>11.3f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = {"benchmark": "ingest", "ray": ray.__version__, "rounds": args.rounds,
+           "summary": summary, "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M")}
+    tmp = RESULTS / "ingest.json.tmp"
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(RESULTS / "ingest.json")
+    print(f"wrote {RESULTS / 'ingest.json'}")
+
+
+if __name__ == "__main__":
+    main()
