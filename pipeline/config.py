@@ -99,12 +99,13 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_failures: int = Field(1, ge=0)  # worker-group restarts from the latest checkpoint
 
 
 class TuneConfig(_Section):
     search_space: dict[str, Any] = Field(default_factory=dict)  # dotted key -> spec
     scheduler: Literal["asha", "fifo"] = "asha"
-    search: Literal["grid", "random"] = "grid"
+    search: Literal["grid", "random", "optuna"] = "grid"  # optuna: extra `batch-pipeline[optuna]`
     num_samples: int = Field(1, ge=1)
     metric: str = "val_accuracy"
     mode: Literal["max", "min"] = "max"

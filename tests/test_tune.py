@@ -96,6 +96,42 @@ def test_search_space_kinds_and_dotted_keys():
     assert random["train.global_batch_size"].categories == [32, 128]
 
 
+def test_optuna_search_suggests_points_of_the_space_reproducibly():
+    from pipeline.tune.sweep import search_algorithm, search_space
+
+    space = {"train.global_batch_size": {"grid": [32, 128]},
+             "train.base_lr": {"loguniform": [1e-3, 1e-1]}}
+    assert search_algorithm(_cfg(space)) is None  # grid: Tune's own generator
+    cfg = _cfg(space, "tune.search=optuna")
+    runs = []
+    for _ in range(2):  # seeded with train.seed: the same suggestions twice
+        alg = search_algorithm(cfg)
+        assert alg.set_search_properties("val_accuracy", "max", search_space(cfg))
+        suggested = []
+        for i in range(5):
+            point = alg.suggest(f"t{i}")
+            assert set(point) == set(space)
+            assert point["train.global_batch_size"] in (32, 128)
+            assert 1e-3 <= point["train.base_lr"] <= 1e-1
+            alg.on_trial_complete(f"t{i}", {"val_accuracy": 1 - abs(point["train.base_lr"] - 0.02)})
+            suggested.append(point)
+        runs.append(suggested)
+    assert runs[0] == runs[1]
+    assert len({p["train.base_lr"] for p in runs[0]}) == 5
+
+
+def test_optuna_missing_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from pipeline.tune.sweep import check_trials
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"tune.search=optuna needs Optuna: pip install"):
+        check_trials(_cfg({}, "tune.search=optuna"))
+
+
 @pytest.mark.parametrize("space, culprit", [
     ({"train.nope": {"grid": [1]}}, "'train.nope'"),
     ({"train.base_lr": {"normal": [0, 1]}}, "unknown spec kind 'normal'"),

@@ -20,7 +20,7 @@ from pipeline.tune.analysis import (
     summary_table,
 )
 
-_SWEEP = ("run_sweep", "search_space", "parse_search_space", "check_trials",
+_SWEEP = ("run_sweep", "search_space", "search_algorithm", "parse_search_space", "check_trials",
           "trial_concurrency", "history")
 
 __all__ = ["accuracy_vs_batch_plot", "steps_to_target", "steps_vs_batch_plot", "summary_table",

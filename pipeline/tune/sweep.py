@@ -32,6 +32,7 @@ its own MLflow run from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -101,7 +102,8 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
 def search_space(cfg: Config) -> dict[str, Any]:
     """Tune's param space, keyed by the config's dotted keys. `tune.search: grid` expands every
     `grid` spec (each point run `num_samples` times); `random` draws every `grid` list like a
-    `choice`, `num_samples` trials in all. `choice`/`uniform`/`loguniform` are drawn per trial."""
+    `choice`, `num_samples` trials in all. `choice`/`uniform`/`loguniform` are drawn per trial.
+    `optuna` treats a `grid` like `random` does; Optuna's TPE sampler picks the values."""
     from ray import tune
 
     space: dict[str, Any] = {}
@@ -118,10 +120,23 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
+def search_algorithm(cfg: Config) -> Any:
+    """Tune's search algorithm: None (Tune's own grid/random generator) or, for
+    `tune.search: optuna`, Optuna's TPE sampler seeded with `train.seed`."""
+    if cfg.tune.search != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.train.seed)
+
+
 def check_trials(cfg: Config) -> list[Config]:
     """Validate the trial configs before any cluster work: every combination of the discrete
     values (and of the continuous bounds) goes through `with_overrides` and the dataset checks,
     so e.g. a batch size the workers cannot split fails fast with exit 2. Returns them."""
+    if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("config error: tune.search=optuna needs Optuna: "
+                          "pip install 'batch-pipeline[optuna]'")
     parsed = parse_search_space(cfg)
     keys = list(parsed)
     lists = [values for _, values in parsed.values()]
@@ -268,6 +283,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                 tune_config=tune.TuneConfig(
                     metric=cfg.tune.metric, mode=cfg.tune.mode,
                     scheduler=asha(max_epochs) if cfg.tune.scheduler == "asha" else None,
+                    search_alg=search_algorithm(cfg),
                     num_samples=cfg.tune.num_samples,
                     max_concurrent_trials=concurrency, reuse_actors=False,
                     trial_dirname_creator=_trial_dirname),
