@@ -93,13 +93,11 @@ def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
 
 
 def plot(df: pd.DataFrame, summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend is left alone
 
     ep = pd.DataFrame(summary["epochs"])
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig = Figure(figsize=(14, 3.6))
+    ax = fig.subplots(1, 3)
     first = df[df["epoch"] == df["epoch"].min()]
     if (first["label"] >= 0).any():
         c = first.groupby(["batch", "label"]).size().unstack(fill_value=0)
@@ -120,7 +118,6 @@ def plot(df: pd.DataFrame, summary: dict[str, Any], path: Path) -> None:
         ax[2].set_title("samples drawn per rank")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, Any]:

@@ -52,7 +52,11 @@ def _trials() -> pd.DataFrame:
 
 
 def test_plots_are_written(tmp_path):
+    import matplotlib
+
     df = _trials()
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # stands for a notebook's inline backend: the plots must keep it
     for fn, name in ((accuracy_vs_batch_plot, "acc.png"), (steps_vs_batch_plot, "steps.png")):
         p = fn(df, tmp_path / name)
         assert p.read_bytes()[:4] == PNG and p.stat().st_size > 5000
@@ -60,6 +64,8 @@ def test_plots_are_written(tmp_path):
     empty = df.assign(val_accuracy=math.nan, steps_to_target=None)
     assert accuracy_vs_batch_plot(empty, tmp_path / "e1.png").read_bytes()[:4] == PNG
     assert steps_vs_batch_plot(empty, tmp_path / "e2.png", target=0.9).read_bytes()[:4] == PNG
+    assert matplotlib.get_backend() == "pdf"
+    matplotlib.use(before)
 
 
 def test_summary_table_is_markdown_best_first():

@@ -55,19 +55,19 @@ def _best_per_point(df: pd.DataFrame, value: str, *, best: str, rule: str) -> pd
 
 
 def _figure():
-    import matplotlib
+    """A figure that only ever goes to a file: not pyplot's, so the caller's backend (a
+    notebook's inline plots, a display) is left alone and nothing needs a screen."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
-    import matplotlib.pyplot as plt
-
-    return plt, *plt.subplots(figsize=(6.0, 4.2), dpi=110)
+    fig = Figure(figsize=(6.0, 4.2), dpi=110)
+    return fig, fig.subplots()
 
 
 def accuracy_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, metric: str = "val_accuracy",
                            rule: str = RULE) -> Path:
     """Final `metric` against global batch size (log2 x axis), one line per LR scaling rule;
     the best trial per (rule, batch). Trials without the metric (errors) are left out."""
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     points = _best_per_point(df, metric, best="max", rule=rule)
     for name, g in points.groupby(rule, sort=True):
         ax.plot(g[BATCH], g[metric], marker="o", label=f"lr_scaling={name}")
@@ -82,7 +82,7 @@ def accuracy_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, metric: str = 
     ax.set_ylabel(f"final {metric}")
     ax.set_title("Final accuracy vs batch size (same epoch budget)")
     ax.grid(True, alpha=0.3)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
 def steps_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, target: float | None = None,
@@ -91,7 +91,7 @@ def steps_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, target: float | N
     (the fewest steps per (rule, batch)), with the perfect-scaling line (slope -1) through each
     rule's smallest batch: points on it scale perfectly, points above it show diminishing
     returns, a flat tail is saturation. Trials that never reached the target are left out."""
-    plt, fig, ax = _figure()
+    fig, ax = _figure()
     points = _best_per_point(df, steps, best="min", rule=rule)
     for i, (name, g) in enumerate(points.groupby(rule, sort=True)):
         line, = ax.plot(g[BATCH], g[steps], marker="o", label=f"lr_scaling={name}")
@@ -113,15 +113,14 @@ def steps_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, target: float | N
     shown = "" if target is None else f" (val_accuracy >= {target:g})"
     ax.set_title(f"Steps to target vs batch size{shown}")
     ax.grid(True, which="both", alpha=0.3)
-    return _save(plt, fig, path)
+    return _save(fig, path)
 
 
-def _save(plt, fig, path: str | Path) -> Path:
+def _save(fig, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(p)
-    plt.close(fig)
     return p
 
 
