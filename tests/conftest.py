@@ -113,6 +113,23 @@ def mlflow_server(tmp_path_factory):
     log.close()
 
 
+def submit_job(cluster: dict, sub_id: str, *entrypoint: str,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """A real `ray job submit` of this repo (as the working dir) to the session's cluster,
+    waiting for the job to end; the job server sets the job's RAY_ADDRESS."""
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [ray_bin, "job", "submit", "--address", cluster["dashboard"], "--submission-id", sub_id,
+           "--working-dir", str(REPO), "--", *entrypoint]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+
+
+def job_status(cluster: dict, sub_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(cluster["dashboard"]).get_job_status(sub_id).value
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m pipeline ...` in a subprocess, as a user would run it."""

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, job_status, run_cli, submit_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
 DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
@@ -104,19 +102,12 @@ def test_failed_run_is_marked_failed(ray_client, mlflow_server, tmp_path):
 def test_ray_job_submit_train(ray_cluster, mlflow_server, tmp_path):
     """A real `ray job submit` of jobs/train.py to the session's `ray start --head` cluster."""
     sub_id = f"test-train-{uuid.uuid4().hex[:8]}"
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    cmd = [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"],
-           "--submission-id", sub_id, "--working-dir", str(REPO), "--",
-           "python", "jobs/train.py", "--config", "jobs/configs/digits.yaml",
-           "--set", "train.epochs=2", "--set", f"tracking.uri={mlflow_server}",
-           "--set", "tracking.experiment=test-job", "--out", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    out = submit_job(ray_cluster, sub_id, "python", "jobs/train.py", "--config",
+                     "jobs/configs/digits.yaml", "--set", "train.epochs=2",
+                     "--set", f"tracking.uri={mlflow_server}",
+                     "--set", "tracking.experiment=test-job", "--out", str(tmp_path))
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    assert JobSubmissionClient(ray_cluster["dashboard"]).get_job_status(sub_id) == \
-        JobStatus.SUCCEEDED
+    assert job_status(ray_cluster, sub_id) == "SUCCEEDED"
     result = json.loads((tmp_path / "result.json").read_text())
     run = MlflowClient(mlflow_server).get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import uuid
 
 import pandas as pd
 import pytest
@@ -21,7 +22,7 @@ from pipeline.tune.analysis import (
     steps_vs_batch_plot,
     summary_table,
 )
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, job_status, run_cli, submit_job
 from tests.mlflow_ui import browser_problem, open_experiment
 
 PNG = b"\x89PNG"
@@ -308,14 +309,17 @@ def test_mlflow_ui_lists_the_sweep_with_its_trials(sweep, tmp_path):
     assert (tmp_path / "ui.png").stat().st_size > 20_000
 
 
-def test_resume_reruns_no_finished_trial(sweep):
+def test_resume_reruns_no_finished_trial(sweep, ray_cluster):
+    """Resumed as a real `ray job submit` of jobs/tune.py: nothing is left to run."""
     client, out = sweep["client"], sweep["out"]
     parent = sweep["result"]["parent_run_id"]
     before = {r.info.run_id: r.info.status for r in _nested(client, parent)}
     trial_dirs = sorted(p.name for p in (out / "trials").glob("*/*"))
-    proc = run_cli("tune", "--config", str(sweep["config"]), "--out", str(out), "--resume",
-                   timeout=300)
+    sub_id = f"test-tune-{uuid.uuid4().hex[:8]}"
+    proc = submit_job(ray_cluster, sub_id, "python", "jobs/tune.py", "--config",
+                      str(sweep["config"]), "--out", str(out), "--resume", timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert job_status(ray_cluster, sub_id) == "SUCCEEDED"
     after = {r.info.run_id: r.info.status for r in _nested(client, parent)}
     assert after == before  # no new trial run, none reopened
     assert sorted(p.name for p in (out / "trials").glob("*/*")) == trial_dirs
