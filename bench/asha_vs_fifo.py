@@ -14,7 +14,6 @@ Prints a table and writes bench/results/asha_vs_fifo.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.datasets import resolve  # noqa: E402
+from pipeline.files import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -74,14 +74,11 @@ def main() -> None:
               f"{row['best']['rule']}")
     print(f"ASHA/FIFO: wall time x{wall_ratio:.2f}, trial-epochs x{epoch_ratio:.2f} "
           f"({args.epochs} epochs, 9 trials)")
-    RESULTS.mkdir(exist_ok=True)
-    out = {"benchmark": "asha_vs_fifo", "config": "jobs/configs/sweep_digits.yaml",
-           "epochs": args.epochs, "wall_ratio": wall_ratio, "trial_epoch_ratio": epoch_ratio,
-           "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M")}
-    tmp_out = RESULTS / "asha_vs_fifo.json.tmp"
-    tmp_out.write_text(json.dumps(out, indent=2))
-    tmp_out.replace(RESULTS / "asha_vs_fifo.json")
-    print(f"wrote {RESULTS / 'asha_vs_fifo.json'}")
+    path = write_json(RESULTS / "asha_vs_fifo.json", {
+        "benchmark": "asha_vs_fifo", "config": "jobs/configs/sweep_digits.yaml",
+        "epochs": args.epochs, "wall_ratio": wall_ratio, "trial_epoch_ratio": epoch_ratio,
+        "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M")})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

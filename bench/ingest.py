@@ -13,7 +13,6 @@ Prints a table and writes bench/results/ingest.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.datasets import resolve  # noqa: E402
+from pipeline.files import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,13 +69,10 @@ def main() -> None:
                for k in ("V1", "V2")}
         summary[name] = {**med, "ratio": med["V1"] / med["V2"]}
         print(f"{name:>10} {med['V2']:>15.2f} {med['V1']:>8.2f} {med['V1'] / med['V2']:>11.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    out = {"benchmark": "ingest", "ray": ray.__version__, "rounds": args.rounds,
-           "summary": summary, "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M")}
-    tmp = RESULTS / "ingest.json.tmp"
-    tmp.write_text(json.dumps(out, indent=2))
-    tmp.replace(RESULTS / "ingest.json")
-    print(f"wrote {RESULTS / 'ingest.json'}")
+    path = write_json(RESULTS / "ingest.json", {
+        "benchmark": "ingest", "ray": ray.__version__, "rounds": args.rounds,
+        "summary": summary, "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M")})
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Hard-example mining has no losses without training: its weights are uniform here
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from pipeline.data.batches import micro_slices, split_train_val
 from pipeline.data.datasets import DatasetInfo
 from pipeline.data.epochs import epoch_batches
 from pipeline.data.plan import rank_slice
+from pipeline.files import write_json
 
 
 def _padded_length(lengths: np.ndarray, max_length: int | None, multiple: int | None) -> int:
@@ -141,7 +141,7 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
     summary = summarize(df, num_train, cfg.train.global_batch_size, share)
     summary.update(strategy=cfg.batching.strategy, workers=cfg.scaling.num_workers,
                    rows=len(df), dataset=info.uri)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "summary.json", summary)
     plot(df, summary, out_dir / "batches.png")
     return summary
 

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from pipeline.config import Config, ConfigError
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
+from pipeline.files import write_json
 from pipeline.tracking import end_run, is_local_store, start_run
 from pipeline.worker import train_func
 
@@ -65,9 +66,9 @@ def ingest(info: DatasetInfo) -> list[Any]:
     blocks in the object store; workers gather their batches from those blocks."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # row positions must agree on every worker
-    # Ray 2.60's default Parquet datasource (V2) starts new reader actors on every read: 4-6 s
-    # for the embedded datasets against 0.2 s for the V1 reader (bench/ingest.py), paid by every
-    # job and every sweep trial. Both give the same rows in the same order.
+    # Ray 2.60's default Parquet datasource (V2) took 4.6-7.4 s per read of the embedded datasets
+    # against 0.2 s for the V1 reader (bench/ingest.py), paid by every job and every sweep trial.
+    # Both give the same rows in the same order.
     ctx.use_datasource_v2 = False
     ds = ray.data.read_parquet(info.uri)
     return ds.materialize().to_arrow_refs()
@@ -117,7 +118,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         from pipeline.tracking import client
 
         client(uri).update_run(run_id, status="RUNNING")
-    _atomic_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri})
+    write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri})
     _log(f"MLflow run {run_id} in {uri}")
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
     # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
@@ -148,7 +149,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             "tracking_uri": uri, "checkpoint": str(checkpoint_path) if checkpoint_path else None,
             "config": cfg.to_dict(), "ray_run_name": name,
         }
-        _atomic_json(out_dir / "result.json", summary)
+        write_json(out_dir / "result.json", summary)
         end_run(uri, run_id, "FINISHED")
     except BaseException:
         end_run(uri, run_id, "FAILED")
@@ -172,8 +173,3 @@ def log_model(uri: str, run_id: str, checkpoint_path: Path) -> None:
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
-
-def _atomic_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)

@@ -36,7 +36,6 @@ import importlib.util
 import itertools
 import json
 import math
-import os
 import time
 import uuid
 from pathlib import Path
@@ -47,6 +46,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, flatten
 from pipeline.data.datasets import DatasetInfo, resolve
+from pipeline.files import write_json
 from pipeline.tracking import client, end_run, experiment_id, log_text, start_run
 from pipeline.tune.analysis import (
     BATCH,
@@ -264,7 +264,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     else:
         client(uri).update_run(parent, status="RUNNING")
     state.update(parent_run_id=parent, tracking_uri=uri)
-    _write_json(state_file, state)
+    write_json(state_file, state)
     print(f"[pipeline] sweep {name}: {concurrency} trial(s) at a time; MLflow parent run "
           f"{parent} in {uri}", flush=True)
 
@@ -316,13 +316,6 @@ def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"argument error: --resume: the config differs from the sweep's "
                           f"in {', '.join(changed)}")
     return state
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 # -- after the sweep ----------------------------------------------------------------------------
@@ -459,7 +452,7 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
         raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
     overrides = {k: _plain(best[k]) for k in swept}
     best_cfg = cfg.with_overrides(overrides)
-    _write_json(out_dir / "result.json", {
+    write_json(out_dir / "result.json", {
         "status": "FINISHED", "sweep": name, "parent_run_id": parent, "tracking_uri": uri,
         "best": {"trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],
                  "overrides": overrides, "metrics": metrics_by_trial[best["trial_id"]],
