@@ -6,14 +6,9 @@ Ranks are real processes joined by torch.distributed (gloo) with the model wrapp
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.data.padding import collate_sequences
@@ -21,6 +16,7 @@ from pipeline.data.plan import rank_slice
 from pipeline.engine.loop import LoopState, train_epoch
 from pipeline.engine.models import build_model
 from pipeline.engine.step import evaluate, train_step
+from tests.engine.ranks import run_ranks
 
 G = 32
 
@@ -82,24 +78,16 @@ def one_step(kind: str, rank: int, world: int, micro: int, ckpt: bool = False) -
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def _worker(rank: int, world: int, kind: str, micro: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        state = one_step(kind, rank, world, micro)
-        if rank == 0:
-            torch.save(state, out)
-    finally:
-        dist.destroy_process_group()
+def _ddp_step(rank: int, world: int, kind: str, micro: int) -> dict:
+    return one_step(kind, rank, world, micro)
 
 
 def run_ddp(kind: str, world: int, micro: int) -> dict:
-    from tests.conftest import free_port
-
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "state.pt")
-        mp.spawn(_worker, args=(world, kind, micro, free_port(), out), nprocs=world, join=True)
-        return torch.load(out)
+    states = run_ranks(_ddp_step, world, kind, micro)
+    for s in states[1:]:  # DDP keeps every rank's replica identical
+        for k, v in s.items():
+            assert torch.equal(v, states[0][k]), k
+    return states[0]
 
 
 def assert_same_update(ref: dict, got: dict, before: dict) -> None:
