@@ -31,7 +31,9 @@ def make_views(
     batch: dict[str, np.ndarray],
     *,
     num_views: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
+    key: tuple[int, ...] | None = None,
+    sample_keys: np.ndarray | None = None,
     feature_key: str = "features",
     noise_std: float = 0.1,
     max_shift: int = 1,
@@ -56,6 +58,19 @@ def make_views(
     (their own dtype if already floating, else float32). The result depends only on the
     batch and the state of ``rng`` (shifts are drawn first, then the noise).
 
+    Keyed views: with ``key`` (e.g. ``(seed, epoch)``) and ``sample_keys`` (one int per sample,
+    e.g. its table position) instead of ``rng``, row (view ``v`` of sample ``i``) draws from its
+    own generator seeded by ``(*key, sample_keys[i], v)``. A view is then a function of
+    (seed, epoch, sample, view) only -- the same whichever batch, micro-batch or rank the sample
+    lands in, so a contrastive step does not depend on how the global batch is split.
+
+    >>> b = {"features": np.zeros((3, 2))}
+    >>> one = make_views(b, num_views=2, key=(0, 1), sample_keys=np.array([10, 11, 12]))
+    >>> two = make_views({"features": np.zeros((1, 2))}, num_views=2, key=(0, 1),
+    ...                  sample_keys=np.array([11]))
+    >>> bool(np.array_equal(one["features"][[1, 4]], two["features"]))  # sample 11, views 0 and 1
+    True
+
     >>> batch = {"features": np.arange(4.0).reshape(2, 2), "label": np.array([7, 9])}
     >>> out = make_views(batch, num_views=2, rng=np.random.default_rng(0), noise_std=0.0)
     >>> out["features"]
@@ -74,15 +89,17 @@ def make_views(
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
     if feature_key not in batch:
         raise KeyError(f"batch has no feature column {feature_key!r}")
+    if (rng is None) == (key is None):
+        raise ValueError("give either rng or key (with sample_keys)")
 
     features = np.asarray(batch[feature_key])
     b = features.shape[0]
     out: dict[str, np.ndarray] = {}
-    for key, value in batch.items():
+    for name, value in batch.items():
         value = np.asarray(value)
         if value.ndim == 0 or value.shape[0] != b:
-            raise ValueError(f"column {key!r} has shape {value.shape}, expected {b} rows")
-        out[key] = np.tile(value, (num_views,) + (1,) * (value.ndim - 1))
+            raise ValueError(f"column {name!r} has shape {value.shape}, expected {b} rows")
+        out[name] = np.tile(value, (num_views,) + (1,) * (value.ndim - 1))
 
     dtype = features.dtype if np.issubdtype(features.dtype, np.floating) else np.float32
     views = out[feature_key].astype(dtype, copy=False)  # np.tile already copied
@@ -91,13 +108,24 @@ def make_views(
         h, w = image_shape
         if int(np.prod(features.shape[1:])) != h * w:
             raise ValueError(f"features of shape {features.shape} do not hold {h}x{w} images")
+    if key is not None:
+        if sample_keys is None or len(sample_keys) != b:
+            raise ValueError(f"keyed views need sample_keys with one entry per sample ({b})")
+        rows = [np.random.default_rng([*map(int, key), int(sample_keys[r % b]), r // b])
+                for r in range(n)]
+        dy = np.array([g.integers(-max_shift, max_shift + 1) for g in rows], dtype=np.int64)
+        dx = np.array([g.integers(-max_shift, max_shift + 1) for g in rows], dtype=np.int64)
+        noise = (np.stack([g.normal(0.0, noise_std, size=views.shape[1:]) for g in rows])
+                 if noise_std > 0 and n else None)
+    else:
         dy = rng.integers(-max_shift, max_shift + 1, size=n)
         dx = rng.integers(-max_shift, max_shift + 1, size=n)
-        if max_shift > 0:
-            images = _shift_images(views.reshape(n, h, w), dy, dx, max_shift)
-            views = images.reshape(views.shape)
-    if noise_std > 0:
-        views = views + rng.normal(0.0, noise_std, size=views.shape).astype(dtype, copy=False)
+        noise = rng.normal(0.0, noise_std, size=views.shape) if noise_std > 0 else None
+    if image_shape is not None and max_shift > 0:
+        images = _shift_images(views.reshape(n, h, w), dy, dx, max_shift)
+        views = images.reshape(views.shape)
+    if noise is not None:
+        views = views + noise.astype(dtype, copy=False)
     out[feature_key] = views
     out["view_to_sample"] = np.tile(np.arange(b, dtype=np.int64), num_views)
     out["view_index"] = np.repeat(np.arange(num_views, dtype=np.int64), b)

@@ -3,15 +3,26 @@
 `train_epoch` walks the epoch's steps. Each step is a callable `make_micro_batches(size)` that
 cuts this rank's share of one global batch into micro-batches of at most `size` samples. With
 `auto_micro=True`, an out-of-memory error halves the micro-batch size (doubling accumulation)
-and retries the same step, so the global batch -- and the update -- stay the same.
+and retries the same step, so the global batch stays the same -- and so does the update, except
+for BatchNorm, whose ghost batch is the micro-batch (`pipeline.engine.batchnorm`): every change
+is reported through `on_event`.
+
+Randomness in the forward pass (dropout) is seeded per (seed, rank, step) before every step:
+reproducible, independent across ranks, and the same after a resume or an out-of-memory retry.
+
+A step whose loss or gradient is non-finite is skipped (no update, counted in `skipped_steps` and
+`nonfinite_steps`); with `nonfinite="stop"` more than `nonfinite_limit` of them end training with
+`NonFiniteError` naming the epoch and step.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,8 +36,29 @@ class LoopState:
     step: int = 0  # optimizer steps taken so far (global, survives resume)
     epoch: int = 0  # the epoch being trained (0-based)
     micro_batch_size: int = 0  # current micro-batch size per worker
-    skipped_steps: int = 0  # fp16 steps skipped by the gradient scaler
+    skipped_steps: int = 0  # steps without an update: fp16 scaler skips + non-finite steps
+    nonfinite_steps: int = 0  # fp32/bf16 steps skipped for a non-finite loss or gradient
     history: list[dict[str, float]] = field(default_factory=list)  # per-step records
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient under `train.nonfinite: stop`."""
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's forward randomness at one optimizer step.
+
+    >>> step_seed(0, 0, 5) == step_seed(0, 0, 5), step_seed(0, 0, 5) == step_seed(0, 1, 5)
+    (True, False)
+    """
+    return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1)[0])
+
+
+def assert_finite_weights(model: nn.Module, where: str) -> None:
+    """Raise NonFiniteError if any parameter or buffer is inf/nan (never checkpoint those)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"non-finite weights in {name!r} {where}; no checkpoint written")
 
 
 def is_oom(err: BaseException) -> bool:
@@ -52,8 +84,17 @@ def train_epoch(
     auto_micro: bool = False,
     max_steps: int | None = None,
     on_step: Callable[[LoopState, dict[str, float]], None] | None = None,
+    seed: int | None = None,
+    rank: int = 0,
+    nonfinite: str = "stop",
+    nonfinite_limit: int = 0,
+    on_event: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
-    """Train one epoch; return epoch metrics (rank-global sums turned into means)."""
+    """Train one epoch; return epoch metrics (rank-global sums turned into means).
+
+    `seed`: seed torch per (seed, rank, step) before every step (None: leave the RNG alone).
+    `on_event`: called with a one-line message for every micro-batch size change.
+    """
     loss_sum = correct = count = grad_norm_sum = 0.0
     samples = n_steps = 0
     start = time.perf_counter()
@@ -63,6 +104,8 @@ def train_epoch(
         lr = lr_fn(state.step)
         set_lr(optimizer, lr)
         while True:
+            if seed is not None:
+                torch.manual_seed(step_seed(seed, rank, state.step))
             try:
                 res = train_step(model, optimizer, make_micro(state.micro_batch_size), loss=loss,
                                  precision=precision, scaler=scaler, grad_clip=grad_clip)
@@ -73,9 +116,21 @@ def train_epoch(
                 optimizer.zero_grad(set_to_none=True)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                old = state.micro_batch_size
                 state.micro_batch_size //= 2
+                if on_event is not None:
+                    on_event(f"out of memory at step {state.step + 1}: micro_batch_size {old} -> "
+                             f"{state.micro_batch_size} (the step is retried)")
         state.step += 1
         state.skipped_steps += int(res.skipped)
+        if res.nonfinite:
+            state.nonfinite_steps += 1
+            if nonfinite == "stop" and state.nonfinite_steps > nonfinite_limit:
+                raise NonFiniteError(
+                    f"non-finite {'loss' if not math.isfinite(res.loss) else 'gradient'} at epoch "
+                    f"{state.epoch + 1}, step {state.step} (train_loss={res.loss:.4g}, "
+                    f"grad_norm={res.grad_norm:.4g}); the update was skipped and training stopped "
+                    f"(train.nonfinite=stop, {state.nonfinite_steps} non-finite step(s))")
         loss_sum += res.loss * res.count
         correct += res.correct
         count += res.count

@@ -14,6 +14,7 @@ the collated batch dict and returns logits (or embeddings for contrastive traini
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from typing import Any
@@ -22,12 +23,28 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.engine.batchnorm import running_stats_frozen
+
+
+def checkpointed(module: nn.Module, *args: Any) -> torch.Tensor:
+    """`module(*args)` with its activations recomputed in backward instead of stored: same
+    gradients, less activation memory.
+
+    The recompute in backward runs the block's forward a second time in training mode; a
+    BatchNorm inside would update its running statistics twice per step (`num_batches_tracked`
+    2 instead of 1, and other running means at evaluation). The recompute therefore runs with
+    the running statistics frozen: it normalises with the same batch statistics, and the
+    buffers end exactly as without checkpointing. Dropout masks are replayed (PyTorch restores
+    the RNG state for the recompute).
+    """
+    return checkpoint(module, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), running_stats_frozen(module)))
+
 
 def _maybe_checkpoint(module: nn.Module, x: torch.Tensor, enabled: bool, *args: Any) -> torch.Tensor:
-    # Recompute the block's activations in backward instead of storing them: same gradients,
-    # less activation memory. Only while training (no backward at evaluation).
+    # Only while training (no backward at evaluation).
     if enabled and module.training and torch.is_grad_enabled():
-        return checkpoint(module, x, *args, use_reentrant=False)
+        return checkpointed(module, x, *args)
     return module(x, *args)
 
 
@@ -104,7 +121,7 @@ class SeqTransformer(nn.Module):
         pad = ~mask
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, None, pad, use_reentrant=False)
+                x = checkpointed(layer, x, None, pad)
             else:
                 x = layer(x, src_key_padding_mask=pad)
         x = self.norm(x)

@@ -9,6 +9,20 @@ Face Transformers). DDP averages gradients over ranks, so each rank's loss is mu
 world size to turn that average back into the global sum / global count.
 
 DDP synchronises gradients only on the last micro-step (`no_sync` on the others).
+
+Contrastive loss (`nt_xent`) is not a sum of per-sample terms: every anchor's softmax runs over
+all rows of the batch. Its step therefore computes the NT-Xent of the whole global batch --
+embeddings all-gathered across ranks, as SimCLR does -- and reaches across micro-batches by
+gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+Limited Setup", arXiv 2101.06983): embed every micro-batch without a graph, take the gradient of
+the global loss w.r.t. each embedding, then re-run each micro-batch's forward and back-propagate
+that gradient. The update equals the single-batch update for any (workers, micro-batch) split
+(for models without BatchNorm: with BatchNorm every split is Ghost Batch Normalization, see
+`pipeline.engine.batchnorm`).
+
+Non-finite loss or gradients (fp32/bf16; fp16 has its scaler) are detected on the all-reduced
+values, so every rank takes the same decision: the optimizer step is skipped and the result says
+so (`nonfinite`); the loop decides whether to go on (`train.nonfinite`).
 """
 
 from __future__ import annotations
@@ -90,20 +104,96 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return [float(x) for x in t.tolist()]
 
 
+def all_gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate every rank's rows (rank order; row counts may differ by rank); return
+    (all rows, offset of this rank's first row). Identity without a process group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    counts = [int(x) for x in sizes]
+    padded = t.new_zeros((max(counts), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]), sum(counts[:rank])
+
+
 @dataclass
 class StepResult:
     loss: float  # global-batch mean loss
     correct: float
     count: float  # loss elements in the global batch (all ranks)
     grad_norm: float
-    skipped: bool  # fp16: inf/nan gradients, the scaler skipped the update
+    skipped: bool  # no update: fp16's scaler skipped it, or the loss/gradient was non-finite
     local_samples: int
+    nonfinite: bool = False  # fp32/bf16: non-finite loss or gradient, the update was skipped
 
 
 def _no_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
     if enabled and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _contrastive_backward(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], *,
+                          precision: str, scaler: torch.amp.GradScaler | None,
+                          device: torch.device, world: int, temperature: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """NT-Xent of the whole global batch by gradient caching; returns this rank's
+    (loss sum, correct, global row count). `view_to_sample` must name samples uniquely
+    across the global batch (e.g. table positions)."""
+    from pipeline.engine.batchnorm import running_stats_frozen
+
+    # 1. Embed every micro-batch without a graph (buffers untouched: the forward with a graph
+    #    below updates BatchNorm statistics once, as any step does). Keep each RNG state so the
+    #    second forward draws the same dropout masks.
+    states, embedded = [], []
+    with torch.no_grad(), running_stats_frozen(model):
+        for mb in micro_batches:
+            states.append(_rng_state(device))
+            with autocast(precision, device):
+                embedded.append(model(mb).float())
+    local = torch.cat(embedded)
+    v2s_local = torch.cat([mb["view_to_sample"].reshape(-1).to(device) for mb in micro_batches])
+    # 2. The global batch: every rank's embeddings, the loss and its gradient w.r.t. each row.
+    everything, offset = all_gather_rows(local)
+    v2s, _ = all_gather_rows(v2s_local)
+    everything = everything.detach().requires_grad_(True)
+    per_anchor = nt_xent(everything, v2s, temperature=temperature, reduction="none")
+    rows = everything.shape[0]
+    (per_anchor.sum() / rows).backward()
+    mine = slice(offset, offset + local.shape[0])
+    grad = everything.grad[mine] * world  # DDP averages over ranks; the loss is a global sum
+    with torch.no_grad():
+        z = F.normalize(everything.detach(), dim=1)
+        sim = (z @ z.T).fill_diagonal_(-float("inf"))
+        correct = (v2s[sim.argmax(1)] == v2s)[mine].sum()
+    # 3. Re-run each micro-batch with a graph and back-propagate its rows' cached gradient.
+    start = 0
+    for i, (mb, state) in enumerate(zip(micro_batches, states, strict=True)):
+        last = i == len(micro_batches) - 1
+        _set_rng_state(state, device)
+        with _no_sync(model, not last):
+            with autocast(precision, device):
+                out = model(mb).float()
+            g = grad[start : start + out.shape[0]]
+            (scaler.scale(out) if scaler is not None else out).backward(g)
+        start += out.shape[0]
+    return per_anchor[mine].detach().sum(), correct, float(rows)
 
 
 def train_step(
@@ -116,41 +206,50 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     grad_clip: float | None = None,
     device: torch.device | None = None,
+    temperature: float = 0.5,
 ) -> StepResult:
-    """Accumulate gradients over this rank's micro-batches and take one optimizer step."""
+    """Accumulate gradients over this rank's micro-batches and take one optimizer step (or
+    skip it: fp16 overflow, or a non-finite loss/gradient)."""
     device = device or next(model.parameters()).device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    local = [loss_count(mb, loss) for mb in micro_batches]
-    (global_count,) = all_reduce_sum([float(sum(local))], device)
     model.train()
-    loss_total = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    for i, mb in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with _no_sync(model, not last):
-            with autocast(precision, device):
-                out = model(mb)
-            s, c = loss_sum(out, mb, loss)
-            scaled = s * (world / global_count)
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_total += s.detach()
-        correct += c.detach()
+    if loss == "nt_xent":
+        loss_total, correct, global_count = _contrastive_backward(
+            model, micro_batches, precision=precision, scaler=scaler, device=device, world=world,
+            temperature=temperature)
+    else:
+        local = [loss_count(mb, loss) for mb in micro_batches]
+        (global_count,) = all_reduce_sum([float(sum(local))], device)
+        loss_total = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with _no_sync(model, not last):
+                with autocast(precision, device):
+                    out = model(mb)
+                s, c = loss_sum(out, mb, loss, temperature)
+                scaled = s * (world / global_count)
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_total += s.detach()
+            correct += c.detach()
+    loss_g, correct_g = all_reduce_sum([float(loss_total), float(correct)], device)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf)
-    skipped = False
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf))
+    # Gradients are all-reduced (DDP) and the loss too: every rank sees the same two numbers.
+    nonfinite = scaler is None and not (math.isfinite(norm) and math.isfinite(loss_g))
+    skipped = nonfinite
     if scaler is not None:
         before = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
         skipped = scaler.get_scale() < before  # the scaler backs off exactly when it skipped
-    else:
+    elif not nonfinite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    loss_g, correct_g = all_reduce_sum([float(loss_total), float(correct)], device)
     return StepResult(loss=loss_g / global_count, correct=correct_g, count=global_count,
-                      grad_norm=float(norm), skipped=skipped,
+                      grad_norm=norm, skipped=skipped, nonfinite=nonfinite,
                       local_samples=sum(int(next(iter(mb.values())).shape[0]) for mb in micro_batches))
 
 

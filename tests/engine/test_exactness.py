@@ -1,0 +1,289 @@
+"""Exactness of the engine where the batch split could leak into the update (issue 9):
+BatchNorm under activation checkpointing and micro-batching, contrastive loss across
+micro-batches and ranks, non-finite steps, and forward randomness per rank.
+
+Each test has a counter-check showing the naive path differs, so it can fail."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.data.batches import SampleTable, split_train_val
+from pipeline.data.datasets import make_digits
+from pipeline.data.plan import SampleMeta, plan_epoch, rank_slice
+from pipeline.data.views import make_views
+from pipeline.engine.batchnorm import ghost_batch_norm
+from pipeline.engine.contrastive import nt_xent
+from pipeline.engine.loop import LoopState, NonFiniteError, assert_finite_weights, train_epoch
+from pipeline.engine.models import build_model
+from pipeline.engine.step import train_step
+from tests.engine.ranks import run_ranks
+
+
+def digits_cnn(ckpt: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("digits_cnn", input_dim=64, num_outputs=10, vocab_size=None,
+                       activation_checkpointing=ckpt)
+
+
+def states_equal(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=atol, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------- 1. checkpointing and BN
+
+
+def _digits_epoch(ckpt: bool, micro: int = 32) -> dict:
+    st = SampleTable.from_table(make_digits(), feature_column="features", label_column="label")
+    train, _ = split_train_val(len(st), st.labels, 0.2, 0)
+    plan = plan_epoch("random", SampleMeta(ids=train), seed=0, epoch=0, global_batch_size=64)
+    model = digits_cnn(ckpt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+    def step(batch: np.ndarray):
+        def micro_batches(size: int) -> list[dict]:
+            return [{k: torch.from_numpy(v) for k, v in st.gather(batch[i : i + size]).items()}
+                    for i in range(0, len(batch), size)]
+        return micro_batches
+
+    state = LoopState(micro_batch_size=micro)
+    train_epoch(model, opt, (step(b) for b in plan.batches), state, lr_fn=lambda s: 0.05,
+                loss="cross_entropy", seed=0)
+    assert state.step == len(plan.batches)
+    return {**model.state_dict(), "steps": torch.tensor(state.step)}
+
+
+def test_checkpointing_one_digits_epoch_same_weights_and_buffers():
+    plain, ckpt = _digits_epoch(False), _digits_epoch(True)
+    # once per micro-batch (64 = 2 x 32) and step, as without checkpointing
+    assert int(ckpt["blocks.0.1.num_batches_tracked"]) == 2 * int(plain["steps"])
+    states_equal(plain, ckpt, atol=1e-5)
+
+
+def test_plain_torch_checkpoint_would_count_batchnorm_twice():
+    """Counter-check: torch's checkpoint alone re-runs BatchNorm in train mode in backward."""
+    model = digits_cnn()
+    x = torch.randn(16, 1, 8, 8)
+    out = checkpoint(model.blocks[0], x, use_reentrant=False)
+    out.sum().backward()
+    assert int(model.blocks[0][1].num_batches_tracked) == 2
+
+
+# ----------------------------------------------------------------- 2. ghost batch norm
+
+
+def _dense_batch(n: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"features": torch.randn(n, 64, generator=g), "label": torch.randint(0, 10, (n,), generator=g)}
+
+
+def _split(batch: dict, size: int) -> list[dict]:
+    n = batch["label"].shape[0]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def _step(model, micro_batches) -> dict:
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_step(model, opt, micro_batches, loss="cross_entropy")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_micro_batching_is_ghost_batch_norm():
+    batch = _dense_batch()
+    micro = _step(digits_cnn(), _split(batch, 8))
+    ghost_model = digits_cnn()
+    with ghost_batch_norm(ghost_model, 8):
+        ghost = _step(ghost_model, [batch])
+    states_equal(ghost, micro, atol=1e-6)  # weights, running stats and counters
+    whole = _step(digits_cnn(), [batch])  # counter-check: not the whole-batch update
+    diff = max((whole[k] - micro[k]).abs().max().item() for k in whole if whole[k].is_floating_point())
+    assert diff > 1e-3
+
+
+def _ghost_ddp_rank(rank: int, world: int, micro: int) -> dict:
+    model = DDP(digits_cnn())
+    mine = {k: v[rank_slice(np.arange(32), rank, world)] for k, v in _dense_batch().items()}
+    _step(model, _split(mine, micro))
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+def test_ranks_without_syncbn_are_ghost_batches_too():
+    """2 ranks x micro 8: the weights of a ghost-8 whole-batch step. (Running statistics are
+    rank 0's: DDP broadcasts rank 0's buffers at every forward.)"""
+    ghost_model = digits_cnn()
+    with ghost_batch_norm(ghost_model, 8):
+        ghost = _step(ghost_model, [_dense_batch()])
+    got = run_ranks(_ghost_ddp_rank, 2, 8)[0]
+    weights = [k for k in ghost if "running" not in k and "num_batches" not in k]
+    states_equal({k: ghost[k] for k in weights}, {k: got[k] for k in weights}, atol=1e-6)
+
+
+# ----------------------------------------------------------------- 3. contrastive
+
+
+N_SAMPLES, VIEWS = 16, 2
+
+
+def _contrastive_data() -> np.ndarray:
+    return np.random.default_rng(3).normal(size=(N_SAMPLES, 10)).astype(np.float32)
+
+
+def _views(samples: np.ndarray) -> dict[str, torch.Tensor]:
+    """Keyed views of these sample ids; view_to_sample = the sample id (unique globally)."""
+    nb = make_views({"features": _contrastive_data()[samples]}, num_views=VIEWS, key=(0, 0),
+                    sample_keys=samples)
+    return {"features": torch.from_numpy(nb["features"]),
+            "view_to_sample": torch.from_numpy(samples[nb["view_to_sample"]])}
+
+
+def _embedder() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("mlp", input_dim=10, num_outputs=8, vocab_size=None, hidden=16)
+
+
+def _reference_contrastive() -> dict:
+    """The global batch in one piece, the loss written out plainly (no gradient caching)."""
+    model = _embedder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    b = _views(np.arange(N_SAMPLES))
+    nt_xent(model(b), b["view_to_sample"], temperature=0.5).backward()
+    opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _contrastive_rank(rank: int, world: int, micro: int) -> dict:
+    model = _embedder()
+    if world > 1:
+        model = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mine = rank_slice(np.arange(N_SAMPLES), rank, world)
+    res = train_step(model, opt, [_views(mine[i : i + micro]) for i in range(0, len(mine), micro)],
+                     loss="nt_xent")
+    m = model.module if world > 1 else model
+    return {"state": {k: v.detach().clone() for k, v in m.state_dict().items()}, "loss": res.loss}
+
+
+@pytest.mark.parametrize(("world", "micro"), [(1, 16), (1, 4), (2, 8), (2, 2)])
+def test_contrastive_update_is_the_global_batch_update(world, micro):
+    ref = _reference_contrastive()
+    before = _embedder().state_dict()
+    got = (run_ranks(_contrastive_rank, world, micro)[0] if world > 1
+           else _contrastive_rank(0, 1, micro))
+    b = _views(np.arange(N_SAMPLES))
+    expected_loss = nt_xent(_embedder()(b), b["view_to_sample"], temperature=0.5).item()
+    assert got["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    for k, v in ref.items():
+        update = (v - before[k]).abs().max().item()
+        assert update > 0
+        torch.testing.assert_close(got["state"][k], v, rtol=0, atol=1e-6 * update + 1e-7, msg=k)
+
+
+def test_per_micro_batch_contrastive_loss_differs():
+    """Counter-check: NT-Xent inside each micro-batch (negatives only there) is another loss."""
+    model = _embedder()
+    whole = _views(np.arange(N_SAMPLES))
+    full = nt_xent(model(whole), whole["view_to_sample"]).item()
+    parts = [_views(np.arange(i, i + 8)) for i in (0, 8)]
+    split = np.mean([nt_xent(model(p), p["view_to_sample"]).item() for p in parts])
+    assert abs(split - full) / full > 0.05
+
+
+# ----------------------------------------------------------------- 5. non-finite steps
+
+
+def test_nonfinite_step_is_skipped_and_weights_stay():
+    model = _embedder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bad = {"features": torch.full((4, 10), math.inf), "label": torch.zeros(4, dtype=torch.int64)}
+    res = train_step(model, opt, [bad], loss="cross_entropy")
+    assert res.nonfinite and res.skipped
+    states_equal(before, model.state_dict(), atol=0)
+
+
+def _loop(policy: str, limit: int, bad_steps: set[int], n: int = 5):
+    model = build_model("mlp", input_dim=10, num_outputs=3, vocab_size=None, hidden=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(n):
+        x = torch.randn(8, 10, generator=g) * (math.nan if i in bad_steps else 1.0)
+        batches.append({"features": x, "label": torch.randint(0, 3, (8,), generator=g)})
+    state = LoopState(micro_batch_size=8, epoch=2)
+    train_epoch(model, opt, [(lambda size, b=b: [b]) for b in batches], state,
+                lr_fn=lambda s: 0.1, loss="cross_entropy", nonfinite=policy, nonfinite_limit=limit)
+    return state, model
+
+
+def test_nonfinite_stop_names_epoch_and_step():
+    with pytest.raises(NonFiniteError, match=r"epoch 3, step 2 .*train.nonfinite=stop"):
+        _loop("stop", 0, {1})
+    state, _ = _loop("stop", 1, {1})  # one tolerated
+    assert state.nonfinite_steps == 1 and state.step == 5
+
+
+def test_nonfinite_skip_counts_and_goes_on():
+    state, model = _loop("skip", 0, {0, 3})
+    assert (state.nonfinite_steps, state.skipped_steps, state.step) == (2, 2, 5)
+    assert_finite_weights(model, "after the epoch")  # no exception
+
+
+def test_nonfinite_weights_are_never_checkpointed():
+    model = _embedder()
+    with torch.no_grad():
+        model.head.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteError, match="head.weight"):
+        assert_finite_weights(model, "at epoch 1")
+
+
+# ----------------------------------------------------------------- 6. randomness per rank
+
+
+class DropoutNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(10, 3)
+        self.drop = torch.nn.Dropout(0.5)
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, batch):
+        h = self.drop(torch.ones(batch["features"].shape[0], 10))
+        self.masks.append(h == 0)
+        return self.lin(batch["features"] * h)
+
+
+def _dropout_rank(rank: int, world: int) -> dict:
+    torch.manual_seed(0)  # the worker seeds once before building: identical initial weights
+    net = DropoutNet()
+    init = {k: v.clone() for k, v in net.state_dict().items() if k != "masks"}
+    model = DDP(net) if world > 1 else net
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    batches = [{"features": torch.randn(4, 10, generator=g), "label": torch.randint(0, 3, (4,), generator=g)}
+               for _ in range(3)]
+    steps = [(lambda size, b=b: [b]) for b in batches]
+    train_epoch(model, opt, steps, LoopState(micro_batch_size=4), lr_fn=lambda s: 0.1,
+                loss="cross_entropy", seed=7, rank=rank)
+    return {"init": init, "masks": [m.clone() for m in net.masks],
+            "final": {k: v.clone() for k, v in net.state_dict().items()}}
+
+
+def test_dropout_masks_differ_across_ranks_and_reproduce():
+    r0, r1 = run_ranks(_dropout_rank, 2)
+    states_equal(r0["init"], r1["init"], atol=0)  # same initial weights
+    assert all(not torch.equal(a, b) for a, b in zip(r0["masks"], r1["masks"], strict=True))
+    assert not torch.equal(r0["masks"][0], r0["masks"][1])  # new masks every step
+    again = _dropout_rank(0, 1)  # same (seed, rank, step): same masks
+    assert all(torch.equal(a, b) for a, b in zip(r0["masks"], again["masks"], strict=True))
+    states_equal(r0["final"], r1["final"], atol=0)  # DDP keeps replicas equal
