@@ -10,21 +10,60 @@ into a plain dict for Ray (`to_dict`), flat dotted params for MLflow (`flat_para
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 EMBEDDED_DATASETS = ("digits", "digits_imbalanced", "sequences")
 STRATEGIES = (
     "random", "sequential", "stratified", "balanced", "curriculum", "hard_mining",
     "length_bucket", "contrastive",
 )
+MODELS = ("digits_cnn", "mlp", "seq_transformer")  # plus "auto" and "import:module:function"
+PACINGS = ("linear", "root", "step", "exponential", "none")  # = pipeline.data.pacing.PACINGS
+# Per-epoch metrics a training run reports (pipeline/worker.py, engine/loop.py train_epoch and
+# engine/step.py evaluate), hence what Tune can rank trials by. Some exist only for some runs:
+# see `Config.logged_metrics`.
+ALWAYS_LOGGED = (
+    "train_loss", "train_accuracy", "grad_norm", "steps", "epoch_time_s", "worker_samples_per_s",
+    "lr", "epoch", "step", "samples_per_s", "dropped", "pool_size", "skipped_steps",
+    "micro_batch_size",
+)
+SOMETIMES_LOGGED = {  # metric -> when it is logged
+    "val_loss": "data.val_fraction > 0", "val_accuracy": "data.val_fraction > 0",
+    "padding_efficiency": "sequence data", "tokens_per_s": "sequence data",
+    "loss_scale": "train.precision=fp16",
+    "hard_mining/loss_mean": "batching.strategy=hard_mining",
+    "hard_mining/loss_p90": "batching.strategy=hard_mining",
+}
 
 
 class ConfigError(ValueError):
     """Bad input (config, data, arguments): the CLI prints it as one line and exits 2."""
+
+
+def _not_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not a boolean")
+    return v
+
+
+Float = Annotated[float, BeforeValidator(_not_bool)]  # "1e-3" (a YAML string) still parses
+Int = StrictInt  # sizes and counts: `true` is not 1, 64.0 is not 64
+Bool = StrictBool
 
 
 class _Section(BaseModel):
@@ -32,27 +71,81 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    name: str = "digits"  # an embedded dataset, or a label for the dataset at `path`
-    path: str | None = None  # Parquet/Arrow file or folder, local path or URI (s3://, gs://, ...)
-    feature_column: str | None = "features"  # fixed-size numeric vector per sample
-    label_column: str | None = "label"
-    sequence_column: str | None = None  # variable-length token ids (list column)
-    target_column: str | None = None  # per-token targets aligned with sequence_column
-    id_column: str | None = None  # stable sample id; row position when absent
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    split_seed: int = 0
-    cache_dir: str | None = None  # where embedded datasets are written; see data/datasets.py
+    name: str = Field("digits", description="embedded dataset (digits, digits_imbalanced, "
+                      "sequences), or a label for the dataset at data.path")
+    path: str | None = Field(None, description="Parquet/Arrow file or folder, local path or URI "
+                             "(s3://, gs://, ...); unset: the embedded dataset data.name")
+    feature_column: str | None = Field(None, description="one fixed-size numeric vector per "
+                                       "sample; unset unless named (embedded digits: features)")
+    label_column: str | None = Field("label", description="integer class id per sample (0..K-1)")
+    sequence_column: str | None = Field(None, description="variable-length token ids per sample "
+                                        "(list column; embedded sequences: tokens)")
+    target_column: str | None = Field(None, description="per-token targets aligned with "
+                                      "data.sequence_column (token_cross_entropy)")
+    id_column: str | None = Field(None, description="stable sample id; the row position when unset")
+    val_fraction: Float = Field(0.2, ge=0.0, lt=1.0, description="share of every class held out "
+                                "for validation (0: no validation metrics)")
+    split_seed: Int = Field(0, description="seed of the train/validation split")
+    cache_dir: str | None = Field(None, description="where embedded datasets are written "
+                                  "(default PIPELINE_DATA_DIR or ~/.cache/batch-pipeline/datasets)")
+
+
+# -- batching strategy options, typed per strategy (the keyword arguments of each planner in
+# pipeline/data/strategies.py, and `difficulty`, read by pipeline/data/epochs.py) --------------
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoOptions(_Options):
+    """random, sequential, stratified, contrastive: no options."""
+
+
+class BalancedOptions(_Options):
+    epoch_samples: Int | None = Field(None, ge=1, description="samples per epoch (default: the "
+                                      "training pool's size)")
+
+
+class CurriculumOptions(_Options):
+    pacing: Literal[PACINGS] = Field("root", description="competence function")
+    c0: Float = Field(0.1, gt=0.0, le=1.0, description="initial share of the easiest samples")
+    pacing_epochs: Float | None = Field(None, gt=0.0, description="epochs until the pool is whole "
+                                 "(default train.epochs // 2, at least 1)")
+    steps: Int = Field(4, ge=1, description="increments of step/exponential pacing")
+    growth: Float = Field(2.0, ge=1.0, description="factor per increment of exponential pacing")
+    difficulty: Literal["length"] | None = Field(None, description="scoring pass when "
+                                                 "batching.difficulty_column is unset")
+
+
+class HardMiningOptions(_Options):
+    selection_pressure: Float = Field(100.0, ge=1.0, allow_inf_nan=False, description="how much "
+                                      "likelier the hardest sample is than the easiest")
+
+
+class LengthBucketOptions(_Options):
+    bucket_size_multiplier: Int = Field(50, ge=1, description="mega-batch size in global batches")
+    max_tokens: Int | None = Field(None, ge=1, description="token budget per global batch "
+                                   "(unset: fixed-size batches)")
+
+
+STRATEGY_OPTIONS: dict[str, type[_Options]] = {
+    "random": NoOptions, "sequential": NoOptions, "stratified": NoOptions,
+    "contrastive": NoOptions, "balanced": BalancedOptions, "curriculum": CurriculumOptions,
+    "hard_mining": HardMiningOptions, "length_bucket": LengthBucketOptions,
+}
 
 
 class BatchingConfig(_Section):
-    strategy: str = "random"
-    seed: int = 0
-    drop_last: bool = True
-    difficulty_column: str | None = None
-    max_length: int | None = Field(None, ge=1)  # truncate sequences
-    pad_multiple_of: int | None = Field(None, ge=1)
-    num_views: int = Field(2, ge=2)  # contrastive
-    options: dict[str, Any] = Field(default_factory=dict)  # strategy options (pacing, max_tokens...)
+    strategy: str = Field("random", description="how global batches are composed: "
+                          + ", ".join(STRATEGIES))
+    seed: Int = Field(0, description="seed of the batch plans (with the epoch)")
+    drop_last: Bool = Field(True, description="drop the last partial global batch (counted)")
+    difficulty_column: str | None = Field(None, description="per-sample difficulty (curriculum)")
+    max_length: Int | None = Field(None, ge=1, description="truncate sequences to this many tokens")
+    pad_multiple_of: Int | None = Field(None, ge=1, description="pad sequence batches to a "
+                                        "multiple of this")
+    num_views: Int = Field(2, ge=2, description="augmented views per sample (train.loss=nt_xent)")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, "
+                                    "typed per strategy (e.g. curriculum: pacing, c0)")
 
     @field_validator("strategy")
     @classmethod
@@ -62,72 +155,197 @@ class BatchingConfig(_Section):
         return v
 
 
+# -- model keyword arguments, typed per built-in model (pipeline/engine/models.py) -------------
+class _Kwargs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_outputs: Int = Field(None, ge=1, description="output size (default: number of "
+                                    "classes or targets in the data)")
+    embedding_dim: Int = Field(32, ge=1, description="embedding size (nt_xent)")
+
+
+class DigitsCNNKwargs(_Kwargs):
+    width: Int = Field(32, ge=1, description="channels of the first block")
+
+
+class MLPKwargs(_Kwargs):
+    hidden: Int = Field(128, ge=1, description="width of the hidden layers")
+    depth: Int = Field(2, ge=1, description="number of hidden layers")
+
+
+class SeqTransformerKwargs(_Kwargs):
+    vocab_size: Int = Field(None, ge=1, description="embedding rows (default: largest "
+                                   "token id + 1)")
+    d_model: Int = Field(64, ge=1, description="model width")
+    nhead: Int = Field(4, ge=1, description="attention heads (divides d_model)")
+    num_layers: Int = Field(2, ge=1, description="encoder layers")
+    dim_feedforward: Int = Field(128, ge=1, description="feed-forward width")
+    dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
+
+
+MODEL_KWARGS: dict[str, type[_Kwargs]] = {
+    "digits_cnn": DigitsCNNKwargs, "mlp": MLPKwargs, "seq_transformer": SeqTransformerKwargs,
+}
+BATCHNORM_MODELS = ("digits_cnn",)  # built-in models with BatchNorm layers
+_IMPORT = re.compile(r"import:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
 class ModelConfig(_Section):
-    name: str = "digits_cnn"  # digits_cnn | mlp | seq_transformer | import:package.module:function
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    activation_checkpointing: bool = False
+    name: str = Field("auto", description="auto (follows the data: seq_transformer for sequences, "
+                      "digits_cnn for the embedded digits, mlp for other vectors), digits_cnn, "
+                      "mlp, seq_transformer, or import:package.module:function")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the "
+                                   "model builder, typed per built-in model")
+    activation_checkpointing: Bool = Field(False, description="recompute activations in backward "
+                                           "(less memory, same update)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v != "auto" and v not in MODELS and not _IMPORT.fullmatch(v):
+            raise ValueError(f"unknown model {v!r}; known: auto, {', '.join(MODELS)}, "
+                             "import:package.module:function")
+        return v
 
 
 class TrainConfig(_Section):
-    seed: int = 0
-    epochs: int = Field(10, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    global_batch_size: int = Field(64, ge=1)
-    micro_batch_size: int | Literal["auto"] | None = None  # per worker; None = no accumulation
-    optimizer: Literal["sgd", "adamw", "lars", "lamb"] = "sgd"
-    base_lr: float = Field(0.05, gt=0.0)
-    base_batch_size: int = Field(64, ge=1)
-    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
-    warmup_epochs: float = Field(0.0, ge=0.0)
-    schedule: Literal["constant", "cosine", "step"] = "constant"
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_clip: float | None = Field(None, gt=0.0)
-    sync_batchnorm: bool = False
-    loss: Literal["cross_entropy", "token_cross_entropy", "nt_xent"] = "cross_entropy"
+    seed: Int = Field(0, description="seed of the initial weights")
+    epochs: Int = Field(10, ge=1, description="passes over the training pool")
+    max_steps: Int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    global_batch_size: Int = Field(64, ge=1, description="samples per optimizer step, all "
+                                   "workers together")
+    micro_batch_size: Int | Literal["auto"] | None = Field(
+        None, description="samples per worker per forward/backward (accumulation); auto: the "
+        "largest that fits, halved on out-of-memory; unset: the worker's whole share")
+    optimizer: Literal["sgd", "adamw", "lars", "lamb"] = Field("sgd", description="optimizer")
+    base_lr: Float = Field(0.05, gt=0.0, description="learning rate at train.base_batch_size")
+    base_batch_size: Int = Field(64, ge=1, description="batch size train.base_lr is tuned for")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "linear", description="LR scaling rule from train.base_batch_size to the global batch")
+    warmup_epochs: Float = Field(0.0, ge=0.0, description="linear warmup from train.base_lr to "
+                                 "the scaled LR, in epochs (at most train.epochs)")
+    schedule: Literal["constant", "cosine", "step"] = Field("constant", description="LR schedule "
+                                                            "after warmup")
+    momentum: Float = Field(0.9, ge=0.0, lt=1.0, description="momentum (sgd, lars) / beta1")
+    weight_decay: Float = Field(5e-4, ge=0.0, description="weight decay (not on norms and biases)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 autocast, "
+                                                       "or fp16 with a gradient scaler (GPU)")
+    grad_clip: Float | None = Field(None, gt=0.0, description="clip the global gradient norm")
+    sync_batchnorm: Bool = Field(False, description="BatchNorm statistics over all workers (GPU)")
+    loss: Literal["cross_entropy", "token_cross_entropy", "nt_xent"] = Field(
+        "cross_entropy", description="cross_entropy (data.label_column), token_cross_entropy "
+        "(data.target_column), nt_xent (contrastive, data.feature_column)")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "stop", description="on a non-finite loss or gradient: skip the step (counted) or stop "
+        "the job")
+    nonfinite_limit: Int = Field(0, ge=0, description="non-finite steps train.nonfinite=stop "
+                                 "skips (counted) before it stops; 0: stop at the first")
+    auto_micro_batchnorm: Bool = Field(False, description="let micro_batch_size=auto change the "
+                                       "ghost-batch size of a BatchNorm model")
 
-    @field_validator("micro_batch_size")
+    @field_validator("micro_batch_size", mode="before")
     @classmethod
-    def _positive_micro(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and v < 1:
-            raise ValueError(f"must be >= 1 or 'auto' (got {v})")
+    def _micro_size(cls, v: Any) -> Any:
+        ok = v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        if not ok:
+            raise ValueError("must be an integer >= 1, 'auto' or null")
         return v
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    max_failures: int = Field(1, ge=0)  # worker-group restarts from the latest checkpoint
+    num_workers: Int = Field(2, ge=1, description="training workers (DDP ranks)")
+    use_gpu: Bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: Float = Field(1.0, gt=0.0, description="CPUs reserved per worker")
+    max_failures: Int = Field(1, ge=0, description="worker-group restarts from the latest "
+                              "checkpoint")
 
 
 class TuneConfig(_Section):
-    search_space: dict[str, Any] = Field(default_factory=dict)  # dotted key -> spec
-    scheduler: Literal["asha", "fifo"] = "asha"
-    search: Literal["grid", "random", "optuna"] = "grid"  # optuna: extra `batch-pipeline[optuna]`
-    num_samples: int = Field(1, ge=1)
-    metric: str = "val_accuracy"
-    mode: Literal["max", "min"] = "max"
-    max_concurrent: int | None = Field(None, ge=1)
-    target_accuracy: float = Field(0.9, gt=0.0, le=1.0)
+    search_space: dict[str, Any] = Field(default_factory=dict, description="dotted key -> "
+                                         "{grid|choice|uniform|loguniform: [...]}")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="asha (early stopping) or fifo")
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="search algorithm (optuna: extra batch-pipeline[optuna])")
+    num_samples: Int = Field(1, ge=1, description="trials per grid point (grid) or in all")
+    metric: str = Field("val_accuracy", description="per-epoch metric that ranks trials: "
+                        + ", ".join((*ALWAYS_LOGGED, *SOMETIMES_LOGGED)))
+    mode: Literal["max", "min"] = Field("max", description="whether tune.metric is maximised")
+    max_concurrent: Int | None = Field(None, ge=1, description="cap on trials at once (default: "
+                                       "what the cluster fits)")
+    target_accuracy: Float | None = Field(
+        0.9, gt=0.0, le=1.0, description="val_accuracy threshold of the steps-to-target analysis "
+        "(always val_accuracy, whatever tune.metric ranks by); null: none")
 
 
 class TrackingConfig(_Section):
-    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "batch-pipeline"
-    run_name: str | None = None
-    log_model: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI (default MLFLOW_TRACKING_URI, "
+                            "else sqlite:///<cwd>/mlflow.db)")
+    experiment: str = Field("batch-pipeline", description="MLflow experiment")
+    run_name: str | None = Field(None, description="MLflow run name")
+    log_model: Bool = Field(True, description="log the final model as an MLflow artifact")
+
+
+def _first_error(prefix: str, err: ValidationError) -> str:
+    """`prefix.field: message (got value)` for the first error of a sub-model."""
+    first = err.errors()[0]
+    key = f"{prefix}.{first['loc'][0]}" if first["loc"] else prefix
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {first['input']!r})"
+
+
+def check_options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The strategy's options, typed; ValueError naming the option (and the known ones).
+
+    >>> check_options("curriculum", {"pacing": "linear", "c0": 1})
+    {'pacing': 'linear', 'c0': 1.0}
+    >>> try:
+    ...     check_options("hard_mining", {"selection_presure": 10})
+    ... except ValueError as err:
+    ...     print(str(err).split("; ")[1])
+    known: selection_pressure
+    """
+    model = STRATEGY_OPTIONS[strategy]
+    unknown = [k for k in options if k not in model.model_fields]
+    if unknown:
+        known = ", ".join(model.model_fields) or "none"
+        raise ValueError(f"batching.options.{unknown[0]}: not an option of "
+                         f"batching.strategy={strategy}; known: {known}")
+    try:
+        return model.model_validate(options).model_dump(include=set(options))
+    except ValidationError as err:
+        raise ValueError(_first_error("batching.options", err)) from None
+
+
+def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A built-in model's keyword arguments, typed (an imported model's are its own business).
+
+    >>> try:
+    ...     check_model_kwargs("mlp", {"hiden": 64})
+    ... except ValueError as err:
+    ...     print(err)
+    model.kwargs.hiden: not an argument of model.name=mlp; known: num_outputs, embedding_dim, hidden, depth
+    """
+    model = MODEL_KWARGS.get(name)
+    if model is None:
+        return kwargs
+    unknown = [k for k in kwargs if k not in model.model_fields]
+    if unknown:
+        raise ValueError(f"model.kwargs.{unknown[0]}: not an argument of model.name={name}; "
+                         f"known: {', '.join(model.model_fields)}")
+    try:
+        return model.model_validate(kwargs).model_dump(include=set(kwargs))
+    except ValidationError as err:
+        raise ValueError(_first_error("model.kwargs", err)) from None
 
 
 class Config(_Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    tune: TuneConfig = Field(default_factory=TuneConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="the dataset and its columns")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig,
+                                     description="how global batches are composed")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune sweeps")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow")
 
     @model_validator(mode="after")
     def _batch_arithmetic(self) -> Config:
@@ -159,6 +377,79 @@ class Config(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _typed_options_and_kwargs(self) -> Config:
+        b, m = self.batching, self.model
+        options = check_options(b.strategy, b.options)
+        kwargs = check_model_kwargs(m.name, m.kwargs)
+        # Store the typed values (c0: 1 -> 1.0); assignment bypasses validate_assignment loops.
+        object.__setattr__(b, "options", options)
+        object.__setattr__(m, "kwargs", kwargs)
+        return self
+
+    @model_validator(mode="after")
+    def _run_length_and_models(self) -> Config:
+        t = self.train
+        if t.warmup_epochs > t.epochs:
+            raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is longer than the run "
+                             f"(train.epochs={t.epochs})")
+        if (t.micro_batch_size == "auto" and self.model.name in BATCHNORM_MODELS
+                and not t.auto_micro_batchnorm):
+            raise ValueError(
+                f"train.micro_batch_size=auto would change the ghost-batch size of the BatchNorm "
+                f"layers of model.name={self.model.name} on out-of-memory (another update); set "
+                "a fixed train.micro_batch_size, or opt in with train.auto_micro_batchnorm=true")
+        if t.loss == "token_cross_entropy" and self.model.name in ("digits_cnn", "mlp"):
+            raise ValueError(f"train.loss=token_cross_entropy needs a per-token model; "
+                             f"model.name={self.model.name} gives one output per sample "
+                             "(use seq_transformer)")
+        if t.loss == "nt_xent" and self.model.name == "seq_transformer":
+            raise ValueError("train.loss=nt_xent augments feature vectors (data.feature_column); "
+                             "model.name=seq_transformer reads token sequences")
+        known = (*ALWAYS_LOGGED, *SOMETIMES_LOGGED)
+        if self.tune.metric not in known:
+            raise ValueError(f"tune.metric={self.tune.metric!r} is logged by no run; known: "
+                             f"{', '.join(known)}")
+        return self
+
+    def logged_metrics(self) -> tuple[str, ...]:
+        """The per-epoch metrics a run of this (resolved) config reports, so Tune can rank by.
+
+        >>> "val_accuracy" in Config().logged_metrics()
+        True
+        >>> "val_accuracy" in Config(data=DataConfig(val_fraction=0)).logged_metrics()
+        False
+        """
+        when = {
+            "data.val_fraction > 0": self.data.val_fraction > 0,
+            "sequence data": self.data.sequence_column is not None,
+            "train.precision=fp16": self.train.precision == "fp16",
+            "batching.strategy=hard_mining": self.batching.strategy == "hard_mining",
+        }
+        return (*ALWAYS_LOGGED, *(k for k, cond in SOMETIMES_LOGGED.items() if when[cond]))
+
+    def check_tune(self) -> None:
+        """The sweep's checks on a resolved config: tune.metric is one this run logs, and
+        tune.target_accuracy (a threshold on val_accuracy) has a val_accuracy to compare to and
+        is not mistaken for a threshold on another accuracy. ConfigError otherwise."""
+        tu, logged = self.tune, self.logged_metrics()
+        if tu.metric not in logged:
+            raise ConfigError(f"config error: tune.metric={tu.metric!r} is not logged by this run "
+                              f"(only when {SOMETIMES_LOGGED[tu.metric]}); it logs "
+                              f"{', '.join(logged)}")
+        if tu.target_accuracy is None:
+            return
+        if "val_accuracy" not in logged:
+            raise ConfigError(
+                f"config error: tune.target_accuracy={tu.target_accuracy:g} is a val_accuracy "
+                "threshold but this run logs no val_accuracy (data.val_fraction=0); set "
+                "tune.target_accuracy=null or data.val_fraction > 0")
+        if tu.metric != "val_accuracy" and tu.metric.endswith("accuracy"):
+            raise ConfigError(
+                f"config error: tune.target_accuracy={tu.target_accuracy:g} is compared to "
+                f"val_accuracy, not to tune.metric={tu.metric}; set tune.metric=val_accuracy or "
+                "tune.target_accuracy=null")
+
     # -- derived values -------------------------------------------------------------------
     def per_worker_batch(self) -> int:
         return self.train.global_batch_size // self.scaling.num_workers
@@ -189,6 +480,26 @@ class Config(_Section):
         for key, value in overrides.items():
             set_dotted(raw, key, value)
         return validate(raw)
+
+
+def describe(cfg: Config | None = None) -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, value in `cfg`, default, description) of every key, from the typed config
+    itself (for a `--print-config`); the value is the default when `cfg` is None.
+
+    >>> rows = {key: rest for key, *rest in describe(Config(train=TrainConfig(epochs=3)))}
+    >>> rows["train.epochs"]
+    [3, 10, 'passes over the training pool']
+    >>> rows["data.feature_column"][1] is None and all(desc for *_, desc in rows.values())
+    True
+    """
+    cfg = cfg or Config()
+    rows = []
+    for section, info in Config.model_fields.items():
+        values = getattr(cfg, section)
+        for key, field in info.annotation.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            rows.append((f"{section}.{key}", getattr(values, key), default, field.description))
+    return rows
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -120,12 +120,14 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         client(uri).update_run(run_id, status="RUNNING")
     write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri})
     _log(f"MLflow run {run_id} in {uri}")
+    fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
+    fatal_file.unlink(missing_ok=True)
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
     # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
-                           "tracking_uri": uri,
+                           "tracking_uri": uri, "fatal_file": str(fatal_file),
                            "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -140,6 +142,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         result = trainer.fit()
         if result.error:
             raise result.error
+        raise_fatal(fatal_file)
         checkpoint_path = Path(result.checkpoint.path) if result.checkpoint else None
         metrics = dict(result.metrics or {})
         if checkpoint_path is not None and cfg.tracking.log_model:
@@ -155,6 +158,21 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         end_run(uri, run_id, "FAILED")
         raise
     return summary
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended on purpose before its end (e.g. non-finite loss under train.nonfinite=stop)."""
+
+
+def raise_fatal(fatal_file: Path) -> None:
+    """A worker met a deterministic failure and ended the run without a retry: raise it here,
+    as ConfigError (bad input: exit 2) or TrainingStopped (exit 1), with the worker's line."""
+    if not fatal_file.exists():
+        return
+    fatal = json.loads(fatal_file.read_text())
+    if fatal["kind"] == "input":
+        raise ConfigError(fatal["message"])
+    raise TrainingStopped(fatal["message"])
 
 
 def log_model(uri: str, run_id: str, checkpoint_path: Path) -> None:

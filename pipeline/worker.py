@@ -12,6 +12,7 @@ import math
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,17 +22,19 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
 from pipeline.data.epochs import epoch_batches
 from pipeline.data.plan import rank_slice
 from pipeline.data.views import make_views
+from pipeline.engine.batchnorm import has_batchnorm
 from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.engine.loop import LoopState, train_epoch
+from pipeline.engine.loop import LoopState, NonFiniteError, assert_finite_weights, train_epoch
 from pipeline.engine.models import build_model
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.schedule import lr_at, scale_lr
 from pipeline.engine.step import evaluate, to_torch
+from pipeline.files import write_json
 from pipeline.tracking import MetricLogger
 
 
@@ -66,17 +69,53 @@ def model_spec(cfg: Config, st: SampleTable) -> dict[str, Any]:
     }
 
 
+class InputError(ValueError):
+    """Bad input met on a worker (the driver's checks could not see it): never retried."""
+
+
+FATAL = "fatal_error"  # metric of a deterministic failure, reported instead of raised; rank 0
+# writes the message to `loop_config["fatal_file"]` (under --out) for the driver
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
+    """Train, or end at once on a deterministic failure (bad input, non-finite training): every
+    rank meets it at the same point, reports `fatal_error` and returns, so Ray Train does not
+    restart the worker group to meet it again; the driver turns it into the job's error."""
+    try:
+        _train(loop_config)
+    except (InputError, NonFiniteError) as err:
+        kind = "input" if isinstance(err, InputError) else "nonfinite"
+        if ray.train.get_context().get_world_rank() == 0 and loop_config.get("fatal_file"):
+            write_json(Path(loop_config["fatal_file"]), {"kind": kind, "message": str(err)})
+        ray.train.report({FATAL: 1.0})
+
+
+def _train(loop_config: dict[str, Any]) -> None:
     cfg = Config.model_validate(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    st = load_table(cfg, loop_config["table_refs"])
+    try:
+        st = load_table(cfg, loop_config["table_refs"])
+    except ConfigError as err:  # the table's own checks (pipeline.data.batches) name the culprit
+        raise InputError(str(err)) from None
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, ValueError, TypeError) as err:
+        # The driver checked the data; it changed since, or a check missed it.
+        raise InputError(f"data error: {cfg.data.path or cfg.data.name}: {err}") from None
     train_pos, val_pos = split_train_val(len(st), st.labels, cfg.data.val_fraction,
                                          cfg.data.split_seed)
     spec = model_spec(cfg, st)
-    model = build_model(**spec)
+    try:
+        model = build_model(**spec)
+    except ValueError as err:  # e.g. a model that cannot take this data
+        raise InputError(f"config error: model.name={cfg.model.name}: {err}") from None
+    batchnorm = has_batchnorm(model)
+    if batchnorm and cfg.train.micro_batch_size == "auto" and not cfg.train.auto_micro_batchnorm:
+        raise InputError(
+            "config error: train.micro_batch_size=auto would change the ghost-batch size of the "
+            f"BatchNorm layers of model.name={cfg.model.name} on out-of-memory; set a fixed size "
+            "or train.auto_micro_batchnorm=true")
     if cfg.train.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
@@ -113,6 +152,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             scaler.load_state_dict(s["scaler"])
         state.step, state.epoch = int(s["step"]), int(s["epoch"]) + 1
         state.skipped_steps = int(s.get("skipped_steps", 0))
+        state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
         state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
         sample_losses = s.get("sample_losses")
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
@@ -121,9 +161,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
     def collate(part: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
         """Gather + padded collate; contrastive: V augmented views per sample, seeded by key."""
         nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of)
-        if t.loss == "nt_xent":
-            nb = make_views(nb, num_views=b.num_views, rng=np.random.default_rng(list(key)),
+        if t.loss == "nt_xent":  # views keyed by (seed, epoch, sample, view): split-independent
+            nb = make_views(nb, num_views=b.num_views, key=key, sample_keys=part,
                             image_shape=(8, 8) if spec["name"] == "digits_cnn" else None)
+            nb["view_to_sample"] = part[nb["view_to_sample"]]  # unique across the global batch
             nb.pop("view_index", None)
         return nb
 
@@ -133,8 +174,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
         def micro(size: int) -> list[dict[str, torch.Tensor]]:
             out = []
-            for j, part in enumerate(micro_slices(mine, size)):
-                nb = collate(part, (*key, j, rank))
+            for part in micro_slices(mine, size):
+                nb = collate(part, key)
                 if "attention_mask" in nb:
                     pad_stats["real"] += int(nb["attention_mask"].sum())
                     pad_stats["padded"] += int(nb["attention_mask"].size)
@@ -156,14 +197,15 @@ def train_func(loop_config: dict[str, Any]) -> None:
         start = time.perf_counter()
         metrics = train_epoch(
             model, optimizer,
-            (step_batches(rank_slice(x, rank, world), (b.seed, epoch, i), pad_stats)
-             for i, x in enumerate(batches)), state,
-            lr_fn=lr_fn, loss=t.loss, precision=t.precision, scaler=scaler,
+            (step_batches(rank_slice(x, rank, world), (b.seed, epoch), pad_stats) for x in batches),
+            state, lr_fn=lr_fn, loss=t.loss, precision=t.precision, scaler=scaler,
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
-            on_step=partial(_record_step, steps_log))
+            on_step=partial(_record_step, steps_log), seed=t.seed, rank=rank,
+            nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit,
+            on_event=_say if rank == 0 else None)
         wall = time.perf_counter() - start
-        eval_batches = (to_torch(collate(p, (b.seed, 10**6, j, rank)), device)
-                        for j, p in enumerate(micro_slices(my_val, per_worker)))
+        eval_batches = (to_torch(collate(p, (b.seed, -1 - epoch)), device)
+                        for p in micro_slices(my_val, per_worker))
         if len(val_pos):
             metrics.update(evaluate(model, eval_batches, loss=t.loss, precision=t.precision))
         if b.strategy == "hard_mining":
@@ -176,8 +218,12 @@ def train_func(loop_config: dict[str, Any]) -> None:
             "epoch": epoch + 1, "step": state.step, "samples_per_s": trained / wall,
             "epoch_time_s": wall, "dropped": float(dropped), "pool_size": float(plan.pool_size),
             "skipped_steps": float(state.skipped_steps),
+            "nonfinite_steps": float(state.nonfinite_steps),
             "micro_batch_size": float(state.micro_batch_size),
         })
+        if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
+            metrics["ghost_batch_size"] = float(state.micro_batch_size * (
+                world if cfg.train.sync_batchnorm and world > 1 else 1))
         if pad_stats["padded"]:
             metrics["padding_efficiency"] = pad_stats["real"] / pad_stats["padded"]
             metrics["tokens_per_s"] = pad_stats["real"] * world / wall
@@ -189,6 +235,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
             logger.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch + 1)
             logger.flush()
         _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank)
+
+
+def _say(msg: str) -> None:
+    print(f"[pipeline] {msg}", flush=True)
 
 
 def _record_step(log: list[tuple[int, dict[str, float]]], state: LoopState,
@@ -229,7 +279,10 @@ def _score_pool(model: torch.nn.Module, st: SampleTable, train_pos: np.ndarray, 
 def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scaler: Any, state: LoopState, spec: dict[str, Any], sample_losses: np.ndarray | None,
             rank: int) -> None:
-    """One checkpoint per epoch: rank 0 writes it, every rank reports (report is a barrier)."""
+    """One checkpoint per epoch: rank 0 writes it, every rank reports (report is a barrier).
+    Weights that are not finite are never written (every rank checks: DDP replicas are equal,
+    so all of them stop together)."""
+    assert_finite_weights(_unwrap(model), f"at the end of epoch {state.epoch + 1}")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -237,6 +290,7 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": state.step, "epoch": state.epoch, "skipped_steps": state.skipped_steps,
+                "nonfinite_steps": state.nonfinite_steps,
                 "micro_batch_size": state.micro_batch_size, "model_spec": spec,
                 "sample_losses": sample_losses, "metrics": metrics,
             })

@@ -1,57 +1,74 @@
-"""Config validation: every bad case is one line on stderr naming the key, exit 2, and no
-cluster work (the CLI subprocess returns in seconds, before Ray is imported)."""
+"""The typed config, its conversions, the defaults that follow the data (`resolve`), and the
+CLI's argument errors. The table of refused configs is in tests/test_refusals.py; two
+subprocess smoke tests here check the same from a fresh interpreter."""
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import (
+    MODEL_KWARGS,
+    PACINGS,
+    STRATEGY_OPTIONS,
+    Config,
+    ConfigError,
+    describe,
+    load_config,
+)
+from pipeline.data.datasets import resolve
 from tests.conftest import REPO, run_cli
+from tests.test_refusals import refused, s
 
 DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
 
-BAD = [
-    (["--set", "train.global_batch_size=0"], "train.global_batch_size"),
-    (["--set", "train.micro_batch_size=0"], "train.micro_batch_size"),
-    (["--set", "train.global_batch_size=60"], "train.micro_batch_size=32"),  # 60 % (32*2)
-    (["--set", "train.epochs=abc"], "train.epochs"),
-    (["--set", "train.nosuchkey=1"], "train.nosuchkey"),
-    (["--set", "nosection.x=1"], "nosection"),
-    (["--set", "train.lr_scaling=cubic"], "train.lr_scaling"),
-    (["--set", "data.label_column=nolabel"], "data.label_column"),
-    (["--set", "batching.difficulty_column=nodiff"], "batching.difficulty_column"),
-    (["--set", "batching.strategy=bogus"], "batching.strategy"),
-    (["--set", "data.val_fraction=1.5"], "data.val_fraction"),
-    (["--set", "train.precision=fp16"], "train.precision"),
-    (["--set", "data.path=/no/such/file.parquet"], "data.path"),
-    (["--set", "data.name=nosuchset"], "data.name"),
-    (["--set", "train.global_batch_size=4096", "--set", "train.micro_batch_size=null"],
-     "train.global_batch_size"),
-]
+
+# -- argument errors, in-process -----------------------------------------------------------------
+def test_bad_arguments_and_files(tmp_path, capsys, monkeypatch, data_dir):
+    assert "missing.yaml" in refused(["train", "--config", str(tmp_path / "missing.yaml")],
+                                     capsys, monkeypatch)
+    assert "nosuchcommand" in refused(["nosuchcommand"], capsys, monkeypatch)
+    assert "novalue" in refused(["train", "--config", DIGITS, "--set", "novalue"], capsys,
+                                monkeypatch)
+    assert "--resume" in refused(["train", "--config", DIGITS, "--resume", "--out",
+                                  str(tmp_path)], capsys, monkeypatch)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2]\n")
+    assert "'train'" in refused(["train", "--config", str(bad)], capsys, monkeypatch)
 
 
-@pytest.mark.parametrize(("args", "culprit"), BAD, ids=[c for _, c in BAD])
-def test_bad_config_exits_2_with_one_line(args, culprit, data_dir):
-    out = run_cli("train", "--config", DIGITS, *args, timeout=60)
+# -- two smoke tests in a fresh interpreter ------------------------------------------------------
+def test_subprocess_refusal_exits_2_with_one_line(data_dir):
+    out = run_cli("train", "--config", DIGITS, "--set", "train.micro_batch_size=true", timeout=60)
     assert out.returncode == 2, out.stderr
-    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, out.stderr
-    assert culprit in lines[0]
-    assert "ray" not in out.stdout.lower()
+    assert out.stderr.strip().splitlines() == [
+        "config error: train.micro_batch_size: must be an integer >= 1, 'auto' or null (got True)"]
 
 
-def test_bad_arguments_and_files(tmp_path, data_dir):
-    out = run_cli("train", "--config", str(tmp_path / "missing.yaml"), timeout=60)
-    assert out.returncode == 2 and "missing.yaml" in out.stderr
-    out = run_cli("nosuchcommand", timeout=60)
-    assert out.returncode == 2 and out.stderr.count("\n") == 1
-    out = run_cli("train", "--config", DIGITS, "--set", "novalue", timeout=60)
-    assert out.returncode == 2 and "novalue" in out.stderr
-    out = run_cli("train", "--config", DIGITS, "--resume", "--out", str(tmp_path), timeout=60)
-    assert out.returncode == 2 and "--resume" in out.stderr
+def test_subprocess_refusal_imports_no_ray(data_dir, tmp_path):
+    """In a fresh interpreter `sys.modules` tells whether Ray (or MLflow) was imported."""
+    bad = tmp_path / "ragged.parquet"
+    pq.write_table(pa.table({"x": [[1.0, 2.0], [3.0]] * 10, "y": [0, 1] * 10}), bad)
+    code = ("import sys; from pipeline.cli import run; "
+            f"rc = run(['train', '--set', 'data.path={bad}', '--set', 'data.feature_column=x', "
+            "'--set', 'data.label_column=y']); "
+            "print(sorted(m for m in ('ray', 'mlflow', 'torch') if m in sys.modules)); "
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "data.feature_column='x'" in out.stderr
+    assert out.stdout.strip() == "[]"  # neither Ray, MLflow nor torch was imported
 
 
+# -- the typed config ----------------------------------------------------------------------------
 def test_unknown_key_in_yaml(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"train": {"epochs": 2, "learning_rate": 0.1}}))
@@ -61,11 +78,24 @@ def test_unknown_key_in_yaml(tmp_path):
 
 def test_overrides_parse_yaml_values_and_derived_values():
     cfg = load_config(DIGITS, ["train.global_batch_size=128", "train.micro_batch_size=16",
-                               "batching.options.pacing=root", "tracking.uri=http://x:5000"])
+                               "batching.strategy=curriculum", "batching.options.pacing=root",
+                               "batching.options.c0=1", "tracking.uri=http://x:5000",
+                               "train.base_lr=1e-3"])
     assert cfg.train.global_batch_size == 128 and cfg.train.micro_batch_size == 16
     assert cfg.per_worker_batch() == 64 and cfg.accumulation_steps() == 4  # 128 = 16 x 2 x 4
-    assert cfg.batching.options == {"pacing": "root"}
+    assert cfg.batching.options == {"pacing": "root", "c0": 1.0}  # typed: c0 is a float
+    assert isinstance(cfg.batching.options["c0"], float)
+    assert cfg.train.base_lr == 0.001  # YAML reads 1e-3 as text; still a number
     assert cfg.tracking_uri() == "http://x:5000"
+
+
+def test_new_train_keys_and_their_defaults():
+    t = Config().train
+    assert (t.nonfinite, t.nonfinite_limit, t.auto_micro_batchnorm) == ("stop", 0, False)
+    cfg = load_config(DIGITS, ["train.nonfinite=skip", "train.nonfinite_limit=3",
+                               "train.micro_batch_size=auto", "train.auto_micro_batchnorm=true"])
+    assert (cfg.train.nonfinite, cfg.train.nonfinite_limit) == ("skip", 3)
+    assert cfg.train.micro_batch_size == "auto"
 
 
 def test_round_trip_dict_and_flat_params():
@@ -77,8 +107,8 @@ def test_round_trip_dict_and_flat_params():
                 "batching.seed", "batching.difficulty_column", "train.seed", "train.epochs",
                 "train.max_steps", "train.global_batch_size", "train.micro_batch_size",
                 "train.optimizer", "train.base_lr", "train.base_batch_size", "train.lr_scaling",
-                "train.precision", "scaling.num_workers", "scaling.use_gpu", "tracking.uri",
-                "tracking.experiment"):
+                "train.precision", "train.nonfinite", "scaling.num_workers", "scaling.use_gpu",
+                "tracking.uri", "tracking.experiment"):
         assert key in flat, key
     assert flat["train.global_batch_size"] == "64"
 
@@ -87,3 +117,127 @@ def test_with_overrides_validates():
     cfg = load_config(DIGITS)
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         cfg.with_overrides({"train.global_batch_size": 48})  # 48 % (32 x 2) != 0
+
+
+def test_every_key_has_a_default_and_a_description():
+    rows = describe()
+    flat = Config().flat_params()
+    assert {key for key, *_ in rows} == set(flat) | {"batching.options", "model.kwargs",
+                                                     "tune.search_space"}
+    for key, value, default, description in rows:
+        assert value == default, key
+        assert description and "\n" not in description, key
+    for model in (*STRATEGY_OPTIONS.values(), *MODEL_KWARGS.values()):
+        for name, field in model.model_fields.items():
+            assert field.description, (model.__name__, name)
+
+
+def test_strategy_options_match_the_planners():
+    """Every keyword a planner takes is a typed option of its strategy, with the same default."""
+    from pipeline.data import pacing, strategies  # noqa: F401  (registers the planners)
+    from pipeline.data.plan import PLANNERS
+
+    assert PACINGS == pacing.PACINGS
+    fixed = {"meta", "seed", "epoch", "global_batch_size", "drop_last"}
+    for strategy, model in STRATEGY_OPTIONS.items():
+        params = {n: p for n, p in inspect.signature(PLANNERS[strategy]).parameters.items()
+                  if n not in fixed and p.kind is p.KEYWORD_ONLY}
+        options = {n: f for n, f in model.model_fields.items() if n != "difficulty"}
+        assert set(options) == set(params), strategy
+        for name, param in params.items():
+            if name != "pacing_epochs":  # set from train.epochs in data/epochs.py
+                assert options[name].default == param.default, (strategy, name)
+
+
+def test_model_kwargs_match_the_builders():
+    """Every keyword of a built-in model is a typed kwarg, with the same default."""
+    from pipeline.engine.models import MLP, DigitsCNN, SeqTransformer
+
+    derived = {"self", "input_dim", "num_outputs", "vocab_size", "per_token",
+               "activation_checkpointing"}
+    for name, cls in (("digits_cnn", DigitsCNN), ("mlp", MLP), ("seq_transformer", SeqTransformer)):
+        params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items()
+                  if n not in derived}
+        kwargs = {n: f for n, f in MODEL_KWARGS[name].model_fields.items()
+                  if n not in ("num_outputs", "embedding_dim", "vocab_size")}
+        assert set(kwargs) == set(params), name
+        for n, p in params.items():
+            assert kwargs[n].default == p.default, (name, n)
+
+
+# -- defaults that follow the data (resolve is pure: no Ray) ------------------------------------
+def _sequences_file(path, n=90):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(4, 30, n)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    tokens = pa.ListArray.from_arrays(offsets, pa.array(rng.integers(0, 40, lengths.sum())))
+    pq.write_table(pa.table({"seq": tokens, "cls": np.arange(n) % 3}), path)
+    return str(path)
+
+
+def _vectors_file(path, n=90, width=16):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, width)).astype(np.float32)  # a list<float> column, as pandas writes
+    pq.write_table(pa.table({"vec": list(x), "cls": np.arange(n) % 3}), path)
+    return str(path)
+
+
+def _forward(cfg, info):
+    """One collated batch through the model resolve chose (what a worker builds)."""
+    from pipeline.data.batches import SampleTable
+    from pipeline.engine.models import build_model
+    from pipeline.engine.step import to_torch
+
+    d = cfg.data
+    st = SampleTable.from_table(pq.read_table(info.uri), feature_column=d.feature_column,
+                                label_column=d.label_column, sequence_column=d.sequence_column)
+    vocab = None if st.tokens is None else int(pa.compute.max(pa.compute.list_flatten(st.tokens)).as_py()) + 1
+    model = build_model(cfg.model.name, input_dim=None if st.features is None
+                        else st.features.shape[1], num_outputs=int(st.labels.max()) + 1,
+                        vocab_size=vocab)
+    import torch
+
+    return model(to_torch(st.gather(np.arange(8)), torch.device("cpu")))
+
+
+def test_sequences_with_path_sequence_and_label_columns_only(tmp_path):
+    path = _sequences_file(tmp_path / "s.parquet")
+    cfg = load_config(None, [f"data.path={path}", "data.sequence_column=seq",
+                             "data.label_column=cls"])
+    assert cfg.model.name == "auto" and cfg.data.feature_column is None  # nothing chosen yet
+    resolved, info = resolve(cfg)
+    assert resolved.model.name == "seq_transformer"
+    assert resolved.flat_params()["model.name"] == "seq_transformer"  # what MLflow logs
+    assert resolved.data == cfg.data  # the user's data keys are left as they were
+    assert tuple(_forward(resolved, info).shape) == (8, 3)
+
+
+def test_feature_vectors_with_path_feature_and_label_columns_only(tmp_path):
+    path = _vectors_file(tmp_path / "v.parquet")
+    cfg = load_config(None, [f"data.path={path}", "data.feature_column=vec",
+                             "data.label_column=cls"])
+    resolved, info = resolve(cfg)
+    assert resolved.model.name == "mlp"
+    assert resolved.data == cfg.data
+    assert tuple(_forward(resolved, info).shape) == (8, 3)
+    # 64-long vectors of one's own are not taken for images: still an mlp.
+    path = _vectors_file(tmp_path / "v64.parquet", width=64)
+    assert resolve(cfg.with_overrides({"data.path": path}))[0].model.name == "mlp"
+
+
+def test_embedded_datasets_keep_working(data_dir):
+    digits, _ = resolve(load_config(None))
+    assert (digits.data.feature_column, digits.model.name) == ("features", "digits_cnn")
+    imbalanced, _ = resolve(load_config(None, ["data.name=digits_imbalanced"]))
+    assert imbalanced.model.name == "digits_cnn"
+    seq, _ = resolve(load_config(None, ["data.name=sequences"]))
+    assert (seq.data.sequence_column, seq.data.target_column, seq.data.feature_column,
+            seq.model.name) == ("tokens", "targets", None, "seq_transformer")
+
+
+def test_explicit_choices_are_never_rewritten(data_dir, capsys, monkeypatch):
+    cfg, _ = resolve(load_config(None, ["model.name=mlp"]))
+    assert cfg.model.name == "mlp"  # on digits, where auto would pick digits_cnn
+    line = refused(["train", *s("data.name=sequences", "model.name=digits_cnn")], capsys,
+                   monkeypatch)
+    assert "model.name=digits_cnn" in line  # refused, not silently replaced

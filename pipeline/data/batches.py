@@ -4,17 +4,23 @@ Each worker holds the dataset's Arrow blocks (zero-copy from Ray's object store)
 the samples of its slice of each global batch straight from the Arrow buffers: fixed-size
 features as one fancy-indexing gather, sequences as ragged (values, lengths) that the padded
 collate turns into [B, L] arrays.
+
+The column checks (`vector_width`, `label_ids`, `check_sequences`) run on the driver before
+any cluster work (`pipeline.data.datasets.resolve`); each raises ConfigError with one line
+naming the config key and column.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data.padding import collate_sequences, ragged_from_arrow
+from pipeline.config import ConfigError
+from pipeline.data.padding import IGNORE_INDEX, collate_sequences, ragged_from_arrow
 from pipeline.data.plan import SampleMeta
 
 
@@ -30,6 +36,127 @@ def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
             return pc.list_flatten(arr).to_numpy(zero_copy_only=False).reshape(len(arr), -1)
         raise ValueError("variable-length list column used as fixed-size features")
     return arr.to_numpy(zero_copy_only=False)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def vector_width(chunks: Iterable[pa.Array], key: str) -> int:
+    """The length of the fixed-size numeric vectors of a feature column given as chunks (the
+    column may be streamed); ConfigError naming `key` when it holds anything else: scalars,
+    non-numbers, nulls, or vectors of different lengths (ragged: that is a sequence column).
+
+    >>> vector_width([pa.array([[1.0, 2.0], [3.0, 4.0]])], "data.feature_column='x'")
+    2
+    >>> vector_width([pa.array([[1.0, 2.0], [3.0]])], "data.feature_column='x'")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: data error: ... holds vectors of different lengths (1 to 2 values)...
+    """
+    lo = hi = None
+    for arr in chunks:
+        if not _is_list(arr.type) or not _is_number(arr.type.value_type):
+            raise ConfigError(f"data error: {key} is a {arr.type} column; features are one "
+                              "fixed-size vector of numbers per sample (a list column)")
+        if arr.null_count or pc.list_flatten(arr).null_count:
+            raise ConfigError(f"data error: {key} has null vectors or null values")
+        if len(arr) == 0:
+            continue
+        lengths = pc.min_max(pc.list_value_length(arr)).as_py()
+        lo = lengths["min"] if lo is None else min(lo, lengths["min"])
+        hi = lengths["max"] if hi is None else max(hi, lengths["max"])
+    if lo != hi:
+        raise ConfigError(f"data error: {key} holds vectors of different lengths ({lo} to {hi} "
+                          "values); features are one fixed-size vector per sample")
+    return int(lo or 0)
+
+
+def label_ids(col: pa.ChunkedArray | pa.Array, key: str) -> np.ndarray:
+    """Class ids as int64; ConfigError naming `key` for nulls, non-integers (1.5, text) or
+    negative values. Floats that are whole numbers (1.0) are ids.
+
+    >>> label_ids(pa.array([0.0, 2.0, 1.0]), "data.label_column='y'")
+    array([0, 2, 1])
+    >>> label_ids(pa.array([0, -1]), "data.label_column='y'")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: data error: data.label_column='y' holds a negative label (-1)...
+    """
+    if col.null_count:
+        raise ConfigError(f"data error: {key} has {col.null_count} null label(s)")
+    if not _is_number(col.type):
+        raise ConfigError(f"data error: {key} is a {col.type} column; labels are integer class "
+                          "ids 0..K-1")
+    values = column_to_numpy(col)
+    whole = np.isfinite(values) & (values == np.round(values)) if values.dtype.kind == "f" else None
+    if whole is not None and not whole.all():
+        raise ConfigError(f"data error: {key} holds a non-integer label "
+                          f"({values[~whole][0].item()!r}); labels are integer class ids 0..K-1")
+    if len(values) and values.min() < 0:
+        raise ConfigError(f"data error: {key} holds a negative label ({values.min():g}); labels "
+                          "are class ids 0..K-1")
+    return values.astype(np.int64)
+
+
+def check_sequences(batches: Iterable[pa.RecordBatch | pa.Table], key: str,
+                    target_key: str | None = None) -> tuple[int, int | None]:
+    """Check token sequences (column 0 of each batch) and, with `target_key`, their per-token
+    targets (column 1); return (largest token id, largest target or None). ConfigError naming
+    the key for: not a list of integers, null or empty sequences, negative token ids, targets
+    not aligned with their sequence, negative targets (other than the ignore index -100).
+
+    >>> t = pa.table({"tok": [[3, 1], [2]], "tgt": [[0, 1], [-100]]})
+    >>> check_sequences([t], "data.sequence_column='tok'", "data.target_column='tgt'")
+    (3, 1)
+    >>> bad = pa.table({"tok": [[3, 1]], "tgt": [[0]]})
+    >>> check_sequences([bad], "sequences", "targets")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: data error: targets is not aligned with sequences (one target per token...
+    """
+    max_token, max_target = -1, None
+    for batch in batches:
+        tokens = batch.column(0)
+        tokens = tokens.combine_chunks() if isinstance(tokens, pa.ChunkedArray) else tokens
+        if not (_is_list(tokens.type) and pa.types.is_integer(tokens.type.value_type)):
+            raise ConfigError(f"data error: {key} is a {tokens.type} column; sequences are lists "
+                              "of integer token ids")
+        lengths = pc.list_value_length(tokens)
+        values = pc.list_flatten(tokens)
+        if tokens.null_count or values.null_count:
+            raise ConfigError(f"data error: {key} has null sequences or null token ids")
+        if len(tokens) and pc.min(lengths).as_py() == 0:
+            raise ConfigError(f"data error: {key} has empty sequences (no token to attend to)")
+        if len(values):
+            lo, hi = pc.min_max(values).values()
+            if lo.as_py() < 0:
+                raise ConfigError(f"data error: {key} holds a negative token id ({lo.as_py()})")
+            max_token = max(max_token, hi.as_py())
+        if target_key is None:
+            continue
+        targets = batch.column(1)
+        targets = targets.combine_chunks() if isinstance(targets, pa.ChunkedArray) else targets
+        if not (_is_list(targets.type) and pa.types.is_integer(targets.type.value_type)):
+            raise ConfigError(f"data error: {target_key} is a {targets.type} column; targets are "
+                              "lists of integer class ids, one per token")
+        t_values = pc.list_flatten(targets)
+        if targets.null_count or t_values.null_count or not pc.equal(
+                pc.list_value_length(targets), lengths).to_numpy(zero_copy_only=False).all():
+            raise ConfigError(f"data error: {target_key} is not aligned with {key} (one target "
+                              "per token, no nulls)")
+        real = pc.filter(t_values, pc.not_equal(t_values, IGNORE_INDEX))
+        if len(real):
+            lo, hi = pc.min_max(real).values()
+            if lo.as_py() < 0:
+                raise ConfigError(f"data error: {target_key} holds a negative target "
+                                  f"({lo.as_py()}); only {IGNORE_INDEX} (ignored) may be negative")
+            max_target = max(max_target if max_target is not None else -1, hi.as_py())
+    return int(max_token), max_target
 
 
 @dataclass
@@ -57,7 +184,8 @@ class SampleTable:
         tokens = table.column(sequence_column).combine_chunks() if sequence_column else None
         return cls(
             ids=col(id_column).astype(np.int64) if id_column else np.arange(n, dtype=np.int64),
-            labels=None if label_column is None else col(label_column).astype(np.int64),
+            labels=None if label_column is None
+            else label_ids(table.column(label_column), f"data.label_column={label_column!r}"),
             features=None if feature_column is None else col(feature_column).astype(np.float32),
             tokens=tokens,
             targets=table.column(target_column).combine_chunks() if target_column else None,

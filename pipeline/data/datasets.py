@@ -21,6 +21,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError
+from pipeline.data.batches import (
+    SampleTable,
+    check_sequences,
+    label_ids,
+    split_train_val,
+    vector_width,
+)
 
 DATASET_VERSION = "v1"
 SEQ_VOCAB = 64
@@ -114,17 +121,22 @@ class DatasetInfo:
 
 
 def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
-    """Find the dataset, apply the embedded datasets' column mapping, check every column the
-    config names exists and the data is non-empty. Raises ConfigError (exit 2) otherwise."""
+    """Find the dataset, fill what the config leaves to the data, and check that the data can
+    be trained as configured; raise ConfigError (exit 2, one line naming the culprit) otherwise.
+
+    Filled, only where the config leaves it unset, and returned in the resolved config (the
+    one MLflow logs): the embedded datasets' columns (`digits*`: `features`; `sequences`:
+    `tokens` and `targets`) and `model.name: auto` -> `seq_transformer` for sequence data,
+    `digits_cnn` for the embedded digits (8x8 images as 64 features), `mlp` for other feature
+    vectors. Checked: every named column exists and holds what its key says (fixed-size
+    vectors, integer class ids >= 0, token id lists with aligned targets), the model can take
+    the data and the loss has its columns, the training split is not empty, every class is in
+    both splits, epoch 1 has a batch; for a sweep, `Config.check_tune`.
+    """
+    cfg = _fill_embedded_columns(cfg)
     d = cfg.data
     if d.path is None:
         uri = str(embedded_path(d.name, d.cache_dir).resolve())
-        if d.name == "sequences":
-            cfg = cfg.with_overrides({
-                "data.feature_column": None, "data.sequence_column": d.sequence_column or "tokens",
-                "data.target_column": d.target_column or "targets",
-                "model.name": cfg.model.name if cfg.model.name != "digits_cnn" else "seq_transformer",
-            })
     else:
         uri = d.path if "://" in d.path else str(Path(d.path).expanduser().resolve())
         if "://" not in uri and not Path(uri).exists():
@@ -137,37 +149,149 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         raise ConfigError(f"data error: data.path {uri} is not readable Parquet ({err})") from None
     columns = tuple(schema.names)
     named = {
-        "data.feature_column": cfg.data.feature_column,
-        "data.label_column": cfg.data.label_column,
-        "data.sequence_column": cfg.data.sequence_column,
-        "data.target_column": cfg.data.target_column,
-        "data.id_column": cfg.data.id_column,
+        "data.feature_column": d.feature_column,
+        "data.label_column": d.label_column,
+        "data.sequence_column": d.sequence_column,
+        "data.target_column": d.target_column,
+        "data.id_column": d.id_column,
         "batching.difficulty_column": cfg.batching.difficulty_column,
     }
     for key, col in named.items():
         if col is not None and col not in columns:
             raise ConfigError(f"data error: {key}={col!r} is not a column of {uri} "
                               f"(columns: {', '.join(columns)})")
-    if cfg.data.feature_column is None and cfg.data.sequence_column is None:
-        raise ConfigError("config error: data.feature_column or data.sequence_column must be set")
+    if d.feature_column is None and d.sequence_column is None:
+        raise ConfigError("config error: data.feature_column or data.sequence_column must be set "
+                          f"(columns of {uri}: {', '.join(columns)})")
     if num_rows == 0:
         raise ConfigError(f"data error: {uri} has no rows")
-    n_train = num_rows - int(round(num_rows * cfg.data.val_fraction))
-    if cfg.data.label_column and cfg.train.loss == "cross_entropy" and cfg.data.val_fraction > 0:
-        _check_split_classes(ds, cfg)
+    facts = _scan_columns(ds, cfg)
+    cfg = _pick_model(cfg, facts)
+    _check_model_and_loss(cfg, facts)
+    labels = facts.labels
+    train, _ = split_train_val(num_rows, labels, d.val_fraction, d.split_seed)
+    if len(train) == 0:
+        raise ConfigError(f"data error: the training split is empty: data.val_fraction="
+                          f"{d.val_fraction:g} holds out all {num_rows} rows of {uri}")
+    if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
+        _check_split_classes(labels, cfg)
     _check_first_epoch(ds, cfg)
-    if n_train < cfg.train.global_batch_size and cfg.batching.drop_last:
+    if len(train) < cfg.train.global_batch_size and cfg.batching.drop_last:
         raise ConfigError(
             f"data error: train.global_batch_size={cfg.train.global_batch_size} is larger than "
-            f"the {n_train} training rows of {uri}")
+            f"the {len(train)} training rows of {uri}")
+    if cfg.tune.search_space:
+        cfg.check_tune()
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns)
 
 
-def _check_split_classes(ds: pads.Dataset, cfg: Config) -> None:
-    """Every class must appear in both the training and the validation split."""
-    from pipeline.data.batches import split_train_val
+def _fill_embedded_columns(cfg: Config) -> Config:
+    """The embedded datasets' column mapping, for the keys the config leaves unset."""
+    d = cfg.data
+    if d.path is not None or d.name not in EMBEDDED_DATASETS:
+        return cfg
+    fill: dict[str, str] = {}
+    if d.name == "sequences":
+        if d.sequence_column is None and d.feature_column is None:
+            fill["data.sequence_column"] = "tokens"
+        if d.target_column is None:
+            fill["data.target_column"] = "targets"
+    elif d.feature_column is None and d.sequence_column is None:
+        fill["data.feature_column"] = "features"
+    return cfg.with_overrides(fill) if fill else cfg
 
-    labels = ds.to_table(columns=[cfg.data.label_column]).column(0).to_numpy()
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the checks learnt from the columns the config names."""
+
+    width: int | None  # feature vector length (data.feature_column)
+    labels: np.ndarray | None  # class ids (data.label_column)
+    max_token: int | None  # largest token id (data.sequence_column)
+    max_target: int | None  # largest per-token target (data.target_column)
+    embedded_digits: bool  # the embedded digits datasets (8x8 images as 64 features)
+
+
+def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
+    """Read the named columns once (streamed, batch by batch) and check what each holds."""
+    d = cfg.data
+    width = labels = max_token = max_target = None
+    if d.feature_column is not None:
+        width = vector_width((b.column(0) for b in ds.to_batches(columns=[d.feature_column])),
+                             f"data.feature_column={d.feature_column!r}")
+    if d.label_column is not None:
+        labels = label_ids(ds.to_table(columns=[d.label_column]).column(0),
+                           f"data.label_column={d.label_column!r}")
+    if d.sequence_column is not None:
+        cols = [d.sequence_column] + ([d.target_column] if d.target_column else [])
+        max_token, max_target = check_sequences(
+            ds.to_batches(columns=cols), f"data.sequence_column={d.sequence_column!r}",
+            f"data.target_column={d.target_column!r}" if d.target_column else None)
+    difficulty = cfg.batching.difficulty_column
+    if difficulty is not None:
+        kind = ds.schema.field(difficulty).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            raise ConfigError(f"data error: batching.difficulty_column={difficulty!r} is a {kind} "
+                              "column; difficulties are numbers")
+    embedded_digits = d.path is None and d.name in ("digits", "digits_imbalanced")
+    return DataFacts(width, labels, max_token, max_target, embedded_digits)
+
+
+def _pick_model(cfg: Config, facts: DataFacts) -> Config:
+    """`model.name: auto` -> the model that takes this data (recorded in the resolved config)."""
+    if cfg.model.name != "auto":
+        return cfg
+    d = cfg.data
+    if d.feature_column is not None and d.sequence_column is not None:
+        raise ConfigError(f"config error: model.name=auto cannot choose between the feature "
+                          f"vectors (data.feature_column={d.feature_column!r}) and the sequences "
+                          f"(data.sequence_column={d.sequence_column!r}); name the model")
+    if d.sequence_column is not None:
+        name = "seq_transformer"
+    else:
+        name = "digits_cnn" if facts.embedded_digits and facts.width == 64 else "mlp"
+    return cfg.with_overrides({"model.name": name})
+
+
+def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
+    """The model can take the data, and the loss finds its columns and fits the outputs."""
+    d, name, loss = cfg.data, cfg.model.name, cfg.train.loss
+    kwargs = cfg.model.kwargs
+    if name in ("digits_cnn", "mlp") and d.feature_column is None:
+        raise ConfigError(f"config error: model.name={name} takes feature vectors "
+                          f"(data.feature_column), but the data has token sequences "
+                          f"(data.sequence_column={d.sequence_column!r})")
+    if name == "digits_cnn" and facts.width != 64:
+        raise ConfigError(f"config error: model.name=digits_cnn takes 64 features (8x8 images); "
+                          f"data.feature_column={d.feature_column!r} holds {facts.width}")
+    if name == "seq_transformer" and d.sequence_column is None:
+        raise ConfigError(f"config error: model.name=seq_transformer takes token sequences "
+                          f"(data.sequence_column), but the data has feature vectors "
+                          f"(data.feature_column={d.feature_column!r})")
+    if loss == "cross_entropy" and d.label_column is None:
+        raise ConfigError("config error: train.loss=cross_entropy needs data.label_column")
+    if loss == "token_cross_entropy" and (d.target_column is None or d.sequence_column is None):
+        raise ConfigError("config error: train.loss=token_cross_entropy needs per-token targets: "
+                          "data.target_column (and data.sequence_column) must be set")
+    if loss == "nt_xent" and d.feature_column is None:
+        raise ConfigError("config error: train.loss=nt_xent augments feature vectors: "
+                          "data.feature_column must be set (sequences have no views)")
+    outputs = kwargs.get("num_outputs")
+    top = {"cross_entropy": None if facts.labels is None or not len(facts.labels)
+           else int(facts.labels.max()),
+           "token_cross_entropy": facts.max_target}.get(loss)
+    if outputs is not None and top is not None and top >= outputs:
+        what = "label" if loss == "cross_entropy" else "target"
+        raise ConfigError(f"config error: model.kwargs.num_outputs={outputs} is too few for the "
+                          f"{what} {top} in the data ({top + 1} classes at least)")
+    vocab = kwargs.get("vocab_size")
+    if vocab is not None and facts.max_token is not None and facts.max_token >= vocab:
+        raise ConfigError(f"config error: model.kwargs.vocab_size={vocab} is too small for the "
+                          f"token id {facts.max_token} in data.sequence_column")
+
+
+def _check_split_classes(labels: np.ndarray, cfg: Config) -> None:
+    """Every class must appear in both the training and the validation split."""
     train, val = split_train_val(len(labels), labels, cfg.data.val_fraction, cfg.data.split_seed)
     for name, part in (("training", train), ("validation", val)):
         missing = np.setdiff1d(np.unique(labels), np.unique(labels[part]))
@@ -182,7 +306,6 @@ def _check_first_epoch(ds: pads.Dataset, cfg: Config) -> None:
     """Plan epoch 0 on the driver from the small metadata columns, so a strategy that cannot
     work on this data (no labels, classes not dividing the batch, an empty pool...) fails here
     with exit 2 rather than on the workers."""
-    from pipeline.data.batches import SampleTable, split_train_val
     from pipeline.data.epochs import epoch_batches
 
     b = cfg.batching

@@ -1,0 +1,330 @@
+"""Bad input is refused before the cluster: `python -m pipeline train|tune|inspect-batches`
+exits 2 with one line on stderr naming the culprit, and never reaches Ray or MLflow.
+
+Every case runs the CLI in-process (`pipeline.cli.run`) with the three cluster entry points
+(`pipeline.launch`, `pipeline.inspect`, `pipeline.tune.sweep`) replaced by modules whose
+functions raise, and with `import ray` / `import mlflow` made to raise: a case that is not
+refused before the cluster fails the test instead of starting a job.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+import types
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cli
+from tests.conftest import REPO
+
+DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
+CLUSTER_MODULES = ("pipeline.launch", "pipeline.inspect", "pipeline.tune.sweep")
+
+
+class _Reached(AssertionError):
+    pass
+
+
+def _cluster_module(name: str) -> types.ModuleType:
+    def reached(*_: object, **__: object) -> None:
+        raise _Reached(f"{name} was reached: the input was not refused before the cluster")
+
+    mod = types.ModuleType(name)
+    for fn in ("run_training", "inspect_batches", "print_summary", "run_sweep", "print_sweep"):
+        setattr(mod, fn, reached)
+    mod.SweepInterrupted = type("SweepInterrupted", (KeyboardInterrupt,), {})
+    return mod
+
+
+class _NoClusterImports(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "mlflow"):
+            raise _Reached(f"import {name} before the input was refused")
+        return None
+
+
+def refused(argv: list[str], capsys, monkeypatch) -> str:
+    """Run the CLI in-process with the cluster unreachable; assert exit 2 and exactly one
+    non-empty stderr line; return that line."""
+    had_ray = "ray" in sys.modules
+    for name in CLUSTER_MODULES:
+        monkeypatch.setitem(sys.modules, name, _cluster_module(name))
+    monkeypatch.setattr(sys, "meta_path", [_NoClusterImports(), *sys.meta_path])
+    capsys.readouterr()
+    rc = cli.run(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert had_ray or "ray" not in sys.modules
+    return lines[0]
+
+
+def test_the_harness_catches_a_case_that_reaches_the_cluster(capsys, monkeypatch, data_dir):
+    """A valid config is not refused: the fake launcher is reached, and says so."""
+    with pytest.raises(_Reached, match="pipeline.launch"):
+        refused(["train", "--config", DIGITS, "--set", "train.epochs=1"], capsys, monkeypatch)
+
+
+# -- small Parquet files -------------------------------------------------------------------------
+N = 120  # rows of every file: labels 0..3, 30 each
+
+
+def _labels() -> np.ndarray:
+    return np.arange(N) % 4
+
+
+def _vectors(width: int, ragged: bool = False) -> pa.Array:
+    rng = np.random.default_rng(0)
+    lengths = np.full(N, width) - (ragged & (np.arange(N) % 7 == 3))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets),
+                                    pa.array(rng.random(offsets[-1]).astype(np.float32)))
+
+
+def _sequences(first_token: int = 0) -> tuple[pa.Array, pa.Array]:
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(3, 20, N)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    tokens = rng.integers(0, 30, lengths.sum())
+    tokens[0] = first_token
+    targets = tokens % 5
+    return (pa.ListArray.from_arrays(offsets, pa.array(tokens)),
+            pa.ListArray.from_arrays(offsets, pa.array(targets)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("refusals")
+    tokens, targets = _sequences()
+    bad_tokens, _ = _sequences(first_token=-3)
+    short_targets = pa.array([t[:-1] for t in targets.to_pylist()])
+    label = pa.array(_labels())
+    tables = {
+        "vec16": {"x": _vectors(16), "y": label, "name": pa.array([f"s{i}" for i in range(N)])},
+        "ragged": {"x": _vectors(16, ragged=True), "y": label},
+        "scalar": {"x": pa.array(np.arange(N, dtype=np.float64)), "y": label},
+        "seq": {"tokens": tokens, "targets": targets, "y": label},
+        "both": {"x": _vectors(16), "tokens": tokens, "y": label},
+        "neg_token": {"tokens": bad_tokens, "y": label},
+        "misaligned": {"tokens": tokens, "targets": short_targets, "y": label},
+        "half_labels": {"x": _vectors(16), "y": pa.array(_labels() + 0.5)},
+        "neg_labels": {"x": _vectors(16), "y": pa.array(_labels() - 1)},
+        "text_labels": {"x": _vectors(16), "y": pa.array([f"c{k}" for k in _labels()])},
+        "null_labels": {"x": _vectors(16), "y": pa.array([None, *_labels()[1:].tolist()])},
+        "three": {"x": _vectors(16).slice(0, 3), "y": pa.array([0, 1, 2])},
+        "one_of_class_2": {"x": _vectors(16).slice(0, 40),
+                           "y": pa.array([0] * 20 + [1] * 19 + [2])},
+        "empty": {"x": _vectors(16).slice(0, 0), "y": label.slice(0, 0)},
+    }
+    out = {}
+    for name, columns in tables.items():
+        out[name] = str(root / f"{name}.parquet")
+        pq.write_table(pa.table(columns), out[name])
+    return out
+
+
+SWEEP = 'tune.search_space={"train.base_lr": {"grid": [0.01, 0.1]}}'
+VEC = ["--set", "data.path={vec16}", "--set", "data.feature_column=x", "--set",
+       "data.label_column=y"]
+SEQ = ["--set", "data.path={seq}", "--set", "data.sequence_column=tokens", "--set",
+       "data.label_column=y"]
+
+
+def fill(args: list[str], files: dict[str, str]) -> list[str]:
+    """Replace `{name}` by the path of files[name]."""
+    out = []
+    for a in args:
+        for name, path in files.items():
+            a = a.replace("{" + name + "}", path)
+        out.append(a)
+    return out
+
+
+def s(*items: str) -> list[str]:
+    """`--set` each item."""
+    return [a for item in items for a in ("--set", item)]
+
+
+# (id, argv after the command, culprit in the line); {name} is the path of files[name].
+CASES = [
+    # -- config: values, types, keys
+    ("gbs-zero", ["--config", DIGITS, *s("train.global_batch_size=0")], "train.global_batch_size"),
+    ("micro-zero", ["--config", DIGITS, *s("train.micro_batch_size=0")], "train.micro_batch_size"),
+    ("not-divisible", ["--config", DIGITS, *s("train.global_batch_size=60")],
+     "train.micro_batch_size=32"),  # 60 % (32 x 2)
+    ("epochs-text", ["--config", DIGITS, *s("train.epochs=abc")], "train.epochs"),
+    ("epochs-float", ["--config", DIGITS, *s("train.epochs=2.5")], "train.epochs"),
+    ("unknown-key", ["--config", DIGITS, *s("train.nosuchkey=1")], "train.nosuchkey"),
+    ("unknown-section", ["--config", DIGITS, *s("nosection.x=1")], "nosection"),
+    ("lr-scaling", ["--config", DIGITS, *s("train.lr_scaling=cubic")], "train.lr_scaling"),
+    ("val-fraction", ["--config", DIGITS, *s("data.val_fraction=1.5")], "data.val_fraction"),
+    ("strategy", ["--config", DIGITS, *s("batching.strategy=bogus")], "batching.strategy"),
+    ("model-name", ["--config", DIGITS, *s("model.name=resnet")], "model.name"),
+    ("nonfinite", ["--config", DIGITS, *s("train.nonfinite=maybe")], "train.nonfinite"),
+    ("nonfinite-limit", ["--config", DIGITS, *s("train.nonfinite_limit=-1")],
+     "train.nonfinite_limit"),
+    # -- bools are not sizes
+    ("micro-true", ["--config", DIGITS, *s("train.micro_batch_size=true")],
+     "train.micro_batch_size"),
+    ("gbs-true", ["--config", DIGITS, *s("train.global_batch_size=true")],
+     "train.global_batch_size"),
+    ("workers-true", ["--config", DIGITS, *s("scaling.num_workers=true")], "scaling.num_workers"),
+    ("lr-true", ["--config", DIGITS, *s("train.base_lr=true")], "train.base_lr"),
+    # -- the device
+    ("fp16-cpu", ["--config", DIGITS, *s("train.precision=fp16")], "train.precision"),
+    ("syncbn-cpu", ["--config", DIGITS, *s("train.sync_batchnorm=true")], "train.sync_batchnorm"),
+    # -- strategy options, typed per strategy
+    ("option-typo", ["--config", DIGITS, *s("batching.strategy=hard_mining",
+                                            "batching.options.selection_presure=10")],
+     "batching.options.selection_presure"),
+    ("option-pacing", ["--config", DIGITS, *s("batching.strategy=curriculum",
+                                              "batching.options.difficulty=length",
+                                              "batching.options.pacing=cubic")],
+     "batching.options.pacing"),
+    ("option-c0", ["--config", DIGITS, *s("batching.strategy=curriculum",
+                                          "batching.options.c0=0")], "batching.options.c0"),
+    ("option-bool", ["--config", DIGITS, *s("batching.strategy=length_bucket",
+                                            "batching.options.max_tokens=true")],
+     "batching.options.max_tokens"),
+    ("option-other-strategy", ["--config", DIGITS, *s("batching.options.pacing=root")],
+     "batching.options.pacing"),
+    ("strategy-on-data", ["--config", DIGITS, *s("batching.strategy=curriculum")],
+     "batching.strategy=curriculum"),  # no difficulty on digits
+    # -- model arguments
+    ("kwarg-typo", ["--config", DIGITS, *s("model.name=mlp", "model.kwargs.hiden=64")],
+     "model.kwargs.hiden"),
+    ("kwarg-bool", ["--config", DIGITS, *s("model.kwargs.width=true")], "model.kwargs.width"),
+    # -- the run's length
+    ("warmup-too-long", ["--config", DIGITS, *s("train.warmup_epochs=9")], "train.warmup_epochs"),
+    # -- micro_batch_size auto changes a BatchNorm model's ghost batch
+    ("auto-batchnorm", ["--config", DIGITS, *s("train.micro_batch_size=auto")],
+     "train.auto_micro_batchnorm"),
+    ("auto-batchnorm-picked", s("train.micro_batch_size=auto"), "model.name=digits_cnn"),
+    # -- columns and files
+    ("no-label-column", ["--config", DIGITS, *s("data.label_column=nolabel")], "data.label_column"),
+    ("no-difficulty-column", ["--config", DIGITS, *s("batching.difficulty_column=nodiff")],
+     "batching.difficulty_column"),
+    ("text-difficulty", [*VEC, *s("batching.strategy=curriculum",
+                                  "batching.difficulty_column=name")], "batching.difficulty_column"),
+    ("no-file", ["--config", DIGITS, *s("data.path=/no/such/file.parquet")], "data.path"),
+    ("no-dataset", ["--config", DIGITS, *s("data.name=nosuchset")], "data.name"),
+    ("batch-too-large", ["--config", DIGITS, *s("train.global_batch_size=4096",
+                                                "train.micro_batch_size=null")],
+     "train.global_batch_size"),
+    ("no-columns", s("data.path={vec16}", "data.label_column=y"), "data.feature_column"),
+    # -- what a column holds
+    ("ragged-vectors", s("data.path={ragged}", "data.feature_column=x", "data.label_column=y"),
+     "data.feature_column='x'"),
+    ("scalar-features", s("data.path={scalar}", "data.feature_column=x", "data.label_column=y"),
+     "data.feature_column='x'"),
+    ("half-labels", s("data.path={half_labels}", "data.feature_column=x", "data.label_column=y"),
+     "data.label_column='y'"),
+    ("negative-labels", s("data.path={neg_labels}", "data.feature_column=x",
+                          "data.label_column=y"), "data.label_column='y'"),
+    ("text-labels", s("data.path={text_labels}", "data.feature_column=x", "data.label_column=y"),
+     "data.label_column='y'"),
+    ("null-labels", s("data.path={null_labels}", "data.feature_column=x", "data.label_column=y"),
+     "data.label_column='y'"),
+    ("negative-token", s("data.path={neg_token}", "data.sequence_column=tokens",
+                         "data.label_column=y"), "data.sequence_column='tokens'"),
+    ("misaligned-targets", [*SEQ, *s("data.path={misaligned}", "data.target_column=targets",
+                                     "train.loss=token_cross_entropy")],
+     "data.target_column='targets'"),
+    ("no-rows", [*VEC, *s("data.path={empty}")], "no rows"),
+    ("class-missing-from-validation", [*VEC, *s("data.path={one_of_class_2}")],
+     "missing from the validation split"),
+    ("balanced-classes-not-dividing", [*VEC, *s("batching.strategy=balanced",
+                                               "train.global_batch_size=10",
+                                               "train.micro_batch_size=null")], "divisible"),
+    ("empty-train-split", s("data.path={three}", "data.feature_column=x", "data.label_column=y",
+                            "data.val_fraction=0.6", "train.global_batch_size=2",
+                            "batching.drop_last=false"), "data.val_fraction"),
+    # -- a model that cannot take the data
+    ("cnn-on-sequences", s("data.name=sequences", "model.name=digits_cnn"),
+     "model.name=digits_cnn"),
+    ("mlp-on-sequences", [*SEQ, *s("model.name=mlp")], "model.name=mlp"),
+    ("transformer-on-vectors", [*VEC, *s("model.name=seq_transformer")],
+     "model.name=seq_transformer"),
+    ("cnn-on-16-features", [*VEC, *s("model.name=digits_cnn")], "model.name=digits_cnn"),
+    ("too-few-classes", [*VEC, *s("model.kwargs.num_outputs=3")], "model.kwargs.num_outputs"),
+    ("too-small-vocab", [*SEQ, *s("model.kwargs.vocab_size=10")], "model.kwargs.vocab_size"),
+    ("auto-cannot-choose", s("data.path={both}", "data.feature_column=x",
+                             "data.sequence_column=tokens", "data.label_column=y"), "model.name"),
+    # -- a loss whose columns are missing
+    ("token-loss-no-targets", [*SEQ, *s("train.loss=token_cross_entropy")], "data.target_column"),
+    ("token-loss-vector-model", ["--config", DIGITS, *s("train.loss=token_cross_entropy")],
+     "train.loss=token_cross_entropy"),
+    ("contrastive-on-sequences", [*SEQ, *s("train.loss=nt_xent")], "train.loss=nt_xent"),
+    ("ce-without-labels", [*VEC, *s("data.label_column=null")], "data.label_column"),
+    # -- tune
+    ("tune-metric-typo", ["--config", DIGITS, *s("tune.metric=val_acc")], "tune.metric"),
+    ("tune-metric-not-logged", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0")],
+     "tune.metric='val_accuracy'"),
+    ("tune-metric-not-logged-here", ["--config", DIGITS, *s(SWEEP, "tune.metric=tokens_per_s")],
+     "tune.metric='tokens_per_s'"),
+    ("target-other-accuracy", ["--config", DIGITS, *s(SWEEP, "tune.metric=train_accuracy")],
+     "tune.target_accuracy"),
+    ("target-no-val-accuracy", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0",
+                                                       "tune.metric=train_loss",
+                                                       "tune.mode=min")],
+     "tune.target_accuracy"),
+]
+
+
+@pytest.mark.parametrize("command", ["train"])
+@pytest.mark.parametrize(("args", "culprit"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_refused_before_the_cluster(command, args, culprit, files, capsys, monkeypatch, data_dir):
+    argv = [command, *fill(args, files)]
+    assert culprit in refused(argv, capsys, monkeypatch)
+
+
+@pytest.mark.parametrize("command", ["tune", "inspect-batches"])
+@pytest.mark.parametrize("case", ["micro-true", "ragged-vectors", "cnn-on-sequences",
+                                  "option-typo", "tune-metric-not-logged"])
+def test_every_command_refuses(command, case, files, capsys, monkeypatch, data_dir):
+    _, args, culprit = next(c for c in CASES if c[0] == case)
+    argv = [command, *fill(args, files)]
+    assert culprit in refused(argv, capsys, monkeypatch)
+
+
+def test_enough_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_refusals_name_the_known_values(files, capsys, monkeypatch, data_dir):
+    line = refused(["train", "--config", DIGITS, *s("batching.strategy=hard_mining",
+                                                    "batching.options.selection_presure=10")],
+                   capsys, monkeypatch)
+    assert line.endswith("known: selection_pressure")
+    line = refused(["train", *s("data.path=" + files["ragged"], "data.feature_column=x",
+                                "data.label_column=y")], capsys, monkeypatch)
+    assert "(15 to 16 values)" in line  # the lengths found in the column
+    line = refused(["train", *fill(VEC, files), *s("model.name=digits_cnn")], capsys, monkeypatch)
+    assert "holds 16" in line
+    line = refused(["train", *fill(VEC, files), *s("model.kwargs.num_outputs=3")], capsys,
+                   monkeypatch)
+    assert "label 3" in line  # labels 0..3 need 4 outputs
+
+
+def test_auto_micro_batch_with_batchnorm_opt_in_is_accepted(capsys, monkeypatch, data_dir):
+    """The opt-in lets the same config through to the (fake) cluster."""
+    with pytest.raises(_Reached):
+        refused(["train", "--config", DIGITS, *s("train.micro_batch_size=auto",
+                                                  "train.auto_micro_batchnorm=true")],
+                capsys, monkeypatch)
+
+
+def test_sweep_checks_only_apply_to_sweeps(capsys, monkeypatch, data_dir):
+    """val_fraction 0 is fine for a plain training run whose tune section is not used."""
+    with pytest.raises(_Reached):
+        refused(["train", "--config", DIGITS, *s("data.val_fraction=0")], capsys, monkeypatch)
+    with pytest.raises(_Reached):
+        refused(["tune", "--config", DIGITS, *s(SWEEP, "data.val_fraction=0",
+                                                 "tune.metric=train_loss", "tune.mode=min",
+                                                 "tune.target_accuracy=null")],
+                capsys, monkeypatch)
