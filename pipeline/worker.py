@@ -8,7 +8,6 @@ writes one checkpoint per epoch, reported to Ray Train (which keeps it in run st
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from functools import partial
@@ -24,7 +23,7 @@ import torch
 
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
-from pipeline.data.epochs import epoch_batches
+from pipeline.data.epochs import epoch_batches, schedule_steps, steps_per_epoch
 from pipeline.data.plan import rank_slice
 from pipeline.data.views import make_views
 from pipeline.engine.batchnorm import has_batchnorm
@@ -124,11 +123,14 @@ def _train(loop_config: dict[str, Any]) -> None:
                                 momentum=t.momentum)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     G = t.global_batch_size
-    steps_per_epoch = max(1, len(train_pos) // G if cfg.batching.drop_last
-                          else math.ceil(len(train_pos) / G))
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    # The schedule's length from the plans themselves: curriculum, balanced, hard-mining and
+    # token-budget epochs have their own step counts (pure and cheap: no gather, no shuffle).
+    try:
+        total_steps, warmup = schedule_steps(steps_per_epoch(cfg, st, train_pos, world),
+                                             t.warmup_epochs, t.max_steps)
+    except ValueError as err:
+        raise InputError(f"config error: {err}") from None
     peak = scale_lr(t.base_lr, t.base_batch_size, G, t.lr_scaling)
-    warmup = int(round(t.warmup_epochs * steps_per_epoch))
 
     def lr_fn(step: int) -> float:
         return lr_at(step, base_lr=t.base_lr, peak_lr=peak, warmup_steps=warmup,
@@ -190,6 +192,8 @@ def _train(loop_config: dict[str, Any]) -> None:
         if t.max_steps is not None and state.step >= t.max_steps:
             break
         eb = epoch_batches(cfg, st, train_pos, epoch, world, sample_losses)
+        if rank == 0 and eb.plan.note:
+            _say(eb.plan.note)
         plan, batches, dropped = eb.plan, eb.batches, eb.dropped
         pad_stats = {"real": 0, "padded": 0}
 

@@ -306,7 +306,7 @@ def _check_first_epoch(ds: pads.Dataset, cfg: Config) -> None:
     """Plan epoch 0 on the driver from the small metadata columns, so a strategy that cannot
     work on this data (no labels, classes not dividing the batch, an empty pool...) fails here
     with exit 2 rather than on the workers."""
-    from pipeline.data.epochs import epoch_batches
+    from pipeline.data.epochs import epoch_batches, steps_per_epoch
 
     b = cfg.batching
     needs_lengths = b.strategy == "length_bucket" or b.options.get("difficulty") == "length"
@@ -320,6 +320,8 @@ def _check_first_epoch(ds: pads.Dataset, cfg: Config) -> None:
     train, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
     try:
         eb = epoch_batches(cfg, st, train, 0, cfg.scaling.num_workers)
+        # Every epoch's step count (curriculum pools, epoch_samples...): none may be empty.
+        steps_per_epoch(cfg, st, train, cfg.scaling.num_workers)
     except (ValueError, KeyError) as err:
         raise ConfigError(f"config error: batching.strategy={b.strategy}: {err}") from None
     if not eb.batches:

@@ -3,15 +3,17 @@ worker and `inspect-batches`, so what is inspected is exactly what is trained)."
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pipeline.config import Config
 from pipeline.data import strategies as _strategies  # noqa: F401  (registers the planners)
 from pipeline.data.batches import SampleTable
-from pipeline.data.plan import EpochPlan, SampleMeta, plan_epoch
+from pipeline.data.plan import EpochPlan, SampleMeta, count_epoch, plan_epoch
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,61 @@ def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: in
     keep = [x for x in plan.batches if len(x) >= world_size]  # every rank needs >= 1 sample
     short = sum(len(x) for x in plan.batches if len(x) < world_size)
     return EpochBatches(plan=plan, batches=keep, dropped=plan.dropped + short)
+
+
+def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
+                    world_size: int) -> list[int]:
+    """Optimizer steps of every epoch of ``cfg.train.epochs``: ``len(epoch_batches(...).batches)``
+    for each epoch, counted from the strategy's counter (no shuffle, no gather; a token-budget
+    plan is planned). Hard mining draws N samples whatever the losses, so its count needs none.
+
+    Raises ValueError naming the epoch and the numbers when an epoch would train no step (a pool
+    smaller than one global batch with drop_last, ``epoch_samples`` < the batch...).
+    """
+    b, t = cfg.batching, cfg.train
+    meta = pool_meta(cfg, st, train_pos, None)
+    steps = []
+    for epoch in range(t.epochs):
+        count = count_epoch(b.strategy, meta, seed=b.seed, epoch=epoch,
+                            global_batch_size=t.global_batch_size, drop_last=b.drop_last,
+                            **planner_options(cfg))
+        n = int((count.sizes >= world_size).sum())  # epoch_batches keeps these
+        if n == 0:
+            raise ValueError(
+                f"epoch {epoch + 1} of {t.epochs} would train no step: batching.strategy="
+                f"{b.strategy} makes {len(count.sizes)} global batch(es) of >= {world_size} "
+                f"sample(s) from a pool of {count.pool_size} of {len(train_pos)} training rows "
+                f"with train.global_batch_size={t.global_batch_size} "
+                f"(batching.drop_last={b.drop_last})")
+        steps.append(n)
+    return steps
+
+
+class ScheduleSteps(NamedTuple):
+    total: int  # optimizer steps of the run (train.max_steps caps it)
+    warmup: int  # steps until the end of epoch `warmup_epochs` (fractions of the next epoch)
+
+
+def schedule_steps(steps: Sequence[int], warmup_epochs: float = 0.0,
+                   max_steps: int | None = None) -> ScheduleSteps:
+    """The LR schedule's inputs from the real per-epoch step counts (`steps_per_epoch`).
+
+    ``total = min(sum(steps), max_steps)``; warmup ends where epoch ``warmup_epochs`` ends:
+    the whole epochs' steps plus the fraction of the next epoch's (rounded half up), e.g.
+    1.5 = the first epoch + half of the second. Warmup is not capped by ``max_steps``.
+
+    >>> schedule_steps([10, 20, 30], warmup_epochs=1.5)
+    ScheduleSteps(total=60, warmup=20)
+    >>> schedule_steps([10, 20, 30], warmup_epochs=1, max_steps=25)
+    ScheduleSteps(total=25, warmup=10)
+    """
+    whole = math.floor(warmup_epochs)
+    if whole > len(steps):
+        raise ValueError(f"warmup_epochs={warmup_epochs:g} is longer than the run "
+                         f"({len(steps)} epochs)")
+    warmup = int(sum(steps[:whole]))
+    frac = warmup_epochs - whole
+    if frac > 0 and whole < len(steps):
+        warmup += math.floor(frac * steps[whole] + 0.5)
+    total = int(sum(steps)) if max_steps is None else min(int(sum(steps)), int(max_steps))
+    return ScheduleSteps(total=total, warmup=warmup)

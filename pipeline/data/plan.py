@@ -50,14 +50,27 @@ class EpochPlan:
     pool_size: int = 0  # samples eligible this epoch (curriculum pools grow over training)
     # Optional per-sample extras aligned with each batch (e.g. contrastive view -> sample map).
     extras: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # A line for the log when the planner changed what the options asked for (e.g. a curriculum
+    # pool raised to one global batch); empty otherwise.
+    note: str = ""
 
     @property
     def num_samples(self) -> int:
         return int(sum(len(b) for b in self.batches))
 
 
+@dataclass(frozen=True)
+class EpochCount:
+    """The sizes of an epoch's global batches, in order, without building them (see `count_epoch`)."""
+
+    sizes: np.ndarray
+    pool_size: int = 0
+
+
 Planner = Callable[..., EpochPlan]
+Counter = Callable[..., EpochCount]
 PLANNERS: dict[str, Planner] = {}
+COUNTERS: dict[str, Counter] = {}
 
 
 def register_planner(name: str) -> Callable[[Planner], Planner]:
@@ -65,6 +78,17 @@ def register_planner(name: str) -> Callable[[Planner], Planner]:
 
     def wrap(fn: Planner) -> Planner:
         PLANNERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_counter(name: str) -> Callable[[Counter], Counter]:
+    """Register a cheap batch counter for the planner `name`: same arguments, returns the sizes
+    `plan_epoch` would give (an `EpochCount`), in O(1) or O(pool) without shuffling."""
+
+    def wrap(fn: Counter) -> Counter:
+        COUNTERS[name] = fn
         return fn
 
     return wrap
@@ -90,6 +114,17 @@ def chunk(order: np.ndarray, global_batch_size: int, drop_last: bool) -> tuple[l
     return batches, int(len(rest))
 
 
+def chunk_sizes(n: int, global_batch_size: int, drop_last: bool) -> np.ndarray:
+    """The batch sizes `chunk` gives for an ordering of n samples.
+
+    >>> chunk_sizes(10, 4, drop_last=True).tolist(), chunk_sizes(10, 4, drop_last=False).tolist()
+    ([4, 4], [4, 4, 2])
+    """
+    b = int(global_batch_size)
+    sizes = [b] * (n // b) + ([n % b] if n % b and not drop_last else [])
+    return np.asarray(sizes, dtype=np.int64)
+
+
 @register_planner("sequential")
 def plan_sequential(
     meta: SampleMeta, *, seed: int, epoch: int, global_batch_size: int, drop_last: bool = True,
@@ -111,11 +146,34 @@ def plan_random(
     return EpochPlan(batches=batches, dropped=dropped, pool_size=len(meta))
 
 
+@register_counter("sequential")
+@register_counter("random")
+def count_once_each(
+    meta: SampleMeta, *, global_batch_size: int, drop_last: bool = True, **_: object
+) -> EpochCount:
+    """Every sample of the pool once, cut into global batches (random, sequential, ...)."""
+    return EpochCount(chunk_sizes(len(meta), global_batch_size, drop_last), pool_size=len(meta))
+
+
 def plan_epoch(strategy: str, meta: SampleMeta, **kwargs: object) -> EpochPlan:
     """Dispatch to the registered planner; unknown names raise KeyError listing the known."""
     if strategy not in PLANNERS:
         raise KeyError(f"unknown batching strategy {strategy!r}; known: {sorted(PLANNERS)}")
     return PLANNERS[strategy](meta, **kwargs)
+
+
+def count_epoch(strategy: str, meta: SampleMeta, **kwargs: object) -> EpochCount:
+    """The batch sizes `plan_epoch(strategy, meta, **kwargs)` gives, from the strategy's counter
+    (cheap: no shuffle) or, for a strategy without one, from its plan.
+
+    >>> count_epoch("random", SampleMeta(ids=np.arange(10)), seed=0, epoch=0,
+    ...             global_batch_size=4).sizes.tolist()
+    [4, 4]
+    """
+    if strategy in COUNTERS:
+        return COUNTERS[strategy](meta, **kwargs)
+    plan = plan_epoch(strategy, meta, **kwargs)
+    return EpochCount(np.asarray([len(b) for b in plan.batches], dtype=np.int64), plan.pool_size)
 
 
 def rank_slice(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:

@@ -11,17 +11,22 @@ options a planner does not know are ignored, as in `plan.py`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from pipeline.data.pacing import competence
 from pipeline.data.plan import (
+    EpochCount,
     EpochPlan,
     SampleMeta,
     chunk,
+    chunk_sizes,
+    count_once_each,
     epoch_rng,
     plan_random,
+    register_counter,
     register_planner,
 )
 
@@ -71,6 +76,75 @@ def _shuffle_within(rows: np.ndarray, batch_of: np.ndarray, rng: np.random.Gener
 
 
 # --------------------------------------------------------------------------- stratified
+
+
+@functools.lru_cache(maxsize=512)
+def interleave_pattern(counts: tuple[int, ...]) -> np.ndarray | None:
+    """Class of each position of a batch holding ``counts[k]`` samples of class k, such that for
+    every ``w`` dividing ``B = sum(counts)`` each of the ``w`` contiguous slices of ``B / w``
+    positions holds ``floor(counts[k] / w)`` or ``ceil(counts[k] / w)`` of class k.
+
+    Why that is enough: a quota ``c = counts[k]`` is within 1 of ``B * p`` (``p`` the class
+    share), so a slice's share ``L * p`` (``L = B / w``) is within ``1 / w`` of ``c / w``; as
+    ``c / w`` is a multiple of ``1 / w``, ``L * p`` lies inside ``[floor(c/w), ceil(c/w)]`` when
+    those differ, and within ``1 / w`` of ``c / w`` when they do not: either count is within 1
+    of ``L * p``. Simple interleavings (sorting by
+    ``(i + 1/2) / c``, largest deficit first) miss this for some counts and some ``w`` and a
+    bound below 1 on every prefix gives only +-2 on a slice, so the pattern is an integer program over
+    the atoms between slice boundaries (solved by HiGHS, cached per count vector); None when it
+    has no solution (never met: searched exhaustively for B <= 16 with 3 and 4 classes).
+
+        >>> interleave_pattern((28, 10, 2)).reshape(2, 20).__eq__(2).sum(1).tolist()
+        [1, 1]
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
+    c = np.asarray(counts, dtype=np.int64)
+    b, k = int(c.sum()), len(c)
+    ws = [w for w in range(1, b // 2 + 1) if b % w == 0]  # w = b: slices of one, always fine
+    nodes = np.unique(np.concatenate([np.arange(0, b + 1, b // w) for w in ws] + [[0, b]]))
+    start, size = nodes[:-1], np.diff(nodes)
+    n = len(start)  # atoms: positions between two slice boundaries, order free inside
+    rows = [np.repeat(np.arange(n), k)]
+    cols = [(np.arange(k)[None, :] * n + np.arange(n)[:, None]).ravel()]
+    lo, hi, r = [size], [size], n  # every atom is filled exactly
+    for w in ws:
+        block = start // (b // w)
+        for cls in range(k):
+            rows.append(r + block)
+            cols.append(cls * n + np.arange(n))
+            lo.append(np.full(w, c[cls] // w))
+            hi.append(np.full(w, -(-c[cls] // w)))
+            r += w
+    rows_, cols_ = np.concatenate(rows), np.concatenate(cols)
+    a = coo_matrix((np.ones(len(rows_)), (rows_, cols_)), shape=(r, n * k)).tocsr()
+    res = milp(np.zeros(n * k), constraints=LinearConstraint(a, np.concatenate(lo), np.concatenate(hi)),
+               integrality=np.ones(n * k), bounds=Bounds(0, np.tile(size, k)))
+    if res.x is None:
+        return None
+    per_atom = np.rint(res.x).astype(np.int64).reshape(k, n)
+    return np.repeat(np.tile(np.arange(k), n), per_atom.T.ravel())
+
+
+def _interleave(rows: np.ndarray, cls: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Reorder one batch's rows (random order inside each class) along `interleave_pattern`;
+    the pattern or its mirror image (which keeps the property), drawn at random."""
+    counts = np.bincount(cls[rows], minlength=k)
+    pattern = interleave_pattern(tuple(int(x) for x in counts))
+    if pattern is None:
+        return rows
+    if rng.random() < 0.5:
+        pattern = pattern[::-1]
+    out = np.empty_like(rows)
+    by_class = rows[np.argsort(cls[rows], kind="stable")]
+    out[np.argsort(pattern, kind="stable")] = by_class
+    return out
+
+
+register_counter("stratified")(count_once_each)  # N // B full batches, the rest last or dropped
+register_counter("contrastive")(count_once_each)
+register_counter("hard_mining")(count_once_each)  # N draws: the count never depends on the losses
 
 
 @register_planner("stratified")
@@ -152,7 +226,7 @@ def plan_stratified(
         rows = np.empty(len(class_of), dtype=np.int64)
         rows[by_class] = grouped[starts[class_of[by_class]] + rank_in_class]
         placed = _shuffle_within(rows, batch_of, rng).reshape(n_batches, b)
-        batches = [ids[row] for row in placed]
+        batches = [ids[_interleave(row, cls, k, rng)] for row in placed]
     else:
         used = np.zeros(k, dtype=np.int64)
         batches = []
@@ -232,21 +306,45 @@ def plan_balanced(
     )
 
 
+@register_counter("balanced")
+def count_balanced(
+    meta: SampleMeta, *, global_batch_size: int, epoch_samples: int | None = None, **_: object
+) -> EpochCount:
+    """``epoch_samples // B`` full batches (the planner's checks included)."""
+    b = _check_batch_size(global_batch_size)
+    labels = _column(meta, "labels", "balanced")
+    total = len(meta) if epoch_samples is None else int(epoch_samples)
+    if total < 0:
+        raise ValueError(f"epoch_samples must be >= 0, got {epoch_samples}")
+    if len(meta) == 0:
+        return EpochCount(np.zeros(0, np.int64), 0)
+    k = len(np.unique(labels))
+    if b % k:
+        raise ValueError(
+            f"balanced batching needs global_batch_size ({b}) divisible by the number of "
+            f"classes ({k})"
+        )
+    return EpochCount(np.full(total // b, b, dtype=np.int64), pool_size=len(meta))
+
+
 # --------------------------------------------------------------------------- curriculum
 
 
 def curriculum_pool_size(
     n: int, epoch: int, *, pacing: str = "root", c0: float = 0.1, pacing_epochs: float = 10,
-    steps: int = 4, growth: float = 2.0,
+    steps: int = 4, growth: float = 2.0, min_size: int = 1,
 ) -> int:
-    """``ceil(c * n)`` clipped to ``[1, n]`` with ``c = competence(epoch / pacing_epochs)``.
+    """``ceil(c * n)`` clipped to ``[min_size, n]`` with ``c = competence(epoch / pacing_epochs)``.
 
     A relative tolerance of 1e-9 guards against ``0.3 * 10 -> 3.0000000000000004`` rounding
-    the pool up by one.
+    the pool up by one. The planner passes ``min_size = global_batch_size``: the competence is
+    floored at ``B / n``, so a pool always holds one global batch (never an epoch with no step).
 
         >>> [curriculum_pool_size(100, e, pacing="linear", c0=0.1, pacing_epochs=4)
         ...  for e in range(6)]
         [10, 33, 55, 78, 100, 100]
+        >>> curriculum_pool_size(100, 0, pacing="linear", c0=0.1, pacing_epochs=4, min_size=32)
+        32
     """
     if n <= 0:
         return 0
@@ -256,7 +354,7 @@ def curriculum_pool_size(
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     c = competence(epoch / float(pacing_epochs), pacing, c0=c0, steps=steps, growth=growth)
     size = math.ceil(c * n - 1e-9 * n)
-    return int(min(n, max(1, size)))
+    return int(min(n, max(1, int(min_size), size)))
 
 
 @register_planner("curriculum")
@@ -273,8 +371,9 @@ def plan_curriculum(
     broken by id, so pools are nested and grow monotonically; from ``epoch >= pacing_epochs``
     the pool is the whole dataset. The pool is permuted by (seed, epoch) and cut into batches.
     ``pool_size`` is the pool's size; ``dropped`` counts pool samples cut by ``drop_last``
-    (samples outside the pool are neither placed nor dropped). Caveat: with ``drop_last`` a
-    pool smaller than the batch gives an epoch with no batches.
+    (samples outside the pool are neither placed nor dropped). The pool never holds fewer than
+    ``min(N, B)`` samples (the competence is floored at ``B / N``), so every epoch has a full
+    global batch when ``N >= B``; when the floor raised the pool, ``note`` says so for the log.
 
     Worked example (difficulty = id, linear pacing over 2 epochs from c0 = 0.5):
 
@@ -285,18 +384,34 @@ def plan_curriculum(
         [[0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
         >>> plan_curriculum(meta, seed=0, epoch=2, **opts).pool_size
         8
+        >>> plan_curriculum(meta, seed=0, epoch=0, **{**opts, "global_batch_size": 6}).note
+        'curriculum pool raised from 4 to 6 samples at epoch 1 to hold one global batch (6)'
     """
     b = _check_batch_size(global_batch_size)
     difficulty = _column(meta, "difficulty", "curriculum").astype(np.float64)
     ids = _ids(meta)
-    size = curriculum_pool_size(
-        len(ids), epoch, pacing=pacing, c0=c0, pacing_epochs=pacing_epochs, steps=steps,
-        growth=growth,
-    )
+    pace = dict(pacing=pacing, c0=c0, pacing_epochs=pacing_epochs, steps=steps, growth=growth)
+    size = curriculum_pool_size(len(ids), epoch, min_size=b, **pace)
+    paced = curriculum_pool_size(len(ids), epoch, **pace)
+    note = (f"curriculum pool raised from {paced} to {size} samples at epoch {epoch + 1} to hold "
+            f"one global batch ({b})" if size > paced else "")
     easiest = np.lexsort((ids, difficulty))[:size]
     order = ids[easiest[epoch_rng(seed, epoch).permutation(size)]]
     batches, dropped = chunk(order, b, drop_last)
-    return EpochPlan(batches=batches, dropped=dropped, pool_size=size)
+    return EpochPlan(batches=batches, dropped=dropped, pool_size=size, note=note)
+
+
+@register_counter("curriculum")
+def count_curriculum(
+    meta: SampleMeta, *, epoch: int, global_batch_size: int, drop_last: bool = True,
+    pacing: str = "root", c0: float = 0.1, pacing_epochs: float = 10, steps: int = 4,
+    growth: float = 2.0, **_: object,
+) -> EpochCount:
+    """The pool of `plan_curriculum` (floored at one global batch), cut into batches."""
+    b = _check_batch_size(global_batch_size)
+    size = curriculum_pool_size(len(meta), epoch, pacing=pacing, c0=c0, pacing_epochs=pacing_epochs,
+                                steps=steps, growth=growth, min_size=b)
+    return EpochCount(chunk_sizes(size, b, drop_last), pool_size=size)
 
 
 # --------------------------------------------------------------------------- hard mining
@@ -481,6 +596,20 @@ def plan_length_bucket(
         batches.append(ids[rest[np.argsort(lengths[rest], kind="stable")]])
         return EpochPlan(batches=batches, dropped=0, pool_size=n)
     return EpochPlan(batches=batches, dropped=int(len(rest)), pool_size=n)
+
+
+@register_counter("length_bucket")
+def count_length_bucket(
+    meta: SampleMeta, *, seed: int, epoch: int, global_batch_size: int, drop_last: bool = True,
+    max_tokens: int | None = None, **options: object,
+) -> EpochCount:
+    """Fixed size: like ``random``. Token budget: the sizes depend on which samples share a
+    mega-batch, so the epoch is planned (O(N log N), no gather)."""
+    if max_tokens is None:
+        return count_once_each(meta, global_batch_size=global_batch_size, drop_last=drop_last)
+    plan = plan_length_bucket(meta, seed=seed, epoch=epoch, global_batch_size=global_batch_size,
+                              drop_last=drop_last, max_tokens=max_tokens, **options)
+    return EpochCount(np.asarray([len(x) for x in plan.batches], np.int64), plan.pool_size)
 
 
 # --------------------------------------------------------------------------- contrastive
