@@ -4,7 +4,8 @@
         --set tracking.uri=http://<mlflow-server>:5000 --out /shared/runs/digits
 
 It joins the cluster it was submitted to (RAY_ADDRESS, set by the job server) and never starts
-a second one. Same arguments and exit codes as `python -m pipeline train`.
+a second one. Same arguments and exit codes as `python -m pipeline train`
+(`--help`, `--print-config`); the job's log shows the pipeline's lines, `--verbose` adds Ray's own.
 """
 
 import sys

@@ -6,7 +6,8 @@
 It joins the cluster it was submitted to (RAY_ADDRESS, set by the job server) and never starts
 a second one; trials run as many at a time as the cluster's CPUs/GPUs fit. An interrupted sweep
 continues with the same command plus `--resume`. Same arguments and exit codes as
-`python -m pipeline tune`.
+`python -m pipeline tune` (`--help`, `--print-config`); the job's log shows the
+pipeline's lines, `--verbose` adds Ray's own.
 """
 
 import sys

@@ -1,20 +1,29 @@
-"""`python -m pipeline COMMAND --config FILE [--set dotted.key=value ...] [--out DIR]`.
+"""`python -m pipeline COMMAND --config FILE [--set dotted.key=value ...] [--out DIR] [--verbose]`.
 
 Exit codes: 0 success; 2 bad input (config, data, arguments) with one line on stderr naming
 the culprit, checked before any cluster work starts; 1 anything else.
 
 Heavy imports (Ray, torch) happen only after validation, so bad input fails in a second.
+Each command is one `Command` in `COMMANDS` (its help, example, extra arguments and handler):
+a new command is one more entry.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from pipeline import console
 from pipeline.config import Config, ConfigError, load_config
 
-COMMANDS = ("train", "tune", "inspect-batches")
+PROG = "python -m pipeline"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,22 +31,130 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"argument error: {message}")
 
 
+# -- the commands -----------------------------------------------------------------------------
+def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
+    from pipeline.launch import run_training
+
+    for line in console.setup_lines(cfg, info, cfg.tracking_uri()):
+        console.say(line)
+    summary = run_training(cfg, info, out, resume=args.resume, address=address)
+    m = summary["metrics"]
+    console.say(f"done: val_accuracy={m.get('val_accuracy', float('nan')):.4f} "
+                f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} epochs")
+    console.say(f"result: {out / 'result.json'}")
+    console.say(f"MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+    if summary["tracking_uri"].startswith("sqlite:///"):
+        console.say(f"see it: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    return 0
+
+
+def _tune(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
+    from pipeline.tune.sweep import SweepInterrupted, print_sweep, run_sweep
+
+    try:
+        trials = run_sweep(cfg, info, out, resume=args.resume, address=address)
+    except SweepInterrupted as err:
+        print(f"[pipeline] {err}", file=sys.stderr)
+        return 1
+    print_sweep(trials, out)
+    return 0
+
+
+def _inspect(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
+    from pipeline.inspect import inspect_batches, print_summary
+
+    print_summary(inspect_batches(cfg, info, out))
+    console.say(f"wrote {out / 'batches.parquet'} and {out / 'batches.png'}")
+    return 0
+
+
+def _resume_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--resume", action="store_true", help=what)
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str  # one line, in `python -m pipeline --help`
+    description: str  # the command's own --help
+    example: str
+    run: Callable[[argparse.Namespace, Config, Any, Path, str | None], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        summary="train one model with Ray Train (DDP workers), tracked in MLflow",
+        description="Train one model: Ray Data ingest, Ray Train's TorchTrainer on "
+        "scaling.num_workers DDP workers, one MLflow run. Writes DIR/result.json (final metrics, "
+        "MLflow run id, last checkpoint, resolved config) and a checkpoint every epoch.",
+        example=f"{PROG} train --config jobs/configs/digits.yaml --set train.epochs=2 --out runs/digits",
+        run=_train,
+        add_arguments=lambda p: _resume_argument(
+            p, "continue from the latest checkpoint in --out (the same MLflow run)")),
+    "tune": Command(
+        summary="sweep batch size x LR scaling rule x ... with Ray Tune (ASHA or FIFO)",
+        description="Run the Ray Tune sweep that tune.search_space describes (dotted config keys), "
+        "one nested MLflow run per trial under a parent run. Writes DIR/result.json (best trial, "
+        "parent run id), DIR/trials.csv and plots.",
+        example=f"{PROG} tune --config jobs/configs/sweep_digits.yaml --set train.epochs=3 "
+        "--out runs/sweep",
+        run=_tune,
+        add_arguments=lambda p: _resume_argument(
+            p, "continue the interrupted sweep recorded in --out")),
+    "inspect-batches": Command(
+        summary="draw a job's exact batches without training, and summarise them",
+        description="Run the job's batch pipeline (same ingest, plans, rank slices and "
+        "micro-batches) for train.epochs epochs on scaling.num_workers ranks without training. "
+        "Writes one row per sample drawn to DIR/batches.parquet, DIR/summary.json and "
+        "DIR/batches.png, and prints a per-epoch summary.",
+        example=f"{PROG} inspect-batches --config jobs/configs/digits.yaml "
+        "--set batching.strategy=stratified --out runs/inspect",
+        run=_inspect),
+}
+
+
+def _common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (defaults when omitted)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value by dotted key, e.g. train.epochs=2 (repeatable)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="output folder (default runs/<command>)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own logs (default: only the pipeline's lines)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config after --config and --set as YAML, every key with its "
+                   "default and description, and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=COMMANDS)
-    p.add_argument("--config", help="YAML config (defaults when omitted)")
-    p.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override a config value by dotted key (repeatable)")
-    p.add_argument("--out", default=None, help="output folder (default runs/<command>)")
-    p.add_argument("--resume", action="store_true", help="train: resume from the latest checkpoint in --out")
+    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Ray-based training and tuning of PyTorch models, built around how "
+                "batches are composed,\nstepped and sized. Every command reads one typed config "
+                "(--config FILE, --set key=value).",
+                epilog=f"{PROG} COMMAND --help shows a command's options and an example;\n"
+                f"{PROG} COMMAND --print-config prints every config key with its default and "
+                "description.\n\nexample:\n  " + COMMANDS["train"].example)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, title="commands")
+    for name, c in COMMANDS.items():
+        sp = sub.add_parser(name, help=c.summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            description=textwrap.fill(c.description, 96),
+                            epilog=f"example:\n  {c.example}")
+        _common_arguments(sp)
+        if c.add_arguments is not None:
+            c.add_arguments(sp)
+        sp.set_defaults(resume=False)
     return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object, Path]:
     """Parse and validate everything; raise ConfigError on bad input. No cluster work."""
     from pipeline.data.datasets import resolve
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     cfg, info = resolve(cfg)
     out = Path(args.out or f"runs/{args.command}").resolve()
@@ -49,45 +166,99 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
 def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
     """Run a command; `address="auto"` joins a running cluster and never starts one (jobs/)."""
     try:
+        args = parse_args(argv)
+        if args.print_config:
+            print(config_yaml(load_config(args.config, args.overrides), args.command), end="")
+            return 0
         args, cfg, info, out = prepare(argv)
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    console.set_verbose(args.verbose)  # before Ray is imported
     try:
-        if args.command == "train":
-            from pipeline.launch import run_training
-
-            summary = run_training(cfg, info, out, resume=args.resume, address=address)
-            m = summary["metrics"]
-            print(f"[pipeline] done: val_accuracy={m.get('val_accuracy', float('nan')):.4f} "
-                  f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} epochs")
-            print(f"[pipeline] result: {out / 'result.json'}")
-            print(f"[pipeline] MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
-            if summary["tracking_uri"].startswith("sqlite:///"):
-                print(f"[pipeline] see it: mlflow ui --backend-store-uri {summary['tracking_uri']}")
-            return 0
-        if args.command == "inspect-batches":
-            from pipeline.inspect import inspect_batches, print_summary
-
-            print_summary(inspect_batches(cfg, info, out))
-            print(f"[pipeline] wrote {out / 'batches.parquet'} and {out / 'batches.png'}")
-            return 0
-        if args.command == "tune":
-            from pipeline.tune.sweep import SweepInterrupted, print_sweep, run_sweep
-
-            try:
-                trials = run_sweep(cfg, info, out, resume=args.resume, address=address)
-            except SweepInterrupted as err:
-                print(f"[pipeline] {err}", file=sys.stderr)
-                return 1
-            print_sweep(trials, out)
-            return 0
-        print(f"{args.command}: not available yet", file=sys.stderr)
-        return 1
+        return COMMANDS[args.command].run(args, cfg, info, out, address)
     except ConfigError as err:  # bad input found while connecting (e.g. multi-node + sqlite)
         print(str(err), file=sys.stderr)
         return 2
+    except Exception as err:  # a run stopped on purpose (train.nonfinite=stop): its one line
+        stopped = getattr(sys.modules.get("pipeline.launch"), "TrainingStopped", None)
+        if stopped is None or not isinstance(err, stopped):
+            raise  # anything else: the traceback in full, exit 1
+        print(str(err), file=sys.stderr)
+        return 1
 
 
 def main() -> None:
     sys.exit(run())
+
+
+# -- --print-config ---------------------------------------------------------------------------
+def _flow(value: Any) -> str:
+    """A value as one line of YAML.
+
+    >>> _flow(None), _flow("auto"), _flow(0.0005), _flow({}), _flow([32, 128])
+    ('null', 'auto', '0.0005', '{}', '[32, 128]')
+    """
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    return text.removesuffix("...").strip()
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    lines = textwrap.wrap(text, 100 - len(indent), break_on_hyphens=False, break_long_words=False)
+    return [f"{indent}# {ln}" for ln in lines] or [f"{indent}#"]
+
+
+def _field_lines(key: str, value: Any, field: Any, indent: str) -> list[str]:
+    """A key's description and default as comments, then the key as YAML."""
+    default = field.get_default(call_default_factory=True)
+    about = (field.description or "").strip()  # a field without a description still shows
+    lines = _comment(f"{about} (default: {_flow(default)})".strip(), indent)
+    body = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False, width=10**6)
+    return lines + [indent + ln for ln in body.rstrip("\n").splitlines()]
+
+
+def _known_entries(model: Any, given: dict[str, Any], indent: str, what: str) -> list[str]:
+    """A typed options/kwargs model's entries not given, commented out with their defaults."""
+    rest = {k: f for k, f in model.model_fields.items() if k not in given}
+    if not rest:
+        return []
+    lines = [f"{indent}# {what}, with their defaults:"]
+    for k, f in rest.items():
+        about = f" -- {f.description}" if f.description else ""
+        lines.append(f"{indent}#   {k}: {_flow(f.get_default(call_default_factory=True))}{about}")
+    return lines
+
+
+def config_yaml(cfg: Config, command: str = "train") -> str:
+    """`cfg` as YAML that loads back to the same config, each key under a comment with its
+    one-line description and default, taken from the typed config itself.
+
+    >>> text = config_yaml(Config().with_overrides({"train.epochs": 3}))
+    >>> "  # passes over the training pool (default: 10)\\n  epochs: 3" in text
+    True
+    >>> Config.model_validate(yaml.safe_load(text)) == Config().with_overrides({"train.epochs": 3})
+    True
+    """
+    from pipeline.config import MODEL_KWARGS, STRATEGY_OPTIONS
+
+    out = [f"# {PROG} {command} --config THIS_FILE",
+           "# The config after --config and --set; every key with its default and description.",
+           "# Values that the data decides (model.name: auto, unset columns) are filled at the run",
+           "# and recorded in the resolved config MLflow keeps."]
+    for section, sfield in Config.model_fields.items():
+        values = getattr(cfg, section)
+        out.append("")
+        out += _comment(sfield.description or section, "")
+        out.append(f"{section}:")
+        for key, field in type(values).model_fields.items():
+            value = getattr(values, key)
+            out += _field_lines(key, value, field, "  ")
+            if (section, key) == ("batching", "options"):
+                out += _known_entries(STRATEGY_OPTIONS[values.strategy], value, "  ",
+                                      f"options of strategy {values.strategy}")
+            elif (section, key) == ("model", "kwargs") and values.name in MODEL_KWARGS:
+                out += _known_entries(MODEL_KWARGS[values.name], value, "  ",
+                                      f"arguments of model {values.name}")
+    return "\n".join(out) + "\n"

@@ -70,8 +70,13 @@ def rank_rows(cfg_dict: dict[str, Any], refs: list[Any], rank: int) -> pa.Table:
 
 def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
               class_share: pd.Series | None) -> dict[str, Any]:
-    """Coverage, duplicates, class-proportion deviation, padding efficiency, pool per epoch."""
+    """Coverage, duplicates, class-proportion deviation, padding efficiency, pool per epoch.
+
+    With class shares: ``max_class_deviation`` (full global batches) and
+    ``worst_rank_class_deviation``, the largest |count - share x slice size| over every rank's
+    slice of a full global batch and every class, per epoch and over the run (top level)."""
     per_epoch = []
+    worst_rank = 0.0
     for epoch, e in df.groupby("epoch"):
         counts = e["sample_id"].value_counts()
         row = {"epoch": int(epoch), "drawn": int(len(e)), "unique": int(len(counts)),
@@ -83,13 +88,21 @@ def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
                 c = full.groupby(["batch", "label"]).size().unstack(fill_value=0)
                 c = c.reindex(columns=class_share.index, fill_value=0)
                 row["max_class_deviation"] = float((c - class_share * global_batch).abs().max().max())
+                r = full.groupby(["batch", "rank", "label"]).size().unstack(fill_value=0)
+                r = r.reindex(columns=class_share.index, fill_value=0)
+                dev = (r - np.outer(r.sum(axis=1), class_share.to_numpy())).abs().to_numpy().max()
+                row["worst_rank_class_deviation"] = float(dev)
+                worst_rank = max(worst_rank, float(dev))
         if (e["length"] > 0).any():
             micro = e.groupby(["rank", "batch", "micro"]).agg(real=("length", "sum"),
                                                               n=("length", "size"),
                                                               padded=("padded_length", "first"))
             row["padding_efficiency"] = float(micro["real"].sum() / (micro["n"] * micro["padded"]).sum())
         per_epoch.append(row)
-    return {"epochs": per_epoch, "ranks": sorted(int(r) for r in df["rank"].unique())}
+    out = {"epochs": per_epoch, "ranks": sorted(int(r) for r in df["rank"].unique())}
+    if any("worst_rank_class_deviation" in e for e in per_epoch):
+        out["worst_rank_class_deviation"] = worst_rank
+    return out
 
 
 def plot(df: pd.DataFrame, summary: dict[str, Any], path: Path) -> None:
@@ -147,10 +160,13 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    print(f"strategy {summary['strategy']} on {summary['workers']} worker(s), "
-          f"{summary['rows']} samples drawn from {summary['dataset']}")
-    cols = ["epoch", "drawn", "unique", "coverage", "duplicates", "pool_size",
-            "max_class_deviation", "padding_efficiency"]
+    """What `python -m pipeline inspect-batches` prints: one line of setup, then one row per
+    epoch (every per-epoch figure the summary holds; the known ones first)."""
+    print(f"[pipeline] strategy {summary['strategy']} on {summary['workers']} worker(s): "
+          f"{summary['rows']} samples drawn from {summary['dataset']}", flush=True)
+    first = ["epoch", "drawn", "unique", "coverage", "duplicates", "pool_size",
+             "max_class_deviation", "padding_efficiency"]
     ep = pd.DataFrame(summary["epochs"])
     ep["epoch"] += 1
-    print(ep[[c for c in cols if c in ep]].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    cols = [c for c in first if c in ep] + [c for c in ep if c not in first]
+    print(ep[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"), flush=True)

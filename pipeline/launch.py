@@ -20,6 +20,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
+from pipeline import console
 from pipeline.config import Config, ConfigError
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -32,12 +33,26 @@ from pipeline.worker import train_func
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, verbose: bool | None = None) -> None:
     """Join the cluster at RAY_ADDRESS / `address`, or start a local one (laptop) when neither
-    is given. `address="auto"` only joins: it fails rather than start a second cluster."""
-    if ray.is_initialized():
-        return
-    ray.init(address=os.environ.get("RAY_ADDRESS") or address)
+    is given. `address="auto"` only joins: it fails rather than start a second cluster.
+    The console shows the pipeline's lines unless `verbose` (default: `--verbose` given)."""
+    verbose = console.is_verbose() if verbose is None else verbose
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or address
+        if address in (None, "", "local"):  # starts its own Ray: its processes inherit this env
+            for key, value in console.local_ray_env(verbose).items():
+                os.environ.setdefault(key, value)
+        ray.init(address=address, **console.ray_init_kwargs(verbose))
+    quiet_ray_data_and_loggers(verbose)
+
+
+def quiet_ray_data_and_loggers(verbose: bool) -> None:
+    """Ray Data's progress bars and execution plans, and the Python loggers (pipeline/console.py)."""
+    ctx = ray.data.DataContext.get_current()
+    for key, value in console.ray_data_flags(verbose).items():
+        setattr(ctx, key, value)
+    console.quiet_loggers(verbose)
 
 
 def check_store_reachable(uri: str) -> None:
@@ -78,21 +93,34 @@ def _log(msg: str) -> None:
     print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
 
-def _progress_callback() -> Any:
+def _progress_callback(epochs: int) -> Any:
+    """One console line per epoch and per failing rank. It runs on the Train controller (an
+    actor): its prints reach the driver's console through Ray's worker-log stream."""
+
     class Progress(ray.train.UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-            m = metrics[0]
-            keys = ("train_loss", "val_loss", "val_accuracy", "lr", "samples_per_s")
-            shown = "  ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
-            print(f"[pipeline] epoch {int(m.get('epoch', 0))}: {shown}", flush=True)
+            console.say(console.epoch_line(metrics[0], epochs))
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
+            for rank, err in sorted(worker_exceptions.items()):
+                last = (str(err).strip().splitlines() or [""])[-1]
+                console.say(f"rank {rank} failed: {type(err).__name__}: {last[:300]}")
 
     return Progress()
 
 
+def _worker_entry(loop_config: dict[str, Any]) -> Any:
+    """Each worker: the console settings (Ray's per-rank report lines), then the worker function."""
+    console.quiet_worker_logs(loop_config.get("verbose", False))
+    return train_func(loop_config)
+
+
 def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = False,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 extra_callbacks: list[Any] | None = None, address: str | None = None
-                 ) -> dict[str, Any]:
+                 extra_callbacks: list[Any] | None = None, address: str | None = None,
+                 show_progress: bool = True) -> dict[str, Any]:
+    """Train one job. `show_progress=False` (a Tune trial: the sweep prints per trial) keeps
+    the per-epoch lines, the progress bar and the run's own lines off the console."""
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = out_dir / "ray_results"
@@ -105,8 +133,11 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             raise ConfigError(f"argument error: --resume: no checkpoint under {storage}")
         if state_file.exists():
             run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
-        _log(f"resuming from {resume_from} (epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")
-    connect(address)
+        if show_progress:
+            _log(f"resuming from {resume_from} "
+                 f"(epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")
+    verbose = console.is_verbose()
+    connect(address, verbose)
     check_store_reachable(uri)
     refs = ingest(info)
     if run_id is None:
@@ -119,16 +150,20 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
 
         client(uri).update_run(run_id, status="RUNNING")
     write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri})
-    _log(f"MLflow run {run_id} in {uri}")
+    if show_progress:
+        _log(f"MLflow run {run_id} in {uri}")
     fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
     fatal_file.unlink(missing_ok=True)
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
     # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
     trainer = TorchTrainer(
-        train_func,
+        _worker_entry,
         train_loop_config={"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
                            "tracking_uri": uri, "fatal_file": str(fatal_file),
-                           "resume_from": str(resume_from) if resume_from else None},
+                           "resume_from": str(resume_from) if resume_from else None,
+                           # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set
+                           "progress_bar": show_progress and console.progress_bar_wanted(),
+                           "verbose": verbose},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -136,7 +171,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             name=name, storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=[_progress_callback(), *(extra_callbacks or [])]),
+            callbacks=[*([_progress_callback(cfg.train.epochs)] if show_progress else []),
+                       *(extra_callbacks or [])],
+            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level(verbose))),
     )
     try:
         result = trainer.fit()

@@ -198,16 +198,23 @@ def _train(loop_config: dict[str, Any]) -> None:
         pad_stats = {"real": 0, "padded": 0}
 
         steps_log: list[tuple[int, dict[str, float]]] = []
+        bar = None  # a progress bar within the epoch, drawn on the driver's terminal
+        if rank == 0 and loop_config.get("progress_bar"):
+            from ray.experimental.tqdm_ray import tqdm
+
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}", unit="step")
         start = time.perf_counter()
         metrics = train_epoch(
             model, optimizer,
             (step_batches(rank_slice(x, rank, world), (b.seed, epoch), pad_stats) for x in batches),
             state, lr_fn=lr_fn, loss=t.loss, precision=t.precision, scaler=scaler,
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
-            on_step=partial(_record_step, steps_log), seed=t.seed, rank=rank,
+            on_step=partial(_record_step, steps_log, bar), seed=t.seed, rank=rank,
             nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit,
             on_event=_say if rank == 0 else None)
         wall = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
         eval_batches = (to_torch(collate(p, (b.seed, -1 - epoch)), device)
                         for p in micro_slices(my_val, per_worker))
         if len(val_pos):
@@ -245,9 +252,11 @@ def _say(msg: str) -> None:
     print(f"[pipeline] {msg}", flush=True)
 
 
-def _record_step(log: list[tuple[int, dict[str, float]]], state: LoopState,
+def _record_step(log: list[tuple[int, dict[str, float]]], bar: Any, state: LoopState,
                  record: dict[str, float]) -> None:
     log.append((state.step, record))
+    if bar is not None:
+        bar.update(1)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

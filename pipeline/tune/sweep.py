@@ -36,6 +36,7 @@ import importlib.util
 import itertools
 import json
 import math
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from pipeline import console
 from pipeline.config import Config, ConfigError, flatten
 from pipeline.data.datasets import DatasetInfo, resolve
 from pipeline.files import write_json
@@ -147,7 +149,9 @@ def check_trials(cfg: Config) -> list[Config]:
     checked = []
     for combo in combos or [{}]:
         try:
-            checked.append(resolve(cfg.with_overrides(combo))[0])
+            trial = resolve(cfg.with_overrides(combo))[0]
+            trial.check_tune()  # tune.metric is logged, target_accuracy compares to val_accuracy
+            checked.append(trial)
         except ConfigError as err:
             shown = ", ".join(f"{k}={v}" for k, v in combo.items())
             raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
@@ -220,7 +224,7 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     run_training(cfg, info, out, resume=resume, parent_run_id=parent_run_id,
                  tags={"tune.trial_id": trial_id, "tune.sweep": sweep,
                        "tune.overrides": json.dumps(overrides, default=str)},
-                 extra_callbacks=[TuneReportCallback()])
+                 extra_callbacks=[TuneReportCallback()], show_progress=False)
 
 
 # -- the sweep ----------------------------------------------------------------------------------
@@ -265,8 +269,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         client(uri).update_run(parent, status="RUNNING")
     state.update(parent_run_id=parent, tracking_uri=uri)
     write_json(state_file, state)
-    print(f"[pipeline] sweep {name}: {concurrency} trial(s) at a time; MLflow parent run "
-          f"{parent} in {uri}", flush=True)
+    console.say(f"sweep {name}: {_count_trials(cfg)} trial(s), {concurrency} at a time, "
+                f"{cfg.tune.scheduler} scheduler, ranked by {cfg.tune.metric} ({cfg.tune.mode})")
+    console.say(f"MLflow parent run {parent} in {uri} (experiment '{cfg.tracking.experiment}')")
 
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg.with_overrides({"tracking.uri": uri}).to_dict(),
@@ -290,7 +295,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(out_dir / "ray_results"),
                     failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                    verbose=1))
+                    callbacks=[trial_console(cfg, live=console.progress_bar_wanted()
+                                             and not console.is_verbose())],
+                    verbose=console.tune_verbosity(console.is_verbose())))
         grid = tuner.fit()
         if grid.num_terminated + grid.num_errors < len(grid):
             raise SweepInterrupted(f"sweep {name} interrupted; continue it with --resume "
@@ -409,7 +416,8 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
         })
         if cfg.tune.metric not in row:
             row[cfg.tune.metric] = m.get(cfg.tune.metric, math.nan)
-        row["steps_to_target"] = steps_to_target(h, cfg.tune.target_accuracy)
+        row["steps_to_target"] = (steps_to_target(h, cfg.tune.target_accuracy)
+                                  if cfg.tune.target_accuracy is not None else None)
         row["mlflow_run_id"] = run_id
         row["error"] = _one_line(result.error)
         row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}
@@ -486,3 +494,104 @@ def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
     print(f"[pipeline] MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}")
     if result["tracking_uri"].startswith("sqlite:///"):
         print(f"[pipeline] see it: mlflow ui --backend-store-uri {result['tracking_uri']}")
+
+
+# -- the console: one line per finished trial, a live table on a terminal -----------------------
+def _count_trials(cfg: Config) -> int:
+    """Trials the sweep will run (grid: grid points x num_samples)."""
+    grid = [len(v) for kind, v in parse_search_space(cfg).values() if kind == "grid"]
+    if cfg.tune.search == "grid":
+        return math.prod(grid) * cfg.tune.num_samples
+    return cfg.tune.num_samples
+
+
+def trial_line(trial_id: str, overrides: dict[str, Any], status: str, result: dict[str, Any],
+               metric: str, error: str = "") -> str:
+    """The console line of a finished trial.
+
+    >>> trial_line("ab12_00003", {"train.global_batch_size": 128, "train.lr_scaling": "sqrt"},
+    ...            "done", {"epoch": 3, "step": 33, "val_accuracy": 0.95822}, "val_accuracy")
+    'trial ab12_00003 (global_batch_size=128 lr_scaling=sqrt): done after 3 epochs, val_accuracy=0.9582'
+    >>> trial_line("ab12_00004", {}, "ERROR", {}, "val_accuracy", error="ValueError: boom")
+    'trial ab12_00004: ERROR after 0 epochs: ValueError: boom'
+    """
+    shown = f" ({_short(overrides)})" if overrides else ""
+    value = result.get(metric)
+    score = f", {metric}={value:.4f}" if isinstance(value, int | float) else ""
+    why = f": {error}" if error else ""
+    return f"trial {trial_id}{shown}: {status} after {int(result.get('epoch', 0))} epochs{score}{why}"
+
+
+def trial_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """The live table: one row per trial (id, swept values, status, epoch, metric).
+
+    >>> print(trial_table([{"trial": "t1", "overrides": {"train.global_batch_size": 32},
+    ...                     "status": "RUNNING", "epoch": 2, "val_accuracy": 0.91234},
+    ...                    {"trial": "t2", "overrides": {"train.global_batch_size": 512},
+    ...                     "status": "PENDING"}], "val_accuracy"))
+    trial  global_batch_size  status   epoch  val_accuracy
+    t1     32                 RUNNING  2      0.9123
+    t2     512                PENDING
+    """
+    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
+    head = ["trial", *(k.rsplit(".", 1)[-1] for k in keys), "status", "epoch", metric]
+    body = []
+    for r in rows:
+        value = r.get(metric)
+        body.append([r["trial"], *(str(r["overrides"].get(k, "")) for k in keys), r["status"],
+                     str(r.get("epoch", "")), f"{value:.4f}" if isinstance(value, int | float) else ""])
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in [head, *body])
+
+
+def trial_console(cfg: Config, live: bool) -> Any:
+    """A Tune callback (it runs on the driver): a line per finished trial, and on a terminal
+    (`live`) the table of every trial redrawn below those lines at each result."""
+    from ray.tune import Callback
+
+    epochs, metric = cfg.train.epochs, cfg.tune.metric
+
+    class TrialConsole(Callback):
+        drawn = 0  # lines of the live table on screen
+        ended: dict[str, str] = {}  # trial id -> how it ended (Tune sets its status later)
+
+        def _overrides(self, trial: Any) -> dict[str, Any]:
+            return {k: v for k, v in (trial.config or {}).items() if k in cfg.tune.search_space}
+
+        def _redraw(self, trials: list[Any], line: str | None = None) -> None:
+            if not live:
+                if line:
+                    console.say(line)
+                return
+            out = sys.stdout
+            if self.drawn:
+                out.write(f"\x1b[{self.drawn}F\x1b[J")  # back to the table's first line, erase
+            if line:
+                out.write(f"[pipeline] {line}\n")
+            rows = [{"trial": t.trial_id, "overrides": self._overrides(t),
+                     "status": self.ended.get(t.trial_id, t.status),
+                     "epoch": t.last_result.get("epoch", ""), metric: t.last_result.get(metric)}
+                    for t in trials]
+            table = trial_table(rows, metric)
+            out.write(table + "\n")
+            out.flush()
+            self.drawn = table.count("\n") + 1
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+            self._redraw(trials)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info):
+            last = trial.last_result or {}
+            done = int(last.get("epoch", 0)) >= int((trial.config or {}).get("train.epochs", epochs))
+            status = self.ended[trial.trial_id] = "done" if done else "stopped early"
+            self._redraw(trials, trial_line(trial.trial_id, self._overrides(trial), status, last,
+                                            metric))
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info):
+            error = f"see {trial.error_file}" if getattr(trial, "error_file", None) else ""
+            self.ended[trial.trial_id] = "ERROR"
+            self._redraw(trials, trial_line(trial.trial_id, self._overrides(trial), "ERROR",
+                                            trial.last_result or {}, metric, error))
+
+    return TrialConsole()

@@ -1,0 +1,270 @@
+"""The CLI's surface and the console settings, in-process and without Ray: per-command help,
+`--print-config`, `--verbose`, argument errors as one line, and what quiets Ray's console."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import cli, console
+from pipeline.config import Config, load_config
+from tests.conftest import REPO
+
+DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = cli.run(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# -- help -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_each_command_has_its_own_help_with_description_and_example(name, capsys):
+    rc, out, err = _run([name, "--help"], capsys)
+    command = cli.COMMANDS[name]
+    assert rc == 0 and err == ""
+    assert out.startswith(f"usage: python -m pipeline {name} ")
+    assert " ".join(command.description.split()) in " ".join(out.split())
+    assert f"example:\n  {command.example}\n" in out
+    assert command.example.startswith(f"python -m pipeline {name} --config jobs/configs/")
+    for flag in ("--config", "--set", "--out", "--verbose", "--print-config"):
+        assert flag in out
+    assert ("--resume" in out) == (name in ("train", "tune"))
+
+
+def test_help_examples_name_configs_that_exist():
+    for command in cli.COMMANDS.values():
+        words = command.example.split()
+        assert (REPO / words[words.index("--config") + 1]).is_file(), command.example
+
+
+def test_top_level_help_lists_every_command_with_its_summary(capsys):
+    rc, out, _ = _run(["--help"], capsys)
+    assert rc == 0
+    flat = " ".join(out.split())
+    for name, command in cli.COMMANDS.items():
+        assert f"{name} {command.summary}" in flat
+    assert "--print-config" in out
+
+
+# -- argument errors: one line, exit 2 ------------------------------------------------------------
+@pytest.mark.parametrize("argv, culprit", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    ([], "required: COMMAND"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["inspect-batches", "--resume"], "unrecognized arguments: --resume"),
+    (["train", "--set"], "--set"),
+])
+def test_argument_errors_are_one_line_and_exit_2(argv, culprit, capsys):
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("argument error: ") and culprit in err, err
+
+
+def test_unknown_command_in_a_fresh_interpreter_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "bogus", "--config", DIGITS],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "argument error: argument COMMAND: invalid choice: 'bogus' (choose from 'train', 'tune', "
+        "'inspect-batches')"]
+
+
+def test_verbose_is_accepted_by_every_command():
+    for name in cli.COMMANDS:
+        assert cli.parse_args([name, "--verbose"]).verbose is True
+        assert cli.parse_args([name]).verbose is False
+
+
+# -- --print-config -------------------------------------------------------------------------------
+def test_print_config_round_trips_to_the_same_config(capsys):
+    sets = ["train.epochs=3", "batching.strategy=curriculum", "batching.options.pacing=linear",
+            "model.name=mlp", "model.kwargs.hidden=64",
+            "tune.search_space={train.base_lr: {grid: [0.1, 0.2]}}"]
+    argv = ["train", "--config", DIGITS, "--print-config"] + [a for s in sets for a in ("--set", s)]
+    rc, out, err = _run(argv, capsys)
+    assert rc == 0 and err == ""
+    expected = load_config(DIGITS, sets)
+    assert Config.model_validate(yaml.safe_load(out)) == expected
+    assert expected.train.epochs == 3 and expected.batching.options == {"pacing": "linear"}
+
+
+def test_print_config_output_is_a_config_file_the_cli_reads(tmp_path, capsys):
+    _, out, _ = _run(["tune", "--config", DIGITS, "--print-config", "--set", "train.epochs=4"], capsys)
+    path = tmp_path / "printed.yaml"
+    path.write_text(out)
+    assert load_config(path) == load_config(DIGITS, ["train.epochs=4"])
+
+
+def test_print_config_comments_every_key_with_its_description_and_default(capsys):
+    _, out, _ = _run(["train", "--print-config", "--set", "train.epochs=3"], capsys)
+    lines = out.splitlines()
+    keys = 0
+    for section, sfield in Config.model_fields.items():
+        start = lines.index(f"{section}:")
+        for key, field in sfield.annotation.model_fields.items():
+            at = next(i for i, ln in enumerate(lines) if i > start and ln.startswith(f"  {key}:"))
+            comment = []
+            for ln in reversed(lines[:at]):  # the comment block right above the key
+                if not ln.startswith("  # "):
+                    break
+                comment.insert(0, ln[4:])
+            text = " ".join(comment)
+            default = cli._flow(field.get_default(call_default_factory=True))
+            assert text.endswith(f"(default: {default})"), (section, key, text)
+            if field.description:
+                assert " ".join(field.description.split()) in text, (section, key)
+            keys += 1
+    assert keys == sum(len(f.annotation.model_fields) for f in Config.model_fields.values())
+    epochs = lines.index("  epochs: 3")
+    assert lines[epochs - 1].endswith("(default: 10)")
+
+
+def test_print_config_lists_the_strategys_options_not_given(capsys):
+    _, out, _ = _run(["train", "--print-config", "--set", "batching.strategy=curriculum",
+                      "--set", "batching.options.c0=0.2"], capsys)
+    assert "  options:\n    c0: 0.2\n  # options of strategy curriculum, with their defaults:\n" in out
+    assert "  #   pacing: root -- " in out and "#   c0:" not in out
+
+
+def test_print_config_handles_a_field_without_description(monkeypatch):
+    field = Config.model_fields["train"].annotation.model_fields["epochs"]
+    monkeypatch.setattr(field, "description", None)
+    text = cli.config_yaml(Config())
+    assert "  # (default: 10)\n  epochs: 10\n" in text
+
+
+def test_print_config_refuses_a_bad_config_like_a_run(capsys):
+    rc, out, err = _run(["train", "--print-config", "--set", "train.epochs=0"], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1 and "train.epochs" in err
+
+
+def test_print_config_touches_neither_the_data_nor_ray():
+    code = ("import sys; from pipeline.cli import run; "
+            "rc = run(['train', '--print-config', '--set', 'data.path=/nonexistent.parquet']); "
+            "print(sorted(m for m in ('ray', 'mlflow', 'torch') if m in sys.modules), file=sys.stderr); "
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "[]"
+    assert yaml.safe_load(proc.stdout)["data"]["path"] == "/nonexistent.parquet"
+
+
+# -- the console settings -------------------------------------------------------------------------
+def test_ray_init_keeps_workers_output_and_raises_the_ray_logger_unless_verbose():
+    quiet, loud = console.ray_init_kwargs(False), console.ray_init_kwargs(True)
+    assert quiet == {"log_to_driver": True, "logging_level": logging.ERROR}
+    assert loud == {"log_to_driver": True, "logging_level": logging.INFO}
+    assert console.train_log_level(False) == "WARNING" and console.train_log_level(True) == "INFO"
+    assert console.tune_verbosity(False) == 0 and console.tune_verbosity(True) == 1
+
+
+def test_ray_data_flags_are_real_data_context_fields():
+    """Read from Ray Data's source, not imported: a renamed field would silently do nothing."""
+    source = (REPO / ".venv/lib/python3.11/site-packages/ray/data/context.py")
+    if not source.exists():
+        pytest.skip("no Ray Data source in .venv")
+    text = source.read_text()
+    flags = console.ray_data_flags(False)
+    assert flags == {"enable_progress_bars": False, "print_on_execution_start": False}
+    for name in flags:
+        assert f"\n    {name}: bool = " in text, name
+    assert console.ray_data_flags(True) == {}
+
+
+def test_set_verbose_chooses_the_console_before_ray_is_imported(monkeypatch):
+    ray_keys = ("RAY_DISABLE_WORKER_LOG_PREFIX", "RAY_AIR_NEW_OUTPUT")
+    for key in (console.VERBOSE_ENV, *ray_keys):
+        monkeypatch.delenv(key, raising=False)
+    console.set_verbose(False)
+    assert not console.is_verbose()
+    assert [os.environ[k] for k in ray_keys] == ["1", "0"]
+    for key in ray_keys:
+        monkeypatch.delenv(key)
+    console.set_verbose(True)
+    assert console.is_verbose() and not any(k in os.environ for k in ray_keys)
+    assert console.local_ray_env(True) == {} and console.ray_env(True) == {}
+
+
+def test_set_verbose_keeps_a_users_own_ray_setting(monkeypatch):
+    monkeypatch.setenv("RAY_DISABLE_WORKER_LOG_PREFIX", "0")
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    console.set_verbose(False)
+    assert os.environ["RAY_DISABLE_WORKER_LOG_PREFIX"] == "0"
+
+
+@pytest.fixture
+def saved_loggers():
+    names = ("mlflow", "alembic", "ray.data")
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in names}
+    yield
+    for n, (level, handlers) in saved.items():
+        logging.getLogger(n).setLevel(level)
+        logging.getLogger(n).handlers[:] = handlers
+
+
+def test_quiet_loggers_silence_mlflow_and_ray_datas_console_but_not_its_file(saved_loggers, tmp_path):
+    data = logging.getLogger("ray.data")
+    stream, file = logging.StreamHandler(io.StringIO()), logging.FileHandler(tmp_path / "ray-data.log")
+    data.handlers[:] = [stream, file]
+    for h in (stream, file):
+        h.setLevel(logging.INFO)
+    logging.getLogger("mlflow").setLevel(logging.INFO)
+    console.quiet_loggers(True)
+    assert logging.getLogger("mlflow").level == logging.INFO and stream.level == logging.INFO
+    console.quiet_loggers(False)
+    assert logging.getLogger("mlflow").level == logging.ERROR
+    assert logging.getLogger("alembic").level == logging.ERROR
+    assert stream.level == logging.ERROR and file.level == logging.INFO
+    file.close()
+
+
+def test_quiet_worker_logs_reach_ray_trains_file_named_logger():
+    ours = logging.getLogger("/venv/site-packages/ray/train/v2/_internal/execution/context.py")
+    other = logging.getLogger("/venv/site-packages/torch/distributed/run.py")
+    for lg in (ours, other):
+        lg.setLevel(logging.NOTSET)
+    console.quiet_worker_logs(True)
+    assert ours.level == logging.NOTSET
+    console.quiet_worker_logs(False)
+    assert ours.level == logging.WARNING and other.level == logging.NOTSET
+    assert not ours.isEnabledFor(logging.INFO)
+
+
+def test_progress_bar_only_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert console.progress_bar_wanted(Tty()) is True
+    assert console.progress_bar_wanted(io.StringIO()) is False
+
+
+def test_epoch_line_shows_the_key_metrics_in_order():
+    line = console.epoch_line({"epoch": 3, "val_accuracy": 0.5, "train_loss": float("nan"),
+                               "lr": 0.1, "padding_efficiency": 0.8123, "tokens_per_s": 1e4})
+    assert line == "epoch 3: train_loss=nan val_accuracy=0.5000 lr=0.1 padding=81.2% 10000 tokens/s"
+
+
+def test_setup_lines_state_the_batch_arithmetic_and_the_scaled_lr():
+    from pipeline.data.datasets import DatasetInfo
+
+    cfg = Config().with_overrides({"train.global_batch_size": 256, "train.micro_batch_size": 32,
+                                   "scaling.num_workers": 4, "train.lr_scaling": "sqrt",
+                                   "train.base_lr": 0.1, "train.base_batch_size": 64})
+    lines = console.setup_lines(cfg, DatasetInfo(uri="u", num_rows=10, columns=()), "sqlite:///x")
+    assert len(lines) == 4
+    assert "global batch 256 = 4 workers x 2 micro-batches of 32" in lines[1]
+    assert "lr 0.2 (0.1 at batch 64, sqrt rule)" in lines[2]  # 0.1 * sqrt(256 / 64)
+    assert lines[3].endswith("in sqlite:///x")
