@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 
 
 def is_local_store(uri: str) -> bool:
+    """A store on this machine's disk (reachable only from this node) rather than a server.
+
+    >>> is_local_store("sqlite:////tmp/mlflow.db"), is_local_store("/tmp/mlruns")
+    (True, True)
+    >>> is_local_store("http://10.0.0.5:5000")
+    False
+    """
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 

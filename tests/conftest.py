@@ -22,6 +22,32 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ["RAY_AUTH_MODE"] = "token"
 
 
+# Each session fixture and the marker a test that uses it must carry, so that
+# `-m "not ray and not mlflow and not slow"` (the pure tier) never starts either.
+FIXTURE_MARKERS = {"ray_cluster": "ray", "mlflow_server": "mlflow"}
+
+
+def marker_problems(items) -> list[str]:
+    """One line per test whose markers say other than its fixtures: it uses `ray_cluster` /
+    `mlflow_server` (directly or through another fixture: `item.fixturenames` is the closure)
+    without the `ray` / `mlflow` marker, or carries the marker and uses no such fixture."""
+    problems = []
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        for fixture, marker in FIXTURE_MARKERS.items():
+            marked = item.get_closest_marker(marker) is not None
+            if fixture in used and not marked:
+                problems.append(f"{item.nodeid}: uses {fixture} without @pytest.mark.{marker}")
+            elif marked and fixture not in used:
+                problems.append(f"{item.nodeid}: marked {marker} but does not use {fixture}")
+    return problems
+
+
+def pytest_collection_modifyitems(config, items):
+    if problems := marker_problems(items):
+        raise pytest.UsageError("markers that do not match the fixtures:\n  " + "\n  ".join(problems))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,3 +162,27 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd or REPO,
                           env={**os.environ, **(env or {})})
+
+
+def digits_train_rows(val_fraction: float, split_seed: int) -> int:
+    """Training rows of the embedded `digits` after the workers' train/validation split: the
+    end-to-end tests derive their step counts from it, not from the dataset's size."""
+    from pipeline.data.batches import split_train_val
+    from pipeline.data.datasets import make_digits
+
+    labels = make_digits().column("label").to_numpy()
+    return len(split_train_val(len(labels), labels, val_fraction, split_seed)[0])
+
+
+def cli_in_process(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
+    """`python -m pipeline ARGV` in this process (`pipeline.cli.run`): (exit code, stdout,
+    stderr). The console settings the CLI puts in the environment are undone after the test."""
+    from pipeline import cli
+    from pipeline.console import VERBOSE_ENV, ray_env
+
+    for key in (VERBOSE_ENV, *ray_env(False), *ray_env(True)):
+        monkeypatch.delenv(key, raising=False)
+    capsys.readouterr()
+    rc = cli.run(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err

@@ -1,6 +1,7 @@
-"""Batch composition through Ray: inspect-batches on 1 and 3 workers, bad data rejected before
-Ray, and the curriculum / hard-mining / contrastive / length-bucketed strategies training end to
-end through Ray Train, logged to the real MLflow server."""
+"""Batch composition through Ray: inspect-batches on 1 and 3 workers (in-process, on the
+session's cluster), bad data rejected before Ray (in-process, no cluster), and the curriculum /
+hard-mining / contrastive / length-bucketed strategies training end to end through Ray Train,
+logged to the real MLflow server."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.data.datasets import resolve
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, cli_in_process
 from tests.data.test_epochs import odd_table
+from tests.test_refusals import refused
 
 DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
 
@@ -36,8 +38,8 @@ def global_batches(parquet) -> dict[tuple[int, int], list[int]]:
 
 
 @pytest.mark.ray
-def test_inspect_batches_same_global_batches_on_1_and_3_workers(ray_cluster, odd_parquet,
-                                                                 tmp_path):
+def test_inspect_batches_same_global_batches_on_1_and_3_workers(ray_client, odd_parquet,
+                                                                 tmp_path, capsys, monkeypatch):
     common = ["--set", f"data.path={odd_parquet}", "--set", "data.feature_column=null",
               "--set", "data.sequence_column=tokens", "--set", "model.name=seq_transformer",
               "--set", "batching.strategy=length_bucket", "--set", "train.epochs=2",
@@ -45,10 +47,11 @@ def test_inspect_batches_same_global_batches_on_1_and_3_workers(ray_cluster, odd
               "--set", "batching.pad_multiple_of=8", "--set", "data.val_fraction=0.1"]
     seen = {}
     for world in (1, 3):
-        out = run_cli("inspect-batches", *common, "--set", f"scaling.num_workers={world}",
-                      "--out", str(tmp_path / f"w{world}"))
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert "padding_efficiency" in out.stdout
+        rc, stdout, stderr = cli_in_process(
+            ["inspect-batches", *common, "--set", f"scaling.num_workers={world}",
+             "--out", str(tmp_path / f"w{world}")], capsys, monkeypatch)
+        assert rc == 0, stderr[-2000:]
+        assert f"on {world} worker(s)" in stdout and "padding_efficiency" in stdout
         seen[world] = global_batches(tmp_path / f"w{world}" / "batches.parquet")
         summary = json.loads((tmp_path / f"w{world}" / "summary.json").read_text())
         for ep in summary["epochs"]:
@@ -67,7 +70,8 @@ def write(path, table):
     return str(path)
 
 
-def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir):
+def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir, capsys, monkeypatch):
+    """In-process, with the cluster unreachable (tests/test_refusals.py's harness)."""
     one = pa.table({"features": pa.FixedSizeListArray.from_arrays(
         pa.array(np.zeros(40 * 4, np.float32)), 4),
         "label": pa.array([0] * 20 + [1] * 19 + [2])})  # class 2: 1 sample
@@ -84,13 +88,13 @@ def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir):
             "train.micro_batch_size=null"], "divisible"),
     }
     for name, (path, extra, culprit) in cases.items():
-        args = ["train", "--set", f"data.path={path}", "--set", "model.name=mlp"]
+        args = ["train", "--set", f"data.path={path}", "--set", "data.feature_column=features",
+                "--set", "model.name=mlp"]
         for e in extra:
             args += ["--set", e]
-        out = run_cli(*args, timeout=60)
-        assert out.returncode == 2, (name, out.stderr)
-        assert len(out.stderr.strip().splitlines()) == 1, (name, out.stderr)
-        assert culprit in out.stderr, (name, out.stderr)
+        with monkeypatch.context() as mp:
+            line = refused(args, capsys, mp)
+        assert culprit in line, (name, line)
 
 
 def train(mlflow_uri, out, *overrides):

@@ -17,13 +17,15 @@ WRITES = {"01_train_and_review.ipynb": ["result.json"],
           "02_batch_size_sweep.ipynb": ["result.json", "trials.csv", "accuracy_vs_batch.png"],
           "03_batch_composition.ipynb": ["classes-stratified/batches.parquet",
                                          "padding-length_bucket/summary.json"]}
-pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 
 
 def test_every_notebook_is_listed():
     assert sorted(p.name for p in NOTEBOOKS) == sorted(WRITES)
 
 
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, ray_cluster, mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("NB_EPOCHS", "2")
@@ -32,10 +34,10 @@ def test_notebook_runs(path: Path, ray_cluster, mlflow_server, tmp_path, monkeyp
     monkeypatch.setenv("NB_OUT", str(tmp_path / "out"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3",
+    # A cell that raises fails the test here: CellExecutionError (allow_errors is off).
+    NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=False,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.get("output_type") == "error"]
-    assert not errors
+    ran = [c for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+    assert ran and all(c.get("execution_count") for c in ran)  # every code cell ran
     for name in WRITES[path.name]:
         assert (tmp_path / "out" / name).is_file(), name

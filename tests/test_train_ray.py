@@ -10,7 +10,7 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, job_status, run_cli, submit_job
+from tests.conftest import REPO, digits_train_rows, job_status, run_cli, submit_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
 DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
@@ -63,7 +63,9 @@ def test_resume_continues_at_next_epoch_with_step_counter(ray_client, mlflow_ser
     run_in_process(mlflow_server, tmp_path, "tracking.experiment=test-resume", "train.epochs=2")
     r1 = json.loads((tmp_path / "result.json").read_text())
     steps_per_epoch = r1["metrics"]["step"] // 2
-    assert steps_per_epoch == (1797 - 360) // 64  # 1437 training rows, drop_last
+    data, train = r1["config"]["data"], r1["config"]["train"]
+    train_rows = digits_train_rows(data["val_fraction"], data["split_seed"])
+    assert steps_per_epoch == train_rows // train["global_batch_size"]  # random, drop_last
     second = run_cli("train", *common, "--set", "train.epochs=4", "--resume")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from" in second.stderr

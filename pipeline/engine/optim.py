@@ -34,6 +34,14 @@ def param_groups(
     ``decay`` holds the rest. Empty groups are omitted (torch rejects empty groups). With
     ``exclude_norm_and_bias=False`` there is a single group named ``decay`` holding everything.
     Shared (tied) parameters appear once: ``named_parameters`` deduplicates them.
+
+    A linear layer's weight is decayed and adapted; its bias and BatchNorm's weight and bias
+    are not:
+
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    >>> [(g["name"], len(g["params"]), g["weight_decay"], g["adapt"])
+    ...  for g in param_groups(model, weight_decay=0.1)]
+    [('decay', 1, 0.1, True), ('no_decay', 3, 0.0, False)]
     """
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     if not exclude_norm_and_bias:

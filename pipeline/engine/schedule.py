@@ -16,7 +16,11 @@ import math
 
 
 def scale_lr(base_lr: float, base_batch_size: int, global_batch_size: int, rule: str) -> float:
-    """>>> scale_lr(0.1, 256, 1024, "linear"), scale_lr(0.1, 256, 1024, "sqrt")
+    """The LR for `global_batch_size` under `rule`, from `base_lr` at `base_batch_size`.
+
+    Goyal et al.'s ImageNet setting, base LR 0.1 at batch 256, at batch 1024 (4x):
+
+    >>> scale_lr(0.1, 256, 1024, "linear"), scale_lr(0.1, 256, 1024, "sqrt")
     (0.4, 0.2)
     """
     ratio = global_batch_size / base_batch_size
@@ -46,8 +50,10 @@ def lr_at(
     """
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr + (peak_lr - base_lr) * step / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    # The last step trained (total_steps - 1) is the schedule's end: progress runs 0 -> 1 over
+    # the steps after warmup, so a cosine run ends exactly at 0 and a step schedule at 0.01.
+    decay_steps = total_steps - 1 - warmup_steps
+    progress = 1.0 if decay_steps <= 0 else min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
     if schedule == "constant":
         return peak_lr
     if schedule == "step":

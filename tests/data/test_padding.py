@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.data import padding
 from pipeline.data.padding import (
     IGNORE_INDEX,
     collate_sequences,
@@ -76,10 +73,16 @@ def test_empty_batch_and_empty_sequences():
 
 
 def test_rejects_inconsistent_lengths():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"sum\(lengths\) = 4 does not match len\(values\) = 5"):
         pad_ragged(np.arange(5), np.array([2, 2]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="multiple_of must be >= 1"):
         pad_ragged(np.arange(5), np.array([5]), multiple_of=0)
+    with pytest.raises(ValueError, match="max_length must be >= 0"):
+        pad_ragged(np.arange(5), np.array([5]), max_length=-1)
+    with pytest.raises(ValueError, match="lengths must be non-negative"):
+        pad_ragged(np.arange(5), np.array([6, -1]))
+    with pytest.raises(ValueError, match="values must be 1-D"):
+        pad_ragged(np.arange(6).reshape(2, 3), np.array([3, 3]))
 
 
 @pytest.mark.parametrize("max_length", [None, 1, 100, 512])
@@ -107,7 +110,7 @@ def test_padding_efficiency():
     assert padding_efficiency(np.array([4, 2, 2]), 4) == pytest.approx(8 / 12)
     assert padding_efficiency(np.array([3, 3]), 3) == 1.0
     assert padding_efficiency(np.array([], dtype=np.int64), 16) == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"a length \(5\) exceeds padded_length=4"):
         padding_efficiency(np.array([5]), 4)
 
 
@@ -179,8 +182,3 @@ def test_collate_sequences():
     no_targets = collate_sequences({"tokens_values": tokens, "tokens_lengths": lengths})
     assert "token_targets" not in no_targets
     assert no_targets["input_ids"].shape == (4, 12)
-
-
-def test_docstring_examples():
-    result = doctest.testmod(padding)
-    assert result.attempted >= 4 and result.failed == 0

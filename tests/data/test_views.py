@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
+import pytest
 
-from pipeline.data import views
 from pipeline.data.views import make_views
 
 B, H, W = 32, 8, 8
@@ -133,6 +131,42 @@ def test_shift_is_zero_filled_translation():
     assert len(seen) > 3  # shifts actually vary
 
 
-def test_docstring_examples():
-    result = doctest.testmod(views)
-    assert result.attempted >= 2 and result.failed == 0
+def test_keyed_views_do_not_depend_on_how_the_batch_is_split():
+    """With `key` and `sample_keys`, a sample's views are the same in the whole batch, in any
+    slice of it and in any order: a function of (key, sample key, view) only."""
+    batch = _digits_like(seed=4)
+    kw = dict(num_views=2, key=(3, 1), noise_std=0.1, max_shift=1, image_shape=(H, W))
+    whole = make_views(batch, sample_keys=batch["sample_id"], **kw)
+    order = np.random.default_rng(0).permutation(B)
+    for part in (order[:5], order[5:17], order[17:]):  # three uneven micro-batches
+        sub = {k: v[part] for k, v in batch.items()}
+        views = make_views(sub, sample_keys=sub["sample_id"], **kw)
+        for v in range(2):
+            np.testing.assert_array_equal(views["features"][v * len(part):(v + 1) * len(part)],
+                                          whole["features"][v * B + part])
+    other_epoch = make_views(batch, sample_keys=batch["sample_id"], **{**kw, "key": (3, 2)})
+    assert not np.isclose(other_epoch["features"], whole["features"]).all(axis=1).any()
+    # Two views of one sample differ (the view index is part of the seed).
+    assert not np.isclose(whole["features"][:B], whole["features"][B:]).all(axis=1).any()
+
+
+def test_invalid_arguments():
+    batch = _digits_like(n=4)
+    with pytest.raises(ValueError, match="num_views must be >= 1"):
+        make_views(batch, num_views=0, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="noise_std must be >= 0"):
+        make_views(batch, num_views=2, rng=np.random.default_rng(0), noise_std=-1.0)
+    with pytest.raises(ValueError, match="give either rng or key"):
+        make_views(batch, num_views=2)
+    with pytest.raises(ValueError, match="give either rng or key"):
+        make_views(batch, num_views=2, rng=np.random.default_rng(0), key=(0,),
+                   sample_keys=batch["sample_id"])
+    with pytest.raises(ValueError, match=r"one entry per sample \(4\)"):
+        make_views(batch, num_views=2, key=(0,), sample_keys=batch["sample_id"][:3])
+    with pytest.raises(ValueError, match="do not hold 7x7 images"):
+        make_views(batch, num_views=2, rng=np.random.default_rng(0), image_shape=(7, 7))
+    with pytest.raises(ValueError, match="column 'label' has shape"):
+        make_views({**batch, "label": batch["label"][:3]}, num_views=2,
+                   rng=np.random.default_rng(0))
+    with pytest.raises(KeyError, match="pixels"):
+        make_views(batch, num_views=2, rng=np.random.default_rng(0), feature_key="pixels")

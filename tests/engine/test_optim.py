@@ -74,16 +74,18 @@ def test_lars_lr_enters_inside_momentum() -> None:
 
 @pytest.mark.parametrize("adapt", [True, False])
 def test_zero_initialised_param_moves(adapt: bool) -> None:
-    for cls in (LARS, LAMB):
-        w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        opt = cls([{"params": [w], "adapt": adapt}], lr=0.1)
-        _step(opt, w, [1.0, -2.0, 0.5])
-        assert (w != 0).all(), (cls.__name__, w)
-    # LARS with ||w|| = 0: trust ratio 1, so w1 = -lr * grad exactly
-    w = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    # ||w|| = 0: the trust ratio is 1, so the first step is the plain one.
+    # LARS: w1 = -lr * grad.
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
     opt = LARS([{"params": [w], "adapt": adapt}], lr=0.1)
-    _step(opt, w, [1.0, -2.0])
-    _close(w, [-0.1, 0.2])
+    _step(opt, w, [1.0, -2.0, 0.5])
+    _close(w, [-0.1, 0.2, -0.05])
+    # LAMB: bias-corrected m_hat = g, v_hat = g^2 after one step, so w1 = -lr * g / (|g| + eps)
+    #   = -0.1 * [1 / (1 + 1e-6), -2 / (2 + 1e-6), 0.5 / (0.5 + 1e-6)]
+    w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt = LAMB([{"params": [w], "adapt": adapt}], lr=0.1, eps=1e-6)
+    _step(opt, w, [1.0, -2.0, 0.5])
+    _close(w, [-0.1 / (1 + 1e-6), 0.2 / (2 + 1e-6), -0.05 / (0.5 + 1e-6)], tol=1e-15)
 
 
 # --------------------------------------------------------------------------------------- LAMB

@@ -1,0 +1,261 @@
+"""Tune sweeps without a cluster: the analysis functions on hand-made frames, the search space,
+the search algorithm, the concurrency rule and ASHA's rungs, and bad search spaces refused
+before the cluster. The real sweep is in tests/test_tune.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.tune import analysis
+from pipeline.tune.analysis import (
+    accuracy_vs_batch_plot,
+    steps_to_target,
+    steps_vs_batch_plot,
+    summary_table,
+)
+from tests.conftest import REPO, cli_in_process, digits_train_rows
+
+PNG = b"\x89PNG"
+SWEEP = str(REPO / "jobs" / "configs" / "sweep_digits.yaml")
+
+
+# -- analysis ------------------------------------------------------------------------------------
+def test_steps_to_target_first_epoch_reaching_it():
+    h = pd.DataFrame({"epoch": [3, 1, 2, 4], "step": [66, 22, 44, 88],
+                      "val_accuracy": [0.95, 0.80, 0.93, 0.91]})  # unsorted, not monotone
+    assert steps_to_target(h, 0.9) == 44
+    assert steps_to_target(h, 0.95) == 66
+    assert steps_to_target(h, 0.80) == 22
+    assert steps_to_target(h, 0.99) is None
+    assert steps_to_target(h.iloc[:0], 0.5) is None
+    assert steps_to_target(h.rename(columns={"val_accuracy": "acc"}), 0.9, metric="acc") == 44
+
+
+def _trials() -> pd.DataFrame:
+    rows = []
+    for rule, acc in (("none", [0.97, 0.95, 0.80]), ("linear", [0.97, 0.97, 0.96])):
+        for batch, a, s in zip((32, 128, 512), acc, (400, 100, 40), strict=True):
+            rows.append({"train.global_batch_size": batch, "train.lr_scaling": rule,
+                         "val_accuracy": a, "steps_to_target": s if a >= 0.9 else None})
+    rows.append({"train.global_batch_size": 32, "train.lr_scaling": "none",
+                 "val_accuracy": math.nan, "steps_to_target": None})  # an errored trial
+    return pd.DataFrame(rows)
+
+
+def _lines(fig) -> list[tuple[str, list[float], list[float]]]:
+    (ax,) = fig.axes
+    return [(ln.get_label(), [float(x) for x in ln.get_xdata()],
+             [float(y) for y in ln.get_ydata()]) for ln in ax.get_lines()]
+
+
+def test_plots_draw_the_best_trial_per_rule_and_batch(tmp_path, monkeypatch):
+    figures = []
+    save = analysis._save
+    monkeypatch.setattr(analysis, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    df = _trials()
+    assert accuracy_vs_batch_plot(df, tmp_path / "acc.png").read_bytes()[:4] == PNG
+    # One line per rule (sorted), the errored trial (NaN) left out.
+    assert _lines(figures[0]) == [
+        ("lr_scaling=linear", [32, 128, 512], [0.97, 0.97, 0.96]),
+        ("lr_scaling=none", [32, 128, 512], [0.97, 0.95, 0.80])]
+    assert steps_vs_batch_plot(df, tmp_path / "steps.png", target=0.9).read_bytes()[:4] == PNG
+    # The unscaled batch 512 never reached the target: left out. Perfect scaling through each
+    # rule's smallest batch: 400 steps at 32 -> 400 * 32 / b.
+    (label, xs, ys), (perfect, pxs, pys), (label2, xs2, ys2), (_, pxs2, pys2) = _lines(figures[1])
+    assert (label, xs, ys) == ("lr_scaling=linear", [32, 128, 512], [400, 100, 40])
+    assert (perfect, pxs, pys) == ("perfect scaling", [32, 128, 512], [400, 100, 25])
+    assert (label2, xs2, ys2) == ("lr_scaling=none", [32, 128], [400, 100])
+    assert (pxs2, pys2) == ([32, 128], [400, 100])
+    assert figures[1].axes[0].get_title() == "Steps to target vs batch size (val_accuracy >= 0.9)"
+
+
+def test_plots_keep_the_callers_backend(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # stands for a notebook's inline backend: the plots must keep it
+    try:
+        accuracy_vs_batch_plot(_trials(), tmp_path / "acc.png")
+        steps_vs_batch_plot(_trials(), tmp_path / "steps.png")
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+
+
+def test_empty_plots_say_so(tmp_path, monkeypatch):
+    figures = []
+    save = analysis._save
+    monkeypatch.setattr(analysis, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    empty = _trials().assign(val_accuracy=math.nan, steps_to_target=None)
+    accuracy_vs_batch_plot(empty, tmp_path / "e1.png")
+    steps_vs_batch_plot(empty, tmp_path / "e2.png")
+    texts = [[t.get_text() for t in f.axes[0].texts] for f in figures]
+    assert texts == [["no finished trial"], ["no trial reached the target"]]
+    assert all(_lines(f) == [] for f in figures)
+
+
+def test_summary_table_is_markdown_best_first():
+    table = summary_table(_trials(), ["train.global_batch_size", "train.lr_scaling",
+                                      "val_accuracy"])
+    lines = table.strip().splitlines()
+    assert lines[0] == "| train.global_batch_size | train.lr_scaling | val_accuracy |"
+    assert lines[1] == "|---|---|---|"
+    assert len(lines) == 2 + 7
+    # Best first; ties keep the input order (stable); the NaN row last, blank.
+    assert lines[2:5] == ["| 32 | none | 0.9700 |", "| 32 | linear | 0.9700 |",
+                          "| 128 | linear | 0.9700 |"]
+    assert lines[-1] == "| 32 | none |  |"
+
+
+# -- search space and concurrency ----------------------------------------------------------------
+def _cfg(space: dict, *sets: str):
+    return load_config(SWEEP, [f"tune.search_space={json.dumps(space)}", *sets])
+
+
+def test_search_space_kinds_and_dotted_keys():
+    from ray import tune
+
+    from pipeline.tune.sweep import search_space
+
+    space = search_space(_cfg({"train.global_batch_size": {"grid": [32, 128]},
+                               "train.lr_scaling": {"choice": ["none", "linear"]},
+                               "train.base_lr": {"loguniform": [1e-3, 1e-1]},
+                               "train.momentum": {"uniform": [0.8, 0.95]}}))
+    assert space["train.global_batch_size"] == tune.grid_search([32, 128])
+    assert space["train.lr_scaling"].categories == ["none", "linear"]
+    assert isinstance(space["train.base_lr"], tune.search.sample.Float)
+    assert space["train.base_lr"].lower == 1e-3 and space["train.momentum"].upper == 0.95
+    random = search_space(_cfg({"train.global_batch_size": {"grid": [32, 128]}},
+                               "tune.search=random"))
+    assert random["train.global_batch_size"].categories == [32, 128]
+
+
+def test_optuna_search_suggests_points_of_the_space_reproducibly():
+    from pipeline.tune.sweep import search_algorithm, search_space
+
+    space = {"train.global_batch_size": {"grid": [32, 128]},
+             "train.base_lr": {"loguniform": [1e-3, 1e-1]}}
+    assert search_algorithm(_cfg(space)) is None  # grid: Tune's own generator
+    cfg = _cfg(space, "tune.search=optuna")
+    runs = []
+    for _ in range(2):  # seeded with train.seed: the same suggestions twice
+        alg = search_algorithm(cfg)
+        assert alg.set_search_properties("val_accuracy", "max", search_space(cfg))
+        suggested = []
+        for i in range(5):
+            point = alg.suggest(f"t{i}")
+            assert set(point) == set(space)
+            assert point["train.global_batch_size"] in (32, 128)
+            assert 1e-3 <= point["train.base_lr"] <= 1e-1
+            alg.on_trial_complete(f"t{i}", {"val_accuracy": 1 - abs(point["train.base_lr"] - 0.02)})
+            suggested.append(point)
+        runs.append(suggested)
+    assert runs[0] == runs[1]
+    assert len({p["train.base_lr"] for p in runs[0]}) == 5
+
+
+def test_optuna_missing_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from pipeline.tune.sweep import check_trials
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"tune.search=optuna needs Optuna: pip install"):
+        check_trials(_cfg({}, "tune.search=optuna"))
+
+
+@pytest.mark.parametrize("space, culprit", [
+    ({"train.nope": {"grid": [1]}}, "'train.nope'"),
+    ({"train.base_lr": {"normal": [0, 1]}}, "unknown spec kind 'normal'"),
+    ({"train.base_lr": {"loguniform": [0, 1]}}, "tune.search_space.train.base_lr.loguniform"),
+    ({"train.base_lr": [0.1, 0.2]}, "tune.search_space.train.base_lr"),
+    ({"tune.num_samples": {"grid": [1, 2]}}, "cannot be swept"),
+    ({"train.global_batch_size": {"grid": [32, 33]}}, "train.global_batch_size=33"),
+])
+def test_bad_search_space_is_a_config_error(space, culprit):
+    from pipeline.tune.sweep import check_trials
+
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.").replace("[", r"\[")):
+        check_trials(_cfg(space, "scaling.num_workers=2"))
+
+
+def test_bad_search_space_exits_2_before_connecting(tmp_path, capsys, monkeypatch, data_dir):
+    """In-process: `run_sweep` checks every trial's config before it joins a cluster; joining
+    one fails this test instead."""
+    import pipeline.launch
+
+    def connect(*_, **__):
+        raise AssertionError("the sweep joined a cluster: the search space was not refused")
+
+    monkeypatch.setattr(pipeline.launch, "connect", connect)
+    rc, _, err = cli_in_process(["tune", "--config", SWEEP, "--set",
+                                 'tune.search_space={"train.global_batch_size": {"grid": [32, 40]}}',
+                                 "--set", "train.micro_batch_size=16", "--out", str(tmp_path)],
+                                capsys, monkeypatch)
+    assert rc == 2, err
+    (line,) = err.strip().splitlines()
+    assert "train.global_batch_size=40" in line and "train.micro_batch_size=16" in line
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_jobs_tune_is_the_cli_and_exits_2():
+    """jobs/tune.py is the CLI with `tune` fixed, in a fresh interpreter as `ray job submit`
+    runs it: bad input exits 2 with one line, before joining a cluster."""
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "tune.py"), "--config",
+                          "no_such.yaml"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "no such config file" in out.stderr
+
+
+def test_trial_concurrency_fits_the_cluster():
+    from pipeline.tune.sweep import trial_concurrency
+
+    one = [_cfg({}, "scaling.num_workers=1")]
+    two = [_cfg({}, "scaling.num_workers=2", "scaling.cpus_per_worker=1.5")]
+    assert trial_concurrency({"CPU": 4.0}, one) == 4
+    assert trial_concurrency({"CPU": 4.0}, one, cap=2) == 2
+    assert trial_concurrency({"CPU": 7.0}, two) == 2  # 3 CPUs a trial
+    assert trial_concurrency({"CPU": 2.0}, two) == 1  # never 0: Ray waits for the autoscaler
+    gpu = [_cfg({}, "scaling.num_workers=2", "scaling.use_gpu=true")]
+    assert trial_concurrency({"CPU": 64.0, "GPU": 4.0}, gpu) == 2
+
+
+def test_final_epoch_asha_never_stops_at_the_last_epoch():
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.tune.sweep import asha
+
+    class Trial:
+        def __init__(self, tid):
+            self.trial_id = tid
+
+    s = asha(max_epochs=3)
+    s.set_search_properties("val_accuracy", "max")
+    good, bad, late = Trial("good"), Trial("bad"), Trial("late")
+    for t in (good, bad, late):
+        s.on_trial_add(None, t)
+    assert s.on_trial_result(None, good, {"epoch": 1, "val_accuracy": 0.9}) == TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.2}) == TrialScheduler.STOP
+    assert s.on_trial_result(None, late, {"epoch": 3, "val_accuracy": 0.1}) == \
+        TrialScheduler.CONTINUE
+
+
+def test_digits_train_rows_follow_the_split():
+    """The helper the end-to-end tests derive step counts from agrees with the split rule:
+    round(count x val_fraction) of each class held out."""
+    from pipeline.data.datasets import make_digits
+
+    labels = make_digits().column("label").to_numpy()
+    held_out = sum(int(round(c * 0.2)) for c in np.bincount(labels))
+    assert digits_train_rows(0.2, 0) == len(labels) - held_out
+    assert digits_train_rows(0.2, 1) == digits_train_rows(0.2, 0)  # the seed picks, not counts
