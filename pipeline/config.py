@@ -303,16 +303,21 @@ def check_options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     ...     print(str(err).split("; ")[1])
     known: selection_pressure
     """
-    model = STRATEGY_OPTIONS[strategy]
-    unknown = [k for k in options if k not in model.model_fields]
+    return _typed(STRATEGY_OPTIONS[strategy], options, "batching.options",
+                  f"an option of batching.strategy={strategy}")
+
+
+def _typed(model: type[BaseModel], values: dict[str, Any], where: str, owner: str) -> dict[str, Any]:
+    """`values` checked against the fields of `model`: unknown names (listing the known ones)
+    and wrong types raise ValueError naming `where.<name>`; returns the given keys, typed."""
+    unknown = [k for k in values if k not in model.model_fields]
     if unknown:
         known = ", ".join(model.model_fields) or "none"
-        raise ValueError(f"batching.options.{unknown[0]}: not an option of "
-                         f"batching.strategy={strategy}; known: {known}")
+        raise ValueError(f"{where}.{unknown[0]}: not {owner}; known: {known}")
     try:
-        return model.model_validate(options).model_dump(include=set(options))
+        return model.model_validate(values).model_dump(include=set(values))
     except ValidationError as err:
-        raise ValueError(_first_error("batching.options", err)) from None
+        raise ValueError(_first_error(where, err)) from None
 
 
 def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -327,14 +332,7 @@ def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     model = MODEL_KWARGS.get(name)
     if model is None:
         return kwargs
-    unknown = [k for k in kwargs if k not in model.model_fields]
-    if unknown:
-        raise ValueError(f"model.kwargs.{unknown[0]}: not an argument of model.name={name}; "
-                         f"known: {', '.join(model.model_fields)}")
-    try:
-        return model.model_validate(kwargs).model_dump(include=set(kwargs))
-    except ValidationError as err:
-        raise ValueError(_first_error("model.kwargs", err)) from None
+    return _typed(model, kwargs, "model.kwargs", f"an argument of model.name={name}")
 
 
 class Config(_Section):

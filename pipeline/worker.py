@@ -206,7 +206,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         start = time.perf_counter()
         metrics = train_epoch(
             model, optimizer,
-            (step_batches(rank_slice(x, rank, world), (b.seed, epoch), pad_stats) for x in batches),
+            (step_batches(rank_slice(x, rank, world), (b.seed, epoch, 0), pad_stats) for x in batches),
             state, lr_fn=lr_fn, loss=t.loss, precision=t.precision, scaler=scaler,
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
             on_step=partial(_record_step, steps_log, bar), seed=t.seed, rank=rank,
@@ -215,7 +215,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         wall = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        eval_batches = (to_torch(collate(p, (b.seed, -1 - epoch)), device)
+        eval_batches = (to_torch(collate(p, (b.seed, epoch, 1)), device)
                         for p in micro_slices(my_val, per_worker))
         if len(val_pos):
             metrics.update(evaluate(model, eval_batches, loss=t.loss, precision=t.precision))
