@@ -241,6 +241,10 @@ class TrainConfig(_Section):
                                  "skips (counted) before it stops; 0: stop at the first")
     auto_micro_batchnorm: Bool = Field(False, description="let micro_batch_size=auto change the "
                                        "ghost-batch size of a BatchNorm model")
+    noise_scale: Bool = Field(True, description="measure the gradient noise scale every step "
+                              "(McCandlish et al. 2018) from the gradients the step computes anyway")
+    noise_scale_ema: float = Field(0.95, ge=0.0, lt=1.0, description="EMA factor per step of the "
+                                   "noise scale's two components (smoothed before their ratio)")
 
     @field_validator("micro_batch_size", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ writes one checkpoint per epoch, reported to Ray Train (which keeps it in run st
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from functools import partial
@@ -30,6 +31,7 @@ from pipeline.engine.batchnorm import has_batchnorm
 from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.engine.loop import LoopState, NonFiniteError, assert_finite_weights, train_epoch
 from pipeline.engine.models import build_model
+from pipeline.engine.noise import NoiseScale, attach_local_norm
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.schedule import lr_at, scale_lr
 from pipeline.engine.step import evaluate, to_torch
@@ -118,6 +120,10 @@ def _train(loop_config: dict[str, Any]) -> None:
     if cfg.train.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
+    # The noise scale's small batch with several workers: each rank's own gradient, read by a
+    # DDP communication hook just before the all-reduce (pipeline/engine/noise.py).
+    noise_probe = (attach_local_norm(model) if cfg.train.noise_scale and world > 1
+                   and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
     t = cfg.train
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)
@@ -138,7 +144,8 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     per_worker = G // world
     state = LoopState(micro_batch_size=t.micro_batch_size
-                      if isinstance(t.micro_batch_size, int) else per_worker)
+                      if isinstance(t.micro_batch_size, int) else per_worker,
+                      noise=NoiseScale(beta=t.noise_scale_ema) if t.noise_scale else None)
     sample_losses: np.ndarray | None = None
     ckpt = ray.train.get_checkpoint()
     resume_dir = None
@@ -155,6 +162,8 @@ def _train(loop_config: dict[str, Any]) -> None:
         state.step, state.epoch = int(s["step"]), int(s["epoch"]) + 1
         state.skipped_steps = int(s.get("skipped_steps", 0))
         state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
+        if state.noise is not None and s.get("noise"):
+            state.noise.load_state_dict(s["noise"])
         state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
         sample_losses = s.get("sample_losses")
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
@@ -210,7 +219,7 @@ def _train(loop_config: dict[str, Any]) -> None:
             state, lr_fn=lr_fn, loss=t.loss, precision=t.precision, scaler=scaler,
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
             on_step=partial(_record_step, steps_log, bar), seed=t.seed, rank=rank,
-            nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit,
+            nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit, noise_probe=noise_probe,
             on_event=_say if rank == 0 else None)
         wall = time.perf_counter() - start
         if bar is not None:
@@ -230,6 +239,7 @@ def _train(loop_config: dict[str, Any]) -> None:
             "epoch_time_s": wall, "dropped": float(dropped), "pool_size": float(plan.pool_size),
             "skipped_steps": float(state.skipped_steps),
             "nonfinite_steps": float(state.nonfinite_steps),
+            "global_batch_size": float(G),
             "micro_batch_size": float(state.micro_batch_size),
         })
         if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
@@ -242,8 +252,9 @@ def _train(loop_config: dict[str, Any]) -> None:
             metrics["loss_scale"] = float(scaler.get_scale())
         if logger is not None:
             for step, rec in steps_log:
-                logger.add({f"step/{k}": v for k, v in rec.items()}, step)
-            logger.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch + 1)
+                logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step)
+            logger.add({k: v for k, v in metrics.items()
+                        if k not in ("epoch", "step") and math.isfinite(v)}, epoch + 1)
             logger.flush()
         _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank)
 
@@ -304,6 +315,7 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "step": state.step, "epoch": state.epoch, "skipped_steps": state.skipped_steps,
                 "nonfinite_steps": state.nonfinite_steps,
+                "noise": state.noise.state_dict() if state.noise is not None else None,
                 "micro_batch_size": state.micro_batch_size, "model_spec": spec,
                 "sample_losses": sample_losses, "metrics": metrics,
             })

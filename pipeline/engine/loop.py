@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.engine.noise import LocalNorm, NoiseScale
 from pipeline.engine.step import train_step
 
 MicroBatcher = Callable[[int], list[dict[str, torch.Tensor]]]
@@ -38,6 +39,7 @@ class LoopState:
     micro_batch_size: int = 0  # current micro-batch size per worker
     skipped_steps: int = 0  # steps without an update: fp16 scaler skips + non-finite steps
     nonfinite_steps: int = 0  # fp32/bf16 steps skipped for a non-finite loss or gradient
+    noise: NoiseScale | None = None  # the gradient noise scale's running estimate (None: off)
     history: list[dict[str, float]] = field(default_factory=list)  # per-step records
 
 
@@ -89,6 +91,7 @@ def train_epoch(
     nonfinite: str = "stop",
     nonfinite_limit: int = 0,
     on_event: Callable[[str], None] | None = None,
+    noise_probe: LocalNorm | None = None,
 ) -> dict[str, float]:
     """Train one epoch; return epoch metrics (rank-global sums turned into means).
 
@@ -108,7 +111,8 @@ def train_epoch(
                 torch.manual_seed(step_seed(seed, rank, state.step))
             try:
                 res = train_step(model, optimizer, make_micro(state.micro_batch_size), loss=loss,
-                                 precision=precision, scaler=scaler, grad_clip=grad_clip)
+                                 precision=precision, scaler=scaler, grad_clip=grad_clip,
+                                 noise_probe=noise_probe, measure_noise=state.noise is not None)
                 break
             except RuntimeError as err:
                 if not (auto_micro and is_oom(err)) or state.micro_batch_size <= 1:
@@ -141,6 +145,11 @@ def train_epoch(
                   "micro_batch_size": float(state.micro_batch_size)}
         if scaler is not None:
             record["loss_scale"] = float(scaler.get_scale())
+        if state.noise is not None and res.noise is not None:
+            sq_small, b_small, sq_big, b_big = res.noise
+            record["noise_scale"] = state.noise.update(sq_small=sq_small, b_small=b_small,
+                                                       sq_big=sq_big, b_big=b_big)
+            record["noise_grad_sq"], record["noise_trace"] = state.noise.grad_sq, state.noise.trace
         if on_step is not None:
             on_step(state, record)
     elapsed = time.perf_counter() - start
@@ -152,4 +161,7 @@ def train_epoch(
         "epoch_time_s": elapsed,
         "worker_samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
         "lr": lr_fn(max(state.step - 1, 0)),
+        **({"noise_scale": state.noise.value, "noise_grad_sq": state.noise.grad_sq,
+            "noise_trace": state.noise.trace}
+           if state.noise is not None and state.noise.steps else {}),
     }

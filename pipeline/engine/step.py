@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.engine.contrastive import nt_xent
+from pipeline.engine.noise import LocalNorm
 
 IGNORE_INDEX = -100
 LOSSES = ("cross_entropy", "token_cross_entropy", "nt_xent")
@@ -130,6 +131,9 @@ class StepResult:
     skipped: bool  # no update: fp16's scaler skipped it, or the loss/gradient was non-finite
     local_samples: int
     nonfinite: bool = False  # fp32/bf16: non-finite loss or gradient, the update was skipped
+    # Squared gradient norms at two batch sizes, (|G_small|^2, B_small, |G_big|^2, B_big), for
+    # the gradient noise scale (pipeline.engine.noise); None when there is no small batch.
+    noise: tuple[float, float, float, float] | None = None
 
 
 def _no_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
@@ -196,6 +200,11 @@ def _contrastive_backward(model: nn.Module, micro_batches: list[dict[str, torch.
     return per_anchor[mine].detach().sum(), correct, float(rows)
 
 
+def _grad_sq(optimizer: torch.optim.Optimizer) -> float:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return float(sum(gr.detach().float().pow(2).sum() for gr in grads)) if grads else math.nan
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -207,12 +216,21 @@ def train_step(
     grad_clip: float | None = None,
     device: torch.device | None = None,
     temperature: float = 0.5,
+    noise_probe: LocalNorm | None = None,
+    measure_noise: bool = True,
 ) -> StepResult:
     """Accumulate gradients over this rank's micro-batches and take one optimizer step (or
-    skip it: fp16 overflow, or a non-finite loss/gradient)."""
+    skip it: fp16 overflow, or a non-finite loss/gradient).
+
+    `measure_noise`: fill `StepResult.noise`. `noise_probe` (the DDP hook state of
+    `pipeline.engine.noise.attach_local_norm`) gives each
+    rank's own gradient norm for the noise scale when there are several ranks; with one rank
+    and several micro-batches the first micro-batch is the small batch (see `StepResult.noise`).
+    """
     device = device or next(model.parameters()).device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     model.train()
+    small = (math.nan, 0.0)  # (squared norm of the small batch's gradient, its element count)
     if loss == "nt_xent":
         loss_total, correct, global_count = _contrastive_backward(
             model, micro_batches, precision=precision, scaler=scaler, device=device, world=world,
@@ -232,7 +250,18 @@ def train_step(
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_total += s.detach()
             correct += c.detach()
-    loss_g, correct_g = all_reduce_sum([float(loss_total), float(correct)], device)
+            if measure_noise and i == 0 and world == 1 and len(micro_batches) > 1:  # alone
+                small = (_grad_sq(optimizer), float(local[0]))
+        if measure_noise and world > 1 and noise_probe is not None:  # this rank's own share
+            local_sq = noise_probe.take()
+            small = (float(local_sq) if local_sq is not None else math.nan, float(sum(local)))
+    # The accumulated gradient is (world / global_count) x the sum of per-element gradients:
+    # rescale the small batch's to its own mean gradient (and undo fp16's loss scale).
+    small_sq, b_small = small
+    unscale = 1.0 / scaler.get_scale() ** 2 if scaler is not None else 1.0
+    small_sq *= (global_count / (world * b_small)) ** 2 * unscale if b_small > 0 else math.nan
+    loss_g, correct_g, small_sum, b_small_sum = all_reduce_sum(
+        [float(loss_total), float(correct), small_sq, b_small], device)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -248,8 +277,12 @@ def train_step(
     elif not nonfinite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    b_small_mean = b_small_sum / world  # ranks' shares differ by at most one sample
+    noise = ((small_sum / world, b_small_mean, norm * norm, global_count)
+             if math.isfinite(small_sum) and 0 < b_small_mean < global_count and not skipped
+             else None)
     return StepResult(loss=loss_g / global_count, correct=correct_g, count=global_count,
-                      grad_norm=norm, skipped=skipped, nonfinite=nonfinite,
+                      grad_norm=norm, skipped=skipped, nonfinite=nonfinite, noise=noise,
                       local_samples=sum(int(next(iter(mb.values())).shape[0]) for mb in micro_batches))
 
 

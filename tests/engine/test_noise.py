@@ -1,0 +1,112 @@
+"""The gradient noise scale (McCandlish et al. 2018, Appendix A) on a problem with a known
+answer: logistic regression with fixed weights (SGD at LR 0), where the per-example gradients
+give |G|^2 and tr(Sigma) exactly. Batches are drawn with replacement, so
+E|G_B|^2 = |G|^2 + tr(Sigma) / B holds exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline.engine.models import build_model
+from pipeline.engine.noise import NoiseScale, attach_local_norm
+from pipeline.engine.step import train_step
+from tests.engine.ranks import run_ranks
+
+N, D, C = 400, 6, 3
+
+
+def problem() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g)
+    w = torch.randn(D, C, generator=g)
+    y = torch.multinomial(torch.softmax(0.7 * x @ w, 1), 1, generator=g).squeeze(1)
+    return x, y
+
+
+def linear_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("mlp", input_dim=D, num_outputs=C, vocab_size=None, depth=0)
+
+
+def truth(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(|G|^2, tr(Sigma)) from the N per-example gradients."""
+    rows = []
+    for i in range(N):
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model({"features": x[i : i + 1]}), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.flatten() for p in model.parameters()]).double())
+    model.zero_grad(set_to_none=True)
+    g = torch.stack(rows)
+    mean = g.mean(0)
+    return float(mean @ mean), float(((g - mean) ** 2).sum(1).mean())
+
+
+def test_noise_scale_within_5_percent_and_the_mean_of_ratios_is_biased():
+    x, y = problem()
+    model = linear_model()
+    g2, tr = truth(model, x, y)
+    expected = tr / g2
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights, hence G and Sigma, stay fixed
+    rng = np.random.default_rng(0)
+    ema, per_step = NoiseScale(beta=0.9995), []
+    for _ in range(4000):  # global batch 256 in 4 micro-batches: the first (64) is the small batch
+        ix = torch.from_numpy(rng.integers(0, N, 256))
+        res = train_step(model, opt, [{"features": x[ix[j : j + 64]], "label": y[ix[j : j + 64]]}
+                                      for j in range(0, 256, 64)], loss="cross_entropy")
+        sq_small, b_small, sq_big, b_big = res.noise
+        assert (b_small, b_big) == (64, 256)
+        ema.update(sq_small=sq_small, b_small=b_small, sq_big=sq_big, b_big=b_big)
+        per_step.append(NoiseScale(beta=0.0).update(sq_small=sq_small, b_small=b_small,
+                                                    sq_big=sq_big, b_big=b_big))
+    assert ema.value == pytest.approx(expected, rel=0.05)
+    assert ema.grad_sq == pytest.approx(g2, rel=0.05) and ema.trace == pytest.approx(tr, rel=0.05)
+    naive = float(np.nanmean(per_step))  # the ratio of noisy estimates, then averaged
+    assert naive / expected - 1 > 0.10
+
+
+def test_one_worker_one_micro_batch_measures_nothing():
+    x, y = problem()
+    model = linear_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    res = train_step(model, opt, [{"features": x[:32], "label": y[:32]}], loss="cross_entropy")
+    assert res.noise is None
+
+
+def _mean_grad_sq(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model({"features": x}), y).backward()
+    sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    return sq
+
+
+def _ranks_noise(rank: int, world: int) -> tuple[float, ...]:
+    x, y = problem()
+    model = DDP(linear_model())
+    probe = attach_local_norm(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mine = slice(rank * 40, rank * 40 + 40)  # 2 ranks x 40 = the global batch of 80
+    res = train_step(model, opt, [{"features": x[mine][i : i + 20], "label": y[mine][i : i + 20]}
+                                  for i in (0, 20)], loss="cross_entropy", noise_probe=probe)
+    return res.noise
+
+
+def test_ranks_small_batch_is_each_ranks_share_read_by_the_ddp_hook():
+    """2 ranks x 40 samples (2 micro-batches each): |G_small|^2 is the mean over ranks of each
+    rank's own mean-gradient norm, |G_big|^2 that of all 80, exactly."""
+    x, y = problem()
+    model = linear_model()
+    small = (_mean_grad_sq(model, x[:40], y[:40]) + _mean_grad_sq(model, x[40:80], y[40:80])) / 2
+    big = _mean_grad_sq(model, x[:80], y[:80])
+    got = run_ranks(_ranks_noise, 2)
+    assert got[0] == got[1]
+    sq_small, b_small, sq_big, b_big = got[0]
+    assert (b_small, b_big) == (40, 80)
+    assert sq_small == pytest.approx(small, rel=1e-5) and sq_big == pytest.approx(big, rel=1e-5)
+    assert math.isfinite(NoiseScale().update(sq_small=sq_small, b_small=b_small, sq_big=sq_big,
+                                             b_big=b_big))
