@@ -38,6 +38,12 @@ def test_main_job_two_workers_reaches_095_and_logs_every_epoch(ray_cluster, mlfl
     assert run.info.status == "FINISHED"
     for key in EPOCH_METRICS:
         assert epochs_logged(client, run.info.run_id, key) == list(range(1, epochs + 1)), key
+    # The gradient noise scale (each rank's share vs the global batch, via the DDP hook) is
+    # logged every epoch and grows as the loss falls, as McCandlish et al. 2018 report.
+    noise = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "noise_scale"),
+                                     key=lambda m: m.step)]
+    assert len(noise) == epochs and all(v > 0 for v in noise) and noise[-1] > 2 * noise[0]
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "global_batch_size")} == {64}
     assert run.data.params["train.global_batch_size"] == "64"
     assert run.data.params["scaling.num_workers"] == "2"
     assert run.data.tags.get("git.commit")
