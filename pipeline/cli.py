@@ -68,6 +68,36 @@ def _inspect(args: argparse.Namespace, cfg: Config, info: Any, out: Path, addres
     return 0
 
 
+def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path,
+                     address: str | None) -> int:
+    from pipeline.find_batch_size import find_batch_size, print_result
+
+    result = find_batch_size(cfg, info, out, args.max_memory)
+    print_result(result)
+    console.say(f"wrote {out / 'find_batch_size.json'} and {out / 'find_batch_size.png'}")
+    if result["max_micro_batch_size"] == 0:
+        print(f"argument error: --max-memory: not even micro_batch_size=1 fits in "
+              f"{result['max_memory_bytes'] / 2**20:.1f} MiB" if result["max_memory_bytes"]
+              else "out of memory at micro_batch_size=1", file=sys.stderr)
+        return 2 if result["max_memory_bytes"] else 1
+    return 0
+
+
+def _memory_size(text: str) -> int:
+    from pipeline.find_batch_size import parse_size
+
+    try:
+        return parse_size(text)
+    except ConfigError as err:  # argparse adds "argument --max-memory: "
+        raise argparse.ArgumentTypeError(str(err).split(": ", 2)[-1]) from None
+
+
+def _find_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-memory", metavar="SIZE", type=_memory_size, default=None,
+                   help="memory budget of one step, e.g. 512MiB or 4GiB (CPU default: half the "
+                   "memory available; CUDA default: none, out-of-memory decides)")
+
+
 def _resume_argument(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--resume", action="store_true", help=what)
 
@@ -110,6 +140,21 @@ COMMANDS: dict[str, Command] = {
         example=f"{PROG} inspect-batches --config jobs/configs/digits.yaml "
         "--set batching.strategy=stratified --out runs/inspect",
         run=_inspect),
+    "find-batch-size": Command(
+        summary="find the largest micro-batch a worker trains, and a batching to configure",
+        description="Find the largest per-worker micro-batch that trains a full step (forward, "
+        "backward, optimizer step) on the training split's largest samples (longest sequences "
+        "first): doubling, then bisection to the exact boundary. Runs one worker in-process on "
+        "this machine's device, without Ray (the agreement between workers -- every rank tries "
+        "the same size, the minimum wins -- is in pipeline.engine.batch_finder, tested with real "
+        "gloo ranks). On a CPU a step fits when its peak tensor memory is within --max-memory. "
+        "Prints a table; writes DIR/find_batch_size.json (max_micro_batch_size, device, "
+        "suggestion: micro batch x accumulation x workers for train.global_batch_size, trials) "
+        "and DIR/find_batch_size.png.",
+        example=f"{PROG} find-batch-size --config jobs/configs/digits.yaml --max-memory 64MiB "
+        "--out runs/find",
+        run=_find_batch_size,
+        add_arguments=_find_arguments),
 }
 
 

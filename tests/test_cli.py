@@ -76,7 +76,7 @@ def test_unknown_command_in_a_fresh_interpreter_is_one_line_exit_2():
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "argument error: argument COMMAND: invalid choice: 'bogus' (choose from 'train', 'tune', "
-        "'inspect-batches')"]
+        "'inspect-batches', 'find-batch-size')"]
 
 
 def test_verbose_is_accepted_by_every_command():

@@ -1,0 +1,246 @@
+"""`find-batch-size`: the largest micro-batch one worker trains, measured on this machine.
+
+The model, optimizer, precision and loss come from the resolved config; the batches from the
+dataset's training split, largest samples first (for sequences the longest, so every batch pads
+to the longest sequence the job will meet: padding makes memory depend on it). The search and the
+measurement are `pipeline.engine.batch_finder` (doubling, then bisection to the exact boundary;
+on a CPU against a memory budget). One worker runs here, in-process and without Ray; the
+agreement between workers (every rank tries the same size, the minimum wins, no rank is left
+waiting in a collective) is in the engine and tested there with real gloo ranks.
+
+Writes `DIR/find_batch_size.json` (`max_micro_batch_size`, `device`, `suggestion`, `trials`)
+and `DIR/find_batch_size.png`, and prints a table. Heavy imports (torch) happen inside the
+functions: `parse_size` is used while the arguments are parsed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, ConfigError
+
+MARGIN = 0.9  # the suggestion's micro-batch is at most this share of the largest that fits
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str = "--max-memory") -> int:
+    """A memory size in bytes: a number of bytes, or with a unit (KiB, MiB, GiB, TiB: powers of
+    1024; KB, MB, GB, TB: powers of 1000; any case). ConfigError naming `what` otherwise.
+
+    >>> parse_size("512MiB"), parse_size("4GiB"), parse_size("1.5KB"), parse_size("1000")
+    (536870912, 4294967296, 1500, 1000)
+    >>> parse_size("lots")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: argument error: --max-memory: 'lots' is not a memory size (e.g. ...
+    """
+    m = _SIZE.fullmatch(str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise ConfigError(f"argument error: {what}: {text!r} is not a memory size "
+                          "(e.g. 512MiB, 4GiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _device(cfg: Config) -> Any:
+    import torch
+
+    if not cfg.scaling.use_gpu:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("config error: scaling.use_gpu=true but this machine has no CUDA device "
+                          "(find-batch-size measures on this machine's device)")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _device_name(device: Any) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _default_budget() -> int:
+    """Half the memory available now (a CPU run without --max-memory)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available // 2)
+    except ImportError:  # pragma: no cover - psutil comes with Ray
+        import os
+
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2)
+
+
+def largest_first(lengths: Any, positions: Any) -> Any:
+    """Training positions, longest sequence first (stable); fixed-size samples keep their order.
+
+    >>> import numpy as np
+    >>> largest_first(np.array([5, 9, 2, 9]), np.array([0, 1, 2, 3])).tolist()
+    [1, 3, 0, 2]
+    """
+    import numpy as np
+
+    if lengths is None:
+        return positions
+    return positions[np.argsort(-lengths[positions], kind="stable")]
+
+
+def _batch_maker(cfg: Config, st: Any, order: Any, device: Any, model_name: str) -> Any:
+    from pipeline.data.views import make_views
+    from pipeline.engine.step import to_torch
+
+    b = cfg.batching
+
+    def batch_of(size: int) -> Any:
+        part = order[:size]
+        nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of)
+        if cfg.train.loss == "nt_xent":  # as the worker collates: V views per sample
+            nb = make_views(nb, num_views=b.num_views, key=(b.seed, 0, 0), sample_keys=part,
+                            image_shape=(8, 8) if model_name == "digits_cnn" else None)
+            nb["view_to_sample"] = part[nb["view_to_sample"]]
+            nb.pop("view_index", None)
+        return to_torch(nb, device)
+
+    return batch_of
+
+
+def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -> dict[str, Any]:
+    """Search, write the JSON and the plot, return the JSON's content."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from pipeline.data.batches import SampleTable, split_train_val
+    from pipeline.engine.batch_finder import find_max_micro_batch, make_trial_step, suggest_batching
+    from pipeline.engine.models import build_model
+    from pipeline.engine.optim import build_optimizer
+    from pipeline.files import write_json
+    from pipeline.worker import model_spec  # pure; lives beside the Ray worker function
+
+    device = _device(cfg)
+    budget, source = max_memory, "--max-memory"
+    if budget is None and device.type == "cpu":
+        budget, source = _default_budget(), "half the memory available (no --max-memory)"
+    d, t = cfg.data, cfg.train
+    table = pads.dataset(info.uri, format="parquet").to_table()
+    st = SampleTable.from_table(
+        table, feature_column=d.feature_column, label_column=d.label_column,
+        sequence_column=d.sequence_column, target_column=d.target_column, id_column=d.id_column,
+        difficulty_column=cfg.batching.difficulty_column)
+    train_pos, _ = split_train_val(len(st), st.labels, d.val_fraction, d.split_seed)
+    order = largest_first(st.lengths, train_pos)
+    torch.manual_seed(t.seed)
+    spec = model_spec(cfg, st)
+    model = build_model(**spec).to(device)
+    optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
+                                momentum=t.momentum)
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    try_step = make_trial_step(model, optimizer, _batch_maker(cfg, st, order, device, spec["name"]),
+                               loss=t.loss, device=device, precision=t.precision, scaler=scaler,
+                               max_memory_bytes=budget)
+    search = find_max_micro_batch(try_step, limit=len(order))
+    longest = int(st.lengths[order[0]]) if st.lengths is not None else None
+    if longest is not None and cfg.batching.max_length:
+        longest = min(longest, cfg.batching.max_length)
+    result = {
+        "max_micro_batch_size": search.max_micro_batch_size,
+        "device": _device_name(device),
+        "suggestion": suggest_batching(search.max_micro_batch_size, t.global_batch_size,
+                                       cfg.scaling.num_workers, MARGIN),
+        "trials": [vars(x) for x in search.trials],
+        "max_memory_bytes": budget,
+        "budget": source if budget is not None else None,
+        "limit": search.limit,
+        "hit_limit": search.hit_limit,
+        "samples": (f"the training split's longest sequences first ({longest} tokens)"
+                    if longest is not None else "training samples (all the same size)"),
+        "peak_memory": "CUDA: max_memory_allocated during the step" if device.type == "cuda" else
+        "tensors alive at the step's start (weights, gradients, optimizer state, batch) + the "
+        "CPU allocator's high-water mark during the step (torch.profiler memory events)",
+        "model": spec["name"], "optimizer": t.optimizer, "precision": t.precision, "loss": t.loss,
+        "dataset": info.uri,
+    }
+    if result["suggestion"] is not None:
+        s = result["suggestion"]
+        result["suggestion"]["set"] = (f"--set train.micro_batch_size={s['micro_batch_size']} "
+                                       f"--set train.global_batch_size={s['global_batch_size']}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "find_batch_size.json", result)
+    plot(result, out / "find_batch_size.png")
+    return result
+
+
+def table_lines(result: dict[str, Any]) -> list[str]:
+    """The trials as a fixed-width table, in the order tried.
+
+    >>> r = {"trials": [{"micro_batch_size": 64, "fits": True, "peak_memory_bytes": 3 * 2**20,
+    ...                  "samples_per_s": 1234.5, "note": None},
+    ...                 {"micro_batch_size": 128, "fits": False, "peak_memory_bytes": None,
+    ...                  "samples_per_s": None, "note": "out of memory"}]}
+    >>> print("\\n".join(table_lines(r)))
+      size  fits    peak MiB   samples/s  note
+        64  yes          3.0      1234.5
+       128  no             -           -  out of memory
+    """
+    lines = [f"{'size':>6}  {'fits':<4}  {'peak MiB':>10}  {'samples/s':>10}  note"]
+    for x in result["trials"]:
+        peak = "-" if x["peak_memory_bytes"] is None else f"{x['peak_memory_bytes'] / 2**20:.1f}"
+        sps = "-" if x["samples_per_s"] is None else f"{x['samples_per_s']:.1f}"
+        lines.append(f"{x['micro_batch_size']:>6}  {'yes' if x['fits'] else 'no':<4}  {peak:>10}  "
+                     f"{sps:>10}  {x['note'] or ''}".rstrip())
+    return lines
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """What `python -m pipeline find-batch-size` prints: the setup, the table, the answer."""
+    from pipeline.console import say
+
+    budget = result["max_memory_bytes"]
+    say(f"{result['model']} on {result['device']}, {result['samples']}"
+        + (f"; budget {budget / 2**20:.0f} MiB ({result['budget']})" if budget else ""))
+    print("\n".join(table_lines(result)), flush=True)
+    more = " (the limit: the training split's size)" if result["hit_limit"] else ""
+    say(f"largest micro-batch that fits: {result['max_micro_batch_size']}{more}")
+    s = result["suggestion"]
+    if s is not None:
+        say(f"suggestion (margin {s['margin']:g}): micro {s['micro_batch_size']} x accumulation "
+            f"{s['accumulation_steps']} x workers {s['num_workers']} = global "
+            f"{s['global_batch_size']}: {s['set']}")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend is left alone
+
+    trials = sorted(result["trials"], key=lambda x: x["micro_batch_size"])
+    fig = Figure(figsize=(10, 3.8))
+    ax = fig.subplots(1, 2)
+    for fits, style in ((True, dict(marker="o", color="tab:blue", label="fits")),
+                        (False, dict(marker="x", color="tab:red", label="does not fit"))):
+        pts = [(x["micro_batch_size"], x["peak_memory_bytes"] / 2**20) for x in trials
+               if x["fits"] == fits and x["peak_memory_bytes"] is not None]
+        if pts:
+            ax[0].scatter(*zip(*pts, strict=True), **style)
+    if result["max_memory_bytes"]:
+        ax[0].axhline(result["max_memory_bytes"] / 2**20, color="gray", linestyle="--", label="budget")
+    ax[0].axvline(result["max_micro_batch_size"], color="tab:green", linestyle=":",
+                  label=f"largest that fits: {result['max_micro_batch_size']}")
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_xlabel("micro-batch size")
+    ax[0].set_ylabel("peak memory of one step (MiB)")
+    ax[0].legend(fontsize=8)
+    pts = [(x["micro_batch_size"], x["samples_per_s"]) for x in trials if x["samples_per_s"]]
+    if pts:
+        ax[1].plot(*zip(*pts, strict=True), marker="o")
+    ax[1].set_xscale("log", base=2)
+    ax[1].set_xlabel("micro-batch size")
+    ax[1].set_ylabel("samples/s (one worker)")
+    fig.suptitle(f"{result['model']} on {result['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,284 @@
+"""The batch-size finder: the exact boundary (not a power of two), out-of-memory caught and the
+search going on, one answer agreed by real gloo ranks when only one of them runs out of memory,
+the CPU memory budget, the suggestion's arithmetic, and `python -m pipeline find-batch-size`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import cli
+from pipeline.config import ConfigError
+from pipeline.engine.batch_finder import (
+    Measured,
+    cpu_peak_bytes,
+    find_max_micro_batch,
+    make_trial_step,
+    suggest_batching,
+)
+from pipeline.find_batch_size import parse_size
+from tests.conftest import REPO
+from tests.engine.ranks import run_ranks
+
+CPU = torch.device("cpu")
+DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
+DOUBLING = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class _OOMInBackward(torch.autograd.Function):
+    """Identity forward; its backward raises out-of-memory when the batch is over `limit`."""
+
+    @staticmethod
+    def forward(ctx, x, limit):
+        ctx.limit = limit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.shape[0] > ctx.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: batch {grad.shape[0]})")
+        return grad, None
+
+
+class OOMAbove(nn.Module):
+    """A classifier that runs out of memory above `limit` samples, in forward or in backward
+    (after the head's gradients are already accumulated)."""
+
+    def __init__(self, limit: int, where: str = "forward"):
+        super().__init__()
+        self.limit, self.where = limit, where
+        self.body = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, batch):
+        x = batch["features"]
+        if self.where == "forward" and x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: batch {x.shape[0]})")
+        h = self.body(x)
+        if self.where == "backward":
+            h = _OOMInBackward.apply(h, self.limit)
+        return self.head(torch.relu(h))
+
+
+def _batch_of(n: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    return {"features": torch.randn(n, 4, generator=g), "label": torch.randint(0, 3, (n,), generator=g)}
+
+
+def _trial_step(model: nn.Module, **kwargs):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return make_trial_step(model, opt, _batch_of, loss="cross_entropy", device=CPU,
+                           timed_steps=1, **kwargs), opt
+
+
+def _sizes(search) -> list[int]:
+    return [t.micro_batch_size for t in search.trials]
+
+
+# -- the search: doubling, then bisection to the exact boundary -------------------------------------
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_model_that_runs_out_of_memory_above_100_is_found_to_fit_exactly_100(where):
+    model = OOMAbove(100, where)
+    try_step, opt = _trial_step(model)
+    s = find_max_micro_batch(try_step)
+    assert s.max_micro_batch_size == 100 and not s.hit_limit
+    assert _sizes(s) == DOUBLING + [96, 112, 104, 100, 102, 101]
+    assert [t.fits for t in s.trials] == [t.micro_batch_size <= 100 for t in s.trials]
+    for t in s.trials:
+        if t.fits:  # a real step ran: measured and timed
+            assert t.peak_memory_bytes > 0 and t.samples_per_s > 0 and t.note is None
+        else:
+            assert (t.note, t.peak_memory_bytes, t.samples_per_s) == ("out of memory", None, None)
+    # The last trial (101) ran out of memory; no gradient of it survived (in backward, the
+    # head's gradients were accumulated before the error).
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(opt.state[p] == {} for p in model.parameters())  # real optimizer steps ran
+
+
+@pytest.mark.parametrize(("limit", "answer", "sizes", "hit"), [
+    (37, 37, [1, 2, 4, 8, 16, 32, 37], True),
+    (1, 1, [1], True),
+    (100, 100, [1, 2, 4, 8, 16, 32, 64, 100], True),
+    (120, 100, [1, 2, 4, 8, 16, 32, 64, 120, 92, 106, 99, 102, 100, 101], False),
+])
+def test_the_limit_caps_the_search_and_a_limit_that_fits_is_the_answer(limit, answer, sizes, hit):
+    s = find_max_micro_batch(_trial_step(OOMAbove(100))[0], limit=limit)
+    assert (s.max_micro_batch_size, _sizes(s), s.hit_limit) == (answer, sizes, hit)
+
+
+def test_a_start_above_the_boundary_bisects_down_and_nothing_fitting_gives_0():
+    fits_100 = lambda n: Measured(n <= 100)  # noqa: E731
+    s = find_max_micro_batch(fits_100, start=150)
+    assert s.max_micro_batch_size == 100
+    assert _sizes(s) == [150, 75, 112, 93, 102, 97, 99, 100, 101]
+    nothing = find_max_micro_batch(lambda n: Measured(False, note="over budget"))
+    assert (nothing.max_micro_batch_size, _sizes(nothing)) == (0, [1])
+
+
+def test_out_of_memory_raised_by_try_step_counts_as_not_fitting_and_other_errors_propagate():
+    def oom_text(n):  # what CUDA's caching allocator raised before torch.OutOfMemoryError
+        if n > 10:
+            raise RuntimeError("CUDA error: out of memory")
+        return True, 1, 1.0
+
+    s = find_max_micro_batch(oom_text)
+    assert s.max_micro_batch_size == 10 and s.trials[-1].note == "out of memory"
+
+    def broken(n):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        find_max_micro_batch(broken)
+
+
+# -- several ranks: one answer, no hang when only one rank runs out of memory -----------------------
+def _finder_rank(rank: int, world: int, limits: tuple[int, ...], where: str):
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(OOMAbove(limits[rank], where))  # unwrapped inside
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    try_step = make_trial_step(ddp, opt, _batch_of, loss="cross_entropy", device=CPU, timed_steps=1)
+    s = find_max_micro_batch(try_step)
+    return s.max_micro_batch_size, _sizes(s), [(t.fits, t.note) for t in s.trials]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_one_rank_out_of_memory_all_ranks_agree_on_the_minimum_without_a_hang(where):
+    (a0, sizes0, notes0), (a1, sizes1, notes1) = run_ranks(_finder_rank, 2, (100, 60), where)
+    assert a0 == a1 == 60
+    assert sizes0 == sizes1 == [1, 2, 4, 8, 16, 32, 64, 48, 56, 60, 62, 61]
+    fits = [n <= 60 for n in sizes0]
+    assert [f for f, _ in notes0] == [f for f, _ in notes1] == fits
+    # Rank 1 ran out of memory above 60; rank 0 fitted up to 100 and stopped because rank 1 did.
+    assert [n for f, n in notes1 if not f] == ["out of memory"] * 3
+    assert [n for f, n in notes0 if not f] == ["another rank did not fit"] * 3
+
+
+# -- the CPU memory budget ------------------------------------------------------------------------
+def _mlp_search(budget: int):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 512), nn.ReLU(), nn.Linear(512, 3))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, batch):
+            return self.net(batch["features"])
+
+    try_step, _ = _trial_step(Wrap(), max_memory_bytes=budget)
+    return find_max_micro_batch(try_step, limit=4096)
+
+
+def test_a_cpu_step_fits_only_within_the_budget_and_a_bigger_budget_gives_a_bigger_answer():
+    small, big = _mlp_search(2 * 2**20), _mlp_search(8 * 2**20)
+    for s, budget in ((small, 2 * 2**20), (big, 8 * 2**20)):
+        by_size = sorted(s.trials, key=lambda t: t.micro_batch_size)
+        peaks = [t.peak_memory_bytes for t in by_size]
+        assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)  # grows with the batch
+        for t in s.trials:
+            assert t.fits == (t.peak_memory_bytes <= budget)
+            assert (t.note or "").startswith("over budget" if not t.fits else "")
+        n = s.max_micro_batch_size
+        assert {n, n + 1} <= set(_sizes(s)) and not s.hit_limit  # the exact boundary was met
+    # Activations: at least [n, 512] floats saved for backward (the ReLU output), so 2 MiB holds
+    # fewer than 1024 samples; and four times the budget holds more than twice as many.
+    assert 0 < small.max_micro_batch_size < 1024
+    assert big.max_micro_batch_size > 2 * small.max_micro_batch_size
+
+
+def test_the_cpu_peak_counts_tensors_alive_together_not_all_allocated():
+    def step():
+        kept = [torch.empty(2**20, dtype=torch.uint8) for _ in range(3)]  # 3 MiB at once
+        for _ in range(10):
+            torch.empty(2**20, dtype=torch.uint8)  # 10 MiB allocated, 1 MiB alive at a time
+        return len(kept)
+
+    assert cpu_peak_bytes(step) == (3, 4 * 2**20)
+
+
+# -- the suggestion ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("largest", "global_batch", "workers", "margin", "expect"), [
+    (100, 512, 2, 0.9, (64, 4)),  # 256 per worker; 0.9 x 100 = 90 -> largest divisor 64
+    (37, 96, 1, 0.9, (32, 3)),  # 33 -> 32 divides 96
+    (808, 64, 1, 0.9, (64, 1)),  # the whole share fits: no accumulation
+    (7, 60, 2, 0.9, (6, 5)),  # 30 per worker; 6.3 -> 6
+    (1, 64, 2, 0.9, (1, 32)),  # 0.9 rounds down to 0: at least 1
+    (100, 200, 1, 1.0, (100, 2)),  # no margin
+])
+def test_the_suggestion_is_micro_x_accumulation_x_workers_within_the_margin(
+        largest, global_batch, workers, margin, expect):
+    s = suggest_batching(largest, global_batch, workers, margin)
+    assert (s["micro_batch_size"], s["accumulation_steps"]) == expect
+    assert s["micro_batch_size"] * s["accumulation_steps"] * workers == global_batch == s["global_batch_size"]
+    assert s["micro_batch_size"] <= max(1, margin * largest)
+    assert suggest_batching(0, global_batch, workers, margin) is None
+
+
+# -- sizes -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "size"), [
+    ("512MiB", 512 * 2**20), ("4GiB", 4 * 2**30), ("64kib", 65536), ("1.5GiB", 3 * 2**29),
+    ("2GB", 2 * 10**9), ("10 MB", 10**7), ("1000", 1000), ("1000B", 1000), ("1TiB", 2**40),
+])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "", "-5MiB", "0", "0.1B", "5XB", "MiB", "5 Mi B"])
+def test_parse_size_refuses_what_is_not_a_size_naming_the_flag(text):
+    with pytest.raises(ConfigError, match=r"^argument error: --max-memory: .* is not a memory size"):
+        parse_size(text)
+
+
+# -- the command ---------------------------------------------------------------------------------
+def _run(argv, capsys):
+    capsys.readouterr()
+    rc = cli.run(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_find_batch_size_on_digits_writes_the_interface_and_finds_the_boundary(data_dir, tmp_path, capsys):
+    rc, out, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
+                         "--max-memory", "64MiB", "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "find_batch_size.json").read_text())
+    assert {"max_micro_batch_size", "device", "suggestion", "trials"} <= set(r)
+    assert r["device"].startswith("cpu") and r["max_memory_bytes"] == 64 * 2**20
+    for t in r["trials"]:
+        assert {"micro_batch_size", "fits", "peak_memory_bytes", "samples_per_s"} <= set(t)
+        assert t["fits"] == (t["peak_memory_bytes"] <= 64 * 2**20)
+        assert (t["samples_per_s"] is not None) == t["fits"]
+    n = r["max_micro_batch_size"]
+    fitting = {t["micro_batch_size"] for t in r["trials"] if t["fits"]}
+    assert n == max(fitting) and n + 1 in {t["micro_batch_size"] for t in r["trials"]}
+    s = r["suggestion"]  # digits.yaml: global batch 64; one worker
+    assert (s["micro_batch_size"], s["accumulation_steps"], s["num_workers"]) == (64, 1, 1)
+    assert (tmp_path / "find_batch_size.png").stat().st_size > 0
+    assert f"largest micro-batch that fits: {n}" in out
+    assert "  size  fits    peak MiB   samples/s" in out
+
+
+def test_find_batch_size_on_sequences_steps_the_longest_sequences(data_dir, tmp_path, capsys):
+    rc, _, err = _run(["find-batch-size", "--config", DIGITS, "--set", "data.name=sequences",
+                       "--set", "scaling.num_workers=1", "--max-memory", "24MiB",
+                       "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "find_batch_size.json").read_text())
+    assert r["model"] == "seq_transformer" and "(512 tokens)" in r["samples"]
+    assert 1 <= r["max_micro_batch_size"] < 32  # 512 tokens padded: MiBs per sample
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["--max-memory", "lots"], "argument error: argument --max-memory: 'lots' is not a memory size"),
+    (["--max-memory", "1KiB"], "argument error: --max-memory: not even micro_batch_size=1 fits in"),
+])
+def test_find_batch_size_bad_budget_exits_2_with_one_line(data_dir, tmp_path, capsys, argv, line):
+    rc, _, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
+                       "--out", str(tmp_path), *argv], capsys)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith(line), err
