@@ -22,6 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from pipeline import console
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
 from pipeline.data.epochs import epoch_batches, schedule_steps, steps_per_epoch
@@ -70,10 +71,6 @@ def model_spec(cfg: Config, st: SampleTable) -> dict[str, Any]:
     }
 
 
-class InputError(ValueError):
-    """Bad input met on a worker (the driver's checks could not see it): never retried."""
-
-
 FATAL = "fatal_error"  # metric of a deterministic failure, reported instead of raised; rank 0
 # writes the message to `loop_config["fatal_file"]` (under --out) for the driver
 
@@ -84,8 +81,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     restart the worker group to meet it again; the driver turns it into the job's error."""
     try:
         _train(loop_config)
-    except (InputError, NonFiniteError) as err:
-        kind = "input" if isinstance(err, InputError) else "nonfinite"
+    except (ConfigError, NonFiniteError) as err:  # bad input the driver could not see, or NaN
+        kind = "input" if isinstance(err, ConfigError) else "nonfinite"
         if ray.train.get_context().get_world_rank() == 0 and loop_config.get("fatal_file"):
             write_json(Path(loop_config["fatal_file"]), {"kind": kind, "message": str(err)})
         ray.train.report({FATAL: 1.0})
@@ -99,21 +96,21 @@ def _train(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     try:
         st = load_table(cfg, loop_config["table_refs"])
-    except ConfigError as err:  # the table's own checks (pipeline.data.batches) name the culprit
-        raise InputError(str(err)) from None
+    except ConfigError:  # the table's own checks (pipeline.data.batches) name the culprit
+        raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, ValueError, TypeError) as err:
         # The driver checked the data; it changed since, or a check missed it.
-        raise InputError(f"data error: {cfg.data.path or cfg.data.name}: {err}") from None
+        raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: {err}") from None
     train_pos, val_pos = split_train_val(len(st), st.labels, cfg.data.val_fraction,
                                          cfg.data.split_seed)
     spec = model_spec(cfg, st)
     try:
         model = build_model(**spec)
     except ValueError as err:  # e.g. a model that cannot take this data
-        raise InputError(f"config error: model.name={cfg.model.name}: {err}") from None
+        raise ConfigError(f"config error: model.name={cfg.model.name}: {err}") from None
     batchnorm = has_batchnorm(model)
     if batchnorm and cfg.train.micro_batch_size == "auto" and not cfg.train.auto_micro_batchnorm:
-        raise InputError(
+        raise ConfigError(
             "config error: train.micro_batch_size=auto would change the ghost-batch size of the "
             f"BatchNorm layers of model.name={cfg.model.name} on out-of-memory; set a fixed size "
             "or train.auto_micro_batchnorm=true")
@@ -135,7 +132,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         total_steps, warmup = schedule_steps(steps_per_epoch(cfg, st, train_pos, world),
                                              t.warmup_epochs, t.max_steps)
     except ValueError as err:
-        raise InputError(f"config error: {err}") from None
+        raise ConfigError(f"config error: {err}") from None
     peak = scale_lr(t.base_lr, t.base_batch_size, G, t.lr_scaling)
 
     def lr_fn(step: int) -> float:
@@ -202,7 +199,7 @@ def _train(loop_config: dict[str, Any]) -> None:
             break
         eb = epoch_batches(cfg, st, train_pos, epoch, world, sample_losses)
         if rank == 0 and eb.plan.note:
-            _say(eb.plan.note)
+            console.say(eb.plan.note)
         plan, batches, dropped = eb.plan, eb.batches, eb.dropped
         pad_stats = {"real": 0, "padded": 0}
 
@@ -220,7 +217,7 @@ def _train(loop_config: dict[str, Any]) -> None:
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
             on_step=partial(_record_step, steps_log, bar), seed=t.seed, rank=rank,
             nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit, noise_probe=noise_probe,
-            on_event=_say if rank == 0 else None)
+            on_event=console.say if rank == 0 else None)
         wall = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -257,10 +254,6 @@ def _train(loop_config: dict[str, Any]) -> None:
                         if k not in ("epoch", "step") and math.isfinite(v)}, epoch + 1)
             logger.flush()
         _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank)
-
-
-def _say(msg: str) -> None:
-    print(f"[pipeline] {msg}", flush=True)
 
 
 def _record_step(log: list[tuple[int, dict[str, float]]], bar: Any, state: LoopState,

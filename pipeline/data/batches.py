@@ -103,6 +103,15 @@ def label_ids(col: pa.ChunkedArray | pa.Array, key: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def _integer_lists(col: pa.ChunkedArray | pa.Array, key: str, what: str) -> pa.Array:
+    """`col` as one array of integer lists; ConfigError naming `key` (and saying `what` is
+    expected) for any other type."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if not (_is_list(col.type) and pa.types.is_integer(col.type.value_type)):
+        raise ConfigError(f"data error: {key} is a {col.type} column; {what}")
+    return col
+
+
 def check_sequences(batches: Iterable[pa.RecordBatch | pa.Table], key: str,
                     target_key: str | None = None) -> tuple[int, int | None]:
     """Check token sequences (column 0 of each batch) and, with `target_key`, their per-token
@@ -121,11 +130,7 @@ def check_sequences(batches: Iterable[pa.RecordBatch | pa.Table], key: str,
     """
     max_token, max_target = -1, None
     for batch in batches:
-        tokens = batch.column(0)
-        tokens = tokens.combine_chunks() if isinstance(tokens, pa.ChunkedArray) else tokens
-        if not (_is_list(tokens.type) and pa.types.is_integer(tokens.type.value_type)):
-            raise ConfigError(f"data error: {key} is a {tokens.type} column; sequences are lists "
-                              "of integer token ids")
+        tokens = _integer_lists(batch.column(0), key, "sequences are lists of integer token ids")
         lengths = pc.list_value_length(tokens)
         values = pc.list_flatten(tokens)
         if tokens.null_count or values.null_count:
@@ -139,11 +144,8 @@ def check_sequences(batches: Iterable[pa.RecordBatch | pa.Table], key: str,
             max_token = max(max_token, hi.as_py())
         if target_key is None:
             continue
-        targets = batch.column(1)
-        targets = targets.combine_chunks() if isinstance(targets, pa.ChunkedArray) else targets
-        if not (_is_list(targets.type) and pa.types.is_integer(targets.type.value_type)):
-            raise ConfigError(f"data error: {target_key} is a {targets.type} column; targets are "
-                              "lists of integer class ids, one per token")
+        targets = _integer_lists(batch.column(1), target_key,
+                                 "targets are lists of integer class ids, one per token")
         t_values = pc.list_flatten(targets)
         if targets.null_count or t_values.null_count or not pc.equal(
                 pc.list_value_length(targets), lengths).to_numpy(zero_copy_only=False).all():
