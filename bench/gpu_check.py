@@ -32,6 +32,11 @@ model FLOPs per step), and reports:
    padded to its own length) must give the same weights; reported as the max abs weight
    difference divided by the max abs weight update.
 
+5. the largest micro-batch that fits (`pipeline.engine.batch_finder`, what `find-batch-size`
+   runs): bf16 steps of the same model at full sequence length, doubling then bisection to
+   the exact boundary, CUDA out-of-memory caught (on a CPU dry run: a 64 MiB budget), with
+   samples/s at each size tried; capped at `--finder-limit` (4096).
+
 Every variant is wrapped: an error (an OOM, a fp16 overflow turned into an exception, ...) is
 recorded in the JSON and the table instead of ending the run. `--max-seconds` stops starting
 new timing rounds once exceeded (the rounds done are reported).
@@ -66,6 +71,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.padding import collate_sequences  # noqa: E402
+from pipeline.engine.batch_finder import find_max_micro_batch, make_trial_step  # noqa: E402
 from pipeline.engine.models import build_model  # noqa: E402
 from pipeline.engine.optim import build_optimizer  # noqa: E402
 from pipeline.engine.step import autocast, loss_sum, to_torch, train_step  # noqa: E402
@@ -341,6 +347,24 @@ def equivalence_check(cfg, device) -> dict[str, Any]:
         return {"error": err(e)}
 
 
+def finder_check(cfg: dict[str, int], device: torch.device, *, limit: int) -> dict[str, Any]:
+    """The largest bf16 micro-batch of full-length sequences that trains a step on this device."""
+    model = build(cfg, device, ckpt=False)
+    opt = build_optimizer("adamw", model, lr=1e-4, weight_decay=0.0, momentum=0.9)
+    rng = np.random.default_rng(0)
+
+    def batch_of(n: int) -> dict[str, torch.Tensor]:
+        return to_torch(make_batch(rng, n, cfg["seq"], cfg["vocab"]), device)
+
+    budget = None if device.type == "cuda" else 64 * 2**20
+    try_step = make_trial_step(model, opt, batch_of, loss=LOSS, device=device, precision="bf16",
+                               max_memory_bytes=budget, timed_steps=2)
+    search = find_max_micro_batch(try_step, limit=limit)
+    return {"max_micro_batch_size": search.max_micro_batch_size, "hit_limit": search.hit_limit,
+            "limit": limit, "memory_budget_bytes": budget, "precision": "bf16",
+            "seq": cfg["seq"], "trials": [vars(t) for t in search.trials]}
+
+
 def mib(x: float | None) -> float | None:
     return None if x is None else x / 2**20
 
@@ -358,6 +382,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int,
                     help="timed steps per variant per round (8; --tiny 2)")
     ap.add_argument("--repeats", type=int, help="rounds over the variants (5; --tiny 2)")
+    ap.add_argument("--finder-limit", type=int, default=4096,
+                    help="largest micro-batch the finder tries")
     ap.add_argument("--max-seconds", type=float, default=120.0,
                     help="start no new timing round after this many seconds of the run")
     args = ap.parse_args()
@@ -399,7 +425,8 @@ def main() -> int:
                 ("timing", lambda: timing_check(cfg, device, mbs, warmup=args.warmup,
                                                 steps=args.steps, repeats=args.repeats,
                                                 deadline=start + args.max_seconds)),
-                ("equivalence", lambda: equivalence_check(cfg, device))]
+                ("equivalence", lambda: equivalence_check(cfg, device)),
+                ("finder", lambda: finder_check(cfg, device, limit=args.finder_limit))]
     for key, fn in sections:
         t0 = time.perf_counter()
         try:
@@ -473,6 +500,15 @@ def report(info: dict[str, Any]) -> None:
               f"{e['max_abs_update']:.3e}, ratio {e['diff_over_update']:.2e} "
               f"({'ok' if e['ok'] else 'MISMATCH'}); loss {e['loss_whole']:.6f} vs "
               f"{e['loss_accumulated']:.6f}")
+    f = info.get("finder", {})
+    if "error" in f:
+        print(f"\nfinder: ERROR {f['error']}")
+    elif f:
+        print(f"\nlargest micro-batch (bf16, {f['seq']} tokens): {f['max_micro_batch_size']}"
+              f"{' (the limit)' if f['hit_limit'] else ''}")
+        print("  " + "  ".join(f"{t['micro_batch_size']}{'' if t['fits'] else 'x'}:"
+                               f"{fmt(mib(t['peak_memory_bytes']), '.0f')}MiB"
+                               for t in f["trials"]))
     print(f"wall {info['wall_s']:.1f} s")
 
 

@@ -113,7 +113,7 @@ def main() -> None:
     tmp = Path(__file__).parent / "results" / "_noise_ddp.pt"
     tmp.parent.mkdir(exist_ok=True)
     mp.spawn(_rank, args=(port, args.rounds, args.steps, str(tmp)), nprocs=2, join=True)
-    rows.append(torch.load(tmp, weights_only=False))
+    rows.append(torch.load(tmp, weights_only=True))  # plain numbers and strings
     tmp.unlink()
     print(f"{'variant':32} {'ms/step without':>16} {'ms/step with':>13} {'ratio':>7}")
     for r in rows:

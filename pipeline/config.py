@@ -40,7 +40,7 @@ PACINGS = ("linear", "root", "step", "exponential", "none")  # = pipeline.data.p
 ALWAYS_LOGGED = (
     "train_loss", "train_accuracy", "grad_norm", "steps", "epoch_time_s", "worker_samples_per_s",
     "lr", "epoch", "step", "samples_per_s", "dropped", "pool_size", "skipped_steps",
-    "micro_batch_size",
+    "micro_batch_size", "global_batch_size", "samples",
 )
 SOMETIMES_LOGGED = {  # metric -> when it is logged
     "val_loss": "data.val_fraction > 0", "val_accuracy": "data.val_fraction > 0",
@@ -245,6 +245,22 @@ class TrainConfig(_Section):
                               "(McCandlish et al. 2018) from the gradients the step computes anyway")
     noise_scale_ema: float = Field(0.95, ge=0.0, lt=1.0, description="EMA factor per step of the "
                                    "noise scale's two components (smoothed before their ratio)")
+    eval_every: Int | None = Field(
+        None, ge=1, description="also evaluate on the validation split every this many optimizer "
+        "steps (logged as step/val_accuracy, step/val_loss); unset: at each epoch's end only")
+    batch_size_schedule: Literal["constant", "warmup", "adaptive"] = Field(
+        "constant", description="the global batch per step: constant (train.global_batch_size); "
+        "warmup (a linear ramp from train.batch_size_min); adaptive (follows the noise scale by "
+        "goodput, between train.batch_size_min and train.global_batch_size)")
+    batch_size_min: Int | None = Field(None, ge=1, description="warmup/adaptive: the smallest "
+                                       "global batch, the unit every step's batch is a multiple of")
+    batch_size_warmup_steps: Int | None = Field(None, ge=1, description="warmup: optimizer steps "
+                                                "of the ramp to train.global_batch_size")
+    batch_size_interval: Int = Field(10, ge=1, description="adaptive: optimizer steps between "
+                                     "batch-size decisions")
+    batch_size_step_cost: Float | None = Field(
+        None, ge=0.0, description="adaptive: a step's fixed cost in samples' worth of compute "
+        "(T(M) = b (c + M)); unset: measured in the run")
 
     @field_validator("micro_batch_size", mode="before")
     @classmethod
@@ -401,6 +417,15 @@ class Config(_Section):
                 f"train.micro_batch_size=auto would change the ghost-batch size of the BatchNorm "
                 f"layers of model.name={self.model.name} on out-of-memory (another update); set "
                 "a fixed train.micro_batch_size, or opt in with train.auto_micro_batchnorm=true")
+        if t.micro_batch_size == "auto" and self.scaling.num_workers > 1 and (
+                t.loss == "nt_xent" or t.sync_batchnorm):
+            culprit = "train.loss=nt_xent" if t.loss == "nt_xent" else "train.sync_batchnorm=true"
+            raise ValueError(
+                f"train.micro_batch_size=auto with scaling.num_workers={self.scaling.num_workers} "
+                f"cannot shrink every rank together under {culprit} (collectives inside the "
+                "forward pass); set a fixed train.micro_batch_size (python -m pipeline "
+                "find-batch-size finds the largest that fits)")
+        self._check_batch_schedule()
         if t.loss == "token_cross_entropy" and self.model.name in ("digits_cnn", "mlp"):
             raise ValueError(f"train.loss=token_cross_entropy needs a per-token model; "
                              f"model.name={self.model.name} gives one output per sample "
@@ -413,6 +438,40 @@ class Config(_Section):
             raise ValueError(f"tune.metric={self.tune.metric!r} is logged by no run; known: "
                              f"{', '.join(known)}")
         return self
+
+    def _check_batch_schedule(self) -> None:
+        t, workers = self.train, self.scaling.num_workers
+        kind = f"train.batch_size_schedule={t.batch_size_schedule}"
+        if t.batch_size_schedule == "constant":
+            return
+        m0 = t.batch_size_min
+        if m0 is None:
+            raise ValueError(f"{kind} needs train.batch_size_min (the smallest global batch)")
+        if t.global_batch_size % m0:
+            raise ValueError(f"train.global_batch_size={t.global_batch_size} (the largest batch "
+                             f"of {kind}) is not a multiple of train.batch_size_min={m0}")
+        if m0 % workers:
+            raise ValueError(f"train.batch_size_min={m0} is not divisible by "
+                             f"scaling.num_workers={workers}")
+        if t.batch_size_schedule == "warmup" and t.batch_size_warmup_steps is None:
+            raise ValueError(f"{kind} needs train.batch_size_warmup_steps (the ramp's length)")
+        if t.batch_size_schedule == "adaptive":
+            if not t.noise_scale:
+                raise ValueError(f"{kind} follows the gradient noise scale: set "
+                                 "train.noise_scale=true")
+            micro = t.micro_batch_size
+            if workers == 1 and not (isinstance(micro, int) and micro < m0):
+                raise ValueError(
+                    f"{kind} on one worker measures the noise scale from its first micro-batch: "
+                    f"set train.micro_batch_size below train.batch_size_min={m0} (now {micro})")
+
+    def plan_batch_size(self) -> int:
+        """The global batch size epochs are planned with: the schedule's unit
+        (train.batch_size_min) under a warmup or adaptive schedule, else the global batch."""
+        t = self.train
+        if t.batch_size_schedule != "constant" and t.batch_size_min is not None:
+            return t.batch_size_min
+        return t.global_batch_size
 
     def logged_metrics(self) -> tuple[str, ...]:
         """The per-epoch metrics a run of this (resolved) config reports, so Tune can rank by.

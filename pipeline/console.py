@@ -135,8 +135,11 @@ def progress_bar_wanted(stream: Any = None) -> bool:
 
 
 def say(msg: str) -> None:
-    """One pipeline line on stdout."""
-    print(f"[pipeline] {msg}", flush=True)
+    """One pipeline line on stdout. Written, not printed: on a Ray Train worker `print` is
+    patched to go to Train's logger and, when stdout is wrapped, to stdout as well -- the line
+    showed twice."""
+    sys.stdout.write(f"[pipeline] {msg}\n")
+    sys.stdout.flush()
 
 
 # -- the lines ------------------------------------------------------------------------------
@@ -190,9 +193,19 @@ def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
     warmup = f", {t.warmup_epochs:g} warmup epochs" if t.warmup_epochs else ""
     steps = f", at most {t.max_steps} steps" if t.max_steps else ""
     device = "GPU" if s.use_gpu else f"{s.cpus_per_worker:g} CPU"
+    schedule = ""
+    if t.batch_size_schedule == "warmup":
+        schedule = (f"; batch-size warmup from {t.batch_size_min} over "
+                    f"{t.batch_size_warmup_steps} steps")
+    elif t.batch_size_schedule == "adaptive":
+        cost = ("measured" if t.batch_size_step_cost is None
+                else f"{t.batch_size_step_cost:g} samples")
+        schedule = (f"; adaptive batch from {t.batch_size_min}, by goodput every "
+                    f"{t.batch_size_interval} steps (step cost {cost})")
     return [
         f"data: {d.name}, {info.num_rows} rows ({info.uri}){held}",
-        f"batches: {strategy} (seed {b.seed}); global batch {t.global_batch_size} = {split}",
+        f"batches: {strategy} (seed {b.seed}); global batch {t.global_batch_size} = {split}"
+        f"{schedule}",
         f"model: {m.name}, {t.epochs} epochs{steps}, {t.precision}, {t.optimizer} at lr {lr:.4g}"
         f"{rule}, {t.schedule} schedule{warmup}",
         f"workers: {s.num_workers} x {device}; MLflow experiment "

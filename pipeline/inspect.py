@@ -9,6 +9,7 @@ Hard-example mining has no losses without training: its weights are uniform here
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from pipeline.data.batches import micro_slices, split_train_val
 from pipeline.data.datasets import DatasetInfo
 from pipeline.data.epochs import epoch_batches
 from pipeline.data.plan import rank_slice
+from pipeline.engine.batch_schedule import BatchSchedule, group_units
 from pipeline.files import write_json
 
 
@@ -45,10 +47,25 @@ def rank_rows(cfg_dict: dict[str, Any], refs: list[Any], rank: int) -> pa.Table:
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "epoch", "rank", "batch", "micro", "position", "sample_id", "label", "length",
         "difficulty", "weight", "padded_length", "pool_size")}
+    t = cfg.train
+    # A warmup schedule's steps are known in advance: group the unit batches as training does.
+    # An adaptive one's depend on the noise scale measured in training: its unit batches show.
+    sched = BatchSchedule(kind="warmup" if t.batch_size_schedule == "warmup" else "constant",
+                          unit=cfg.plan_batch_size(), max_units=t.global_batch_size
+                          // cfg.plan_batch_size(), ramp_steps=t.batch_size_warmup_steps or 0)
+    if t.batch_size_schedule == "adaptive":
+        sched.max_units = 1
+    step = 0
     for epoch in range(cfg.train.epochs):
         eb = epoch_batches(cfg, st, train_pos, epoch, world)
         weights = np.full(len(st), 1.0 / max(len(train_pos), 1))
-        for i, batch in enumerate(eb.batches):
+
+        def next_units() -> int:
+            nonlocal step
+            step += 1
+            return sched.next_units(step - 1, math.nan)
+
+        for i, (batch, _) in enumerate(group_units(eb.batches, next_units)):
             for j, part in enumerate(micro_slices(rank_slice(batch, rank, world), micro)):
                 n = len(part)
                 lengths = st.lengths[part] if st.lengths is not None else np.zeros(n, np.int64)
@@ -151,7 +168,9 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
     share = pd.Series(labels).value_counts(normalize=True).sort_index() if labels is not None else None
     num_train = info.num_rows - len(split_train_val(info.num_rows, labels, cfg.data.val_fraction,
                                                     cfg.data.split_seed)[1])
-    summary = summarize(df, num_train, cfg.train.global_batch_size, share)
+    full = (cfg.plan_batch_size() if cfg.train.batch_size_schedule == "adaptive"
+            else cfg.train.global_batch_size)  # the size of a full batch in the rows above
+    summary = summarize(df, num_train, full, share)
     summary.update(strategy=cfg.batching.strategy, workers=cfg.scaling.num_workers,
                    rows=len(df), dataset=info.uri)
     write_json(out_dir / "summary.json", summary)

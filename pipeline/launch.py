@@ -128,7 +128,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     state_file = out_dir / "run.json"
     resume_from, run_id = None, None
     if resume:
-        resume_from = find_latest_checkpoint(storage)
+        def skipped(folder: Path, why: str) -> None:
+            _log(f"skipping checkpoint: {why}")
+
+        resume_from = find_latest_checkpoint(storage, on_skip=skipped)
         if resume_from is None:
             raise ConfigError(f"argument error: --resume: no checkpoint under {storage}")
         if state_file.exists():
@@ -154,12 +157,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         _log(f"MLflow run {run_id} in {uri}")
     fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
     fatal_file.unlink(missing_ok=True)
+    tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
+    tracking_file.unlink(missing_ok=True)
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
     # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
                            "tracking_uri": uri, "fatal_file": str(fatal_file),
+                           "tracking_file": str(tracking_file),
                            "resume_from": str(resume_from) if resume_from else None,
                            # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set
                            "progress_bar": show_progress and console.progress_bar_wanted(),
@@ -183,9 +189,19 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         checkpoint_path = Path(result.checkpoint.path) if result.checkpoint else None
         metrics = dict(result.metrics or {})
         if checkpoint_path is not None and cfg.tracking.log_model:
-            log_model(uri, run_id, checkpoint_path)
+            try:
+                log_model(uri, run_id, checkpoint_path)
+            except Exception as e:  # tracking never fails a trained job: the weights are kept
+                _log(f"the model could not be logged to MLflow ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); it is in {checkpoint_path}")
+        unsent = (json.loads(tracking_file.read_text())["metrics_unsent"]
+                  if tracking_file.exists() else 0)
+        if unsent:
+            _log(f"MLflow run {run_id} misses {unsent} metric point(s): the store was "
+                 "unreachable when training ended (result.json: metrics_unsent)")
         summary = {
             "status": "FINISHED", "metrics": metrics, "mlflow_run_id": run_id,
+            "metrics_unsent": unsent,
             "tracking_uri": uri, "checkpoint": str(checkpoint_path) if checkpoint_path else None,
             "config": cfg.to_dict(), "ray_run_name": name,
         }
@@ -212,19 +228,52 @@ def raise_fatal(fatal_file: Path) -> None:
     raise TrainingStopped(fatal["message"])
 
 
-def log_model(uri: str, run_id: str, checkpoint_path: Path) -> None:
-    """Rebuild the model from the last checkpoint and log it as an MLflow PyTorch model."""
+def log_model(uri: str, run_id: str, checkpoint_path: Path) -> str:
+    """Rebuild the model from the last checkpoint and log it as an MLflow PyTorch model; return
+    its format. `pt2` (a `torch.export` graph: loading it runs no pickled code) takes positional
+    tensors, `model(features)` or `model(input_ids, attention_mask)`, with any batch size (and
+    sequence length); a model that cannot be exported (a user's `import:` model, say) is logged
+    as `pickle` instead, and the console says so."""
     import mlflow
     import mlflow.pytorch
+    import numpy as np
     import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-    from pipeline.engine.models import build_model
+    from pipeline.engine.models import build_model, positional_model
 
     state = load_checkpoint(checkpoint_path)
     model = build_model(**state["model_spec"])
     model.load_state_dict(state["model"])
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
     mlflow.set_tracking_uri(uri)
+    # start_run(run_id) refuses a run outside the process's active experiment (a notebook's
+    # earlier set_experiment, say): make the run's own experiment the active one.
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        try:
+            wrapped, example = positional_model(model, state["model_spec"])
+            with torch.no_grad():
+                out = wrapped(*example.values())
+
+            def dynamic(shape: tuple[int, ...], seq: bool) -> tuple[int, ...]:  # -1: any size
+                return (-1, -1, *shape[2:]) if seq else (-1, *shape[1:])
+
+            seq = "input_ids" in example
+            signature = ModelSignature(
+                inputs=Schema([TensorSpec(v.numpy().dtype, dynamic(tuple(v.shape), seq), name=k)
+                               for k, v in example.items()]),
+                outputs=Schema([TensorSpec(np.dtype("float32"),
+                                           dynamic(tuple(out.shape), seq and out.dim() == 3))]))
+            mlflow.pytorch.log_model(wrapped, name="model", serialization_format="pt2",
+                                     input_example=tuple(v.numpy() for v in example.values()),
+                                     signature=signature, pip_requirements=requirements)
+            return "pt2"
+        except Exception as e:  # torch.export refuses some models; pickle still loads them
+            _log(f"the model cannot be exported ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                 "logged with serialization_format='pickle'")
+            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                     pip_requirements=requirements)
+            return "pickle"
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+
+from pipeline.redact import redact, secret_env_values
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +63,14 @@ def git_commit() -> str | None:
 def start_run(uri: str, experiment: str, *, run_name: str | None, params: dict[str, str],
               config_yaml: str, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None) -> str:
-    """Create the run, log params and the config artifact; return its id."""
+    """Create the run, log params and the config artifact; return its id. Secrets are masked
+    in all three first (pipeline/redact.py)."""
     c = client(uri)
-    all_tags = {k: v for k, v in (tags or {}).items() if v}
+    secrets = secret_env_values()
+    params = redact(params, secrets)
+    config_yaml = yaml.safe_dump(redact(yaml.safe_load(config_yaml), secrets))
+    all_tags = redact({k: v for k, v in (tags or {}).items() if v}, secrets)
+    run_name = redact(run_name, secrets)
     commit = git_commit()
     if commit:
         all_tags["git.commit"] = commit
@@ -89,31 +98,95 @@ def log_text(uri: str, run_id: str, text: str, name: str) -> None:
         client(uri).log_artifact(run_id, str(p))
 
 
-def end_run(uri: str, run_id: str, status: str) -> None:
-    client(uri).set_terminated(run_id, status)
+def end_run(uri: str, run_id: str, status: str) -> bool:
+    """Mark the run FINISHED or FAILED; an unreachable store (after MLflow's own HTTP retries)
+    is a warning, never an error that would turn a trained job into a crashed one."""
+    try:
+        client(uri).set_terminated(run_id, status)
+        return True
+    except Exception as err:
+        log.warning("MLflow: run %s could not be marked %s: %s", run_id, status,
+                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return False
 
 
 class MetricLogger:
-    """Buffered, retrying metric logging for rank 0 (a transient store error never kills
-    training: after the retries it warns and drops that batch of points)."""
+    """Metric logging for rank 0 that never holds training up and loses nothing to an outage.
 
-    def __init__(self, uri: str, run_id: str, retries: int = 3):
-        self.client, self.run_id, self.retries = client(uri), run_id, retries
-        self.buffer: list[Metric] = []
+    `add` buffers points and `flush` wakes a background thread that sends them in batches of
+    1,000; while the store is unreachable they stay buffered (up to `max_points`: beyond, new
+    points are dropped and counted) and the thread tries again every `retry_s` seconds, so an
+    outage of the tracking server delays the curves but does not hold up a step or lose a point.
+    One line says when the store became unreachable and one when it is back. `close` waits up
+    to `timeout_s` for the buffer to drain and returns the number of points not sent."""
+
+    def __init__(self, uri: str, run_id: str, retry_s: float = 2.0, max_points: int = 1_000_000):
+        self.client, self.run_id = client(uri), run_id
+        self.retry_s, self.max_points = retry_s, max_points
+        self.dropped = 0  # points beyond max_points during an outage
+        self._buffer: list[Metric] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._down_since: float | None = None
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._thread.start()
 
     def add(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
-        self.buffer.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
+        points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
+        with self._lock:
+            room = max(0, self.max_points - len(self._buffer))
+            self._buffer.extend(points[:room])
+            self.dropped += len(points) - min(room, len(points))
 
-    def flush(self) -> None:
-        while self.buffer:
-            chunk, self.buffer = self.buffer[:1000], self.buffer[1000:]
-            for attempt in range(self.retries):
-                try:
-                    self.client.log_batch(self.run_id, metrics=chunk)
-                    break
-                except Exception as err:  # network or store hiccup
-                    if attempt == self.retries - 1:
-                        log.warning("MLflow logging failed, %d points dropped: %s", len(chunk), err)
-                    else:
-                        time.sleep(0.5 * 2**attempt)
+    def flush(self, wait_s: float = 0.0) -> None:
+        """Send what is buffered, in the background; wait up to wait_s for it to arrive (not
+        at all while the store is known to be down). Training waits at each epoch's end, so
+        that an epoch's points are in the store before its checkpoint is reported."""
+        self._wake.set()
+        deadline = time.monotonic() + wait_s
+        while self.pending() and self._down_since is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._buffer)
+
+    def close(self, timeout_s: float = 120.0) -> int:
+        """Send what is left, waiting at most timeout_s; the number of points not sent."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+        return self.pending() + self.dropped
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=self.retry_s)
+            self._wake.clear()
+            while self._send_one():
+                pass
+            if self._closing and not self.pending():
+                return
+
+    def _send_one(self) -> bool:
+        """Send the oldest batch; True when it went and more may follow."""
+        with self._lock:
+            chunk = self._buffer[:1000]
+        if not chunk:
+            return False
+        try:
+            self.client.log_batch(self.run_id, metrics=chunk)
+        except Exception as err:  # the store is unreachable or failing: keep them, try later
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("MLflow unreachable, metric points kept and sent when it is back: %s",
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+            return False
+        with self._lock:
+            del self._buffer[: len(chunk)]  # add() only appends: the front is still this chunk
+        if self._down_since is not None:
+            log.warning("MLflow reachable again after %.0f s: buffered metric points sent",
+                        time.monotonic() - self._down_since)
+            self._down_since = None
+        return True

@@ -28,14 +28,21 @@ from pipeline.data.batches import SampleTable, micro_slices, split_train_val
 from pipeline.data.epochs import epoch_batches, schedule_steps, steps_per_epoch
 from pipeline.data.plan import rank_slice
 from pipeline.data.views import make_views
+from pipeline.engine.batch_schedule import BatchSchedule, group_units
 from pipeline.engine.batchnorm import has_batchnorm
 from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.engine.loop import LoopState, NonFiniteError, assert_finite_weights, train_epoch
+from pipeline.engine.loop import (
+    LoopState,
+    NonFiniteError,
+    PlannedStep,
+    assert_finite_weights,
+    train_epoch,
+)
 from pipeline.engine.models import build_model
 from pipeline.engine.noise import NoiseScale, attach_local_norm
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.schedule import lr_at, scale_lr
-from pipeline.engine.step import evaluate, to_torch
+from pipeline.engine.step import all_reduce_sum, evaluate, to_torch
 from pipeline.files import write_json
 from pipeline.tracking import MetricLogger
 
@@ -116,28 +123,45 @@ def _train(loop_config: dict[str, Any]) -> None:
             "or train.auto_micro_batchnorm=true")
     if cfg.train.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
+    # micro_batch_size=auto with several workers: no collective inside forward or backward, so
+    # an out-of-memory on one rank never strands the others (pipeline/engine/step.py, agree_oom);
+    # the step broadcasts rank 0's buffers itself.
+    agree_oom = cfg.train.micro_batch_size == "auto" and world > 1
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"forward_sync_buffers": False} if agree_oom else None)
     # The noise scale's small batch with several workers: each rank's own gradient, read by a
     # DDP communication hook just before the all-reduce (pipeline/engine/noise.py).
-    noise_probe = (attach_local_norm(model) if cfg.train.noise_scale and world > 1
+    noise_probe = (attach_local_norm(model) if cfg.train.noise_scale and world > 1 and not agree_oom
                    and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
     t = cfg.train
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     G = t.global_batch_size
-    # The schedule's length from the plans themselves: curriculum, balanced, hard-mining and
-    # token-budget epochs have their own step counts (pure and cheap: no gather, no shuffle).
+    # Epochs are planned in unit batches (the global batch, or train.batch_size_min under a
+    # batch-size schedule, pipeline/engine/batch_schedule.py); a step takes k of them.
+    unit = cfg.plan_batch_size()
+    sched = BatchSchedule(kind=t.batch_size_schedule, unit=unit, max_units=G // unit,
+                          ramp_steps=t.batch_size_warmup_steps or 0,
+                          interval=t.batch_size_interval, step_cost=t.batch_size_step_cost)
+    # The LR schedule's length from the plans themselves, in unit batches (= optimizer steps for
+    # a constant batch): curriculum, balanced, hard-mining and token-budget epochs have their own
+    # counts (pure and cheap: no gather, no shuffle). max_steps caps optimizer steps, which are
+    # units only for a constant batch.
     try:
-        total_steps, warmup = schedule_steps(steps_per_epoch(cfg, st, train_pos, world),
-                                             t.warmup_epochs, t.max_steps)
+        total_units, warmup = schedule_steps(
+            steps_per_epoch(cfg, st, train_pos, world), t.warmup_epochs,
+            t.max_steps if t.batch_size_schedule == "constant" else None)
     except ValueError as err:
         raise ConfigError(f"config error: {err}") from None
-    peak = scale_lr(t.base_lr, t.base_batch_size, G, t.lr_scaling)
 
-    def lr_fn(step: int) -> float:
-        return lr_at(step, base_lr=t.base_lr, peak_lr=peak, warmup_steps=warmup,
-                     total_steps=total_steps, schedule=t.schedule)
+    def lr_for(units_done: int, batch: int) -> float:
+        """The LR after `units_done` unit batches, for a step of `batch` samples: the LR
+        scaling rule at that batch (re-scaled whenever the batch changes), the schedule's shape
+        over samples."""
+        return lr_at(units_done, base_lr=t.base_lr,
+                     peak_lr=scale_lr(t.base_lr, t.base_batch_size, batch, t.lr_scaling),
+                     warmup_steps=warmup, total_steps=total_units, schedule=t.schedule)
 
     per_worker = G // world
     state = LoopState(micro_batch_size=t.micro_batch_size
@@ -157,6 +181,10 @@ def _train(loop_config: dict[str, Any]) -> None:
         if scaler is not None and s.get("scaler"):
             scaler.load_state_dict(s["scaler"])
         state.step, state.epoch = int(s["step"]), int(s["epoch"]) + 1
+        state.units = int(s.get("units", state.step))
+        state.samples = int(s.get("samples", 0))
+        if s.get("batch_schedule"):
+            sched.load_state_dict(s["batch_schedule"])
         state.skipped_steps = int(s.get("skipped_steps", 0))
         state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
         if state.noise is not None and s.get("noise"):
@@ -192,7 +220,43 @@ def _train(loop_config: dict[str, Any]) -> None:
 
         return micro
 
+    def agree(values: list[float]) -> list[float]:  # the mean over ranks
+        return [v / world for v in all_reduce_sum(values, device)]
+
+    def next_units() -> int:
+        """k for the next step; every change is said (rank 0) and logged as a curve."""
+        before, cost = sched.units, sched.step_cost
+        phi = state.noise.value if state.noise is not None else math.nan
+        k = sched.next_units(state.step, phi / state.elements_per_sample, agree)
+        if rank == 0 and sched.measured and cost is None and sched.step_cost is not None:
+            console.say(f"batch size: a step costs as much as {sched.step_cost:.0f} samples "
+                        "(measured: T(M) = a + b M over the timed steps)")
+        if rank == 0 and k != before and sched.kind == "adaptive":
+            console.say(f"batch size {before * unit} -> {k * unit} at step {state.step + 1} "
+                        f"(noise scale {phi / state.elements_per_sample:.0f} samples)")
+        return k
+
+    def planned(batches: list[np.ndarray], epoch: int, pad_stats: dict[str, int]) -> Any:
+        """The epoch's steps: k unit batches each, rank slices, the LR for that batch."""
+        for batch, k in group_units(batches, next_units):
+            yield PlannedStep(step_batches(rank_slice(batch, rank, world), (b.seed, epoch, 0),
+                                           pad_stats),
+                              lr=lr_for(state.units, len(batch)), batch_size=len(batch), units=k)
+
     my_val = rank_slice(val_pos, rank, world)
+
+    def eval_batches(epoch: int) -> Any:
+        """This rank's validation micro-batches (contrastive views keyed by (seed, epoch, 1))."""
+        return (to_torch(collate(p, (b.seed, epoch, 1)), device)
+                for p in micro_slices(my_val, per_worker))
+
+    def validate(epoch: int, step: int) -> dict[str, float]:
+        """A validation pass within the epoch every train.eval_every steps (every rank takes
+        it at the same step: it all-reduces)."""
+        if t.eval_every and step % t.eval_every == 0 and len(val_pos):
+            return evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision)
+        return {}
+
     for epoch in range(state.epoch, t.epochs):
         state.epoch = epoch
         if t.max_steps is not None and state.step >= t.max_steps:
@@ -204,39 +268,39 @@ def _train(loop_config: dict[str, Any]) -> None:
         pad_stats = {"real": 0, "padded": 0}
 
         steps_log: list[tuple[int, dict[str, float]]] = []
+        samples_before, units_before = state.samples, state.units
         bar = None  # a progress bar within the epoch, drawn on the driver's terminal
         if rank == 0 and loop_config.get("progress_bar"):
             from ray.experimental.tqdm_ray import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}", unit="step")
+            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}",
+                       unit="step" if unit == G else "unit batch")
         start = time.perf_counter()
         metrics = train_epoch(
             model, optimizer,
-            (step_batches(rank_slice(x, rank, world), (b.seed, epoch, 0), pad_stats) for x in batches),
-            state, lr_fn=lr_fn, loss=t.loss, precision=t.precision, scaler=scaler,
+            planned(batches, epoch, pad_stats), state, loss=t.loss, precision=t.precision, scaler=scaler,
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
-            on_step=partial(_record_step, steps_log, bar), seed=t.seed, rank=rank,
+            on_step=partial(_record_step, steps_log, bar, sched, units_before,
+                            partial(validate, epoch)), seed=t.seed, rank=rank,
             nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit, noise_probe=noise_probe,
             on_event=console.say if rank == 0 else None)
         wall = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        eval_batches = (to_torch(collate(p, (b.seed, epoch, 1)), device)
-                        for p in micro_slices(my_val, per_worker))
         if len(val_pos):
-            metrics.update(evaluate(model, eval_batches, loss=t.loss, precision=t.precision))
+            metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision))
         if b.strategy == "hard_mining":
             sample_losses = _score_pool(model, st, train_pos, rank, world, per_worker, cfg, device)
             pool_losses = sample_losses[train_pos]
             metrics.update({"hard_mining/loss_mean": float(pool_losses.mean()),
                             "hard_mining/loss_p90": float(np.quantile(pool_losses, 0.9))})
-        trained = int(metrics["steps"]) and sum(len(x) for x in batches[: int(metrics["steps"])])
+        trained = state.samples - samples_before
         metrics.update({
             "epoch": epoch + 1, "step": state.step, "samples_per_s": trained / wall,
             "epoch_time_s": wall, "dropped": float(dropped), "pool_size": float(plan.pool_size),
             "skipped_steps": float(state.skipped_steps),
             "nonfinite_steps": float(state.nonfinite_steps),
-            "global_batch_size": float(G),
+            "global_batch_size": float(state.batch_size or G), "samples": float(state.samples),
             "micro_batch_size": float(state.micro_batch_size),
         })
         if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
@@ -252,15 +316,24 @@ def _train(loop_config: dict[str, Any]) -> None:
                 logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step)
             logger.add({k: v for k, v in metrics.items()
                         if k not in ("epoch", "step") and math.isfinite(v)}, epoch + 1)
-            logger.flush()
-        _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank)
+            logger.flush(wait_s=10.0)  # an outage of the store waits at most this long
+        _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank, sched)
+    if logger is not None:
+        unsent = logger.close(timeout_s=float(loop_config.get("tracking_close_s", 120.0)))
+        if unsent and loop_config.get("tracking_file"):
+            console.say(f"MLflow: {unsent} metric point(s) could not be sent "
+                        f"(the store was unreachable at the end of training)")
+            write_json(Path(loop_config["tracking_file"]), {"metrics_unsent": unsent})
 
 
-def _record_step(log: list[tuple[int, dict[str, float]]], bar: Any, state: LoopState,
+def _record_step(log: list[tuple[int, dict[str, float]]], bar: Any, sched: BatchSchedule,
+                 units_before: int, validate: Any, state: LoopState,
                  record: dict[str, float]) -> None:
+    record.update(validate(state.step))
     log.append((state.step, record))
+    sched.observe(int(record["global_batch_size"]), record["step_time_s"])
     if bar is not None:
-        bar.update(1)
+        bar.update(state.units - units_before - bar.n)  # the bar counts unit batches
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -295,7 +368,7 @@ def _score_pool(model: torch.nn.Module, st: SampleTable, train_pos: np.ndarray, 
 
 def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scaler: Any, state: LoopState, spec: dict[str, Any], sample_losses: np.ndarray | None,
-            rank: int) -> None:
+            rank: int, sched: BatchSchedule) -> None:
     """One checkpoint per epoch: rank 0 writes it, every rank reports (report is a barrier).
     Weights that are not finite are never written (every rank checks: DDP replicas are equal,
     so all of them stop together)."""
@@ -310,6 +383,8 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
                 "nonfinite_steps": state.nonfinite_steps,
                 "noise": state.noise.state_dict() if state.noise is not None else None,
                 "micro_batch_size": state.micro_batch_size, "model_spec": spec,
+                "units": state.units, "samples": state.samples,
+                "batch_schedule": sched.state_dict(),
                 "sample_losses": sample_losses, "metrics": metrics,
             })
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

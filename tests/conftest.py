@@ -106,37 +106,47 @@ def ray_client(ray_cluster):
     return ray
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; yields its URI."""
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:port with its sqlite store and artifacts under root,
+    once healthy (a restart on the same root and port finds the same runs)."""
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    log = open(root / "server.log", "w")  # noqa: SIM115 (closed at teardown)
+    log = open(root / "server.log", "a")  # noqa: SIM115 (closed by stop_mlflow_server)
     proc = subprocess.Popen(
         [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    proc.log = log  # type: ignore[attr-defined]
 
     def healthy() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
         try:
-            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
         except OSError:
             return False
 
     _wait(healthy, 90, "mlflow server")
-    yield uri
+    return proc
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, 15)
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:  # a busy machine: gunicorn workers may not stop in time
         os.killpg(proc.pid, 9)
         proc.wait(timeout=30)
-    log.close()
+    proc.log.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend; yields its URI."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
+    yield f"http://127.0.0.1:{port}"
+    stop_mlflow_server(proc)
 
 
 def submit_job(cluster: dict, sub_id: str, *entrypoint: str,

@@ -40,3 +40,25 @@ def test_gpu_workers_autoscale_and_dashboard_stays_private(cluster):
     head_cmd = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_cmd  # reachable through `ray dashboard` only
     assert any("pip install -e ." in c for c in cluster["setup_commands"])
+
+
+def _commands(cluster) -> list[str]:
+    keys = ("initialization_commands", "setup_commands", "head_setup_commands",
+            "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+    return [c for k in keys for c in cluster.get(k) or []]
+
+
+def test_token_authentication_is_left_on(cluster):
+    """`ray start` turns token auth on by default; RAY_AUTH_MODE is how it is turned off
+    (ray/_private/authentication): no command, environment or docker option may set it."""
+    text = yaml.safe_dump(cluster)
+    assert "RAY_AUTH_MODE" not in text and "auth-mode" not in text
+    starts = [c for c in _commands(cluster) if "ray start" in c]
+    assert len(starts) == 2 and all("0.0.0.0" not in c for c in starts)
+
+
+def test_the_job_api_is_on_the_heads_loopback_and_the_readme_says_why(cluster):
+    (head,) = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head.split()  # the job server lives in the dashboard
+    readme = (REPO / "README.md").read_text()
+    assert "CVE-2023-48022" in readme and "ray dashboard cluster.yaml" in readme

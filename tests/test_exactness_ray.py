@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import run
+from pipeline.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
@@ -29,7 +30,7 @@ def test_nonfinite_loss_stops_the_job_failed_without_nonfinite_checkpoint(
     assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
     assert not (tmp_path / "result.json").exists()
     for state_file in tmp_path.rglob("state.pt"):  # if any epoch ended, its weights were finite
-        state = torch.load(state_file, weights_only=False)
+        state = load_checkpoint(state_file.parent)
         assert all(bool(torch.isfinite(v).all()) for v in state["model"].values()
                    if v.is_floating_point())
     assert json.loads((tmp_path / "fatal.json").read_text())["kind"] == "nonfinite"

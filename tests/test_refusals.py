@@ -205,6 +205,13 @@ CASES = [
     ("auto-batchnorm", ["--config", DIGITS, *s("train.micro_batch_size=auto")],
      "train.auto_micro_batchnorm"),
     ("auto-batchnorm-picked", s("train.micro_batch_size=auto"), "model.name=digits_cnn"),
+    # -- micro_batch_size auto cannot shrink every rank together around collectives in forward
+    ("auto-nt-xent", ["--config", DIGITS, *s("train.micro_batch_size=auto", "train.loss=nt_xent",
+                                             "model.name=mlp")], "train.loss=nt_xent"),
+    ("auto-sync-bn", ["--config", DIGITS, *s("train.micro_batch_size=auto", "scaling.use_gpu=true",
+                                             "train.sync_batchnorm=true",
+                                             "train.auto_micro_batchnorm=true")],
+     "train.sync_batchnorm=true"),
     # -- columns and files
     ("no-label-column", ["--config", DIGITS, *s("data.label_column=nolabel")], "data.label_column"),
     ("no-difficulty-column", ["--config", DIGITS, *s("batching.difficulty_column=nodiff")],

@@ -8,6 +8,7 @@ import os
 import uuid
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, digits_train_rows, job_status, run_cli, submit_job
@@ -23,8 +24,10 @@ def epochs_logged(client: MlflowClient, run_id: str, key: str) -> list[int]:
 
 def test_main_job_two_workers_reaches_095_and_logs_every_epoch(ray_cluster, mlflow_server,
                                                                tmp_path):
-    out = run_cli("train", "--config", DIGITS, "--set", f"tracking.uri={mlflow_server}",
-                  "--set", "tracking.experiment=test-main", "--out", str(tmp_path))
+    secret = f"s3cr3t-{uuid.uuid4().hex}"  # a credential in the environment, and by mistake
+    out = run_cli("train", "--config", DIGITS, "--set", f"tracking.uri={mlflow_server}",  # in
+                  "--set", "tracking.experiment=test-main", "--out", str(tmp_path),  # the name
+                  "--set", f"tracking.run_name=main-{secret}", env={"PIPELINE_TEST_API_TOKEN": secret})
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
     cfg = result["config"]
@@ -49,13 +52,21 @@ def test_main_job_two_workers_reaches_095_and_logs_every_epoch(ray_cluster, mlfl
     assert run.data.tags.get("git.commit")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts
+    # Secrets never reach MLflow (pipeline/redact.py): not in params, tags or config.yaml.
+    import mlflow.artifacts
+
+    mlflow.set_tracking_uri(mlflow_server)
+    logged = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    assert "run_name: main-***" in logged and run.data.tags["mlflow.runName"] == "main-***"
+    searched = [logged, *run.data.params.values(), *run.data.tags.values()]
+    assert not [s for s in searched if secret in s]
     # The final model: an MLflow PyTorch model that loads and classifies.
     import mlflow.pytorch
     import torch
 
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
-    logits = model({"features": torch.zeros(2, 64)})
+    logits = model(torch.zeros(2, 64))  # pt2: positional tensors (tests/test_model_artifact.py)
     assert logits.shape == (2, 10)
     assert f"MLflow run {run.info.run_id}" in out.stdout
     assert "epoch 1:" in out.stdout + out.stderr  # progress output
@@ -83,6 +94,35 @@ def test_resume_continues_at_next_epoch_with_step_counter(ray_client, mlflow_ser
     step_lr = client.get_metric_history(r1["mlflow_run_id"], "step/lr")
     assert sorted(m.step for m in step_lr) == list(range(1, 4 * steps_per_epoch + 1))
     assert client.get_run(r1["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_resume_passes_over_a_corrupted_latest_checkpoint_to_the_same_weights(ray_client,
+                                                                              mlflow_server,
+                                                                              tmp_path):
+    """The latest checkpoint damaged on disk (one bit): `--resume` says it skips it, restarts
+    from the previous good one, and the retrained epoch ends at exactly the weights the
+    damaged checkpoint held (the pipeline is deterministic)."""
+    from pipeline.engine.checkpoint import STATE_FILE, find_latest_checkpoint, load_checkpoint
+
+    run_in_process(mlflow_server, tmp_path, "tracking.experiment=test-resume-corrupt",
+                   "train.epochs=2")
+    latest = find_latest_checkpoint(tmp_path / "ray_results")
+    want = load_checkpoint(latest)
+    assert want["epoch"] == 1  # epochs count from 0 in checkpoints
+    data = bytearray((latest / STATE_FILE).read_bytes())
+    data[len(data) // 2] ^= 1
+    (latest / STATE_FILE).write_bytes(bytes(data))
+    out = run_cli("train", "--config", DIGITS, "--set", f"tracking.uri={mlflow_server}",
+                  "--set", "tracking.experiment=test-resume-corrupt", "--set", "train.epochs=2",
+                  "--out", str(tmp_path), "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    skipped = [ln for ln in out.stderr.splitlines() if "skipping checkpoint" in ln]
+    assert len(skipped) == 1 and str(latest) in skipped[0] and "checksum" in skipped[0]
+    assert "(epoch 1 done)" in out.stderr
+    got = load_checkpoint(json.loads((tmp_path / "result.json").read_text())["checkpoint"])
+    assert got["epoch"] == 1 and got["step"] == want["step"]
+    assert want["model"].keys() == got["model"].keys()
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
 
 
 def run_in_process(mlflow_uri: str, out, *overrides: str) -> dict:
@@ -121,3 +161,60 @@ def test_ray_job_submit_train(ray_cluster, mlflow_server, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["ray.submission_id"] == sub_id
     assert run.data.tags["ray.job_id"]
+
+
+def test_batch_size_schedules_log_the_batch_of_every_step_and_scale_the_lr(ray_client, mlflow_server,
+                                                                          tmp_path):
+    """`warmup`: the exact ramp 32 -> 256 over 12 steps, each step's LR the linear rule at its
+    batch; `adaptive` with a set step cost: multiples of 32 within [32, 256] that follow the
+    noise scale, every change said on the console. Both log `global_batch_size` per step and
+    `samples` (their sum) per epoch."""
+    from pipeline.engine.batch_schedule import warmup_units
+
+    common = ["--config", DIGITS, "--set", f"tracking.uri={mlflow_server}",
+              "--set", "tracking.experiment=test-schedules", "--set", "train.epochs=2",
+              "--set", "train.global_batch_size=256", "--set", "train.micro_batch_size=16",
+              "--set", "train.batch_size_min=32", "--set", "model.name=mlp"]
+    client = MlflowClient(mlflow_server)
+
+    def curve(result, key):
+        return [m.value for m in sorted(client.get_metric_history(result["mlflow_run_id"], key),
+                                        key=lambda m: m.step)]
+
+    out = run_cli("train", *common, "--set", "train.batch_size_schedule=warmup",
+                  "--set", "train.batch_size_warmup_steps=12", "--set", "train.eval_every=5",
+                  "--out", str(tmp_path / "w"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    warm = json.loads((tmp_path / "w" / "result.json").read_text())
+    sizes = curve(warm, "step/global_batch_size")
+    # The ramp 1 + 7 s // 12 units of 32, each epoch's last step taking the units left.
+    units_per_epoch = digits_train_rows(0.2, 0) // 32  # random, drop_last
+    want, step = [], 0
+    for _ in range(2):
+        left = units_per_epoch
+        while left:
+            k = min(warmup_units(step, 8, 12), left)
+            want.append(32.0 * k)
+            left, step = left - k, step + 1
+    assert sizes == want
+    assert want[:12] == [32, 32, 64, 64, 96, 96, 128, 160, 160, 192, 192, 192]  # 38 + 6 = 44
+    lrs = curve(warm, "step/lr")
+    for lr, size in zip(lrs, sizes, strict=True):  # base 0.05 at 64, linear, no LR warmup
+        assert lr == pytest.approx(0.05 * size / 64)
+    assert curve(warm, "samples")[-1] == sum(sizes)
+    # train.eval_every=5: a validation pass every 5 optimizer steps, logged at that step.
+    evals = client.get_metric_history(warm["mlflow_run_id"], "step/val_accuracy")
+    assert sorted(m.step for m in evals) == list(range(5, len(sizes) + 1, 5))
+    assert all(0 <= m.value <= 1 for m in evals)
+
+    out = run_cli("train", *common, "--set", "train.batch_size_schedule=adaptive",
+                  "--set", "train.batch_size_interval=4", "--set", "train.batch_size_step_cost=512",
+                  "--out", str(tmp_path / "a"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    adapt = json.loads((tmp_path / "a" / "result.json").read_text())
+    sizes = curve(adapt, "step/global_batch_size")
+    assert sizes[:4] == [32.0] * 4  # the unit until the first decision
+    assert all(s % 32 == 0 and 32 <= s <= 256 for s in sizes[:-1])
+    changes = [line for line in out.stdout.splitlines() if "[pipeline] batch size " in line]
+    assert changes and len(set(sizes)) > 1
+    assert curve(adapt, "samples")[-1] == sum(sizes)

@@ -259,3 +259,40 @@ def test_digits_train_rows_follow_the_split():
     held_out = sum(int(round(c * 0.2)) for c in np.bincount(labels))
     assert digits_train_rows(0.2, 0) == len(labels) - held_out
     assert digits_train_rows(0.2, 1) == digits_train_rows(0.2, 0)  # the seed picks, not counts
+
+
+def test_critical_batch_recovers_the_papers_curve_and_needs_two_batch_sizes():
+    from pipeline.tune.analysis import critical_batch, critical_batch_sentence
+
+    # S = S_min (1 + B_crit / B) with S_min = 50, B_crit = 200; a second rule's worse trials
+    # at the same batches must not move the fit (the fewest steps per batch counts).
+    good = [(b, 50 * (1 + 200 / b)) for b in (32, 64, 128, 256, 512)]
+    worse = [(b, s * 1.7) for b, s in good]
+    df = pd.DataFrame([{"train.global_batch_size": b, "steps_to_target": s}
+                       for b, s in good + worse])
+    fit = critical_batch(df)
+    assert fit["b_crit"] == pytest.approx(200.0) and fit["s_min"] == pytest.approx(50.0)
+    # Perfect scaling everywhere (S x B constant) is a knee beyond the largest batch tried.
+    perfect = pd.DataFrame({"train.global_batch_size": [32, 64], "steps_to_target": [400, 200]})
+    beyond = critical_batch(perfect)  # S_min = 0: no knee within reach
+    assert beyond["b_crit"] == math.inf and beyond["largest"] == 64
+    assert "beyond it" in critical_batch_sentence(beyond, None, 0.95)
+    flat = pd.DataFrame({"train.global_batch_size": [32, 64], "steps_to_target": [100, 100]})
+    assert critical_batch(flat) is None
+    assert critical_batch(df.iloc[:1]) is None
+    nothing = critical_batch_sentence(None, 120.0, 0.95)
+    assert nothing.startswith("Too few batch sizes reached val_accuracy >= 0.95") and "120" in nothing
+    assert "about 200" in critical_batch_sentence(fit, None, 0.95)
+
+
+def test_steps_and_samples_to_target_use_validations_within_epochs():
+    from pipeline.tune.analysis import at_target, steps_to_target
+
+    epochs = pd.DataFrame({"step": [20, 40], "val_accuracy": [0.9, 0.97], "samples": [640, 1280]})
+    inner = pd.DataFrame({"step": [5, 10, 15, 25, 30], "val_accuracy": [0.5, 0.8, 0.85, 0.92, 0.96],
+                          "samples": [160, 320, 480, 800, 960]})
+    both = pd.concat([epochs, inner])
+    assert steps_to_target(epochs, 0.95) == 40 and steps_to_target(both, 0.95) == 30
+    assert at_target(both, 0.95, "samples") == 960.0
+    gaps = pd.DataFrame({"step": [10, 20], "val_accuracy": [float("nan"), 0.99]})
+    assert steps_to_target(gaps, 0.95) == 20

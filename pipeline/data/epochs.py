@@ -47,7 +47,7 @@ def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: in
                   world_size: int, sample_losses: np.ndarray | None = None) -> EpochBatches:
     b = cfg.batching
     plan = plan_epoch(b.strategy, pool_meta(cfg, st, train_pos, sample_losses), seed=b.seed,
-                      epoch=epoch, global_batch_size=cfg.train.global_batch_size,
+                      epoch=epoch, global_batch_size=cfg.plan_batch_size(),
                       drop_last=b.drop_last, **planner_options(cfg))
     keep = [x for x in plan.batches if len(x) >= world_size]  # every rank needs >= 1 sample
     short = sum(len(x) for x in plan.batches if len(x) < world_size)
@@ -57,18 +57,21 @@ def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: in
 def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
                     world_size: int) -> list[int]:
     """Optimizer steps of every epoch of ``cfg.train.epochs``: ``len(epoch_batches(...).batches)``
-    for each epoch, counted from the strategy's counter (no shuffle, no gather; a token-budget
-    plan is planned). Hard mining draws N samples whatever the losses, so its count needs none.
+    for each epoch (under a batch-size schedule: its unit batches, `cfg.plan_batch_size()`),
+    counted from the strategy's counter (no shuffle, no gather; a token-budget plan is planned).
+    Hard mining draws N samples whatever the losses, so its count needs none.
 
     Raises ValueError naming the epoch and the numbers when an epoch would train no step (a pool
     smaller than one global batch with drop_last, ``epoch_samples`` < the batch...).
     """
     b, t = cfg.batching, cfg.train
     meta = pool_meta(cfg, st, train_pos, None)
+    batch_key = ("train.global_batch_size" if t.batch_size_schedule == "constant"
+                 else "train.batch_size_min")
     steps = []
     for epoch in range(t.epochs):
         count = count_epoch(b.strategy, meta, seed=b.seed, epoch=epoch,
-                            global_batch_size=t.global_batch_size, drop_last=b.drop_last,
+                            global_batch_size=cfg.plan_batch_size(), drop_last=b.drop_last,
                             **planner_options(cfg))
         n = int((count.sizes >= world_size).sum())  # epoch_batches keeps these
         if n == 0:
@@ -76,7 +79,7 @@ def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
                 f"epoch {epoch + 1} of {t.epochs} would train no step: batching.strategy="
                 f"{b.strategy} makes {len(count.sizes)} global batch(es) of >= {world_size} "
                 f"sample(s) from a pool of {count.pool_size} of {len(train_pos)} training rows "
-                f"with train.global_batch_size={t.global_batch_size} "
+                f"with {batch_key}={cfg.plan_batch_size()} "
                 f"(batching.drop_last={b.drop_last})")
         steps.append(n)
     return steps

@@ -50,8 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.engine.loop import is_oom
-from pipeline.engine.step import autocast, loss_count, loss_sum
+from pipeline.engine.step import autocast, is_oom, loss_count, loss_sum
 
 
 class Measured(NamedTuple):

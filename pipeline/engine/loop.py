@@ -3,7 +3,9 @@
 `train_epoch` walks the epoch's steps. Each step is a callable `make_micro_batches(size)` that
 cuts this rank's share of one global batch into micro-batches of at most `size` samples. With
 `auto_micro=True`, an out-of-memory error halves the micro-batch size (doubling accumulation)
-and retries the same step, so the global batch stays the same -- and so does the update, except
+and retries the same step -- on every rank together, even when only one ran out of memory
+(`pipeline.engine.step`'s `agree_oom` vote) --, so the global batch stays the same, and so does
+the update, except
 for BatchNorm, whose ghost batch is the micro-batch (`pipeline.engine.batchnorm`): every change
 is reported through `on_event`.
 
@@ -27,9 +29,20 @@ import torch
 from torch import nn
 
 from pipeline.engine.noise import LocalNorm, NoiseScale
-from pipeline.engine.step import train_step
+from pipeline.engine.step import StepOutOfMemory, is_oom, train_step
 
 MicroBatcher = Callable[[int], list[dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """One optimizer step whose global batch and LR the caller chose (a batch-size schedule,
+    `pipeline.engine.batch_schedule`): `train_epoch` takes these or plain `MicroBatcher`s."""
+
+    make_micro: MicroBatcher
+    lr: float
+    batch_size: int  # samples in the global batch (all ranks)
+    units: int = 1  # unit batches it is made of
 
 
 @dataclass
@@ -37,6 +50,10 @@ class LoopState:
     step: int = 0  # optimizer steps taken so far (global, survives resume)
     epoch: int = 0  # the epoch being trained (0-based)
     micro_batch_size: int = 0  # current micro-batch size per worker
+    samples: int = 0  # global samples trained so far (PlannedStep steps)
+    units: int = 0  # unit batches trained so far (PlannedStep steps)
+    batch_size: int = 0  # the last PlannedStep's global batch
+    elements_per_sample: float = 1.0  # loss elements (tokens, views) per sample, last step
     skipped_steps: int = 0  # steps without an update: fp16 scaler skips + non-finite steps
     nonfinite_steps: int = 0  # fp32/bf16 steps skipped for a non-finite loss or gradient
     noise: NoiseScale | None = None  # the gradient noise scale's running estimate (None: off)
@@ -63,10 +80,6 @@ def assert_finite_weights(model: nn.Module, where: str) -> None:
             raise NonFiniteError(f"non-finite weights in {name!r} {where}; no checkpoint written")
 
 
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -75,10 +88,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    steps: Iterable[MicroBatcher],
+    steps: Iterable[MicroBatcher | PlannedStep],
     state: LoopState,
     *,
-    lr_fn: Callable[[int], float],
+    lr_fn: Callable[[int], float] | None = None,
     loss: str,
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
@@ -95,36 +108,50 @@ def train_epoch(
 ) -> dict[str, float]:
     """Train one epoch; return epoch metrics (rank-global sums turned into means).
 
+    `lr_fn(step)`: the LR of a plain `MicroBatcher` step (a `PlannedStep` carries its own).
     `seed`: seed torch per (seed, rank, step) before every step (None: leave the RNG alone).
     `on_event`: called with a one-line message for every micro-batch size change.
     """
     loss_sum = correct = count = grad_norm_sum = 0.0
     samples = n_steps = 0
     start = time.perf_counter()
-    for make_micro in steps:
+    lr = math.nan
+    for item in steps:
         if max_steps is not None and state.step >= max_steps:
             break
-        lr = lr_fn(state.step)
+        planned = item if isinstance(item, PlannedStep) else None
+        make_micro = planned.make_micro if planned is not None else item
+        lr = planned.lr if planned is not None else lr_fn(state.step)
         set_lr(optimizer, lr)
+        step_start = time.perf_counter()
+        # An out-of-memory retry must not count the failed attempt's forward passes in the
+        # BatchNorm running statistics: keep the buffers to put them back.
+        saved = [b.detach().clone() for b in model.buffers()] if auto_micro else []
         while True:
             if seed is not None:
                 torch.manual_seed(step_seed(seed, rank, state.step))
             try:
                 res = train_step(model, optimizer, make_micro(state.micro_batch_size), loss=loss,
                                  precision=precision, scaler=scaler, grad_clip=grad_clip,
-                                 noise_probe=noise_probe, measure_noise=state.noise is not None)
+                                 noise_probe=noise_probe, measure_noise=state.noise is not None,
+                                 agree_oom=auto_micro)
                 break
             except RuntimeError as err:
                 if not (auto_micro and is_oom(err)) or state.micro_batch_size <= 1:
                     raise
                 optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for buf, kept in zip(model.buffers(), saved, strict=True):
+                        buf.copy_(kept)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 old = state.micro_batch_size
                 state.micro_batch_size //= 2
+                where = f" ({err})" if isinstance(err, StepOutOfMemory) else ""
                 if on_event is not None:
-                    on_event(f"out of memory at step {state.step + 1}: micro_batch_size {old} -> "
-                             f"{state.micro_batch_size} (the step is retried)")
+                    on_event(f"out of memory at step {state.step + 1}{where}: micro_batch_size "
+                             f"{old} -> {state.micro_batch_size} on every rank (the step is retried)")
+        step_time = time.perf_counter() - step_start
         state.step += 1
         state.skipped_steps += int(res.skipped)
         if res.nonfinite:
@@ -142,7 +169,14 @@ def train_epoch(
         samples += res.local_samples
         n_steps += 1
         record = {"lr": lr, "train_loss_step": res.loss, "grad_norm": res.grad_norm,
-                  "micro_batch_size": float(state.micro_batch_size)}
+                  "micro_batch_size": float(state.micro_batch_size), "step_time_s": step_time}
+        if planned is not None:
+            state.samples += planned.batch_size
+            state.units += planned.units
+            state.batch_size = planned.batch_size
+            state.elements_per_sample = res.count / max(planned.batch_size, 1)
+            record["global_batch_size"] = float(planned.batch_size)
+            record["samples"] = float(state.samples)
         if scaler is not None:
             record["loss_scale"] = float(scaler.get_scale())
         if state.noise is not None and res.noise is not None:
@@ -160,7 +194,7 @@ def train_epoch(
         "steps": float(n_steps),
         "epoch_time_s": elapsed,
         "worker_samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
-        "lr": lr_fn(max(state.step - 1, 0)),
+        "lr": lr if math.isfinite(lr) or lr_fn is None else lr_fn(max(state.step - 1, 0)),
         **({"noise_scale": state.noise.value, "noise_grad_sq": state.noise.grad_sq,
             "noise_trace": state.noise.trace}
            if state.noise is not None and state.noise.steps else {}),

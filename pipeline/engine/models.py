@@ -154,3 +154,40 @@ def build_model(name: str, *, input_dim: int | None, num_outputs: int, vocab_siz
                   per_token=per_token, activation_checkpointing=activation_checkpointing, **kwargs)
     raise ValueError(f"unknown model {name!r}; known: digits_cnn, mlp, seq_transformer, "
                      "import:package.module:function")
+
+
+class FeatureInputs(nn.Module):
+    """`model(features)` for a model whose batch dict is {"features"}: positional tensors are
+    what `torch.export` (and MLflow's `pt2` format, which needs no unpickling) takes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model({"features": features})
+
+
+class SequenceInputs(nn.Module):
+    """`model(input_ids, attention_mask)` for a model whose batch dict is the padded sequences."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def positional_model(model: nn.Module, spec: dict[str, Any]
+                     ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model (in eval mode) with positional tensor inputs, and an example batch of 2 for
+    tracing it (a batch of 1 would fix the batch dimension): the features, or token ids with an
+    attention mask (the second row half padding). Sequence models take `vocab_size`."""
+    model.eval()
+    if spec.get("vocab_size") is not None:
+        ids = torch.zeros(2, 8, dtype=torch.int64)
+        mask = torch.ones(2, 8, dtype=torch.bool)
+        mask[1, 4:] = False
+        return SequenceInputs(model).eval(), {"input_ids": ids, "attention_mask": mask}
+    return FeatureInputs(model).eval(), {"features": torch.zeros(2, int(spec["input_dim"]))}

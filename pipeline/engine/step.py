@@ -20,6 +20,17 @@ that gradient. The update equals the single-batch update for any (workers, micro
 (for models without BatchNorm: with BatchNorm every split is Ghost Batch Normalization, see
 `pipeline.engine.batchnorm`).
 
+Out of memory on some ranks only (`agree_oom`, used by `train.micro_batch_size: auto` with
+several workers): a rank that runs out of memory inside DDP's synchronising backward would leave
+the others waiting in an all-reduce it never joins -- the hang the field's auto-batch tools meet
+(Composer PRs #2117/#3016). So in that mode no collective runs inside a forward or backward: every
+micro-batch accumulates locally (`no_sync`), the ranks then vote (one all-reduce of an
+out-of-memory flag), and only when every rank succeeded are the gradients averaged (one
+all-reduce, as DDP's default hook: divide, then sum) and rank 0's buffers broadcast (what DDP's
+`forward_sync_buffers` does at each forward; the worker turns it off in this mode). When any
+rank failed, every rank raises `StepOutOfMemory` and the loop shrinks the micro-batch on all of
+them together.
+
 Non-finite loss or gradients (fp32/bf16; fp16 has its scaler) are detected on the all-reduced
 values, so every rank takes the same decision: the optimizer step is skipped and the result says
 so (`nonfinite`); the loop decides whether to go on (`train.nonfinite`).
@@ -93,6 +104,39 @@ def loss_sum(outputs: torch.Tensor, batch: dict[str, torch.Tensor], loss: str,
         sim.fill_diagonal_(-float("inf"))
         return total, (v2s[sim.argmax(1)] == v2s).sum()
     raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether an error is an out-of-memory (CUDA's, or a message that says so: CPU allocators,
+    `StepOutOfMemory`)."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class StepOutOfMemory(RuntimeError):
+    """Raised on every rank when at least one rank ran out of memory in a step (`agree_oom`)."""
+
+    def __init__(self, failed: int, world: int) -> None:
+        super().__init__(f"out of memory on {failed} of {world} rank(s)")
+        self.failed, self.world = failed, world
+
+
+def _average_gradients(model: nn.Module, world: int) -> None:
+    """Average every parameter's gradient over ranks in one all-reduce (a parameter without a
+    gradient on this rank contributes zeros, so every rank sends the same layout)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads).div_(world)
+    dist.all_reduce(flat)
+    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        g.copy_(synced)
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -218,6 +262,7 @@ def train_step(
     temperature: float = 0.5,
     noise_probe: LocalNorm | None = None,
     measure_noise: bool = True,
+    agree_oom: bool = False,
 ) -> StepResult:
     """Accumulate gradients over this rank's micro-batches and take one optimizer step (or
     skip it: fp16 overflow, or a non-finite loss/gradient).
@@ -226,6 +271,11 @@ def train_step(
     `pipeline.engine.noise.attach_local_norm`) gives each
     rank's own gradient norm for the noise scale when there are several ranks; with one rank
     and several micro-batches the first micro-batch is the small batch (see `StepResult.noise`).
+
+    `agree_oom` (several ranks, a DDP model built with `forward_sync_buffers=False`): no collective
+    inside forward or backward; an out-of-memory on any rank raises `StepOutOfMemory` on every
+    rank, with the gradients cleared (see the module docstring). Not for `nt_xent`, whose step
+    all-gathers embeddings between forwards.
     """
     device = device or next(model.parameters()).device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -240,19 +290,36 @@ def train_step(
         (global_count,) = all_reduce_sum([float(sum(local))], device)
         loss_total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
-        for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with _no_sync(model, not last):
-                with autocast(precision, device):
-                    out = model(mb)
-                s, c = loss_sum(out, mb, loss, temperature)
-                scaled = s * (world / global_count)
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            loss_total += s.detach()
-            correct += c.detach()
-            if measure_noise and i == 0 and world == 1 and len(micro_batches) > 1:  # alone
-                small = (_grad_sq(optimizer), float(local[0]))
-        if measure_noise and world > 1 and noise_probe is not None:  # this rank's own share
+        agree = agree_oom and world > 1
+        failed = 0.0
+        try:
+            for i, mb in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                with _no_sync(model, agree or not last):
+                    with autocast(precision, device):
+                        out = model(mb)
+                    s, c = loss_sum(out, mb, loss, temperature)
+                    scaled = s * (world / global_count)
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_total += s.detach()
+                correct += c.detach()
+                if measure_noise and i == 0 and world == 1 and len(micro_batches) > 1:  # alone
+                    small = (_grad_sq(optimizer), float(local[0]))
+        except RuntimeError as err:
+            if not (agree and is_oom(err)):
+                raise
+            failed = 1.0  # join the vote below instead of leaving the other ranks waiting
+        if agree:
+            (n_failed,) = all_reduce_sum([failed], device)
+            if n_failed:
+                optimizer.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=True)
+                raise StepOutOfMemory(int(n_failed), world)
+            if measure_noise:  # this rank's own share, before the average
+                small = (_grad_sq(optimizer), float(sum(local)))
+            _average_gradients(model, world)
+            _broadcast_buffers(model)
+        elif measure_noise and world > 1 and noise_probe is not None:  # this rank's own share
             local_sq = noise_probe.take()
             small = (float(local_sq) if local_sq is not None else math.nan, float(sum(local)))
     # The accumulated gradient is (world / global_count) x the sum of per-element gradients:

@@ -30,15 +30,97 @@ RULE = "train.lr_scaling"
 
 def steps_to_target(history: pd.DataFrame, target: float, metric: str = "val_accuracy"
                     ) -> int | None:
-    """The optimizer step at the end of the first epoch whose `metric` reaches `target`, or None
-    when no epoch does. `history` has one row per epoch with columns `step` (cumulative optimizer
-    steps at the end of that epoch) and `metric`. Evaluation happens once per epoch, so this is
-    an upper bound at epoch granularity (the target may have been crossed mid-epoch)."""
+    """The optimizer step of the first validation whose `metric` reaches `target`, or None
+    when none does. `history` has one row per validation with columns `step` (cumulative
+    optimizer steps then) and `metric`: the epoch ends, plus the passes within epochs under
+    `train.eval_every`. It is an upper bound at that granularity (the target may have been
+    crossed between two validations)."""
     if history.empty or metric not in history or "step" not in history:
         return None
-    h = history.sort_values("step")
+    h = history.dropna(subset=[metric]).sort_values("step", kind="stable")
     reached = h[h[metric] >= target]
     return None if reached.empty else int(reached["step"].iloc[0])
+
+
+def at_target(history: pd.DataFrame, target: float, column: str,
+              metric: str = "val_accuracy") -> float | None:
+    """`column` (e.g. cumulative `samples`, `noise_scale`) at the first epoch whose `metric`
+    reaches `target` -- the epoch `steps_to_target` counts to --, or None.
+
+    >>> h = pd.DataFrame({"epoch": [1, 2], "step": [10, 20], "samples": [640, 1280],
+    ...                   "val_accuracy": [0.8, 0.95]})
+    >>> at_target(h, 0.9, "samples")
+    1280.0
+    """
+    if history.empty or metric not in history or column not in history:
+        return None
+    h = history.dropna(subset=[metric]).sort_values("step", kind="stable")
+    reached = h[h[metric] >= target]
+    value = None if reached.empty else reached[column].iloc[0]
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str, float] | None:
+    """The empirical critical batch from steps-to-target against batch size.
+
+    McCandlish et al. 2018 (eq. 2.11, fig. 5): steps and samples to a given loss trade off as
+    S = S_min (1 + B_crit / B); S is linear in 1 / B, so a least-squares line through the
+    points (1 / B, S) has intercept S_min and slope S_min B_crit. B_crit is the knee: there the
+    batch needs twice the fewest steps, and doubling it from there saves at most a quarter of
+    the steps (2 S_min -> 1.5 S_min) for twice the samples. One point per batch (the fewest
+    steps, any rule); None with fewer than two batches or when steps do not fall as the batch
+    grows (no positive slope). A knee beyond the largest batch tried (S_min about 0: perfect
+    scaling throughout) gives b_crit = inf and `largest`, the largest batch tried.
+
+    >>> pts = pd.DataFrame({"train.global_batch_size": [32, 64, 128, 256],
+    ...                     "steps_to_target": [100 * (1 + 64 / b) for b in (32, 64, 128, 256)]})
+    >>> {k: round(v, 6) for k, v in critical_batch(pts).items()}
+    {'b_crit': 64.0, 's_min': 100.0, 'points': 4.0}
+    """
+    d = df.dropna(subset=[steps, BATCH])
+    if d.empty:
+        return None
+    points = d.groupby(BATCH)[steps].min()
+    if len(points) < 2:
+        return None
+    slope, s_min = np.polyfit(1.0 / points.index.to_numpy(dtype=float),
+                              points.to_numpy(dtype=float), 1)
+    if not slope > 1e-9 * float(points.max() * points.index.max()):  # flat, up to rounding
+        return None
+    largest = float(points.index.max())
+    if s_min <= 1e-9 * float(points.max()) or slope / s_min > largest:
+        return {"b_crit": math.inf, "s_min": max(float(s_min), 0.0),
+                "points": float(len(points)), "largest": largest}
+    return {"b_crit": float(slope / s_min), "s_min": float(s_min), "points": float(len(points))}
+
+
+def critical_batch_sentence(fit: dict[str, float] | None, noise_scale: float | None,
+                            target: float | None) -> str:
+    """The sweep's answer, in a sentence a person can act on.
+
+    >>> print(critical_batch_sentence({"b_crit": 180.4, "s_min": 40.0, "points": 4.0}, 150.0,
+    ...                               0.95))  # doctest: +NORMALIZE_WHITESPACE
+    The critical batch here is about 180 (steps to val_accuracy >= 0.95 follow
+    S = 40 x (1 + 180 / B) over 4 batch sizes; the gradient noise scale measured in the trials
+    is about 150): beyond it, more workers buy little -- doubling the batch from 180 saves at
+    most a quarter of the steps for twice the samples.
+    """
+    noise = (f"; the gradient noise scale measured in the trials is about {noise_scale:.0f}"
+             if noise_scale is not None and math.isfinite(noise_scale) else "")
+    if fit is None:
+        reach = f"val_accuracy >= {target:g}" if target is not None else "a target"
+        guess = (f"; the gradient noise scale measured in the trials, about {noise_scale:.0f}, is "
+                 "a first estimate of it" if noise else "")
+        return f"Too few batch sizes reached {reach} to place the critical batch{guess}."
+    b = fit["b_crit"]
+    if not math.isfinite(b):
+        return (f"Steps to val_accuracy >= {target:g} keep falling about in proportion to the "
+                f"batch up to the largest tried ({fit['largest']:.0f}){noise}: the critical batch "
+                "is beyond it, and more workers still buy fewer steps.")
+    return (f"The critical batch here is about {b:.0f} (steps to val_accuracy >= {target:g} "
+            f"follow S = {fit['s_min']:.0f} x (1 + {b:.0f} / B) over {int(fit['points'])} batch "
+            f"sizes{noise}): beyond it, more workers buy little -- doubling the batch from "
+            f"{b:.0f} saves at most a quarter of the steps for twice the samples.")
 
 
 def _best_per_point(df: pd.DataFrame, value: str, *, best: str, rule: str) -> pd.DataFrame:
@@ -113,6 +195,45 @@ def steps_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, target: float | N
     shown = "" if target is None else f" (val_accuracy >= {target:g})"
     ax.set_title(f"Steps to target vs batch size{shown}")
     ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
+def without_epoch_ends(batches: pd.Series) -> pd.Series:
+    """The scheduled batch per step without the one-step dips of each epoch's last, partial
+    step (it takes the units that are left), so that a plot shows the schedule itself.
+
+    >>> without_epoch_ends(pd.Series([32, 64, 64, 40, 64, 96])).tolist()
+    [32, 64, 64, 64, 96]
+    """
+    dip = (batches < batches.shift(1)) & (batches < batches.shift(-1))
+    return batches[~dip]
+
+
+def batch_schedule_plot(curves: dict[str, pd.DataFrame], path: str | Path) -> Path:
+    """Each scheduled trial's global batch per optimizer step (solid, left axis; each epoch's
+    last, partial step left out) and the gradient noise scale it measured (dotted, right log
+    axis, in loss elements: samples for a per-sample loss), one colour per trial. `curves`:
+    label -> frame with columns `step`, `global_batch_size` and optionally `noise_scale`."""
+    fig, ax = _figure()
+    right = ax.twinx()
+    for label, c in curves.items():
+        batch = without_epoch_ends(c["global_batch_size"].reset_index(drop=True))
+        steps = c["step"].reset_index(drop=True)[batch.index]
+        line, = ax.step(steps, batch, where="post", label=label)
+        if "noise_scale" in c:
+            right.plot(c["step"], c["noise_scale"], linestyle=":", color=line.get_color())
+            right.set_yscale("log")
+    if not curves:
+        ax.text(0.5, 0.5, "no scheduled trial", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.set_yscale("log", base=2)
+        ax.get_yaxis().set_major_formatter("{x:.0f}")
+        ax.legend(fontsize="small")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("global batch size (solid)")
+    right.set_ylabel("gradient noise scale (dotted)")
+    ax.set_title("Batch-size schedules")
+    ax.grid(True, alpha=0.3)
     return _save(fig, path)
 
 

@@ -54,12 +54,17 @@ from pipeline.tune.analysis import (
     BATCH,
     RULE,
     accuracy_vs_batch_plot,
+    at_target,
+    batch_schedule_plot,
+    critical_batch,
+    critical_batch_sentence,
     steps_to_target,
     steps_vs_batch_plot,
     summary_table,
 )
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
+SCHEDULE = "train.batch_size_schedule"
 ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
 ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
 MAX_CHECKED_COMBINATIONS = 4096
@@ -351,16 +356,51 @@ def _close_open_runs(uri: str, experiment: str, parent: str) -> None:
 
 def history(uri: str, run_id: str) -> pd.DataFrame:
     """A trial's per-epoch curve read back from MLflow: epoch, step (optimizer steps at the end
-    of that epoch: the running sum of the per-epoch `steps` metric), val_accuracy, val_loss."""
+    of that epoch: the running sum of the per-epoch `steps` metric), val_accuracy, val_loss,
+    samples (trained so far), noise_scale and global_batch_size when logged."""
     c = client(uri)
     cols: dict[str, dict[int, float]] = {}
-    for key in ("steps", "val_accuracy", "val_loss"):
+    for key in ("steps", "val_accuracy", "val_loss", "samples", "noise_scale", "global_batch_size"):
         cols[key] = {m.step: m.value for m in c.get_metric_history(run_id, key)}  # last wins
     h = pd.DataFrame(cols).rename_axis("epoch").reset_index().sort_values("epoch")
     if h.empty:
         return pd.DataFrame(columns=["epoch", "step", "val_accuracy", "val_loss"])
     h["step"] = h["steps"].fillna(0).cumsum().astype(int)
     return h.drop(columns="steps").reset_index(drop=True)
+
+
+def target_points(uri: str, run_id: str, epochs: pd.DataFrame) -> pd.DataFrame:
+    """Every validation of a trial, by optimizer step: the epoch ends (`history`) and, with
+    `train.eval_every`, the passes within epochs (`step/val_accuracy`, with `step/samples` and
+    `step/noise_scale` at the same step). Steps and samples to the target come from these."""
+    c = client(uri)
+    cols = {key: {m.step: m.value for m in c.get_metric_history(run_id, f"step/{key}")}
+            for key in ("val_accuracy", "samples", "noise_scale")}
+    keep = [k for k in ("step", "val_accuracy", "samples", "noise_scale") if k in epochs]
+    inner = pd.DataFrame(cols).rename_axis("step").reset_index()
+    if "val_accuracy" in inner:
+        inner = inner.dropna(subset=["val_accuracy"])
+    else:
+        inner = inner.iloc[0:0]
+    return pd.concat([epochs[keep], inner]).sort_values("step", kind="stable").reset_index(drop=True)
+
+
+def schedule_curves(uri: str, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The per-step `global_batch_size` and `noise_scale` of the trials whose batch follows a
+    schedule (warmup, adaptive), read back from MLflow; labelled by schedule and largest batch."""
+    c = client(uri)
+    curves = {}
+    for _, row in trials.iterrows():
+        if row.get(SCHEDULE, "constant") == "constant" or not isinstance(row["mlflow_run_id"], str):
+            continue
+        cols = {}
+        for key in ("global_batch_size", "noise_scale"):
+            cols[key] = {m.step: m.value for m in c.get_metric_history(row["mlflow_run_id"],
+                                                                     f"step/{key}")}
+        frame = pd.DataFrame(cols).rename_axis("step").reset_index().sort_values("step")
+        if len(frame):
+            curves[f"{row[SCHEDULE]} up to {int(row[BATCH])}"] = frame
+    return curves
 
 
 def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
@@ -394,7 +434,8 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
         row: dict[str, Any] = {"trial_id": trial_id}
         conf = result.config or {}  # a restored errored trial may come back without it
         params = run.data.params if run else {}
-        for key in dict.fromkeys([*swept, BATCH, RULE]):
+        shown = [*swept, BATCH, RULE, *([SCHEDULE] if base.get(SCHEDULE) != "constant" else [])]
+        for key in dict.fromkeys(shown):
             if key in conf:
                 row[key] = conf[key]
             elif key in params:  # the trial's own resolved config, logged to its run
@@ -416,16 +457,21 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
         })
         if cfg.tune.metric not in row:
             row[cfg.tune.metric] = m.get(cfg.tune.metric, math.nan)
-        row["steps_to_target"] = (steps_to_target(h, cfg.tune.target_accuracy)
-                                  if cfg.tune.target_accuracy is not None else None)
+        target = cfg.tune.target_accuracy
+        pts = target_points(uri, run_id, h) if run_id and len(h) else h
+        row["steps_to_target"] = steps_to_target(pts, target) if target is not None else None
+        row["samples_to_target"] = at_target(pts, target, "samples") if target is not None else None
+        # The noise scale where the trial reached the target (else at its last epoch).
+        noise = at_target(pts, target, "noise_scale") if target is not None else None
+        row["noise_scale"] = noise if noise is not None else float(final.get("noise_scale", math.nan))
         row["mlflow_run_id"] = run_id
         row["error"] = _one_line(result.error)
         row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}
         rows.append(row)
     df = pd.DataFrame(rows)
     metrics_by_trial = dict(zip(df["trial_id"], df.pop("_metrics"), strict=True))
-    for col in ("steps_to_target", "stopped_at_epoch"):
-        df[col] = df[col].astype("Int64")
+    for col in ("steps_to_target", "stopped_at_epoch", "samples_to_target"):
+        df[col] = pd.to_numeric(df[col]).astype("Int64")
 
     # The best trial: among those that ran their whole budget (else among the stopped ones).
     ok = df[df["status"] == "TERMINATED"].dropna(subset=[cfg.tune.metric])
@@ -442,19 +488,37 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
         elif run.data.tags.get("best_trial"):
             c.delete_tag(run.info.run_id, "best_trial")
 
+    # The answer: the knee of steps-to-target over the fixed-batch trials, next to the noise
+    # scale the trials measured (batch-size schedules are rows of the table, not points).
+    fixed = df[df[SCHEDULE] == "constant"] if SCHEDULE in df else df
+    fit = critical_batch(fixed) if cfg.tune.target_accuracy is not None else None
+    noise = fixed["noise_scale"].dropna()
+    noise_scale = float(noise.median()) if len(noise) else None
+    sentence = critical_batch_sentence(fit, noise_scale, cfg.tune.target_accuracy)
+
     df.to_csv(out_dir / "trials.csv", index=False)
     table = summary_table(df.drop(columns=["error"]))
-    (out_dir / "summary.md").write_text(table)
-    accuracy_vs_batch_plot(df, out_dir / "accuracy_vs_batch.png")
-    steps_vs_batch_plot(df, out_dir / "steps_vs_batch.png", target=cfg.tune.target_accuracy)
-    for artifact in ("trials.csv", "summary.md", "accuracy_vs_batch.png", "steps_vs_batch.png"):
+    (out_dir / "summary.md").write_text(f"{table}\n{sentence}\n")
+    accuracy_vs_batch_plot(fixed, out_dir / "accuracy_vs_batch.png")
+    steps_vs_batch_plot(fixed, out_dir / "steps_vs_batch.png", target=cfg.tune.target_accuracy)
+    artifacts = ["trials.csv", "summary.md", "accuracy_vs_batch.png", "steps_vs_batch.png"]
+    if SCHEDULE in df and (df[SCHEDULE] != "constant").any():
+        batch_schedule_plot(schedule_curves(uri, df), out_dir / "batch_schedule.png")
+        artifacts.append("batch_schedule.png")
+    for artifact in artifacts:
         c.log_artifact(parent, str(out_dir / artifact))
     counts = df["status"].value_counts().to_dict()
     parent_metrics = {f"trials_{k.lower()}": float(v) for k, v in counts.items()}
     if best is not None:
         parent_metrics[f"best_{cfg.tune.metric}"] = float(best[cfg.tune.metric])
+    if fit is not None:
+        parent_metrics["critical_batch"] = fit["b_crit"]
+    if noise_scale is not None:
+        parent_metrics["noise_scale"] = noise_scale
     for key, value in parent_metrics.items():
         c.log_metric(parent, key, value)
+    c.set_tag(parent, "mlflow.note.content", sentence)  # the run's description in the UI
+    c.set_tag(parent, "critical_batch", sentence)
 
     if best is None:
         raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
@@ -466,6 +530,7 @@ def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
                  "overrides": overrides, "metrics": metrics_by_trial[best["trial_id"]],
                  "config": best_cfg.to_dict()},
         "trials": {k: int(v) for k, v in counts.items()},
+        "critical_batch": {**(fit or {}), "noise_scale": noise_scale, "sentence": sentence},
         "trials_csv": str(out_dir / "trials.csv"), "experiment_path": grid.experiment_path,
     })
     return df
@@ -490,6 +555,7 @@ def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
     shown = "  ".join(f"{k}={best['metrics'][k]:.4f}" for k in ("val_accuracy", "val_loss")
                       if k in best["metrics"])
     print(f"[pipeline] best trial {best['trial_id']} ({_short(best['overrides'])}): {shown}")
+    print(f"[pipeline] {result['critical_batch']['sentence']}")
     print(f"[pipeline] result: {out_dir / 'result.json'}; trials: {out_dir / 'trials.csv'}")
     print(f"[pipeline] MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}")
     if result["tracking_uri"].startswith("sqlite:///"):

@@ -188,6 +188,88 @@ def test_auto_micro_batch_halves_on_oom_and_keeps_update():
         train_epoch(model, opt, steps, state, lr_fn=lambda s: 0.5, loss="cross_entropy")
 
 
+class _OOMInBackward(torch.autograd.Function):
+    """Identity forward; its backward raises out-of-memory above `limit` rows."""
+
+    @staticmethod
+    def forward(ctx, x, limit):
+        ctx.limit = limit
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.shape[0] > ctx.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, in backward)")
+        return grad, None
+
+
+class OOMOnOneRank(torch.nn.Module):
+    """The dense model behind a BatchNorm (buffers to keep equal), out of memory above `limit`
+    rows in forward or backward; `limit=None`: never."""
+
+    def __init__(self, limit: int | None, where: str):
+        super().__init__()
+        self.inner, self.limit, self.where = model_for("dense"), limit, where
+        self.norm = torch.nn.BatchNorm1d(10, affine=False)
+
+    def forward(self, batch):
+        x = self.norm(batch["features"])
+        if self.limit is not None and self.where == "forward" and x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        out = self.inner({"features": x})
+        if self.limit is not None and self.where == "backward":
+            out = _OOMInBackward.apply(out, self.limit)
+        return out
+
+
+def _auto_micro_rank(rank: int, world: int, where: str, limit: int | None, agree: bool):
+    model = DDP(OOMOnOneRank(limit if rank == 1 else None, where), forward_sync_buffers=not agree)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    state = LoopState(micro_batch_size=G // world)
+    events: list[str] = []
+    steps = [lambda size, seed=seed: micro_batches("dense", rank_slice(np.arange(G), rank, world),
+                                                   size, seed=seed) for seed in range(3)]
+    train_epoch(model, opt, steps, state, lr_fn=lambda s: 0.5, loss="cross_entropy",
+                auto_micro=agree, on_event=events.append)
+    return state.micro_batch_size, events, {k: v.detach().clone()
+                                            for k, v in model.module.state_dict().items()}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_auto_micro_batch_out_of_memory_on_one_rank_shrinks_every_rank_together(where):
+    """micro_batch_size=auto on 2 ranks, rank 1 out of memory above 5 rows: no hang, both ranks
+    shrink 16 -> 8 -> 4 at the first step and keep 4, the replicas stay identical (buffers:
+    rank 0's), and the weights equal a run of the same 3 steps without any out-of-memory."""
+    (m0, ev0, w0), (m1, ev1, w1) = run_ranks(_auto_micro_rank, 2, where, 5, True)
+    assert m0 == m1 == 4
+    assert ev0 == ev1 == [
+        "out of memory at step 1 (out of memory on 1 of 2 rank(s)): micro_batch_size 16 -> 8 on "
+        "every rank (the step is retried)",
+        "out of memory at step 1 (out of memory on 1 of 2 rank(s)): micro_batch_size 8 -> 4 on "
+        "every rank (the step is retried)"]
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    # The same 3 steps with DDP's own synchronisation and micro-batches of 4 from the start.
+    (_, ev, ref), _ = run_ranks(_ref_rank, 2, where)
+    assert ev == []
+    for k in ref:
+        torch.testing.assert_close(w0[k], ref[k], rtol=0, atol=1e-6)
+
+
+def _ref_rank(rank: int, world: int, where: str):
+    model = DDP(OOMOnOneRank(None, where))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    state = LoopState(micro_batch_size=4)
+    steps = [lambda size, seed=seed: micro_batches("dense", rank_slice(np.arange(G), rank, world),
+                                                   size, seed=seed) for seed in range(3)]
+    events: list[str] = []
+    train_epoch(model, opt, steps, state, lr_fn=lambda s: 0.5, loss="cross_entropy",
+                on_event=events.append)
+    return state.micro_batch_size, events, {k: v.detach().clone()
+                                            for k, v in model.module.state_dict().items()}
+
+
 def test_evaluate_uses_running_stats():
     """BatchNorm at evaluation: the same sample scores the same whatever its batch."""
     torch.manual_seed(0)

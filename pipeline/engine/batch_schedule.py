@@ -1,0 +1,193 @@
+"""Batch-size schedules: the global batch of every optimizer step (pure Python, no Ray).
+
+A schedule builds each step's global batch from whole *unit batches*: the epoch is planned with
+the unit M0 = `train.batch_size_min` as its global batch size (`pipeline.data.epochs`), and a step
+takes the next k unit batches of the epoch, k = 1 .. K with K = global_batch_size / M0 (the last
+step of an epoch takes what is left). The batches are therefore a function of the data, seed,
+epoch and the sequence of k's -- never of the worker count: each rank takes its slice of the
+concatenated units, and grows it through accumulation (the micro-batch stays the size that fits).
+A random plan cut into units and concatenated k at a time is the same as one cut into k-unit
+batches; a stratified or length-bucketed plan stays balanced unit by unit.
+
+- `constant`: k = K every step (the ordinary fixed batch; its unit is the global batch).
+- `warmup`: a fixed linear ramp of k from 1 to K over `train.batch_size_warmup_steps` optimizer
+  steps. GPT-3 (Brown et al. 2020, Appendix B) ramps its batch linearly over the first tokens;
+  Merrill et al. 2025 (arXiv 2505.23971) show why: the critical batch starts near 0 and grows,
+  and a batch-size warmup reached OLMo-1B's loss with 43% fewer gradient steps.
+- `adaptive`: every `train.batch_size_interval` steps, the k that maximises goodput (Pollux,
+  Qiao et al. OSDI'21, sec. 3): the statistical efficiency of a batch M against the unit M0,
+
+      E(M) = (phi + M0) / (phi + M),       phi = the gradient noise scale (in samples),
+
+  (McCandlish et al. 2018: one step at M makes E(M) * M / M0 steps' worth of progress at M0),
+  times the throughput M / T(M), with the step time T(M) = a + b M. Goodput is then
+  proportional to M (phi + M0) / ((c + M)(phi + M)) with c = a / b, the fixed cost of a step in
+  samples' worth of compute; its maximum over real M is at M* = sqrt(c phi), so the batch grows
+  as the noise scale grows. The batch changes only when the best k promises 5% more goodput
+  than the current one, so that noise in the estimates does not make it flap.
+
+  c comes from `train.batch_size_step_cost` when set (a deterministic schedule), else from the run:
+  the first interval is timed at k = 1, the second at k = 2, and a least-squares line through
+  every timed step gives a and b (step times averaged over ranks, so every rank decides alike).
+  A measured c makes the schedule depend on timing: it is logged, and kept in checkpoints so a
+  resume goes on with the same model.
+
+    >>> best_units(phi=400.0, unit=32, max_units=32, step_cost=100.0)  # M* = sqrt(100*400) = 200
+    6
+    >>> warmup_units(0, 8, 10), warmup_units(5, 8, 10), warmup_units(10, 8, 10)
+    (1, 4, 8)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SCHEDULES = ("constant", "warmup", "adaptive")
+MARGIN = 0.05  # adaptive: change the batch only for 5% more goodput (no flapping on noise)
+
+
+def efficiency(batch: float, unit: float, phi: float) -> float:
+    """Statistical efficiency E(M) = (phi + M0) / (phi + M) of batch M against the unit M0.
+
+    >>> efficiency(64, 32, 32.0)  # twice the unit at phi = M0: 2/3 of the progress per sample
+    0.6666666666666666
+    """
+    return (phi + unit) / (phi + batch)
+
+
+def goodput(batch: float, unit: float, phi: float, step_cost: float) -> float:
+    """Progress per unit time, up to a constant: E(M) x M / (c + M) (throughput M / (a + b M)
+    with c = a / b). Larger is better; compare values of the same (unit, phi, c) only."""
+    return efficiency(batch, unit, phi) * batch / (step_cost + batch)
+
+
+def best_units(phi: float, unit: int, max_units: int, step_cost: float) -> int:
+    """The k in 1..max_units whose batch k * unit has the highest goodput (the smallest k on a
+    tie). A noise scale that is not yet measured (nan) or not positive gives 1."""
+    if not (math.isfinite(phi) and phi > 0):
+        return 1
+    scores = [goodput(k * unit, unit, phi, step_cost) for k in range(1, max_units + 1)]
+    return int(np.argmax(scores)) + 1
+
+
+def warmup_units(step: int, max_units: int, ramp_steps: int) -> int:
+    """k at optimizer step `step` (0-based) of a linear ramp from 1 unit to `max_units` over
+    `ramp_steps` steps (rounded down, so the full batch starts exactly at `ramp_steps`)."""
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return max_units
+    return 1 + (max_units - 1) * step // ramp_steps
+
+
+def fit_step_cost(sizes: Sequence[float], seconds: Sequence[float]) -> float | None:
+    """c = a / b of the least-squares line T(M) = a + b M through timed steps; None when the
+    sizes do not vary or the fit has no positive slope. A negative intercept (noise) gives 0.
+
+    >>> fit_step_cost([32, 64, 32, 64], [0.5, 0.6, 0.5, 0.6])  # a = 0.4, b = 1/320 -> c = 128
+    128.0
+    """
+    m, t = np.asarray(sizes, dtype=float), np.asarray(seconds, dtype=float)
+    if len(m) < 2 or np.ptp(m) == 0:
+        return None
+    b, a = np.polyfit(m, t, 1)
+    if not b > 0:
+        return None
+    return round(float(max(a, 0.0) / b), 6)
+
+
+@dataclass
+class BatchSchedule:
+    """Chooses k (unit batches per step) for each optimizer step; see the module docstring.
+
+    `agree` averages a list of floats over ranks (an all-reduce; identity with one rank), so
+    that the measured step cost, and so every decision, is the same on every rank.
+    """
+
+    kind: str
+    unit: int  # M0: the plan's global batch size
+    max_units: int  # K: global_batch_size / unit
+    ramp_steps: int = 0  # warmup
+    interval: int = 10  # adaptive: steps between decisions
+    step_cost: float | None = None  # adaptive: c; None = measure in the run
+    measured: bool = False  # whether step_cost came from the run's timings
+    units: int = 1  # the current k
+    timings: list[tuple[int, float]] = field(default_factory=list)  # (batch, seconds) per step
+    decisions: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"unknown batch-size schedule {self.kind!r}; known: {SCHEDULES}")
+        if self.kind == "constant":
+            self.units = self.max_units
+
+    def next_units(self, step: int, phi_samples: float,
+                   agree: Callable[[list[float]], list[float]] | None = None) -> int:
+        """k for optimizer step `step` (0-based), given the noise scale in samples."""
+        if self.kind == "constant":
+            return self.max_units
+        if self.kind == "warmup":
+            self.units = warmup_units(step, self.max_units, self.ramp_steps)
+            return self.units
+        if step == 0 or step % self.interval:
+            return self.units
+        self.decisions += 1
+        if self.step_cost is None:
+            if step == self.interval and self.max_units > 1:  # explore: time the next interval
+                self.units = 2  # at 2 units, so the line T(M) = a + b M has two sizes
+                return self.units
+            self._fit(agree)
+        if self.step_cost is not None and math.isfinite(phi_samples) and phi_samples > 0:
+            best = best_units(phi_samples, self.unit, self.max_units, self.step_cost)
+            now = goodput(self.units * self.unit, self.unit, phi_samples, self.step_cost)
+            if goodput(best * self.unit, self.unit, phi_samples, self.step_cost) > (1 + MARGIN) * now:
+                self.units = best
+        return self.units
+
+    def observe(self, batch: int, seconds: float) -> None:
+        """Record one step's wall time (adaptive without a configured step cost)."""
+        if self.kind == "adaptive" and (self.step_cost is None or self.measured):
+            self.timings = [*self.timings[-199:], (int(batch), float(seconds))]
+
+    def _fit(self, agree: Callable[[list[float]], list[float]] | None) -> None:
+        if not self.timings:
+            return
+        # Leave out the run's first timed step (warm-up of allocators and kernels).
+        timed = self.timings[1:] if len(self.timings) > 2 else self.timings
+        sizes = [float(m) for m, _ in timed]
+        seconds = [s for _, s in timed]
+        if agree is not None:
+            seconds = agree(seconds)
+        cost = fit_step_cost(sizes, seconds)
+        if cost is not None:
+            self.step_cost, self.measured = cost, True
+
+    def state_dict(self) -> dict[str, object]:
+        return {"units": self.units, "step_cost": self.step_cost, "measured": self.measured,
+                "timings": list(self.timings), "decisions": self.decisions}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.units = int(state["units"])
+        self.step_cost = None if state["step_cost"] is None else float(state["step_cost"])
+        self.measured = bool(state["measured"])
+        self.timings = [(int(m), float(s)) for m, s in state["timings"]]
+        self.decisions = int(state["decisions"])
+
+
+def group_units(batches: Sequence[np.ndarray], units: Callable[[], int]
+                ) -> Iterator[tuple[np.ndarray, int]]:
+    """The epoch's steps from its unit batches: ask `units()` before each step for k, take the
+    next k unit batches (fewer at the epoch's end) and yield (their concatenation, how many).
+
+    >>> [b.tolist() for b, _ in group_units([np.arange(2), np.arange(2, 4), np.arange(4, 6)],
+    ...                                     lambda: 2)]
+    [[0, 1, 2, 3], [4, 5]]
+    """
+    i = 0
+    while i < len(batches):
+        k = max(1, int(units()))
+        group = batches[i : i + k]
+        i += len(group)
+        yield (group[0] if len(group) == 1 else np.concatenate(group)), len(group)

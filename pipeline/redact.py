@@ -1,0 +1,73 @@
+"""Secrets never reach MLflow: what the project logs (params, tags, the `config.yaml` artifact)
+goes through `redact` first.
+
+Three kinds of secret are masked as `***`:
+- a value under a name that looks like a credential: any word of it is secret, password,
+  passwd or credential(s), or its last word is token, key, apikey or pwd (`hf_token`,
+  `model.kwargs.api_key`, `aws_secret_access_key`; not `max_tokens` or `token_budget`);
+- the password of a URI's user info (`http://user:pw@host` -> `http://user:***@host`);
+- anywhere in a string, the value of an environment variable whose name looks like a
+  credential (`MLFLOW_TRACKING_TOKEN=abc123...` set, `abc123...` masked wherever it appears),
+  for values of 6 characters or more.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+MASK = "***"
+_ANY_WORD = {"secret", "secrets", "password", "passwd", "credential", "credentials"}
+_LAST_WORD = {"token", "key", "apikey", "pwd"}
+_URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)[^/@\s]+(?=@)")
+
+
+def looks_secret(name: str) -> bool:
+    """
+    >>> [looks_secret(n) for n in ("HF_TOKEN", "model.kwargs.api_key", "AWS_SECRET_ACCESS_KEY")]
+    [True, True, True]
+    >>> [looks_secret(n) for n in ("batching.max_tokens", "token_budget", "train.seed")]
+    [False, False, False]
+    """
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    return bool(words) and (words[-1] in _LAST_WORD or any(w in _ANY_WORD for w in words))
+
+
+def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The values of credential-named environment variables, longest first."""
+    env = os.environ if environ is None else environ
+    return sorted({v for k, v in env.items() if looks_secret(k) and len(v) >= 6}, key=len,
+                  reverse=True)
+
+
+def redact_text(text: str, env_values: list[str] | None = None) -> str:
+    """
+    >>> redact_text("http://me:hunter22@127.0.0.1:5000/x and s3://bucket/k", [])
+    'http://me:***@127.0.0.1:5000/x and s3://bucket/k'
+    >>> redact_text("token=abcdef123 set", ["abcdef123"])
+    'token=*** set'
+    """
+    text = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    for v in secret_env_values() if env_values is None else env_values:
+        text = text.replace(v, MASK)
+    return text
+
+
+def redact(obj: Any, env_values: list[str] | None = None) -> Any:
+    """A copy of a config tree (dicts, lists, scalars) or a flat {dotted name: value} mapping
+    with secrets masked.
+
+    >>> redact({"model": {"kwargs": {"api_key": "k-1", "width": 8}}, "uri": "http://a:b@h"}, env_values=[])
+    {'model': {'kwargs': {'api_key': '***', 'width': 8}}, 'uri': 'http://a:***@h'}
+    """
+    env_values = secret_env_values() if env_values is None else env_values
+    if isinstance(obj, Mapping):
+        return {k: MASK if looks_secret(str(k)) and v is not None
+                else redact(v, env_values) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v, env_values) for v in obj)
+    if isinstance(obj, str):
+        return redact_text(obj, env_values)
+    return obj

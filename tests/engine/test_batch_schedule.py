@@ -1,0 +1,199 @@
+"""Batch-size schedules (pure): goodput's choice against hand-computed values, the warmup ramp,
+the step-cost fit, and the invariance rule -- a schedule's batches are whole unit batches of the
+plan, whatever the worker count."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, load_config
+from pipeline.data.epochs import epoch_batches
+from pipeline.data.plan import rank_slice
+from pipeline.engine.batch_schedule import (
+    BatchSchedule,
+    best_units,
+    efficiency,
+    fit_step_cost,
+    goodput,
+    group_units,
+    warmup_units,
+)
+from pipeline.engine.loop import LoopState, PlannedStep, train_epoch
+from tests.data.test_epochs import STRATEGIES, odd_setup
+
+
+# -- goodput ---------------------------------------------------------------------------------
+def test_efficiency_is_the_papers_ratio_and_goodput_peaks_at_sqrt_c_phi():
+    # McCandlish et al.: a step at M is worth E(M) M / M0 steps at M0; at M = phi, E = (phi +
+    # M0) / (2 phi): with phi = 96 and M0 = 32, E(96) = 128 / 192.
+    assert efficiency(96, 32, 96.0) == pytest.approx(128 / 192)
+    assert efficiency(32, 32, 5.0) == 1.0
+    # Goodput E(M) M / (c + M) with c = 64, phi = 256: by hand at M = 64, 128, 256.
+    assert goodput(64, 32, 256.0, 64.0) == pytest.approx((288 / 320) * 64 / 128)
+    assert goodput(128, 32, 256.0, 64.0) == pytest.approx((288 / 384) * 128 / 192)
+    assert goodput(256, 32, 256.0, 64.0) == pytest.approx((288 / 512) * 256 / 320)
+    # The continuous optimum is sqrt(c phi) = 128; the discrete one among multiples of 32:
+    assert best_units(256.0, 32, 16, 64.0) == 4
+
+
+@pytest.mark.parametrize(("phi", "cost", "want"), [
+    (float("nan"), 100.0, 1),  # not measured yet: the unit
+    (-3.0, 100.0, 1),  # a negative estimate early in training: the unit
+    (10.0, 10.0, 1),  # sqrt(100) = 10 < 32
+    (1e9, 100.0, 8),  # no noise: as large as allowed
+    (400.0, 100.0, 6),  # sqrt(4e4) = 200: 192 beats 224 (see the module docstring)
+])
+def test_best_units(phi, cost, want):
+    assert best_units(phi, 32, 8, cost) == want
+
+
+def test_the_batch_grows_as_the_noise_scale_grows():
+    ks = [best_units(phi, 16, 64, 256.0) for phi in (16, 64, 256, 1024, 4096)]
+    assert ks == sorted(ks) and ks[0] < ks[-1]
+
+
+# -- warmup -------------------------------------------------------------------------------------
+def test_warmup_ramps_linearly_from_one_unit_to_the_full_batch():
+    assert [warmup_units(s, 4, 6) for s in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert warmup_units(0, 4, 0) == 4
+
+
+# -- the step cost from timed steps -------------------------------------------------------------
+def test_step_cost_from_a_line_through_timed_steps():
+    sizes = [32, 64, 96, 32, 64]
+    seconds = [0.02 + 1e-4 * m for m in sizes]  # a = 0.02 s, b = 1e-4 s per sample: c = 200
+    assert fit_step_cost(sizes, seconds) == pytest.approx(200.0)
+    assert fit_step_cost([32, 32], [0.1, 0.2]) is None  # one size: no line
+    assert fit_step_cost([32, 64], [0.2, 0.1]) is None  # no positive slope
+    assert fit_step_cost([32, 64], [0.0, 0.1]) == 0.0  # negative intercept: no fixed cost
+
+
+def test_adaptive_explores_then_decides_by_goodput_every_interval():
+    s = BatchSchedule("adaptive", unit=32, max_units=8, interval=3)
+    ks = []
+    for step in range(12):
+        ks.append(s.next_units(step, phi_samples=400.0))
+        s.observe(ks[-1] * 32, 0.01 + 1e-4 * ks[-1] * 32)  # c = 100 samples
+    # steps 0-2 at the unit, 3-5 at 2 units (exploration), then goodput with the fitted c.
+    assert ks[:6] == [1, 1, 1, 2, 2, 2]
+    assert s.step_cost == pytest.approx(100.0) and s.measured
+    assert ks[6:] == [best_units(400.0, 32, 8, 100.0)] * 6 == [6] * 6
+    # The decisions use the mean over ranks of the timings (`agree`): slower timings on one
+    # rank move every rank alike.
+    t = BatchSchedule("adaptive", unit=32, max_units=8, interval=3)
+    for step in range(6):
+        t.next_units(step, 400.0)
+        t.observe(t.units * 32, 0.01 + 1e-4 * t.units * 32)
+    t.next_units(6, 400.0, agree=lambda xs: [x * 0 + 0.05 + 1e-4 * m
+                                             for x, m in zip(xs, [32, 32, 64, 64, 64], strict=True)])
+    assert t.step_cost == pytest.approx(500.0)
+
+
+def test_a_configured_step_cost_is_deterministic_and_never_measured():
+    s = BatchSchedule("adaptive", unit=32, max_units=8, interval=2, step_cost=100.0)
+    ks = [s.next_units(step, phi_samples=400.0) for step in range(5)]
+    assert ks == [1, 1, 6, 6, 6] and not s.measured and s.timings == []
+    restored = BatchSchedule("adaptive", unit=32, max_units=8, interval=2)
+    restored.load_state_dict(s.state_dict())
+    assert restored.state_dict() == s.state_dict()
+
+
+# -- the invariance rule --------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_schedule_batches_are_whole_units_of_the_plan_whatever_the_worker_count(strategy):
+    """Under a schedule, epochs are planned at the unit (train.batch_size_min) and a step is k
+    consecutive unit batches: for a given sequence of k the global batches are the same on 1, 2
+    and 3 workers, and the ranks' slices put back together give each of them."""
+    ks = [1, 2, 3, 1, 4, 2, 2, 5]
+    ref = None
+    for world in (1, 2, 3):
+        cfg, st, train = odd_setup(strategy, world, **{
+            "train.batch_size_schedule": "warmup", "train.batch_size_min": 30,
+            "train.batch_size_warmup_steps": 5})
+        assert cfg.plan_batch_size() == 30  # balanced: a multiple of the 5 classes
+        units = epoch_batches(cfg, st, train, 1, world).batches
+        steps = [b for b, _ in group_units(units, iter(ks * 50).__next__)]
+        assert np.array_equal(np.concatenate(steps), np.concatenate(units))  # nothing lost
+        got = [s.tolist() for s in steps]
+        ref = ref or got
+        assert got == ref
+        for s in steps:
+            assert np.array_equal(np.concatenate([rank_slice(s, r, world) for r in range(world)]), s)
+
+
+def test_a_random_plan_in_units_grouped_k_at_a_time_is_the_plan_at_k_units():
+    cfg, st, train = odd_setup("random", 1, **{"train.batch_size_schedule": "warmup",
+                                               "train.batch_size_min": 12,
+                                               "train.batch_size_warmup_steps": 5})
+    big, _, _ = odd_setup("random", 1, **{"train.global_batch_size": 36})
+    units = epoch_batches(cfg, st, train, 2, 1).batches
+    whole = epoch_batches(big, st, train, 2, 1).batches
+    grouped = [b.tolist() for b, _ in group_units(units, lambda: 3)]
+    assert grouped[: len(whole)] == [b.tolist() for b in whole]
+
+
+@pytest.mark.parametrize(("overrides", "culprit"), [
+    ({"train.batch_size_schedule": "adaptive"}, "train.batch_size_min"),
+    ({"train.batch_size_schedule": "warmup", "train.batch_size_min": 7}, "train.batch_size_min=7"),
+    ({"train.batch_size_schedule": "warmup", "train.batch_size_min": 12},
+     "train.batch_size_warmup_steps"),
+    ({"train.batch_size_schedule": "adaptive", "train.batch_size_min": 12,
+      "train.noise_scale": False}, "train.noise_scale"),
+    ({"train.batch_size_schedule": "adaptive", "train.batch_size_min": 15}, "scaling.num_workers"),
+])
+def test_schedule_config_refusals_name_the_key(overrides, culprit):
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        load_config(None, ["train.global_batch_size=60", "scaling.num_workers=2",
+                           *[f"{k}={v}" for k, v in overrides.items()]])
+
+
+def test_adaptive_on_one_worker_needs_a_micro_batch_below_the_unit():
+    base = ["train.global_batch_size=64", "scaling.num_workers=1",
+            "train.batch_size_schedule=adaptive", "train.batch_size_min=16"]
+    with pytest.raises(ConfigError, match="train.micro_batch_size below"):
+        load_config(None, [*base, "train.micro_batch_size=null"])
+    assert load_config(None, [*base, "train.micro_batch_size=8"]).plan_batch_size() == 16
+
+
+# -- the loop takes planned steps ---------------------------------------------------------------------
+def test_planned_steps_carry_their_lr_and_count_samples_and_units():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        return lambda size: [{"x": torch.randn(n, 3, generator=g),
+                              "label": torch.randint(0, 2, (n,), generator=g)}]
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = model
+
+        def forward(self, b):
+            return self.lin(b["x"])
+
+    state = LoopState(micro_batch_size=64)
+    seen = []
+    steps = [PlannedStep(batch(8), lr=0.1, batch_size=8, units=1),
+             PlannedStep(batch(24), lr=0.3, batch_size=24, units=3)]
+    m = train_epoch(M(), opt, steps, state, loss="cross_entropy",
+                    on_step=lambda s, r: seen.append((r["lr"], r["global_batch_size"])))
+    assert seen == [(0.1, 8.0), (0.3, 24.0)]
+    assert (state.samples, state.units, state.batch_size) == (32, 4, 24)
+    assert m["lr"] == 0.3 and math.isfinite(m["train_loss"])
+
+
+def test_adaptive_keeps_its_batch_unless_the_best_is_5_percent_better():
+    # phi = 400, c = 100: k = 6 is best, k = 7 within 0.3% of it: no change from 7; from 2
+    # (goodput 0.363 against 0.480) it moves.
+    assert goodput(7 * 32, 32, 400.0, 100.0) > 0.99 * goodput(6 * 32, 32, 400.0, 100.0)
+    s = BatchSchedule("adaptive", unit=32, max_units=8, interval=1, step_cost=100.0, units=7)
+    assert s.next_units(1, 400.0) == 7
+    s.units = 2
+    assert s.next_units(2, 400.0) == 6

@@ -1,0 +1,96 @@
+"""Checkpoints: never taken as the latest when incomplete or corrupted, read without unpickling
+code (torch.load weights_only=True), and a failed write (a full disk) leaves the previous one
+intact with a clear error."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.engine import checkpoint as ck
+from pipeline.engine.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def state(step: int) -> dict:
+    torch.manual_seed(step)
+    model = torch.nn.Linear(3, 2)
+    return {"model": model.state_dict(), "step": step, "epoch": step // 10,
+            "sample_losses": np.linspace(0, 1, 5), "metrics": {"val_accuracy": np.float64(0.5)},
+            "schedule": {"timings": [(32, 0.1)], "step_cost": None}}
+
+
+def test_a_checkpoint_round_trips_with_weights_only_and_numpy_comes_back_as_numpy(tmp_path):
+    save_checkpoint(tmp_path / "c", state(10))
+    got = load_checkpoint(tmp_path / "c")
+    assert isinstance(got["sample_losses"], np.ndarray)
+    np.testing.assert_array_equal(got["sample_losses"], np.linspace(0, 1, 5))
+    assert got["metrics"] == {"val_accuracy": 0.5} and got["schedule"]["timings"] == [(32, 0.1)]
+    for k, v in state(10)["model"].items():
+        assert torch.equal(got["model"][k], v)
+
+
+def test_loading_never_unpickles_code(tmp_path):
+    """A state.pt that carries a pickled callable (what an attacker's checkpoint would) is
+    refused by weights_only loading, even with a matching checksum."""
+    folder = tmp_path / "evil"
+    save_checkpoint(folder, state(10))
+    torch.save({"step": 10, "epoch": 1, "payload": print}, folder / ck.STATE_FILE)
+    meta = json.loads((folder / ck.META_FILE).read_text())
+    meta["sha256"] = ck.sha256(folder / ck.STATE_FILE)
+    (folder / ck.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(folder)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "no_meta", "no_state", "bad_meta"])
+def test_a_damaged_latest_checkpoint_is_skipped_and_the_previous_good_one_is_taken(tmp_path, damage):
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path / f"c{step}", state(step))
+    bad = tmp_path / "c30"
+    data = (bad / ck.STATE_FILE).read_bytes()
+    if damage == "truncated":  # a write cut short
+        (bad / ck.STATE_FILE).write_bytes(data[: len(data) // 2])
+    elif damage == "flipped":  # one bit changed on disk
+        (bad / ck.STATE_FILE).write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    elif damage == "no_meta":  # the write stopped before its last file
+        (bad / ck.META_FILE).unlink()
+    elif damage == "no_state":
+        (bad / ck.STATE_FILE).unlink()
+    else:
+        (bad / ck.META_FILE).write_text("{not json")
+    skipped = []
+    latest = find_latest_checkpoint(tmp_path, on_skip=lambda p, why: skipped.append((p, why)))
+    assert latest == tmp_path / "c20"
+    assert load_checkpoint(latest)["step"] == 20
+    if damage in ("truncated", "flipped", "no_state", "bad_meta"):  # no_meta: not a checkpoint
+        assert [p for p, _ in skipped] == [bad] and skipped[0][1]
+    if damage in ("truncated", "flipped"):
+        with pytest.raises(CheckpointError, match="checksum"):
+            load_checkpoint(bad)
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_intact_with_a_clear_error(tmp_path, monkeypatch):
+    folder = tmp_path / "c"
+    save_checkpoint(folder, state(10))
+    before = (folder / ck.STATE_FILE).read_bytes()
+
+    def full(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left on device"):
+        save_checkpoint(folder, state(20))
+    assert (folder / ck.STATE_FILE).read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == [ck.META_FILE, ck.STATE_FILE]
+    assert load_checkpoint(folder)["step"] == 10

@@ -1,0 +1,79 @@
+"""Secrets never reach MLflow: credential-named config values and environment variables, and
+URI passwords, are masked in params, tags, the run name and the `config.yaml` artifact."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import yaml
+
+from pipeline.config import Config
+from pipeline.redact import MASK, looks_secret, redact, redact_text, secret_env_values
+
+
+@pytest.mark.parametrize("name", ["HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY",
+                                  "model.kwargs.api_key", "db-credentials", "OPENAI_APIKEY",
+                                  "GITHUB_TOKEN", "tracking.client_secret"])
+def test_credential_names_are_secret(name):
+    assert looks_secret(name)
+
+
+@pytest.mark.parametrize("name", ["batching.max_tokens", "batching.token_budget", "train.seed",
+                                  "data.sequence_column", "PATH", "keyboard", "monkey_count"])
+def test_ordinary_names_are_not(name):
+    assert not looks_secret(name)
+
+
+def test_every_config_key_of_the_project_is_logged_as_is():
+    """No false positive among the project's own keys: the whole default config survives."""
+    params = Config().flat_params()
+    assert redact(params, env_values=[]) == params
+
+
+def test_env_values_are_masked_wherever_they_appear_and_short_ones_are_not_taken():
+    env = {"HF_TOKEN": "hf_abcdef123456", "MY_PASSWORD": "pw", "HOME": "/root"}
+    values = secret_env_values(env)
+    assert values == ["hf_abcdef123456"]
+    assert redact_text("run-hf_abcdef123456-x /root", values) == f"run-{MASK}-x /root"
+
+
+def test_a_config_tree_keeps_its_shape_and_loses_its_secrets():
+    tree = {"model": {"kwargs": {"api_key": "k-1", "width": 8, "layers": ["a", "hf_zzzzzzzz"]}},
+            "tracking": {"uri": "https://alice:pa55word@mlflow.example.com:5000",
+                         "credentials": {"user": "alice", "pass": "x"}}}
+    got = redact(tree, env_values=["hf_zzzzzzzz"])
+    assert got == {"model": {"kwargs": {"api_key": MASK, "width": 8, "layers": ["a", MASK]}},
+                   "tracking": {"uri": f"https://alice:{MASK}@mlflow.example.com:5000",
+                                "credentials": MASK}}
+
+
+@pytest.mark.mlflow
+def test_a_run_started_with_secrets_around_has_none_of_them(mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import start_run
+
+    env_secret, cfg_secret, uri_secret = (f"{p}-{uuid.uuid4().hex}" for p in ("env", "cfg", "uri"))
+    monkeypatch.setenv("PIPELINE_TEST_SECRET", env_secret)
+    params = {**Config().flat_params(), "model.kwargs.api_key": cfg_secret,
+              "tracking.uri": f"http://bob:{uri_secret}@127.0.0.1:1/",
+              "tracking.run_name": f"name-{env_secret}"}
+    tree = {"model": {"kwargs": {"api_key": cfg_secret}},
+            "tracking": {"uri": params["tracking.uri"], "run_name": params["tracking.run_name"]}}
+    run_id = start_run(mlflow_server, "test-redact", run_name=f"name-{env_secret}", params=params,
+                       config_yaml=yaml.safe_dump(tree), tags={"note": f"with {env_secret}"})
+    c = MlflowClient(mlflow_server)
+    run = c.get_run(run_id)
+    import mlflow.artifacts
+
+    mlflow.set_tracking_uri(mlflow_server)
+    logged = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
+    searched = [logged, *run.data.params.values(), *run.data.tags.values()]
+    assert not [s for s in searched for secret in (env_secret, cfg_secret, uri_secret)
+                if secret in s]
+    assert run.data.params["model.kwargs.api_key"] == MASK
+    assert run.data.params["tracking.uri"] == f"http://bob:{MASK}@127.0.0.1:1/"
+    assert run.data.tags["mlflow.runName"] == f"name-{MASK}"
+    assert yaml.safe_load(logged)["model"]["kwargs"]["api_key"] == MASK
+    assert run.data.params["train.epochs"] == params["train.epochs"]  # the rest as it was
