@@ -132,6 +132,26 @@ class MetricLogger:
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
+    def mark_relogged_epochs(self, start_epoch: int) -> list[int]:
+        """Training starts at epoch index start_epoch (0, or the checkpoint's next epoch after
+        a worker-group restart or --resume). Epochs after it that the run already logged are
+        trained, and logged, again -- MLflow cannot delete a point. Mark them: the tag
+        `relogged_epochs` and one line; the replayed points are equal to the first ones (the
+        pipeline is deterministic). Returns those epochs (1-based)."""
+        try:
+            done = {m.step for m in self.client.get_metric_history(self.run_id, "epoch_time_s")}
+        except Exception:  # unreachable store: nothing to compare with; training goes on
+            return []
+        again = sorted(e for e in done if e > start_epoch)
+        if again:
+            previous = self.client.get_run(self.run_id).data.tags.get("relogged_epochs")
+            shown = ",".join(map(str, again))
+            self.client.set_tag(self.run_id, "relogged_epochs",
+                                f"{previous};{shown}" if previous else shown)
+            log.warning("restarted at epoch %d: epoch(s) %s were logged before the restart and "
+                        "are logged again (MLflow tag relogged_epochs)", start_epoch + 1, shown)
+        return again
+
     def add(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
         points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]

@@ -192,6 +192,8 @@ def _train(loop_config: dict[str, Any]) -> None:
         state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
         sample_losses = s.get("sample_losses")
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if logger is not None:
+        logger.mark_relogged_epochs(state.epoch)
     b = cfg.batching
 
     def collate(part: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -1,0 +1,80 @@
+"""Faults injected on the session's real Ray cluster: a training worker killed by its pid in the
+middle of a job. Ray Train restarts the worker group from the latest checkpoint
+(`scaling.max_failures`, default 1), and since the pipeline is deterministic (batches from
+(seed, epoch), LR from the step, weights and optimizer state from the checkpoint) the job ends at
+exactly the weights of an uninterrupted run, with one MLflow curve point per epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
+DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
+EPOCHS = 6
+
+
+def _train(mlflow_server: str, out, experiment: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "--config", DIGITS,
+         "--set", f"tracking.uri={mlflow_server}", "--set", f"tracking.experiment={experiment}",
+         "--set", f"train.epochs={EPOCHS}", "--set", "tracking.log_model=false",
+         "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def _train_workers(ray) -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                ("state", "=", "ALIVE")])]
+
+
+def test_a_worker_killed_mid_job_restarts_from_the_checkpoint_to_the_same_weights(
+        ray_client, mlflow_server, tmp_path):
+    ref = _train(mlflow_server, tmp_path / "ref", "test-fault-ref")
+    _, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-3000:]
+
+    job = _train(mlflow_server, tmp_path / "faulty", "test-fault-kill")
+    deadline = time.monotonic() + 300
+    while find_latest_checkpoint(tmp_path / "faulty" / "ray_results") is None:  # epoch 1 saved
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.2)
+    workers = _train_workers(ray_client)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    killed_after = load_checkpoint(find_latest_checkpoint(tmp_path / "faulty" / "ray_results"))
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    assert killed_after["epoch"] < EPOCHS - 1, "the job ended before the kill took effect"
+
+    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
+    result = json.loads((tmp_path / "faulty" / "result.json").read_text())
+    got = load_checkpoint(result["checkpoint"])
+    assert got["epoch"] == want["epoch"] == EPOCHS - 1 and got["step"] == want["step"]
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(result["mlflow_run_id"], "train_loss")
+    assert sorted({m.step for m in history}) == list(range(1, EPOCHS + 1))
+    # An epoch logged before the kill and trained again after it (the kill came before Ray
+    # registered its checkpoint) is logged twice, with the same value, and marked.
+    again = sorted(m.step for m in history)
+    again = sorted({s for s in again if again.count(s) > 1})
+    tag = client.get_run(result["mlflow_run_id"]).data.tags.get("relogged_epochs")
+    assert (tag is None) if not again else set(map(int, tag.replace(";", ",").split(","))) == set(again)
+    ref_run = json.loads((tmp_path / "ref" / "result.json").read_text())["mlflow_run_id"]
+    ref_loss = {m.step: m.value for m in client.get_metric_history(ref_run, "train_loss")}
+    assert {m.step: m.value for m in history} == ref_loss  # the same curve, point for point
+    assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
