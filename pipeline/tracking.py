@@ -152,6 +152,14 @@ class MetricLogger:
                         "are logged again (MLflow tag relogged_epochs)", start_epoch + 1, shown)
         return again
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags from rank 0 (an unreachable store: a warning, training goes on)."""
+        try:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+        except Exception as err:
+            log.warning("MLflow: tags %s not set: %s", sorted(tags), err)
+
     def add(self, metrics: dict[str, float], step: int) -> None:
         ts = int(time.time() * 1000)
         points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
@@ -168,6 +176,11 @@ class MetricLogger:
         deadline = time.monotonic() + wait_s
         while self.pending() and self._down_since is None and time.monotonic() < deadline:
             time.sleep(0.01)
+
+    @property
+    def unreachable(self) -> bool:
+        """Whether the last attempt to send failed (the points wait for the store)."""
+        return self._down_since is not None
 
     def pending(self) -> int:
         with self._lock:

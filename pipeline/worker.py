@@ -194,6 +194,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if logger is not None:
         logger.mark_relogged_epochs(state.epoch)
+    _log_placement(logger, world)
     b = cfg.batching
 
     def collate(part: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -336,6 +337,20 @@ def _record_step(log: list[tuple[int, dict[str, float]]], bar: Any, sched: Batch
     sched.observe(int(record["global_batch_size"]), record["step_time_s"])
     if bar is not None:
         bar.update(state.units - units_before - bar.n)  # the bar counts unit batches
+
+
+def _log_placement(logger: MetricLogger | None, world: int) -> None:
+    """Which Ray node each rank runs on, as run tags (`ray.worker_nodes`: node ids in rank
+    order; `ray.num_nodes`): every rank sends its node id, rank 0 logs them."""
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node] * world
+    if world > 1 and dist.is_initialized():
+        dist.all_gather_object(nodes, node)
+    if logger is not None:
+        logger.set_tags({"ray.worker_nodes": ",".join(nodes),
+                         "ray.num_nodes": str(len(set(nodes)))})
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
