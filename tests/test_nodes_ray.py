@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
 EPOCHS = 4
 
@@ -52,7 +52,8 @@ def one_node(ray_cluster, mlflow_server, tmp_path_factory):
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(ray_cluster):
+    """Beside the session's cluster (whose teardown's `ray stop` would also end this one)."""
     from ray.cluster_utils import Cluster
 
     # Dead nodes noticed in about 3 s instead of Ray's default 30 s.
@@ -77,6 +78,7 @@ def _same_training(got: dict, want: dict, client: MlflowClient) -> None:
     assert len(curve(got["mlflow_run_id"])) == EPOCHS
 
 
+@pytest.mark.mlflow
 def test_a_two_worker_job_on_two_nodes_trains_as_on_one(two_nodes, one_node, mlflow_server,
                                                         tmp_path):
     cluster, workers = two_nodes
@@ -90,6 +92,7 @@ def test_a_two_worker_job_on_two_nodes_trains_as_on_one(two_nodes, one_node, mlf
     _same_training(result, one_node, client)
 
 
+@pytest.mark.mlflow
 def test_a_worker_node_lost_mid_job_is_survived_to_the_same_weights(two_nodes, one_node,
                                                                     mlflow_server, tmp_path):
     cluster, workers = two_nodes
@@ -107,3 +110,48 @@ def test_a_worker_node_lost_mid_job_is_survived_to_the_same_weights(two_nodes, o
     # The restarted group ran on the node that stayed and the replacement.
     assert set(tags["ray.worker_nodes"].split(",")) == {workers[0].node_id, replacement.node_id}
     _same_training(result, one_node, client)
+
+
+@pytest.mark.mlflow
+def test_a_sweeps_trials_run_on_both_nodes(two_nodes, mlflow_server, tmp_path):
+    """Two 1-worker trials at a time on two 1-CPU nodes: each trial's worker takes a node."""
+    import os
+
+    import pandas as pd
+    import yaml
+
+    cluster, workers = two_nodes
+    cfg = yaml.safe_load((REPO / "jobs" / "configs" / "sweep_digits.yaml").read_text())
+    cfg["train"].update(epochs=6, warmup_epochs=0)
+    cfg["scaling"] = {"num_workers": 1}
+    cfg["tune"] = {"search_space": {"train.seed": {"grid": [0, 1]}}, "scheduler": "fifo",
+                   "metric": "val_accuracy", "mode": "max", "max_concurrent": 2}
+    cfg["tracking"] = {"uri": mlflow_server, "experiment": "test-nodes-sweep", "log_model": False}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "tune", "--config", str(tmp_path / "sweep.yaml"),
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=600,
+        env={**os.environ, "RAY_ADDRESS": cluster.address})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "2 at a time" in proc.stdout + proc.stderr
+    trials = pd.read_csv(tmp_path / "out" / "trials.csv")
+    client = MlflowClient(mlflow_server)
+    nodes = [client.get_run(r).data.tags["ray.worker_nodes"] for r in trials["mlflow_run_id"]]
+    assert sorted(nodes) == sorted(w.node_id for w in workers)
+
+
+def test_a_local_tracking_store_is_refused_on_two_nodes(two_nodes, tmp_path):
+    """One MLflow store for the whole job: a node-local sqlite store is refused (exit 2, one
+    line), since each node would write its own."""
+    import os
+
+    cluster, _ = two_nodes
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", DIGITS,
+         "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "RAY_ADDRESS": cluster.address})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "local store" in ln]
+    assert len(lines) == 1 and "3 nodes" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()
