@@ -563,6 +563,20 @@ def describe(cfg: Config | None = None) -> list[tuple[str, Any, Any, str]]:
     return rows
 
 
+def changed_keys(before: dict[str, Any], now: dict[str, Any],
+                 may_change: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values differ between two config dicts, but for those that start
+    with one of `may_change` (a key, or a section with its dot).
+
+    >>> changed_keys({"train": {"epochs": 2, "seed": 0}}, {"train": {"epochs": 4, "seed": 1}},
+    ...              may_change=("train.epochs",))
+    ['train.seed']
+    """
+    a, b = flatten(before), flatten(now)
+    return sorted(k for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and not k.startswith(may_change))
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

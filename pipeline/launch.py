@@ -21,7 +21,7 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from pipeline import console
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from pipeline.files import write_json
@@ -89,6 +89,12 @@ def ingest(info: DatasetInfo) -> list[Any]:
     return ds.materialize().to_arrow_refs()
 
 
+# What a `--resume` may change: more epochs, validation more or less often, another cluster
+# shape (the batches do not depend on it) and whether the model is logged. Anything else makes the
+# resumed run another training than the one its checkpoints and MLflow run belong to.
+RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "tracking.log_model")
+
+
 def _log(msg: str) -> None:
     print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
@@ -135,7 +141,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if resume_from is None:
             raise ConfigError(f"argument error: --resume: no checkpoint under {storage}")
         if state_file.exists():
-            run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
+            started = json.loads(state_file.read_text())
+            run_id = started.get("mlflow_run_id")
+            changed = changed_keys(started.get("config") or cfg.to_dict(), cfg.to_dict(),
+                                   may_change=RESUME_MAY_CHANGE)
+            if changed:
+                raise ConfigError(
+                    f"argument error: --resume: the config differs from the run's in "
+                    f"{', '.join(changed)} (a resume may change only "
+                    f"{', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)})")
         if show_progress:
             _log(f"resuming from {resume_from} "
                  f"(epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")
@@ -152,7 +166,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         from pipeline.tracking import client
 
         client(uri).update_run(run_id, status="RUNNING")
-    write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri})
+    write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict()})
     if show_progress:
         _log(f"MLflow run {run_id} in {uri}")
     fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)

@@ -1,5 +1,5 @@
-"""Faults injected on the session's real Ray cluster: a training worker killed by its pid in the
-middle of a job. Ray Train restarts the worker group from the latest checkpoint
+"""Faults injected on the session's real Ray cluster: a training worker, or the driver, killed
+by its pid in the middle of a job. Ray Train restarts the worker group from the latest checkpoint
 (`scaling.max_failures`, default 1), and since the pipeline is deterministic (batches from
 (seed, epoch), LR from the step, weights and optimizer state from the checkpoint) the job ends at
 exactly the weights of an uninterrupted run, with one MLflow curve point per epoch."""
@@ -25,12 +25,12 @@ DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
 EPOCHS = 6
 
 
-def _train(mlflow_server: str, out, experiment: str) -> subprocess.Popen:
+def _train(mlflow_server: str, out, experiment: str, *more: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "train", "--config", DIGITS,
          "--set", f"tracking.uri={mlflow_server}", "--set", f"tracking.experiment={experiment}",
          "--set", f"train.epochs={EPOCHS}", "--set", "tracking.log_model=false",
-         "--out", str(out)],
+         "--out", str(out), *more],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
@@ -41,17 +41,34 @@ def _train_workers(ray) -> list[int]:
                                                 ("state", "=", "ALIVE")])]
 
 
-def test_a_worker_killed_mid_job_restarts_from_the_checkpoint_to_the_same_weights(
-        ray_client, mlflow_server, tmp_path):
-    ref = _train(mlflow_server, tmp_path / "ref", "test-fault-ref")
+@pytest.fixture(scope="module")
+def reference(ray_cluster, mlflow_server, tmp_path_factory):
+    """The same job, uninterrupted: its result.json."""
+    out = tmp_path_factory.mktemp("reference")
+    ref = _train(mlflow_server, out, "test-fault-ref")
     _, err = ref.communicate(timeout=600)
     assert ref.returncode == 0, err[-3000:]
+    return json.loads((out / "result.json").read_text())
 
-    job = _train(mlflow_server, tmp_path / "faulty", "test-fault-kill")
+
+def _wait_for_first_checkpoint(job: subprocess.Popen, out) -> None:
     deadline = time.monotonic() + 300
-    while find_latest_checkpoint(tmp_path / "faulty" / "ray_results") is None:  # epoch 1 saved
+    while find_latest_checkpoint(out / "ray_results") is None:  # epoch 1 saved
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
         time.sleep(0.2)
+
+
+def _same_weights(result: dict, reference: dict) -> None:
+    want, got = load_checkpoint(reference["checkpoint"]), load_checkpoint(result["checkpoint"])
+    assert got["epoch"] == want["epoch"] == EPOCHS - 1 and got["step"] == want["step"]
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+
+
+def test_a_worker_killed_mid_job_restarts_from_the_checkpoint_to_the_same_weights(
+        ray_client, mlflow_server, reference, tmp_path):
+
+    job = _train(mlflow_server, tmp_path / "faulty", "test-fault-kill")
+    _wait_for_first_checkpoint(job, tmp_path / "faulty")
     workers = _train_workers(ray_client)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
@@ -60,11 +77,8 @@ def test_a_worker_killed_mid_job_restarts_from_the_checkpoint_to_the_same_weight
     assert job.returncode == 0, err[-3000:]
     assert killed_after["epoch"] < EPOCHS - 1, "the job ended before the kill took effect"
 
-    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
     result = json.loads((tmp_path / "faulty" / "result.json").read_text())
-    got = load_checkpoint(result["checkpoint"])
-    assert got["epoch"] == want["epoch"] == EPOCHS - 1 and got["step"] == want["step"]
-    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    _same_weights(result, reference)
     client = MlflowClient(mlflow_server)
     history = client.get_metric_history(result["mlflow_run_id"], "train_loss")
     assert sorted({m.step for m in history}) == list(range(1, EPOCHS + 1))
@@ -74,7 +88,32 @@ def test_a_worker_killed_mid_job_restarts_from_the_checkpoint_to_the_same_weight
     again = sorted({s for s in again if again.count(s) > 1})
     tag = client.get_run(result["mlflow_run_id"]).data.tags.get("relogged_epochs")
     assert (tag is None) if not again else set(map(int, tag.replace(";", ",").split(","))) == set(again)
-    ref_run = json.loads((tmp_path / "ref" / "result.json").read_text())["mlflow_run_id"]
-    ref_loss = {m.step: m.value for m in client.get_metric_history(ref_run, "train_loss")}
+    ref_loss = {m.step: m.value
+                for m in client.get_metric_history(reference["mlflow_run_id"], "train_loss")}
     assert {m.step: m.value for m in history} == ref_loss  # the same curve, point for point
     assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_a_driver_killed_mid_job_resumes_in_the_same_run_to_the_same_weights(
+        ray_client, mlflow_server, reference, tmp_path):
+    """The driver SIGKILLed (its Ray job ends with it, workers and all): `--resume` continues
+    from the latest checkpoint in the same MLflow run, which ends FINISHED at the weights of an
+    uninterrupted run."""
+    job = _train(mlflow_server, tmp_path, "test-fault-driver")
+    _wait_for_first_checkpoint(job, tmp_path)
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=60)
+    run_id = json.loads((tmp_path / "run.json").read_text())["mlflow_run_id"]
+    assert not (tmp_path / "result.json").exists()
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody could end it
+    resumed = _train(mlflow_server, tmp_path, "test-fault-driver", "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming from" in err
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["mlflow_run_id"] == run_id
+    _same_weights(result, reference)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted({m.step for m in history}) == list(range(1, EPOCHS + 1))

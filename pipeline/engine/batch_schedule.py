@@ -27,8 +27,9 @@ batches; a stratified or length-bucketed plan stays balanced unit by unit.
   than the current one, so that noise in the estimates does not make it flap.
 
   c comes from `train.batch_size_step_cost` when set (a deterministic schedule), else from the run:
-  the first interval is timed at k = 1, the second at k = 2, and a least-squares line through
-  every timed step gives a and b (step times averaged over ranks, so every rank decides alike).
+  the first interval is timed at k = 1, the second at k = 2, and a line through the median
+  step time of each size gives a and b (step times averaged over ranks, so every rank decides
+  alike; medians, so that a validation pass or a busy moment does not move the line).
   A measured c makes the schedule depend on timing: it is logged, and kept in checkpoints so a
   resume goes on with the same model.
 
@@ -83,8 +84,10 @@ def warmup_units(step: int, max_units: int, ramp_steps: int) -> int:
 
 
 def fit_step_cost(sizes: Sequence[float], seconds: Sequence[float]) -> float | None:
-    """c = a / b of the least-squares line T(M) = a + b M through timed steps; None when the
-    sizes do not vary or the fit has no positive slope. A negative intercept (noise) gives 0.
+    """c = a / b of the least-squares line T(M) = a + b M through the median step time of each
+    batch size (medians: a step slowed by a validation pass, an epoch's set-up or a busy
+    machine does not move the line); None when the sizes do not vary or the fit has no positive
+    slope. A negative intercept (noise) gives 0.
 
     >>> fit_step_cost([32, 64, 32, 64], [0.5, 0.6, 0.5, 0.6])  # a = 0.4, b = 1/320 -> c = 128
     128.0
@@ -92,7 +95,9 @@ def fit_step_cost(sizes: Sequence[float], seconds: Sequence[float]) -> float | N
     m, t = np.asarray(sizes, dtype=float), np.asarray(seconds, dtype=float)
     if len(m) < 2 or np.ptp(m) == 0:
         return None
-    b, a = np.polyfit(m, t, 1)
+    levels = np.unique(m)
+    medians = np.array([np.median(t[m == level]) for level in levels])
+    b, a = np.polyfit(levels, medians, 1)
     if not b > 0:
         return None
     return round(float(max(a, 0.0) / b), 6)

@@ -46,7 +46,7 @@ import pandas as pd
 import yaml
 
 from pipeline import console
-from pipeline.config import Config, ConfigError, flatten
+from pipeline.config import Config, ConfigError, changed_keys, flatten
 from pipeline.data.datasets import DatasetInfo, resolve
 from pipeline.files import write_json
 from pipeline.tracking import client, end_run, experiment_id, log_text, start_run
@@ -320,10 +320,7 @@ def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:
     if not state_file.exists():
         raise ConfigError(f"argument error: --resume: no sweep.json in {state_file.parent}")
     state = json.loads(state_file.read_text())
-    before = flatten(state["config"])
-    now = flatten(cfg.to_dict())
-    changed = sorted(k for k in before.keys() | now.keys()
-                     if before.get(k) != now.get(k))
+    changed = changed_keys(state["config"], cfg.to_dict())
     if changed:
         raise ConfigError(f"argument error: --resume: the config differs from the sweep's "
                           f"in {', '.join(changed)}")

@@ -72,6 +72,18 @@ def test_step_cost_from_a_line_through_timed_steps():
     assert fit_step_cost([32, 64], [0.0, 0.1]) == 0.0  # negative intercept: no fixed cost
 
 
+def test_a_few_slow_steps_do_not_move_the_step_cost():
+    """Ten steps at each of 32 and 64 samples, a = 0.02 s and b = 1e-4 s/sample (c = 200), one
+    of them slowed 20-fold (a validation pass, a busy machine): the medians keep c at 200,
+    where a least-squares line through every step finds no positive slope at all."""
+    sizes = [32] * 10 + [64] * 10
+    seconds = [0.02 + 1e-4 * m for m in sizes]
+    seconds[3] *= 20
+    assert fit_step_cost(sizes, seconds) == pytest.approx(200.0)
+    b, _ = np.polyfit(sizes, seconds, 1)  # the plain line through every step
+    assert b < 0
+
+
 def test_adaptive_explores_then_decides_by_goodput_every_interval():
     s = BatchSchedule("adaptive", unit=32, max_units=8, interval=3)
     ks = []

@@ -1,0 +1,63 @@
+"""`train --resume` with a config that would make another training than the one the
+checkpoints belong to is refused (exit 2, one line naming the keys) before Ray starts; more
+epochs, another cluster shape or validation frequency are not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import cli
+from pipeline.config import load_config
+from pipeline.data.datasets import resolve
+from pipeline.engine.checkpoint import save_checkpoint
+from tests.conftest import REPO
+
+DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
+
+
+@pytest.fixture
+def started(tmp_path):
+    """An --out folder as a job leaves it after its first epoch: run.json and a checkpoint."""
+    cfg, _ = resolve(load_config(DIGITS, []))  # as the job stored it: resolved
+    (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r", "tracking_uri": "u",
+                                                   "config": cfg.to_dict()}))
+    save_checkpoint(tmp_path / "ray_results" / "train-x" / "checkpoint_0", {"step": 22, "epoch": 0})
+    return tmp_path
+
+
+@pytest.mark.parametrize("overrides, culprits", [
+    (["train.seed=1"], "train.seed"),
+    (["train.global_batch_size=128", "train.base_lr=0.1"], "train.base_lr, train.global_batch_size"),
+    (["batching.strategy=stratified"], "batching.strategy"),
+    (["model.name=mlp"], "model.name"),
+])
+def test_a_changed_training_is_refused(started, overrides, culprits, capsys, monkeypatch):
+    def no_cluster(*_a, **_k):
+        raise AssertionError("the cluster was reached")
+
+    monkeypatch.setattr("pipeline.launch.connect", no_cluster)
+    argv = ["train", "--config", DIGITS, "--out", str(started), "--resume"]
+    for o in overrides:
+        argv += ["--set", o]
+    rc = cli.run(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "--resume" in ln]
+    assert rc == 2 and len(lines) == 1, err
+    assert f"differs from the run's in {culprits} (" in lines[0]
+    assert "Traceback" not in err
+
+
+def test_more_epochs_and_another_cluster_shape_may_resume(started, capsys, monkeypatch):
+    class Reached(Exception):
+        pass
+
+    def cluster(*_a, **_k):
+        raise Reached
+
+    monkeypatch.setattr("pipeline.launch.connect", cluster)
+    argv = ["train", "--config", DIGITS, "--out", str(started), "--resume", "--set",
+            "train.epochs=20", "--set", "scaling.num_workers=1", "--set", "train.eval_every=5"]
+    with pytest.raises(Reached):  # past the checks, on its way to the cluster
+        cli.run(argv)
