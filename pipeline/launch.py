@@ -178,7 +178,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config={"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
-                           "tracking_uri": uri, "fatal_file": str(fatal_file),
+                           "tracking_uri": uri, "fatal_file": str(fatal_file), "storage": str(storage),
                            "tracking_file": str(tracking_file),
                            "resume_from": str(resume_from) if resume_from else None,
                            # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set

@@ -30,7 +30,12 @@ from pipeline.data.plan import rank_slice
 from pipeline.data.views import make_views
 from pipeline.engine.batch_schedule import BatchSchedule, group_units
 from pipeline.engine.batchnorm import has_batchnorm
-from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.engine.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from pipeline.engine.loop import (
     LoopState,
     NonFiniteError,
@@ -174,8 +179,13 @@ def _train(loop_config: dict[str, Any]) -> None:
         resume_dir = ckpt.to_directory()
     elif loop_config.get("resume_from"):
         resume_dir = loop_config["resume_from"]
+    s = None
     if resume_dir is not None:
-        s = load_checkpoint(resume_dir, map_location=device)
+        try:
+            s = load_checkpoint(resume_dir, map_location=device)
+        except CheckpointError as err:  # damaged since it was written: an older one, or none
+            s = _older_checkpoint(err, loop_config, device, rank)
+    if s is not None:
         _unwrap(model).load_state_dict(s["model"])
         optimizer.load_state_dict(s["optimizer"])
         if scaler is not None and s.get("scaler"):
@@ -337,6 +347,17 @@ def _record_step(log: list[tuple[int, dict[str, float]]], bar: Any, sched: Batch
     sched.observe(int(record["global_batch_size"]), record["step_time_s"])
     if bar is not None:
         bar.update(state.units - units_before - bar.n)  # the bar counts unit batches
+
+
+def _older_checkpoint(err: CheckpointError, loop_config: dict[str, Any], device: torch.device,
+                      rank: int) -> dict[str, Any] | None:
+    """The checkpoint Ray Train restarts the group from is damaged: the newest intact one under
+    the job's storage instead, or none (a start from scratch). Every rank reads the same files,
+    so all of them choose alike; the pipeline is deterministic, so the run ends the same."""
+    found = find_latest_checkpoint(loop_config["storage"]) if loop_config.get("storage") else None
+    if rank == 0:
+        console.say(f"{err}: restarting from {found or 'the start'}")
+    return load_checkpoint(found, map_location=device) if found is not None else None
 
 
 def _log_placement(logger: MetricLogger | None, world: int) -> None:

@@ -117,3 +117,27 @@ def test_a_driver_killed_mid_job_resumes_in_the_same_run_to_the_same_weights(
     assert client.get_run(run_id).info.status == "FINISHED"
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted({m.step for m in history}) == list(range(1, EPOCHS + 1))
+
+
+def test_a_restart_from_a_damaged_checkpoint_falls_back_to_the_same_weights(
+        ray_client, mlflow_server, reference, tmp_path):
+    """Every checkpoint on disk damaged (a flipped bit each), then a worker killed: the group
+    Ray Train restarts finds the checkpoint it is given damaged, says so, and goes back to an
+    intact one (none here: the start) instead of failing on it again and again."""
+    from pipeline.engine.checkpoint import STATE_FILE
+
+    job = _train(mlflow_server, tmp_path, "test-fault-damaged")
+    deadline = time.monotonic() + 300
+    while len(list((tmp_path / "ray_results").rglob(STATE_FILE))) < 2:  # two epochs saved
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.1)
+    for state in (tmp_path / "ray_results").rglob(STATE_FILE):
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 1
+        state.write_bytes(bytes(data))
+    os.kill(_train_workers(ray_client)[0], signal.SIGKILL)
+    out, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    lines = [ln for ln in (out + err).splitlines() if "does not match its checksum" in ln]
+    assert lines and "restarting from" in lines[0], (out + err)[-3000:]
+    _same_weights(json.loads((tmp_path / "result.json").read_text()), reference)
