@@ -42,6 +42,8 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
     console.say(f"done: val_accuracy={m.get('val_accuracy', float('nan')):.4f} "
                 f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} epochs")
     console.say(f"result: {out / 'result.json'}")
+    if summary["mlflow_run_id"] is None:  # the tracking server never came back (launch says)
+        return 0
     console.say(f"MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
     if summary["tracking_uri"].startswith("sqlite:///"):
         console.say(f"see it: mlflow ui --backend-store-uri {summary['tracking_uri']}")
@@ -203,6 +205,10 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     cfg = load_config(args.config, args.overrides)
     cfg, info = resolve(cfg)
     out = Path(args.out or f"runs/{args.command}").resolve()
+    if args.command == "tune":
+        from pipeline.tune.space import check_trials
+
+        check_trials(cfg)  # every trial's config, as a job would be checked
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
     return args, cfg, info, out

@@ -25,7 +25,7 @@ from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from pipeline.files import write_json
-from pipeline.tracking import end_run, is_local_store, start_run
+from pipeline.tracking import DeferredRun, end_run, is_local_store, server_reachable, start_run
 from pipeline.worker import train_func
 
 # Ray Train V2 waits for the controller's poll on every report (default 2 s); 0.2 s keeps short
@@ -157,17 +157,23 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     connect(address, verbose)
     check_store_reachable(uri)
     refs = ingest(info)
+    pending = None  # the run, when the tracking server is unreachable at the start
     if run_id is None:
-        tags = {**ray_job_tags(), **(tags or {})}
-        run_id = start_run(uri, cfg.tracking.experiment, run_name=cfg.tracking.run_name,
-                           params=cfg.flat_params(), config_yaml=yaml.safe_dump(cfg.to_dict()),
-                           parent_run_id=parent_run_id, tags=tags)
+        run_args = {"experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name,
+                    "params": cfg.flat_params(), "config_yaml": yaml.safe_dump(cfg.to_dict()),
+                    "parent_run_id": parent_run_id, "tags": {**ray_job_tags(), **(tags or {})}}
+        if server_reachable(uri):
+            run_id = start_run(uri, **run_args)
+        else:  # training does not wait for tracking: the run is created when the server is back
+            pending = ray.remote(num_cpus=0)(DeferredRun).remote(uri, **run_args)
+            _log(f"MLflow at {uri} is unreachable: training starts without it; the run is "
+                 "created, and its metrics sent, when the server is back")
     else:
         from pipeline.tracking import client
 
         client(uri).update_run(run_id, status="RUNNING")
     write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict()})
-    if show_progress:
+    if show_progress and run_id:
         _log(f"MLflow run {run_id} in {uri}")
     fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
     fatal_file.unlink(missing_ok=True)
@@ -179,7 +185,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         _worker_entry,
         train_loop_config={"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
                            "tracking_uri": uri, "fatal_file": str(fatal_file), "storage": str(storage),
-                           "tracking_file": str(tracking_file),
+                           "tracking_file": str(tracking_file), "pending_run": pending,
                            "resume_from": str(resume_from) if resume_from else None,
                            # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set
                            "progress_bar": show_progress and console.progress_bar_wanted(),
@@ -202,7 +208,12 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         raise_fatal(fatal_file)
         checkpoint_path = Path(result.checkpoint.path) if result.checkpoint else None
         metrics = dict(result.metrics or {})
-        if checkpoint_path is not None and cfg.tracking.log_model:
+        if pending is not None:
+            run_id = _deferred_run_id(pending, uri, state_file, cfg)
+        if run_id is None:
+            _log(f"MLflow at {uri} was unreachable for the whole job: no run was recorded; the "
+                 f"metric points are in {tracking_file}")
+        elif checkpoint_path is not None and cfg.tracking.log_model:
             try:
                 log_model(uri, run_id, checkpoint_path)
             except Exception as e:  # tracking never fails a trained job: the weights are kept
@@ -220,11 +231,28 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             "config": cfg.to_dict(), "ray_run_name": name,
         }
         write_json(out_dir / "result.json", summary)
-        end_run(uri, run_id, "FINISHED")
+        if run_id is not None:
+            end_run(uri, run_id, "FINISHED")
     except BaseException:
-        end_run(uri, run_id, "FAILED")
+        if pending is not None and run_id is None:
+            run_id = _deferred_run_id(pending, uri, state_file, cfg)
+        if run_id is not None:
+            end_run(uri, run_id, "FAILED")
         raise
     return summary
+
+
+def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config) -> str | None:
+    """The id of the run a job created when the server came back (None: it never did); kept
+    in run.json, so that a --resume continues that run."""
+    try:
+        run_id = ray.get(pending.run_id.remote(), timeout=60)
+    except Exception:  # the actor is gone with a failing job
+        return None
+    if run_id is not None:
+        write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri,
+                                "config": cfg.to_dict()})
+    return run_id
 
 
 class TrainingStopped(RuntimeError):

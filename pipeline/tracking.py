@@ -14,6 +14,8 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,19 @@ def is_local_store(uri: str) -> bool:
     False
     """
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def server_reachable(uri: str, timeout_s: float = 3.0) -> bool:
+    """Whether the tracking server at `uri` answers its /health endpoint within timeout_s (a
+    local store counts as reachable). A quick probe: MLflow's own client would retry a refused
+    connection for minutes before giving up."""
+    if is_local_store(uri) or not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as reply:
+            return reply.status == 200
+    except (OSError, ValueError):
+        return False
 
 
 def client(uri: str) -> MlflowClient:
@@ -110,6 +125,30 @@ def end_run(uri: str, run_id: str, status: str) -> bool:
         return False
 
 
+class DeferredRun:
+    """A job's run when its tracking server was unreachable at the start: `run_id()` creates it
+    (`start_run` with the arguments given here) on the first call that finds the server back,
+    and returns its id from then on; None while the server is away (one probe per retry_s).
+    The driver holds it in a Ray actor (pipeline/launch.py), so rank 0 and the driver ask the
+    same one and the job gets one run, however many workers ask or restart."""
+
+    def __init__(self, uri: str, retry_s: float = 2.0, **run_args: Any):
+        self.uri, self.retry_s, self.run_args = uri, retry_s, run_args
+        self._id: str | None = None
+        self._next_try = 0.0
+
+    def run_id(self) -> str | None:
+        if self._id is None and time.monotonic() >= self._next_try:
+            self._next_try = time.monotonic() + self.retry_s
+            if server_reachable(self.uri):
+                try:
+                    self._id = start_run(self.uri, **self.run_args)
+                    log.warning("MLflow reachable: run %s created", self._id)
+                except Exception as err:  # went away again mid-creation: the next call retries
+                    log.warning("MLflow: the run could not be created yet: %s", err)
+        return self._id
+
+
 class MetricLogger:
     """Metric logging for rank 0 that never holds training up and loses nothing to an outage.
 
@@ -118,12 +157,21 @@ class MetricLogger:
     points are dropped and counted) and the thread tries again every `retry_s` seconds, so an
     outage of the tracking server delays the curves but does not hold up a step or lose a point.
     One line says when the store became unreachable and one when it is back. `close` waits up
-    to `timeout_s` for the buffer to drain and returns the number of points not sent."""
+    to `timeout_s` for the buffer to drain and returns the number of points not sent
+    (`unsent_points` lists them).
 
-    def __init__(self, uri: str, run_id: str, retry_s: float = 2.0, max_points: int = 1_000_000):
+    A job that started while the store was unreachable has no run yet: `run_id` is None and
+    `run_id_source` (asked before each attempt to send) returns the run's id once it exists;
+    until then points and tags wait as in an outage."""
+
+    def __init__(self, uri: str, run_id: str | None, retry_s: float = 2.0,
+                 max_points: int = 1_000_000,
+                 run_id_source: Callable[[], str | None] | None = None):
         self.client, self.run_id = client(uri), run_id
         self.retry_s, self.max_points = retry_s, max_points
+        self._run_id_source = run_id_source
         self.dropped = 0  # points beyond max_points during an outage
+        self._tags: dict[str, str] = {}  # tags waiting for the run to exist
         self._buffer: list[Metric] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -138,6 +186,8 @@ class MetricLogger:
         trained, and logged, again -- MLflow cannot delete a point. Mark them: the tag
         `relogged_epochs` and one line; the replayed points are equal to the first ones (the
         pipeline is deterministic). Returns those epochs (1-based)."""
+        if not self._known_run():
+            return []  # the run does not exist yet: it has logged nothing
         try:
             done = {m.step for m in self.client.get_metric_history(self.run_id, "epoch_time_s")}
         except Exception:  # unreachable store: nothing to compare with; training goes on
@@ -153,7 +203,11 @@ class MetricLogger:
         return again
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        """Tags from rank 0 (an unreachable store: a warning, training goes on)."""
+        """Tags from rank 0 (an unreachable store: a warning, training goes on; no run yet:
+        they are set when it exists)."""
+        if self.run_id is None:
+            self._tags.update(tags)
+            return
         try:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
@@ -186,6 +240,25 @@ class MetricLogger:
         with self._lock:
             return len(self._buffer)
 
+    def unsent_points(self) -> list[dict[str, Any]]:
+        """The points still buffered: {key, value, step, timestamp} each."""
+        with self._lock:
+            return [{"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}
+                    for m in self._buffer]
+
+    def _known_run(self) -> bool:
+        """Whether the run exists (asking `run_id_source` when it did not yet); its waiting
+        tags are set as soon as it does."""
+        if self.run_id is None and self._run_id_source is not None:
+            try:
+                self.run_id = self._run_id_source()
+            except Exception as err:
+                log.warning("MLflow: could not learn the run id yet: %s", err)
+            if self.run_id is not None and self._tags:
+                tags, self._tags = self._tags, {}
+                self.set_tags(tags)
+        return self.run_id is not None
+
     def close(self, timeout_s: float = 120.0) -> int:
         """Send what is left, waiting at most timeout_s; the number of points not sent."""
         self._closing = True
@@ -209,6 +282,9 @@ class MetricLogger:
         if not chunk:
             return False
         try:
+            if not self._known_run():
+                raise ConnectionError("the run is not created yet (the store was unreachable "
+                                      "when the job started)")
             self.client.log_batch(self.run_id, metrics=chunk)
         except Exception as err:  # the store is unreachable or failing: keep them, try later
             if self._down_since is None:

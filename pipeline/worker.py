@@ -201,7 +201,7 @@ def _train(loop_config: dict[str, Any]) -> None:
             state.noise.load_state_dict(s["noise"])
         state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
         sample_losses = s.get("sample_losses")
-    logger = MetricLogger(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    logger = _metric_logger(loop_config) if rank == 0 else None
     if logger is not None:
         logger.mark_relogged_epochs(state.epoch)
     _log_placement(logger, world)
@@ -336,7 +336,16 @@ def _train(loop_config: dict[str, Any]) -> None:
         if unsent and loop_config.get("tracking_file"):
             console.say(f"MLflow: {unsent} metric point(s) could not be sent "
                         f"(the store was unreachable at the end of training)")
-            write_json(Path(loop_config["tracking_file"]), {"metrics_unsent": unsent})
+            write_json(Path(loop_config["tracking_file"]),
+                       {"metrics_unsent": unsent, "points": logger.unsent_points()})
+
+
+def _metric_logger(loop_config: dict[str, Any]) -> MetricLogger:
+    """Rank 0's logger; when the job started without its tracking server, it asks the driver's
+    DeferredRun actor for the run, which exists once the server is back."""
+    pending = loop_config.get("pending_run")
+    source = None if pending is None else (lambda: ray.get(pending.run_id.remote(), timeout=30))
+    return MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], run_id_source=source)
 
 
 def _record_step(log: list[tuple[int, dict[str, float]]], bar: Any, sched: BatchSchedule,

@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, start_mlflow_server, stop_mlflow_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
@@ -141,3 +141,36 @@ def test_a_restart_from_a_damaged_checkpoint_falls_back_to_the_same_weights(
     lines = [ln for ln in (out + err).splitlines() if "does not match its checksum" in ln]
     assert lines and "restarting from" in lines[0], (out + err)[-3000:]
     _same_weights(json.loads((tmp_path / "result.json").read_text()), reference)
+
+
+def test_a_job_started_while_mlflow_is_down_logs_everything_once_it_is_back(
+        ray_client, mlflow_server, reference, tmp_path):
+    """No tracking server at the job's start: training starts anyway (its first checkpoint is
+    written before the server exists); the server comes up on the job's URI; the job then has
+    exactly one run, FINISHED, with its params and the uninterrupted run's curve."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    job = _train(uri, tmp_path / "job", "test-fault-late-mlflow")
+    _wait_for_first_checkpoint(job, tmp_path / "job")
+    (tmp_path / "mlflow").mkdir()
+    server = start_mlflow_server(tmp_path / "mlflow", port)
+    try:
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+        assert "is unreachable: training starts without it" in err
+        result = json.loads((tmp_path / "job" / "result.json").read_text())
+        _same_weights(result, reference)
+        run_id = result["mlflow_run_id"]
+        assert json.loads((tmp_path / "job" / "run.json").read_text())["mlflow_run_id"] == run_id
+        client = MlflowClient(uri)
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("test-fault-late-mlflow").experiment_id])
+        assert run.info.run_id == run_id and run.info.status == "FINISHED"
+        assert run.data.params["train.epochs"] == str(EPOCHS) and "ray.job_id" in run.data.tags
+        ref_loss = {m.step: m.value for m in MlflowClient(mlflow_server).get_metric_history(
+            reference["mlflow_run_id"], "train_loss")}
+        history = client.get_metric_history(run_id, "train_loss")
+        assert len(history) == EPOCHS and {m.step: m.value for m in history} == ref_loss
+        assert result["metrics_unsent"] == 0
+    finally:
+        stop_mlflow_server(server)

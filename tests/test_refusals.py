@@ -47,10 +47,14 @@ class _NoClusterImports(importlib.abc.MetaPathFinder):
         return None
 
 
-def refused(argv: list[str], capsys, monkeypatch) -> str:
-    """Run the CLI in-process with the cluster unreachable; assert exit 2 and exactly one
-    non-empty stderr line; return that line."""
+def refused(argv: list[str], capsys, monkeypatch, cwd=None) -> str:
+    """Run the CLI in-process with the cluster unreachable; assert exit 2, exactly one
+    non-empty stderr line and, when `cwd` (an empty folder) is given, that the run left nothing
+    there (no run folder, no sqlite MLflow store: the defaults are relative to it); return the
+    line."""
     had_ray = "ray" in sys.modules
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
     for name in CLUSTER_MODULES:
         monkeypatch.setitem(sys.modules, name, _cluster_module(name))
     monkeypatch.setattr(sys, "meta_path", [_NoClusterImports(), *sys.meta_path])
@@ -61,6 +65,8 @@ def refused(argv: list[str], capsys, monkeypatch) -> str:
     assert rc == 2, err
     assert len(lines) == 1, err
     assert had_ray or "ray" not in sys.modules
+    if cwd is not None:
+        assert not any(cwd.iterdir()), sorted(p.name for p in cwd.iterdir())
     return lines[0]
 
 
@@ -125,6 +131,12 @@ def files(tmp_path_factory) -> dict[str, str]:
     for name, columns in tables.items():
         out[name] = str(root / f"{name}.parquet")
         pq.write_table(pa.table(columns), out[name])
+    (root / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")  # an unclosed list
+    (root / "list.yaml").write_text("- train\n- data\n")  # YAML, but not a mapping
+    (root / "a_folder").mkdir()
+    (root / "started").mkdir()  # an --out folder with no run in it
+    out.update(bad_yaml=str(root / "bad.yaml"), list_yaml=str(root / "list.yaml"),
+               folder=str(root / "a_folder"), started=str(root / "started"))
     return out
 
 
@@ -276,6 +288,21 @@ CASES = [
      "tune.metric='tokens_per_s'"),
     ("target-other-accuracy", ["--config", DIGITS, *s(SWEEP, "tune.metric=train_accuracy")],
      "tune.target_accuracy"),
+    ("space-unknown-key", ["--config", DIGITS,
+                           *s('tune.search_space={"train.nosuch": {"grid": [1, 2]}}')],
+     "train.nosuch"),
+    ("space-empty-grid", ["--config", DIGITS, *s('tune.search_space={"train.base_lr": {"grid": []}}')],
+     "train.base_lr"),
+    ("space-bad-value", ["--config", DIGITS,
+                         *s('tune.search_space={"train.global_batch_size": {"grid": [32, 0]}}')],
+     "train.global_batch_size"),
+    # -- the config file and the arguments
+    ("config-malformed", ["--config", "{bad_yaml}"], "bad.yaml"),
+    ("config-not-mapping", ["--config", "{list_yaml}"], "list.yaml"),
+    ("config-folder", ["--config", "{folder}"], "a_folder"),
+    ("config-missing", ["--config", "/no/such/config.yaml"], "/no/such/config.yaml"),
+    ("set-without-equals", ["--config", DIGITS, "--set", "train.epochs"], "train.epochs"),
+    ("resume-nothing", ["--config", DIGITS, "--out", "{started}", "--resume"], "--resume"),
     ("target-no-val-accuracy", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0",
                                                        "tune.metric=train_loss",
                                                        "tune.mode=min")],
@@ -283,20 +310,22 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("command", ["train"])
-@pytest.mark.parametrize(("args", "culprit"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_refused_before_the_cluster(command, args, culprit, files, capsys, monkeypatch, data_dir):
-    argv = [command, *fill(args, files)]
-    assert culprit in refused(argv, capsys, monkeypatch)
+@pytest.mark.parametrize(("case", "args", "culprit"), CASES, ids=[c[0] for c in CASES])
+def test_refused_before_the_cluster(case, args, culprit, files, capsys, monkeypatch, data_dir,
+                                    tmp_path):
+    """`train`, or `tune` for a search-space case (only a sweep reads tune.search_space)."""
+    argv = ["tune" if case.startswith("space-") else "train", *fill(args, files)]
+    assert culprit in refused(argv, capsys, monkeypatch, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("command", ["tune", "inspect-batches"])
 @pytest.mark.parametrize("case", ["micro-true", "ragged-vectors", "cnn-on-sequences",
-                                  "option-typo", "tune-metric-not-logged"])
-def test_every_command_refuses(command, case, files, capsys, monkeypatch, data_dir):
+                                  "option-typo", "tune-metric-not-logged", "config-malformed",
+                                  "resume-nothing"])
+def test_every_command_refuses(command, case, files, capsys, monkeypatch, data_dir, tmp_path):
     _, args, culprit = next(c for c in CASES if c[0] == case)
     argv = [command, *fill(args, files)]
-    assert culprit in refused(argv, capsys, monkeypatch)
+    assert culprit in refused(argv, capsys, monkeypatch, cwd=tmp_path)
 
 
 def test_enough_cases():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import MetricLogger
+from pipeline.tracking import DeferredRun, MetricLogger, server_reachable
 from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -69,3 +69,40 @@ def test_points_that_never_got_through_are_counted_exactly(tmp_path, quick_http)
     logger.flush()
     assert logger.dropped == 1 and logger.pending() == 5
     assert logger.close(timeout_s=1.0) == 6  # nothing listens on the port
+    assert [(p["key"], p["step"]) for p in logger.unsent_points()] == [
+        ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2)]  # what was not sent, exactly
+
+
+def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp_path,
+                                                                              quick_http):
+    """The server is down when the job starts: points and tags wait; once it is up, the run is
+    created (once, however often it is asked) with its params and config, then they arrive."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    assert not server_reachable(uri) and server_reachable(f"sqlite:///{tmp_path}/x.db")
+    deferred = DeferredRun(uri, retry_s=0.0, experiment="deferred", run_name="late",
+                           params={"train.epochs": "3"}, config_yaml="train:\n  epochs: 3\n",
+                           tags={"ray.job_id": "01000000"})
+    logger = MetricLogger(uri, None, retry_s=0.2, run_id_source=deferred.run_id)
+    assert logger.mark_relogged_epochs(0) == []  # no run yet: nothing was logged
+    logger.set_tags({"ray.num_nodes": "1"})
+    for epoch in (1, 2):
+        logger.add({"train_loss": 1.0 / epoch}, step=epoch)
+        logger.flush(wait_s=5.0)  # returns once an attempt found no run
+    _wait_for(lambda: logger.unreachable)
+    assert logger.run_id is None and logger.pending() == 2
+
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        logger.add({"train_loss": 1.0 / 3}, step=3)
+        assert logger.close(timeout_s=60) == 0
+        c = MlflowClient(uri)
+        assert logger.run_id is not None and deferred.run_id() == logger.run_id
+        (run,) = c.search_runs([c.get_experiment_by_name("deferred").experiment_id])
+        assert run.info.run_id == logger.run_id and run.info.run_name == "late"
+        assert run.data.params["train.epochs"] == "3"
+        assert run.data.tags["ray.job_id"] == "01000000" and run.data.tags["ray.num_nodes"] == "1"
+        assert sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, "train_loss")) \
+            == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    finally:
+        stop_mlflow_server(server)

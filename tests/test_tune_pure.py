@@ -165,7 +165,7 @@ def test_optuna_search_suggests_points_of_the_space_reproducibly():
 def test_optuna_missing_is_a_config_error(monkeypatch):
     import importlib.util
 
-    from pipeline.tune.sweep import check_trials
+    from pipeline.tune.space import check_trials
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
@@ -183,7 +183,7 @@ def test_optuna_missing_is_a_config_error(monkeypatch):
     ({"train.global_batch_size": {"grid": [32, 33]}}, "train.global_batch_size=33"),
 ])
 def test_bad_search_space_is_a_config_error(space, culprit):
-    from pipeline.tune.sweep import check_trials
+    from pipeline.tune.space import check_trials
 
     with pytest.raises(ConfigError, match=culprit.replace(".", r"\.").replace("[", r"\[")):
         check_trials(_cfg(space, "scaling.num_workers=2"))
@@ -208,6 +208,26 @@ def test_bad_search_space_exits_2_before_connecting(tmp_path, capsys, monkeypatc
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+def test_a_sweep_without_its_tracking_server_exits_2_before_connecting(tmp_path, capsys,
+                                                                      monkeypatch, data_dir):
+    """A job carries on while MLflow is away (its run is created later); a sweep, read back
+    from MLflow, is refused at once, before any cluster work and with nothing written."""
+    import pipeline.launch
+    from tests.conftest import free_port
+
+    def connect(*_, **__):
+        raise AssertionError("the sweep joined a cluster without its tracking server")
+
+    monkeypatch.setattr(pipeline.launch, "connect", connect)
+    uri = f"http://127.0.0.1:{free_port()}"
+    rc, _, err = cli_in_process(["tune", "--config", SWEEP, "--set", f"tracking.uri={uri}",
+                                 "--out", str(tmp_path)], capsys, monkeypatch)
+    assert rc == 2, err
+    (line,) = err.strip().splitlines()
+    assert f"tracking.uri={uri}: no MLflow server answers there" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_jobs_tune_is_the_cli_and_exits_2():
     """jobs/tune.py is the CLI with `tune` fixed, in a fresh interpreter as `ray job submit`
     runs it: bad input exits 2 with one line, before joining a cluster."""
@@ -218,7 +238,7 @@ def test_jobs_tune_is_the_cli_and_exits_2():
 
 
 def test_trial_concurrency_fits_the_cluster():
-    from pipeline.tune.sweep import trial_concurrency
+    from pipeline.tune.space import trial_concurrency
 
     one = [_cfg({}, "scaling.num_workers=1")]
     two = [_cfg({}, "scaling.num_workers=2", "scaling.cpus_per_worker=1.5")]

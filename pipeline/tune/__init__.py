@@ -1,5 +1,6 @@
-"""Choosing the batch size with Ray Tune: `sweep` runs the trials (Ray), `analysis` turns their
-results into tables and plots (pandas/matplotlib only, importable without Ray).
+"""Choosing the batch size with Ray Tune: `space` checks the search space and every trial's
+config (no Ray), `sweep` runs the trials (Ray), `analysis` turns their results into tables and
+plots (pandas/matplotlib only, importable without Ray).
 
     from pipeline.config import load_config
     from pipeline.data.datasets import resolve
@@ -19,12 +20,12 @@ from pipeline.tune.analysis import (
     steps_vs_batch_plot,
     summary_table,
 )
+from pipeline.tune.space import check_trials, parse_search_space, trial_concurrency
 
-_SWEEP = ("run_sweep", "search_space", "search_algorithm", "parse_search_space", "check_trials",
-          "trial_concurrency", "history")
+_SWEEP = ("run_sweep", "search_space", "search_algorithm", "history")
 
-__all__ = ["accuracy_vs_batch_plot", "steps_to_target", "steps_vs_batch_plot", "summary_table",
-           *_SWEEP]
+__all__ = ["accuracy_vs_batch_plot", "check_trials", "parse_search_space", "steps_to_target",
+           "steps_vs_batch_plot", "summary_table", "trial_concurrency", *_SWEEP]
 
 
 def __getattr__(name: str) -> Any:  # the sweep half imports Ray: only when asked for

@@ -32,10 +32,9 @@ its own MLflow run from its last epoch checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
 import json
 import math
+import os
 import sys
 import time
 import uuid
@@ -49,7 +48,14 @@ from pipeline import console
 from pipeline.config import Config, ConfigError, changed_keys, flatten
 from pipeline.data.datasets import DatasetInfo, resolve
 from pipeline.files import write_json
-from pipeline.tracking import client, end_run, experiment_id, log_text, start_run
+from pipeline.tracking import (
+    client,
+    end_run,
+    experiment_id,
+    log_text,
+    server_reachable,
+    start_run,
+)
 from pipeline.tune.analysis import (
     BATCH,
     RULE,
@@ -62,50 +68,17 @@ from pipeline.tune.analysis import (
     steps_vs_batch_plot,
     summary_table,
 )
+from pipeline.tune.space import check_trials, count_trials, parse_search_space, trial_concurrency
 
-SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 SCHEDULE = "train.batch_size_schedule"
 ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
 ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
-MAX_CHECKED_COMBINATIONS = 4096
 # The trial function only waits on its TorchTrainer: no CPU, and the memory its process holds
 # (Tune needs a non-empty request; the workers' CPUs/GPUs are the trainer's own, see above).
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 
 
 # -- the search space -------------------------------------------------------------------------
-def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
-    """`tune.search_space` as {dotted key: (kind, values)}; ConfigError naming the culprit for
-    an unknown kind, a malformed spec, or a key the config does not have (no Ray needed)."""
-    known = flatten(cfg.to_dict())
-    out: dict[str, tuple[str, list[Any]]] = {}
-    for key, spec in cfg.tune.search_space.items():
-        where = f"config error: tune.search_space.{key}"
-        if key.startswith("tune.") or key.startswith("tracking."):
-            raise ConfigError(f"{where}: the {key.split('.')[0]} section cannot be swept")
-        if key not in known and not any(key.startswith(k + ".") and isinstance(v, dict)
-                                        for k, v in known.items()):
-            raise ConfigError(f"config error: unknown key {key!r} in tune.search_space")
-        if not isinstance(spec, dict) or len(spec) != 1:
-            raise ConfigError(f"{where}: expected one of {{{', '.join(SPEC_KINDS)}: [...]}} "
-                              f"(got {spec!r})")
-        (kind, values), = spec.items()
-        if kind not in SPEC_KINDS:
-            raise ConfigError(f"{where}: unknown spec kind {kind!r}; known: "
-                              f"{', '.join(SPEC_KINDS)}")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}.{kind}: expected a non-empty list (got {values!r})")
-        if kind in ("uniform", "loguniform"):
-            ok = (len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                           for v in values) and values[0] < values[1])
-            if not ok or (kind == "loguniform" and values[0] <= 0):
-                raise ConfigError(f"{where}.{kind}: expected [low, high] with "
-                                  f"{'0 < ' if kind == 'loguniform' else ''}low < high "
-                                  f"(got {values!r})")
-        out[key] = (kind, values)
-    return out
-
-
 def search_space(cfg: Config) -> dict[str, Any]:
     """Tune's param space, keyed by the config's dotted keys. `tune.search: grid` expands every
     `grid` spec (each point run `num_samples` times); `random` draws every `grid` list like a
@@ -135,45 +108,6 @@ def search_algorithm(cfg: Config) -> Any:
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(seed=cfg.train.seed)
-
-
-def check_trials(cfg: Config) -> list[Config]:
-    """Validate the trial configs before any cluster work: every combination of the discrete
-    values (and of the continuous bounds) goes through `with_overrides` and the dataset checks,
-    so e.g. a batch size the workers cannot split fails fast with exit 2. Returns them."""
-    if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
-        raise ConfigError("config error: tune.search=optuna needs Optuna: "
-                          "pip install 'batch-pipeline[optuna]'")
-    parsed = parse_search_space(cfg)
-    keys = list(parsed)
-    lists = [values for _, values in parsed.values()]
-    if math.prod(len(v) for v in lists) > MAX_CHECKED_COMBINATIONS:  # check one key at a time
-        combos = [{k: v} for k, vs in zip(keys, lists, strict=True) for v in vs]
-    else:
-        combos = [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*lists)]
-    checked = []
-    for combo in combos or [{}]:
-        try:
-            trial = resolve(cfg.with_overrides(combo))[0]
-            trial.check_tune()  # tune.metric is logged, target_accuracy compares to val_accuracy
-            checked.append(trial)
-        except ConfigError as err:
-            shown = ", ".join(f"{k}={v}" for k, v in combo.items())
-            raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
-    return checked
-
-
-def trial_concurrency(cluster: dict[str, float], trials: list[Config],
-                      cap: int | None = None) -> int:
-    """How many trials run at once: each trial's workers (the largest over the search space)
-    must fit in the cluster together with those of every other running trial."""
-    cpus = max(c.scaling.num_workers * c.scaling.cpus_per_worker for c in trials)
-    gpus = max(c.scaling.num_workers if c.scaling.use_gpu else 0 for c in trials)
-    fits = [int(cluster.get("CPU", 0) // cpus)]
-    if gpus:
-        fits.append(int(cluster.get("GPU", 0) // gpus))
-    n = max(1, min(fits))
-    return min(n, cap) if cap else n
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -224,6 +158,10 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     if any(k.startswith("data.") for k in overrides):
         cfg, info = resolve(cfg)
     out = Path(root) / trial_id
+    if (out / "result.json").exists():  # it ended just before the sweep's driver was killed,
+        # after Tune last saved its state: not trained again; Tune gets its final metrics
+        tune.report(json.loads((out / "result.json").read_text())["metrics"])
+        return
     # A trial the sweep's interruption cut short continues its MLflow run from its checkpoint.
     resume = (out / "run.json").exists() and find_latest_checkpoint(out / "ray_results") is not None
     run_training(cfg, info, out, resume=resume, parent_run_id=parent_run_id,
@@ -247,7 +185,14 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     name = state["name"]
     # Resolved here, once: a trial's actor has another working directory and environment.
     uri = state.get("tracking_uri") or cfg.tracking_uri()
+    if not server_reachable(uri):  # a job carries on without it; a sweep is read back from it
+        raise ConfigError(f"config error: tracking.uri={uri}: no MLflow server answers there; a "
+                          "sweep records and compares its trials in it (start it first)")
     exp_path = out_dir / "ray_results" / name
+    # Tune saves the sweep's state at most every 10 s by default: a driver killed within that
+    # time of a trial's end would find it unfinished on --resume. Every second instead (the
+    # state is a small file); `_run_trial` does not retrain a trial that had ended anyway.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     import ray
     from ray import tune
 
@@ -274,7 +219,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         client(uri).update_run(parent, status="RUNNING")
     state.update(parent_run_id=parent, tracking_uri=uri)
     write_json(state_file, state)
-    console.say(f"sweep {name}: {_count_trials(cfg)} trial(s), {concurrency} at a time, "
+    console.say(f"sweep {name}: {count_trials(cfg)} trial(s), {concurrency} at a time, "
                 f"{cfg.tune.scheduler} scheduler, ranked by {cfg.tune.metric} ({cfg.tune.mode})")
     console.say(f"MLflow parent run {parent} in {uri} (experiment '{cfg.tracking.experiment}')")
 
@@ -560,12 +505,6 @@ def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
 
 
 # -- the console: one line per finished trial, a live table on a terminal -----------------------
-def _count_trials(cfg: Config) -> int:
-    """Trials the sweep will run (grid: grid points x num_samples)."""
-    grid = [len(v) for kind, v in parse_search_space(cfg).values() if kind == "grid"]
-    if cfg.tune.search == "grid":
-        return math.prod(grid) * cfg.tune.num_samples
-    return cfg.tune.num_samples
 
 
 def trial_line(trial_id: str, overrides: dict[str, Any], status: str, result: dict[str, Any],

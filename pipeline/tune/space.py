@@ -1,0 +1,99 @@
+"""A sweep's search space, checked before any cluster work (no Ray, no MLflow here).
+
+`tune.search_space` maps dotted config keys to one spec each: `{grid: [...]}`, `{choice: [...]}`,
+`{uniform: [low, high]}` or `{loguniform: [low, high]}`. `check_trials` builds every trial's
+config from it and runs the same checks a job gets, so `python -m pipeline tune` refuses a bad
+trial (exit 2, one line) before Ray starts; `pipeline/tune/sweep.py` turns the space into Tune's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+from typing import Any
+
+from pipeline.config import Config, ConfigError, flatten
+from pipeline.data.datasets import resolve
+
+SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
+MAX_CHECKED_COMBINATIONS = 4096  # beyond, each key's values are checked one key at a time
+
+
+def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
+    """`tune.search_space` as {dotted key: (kind, values)}; ConfigError naming the culprit for
+    an unknown kind, a malformed spec, or a key the config does not have (no Ray needed)."""
+    known = flatten(cfg.to_dict())
+    out: dict[str, tuple[str, list[Any]]] = {}
+    for key, spec in cfg.tune.search_space.items():
+        where = f"config error: tune.search_space.{key}"
+        if key.startswith("tune.") or key.startswith("tracking."):
+            raise ConfigError(f"{where}: the {key.split('.')[0]} section cannot be swept")
+        if key not in known and not any(key.startswith(k + ".") and isinstance(v, dict)
+                                        for k, v in known.items()):
+            raise ConfigError(f"config error: unknown key {key!r} in tune.search_space")
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(f"{where}: expected one of {{{', '.join(SPEC_KINDS)}: [...]}} "
+                              f"(got {spec!r})")
+        (kind, values), = spec.items()
+        if kind not in SPEC_KINDS:
+            raise ConfigError(f"{where}: unknown spec kind {kind!r}; known: "
+                              f"{', '.join(SPEC_KINDS)}")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{kind}: expected a non-empty list (got {values!r})")
+        if kind in ("uniform", "loguniform"):
+            ok = (len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           for v in values) and values[0] < values[1])
+            if not ok or (kind == "loguniform" and values[0] <= 0):
+                raise ConfigError(f"{where}.{kind}: expected [low, high] with "
+                                  f"{'0 < ' if kind == 'loguniform' else ''}low < high "
+                                  f"(got {values!r})")
+        out[key] = (kind, values)
+    return out
+
+
+def check_trials(cfg: Config) -> list[Config]:
+    """Validate the trial configs before any cluster work: every combination of the discrete
+    values (and of the continuous bounds) goes through `with_overrides` and the dataset checks,
+    so e.g. a batch size the workers cannot split fails fast with exit 2. Returns them."""
+    if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("config error: tune.search=optuna needs Optuna: "
+                          "pip install 'batch-pipeline[optuna]'")
+    parsed = parse_search_space(cfg)
+    keys = list(parsed)
+    lists = [values for _, values in parsed.values()]
+    if math.prod(len(v) for v in lists) > MAX_CHECKED_COMBINATIONS:  # check one key at a time
+        combos = [{k: v} for k, vs in zip(keys, lists, strict=True) for v in vs]
+    else:
+        combos = [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*lists)]
+    checked = []
+    for combo in combos or [{}]:
+        try:
+            trial = resolve(cfg.with_overrides(combo))[0]
+            trial.check_tune()  # tune.metric is logged, target_accuracy compares to val_accuracy
+            checked.append(trial)
+        except ConfigError as err:
+            shown = ", ".join(f"{k}={v}" for k, v in combo.items())
+            raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
+    return checked
+
+
+def trial_concurrency(cluster: dict[str, float], trials: list[Config],
+                      cap: int | None = None) -> int:
+    """How many trials run at once: each trial's workers (the largest over the search space)
+    must fit in the cluster together with those of every other running trial."""
+    cpus = max(c.scaling.num_workers * c.scaling.cpus_per_worker for c in trials)
+    gpus = max(c.scaling.num_workers if c.scaling.use_gpu else 0 for c in trials)
+    fits = [int(cluster.get("CPU", 0) // cpus)]
+    if gpus:
+        fits.append(int(cluster.get("GPU", 0) // gpus))
+    n = max(1, min(fits))
+    return min(n, cap) if cap else n
+
+
+def count_trials(cfg: Config) -> int:
+    """Trials the sweep will run (grid: grid points x num_samples)."""
+    grid = [len(v) for kind, v in parse_search_space(cfg).values() if kind == "grid"]
+    if cfg.tune.search == "grid":
+        return math.prod(grid) * cfg.tune.num_samples
+    return cfg.tune.num_samples

@@ -1,0 +1,89 @@
+"""A sweep whose driver is killed (SIGKILL) after its first trial finished and while its second
+was training: `--resume` runs the unfinished trials only. The finished trial is not run again
+(its folder and MLflow run untouched); the interrupted one continues its own MLflow run from its
+last epoch checkpoint, to the weights of a run never interrupted (the pipeline is
+deterministic); the sweep ends with one FINISHED run per trial."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
+from tests.conftest import REPO, run_cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
+EPOCHS = 5
+LRS = [0.05, 0.025, 0.0125]  # three trials, one at a time
+
+
+def _trial_dirs(out) -> list:
+    return sorted((out / "trials").glob("*/*"), key=lambda p: p.stat().st_ctime)
+
+
+def test_a_killed_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_server, tmp_path):
+    cfg = yaml.safe_load((REPO / "jobs" / "configs" / "sweep_digits.yaml").read_text())
+    cfg["train"].update(epochs=EPOCHS, warmup_epochs=0)
+    cfg["tune"] = {"search_space": {"train.base_lr": {"grid": LRS}}, "scheduler": "fifo",
+                   "max_concurrent": 1, "metric": "val_accuracy", "mode": "max"}
+    cfg["tracking"] = {"uri": mlflow_server, "experiment": "test-sweep-killed",
+                       "log_model": False}
+    config, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    config.write_text(yaml.safe_dump(cfg))
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--config", str(config),
+                              "--out", str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 400
+    while True:  # the first trial done, the second one past its first epoch
+        dirs = _trial_dirs(out) if (out / "trials").exists() else []
+        if (len(dirs) >= 2 and (dirs[0] / "result.json").exists()
+                and find_latest_checkpoint(dirs[1] / "ray_results") is not None):
+            break
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[1][-3000:]
+        time.sleep(0.2)
+    sweep.send_signal(signal.SIGKILL)
+    sweep.wait(timeout=60)
+    first, second = dirs[0], dirs[1]
+    first_result = (first / "result.json").read_text()
+    killed_at = load_checkpoint(find_latest_checkpoint(second / "ray_results"))["epoch"]
+    assert not (second / "result.json").exists() and killed_at < EPOCHS - 1
+    second_state = json.loads((second / "run.json").read_text())
+    second_run, second_lr = second_state["mlflow_run_id"], second_state["config"]["train"]["base_lr"]
+    client = MlflowClient(mlflow_server)
+    first_run = json.loads(first_result)["mlflow_run_id"]
+    first_end = client.get_run(first_run).info.end_time
+
+    resumed = run_cli("tune", "--config", str(config), "--out", str(out), "--resume", timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert (first / "result.json").read_text() == first_result  # not run again
+    assert client.get_run(first_run).info.end_time == first_end
+    assert len(_trial_dirs(out)) == len(LRS)
+    result = json.loads((second / "result.json").read_text())
+    assert result["mlflow_run_id"] == second_run  # its own run, continued
+    loss = client.get_metric_history(second_run, "train_loss")
+    assert sorted({m.step for m in loss}) == list(range(1, EPOCHS + 1))
+
+    parent = json.loads((out / "result.json").read_text())["parent_run_id"]
+    exp = client.get_experiment_by_name("test-sweep-killed").experiment_id
+    nested = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(nested) == len(LRS) and {r.info.status for r in nested} == {"FINISHED"}
+    assert client.get_run(parent).info.status == "FINISHED"
+
+    # The interrupted trial ends where an uninterrupted job with its config ends.
+    ref_cfg = {**cfg, "train": {**cfg["train"], "base_lr": second_lr}}
+    ref_cfg.pop("tune")
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
+    ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
+    got = load_checkpoint(result["checkpoint"])
+    assert got["step"] == want["step"]
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
