@@ -25,7 +25,14 @@ from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from pipeline.files import write_json
-from pipeline.tracking import DeferredRun, end_run, is_local_store, server_reachable, start_run
+from pipeline.tracking import (  # log_model: also imported from here by earlier code
+    DeferredRun,
+    end_run,
+    is_local_store,
+    log_model,
+    server_reachable,
+    start_run,
+)
 from pipeline.worker import train_func
 
 # Ray Train V2 waits for the controller's poll on every report (default 2 s); 0.2 s keeps short
@@ -268,54 +275,3 @@ def raise_fatal(fatal_file: Path) -> None:
     if fatal["kind"] == "input":
         raise ConfigError(fatal["message"])
     raise TrainingStopped(fatal["message"])
-
-
-def log_model(uri: str, run_id: str, checkpoint_path: Path) -> str:
-    """Rebuild the model from the last checkpoint and log it as an MLflow PyTorch model; return
-    its format. `pt2` (a `torch.export` graph: loading it runs no pickled code) takes positional
-    tensors, `model(features)` or `model(input_ids, attention_mask)`, with any batch size (and
-    sequence length); a model that cannot be exported (a user's `import:` model, say) is logged
-    as `pickle` instead, and the console says so."""
-    import mlflow
-    import mlflow.pytorch
-    import numpy as np
-    import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    from pipeline.engine.models import build_model, positional_model
-
-    state = load_checkpoint(checkpoint_path)
-    model = build_model(**state["model_spec"])
-    model.load_state_dict(state["model"])
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    mlflow.set_tracking_uri(uri)
-    # start_run(run_id) refuses a run outside the process's active experiment (a notebook's
-    # earlier set_experiment, say): make the run's own experiment the active one.
-    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id):
-        try:
-            wrapped, example = positional_model(model, state["model_spec"])
-            with torch.no_grad():
-                out = wrapped(*example.values())
-
-            def dynamic(shape: tuple[int, ...], seq: bool) -> tuple[int, ...]:  # -1: any size
-                return (-1, -1, *shape[2:]) if seq else (-1, *shape[1:])
-
-            seq = "input_ids" in example
-            signature = ModelSignature(
-                inputs=Schema([TensorSpec(v.numpy().dtype, dynamic(tuple(v.shape), seq), name=k)
-                               for k, v in example.items()]),
-                outputs=Schema([TensorSpec(np.dtype("float32"),
-                                           dynamic(tuple(out.shape), seq and out.dim() == 3))]))
-            mlflow.pytorch.log_model(wrapped, name="model", serialization_format="pt2",
-                                     input_example=tuple(v.numpy() for v in example.values()),
-                                     signature=signature, pip_requirements=requirements)
-            return "pt2"
-        except Exception as e:  # torch.export refuses some models; pickle still loads them
-            _log(f"the model cannot be exported ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                 "logged with serialization_format='pickle'")
-            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                     pip_requirements=requirements)
-            return "pickle"
-

@@ -5,12 +5,17 @@ artifact, and at the end the model and the final status (FINISHED, or FAILED on 
 Rank 0 logs the metric curves during training through `MetricLogger`, which talks to the same
 store by URI. A local sqlite store is reachable from every process of a single-node cluster;
 a multi-node cluster needs a tracking server (checked by `check_store_reachable`).
+
+Every MLflow call of the project is made here: the runs (`start_run`, `DeferredRun` for a job
+that starts while its server is away, `end_run`), the metrics (`MetricLogger`), the model
+(`log_model`), and the sweep's reads (`nested_runs`, `metric_histories`).
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -123,6 +128,82 @@ def end_run(uri: str, run_id: str, status: str) -> bool:
         log.warning("MLflow: run %s could not be marked %s: %s", run_id, status,
                     str(err).splitlines()[0] if str(err) else type(err).__name__)
         return False
+
+
+def nested_runs(uri: str, experiment: str, parent: str) -> list[Any]:
+    """The runs nested under `parent` (a sweep's trials), oldest first."""
+    c = client(uri)
+    return c.search_runs([experiment_id(c, experiment)],
+                         filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                         max_results=5000, order_by=["attributes.start_time ASC"])
+
+
+def close_open_runs(uri: str, experiment: str, parent: str) -> None:
+    """The sweep itself stopped: no trial run may stay RUNNING (a resume reopens its own)."""
+    try:
+        for run in nested_runs(uri, experiment, parent):
+            if run.info.status == "RUNNING":
+                end_run(uri, run.info.run_id, "KILLED")
+    except Exception as err:  # never hide the sweep's own error behind a tracking one
+        print(f"[pipeline] could not close the trial runs: {err}", flush=True)
+
+
+def metric_histories(uri: str, run_id: str, keys: list[str]) -> dict[str, dict[int, float]]:
+    """{key: {step: value}} for each metric of a run (the last value logged at a step wins)."""
+    c = client(uri)
+    return {key: {m.step: m.value for m in c.get_metric_history(run_id, key)} for key in keys}
+
+
+def log_model(uri: str, run_id: str, checkpoint_path: Path) -> str:
+    """Rebuild the model from the last checkpoint and log it as an MLflow PyTorch model; return
+    its format. `pt2` (a `torch.export` graph: loading it runs no pickled code) takes positional
+    tensors, `model(features)` or `model(input_ids, attention_mask)`, with any batch size (and
+    sequence length); a model that cannot be exported (a user's `import:` model, say) is logged
+    as `pickle` instead, and the console says so."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline.engine.checkpoint import load_checkpoint
+    from pipeline.engine.models import build_model, positional_model
+
+    state = load_checkpoint(checkpoint_path)
+    model = build_model(**state["model_spec"])
+    model.load_state_dict(state["model"])
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    mlflow.set_tracking_uri(uri)
+    # start_run(run_id) refuses a run outside the process's active experiment (a notebook's
+    # earlier set_experiment, say): make the run's own experiment the active one.
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+    with mlflow.start_run(run_id=run_id):
+        try:
+            wrapped, example = positional_model(model, state["model_spec"])
+            with torch.no_grad():
+                out = wrapped(*example.values())
+
+            def dynamic(shape: tuple[int, ...], seq: bool) -> tuple[int, ...]:  # -1: any size
+                return (-1, -1, *shape[2:]) if seq else (-1, *shape[1:])
+
+            seq = "input_ids" in example
+            signature = ModelSignature(
+                inputs=Schema([TensorSpec(v.numpy().dtype, dynamic(tuple(v.shape), seq), name=k)
+                               for k, v in example.items()]),
+                outputs=Schema([TensorSpec(np.dtype("float32"),
+                                           dynamic(tuple(out.shape), seq and out.dim() == 3))]))
+            mlflow.pytorch.log_model(wrapped, name="model", serialization_format="pt2",
+                                     input_example=tuple(v.numpy() for v in example.values()),
+                                     signature=signature, pip_requirements=requirements)
+            return "pt2"
+        except Exception as e:  # torch.export refuses some models; pickle still loads them
+            print(f"[pipeline] the model cannot be exported ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0]}); logged with serialization_format='pickle'",
+                  file=sys.stderr, flush=True)
+            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                     pip_requirements=requirements)
+            return "pickle"
 
 
 class DeferredRun:

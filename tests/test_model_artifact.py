@@ -13,7 +13,7 @@ import torch
 
 from pipeline.engine.checkpoint import save_checkpoint
 from pipeline.engine.models import build_model
-from pipeline.launch import log_model
+from pipeline.tracking import log_model
 
 pytestmark = pytest.mark.mlflow
 

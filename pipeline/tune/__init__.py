@@ -1,6 +1,7 @@
 """Choosing the batch size with Ray Tune: `space` checks the search space and every trial's
-config (no Ray), `sweep` runs the trials (Ray), `analysis` turns their results into tables and
-plots (pandas/matplotlib only, importable without Ray).
+config (no Ray), `sweep` runs the trials (Ray), `results` reads them back from MLflow and
+settles each trial's run, `report` writes the sweep's answer, and `analysis` holds the tables,
+fits and plots (pandas/matplotlib only).
 
     from pipeline.config import load_config
     from pipeline.data.datasets import resolve
@@ -22,15 +23,17 @@ from pipeline.tune.analysis import (
 )
 from pipeline.tune.space import check_trials, parse_search_space, trial_concurrency
 
-_SWEEP = ("run_sweep", "search_space", "search_algorithm", "history")
+# Imported when asked for: `sweep` imports Ray, `results` MLflow (bad input is refused first).
+_LAZY = {"run_sweep": "sweep", "search_space": "sweep", "search_algorithm": "sweep",
+         "history": "results"}
 
 __all__ = ["accuracy_vs_batch_plot", "check_trials", "parse_search_space", "steps_to_target",
-           "steps_vs_batch_plot", "summary_table", "trial_concurrency", *_SWEEP]
+           "steps_vs_batch_plot", "summary_table", "trial_concurrency", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:  # the sweep half imports Ray: only when asked for
-    if name in _SWEEP:
-        from pipeline.tune import sweep
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-        return getattr(sweep, name)
+        return getattr(importlib.import_module(f"pipeline.tune.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'pipeline.tune' has no attribute {name!r}")

@@ -28,12 +28,14 @@ Resume. Every sweep gets a fresh name (reusing a Tune name silently resumes; res
 explicit). `resume=True` restores the sweep recorded in sweep.json with `Tuner.restore`:
 finished, early-stopped and errored trials are not run again; an interrupted trial continues
 its own MLflow run from its last epoch checkpoint.
+
+After the trials: `results.settle_trials` reads them back from MLflow, `report.write_report`
+writes the answer (pipeline/tune/results.py, report.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -45,32 +47,15 @@ import pandas as pd
 import yaml
 
 from pipeline import console
-from pipeline.config import Config, ConfigError, changed_keys, flatten
+from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo, resolve
 from pipeline.files import write_json
-from pipeline.tracking import (
-    client,
-    end_run,
-    experiment_id,
-    log_text,
-    server_reachable,
-    start_run,
-)
-from pipeline.tune.analysis import (
-    BATCH,
-    RULE,
-    accuracy_vs_batch_plot,
-    at_target,
-    batch_schedule_plot,
-    critical_batch,
-    critical_batch_sentence,
-    steps_to_target,
-    steps_vs_batch_plot,
-    summary_table,
-)
+from pipeline.tracking import client, close_open_runs, end_run, log_text, server_reachable, start_run
+from pipeline.tune.analysis import summary_table
+from pipeline.tune.report import write_report
+from pipeline.tune.results import settle_trials
 from pipeline.tune.space import check_trials, count_trials, parse_search_space, trial_concurrency
 
-SCHEDULE = "train.batch_size_schedule"
 ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
 ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
 # The trial function only waits on its TorchTrainer: no CPU, and the memory its process holds
@@ -252,9 +237,10 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         if grid.num_terminated + grid.num_errors < len(grid):
             raise SweepInterrupted(f"sweep {name} interrupted; continue it with --resume "
                                    f"--out {out_dir}")
-        df = _finish(grid, cfg, uri, parent, out_dir, name)
+        df = write_report(*settle_trials(grid, cfg, uri, parent), cfg, uri, parent, out_dir,
+                          name, grid.experiment_path)
     except BaseException as err:
-        _close_open_runs(uri, cfg.tracking.experiment, parent)
+        close_open_runs(uri, cfg.tracking.experiment, parent)
         end_run(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
     end_run(uri, parent, "FINISHED")
@@ -273,222 +259,6 @@ def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:
 
 
 # -- after the sweep ----------------------------------------------------------------------------
-_TUNE_KEYS = {"config", "checkpoint_path", "checkpoint_dir_name", "timestamp", "date",
-              "hostname", "node_ip", "pid", "time_this_iter_s", "time_total_s",
-              "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
-              "training_iteration", "done", "trial_id", "experiment_tag"}
-
-
-def _nested_runs(uri: str, experiment: str, parent: str) -> list[Any]:
-    c = client(uri)
-    return c.search_runs([experiment_id(c, experiment)],
-                         filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-                         max_results=5000, order_by=["attributes.start_time ASC"])
-
-
-def _close_open_runs(uri: str, experiment: str, parent: str) -> None:
-    """The sweep itself stopped: no trial run may stay RUNNING (a resume reopens its own)."""
-    try:
-        for run in _nested_runs(uri, experiment, parent):
-            if run.info.status == "RUNNING":
-                end_run(uri, run.info.run_id, "KILLED")
-    except Exception as err:  # never hide the sweep's own error behind a tracking one
-        print(f"[pipeline] could not close the trial runs: {err}", flush=True)
-
-
-def history(uri: str, run_id: str) -> pd.DataFrame:
-    """A trial's per-epoch curve read back from MLflow: epoch, step (optimizer steps at the end
-    of that epoch: the running sum of the per-epoch `steps` metric), val_accuracy, val_loss,
-    samples (trained so far), noise_scale and global_batch_size when logged."""
-    c = client(uri)
-    cols: dict[str, dict[int, float]] = {}
-    for key in ("steps", "val_accuracy", "val_loss", "samples", "noise_scale", "global_batch_size"):
-        cols[key] = {m.step: m.value for m in c.get_metric_history(run_id, key)}  # last wins
-    h = pd.DataFrame(cols).rename_axis("epoch").reset_index().sort_values("epoch")
-    if h.empty:
-        return pd.DataFrame(columns=["epoch", "step", "val_accuracy", "val_loss"])
-    h["step"] = h["steps"].fillna(0).cumsum().astype(int)
-    return h.drop(columns="steps").reset_index(drop=True)
-
-
-def target_points(uri: str, run_id: str, epochs: pd.DataFrame) -> pd.DataFrame:
-    """Every validation of a trial, by optimizer step: the epoch ends (`history`) and, with
-    `train.eval_every`, the passes within epochs (`step/val_accuracy`, with `step/samples` and
-    `step/noise_scale` at the same step). Steps and samples to the target come from these."""
-    c = client(uri)
-    cols = {key: {m.step: m.value for m in c.get_metric_history(run_id, f"step/{key}")}
-            for key in ("val_accuracy", "samples", "noise_scale")}
-    keep = [k for k in ("step", "val_accuracy", "samples", "noise_scale") if k in epochs]
-    inner = pd.DataFrame(cols).rename_axis("step").reset_index()
-    if "val_accuracy" in inner:
-        inner = inner.dropna(subset=["val_accuracy"])
-    else:
-        inner = inner.iloc[0:0]
-    return pd.concat([epochs[keep], inner]).sort_values("step", kind="stable").reset_index(drop=True)
-
-
-def schedule_curves(uri: str, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The per-step `global_batch_size` and `noise_scale` of the trials whose batch follows a
-    schedule (warmup, adaptive), read back from MLflow; labelled by schedule and largest batch."""
-    c = client(uri)
-    curves = {}
-    for _, row in trials.iterrows():
-        if row.get(SCHEDULE, "constant") == "constant" or not isinstance(row["mlflow_run_id"], str):
-            continue
-        cols = {}
-        for key in ("global_batch_size", "noise_scale"):
-            cols[key] = {m.step: m.value for m in c.get_metric_history(row["mlflow_run_id"],
-                                                                     f"step/{key}")}
-        frame = pd.DataFrame(cols).rename_axis("step").reset_index().sort_values("step")
-        if len(frame):
-            curves[f"{row[SCHEDULE]} up to {int(row[BATCH])}"] = frame
-    return curves
-
-
-def _finish(grid: Any, cfg: Config, uri: str, parent: str, out_dir: Path,
-            name: str) -> pd.DataFrame:
-    """Settle every trial's MLflow run against Tune's verdict, build the table, tag the best
-    trial, write and log the artifacts."""
-    c = client(uri)
-    runs = {}
-    for run in _nested_runs(uri, cfg.tracking.experiment, parent):  # latest run per trial
-        runs[run.data.tags.get("tune.trial_id")] = run
-    swept = list(cfg.tune.search_space)
-    base = flatten(cfg.to_dict())
-    rows = []
-    for result in grid:
-        trial_id = Path(result.path).name
-        m = dict(result.metrics or {})
-        run = runs.get(trial_id)
-        run_id = run.info.run_id if run else None
-        if result.error is not None:
-            status = "ERROR"
-            if run and run.info.status != "FAILED":
-                end_run(uri, run_id, "FAILED")
-        elif run and run.info.status == "FINISHED":
-            status = "TERMINATED"
-        else:  # Tune stopped it (ASHA): its actor died mid-training, its run still RUNNING
-            status = "EARLY_STOPPED"
-            if run:
-                c.set_tag(run_id, "early_stopped", "true")
-                end_run(uri, run_id, "KILLED")
-        h = history(uri, run_id) if run_id else pd.DataFrame()
-        row: dict[str, Any] = {"trial_id": trial_id}
-        conf = result.config or {}  # a restored errored trial may come back without it
-        params = run.data.params if run else {}
-        shown = [*swept, BATCH, RULE, *([SCHEDULE] if base.get(SCHEDULE) != "constant" else [])]
-        for key in dict.fromkeys(shown):
-            if key in conf:
-                row[key] = conf[key]
-            elif key in params:  # the trial's own resolved config, logged to its run
-                row[key] = yaml.safe_load(params[key])
-            else:
-                row[key] = base.get(key)
-        # What the trial ran, as MLflow shows it: a trial that Tune stopped may have finished the
-        # epoch in flight before its actor went (the stop is asynchronous), so the history can
-        # hold one epoch more than Tune's last result; that epoch counts as run.
-        reported = int(m.get("epoch", 0))
-        final = h.iloc[-1] if len(h) and int(h["epoch"].iloc[-1]) >= reported else pd.Series(m)
-        row.update({
-            "status": status,
-            "epochs": int(final.get("epoch", 0)),
-            "stopped_at_epoch": reported if status == "EARLY_STOPPED" else None,
-            "steps": int(final.get("step", 0)),
-            "val_accuracy": float(final.get("val_accuracy", math.nan)),
-            "val_loss": float(final.get("val_loss", math.nan)),
-        })
-        if cfg.tune.metric not in row:
-            row[cfg.tune.metric] = m.get(cfg.tune.metric, math.nan)
-        target = cfg.tune.target_accuracy
-        pts = target_points(uri, run_id, h) if run_id and len(h) else h
-        row["steps_to_target"] = steps_to_target(pts, target) if target is not None else None
-        row["samples_to_target"] = at_target(pts, target, "samples") if target is not None else None
-        # The noise scale where the trial reached the target (else at its last epoch).
-        noise = at_target(pts, target, "noise_scale") if target is not None else None
-        row["noise_scale"] = noise if noise is not None else float(final.get("noise_scale", math.nan))
-        row["mlflow_run_id"] = run_id
-        row["error"] = _one_line(result.error)
-        row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    metrics_by_trial = dict(zip(df["trial_id"], df.pop("_metrics"), strict=True))
-    for col in ("steps_to_target", "stopped_at_epoch", "samples_to_target"):
-        df[col] = pd.to_numeric(df[col]).astype("Int64")
-
-    # The best trial: among those that ran their whole budget (else among the stopped ones).
-    ok = df[df["status"] == "TERMINATED"].dropna(subset=[cfg.tune.metric])
-    if ok.empty:
-        ok = df[df["status"] != "ERROR"].dropna(subset=[cfg.tune.metric])
-    best = None
-    if len(ok):
-        best = ok.loc[ok[cfg.tune.metric].idxmax() if cfg.tune.mode == "max"
-                      else ok[cfg.tune.metric].idxmin()]
-    for tid, run in runs.items():
-        is_best = best is not None and tid == best["trial_id"]
-        if is_best:
-            c.set_tag(run.info.run_id, "best_trial", "true")
-        elif run.data.tags.get("best_trial"):
-            c.delete_tag(run.info.run_id, "best_trial")
-
-    # The answer: the knee of steps-to-target over the fixed-batch trials, next to the noise
-    # scale the trials measured (batch-size schedules are rows of the table, not points).
-    fixed = df[df[SCHEDULE] == "constant"] if SCHEDULE in df else df
-    fit = critical_batch(fixed) if cfg.tune.target_accuracy is not None else None
-    noise = fixed["noise_scale"].dropna()
-    noise_scale = float(noise.median()) if len(noise) else None
-    sentence = critical_batch_sentence(fit, noise_scale, cfg.tune.target_accuracy)
-
-    df.to_csv(out_dir / "trials.csv", index=False)
-    table = summary_table(df.drop(columns=["error"]))
-    (out_dir / "summary.md").write_text(f"{table}\n{sentence}\n")
-    accuracy_vs_batch_plot(fixed, out_dir / "accuracy_vs_batch.png")
-    steps_vs_batch_plot(fixed, out_dir / "steps_vs_batch.png", target=cfg.tune.target_accuracy)
-    artifacts = ["trials.csv", "summary.md", "accuracy_vs_batch.png", "steps_vs_batch.png"]
-    if SCHEDULE in df and (df[SCHEDULE] != "constant").any():
-        batch_schedule_plot(schedule_curves(uri, df), out_dir / "batch_schedule.png")
-        artifacts.append("batch_schedule.png")
-    for artifact in artifacts:
-        c.log_artifact(parent, str(out_dir / artifact))
-    counts = df["status"].value_counts().to_dict()
-    parent_metrics = {f"trials_{k.lower()}": float(v) for k, v in counts.items()}
-    if best is not None:
-        parent_metrics[f"best_{cfg.tune.metric}"] = float(best[cfg.tune.metric])
-    if fit is not None:
-        parent_metrics["critical_batch"] = fit["b_crit"]
-    if noise_scale is not None:
-        parent_metrics["noise_scale"] = noise_scale
-    for key, value in parent_metrics.items():
-        c.log_metric(parent, key, value)
-    c.set_tag(parent, "mlflow.note.content", sentence)  # the run's description in the UI
-    c.set_tag(parent, "critical_batch", sentence)
-
-    if best is None:
-        raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
-    overrides = {k: _plain(best[k]) for k in swept}
-    best_cfg = cfg.with_overrides(overrides)
-    write_json(out_dir / "result.json", {
-        "status": "FINISHED", "sweep": name, "parent_run_id": parent, "tracking_uri": uri,
-        "best": {"trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],
-                 "overrides": overrides, "metrics": metrics_by_trial[best["trial_id"]],
-                 "config": best_cfg.to_dict()},
-        "trials": {k: int(v) for k, v in counts.items()},
-        "critical_batch": {**(fit or {}), "noise_scale": noise_scale, "sentence": sentence},
-        "trials_csv": str(out_dir / "trials.csv"), "experiment_path": grid.experiment_path,
-    })
-    return df
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v  # numpy scalars from the frame -> JSON types
-
-
-def _one_line(err: BaseException | None) -> str:
-    if err is None:
-        return ""
-    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(err).__name__)[:300]
-
-
 def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
     """What `python -m pipeline tune` prints at the end: the table, the best trial, the files."""
     result = json.loads((out_dir / "result.json").read_text())

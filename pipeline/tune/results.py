@@ -1,0 +1,148 @@
+"""A sweep's trials read back from MLflow (no Ray here): each trial's run settled against
+Tune's verdict, its curve, its validations by optimizer step, the batch-size schedules' curves.
+Every MLflow read goes through `pipeline.tracking`."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from pipeline.config import Config, flatten
+from pipeline.tracking import client, end_run, metric_histories, nested_runs
+from pipeline.tune.analysis import BATCH, RULE, at_target, steps_to_target
+
+SCHEDULE = "train.batch_size_schedule"
+_TUNE_KEYS = {"config", "checkpoint_path", "checkpoint_dir_name", "timestamp", "date",
+              "hostname", "node_ip", "pid", "time_this_iter_s", "time_total_s",
+              "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
+              "training_iteration", "done", "trial_id", "experiment_tag"}
+
+
+def history(uri: str, run_id: str) -> pd.DataFrame:
+    """A trial's per-epoch curve read back from MLflow: epoch, step (optimizer steps at the end
+    of that epoch: the running sum of the per-epoch `steps` metric), val_accuracy, val_loss,
+    samples (trained so far), noise_scale and global_batch_size when logged."""
+    cols = metric_histories(uri, run_id, ["steps", "val_accuracy", "val_loss", "samples",
+                                          "noise_scale", "global_batch_size"])
+    h = pd.DataFrame(cols).rename_axis("epoch").reset_index().sort_values("epoch")
+    if h.empty:
+        return pd.DataFrame(columns=["epoch", "step", "val_accuracy", "val_loss"])
+    h["step"] = h["steps"].fillna(0).cumsum().astype(int)
+    return h.drop(columns="steps").reset_index(drop=True)
+
+
+def target_points(uri: str, run_id: str, epochs: pd.DataFrame) -> pd.DataFrame:
+    """Every validation of a trial, by optimizer step: the epoch ends (`history`) and, with
+    `train.eval_every`, the passes within epochs (`step/val_accuracy`, with `step/samples` and
+    `step/noise_scale` at the same step). Steps and samples to the target come from these."""
+    keys = ("val_accuracy", "samples", "noise_scale")
+    cols = dict(zip(keys, metric_histories(uri, run_id, [f"step/{k}" for k in keys]).values(),
+                    strict=True))
+    keep = [k for k in ("step", "val_accuracy", "samples", "noise_scale") if k in epochs]
+    inner = pd.DataFrame(cols).rename_axis("step").reset_index()
+    if "val_accuracy" in inner:
+        inner = inner.dropna(subset=["val_accuracy"])
+    else:
+        inner = inner.iloc[0:0]
+    return pd.concat([epochs[keep], inner]).sort_values("step", kind="stable").reset_index(drop=True)
+
+
+def schedule_curves(uri: str, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The per-step `global_batch_size` and `noise_scale` of the trials whose batch follows a
+    schedule (warmup, adaptive), read back from MLflow; labelled by schedule and largest batch."""
+    curves = {}
+    for _, row in trials.iterrows():
+        if row.get(SCHEDULE, "constant") == "constant" or not isinstance(row["mlflow_run_id"], str):
+            continue
+        keys = ("global_batch_size", "noise_scale")
+        cols = dict(zip(keys, metric_histories(uri, row["mlflow_run_id"],
+                                               [f"step/{k}" for k in keys]).values(), strict=True))
+        frame = pd.DataFrame(cols).rename_axis("step").reset_index().sort_values("step")
+        if len(frame):
+            curves[f"{row[SCHEDULE]} up to {int(row[BATCH])}"] = frame
+    return curves
+
+
+def settle_trials(grid: Any, cfg: Config, uri: str,
+                  parent: str) -> tuple[pd.DataFrame, dict[str, Any], dict[str, dict]]:
+    """Settle every trial's MLflow run against Tune's verdict (an errored trial's run FAILED, a
+    stopped one's KILLED and tagged `early_stopped`) and build the table: one row per trial with
+    its swept values, status, epochs, steps, accuracy, steps and samples to the target and noise
+    scale. Returns (table, {trial id: its run}, {trial id: its last reported metrics})."""
+    c = client(uri)
+    runs = {}
+    for run in nested_runs(uri, cfg.tracking.experiment, parent):  # latest run per trial
+        runs[run.data.tags.get("tune.trial_id")] = run
+    swept = list(cfg.tune.search_space)
+    base = flatten(cfg.to_dict())
+    rows = []
+    for result in grid:
+        trial_id = Path(result.path).name
+        m = dict(result.metrics or {})
+        run = runs.get(trial_id)
+        run_id = run.info.run_id if run else None
+        if result.error is not None:
+            status = "ERROR"
+            if run and run.info.status != "FAILED":
+                end_run(uri, run_id, "FAILED")
+        elif run and run.info.status == "FINISHED":
+            status = "TERMINATED"
+        else:  # Tune stopped it (ASHA): its actor died mid-training, its run still RUNNING
+            status = "EARLY_STOPPED"
+            if run:
+                c.set_tag(run_id, "early_stopped", "true")
+                end_run(uri, run_id, "KILLED")
+        h = history(uri, run_id) if run_id else pd.DataFrame()
+        row: dict[str, Any] = {"trial_id": trial_id}
+        conf = result.config or {}  # a restored errored trial may come back without it
+        params = run.data.params if run else {}
+        shown = [*swept, BATCH, RULE, *([SCHEDULE] if base.get(SCHEDULE) != "constant" else [])]
+        for key in dict.fromkeys(shown):
+            if key in conf:
+                row[key] = conf[key]
+            elif key in params:  # the trial's own resolved config, logged to its run
+                row[key] = yaml.safe_load(params[key])
+            else:
+                row[key] = base.get(key)
+        # What the trial ran, as MLflow shows it: a trial that Tune stopped may have finished the
+        # epoch in flight before its actor went (the stop is asynchronous), so the history can
+        # hold one epoch more than Tune's last result; that epoch counts as run.
+        reported = int(m.get("epoch", 0))
+        final = h.iloc[-1] if len(h) and int(h["epoch"].iloc[-1]) >= reported else pd.Series(m)
+        row.update({
+            "status": status,
+            "epochs": int(final.get("epoch", 0)),
+            "stopped_at_epoch": reported if status == "EARLY_STOPPED" else None,
+            "steps": int(final.get("step", 0)),
+            "val_accuracy": float(final.get("val_accuracy", math.nan)),
+            "val_loss": float(final.get("val_loss", math.nan)),
+        })
+        if cfg.tune.metric not in row:
+            row[cfg.tune.metric] = m.get(cfg.tune.metric, math.nan)
+        target = cfg.tune.target_accuracy
+        pts = target_points(uri, run_id, h) if run_id and len(h) else h
+        row["steps_to_target"] = steps_to_target(pts, target) if target is not None else None
+        row["samples_to_target"] = at_target(pts, target, "samples") if target is not None else None
+        # The noise scale where the trial reached the target (else at its last epoch).
+        noise = at_target(pts, target, "noise_scale") if target is not None else None
+        row["noise_scale"] = noise if noise is not None else float(final.get("noise_scale", math.nan))
+        row["mlflow_run_id"] = run_id
+        row["error"] = _one_line(result.error)
+        row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    metrics_by_trial = dict(zip(df["trial_id"], df.pop("_metrics"), strict=True))
+    for col in ("steps_to_target", "stopped_at_epoch", "samples_to_target"):
+        df[col] = pd.to_numeric(df[col]).astype("Int64")
+    return df, runs, metrics_by_trial
+
+
+def _one_line(err: BaseException | None) -> str:
+    if err is None:
+        return ""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
