@@ -11,12 +11,15 @@ Files are written to a temporary name and renamed, so a crash never leaves half 
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -212,12 +215,29 @@ class DataFacts:
     embedded_digits: bool  # the embedded digits datasets (8x8 images as 64 features)
 
 
+def _stream(ds: pads.Dataset, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """The columns batch by batch (16,384 rows), file by file, in the dataset's row order,
+    with one batch and the row groups it spans in memory. (The dataset scanner's `to_batches` held more than the whole
+    1M-sequence dataset of bench/driver_memory.py at its peak with its default read-ahead, and
+    still 60% of it with read-ahead 1.)"""
+    for path in ds.files:
+        with ds.filesystem.open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=16_384, columns=columns)
+
+
+def _lengths(ds: pads.Dataset, column: str) -> np.ndarray:
+    """The token count of every sequence, streamed (the tokens themselves are never held)."""
+    parts = [pc.list_value_length(b.column(0)).to_numpy(zero_copy_only=False)
+             for b in _stream(ds, [column])]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
     """Read the named columns once (streamed, batch by batch) and check what each holds."""
     d = cfg.data
     width = labels = max_token = max_target = None
     if d.feature_column is not None:
-        width = vector_width((b.column(0) for b in ds.to_batches(columns=[d.feature_column])),
+        width = vector_width((b.column(0) for b in _stream(ds, [d.feature_column])),
                              f"data.feature_column={d.feature_column!r}")
     if d.label_column is not None:
         labels = label_ids(ds.to_table(columns=[d.label_column]).column(0),
@@ -225,7 +245,7 @@ def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
     if d.sequence_column is not None:
         cols = [d.sequence_column] + ([d.target_column] if d.target_column else [])
         max_token, max_target = check_sequences(
-            ds.to_batches(columns=cols), f"data.sequence_column={d.sequence_column!r}",
+            _stream(ds, cols), f"data.sequence_column={d.sequence_column!r}",
             f"data.target_column={d.target_column!r}" if d.target_column else None)
     difficulty = cfg.batching.difficulty_column
     if difficulty is not None:
@@ -310,13 +330,12 @@ def _check_first_epoch(ds: pads.Dataset, cfg: Config) -> None:
 
     b = cfg.batching
     needs_lengths = b.strategy == "length_bucket" or b.options.get("difficulty") == "length"
-    cols = [c for c in (cfg.data.label_column, b.difficulty_column,
-                        cfg.data.sequence_column if needs_lengths else None) if c]
+    cols = [c for c in (cfg.data.label_column, b.difficulty_column) if c]
     table = ds.to_table(columns=cols) if cols else pa.table({"_": pa.nulls(ds.count_rows())})
-    st = SampleTable.from_table(
-        table, feature_column=None, label_column=cfg.data.label_column,
-        sequence_column=cfg.data.sequence_column if needs_lengths else None,
-        difficulty_column=b.difficulty_column)
+    st = SampleTable.from_table(table, feature_column=None, label_column=cfg.data.label_column,
+                                difficulty_column=b.difficulty_column)
+    if needs_lengths:  # the planners need lengths, not tokens
+        st = dataclasses.replace(st, lengths=_lengths(ds, cfg.data.sequence_column))
     train, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
     try:
         eb = epoch_batches(cfg, st, train, 0, cfg.scaling.num_workers)
