@@ -143,6 +143,12 @@ class BatchingConfig(_Section):
     max_length: Int | None = Field(None, ge=1, description="truncate sequences to this many tokens")
     pad_multiple_of: Int | None = Field(None, ge=1, description="pad sequence batches to a "
                                         "multiple of this")
+    packing: Bool = Field(False, description="sequences: a micro-batch's samples concatenated "
+                          "into rows with no padding between them; attention blocked between "
+                          "samples, positions restarting per sample (model seq_transformer)")
+    pack_tokens: Int | None = Field(None, ge=1, description="packing: at most this many tokens "
+                                    "per row (first fit, longest first); null: one row per "
+                                    "micro-batch")
     num_views: Int = Field(2, ge=2, description="augmented views per sample (train.loss=nt_xent)")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, "
                                     "typed per strategy (e.g. curriculum: pacing, c0)")

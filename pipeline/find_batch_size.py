@@ -101,7 +101,8 @@ def _batch_maker(cfg: Config, st: Any, order: Any, device: Any, model_name: str)
 
     def batch_of(size: int) -> Any:
         part = order[:size]
-        nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of)
+        nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
+                       packing=b.packing, pack_tokens=b.pack_tokens)
         if cfg.train.loss == "nt_xent":  # as the worker collates: V views per sample
             nb = make_views(nb, num_views=b.num_views, key=(b.seed, 0, 0), sample_keys=part,
                             image_shape=(8, 8) if model_name == "digits_cnn" else None)

@@ -24,14 +24,10 @@ from pipeline.config import Config
 from pipeline.data.batches import micro_slices, split_train_val
 from pipeline.data.datasets import DatasetInfo
 from pipeline.data.epochs import epoch_batches
+from pipeline.data.padding import batch_slots
 from pipeline.data.plan import rank_slice
 from pipeline.engine.batch_schedule import BatchSchedule, group_units
 from pipeline.files import write_json
-
-
-def _padded_length(lengths: np.ndarray, max_length: int | None, multiple: int | None) -> int:
-    longest = int(np.minimum(lengths, max_length).max() if max_length else lengths.max())
-    return -(-longest // multiple) * multiple if multiple else longest
 
 
 @ray.remote(num_cpus=1)
@@ -46,7 +42,7 @@ def rank_rows(cfg_dict: dict[str, Any], refs: list[Any], rank: int) -> pa.Table:
     micro = micro if isinstance(micro, int) else cfg.per_worker_batch()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
         "epoch", "rank", "batch", "micro", "position", "sample_id", "label", "length",
-        "difficulty", "weight", "padded_length", "pool_size")}
+        "difficulty", "weight", "padded_length", "micro_slots", "pool_size")}
     t = cfg.train
     # A warmup schedule's steps are known in advance: group the unit batches as training does.
     # An adaptive one's depend on the noise scale measured in training: its unit batches show.
@@ -69,10 +65,15 @@ def rank_rows(cfg_dict: dict[str, Any], refs: list[Any], rank: int) -> pa.Table:
             for j, part in enumerate(micro_slices(rank_slice(batch, rank, world), micro)):
                 n = len(part)
                 lengths = st.lengths[part] if st.lengths is not None else np.zeros(n, np.int64)
-                padded = (_padded_length(lengths, b.max_length, b.pad_multiple_of)
-                          if st.lengths is not None and n else 0)
+                slots = (batch_slots(lengths, max_length=b.max_length,
+                                     multiple_of=b.pad_multiple_of, packing=b.packing,
+                                     pack_tokens=b.pack_tokens)
+                         if st.lengths is not None else 0)
+                if b.max_length:  # the tokens the batch holds
+                    lengths = np.minimum(lengths, b.max_length)
                 for key, val in (("epoch", epoch), ("rank", rank), ("batch", i), ("micro", j),
-                                 ("padded_length", padded), ("pool_size", eb.plan.pool_size)):
+                                 ("padded_length", slots // max(n, 1)), ("micro_slots", slots),
+                                 ("pool_size", eb.plan.pool_size)):
                     cols[key].append(np.full(n, val, dtype=np.int64))
                 cols["position"].append(part)
                 cols["sample_id"].append(st.ids[part])
@@ -112,9 +113,8 @@ def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
                 worst_rank = max(worst_rank, float(dev))
         if (e["length"] > 0).any():
             micro = e.groupby(["rank", "batch", "micro"]).agg(real=("length", "sum"),
-                                                              n=("length", "size"),
-                                                              padded=("padded_length", "first"))
-            row["padding_efficiency"] = float(micro["real"].sum() / (micro["n"] * micro["padded"]).sum())
+                                                              slots=("micro_slots", "first"))
+            row["padding_efficiency"] = float(micro["real"].sum() / micro["slots"].sum())
         per_epoch.append(row)
     out = {"epochs": per_epoch, "ranks": sorted(int(r) for r in df["rank"].unique())}
     if any("worst_rank_class_deviation" in e for e in per_epoch):

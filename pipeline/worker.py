@@ -208,8 +208,10 @@ def _train(loop_config: dict[str, Any]) -> None:
     b = cfg.batching
 
     def collate(part: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """Gather + padded collate; contrastive: V augmented views per sample, seeded by key."""
-        nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of)
+        """Gather + padded (or packed) collate; contrastive: V augmented views per sample,
+        seeded by key."""
+        nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
+                       packing=b.packing, pack_tokens=b.pack_tokens)
         if t.loss == "nt_xent":  # views keyed by (seed, epoch, sample, view): split-independent
             nb = make_views(nb, num_views=b.num_views, key=key, sample_keys=part,
                             image_shape=(8, 8) if spec["name"] == "digits_cnn" else None)

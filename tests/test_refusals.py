@@ -274,6 +274,7 @@ CASES = [
     ("too-small-vocab", [*SEQ, *s("model.kwargs.vocab_size=10")], "model.kwargs.vocab_size"),
     ("auto-cannot-choose", s("data.path={both}", "data.feature_column=x",
                              "data.sequence_column=tokens", "data.label_column=y"), "model.name"),
+    ("packing-on-vectors", ["--config", DIGITS, *s("batching.packing=true")], "batching.packing"),
     # -- a loss whose columns are missing
     ("token-loss-no-targets", [*SEQ, *s("train.loss=token_cross_entropy")], "data.target_column"),
     ("token-loss-vector-model", ["--config", DIGITS, *s("train.loss=token_cross_entropy")],

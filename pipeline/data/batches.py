@@ -208,8 +208,10 @@ class SampleTable:
                           weights=None if weights is None else weights[positions])
 
     def gather(self, positions: np.ndarray, *, max_length: int | None = None,
-               pad_multiple_of: int | None = None) -> dict[str, np.ndarray]:
-        """The collated batch of these positions (padded when the dataset has sequences)."""
+               pad_multiple_of: int | None = None, packing: bool = False,
+               pack_tokens: int | None = None) -> dict[str, np.ndarray]:
+        """The collated batch of these positions (padded, or packed, when the dataset has
+        sequences: `collate_sequences`)."""
         batch: dict[str, np.ndarray] = {"sample_id": self.ids[positions]}
         if self.labels is not None:
             batch["label"] = self.labels[positions]
@@ -220,7 +222,8 @@ class SampleTable:
             batch["tokens_values"], batch["tokens_lengths"] = ragged_from_arrow(self.tokens.take(idx))
             if self.targets is not None:
                 batch["targets_values"], _ = ragged_from_arrow(self.targets.take(idx))
-            batch = collate_sequences(batch, max_length=max_length, multiple_of=pad_multiple_of)
+            batch = collate_sequences(batch, max_length=max_length, multiple_of=pad_multiple_of,
+                                      packing=packing, pack_tokens=pack_tokens)
         return batch
 
 

@@ -217,9 +217,9 @@ class DataFacts:
 
 def _stream(ds: pads.Dataset, columns: list[str]) -> Iterator[pa.RecordBatch]:
     """The columns batch by batch (16,384 rows), file by file, in the dataset's row order,
-    with one batch and the row groups it spans in memory. (The dataset scanner's `to_batches` held more than the whole
-    1M-sequence dataset of bench/driver_memory.py at its peak with its default read-ahead, and
-    still 60% of it with read-ahead 1.)"""
+    with one batch and the row groups it spans in memory. (The dataset scanner's `to_batches`
+    held more than the whole 1M-sequence dataset of bench/driver_memory.py at its peak with
+    its default read-ahead, and still 60% of it with read-ahead 1.)"""
     for path in ds.files:
         with ds.filesystem.open_input_file(path) as f:
             yield from pq.ParquetFile(f).iter_batches(batch_size=16_384, columns=columns)
@@ -296,6 +296,10 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
     if loss == "nt_xent" and d.feature_column is None:
         raise ConfigError("config error: train.loss=nt_xent augments feature vectors: "
                           "data.feature_column must be set (sequences have no views)")
+    if cfg.batching.packing and name != "seq_transformer":
+        raise ConfigError(f"config error: batching.packing=true needs a model that blocks "
+                          f"attention between packed samples (seq_transformer), not "
+                          f"model.name={name}")
     outputs = kwargs.get("num_outputs")
     top = {"cross_entropy": None if facts.labels is None or not len(facts.labels)
            else int(facts.labels.max()),

@@ -94,12 +94,77 @@ def pad_ragged(
     return padded, mask
 
 
+def pack_rows(lengths: np.ndarray, budget: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Where each sequence goes when the batch is packed: (row, offset) per sequence.
+
+    `budget=None`: one row, the sequences one after the other in batch order. Otherwise first
+    fit decreasing: longest first, each into the first row with room for it within `budget`
+    tokens (a sequence longer than the budget gets a row of its own).
+
+    >>> pack_rows(np.array([3, 1, 2]), None)
+    (array([0, 0, 0]), array([0, 3, 4]))
+    >>> pack_rows(np.array([3, 1, 2, 2]), 4)  # 3+1 | 2+2
+    (array([0, 0, 1, 1]), array([0, 3, 0, 2]))
+    """
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if budget is None:
+        return np.zeros(len(lengths), np.int64), np.cumsum(lengths) - lengths
+    row, offset = np.empty(len(lengths), np.int64), np.empty(len(lengths), np.int64)
+    used: list[int] = []  # tokens placed in each row so far
+    for i in np.argsort(-lengths, kind="stable"):
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= budget), len(used))
+        if r == len(used):
+            used.append(0)
+        row[i], offset[i] = r, used[r]
+        used[r] += int(lengths[i])
+    return row, offset
+
+
+def pack_dense(dense: dict[str, tuple[np.ndarray, int]], mask: np.ndarray, budget: int | None,
+               multiple_of: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Pack padded ``[B, L]`` arrays (each with its fill value) into ``[R, W]`` rows along
+    `pack_rows`; W is the fullest row, rounded up to `multiple_of`. Returns the packed arrays
+    plus ``attention_mask`` (real tokens), ``segment_ids`` (1, 2, ... for the sequences of a
+    row in order, 0 on padding) and ``position_ids`` (restarting at 0 for each sequence), and
+    the sample order: the sequences sorted by (row, offset), the order of their segments.
+
+    >>> ids = np.array([[7, 8, 9], [5, 0, 0], [6, 4, 0]])
+    >>> packed, order = pack_dense({"input_ids": (ids, 0)}, ids > 0, budget=None)
+    >>> packed["input_ids"], packed["segment_ids"], packed["position_ids"], order
+    (array([[7, 8, 9, 5, 6, 4]]), array([[1, 1, 1, 2, 3, 3]]), array([[0, 1, 2, 0, 0, 1]]), array([0, 1, 2]))
+    """
+    lengths = mask.sum(1).astype(np.int64)
+    row, offset = pack_rows(lengths, budget)
+    order = np.lexsort((offset, row))
+    n_rows = int(row.max()) + 1 if len(row) else 0
+    width = int((offset + lengths).max()) if len(row) else 0
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
+    segment = np.empty(len(row), np.int64)  # 1-based rank of each sequence within its row
+    segment[order] = np.arange(len(order)) - np.searchsorted(row[order], row[order]) + 1
+    i, j = np.nonzero(mask)
+    r, c = row[i], offset[i] + j
+    out: dict[str, np.ndarray] = {}
+    for key, (values, fill) in dense.items():
+        out[key] = np.full((n_rows, width), fill, dtype=values.dtype)
+        out[key][r, c] = values[i, j]
+    out["attention_mask"] = np.zeros((n_rows, width), dtype=bool)
+    out["attention_mask"][r, c] = True
+    out["segment_ids"] = np.zeros((n_rows, width), dtype=np.int64)
+    out["segment_ids"][r, c] = segment[i]
+    out["position_ids"] = np.zeros((n_rows, width), dtype=np.int64)
+    out["position_ids"][r, c] = j
+    return out, order
+
+
 def collate_sequences(
     batch: dict[str, np.ndarray],
     *,
     max_length: int | None = None,
     multiple_of: int | None = None,
     pad_id: int = 0,
+    packing: bool = False,
+    pack_tokens: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Turn a ragged batch into dense model inputs.
 
@@ -112,6 +177,11 @@ def collate_sequences(
     (bool ``[B, L]``), ``token_targets`` (int64 ``[B, L]``, :data:`IGNORE_INDEX` on padding;
     only when targets are given), ``lengths`` (int64 ``(B,)``, after truncation) and the
     pass-through keys.
+
+    ``packing``: the sequences concatenated into rows of at most ``pack_tokens`` tokens (None:
+    one row), `pack_dense`: ``input_ids``, ``attention_mask`` and ``token_targets`` are then
+    ``[R, W]``, with ``segment_ids`` and ``position_ids``; the per-sample keys follow the
+    sequences' order in the rows.
 
     >>> out = collate_sequences({
     ...     "tokens_values": np.array([7, 8, 9]), "tokens_lengths": np.array([2, 1]),
@@ -154,7 +224,37 @@ def collate_sequences(
     for key, value in batch.items():
         if key not in _RAGGED_KEYS:
             out[key] = value
+    if packing:  # the same tokens in rows without padding between sequences (pack_dense)
+        dense = {"input_ids": (out["input_ids"], pad_id)}
+        if "token_targets" in out:
+            dense["token_targets"] = (out["token_targets"], IGNORE_INDEX)
+        packed, order = pack_dense(dense, out["attention_mask"], pack_tokens, multiple_of)
+        out = {**{k: v[order] for k, v in out.items() if k not in packed}, **packed}
     return out
+
+
+def batch_slots(lengths: np.ndarray, *, max_length: int | None = None,
+                multiple_of: int | None = None, packing: bool = False,
+                pack_tokens: int | None = None) -> int:
+    """Token slots (real + padding) of the batch `collate_sequences` builds from sequences of
+    these lengths: B x L padded, R x W packed. `inspect-batches` counts padding with it.
+
+    >>> batch_slots(np.array([3, 1, 2])), batch_slots(np.array([3, 1, 2]), packing=True)
+    (9, 6)
+    >>> batch_slots(np.array([3, 1, 2, 2]), packing=True, pack_tokens=4, multiple_of=8)
+    16
+    """
+    lengths = _truncated_lengths(lengths, max_length)
+    if not len(lengths):
+        return 0
+    if packing:
+        row, offset = pack_rows(lengths, pack_tokens)
+        rows, width = int(row.max()) + 1, int((offset + lengths).max())
+    else:
+        rows, width = len(lengths), int(lengths.max())
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
+    return rows * width
 
 
 def padding_efficiency(lengths: np.ndarray, padded_length: int) -> float:

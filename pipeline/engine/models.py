@@ -116,20 +116,53 @@ class SeqTransformer(nn.Module):
         self.activation_checkpointing = activation_checkpointing
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Padded batches: [B, L] with `attention_mask`. Packed batches (`segment_ids`,
+        `position_ids`: several samples per row, pipeline/data/padding.py) attend only within
+        a sample, so each sample's outputs are those it would have padded; per-sample outputs
+        come in segment order (row by row)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        x = self.embed(ids) + sinusoidal_positions(ids.shape[1], self.embed.embedding_dim, ids.device)
-        pad = ~mask
+        pe = sinusoidal_positions(ids.shape[1], self.embed.embedding_dim, ids.device)
+        segments = batch.get("segment_ids")
+        if segments is None:
+            x = self.embed(ids) + pe
+            masks: tuple[Any, Any] = (None, ~mask)  # (attention mask, key padding mask)
+        else:
+            x = self.embed(ids) + pe[batch["position_ids"]]
+            masks = (self._block_mask(segments), None)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpointed(layer, x, None, pad)
+                x = checkpointed(layer, x, *masks)
             else:
-                x = layer(x, src_key_padding_mask=pad)
+                x = layer(x, src_mask=masks[0], src_key_padding_mask=masks[1])
         x = self.norm(x)
         if self.per_token:
             return self.head(x)
+        if segments is not None:
+            return self.head(_segment_means(x, segments))
         m = mask.unsqueeze(-1).to(x.dtype)
         pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         return self.head(pooled)
+
+    def _block_mask(self, segments: torch.Tensor) -> torch.Tensor:
+        """[R * heads, W, W], True where attention is blocked: between different samples, and
+        from a padding slot to anything but itself (a row of all-blocked would give NaN)."""
+        same = segments[:, :, None] == segments[:, None, :]
+        own = torch.eye(segments.shape[1], dtype=torch.bool, device=segments.device)
+        allowed = (same & (segments[:, :, None] > 0)) | own
+        return (~allowed).repeat_interleave(self.layers[0].self_attn.num_heads, dim=0)
+
+
+def _segment_means(x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Mean of each packed sample's token outputs: [samples, d] in segment order."""
+    real = segments > 0
+    per_row = segments.amax(dim=1)
+    first = torch.cumsum(per_row, 0) - per_row  # index of each row's first sample
+    index = (first[:, None] + segments - 1)[real]
+    sums = torch.zeros(int(per_row.sum()), x.shape[-1], dtype=x.dtype, device=x.device)
+    sums.index_add_(0, index, x[real])
+    counts = torch.zeros(len(sums), dtype=x.dtype, device=x.device)
+    counts.index_add_(0, index, torch.ones_like(index, dtype=x.dtype))
+    return sums / counts[:, None]
 
 
 def build_model(name: str, *, input_dim: int | None, num_outputs: int, vocab_size: int | None,
