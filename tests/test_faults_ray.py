@@ -174,3 +174,32 @@ def test_a_job_started_while_mlflow_is_down_logs_everything_once_it_is_back(
         assert result["metrics_unsent"] == 0
     finally:
         stop_mlflow_server(server)
+
+
+def test_a_tracking_outage_mid_job_loses_no_point(ray_client, mlflow_server, reference, tmp_path):
+    """The job's own tracking server stopped after the first epoch and started again 8 s later
+    (same port, same store): training goes on, every epoch's points arrive once, the run ends
+    FINISHED with the uninterrupted run's curve."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    (tmp_path / "mlflow").mkdir()
+    server = start_mlflow_server(tmp_path / "mlflow", port)
+    job = _train(uri, tmp_path / "job", "test-fault-outage")
+    _wait_for_first_checkpoint(job, tmp_path / "job")
+    stop_mlflow_server(server)
+    time.sleep(8)
+    server = start_mlflow_server(tmp_path / "mlflow", port)
+    try:
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-3000:]
+        result = json.loads((tmp_path / "job" / "result.json").read_text())
+        _same_weights(result, reference)
+        client = MlflowClient(uri)
+        assert client.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+        ref_loss = {m.step: m.value for m in MlflowClient(mlflow_server).get_metric_history(
+            reference["mlflow_run_id"], "train_loss")}
+        history = client.get_metric_history(result["mlflow_run_id"], "train_loss")
+        assert len(history) == EPOCHS and {m.step: m.value for m in history} == ref_loss
+        assert result["metrics_unsent"] == 0
+    finally:
+        stop_mlflow_server(server)
