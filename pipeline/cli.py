@@ -51,10 +51,13 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
 
 
 def _tune(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
+    from pipeline.tune.space import check_trials
+
+    checked = check_trials(cfg)  # every trial's config, as a job's (exit 2), before Ray
     from pipeline.tune.sweep import SweepInterrupted, print_sweep, run_sweep
 
     try:
-        trials = run_sweep(cfg, info, out, resume=args.resume, address=address)
+        trials = run_sweep(cfg, info, out, resume=args.resume, address=address, checked=checked)
     except SweepInterrupted as err:
         print(f"[pipeline] {err}", file=sys.stderr)
         return 1
@@ -205,10 +208,6 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     cfg = load_config(args.config, args.overrides)
     cfg, info = resolve(cfg)
     out = Path(args.out or f"runs/{args.command}").resolve()
-    if args.command == "tune":
-        from pipeline.tune.space import check_trials
-
-        check_trials(cfg)  # every trial's config, as a job would be checked
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
     return args, cfg, info, out

@@ -179,7 +179,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         from pipeline.tracking import client
 
         client(uri).update_run(run_id, status="RUNNING")
-    write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict()})
+    _write_state(state_file, run_id, uri, cfg)
     if show_progress and run_id:
         _log(f"MLflow run {run_id} in {uri}")
     fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
@@ -257,9 +257,14 @@ def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config) -> s
     except Exception:  # the actor is gone with a failing job
         return None
     if run_id is not None:
-        write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri,
-                                "config": cfg.to_dict()})
+        _write_state(state_file, run_id, uri, cfg)
     return run_id
+
+
+def _write_state(state_file: Path, run_id: str | None, uri: str, cfg: Config) -> None:
+    """run.json: the job's MLflow run (None until a deferred run exists) and its config, which
+    a --resume continues and compares against."""
+    write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict()})
 
 
 class TrainingStopped(RuntimeError):

@@ -82,9 +82,7 @@ def pad_ragged(
     if b == 0:
         return np.empty((0, 0), dtype=values.dtype), np.empty((0, 0), dtype=bool)
 
-    length = int(kept.max())
-    if multiple_of is not None:
-        length = -(-length // multiple_of) * multiple_of
+    length = _round_up(int(kept.max()), multiple_of)
     positions = np.arange(length, dtype=np.int64)
     mask = positions < kept[:, None]  # [B, L]
     starts = np.cumsum(full) - full  # offset of each sequence in `values`
@@ -92,6 +90,10 @@ def pad_ragged(
     # Row-major order of `mask` visits the kept tokens in the order they sit in `values`.
     padded[mask] = values[(starts[:, None] + positions)[mask]]
     return padded, mask
+
+
+def _round_up(width: int, multiple_of: int | None) -> int:
+    return -(-width // multiple_of) * multiple_of if multiple_of else width
 
 
 def pack_rows(lengths: np.ndarray, budget: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +122,16 @@ def pack_rows(lengths: np.ndarray, budget: int | None) -> tuple[np.ndarray, np.n
     return row, offset
 
 
+def _packed_shape(lengths: np.ndarray, budget: int | None, multiple_of: int | None
+                  ) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """`pack_rows` plus the packed batch's shape: (row, offset, rows, width), the width being
+    the fullest row rounded up to `multiple_of` (0 rows for no sequence)."""
+    row, offset = pack_rows(lengths, budget)
+    if not len(row):
+        return row, offset, 0, 0
+    return row, offset, int(row.max()) + 1, _round_up(int((offset + lengths).max()), multiple_of)
+
+
 def pack_dense(dense: dict[str, tuple[np.ndarray, int]], mask: np.ndarray, budget: int | None,
                multiple_of: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Pack padded ``[B, L]`` arrays (each with its fill value) into ``[R, W]`` rows along
@@ -133,13 +145,8 @@ def pack_dense(dense: dict[str, tuple[np.ndarray, int]], mask: np.ndarray, budge
     >>> packed["input_ids"], packed["segment_ids"], packed["position_ids"], order
     (array([[7, 8, 9, 5, 6, 4]]), array([[1, 1, 1, 2, 3, 3]]), array([[0, 1, 2, 0, 0, 1]]), array([0, 1, 2]))
     """
-    lengths = mask.sum(1).astype(np.int64)
-    row, offset = pack_rows(lengths, budget)
+    row, offset, n_rows, width = _packed_shape(mask.sum(1).astype(np.int64), budget, multiple_of)
     order = np.lexsort((offset, row))
-    n_rows = int(row.max()) + 1 if len(row) else 0
-    width = int((offset + lengths).max()) if len(row) else 0
-    if multiple_of:
-        width = -(-width // multiple_of) * multiple_of
     segment = np.empty(len(row), np.int64)  # 1-based rank of each sequence within its row
     segment[order] = np.arange(len(order)) - np.searchsorted(row[order], row[order]) + 1
     i, j = np.nonzero(mask)
@@ -245,16 +252,10 @@ def batch_slots(lengths: np.ndarray, *, max_length: int | None = None,
     16
     """
     lengths = _truncated_lengths(lengths, max_length)
-    if not len(lengths):
-        return 0
     if packing:
-        row, offset = pack_rows(lengths, pack_tokens)
-        rows, width = int(row.max()) + 1, int((offset + lengths).max())
-    else:
-        rows, width = len(lengths), int(lengths.max())
-    if multiple_of:
-        width = -(-width // multiple_of) * multiple_of
-    return rows * width
+        _, _, rows, width = _packed_shape(lengths, pack_tokens, multiple_of)
+        return rows * width
+    return len(lengths) * _round_up(int(lengths.max()), multiple_of) if len(lengths) else 0
 
 
 def padding_efficiency(lengths: np.ndarray, padded_length: int) -> float:

@@ -157,11 +157,13 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
 
 # -- the sweep ----------------------------------------------------------------------------------
 def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = False,
-              address: str | None = None) -> pd.DataFrame:
+              address: str | None = None, checked: list[Config] | None = None) -> pd.DataFrame:
     """Run (or with `resume`, continue) the sweep `cfg.tune` describes over `cfg`; return one row
-    per trial and write trials.csv, result.json and the plots to `out_dir` and to MLflow."""
+    per trial and write trials.csv, result.json and the plots to `out_dir` and to MLflow.
+    `checked`: what `check_trials(cfg)` returned, when the caller has run it already."""
     out_dir = out_dir.resolve()
-    trials = check_trials(cfg)  # bad input raises ConfigError here, before Ray is imported
+    # bad input raises ConfigError here, before Ray is imported
+    trials = checked if checked is not None else check_trials(cfg)
     max_epochs = max(c.train.epochs for c in trials)
     state_file = out_dir / "sweep.json"
     state = _load_state(state_file, cfg) if resume else {
