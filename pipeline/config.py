@@ -40,7 +40,7 @@ PACINGS = ("linear", "root", "step", "exponential", "none")  # = pipeline.data.p
 ALWAYS_LOGGED = (
     "train_loss", "train_accuracy", "grad_norm", "steps", "epoch_time_s", "worker_samples_per_s",
     "lr", "epoch", "step", "samples_per_s", "dropped", "pool_size", "skipped_steps",
-    "micro_batch_size", "global_batch_size", "samples",
+    "micro_batch_size", "global_batch_size", "samples", "startup_s",
 )
 SOMETIMES_LOGGED = {  # metric -> when it is logged
     "val_loss": "data.val_fraction > 0", "val_accuracy": "data.val_fraction > 0",
@@ -300,6 +300,9 @@ class TuneConfig(_Section):
     target_accuracy: Float | None = Field(
         0.9, gt=0.0, le=1.0, description="val_accuracy threshold of the steps-to-target analysis "
         "(always val_accuracy, whatever tune.metric ranks by); null: none")
+    trial_runner: Literal["auto", "worker_group"] = Field(
+        "auto", description="auto: a one-worker trial on the sweep's dataset trains in its own "
+        "Tune actor (no worker group to start); worker_group: every trial runs a TorchTrainer")
 
 
 class TrackingConfig(_Section):

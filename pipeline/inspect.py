@@ -1,9 +1,10 @@
 """`inspect-batches`: run a job's exact batch pipeline without training.
 
-Same Ray Data ingest, same per-rank code (`epoch_batches` + `rank_slice` + micro-batches +
-padded collate) for `scaling.num_workers` ranks and `train.epochs` epochs, one Ray task per
-rank. Writes one row per sample drawn to `batches.parquet` (epoch, rank, batch, micro, sample
-id, label, length, difficulty, weight, padded length), prints a summary and writes a PNG.
+Same Ray Data ingest, same per-rank batch feed as training (`pipeline/data/feed.py`: plan,
+steps, rank slice, micro-batches, the slots the collate pads or packs to) for
+`scaling.num_workers` ranks and `train.epochs` epochs, one Ray task per rank. Writes one row
+per sample drawn to `batches.parquet` (epoch, rank, batch, micro, sample id, label, length,
+difficulty, weight, padded length), prints a summary and writes a PNG.
 Hard-example mining has no losses without training: its weights are uniform here.
 """
 
@@ -21,12 +22,10 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config
-from pipeline.data.batches import micro_slices, split_train_val
+from pipeline.data.batches import SampleTable, split_train_val
 from pipeline.data.datasets import DatasetInfo
-from pipeline.data.epochs import epoch_batches
-from pipeline.data.padding import batch_slots
-from pipeline.data.plan import rank_slice
-from pipeline.engine.batch_schedule import BatchSchedule, group_units
+from pipeline.data.feed import RankFeed
+from pipeline.engine.batch_schedule import BatchSchedule
 from pipeline.files import write_json
 
 
@@ -35,9 +34,14 @@ def rank_rows(cfg_dict: dict[str, Any], refs: list[Any], rank: int) -> pa.Table:
     from pipeline.worker import load_table
 
     cfg = Config.model_validate(cfg_dict)
-    st = load_table(cfg, refs)
+    return feed_rows(cfg, load_table(cfg, refs), rank)
+
+
+def feed_rows(cfg: Config, st: SampleTable, rank: int) -> pa.Table:
+    """One row per sample rank `rank` draws over the run, read off its batch feed (no Ray)."""
     train_pos, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
     world, b = cfg.scaling.num_workers, cfg.batching
+    feed = RankFeed(cfg, st, train_pos, rank, world)
     micro = cfg.train.micro_batch_size
     micro = micro if isinstance(micro, int) else cfg.per_worker_batch()
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
@@ -52,23 +56,20 @@ def rank_rows(cfg_dict: dict[str, Any], refs: list[Any], rank: int) -> pa.Table:
     if t.batch_size_schedule == "adaptive":
         sched.max_units = 1
     step = 0
+    weights = np.full(len(st), 1.0 / max(len(train_pos), 1))
+
+    def next_units() -> int:
+        nonlocal step
+        step += 1
+        return sched.next_units(step - 1, math.nan)
+
     for epoch in range(cfg.train.epochs):
-        eb = epoch_batches(cfg, st, train_pos, epoch, world)
-        weights = np.full(len(st), 1.0 / max(len(train_pos), 1))
-
-        def next_units() -> int:
-            nonlocal step
-            step += 1
-            return sched.next_units(step - 1, math.nan)
-
-        for i, (batch, _) in enumerate(group_units(eb.batches, next_units)):
-            for j, part in enumerate(micro_slices(rank_slice(batch, rank, world), micro)):
+        eb, steps = feed.epoch(epoch, next_units)
+        for i, feed_step in enumerate(steps):
+            for j, part in enumerate(feed_step.micro(micro)):
                 n = len(part)
                 lengths = st.lengths[part] if st.lengths is not None else np.zeros(n, np.int64)
-                slots = (batch_slots(lengths, max_length=b.max_length,
-                                     multiple_of=b.pad_multiple_of, packing=b.packing,
-                                     pack_tokens=b.pack_tokens)
-                         if st.lengths is not None else 0)
+                slots = feed.slots(part)
                 if b.max_length:  # the tokens the batch holds
                     lengths = np.minimum(lengths, b.max_length)
                 for key, val in (("epoch", epoch), ("rank", rank), ("batch", i), ("micro", j),
@@ -131,7 +132,7 @@ def plot(df: pd.DataFrame, summary: dict[str, Any], path: Path) -> None:
     first = df[df["epoch"] == df["epoch"].min()]
     if (first["label"] >= 0).any():
         c = first.groupby(["batch", "label"]).size().unstack(fill_value=0)
-        (c.div(c.sum(1), axis=0)).plot.area(ax=ax[0], legend=False, linewidth=0)
+        (c.div(c.sum(axis=1), axis=0)).plot.area(ax=ax[0], legend=False, linewidth=0)
         ax[0].set_title("class share per global batch (epoch 1)")
         ax[0].set_ylabel("share")
     ax[1].plot(ep["epoch"] + 1, ep["pool_size"], marker="o", label="pool size")

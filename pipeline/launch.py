@@ -11,6 +11,8 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -128,12 +130,23 @@ def _worker_entry(loop_config: dict[str, Any]) -> Any:
     return train_func(loop_config)
 
 
+# How the training runs once the run is set up: (cfg, loop_config, Ray run name, storage) ->
+# (the last reported metrics, the last checkpoint folder). `fit_torch_trainer` by default; a
+# one-worker sweep trial runs it in its own actor instead (pipeline/tune/trial.py).
+Fit = Callable[[Config, dict[str, Any], str, Path], tuple[dict[str, Any], Path | None]]
+
+
 def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = False,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  extra_callbacks: list[Any] | None = None, address: str | None = None,
-                 show_progress: bool = True) -> dict[str, Any]:
+                 show_progress: bool = True, table_refs: list[Any] | None = None,
+                 started_at: float | None = None, fit: Fit | None = None) -> dict[str, Any]:
     """Train one job. `show_progress=False` (a Tune trial: the sweep prints per trial) keeps
-    the per-epoch lines, the progress bar and the run's own lines off the console."""
+    the per-epoch lines, the progress bar and the run's own lines off the console.
+    `table_refs`: the dataset already in the object store (a sweep ingests it once for all its
+    trials); `started_at`: when the job started (time.time(); the `startup_s` metric counts
+    from it); `fit`: how the training runs (default: a TorchTrainer, `fit_torch_trainer`)."""
+    started_at = started_at or time.time()
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = out_dir / "ray_results"
@@ -163,7 +176,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     verbose = console.is_verbose()
     connect(address, verbose)
     check_store_reachable(uri)
-    refs = ingest(info)
+    refs = table_refs if table_refs is not None else ingest(info)
     pending = None  # the run, when the tracking server is unreachable at the start
     if run_id is None:
         run_args = {"experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name,
@@ -188,33 +201,20 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     tracking_file.unlink(missing_ok=True)
     name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
     # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
-    trainer = TorchTrainer(
-        _worker_entry,
-        train_loop_config={"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
-                           "tracking_uri": uri, "fatal_file": str(fatal_file), "storage": str(storage),
-                           "tracking_file": str(tracking_file), "pending_run": pending,
-                           "resume_from": str(resume_from) if resume_from else None,
-                           # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set
-                           "progress_bar": show_progress and console.progress_bar_wanted(),
-                           "verbose": verbose},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=[*([_progress_callback(cfg.train.epochs)] if show_progress else []),
-                       *(extra_callbacks or [])],
-            logging_config=ray.train.LoggingConfig(log_level=console.train_log_level(verbose))),
-    )
+    loop_config = {"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
+                   "tracking_uri": uri, "fatal_file": str(fatal_file), "storage": str(storage),
+                   "tracking_file": str(tracking_file), "pending_run": pending,
+                   "resume_from": str(resume_from) if resume_from else None,
+                   # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set
+                   "progress_bar": show_progress and console.progress_bar_wanted(),
+                   "verbose": verbose, "started_at": started_at}
+    if fit is None:
+        fit = partial(fit_torch_trainer, callbacks=[
+            *([_progress_callback(cfg.train.epochs)] if show_progress else []),
+            *(extra_callbacks or [])])
     try:
-        result = trainer.fit()
-        if result.error:
-            raise result.error
+        metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
         raise_fatal(fatal_file)
-        checkpoint_path = Path(result.checkpoint.path) if result.checkpoint else None
-        metrics = dict(result.metrics or {})
         if pending is not None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg)
         if run_id is None:
@@ -240,6 +240,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         write_json(out_dir / "result.json", summary)
         if run_id is not None:
             end_run(uri, run_id, "FINISHED")
+    except SystemExit:  # Tune stopped this sweep trial (ASHA): the sweep ends its run (KILLED)
+        raise
     except BaseException:
         if pending is not None and run_id is None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg)
@@ -247,6 +249,29 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             end_run(uri, run_id, "FAILED")
         raise
     return summary
+
+
+def fit_torch_trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: Path, *,
+                      callbacks: list[Any]) -> tuple[dict[str, Any], Path | None]:
+    """The training on `scaling.num_workers` Ray Train workers (a TorchTrainer): restarts of
+    the worker group from the last checkpoint up to `scaling.max_failures`."""
+    trainer = TorchTrainer(
+        _worker_entry, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(
+                log_level=console.train_log_level(loop_config["verbose"]))),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return dict(result.metrics or {}), Path(result.checkpoint.path) if result.checkpoint else None
 
 
 def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config) -> str | None:

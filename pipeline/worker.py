@@ -4,6 +4,10 @@ Every worker receives the dataset's Arrow blocks (object refs: zero-copy from th
 store), builds the same epoch plan from (data, seed, epoch, global batch size), takes its slice
 of each global batch, and steps the pure-PyTorch engine. Rank 0 logs metrics to MLflow and
 writes one checkpoint per epoch, reported to Ray Train (which keeps it in run storage).
+
+Where the function runs is a `Session`: a Ray Train worker (`RayTrainSession`, the default),
+or, for a one-worker sweep trial, the trial's own Tune actor (`pipeline/tune/trial.py`), which
+spares the trial a worker group of its own. The training itself is the same code either way.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,10 +30,10 @@ import torch
 from pipeline import console
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
-from pipeline.data.epochs import epoch_batches, schedule_steps, steps_per_epoch
+from pipeline.data.epochs import schedule_steps, steps_per_epoch
+from pipeline.data.feed import FeedStep, RankFeed
 from pipeline.data.plan import rank_slice
-from pipeline.data.views import make_views
-from pipeline.engine.batch_schedule import BatchSchedule, group_units
+from pipeline.engine.batch_schedule import BatchSchedule
 from pipeline.engine.batchnorm import has_batchnorm
 from pipeline.engine.checkpoint import (
     CheckpointError,
@@ -87,24 +92,67 @@ FATAL = "fatal_error"  # metric of a deterministic failure, reported instead of 
 # writes the message to `loop_config["fatal_file"]` (under --out) for the driver
 
 
-def train_func(loop_config: dict[str, Any]) -> None:
+class Session:
+    """Where the worker function runs, and what it needs from there: its rank, the world size,
+    its device, the model made ready for them (DDP above one rank), the checkpoint to restart
+    from, and the per-epoch report (metrics, and on rank 0 a checkpoint folder)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module, ddp_kwargs: dict[str, Any] | None
+                      ) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def restart_checkpoint(self) -> str | None:
+        """The checkpoint this attempt restarts from after a failure (None: the first attempt)."""
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
+
+
+class RayTrainSession(Session):
+    """A Ray Train worker: Ray Train's rank, device, DDP wrapping and checkpoint storage."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: torch.nn.Module, ddp_kwargs: dict[str, Any] | None
+                      ) -> torch.nn.Module:
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs)
+
+    def restart_checkpoint(self) -> str | None:
+        ckpt = ray.train.get_checkpoint()  # what this rank's group last reported, after a restart
+        return None if ckpt is None else ckpt.to_directory()
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = (ray.train.Checkpoint.from_directory(checkpoint_dir)
+                      if checkpoint_dir is not None else None)
+        ray.train.report(metrics, checkpoint=checkpoint)  # a barrier over the ranks
+
+
+def train_func(loop_config: dict[str, Any], session: Session | None = None) -> None:
     """Train, or end at once on a deterministic failure (bad input, non-finite training): every
     rank meets it at the same point, reports `fatal_error` and returns, so Ray Train does not
-    restart the worker group to meet it again; the driver turns it into the job's error."""
+    restart the worker group to meet it again; the driver turns it into the job's error.
+    `session`: where it runs (default: a Ray Train worker)."""
+    session = session or RayTrainSession()
     try:
-        _train(loop_config)
+        _train(loop_config, session)
     except (ConfigError, NonFiniteError) as err:  # bad input the driver could not see, or NaN
         kind = "input" if isinstance(err, ConfigError) else "nonfinite"
-        if ray.train.get_context().get_world_rank() == 0 and loop_config.get("fatal_file"):
+        if session.rank == 0 and loop_config.get("fatal_file"):
             write_json(Path(loop_config["fatal_file"]), {"kind": kind, "message": str(err)})
-        ray.train.report({FATAL: 1.0})
+        session.report({FATAL: 1.0}, None)
 
 
-def _train(loop_config: dict[str, Any]) -> None:
+def _train(loop_config: dict[str, Any], session: Session) -> None:
     cfg = Config.model_validate(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     try:
         st = load_table(cfg, loop_config["table_refs"])
@@ -132,8 +180,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     # an out-of-memory on one rank never strands the others (pipeline/engine/step.py, agree_oom);
     # the step broadcasts rank 0's buffers itself.
     agree_oom = cfg.train.micro_batch_size == "auto" and world > 1
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"forward_sync_buffers": False} if agree_oom else None)
+    model = session.prepare_model(model, {"forward_sync_buffers": False} if agree_oom else None)
     # The noise scale's small batch with several workers: each rank's own gradient, read by a
     # DDP communication hook just before the all-reduce (pipeline/engine/noise.py).
     noise_probe = (attach_local_norm(model) if cfg.train.noise_scale and world > 1 and not agree_oom
@@ -173,12 +220,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                       if isinstance(t.micro_batch_size, int) else per_worker,
                       noise=NoiseScale(beta=t.noise_scale_ema) if t.noise_scale else None)
     sample_losses: np.ndarray | None = None
-    ckpt = ray.train.get_checkpoint()
-    resume_dir = None
-    if ckpt is not None:
-        resume_dir = ckpt.to_directory()
-    elif loop_config.get("resume_from"):
-        resume_dir = loop_config["resume_from"]
+    resume_dir = session.restart_checkpoint() or loop_config.get("resume_from")
     s = None
     if resume_dir is not None:
         try:
@@ -206,27 +248,18 @@ def _train(loop_config: dict[str, Any]) -> None:
         logger.mark_relogged_epochs(state.epoch)
     _log_placement(logger, world)
     b = cfg.batching
+    # this rank's batches: the same feed inspect-batches records (pipeline/data/feed.py)
+    feed = RankFeed(cfg, st, train_pos, rank, world,
+                    image_shape=(8, 8) if spec["name"] == "digits_cnn" else None)
 
-    def collate(part: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """Gather + padded (or packed) collate; contrastive: V augmented views per sample,
-        seeded by key."""
-        nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
-                       packing=b.packing, pack_tokens=b.pack_tokens)
-        if t.loss == "nt_xent":  # views keyed by (seed, epoch, sample, view): split-independent
-            nb = make_views(nb, num_views=b.num_views, key=key, sample_keys=part,
-                            image_shape=(8, 8) if spec["name"] == "digits_cnn" else None)
-            nb["view_to_sample"] = part[nb["view_to_sample"]]  # unique across the global batch
-            nb.pop("view_index", None)
-        return nb
-
-    def step_batches(mine: np.ndarray, key: tuple[int, ...], pad_stats: dict[str, int]) -> Any:
+    def step_batches(step: FeedStep, key: tuple[int, ...], pad_stats: dict[str, int]) -> Any:
         """This rank's share of one global batch, cut into micro-batches on demand (the size
         can shrink on out-of-memory)."""
 
         def micro(size: int) -> list[dict[str, torch.Tensor]]:
             out = []
-            for part in micro_slices(mine, size):
-                nb = collate(part, key)
+            for part in step.micro(size):
+                nb = feed.collate(part, key)
                 if "attention_mask" in nb:
                     pad_stats["real"] += int(nb["attention_mask"].sum())
                     pad_stats["padded"] += int(nb["attention_mask"].size)
@@ -251,18 +284,25 @@ def _train(loop_config: dict[str, Any]) -> None:
                         f"(noise scale {phi / state.elements_per_sample:.0f} samples)")
         return k
 
-    def planned(batches: list[np.ndarray], epoch: int, pad_stats: dict[str, int]) -> Any:
-        """The epoch's steps: k unit batches each, rank slices, the LR for that batch."""
-        for batch, k in group_units(batches, next_units):
-            yield PlannedStep(step_batches(rank_slice(batch, rank, world), (b.seed, epoch, 0),
-                                           pad_stats),
-                              lr=lr_for(state.units, len(batch)), batch_size=len(batch), units=k)
+    # The job's fixed cost: from its start (the driver's run_training, or the sweep trial's
+    # function) to this attempt's first optimizer step; after a restart it includes the failure.
+    started_at = float(loop_config.get("started_at") or time.time())
+    first_step: list[float] = []
+
+    def planned(steps: Iterator[FeedStep], epoch: int, pad_stats: dict[str, int]) -> Any:
+        """The epoch's steps: k unit batches each, this rank's rows, the LR for that batch."""
+        for step in steps:
+            if not first_step:
+                first_step.append(time.time())
+            yield PlannedStep(step_batches(step, (b.seed, epoch, 0), pad_stats),
+                              lr=lr_for(state.units, len(step.batch)),
+                              batch_size=len(step.batch), units=step.units)
 
     my_val = rank_slice(val_pos, rank, world)
 
     def eval_batches(epoch: int) -> Any:
         """This rank's validation micro-batches (contrastive views keyed by (seed, epoch, 1))."""
-        return (to_torch(collate(p, (b.seed, epoch, 1)), device)
+        return (to_torch(feed.collate(p, (b.seed, epoch, 1)), device)
                 for p in micro_slices(my_val, per_worker))
 
     def validate(epoch: int, step: int) -> dict[str, float]:
@@ -276,7 +316,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         state.epoch = epoch
         if t.max_steps is not None and state.step >= t.max_steps:
             break
-        eb = epoch_batches(cfg, st, train_pos, epoch, world, sample_losses)
+        eb, steps = feed.epoch(epoch, next_units, sample_losses)
         if rank == 0 and eb.plan.note:
             console.say(eb.plan.note)
         plan, batches, dropped = eb.plan, eb.batches, eb.dropped
@@ -293,7 +333,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         start = time.perf_counter()
         metrics = train_epoch(
             model, optimizer,
-            planned(batches, epoch, pad_stats), state, loss=t.loss, precision=t.precision, scaler=scaler,
+            planned(steps, epoch, pad_stats), state, loss=t.loss, precision=t.precision, scaler=scaler,
             grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
             on_step=partial(_record_step, steps_log, bar, sched, units_before,
                             partial(validate, epoch)), seed=t.seed, rank=rank,
@@ -318,6 +358,8 @@ def _train(loop_config: dict[str, Any]) -> None:
             "global_batch_size": float(state.batch_size or G), "samples": float(state.samples),
             "micro_batch_size": float(state.micro_batch_size),
         })
+        if first_step:
+            metrics["startup_s"] = first_step[0] - started_at
         if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
             metrics["ghost_batch_size"] = float(state.micro_batch_size * (
                 world if cfg.train.sync_batchnorm and world > 1 else 1))
@@ -332,7 +374,7 @@ def _train(loop_config: dict[str, Any]) -> None:
             logger.add({k: v for k, v in metrics.items()
                         if k not in ("epoch", "step") and math.isfinite(v)}, epoch + 1)
             logger.flush(wait_s=10.0)  # an outage of the store waits at most this long
-        _report(metrics, model, optimizer, scaler, state, spec, sample_losses, rank, sched)
+        _report(metrics, model, optimizer, scaler, state, spec, sample_losses, session, sched)
     if logger is not None:
         unsent = logger.close(timeout_s=float(loop_config.get("tracking_close_s", 120.0)))
         if unsent and loop_config.get("tracking_file"):
@@ -417,14 +459,14 @@ def _score_pool(model: torch.nn.Module, st: SampleTable, train_pos: np.ndarray, 
 
 def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scaler: Any, state: LoopState, spec: dict[str, Any], sample_losses: np.ndarray | None,
-            rank: int, sched: BatchSchedule) -> None:
+            session: Session, sched: BatchSchedule) -> None:
     """One checkpoint per epoch: rank 0 writes it, every rank reports (report is a barrier).
     Weights that are not finite are never written (every rank checks: DDP replicas are equal,
     so all of them stop together)."""
     assert_finite_weights(_unwrap(model), f"at the end of epoch {state.epoch + 1}")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if rank == 0:
+        if session.rank == 0:
             save_checkpoint(tmp, {
                 "model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -436,5 +478,5 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
                 "batch_schedule": sched.state_dict(),
                 "sample_losses": sample_losses, "metrics": metrics,
             })
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            checkpoint = tmp
+        session.report(metrics, checkpoint)

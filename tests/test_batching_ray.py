@@ -151,3 +151,73 @@ def test_hard_mining_and_contrastive_train_on_digits(ray_client, mlflow_server, 
     assert loss[-1] < loss[0]
     # Retrieval accuracy: the nearest other view is the same digit's view (chance ~ 1/360).
     assert s["metrics"]["val_accuracy"] > 0.5
+
+
+class _OneRank:
+    """The worker function's session for rank 0 of 1 in this process (no Ray Train): the
+    training reports are kept, the checkpoints dropped."""
+
+    rank, world = 0, 1
+
+    def __init__(self):
+        import torch
+
+        self.device, self.reports = torch.device("cpu"), []
+
+    def prepare_model(self, model, ddp_kwargs):
+        return model
+
+    def restart_checkpoint(self):
+        return None
+
+    def report(self, metrics, checkpoint_dir):
+        self.reports.append(dict(metrics))
+
+
+@pytest.mark.ray
+def test_training_and_inspect_draw_the_same_batches_from_the_one_feed(
+        ray_client, odd_parquet, tmp_path, capsys, monkeypatch):
+    """Every micro-batch the worker function trains on (what `RankFeed.collate` is asked for,
+    in order) is a micro-batch `inspect-batches` wrote, in the same order, over two epochs of
+    length-bucketed, packed sequences with a batch-size warmup."""
+    import ray
+    import yaml
+
+    from pipeline.data.feed import RankFeed
+    from pipeline.tracking import start_run
+    from pipeline.worker import train_func
+
+    sets = [f"data.path={odd_parquet}", "data.feature_column=null",
+            "data.sequence_column=tokens", "model.name=seq_transformer",
+            "model.kwargs={d_model: 16, nhead: 2, num_layers: 1, dim_feedforward: 32}",
+            "batching.strategy=length_bucket", "batching.packing=true", "train.epochs=2",
+            "train.global_batch_size=48", "train.micro_batch_size=8",
+            "train.batch_size_schedule=warmup", "train.batch_size_min=16",
+            "train.batch_size_warmup_steps=4", "train.warmup_epochs=0",
+            "data.val_fraction=0.1", "scaling.num_workers=1", "tracking.log_model=false"]
+    rc, _, stderr = cli_in_process(["inspect-batches", *[a for s in sets for a in ("--set", s)],
+                                    "--out", str(tmp_path / "inspect")], capsys, monkeypatch)
+    assert rc == 0, stderr[-2000:]
+    df = pd.read_parquet(tmp_path / "inspect" / "batches.parquet")
+    df["row"] = np.arange(len(df))
+    inspected = [(int(e), g["position"].tolist())
+                 for (e, _, _), g in df.sort_values("row").groupby(["epoch", "batch", "micro"],
+                                                                   sort=False)]
+
+    cfg, _ = resolve(load_config(None, sets))
+    drawn = []
+    collate = RankFeed.collate
+
+    def recording(self, part, key):
+        if key[2] == 0:  # a training micro-batch (validation's key ends in 1)
+            drawn.append((key[1], part.tolist()))
+        return collate(self, part, key)
+
+    monkeypatch.setattr(RankFeed, "collate", recording)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "feed", run_name=None, params={}, config_yaml=yaml.safe_dump({}))
+    session = _OneRank()
+    train_func({"config": cfg.to_dict(), "table_refs": [ray.put(pq.read_table(odd_parquet))],
+                "run_id": run_id, "tracking_uri": uri}, session)
+    assert [r["epoch"] for r in session.reports] == [1, 2]
+    assert drawn == inspected and len(drawn) > 2 * 4

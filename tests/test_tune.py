@@ -127,6 +127,34 @@ def test_parent_artifacts_and_files(sweep):
     assert (reached["steps_to_target"] <= reached["steps"]).all()
 
 
+def test_a_one_worker_trial_trains_in_its_actor_as_a_job_would(sweep, tmp_path):
+    """The good trial ran in its own Tune actor (no worker group) and ends at the very weights
+    of a stand-alone job (a TorchTrainer) with its config; its fixed cost is in trials.csv."""
+    import torch
+
+    from pipeline.engine.checkpoint import load_checkpoint
+
+    df, client = sweep["trials"], sweep["client"]
+    good = df[df["status"] == "TERMINATED"].iloc[0]
+    run = client.get_run(good["mlflow_run_id"])
+    assert run.data.tags["tune.trial_runner"] == "actor"
+    assert 0 < good["startup_s"] < 600 and run.data.metrics["startup_s"] == good["startup_s"]
+    trial = json.loads(next((sweep["out"] / "trials").glob(f"*/{good['trial_id']}/result.json"))
+                       .read_text())
+    ref_cfg = yaml.safe_load(sweep["config"].read_text())
+    ref_cfg.pop("tune")
+    ref_cfg["model"]["name"], ref_cfg["train"]["base_lr"] = good["model.name"], GOOD_LR
+    ref_cfg["tracking"]["experiment"] = "test-sweep-reference"  # not among the sweep's runs
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
+    ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
+    got = load_checkpoint(trial["checkpoint"])
+    assert got["step"] == want["step"] == good["steps"]
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    assert got["optimizer"]["state"].keys() == want["optimizer"]["state"].keys()
+
+
 def test_mlflow_ui_lists_the_sweep_with_its_trials(sweep, tmp_path):
     """The MLflow UI of the test server, in a real headless Chromium: the sweep's parent run,
     opened, lists every trial under it (nested runs show only under their parent)."""

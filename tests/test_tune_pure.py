@@ -316,3 +316,42 @@ def test_steps_and_samples_to_target_use_validations_within_epochs():
     assert at_target(both, 0.95, "samples") == 960.0
     gaps = pd.DataFrame({"step": [10, 20], "val_accuracy": [float("nan"), 0.99]})
     assert steps_to_target(gaps, 0.95) == 20
+
+
+def test_which_trials_train_in_their_own_actor_and_what_they_reserve():
+    from pipeline.tune.trial import reuse_trial_actors, runs_in_actor, trial_resources
+
+    one = _cfg({}, "scaling.num_workers=1", "scaling.cpus_per_worker=2")
+    assert runs_in_actor(one, {"train.base_lr": 0.1})
+    assert trial_resources(one, {}) == {"CPU": 2.0}
+    gpu = _cfg({}, "scaling.num_workers=1", "scaling.use_gpu=true")
+    assert trial_resources(gpu, {}) == {"CPU": 1.0, "GPU": 1}
+    # a worker group: the trial's function reserves no CPU, its TorchTrainer asks for workers
+    for cfg, overrides in [(_cfg({}, "scaling.num_workers=2"), {}),
+                           (one, {"data.val_fraction": 0.3}),  # its own ingest (Ray Data tasks)
+                           (_cfg({}, "scaling.num_workers=1", "tune.trial_runner=worker_group"),
+                            {})]:
+        assert not runs_in_actor(cfg, overrides)
+        assert trial_resources(cfg, overrides)["CPU"] == 0
+    # Tune reuses trial actors only when every trial trains in one
+    assert reuse_trial_actors(_cfg({"train.base_lr": {"grid": [0.1, 0.2]}},
+                                   "scaling.num_workers=1"))
+    assert not reuse_trial_actors(_cfg({"data.val_fraction": {"grid": [0.1, 0.2]}},
+                                       "scaling.num_workers=1"))
+    assert not reuse_trial_actors(_cfg({"scaling.num_workers": {"grid": [1, 2]}},
+                                       "scaling.num_workers=1"))
+    assert not reuse_trial_actors(_cfg({}, "scaling.num_workers=2"))
+
+
+def test_a_trial_keeps_its_two_newest_checkpoints_each_written_whole(tmp_path):
+    from pipeline.tune.trial import keep_checkpoint
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for epoch in (1, 2, 3, 2):  # 2 again: a restart re-reports it
+        (src / "state.pt").write_text(f"epoch {epoch}")
+        kept = keep_checkpoint(src, tmp_path / "run", epoch)
+        assert kept.name == f"checkpoint_epoch_{epoch:05d}"
+        assert (kept / "state.pt").read_text() == f"epoch {epoch}"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "checkpoint_epoch_00002", "checkpoint_epoch_00003"]  # no temporary folder left

@@ -130,6 +130,8 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         # The noise scale where the trial reached the target (else at its last epoch).
         noise = at_target(pts, target, "noise_scale") if target is not None else None
         row["noise_scale"] = noise if noise is not None else float(final.get("noise_scale", math.nan))
+        # The trial's fixed cost: from its start to its first optimizer step (its last attempt's)
+        row["startup_s"] = float(m.get("startup_s", final.get("startup_s", math.nan)))
         row["mlflow_run_id"] = run_id
         row["error"] = _one_line(result.error)
         row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}

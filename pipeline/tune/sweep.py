@@ -9,9 +9,17 @@ space uses the config's own dotted keys -- to the base config and calls `run_tra
 TorchTrainer forwards every epoch's report to Tune (`TuneReportCallback`). The trial's MLflow
 run is `run_training`'s own run, nested under the sweep's parent run.
 
-Resources. The trial function takes no CPU (`TRIAL_DRIVER_RESOURCES`); its TorchTrainer asks
-Ray for its workers itself. We do *not* reserve the workers in a Tune placement group: Train V2
-makes its own placement group for them, so a Tune reservation would hold the CPUs twice.
+A trial of one worker on the sweep's dataset (`tune.trial_runner: auto`) skips the
+TorchTrainer: it calls the same worker function in its own Tune actor (pipeline/tune/trial.py),
+which spares it Ray Train's start-up (a controller, a worker group, a process group); when
+every trial does, Tune hands a finished trial's actor to the next one (`reuse_actors`), which
+finds the pipeline imported. Every trial reads the dataset the driver ingested once for the
+whole sweep; a trial that changes `data.*` ingests its own.
+
+Resources. A trial that trains in its actor reserves the worker's CPUs (and GPU) through Tune.
+A TorchTrainer trial's function takes no CPU (`trial.trial_resources`); its TorchTrainer asks
+Ray for its workers itself. We do *not* reserve those workers in a Tune placement group: Train
+V2 makes its own placement group for them, so a Tune reservation would hold the CPUs twice.
 Instead the number of concurrent trials is capped at what the cluster can run at once,
 floor(CPUs / (num_workers x cpus_per_worker)) (and GPUs likewise, `trial_concurrency`): every
 running trial's workers fit together, so no trial waits forever on workers (no deadlock), and a
@@ -58,9 +66,6 @@ from pipeline.tune.space import check_trials, count_trials, parse_search_space, 
 
 ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
 ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
-# The trial function only waits on its TorchTrainer: no CPU, and the memory its process holds
-# (Tune needs a non-empty request; the workers' CPUs/GPUs are the trainer's own, see above).
-TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 
 
 # -- the search space -------------------------------------------------------------------------
@@ -125,22 +130,29 @@ def _short(overrides: dict[str, Any]) -> str:
 
 
 def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: DatasetInfo, root: str,
-               parent_run_id: str, sweep: str) -> None:
+               parent_run_id: str, sweep: str, table_refs: list[Any]) -> None:
     """One trial, inside its Tune actor: the base config with the trial's overrides, trained by
-    `run_training` (its own TorchTrainer and nested MLflow run), every epoch reported to Tune."""
+    `run_training` (its own nested MLflow run; in this actor or through a TorchTrainer,
+    `trial.runs_in_actor`), every epoch reported to Tune."""
+    started_at = time.time()  # the trial's fixed cost (`startup_s`) counts from here
+    # A reused actor waits this long for the trial Tune stopped in it to leave (Tune's default
+    # is 2 s, after which it fails the next trial; read in this process when Tune resets it).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.engine.checkpoint import find_latest_checkpoint
     from pipeline.launch import run_training
+    from pipeline.tune.trial import fit_in_actor, runs_in_actor
 
     # Several trials ingest at once: their Ray Data progress bars would interleave on the driver.
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
     cfg = Config.model_validate(base).with_overrides(
         {**overrides, "tracking.run_name": f"{trial_id} {_short(overrides)}".strip()})
-    if any(k.startswith("data.") for k in overrides):
+    own_data = any(k.startswith("data.") for k in overrides)
+    if own_data:
         cfg, info = resolve(cfg)
     out = Path(root) / trial_id
     if (out / "result.json").exists():  # it ended just before the sweep's driver was killed,
@@ -149,10 +161,14 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
         return
     # A trial the sweep's interruption cut short continues its MLflow run from its checkpoint.
     resume = (out / "run.json").exists() and find_latest_checkpoint(out / "ray_results") is not None
+    in_actor = runs_in_actor(cfg, overrides)
     run_training(cfg, info, out, resume=resume, parent_run_id=parent_run_id,
                  tags={"tune.trial_id": trial_id, "tune.sweep": sweep,
-                       "tune.overrides": json.dumps(overrides, default=str)},
-                 extra_callbacks=[TuneReportCallback()], show_progress=False)
+                       "tune.overrides": json.dumps(overrides, default=str),
+                       "tune.trial_runner": "actor" if in_actor else "worker_group"},
+                 extra_callbacks=[] if in_actor else [TuneReportCallback()], show_progress=False,
+                 table_refs=None if own_data else table_refs, started_at=started_at,
+                 fit=fit_in_actor if in_actor else None)
 
 
 # -- the sweep ----------------------------------------------------------------------------------
@@ -183,7 +199,8 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     import ray
     from ray import tune
 
-    from pipeline.launch import check_store_reachable, connect, ray_job_tags
+    from pipeline.launch import check_store_reachable, connect, ingest, ray_job_tags
+    from pipeline.tune.trial import reuse_trial_actors, trial_resources
 
     space = search_space(cfg)
     if resume and not tune.Tuner.can_restore(str(exp_path)):
@@ -210,12 +227,19 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                 f"{cfg.tune.scheduler} scheduler, ranked by {cfg.tune.metric} ({cfg.tune.mode})")
     console.say(f"MLflow parent run {parent} in {uri} (experiment '{cfg.tracking.experiment}')")
 
+    refs = ingest(info)  # once for the sweep: every trial on this dataset reads these blocks
+
+    def resources(overrides: dict[str, Any]) -> Any:
+        swept = {k: v for k, v in overrides.items() if k in cfg.tune.search_space}
+        return tune.PlacementGroupFactory(
+            [trial_resources(cfg.with_overrides(swept), swept)])
+
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, base=cfg.with_overrides({"tracking.uri": uri}).to_dict(),
                              info=info,
                              root=str(out_dir / "trials" / name), parent_run_id=parent,
-                             sweep=name),
-        TRIAL_DRIVER_RESOURCES)
+                             sweep=name, table_refs=refs),
+        resources)
     try:
         if resume:
             tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=False)
@@ -227,7 +251,8 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                     scheduler=asha(max_epochs) if cfg.tune.scheduler == "asha" else None,
                     search_alg=search_algorithm(cfg),
                     num_samples=cfg.tune.num_samples,
-                    max_concurrent_trials=concurrency, reuse_actors=False,
+                    max_concurrent_trials=concurrency,
+                    reuse_actors=reuse_trial_actors(cfg),
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(out_dir / "ray_results"),
@@ -286,14 +311,20 @@ def trial_line(trial_id: str, overrides: dict[str, Any], status: str, result: di
     >>> trial_line("ab12_00003", {"train.global_batch_size": 128, "train.lr_scaling": "sqrt"},
     ...            "done", {"epoch": 3, "step": 33, "val_accuracy": 0.95822}, "val_accuracy")
     'trial ab12_00003 (global_batch_size=128 lr_scaling=sqrt): done after 3 epochs, val_accuracy=0.9582'
+    >>> trial_line("t3", {"train.global_batch_size": 128}, "done",
+    ...            {"epoch": 3, "val_accuracy": 0.95822, "startup_s": 2.04}, "val_accuracy")
+    'trial t3 (global_batch_size=128): done after 3 epochs, val_accuracy=0.9582, first step after 2.0 s'
     >>> trial_line("ab12_00004", {}, "ERROR", {}, "val_accuracy", error="ValueError: boom")
     'trial ab12_00004: ERROR after 0 epochs: ValueError: boom'
     """
     shown = f" ({_short(overrides)})" if overrides else ""
     value = result.get(metric)
     score = f", {metric}={value:.4f}" if isinstance(value, int | float) else ""
+    startup = result.get("startup_s")
+    fixed = f", first step after {startup:.1f} s" if isinstance(startup, int | float) else ""
     why = f": {error}" if error else ""
-    return f"trial {trial_id}{shown}: {status} after {int(result.get('epoch', 0))} epochs{score}{why}"
+    return (f"trial {trial_id}{shown}: {status} after {int(result.get('epoch', 0))} epochs"
+            f"{score}{fixed}{why}")
 
 
 def trial_table(rows: list[dict[str, Any]], metric: str) -> str:

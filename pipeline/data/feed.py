@@ -1,0 +1,80 @@
+"""One rank's batch feed: the epoch's plan -> optimizer steps -> this rank's rows -> micro-batches
+-> collated arrays (pure numpy).
+
+The Ray Train worker trains on it (`pipeline/worker.py`) and `inspect-batches` records it
+(`pipeline/inspect.py`): both walk an epoch through `RankFeed.epoch` and cut a step's rows with
+`FeedStep.micro`, so what is inspected is what is trained by construction. Training collates a
+micro-batch (`RankFeed.collate`); inspection counts its token slots with the function the
+collate pads or packs to (`RankFeed.slots`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.data.batches import SampleTable, micro_slices
+from pipeline.data.epochs import EpochBatches, epoch_batches
+from pipeline.data.padding import batch_slots
+from pipeline.data.plan import rank_slice
+from pipeline.data.views import make_views
+from pipeline.engine.batch_schedule import group_units
+
+
+@dataclass(frozen=True)
+class FeedStep:
+    """One optimizer step as one rank takes it."""
+
+    batch: np.ndarray  # the step's global batch (table positions, in plan order)
+    units: int  # the unit batches it joins (1 for a constant batch size)
+    mine: np.ndarray  # this rank's share of it (`rank_slice`)
+
+    def micro(self, size: int) -> list[np.ndarray]:
+        """This rank's rows as consecutive micro-batches of at most `size`."""
+        return micro_slices(self.mine, size)
+
+
+class RankFeed:
+    """The batches rank `rank` of `world` trains on, epoch by epoch: a function of the data, the
+    seed, the epoch and the batch sizes, never of the worker count for the global batches."""
+
+    def __init__(self, cfg: Config, st: SampleTable, train_pos: np.ndarray, rank: int,
+                 world: int, image_shape: tuple[int, int] | None = None) -> None:
+        self.cfg, self.st, self.train_pos = cfg, st, train_pos
+        self.rank, self.world = rank, world
+        self.image_shape = image_shape  # contrastive views of image rows (digits: 8 x 8)
+
+    def epoch(self, epoch: int, units: Callable[[], int],
+              sample_losses: np.ndarray | None = None) -> tuple[EpochBatches, Iterator[FeedStep]]:
+        """The epoch's plan and its steps. `units()` is asked before each step for how many unit
+        batches it joins (a batch-size schedule; 1 for a constant batch)."""
+        eb = epoch_batches(self.cfg, self.st, self.train_pos, epoch, self.world, sample_losses)
+        steps = (FeedStep(batch, k, rank_slice(batch, self.rank, self.world))
+                 for batch, k in group_units(eb.batches, units))
+        return eb, steps
+
+    def collate(self, part: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The micro-batch `part` as arrays: gathered and padded (or packed); for a contrastive
+        loss, `batching.num_views` augmented views per sample keyed by (seed, epoch, sample,
+        view), so they do not depend on how the batch is split."""
+        b = self.cfg.batching
+        nb = self.st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
+                            packing=b.packing, pack_tokens=b.pack_tokens)
+        if self.cfg.train.loss == "nt_xent":
+            nb = make_views(nb, num_views=b.num_views, key=key, sample_keys=part,
+                            image_shape=self.image_shape)
+            nb["view_to_sample"] = part[nb["view_to_sample"]]  # unique across the global batch
+            nb.pop("view_index", None)
+        return nb
+
+    def slots(self, part: np.ndarray) -> int:
+        """The token slots (real + padding) `collate` makes for `part`; 0 without sequences."""
+        if self.st.lengths is None:
+            return 0
+        b = self.cfg.batching
+        return batch_slots(self.st.lengths[part], max_length=b.max_length,
+                           multiple_of=b.pad_multiple_of, packing=b.packing,
+                           pack_tokens=b.pack_tokens)
