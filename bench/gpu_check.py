@@ -37,6 +37,17 @@ model FLOPs per step), and reports:
    the exact boundary, CUDA out-of-memory caught (on a CPU dry run: a 64 MiB budget), with
    samples/s at each size tried; capped at `--finder-limit` (4096).
 
+6. packed sequences (`batching.packing`): one batch of `batch` sequences with lengths drawn
+   like the embedded `sequences` (lognormal, median about 55 tokens, clipped to 8..seq) as
+   (a) padded to its longest (a key-padding mask), (b) packed into rows of `seq` tokens with
+   the dense block-diagonal mask, (c) the same rows with FlexAttention block masks
+   (`model.kwargs.attention: flex`, compiled), bf16 steps timed in rotation as in 1. Reported:
+   real tokens/s, and MFU on the useful FLOPs only -- 6 N x real tokens + 12 x n_layers x
+   d_model x sum of each sample's length squared (attention within a sample) -- the same
+   numerator for the three, so MFU compares them directly. Equivalence first: (c) against (b)
+   from the same weights, fp32, loss and gradients (on a CPU the forward only: PyTorch has no
+   FlexAttention backward there).
+
 Every variant is wrapped: an error (an OOM, a fp16 overflow turned into an exception, ...) is
 recorded in the JSON and the table instead of ending the run. `--max-seconds` stops starting
 new timing rounds once exceeded (the rounds done are reported).
@@ -121,12 +132,13 @@ def make_batch(rng: np.random.Generator, batch: int, seq: int, vocab: int, *,
     })
 
 
-def build(cfg: dict[str, int], device: torch.device, ckpt: bool, seed: int = 0) -> torch.nn.Module:
+def build(cfg: dict[str, int], device: torch.device, ckpt: bool, seed: int = 0,
+          attention: str = "dense") -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model("seq_transformer", input_dim=None, num_outputs=cfg["vocab"],
                         vocab_size=cfg["vocab"], per_token=True, activation_checkpointing=ckpt,
                         d_model=cfg["d_model"], nhead=cfg["nhead"], num_layers=cfg["num_layers"],
-                        dim_feedforward=cfg["dim_feedforward"])
+                        dim_feedforward=cfg["dim_feedforward"], attention=attention)
     return model.to(device)
 
 
@@ -347,6 +359,102 @@ def equivalence_check(cfg, device) -> dict[str, Any]:
         return {"error": err(e)}
 
 
+PACKED = [("padded", "dense", False), ("packed dense", "dense", True),
+          ("packed flex", "flex", True)]  # (name, attention, packing)
+
+
+def packing_check(cfg: dict[str, int], device: torch.device, *, warmup: int, steps: int,
+                  repeats: int) -> dict[str, Any]:
+    rng = np.random.default_rng(2)
+    lengths = np.clip(np.round(rng.lognormal(4.0, 1.0, cfg["batch"])), 8, cfg["seq"]).astype(int)
+    total = int(lengths.sum())
+    raw = {"tokens_values": rng.integers(0, cfg["vocab"], size=total), "tokens_lengths": lengths,
+           "targets_values": rng.integers(0, cfg["vocab"], size=total)}
+    batches = {name: to_torch(collate_sequences(dict(raw), packing=packing,
+                                                pack_tokens=cfg["seq"] if packing else None),
+                              device) for name, _, packing in PACKED}
+    out: dict[str, Any] = {"samples": int(len(lengths)), "real_tokens": total,
+                           "slots": {n: int(b["input_ids"].numel()) for n, b in batches.items()},
+                           "variants": {}}
+    probe = build(cfg, device, ckpt=False)
+    n = sum(p.numel() for name, p in probe.named_parameters() if not name.startswith("embed."))
+    out["useful_flops_per_step"] = (6.0 * n * total + 12.0 * cfg["num_layers"] * cfg["d_model"]
+                                    * float((lengths.astype(np.float64) ** 2).sum()))
+    try:  # (c) against (b): same weights, fp32
+        flex = build(cfg, device, ckpt=False, attention="flex")
+        flex.load_state_dict(probe.state_dict())
+        nb = batches["packed dense"]
+        grads = {}
+        for name, model in (("dense", probe), ("flex", flex)):
+            with torch.set_grad_enabled(device.type == "cuda"):
+                total_loss, _ = loss_sum(model(nb), nb, LOSS)
+            if device.type == "cuda":
+                total_loss.backward()
+                grads[name] = [p.grad.detach().clone() for p in model.parameters()]
+            out[f"loss_{name}"] = float(total_loss)
+        out["loss_rel_diff"] = abs(out["loss_flex"] - out["loss_dense"]) / abs(out["loss_dense"])
+        if grads:
+            out["grad_max_rel_diff"] = max(
+                float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+                for a, b in zip(grads["flex"], grads["dense"], strict=True))
+        del flex
+    except Exception as e:  # noqa: BLE001
+        out["equivalence_error"] = err(e)
+    del probe
+    free(device)
+
+    states: dict[str, dict[str, Any]] = {}
+    for name, attention, _ in PACKED:
+        st: dict[str, Any] = {"rounds": [], "times": []}
+        try:
+            st["model"] = build(cfg, device, ckpt=False, attention=attention)
+            st["opt"] = build_optimizer("adamw", st["model"], lr=1e-4)
+            for _ in range(warmup):
+                train_step(st["model"], st["opt"], [batches[name]], loss=LOSS, precision="bf16")
+        except Exception as e:  # noqa: BLE001
+            st = {"error": err(e), "rounds": [], "times": []}
+            free(device)
+        states[name] = st
+    names = [v[0] for v in PACKED]
+    for rnd in range(repeats):
+        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+            st = states[name]
+            if "error" in st:
+                continue
+            try:
+                times = []
+                for _ in range(steps):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    train_step(st["model"], st["opt"], [batches[name]], loss=LOSS,
+                               precision="bf16")
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                st["times"] += times
+                st["rounds"].append(statistics.median(times))
+            except Exception as e:  # noqa: BLE001
+                st["error"] = err(e)
+                st.pop("model", None), st.pop("opt", None)
+                free(device)
+    peak, _ = peak_bf16(torch.cuda.get_device_name(device)) if device.type == "cuda" else (None, None)
+    base = states[names[0]]["rounds"]
+    for name in names:
+        st = states[name]
+        row: dict[str, Any] = {"slots": out["slots"][name], "error": st.get("error")}
+        if st["times"]:
+            step = statistics.median(st["times"])
+            row.update(step_s=step, real_tokens_per_s=total / step,
+                       useful_tflops=out["useful_flops_per_step"] / step / 1e12)
+            row["mfu"] = row["useful_tflops"] / peak if peak else None
+            pairs = list(zip(base, st["rounds"], strict=False))
+            if pairs:
+                row["time_ratio_vs_padded"] = statistics.median(m / b for b, m in pairs)
+        out["variants"][name] = row
+        st.pop("model", None), st.pop("opt", None)
+    free(device)
+    return out
+
+
 def finder_check(cfg: dict[str, int], device: torch.device, *, limit: int) -> dict[str, Any]:
     """The largest bf16 micro-batch of full-length sequences that trains a step on this device."""
     model = build(cfg, device, ckpt=False)
@@ -426,6 +534,8 @@ def main() -> int:
                                                 steps=args.steps, repeats=args.repeats,
                                                 deadline=start + args.max_seconds)),
                 ("equivalence", lambda: equivalence_check(cfg, device)),
+                ("packing", lambda: packing_check(cfg, device, warmup=args.warmup,
+                                                  steps=args.steps, repeats=args.repeats)),
                 ("finder", lambda: finder_check(cfg, device, limit=args.finder_limit))]
     for key, fn in sections:
         t0 = time.perf_counter()
@@ -500,6 +610,23 @@ def report(info: dict[str, Any]) -> None:
               f"{e['max_abs_update']:.3e}, ratio {e['diff_over_update']:.2e} "
               f"({'ok' if e['ok'] else 'MISMATCH'}); loss {e['loss_whole']:.6f} vs "
               f"{e['loss_accumulated']:.6f}")
+    pk = info.get("packing", {})
+    if pk.get("variants"):
+        print(f"\npacked sequences: {pk['samples']} samples, {pk['real_tokens']} real tokens, "
+              f"bf16; useful {pk['useful_flops_per_step'] / 1e12:.3f} TFLOP/step")
+        print(f"  {'variant':<14}{'slots':>8}{'step ms':>9}{'x padded':>9}{'real tok/s':>12}"
+              f"{'MFU':>7}  note")
+        for name, row in pk["variants"].items():
+            s = row.get("step_s")
+            print(f"  {name:<14}{row['slots']:>8}{fmt(s and s * 1e3, '.1f'):>9}"
+                  f"{fmt(row.get('time_ratio_vs_padded'), '.3f'):>9}"
+                  f"{fmt(row.get('real_tokens_per_s'), '.0f'):>12}"
+                  f"{fmt(row.get('mfu') and row['mfu'] * 100, '.1f'):>6}%  {row.get('error') or ''}")
+        print(f"  flex vs dense mask, fp32: loss rel diff {fmt(pk.get('loss_rel_diff'), '.1e')}, "
+              f"grad max rel diff {fmt(pk.get('grad_max_rel_diff'), '.1e')}"
+              f"{'  ' + pk['equivalence_error'] if 'equivalence_error' in pk else ''}")
+    elif "error" in pk:
+        print(f"\npacking: ERROR {pk['error']}")
     f = info.get("finder", {})
     if "error" in f:
         print(f"\nfinder: ERROR {f['error']}")

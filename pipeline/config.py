@@ -186,6 +186,9 @@ class SeqTransformerKwargs(_Kwargs):
     num_layers: Int = Field(2, ge=1, description="encoder layers")
     dim_feedforward: Int = Field(128, ge=1, description="feed-forward width")
     dropout: Float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
+    attention: Literal["dense", "flex"] = Field(
+        "dense", description="packed batches: dense (a boolean mask) or flex (FlexAttention "
+        "block masks: skips blocks no sample spans; GPU only, no dropout)")
 
 
 MODEL_KWARGS: dict[str, type[_Kwargs]] = {
@@ -439,6 +442,15 @@ class Config(_Section):
             raise ValueError(f"train.loss=token_cross_entropy needs a per-token model; "
                              f"model.name={self.model.name} gives one output per sample "
                              "(use seq_transformer)")
+        if self.model.kwargs.get("attention") == "flex":
+            culprit = ("batching.packing=false" if not self.batching.packing else
+                       "scaling.use_gpu=false" if not self.scaling.use_gpu else
+                       "model.kwargs.dropout" if self.model.kwargs.get("dropout") else None)
+            if culprit:
+                raise ValueError(
+                    f"model.kwargs.attention=flex with {culprit}: FlexAttention serves packed "
+                    "batches (batching.packing=true) on a GPU (PyTorch has no FlexAttention "
+                    "backward on a CPU), without attention dropout")
         if t.loss == "nt_xent" and self.model.name == "seq_transformer":
             raise ValueError("train.loss=nt_xent augments feature vectors (data.feature_column); "
                              "model.name=seq_transformer reads token sequences")

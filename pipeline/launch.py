@@ -140,19 +140,22 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  extra_callbacks: list[Any] | None = None, address: str | None = None,
                  show_progress: bool = True, table_refs: list[Any] | None = None,
-                 started_at: float | None = None, fit: Fit | None = None) -> dict[str, Any]:
+                 started_at: float | None = None, fit: Fit | None = None,
+                 run_id: str | None = None) -> dict[str, Any]:
     """Train one job. `show_progress=False` (a Tune trial: the sweep prints per trial) keeps
     the per-epoch lines, the progress bar and the run's own lines off the console.
     `table_refs`: the dataset already in the object store (a sweep ingests it once for all its
     trials); `started_at`: when the job started (time.time(); the `startup_s` metric counts
-    from it); `fit`: how the training runs (default: a TorchTrainer, `fit_torch_trainer`)."""
+    from it); `fit`: how the training runs (default: a TorchTrainer, `fit_torch_trainer`);
+    `run_id`: an MLflow run to continue from the start (a sweep trial that failed before its
+    first checkpoint, run again by Tune)."""
     started_at = started_at or time.time()
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = out_dir / "ray_results"
     uri = cfg.tracking_uri()
     state_file = out_dir / "run.json"
-    resume_from, run_id = None, None
+    resume_from = None
     if resume:
         def skipped(folder: Path, why: str) -> None:
             _log(f"skipping checkpoint: {why}")

@@ -166,8 +166,10 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     spec = model_spec(cfg, st)
     try:
         model = build_model(**spec)
-    except ValueError as err:  # e.g. a model that cannot take this data
-        raise ConfigError(f"config error: model.name={cfg.model.name}: {err}") from None
+    except Exception as err:  # a model that cannot take this data, an import that fails, a
+        # user builder's bug: built from the config alone, it would fail the same way again
+        raise ConfigError(f"config error: model.name={cfg.model.name}: "
+                          f"{type(err).__name__}: {err}") from None
     batchnorm = has_batchnorm(model)
     if batchnorm and cfg.train.micro_batch_size == "auto" and not cfg.train.auto_micro_batchnorm:
         raise ConfigError(

@@ -275,6 +275,10 @@ CASES = [
     ("auto-cannot-choose", s("data.path={both}", "data.feature_column=x",
                              "data.sequence_column=tokens", "data.label_column=y"), "model.name"),
     ("packing-on-vectors", ["--config", DIGITS, *s("batching.packing=true")], "batching.packing"),
+    ("flex-without-packing", [*SEQ, *s("model.name=seq_transformer",
+                                       "model.kwargs.attention=flex")], "batching.packing=false"),
+    ("flex-on-cpu", [*SEQ, *s("model.name=seq_transformer", "model.kwargs.attention=flex",
+                              "batching.packing=true")], "scaling.use_gpu=false"),
     # -- a loss whose columns are missing
     ("token-loss-no-targets", [*SEQ, *s("train.loss=token_cross_entropy")], "data.target_column"),
     ("token-loss-vector-model", ["--config", DIGITS, *s("train.loss=token_cross_entropy")],

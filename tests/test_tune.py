@@ -32,7 +32,8 @@ GOOD_LR, TINY_LR = 0.025, 0.00002
 # Four trials, two at a time, in Tune's grid order (first key fastest): [cnn, good LR] and
 # [bad model, good LR] start together; [cnn, tiny LR] starts when one of them has ended, so it
 # reaches epoch 1 a whole trial start-up after the good-LR trial recorded its epoch-1 accuracy
-# there: ASHA (one rung, at epoch 1) must stop it. The bad model fails at import, twice.
+# there: ASHA (one rung, at epoch 1) must stop it. The bad model fails at import, once (bad
+# input is not retried).
 SPACE = {"model.name": {"grid": ["digits_cnn", BAD_MODEL]},
          "train.base_lr": {"grid": [GOOD_LR, TINY_LR]}}
 

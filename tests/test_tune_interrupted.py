@@ -1,12 +1,14 @@
-"""A sweep whose driver is killed (SIGKILL) after its first trial finished and while its second
-was training: `--resume` runs the unfinished trials only. The finished trial is not run again
-(its folder and MLflow run untouched); the interrupted one continues its own MLflow run from its
-last epoch checkpoint, to the weights of a run never interrupted (the pipeline is
-deterministic); the sweep ends with one FINISHED run per trial."""
+"""Sweeps and faults. A sweep whose driver is killed (SIGKILL) after its first trial finished
+and while its second was training: `--resume` runs the unfinished trials only. The finished
+trial is not run again (its folder and MLflow run untouched); the interrupted one continues its
+own MLflow run from its last epoch checkpoint, to the weights of a run never interrupted (the
+pipeline is deterministic); the sweep ends with one FINISHED run per trial. And a trial whose
+actor is killed is run again by Tune, to the same weights."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -79,6 +81,58 @@ def test_a_killed_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_s
 
     # The interrupted trial ends where an uninterrupted job with its config ends.
     ref_cfg = {**cfg, "train": {**cfg["train"], "base_lr": second_lr}}
+    ref_cfg.pop("tune")
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
+    ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
+    got = load_checkpoint(result["checkpoint"])
+    assert got["step"] == want["step"]
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+
+
+def test_a_trial_whose_actor_is_killed_runs_again_to_the_same_weights(ray_client, mlflow_server,
+                                                                       tmp_path):
+    """A one-worker trial trains in its own Tune actor; that process SIGKILLed after the first
+    epoch: Tune runs the trial again (`scaling.max_failures`, default 1), which continues its
+    MLflow run from its checkpoint to the weights of a job never interrupted."""
+    from ray.util.state import list_actors
+
+    cfg = yaml.safe_load((REPO / "jobs" / "configs" / "sweep_digits.yaml").read_text())
+    cfg["train"].update(epochs=EPOCHS, warmup_epochs=0)
+    cfg["tune"] = {"search_space": {"train.base_lr": {"grid": [LRS[0]]}}, "scheduler": "fifo",
+                   "metric": "val_accuracy", "mode": "max"}
+    cfg["tracking"] = {"uri": mlflow_server, "experiment": "test-sweep-actor-killed",
+                       "log_model": False}
+    config, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    config.write_text(yaml.safe_dump(cfg))
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--config", str(config),
+                              "--out", str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 400
+    while not ((out / "trials").exists() and any(
+            find_latest_checkpoint(d / "ray_results") is not None for d in _trial_dirs(out))):
+        assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[1][-3000:]
+        time.sleep(0.2)
+    (trial,) = _trial_dirs(out)
+    run_id = json.loads((trial / "run.json").read_text())["mlflow_run_id"]
+    # Tune's actor for a function trainable
+    actors = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
+    assert len(actors) == 1, actors
+    os.kill(actors[0].pid, signal.SIGKILL)
+    killed_at = load_checkpoint(find_latest_checkpoint(trial / "ray_results"))["epoch"]
+    stdout, stderr = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, (stdout + stderr)[-4000:]
+    assert killed_at < EPOCHS - 1, "the trial ended before the kill took effect"
+
+    result = json.loads((trial / "result.json").read_text())
+    assert result["mlflow_run_id"] == run_id  # its own run, continued
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    loss = client.get_metric_history(run_id, "train_loss")
+    assert sorted({m.step for m in loss}) == list(range(1, EPOCHS + 1))
+    ref_cfg = {**cfg, "train": {**cfg["train"], "base_lr": LRS[0]},
+               "tracking": {**cfg["tracking"], "experiment": "test-sweep-actor-killed-ref"}}
     ref_cfg.pop("tune")
     (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
     ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))

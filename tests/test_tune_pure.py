@@ -319,7 +319,7 @@ def test_steps_and_samples_to_target_use_validations_within_epochs():
 
 
 def test_which_trials_train_in_their_own_actor_and_what_they_reserve():
-    from pipeline.tune.trial import reuse_trial_actors, runs_in_actor, trial_resources
+    from pipeline.tune.trial import every_trial_in_actor, runs_in_actor, trial_resources
 
     one = _cfg({}, "scaling.num_workers=1", "scaling.cpus_per_worker=2")
     assert runs_in_actor(one, {"train.base_lr": 0.1})
@@ -333,14 +333,14 @@ def test_which_trials_train_in_their_own_actor_and_what_they_reserve():
                             {})]:
         assert not runs_in_actor(cfg, overrides)
         assert trial_resources(cfg, overrides)["CPU"] == 0
-    # Tune reuses trial actors only when every trial trains in one
-    assert reuse_trial_actors(_cfg({"train.base_lr": {"grid": [0.1, 0.2]}},
+    # Tune reuses trial actors, and retries failed trials, only when every trial trains in one
+    assert every_trial_in_actor(_cfg({"train.base_lr": {"grid": [0.1, 0.2]}},
                                    "scaling.num_workers=1"))
-    assert not reuse_trial_actors(_cfg({"data.val_fraction": {"grid": [0.1, 0.2]}},
+    assert not every_trial_in_actor(_cfg({"data.val_fraction": {"grid": [0.1, 0.2]}},
                                        "scaling.num_workers=1"))
-    assert not reuse_trial_actors(_cfg({"scaling.num_workers": {"grid": [1, 2]}},
+    assert not every_trial_in_actor(_cfg({"scaling.num_workers": {"grid": [1, 2]}},
                                        "scaling.num_workers=1"))
-    assert not reuse_trial_actors(_cfg({}, "scaling.num_workers=2"))
+    assert not every_trial_in_actor(_cfg({}, "scaling.num_workers=2"))
 
 
 def test_a_trial_keeps_its_two_newest_checkpoints_each_written_whole(tmp_path):

@@ -15,11 +15,13 @@ the collated batch dict and returns logits (or embeddings for contrastive traini
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -99,11 +101,25 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.T
     return pe
 
 
+ATTENTION = ("dense", "flex")
+
+
 class SeqTransformer(nn.Module):
+    """`attention` for packed batches: `dense` (a [W, W] boolean mask per row: every score is
+    computed, the blocked ones discarded) or `flex` (FlexAttention with a block mask built from
+    the segment ids: blocks of 128 x 128 slots that no sample spans are skipped; the same
+    parameters and outputs; torch>=2.5, forward only on a CPU -- PyTorch has no FlexAttention
+    backward there). Padded batches always take the dense path (a key-padding mask)."""
+
     def __init__(self, vocab_size: int, num_outputs: int, per_token: bool = False, d_model: int = 64,
                  nhead: int = 4, num_layers: int = 2, dim_feedforward: int = 128, dropout: float = 0.0,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, attention: str = "dense"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}; known: {', '.join(ATTENTION)}")
+        if attention == "flex" and dropout:
+            raise ValueError("attention=flex takes no attention dropout (dropout must be 0)")
+        self.attention = attention
         self.embed = nn.Embedding(vocab_size, d_model)
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, batch_first=True,
@@ -128,12 +144,18 @@ class SeqTransformer(nn.Module):
             masks: tuple[Any, Any] = (None, ~mask)  # (attention mask, key padding mask)
         else:
             x = self.embed(ids) + pe[batch["position_ids"]]
+            if self.attention == "flex":
+                return self._head(self._flex_layers(x, segments), mask, segments)
             masks = (self._block_mask(segments), None)
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpointed(layer, x, *masks)
             else:
                 x = layer(x, src_mask=masks[0], src_key_padding_mask=masks[1])
+        return self._head(x, mask, segments)
+
+    def _head(self, x: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None
+              ) -> torch.Tensor:
         x = self.norm(x)
         if self.per_token:
             return self.head(x)
@@ -143,6 +165,24 @@ class SeqTransformer(nn.Module):
         pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
         return self.head(pooled)
 
+    def _flex_layers(self, x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """The encoder layers with FlexAttention over the packed rows: a token attends to the
+        tokens of its own sample (and a padding slot to itself only, as `_block_mask`)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def allowed(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return ((segments[b, q] == segments[b, kv]) & (segments[b, q] > 0)) | (q == kv)
+
+        rows, width = segments.shape
+        block = create_block_mask(allowed, rows, None, width, width, device=segments.device,
+                                  _compile=segments.is_cuda)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(_flex_layer, layer, x, block, use_reentrant=False)
+            else:
+                x = _flex_layer(layer, x, block)
+        return x
+
     def _block_mask(self, segments: torch.Tensor) -> torch.Tensor:
         """[R * heads, W, W], True where attention is blocked: between different samples, and
         from a padding slot to anything but itself (a row of all-blocked would give NaN)."""
@@ -150,6 +190,29 @@ class SeqTransformer(nn.Module):
         own = torch.eye(segments.shape[1], dtype=torch.bool, device=segments.device)
         allowed = (same & (segments[:, :, None] > 0)) | own
         return (~allowed).repeat_interleave(self.layers[0].self_attn.num_heads, dim=0)
+
+
+@functools.cache
+def _flex_attention(compiled: bool) -> Any:
+    """FlexAttention, compiled on a GPU (its fused kernel; eager runs an unfused reference that
+    materialises every score, which is all a CPU gets for the forward)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if compiled else flex_attention
+
+
+def _flex_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, block: Any) -> torch.Tensor:
+    """`layer(x)` (pre-norm, as `SeqTransformer` builds it, no dropout) with its self-attention
+    computed by FlexAttention under `block`, from the layer's own weights."""
+    attn = layer.self_attn
+    rows, width, dim = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(rows, width, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    out = _flex_attention(x.is_cuda)(q, k, v, block_mask=block)
+    out = out.transpose(1, 2).reshape(rows, width, dim)
+    x = x + attn.out_proj(out)
+    return x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
 
 
 def _segment_means(x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:

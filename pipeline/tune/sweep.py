@@ -140,11 +140,10 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
     import ray.data
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.engine.checkpoint import find_latest_checkpoint
-    from pipeline.launch import run_training
-    from pipeline.tune.trial import fit_in_actor, runs_in_actor
+    from pipeline.launch import raise_fatal, run_training
+    from pipeline.tune.trial import epochs_to_tune, fit_in_actor, runs_in_actor
 
     # Several trials ingest at once: their Ray Data progress bars would interleave on the driver.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -155,20 +154,25 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     if own_data:
         cfg, info = resolve(cfg)
     out = Path(root) / trial_id
+    if (out / "fatal.json").exists():  # Tune retries a failed trial; bad input or non-finite
+        raise_fatal(out / "fatal.json")  # training would fail the same way: not trained again
     if (out / "result.json").exists():  # it ended just before the sweep's driver was killed,
         # after Tune last saved its state: not trained again; Tune gets its final metrics
         tune.report(json.loads((out / "result.json").read_text())["metrics"])
         return
-    # A trial the sweep's interruption cut short continues its MLflow run from its checkpoint.
-    resume = (out / "run.json").exists() and find_latest_checkpoint(out / "ray_results") is not None
+    # A trial the sweep's interruption (or a failure Tune retries) cut short continues its
+    # MLflow run, from its checkpoint or, before its first one, from the start.
+    started = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    resume = bool(started) and find_latest_checkpoint(out / "ray_results") is not None
     in_actor = runs_in_actor(cfg, overrides)
     run_training(cfg, info, out, resume=resume, parent_run_id=parent_run_id,
                  tags={"tune.trial_id": trial_id, "tune.sweep": sweep,
                        "tune.overrides": json.dumps(overrides, default=str),
                        "tune.trial_runner": "actor" if in_actor else "worker_group"},
-                 extra_callbacks=[] if in_actor else [TuneReportCallback()], show_progress=False,
+                 extra_callbacks=[] if in_actor else [epochs_to_tune()], show_progress=False,
                  table_refs=None if own_data else table_refs, started_at=started_at,
-                 fit=fit_in_actor if in_actor else None)
+                 fit=fit_in_actor if in_actor else None,
+                 run_id=None if resume else started.get("mlflow_run_id"))
 
 
 # -- the sweep ----------------------------------------------------------------------------------
@@ -200,7 +204,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     from ray import tune
 
     from pipeline.launch import check_store_reachable, connect, ingest, ray_job_tags
-    from pipeline.tune.trial import reuse_trial_actors, trial_resources
+    from pipeline.tune.trial import every_trial_in_actor, trial_resources
 
     space = search_space(cfg)
     if resume and not tune.Tuner.can_restore(str(exp_path)):
@@ -228,6 +232,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     console.say(f"MLflow parent run {parent} in {uri} (experiment '{cfg.tracking.experiment}')")
 
     refs = ingest(info)  # once for the sweep: every trial on this dataset reads these blocks
+    in_actors = every_trial_in_actor(cfg)
 
     def resources(overrides: dict[str, Any]) -> Any:
         swept = {k: v for k, v in overrides.items() if k in cfg.tune.search_space}
@@ -252,11 +257,14 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                     search_alg=search_algorithm(cfg),
                     num_samples=cfg.tune.num_samples,
                     max_concurrent_trials=concurrency,
-                    reuse_actors=reuse_trial_actors(cfg),
+                    reuse_actors=in_actors,
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(out_dir / "ray_results"),
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    # A trial in its actor is retried by Tune (a worker group, by Ray Train)
+                    failure_config=tune.FailureConfig(
+                        max_failures=cfg.scaling.max_failures if in_actors else 0,
+                        fail_fast=False),
                     callbacks=[trial_console(cfg, live=console.progress_bar_wanted()
                                              and not console.is_verbose())],
                     verbose=console.tune_verbosity(console.is_verbose())))

@@ -10,9 +10,13 @@ epoch's checkpoint kept under the trial's run storage (the 2 newest, as a TorchT
 them) and each epoch's metrics reported to Tune. What it trains is what a one-worker job trains:
 the same plan, batches and steps (a test compares the weights).
 
-`scaling.max_failures` keeps its meaning: a failed attempt restarts from the newest checkpoint,
-up to that many times. Chosen by `tune.trial_runner: auto` for a trial of one worker that uses
-the sweep's dataset; `worker_group` runs every trial through a TorchTrainer.
+`scaling.max_failures` keeps its meaning when every trial trains in its actor: Tune runs a
+failed trial again (its actor killed, its node lost, an exception) up to that many times, and
+the trial continues its MLflow run from its newest checkpoint, as a worker group restarted by
+Ray Train would; a deterministic failure (bad input, non-finite training) is not trained again
+(`pipeline/tune/sweep.py`, `_run_trial`). Chosen by `tune.trial_runner: auto` for a trial of
+one worker that uses the sweep's dataset; `worker_group` runs every trial through a
+TorchTrainer.
 """
 
 from __future__ import annotations
@@ -26,10 +30,8 @@ from typing import Any
 import torch
 from ray import tune
 
-from pipeline import console
 from pipeline.config import Config
-from pipeline.engine.checkpoint import find_latest_checkpoint
-from pipeline.worker import Session, train_func
+from pipeline.worker import FATAL, Session, train_func
 
 KEEP_CHECKPOINTS = 2  # as a TorchTrainer job keeps them (launch.fit_torch_trainer)
 
@@ -42,12 +44,12 @@ def runs_in_actor(cfg: Config, overrides: dict[str, Any]) -> bool:
             and not any(k.startswith("data.") for k in overrides))
 
 
-def reuse_trial_actors(cfg: Config) -> bool:
-    """Whether Tune may hand a finished trial's actor to the next trial (`reuse_actors`): when
-    every trial of the sweep trains in its actor (nothing swept that could change that). The
-    next trial then finds the pipeline imported: its fixed cost drops to about 0.1 s here. A
-    trial Tune stopped leaves its actor at its next report (Tune's stop makes that report exit
-    the trial's thread), so the actor is free again within `TUNE_FUNCTION_THREAD_TIMEOUT_S`."""
+def every_trial_in_actor(cfg: Config) -> bool:
+    """Whether every trial of the sweep trains in its own actor (nothing swept could change
+    that). Then Tune may hand a finished trial's actor to the next trial (`reuse_actors`),
+    which finds the pipeline imported: its fixed cost drops to about 0.1 s here (a trial Tune
+    stopped leaves its actor at its next report, which Tune's stop makes exit the trial's
+    thread); and Tune runs a failed trial again up to `scaling.max_failures` times."""
     return (runs_in_actor(cfg, {})
             and not any(k.startswith(("data.", "scaling.", "tune.")) for k in cfg.tune.search_space))
 
@@ -82,11 +84,28 @@ class TrialSession(Session):
         return None  # a restart is this module's loop, which passes resume_from
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        if FATAL in metrics:  # not an epoch: the trial raises the failure next (run_training)
+            return
         if checkpoint_dir is not None:
             self.checkpoint = keep_checkpoint(Path(checkpoint_dir), self.folder,
                                               int(metrics["epoch"]))
         self.metrics = dict(metrics)
         tune.report(dict(metrics))
+
+
+def epochs_to_tune() -> Any:
+    """For a trial that runs a TorchTrainer: Ray Train's `TuneReportCallback`, passing each
+    epoch's report to Tune but not a deterministic failure's (`fatal_error`, which has none of
+    the metrics Tune ranks by: Tune would fail the whole sweep on it; the trial raises it)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochsToTune(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                         checkpoint: Any) -> None:
+            if FATAL not in metrics[0]:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochsToTune()
 
 
 def keep_checkpoint(source: Path, folder: Path, epoch: int, keep: int = KEEP_CHECKPOINTS) -> Path:
@@ -107,20 +126,8 @@ def keep_checkpoint(source: Path, folder: Path, epoch: int, keep: int = KEEP_CHE
 
 def fit_in_actor(cfg: Config, loop_config: dict[str, Any], name: str,
                  storage: Path) -> tuple[dict[str, Any], Path | None]:
-    """`launch.Fit` for a one-worker trial: the worker function in this process, restarted from
-    the newest checkpoint after a failure, up to `scaling.max_failures` times."""
-    for attempt in range(cfg.scaling.max_failures + 1):
-        session = TrialSession(cfg, storage / name)
-        try:
-            train_func(loop_config, session)
-            return session.metrics, session.checkpoint
-        except Exception as err:
-            if attempt == cfg.scaling.max_failures:
-                raise
-            latest = find_latest_checkpoint(storage)
-            console.say(f"trial attempt {attempt + 1} failed ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); restarting from "
-                        f"{latest or 'the start'}")
-            if latest is not None:
-                loop_config = {**loop_config, "resume_from": str(latest)}
-    raise AssertionError("unreachable")
+    """`launch.Fit` for a one-worker trial: the worker function in this process (a failure is
+    Tune's to retry, see the module's docstring)."""
+    session = TrialSession(cfg, storage / name)
+    train_func(loop_config, session)
+    return session.metrics, session.checkpoint

@@ -94,3 +94,30 @@ def test_packing_removes_the_padding_of_random_batches_on_sequences(table):
     eff = {k: real[k] / slots[k] for k in real}
     assert eff["packed"] == 1.0 >= 0.99
     assert eff["padded"] < 0.5 < eff["packed512"] < 1.0
+
+
+@pytest.mark.parametrize(("loss", "per_token"), [("token_cross_entropy", True),
+                                                 ("cross_entropy", False)])
+def test_flex_attention_gives_the_dense_masks_outputs(table, loss, per_token):
+    """`attention=flex` (FlexAttention with a block mask from the segment ids) computes what the
+    dense block-diagonal mask does, from the same parameters: the same outputs and loss for a
+    packed batch (forward only: PyTorch has no FlexAttention backward on a CPU; the gradients
+    are compared on a GPU by bench/gpu_check.py)."""
+    positions = np.random.default_rng(4).permutation(len(table))[:24]
+    packed = to_torch(table.gather(positions, max_length=128, packing=True, pack_tokens=160), CPU)
+    torch.manual_seed(0)
+    dense = SeqTransformer(vocab_size=64, num_outputs=4, per_token=per_token).eval()
+    flex = SeqTransformer(vocab_size=64, num_outputs=4, per_token=per_token, attention="flex")
+    flex.load_state_dict(dense.state_dict())  # the same parameter names: checkpoints carry over
+    with torch.no_grad():
+        want, got = dense(packed), flex.eval()(packed)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert loss_sum(got, packed, loss)[0].item() == pytest.approx(
+            loss_sum(want, packed, loss)[0].item(), rel=1e-5)
+
+
+def test_flex_attention_refuses_attention_dropout():
+    with pytest.raises(ValueError, match="dropout"):
+        SeqTransformer(vocab_size=8, num_outputs=2, dropout=0.1, attention="flex")
+    with pytest.raises(ValueError, match="known: dense, flex"):
+        SeqTransformer(vocab_size=8, num_outputs=2, attention="sparse")
