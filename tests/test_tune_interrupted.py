@@ -31,18 +31,37 @@ def _trial_dirs(out) -> list:
     return sorted((out / "trials").glob("*/*"), key=lambda p: p.stat().st_ctime)
 
 
-def test_a_killed_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_server, tmp_path):
+def _start_sweep(tmp_path, mlflow_server: str, experiment: str, lrs: list[float]):
+    """`python -m pipeline tune` over `lrs` (one trial at a time), started, not waited for."""
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "sweep_digits.yaml").read_text())
     cfg["train"].update(epochs=EPOCHS, warmup_epochs=0)
-    cfg["tune"] = {"search_space": {"train.base_lr": {"grid": LRS}}, "scheduler": "fifo",
+    cfg["tune"] = {"search_space": {"train.base_lr": {"grid": lrs}}, "scheduler": "fifo",
                    "max_concurrent": 1, "metric": "val_accuracy", "mode": "max"}
-    cfg["tracking"] = {"uri": mlflow_server, "experiment": "test-sweep-killed",
-                       "log_model": False}
+    cfg["tracking"] = {"uri": mlflow_server, "experiment": experiment, "log_model": False}
     config, out = tmp_path / "sweep.yaml", tmp_path / "out"
     config.write_text(yaml.safe_dump(cfg))
     sweep = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--config", str(config),
                               "--out", str(out)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=REPO)
+    return cfg, config, out, sweep
+
+
+def _ends_where_a_job_ends(cfg: dict, lr: float, result: dict, tmp_path) -> None:
+    """The trial's final weights are those of an uninterrupted job with its config."""
+    ref_cfg = {**cfg, "train": {**cfg["train"], "base_lr": lr},
+               "tracking": {**cfg["tracking"], "experiment": cfg["tracking"]["experiment"] + "-ref"}}
+    ref_cfg.pop("tune")
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
+    ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
+    got = load_checkpoint(result["checkpoint"])
+    assert got["step"] == want["step"]
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+
+
+def test_a_killed_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_server, tmp_path):
+    cfg, config, out, sweep = _start_sweep(tmp_path, mlflow_server, "test-sweep-killed", LRS)
     deadline = time.monotonic() + 400
     while True:  # the first trial done, the second one past its first epoch
         dirs = _trial_dirs(out) if (out / "trials").exists() else []
@@ -79,16 +98,7 @@ def test_a_killed_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_s
     assert len(nested) == len(LRS) and {r.info.status for r in nested} == {"FINISHED"}
     assert client.get_run(parent).info.status == "FINISHED"
 
-    # The interrupted trial ends where an uninterrupted job with its config ends.
-    ref_cfg = {**cfg, "train": {**cfg["train"], "base_lr": second_lr}}
-    ref_cfg.pop("tune")
-    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
-    ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
-    got = load_checkpoint(result["checkpoint"])
-    assert got["step"] == want["step"]
-    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    _ends_where_a_job_ends(cfg, second_lr, result, tmp_path)
 
 
 def test_a_trial_whose_actor_is_killed_runs_again_to_the_same_weights(ray_client, mlflow_server,
@@ -98,17 +108,8 @@ def test_a_trial_whose_actor_is_killed_runs_again_to_the_same_weights(ray_client
     MLflow run from its checkpoint to the weights of a job never interrupted."""
     from ray.util.state import list_actors
 
-    cfg = yaml.safe_load((REPO / "jobs" / "configs" / "sweep_digits.yaml").read_text())
-    cfg["train"].update(epochs=EPOCHS, warmup_epochs=0)
-    cfg["tune"] = {"search_space": {"train.base_lr": {"grid": [LRS[0]]}}, "scheduler": "fifo",
-                   "metric": "val_accuracy", "mode": "max"}
-    cfg["tracking"] = {"uri": mlflow_server, "experiment": "test-sweep-actor-killed",
-                       "log_model": False}
-    config, out = tmp_path / "sweep.yaml", tmp_path / "out"
-    config.write_text(yaml.safe_dump(cfg))
-    sweep = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--config", str(config),
-                              "--out", str(out)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+    cfg, _, out, sweep = _start_sweep(tmp_path, mlflow_server, "test-sweep-actor-killed",
+                                      LRS[:1])
     deadline = time.monotonic() + 400
     while not ((out / "trials").exists() and any(
             find_latest_checkpoint(d / "ray_results") is not None for d in _trial_dirs(out))):
@@ -131,13 +132,4 @@ def test_a_trial_whose_actor_is_killed_runs_again_to_the_same_weights(ray_client
     assert client.get_run(run_id).info.status == "FINISHED"
     loss = client.get_metric_history(run_id, "train_loss")
     assert sorted({m.step for m in loss}) == list(range(1, EPOCHS + 1))
-    ref_cfg = {**cfg, "train": {**cfg["train"], "base_lr": LRS[0]},
-               "tracking": {**cfg["tracking"], "experiment": "test-sweep-actor-killed-ref"}}
-    ref_cfg.pop("tune")
-    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
-    ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
-    got = load_checkpoint(result["checkpoint"])
-    assert got["step"] == want["step"]
-    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    _ends_where_a_job_ends(cfg, LRS[0], result, tmp_path)
