@@ -258,34 +258,17 @@ def timing_check(cfg, device, mbs, *, warmup: int, steps: int, repeats: int,
         states[name] = st
 
     names = [v[0] for v in VARIANTS]
-    rounds_done = 0
-    for rnd in range(repeats):
-        if rnd > 0 and time.perf_counter() > deadline:
-            break
-        order = names[rnd % len(names):] + names[: rnd % len(names)]
-        for name in order:
-            st = states[name]
-            if "error" in st:
-                continue
-            times = []
-            try:
-                for i in range(steps):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    r = train_step(st["model"], st["opt"], [mbs[i % len(mbs)]], loss=LOSS,
-                                   precision=st["precision"], scaler=st["scaler"], grad_clip=1.0)
-                    sync(device)
-                    times.append(time.perf_counter() - t0)
-                    st["skipped_timed"] += int(r.skipped)
-                    st["last_loss"] = r.loss
-                st["times"] += times
-                st["rounds"].append(statistics.median(times))
-                st["steps_timed"] += len(times)
-            except Exception as e:  # noqa: BLE001
-                st["error"] = err(e)
-                st.pop("model", None), st.pop("opt", None)
-                free(device)
-        rounds_done += 1
+
+    def step(st: dict[str, Any], i: int) -> None:
+        r = train_step(st["model"], st["opt"], [mbs[i % len(mbs)]], loss=LOSS,
+                       precision=st["precision"], scaler=st["scaler"], grad_clip=1.0)
+        st["skipped_timed"] += int(r.skipped)
+        st["last_loss"] = r.loss
+
+    rounds_done = rotate(states, step, steps=steps, repeats=repeats, device=device,
+                         deadline=deadline)
+    for st in states.values():
+        st["steps_timed"] = len(st["times"])
 
     out: dict[str, Any] = {"rounds_done": rounds_done, "variants": {}}
     for name in names:
@@ -315,6 +298,40 @@ def timing_check(cfg, device, mbs, *, warmup: int, steps: int, repeats: int,
         st.pop("model", None), st.pop("opt", None)
     free(device)
     return out
+
+
+def rotate(states: dict[str, dict[str, Any]], step: Any, *, steps: int, repeats: int,
+           device: torch.device, deadline: float) -> int:
+    """Time `step(state, i)` for every variant (`states`, in order) not yet in error: `steps`
+    steps at a time, in rotation over `repeats` rounds (the first variant moves on by one each
+    round), each step between two device syncs; no new round after `deadline`. Appends to each
+    state's `times` and `rounds` (the round's median); an error ends that variant (its model
+    and optimizer freed). Returns the rounds done."""
+    names = list(states)
+    rounds_done = 0
+    for rnd in range(repeats):
+        if rnd > 0 and time.perf_counter() > deadline:
+            break
+        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
+            st = states[name]
+            if "error" in st:
+                continue
+            times = []
+            try:
+                for i in range(steps):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    step(st, i)
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+                st["times"] += times
+                st["rounds"].append(statistics.median(times))
+            except Exception as e:  # noqa: BLE001
+                st["error"] = err(e)
+                st.pop("model", None), st.pop("opt", None)
+                free(device)
+        rounds_done += 1
+    return rounds_done
 
 
 def equivalence_check(cfg, device) -> dict[str, Any]:
@@ -364,7 +381,7 @@ PACKED = [("padded", "dense", False), ("packed dense", "dense", True),
 
 
 def packing_check(cfg: dict[str, int], device: torch.device, *, warmup: int, steps: int,
-                  repeats: int) -> dict[str, Any]:
+                  repeats: int, deadline: float) -> dict[str, Any]:
     rng = np.random.default_rng(2)
     lengths = np.clip(np.round(rng.lognormal(4.0, 1.0, cfg["batch"])), 8, cfg["seq"]).astype(int)
     total = int(lengths.sum())
@@ -405,7 +422,7 @@ def packing_check(cfg: dict[str, int], device: torch.device, *, warmup: int, ste
 
     states: dict[str, dict[str, Any]] = {}
     for name, attention, _ in PACKED:
-        st: dict[str, Any] = {"rounds": [], "times": []}
+        st: dict[str, Any] = {"name": name, "rounds": [], "times": []}
         try:
             st["model"] = build(cfg, device, ckpt=False, attention=attention)
             st["opt"] = build_optimizer("adamw", st["model"], lr=1e-4)
@@ -416,26 +433,10 @@ def packing_check(cfg: dict[str, int], device: torch.device, *, warmup: int, ste
             free(device)
         states[name] = st
     names = [v[0] for v in PACKED]
-    for rnd in range(repeats):
-        for name in names[rnd % len(names):] + names[: rnd % len(names)]:
-            st = states[name]
-            if "error" in st:
-                continue
-            try:
-                times = []
-                for _ in range(steps):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    train_step(st["model"], st["opt"], [batches[name]], loss=LOSS,
-                               precision="bf16")
-                    sync(device)
-                    times.append(time.perf_counter() - t0)
-                st["times"] += times
-                st["rounds"].append(statistics.median(times))
-            except Exception as e:  # noqa: BLE001
-                st["error"] = err(e)
-                st.pop("model", None), st.pop("opt", None)
-                free(device)
+    out["rounds_done"] = rotate(
+        states, lambda st, _: train_step(st["model"], st["opt"], [batches[st["name"]]],
+                                         loss=LOSS, precision="bf16"),
+        steps=steps, repeats=repeats, device=device, deadline=deadline)
     peak, _ = peak_bf16(torch.cuda.get_device_name(device)) if device.type == "cuda" else (None, None)
     base = states[names[0]]["rounds"]
     for name in names:
@@ -535,7 +536,8 @@ def main() -> int:
                                                 deadline=start + args.max_seconds)),
                 ("equivalence", lambda: equivalence_check(cfg, device)),
                 ("packing", lambda: packing_check(cfg, device, warmup=args.warmup,
-                                                  steps=args.steps, repeats=args.repeats)),
+                                                  steps=args.steps, repeats=args.repeats,
+                                                  deadline=start + args.max_seconds)),
                 ("finder", lambda: finder_check(cfg, device, limit=args.finder_limit))]
     for key, fn in sections:
         t0 = time.perf_counter()

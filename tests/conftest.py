@@ -174,6 +174,24 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
                           env={**os.environ, **(env or {})})
 
 
+def reference_job(cfg: dict, tmp_path: Path) -> dict:
+    """The final checkpoint (loaded) of a stand-alone `python -m pipeline train` of a sweep's
+    config `cfg` with one trial's values: its `tune` section dropped, logged to the experiment
+    `<experiment>-ref` (not among the sweep's runs). What a sweep trial must end at."""
+    import json
+
+    import yaml
+
+    from pipeline.engine.checkpoint import load_checkpoint
+
+    ref = {k: v for k, v in cfg.items() if k != "tune"}
+    ref["tracking"] = {**cfg["tracking"], "experiment": cfg["tracking"]["experiment"] + "-ref"}
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref))
+    proc = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
+
+
 def digits_train_rows(val_fraction: float, split_seed: int) -> int:
     """Training rows of the embedded `digits` after the workers' train/validation split: the
     end-to-end tests derive their step counts from it, not from the dataset's size."""

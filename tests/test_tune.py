@@ -17,6 +17,7 @@ from tests.conftest import (
     cli_in_process,
     digits_train_rows,
     job_status,
+    reference_job,
     run_cli,
     submit_job,
 )
@@ -143,13 +144,8 @@ def test_a_one_worker_trial_trains_in_its_actor_as_a_job_would(sweep, tmp_path):
     trial = json.loads(next((sweep["out"] / "trials").glob(f"*/{good['trial_id']}/result.json"))
                        .read_text())
     ref_cfg = yaml.safe_load(sweep["config"].read_text())
-    ref_cfg.pop("tune")
     ref_cfg["model"]["name"], ref_cfg["train"]["base_lr"] = good["model.name"], GOOD_LR
-    ref_cfg["tracking"]["experiment"] = "test-sweep-reference"  # not among the sweep's runs
-    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
-    ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
+    want = reference_job(ref_cfg, tmp_path)
     got = load_checkpoint(trial["checkpoint"])
     assert got["step"] == want["step"] == good["steps"]
     assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())

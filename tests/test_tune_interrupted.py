@@ -20,7 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, reference_job, run_cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 EPOCHS = 5
@@ -48,13 +48,7 @@ def _start_sweep(tmp_path, mlflow_server: str, experiment: str, lrs: list[float]
 
 def _ends_where_a_job_ends(cfg: dict, lr: float, result: dict, tmp_path) -> None:
     """The trial's final weights are those of an uninterrupted job with its config."""
-    ref_cfg = {**cfg, "train": {**cfg["train"], "base_lr": lr},
-               "tracking": {**cfg["tracking"], "experiment": cfg["tracking"]["experiment"] + "-ref"}}
-    ref_cfg.pop("tune")
-    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref_cfg))
-    ref = run_cli("train", "--config", str(tmp_path / "ref.yaml"), "--out", str(tmp_path / "ref"))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    want = load_checkpoint(json.loads((tmp_path / "ref" / "result.json").read_text())["checkpoint"])
+    want = reference_job({**cfg, "train": {**cfg["train"], "base_lr": lr}}, tmp_path)
     got = load_checkpoint(result["checkpoint"])
     assert got["step"] == want["step"]
     assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())

@@ -148,11 +148,15 @@ class SeqTransformer(nn.Module):
                 return self._head(self._flex_layers(x, segments), mask, segments)
             masks = (self._block_mask(segments), None)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if self._recompute():
                 x = checkpointed(layer, x, *masks)
             else:
                 x = layer(x, src_mask=masks[0], src_key_padding_mask=masks[1])
         return self._head(x, mask, segments)
+
+    def _recompute(self) -> bool:
+        """Whether this forward checkpoints its layers (training with gradients, when asked)."""
+        return self.activation_checkpointing and self.training and torch.is_grad_enabled()
 
     def _head(self, x: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None
               ) -> torch.Tensor:
@@ -177,7 +181,7 @@ class SeqTransformer(nn.Module):
         block = create_block_mask(allowed, rows, None, width, width, device=segments.device,
                                   _compile=segments.is_cuda)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if self._recompute():
                 x = checkpoint(_flex_layer, layer, x, block, use_reentrant=False)
             else:
                 x = _flex_layer(layer, x, block)

@@ -143,14 +143,14 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
 
     from pipeline.engine.checkpoint import find_latest_checkpoint
     from pipeline.launch import raise_fatal, run_training
-    from pipeline.tune.trial import epochs_to_tune, fit_in_actor, runs_in_actor
+    from pipeline.tune.trial import changes_data, epochs_to_tune, fit_in_actor, runs_in_actor
 
     # Several trials ingest at once: their Ray Data progress bars would interleave on the driver.
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
     cfg = Config.model_validate(base).with_overrides(
         {**overrides, "tracking.run_name": f"{trial_id} {_short(overrides)}".strip()})
-    own_data = any(k.startswith("data.") for k in overrides)
+    own_data = changes_data(overrides)
     if own_data:
         cfg, info = resolve(cfg)
     out = Path(root) / trial_id

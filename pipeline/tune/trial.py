@@ -36,12 +36,17 @@ from pipeline.worker import FATAL, Session, train_func
 KEEP_CHECKPOINTS = 2  # as a TorchTrainer job keeps them (launch.fit_torch_trainer)
 
 
+def changes_data(overrides: dict[str, Any]) -> bool:
+    """Whether a trial's overrides change `data.*`: it resolves and ingests its own dataset."""
+    return any(k.startswith("data.") for k in overrides)
+
+
 def runs_in_actor(cfg: Config, overrides: dict[str, Any]) -> bool:
     """Whether a trial (its config, with `overrides` applied) trains in its own Tune actor: one
     worker, `tune.trial_runner: auto`, and the sweep's own dataset (a trial that changes `data.*`
     ingests its own through Ray Data, whose tasks need CPUs the trial actors would hold)."""
     return (cfg.tune.trial_runner == "auto" and cfg.scaling.num_workers == 1
-            and not any(k.startswith("data.") for k in overrides))
+            and not changes_data(overrides))
 
 
 def every_trial_in_actor(cfg: Config) -> bool:
@@ -81,7 +86,7 @@ class TrialSession(Session):
         return model.to(self.device)
 
     def restart_checkpoint(self) -> str | None:
-        return None  # a restart is this module's loop, which passes resume_from
+        return None  # Tune runs a failed trial again; `_run_trial` passes its checkpoint
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         if FATAL in metrics:  # not an epoch: the trial raises the failure next (run_training)
