@@ -40,7 +40,8 @@ PACINGS = ("linear", "root", "step", "exponential", "none")  # = pipeline.data.p
 ALWAYS_LOGGED = (
     "train_loss", "train_accuracy", "grad_norm", "steps", "epoch_time_s", "worker_samples_per_s",
     "lr", "epoch", "step", "samples_per_s", "dropped", "pool_size", "skipped_steps",
-    "micro_batch_size", "global_batch_size", "samples", "startup_s",
+    "micro_batch_size", "global_batch_size", "samples", "startup_s", "data_fetched_mib",
+    "data_wait_s", "worker_rss_mib",
 )
 SOMETIMES_LOGGED = {  # metric -> when it is logged
     "val_loss": "data.val_fraction > 0", "val_accuracy": "data.val_fraction > 0",
@@ -88,6 +89,12 @@ class DataConfig(_Section):
     split_seed: Int = Field(0, description="seed of the train/validation split")
     cache_dir: str | None = Field(None, description="where embedded datasets are written "
                                   "(default PIPELINE_DATA_DIR or ~/.cache/batch-pipeline/datasets)")
+    mode: Literal["auto", "object_store", "streaming"] = Field(
+        "auto", description="how rows reach the workers: object_store (every node holds the "
+        "whole dataset; fastest for data that fits), streaming (each node holds its share of "
+        "the blocks and every rank fetches only the rows of its batches), auto (streaming on a "
+        "cluster of several nodes when the data fills more than a quarter of a node's object "
+        "store; pipeline/blocks.py)")
 
 
 # -- batching strategy options, typed per strategy (the keyword arguments of each planner in

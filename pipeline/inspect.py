@@ -30,7 +30,9 @@ from pipeline.files import write_json
 
 
 @ray.remote(num_cpus=1)
-def rank_rows(cfg_dict: dict[str, Any], refs: list[Any], rank: int) -> pa.Table:
+def rank_rows(cfg_dict: dict[str, Any], refs: Any, rank: int) -> pa.Table:
+    """Rank `rank`'s rows (`refs`: `pipeline.blocks.Blocks`; the streaming mode's small
+    columns suffice: nothing is gathered)."""
     from pipeline.worker import load_table
 
     cfg = Config.model_validate(cfg_dict)
@@ -156,7 +158,7 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     connect()
-    refs = ingest(info)
+    refs = ingest(info, cfg)
     tables = ray.get([rank_rows.remote(cfg.to_dict(), refs, r)
                       for r in range(cfg.scaling.num_workers)])
     table = pa.concat_tables(tables)

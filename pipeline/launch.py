@@ -23,6 +23,7 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from pipeline import console
+from pipeline.blocks import Blocks, ingest, mode_line  # ingest: also imported from here
 from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -85,23 +86,12 @@ def ray_job_tags() -> dict[str, str]:
     return tags
 
 
-def ingest(info: DatasetInfo) -> list[Any]:
-    """Ray Data reads the Parquet data (parallel, local path or object-store URI) into Arrow
-    blocks in the object store; workers gather their batches from those blocks."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # row positions must agree on every worker
-    # Ray 2.60's default Parquet datasource (V2) took 4.6-7.4 s per read of the embedded datasets
-    # against 0.2 s for the V1 reader (bench/ingest.py), paid by every job and every sweep trial.
-    # Both give the same rows in the same order.
-    ctx.use_datasource_v2 = False
-    ds = ray.data.read_parquet(info.uri)
-    return ds.materialize().to_arrow_refs()
-
-
 # What a `--resume` may change: more epochs, validation more or less often, another cluster
-# shape (the batches do not depend on it) and whether the model is logged. Anything else makes the
-# resumed run another training than the one its checkpoints and MLflow run belong to.
-RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "tracking.log_model")
+# shape or data mode (the batches depend on neither) and whether the model is logged. Anything
+# else makes the resumed run another training than the one its checkpoints and MLflow run
+# belong to.
+RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "tracking.log_model",
+                     "data.mode")
 
 
 def _log(msg: str) -> None:
@@ -139,7 +129,7 @@ Fit = Callable[[Config, dict[str, Any], str, Path], tuple[dict[str, Any], Path |
 def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = False,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  extra_callbacks: list[Any] | None = None, address: str | None = None,
-                 show_progress: bool = True, table_refs: list[Any] | None = None,
+                 show_progress: bool = True, table_refs: Blocks | list[Any] | None = None,
                  started_at: float | None = None, fit: Fit | None = None,
                  run_id: str | None = None) -> dict[str, Any]:
     """Train one job. `show_progress=False` (a Tune trial: the sweep prints per trial) keeps
@@ -179,7 +169,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     verbose = console.is_verbose()
     connect(address, verbose)
     check_store_reachable(uri)
-    refs = table_refs if table_refs is not None else ingest(info)
+    refs = table_refs if table_refs is not None else ingest(info, cfg)
+    if show_progress and mode_line(refs):
+        _log(mode_line(refs))
     pending = None  # the run, when the tracking server is unreachable at the start
     if run_id is None:
         run_args = {"experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name,

@@ -1,8 +1,9 @@
 """The per-worker function of Ray Train: shard -> batches -> engine (Ray lives here).
 
-Every worker receives the dataset's Arrow blocks (object refs: zero-copy from the node's object
-store), builds the same epoch plan from (data, seed, epoch, global batch size), takes its slice
-of each global batch, and steps the pure-PyTorch engine. Rank 0 logs metrics to MLflow and
+Every worker receives the dataset's Arrow blocks (`pipeline/blocks.py`: the whole table,
+zero-copy from the node's object store, or in the streaming mode the small columns and the rows
+of its coming steps), builds the same epoch plan from (data, seed, epoch, global batch size),
+takes its slice of each global batch, and steps the pure-PyTorch engine. Rank 0 logs metrics to MLflow and
 writes one checkpoint per epoch, reported to Ray Train (which keeps it in run storage).
 
 Where the function runs is a `Session`: a Ray Train worker (`RayTrainSession`, the default),
@@ -13,6 +14,7 @@ spares the trial a worker group of its own. The training itself is the same code
 from __future__ import annotations
 
 import math
+import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ import ray.train.torch
 import torch
 
 from pipeline import console
+from pipeline.blocks import DataLostError, load_rows
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
 from pipeline.data.epochs import schedule_steps, steps_per_epoch
@@ -58,30 +61,39 @@ from pipeline.tracking import MetricLogger
 
 
 def load_table(cfg: Config, refs: list[Any]) -> SampleTable:
-    table = pa.concat_tables(ray.get(refs))
-    d = cfg.data
-    return SampleTable.from_table(
-        table, feature_column=d.feature_column, label_column=d.label_column,
-        sequence_column=d.sequence_column, target_column=d.target_column,
-        id_column=d.id_column, difficulty_column=cfg.batching.difficulty_column)
+    """The whole table from its blocks (the object-store mode, `pipeline/blocks.py`)."""
+    return load_rows(cfg, refs, 0, 1)[0]
 
 
-def model_spec(cfg: Config, st: SampleTable) -> dict[str, Any]:
-    """Everything needed to rebuild the model (kept in checkpoints for the final artifact)."""
+def data_facts(st: SampleTable) -> dict[str, int | None]:
+    """What the model needs to know of the data (the streaming mode has them from the blocks:
+    `Blocks.facts`)."""
+    def top(a: Any) -> int | None:
+        return None if a is None else int(pa.compute.max(pa.compute.list_flatten(a)).as_py())
+
+    return {"input_dim": None if st.features is None else int(st.features.shape[1]),
+            "max_token": top(st.tokens), "max_target": top(st.targets),
+            "max_label": None if st.labels is None or not len(st.labels) else int(st.labels.max())}
+
+
+def model_spec(cfg: Config, st: SampleTable,
+               facts: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """Everything needed to rebuild the model (kept in checkpoints for the final artifact);
+    `facts`: `data_facts(st)` unless given."""
+    f = facts or data_facts(st)
     per_token = cfg.train.loss == "token_cross_entropy"
     if cfg.train.loss == "nt_xent":
         outputs = int(cfg.model.kwargs.get("embedding_dim", 32))
     elif per_token:
-        outputs = int(pa.compute.max(pa.compute.list_flatten(st.targets)).as_py()) + 1
+        outputs = int(f["max_target"]) + 1
     else:
-        outputs = int(st.labels.max()) + 1
+        outputs = int(f["max_label"]) + 1
     kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embedding_dim"}
     return {
         "name": cfg.model.name,
-        "input_dim": None if st.features is None else int(st.features.shape[1]),
+        "input_dim": f["input_dim"],
         "num_outputs": outputs,
-        "vocab_size": None if st.tokens is None
-        else int(pa.compute.max(pa.compute.list_flatten(st.tokens)).as_py()) + 1,
+        "vocab_size": None if f["max_token"] is None else int(f["max_token"]) + 1,
         "per_token": per_token,
         "activation_checkpointing": cfg.model.activation_checkpointing,
         **kwargs,
@@ -136,15 +148,18 @@ class RayTrainSession(Session):
 
 
 def train_func(loop_config: dict[str, Any], session: Session | None = None) -> None:
-    """Train, or end at once on a deterministic failure (bad input, non-finite training): every
+    """Train, or end at once on a deterministic failure (bad input, non-finite training, the
+    streamed dataset's node lost: `pipeline.blocks.DataLostError`): every
     rank meets it at the same point, reports `fatal_error` and returns, so Ray Train does not
     restart the worker group to meet it again; the driver turns it into the job's error.
     `session`: where it runs (default: a Ray Train worker)."""
     session = session or RayTrainSession()
     try:
         _train(loop_config, session)
-    except (ConfigError, NonFiniteError) as err:  # bad input the driver could not see, or NaN
-        kind = "input" if isinstance(err, ConfigError) else "nonfinite"
+    except (ConfigError, NonFiniteError, DataLostError) as err:  # bad input the driver could
+        # not see, NaN, or a streamed dataset's node lost
+        kind = ("input" if isinstance(err, ConfigError) else
+                "nonfinite" if isinstance(err, NonFiniteError) else "data_lost")
         if session.rank == 0 and loop_config.get("fatal_file"):
             write_json(Path(loop_config["fatal_file"]), {"kind": kind, "message": str(err)})
         session.report({FATAL: 1.0}, None)
@@ -154,8 +169,9 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     cfg = Config.model_validate(loop_config["config"])
     rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    blocks = loop_config["table_refs"]  # pipeline.blocks.Blocks (or a list of block refs)
     try:
-        st = load_table(cfg, loop_config["table_refs"])
+        st, streamed, pulled = load_rows(cfg, blocks, rank, world)
     except ConfigError:  # the table's own checks (pipeline.data.batches) name the culprit
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, ValueError, TypeError) as err:
@@ -163,7 +179,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: {err}") from None
     train_pos, val_pos = split_train_val(len(st), st.labels, cfg.data.val_fraction,
                                          cfg.data.split_seed)
-    spec = model_spec(cfg, st)
+    spec = model_spec(cfg, st, blocks.facts if streamed is not None else None)
     try:
         model = build_model(**spec)
     except Exception as err:  # a model that cannot take this data, an import that fails, a
@@ -252,7 +268,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     b = cfg.batching
     # this rank's batches: the same feed inspect-batches records (pipeline/data/feed.py)
     feed = RankFeed(cfg, st, train_pos, rank, world,
-                    image_shape=(8, 8) if spec["name"] == "digits_cnn" else None)
+                    image_shape=(8, 8) if spec["name"] == "digits_cnn" else None,
+                    streamed=streamed)
 
     def step_batches(step: FeedStep, key: tuple[int, ...], pad_stats: dict[str, int]) -> Any:
         """This rank's share of one global batch, cut into micro-batches on demand (the size
@@ -261,7 +278,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         def micro(size: int) -> list[dict[str, torch.Tensor]]:
             out = []
             for part in step.micro(size):
-                nb = feed.collate(part, key)
+                nb = feed.collate(part, key, step.rows)
                 if "attention_mask" in nb:
                     pad_stats["real"] += int(nb["attention_mask"].sum())
                     pad_stats["padded"] += int(nb["attention_mask"].size)
@@ -304,8 +321,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
 
     def eval_batches(epoch: int) -> Any:
         """This rank's validation micro-batches (contrastive views keyed by (seed, epoch, 1))."""
-        return (to_torch(feed.collate(p, (b.seed, epoch, 1)), device)
-                for p in micro_slices(my_val, per_worker))
+        return (to_torch(feed.collate(p, (b.seed, epoch, 1), rows), device)
+                for p, rows in feed.over(micro_slices(my_val, per_worker)))
 
     def validate(epoch: int, step: int) -> dict[str, float]:
         """A validation pass within the epoch every train.eval_every steps (every rank takes
@@ -314,6 +331,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             return evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision)
         return {}
 
+    fetched_before, waited_before = 0, 0.0
     for epoch in range(state.epoch, t.epochs):
         state.epoch = epoch
         if t.max_steps is not None and state.step >= t.max_steps:
@@ -347,7 +365,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if len(val_pos):
             metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision))
         if b.strategy == "hard_mining":
-            sample_losses = _score_pool(model, st, train_pos, rank, world, per_worker, cfg, device)
+            sample_losses = _score_pool(model, feed, len(st), per_worker, cfg, device)
             pool_losses = sample_losses[train_pos]
             metrics.update({"hard_mining/loss_mean": float(pool_losses.mean()),
                             "hard_mining/loss_p90": float(np.quantile(pool_losses, 0.9))})
@@ -362,6 +380,16 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         })
         if first_step:
             metrics["startup_s"] = first_step[0] - started_at
+        # What this rank received of the data this epoch: its streamed rows, or (object-store
+        # mode, first epoch) the blocks its node pulled; and its peak resident memory.
+        fetched = streamed.fetched_bytes if streamed is not None else pulled
+        metrics["data_fetched_mib"] = (fetched - fetched_before) / 2**20
+        fetched_before = fetched
+        # The time the steps (and validation) waited for their rows this epoch (streaming).
+        waited = streamed.wait_s if streamed is not None else 0.0
+        metrics["data_wait_s"] = waited - waited_before
+        waited_before = waited
+        metrics["worker_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
             metrics["ghost_batch_size"] = float(state.micro_batch_size * (
                 world if cfg.train.sync_batchnorm and world > 1 else 1))
@@ -434,17 +462,18 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def _score_pool(model: torch.nn.Module, st: SampleTable, train_pos: np.ndarray, rank: int,
-                world: int, batch: int, cfg: Config, device: torch.device) -> np.ndarray:
+def _score_pool(model: torch.nn.Module, feed: RankFeed, n: int, batch: int, cfg: Config,
+                device: torch.device) -> np.ndarray:
     """Per-sample training losses (hard-example mining): each rank scores its share of the pool;
     an all-reduce gives every rank the full vector, indexed by table position."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    losses = torch.zeros(len(st), dtype=torch.float64, device=device)
+    losses = torch.zeros(n, dtype=torch.float64, device=device)
     model.eval()
-    for part in micro_slices(rank_slice(train_pos, rank, world), batch):
-        nb = to_torch(st.gather(part, max_length=cfg.batching.max_length), device)
+    mine = rank_slice(feed.train_pos, feed.rank, feed.world)
+    for part, rows in feed.over(micro_slices(mine, batch)):
+        nb = to_torch(rows.gather(part, max_length=cfg.batching.max_length), device)
         out = model(nb).float()
         if cfg.train.loss == "token_cross_entropy":
             per_tok = F.cross_entropy(out.flatten(0, 1), nb["token_targets"].flatten(),
@@ -454,7 +483,7 @@ def _score_pool(model: torch.nn.Module, st: SampleTable, train_pos: np.ndarray, 
         else:
             per = F.cross_entropy(out, nb["label"], reduction="none")
         losses[torch.as_tensor(part, device=device)] = per.double()
-    if dist.is_initialized() and world > 1:
+    if dist.is_initialized() and feed.world > 1:
         dist.all_reduce(losses)
     return losses.cpu().numpy()
 

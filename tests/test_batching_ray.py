@@ -208,10 +208,10 @@ def test_training_and_inspect_draw_the_same_batches_from_the_one_feed(
     drawn = []
     collate = RankFeed.collate
 
-    def recording(self, part, key):
+    def recording(self, part, key, rows):
         if key[2] == 0:  # a training micro-batch (validation's key ends in 1)
             drawn.append((key[1], part.tolist()))
-        return collate(self, part, key)
+        return collate(self, part, key, rows)
 
     monkeypatch.setattr(RankFeed, "collate", recording)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

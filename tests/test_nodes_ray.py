@@ -26,14 +26,15 @@ DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
 EPOCHS = 4
 
 
-def _train(address: str, mlflow_server: str, out, experiment: str) -> subprocess.Popen:
+def _train(address: str, mlflow_server: str, out, experiment: str,
+           extra: list[str] | None = None) -> subprocess.Popen:
     import os
 
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", "train", "--config", DIGITS,
          "--set", f"tracking.uri={mlflow_server}", "--set", f"tracking.experiment={experiment}",
          "--set", f"train.epochs={EPOCHS}", "--set", "tracking.log_model=false",
-         "--out", str(out)],
+         *(extra or []), "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
         env={**os.environ, "RAY_ADDRESS": address})
 
@@ -155,3 +156,70 @@ def test_a_local_tracking_store_is_refused_on_two_nodes(two_nodes, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if "local store" in ln]
     assert len(lines) == 1 and "3 nodes" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _probe(address: str, world: int) -> dict:
+    """`tests/stream_probe.py`: the global batches `world` ranks draw in the streaming mode."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "tests.stream_probe", address, str(world)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": address})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_streamed_global_batches_do_not_depend_on_workers_or_nodes(two_nodes, ray_cluster):
+    """The streaming mode's invariance rule, through the real fetch from the blocks' nodes: 1
+    rank on one node, 1 rank and 2 ranks (one per node) on two nodes draw the same global
+    batches, ids and features alike; on two nodes the blocks are on both, and each rank
+    fetches about its share of the rows, not the dataset."""
+    cluster, workers = two_nodes
+    one = _probe(ray_cluster["address"], 1)
+    alone = _probe(cluster.address, 1)
+    pair = _probe(cluster.address, 2)
+    assert len(one["steps"]) > 2 * 20
+    assert one["steps"] == alone["steps"] == pair["steps"]
+    assert sorted(pair["nodes"]) == sorted(w.node_id for w in workers)
+    assert pair["block_nodes"] == sorted(w.node_id for w in workers)
+    features = 64 * 4  # bytes of a digits row's features (the only large column)
+    drawn = sum(len(s["ids"]) for s in pair["steps"])  # two epochs of training rows
+    for fetched in pair["fetched"]:  # each rank its half, each row once
+        assert fetched == pytest.approx(drawn / 2 * features, rel=0.02)
+    assert sum(pair["fetched"]) == one["fetched"][0]
+
+
+@pytest.mark.mlflow
+def test_a_node_lost_in_streaming_mode_ends_the_job_and_resume_finishes_it(
+        two_nodes, one_node, mlflow_server, tmp_path):
+    """`data.mode=streaming` on two nodes: the blocks are spread over both, and the job ends at
+    the weights and curve of the object-store job on one node, each rank receiving its rows
+    every epoch. A lost node takes its share of the blocks with it: the job ends (exit 1, its
+    last line saying so, the run FAILED) rather than restart into the same loss, and
+    `--resume` on the cluster as it is now reads the data again and finishes the run."""
+    cluster, workers = two_nodes
+    job = _train(cluster.address, mlflow_server, tmp_path, "test-nodes",
+                 ["--set", "data.mode=streaming"])
+    deadline = time.monotonic() + 300
+    while find_latest_checkpoint(tmp_path / "ray_results") is None:  # epoch 1 saved
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.2)
+    cluster.remove_node(workers[1], allow_graceful=False)
+    cluster.add_node(num_cpus=1)
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 1, err[-3000:]
+    assert "data: streaming mode" in err and "over 2 node(s)" in err
+    last = err.strip().splitlines()[-1]  # the job's own line ends it (Ray's logs come before)
+    assert last.startswith("data lost: a node holding part of the dataset is gone"), err[-3000:]
+    assert "--resume" in last
+    run_id = json.loads((tmp_path / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run_id).info.status == "FAILED"
+    resumed = _train(cluster.address, mlflow_server, tmp_path, "test-nodes",
+                     ["--set", "data.mode=streaming", "--resume"])
+    _finish(resumed)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["mlflow_run_id"] == run_id
+    _same_training(result, one_node, client)
+    fetched = {m.step: m.value for m in client.get_metric_history(run_id, "data_fetched_mib")}
+    assert sorted(fetched) == list(range(1, EPOCHS + 1)) and min(fetched.values()) > 0

@@ -5,7 +5,9 @@ The Ray Train worker trains on it (`pipeline/worker.py`) and `inspect-batches` r
 (`pipeline/inspect.py`): both walk an epoch through `RankFeed.epoch` and cut a step's rows with
 `FeedStep.micro`, so what is inspected is what is trained by construction. Training collates a
 micro-batch (`RankFeed.collate`); inspection counts its token slots with the function the
-collate pads or packs to (`RankFeed.slots`).
+collate pads or packs to (`RankFeed.slots`). In the streaming mode (`data.mode`) the feed holds
+only the small columns, and a step's rows are fetched ahead (`pipeline/data/rows.py`); the
+plans, and so the batches, are the same.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pipeline.data.batches import SampleTable, micro_slices
 from pipeline.data.epochs import EpochBatches, epoch_batches
 from pipeline.data.padding import batch_slots
 from pipeline.data.plan import rank_slice
+from pipeline.data.rows import StreamedRows, Window
 from pipeline.data.views import make_views
 from pipeline.engine.batch_schedule import group_units
 
@@ -31,6 +34,7 @@ class FeedStep:
     batch: np.ndarray  # the step's global batch (table positions, in plan order)
     units: int  # the unit batches it joins (1 for a constant batch size)
     mine: np.ndarray  # this rank's share of it (`rank_slice`)
+    rows: SampleTable | Window  # where its rows are gathered from (`RankFeed.collate`)
 
     def micro(self, size: int) -> list[np.ndarray]:
         """This rank's rows as consecutive micro-batches of at most `size`."""
@@ -42,27 +46,48 @@ class RankFeed:
     seed, the epoch and the batch sizes, never of the worker count for the global batches."""
 
     def __init__(self, cfg: Config, st: SampleTable, train_pos: np.ndarray, rank: int,
-                 world: int, image_shape: tuple[int, int] | None = None) -> None:
+                 world: int, image_shape: tuple[int, int] | None = None,
+                 streamed: StreamedRows | None = None) -> None:
         self.cfg, self.st, self.train_pos = cfg, st, train_pos
         self.rank, self.world = rank, world
         self.image_shape = image_shape  # contrastive views of image rows (digits: 8 x 8)
+        # The streaming mode: `st` holds only the small columns; the rows of the coming steps
+        # are fetched ahead by `streamed` (pipeline/data/rows.py). The object-store mode gathers
+        # from `st` itself.
+        self.streamed = streamed
 
     def epoch(self, epoch: int, units: Callable[[], int],
               sample_losses: np.ndarray | None = None) -> tuple[EpochBatches, Iterator[FeedStep]]:
         """The epoch's plan and its steps. `units()` is asked before each step for how many unit
         batches it joins (a batch-size schedule; 1 for a constant batch)."""
         eb = epoch_batches(self.cfg, self.st, self.train_pos, epoch, self.world, sample_losses)
-        steps = (FeedStep(batch, k, rank_slice(batch, self.rank, self.world))
-                 for batch, k in group_units(eb.batches, units))
-        return eb, steps
+        return eb, self._steps(eb.batches, units)
 
-    def collate(self, part: np.ndarray, key: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """The micro-batch `part` as arrays: gathered and padded (or packed); for a contrastive
-        loss, `batching.num_views` augmented views per sample keyed by (seed, epoch, sample,
-        view), so they do not depend on how the batch is split."""
+    def _steps(self, batches: list[np.ndarray], units: Callable[[], int]) -> Iterator[FeedStep]:
+        grouped = group_units(batches, units)
+        if self.streamed is None:
+            for batch, k in grouped:
+                yield FeedStep(batch, k, rank_slice(batch, self.rank, self.world), self.st)
+            return
+        for batch, k, rows in self.streamed.steps(batches, grouped):
+            yield FeedStep(batch, k, rank_slice(batch, self.rank, self.world), rows)
+
+    def over(self, parts: list[np.ndarray]) -> Iterator[tuple[np.ndarray, SampleTable | Window]]:
+        """Each of `parts` (validation micro-batches, a scoring pass) with where to gather its
+        rows from (fetched a chunk ahead in the streaming mode)."""
+        if self.streamed is None:
+            return ((part, self.st) for part in parts)
+        return self.streamed.parts(parts)
+
+    def collate(self, part: np.ndarray, key: tuple[int, ...], rows: SampleTable | Window
+                ) -> dict[str, np.ndarray]:
+        """The micro-batch `part` as arrays, gathered from `rows` (its step's, or its part's
+        from `over`) and padded (or packed); for a contrastive loss, `batching.num_views`
+        augmented views per sample keyed by (seed, epoch, sample, view), so they do not depend
+        on how the batch is split."""
         b = self.cfg.batching
-        nb = self.st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
-                            packing=b.packing, pack_tokens=b.pack_tokens)
+        nb = rows.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
+                         packing=b.packing, pack_tokens=b.pack_tokens)
         if self.cfg.train.loss == "nt_xent":
             nb = make_views(nb, num_views=b.num_views, key=key, sample_keys=part,
                             image_shape=self.image_shape)

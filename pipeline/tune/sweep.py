@@ -130,7 +130,7 @@ def _short(overrides: dict[str, Any]) -> str:
 
 
 def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: DatasetInfo, root: str,
-               parent_run_id: str, sweep: str, table_refs: list[Any]) -> None:
+               parent_run_id: str, sweep: str, table_refs: Any) -> None:
     """One trial, inside its Tune actor: the base config with the trial's overrides, trained by
     `run_training` (its own nested MLflow run; in this actor or through a TorchTrainer,
     `trial.runs_in_actor`), every epoch reported to Tune."""
@@ -231,7 +231,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                 f"{cfg.tune.scheduler} scheduler, ranked by {cfg.tune.metric} ({cfg.tune.mode})")
     console.say(f"MLflow parent run {parent} in {uri} (experiment '{cfg.tracking.experiment}')")
 
-    refs = ingest(info)  # once for the sweep: every trial on this dataset reads these blocks
+    refs = ingest(info, cfg)  # once for the sweep: every trial on this dataset reads these blocks
     in_actors = every_trial_in_actor(cfg)
 
     def resources(overrides: dict[str, Any]) -> Any:

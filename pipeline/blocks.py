@@ -1,0 +1,376 @@
+"""The dataset in Ray's object store, and how a rank gets its rows from it (Ray lives here).
+
+Ray Data reads the Parquet data into Arrow blocks (`ingest`). Then, by `data.mode`:
+
+- **object_store** (data that fits): every rank `ray.get`s every block (zero-copy from its node's
+  object store) and gathers its batches from the whole table. Fastest for many epochs over a
+  small table; on N nodes every node pulls the whole dataset.
+- **streaming** (data that outgrows a node): the blocks are spread evenly over the nodes that
+  train (a block a node holds beyond its share is moved to the node holding least), and each
+  rank holds only the small columns the planners need (`small_columns`: ids, labels, lengths,
+  difficulty). The large columns of the rows of its next steps come from `BlockFetch`: one task
+  per node holding some of them, placed on that node, takes the rows from its blocks, so a node
+  holds its share of the dataset and receives only its ranks' rows (the next chunk is asked for
+  while the current one trains: `pipeline/data/rows.py`).
+- **auto**: streaming on a cluster of several nodes that train when the data (Parquet's
+  uncompressed size) fills more than a quarter of the smallest one's object store.
+
+Both modes build the same plans from the same small columns, and gather the same rows: the
+batches, hence the training, are the same (`tests/test_nodes_ray.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pipeline.config import Config
+from pipeline.data.batches import SampleTable
+from pipeline.data.datasets import DatasetInfo
+from pipeline.data.rows import Fetch, LargeColumns, StreamedRows
+
+CHUNK_BYTES = 8 << 20  # the streaming mode's fetches: about this much per call
+STREAM_SHARE = 0.25  # auto: stream when the data fills more than this share of a node's store
+LENGTH = "__length"  # the small columns' token count per sequence
+
+
+class DataLostError(RuntimeError):
+    """A node holding part of the dataset in the streaming mode is gone: its blocks and its
+    server with it. Every attempt would meet it again, so the job ends at once (exit 1)."""
+
+
+def _lost(err: Exception) -> DataLostError:
+    return DataLostError(
+        f"data lost: a node holding part of the dataset is gone (data.mode=streaming; "
+        f"{type(err).__name__}); run the job again with --resume: it reads the data again and "
+        "continues from the last checkpoint")
+
+
+def _get(refs: Any) -> Any:
+    """ray.get of what a BlockServer made; its loss is the dataset's (DataLostError)."""
+    try:
+        return ray.get(refs)
+    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
+        raise _lost(err) from None
+
+
+@dataclass
+class Blocks:
+    """What a job's ranks receive: the blocks (in row order) and, in the streaming mode, where
+    each one is, its row count, its small columns and what the model needs to know of the data
+    (`facts`: feature width, largest token, target and label)."""
+
+    mode: str
+    refs: list[Any]
+    size_bytes: int = 0
+    rows: list[int] = field(default_factory=list)
+    nodes: list[str | None] = field(default_factory=list)
+    small: list[Any] = field(default_factory=list)
+    facts: dict[str, int | None] = field(default_factory=dict)
+    servers: dict[str, Any] = field(default_factory=dict)  # node -> its BlockServer actor
+    moved: int = 0  # blocks moved at ingest to even the nodes out
+
+
+def training_nodes() -> list[dict[str, Any]]:
+    """The alive nodes a rank can run on (CPUs or GPUs to offer)."""
+    return [n for n in ray.nodes() if n.get("Alive")
+            and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+
+
+WIDTH = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
+
+
+def parquet_bytes(uri: str) -> int:
+    """The dataset's size in memory (Arrow), estimated from the Parquet footers alone: each
+    column chunk's value count times its type's width (strings: their uncompressed size).
+    Parquet's own sizes are encoded (dictionaries, run lengths) and can be 5x smaller."""
+    total = 0
+    for frag in pads.dataset(uri, format="parquet").get_fragments():
+        meta = frag.metadata
+        for i in range(meta.num_row_groups):
+            group = meta.row_group(i)
+            for j in range(group.num_columns):
+                col = group.column(j)
+                width = WIDTH.get(col.physical_type)
+                total += col.num_values * width if width else col.total_uncompressed_size
+    return total
+
+
+def choose_mode(configured: str, size_bytes: int, nodes: list[dict[str, Any]]) -> str:
+    """`data.mode`, with auto decided by the data's size against the nodes' object stores.
+
+    >>> node = {"Resources": {"object_store_memory": 1000.0}}
+    >>> choose_mode("auto", 300, [node, node]), choose_mode("auto", 200, [node, node])
+    ('streaming', 'object_store')
+    >>> choose_mode("auto", 10**9, [node]), choose_mode("streaming", 1, [node])
+    ('object_store', 'streaming')
+    """
+    if configured != "auto":
+        return configured
+    if len(nodes) < 2:  # one node: every rank shares its object store already
+        return "object_store"
+    smallest = min(n["Resources"].get("object_store_memory", float("inf")) for n in nodes)
+    return "streaming" if size_bytes > STREAM_SHARE * smallest else "object_store"
+
+
+def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
+    """Ray Data reads the Parquet data (parallel, local path or object-store URI) into Arrow
+    blocks in the object store; in the streaming mode they are then spread over the nodes and
+    their small columns taken (`cfg`: None is the object-store mode)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # row positions must agree on every worker
+    # Ray 2.60's default Parquet datasource (V2) took 4.6-7.4 s per read of the embedded datasets
+    # against 0.2 s for the V1 reader (bench/ingest.py), paid by every job and every sweep trial.
+    # Both give the same rows in the same order.
+    ctx.use_datasource_v2 = False
+    size = parquet_bytes(info.uri)
+    nodes = training_nodes()
+    mode = choose_mode(cfg.data.mode if cfg is not None else "object_store", size, nodes)
+    if mode == "object_store":
+        return Blocks("object_store", ray.data.read_parquet(info.uri).materialize().to_arrow_refs(),
+                      size_bytes=size)
+    # Blocks of about an eighth of a node's share, so they spread and balance evenly.
+    before = ctx.target_max_block_size
+    ctx.target_max_block_size = int(min(128 << 20, max(1 << 20, size // (8 * len(nodes)))))
+    try:
+        refs = ray.data.read_parquet(info.uri).materialize().to_arrow_refs()
+    finally:
+        ctx.target_max_block_size = before
+    servers = _servers([n["NodeID"] for n in nodes])
+    spread, where = _spread(refs, servers)
+    moved = sum(a is not b for a, b in zip(spread, refs, strict=True))
+    refs = spread  # the moved blocks' first copies are freed
+    anyone = next(iter(servers))  # a block too small for the object store has no node
+    where = [node if node in servers else anyone for node in where]
+    ray.get([servers[n].hold.remote([i for i, w in enumerate(where) if w == n],
+                                    *[r for r, w in zip(refs, where, strict=True) if w == n])
+             for n in servers])
+    small, facts = _small_columns(where, servers, cfg)
+    merged: dict[str, int | None] = {}
+    for key in ("input_dim", "max_token", "max_target", "max_label"):
+        values = [f[key] for f in facts if f[key] is not None]
+        merged[key] = max(values) if values else None
+    return Blocks("streaming", refs, size_bytes=size, rows=[f["rows"] for f in facts],
+                  nodes=where, small=small, facts=merged, servers=servers, moved=moved)
+
+
+def mode_line(blocks: Blocks | list[Any]) -> str | None:
+    """The console's line on the streaming mode (None in the object-store mode)."""
+    if isinstance(blocks, list) or blocks.mode != "streaming":
+        return None
+    held: dict[str, int] = {}
+    for node in blocks.nodes:
+        held[node or "driver"] = held.get(node or "driver", 0) + 1
+    return (f"data: streaming mode: {len(blocks.refs)} blocks ({blocks.size_bytes / 2**20:.1f} "
+            f"MiB) over {len(held)} node(s) ({', '.join(map(str, held.values()))} blocks, "
+            f"{blocks.moved} moved to even them out); each rank fetches the rows of its batches")
+
+
+def _where(refs: list[Any]) -> list[tuple[str | None, int]]:
+    """(a node holding the block, its size) per block; small blocks live in their owner's
+    memory (no node) and count as nothing."""
+    located = ray.experimental.get_object_locations(refs)
+    out = []
+    for ref in refs:
+        loc = located.get(ref) or {}
+        ids = loc.get("node_ids") or []
+        out.append((ids[0] if ids else None, int(loc.get("object_size") or 0)))
+    return out
+
+
+class BlockServer:
+    """One per node that trains (a Ray actor of no CPU, started at ingest), holding the blocks
+    of that node's share (zero-copy from its object store) and taking rows from them. An
+    actor, not tasks: the ranks hold the node's CPUs, and Ray ends a CPU-less task's process a
+    second after it idles, so every fetch would start (and import) a new one; and a block
+    passed once, not with every fetch (a chunk's rows span most of a node's blocks)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, pa.Table] = {}
+
+    def copy(self, table: pa.Table) -> pa.Table:
+        """A block moved here (the result is stored in this node's object store)."""
+        return table
+
+    def hold(self, ids: list[int], *blocks: pa.Table) -> int:
+        self.blocks.update(zip(ids, blocks, strict=True))
+        return len(self.blocks)
+
+    def small(self, block: int, cfg_dict: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+        return _small(self.blocks[block], Config.model_validate(cfg_dict))
+
+    def take(self, columns: list[str], ids: list[int], local: list[np.ndarray]) -> pa.Table:
+        """Rows of the blocks held here: `local[i]` of block `ids[i]`, the large columns only,
+        as one table of single chunks."""
+        return pa.concat_tables([self.blocks[b].select(columns).take(pa.array(i))
+                                 for b, i in zip(ids, local, strict=True)]).combine_chunks()
+
+
+def _servers(nodes: list[str]) -> dict[str, Any]:
+    actor = ray.remote(num_cpus=0, max_concurrency=4)(BlockServer)
+    servers = {n: actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n, soft=False)).remote() for n in nodes}
+    return servers
+
+
+def plan_moves(where: list[tuple[str | None, int]], nodes: list[str]) -> dict[int, str]:
+    """Which blocks to move where ({block index: destination}), so that each node holds about
+    its share: a block leaves a node holding more than its share if the node keeps at least
+    its share without it, for the node holding least. `where`: (node holding it, size) per
+    block, in order. A block on a node that does not train moves too; one with no node (kept
+    in its owner's memory, too small for the object store) stays.
+
+    >>> plan_moves([("a", 10)] * 4, ["a", "b"])  # one file, read on one node
+    {0: 'b', 1: 'b'}
+    >>> plan_moves([("a", 10), ("b", 10), ("head", 10), (None, 1)], ["a", "b"])
+    {2: 'a'}
+    """
+    held = {n: 0 for n in nodes}
+    for node, size in where:
+        if node in held:
+            held[node] += size
+    share = sum(size for node, size in where if node is not None) / len(nodes)
+    moves = {}
+    for i, (node, size) in enumerate(where):
+        if node is None:
+            continue
+        if node not in held or (held[node] > share and held[node] - size >= share):
+            dst = min(held, key=held.__getitem__)
+            if node in held:
+                held[node] -= size
+            held[dst] += size
+            moves[i] = dst
+    return moves
+
+
+def _spread(refs: list[Any], servers: dict[str, Any]) -> tuple[list[Any], list[str | None]]:
+    """The blocks moved as `plan_moves` says (Ray Data reads a file in one task, so a dataset
+    in one file starts on one node): each by the destination's server, which makes a copy in
+    its node's store; the first copy is freed when the caller drops the old refs."""
+    where = _where(refs)
+    moves = plan_moves(where, list(servers))
+    refs, placed = list(refs), [w for w, _ in where]
+    for i, dst in moves.items():
+        refs[i] = servers[dst].copy.remote(refs[i])
+        placed[i] = dst
+    moved = [refs[i] for i in moves]
+    if moved:
+        ray.wait(moved, num_returns=len(moved), fetch_local=False)
+    return refs, placed
+
+
+def _small(block: pa.Table, cfg: Config) -> tuple[pa.Table, dict[str, Any]]:
+    """A block's small columns and facts (computed where the block is)."""
+    d, keep = cfg.data, {}
+    for name in (d.id_column, d.label_column, cfg.batching.difficulty_column):
+        if name is not None:
+            keep[name] = block.column(name)
+    facts: dict[str, Any] = {"rows": block.num_rows, "input_dim": None, "max_token": None,
+                             "max_target": None, "max_label": None}
+    if d.sequence_column is not None:
+        tokens = block.column(d.sequence_column)
+        keep[LENGTH] = pc.list_value_length(tokens).cast(pa.int64())
+        facts["max_token"] = pc.max(pc.list_flatten(tokens)).as_py()
+    if d.target_column is not None:
+        facts["max_target"] = pc.max(pc.list_flatten(block.column(d.target_column))).as_py()
+    if d.feature_column is not None:
+        kind = block.schema.field(d.feature_column).type
+        facts["input_dim"] = (kind.list_size if pa.types.is_fixed_size_list(kind) else
+                              pc.max(pc.list_value_length(block.column(d.feature_column))).as_py())
+    if d.label_column is not None:
+        facts["max_label"] = pc.max(block.column(d.label_column)).as_py()
+    return pa.table(keep) if keep else pa.table({"_": pa.nulls(block.num_rows)}), facts
+
+
+def _small_columns(where: list[str], servers: dict[str, Any], cfg: Config
+                   ) -> tuple[list[Any], list[dict[str, Any]]]:
+    cfg_dict = cfg.to_dict()
+    pairs = [servers[node].small.options(num_returns=2).remote(i, cfg_dict)
+             for i, node in enumerate(where)]
+    return [s for s, _ in pairs], ray.get([f for _, f in pairs])
+
+
+def small_table(cfg: Config, blocks: Blocks) -> SampleTable:
+    """Every row's small columns, as the planners need them (the streaming mode's table)."""
+    import dataclasses
+
+    table = pa.concat_tables(_get(blocks.small))
+    d = cfg.data
+    st = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,
+                                id_column=d.id_column,
+                                difficulty_column=cfg.batching.difficulty_column)
+    if LENGTH in table.column_names:
+        st = dataclasses.replace(st, lengths=table.column(LENGTH).to_numpy().astype(np.int64))
+    return st
+
+
+def large_columns(cfg: Config) -> LargeColumns:
+    d = cfg.data
+    return LargeColumns(d.feature_column, d.sequence_column, d.target_column)
+
+
+class BlockFetch(Fetch):
+    """A rank's rows from the blocks on their nodes: one call per node holding some of them,
+    to its `BlockServer`, which returns only those rows."""
+
+    def __init__(self, blocks: Blocks, columns: list[str]) -> None:
+        self.blocks, self.columns = blocks, columns
+        self.offsets = np.concatenate([[0], np.cumsum(blocks.rows)]).astype(np.int64)
+        self.nodes = list(blocks.servers)
+        self.node_of = np.array([self.nodes.index(n) for n in blocks.nodes])  # per block
+
+    def submit(self, positions: np.ndarray) -> Any:
+        block = np.searchsorted(self.offsets, positions, side="right") - 1
+        node = self.node_of[block]
+        asks = []
+        for k in np.unique(node):
+            mine = np.flatnonzero(node == k)  # positions are sorted: so are their blocks
+            ids, first = np.unique(block[mine], return_index=True)
+            local = np.split(positions[mine] - self.offsets[block[mine]], first[1:])
+            ref = self.blocks.servers[self.nodes[k]].take.remote(self.columns, ids.tolist(),
+                                                                  local)
+            asks.append((mine, ref))
+        return asks
+
+    def result(self, handle: Any) -> pa.Table:
+        if not handle:
+            return pa.table({})
+        order = np.concatenate([mine for mine, _ in handle])
+        table = pa.concat_tables(_get([ref for _, ref in handle])).combine_chunks()
+        return table if len(handle) == 1 else table.take(pa.array(np.argsort(order)))
+
+
+def load_rows(cfg: Config, blocks: Blocks | list[Any], rank: int, world: int
+              ) -> tuple[SampleTable, StreamedRows | None, int]:
+    """A rank's table: the whole of it (object-store mode), or the small columns with the rows
+    streamed to it (`StreamedRows`); and the bytes its node pulled from others to get there."""
+    if isinstance(blocks, list):  # refs of the whole table (tests, older callers)
+        blocks = Blocks("object_store", blocks)
+    if blocks.mode == "streaming":
+        cols = large_columns(cfg)
+        small = small_table(cfg, blocks)
+        # Chunks of about CHUNK_BYTES: fewer, larger calls cost less per row (a call's fixed
+        # cost is a few ms); a rank holds up to three of them.
+        row_bytes = blocks.size_bytes / max(len(small), 1)
+        chunk = int(min(16_384, max(256, CHUNK_BYTES / max(row_bytes, 1.0))))
+        return small, StreamedRows(small, BlockFetch(blocks, cols.names()), cols, rank, world,
+                                   chunk_rows=chunk), 0
+    here = ray.get_runtime_context().get_node_id()
+    located = ray.experimental.get_object_locations(blocks.refs)
+    pulled = sum(int(loc.get("object_size") or 0) for loc in located.values()
+                 if loc.get("node_ids") and here not in loc["node_ids"])
+    table = pa.concat_tables(ray.get(blocks.refs))
+    d = cfg.data
+    st = SampleTable.from_table(
+        table, feature_column=d.feature_column, label_column=d.label_column,
+        sequence_column=d.sequence_column, target_column=d.target_column,
+        id_column=d.id_column, difficulty_column=cfg.batching.difficulty_column)
+    return st, None, pulled

@@ -1,0 +1,186 @@
+"""Where a rank's rows come from (pure: no Ray): the whole table, or rows streamed from blocks.
+
+In the object-store mode every rank holds the whole `SampleTable` and gathers from it. In the
+streaming mode (`data.mode`, `pipeline/blocks.py`) a rank holds only the small columns the
+planners need (ids, labels, lengths, difficulty) for every row, and the large ones (features,
+tokens, targets) for the rows of its next steps: `StreamedRows` asks a `Fetch` for them a chunk
+of steps at a time and asks for the next chunks before the current one is trained, so the step
+need not wait. Either way a batch is gathered from table positions with `.gather(positions)`,
+so both modes give the same arrays for the same positions.
+
+A step's rows are known only when the batch-size schedule says how many unit batches it joins
+(`group_units`); the next chunk is asked for on the guess that the steps keep the current size,
+and a step the guess missed is fetched when it comes (it happens where an adaptive or warmup
+schedule changes the batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.data.batches import SampleTable
+from pipeline.data.plan import rank_slice
+
+
+class Fetch:
+    """How a rank gets the large columns of some rows: `submit(positions)` (sorted, unique
+    table positions) asks for them and returns at once; `result(handle)` waits for them, one
+    Arrow table of the large columns in that order. `pipeline/blocks.py` fetches from the
+    blocks on their nodes, `TableFetch` from a local table."""
+
+    def submit(self, positions: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    def result(self, handle: Any) -> pa.Table:
+        raise NotImplementedError
+
+
+class TableFetch(Fetch):
+    """Rows of a local Arrow table (the reference the streamed rows are tested against)."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+
+    def submit(self, positions: np.ndarray) -> Any:
+        return self.table.take(pa.array(positions))
+
+    def result(self, handle: Any) -> pa.Table:
+        return handle
+
+
+@dataclass(frozen=True)
+class LargeColumns:
+    """The config's large columns (what a rank fetches per row in the streaming mode)."""
+
+    feature: str | None
+    sequence: str | None
+    target: str | None
+
+    def names(self) -> list[str]:
+        return [c for c in (self.feature, self.sequence, self.target) if c]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Some rows of the table (sorted unique positions) with their large columns; gathers by
+    table position like `SampleTable.gather`."""
+
+    positions: np.ndarray
+    rows: SampleTable  # ids, labels... of exactly those positions, in that order
+
+    def gather(self, positions: np.ndarray, **collate: Any) -> dict[str, np.ndarray]:
+        local = np.searchsorted(self.positions, positions)
+        if len(positions) and (local.max() >= len(self.positions)
+                               or not np.array_equal(self.positions[local], positions)):
+            raise KeyError("rows outside the fetched window")  # a bug, never bad input
+        return self.rows.gather(local, **collate)
+
+
+def window(small: SampleTable, positions: np.ndarray, large: pa.Table,
+           cols: LargeColumns) -> Window:
+    """The rows at `positions` (sorted, unique): the small columns from `small`, the large
+    ones from `large` (their rows, in that order)."""
+    def at(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else a[positions]
+
+    fetched = SampleTable.from_table(large, feature_column=cols.feature, label_column=None,
+                                     sequence_column=cols.sequence, target_column=cols.target)
+    rows = dataclasses.replace(fetched, ids=small.ids[positions], labels=at(small.labels),
+                               difficulty=at(small.difficulty),
+                               lengths=fetched.lengths if fetched.lengths is not None
+                               else at(small.lengths))
+    return Window(positions, rows)
+
+
+class StreamedRows:
+    """A rank's rows, fetched ahead: for an epoch's steps (`steps`), and for any list of parts
+    (validation, hard-mining scoring: `parts`), in chunks of about `chunk_rows` rows (at least
+    one step). The steps' next `ahead` chunks are asked for while one is trained, so at most
+    `ahead + 1` are held or on their way."""
+
+    def __init__(self, small: SampleTable, fetch: Fetch, cols: LargeColumns, rank: int,
+                 world: int, chunk_rows: int = 2048, ahead: int = 2) -> None:
+        self.small, self.fetch, self.cols = small, fetch, cols
+        self.rank, self.world, self.chunk_rows = rank, world, chunk_rows
+        self.ahead = max(1, ahead)
+        self.fetched_bytes = 0  # what this rank received, for the data_fetched_mib metric
+        self.wait_s = 0.0  # how long it waited for rows (data_wait_s)
+
+    def _get(self, handle: Any, positions: np.ndarray) -> Window:
+        start = time.perf_counter()
+        large = self.fetch.result(handle)
+        self.wait_s += time.perf_counter() - start
+        self.fetched_bytes += large.nbytes
+        return window(self.small, positions, large, self.cols)
+
+    def steps(self, batches: list[np.ndarray], steps: Iterable[tuple[np.ndarray, int]]
+              ) -> Iterator[tuple[np.ndarray, int, Window]]:
+        """Each step of `steps` (its global batch, its unit batches; from `group_units` over
+        `batches`) with a window holding this rank's rows of it."""
+        start = 0  # the unit batch the step begins with
+        cur: dict[tuple[int, int], np.ndarray] = {}  # (start, k) -> my rows, the chunk in use
+        cur_window: Window | None = None
+        asked: deque[tuple[dict[tuple[int, int], np.ndarray], np.ndarray, Any, int]] = deque()
+        for batch, k in steps:
+            key = (start, k)
+            if key not in cur:
+                if asked and key not in asked[0][0]:  # the guess of the steps' size missed
+                    asked.clear()
+                if asked:
+                    cur, pos, handle, end = asked.popleft()
+                else:  # the epoch's first chunk, or after a miss
+                    cur, pos, end = self._chunk(batches, start, k)
+                    handle = self.fetch.submit(pos)
+                end = asked[-1][3] if asked else end  # ask on from the last chunk asked for
+                while len(asked) < self.ahead and end < len(batches):
+                    nxt, nxt_pos, nxt_end = self._chunk(batches, end, k)
+                    asked.append((nxt, nxt_pos, self.fetch.submit(nxt_pos), nxt_end))
+                    end = nxt_end
+                cur_window = self._get(handle, pos)
+            yield batch, k, cur_window
+            start += k
+
+    def _chunk(self, batches: list[np.ndarray], start: int, k: int
+               ) -> tuple[dict[tuple[int, int], np.ndarray], np.ndarray, int]:
+        """Steps of k unit batches from `start` on, about `chunk_rows` of this rank's rows in
+        all: {(start, k): my rows}, their positions (sorted, unique) and the unit batch after
+        the last step."""
+        steps: dict[tuple[int, int], np.ndarray] = {}
+        rows = 0
+        while start < len(batches) and (not steps or rows < self.chunk_rows):
+            group = batches[start : start + k]
+            mine = rank_slice(group[0] if len(group) == 1 else np.concatenate(group),
+                              self.rank, self.world)
+            steps[(start, len(group))] = mine
+            rows += len(mine)
+            start += len(group)
+        pos = np.unique(np.concatenate(list(steps.values()))) if steps else np.zeros(0, np.int64)
+        return steps, pos, start
+
+    def parts(self, parts: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Window]]:
+        """Each part with a window holding its rows, fetched in chunks, one chunk ahead."""
+        chunks: list[list[np.ndarray]] = []
+        for p in parts:
+            if not chunks or sum(len(q) for q in chunks[-1]) >= self.chunk_rows:
+                chunks.append([])
+            chunks[-1].append(p)
+
+        def ask(chunk: list[np.ndarray]) -> tuple[np.ndarray, Any]:
+            pos = np.unique(np.concatenate(chunk))
+            return pos, self.fetch.submit(pos)
+
+        pending = ask(chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            pos, handle = pending
+            pending = ask(chunks[i + 1]) if i + 1 < len(chunks) else None
+            win = self._get(handle, pos)
+            for p in chunk:
+                yield p, win

@@ -1,0 +1,117 @@
+"""The streaming mode's rows (`pipeline/data/rows.py`), without Ray: a rank that holds only the
+small columns and fetches the rows of its coming steps collates exactly the arrays a rank
+holding the whole table collates, fetches each of its rows once per epoch and no other rank's,
+and holds at most three chunks at a time (the one in use and two asked for ahead)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.data.batches import SampleTable, micro_slices, split_train_val
+from pipeline.data.datasets import make_digits, make_sequences
+from pipeline.data.feed import RankFeed
+from pipeline.data.rows import LargeColumns, StreamedRows, TableFetch
+
+SEQUENCES = make_sequences(n=600)
+DIGITS = make_digits()
+
+
+class CountingFetch(TableFetch):
+    """A local table's rows, counting what is asked for and how much is in flight."""
+
+    def __init__(self, table):
+        super().__init__(table)
+        self.asked: list[np.ndarray] = []
+        self.in_flight = self.most_in_flight = 0
+
+    def submit(self, positions):
+        self.asked.append(positions)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return super().submit(positions)
+
+    def result(self, handle):
+        self.in_flight -= 1
+        return super().result(handle)
+
+
+def _tables(kind: str):
+    if kind == "sequences":
+        table, cols = SEQUENCES, LargeColumns(None, "tokens", "targets")
+        full = SampleTable.from_table(table, feature_column=None, label_column="label",
+                                      sequence_column="tokens", target_column="targets")
+    else:
+        table, cols = DIGITS, LargeColumns("features", None, None)
+        full = SampleTable.from_table(table, feature_column="features", label_column="label")
+    small = dataclasses.replace(full, features=None, tokens=None, targets=None)
+    return table, cols, full, small
+
+
+CASES = {  # name -> (dataset, overrides, units per step: a function of the step index)
+    "packed, length-bucketed": ("sequences", [
+        "batching.strategy=length_bucket", "batching.packing=true", "model.name=seq_transformer",
+        "train.global_batch_size=32", "train.micro_batch_size=8"], lambda i: 1),
+    "padded, warmup from 8 to 32": ("sequences", [
+        "model.name=seq_transformer", "train.global_batch_size=32",
+        "train.batch_size_schedule=warmup", "train.batch_size_min=8",
+        "train.batch_size_warmup_steps=6", "train.micro_batch_size=8"],
+        lambda i: min(4, 1 + i // 2)),
+    "contrastive digits": ("digits", ["batching.strategy=contrastive", "train.loss=nt_xent",
+                                       "train.global_batch_size=64", "model.name=mlp"],
+                           lambda i: 1),
+}
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
+    kind, sets, units = CASES[case]
+    cfg = load_config(None, [f"data.name={kind}", *sets])
+    table, cols, full, small = _tables(kind)
+    train, val = split_train_val(len(full), full.labels, 0.2, 0)
+    micro = 8
+    for rank in range(world):
+        whole = RankFeed(cfg, full, train, rank, world)
+        fetch = CountingFetch(table)
+        streamed = StreamedRows(small, fetch, cols, rank, world, chunk_rows=40)
+        feed = RankFeed(cfg, small, train, rank, world, streamed=streamed)
+        for epoch in range(2):
+            a, b = iter(range(10**6)), iter(range(10**6))  # the step index, for `units`
+            _, want_steps = whole.epoch(epoch, lambda a=a: units(next(a)))
+            _, got_steps = feed.epoch(epoch, lambda b=b: units(next(b)))
+            asked_before = len(fetch.asked)
+            mine = []
+            for want, got in zip(want_steps, got_steps, strict=True):
+                assert np.array_equal(want.mine, got.mine)
+                mine.append(got.mine)
+                for a, b in zip(want.micro(micro), got.micro(micro), strict=True):
+                    x = whole.collate(a, (0, epoch, 0), want.rows)
+                    y = feed.collate(b, (0, epoch, 0), got.rows)
+                    assert x.keys() == y.keys()
+                    for key in x:
+                        assert np.array_equal(x[key], y[key]), key
+            # Each row of the rank's steps is fetched once, and no other row; at most the
+            # current chunk and the two next are in flight or held. Where the steps change size
+            # (the warmup), the chunks asked for on the old size are dropped and the steps
+            # asked for again: two wasted chunks per change.
+            asked = np.concatenate(fetch.asked[asked_before:])
+            mine = np.concatenate(mine)
+            if case == "padded, warmup from 8 to 32":
+                assert set(asked) >= set(mine)
+                assert fetch.in_flight <= 2 * 3 * (epoch + 1)  # k: 1 -> 2 -> 3 -> 4, each epoch
+            else:
+                assert len(asked) == len(mine) == len(np.unique(mine))
+                assert set(asked) == set(mine)
+                assert fetch.most_in_flight <= 3
+        # validation parts: the same arrays, fetched in chunks
+        parts = micro_slices(val[rank::world], micro)
+        for (p, rows), q in zip(feed.over(parts), parts, strict=True):
+            assert np.array_equal(p, q)
+            x = whole.collate(q, (0, 0, 1), full)
+            y = feed.collate(p, (0, 0, 1), rows)
+            for key in x:
+                assert np.array_equal(x[key], y[key]), key

@@ -1,0 +1,65 @@
+"""The batches ranks draw in the streaming mode, through the real fetch (`pipeline/blocks.py`):
+joined to the cluster at ADDRESS, ingest the digits in the streaming mode, run WORLD ranks as
+Ray tasks spread over the nodes, and print, as JSON, every step's global batch as the ranks
+collated it (sample ids in rank order) with a checksum of the features they gathered, and the
+nodes the ranks ran on. `tests/test_nodes_ray.py` compares 1 and 2 ranks on 1 and 2 nodes.
+
+    python -m tests.stream_probe ADDRESS WORLD
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import ray
+
+SETS = ["data.mode=streaming", "batching.strategy=stratified", "train.global_batch_size=64",
+        "train.micro_batch_size=16", "train.epochs=2"]
+
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+def rank_batches(cfg_dict: dict, blocks, rank: int, world: int) -> dict:
+    from pipeline.blocks import load_rows
+    from pipeline.config import Config
+    from pipeline.data.batches import split_train_val
+    from pipeline.data.feed import RankFeed
+
+    cfg = Config.model_validate(cfg_dict)
+    st, streamed, _ = load_rows(cfg, blocks, rank, world)
+    train, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
+    feed = RankFeed(cfg, st, train, rank, world, streamed=streamed)
+    steps = []
+    for epoch in range(cfg.train.epochs):
+        _, it = feed.epoch(epoch, lambda: 1)
+        for step in it:
+            ids, total = [], 0.0
+            for part in step.micro(16):
+                nb = feed.collate(part, (0, epoch, 0), step.rows)
+                ids += nb["sample_id"].tolist()
+                total += float(np.asarray(nb["features"], np.float64).sum())
+            steps.append({"ids": ids, "sum": total})
+    return {"node": ray.get_runtime_context().get_node_id(), "steps": steps,
+            "fetched": streamed.fetched_bytes}
+
+
+def main(address: str, world: int) -> None:
+    from pipeline.blocks import ingest
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    cfg, info = resolve(load_config(None, [*SETS, f"scaling.num_workers={world}"]))
+    blocks = ingest(info, cfg)
+    ranks = ray.get([rank_batches.remote(cfg.to_dict(), blocks, r, world) for r in range(world)])
+    steps = [{"ids": [i for r in ranks for i in r["steps"][s]["ids"]],
+              "sum": sum(r["steps"][s]["sum"] for r in ranks)}
+             for s in range(len(ranks[0]["steps"]))]
+    print(json.dumps({"steps": steps, "nodes": [r["node"] for r in ranks],
+                      "block_nodes": sorted(set(blocks.nodes) - {None}),
+                      "fetched": [r["fetched"] for r in ranks], "rows": info.num_rows}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
