@@ -44,6 +44,9 @@ def sweep(ray_cluster, mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "sweep_digits.yaml").read_text())
     cfg["train"].update(epochs=EPOCHS, warmup_epochs=0)  # global batch 32 = base batch
+    # The trials read the driver's blocks in the streaming mode (pipeline/blocks.py): each
+    # fetches its rows from the node's BlockServer; the reference job below holds the table.
+    cfg["data"] = {**cfg.get("data", {}), "mode": "streaming"}
     cfg["tune"] = {"search_space": SPACE, "scheduler": "asha", "metric": "val_accuracy",
                    "mode": "max", "max_concurrent": 2, "target_accuracy": 0.5}
     cfg["tracking"] = {"uri": mlflow_server, "experiment": "test-sweep", "log_model": False}
@@ -130,8 +133,10 @@ def test_parent_artifacts_and_files(sweep):
 
 
 def test_a_one_worker_trial_trains_in_its_actor_as_a_job_would(sweep, tmp_path):
-    """The good trial ran in its own Tune actor (no worker group) and ends at the very weights
-    of a stand-alone job (a TorchTrainer) with its config; its fixed cost is in trials.csv."""
+    """The good trial ran in its own Tune actor (no worker group), on rows streamed from the
+    sweep's blocks, and ends at the very weights of a stand-alone job (a TorchTrainer holding
+    the whole table: data.mode=object_store) with its config; its fixed cost is in trials.csv,
+    and what it fetched each epoch is its training and validation rows' features, exactly."""
     import torch
 
     from pipeline.engine.checkpoint import load_checkpoint
@@ -145,6 +150,12 @@ def test_a_one_worker_trial_trains_in_its_actor_as_a_job_would(sweep, tmp_path):
                        .read_text())
     ref_cfg = yaml.safe_load(sweep["config"].read_text())
     ref_cfg["model"]["name"], ref_cfg["train"]["base_lr"] = good["model.name"], GOOD_LR
+    ref_cfg["data"]["mode"] = "object_store"
+    fetched = [m.value for m in client.get_metric_history(good["mlflow_run_id"],
+                                                           "data_fetched_mib")]
+    train = digits_train_rows(ref_cfg["data"]["val_fraction"], ref_cfg["data"].get("split_seed", 0))
+    drawn, val = train // 32 * 32, 1797 - train  # full batches of 32; all of validation
+    assert fetched == [(drawn + val) * 64 * 4 / 2**20] * EPOCHS  # 64 float32 features a row
     want = reference_job(ref_cfg, tmp_path)
     got = load_checkpoint(trial["checkpoint"])
     assert got["step"] == want["step"] == good["steps"]
