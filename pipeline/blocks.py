@@ -21,6 +21,7 @@ batches, hence the training, are the same (`tests/test_nodes_ray.py`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,10 +132,11 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     # against 0.2 s for the V1 reader (bench/ingest.py), paid by every job and every sweep trial.
     # Both give the same rows in the same order.
     ctx.use_datasource_v2 = False
-    size = parquet_bytes(info.uri)
-    nodes = training_nodes()
-    mode = choose_mode(cfg.data.mode if cfg is not None else "object_store", size, nodes)
-    if mode == "object_store":
+    configured = cfg.data.mode if cfg is not None else "object_store"
+    size, nodes = 0, []
+    if configured != "object_store":  # the footers and the nodes decide auto, and size streaming
+        size, nodes = parquet_bytes(info.uri), training_nodes()
+    if choose_mode(configured, size, nodes) == "object_store":
         return Blocks("object_store", ray.data.read_parquet(info.uri).materialize().to_arrow_refs(),
                       size_bytes=size)
     # Blocks of about an eighth of a node's share, so they spread and balance evenly.
@@ -268,7 +270,8 @@ def _spread(refs: list[Any], servers: dict[str, Any]) -> tuple[list[Any], list[s
 
 
 def _small(block: pa.Table, cfg: Config) -> tuple[pa.Table, dict[str, Any]]:
-    """A block's small columns and facts (computed where the block is)."""
+    """A block's small columns and facts (computed where the block is). The facts are those of
+    `worker.data_facts` (computed there from a whole table): a fact added to one goes in both."""
     d, keep = cfg.data, {}
     for name in (d.id_column, d.label_column, cfg.batching.difficulty_column):
         if name is not None:
@@ -300,8 +303,6 @@ def _small_columns(where: list[str], servers: dict[str, Any], cfg: Config
 
 def small_table(cfg: Config, blocks: Blocks) -> SampleTable:
     """Every row's small columns, as the planners need them (the streaming mode's table)."""
-    import dataclasses
-
     table = pa.concat_tables(_get(blocks.small))
     d = cfg.data
     st = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,

@@ -170,8 +170,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     connect(address, verbose)
     check_store_reachable(uri)
     refs = table_refs if table_refs is not None else ingest(info, cfg)
-    if show_progress and mode_line(refs):
-        _log(mode_line(refs))
+    line = mode_line(refs)
+    if show_progress and line:
+        _log(line)
     pending = None  # the run, when the tracking server is unreachable at the start
     if run_id is None:
         run_args = {"experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name,

@@ -67,7 +67,7 @@ def load_table(cfg: Config, refs: list[Any]) -> SampleTable:
 
 def data_facts(st: SampleTable) -> dict[str, int | None]:
     """What the model needs to know of the data (the streaming mode has them from the blocks:
-    `Blocks.facts`)."""
+    `Blocks.facts`, computed per block by `blocks._small`: a fact added here goes there too)."""
     def top(a: Any) -> int | None:
         return None if a is None else int(pa.compute.max(pa.compute.list_flatten(a)).as_py())
 
