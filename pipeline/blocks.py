@@ -36,9 +36,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline.config import Config
 from pipeline.data.batches import SampleTable
 from pipeline.data.datasets import DatasetInfo
-from pipeline.data.rows import Fetch, LargeColumns, StreamedRows
+from pipeline.data.rows import Fetch, LargeColumns, StreamedRows, scatter_rows, take_rows
 
-CHUNK_BYTES = 8 << 20  # the streaming mode's fetches: about this much per call
+CHUNK_BYTES = 6 << 20  # the streaming mode's fetches: about this much per call (bench/README.md)
 STREAM_SHARE = 0.25  # auto: stream when the data fills more than this share of a node's store
 LENGTH = "__length"  # the small columns' token count per sequence
 
@@ -59,6 +59,15 @@ def _get(refs: Any) -> Any:
     """ray.get of what a BlockServer made; its loss is the dataset's (DataLostError)."""
     try:
         return ray.get(refs)
+    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
+        raise _lost(err) from None
+
+
+def _results(futures: list[Any]) -> list[Any]:
+    """The values of futures of what BlockServers made, as `_get` does for refs: a resolved
+    future holds its value already, where a ray.get would ask the node's raylet for it again."""
+    try:
+        return [f.result() for f in futures]
     except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
         raise _lost(err) from None
 
@@ -139,13 +148,14 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     if choose_mode(configured, size, nodes) == "object_store":
         return Blocks("object_store", ray.data.read_parquet(info.uri).materialize().to_arrow_refs(),
                       size_bytes=size)
-    # Blocks of about an eighth of a node's share, so they spread and balance evenly.
-    before = ctx.target_max_block_size
-    ctx.target_max_block_size = int(min(128 << 20, max(1 << 20, size // (8 * len(nodes)))))
-    try:
-        refs = ray.data.read_parquet(info.uri).materialize().to_arrow_refs()
-    finally:
-        ctx.target_max_block_size = before
+    # Blocks of about an eighth of a node's share, so they spread and balance evenly: of 1 to
+    # 128 MiB, but one per node at least (a block under 100 KiB lives in its owner's memory,
+    # on no node, so tiny blocks would all be served from one). Left to itself Ray Data
+    # splits a read into at least 200 blocks (DataContext.read_op_min_num_blocks): 208 of
+    # 2.7 MiB for the 591 MiB of bench/streaming.py, where a chunk's rows then span a hundred
+    # blocks per node.
+    count = max(len(nodes), min(8 * len(nodes), size >> 20), -(-size // (128 << 20)))
+    refs = ray.data.read_parquet(info.uri, override_num_blocks=count).materialize().to_arrow_refs()
     servers = _servers([n["NodeID"] for n in nodes])
     spread, where = _spread(refs, servers)
     moved = sum(a is not b for a, b in zip(spread, refs, strict=True))
@@ -212,8 +222,10 @@ class BlockServer:
     def take(self, columns: list[str], ids: list[int], local: list[np.ndarray]) -> pa.Table:
         """Rows of the blocks held here: `local[i]` of block `ids[i]`, the large columns only,
         as one table of single chunks."""
-        return pa.concat_tables([self.blocks[b].select(columns).take(pa.array(i))
-                                 for b, i in zip(ids, local, strict=True)]).combine_chunks()
+        return pa.table({c: pa.concat_arrays([take_rows(self.blocks[b].column(c), i)
+                                              for b, i in zip(ids, local, strict=True)])
+                         for c in columns})
+
 
 
 def _servers(nodes: list[str]) -> dict[str, Any]:
@@ -338,15 +350,23 @@ class BlockFetch(Fetch):
             local = np.split(positions[mine] - self.offsets[block[mine]], first[1:])
             ref = self.blocks.servers[self.nodes[k]].take.remote(self.columns, ids.tolist(),
                                                                   local)
-            asks.append((mine, ref))
+            # Ray moves a result to the caller's node only when it is asked for (ray.get), so a
+            # chunk asked ahead would still cross the network while the step waits. A future
+            # pulls it here as soon as the server has it (ray.wait(fetch_local=True) does so
+            # only for a result already made). bench/README.md: the waits it saved.
+            asks.append((mine, ref.future()))
         return asks
 
     def result(self, handle: Any) -> pa.Table:
         if not handle:
             return pa.table({})
-        order = np.concatenate([mine for mine, _ in handle])
-        table = pa.concat_tables(_get([ref for _, ref in handle])).combine_chunks()
-        return table if len(handle) == 1 else table.take(pa.array(np.argsort(order)))
+        tables = _results([future for _, future in handle])
+        if len(handle) == 1:
+            return tables[0]
+        where = [mine for mine, _ in handle]
+        n = sum(len(m) for m in where)
+        return pa.table({c: scatter_rows([t.column(c) for t in tables], where, n)
+                         for c in self.columns})
 
 
 def load_rows(cfg: Config, blocks: Blocks | list[Any], rank: int, world: int
@@ -359,7 +379,8 @@ def load_rows(cfg: Config, blocks: Blocks | list[Any], rank: int, world: int
         cols = large_columns(cfg)
         small = small_table(cfg, blocks)
         # Chunks of about CHUNK_BYTES: fewer, larger calls cost less per row (a call's fixed
-        # cost is a few ms); a rank holds up to three of them.
+        # cost is a few ms); a rank holds up to three of them, on its node and (their rows)
+        # on the serving ones. 8 MiB put a node at 0.61 of the data, 6 MiB at 0.60.
         row_bytes = blocks.size_bytes / max(len(small), 1)
         chunk = int(min(16_384, max(256, CHUNK_BYTES / max(row_bytes, 1.0))))
         return small, StreamedRows(small, BlockFetch(blocks, cols.names()), cols, rank, world,

@@ -24,9 +24,18 @@ from pipeline.data.padding import IGNORE_INDEX, collate_sequences, ragged_from_a
 from pipeline.data.plan import SampleMeta
 
 
+def one_array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as one array; one of a single chunk is taken as it is (Arrow's combine_chunks
+    copies even that)."""
+    if isinstance(col, pa.Array):
+        return col
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A numeric or fixed-size-list column -> numpy ([N] or [N, D]) without Python loops."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    """A numeric or fixed-size-list column -> numpy ([N] or [N, D]) without Python loops
+    (without a copy for one chunk of numbers without nulls: read-only then)."""
+    arr = one_array(col)
     if pa.types.is_fixed_size_list(arr.type):
         width = arr.type.list_size
         return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
@@ -183,14 +192,15 @@ class SampleTable:
         def col(name: str | None) -> np.ndarray | None:
             return None if name is None else column_to_numpy(table.column(name))
 
-        tokens = table.column(sequence_column).combine_chunks() if sequence_column else None
+        tokens = one_array(table.column(sequence_column)) if sequence_column else None
         return cls(
             ids=col(id_column).astype(np.int64) if id_column else np.arange(n, dtype=np.int64),
             labels=None if label_column is None
             else label_ids(table.column(label_column), f"data.label_column={label_column!r}"),
-            features=None if feature_column is None else col(feature_column).astype(np.float32),
+            features=None if feature_column is None
+            else col(feature_column).astype(np.float32, copy=False),  # float32 read as it is
             tokens=tokens,
-            targets=table.column(target_column).combine_chunks() if target_column else None,
+            targets=one_array(table.column(target_column)) if target_column else None,
             lengths=None if tokens is None else pc.list_value_length(tokens).to_numpy().astype(np.int64),
             difficulty=None if difficulty_column is None else col(difficulty_column).astype(np.float64),
         )

@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline.config import load_config
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
 from pipeline.data.datasets import make_digits, make_sequences
 from pipeline.data.feed import RankFeed
-from pipeline.data.rows import LargeColumns, StreamedRows, TableFetch
+from pipeline.data.rows import LargeColumns, StreamedRows, TableFetch, scatter_rows, take_rows
 
 SEQUENCES = make_sequences(n=600)
 DIGITS = make_digits()
@@ -115,3 +116,45 @@ def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
             y = feed.collate(p, (0, 0, 1), rows)
             for key in x:
                 assert np.array_equal(x[key], y[key]), key
+
+
+def test_take_rows_takes_chunk_by_chunk_what_arrow_takes():
+    """The servers' take (per chunk, to avoid Arrow's joining a block's chunks per call) equals
+    Arrow's own on columns of many chunks: sorted and unsorted rows, repeats, none, and the
+    column types the large columns have (floats, fixed-size and variable lists)."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        lens = rng.integers(1, 6, rng.integers(1, 5))
+        values = np.arange(int(lens.sum()))
+        kinds = [pa.array(values), pa.FixedSizeListArray.from_arrays(
+            pa.array(np.repeat(values, 2)), 2), pa.array([[v] * (v % 3) for v in values])]
+        bounds = np.cumsum(lens)[:-1]
+        for whole in kinds:
+            col = pa.chunked_array([whole.slice(a, b - a) for a, b in
+                                    zip([0, *bounds], [*bounds, len(whole)], strict=True)])
+            rows = rng.integers(0, len(whole), rng.integers(0, 8))
+            if trial % 2:
+                rows = np.sort(rows)
+            got = take_rows(col, rows)
+            assert isinstance(got, pa.Array)  # one array: the chunk the rank receives
+            assert got.equals(col.take(pa.array(rows, pa.int64())).combine_chunks()), (lens, rows)
+
+
+def test_scatter_rows_puts_each_nodes_rows_where_they_belong():
+    """A chunk joined from the nodes' answers (numbers and fixed-size lists by numpy, the rest
+    by Arrow) has exactly the rows of the table they were taken from, in order, types kept."""
+    rng = np.random.default_rng(1)
+    for trial in range(100):
+        n = int(rng.integers(1, 30))
+        values = rng.normal(size=(n, 3)).astype(np.float32)
+        kinds = [pa.array(np.arange(n)), pa.array(values[:, 0]),
+                 pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), 3),
+                 pa.array([[i] * (i % 3) for i in range(n)]),
+                 pa.array([None if i % 4 == 0 else float(i) for i in range(n)])]  # nulls
+        node = rng.integers(0, 3, n)  # which node holds each row
+        where = [np.flatnonzero(node == k) for k in range(3) if (node == k).any()]
+        for whole in kinds:
+            pieces = [pa.chunked_array([whole.take(pa.array(w[: len(w) // 2])),
+                                        whole.take(pa.array(w[len(w) // 2:]))]) for w in where]
+            got = scatter_rows(pieces, where, n)
+            assert got.type == whole.type and got.equals(whole), (trial, whole.type)
