@@ -227,7 +227,6 @@ class BlockServer:
                          for c in columns})
 
 
-
 def _servers(nodes: list[str]) -> dict[str, Any]:
     actor = ray.remote(num_cpus=0, max_concurrency=4)(BlockServer)
     servers = {n: actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(

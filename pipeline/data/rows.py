@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.batches import SampleTable
+from pipeline.data.batches import SampleTable, one_array
 from pipeline.data.plan import rank_slice
 
 
@@ -64,7 +64,7 @@ def scatter_rows(pieces: list[pa.Array | pa.ChunkedArray], where: list[np.ndarra
     ...              ).to_pylist()
     [10, 20, 30]
     """
-    arrays = [p.combine_chunks() if isinstance(p, pa.ChunkedArray) else p for p in pieces]
+    arrays = [one_array(p) for p in pieces]
     kind = arrays[0].type
     fixed = pa.types.is_fixed_size_list(kind)
     inner = kind.value_type if fixed else kind
