@@ -114,6 +114,23 @@ def parquet_bytes(uri: str) -> int:
     return total
 
 
+def block_count(size_bytes: int, nodes: int) -> int:
+    """How many blocks the streaming mode reads the data into: about an eighth of a node's
+    share each, so that they spread and balance evenly; of 1 to 128 MiB, but one per node at
+    least (a block under 100 KiB lives in its owner's memory, on no node, so tiny blocks would
+    all be served from one). Left to itself Ray Data splits a read into at least 200 blocks
+    (DataContext.read_op_min_num_blocks): 208 of 2.7 MiB for the 591 MiB of
+    bench/streaming.py, where a chunk's rows then spanned a hundred blocks per node.
+
+    >>> MiB = 1 << 20
+    >>> block_count(591 * MiB, 2), block_count(460_000, 2), block_count(5 * MiB, 2)
+    (16, 2, 5)
+    >>> block_count(100 * 1024 * MiB, 2)  # 128 MiB blocks
+    800
+    """
+    return max(nodes, min(8 * nodes, size_bytes >> 20), -(-size_bytes // (128 << 20)))
+
+
 def choose_mode(configured: str, size_bytes: int, nodes: list[dict[str, Any]]) -> str:
     """`data.mode`, with auto decided by the data's size against the nodes' object stores.
 
@@ -148,13 +165,7 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     if choose_mode(configured, size, nodes) == "object_store":
         return Blocks("object_store", ray.data.read_parquet(info.uri).materialize().to_arrow_refs(),
                       size_bytes=size)
-    # Blocks of about an eighth of a node's share, so they spread and balance evenly: of 1 to
-    # 128 MiB, but one per node at least (a block under 100 KiB lives in its owner's memory,
-    # on no node, so tiny blocks would all be served from one). Left to itself Ray Data
-    # splits a read into at least 200 blocks (DataContext.read_op_min_num_blocks): 208 of
-    # 2.7 MiB for the 591 MiB of bench/streaming.py, where a chunk's rows then span a hundred
-    # blocks per node.
-    count = max(len(nodes), min(8 * len(nodes), size >> 20), -(-size // (128 << 20)))
+    count = block_count(size, len(nodes))
     refs = ray.data.read_parquet(info.uri, override_num_blocks=count).materialize().to_arrow_refs()
     servers = _servers([n["NodeID"] for n in nodes])
     spread, where = _spread(refs, servers)
