@@ -22,6 +22,8 @@ batches, hence the training, are the same (`tests/test_nodes_ray.py`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,19 +57,11 @@ def _lost(err: Exception) -> DataLostError:
         "continues from the last checkpoint")
 
 
-def _get(refs: Any) -> Any:
-    """ray.get of what a BlockServer made; its loss is the dataset's (DataLostError)."""
+@contextmanager
+def _servers_kept() -> Iterator[None]:
+    """Reading what a BlockServer made: its loss is the dataset's (DataLostError)."""
     try:
-        return ray.get(refs)
-    except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
-        raise _lost(err) from None
-
-
-def _results(futures: list[Any]) -> list[Any]:
-    """The values of futures of what BlockServers made, as `_get` does for refs: a resolved
-    future holds its value already, where a ray.get would ask the node's raylet for it again."""
-    try:
-        return [f.result() for f in futures]
+        yield
     except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as err:
         raise _lost(err) from None
 
@@ -231,11 +225,12 @@ class BlockServer:
         return _small(self.blocks[block], Config.model_validate(cfg_dict))
 
     def take(self, columns: list[str], ids: list[int], local: list[np.ndarray]) -> pa.Table:
-        """Rows of the blocks held here: `local[i]` of block `ids[i]`, the large columns only,
-        as one table of single chunks."""
-        return pa.table({c: pa.concat_arrays([take_rows(self.blocks[b].column(c), i)
-                                              for b, i in zip(ids, local, strict=True)])
-                         for c in columns})
+        """Rows of the blocks held here: `local[i]` (sorted) of block `ids[i]`, the large
+        columns only, each a column of the parts taken, unjoined: the rank joins them once."""
+        return pa.table({c: pa.chunked_array(
+            [part for b, i in zip(ids, local, strict=True)
+             for part in take_rows(self.blocks[b].column(c), i).chunks],
+            type=self.blocks[ids[0]].column(c).type) for c in columns})
 
 
 def _servers(nodes: list[str]) -> dict[str, Any]:
@@ -325,7 +320,8 @@ def _small_columns(where: list[str], servers: dict[str, Any], cfg: Config
 
 def small_table(cfg: Config, blocks: Blocks) -> SampleTable:
     """Every row's small columns, as the planners need them (the streaming mode's table)."""
-    table = pa.concat_tables(_get(blocks.small))
+    with _servers_kept():
+        table = pa.concat_tables(ray.get(blocks.small))
     d = cfg.data
     st = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,
                                 id_column=d.id_column,
@@ -370,7 +366,8 @@ class BlockFetch(Fetch):
     def result(self, handle: Any) -> pa.Table:
         if not handle:
             return pa.table({})
-        tables = _results([future for _, future in handle])
+        with _servers_kept():  # a resolved future holds its value: no ask to the raylet again
+            tables = [future.result() for _, future in handle]
         if len(handle) == 1:
             return tables[0]
         where = [mine for mine, _ in handle]

@@ -136,8 +136,12 @@ def test_take_rows_takes_chunk_by_chunk_what_arrow_takes():
             if trial % 2:
                 rows = np.sort(rows)
             got = take_rows(col, rows)
-            assert isinstance(got, pa.Array)  # one array: the chunk the rank receives
-            assert got.equals(col.take(pa.array(rows, pa.int64())).combine_chunks()), (lens, rows)
+            assert got.type == col.type
+            assert got.combine_chunks().equals(
+                col.take(pa.array(rows, pa.int64())).combine_chunks()), (lens, rows)
+            if trial % 2:  # sorted: one part per chunk holding some of the rows, none joined
+                assert got.num_chunks == len(np.unique(np.searchsorted(
+                    np.cumsum(lens), rows, side="right")))
 
 
 def test_scatter_rows_puts_each_nodes_rows_where_they_belong():
@@ -154,7 +158,8 @@ def test_scatter_rows_puts_each_nodes_rows_where_they_belong():
         node = rng.integers(0, 3, n)  # which node holds each row
         where = [np.flatnonzero(node == k) for k in range(3) if (node == k).any()]
         for whole in kinds:
-            pieces = [pa.chunked_array([whole.take(pa.array(w[: len(w) // 2])),
+            pieces = [pa.chunked_array([whole.take(pa.array(w[: len(w) // 3])),
+                                        whole.take(pa.array(w[len(w) // 3: len(w) // 2])),
                                         whole.take(pa.array(w[len(w) // 2:]))]) for w in where]
             got = scatter_rows(pieces, where, n)
             assert got.type == whole.type and got.equals(whole), (trial, whole.type)
