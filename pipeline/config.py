@@ -277,6 +277,10 @@ class TrainConfig(_Section):
     batch_size_step_cost: Float | None = Field(
         None, ge=0.0, description="adaptive: a step's fixed cost in samples' worth of compute "
         "(T(M) = b (c + M)); unset: measured in the run")
+    batch_size_throughput: str | None = Field(
+        None, description="adaptive: a find_batch_size.json whose step times give "
+        "train.batch_size_step_cost (its per-worker step cost times scaling.num_workers), "
+        "filled in before the job starts; unset: train.batch_size_step_cost or measured")
 
     @field_validator("micro_batch_size", mode="before")
     @classmethod
@@ -470,6 +474,9 @@ class Config(_Section):
     def _check_batch_schedule(self) -> None:
         t, workers = self.train, self.scaling.num_workers
         kind = f"train.batch_size_schedule={t.batch_size_schedule}"
+        if t.batch_size_throughput is not None and t.batch_size_schedule != "adaptive":
+            raise ValueError("train.batch_size_throughput is the adaptive schedule's throughput "
+                             "model: set train.batch_size_schedule=adaptive")
         if t.batch_size_schedule == "constant":
             return
         m0 = t.batch_size_min

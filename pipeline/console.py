@@ -200,6 +200,8 @@ def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
     elif t.batch_size_schedule == "adaptive":
         cost = ("measured" if t.batch_size_step_cost is None
                 else f"{t.batch_size_step_cost:g} samples")
+        if t.batch_size_throughput is not None:
+            cost += f" from {t.batch_size_throughput}"
         schedule = (f"; adaptive batch from {t.batch_size_min}, by goodput every "
                     f"{t.batch_size_interval} steps (step cost {cost})")
     return [

@@ -8,13 +8,17 @@ on a CPU against a memory budget). One worker runs here, in-process and without 
 agreement between workers (every rank tries the same size, the minimum wins, no rank is left
 waiting in a collective) is in the engine and tested there with real gloo ranks.
 
-Writes `DIR/find_batch_size.json` (`max_micro_batch_size`, `device`, `suggestion`, `trials`)
-and `DIR/find_batch_size.png`, and prints a table. Heavy imports (torch) happen inside the
+Writes `DIR/find_batch_size.json` (`max_micro_batch_size`, `device`, `suggestion`, `trials`,
+`step_cost_per_worker`) and `DIR/find_batch_size.png`, and prints a table. The step times of
+the sizes that fit give the throughput model of the adaptive batch-size schedule
+(`step_cost_per_worker`: its c for one worker, read back by `step_cost_from`, which
+`train.batch_size_throughput` names). Heavy imports (torch) happen inside the
 functions: `parse_size` is used while the arguments are parsed.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -146,16 +150,24 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     try_step = make_trial_step(model, optimizer, _batch_maker(cfg, st, order, device, spec["name"]),
                                loss=t.loss, device=device, precision=t.precision, scaler=scaler,
                                max_memory_bytes=budget)
-    search = find_max_micro_batch(try_step, limit=len(order))
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # time a step as a worker runs it: Ray sets its OMP_NUM_THREADS
+        torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
+    try:
+        name = _device_name(device)
+        search = find_max_micro_batch(try_step, limit=len(order))
+    finally:
+        torch.set_num_threads(threads)
     longest = int(st.lengths[order[0]]) if st.lengths is not None else None
     if longest is not None and cfg.batching.max_length:
         longest = min(longest, cfg.batching.max_length)
     result = {
         "max_micro_batch_size": search.max_micro_batch_size,
-        "device": _device_name(device),
+        "device": name,
         "suggestion": suggest_batching(search.max_micro_batch_size, t.global_batch_size,
                                        cfg.scaling.num_workers, MARGIN),
         "trials": [vars(x) for x in search.trials],
+        "step_cost_per_worker": trial_step_cost(search.trials),
         "max_memory_bytes": budget,
         "budget": source if budget is not None else None,
         "limit": search.limit,
@@ -176,6 +188,49 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     write_json(out / "find_batch_size.json", result)
     plot(result, out / "find_batch_size.png")
     return result
+
+
+def trial_step_cost(trials: list[Any]) -> float | None:
+    """c = a / b of the step time T(m) = a + b m through the trials that fit (m / samples_per_s
+    each), in samples of one worker's micro-batch: the adaptive schedule's throughput model
+    (`pipeline.engine.batch_schedule.fit_step_cost`). None with fewer than two sizes.
+
+    >>> from types import SimpleNamespace as T
+    >>> trial_step_cost([T(micro_batch_size=m, fits=True, samples_per_s=m / (0.4 + m / 320))
+    ...                  for m in (1, 2, 4, 8)])  # a = 0.4 s, b = 1/320 s per sample
+    128.0
+    """
+    from pipeline.engine.batch_schedule import fit_step_cost
+
+    timed = [(x.micro_batch_size, x.micro_batch_size / x.samples_per_s) for x in trials
+             if x.fits and x.samples_per_s]
+    if len({m for m, _ in timed}) < 2:
+        return None
+    cost = fit_step_cost([m for m, _ in timed], [s for _, s in timed])
+    return None if cost is None else round(cost, 3)
+
+
+def step_cost_from(path: str, num_workers: int) -> tuple[float, str]:
+    """The adaptive schedule's step cost c for `num_workers` workers from a
+    `find_batch_size.json` (`train.batch_size_throughput`), and the device it was measured on.
+    A step of global batch M has M / num_workers samples per worker, T = a + b M / W, so c is
+    the file's per-worker c times W. ConfigError (one line naming the key) when the file is
+    missing, is not such a file, or holds no step cost (fewer than two sizes fit)."""
+    import json
+
+    key = "train.batch_size_throughput"
+    try:
+        result = json.loads(Path(path).expanduser().read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config error: {key}: no such file: {path}") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config error: {key}: {path} is not a find_batch_size.json "
+                          f"({type(err).__name__})") from None
+    cost = result.get("step_cost_per_worker") if isinstance(result, dict) else None
+    if not isinstance(cost, int | float) or isinstance(cost, bool) or cost < 0:
+        raise ConfigError(f"config error: {key}: {path} holds no step_cost_per_worker (written by "
+                          "find-batch-size when at least two micro-batch sizes fit)")
+    return float(cost) * num_workers, str(result.get("device", "?"))
 
 
 def table_lines(result: dict[str, Any]) -> list[str]:
@@ -209,6 +264,9 @@ def print_result(result: dict[str, Any]) -> None:
     print("\n".join(table_lines(result)), flush=True)
     more = " (the limit: the training split's size)" if result["hit_limit"] else ""
     say(f"largest micro-batch that fits: {result['max_micro_batch_size']}{more}")
+    if result.get("step_cost_per_worker") is not None:
+        say(f"a step's fixed cost: {result['step_cost_per_worker']:g} samples' worth per worker "
+            "(train.batch_size_throughput: this file, for batch_size_schedule=adaptive)")
     s = result["suggestion"]
     if s is not None:
         say(f"suggestion (margin {s['margin']:g}): micro {s['micro_batch_size']} x accumulation "

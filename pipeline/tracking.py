@@ -98,11 +98,27 @@ def start_run(uri: str, experiment: str, *, run_name: str | None, params: dict[s
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
-    items = sorted(params.items())
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        c.log_batch(run_id, params=[_param(k, v) for k, v in items[i : i + 100]])
-    log_text(uri, run_id, config_yaml, "config.yaml")
+    try:
+        items = sorted(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            c.log_batch(run_id, params=[_param(k, v) for k, v in items[i : i + 100]])
+        log_text(uri, run_id, config_yaml, "config.yaml")
+    except Exception as err:
+        # Half made (params or config missing): no job's run. FAILED, never left RUNNING; if
+        # the store is gone too, the caller holds the id to try again (HalfRunError.run_id).
+        raise HalfRunError(run_id, end_run(uri, run_id, "FAILED"), err) from err
     return run_id
+
+
+class HalfRunError(RuntimeError):
+    """`start_run` created a run but could not log its params or config. `failed`: whether the
+    run was marked FAILED; if not (the store went away), it is still RUNNING."""
+
+    def __init__(self, run_id: str, failed: bool, cause: Exception):
+        super().__init__(f"MLflow run {run_id} was created but not completed "
+                         f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+                         + ("; marked FAILED" if failed else "; still RUNNING"))
+        self.run_id, self.failed = run_id, failed
 
 
 def _param(key: str, value: str) -> Any:
@@ -217,6 +233,7 @@ class DeferredRun:
         self.uri, self.retry_s, self.run_args = uri, retry_s, run_args
         self._id: str | None = None
         self._next_try = 0.0
+        self.half_made: list[str] = []  # runs an attempt left RUNNING, marked FAILED later
 
     def run_id(self) -> str | None:
         if self._id is None and time.monotonic() >= self._next_try:
@@ -226,7 +243,11 @@ class DeferredRun:
                     self._id = start_run(self.uri, **self.run_args)
                     log.warning("MLflow reachable: run %s created", self._id)
                 except Exception as err:  # went away again mid-creation: the next call retries
+                    if isinstance(err, HalfRunError) and not err.failed:
+                        self.half_made.append(err.run_id)
                     log.warning("MLflow: the run could not be created yet: %s", err)
+            if self._id is not None:
+                self.half_made = [r for r in self.half_made if not end_run(self.uri, r, "FAILED")]
         return self._id
 
 

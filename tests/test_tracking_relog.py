@@ -29,3 +29,33 @@ def test_epochs_logged_before_a_restart_are_marked_when_logged_again(mlflow_serv
     assert restarted.mark_relogged_epochs(0) == [1, 2, 3]  # a second restart, from the start
     assert c.get_run(run_id).data.tags["relogged_epochs"] == "2,3;1,2,3"
     restarted.close()
+
+
+def test_a_run_half_made_is_failed_never_left_running(mlflow_server, monkeypatch):
+    """The config artifact cannot be logged (the store fails between creating the run and
+    completing it): `start_run` marks that run FAILED and says so; a `DeferredRun` that met it
+    while the store could not even mark it marks it FAILED once its own run exists."""
+    import pipeline.tracking as tracking
+
+    def broken(*_args, **_kwargs):
+        raise OSError("artifact store unreachable")
+
+    c = MlflowClient(mlflow_server)
+    args = {"run_name": "half", "params": {"train.epochs": "3"}, "config_yaml": "a: 1\n"}
+    monkeypatch.setattr(tracking, "log_text", broken)
+    with pytest.raises(tracking.HalfRunError, match="marked FAILED") as caught:
+        tracking.start_run(mlflow_server, "test-half", **args)
+    assert caught.value.failed and c.get_run(caught.value.run_id).info.status == "FAILED"
+
+    # the store also refuses the FAILED mark (gone), then comes back: the next attempt makes
+    # the run and marks the half-made one
+    deferred = tracking.DeferredRun(mlflow_server, retry_s=0.0, experiment="test-half", **args)
+    monkeypatch.setattr(tracking, "end_run", lambda *_args: False)
+    assert deferred.run_id() is None and len(deferred.half_made) == 1
+    stuck = deferred.half_made[0]
+    assert c.get_run(stuck).info.status == "RUNNING"
+    monkeypatch.undo()
+    run_id = deferred.run_id()
+    assert run_id is not None and deferred.half_made == []
+    assert c.get_run(stuck).info.status == "FAILED" and c.get_run(run_id).info.status == "RUNNING"
+    assert c.get_run(run_id).data.params == {"train.epochs": "3"}

@@ -207,11 +207,18 @@ def test_batch_size_schedules_log_the_batch_of_every_step_and_scale_the_lr(ray_c
     assert sorted(m.step for m in evals) == list(range(5, len(sizes) + 1, 5))
     assert all(0 <= m.value <= 1 for m in evals)
 
+    # the step cost from a find-batch-size file: 256 samples' worth per worker, 2 workers
+    finder = tmp_path / "find_batch_size.json"
+    finder.write_text(json.dumps({"device": "cpu (test)", "step_cost_per_worker": 256.0}))
     out = run_cli("train", *common, "--set", "train.batch_size_schedule=adaptive",
-                  "--set", "train.batch_size_interval=4", "--set", "train.batch_size_step_cost=512",
-                  "--out", str(tmp_path / "a"))
+                  "--set", "train.batch_size_interval=4",
+                  "--set", f"train.batch_size_throughput={finder}", "--out", str(tmp_path / "a"))
     assert out.returncode == 0, out.stderr[-3000:]
     adapt = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert f"(step cost 512 samples from {finder})" in out.stdout
+    params = client.get_run(adapt["mlflow_run_id"]).data.params
+    assert params["train.batch_size_step_cost"] == "512.0"
+    assert params["train.batch_size_throughput"] == str(finder)
     sizes = curve(adapt, "step/global_batch_size")
     assert sizes[:4] == [32.0] * 4  # the unit until the first decision
     assert all(s % 32 == 0 and 32 <= s <= 256 for s in sizes[:-1])

@@ -123,6 +123,23 @@ class DatasetInfo:
     columns: tuple[str, ...]
 
 
+def _fill_step_cost(cfg: Config) -> Config:
+    """train.batch_size_step_cost from train.batch_size_throughput's file, for this config's
+    worker count. A step cost also set in the config must be the file's (a resolved config,
+    which holds both, resolves to itself): two different answers are refused."""
+    t = cfg.train
+    if t.batch_size_throughput is None:
+        return cfg
+    from pipeline.find_batch_size import step_cost_from
+
+    cost, device = step_cost_from(t.batch_size_throughput, cfg.scaling.num_workers)
+    if t.batch_size_step_cost is not None and abs(t.batch_size_step_cost - cost) > 1e-6 * cost:
+        raise ConfigError(f"config error: train.batch_size_step_cost={t.batch_size_step_cost:g} "
+                          f"and train.batch_size_throughput (c = {cost:g} measured on {device}) "
+                          "disagree: set one of them")
+    return cfg.with_overrides({"train.batch_size_step_cost": cost})
+
+
 def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     """Find the dataset, fill what the config leaves to the data, and check that the data can
     be trained as configured; raise ConfigError (exit 2, one line naming the culprit) otherwise.
@@ -134,9 +151,11 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     vectors. Checked: every named column exists and holds what its key says (fixed-size
     vectors, integer class ids >= 0, token id lists with aligned targets), the model can take
     the data and the loss has its columns, the training split is not empty, every class is in
-    both splits, epoch 1 has a batch; for a sweep, `Config.check_tune`.
+    both splits, epoch 1 has a batch; for a sweep, `Config.check_tune`. Also filled:
+    `train.batch_size_step_cost` from the `find_batch_size.json` that
+    `train.batch_size_throughput` names (`_fill_step_cost`).
     """
-    cfg = _fill_embedded_columns(cfg)
+    cfg = _fill_step_cost(_fill_embedded_columns(cfg))
     d = cfg.data
     if d.path is None:
         uri = str(embedded_path(d.name, d.cache_dir).resolve())

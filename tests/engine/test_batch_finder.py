@@ -5,7 +5,9 @@ the CPU memory budget, the suggestion's arithmetic, and `python -m pipeline find
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ from pipeline.engine.batch_finder import (
     make_trial_step,
     suggest_batching,
 )
-from pipeline.find_batch_size import parse_size
+from pipeline.find_batch_size import parse_size, trial_step_cost
 from tests.conftest import REPO
 from tests.engine.ranks import run_ranks
 
@@ -261,6 +263,14 @@ def test_find_batch_size_on_digits_writes_the_interface_and_finds_the_boundary(d
     assert (tmp_path / "find_batch_size.png").stat().st_size > 0
     assert f"largest micro-batch that fits: {n}" in out
     assert "  size  fits    peak MiB   samples/s" in out
+    # the adaptive schedule's throughput model: the line through the timed trials' step times
+    timed = [(t["micro_batch_size"], t["micro_batch_size"] / t["samples_per_s"])
+             for t in r["trials"] if t["fits"]]
+    c = r["step_cost_per_worker"]
+    assert c is not None and c >= 0
+    assert c == trial_step_cost([SimpleNamespace(**t) for t in r["trials"]])
+    b, a = np.polyfit(*zip(*sorted(timed), strict=True), 1)  # one trial per size here
+    assert c == pytest.approx(max(a, 0) / b, rel=1e-3, abs=1e-3)
 
 
 def test_find_batch_size_on_sequences_steps_the_longest_sequences(data_dir, tmp_path, capsys):
@@ -271,6 +281,49 @@ def test_find_batch_size_on_sequences_steps_the_longest_sequences(data_dir, tmp_
     r = json.loads((tmp_path / "find_batch_size.json").read_text())
     assert r["model"] == "seq_transformer" and "(512 tokens)" in r["samples"]
     assert 1 <= r["max_micro_batch_size"] < 32  # 512 tokens padded: MiBs per sample
+
+
+ADAPTIVE = ["--set", "train.batch_size_schedule=adaptive", "--set", "train.batch_size_min=32",
+            "--set", "train.global_batch_size=256", "--set", "scaling.num_workers=2"]
+
+
+def _finder_file(tmp_path, **content):
+    path = tmp_path / "find_batch_size.json"
+    path.write_text(json.dumps({"device": "cpu (test)", **content}))
+    return str(path)
+
+
+def test_throughput_file_fills_the_step_cost_for_the_jobs_workers(data_dir, tmp_path):
+    """`train.batch_size_throughput`: the finder's per-worker c times the job's workers (a
+    worker steps M / W samples: T = a + b M / W), filled before the job starts; a resolved
+    config, which holds both keys, resolves to itself."""
+    path = _finder_file(tmp_path, step_cost_per_worker=75.0)
+    args, cfg, _, _ = cli.prepare(["train", "--config", DIGITS, *ADAPTIVE,
+                                   "--set", f"train.batch_size_throughput={path}"])
+    assert cfg.train.batch_size_step_cost == 150.0
+    assert cfg.train.batch_size_throughput == path
+    from pipeline.data.datasets import resolve
+
+    assert resolve(cfg)[0].train.batch_size_step_cost == 150.0
+
+
+@pytest.mark.parametrize(("extra", "content", "line"), [
+    ([], None, "config error: train.batch_size_throughput: no such file: "),
+    ([], {"step_cost_per_worker": None}, "config error: train.batch_size_throughput: "),
+    (["--set", "train.batch_size_step_cost=100"], {"step_cost_per_worker": 75.0},
+     "config error: train.batch_size_step_cost=100 and train.batch_size_throughput (c = 150 "),
+    (["--set", "train.batch_size_schedule=warmup", "--set", "train.batch_size_warmup_steps=5"],
+     {"step_cost_per_worker": 75.0}, "config error: train.batch_size_throughput is the adaptive"),
+])
+def test_throughput_file_refusals_exit_2_with_one_line(data_dir, tmp_path, capsys, extra,
+                                                      content, line):
+    path = (str(tmp_path / "missing.json") if content is None
+            else _finder_file(tmp_path, **content))
+    rc, _, err = _run(["train", "--config", DIGITS, *ADAPTIVE, *extra,
+                       "--set", f"train.batch_size_throughput={path}",
+                       "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith(line), err
 
 
 @pytest.mark.parametrize(("argv", "line"), [
