@@ -295,9 +295,11 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         before, cost = sched.units, sched.step_cost
         phi = state.noise.value if state.noise is not None else math.nan
         k = sched.next_units(state.step, phi / state.elements_per_sample, agree)
-        if rank == 0 and sched.measured and cost is None and sched.step_cost is not None:
-            console.say(f"batch size: a step costs as much as {sched.step_cost:.0f} samples "
-                        "(measured: T(M) = a + b M over the timed steps)")
+        now = sched.step_cost
+        if rank == 0 and sched.measured and now is not None and (
+                cost is None or not cost / 1.5 <= now <= cost * 1.5):  # first, or moved by 1.5x
+            console.say(f"batch size: a step costs as much as {now:.0f} samples (measured: "
+                        f"T(M) = a + b M over the last {len(sched.timings)} steps)")
         if rank == 0 and k != before and sched.kind == "adaptive":
             console.say(f"batch size {before * unit} -> {k * unit} at step {state.step + 1} "
                         f"(noise scale {phi / state.elements_per_sample:.0f} samples)")

@@ -27,11 +27,16 @@ batches; a stratified or length-bucketed plan stays balanced unit by unit.
   than the current one, so that noise in the estimates does not make it flap.
 
   c comes from `train.batch_size_step_cost` when set (a deterministic schedule), else from the run:
-  the first interval is timed at k = 1, the second at k = 2, and a line through the median
-  step time of each size gives a and b (step times averaged over ranks, so every rank decides
-  alike; medians, so that a validation pass or a busy moment does not move the line).
-  A measured c makes the schedule depend on timing: it is logged, and kept in checkpoints so a
-  resume goes on with the same model.
+  the first interval is timed at k = 1, the second at k = min(4, K), and a line through the
+  median step time of each size gives a and b (step times averaged over ranks, so every rank
+  decides alike; medians, so that a validation pass or a busy moment does not move the line).
+  Four units, not two: on a shared machine a step's time varies by a factor of 2-3 from step
+  to step, and 1 and 2 units differ by less than that (c from 0 to 3,040 samples between runs
+  of the same trial, README); 1 and 4 units differ by 3 units' compute. At every later
+  decision the line is fitted again through the last 200 steps, which span the batch sizes
+  the schedule chose since, so c sharpens as the run goes on. A measured c makes the
+  schedule depend on timing: it is logged, and kept in checkpoints so a resume goes on with
+  the same model.
 
     >>> best_units(phi=400.0, unit=32, max_units=32, step_cost=100.0)  # M* = sqrt(100*400) = 200
     6
@@ -49,6 +54,7 @@ import numpy as np
 
 SCHEDULES = ("constant", "warmup", "adaptive")
 MARGIN = 0.05  # adaptive: change the batch only for 5% more goodput (no flapping on noise)
+EXPLORE_UNITS = 4  # adaptive, c measured: the second interval's k (the first is timed at 1)
 
 
 def efficiency(batch: float, unit: float, phi: float) -> float:
@@ -139,10 +145,11 @@ class BatchSchedule:
         if step == 0 or step % self.interval:
             return self.units
         self.decisions += 1
-        if self.step_cost is None:
-            if step == self.interval and self.max_units > 1:  # explore: time the next interval
-                self.units = 2  # at 2 units, so the line T(M) = a + b M has two sizes
-                return self.units
+        if self.step_cost is None and step == self.interval and self.max_units > 1:
+            # explore: time the next interval at more units, so T(M) = a + b M has two sizes
+            self.units = min(EXPLORE_UNITS, self.max_units)
+            return self.units
+        if self.step_cost is None or self.measured:
             self._fit(agree)
         if self.step_cost is not None and math.isfinite(phi_samples) and phi_samples > 0:
             best = best_units(phi_samples, self.unit, self.max_units, self.step_cost)
