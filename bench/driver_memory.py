@@ -4,7 +4,9 @@ reads the Parquet file into the object store) cost the driver process, at two da
 
 Each measurement is a fresh Python process (its peak RSS, VmHWM, only ever grows), for
 the stages in turn: `import` (the pipeline and its libraries loaded), `check` (+ `resolve` on the
-dataset), `ingest` (+ a local Ray and `launch.ingest`; Ray's own processes are not the driver's).
+dataset), `ingest` (+ a local Ray and `launch.ingest`; Ray's own processes are not the driver's),
+and `find` (`resolve`, then `find-batch-size`'s search for the `seq_transformer` on the longest
+sequences, `--max-memory 48MiB`: it runs in the driver's process and reads the rows it tries).
 The datasets are `make_sequences`' token sequences (lognormal lengths, median ~40 tokens) at
 `--rows` sizes, written once under `--data`.
 
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2**20
-STAGES = ("import", "check", "ingest")
+STAGES = ("import", "check", "ingest", "find")
 
 
 def dataset(rows: int, root: Path) -> Path:
@@ -56,13 +58,21 @@ def child(path: str, stage: str) -> None:
                                  "train.loss=token_cross_entropy",
                                  "batching.strategy=length_bucket"])
         cfg, info = resolve(cfg)
+        if stage == "find":
+            import tempfile
+
+            from pipeline.find_batch_size import find_batch_size
+
+            with tempfile.TemporaryDirectory() as out:
+                find_batch_size(cfg.with_overrides({"scaling.num_workers": 1}), info, Path(out),
+                                48 * MiB)
         if stage == "ingest":
             import ray
 
             from pipeline.launch import ingest
 
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            refs = ingest(info)
+            refs = ingest(info).refs
             ray.wait(refs, num_returns=len(refs))
             ray.shutdown()
     print(peak_rss())

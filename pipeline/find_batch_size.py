@@ -2,7 +2,8 @@
 
 The model, optimizer, precision and loss come from the resolved config; the batches from the
 dataset's training split, largest samples first (for sequences the longest, so every batch pads
-to the longest sequence the job will meet: padding makes memory depend on it). The search and the
+to the longest sequence the job will meet: padding makes memory depend on it). Only the small
+columns are read whole; a size's rows are read when it is tried (`LargestRows`). The search and the
 measurement are `pipeline.engine.batch_finder` (doubling, then bisection to the exact boundary;
 on a CPU against a memory budget). One worker runs here, in-process and without Ray; the
 agreement between workers (every rank tries the same size, the minimum wins, no rank is left
@@ -97,7 +98,47 @@ def largest_first(lengths: Any, positions: Any) -> Any:
     return positions[np.argsort(-lengths[positions], kind="stable")]
 
 
-def _batch_maker(cfg: Config, st: Any, order: Any, device: Any, model_name: str) -> Any:
+class LargestRows:
+    """The rows of the first `size` positions of `order`, all columns, read from the Parquet
+    dataset when asked (`read_rows`, a row group at a time): the driver holds the largest
+    batch tried, never the dataset. The search only grows and then bisects below its largest
+    size, so the largest read is kept and smaller batches are its prefixes."""
+
+    def __init__(self, uri: str, cfg: Config, order: Any) -> None:
+        import pyarrow.dataset as pads
+
+        d = cfg.data
+        self.ds, self.order, self.cfg = pads.dataset(uri, format="parquet"), order, cfg
+        self.columns = [c for c in (d.feature_column, d.label_column, d.sequence_column,
+                                    d.target_column, d.id_column) if c]
+        self.table: Any = None
+        self.reads = 0  # how often the dataset was read (tests)
+
+    def first(self, size: int) -> Any:
+        """A SampleTable of rows order[:size], in that order (position i: order[i])."""
+        import dataclasses
+
+        import numpy as np
+
+        from pipeline.data.batches import SampleTable
+        from pipeline.data.datasets import read_rows
+
+        if self.table is None or self.table.num_rows < size:
+            self.table = read_rows(self.ds, self.order[:size], self.columns)
+            self.reads += 1
+        d = self.cfg.data
+        st = SampleTable.from_table(
+            self.table.slice(0, size), feature_column=d.feature_column,
+            label_column=d.label_column, sequence_column=d.sequence_column,
+            target_column=d.target_column, id_column=d.id_column)
+        if d.id_column is None:  # a sample's id is its position in the dataset, as in training
+            st = dataclasses.replace(st, ids=np.asarray(self.order[:size], dtype=np.int64))
+        return st
+
+
+def _batch_maker(cfg: Config, rows: LargestRows, order: Any, device: Any, model_name: str) -> Any:
+    import numpy as np
+
     from pipeline.data.views import make_views
     from pipeline.engine.step import to_torch
 
@@ -105,8 +146,9 @@ def _batch_maker(cfg: Config, st: Any, order: Any, device: Any, model_name: str)
 
     def batch_of(size: int) -> Any:
         part = order[:size]
-        nb = st.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
-                       packing=b.packing, pack_tokens=b.pack_tokens)
+        nb = rows.first(size).gather(
+            np.arange(size), max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
+            packing=b.packing, pack_tokens=b.pack_tokens)
         if cfg.train.loss == "nt_xent":  # as the worker collates: V views per sample
             nb = make_views(nb, num_views=b.num_views, key=(b.seed, 0, 0), sample_keys=part,
                             image_shape=(8, 8) if model_name == "digits_cnn" else None)
@@ -122,7 +164,8 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     import pyarrow.dataset as pads
     import torch
 
-    from pipeline.data.batches import SampleTable, split_train_val
+    from pipeline.data.batches import split_train_val
+    from pipeline.data.datasets import model_facts, small_columns
     from pipeline.engine.batch_finder import find_max_micro_batch, make_trial_step, suggest_batching
     from pipeline.engine.models import build_model
     from pipeline.engine.optim import build_optimizer
@@ -134,20 +177,19 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     if budget is None and device.type == "cpu":
         budget, source = _default_budget(), "half the memory available (no --max-memory)"
     d, t = cfg.data, cfg.train
-    table = pads.dataset(info.uri, format="parquet").to_table()
-    st = SampleTable.from_table(
-        table, feature_column=d.feature_column, label_column=d.label_column,
-        sequence_column=d.sequence_column, target_column=d.target_column, id_column=d.id_column,
-        difficulty_column=cfg.batching.difficulty_column)
+    ds = pads.dataset(info.uri, format="parquet")
+    st = small_columns(ds, cfg)  # the data's small columns; its rows are read as needed
     train_pos, _ = split_train_val(len(st), st.labels, d.val_fraction, d.split_seed)
     order = largest_first(st.lengths, train_pos)
     torch.manual_seed(t.seed)
-    spec = model_spec(cfg, st)
+    spec = model_spec(cfg, st, model_facts(ds, cfg))
     model = build_model(**spec).to(device)
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    try_step = make_trial_step(model, optimizer, _batch_maker(cfg, st, order, device, spec["name"]),
+    try_step = make_trial_step(model, optimizer,
+                               _batch_maker(cfg, LargestRows(info.uri, cfg, order), order, device,
+                                            spec["name"]),
                                loss=t.loss, device=device, precision=t.precision, scaler=scaler,
                                max_memory_bytes=budget)
     threads = torch.get_num_threads()

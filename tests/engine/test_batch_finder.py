@@ -283,6 +283,39 @@ def test_find_batch_size_on_sequences_steps_the_longest_sequences(data_dir, tmp_
     assert 1 <= r["max_micro_batch_size"] < 32  # 512 tokens padded: MiBs per sample
 
 
+@pytest.mark.parametrize("name", ["sequences", "digits"])
+def test_the_finder_reads_the_largest_rows_as_the_whole_table_gives_them(data_dir, name):
+    """`LargestRows` (the rows of the longest sequences, read from the Parquet file when a size
+    is tried) gives the batch the whole table gives, and reads the file only when a size grows
+    past the largest read (the search's bisection steps stay below it)."""
+    import pyarrow.dataset as pads
+
+    from pipeline.config import load_config
+    from pipeline.data.batches import SampleTable, split_train_val
+    from pipeline.data.datasets import resolve, small_columns
+    from pipeline.find_batch_size import LargestRows, largest_first
+
+    cfg, info = resolve(load_config(DIGITS, [f"data.name={name}", "scaling.num_workers=1"]))
+    d = cfg.data
+    whole = SampleTable.from_table(pads.dataset(info.uri).to_table(),
+                                   feature_column=d.feature_column,
+                                   label_column=d.label_column, sequence_column=d.sequence_column,
+                                   target_column=d.target_column)
+    small = small_columns(pads.dataset(info.uri), cfg)
+    assert (small.lengths is None) == (name == "digits")
+    assert small.lengths is None or np.array_equal(small.lengths, whole.lengths)
+    train, _ = split_train_val(len(small), small.labels, d.val_fraction, d.split_seed)
+    order = largest_first(small.lengths, train)
+    rows = LargestRows(info.uri, cfg, order)
+    for size, reads in [(1, 1), (2, 2), (4, 3), (8, 4), (6, 4), (5, 4), (7, 4), (16, 5)]:
+        got = rows.first(size).gather(np.arange(size), max_length=None)
+        want = whole.gather(order[:size], max_length=None)
+        assert got.keys() == want.keys() and rows.reads == reads
+        for key in want:
+            assert np.array_equal(got[key], want[key]), (size, key)
+    assert rows.table.num_rows == 16  # the largest size tried, not the dataset
+
+
 ADAPTIVE = ["--set", "train.batch_size_schedule=adaptive", "--set", "train.batch_size_min=32",
             "--set", "train.global_batch_size=256", "--set", "scaling.num_workers=2"]
 
