@@ -104,11 +104,9 @@ class LargestRows:
     batch tried, never the dataset. The search only grows and then bisects below its largest
     size, so the largest read is kept and smaller batches are its prefixes."""
 
-    def __init__(self, uri: str, cfg: Config, order: Any) -> None:
-        import pyarrow.dataset as pads
-
+    def __init__(self, ds: Any, cfg: Config, order: Any) -> None:
         d = cfg.data
-        self.ds, self.order, self.cfg = pads.dataset(uri, format="parquet"), order, cfg
+        self.ds, self.order, self.cfg = ds, order, cfg
         self.columns = [c for c in (d.feature_column, d.label_column, d.sequence_column,
                                     d.target_column, d.id_column) if c]
         self.table: Any = None
@@ -136,7 +134,7 @@ class LargestRows:
         return st
 
 
-def _batch_maker(cfg: Config, rows: LargestRows, order: Any, device: Any, model_name: str) -> Any:
+def _batch_maker(cfg: Config, rows: LargestRows, device: Any, model_name: str) -> Any:
     import numpy as np
 
     from pipeline.data.views import make_views
@@ -145,7 +143,7 @@ def _batch_maker(cfg: Config, rows: LargestRows, order: Any, device: Any, model_
     b = cfg.batching
 
     def batch_of(size: int) -> Any:
-        part = order[:size]
+        part = rows.order[:size]
         nb = rows.first(size).gather(
             np.arange(size), max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
             packing=b.packing, pack_tokens=b.pack_tokens)
@@ -188,8 +186,7 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
                                 momentum=t.momentum)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     try_step = make_trial_step(model, optimizer,
-                               _batch_maker(cfg, LargestRows(info.uri, cfg, order), order, device,
-                                            spec["name"]),
+                               _batch_maker(cfg, LargestRows(ds, cfg, order), device, spec["name"]),
                                loss=t.loss, device=device, precision=t.precision, scaler=scaler,
                                max_memory_bytes=budget)
     threads = torch.get_num_threads()

@@ -306,7 +306,7 @@ def test_the_finder_reads_the_largest_rows_as_the_whole_table_gives_them(data_di
     assert small.lengths is None or np.array_equal(small.lengths, whole.lengths)
     train, _ = split_train_val(len(small), small.labels, d.val_fraction, d.split_seed)
     order = largest_first(small.lengths, train)
-    rows = LargestRows(info.uri, cfg, order)
+    rows = LargestRows(pads.dataset(info.uri), cfg, order)
     for size, reads in [(1, 1), (2, 2), (4, 3), (8, 4), (6, 4), (5, 4), (7, 4), (16, 5)]:
         got = rows.first(size).gather(np.arange(size), max_length=None)
         want = whole.gather(order[:size], max_length=None)
