@@ -691,4 +691,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
+    t = raw["train"]
+    if t.get("batch_size_throughput") is not None and t.get("batch_size_step_cost") is not None:
+        # two sources of c: resolve fills the step cost from the file (a resolved config holds
+        # both, and is passed on as a Config, never read back through here)
+        raise ConfigError("config error: train.batch_size_step_cost and "
+                          "train.batch_size_throughput are both set: set one (the other null)")
     return validate(raw)

@@ -249,9 +249,9 @@ def trial_step_cost(trials: list[Any]) -> float | None:
     return None if cost is None else round(cost, 3)
 
 
-def step_cost_from(path: str, num_workers: int) -> tuple[float, str]:
+def step_cost_from(path: str, num_workers: int) -> float:
     """The adaptive schedule's step cost c for `num_workers` workers from a
-    `find_batch_size.json` (`train.batch_size_throughput`), and the device it was measured on.
+    `find_batch_size.json` (`train.batch_size_throughput`).
     A step of global batch M has M / num_workers samples per worker, T = a + b M / W, so c is
     the file's per-worker c times W. ConfigError (one line naming the key) when the file is
     missing, is not such a file, or holds no step cost (fewer than two sizes fit)."""
@@ -269,7 +269,7 @@ def step_cost_from(path: str, num_workers: int) -> tuple[float, str]:
     if not isinstance(cost, int | float) or isinstance(cost, bool) or cost < 0:
         raise ConfigError(f"config error: {key}: {path} holds no step_cost_per_worker (written by "
                           "find-batch-size when at least two micro-batch sizes fit)")
-    return float(cost) * num_workers, str(result.get("device", "?"))
+    return float(cost) * num_workers
 
 
 def table_lines(result: dict[str, Any]) -> list[str]:

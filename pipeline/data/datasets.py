@@ -125,18 +125,14 @@ class DatasetInfo:
 
 def _fill_step_cost(cfg: Config) -> Config:
     """train.batch_size_step_cost from train.batch_size_throughput's file, for this config's
-    worker count. A step cost also set in the config must be the file's (a resolved config,
-    which holds both, resolves to itself): two different answers are refused."""
+    worker count; filled again on every resolve (a sweep's trial may have other workers than
+    the config it comes from). `load_config` refuses a config that sets both."""
     t = cfg.train
     if t.batch_size_throughput is None:
         return cfg
     from pipeline.find_batch_size import step_cost_from
 
-    cost, device = step_cost_from(t.batch_size_throughput, cfg.scaling.num_workers)
-    if t.batch_size_step_cost is not None and abs(t.batch_size_step_cost - cost) > 1e-6 * cost:
-        raise ConfigError(f"config error: train.batch_size_step_cost={t.batch_size_step_cost:g} "
-                          f"and train.batch_size_throughput (c = {cost:g} measured on {device}) "
-                          "disagree: set one of them")
+    cost = step_cost_from(t.batch_size_throughput, cfg.scaling.num_workers)
     return cfg.with_overrides({"train.batch_size_step_cost": cost})
 
 

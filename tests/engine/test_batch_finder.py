@@ -328,8 +328,8 @@ def _finder_file(tmp_path, **content):
 
 def test_throughput_file_fills_the_step_cost_for_the_jobs_workers(data_dir, tmp_path):
     """`train.batch_size_throughput`: the finder's per-worker c times the job's workers (a
-    worker steps M / W samples: T = a + b M / W), filled before the job starts; a resolved
-    config, which holds both keys, resolves to itself."""
+    worker steps M / W samples: T = a + b M / W), filled before the job starts, and again for
+    a sweep trial's own worker count."""
     path = _finder_file(tmp_path, step_cost_per_worker=75.0)
     args, cfg, _, _ = cli.prepare(["train", "--config", DIGITS, *ADAPTIVE,
                                    "--set", f"train.batch_size_throughput={path}"])
@@ -338,13 +338,16 @@ def test_throughput_file_fills_the_step_cost_for_the_jobs_workers(data_dir, tmp_
     from pipeline.data.datasets import resolve
 
     assert resolve(cfg)[0].train.batch_size_step_cost == 150.0
+    # a sweep's trial with other workers than its config: filled again for its workers
+    trial = resolve(cfg.with_overrides({"scaling.num_workers": 4}))[0]
+    assert trial.train.batch_size_step_cost == 300.0
 
 
 @pytest.mark.parametrize(("extra", "content", "line"), [
     ([], None, "config error: train.batch_size_throughput: no such file: "),
     ([], {"step_cost_per_worker": None}, "config error: train.batch_size_throughput: "),
     (["--set", "train.batch_size_step_cost=100"], {"step_cost_per_worker": 75.0},
-     "config error: train.batch_size_step_cost=100 and train.batch_size_throughput (c = 150 "),
+     "config error: train.batch_size_step_cost and train.batch_size_throughput are both set"),
     (["--set", "train.batch_size_schedule=warmup", "--set", "train.batch_size_warmup_steps=5"],
      {"step_cost_per_worker": 75.0}, "config error: train.batch_size_throughput is the adaptive"),
 ])
