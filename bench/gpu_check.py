@@ -35,7 +35,8 @@ model FLOPs per step), and reports:
 5. the largest micro-batch that fits (`pipeline.engine.batch_finder`, what `find-batch-size`
    runs): bf16 steps of the same model at full sequence length, doubling then bisection to
    the exact boundary, CUDA out-of-memory caught (on a CPU dry run: a 64 MiB budget), with
-   samples/s at each size tried; capped at `--finder-limit` (4096).
+   samples/s at each size tried and the step cost c they give (the adaptive schedule's
+   throughput model); capped at `--finder-limit` (4096).
 
 6. packed sequences (`batching.packing`): one batch of `batch` sequences with lengths drawn
    like the embedded `sequences` (lognormal, median about 55 tokens, clipped to 8..seq) as
@@ -83,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.padding import collate_sequences  # noqa: E402
 from pipeline.engine.batch_finder import find_max_micro_batch, make_trial_step  # noqa: E402
+from pipeline.engine.batch_schedule import fit_step_cost  # noqa: E402
 from pipeline.engine.models import build_model  # noqa: E402
 from pipeline.engine.optim import build_optimizer  # noqa: E402
 from pipeline.engine.step import autocast, loss_sum, to_torch, train_step  # noqa: E402
@@ -469,9 +471,14 @@ def finder_check(cfg: dict[str, int], device: torch.device, *, limit: int) -> di
     try_step = make_trial_step(model, opt, batch_of, loss=LOSS, device=device, precision="bf16",
                                max_memory_bytes=budget, timed_steps=2)
     search = find_max_micro_batch(try_step, limit=limit)
+    # the adaptive schedule's c on this device (find-batch-size's step_cost_per_worker)
+    timed = [(t.micro_batch_size, t.micro_batch_size / t.samples_per_s) for t in search.trials
+             if t.fits and t.samples_per_s]
+    cost = fit_step_cost(*zip(*timed, strict=True)) if len({m for m, _ in timed}) > 1 else None
     return {"max_micro_batch_size": search.max_micro_batch_size, "hit_limit": search.hit_limit,
             "limit": limit, "memory_budget_bytes": budget, "precision": "bf16",
-            "seq": cfg["seq"], "trials": [vars(t) for t in search.trials]}
+            "seq": cfg["seq"], "trials": [vars(t) for t in search.trials],
+            "step_cost_per_worker": cost}
 
 
 def mib(x: float | None) -> float | None:
@@ -638,6 +645,8 @@ def report(info: dict[str, Any]) -> None:
         print("  " + "  ".join(f"{t['micro_batch_size']}{'' if t['fits'] else 'x'}:"
                                f"{fmt(mib(t['peak_memory_bytes']), '.0f')}MiB"
                                for t in f["trials"]))
+        print(f"  step cost c = {fmt(f.get('step_cost_per_worker'), '.0f')} samples per worker "
+              "(the adaptive schedule's throughput model)")
     print(f"wall {info['wall_s']:.1f} s")
 
 
