@@ -382,6 +382,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         })
         if first_step:
             metrics["startup_s"] = first_step[0] - started_at
+        if sched.kind == "adaptive" and sched.step_cost is not None:  # c as used (set or fitted)
+            metrics["batch_size_step_cost"] = float(sched.step_cost)
         # What this rank received of the data this epoch: its streamed rows, or (object-store
         # mode, first epoch) the blocks its node pulled; and its peak resident memory.
         fetched = streamed.fetched_bytes if streamed is not None else pulled

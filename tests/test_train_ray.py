@@ -219,6 +219,7 @@ def test_batch_size_schedules_log_the_batch_of_every_step_and_scale_the_lr(ray_c
     params = client.get_run(adapt["mlflow_run_id"]).data.params
     assert params["train.batch_size_step_cost"] == "512.0"
     assert params["train.batch_size_throughput"] == str(finder)
+    assert curve(adapt, "batch_size_step_cost") == [512.0, 512.0]  # per epoch, as used
     sizes = curve(adapt, "step/global_batch_size")
     assert sizes[:4] == [32.0] * 4  # the unit until the first decision
     assert all(s % 32 == 0 and 32 <= s <= 256 for s in sizes[:-1])
