@@ -131,15 +131,23 @@ class LargeColumns:
         return [c for c in (self.feature, self.sequence, self.target) if c]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Window:
     """Some rows of the table (sorted unique positions) with their large columns; gathers by
-    table position like `SampleTable.gather`."""
+    table position like `SampleTable.gather`. `release` drops the rows when the feed moves on
+    to the next chunk: its consumers take steps and parts one after another, and every step or
+    part before still holds a reference to its window (a loop variable, a closure), which
+    would otherwise keep a chunk's rows alive beside the next one's."""
 
     positions: np.ndarray
-    rows: SampleTable  # ids, labels... of exactly those positions, in that order
+    rows: SampleTable | None  # ids, labels... of exactly those positions, in that order
+
+    def release(self) -> None:
+        self.rows = None
 
     def gather(self, positions: np.ndarray, **collate: Any) -> dict[str, np.ndarray]:
+        if self.rows is None:  # a bug (a consumer that looks back), never bad input
+            raise RuntimeError("rows of a window the feed has moved past")
         local = np.searchsorted(self.positions, positions)
         if len(positions) and (local.max() >= len(self.positions)
                                or not np.array_equal(self.positions[local], positions)):
@@ -207,9 +215,13 @@ class StreamedRows:
                     nxt, nxt_pos, nxt_end = self._chunk(batches, end, k)
                     asked.append((nxt, nxt_pos, self.fetch.submit(nxt_pos), nxt_end))
                     end = nxt_end
+                if cur_window is not None:
+                    cur_window.release()  # its steps are done: not held beside the next
                 cur_window = self._get(handle, pos)
             yield batch, k, cur_window
             start += k
+        if cur_window is not None:
+            cur_window.release()
 
     def _chunk(self, batches: list[np.ndarray], start: int, k: int
                ) -> tuple[dict[tuple[int, int], np.ndarray], np.ndarray, int]:
@@ -241,9 +253,14 @@ class StreamedRows:
             return pos, self.fetch.submit(pos)
 
         pending = ask(chunks[0]) if chunks else None
+        win: Window | None = None
         for i, chunk in enumerate(chunks):
             pos, handle = pending
             pending = ask(chunks[i + 1]) if i + 1 < len(chunks) else None
+            if win is not None:
+                win.release()
             win = self._get(handle, pos)
             for p in chunk:
                 yield p, win
+        if win is not None:
+            win.release()

@@ -85,16 +85,21 @@ def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
             _, want_steps = whole.epoch(epoch, lambda a=a: units(next(a)))
             _, got_steps = feed.epoch(epoch, lambda b=b: units(next(b)))
             asked_before = len(fetch.asked)
-            mine = []
+            mine, windows = [], []
             for want, got in zip(want_steps, got_steps, strict=True):
                 assert np.array_equal(want.mine, got.mine)
                 mine.append(got.mine)
+                if not windows or got.rows is not windows[-1]:
+                    windows.append(got.rows)
+                # the feed holds the rows of the chunk in use only: those before are released
+                assert [w.rows is None for w in windows] == [True] * (len(windows) - 1) + [False]
                 for a, b in zip(want.micro(micro), got.micro(micro), strict=True):
                     x = whole.collate(a, (0, epoch, 0), want.rows)
                     y = feed.collate(b, (0, epoch, 0), got.rows)
                     assert x.keys() == y.keys()
                     for key in x:
                         assert np.array_equal(x[key], y[key]), key
+            assert all(w.rows is None for w in windows)  # the epoch over: none held
             # Each row of the rank's steps is fetched once, and no other row; at most the
             # current chunk and the two next are in flight or held. Where the steps change size
             # (the warmup), the chunks asked for on the old size are dropped and the steps
@@ -110,7 +115,11 @@ def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
                 assert fetch.most_in_flight <= 3
         # validation parts: the same arrays, fetched in chunks
         parts = micro_slices(val[rank::world], micro)
+        seen = []
         for (p, rows), q in zip(feed.over(parts), parts, strict=True):
+            if not seen or rows is not seen[-1]:
+                seen.append(rows)
+            assert all(w.rows is None for w in seen[:-1]) and rows.rows is not None
             assert np.array_equal(p, q)
             x = whole.collate(q, (0, 0, 1), full)
             y = feed.collate(p, (0, 0, 1), rows)
