@@ -356,6 +356,9 @@ class MetricLogger:
                 self.run_id = self._run_id_source()
             except Exception as err:
                 log.warning("MLflow: could not learn the run id yet: %s", err)
+            if self.run_id is not None:  # said here: the DeferredRun actor's own log is not shown
+                log.warning("MLflow run %s created (the server is back); this job's metrics go "
+                            "there", self.run_id)
             if self.run_id is not None and self._tags:
                 tags, self._tags = self._tags, {}
                 self.set_tags(tags)

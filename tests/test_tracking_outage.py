@@ -74,7 +74,7 @@ def test_points_that_never_got_through_are_counted_exactly(tmp_path, quick_http)
 
 
 def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp_path,
-                                                                              quick_http):
+                                                                              quick_http, caplog):
     """The server is down when the job starts: points and tags wait; once it is up, the run is
     created (once, however often it is asked) with its params and config, then they arrive."""
     port = free_port()
@@ -98,6 +98,10 @@ def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp
         assert logger.close(timeout_s=60) == 0
         c = MlflowClient(uri)
         assert logger.run_id is not None and deferred.run_id() == logger.run_id
+        said = [r.getMessage() for r in caplog.records if "created (the server is back)" in
+                r.getMessage()]
+        assert said == [f"MLflow run {logger.run_id} created (the server is back); this job's "
+                        "metrics go there"]  # once, on the console of rank 0
         (run,) = c.search_runs([c.get_experiment_by_name("deferred").experiment_id])
         assert run.info.run_id == logger.run_id and run.info.run_name == "late"
         assert run.data.params["train.epochs"] == "3"
