@@ -11,13 +11,24 @@ file while rank 1 was already tearing down, so it failed in about half of the ru
 So every rank returns its result, rank 0 writes it, and all ranks meet at a barrier before
 they destroy the group together. Ray Train does the same by construction: `ray.train.report`
 is a barrier and the worker group is torn down after every worker has returned.
+
+That made it rare, not impossible: in a CI run of 2026-11-29 a rank of the auto micro-batch
+test (out of memory on one rank) still aborted with the same bare message, once in about ten
+CI runs, and 80 runs of that test here did not show it again. So each rank also collects its
+garbage (DDP reducers kept alive by an exception's traceback hold the group) before the
+barrier, and marks that it passed the barrier; an abort after every rank has passed it and the
+results are written is teardown, outside what the tests check: it is reported as a warning and
+the results are used. An abort before that still fails the test.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,11 +50,13 @@ def _rank_main(rank: int, world: int, port: int, out: str, fn: Callable[..., Any
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
+        gc.collect()  # what still holds the group (a DDP reducer in a traceback's cycle) goes now
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, result)
         if rank == 0:
             torch.save(gathered, out)
         dist.barrier()  # nobody tears down while a peer is still working
+        Path(f"{out}.passed{rank}").touch()
     finally:
         dist.destroy_process_group()
 
@@ -55,5 +68,11 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     """
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "results.pt")
-        mp.spawn(_rank_main, args=(world, _free_port(), out, fn, args), nprocs=world, join=True)
+        try:
+            mp.spawn(_rank_main, args=(world, _free_port(), out, fn, args), nprocs=world,
+                     join=True)
+        except mp.ProcessExitedException as err:
+            if not all(Path(f"{out}.passed{r}").exists() for r in range(world)):
+                raise
+            warnings.warn(f"gloo teardown after every rank finished: {err}", stacklevel=2)
         return torch.load(out, weights_only=False)
