@@ -74,9 +74,22 @@ def test_points_that_never_got_through_are_counted_exactly(tmp_path, quick_http)
 
 
 def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp_path,
-                                                                              quick_http, caplog):
+                                                                              quick_http):
     """The server is down when the job starts: points and tags wait; once it is up, the run is
     created (once, however often it is asked) with its params and config, then they arrive."""
+    import logging
+
+    said: list[str] = []  # what pipeline.tracking logs, whatever the session did to logging
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    tracking_log, keep = logging.getLogger("pipeline.tracking"), Keep()
+    was = (tracking_log.level, tracking_log.disabled)
+    tracking_log.addHandler(keep)
+    tracking_log.setLevel(logging.WARNING)
+    tracking_log.disabled = False
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     assert not server_reachable(uri) and server_reachable(f"sqlite:///{tmp_path}/x.db")
@@ -98,10 +111,9 @@ def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp
         assert logger.close(timeout_s=60) == 0
         c = MlflowClient(uri)
         assert logger.run_id is not None and deferred.run_id() == logger.run_id
-        said = [r.getMessage() for r in caplog.records if "created (the server is back)" in
-                r.getMessage()]
-        assert said == [f"MLflow run {logger.run_id} created (the server is back); this job's "
-                        "metrics go there"]  # once, on the console of rank 0
+        created = [m for m in said if "created (the server is back)" in m]
+        assert created == [f"MLflow run {logger.run_id} created (the server is back); this "
+                           "job's metrics go there"]  # once, on the console of rank 0
         (run,) = c.search_runs([c.get_experiment_by_name("deferred").experiment_id])
         assert run.info.run_id == logger.run_id and run.info.run_name == "late"
         assert run.data.params["train.epochs"] == "3"
@@ -110,3 +122,6 @@ def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp
             == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
     finally:
         stop_mlflow_server(server)
+        tracking_log.removeHandler(keep)
+        tracking_log.setLevel(was[0])
+        tracking_log.disabled = was[1]
