@@ -83,8 +83,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.padding import collate_sequences  # noqa: E402
-from pipeline.engine.batch_finder import find_max_micro_batch, make_trial_step  # noqa: E402
-from pipeline.engine.batch_schedule import fit_step_cost  # noqa: E402
+from pipeline.engine.batch_finder import (  # noqa: E402
+    find_max_micro_batch,
+    make_trial_step,
+    trial_step_cost,
+)
 from pipeline.engine.models import build_model  # noqa: E402
 from pipeline.engine.optim import build_optimizer  # noqa: E402
 from pipeline.engine.step import autocast, loss_sum, to_torch, train_step  # noqa: E402
@@ -471,14 +474,10 @@ def finder_check(cfg: dict[str, int], device: torch.device, *, limit: int) -> di
     try_step = make_trial_step(model, opt, batch_of, loss=LOSS, device=device, precision="bf16",
                                max_memory_bytes=budget, timed_steps=2)
     search = find_max_micro_batch(try_step, limit=limit)
-    # the adaptive schedule's c on this device (find-batch-size's step_cost_per_worker)
-    timed = [(t.micro_batch_size, t.micro_batch_size / t.samples_per_s) for t in search.trials
-             if t.fits and t.samples_per_s]
-    cost = fit_step_cost(*zip(*timed, strict=True)) if len({m for m, _ in timed}) > 1 else None
     return {"max_micro_batch_size": search.max_micro_batch_size, "hit_limit": search.hit_limit,
             "limit": limit, "memory_budget_bytes": budget, "precision": "bf16",
             "seq": cfg["seq"], "trials": [vars(t) for t in search.trials],
-            "step_cost_per_worker": cost}
+            "step_cost_per_worker": trial_step_cost(search.trials)}
 
 
 def mib(x: float | None) -> float | None:

@@ -164,7 +164,12 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
 
     from pipeline.data.batches import split_train_val
     from pipeline.data.datasets import model_facts, small_columns
-    from pipeline.engine.batch_finder import find_max_micro_batch, make_trial_step, suggest_batching
+    from pipeline.engine.batch_finder import (
+        find_max_micro_batch,
+        make_trial_step,
+        suggest_batching,
+        trial_step_cost,
+    )
     from pipeline.engine.models import build_model
     from pipeline.engine.optim import build_optimizer
     from pipeline.files import write_json
@@ -227,26 +232,6 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     write_json(out / "find_batch_size.json", result)
     plot(result, out / "find_batch_size.png")
     return result
-
-
-def trial_step_cost(trials: list[Any]) -> float | None:
-    """c = a / b of the step time T(m) = a + b m through the trials that fit (m / samples_per_s
-    each), in samples of one worker's micro-batch: the adaptive schedule's throughput model
-    (`pipeline.engine.batch_schedule.fit_step_cost`). None with fewer than two sizes.
-
-    >>> from types import SimpleNamespace as T
-    >>> trial_step_cost([T(micro_batch_size=m, fits=True, samples_per_s=m / (0.4 + m / 320))
-    ...                  for m in (1, 2, 4, 8)])  # a = 0.4 s, b = 1/320 s per sample
-    128.0
-    """
-    from pipeline.engine.batch_schedule import fit_step_cost
-
-    timed = [(x.micro_batch_size, x.micro_batch_size / x.samples_per_s) for x in trials
-             if x.fits and x.samples_per_s]
-    if len({m for m, _ in timed}) < 2:
-        return None
-    cost = fit_step_cost([m for m, _ in timed], [s for _, s in timed])
-    return None if cost is None else round(cost, 3)
 
 
 def step_cost_from(path: str, num_workers: int) -> float:

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.engine.batch_schedule import fit_step_cost
 from pipeline.engine.step import autocast, is_oom, loss_count, loss_sum
 
 
@@ -304,6 +305,24 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         return Measured(False, None, None, "out of memory")
 
     return try_step
+
+
+def trial_step_cost(trials: list[Trial]) -> float | None:
+    """c = a / b of the step time T(m) = a + b m through the trials that fit (m / samples_per_s
+    each), in samples of one worker's micro-batch: the adaptive schedule's throughput model
+    (`pipeline.engine.batch_schedule.fit_step_cost`). None with fewer than two sizes.
+
+    >>> from types import SimpleNamespace as T
+    >>> trial_step_cost([T(micro_batch_size=m, fits=True, samples_per_s=m / (0.4 + m / 320))
+    ...                  for m in (1, 2, 4, 8)])  # a = 0.4 s, b = 1/320 s per sample
+    128.0
+    """
+    timed = [(x.micro_batch_size, x.micro_batch_size / x.samples_per_s) for x in trials
+             if x.fits and x.samples_per_s]
+    if len({m for m, _ in timed}) < 2:
+        return None
+    cost = fit_step_cost([m for m, _ in timed], [s for _, s in timed])
+    return None if cost is None else round(cost, 3)
 
 
 # -- what to configure ------------------------------------------------------------------------

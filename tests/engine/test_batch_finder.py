@@ -20,8 +20,9 @@ from pipeline.engine.batch_finder import (
     find_max_micro_batch,
     make_trial_step,
     suggest_batching,
+    trial_step_cost,
 )
-from pipeline.find_batch_size import parse_size, trial_step_cost
+from pipeline.find_batch_size import parse_size
 from tests.conftest import REPO
 from tests.engine.ranks import run_ranks
 
