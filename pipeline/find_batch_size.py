@@ -2,8 +2,9 @@
 
 The model, optimizer, precision and loss come from the resolved config; the batches from the
 dataset's training split, largest samples first (for sequences the longest, so every batch pads
-to the longest sequence the job will meet: padding makes memory depend on it). Only the small
-columns are read whole; a size's rows are read when it is tried (`LargestRows`). The search and the
+to the longest sequence the job will meet: padding makes memory depend on it). The small columns
+and the model's facts are those `resolve` read for its checks (one pass over the data); a size's
+rows are read when it is tried (`LargestRows`). The search and the
 measurement are `pipeline.engine.batch_finder` (doubling, then bisection to the exact boundary;
 on a CPU against a memory budget). One worker runs here, in-process and without Ray; the
 agreement between workers (every rank tries the same size, the minimum wins, no rank is left
@@ -163,7 +164,7 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     import torch
 
     from pipeline.data.batches import split_train_val
-    from pipeline.data.datasets import model_facts, small_columns
+    from pipeline.data.datasets import small_columns
     from pipeline.engine.batch_finder import (
         find_max_micro_batch,
         make_trial_step,
@@ -181,11 +182,11 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
         budget, source = _default_budget(), "half the memory available (no --max-memory)"
     d, t = cfg.data, cfg.train
     ds = pads.dataset(info.uri, format="parquet")
-    st = small_columns(ds, cfg)  # the data's small columns; its rows are read as needed
+    st, facts = small_columns(cfg, info)  # as resolve read them; rows are read as needed
     train_pos, _ = split_train_val(len(st), st.labels, d.val_fraction, d.split_seed)
     order = largest_first(st.lengths, train_pos)
     torch.manual_seed(t.seed)
-    spec = model_spec(cfg, st, model_facts(ds, cfg))
+    spec = model_spec(cfg, st, facts)
     model = build_model(**spec).to(device)
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)

@@ -23,7 +23,7 @@ import ray
 
 from pipeline.config import Config
 from pipeline.data.batches import SampleTable, split_train_val
-from pipeline.data.datasets import DatasetInfo
+from pipeline.data.datasets import DatasetInfo, small_columns
 from pipeline.data.feed import RankFeed
 from pipeline.engine.batch_schedule import BatchSchedule
 from pipeline.files import write_json
@@ -166,8 +166,7 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
     pq.write_table(table, tmp)
     os.replace(tmp, out_dir / "batches.parquet")
     df = table.to_pandas()
-    labels = pq.read_table(info.uri, columns=[cfg.data.label_column]).column(0).to_numpy() \
-        if cfg.data.label_column else None
+    labels = small_columns(cfg, info)[0].labels
     share = pd.Series(labels).value_counts(normalize=True).sort_index() if labels is not None else None
     num_train = info.num_rows - len(split_train_val(info.num_rows, labels, cfg.data.val_fraction,
                                                     cfg.data.split_seed)[1])

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,6 @@ from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError
 from pipeline.data.batches import (
     SampleTable,
     check_sequences,
-    label_ids,
     split_train_val,
     vector_width,
 )
@@ -121,6 +121,16 @@ class DatasetInfo:
     uri: str  # absolute path or URI the workers read
     num_rows: int
     columns: tuple[str, ...]
+    # What the model needs to know of the data (`pipeline.worker.data_facts`' keys), as the
+    # checks found it.
+    facts: dict[str, int | None] = dataclasses.field(default_factory=dict, hash=False)
+    # Every row's small columns as the checks read them (labels, difficulties, sequence
+    # lengths): kept in the process that resolved the config, never pickled (a trial or a
+    # worker has its own; `small_columns`).
+    small: SampleTable | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "small": None}
 
 
 def _fill_step_cost(cfg: Config) -> Config:
@@ -183,24 +193,25 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                           f"(columns of {uri}: {', '.join(columns)})")
     if num_rows == 0:
         raise ConfigError(f"data error: {uri} has no rows")
-    facts = _scan_columns(ds, cfg)
+    facts = _scan_columns(ds, cfg)  # the only read of the data on the driver
     cfg = _pick_model(cfg, facts)
     _check_model_and_loss(cfg, facts)
-    labels = facts.labels
+    labels = facts.small.labels
     train, _ = split_train_val(num_rows, labels, d.val_fraction, d.split_seed)
     if len(train) == 0:
         raise ConfigError(f"data error: the training split is empty: data.val_fraction="
                           f"{d.val_fraction:g} holds out all {num_rows} rows of {uri}")
     if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
         _check_split_classes(labels, cfg)
-    _check_first_epoch(ds, cfg)
+    _check_first_epoch(facts.small, cfg)
     if len(train) < cfg.train.global_batch_size and cfg.batching.drop_last:
         raise ConfigError(
             f"data error: train.global_batch_size={cfg.train.global_batch_size} is larger than "
             f"the {len(train)} training rows of {uri}")
     if cfg.tune.search_space:
         cfg.check_tune()
-    return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns)
+    return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,
+                            facts=facts.model_facts(), small=facts.small)
 
 
 def _fill_embedded_columns(cfg: Config) -> Config:
@@ -224,10 +235,24 @@ class DataFacts:
     """What the checks learnt from the columns the config names."""
 
     width: int | None  # feature vector length (data.feature_column)
-    labels: np.ndarray | None  # class ids (data.label_column)
     max_token: int | None  # largest token id (data.sequence_column)
     max_target: int | None  # largest per-token target (data.target_column)
     embedded_digits: bool  # the embedded digits datasets (8x8 images as 64 features)
+    small: SampleTable  # every row's labels, difficulties and sequence lengths; no features
+
+    def model_facts(self) -> dict[str, int | None]:
+        """What the model needs to know of the data (`pipeline.worker.data_facts`' keys)."""
+        labels = self.small.labels
+        return {"input_dim": self.width, "max_token": self.max_token,
+                "max_target": self.max_target,
+                "max_label": None if labels is None or not len(labels) else int(labels.max())}
+
+
+def _parquet_files(ds: pads.Dataset) -> Iterator[pq.ParquetFile]:
+    """The dataset's files in its row order, opened one at a time."""
+    for path in ds.files:
+        with ds.filesystem.open_input_file(path) as f:
+            yield pq.ParquetFile(f)
 
 
 def _stream(ds: pads.Dataset, columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -235,41 +260,45 @@ def _stream(ds: pads.Dataset, columns: list[str]) -> Iterator[pa.RecordBatch]:
     with one batch and the row groups it spans in memory. (The dataset scanner's `to_batches`
     held more than the whole 1M-sequence dataset of bench/driver_memory.py at its peak with
     its default read-ahead, and still 60% of it with read-ahead 1.)"""
-    for path in ds.files:
-        with ds.filesystem.open_input_file(path) as f:
-            yield from pq.ParquetFile(f).iter_batches(batch_size=16_384, columns=columns)
-
-
-def _lengths(ds: pads.Dataset, column: str) -> np.ndarray:
-    """The token count of every sequence, streamed (the tokens themselves are never held)."""
-    parts = [pc.list_value_length(b.column(0)).to_numpy(zero_copy_only=False)
-             for b in _stream(ds, [column])]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    for pf in _parquet_files(ds):
+        yield from pf.iter_batches(batch_size=16_384, columns=columns)
 
 
 def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
-    """Read the named columns once (streamed, batch by batch) and check what each holds."""
-    d = cfg.data
-    width = labels = max_token = max_target = None
+    """Read the named columns once (the large ones streamed, batch by batch), check what each
+    holds, and keep every row's small columns: the labels, the difficulties and the sequence
+    lengths, counted in the same pass that checks the tokens."""
+    d, b = cfg.data, cfg.batching
+    width = max_token = max_target = lengths = None
     if d.feature_column is not None:
-        width = vector_width((b.column(0) for b in _stream(ds, [d.feature_column])),
+        width = vector_width((batch.column(0) for batch in _stream(ds, [d.feature_column])),
                              f"data.feature_column={d.feature_column!r}")
-    if d.label_column is not None:
-        labels = label_ids(ds.to_table(columns=[d.label_column]).column(0),
-                           f"data.label_column={d.label_column!r}")
+    if b.difficulty_column is not None:
+        kind = ds.schema.field(b.difficulty_column).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            raise ConfigError(f"data error: batching.difficulty_column={b.difficulty_column!r} "
+                              f"is a {kind} column; difficulties are numbers")
     if d.sequence_column is not None:
         cols = [d.sequence_column] + ([d.target_column] if d.target_column else [])
+        lengths = np.empty(ds.count_rows(), np.int64)
+
+        def counted(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            done = 0
+            for batch in batches:
+                yield batch  # counted once check_sequences has found it a list column
+                lengths[done:done + batch.num_rows] = pc.list_value_length(batch.column(0))
+                done += batch.num_rows
+
         max_token, max_target = check_sequences(
-            _stream(ds, cols), f"data.sequence_column={d.sequence_column!r}",
+            counted(_stream(ds, cols)), f"data.sequence_column={d.sequence_column!r}",
             f"data.target_column={d.target_column!r}" if d.target_column else None)
-    difficulty = cfg.batching.difficulty_column
-    if difficulty is not None:
-        kind = ds.schema.field(difficulty).type
-        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-            raise ConfigError(f"data error: batching.difficulty_column={difficulty!r} is a {kind} "
-                              "column; difficulties are numbers")
+    cols = [c for c in (d.label_column, b.difficulty_column) if c]
+    table = ds.to_table(columns=cols) if cols else pa.table({"_": pa.nulls(ds.count_rows())})
+    small = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,
+                                   difficulty_column=b.difficulty_column)  # checks the labels
     embedded_digits = d.path is None and d.name in ("digits", "digits_imbalanced")
-    return DataFacts(width, labels, max_token, max_target, embedded_digits)
+    return DataFacts(width, max_token, max_target, embedded_digits,
+                     dataclasses.replace(small, lengths=lengths))
 
 
 def read_rows(ds: pads.Dataset, positions: np.ndarray, columns: list[str]) -> pa.Table:
@@ -287,43 +316,29 @@ def read_rows(ds: pads.Dataset, positions: np.ndarray, columns: list[str]) -> pa
     order = np.argsort(positions, kind="stable")
     wanted = positions[order]
     parts, start = [], 0
-    for path in ds.files:
-        with ds.filesystem.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
-            for g in range(pf.metadata.num_row_groups):
-                end = start + pf.metadata.row_group(g).num_rows
-                lo, hi = np.searchsorted(wanted, [start, end])
-                if hi > lo:
-                    group = pf.read_row_group(g, columns=columns)
-                    parts.append(group.take(pa.array(wanted[lo:hi] - start)))
-                start = end
+    for pf in _parquet_files(ds):
+        for g in range(pf.metadata.num_row_groups):
+            end = start + pf.metadata.row_group(g).num_rows
+            lo, hi = np.searchsorted(wanted, [start, end])
+            if hi > lo:
+                group = pf.read_row_group(g, columns=columns)
+                parts.append(group.take(pa.array(wanted[lo:hi] - start)))
+            start = end
     if not parts:
         return ds.schema.empty_table().select(columns)
     table = pa.concat_tables(parts)
     return table.take(pa.array(np.argsort(order, kind="stable")))
 
 
-def model_facts(ds: pads.Dataset, cfg: Config) -> dict[str, int | None]:
-    """What the model needs to know of the data (`pipeline.worker.data_facts`' keys), read
-    from the named columns a batch at a time: the data itself is never held (find-batch-size)."""
-    facts = _scan_columns(ds, cfg)
-    labels = facts.labels
-    return {"input_dim": facts.width, "max_token": facts.max_token,
-            "max_target": facts.max_target,
-            "max_label": None if labels is None or not len(labels) else int(labels.max())}
-
-
-def small_columns(ds: pads.Dataset, cfg: Config, lengths: bool = True) -> SampleTable:
-    """Every row's small columns (labels, difficulties and, with `lengths`, the sequence
-    lengths), without the features or tokens: what the planners and the split need."""
-    d, b = cfg.data, cfg.batching
-    cols = [c for c in (d.label_column, b.difficulty_column) if c]
-    table = ds.to_table(columns=cols) if cols else pa.table({"_": pa.nulls(ds.count_rows())})
-    st = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,
-                                difficulty_column=b.difficulty_column)
-    if lengths and d.sequence_column is not None:
-        st = dataclasses.replace(st, lengths=_lengths(ds, d.sequence_column))
-    return st
+def small_columns(cfg: Config, info: DatasetInfo) -> tuple[SampleTable, dict[str, int | None]]:
+    """Every row's small columns (labels, difficulties, sequence lengths; no features or
+    tokens: what the planners and the split need) and the model's facts (`DatasetInfo.facts`),
+    as `resolve` read them in this process, or read (and checked) again for an info from
+    elsewhere."""
+    if info.small is not None:
+        return info.small, info.facts
+    facts = _scan_columns(pads.dataset(info.uri, format="parquet"), cfg)
+    return facts.small, facts.model_facts()
 
 
 def _pick_model(cfg: Config, facts: DataFacts) -> Config:
@@ -370,8 +385,7 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
                           f"attention between packed samples (seq_transformer), not "
                           f"model.name={name}")
     outputs = kwargs.get("num_outputs")
-    top = {"cross_entropy": None if facts.labels is None or not len(facts.labels)
-           else int(facts.labels.max()),
+    top = {"cross_entropy": facts.model_facts()["max_label"],
            "token_cross_entropy": facts.max_target}.get(loss)
     if outputs is not None and top is not None and top >= outputs:
         what = "label" if loss == "cross_entropy" else "target"
@@ -395,15 +409,13 @@ def _check_split_classes(labels: np.ndarray, cfg: Config) -> None:
                 f"data.val_fraction={cfg.data.val_fraction})")
 
 
-def _check_first_epoch(ds: pads.Dataset, cfg: Config) -> None:
-    """Plan epoch 0 on the driver from the small metadata columns, so a strategy that cannot
+def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
+    """Plan epoch 0 on the driver from the small columns (`st`), so a strategy that cannot
     work on this data (no labels, classes not dividing the batch, an empty pool...) fails here
     with exit 2 rather than on the workers."""
     from pipeline.data.epochs import epoch_batches, steps_per_epoch
 
     b = cfg.batching
-    needs_lengths = b.strategy == "length_bucket" or b.options.get("difficulty") == "length"
-    st = small_columns(ds, cfg, lengths=needs_lengths)  # the planners need lengths, not tokens
     train, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
     try:
         eb = epoch_batches(cfg, st, train, 0, cfg.scaling.num_workers)

@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.config import load_config
-from pipeline.data.datasets import _lengths, _stream, make_sequences, resolve
+from pipeline.data.datasets import _scan_columns, _stream, make_sequences, resolve
 
 
 def _two_files(tmp_path, rows: int = 40_000):
@@ -36,14 +36,22 @@ def test_streamed_batches_are_small_and_in_the_datasets_row_order(tmp_path):
     assert streamed.column("tokens").equals(table.column("tokens"))
 
 
-def test_lengths_match_the_token_column(tmp_path):
+def test_the_checks_pass_counts_the_lengths_and_keeps_the_small_columns(tmp_path):
+    """One pass over the data: the sequence lengths counted while the tokens are checked, and
+    the labels, are what the whole table holds (`resolve` keeps them in its DatasetInfo)."""
     folder, table = _two_files(tmp_path)
-    ds = pads.dataset(str(folder), format="parquet")
+    cfg, info = resolve(load_config(None, [
+        f"data.path={folder}", "data.sequence_column=tokens", "data.target_column=targets",
+        "data.label_column=label", "train.loss=token_cross_entropy"]))
     want = pc.list_value_length(table.column("tokens").combine_chunks()).to_numpy()
-    np.testing.assert_array_equal(_lengths(ds, "tokens"), want)
+    np.testing.assert_array_equal(info.small.lengths, want)
+    np.testing.assert_array_equal(info.small.labels, table.column("label").to_numpy())
+    assert info.facts["max_token"] == pc.max(pc.list_flatten(table.column("tokens"))).as_py()
     pq.write_table(pa.table({"tokens": pa.array([], pa.list_(pa.int64()))}),
                    tmp_path / "empty.parquet")
-    assert _lengths(pads.dataset(str(tmp_path / "empty.parquet")), "tokens").shape == (0,)
+    empty = _scan_columns(pads.dataset(str(tmp_path / "empty.parquet")), cfg.with_overrides(
+        {"data.label_column": None, "data.target_column": None}))
+    assert empty.small.lengths.shape == (0,)
 
 
 def test_a_length_bucketed_folder_resolves(tmp_path):

@@ -5,6 +5,7 @@ the CPU memory budget, the suggestion's arithmetic, and `python -m pipeline find
 from __future__ import annotations
 
 import json
+import pickle
 from types import SimpleNamespace
 
 import numpy as np
@@ -288,13 +289,15 @@ def test_find_batch_size_on_sequences_steps_the_longest_sequences(data_dir, tmp_
 def test_the_finder_reads_the_largest_rows_as_the_whole_table_gives_them(data_dir, name):
     """`LargestRows` (the rows of the longest sequences, read from the Parquet file when a size
     is tried) gives the batch the whole table gives, and reads the file only when a size grows
-    past the largest read (the search's bisection steps stay below it)."""
+    past the largest read (the search's bisection steps stay below it). The small columns and
+    the model's facts are those resolve read for its checks, and equal the whole table's."""
     import pyarrow.dataset as pads
 
     from pipeline.config import load_config
     from pipeline.data.batches import SampleTable, split_train_val
     from pipeline.data.datasets import resolve, small_columns
     from pipeline.find_batch_size import LargestRows, largest_first
+    from pipeline.worker import data_facts
 
     cfg, info = resolve(load_config(DIGITS, [f"data.name={name}", "scaling.num_workers=1"]))
     d = cfg.data
@@ -302,7 +305,14 @@ def test_the_finder_reads_the_largest_rows_as_the_whole_table_gives_them(data_di
                                    feature_column=d.feature_column,
                                    label_column=d.label_column, sequence_column=d.sequence_column,
                                    target_column=d.target_column)
-    small = small_columns(pads.dataset(info.uri), cfg)
+    small, facts = small_columns(cfg, info)
+    assert small is info.small  # what resolve read for its checks, not read again
+    shipped = pickle.loads(pickle.dumps(info))  # an info from elsewhere: read again
+    assert info.small is not None and shipped.small is None
+    again, facts_again = small_columns(cfg, shipped)
+    for a, b in ((small.labels, again.labels), (small.lengths, again.lengths)):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    assert facts == facts_again == data_facts(whole)  # the model's facts from the same pass
     assert (small.lengths is None) == (name == "digits")
     assert small.lengths is None or np.array_equal(small.lengths, whole.lengths)
     train, _ = split_train_val(len(small), small.labels, d.val_fraction, d.split_seed)
