@@ -16,7 +16,9 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 WRITES = {"01_train_and_review.ipynb": ["result.json"],
           "02_batch_size_sweep.ipynb": ["result.json", "trials.csv", "accuracy_vs_batch.png"],
           "03_batch_composition.ipynb": ["classes-stratified/batches.parquet",
-                                         "padding-length_bucket/summary.json"]}
+                                         "padding-length_bucket/summary.json"],
+          "04_which_batch_size.ipynb": ["find/find_batch_size.json", "constant/result.json",
+                                        "adaptive/result.json"]}
 
 
 def test_every_notebook_is_listed():
