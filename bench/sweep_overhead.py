@@ -13,7 +13,8 @@ Both run as a user runs them, through the CLI, each in its own process with its 
 
 Reported per round: the job's wall time, each sweep's wall time, its wall time per trial and
 that per-trial time's ratio to the job, and each trial's fixed cost (`startup_s`: from the
-trial's start to its first optimizer step, a metric of every run) read back from trials.csv.
+trial's start -- for the first trial in a Tune actor, the actor's loading of the pipeline -- to
+its first optimizer step, a metric of every run) read back from trials.csv.
 All log to one sqlite store under a temporary folder; none logs its model.
 
     python bench/sweep_overhead.py [--epochs 1] [--repeats 2]

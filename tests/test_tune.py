@@ -209,3 +209,39 @@ def test_changed_config_cannot_resume(sweep, capsys, monkeypatch):
     (line,) = err.strip().splitlines()
     assert "the config differs from the sweep's in train.epochs" in line
     assert sorted(p.name for p in sweep["out"].rglob("*")) == before
+
+
+def test_a_worker_group_trial_failing_on_bad_input_fails_alone(ray_cluster, mlflow_server,
+                                                               tmp_path):
+    """`tune.trial_runner: worker_group`: every trial a TorchTrainer, whose epochs reach Tune
+    through `trial.epochs_to_tune`. A trial whose model cannot be imported reports its fatal
+    error from the worker instead of an epoch; the callback keeps that report from Tune (it has
+    no `val_accuracy`, and Tune would fail the whole sweep on it), so that trial alone fails,
+    with the culprit named and its MLflow run FAILED, and the other trial trains."""
+    cfg = yaml.safe_load((REPO / "jobs" / "configs" / "sweep_digits.yaml").read_text())
+    cfg["train"].update(epochs=1, warmup_epochs=0)
+    cfg["tune"] = {"search_space": {"model.name": {"grid": ["digits_cnn", BAD_MODEL]}},
+                   "scheduler": "fifo", "metric": "val_accuracy", "mode": "max",
+                   "max_concurrent": 2, "trial_runner": "worker_group"}
+    experiment = f"test-sweep-wg-{uuid.uuid4().hex[:6]}"
+    cfg["tracking"] = {"uri": mlflow_server, "experiment": experiment, "log_model": False}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    proc = run_cli("tune", "--config", str(tmp_path / "sweep.yaml"), "--out", str(out),
+                   timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    df = pd.read_csv(out / "trials.csv")
+    bad = df["model.name"] == BAD_MODEL
+    assert bad.sum() == 1 and (~bad).sum() == 1
+    assert (df.loc[bad, "status"] == "ERROR").all()
+    assert df.loc[bad, "error"].str.contains("model.name=import:os:no_such_model").all()
+    assert (df.loc[~bad, "status"] == "TERMINATED").all() and (df.loc[~bad, "epochs"] == 1).all()
+    client = MlflowClient(mlflow_server)
+    for row in df.itertuples():
+        run = client.get_run(row.mlflow_run_id)
+        assert run.data.tags["tune.trial_runner"] == "worker_group"
+        assert run.info.status == ("FAILED" if row.status == "ERROR" else "FINISHED")
+    # the worker's own record of the deterministic failure (a rerun of the trial reads it)
+    bad_id = df.loc[bad, "trial_id"].iloc[0]
+    assert "no_such_model" in json.loads(next(out.glob(f"trials/*/{bad_id}/fatal.json"))
+                                         .read_text())["message"]

@@ -13,15 +13,22 @@ fits and plots (pandas/matplotlib only).
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
-from pipeline.tune.analysis import (
+# When this package was loaded. In a sweep trial's Tune actor that is as the actor starts
+# (unpickling the trainable imports it, before Ray Tune's function runs), so the first trial an
+# actor runs counts the pipeline's imports in its fixed cost (`sweep._run_trial`, `startup_s`).
+LOADED_AT = time.time()
+
+from typing import Any  # noqa: E402
+
+from pipeline.tune.analysis import (  # noqa: E402
     accuracy_vs_batch_plot,
     steps_to_target,
     steps_vs_batch_plot,
     summary_table,
 )
-from pipeline.tune.space import check_trials, parse_search_space, trial_concurrency
+from pipeline.tune.space import check_trials, parse_search_space, trial_concurrency  # noqa: E402
 
 # Imported when asked for: `sweep` imports Ray, `results` MLflow (bad input is refused first).
 _LAZY = {"run_sweep": "sweep", "search_space": "sweep", "search_algorithm": "sweep",

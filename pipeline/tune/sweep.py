@@ -59,12 +59,17 @@ from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo, resolve
 from pipeline.files import write_json
 from pipeline.tracking import client, close_open_runs, end_run, log_text, server_reachable, start_run
+from pipeline.tune import LOADED_AT
 from pipeline.tune.analysis import summary_table
 from pipeline.tune.report import write_report
 from pipeline.tune.results import settle_trials
 from pipeline.tune.space import check_trials, count_trials, parse_search_space, trial_concurrency
 
 ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
+# The first trial an actor runs counts from when the actor loaded the pipeline (`LOADED_AT`:
+# its imports, then torch's and MLflow's in the trial); the actor's later trials count from
+# their own start. Not counted: the Ray worker's own start and its import of Ray Tune.
+_ACTOR_STARTED_AT: float | None = LOADED_AT
 ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
 
 
@@ -134,7 +139,9 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     """One trial, inside its Tune actor: the base config with the trial's overrides, trained by
     `run_training` (its own nested MLflow run; in this actor or through a TorchTrainer,
     `trial.runs_in_actor`), every epoch reported to Tune."""
-    started_at = time.time()  # the trial's fixed cost (`startup_s`) counts from here
+    global _ACTOR_STARTED_AT
+    # the trial's fixed cost (`startup_s`) counts from here, or from its actor's start
+    started_at, _ACTOR_STARTED_AT = _ACTOR_STARTED_AT or time.time(), None
     # A reused actor waits this long for the trial Tune stopped in it to leave (Tune's default
     # is 2 s, after which it fails the next trial; read in this process when Tune resets it).
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
