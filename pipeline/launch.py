@@ -36,7 +36,7 @@ from pipeline.tracking import (  # log_model: also imported from here by earlier
     server_reachable,
     start_run,
 )
-from pipeline.worker import train_func
+from pipeline.worker import FATAL, train_func
 
 # Ray Train V2 waits for the controller's poll on every report (default 2 s); 0.2 s keeps short
 # epochs from idling. The driver's value is propagated to the controller and the workers.
@@ -210,7 +210,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             *(extra_callbacks or [])])
     try:
         metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
-        raise_fatal(fatal_file)
+        raise_fatal(fatal_file, metrics)
         if pending is not None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg)
         if run_id is None:
@@ -292,10 +292,25 @@ class TrainingStopped(RuntimeError):
     """Training ended on purpose before its end (e.g. non-finite loss under train.nonfinite=stop)."""
 
 
-def raise_fatal(fatal_file: Path) -> None:
+def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None) -> None:
     """A worker met a deterministic failure and ended the run without a retry: raise it here,
-    as ConfigError (bad input: exit 2) or TrainingStopped (exit 1), with the worker's line."""
+    as ConfigError (bad input: exit 2) or TrainingStopped (exit 1), with the worker's line.
+    `metrics`: the job's last report; its `fatal_error` ends the run even when rank 0's file is
+    not on this node (an `--out` that not every node sees), so that run is never FINISHED.
+
+    >>> import tempfile
+    >>> raise_fatal(Path(tempfile.mkdtemp()) / "fatal.json", {"fatal_error": 1.0})
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.launch.TrainingStopped: a worker ended training on a deterministic failure, but...
+    """
     if not fatal_file.exists():
+        if metrics and FATAL in metrics:
+            raise TrainingStopped(
+                f"a worker ended training on a deterministic failure, but its message "
+                f"({fatal_file.name}) is not on this node: give --out a path on storage every "
+                "node sees")
         return
     fatal = json.loads(fatal_file.read_text())
     if fatal["kind"] == "input":
