@@ -15,6 +15,12 @@ Ray Data reads the Parquet data into Arrow blocks (`ingest`). Then, by `data.mod
 - **auto**: streaming on a cluster of several nodes that train when the data (Parquet's
   uncompressed size) fills more than a quarter of the smallest one's object store.
 
+A node lost in the streaming mode takes its blocks and its server with it. A `BlockKeeper` (an
+actor of no CPU on the head node) knows where every block is served from and which rows of
+the Parquet data it holds; when a rank starts (the worker group Ray Train restarts after the
+loss) it asks the keeper, which has the lost blocks read again from the Parquet data on a node
+that trains (the replacement a cluster brings, else the one holding least) before it answers.
+
 Both modes build the same plans from the same small columns, and gather the same rows: the
 batches, hence the training, are the same (`tests/test_nodes_ray.py`).
 """
@@ -35,6 +41,7 @@ import ray
 import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from pipeline import console
 from pipeline.config import Config
 from pipeline.data.batches import SampleTable
 from pipeline.data.datasets import DatasetInfo
@@ -47,14 +54,15 @@ LENGTH = "__length"  # the small columns' token count per sequence
 
 class DataLostError(RuntimeError):
     """A node holding part of the dataset in the streaming mode is gone: its blocks and its
-    server with it. Every attempt would meet it again, so the job ends at once (exit 1)."""
+    server with it. Raised in the rank, which fails; Ray Train restarts the worker group (up to
+    `scaling.max_failures`), whose ranks find the lost blocks read again (`BlockKeeper`)."""
+
+
+DATA_LOST = "data lost: a node holding part of the dataset is gone"
 
 
 def _lost(err: Exception) -> DataLostError:
-    return DataLostError(
-        f"data lost: a node holding part of the dataset is gone (data.mode=streaming; "
-        f"{type(err).__name__}); run the job again with --resume: it reads the data again and "
-        "continues from the last checkpoint")
+    return DataLostError(f"{DATA_LOST} (data.mode=streaming; {type(err).__name__})")
 
 
 @contextmanager
@@ -81,6 +89,27 @@ class Blocks:
     facts: dict[str, int | None] = field(default_factory=dict)
     servers: dict[str, Any] = field(default_factory=dict)  # node -> its BlockServer actor
     moved: int = 0  # blocks moved at ingest to even the nodes out
+    keeper: Any = None  # the BlockKeeper actor (streaming mode): servers, nodes, small, now
+
+    def current(self) -> Blocks:
+        """These blocks as they are served now: the keeper's view, after it has read again
+        the blocks of any node lost since (the object-store mode: as they are)."""
+        if self.keeper is None:
+            return self
+        with _servers_kept():  # the keeper lives on the head node
+            servers, nodes, small, note = ray.get(self.keeper.current.remote())
+        if note:
+            console.say(note)
+        return dataclasses.replace(self, servers=servers, nodes=nodes, small=small)
+
+    def lost_nodes(self) -> list[str]:
+        """The nodes whose part of the dataset is gone now (none in the object-store mode)."""
+        if self.keeper is None:
+            return []
+        try:
+            return ray.get(self.keeper.lost.remote())
+        except ray.exceptions.RayActorError:  # the keeper's own node (the head) is gone
+            return list(self.servers)
 
 
 def training_nodes() -> list[dict[str, Any]]:
@@ -175,8 +204,12 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     for key in ("input_dim", "max_token", "max_target", "max_label"):
         values = [f[key] for f in facts if f[key] is not None]
         merged[key] = max(values) if values else None
-    return Blocks("streaming", refs, size_bytes=size, rows=[f["rows"] for f in facts],
-                  nodes=where, small=small, facts=merged, servers=servers, moved=moved)
+    rows = [f["rows"] for f in facts]
+    keeper = ray.remote(num_cpus=0)(BlockKeeper).options(
+        scheduling_strategy=_on_head()).remote(info.uri, cfg.to_dict(), rows, where, servers,
+                                               small)
+    return Blocks("streaming", refs, size_bytes=size, rows=rows, nodes=where, small=small,
+                  facts=merged, servers=servers, moved=moved, keeper=keeper)
 
 
 def mode_line(blocks: Blocks | list[Any]) -> str | None:
@@ -224,6 +257,19 @@ class BlockServer:
     def small(self, block: int, cfg_dict: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
         return _small(self.blocks[block], Config.model_validate(cfg_dict))
 
+    def load(self, uri: str, ids: list[int], starts: list[int], counts: list[int]) -> int:
+        """Blocks read again from the Parquet data (a lost node's): block `ids[i]` is the
+        `counts[i]` rows from dataset row `starts[i]`, every column, as Ray Data read them."""
+        from pipeline.data.datasets import read_rows
+
+        ds = pads.dataset(uri, format="parquet")
+        for b, start, count in zip(ids, starts, counts, strict=True):
+            self.blocks[b] = read_rows(ds, np.arange(start, start + count), ds.schema.names)
+        return len(self.blocks)
+
+    def alive(self) -> bool:
+        return True
+
     def take(self, columns: list[str], ids: list[int], local: list[np.ndarray]) -> pa.Table:
         """Rows of the blocks held here: `local[i]` (sorted) of block `ids[i]`, the large
         columns only, each a column of the parts taken, unjoined: the rank joins them once."""
@@ -238,6 +284,92 @@ def _servers(nodes: list[str]) -> dict[str, Any]:
     servers = {n: actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n, soft=False)).remote() for n in nodes}
     return servers
+
+
+class BlockKeeper:
+    """Where each block of a streamed dataset is served from, for the whole job (an actor of no
+    CPU on the head node, started at ingest; see the module's docstring)."""
+
+    def __init__(self, uri: str, cfg_dict: dict[str, Any], rows: list[int],
+                 nodes: list[str], servers: dict[str, Any], small: list[Any]) -> None:
+        self.uri, self.cfg_dict, self.rows = uri, cfg_dict, rows
+        self.starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64).tolist()
+        self.nodes, self.servers, self.small = list(nodes), dict(servers), list(small)
+
+    def lost(self) -> list[str]:
+        """The nodes whose server is gone (their blocks are read again at the next `current`)."""
+        return [n for n, server in self.servers.items() if not _answers(server)]
+
+    def current(self) -> tuple[dict[str, Any], list[str], list[Any], str | None]:
+        """(servers, each block's node, each block's small columns, a line on what was read
+        again or None), after reading again the blocks of every server that is gone."""
+        lost = self.lost()
+        if not lost:
+            return self.servers, self.nodes, self.small, None
+        for node in lost:
+            del self.servers[node]
+        ids = [i for i, n in enumerate(self.nodes) if n in lost]
+        alive = [n["NodeID"] for n in training_nodes() if n["NodeID"] not in lost]  # Ray may
+        # not have called a lost node dead yet
+        targets = _reload_targets(len(ids), alive, [n for n in self.nodes if n not in lost])
+        new = _servers([t for t in set(targets) if t not in self.servers])
+        self.servers.update(new)
+        for node in set(targets):
+            mine = [i for i, t in zip(ids, targets, strict=True) if t == node]
+            ray.get(self.servers[node].load.remote(
+                self.uri, mine, [self.starts[i] for i in mine], [self.rows[i] for i in mine]))
+            for i in mine:
+                self.nodes[i] = node
+        small, _ = _small_columns([self.nodes[i] for i in ids], self.servers,
+                                  Config.model_validate(self.cfg_dict), ids)
+        for i, ref in zip(ids, small, strict=True):
+            self.small[i] = ref
+        return self.servers, self.nodes, self.small, (
+            f"data: {len(ids)} block(s) of {len(lost)} lost node(s) read again from the Parquet "
+            f"data onto {len(set(targets))} node(s) that train")
+
+
+def _on_head() -> NodeAffinitySchedulingStrategy:
+    """On the head node (where the cluster's own services run: a worker node may go), or,
+    without one, preferably on this process's node. A soft affinity is not enough: it put a
+    CPU-less actor on a worker node half of the time here."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def _answers(server: Any) -> bool:
+    """Whether a BlockServer still answers (a dead node's actors are marked dead once Ray
+    notices the node gone; one that does not answer in 60 s counts as gone)."""
+    try:
+        return ray.get(server.alive.remote(), timeout=60)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+
+
+def _reload_targets(count: int, alive: list[str], held: list[str]) -> list[str]:
+    """Where `count` lost blocks go: to the nodes that train and hold none (a replacement
+    node) in turn, else each to the node holding fewest at that moment. `held`: the node of
+    every block still held.
+
+    >>> _reload_targets(3, ["a", "c"], ["a", "a", "a"])  # c replaced the lost node
+    ['c', 'c', 'c']
+    >>> _reload_targets(3, ["a", "b"], ["a", "b", "b"])  # no new node: the least loaded
+    ['a', 'a', 'b']
+    """
+    if not alive:
+        raise DataLostError(f"{DATA_LOST}, and no node that trains is left to read it again on")
+    fresh = [n for n in alive if n not in held]
+    if fresh:
+        return [fresh[i % len(fresh)] for i in range(count)]
+    load = {n: held.count(n) for n in alive}
+    out = []
+    for _ in range(count):
+        dst = min(load, key=lambda n: (load[n], n))
+        load[dst] += 1
+        out.append(dst)
+    return out
 
 
 def plan_moves(where: list[tuple[str | None, int]], nodes: list[str]) -> dict[int, str]:
@@ -310,11 +442,13 @@ def _small(block: pa.Table, cfg: Config) -> tuple[pa.Table, dict[str, Any]]:
     return pa.table(keep) if keep else pa.table({"_": pa.nulls(block.num_rows)}), facts
 
 
-def _small_columns(where: list[str], servers: dict[str, Any], cfg: Config
-                   ) -> tuple[list[Any], list[dict[str, Any]]]:
+def _small_columns(where: list[str], servers: dict[str, Any], cfg: Config,
+                   ids: list[int] | None = None) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The small columns (refs) and facts of blocks `ids` (default: all), held at `where`."""
     cfg_dict = cfg.to_dict()
     pairs = [servers[node].small.options(num_returns=2).remote(i, cfg_dict)
-             for i, node in enumerate(where)]
+             for i, node in zip(ids if ids is not None else range(len(where)), where,
+                                strict=True)]
     return [s for s, _ in pairs], ray.get([f for _, f in pairs])
 
 
@@ -383,6 +517,7 @@ def load_rows(cfg: Config, blocks: Blocks | list[Any], rank: int, world: int
     if isinstance(blocks, list):  # refs of the whole table (tests, older callers)
         blocks = Blocks("object_store", blocks)
     if blocks.mode == "streaming":
+        blocks = blocks.current()  # a lost node's blocks read again, if any
         cols = large_columns(cfg)
         small = small_table(cfg, blocks)
         # Chunks of about CHUNK_BYTES: fewer, larger calls cost less per row (a call's fixed

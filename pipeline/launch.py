@@ -23,7 +23,7 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from pipeline import console
-from pipeline.blocks import Blocks, ingest, mode_line  # ingest: also imported from here
+from pipeline.blocks import DATA_LOST, Blocks, ingest, mode_line  # ingest: also from here
 from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -264,10 +264,36 @@ def fit_torch_trainer(cfg: Config, loop_config: dict[str, Any], name: str, stora
             logging_config=ray.train.LoggingConfig(
                 log_level=console.train_log_level(loop_config["verbose"]))),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except ray.train.TrainingFailedError as err:
+        _raise_if_data_lost(err, loop_config.get("table_refs"), cfg)
+        raise
     return dict(result.metrics or {}), Path(result.checkpoint.path) if result.checkpoint else None
+
+
+LOST_NODE_WAIT_S = 30.0  # how long a failed streaming job waits for Ray to call a node lost
+
+
+def _raise_if_data_lost(err: Exception, blocks: Any, cfg: Config) -> None:
+    """A job that failed with part of its streamed dataset gone ends on one line saying so
+    (TrainingStopped), not Ray's traceback: its restarts (`scaling.max_failures`) ran out. The
+    first rank to fail is often one whose peer's node went (a gloo connection reset), before
+    Ray has noticed the node gone: its servers are asked again for up to LOST_NODE_WAIT_S."""
+    if not isinstance(blocks, Blocks) or blocks.keeper is None:
+        return
+    deadline = time.monotonic() + LOST_NODE_WAIT_S
+    lost = DATA_LOST in str(err) or blocks.lost_nodes()
+    while not lost and time.monotonic() < deadline:
+        time.sleep(1.0)
+        lost = bool(blocks.lost_nodes())
+    if lost:
+        raise TrainingStopped(
+            f"{DATA_LOST} (data.mode=streaming) and the job has no restart left "
+            f"(scaling.max_failures={cfg.scaling.max_failures}); run it again with --resume: "
+            "it reads the data again and continues from the last checkpoint") from None
 
 
 def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config) -> str | None:

@@ -30,7 +30,7 @@ import ray.train.torch
 import torch
 
 from pipeline import console
-from pipeline.blocks import DataLostError, load_rows
+from pipeline.blocks import load_rows
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
 from pipeline.data.epochs import schedule_steps, steps_per_epoch
@@ -148,18 +148,18 @@ class RayTrainSession(Session):
 
 
 def train_func(loop_config: dict[str, Any], session: Session | None = None) -> None:
-    """Train, or end at once on a deterministic failure (bad input, non-finite training, the
-    streamed dataset's node lost: `pipeline.blocks.DataLostError`): every
-    rank meets it at the same point, reports `fatal_error` and returns, so Ray Train does not
-    restart the worker group to meet it again; the driver turns it into the job's error.
-    `session`: where it runs (default: a Ray Train worker)."""
+    """Train, or end at once on a deterministic failure (bad input, non-finite training):
+    every rank meets it at the same point, reports `fatal_error` and returns, so Ray Train does
+    not restart the worker group to meet it again; the driver turns it into the job's error.
+    Anything else raises, and Ray Train restarts the group from the last checkpoint (up to
+    `scaling.max_failures`): a lost node, and with it (streaming mode,
+    `pipeline.blocks.DataLostError`) part of the dataset, which the restarted ranks find read
+    again. `session`: where it runs (default: a Ray Train worker)."""
     session = session or RayTrainSession()
     try:
         _train(loop_config, session)
-    except (ConfigError, NonFiniteError, DataLostError) as err:  # bad input the driver could
-        # not see, NaN, or a streamed dataset's node lost
-        kind = ("input" if isinstance(err, ConfigError) else
-                "nonfinite" if isinstance(err, NonFiniteError) else "data_lost")
+    except (ConfigError, NonFiniteError) as err:  # bad input the driver could not see, or NaN
+        kind = "input" if isinstance(err, ConfigError) else "nonfinite"
         if session.rank == 0 and loop_config.get("fatal_file"):
             write_json(Path(loop_config["fatal_file"]), {"kind": kind, "message": str(err)})
         session.report({FATAL: 1.0}, None)
