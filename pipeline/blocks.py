@@ -206,7 +206,7 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
         merged[key] = max(values) if values else None
     rows = [f["rows"] for f in facts]
     keeper = ray.remote(num_cpus=0)(BlockKeeper).options(
-        scheduling_strategy=_on_head()).remote(info.uri, cfg.to_dict(), rows, where, servers,
+        scheduling_strategy=on_head()).remote(info.uri, cfg.to_dict(), rows, where, servers,
                                                small)
     return Blocks("streaming", refs, size_bytes=size, rows=rows, nodes=where, small=small,
                   facts=merged, servers=servers, moved=moved, keeper=keeper)
@@ -329,7 +329,7 @@ class BlockKeeper:
             f"data onto {len(set(targets))} node(s) that train")
 
 
-def _on_head() -> NodeAffinitySchedulingStrategy:
+def on_head() -> NodeAffinitySchedulingStrategy:
     """On the head node (where the cluster's own services run: a worker node may go), or,
     without one, preferably on this process's node. A soft affinity is not enough: it put a
     CPU-less actor on a worker node half of the time here."""

@@ -23,7 +23,13 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from pipeline import console
-from pipeline.blocks import DATA_LOST, Blocks, ingest, mode_line  # ingest: also from here
+from pipeline.blocks import (  # ingest: also imported from here
+    DATA_LOST,
+    Blocks,
+    ingest,
+    mode_line,
+    on_head,
+)
 from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
@@ -181,7 +187,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if server_reachable(uri):
             run_id = start_run(uri, **run_args)
         else:  # training does not wait for tracking: the run is created when the server is back
-            pending = ray.remote(num_cpus=0)(DeferredRun).remote(uri, **run_args)
+            pending = ray.remote(num_cpus=0)(DeferredRun).options(  # never on a node that goes
+                scheduling_strategy=on_head()).remote(uri, **run_args)
             _log(f"MLflow at {uri} is unreachable: training starts without it; the run is "
                  "created, and its metrics sent, when the server is back")
     else:
