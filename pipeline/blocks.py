@@ -8,10 +8,10 @@ Ray Data reads the Parquet data into Arrow blocks (`ingest`). Then, by `data.mod
 - **streaming** (data that outgrows a node): the blocks are spread evenly over the nodes that
   train (a block a node holds beyond its share is moved to the node holding least), and each
   rank holds only the small columns the planners need (`small_columns`: ids, labels, lengths,
-  difficulty). The large columns of the rows of its next steps come from `BlockFetch`: one task
-  per node holding some of them, placed on that node, takes the rows from its blocks, so a node
-  holds its share of the dataset and receives only its ranks' rows (the next chunk is asked for
-  while the current one trains: `pipeline/data/rows.py`).
+  difficulty). The large columns of the rows of its next steps come from `BlockFetch`: one call
+  to the `BlockServer` actor of each node holding some of them takes the rows from its blocks,
+  so a node holds its share of the dataset and receives only its ranks' rows (the next two
+  chunks are asked for while one trains: `pipeline/data/rows.py`).
 - **auto**: streaming on a cluster of several nodes that train when the data (Parquet's
   uncompressed size) fills more than a quarter of the smallest one's object store.
 
@@ -298,7 +298,8 @@ class BlockKeeper:
 
     def lost(self) -> list[str]:
         """The nodes whose server is gone (their blocks are read again at the next `current`)."""
-        return [n for n, server in self.servers.items() if not _answers(server)]
+        answering = _answering(list(self.servers.values()))
+        return [n for n, ok in zip(self.servers, answering, strict=True) if not ok]
 
     def current(self) -> tuple[dict[str, Any], list[str], list[Any], str | None]:
         """(servers, each block's node, each block's small columns, a line on what was read
@@ -314,11 +315,13 @@ class BlockKeeper:
         targets = _reload_targets(len(ids), alive, [n for n in self.nodes if n not in lost])
         new = _servers([t for t in set(targets) if t not in self.servers])
         self.servers.update(new)
-        for node in set(targets):
-            mine = [i for i, t in zip(ids, targets, strict=True) if t == node]
-            ray.get(self.servers[node].load.remote(
-                self.uri, mine, [self.starts[i] for i in mine], [self.rows[i] for i in mine]))
-            for i in mine:
+        mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
+                for node in set(targets)}
+        ray.get([self.servers[node].load.remote(  # every node reads its share at once
+            self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii])
+            for node, ii in mine.items()])
+        for node, ii in mine.items():
+            for i in ii:
                 self.nodes[i] = node
         small, _ = _small_columns([self.nodes[i] for i in ids], self.servers,
                                   Config.model_validate(self.cfg_dict), ids)
@@ -339,13 +342,19 @@ def on_head() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
 
 
-def _answers(server: Any) -> bool:
-    """Whether a BlockServer still answers (a dead node's actors are marked dead once Ray
-    notices the node gone; one that does not answer in 60 s counts as gone)."""
-    try:
-        return ray.get(server.alive.remote(), timeout=60)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        return False
+def _answering(servers: list[Any], timeout_s: float = 60) -> list[bool]:
+    """Whether each BlockServer still answers, all asked at once (a dead node's actors are
+    marked dead once Ray notices the node gone; one that does not answer within `timeout_s`
+    counts as gone)."""
+    asked = [server.alive.remote() for server in servers]
+    done, _ = ray.wait(asked, num_returns=len(asked), timeout=timeout_s, fetch_local=True)
+    answers = []
+    for ref in asked:
+        try:
+            answers.append(ref in done and ray.get(ref))
+        except ray.exceptions.RayActorError:
+            answers.append(False)
+    return answers
 
 
 def _reload_targets(count: int, alive: list[str], held: list[str]) -> list[str]:
