@@ -1,12 +1,44 @@
 """Result and state files are written whole or not at all: to a temporary name beside the
-target, then renamed over it, so an interrupted job never leaves a half-written JSON file."""
+target, then renamed over it, so an interrupted job never leaves a half-written file (JSON,
+CSV, Markdown, PNG)."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` (parents created) to write to: renamed over `path` when
+    the block ends, removed if it raises, so `path` holds the old file or the new one, whole.
+
+    >>> import shutil, tempfile
+    >>> root = Path(tempfile.mkdtemp())
+    >>> with replacing(root / "a.txt") as tmp:
+    ...     _ = tmp.write_text("old")
+    >>> try:
+    ...     with replacing(root / "a.txt") as tmp:
+    ...         _ = tmp.write_text("half")
+    ...         raise OSError("disk full")
+    ... except OSError:
+    ...     pass
+    >>> (root / "a.txt").read_text(), [f.name for f in root.iterdir()]
+    ('old', ['a.txt'])
+    >>> shutil.rmtree(root)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -21,9 +53,19 @@ def write_json(path: str | Path, data: Any) -> Path:
     ['result.json']
     >>> shutil.rmtree(root)
     """
+    return write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """`text` at `path`, whole (see `replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
+    """A matplotlib figure at `path`, whole, in the format its suffix names (see `replacing`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **kwargs)
     return path

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError
+from pipeline.files import save_figure, write_json
 
 MARGIN = 0.9  # the suggestion's micro-batch is at most this share of the largest that fits
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -173,7 +174,6 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     )
     from pipeline.engine.models import build_model
     from pipeline.engine.optim import build_optimizer
-    from pipeline.files import write_json
     from pipeline.worker import model_spec  # pure; lives beside the Ray worker function
 
     device = _device(cfg)
@@ -327,4 +327,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax[1].set_ylabel("samples/s (one worker)")
     fig.suptitle(f"{result['model']} on {result['device']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)

@@ -11,7 +11,6 @@ Hard-example mining has no losses without training: its weights are uniform here
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, split_train_val
 from pipeline.data.datasets import DatasetInfo, small_columns
 from pipeline.data.feed import RankFeed
 from pipeline.engine.batch_schedule import BatchSchedule
-from pipeline.files import write_json
+from pipeline.files import replacing, save_figure, write_json
 
 
 @ray.remote(num_cpus=1)
@@ -150,7 +149,7 @@ def plot(df: pd.DataFrame, summary: dict[str, Any], path: Path) -> None:
         df.groupby("rank").size().plot.bar(ax=ax[2])
         ax[2].set_title("samples drawn per rank")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, Any]:
@@ -159,12 +158,16 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     connect()
     refs = ingest(info, cfg)
-    tables = ray.get([rank_rows.remote(cfg.to_dict(), refs, r)
-                      for r in range(cfg.scaling.num_workers)])
+    try:
+        tables = ray.get([rank_rows.remote(cfg.to_dict(), refs, r)
+                          for r in range(cfg.scaling.num_workers)])
+    except ray.exceptions.RayTaskError as err:  # bad data met in a task: its one line, not
+        if isinstance(err.cause, ConfigError):  # Ray's traceback (which is a ConfigError too)
+            raise err.cause from None
+        raise
     table = pa.concat_tables(tables)
-    tmp = out_dir / "batches.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out_dir / "batches.parquet")
+    with replacing(out_dir / "batches.parquet") as tmp:
+        pq.write_table(table, tmp)
     df = table.to_pandas()
     labels = small_columns(cfg, info)[0].labels
     share = pd.Series(labels).value_counts(normalize=True).sort_index() if labels is not None else None

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.files import save_figure
+
 BATCH = "train.global_batch_size"
 RULE = "train.lr_scaling"
 
@@ -238,11 +240,8 @@ def batch_schedule_plot(curves: dict[str, pd.DataFrame], path: str | Path) -> Pa
 
 
 def _save(fig, path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(p)
-    return p
+    return save_figure(fig, path)
 
 
 def _cell(v: object) -> str:

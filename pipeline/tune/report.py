@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.files import write_json
+from pipeline.files import write_json, write_text
 from pipeline.tracking import client
 from pipeline.tune.analysis import (
     accuracy_vs_batch_plot,
@@ -52,9 +52,9 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[
     noise_scale = float(noise.median()) if len(noise) else None
     sentence = critical_batch_sentence(fit, noise_scale, cfg.tune.target_accuracy)
 
-    df.to_csv(out_dir / "trials.csv", index=False)
+    write_text(out_dir / "trials.csv", df.to_csv(index=False))
     table = summary_table(df.drop(columns=["error"]))
-    (out_dir / "summary.md").write_text(f"{table}\n{sentence}\n")
+    write_text(out_dir / "summary.md", f"{table}\n{sentence}\n")
     accuracy_vs_batch_plot(fixed, out_dir / "accuracy_vs_batch.png")
     steps_vs_batch_plot(fixed, out_dir / "steps_vs_batch.png", target=cfg.tune.target_accuracy)
     artifacts = ["trials.csv", "summary.md", "accuracy_vs_batch.png", "steps_vs_batch.png"]
