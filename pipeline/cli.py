@@ -1,4 +1,5 @@
-"""`python -m pipeline COMMAND --config FILE [--set dotted.key=value ...] [--out DIR] [--verbose]`.
+"""`python -m pipeline COMMAND --config FILE [--set dotted.key=value ...] [--out DIR] [--verbose]
+[--print-config]` (`--resume`: train, tune; `--max-memory SIZE`: find-batch-size).
 
 Exit codes: 0 success; 2 bad input (config, data, arguments) with one line on stderr naming
 the culprit, checked before any cluster work starts; 1 anything else.
@@ -33,11 +34,15 @@ class _Parser(argparse.ArgumentParser):
 
 # -- the commands -----------------------------------------------------------------------------
 def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
-    from pipeline.launch import run_training
+    from pipeline.launch import TrainingInterrupted, run_training
 
     for line in console.setup_lines(cfg, info, cfg.tracking_uri()):
         console.say(line)
-    summary = run_training(cfg, info, out, resume=args.resume, address=address)
+    try:
+        summary = run_training(cfg, info, out, resume=args.resume, address=address)
+    except TrainingInterrupted as err:
+        print(f"[pipeline] {err}", file=sys.stderr)
+        return 130  # the shell's code for a job stopped by a signal (128 + SIGINT)
     m = summary["metrics"]
     console.say(f"done: val_accuracy={m.get('val_accuracy', float('nan')):.4f} "
                 f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} epochs")

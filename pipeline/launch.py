@@ -1,6 +1,6 @@
 """Launch one training job: Ray Data ingest, the TorchTrainer, the MLflow run, result.json.
 
-`run_training(cfg, out_dir)` is what `python -m pipeline train` and `jobs/train.py` call after
+`run_training(cfg, info, out_dir)` is what `python -m pipeline train` and `jobs/train.py` call after
 the config and the dataset have been validated (so bad input never reaches the cluster).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -243,8 +244,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         write_json(out_dir / "result.json", summary)
         if run_id is not None:
             end_run(uri, run_id, "FINISHED")
-    except SystemExit:  # Tune stopped this sweep trial (ASHA): the sweep ends its run (KILLED)
-        raise
+    except SystemExit:
+        if threading.current_thread() is not threading.main_thread():
+            raise  # Tune stopped this sweep trial (ASHA): the sweep ends its run (KILLED)
+        # Ctrl-C or SIGTERM (`ray job stop`) on the driver: Ray ends its wait with SystemExit
+        if run_id is not None:
+            end_run(uri, run_id, "KILLED")
+        raise TrainingInterrupted(
+            f"training interrupted{f'; MLflow run {run_id} KILLED' if run_id else ''}; continue "
+            f"it from its last checkpoint with --resume --out {out_dir}") from None
     except BaseException:
         if pending is not None and run_id is None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg)
@@ -319,6 +327,10 @@ def _write_state(state_file: Path, run_id: str | None, uri: str, cfg: Config) ->
     """run.json: the job's MLflow run (None until a deferred run exists) and its config, which
     a --resume continues and compares against."""
     write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict()})
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The driver was interrupted (Ctrl-C, SIGTERM) while training: the run is KILLED."""
 
 
 class TrainingStopped(RuntimeError):

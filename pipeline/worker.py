@@ -238,7 +238,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                       if isinstance(t.micro_batch_size, int) else per_worker,
                       noise=NoiseScale(beta=t.noise_scale_ema) if t.noise_scale else None)
     sample_losses: np.ndarray | None = None
-    resume_dir = session.restart_checkpoint() or loop_config.get("resume_from")
+    restarted = session.restart_checkpoint()  # Ray Train restarted the group after a failure
+    resume_dir = restarted or loop_config.get("resume_from")
     s = None
     if resume_dir is not None:
         try:
@@ -260,6 +261,9 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if state.noise is not None and s.get("noise"):
             state.noise.load_state_dict(s["noise"])
         state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
+        if restarted and rank == 0:
+            console.say(f"restarted after a failure: from the checkpoint of epoch {state.epoch} "
+                        f"(step {state.step})")
         sample_losses = s.get("sample_losses")
     logger = _metric_logger(loop_config) if rank == 0 else None
     if logger is not None:

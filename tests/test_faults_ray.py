@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,9 +74,13 @@ def test_a_worker_killed_mid_job_restarts_from_the_checkpoint_to_the_same_weight
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     killed_after = load_checkpoint(find_latest_checkpoint(tmp_path / "faulty" / "ray_results"))
-    _, err = job.communicate(timeout=600)
+    out, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-3000:]
     assert killed_after["epoch"] < EPOCHS - 1, "the job ended before the kill took effect"
+    # from a checkpoint, not from the start (which would reach the same weights too)
+    restarts = re.findall(r"restarted after a failure: from the checkpoint of epoch (\d+)",
+                          out + err)
+    assert len(restarts) == 1 and 1 <= int(restarts[0]) <= killed_after["epoch"] + 1, out + err
 
     result = json.loads((tmp_path / "faulty" / "result.json").read_text())
     _same_weights(result, reference)
@@ -88,6 +93,7 @@ def test_a_worker_killed_mid_job_restarts_from_the_checkpoint_to_the_same_weight
     again = sorted({s for s in again if again.count(s) > 1})
     tag = client.get_run(result["mlflow_run_id"]).data.tags.get("relogged_epochs")
     assert (tag is None) if not again else set(map(int, tag.replace(";", ",").split(","))) == set(again)
+    assert all(epoch > int(restarts[0]) for epoch in again)  # only epochs after the checkpoint
     ref_loss = {m.step: m.value
                 for m in client.get_metric_history(reference["mlflow_run_id"], "train_loss")}
     assert {m.step: m.value for m in history} == ref_loss  # the same curve, point for point
@@ -117,6 +123,33 @@ def test_a_driver_killed_mid_job_resumes_in_the_same_run_to_the_same_weights(
     assert client.get_run(run_id).info.status == "FINISHED"
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted({m.step for m in history}) == list(range(1, EPOCHS + 1))
+
+
+def test_ctrl_c_on_the_driver_ends_the_run_killed_and_resume_finishes_it(
+        ray_client, mlflow_server, reference, tmp_path):
+    """Ctrl-C (SIGINT) on the driver mid-job: exit 130 with one line saying how to go on, the
+    MLflow run KILLED (not left RUNNING, never FINISHED), no result.json; `--resume` then
+    finishes the same run at the weights of an uninterrupted one. (SIGTERM, as `ray job stop`
+    sends, takes the same path: Ray ends the driver's wait with SystemExit either way.)"""
+    job = _train(mlflow_server, tmp_path, "test-fault-sigint")
+    _wait_for_first_checkpoint(job, tmp_path)
+    job.send_signal(signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    run_id = json.loads((tmp_path / "run.json").read_text())["mlflow_run_id"]
+    assert job.returncode == 130, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "training interrupted" in ln]
+    assert lines == [f"[pipeline] training interrupted; MLflow run {run_id} KILLED; continue it "
+                     f"from its last checkpoint with --resume --out {tmp_path}"], err[-3000:]
+    assert not (tmp_path / "result.json").exists()
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(run_id).info.status == "KILLED"
+    resumed = _train(mlflow_server, tmp_path, "test-fault-sigint", "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["mlflow_run_id"] == run_id
+    _same_weights(result, reference)
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_a_restart_from_a_damaged_checkpoint_falls_back_to_the_same_weights(

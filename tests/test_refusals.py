@@ -36,7 +36,8 @@ def _cluster_module(name: str) -> types.ModuleType:
     mod = types.ModuleType(name)
     for fn in ("run_training", "inspect_batches", "print_summary", "run_sweep", "print_sweep"):
         setattr(mod, fn, reached)
-    mod.SweepInterrupted = type("SweepInterrupted", (KeyboardInterrupt,), {})
+    for interrupted in ("SweepInterrupted", "TrainingInterrupted"):
+        setattr(mod, interrupted, type(interrupted, (KeyboardInterrupt,), {}))
     return mod
 
 
@@ -52,11 +53,14 @@ def refused(argv: list[str], capsys, monkeypatch, cwd=None) -> str:
     non-empty stderr line and, when `cwd` (an empty folder) is given, that the run left nothing
     there (no run folder, no sqlite MLflow store: the defaults are relative to it); return the
     line."""
-    had_ray = "ray" in sys.modules
     if cwd is not None:
         monkeypatch.chdir(cwd)
     for name in CLUSTER_MODULES:
         monkeypatch.setitem(sys.modules, name, _cluster_module(name))
+    # Other test files imported Ray and MLflow already: `import ray` would find them in
+    # sys.modules without asking the finder below; None there makes that import raise.
+    for name in [m for m in sys.modules if m.split(".")[0] in ("ray", "mlflow")]:
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setattr(sys, "meta_path", [_NoClusterImports(), *sys.meta_path])
     capsys.readouterr()
     rc = cli.run(argv)
@@ -64,7 +68,6 @@ def refused(argv: list[str], capsys, monkeypatch, cwd=None) -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2, err
     assert len(lines) == 1, err
-    assert had_ray or "ray" not in sys.modules
     if cwd is not None:
         assert not any(cwd.iterdir()), sorted(p.name for p in cwd.iterdir())
     return lines[0]
@@ -73,6 +76,21 @@ def refused(argv: list[str], capsys, monkeypatch, cwd=None) -> str:
 def test_the_harness_catches_a_case_that_reaches_the_cluster(capsys, monkeypatch, data_dir):
     """A valid config is not refused: the fake launcher is reached, and says so."""
     with pytest.raises(_Reached, match="pipeline.launch"):
+        refused(["train", "--config", DIGITS, "--set", "train.epochs=1"], capsys, monkeypatch)
+
+
+def test_the_harness_catches_an_import_of_ray_or_mlflow(capsys, monkeypatch, data_dir):
+    """Imported already (by another test file) or not, Ray and MLflow cannot be imported while
+    a case runs: an import of either fails the case."""
+    import importlib
+
+    importlib.import_module("mlflow")  # in sys.modules, as in a whole session
+
+    def importing(_cfg: object) -> None:
+        import mlflow  # noqa: F401
+
+    monkeypatch.setattr("pipeline.data.datasets.resolve", importing)
+    with pytest.raises(ImportError, match="mlflow"):
         refused(["train", "--config", DIGITS, "--set", "train.epochs=1"], capsys, monkeypatch)
 
 
@@ -291,11 +309,17 @@ CASES = [
      "tune.metric='val_accuracy'"),
     ("tune-metric-not-logged-here", ["--config", DIGITS, *s(SWEEP, "tune.metric=tokens_per_s")],
      "tune.metric='tokens_per_s'"),
+    ("tune-metric-noise-off", ["--config", DIGITS, *s(SWEEP, "tune.metric=noise_scale",
+                                                      "train.noise_scale=false")],
+     "tune.metric='noise_scale'"),
     ("target-other-accuracy", ["--config", DIGITS, *s(SWEEP, "tune.metric=train_accuracy")],
      "tune.target_accuracy"),
     ("space-unknown-key", ["--config", DIGITS,
                            *s('tune.search_space={"train.nosuch": {"grid": [1, 2]}}')],
      "train.nosuch"),
+    ("space-uniform-on-an-integer", ["--config", DIGITS,
+                                     *s('tune.search_space={"train.epochs": {"uniform": [1, 5]}}')],
+     "train.epochs: Input should be a valid integer (got 3.0)"),
     ("space-empty-grid", ["--config", DIGITS, *s('tune.search_space={"train.base_lr": {"grid": []}}')],
      "train.base_lr"),
     ("space-bad-value", ["--config", DIGITS,
