@@ -1,10 +1,10 @@
 """The driver's memory against the dataset's size: what the checks before the cluster
-(`resolve`, run by every command before Ray starts) and the ingest (`launch.ingest`: Ray Data
+(`resolve`, run by every command before Ray starts) and the ingest (`blocks.ingest`: Ray Data
 reads the Parquet file into the object store) cost the driver process, at two dataset sizes.
 
 Each measurement is a fresh Python process (its peak RSS, VmHWM, only ever grows), for
 the stages in turn: `import` (the pipeline and its libraries loaded), `check` (+ `resolve` on the
-dataset), `ingest` (+ a local Ray and `launch.ingest`; Ray's own processes are not the driver's),
+dataset), `ingest` (+ a local Ray and `blocks.ingest`; Ray's own processes are not the driver's),
 and `find` (`resolve`, then `find-batch-size`'s search for the `seq_transformer` on the longest
 sequences, `--max-memory 48MiB`: it runs in the driver's process and reads the rows it tries).
 The datasets are `make_sequences`' token sequences (lognormal lengths, median ~40 tokens) at

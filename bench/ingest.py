@@ -1,6 +1,6 @@
 """Ray Data ingest: Ray 2.60's default Parquet datasource (V2) vs the V1 reader.
 
-`launch.ingest` reads the dataset once per job (and once per sweep trial) into Arrow blocks in
+`blocks.ingest` reads the dataset once per job (and once per sweep) into Arrow blocks in
 the object store. Both readers run here on the same local Ray cluster, alternating over
 `--rounds` rounds: read_parquet -> materialize -> to_arrow_refs, timed from the call to the
 blocks being in the object store; both must give the same rows in the same order.

@@ -15,7 +15,7 @@
       Parquet datasource (`DataContext.use_datasource_v2 = False`): Ray 2.60's default V2
       starts FooterReader actors (new processes) for every read;
    b2. the same iteration over `read_parquet(path).materialize()` (read once, like c);
-   c. the pipeline: ingest as `pipeline.launch.ingest` does (read_parquet -> materialize ->
+   c. the pipeline: ingest as `pipeline.blocks.ingest` does (read_parquet -> materialize ->
       Arrow blocks in the object store), `SampleTable.from_table(pa.concat_tables(ray.get(refs)))`
       once, then per epoch a `random` plan and per batch `gather(positions)` + `to_torch` -- what
       a worker does per micro-batch;
@@ -217,7 +217,7 @@ def throughput(path: Path, repeats: int) -> dict:
     dataset = PyListDataset(table)
     one_time["a: to_pylist"] = time.perf_counter() - t0
 
-    # c: the three lines of pipeline.launch.ingest (preserve_order, read_parquet, materialize,
+    # c: the three lines of pipeline.blocks.ingest (preserve_order, read_parquet, materialize,
     # to_arrow_refs), then what pipeline.worker.load_table does. b2 iterates the same
     # materialized Dataset.
     ctx = ray.data.DataContext.get_current()

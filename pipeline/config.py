@@ -36,19 +36,25 @@ MODELS = ("digits_cnn", "mlp", "seq_transformer")  # plus "auto" and "import:mod
 PACINGS = ("linear", "root", "step", "exponential", "none")  # = pipeline.data.pacing.PACINGS
 # Per-epoch metrics a training run reports (pipeline/worker.py, engine/loop.py train_epoch and
 # engine/step.py evaluate), hence what Tune can rank trials by. Some exist only for some runs:
-# see `Config.logged_metrics`.
+# see `Config.logged_metrics`. One more, `ghost_batch_size`, is logged only for a model with
+# BatchNorm, which the config alone does not tell (tests/test_train_ray.py checks the lists
+# against a run's metrics).
 ALWAYS_LOGGED = (
     "train_loss", "train_accuracy", "grad_norm", "steps", "epoch_time_s", "worker_samples_per_s",
     "lr", "epoch", "step", "samples_per_s", "dropped", "pool_size", "skipped_steps",
-    "micro_batch_size", "global_batch_size", "samples", "startup_s", "data_fetched_mib",
-    "data_wait_s", "worker_rss_mib",
+    "nonfinite_steps", "micro_batch_size", "global_batch_size", "samples", "startup_s",
+    "data_fetched_mib", "data_wait_s", "worker_rss_mib",
 )
+# a small batch beside the global one: a worker's share, or one worker's first micro-batch
+NOISE_MEASURED = "train.noise_scale=true with several workers or micro-batches"
 SOMETIMES_LOGGED = {  # metric -> when it is logged
     "val_loss": "data.val_fraction > 0", "val_accuracy": "data.val_fraction > 0",
     "padding_efficiency": "sequence data", "tokens_per_s": "sequence data",
     "loss_scale": "train.precision=fp16",
     "hard_mining/loss_mean": "batching.strategy=hard_mining",
     "hard_mining/loss_p90": "batching.strategy=hard_mining",
+    "noise_scale": NOISE_MEASURED, "noise_grad_sq": NOISE_MEASURED, "noise_trace": NOISE_MEASURED,
+    "batch_size_step_cost": "train.batch_size_schedule=adaptive",
 }
 
 
@@ -521,6 +527,9 @@ class Config(_Section):
             "sequence data": self.data.sequence_column is not None,
             "train.precision=fp16": self.train.precision == "fp16",
             "batching.strategy=hard_mining": self.batching.strategy == "hard_mining",
+            NOISE_MEASURED: self.train.noise_scale and (self.scaling.num_workers > 1
+                                                        or self.accumulation_steps() > 1),
+            "train.batch_size_schedule=adaptive": self.train.batch_size_schedule == "adaptive",
         }
         return (*ALWAYS_LOGGED, *(k for k, cond in SOMETIMES_LOGGED.items() if when[cond]))
 

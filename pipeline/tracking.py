@@ -6,9 +6,11 @@ Rank 0 logs the metric curves during training through `MetricLogger`, which talk
 store by URI. A local sqlite store is reachable from every process of a single-node cluster;
 a multi-node cluster needs a tracking server (checked by `check_store_reachable`).
 
-Every MLflow call of the project is made here: the runs (`start_run`, `DeferredRun` for a job
-that starts while its server is away, `end_run`), the metrics (`MetricLogger`), the model
-(`log_model`), and the sweep's reads (`nested_runs`, `metric_histories`).
+Every MLflow client of the project is made here (`client`), and every query: the runs
+(`start_run`, `DeferredRun` for a job that starts while its server is away, `end_run`), the
+metrics (`MetricLogger`), the model (`log_model`), and the sweep's reads (`nested_runs`,
+`metric_histories`). The sweep's report writes its parent run's summary through `client`
+(`pipeline/tune/report.py`, `pipeline/tune/results.py`).
 """
 
 from __future__ import annotations

@@ -241,3 +241,27 @@ def test_explicit_choices_are_never_rewritten(data_dir, capsys, monkeypatch):
     line = refused(["train", *s("data.name=sequences", "model.name=digits_cnn")], capsys,
                    monkeypatch)
     assert "model.name=digits_cnn" in line  # refused, not silently replaced
+
+
+def test_a_sweep_may_rank_by_every_metric_a_run_of_its_config_logs():
+    """The measured noise scale, the adaptive schedule's step cost and the non-finite step count
+    are logged per epoch (tests/test_train_ray.py checks the lists against a run's metrics), so a
+    sweep may rank by them; where the noise scale is not measured (off, or one worker stepping
+    one micro-batch: no small batch beside the global one), `noise_scale` is refused, naming
+    why."""
+    space = 'tune.search_space={"train.base_lr": {"grid": [0.01, 0.1]}}'
+    for metric, sets in [("noise_scale", []), ("nonfinite_steps", []),
+                         ("batch_size_step_cost", ["train.batch_size_schedule=adaptive",
+                                                   "train.batch_size_min=32",
+                                                   "train.batch_size_step_cost=150"])]:
+        cfg, _ = resolve(load_config(DIGITS, [space, f"tune.metric={metric}", *sets]))
+        assert metric in cfg.logged_metrics()
+    for unmeasured in (["train.noise_scale=false"],  # off, or no small batch beside the global
+                       ["scaling.num_workers=1", "train.micro_batch_size=null"]):
+        cfg = load_config(DIGITS, [space, "tune.metric=noise_scale", *unmeasured])
+        with pytest.raises(ConfigError, match=r"only when train.noise_scale=true with several "
+                                              r"workers or micro-batches"):
+            resolve(cfg)
+    one_worker_two_micro = ["scaling.num_workers=1", "train.micro_batch_size=32"]
+    cfg, _ = resolve(load_config(DIGITS, [space, "tune.metric=noise_scale", *one_worker_two_micro]))
+    assert cfg.accumulation_steps() == 2 and "noise_scale" in cfg.logged_metrics()

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import run
-from pipeline.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow]
@@ -29,10 +27,9 @@ def test_nonfinite_loss_stops_the_job_failed_without_nonfinite_checkpoint(
     run_id = json.loads((tmp_path / "run.json").read_text())["mlflow_run_id"]
     assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
     assert not (tmp_path / "result.json").exists()
-    for state_file in tmp_path.rglob("state.pt"):  # if any epoch ended, its weights were finite
-        state = load_checkpoint(state_file.parent)
-        assert all(bool(torch.isfinite(v).all()) for v in state["model"].values()
-                   if v.is_floating_point())
+    # It stopped within epoch 1, so no epoch ended and nothing was checkpointed (that the end of
+    # an epoch never writes non-finite weights: tests/engine/test_exactness.py).
+    assert not list(tmp_path.rglob("state.pt"))
     assert json.loads((tmp_path / "fatal.json").read_text())["kind"] == "nonfinite"
 
 

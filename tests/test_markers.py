@@ -38,4 +38,6 @@ def test_a_fixture_without_its_marker_fails_collection():
 def test_a_marker_without_its_fixture_fails_collection():
     items = [_Item("t::c", ["tmp_path"], ["ray", "slow"])]
     assert marker_problems(items) == ["t::c: marked ray but does not use ray_cluster"]
+    with pytest.raises(pytest.UsageError, match="t::c: marked ray but does not use"):
+        pytest_collection_modifyitems(None, items)
 

@@ -54,14 +54,17 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
 
 def check_trials(cfg: Config) -> list[Config]:
     """Validate the trial configs before any cluster work: every combination of the discrete
-    values (and of the continuous bounds) goes through `with_overrides` and the dataset checks,
+    values (and of the continuous bounds and middles) goes through `with_overrides` and the dataset checks,
     so e.g. a batch size the workers cannot split fails fast with exit 2. Returns them."""
     if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("config error: tune.search=optuna needs Optuna: "
                           "pip install 'batch-pipeline[optuna]'")
     parsed = parse_search_space(cfg)
     keys = list(parsed)
-    lists = [values for _, values in parsed.values()]
+    # a continuous range draws floats between its bounds: one of them is checked too (an integer
+    # key given a range of integers would fail in every trial)
+    lists = [[*values, _between(kind, values)] if kind in ("uniform", "loguniform") else values
+             for kind, values in parsed.values()]
     if math.prod(len(v) for v in lists) > MAX_CHECKED_COMBINATIONS:  # check one key at a time
         combos = [{k: v} for k, vs in zip(keys, lists, strict=True) for v in vs]
     else:
@@ -76,6 +79,16 @@ def check_trials(cfg: Config) -> list[Config]:
             shown = ", ".join(f"{k}={v}" for k, v in combo.items())
             raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
     return checked
+
+
+def _between(kind: str, bounds: list[float]) -> float:
+    """A value a continuous spec draws: the middle of its range (on a log scale for loguniform).
+
+    >>> _between("uniform", [1, 5]), _between("loguniform", [0.01, 1])
+    (3.0, 0.1)
+    """
+    low, high = bounds
+    return float(math.sqrt(low * high) if kind == "loguniform" else (low + high) / 2)
 
 
 def trial_concurrency(cluster: dict[str, float], trials: list[Config],

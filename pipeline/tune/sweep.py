@@ -221,7 +221,10 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     check_store_reachable(uri)
     concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent)
     parent = state.get("parent_run_id")
-    if parent is None:
+    resumed = parent is not None
+    if resumed:
+        client(uri).update_run(parent, status="RUNNING")
+    else:
         params = {**cfg.flat_params(), "tune.search_space": json.dumps(cfg.tune.search_space)}
         parent = start_run(uri, cfg.tracking.experiment,
                            run_name=cfg.tracking.run_name or name, params=params,
@@ -229,30 +232,31 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                            tags={**ray_job_tags(), "pipeline.kind": "sweep", "tune.sweep": name,
                                  "tune.scheduler": cfg.tune.scheduler,
                                  "tune.search": cfg.tune.search})
-        log_text(uri, parent, json.dumps(cfg.tune.search_space, indent=2), "search_space.json")
-    else:
-        client(uri).update_run(parent, status="RUNNING")
-    state.update(parent_run_id=parent, tracking_uri=uri)
-    write_json(state_file, state)
-    console.say(f"sweep {name}: {count_trials(cfg)} trial(s), {concurrency} at a time, "
-                f"{cfg.tune.scheduler} scheduler, ranked by {cfg.tune.metric} ({cfg.tune.mode})")
-    console.say(f"MLflow parent run {parent} in {uri} (experiment '{cfg.tracking.experiment}')")
+    try:  # from here on, however the sweep ends, its parent run ends with it
+        if not resumed:
+            log_text(uri, parent, json.dumps(cfg.tune.search_space, indent=2),
+                     "search_space.json")
+        state.update(parent_run_id=parent, tracking_uri=uri)
+        write_json(state_file, state)
+        console.say(f"sweep {name}: {count_trials(cfg)} trial(s), {concurrency} at a time, "
+                    f"{cfg.tune.scheduler} scheduler, ranked by {cfg.tune.metric} "
+                    f"({cfg.tune.mode})")
+        console.say(f"MLflow parent run {parent} in {uri} "
+                    f"(experiment '{cfg.tracking.experiment}')")
+        refs = ingest(info, cfg)  # once for the sweep: every trial on this dataset reads them
+        in_actors = every_trial_in_actor(cfg)
 
-    refs = ingest(info, cfg)  # once for the sweep: every trial on this dataset reads these blocks
-    in_actors = every_trial_in_actor(cfg)
+        def resources(overrides: dict[str, Any]) -> Any:
+            swept = {k: v for k, v in overrides.items() if k in cfg.tune.search_space}
+            return tune.PlacementGroupFactory(
+                [trial_resources(cfg.with_overrides(swept), swept)])
 
-    def resources(overrides: dict[str, Any]) -> Any:
-        swept = {k: v for k, v in overrides.items() if k in cfg.tune.search_space}
-        return tune.PlacementGroupFactory(
-            [trial_resources(cfg.with_overrides(swept), swept)])
-
-    trainable = tune.with_resources(
-        tune.with_parameters(_run_trial, base=cfg.with_overrides({"tracking.uri": uri}).to_dict(),
-                             info=info,
-                             root=str(out_dir / "trials" / name), parent_run_id=parent,
-                             sweep=name, table_refs=refs),
-        resources)
-    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(_run_trial,
+                                 base=cfg.with_overrides({"tracking.uri": uri}).to_dict(),
+                                 info=info, root=str(out_dir / "trials" / name),
+                                 parent_run_id=parent, sweep=name, table_refs=refs),
+            resources)
         if resume:
             tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=False)
         else:

@@ -107,9 +107,8 @@ def test_deterministic_per_seed_and_epoch(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_worker_count_independence(name):
-    base = _plan(name, epoch=1)
-    # The plan has no notion of workers: unknown options (a worker count) change nothing.
-    assert _same(base, _plan(name, epoch=1, world_size=3, num_workers=2))
+    base = _plan(name, epoch=1)  # the plan takes no worker count (tests/data/test_epochs.py
+    # checks the whole pipeline's invariance); each global batch splits over any worker count
     for batch in base.batches:
         for world in (1, 2, 3):
             parts = [rank_slice(batch, r, world) for r in range(world)]

@@ -7,6 +7,7 @@ Each test has a counter-check showing the naive path differs, so it can fail."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,6 +246,40 @@ def test_nonfinite_weights_are_never_checkpointed():
         model.head.weight[0, 0] = math.inf
     with pytest.raises(NonFiniteError, match="head.weight"):
         assert_finite_weights(model, "at epoch 1")
+
+
+def test_the_epoch_end_writes_finite_weights_and_never_others():
+    """The worker's end of epoch (`pipeline.worker._report`, which writes the checkpoint and
+    reports it) checks the weights first: finite ones are written and reported, an infinite
+    one stops it before anything is written or reported."""
+    import types
+
+    from pipeline.worker import _report
+
+    class Session:
+        rank = 0
+
+        def __init__(self):
+            self.reported = []
+
+        def report(self, metrics, checkpoint_dir):  # the folder is gone after the call
+            self.reported.append(sorted(p.name for p in Path(checkpoint_dir).iterdir()))
+
+    def epoch_end(model):
+        session = Session()
+        state = types.SimpleNamespace(step=3, epoch=0, skipped_steps=0, nonfinite_steps=0,
+                                      noise=None, micro_batch_size=4, units=[], samples=12)
+        sched = types.SimpleNamespace(state_dict=lambda: {})
+        _report({"train_loss": 1.0}, model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                state, {}, None, session, sched)
+        return session.reported
+
+    model = _embedder()
+    assert epoch_end(model) == [["meta.json", "state.pt"]]
+    with torch.no_grad():
+        model.head.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteError, match="head.weight.*at the end of epoch 1"):
+        epoch_end(model)
 
 
 # ----------------------------------------------------------------- 6. randomness per rank

@@ -66,7 +66,7 @@ def test_noise_scale_within_5_percent_and_the_mean_of_ratios_is_biased():
     assert ema.value == pytest.approx(expected, rel=0.05)
     assert ema.grad_sq == pytest.approx(g2, rel=0.05) and ema.trace == pytest.approx(tr, rel=0.05)
     naive = float(np.nanmean(per_step))  # the ratio of noisy estimates, then averaged
-    assert naive / expected - 1 > 0.10
+    assert naive / expected - 1 > 0.15  # 0.185 here, against 0.007 for the smoothed ratio
 
 
 def test_one_worker_one_micro_batch_measures_nothing():
