@@ -232,6 +232,7 @@ def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     console.set_verbose(args.verbose)  # before Ray is imported
+    console.say_pipeline_warnings()
     try:
         return COMMANDS[args.command].run(args, cfg, info, out, address)
     except ConfigError as err:  # bad input found while connecting (e.g. multi-node + sqlite)

@@ -116,6 +116,24 @@ def quiet_loggers(verbose: bool) -> None:
             handler.setLevel(logging.ERROR)  # the console, not the session's log file
 
 
+class _SayHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            say(record.getMessage())
+        except Exception:  # noqa: BLE001 (logging's own convention)
+            self.handleError(record)
+
+
+def say_pipeline_warnings() -> None:
+    """The `pipeline.*` loggers' warnings (e.g. rank 0's "MLflow unreachable ..." and "...
+    reachable again") as console lines, in whatever process they are raised: on a Ray Train
+    worker Ray's logging setup sends them to its log files only. Once per process."""
+    logger = logging.getLogger("pipeline")
+    if not any(isinstance(h, _SayHandler) for h in logger.handlers):
+        logger.addHandler(_SayHandler(logging.WARNING))
+        logger.propagate = False  # said once, not also by a root handler
+
+
 def quiet_worker_logs(verbose: bool) -> None:
     """On a training worker: Ray Train 2.60 logs every rank's "Reporting training result ...:
     TrainingReport(...)" at INFO through a logger named by its file path

@@ -124,6 +124,11 @@ def _progress_callback(epochs: int) -> Any:
 def _worker_entry(loop_config: dict[str, Any]) -> Any:
     """Each worker: the console settings (Ray's per-rank report lines), then the worker function."""
     console.quiet_worker_logs(loop_config.get("verbose", False))
+    console.say_pipeline_warnings()
+    # Rank 0's MetricLogger retries on its own (points buffered, a try every 2 s, one line when
+    # the store goes and one when it is back); MLflow's client would first retry each request
+    # itself, for about 4 minutes (7 retries, backoff 4 s doubling to 120 s), saying nothing.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     return train_func(loop_config)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from ray import tune
 
+from pipeline import console
 from pipeline.config import Config
 from pipeline.worker import FATAL, Session, train_func
 
@@ -134,5 +135,6 @@ def fit_in_actor(cfg: Config, loop_config: dict[str, Any], name: str,
     """`launch.Fit` for a one-worker trial: the worker function in this process (a failure is
     Tune's to retry, see the module's docstring)."""
     session = TrialSession(cfg, storage / name)
+    console.say_pipeline_warnings()
     train_func(loop_config, session)
     return session.metrics, session.checkpoint
