@@ -127,7 +127,25 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
             return False
 
     _wait(healthy, 90, "mlflow server")
+    listening = listening_addresses(proc.pid)
+    if listening != {"127.0.0.1"}:  # network tests stay on this machine
+        stop_mlflow_server(proc)
+        raise RuntimeError(f"mlflow server listens on {sorted(listening)}, not 127.0.0.1 alone")
     return proc
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """The addresses a process and its children listen on (TCP)."""
+    import psutil  # comes with Ray
+
+    root, found = psutil.Process(pid), set()
+    for p in (root, *root.children(recursive=True)):
+        try:
+            found |= {c.laddr.ip for c in p.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:  # a short-lived helper gone since
+            pass
+    return found
 
 
 def stop_mlflow_server(proc: subprocess.Popen) -> None:

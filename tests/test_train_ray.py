@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 
 import pytest
@@ -176,9 +177,9 @@ def test_ray_job_submit_train(ray_cluster, mlflow_server, tmp_path):
 def test_batch_size_schedules_log_the_batch_of_every_step_and_scale_the_lr(ray_client, mlflow_server,
                                                                           tmp_path):
     """`warmup`: the exact ramp 32 -> 256 over 12 steps, each step's LR the linear rule at its
-    batch; `adaptive` with a set step cost: multiples of 32 within [32, 256] that follow the
-    noise scale, every change said on the console. Both log `global_batch_size` per step and
-    `samples` (their sum) per epoch."""
+    batch; `adaptive` with a set step cost: multiples of 32 within [32, 256], each change to the
+    batch of highest goodput at the noise scale measured then, said on the console. Both log
+    `global_batch_size` per step and `samples` (their sum) per epoch."""
     from pipeline.engine.batch_schedule import warmup_units
 
     common = ["--config", DIGITS, "--set", f"tracking.uri={mlflow_server}",
@@ -233,6 +234,17 @@ def test_batch_size_schedules_log_the_batch_of_every_step_and_scale_the_lr(ray_c
     sizes = curve(adapt, "step/global_batch_size")
     assert sizes[:4] == [32.0] * 4  # the unit until the first decision
     assert all(s % 32 == 0 and 32 <= s <= 256 for s in sizes[:-1])
-    changes = [line for line in out.stdout.splitlines() if "[pipeline] batch size " in line]
+    # Every change is to the batch of highest goodput at the noise scale it names (c = 512,
+    # units of 32 up to 256; the scale is printed rounded, hence the half either side), and the
+    # step it names trains at that batch.
+    from pipeline.engine.batch_schedule import best_units
+
+    changes = [tuple(map(int, m.groups())) for m in re.finditer(
+        r"\[pipeline\] batch size (\d+) -> (\d+) at step (\d+) \(noise scale (\d+) samples\)",
+        out.stdout)]
     assert changes and len(set(sizes)) > 1
+    for _, after, step, phi in changes:
+        assert after in {32 * best_units(p, 32, 8, 512.0) for p in (phi - 0.5, phi + 0.5)}
+        if step < len(sizes):  # (an epoch's last step takes the units left)
+            assert sizes[step - 1] == after, (step, after)
     assert curve(adapt, "samples")[-1] == sum(sizes)

@@ -147,7 +147,8 @@ def test_short_last_window_is_exact():
 
 
 def test_bf16_autocast_trains_like_fp32():
-    """bf16 autocast on CPU: same loss curve as fp32 to bf16 precision, and it learns."""
+    """bf16 autocast on CPU: the loss of each of 15 steps within bf16's unit roundoff (2^-8,
+    relative) of fp32's (0.19% at most here), and it learns."""
     curves = {}
     for precision in ("fp32", "bf16"):
         model = model_for("dense")
@@ -157,7 +158,7 @@ def test_bf16_autocast_trains_like_fp32():
                                         precision=precision).loss for _ in range(15)]
     assert curves["bf16"][-1] < 0.6 * curves["bf16"][0]
     assert curves["bf16"] != curves["fp32"]  # autocast really ran in bf16
-    np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=0.05)
+    np.testing.assert_allclose(curves["bf16"], curves["fp32"], rtol=2**-8)
 
 
 class OOMAbove(torch.nn.Module):
