@@ -177,51 +177,64 @@ def log_model(uri: str, run_id: str, checkpoint_path: Path) -> str:
     its format. `pt2` (a `torch.export` graph: loading it runs no pickled code) takes positional
     tensors, `model(features)` or `model(input_ids, attention_mask)`, with any batch size (and
     sequence length); a model that cannot be exported (a user's `import:` model, say) is logged
-    as `pickle` instead, and the console says so."""
+    as `pickle` instead, and the console says so. The run stays RUNNING: the job marks it
+    FINISHED once its result.json is written (a job killed in between is never FINISHED)."""
     import mlflow
+    import torch
+
+    from pipeline.engine.checkpoint import load_checkpoint
+    from pipeline.engine.models import build_model
+
+    state = load_checkpoint(checkpoint_path)
+    model = build_model(**state["model_spec"])
+    model.load_state_dict(state["model"])
+    mlflow.set_tracking_uri(uri)
+    # start_run(run_id) refuses a run outside the process's active experiment (a notebook's
+    # earlier set_experiment, say): make the run's own experiment the active one.
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+    mlflow.start_run(run_id=run_id)
+    try:
+        return _log_model(model, state["model_spec"],
+                          requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    finally:  # leave the run RUNNING, as it was (`with start_run` would end it FINISHED)
+        mlflow.end_run(status="RUNNING")
+
+
+def _log_model(model: Any, model_spec: dict[str, Any], requirements: list[str]) -> str:
+    """`log_model`'s logging into the active run: `pt2` if the model exports, else `pickle`."""
     import mlflow.pytorch
     import numpy as np
     import torch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from pipeline.engine.checkpoint import load_checkpoint
-    from pipeline.engine.models import build_model, positional_model
+    from pipeline.engine.models import positional_model
 
-    state = load_checkpoint(checkpoint_path)
-    model = build_model(**state["model_spec"])
-    model.load_state_dict(state["model"])
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    mlflow.set_tracking_uri(uri)
-    # start_run(run_id) refuses a run outside the process's active experiment (a notebook's
-    # earlier set_experiment, say): make the run's own experiment the active one.
-    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id):
-        try:
-            wrapped, example = positional_model(model, state["model_spec"])
-            with torch.no_grad():
-                out = wrapped(*example.values())
+    try:
+        wrapped, example = positional_model(model, model_spec)
+        with torch.no_grad():
+            out = wrapped(*example.values())
 
-            def dynamic(shape: tuple[int, ...], seq: bool) -> tuple[int, ...]:  # -1: any size
-                return (-1, -1, *shape[2:]) if seq else (-1, *shape[1:])
+        def dynamic(shape: tuple[int, ...], seq: bool) -> tuple[int, ...]:  # -1: any size
+            return (-1, -1, *shape[2:]) if seq else (-1, *shape[1:])
 
-            seq = "input_ids" in example
-            signature = ModelSignature(
-                inputs=Schema([TensorSpec(v.numpy().dtype, dynamic(tuple(v.shape), seq), name=k)
-                               for k, v in example.items()]),
-                outputs=Schema([TensorSpec(np.dtype("float32"),
-                                           dynamic(tuple(out.shape), seq and out.dim() == 3))]))
-            mlflow.pytorch.log_model(wrapped, name="model", serialization_format="pt2",
-                                     input_example=tuple(v.numpy() for v in example.values()),
-                                     signature=signature, pip_requirements=requirements)
-            return "pt2"
-        except Exception as e:  # torch.export refuses some models; pickle still loads them
-            print(f"[pipeline] the model cannot be exported ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0]}); logged with serialization_format='pickle'",
-                  file=sys.stderr, flush=True)
-            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                     pip_requirements=requirements)
-            return "pickle"
+        seq = "input_ids" in example
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(v.numpy().dtype, dynamic(tuple(v.shape), seq), name=k)
+                           for k, v in example.items()]),
+            outputs=Schema([TensorSpec(np.dtype("float32"),
+                                       dynamic(tuple(out.shape), seq and out.dim() == 3))]))
+        mlflow.pytorch.log_model(wrapped, name="model", serialization_format="pt2",
+                                 input_example=tuple(v.numpy() for v in example.values()),
+                                 signature=signature, pip_requirements=requirements)
+        return "pt2"
+    except Exception as e:  # torch.export refuses some models; pickle still loads them
+        print(f"[pipeline] the model cannot be exported ({type(e).__name__}: "
+              f"{str(e).splitlines()[0]}); logged with serialization_format='pickle'",
+              file=sys.stderr, flush=True)
+        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                 pip_requirements=requirements)
+        return "pickle"
 
 
 class DeferredRun:

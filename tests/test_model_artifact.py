@@ -45,9 +45,12 @@ def _logged(mlflow_server: str, tmp_path, spec: dict, model: torch.nn.Module) ->
                                         "step": 1, "epoch": 0})
     mlflow.set_tracking_uri(mlflow_server)
     mlflow.set_experiment("test-model-artifact")
-    with mlflow.start_run() as run:
-        pass
+    run = mlflow.MlflowClient().create_run(  # RUNNING, as a job's run is when it logs the model
+        mlflow.get_experiment_by_name("test-model-artifact").experiment_id)
     fmt = log_model(mlflow_server, run.info.run_id, tmp_path / "ckpt")
+    # the job ends the run once result.json is written: logging the model must not end it
+    assert mlflow.get_run(run.info.run_id).info.status == "RUNNING"
+    assert mlflow.active_run() is None
     return run.info.run_id, fmt
 
 
