@@ -146,10 +146,11 @@ def run_in_process(mlflow_uri: str, out, *overrides: str) -> dict:
 
 
 def test_failed_run_is_marked_failed(ray_client, mlflow_server, tmp_path):
-    """The model import fails on the workers: the job raises and its run is FAILED."""
-    with pytest.raises(Exception, match="no_such_model"):
+    """The model fails when the workers build it (a user builder's bug: os.getcwd takes no
+    keyword arguments): the job raises and its run is FAILED."""
+    with pytest.raises(Exception, match="getcwd"):
         run_in_process(mlflow_server, tmp_path, "tracking.experiment=test-failed",
-                       "train.epochs=1", "model.name=import:os:no_such_model",
+                       "train.epochs=1", "model.name=import:os:getcwd",
                        "scaling.max_failures=0")
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("test-failed").experiment_id])

@@ -361,6 +361,14 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
     """The model can take the data, and the loss finds its columns and fits the outputs."""
     d, name, loss = cfg.data, cfg.model.name, cfg.train.loss
     kwargs = cfg.model.kwargs
+    if name.startswith("import:"):  # the driver logs the final model, so it builds it too
+        from pipeline.engine.models import import_builder
+
+        try:
+            import_builder(name)
+        except Exception as err:  # the import itself may fail in any way (the user's code)
+            raise ConfigError(f"config error: model.name={name}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if name in ("digits_cnn", "mlp") and d.feature_column is None:
         raise ConfigError(f"config error: model.name={name} takes feature vectors "
                           f"(data.feature_column), but the data has token sequences "

@@ -248,12 +248,22 @@ def build_model(name: str, *, input_dim: int | None, num_outputs: int, vocab_siz
         return SeqTransformer(vocab_size, num_outputs, per_token=per_token,
                               activation_checkpointing=activation_checkpointing, **kwargs)
     if name.startswith("import:"):
-        module_name, _, fn_name = name.removeprefix("import:").partition(":")
-        fn = getattr(importlib.import_module(module_name), fn_name)
+        fn = import_builder(name)
         return fn(input_dim=input_dim, num_outputs=num_outputs, vocab_size=vocab_size,
                   per_token=per_token, activation_checkpointing=activation_checkpointing, **kwargs)
     raise ValueError(f"unknown model {name!r}; known: digits_cnn, mlp, seq_transformer, "
                      "import:package.module:function")
+
+
+def import_builder(name: str) -> Any:
+    """The function an `import:package.module:function` model name names, imported (the
+    module's import runs the user's code); ImportError, AttributeError or TypeError (not
+    callable) otherwise."""
+    module_name, _, fn_name = name.removeprefix("import:").partition(":")
+    fn = getattr(importlib.import_module(module_name), fn_name)
+    if not callable(fn):
+        raise TypeError(f"{module_name}.{fn_name} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 class FeatureInputs(nn.Module):
