@@ -189,6 +189,25 @@ def test_bad_search_space_is_a_config_error(space, culprit):
         check_trials(_cfg(space, "scaling.num_workers=2"))
 
 
+def test_a_large_search_space_is_checked_pair_by_pair(monkeypatch):
+    """Beyond MAX_CHECKED_COMBINATIONS (made 8 here: 12 combinations), every two keys' values
+    are checked together, the third key at the config's: batch 33 fits 1 worker and 2 workers
+    fit batch 32, but 33 on 2 workers is refused, named with the pair."""
+    from pipeline.tune import space
+    from pipeline.tune.space import check_trials
+
+    monkeypatch.setattr(space, "MAX_CHECKED_COMBINATIONS", 8)
+    grid = {"train.global_batch_size": {"grid": [32, 33]}, "scaling.num_workers": {"grid": [1, 2]},
+            "train.base_lr": {"grid": [0.01, 0.02, 0.03]}}
+    with pytest.raises(ConfigError, match=r"\[tune.search_space trial "
+                                          r"train.global_batch_size=33, scaling.num_workers=2\]"):
+        check_trials(_cfg(grid))
+    fine = check_trials(_cfg({**grid, "train.global_batch_size": {"grid": [32, 34]}}))
+    assert len(fine) == 2 * 2 + 2 * 3 + 2 * 3  # the pairs of the three pairs of keys
+    assert {(c.train.global_batch_size, c.scaling.num_workers) for c in fine} == {
+        (32, 1), (32, 2), (34, 1), (34, 2)}
+
+
 def test_bad_search_space_exits_2_before_connecting(tmp_path, capsys, monkeypatch, data_dir):
     """In-process: `run_sweep` checks every trial's config before it joins a cluster; joining
     one fails this test instead."""
@@ -256,18 +275,21 @@ def test_final_epoch_asha_never_stops_at_the_last_epoch():
     from pipeline.tune.sweep import asha
 
     class Trial:
-        def __init__(self, tid):
-            self.trial_id = tid
+        def __init__(self, tid, config=None):
+            self.trial_id, self.config = tid, config or {}
 
     s = asha(max_epochs=3)
     s.set_search_properties("val_accuracy", "max")
     good, bad, late = Trial("good"), Trial("bad"), Trial("late")
-    for t in (good, bad, late):
+    short = Trial("short", {"train.epochs": 1})  # train.epochs swept: epoch 1 is its last
+    for t in (good, bad, late, short):
         s.on_trial_add(None, t)
     assert s.on_trial_result(None, good, {"epoch": 1, "val_accuracy": 0.9}) == TrialScheduler.CONTINUE
     assert s.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.2}) == TrialScheduler.STOP
     assert s.on_trial_result(None, late, {"epoch": 3, "val_accuracy": 0.1}) == \
         TrialScheduler.CONTINUE
+    assert s.on_trial_result(None, short, {"epoch": 1, "val_accuracy": 0.1}) == \
+        TrialScheduler.CONTINUE  # as bad as `bad` at the same rung, but at its own last epoch
 
 
 def test_digits_train_rows_follow_the_split():

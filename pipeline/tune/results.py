@@ -69,8 +69,9 @@ def schedule_curves(uri: str, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def settle_trials(grid: Any, cfg: Config, uri: str,
                   parent: str) -> tuple[pd.DataFrame, dict[str, Any], dict[str, dict]]:
-    """Settle every trial's MLflow run against Tune's verdict (an errored trial's run FAILED, a
-    stopped one's KILLED and tagged `early_stopped`) and build the table: one row per trial with
+    """Settle every trial's MLflow run against Tune's verdict (an errored trial's run FAILED, one
+    stopped before its last epoch KILLED and tagged `early_stopped`, one that ran its epochs
+    FINISHED) and build the table: one row per trial with
     its swept values, status, epochs, steps, accuracy, steps and samples to the target and noise
     scale. Returns (table, {trial id: its run}, {trial id: its last reported metrics})."""
     c = client(uri)
@@ -85,21 +86,26 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         m = dict(result.metrics or {})
         run = runs.get(trial_id)
         run_id = run.info.run_id if run else None
+        conf = result.config or {}  # a restored errored trial may come back without it
+        params = run.data.params if run else {}
+        reported = int(m.get("epoch", 0))  # Tune's last result
+        epochs = int(conf.get("train.epochs", yaml.safe_load(params.get("train.epochs", "null"))
+                              or base["train.epochs"]))
         if result.error is not None:
             status = "ERROR"
             if run and run.info.status != "FAILED":
                 end_run(uri, run_id, "FAILED")
-        elif run and run.info.status == "FINISHED":
-            status = "TERMINATED"
-        else:  # Tune stopped it (ASHA): its actor died mid-training, its run still RUNNING
+        elif reported >= epochs or (run and run.info.status == "FINISHED"):
+            status = "TERMINATED"  # it ran its epochs and returned
+            if run and run.info.status == "RUNNING":  # its own end_run never reached MLflow
+                end_run(uri, run_id, "FINISHED")
+        else:  # Tune stopped it (ASHA) before its last epoch: its actor went, its run RUNNING
             status = "EARLY_STOPPED"
             if run:
                 c.set_tag(run_id, "early_stopped", "true")
                 end_run(uri, run_id, "KILLED")
         h = history(uri, run_id) if run_id else pd.DataFrame()
         row: dict[str, Any] = {"trial_id": trial_id}
-        conf = result.config or {}  # a restored errored trial may come back without it
-        params = run.data.params if run else {}
         shown = [*swept, BATCH, RULE, *([SCHEDULE] if base.get(SCHEDULE) != "constant" else [])]
         for key in dict.fromkeys(shown):
             if key in conf:
@@ -111,7 +117,6 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         # What the trial ran, as MLflow shows it: a trial that Tune stopped may have finished the
         # epoch in flight before its actor went (the stop is asynchronous), so the history can
         # hold one epoch more than Tune's last result; that epoch counts as run.
-        reported = int(m.get("epoch", 0))
         final = h.iloc[-1] if len(h) and int(h["epoch"].iloc[-1]) >= reported else pd.Series(m)
         row.update({
             "status": status,

@@ -17,7 +17,7 @@ from pipeline.config import Config, ConfigError, flatten
 from pipeline.data.datasets import resolve
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
-MAX_CHECKED_COMBINATIONS = 4096  # beyond, each key's values are checked one key at a time
+MAX_CHECKED_COMBINATIONS = 4096  # beyond, every pair of two keys' values (`_to_check`)
 
 
 def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
@@ -54,8 +54,9 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
 
 def check_trials(cfg: Config) -> list[Config]:
     """Validate the trial configs before any cluster work: every combination of the discrete
-    values (and of the continuous bounds and middles) goes through `with_overrides` and the dataset checks,
-    so e.g. a batch size the workers cannot split fails fast with exit 2. Returns them."""
+    values and of the continuous bounds and middles (beyond MAX_CHECKED_COMBINATIONS, every pair
+    of two keys' values) goes through `with_overrides` and the dataset checks, so e.g. a batch
+    size the workers cannot split fails fast with exit 2. Returns them."""
     if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("config error: tune.search=optuna needs Optuna: "
                           "pip install 'batch-pipeline[optuna]'")
@@ -65,10 +66,7 @@ def check_trials(cfg: Config) -> list[Config]:
     # key given a range of integers would fail in every trial)
     lists = [[*values, _between(kind, values)] if kind in ("uniform", "loguniform") else values
              for kind, values in parsed.values()]
-    if math.prod(len(v) for v in lists) > MAX_CHECKED_COMBINATIONS:  # check one key at a time
-        combos = [{k: v} for k, vs in zip(keys, lists, strict=True) for v in vs]
-    else:
-        combos = [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*lists)]
+    combos = _to_check(keys, lists)
     checked = []
     for combo in combos or [{}]:
         try:
@@ -79,6 +77,17 @@ def check_trials(cfg: Config) -> list[Config]:
             shown = ", ".join(f"{k}={v}" for k, v in combo.items())
             raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
     return checked
+
+
+def _to_check(keys: list[str], lists: list[list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the keys' values; beyond MAX_CHECKED_COMBINATIONS of them (three
+    keys or more), every pair of values of every two keys, the other keys at the config's: the
+    interactions a trial fails on are of two keys (a batch the workers cannot split, say)."""
+    if len(keys) < 3 or math.prod(len(v) for v in lists) <= MAX_CHECKED_COMBINATIONS:
+        return [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*lists)]
+    return [{a: va, b: vb} for (a, values_a), (b, values_b)
+            in itertools.combinations(zip(keys, lists, strict=True), 2)
+            for va in values_a for vb in values_b]
 
 
 def _between(kind: str, bounds: list[float]) -> float:

@@ -111,13 +111,15 @@ class SweepInterrupted(KeyboardInterrupt):
 
 # -- Tune pieces (Ray is imported here, after the input has been validated) ---------------------
 def asha(max_epochs: int) -> Any:
-    """ASHA over epochs that never stops a trial at its last epoch: the trial ends there by
-    itself, while a stop would kill it as it logs its model and marks its MLflow run FINISHED."""
+    """ASHA over epochs that never stops a trial at its last epoch (its own, when train.epochs
+    is swept): the trial ends there by itself, while a stop would kill it as it logs its model
+    and marks its MLflow run FINISHED."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class FinalEpochASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            if result.get(self._time_attr, 0) >= self._max_t:
+            last = int((trial.config or {}).get("train.epochs", self._max_t))
+            if result.get(self._time_attr, 0) >= min(last, self._max_t):
                 return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
 

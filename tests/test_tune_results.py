@@ -1,0 +1,66 @@
+"""A sweep's trials settled against Tune's verdict (`pipeline.tune.results.settle_trials`), with
+a real MLflow server and Tune's own `Result` records: a trial that ran its epochs is TERMINATED
+and its run FINISHED whatever the run showed (its own end_run may not have reached the server,
+or it never had a run); only a trial stopped before its own last epoch is EARLY_STOPPED, its run
+KILLED and tagged."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.tune import Result
+
+from pipeline.config import load_config
+from pipeline.tune.results import settle_trials
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.mlflow
+
+
+def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlflow_server,
+                                                                             tmp_path):
+    experiment = f"test-settle-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(REPO / "jobs" / "configs" / "digits.yaml", [
+        f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}", "train.epochs=3",
+        'tune.search_space={"train.epochs": {"grid": [1, 3]}}'])
+    c = MlflowClient(mlflow_server)
+    exp = c.create_experiment(experiment)
+    parent = c.create_run(exp).info.run_id
+
+    def trial_run(trial_id: str, epochs: int, logged: int, status: str | None) -> str:
+        run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "tune.trial_id": trial_id})
+        c.log_param(run.info.run_id, "train.epochs", str(epochs))
+        for epoch in range(1, logged + 1):
+            c.log_metric(run.info.run_id, "steps", 10, step=epoch)
+            c.log_metric(run.info.run_id, "val_accuracy", 0.5 + 0.1 * epoch, step=epoch)
+        if status:
+            c.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    runs = {
+        "finished": trial_run("finished", 3, 3, "FINISHED"),
+        "stopped": trial_run("stopped", 3, 1, None),  # ASHA stopped it at the epoch-1 rung
+        "short": trial_run("short", 1, 1, None),  # ran its 1 epoch; its end never reached MLflow
+        "failed": trial_run("failed", 3, 2, None),
+    }
+
+    def result(trial_id: str, epochs: int, reported: int, error: Exception | None = None):
+        return Result(metrics={"epoch": reported, "val_accuracy": 0.5 + 0.1 * reported,
+                               "config": {"train.epochs": epochs}},
+                      checkpoint=None, error=error, path=str(tmp_path / trial_id))
+
+    grid = [result("finished", 3, 3), result("stopped", 3, 1), result("short", 1, 1),
+            result("unrecorded", 3, 3),  # MLflow away all along: no run at all
+            result("failed", 3, 2, RuntimeError("worker died"))]
+    df, _, _ = settle_trials(grid, cfg, mlflow_server, parent)
+    status = dict(zip(df["trial_id"], df["status"], strict=True))
+    assert status == {"finished": "TERMINATED", "stopped": "EARLY_STOPPED", "short": "TERMINATED",
+                      "unrecorded": "TERMINATED", "failed": "ERROR"}
+    assert df.set_index("trial_id").loc["stopped", "stopped_at_epoch"] == 1
+    assert df["stopped_at_epoch"].isna().sum() == 4
+    shown = {k: c.get_run(v) for k, v in runs.items()}
+    assert {k: r.info.status for k, r in shown.items()} == {
+        "finished": "FINISHED", "stopped": "KILLED", "short": "FINISHED", "failed": "FAILED"}
+    assert [k for k, r in shown.items() if r.data.tags.get("early_stopped")] == ["stopped"]
