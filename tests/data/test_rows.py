@@ -22,22 +22,26 @@ DIGITS = make_digits()
 
 
 class CountingFetch(TableFetch):
-    """A local table's rows, counting what is asked for and how much is in flight."""
+    """A local table's rows, counting what is asked for, what is used (its result taken) and
+    how much is in flight."""
 
     def __init__(self, table):
         super().__init__(table)
         self.asked: list[np.ndarray] = []
+        self.used: list[np.ndarray] = []
         self.in_flight = self.most_in_flight = 0
 
     def submit(self, positions):
         self.asked.append(positions)
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        return super().submit(positions)
+        return positions, super().submit(positions)
 
     def result(self, handle):
+        positions, rows = handle
+        self.used.append(positions)
         self.in_flight -= 1
-        return super().result(handle)
+        return super().result(rows)
 
 
 def _tables(kind: str):
@@ -84,7 +88,7 @@ def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
             a, b = iter(range(10**6)), iter(range(10**6))  # the step index, for `units`
             _, want_steps = whole.epoch(epoch, lambda a=a: units(next(a)))
             _, got_steps = feed.epoch(epoch, lambda b=b: units(next(b)))
-            asked_before = len(fetch.asked)
+            asked_before, used_before = len(fetch.asked), len(fetch.used)
             mine, windows = [], []
             for want, got in zip(want_steps, got_steps, strict=True):
                 assert np.array_equal(want.mine, got.mine)
@@ -100,19 +104,27 @@ def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
                     for key in x:
                         assert np.array_equal(x[key], y[key]), key
             assert all(w.rows is None for w in windows)  # the epoch over: none held
-            # Each row of the rank's steps is fetched once, and no other row; at most the
-            # current chunk and the two next are in flight or held. Where the steps change size
-            # (the warmup), the chunks asked for on the old size are dropped and the steps
-            # asked for again: two wasted chunks per change.
-            asked = np.concatenate(fetch.asked[asked_before:])
+            # The chunks used hold each row of the rank's steps once, and no other row; at
+            # most the current chunk and the two next are in flight or held.
+            used = np.concatenate(fetch.used[used_before:])
             mine = np.concatenate(mine)
-            if case == "padded, warmup from 8 to 32":
-                assert set(asked) >= set(mine)
-                assert fetch.in_flight <= 2 * 3 * (epoch + 1)  # k: 1 -> 2 -> 3 -> 4, each epoch
-            else:
-                assert len(asked) == len(mine) == len(np.unique(mine))
-                assert set(asked) == set(mine)
+            assert len(mine) == len(np.unique(mine))
+            dropped = len(fetch.asked) - len(fetch.used)  # never used, all epochs so far
+            if case != "padded, warmup from 8 to 32":
+                assert len(used) == len(mine) and set(used) == set(mine)
+                assert dropped == 0  # every chunk asked for was used: several, one by one
+                assert len(fetch.asked) - asked_before == len(fetch.used) - used_before > 1
                 assert fetch.most_in_flight <= 3
+                continue
+            # Where the steps change size (the warmup: k 1 -> 2 -> 3 -> 4, three changes an
+            # epoch), the chunk in use was fetched for steps of the old size: the rest of it
+            # (less than a chunk: 40 rows here, and one step's share of 32) is fetched again
+            # in the next, and the two chunks asked for ahead are dropped unused.
+            changes = 3
+            assert set(used) >= set(mine)
+            assert 0 < len(used) - len(mine) <= changes * (40 + 32 // world)
+            assert 0 < dropped <= 2 * changes * (epoch + 1)
+            assert fetch.most_in_flight <= 3 + dropped
         # validation parts: the same arrays, fetched in chunks
         parts = micro_slices(val[rank::world], micro)
         seen = []
