@@ -16,6 +16,7 @@ metrics (`MetricLogger`), the model (`log_model`), and the sweep's reads (`neste
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,10 @@ def server_reachable(uri: str, timeout_s: float = 3.0) -> bool:
 
 
 def client(uri: str) -> MlflowClient:
+    # Ending a run on a tracking server, MLflow reads the run back to print two "View run"
+    # lines: a round trip per run ended, and lines in every trial's console; the pipeline
+    # prints the run and where it is itself (a user's own setting wins).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -134,6 +139,20 @@ def log_text(uri: str, run_id: str, text: str, name: str) -> None:
         p = Path(d) / name
         p.write_text(text)
         client(uri).log_artifact(run_id, str(p))
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """A run continued (a --resume, a trial run again): RUNNING again until it ends anew."""
+    client(uri).update_run(run_id, status="RUNNING")
+
+
+def log_summary(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """A run's closing metrics (at step 0) and tags, in one request."""
+    from mlflow.entities import RunTag
+
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                          tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def end_run(uri: str, run_id: str, status: str) -> bool:

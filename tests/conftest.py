@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.servers import free_port, start_mlflow_server, stop_mlflow_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 # `ray start` turns token authentication on; clients must say so too. Set before any test
@@ -46,21 +45,6 @@ def marker_problems(items) -> list[str]:
 def pytest_collection_modifyitems(config, items):
     if problems := marker_problems(items):
         raise pytest.UsageError("markers that do not match the fixtures:\n  " + "\n  ".join(problems))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
 
 @pytest.fixture(scope="session")
@@ -104,58 +88,6 @@ def ray_client(ray_cluster):
     if not ray.is_initialized():
         ray.init(address=ray_cluster["address"])
     return ray
-
-
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on 127.0.0.1:port with its sqlite store and artifacts under root,
-    once healthy (a restart on the same root and port finds the same runs)."""
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    log = open(root / "server.log", "a")  # noqa: SIM115 (closed by stop_mlflow_server)
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-    proc.log = log  # type: ignore[attr-defined]
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    _wait(healthy, 90, "mlflow server")
-    listening = listening_addresses(proc.pid)
-    if listening != {"127.0.0.1"}:  # network tests stay on this machine
-        stop_mlflow_server(proc)
-        raise RuntimeError(f"mlflow server listens on {sorted(listening)}, not 127.0.0.1 alone")
-    return proc
-
-
-def listening_addresses(pid: int) -> set[str]:
-    """The addresses a process and its children listen on (TCP)."""
-    import psutil  # comes with Ray
-
-    root, found = psutil.Process(pid), set()
-    for p in (root, *root.children(recursive=True)):
-        try:
-            found |= {c.laddr.ip for c in p.net_connections(kind="tcp")
-                      if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:  # a short-lived helper gone since
-            pass
-    return found
-
-
-def stop_mlflow_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:  # a busy machine: gunicorn workers may not stop in time
-        os.killpg(proc.pid, 9)
-        proc.wait(timeout=30)
-    proc.log.close()  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.files import write_json, write_text
-from pipeline.tracking import client
+from pipeline.tracking import client, log_summary
 from pipeline.tune.analysis import (
     accuracy_vs_batch_plot,
     batch_schedule_plot,
@@ -71,10 +71,9 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[
         parent_metrics["critical_batch"] = fit["b_crit"]
     if noise_scale is not None:
         parent_metrics["noise_scale"] = noise_scale
-    for key, value in parent_metrics.items():
-        c.log_metric(parent, key, value)
-    c.set_tag(parent, "mlflow.note.content", sentence)  # the run's description in the UI
-    c.set_tag(parent, "critical_batch", sentence)
+    log_summary(uri, parent, parent_metrics, {
+        "mlflow.note.content": sentence,  # the run's description in the UI
+        "critical_batch": sentence})
 
     if best is None:
         raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
