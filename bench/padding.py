@@ -218,7 +218,7 @@ def throughput(path: Path, repeats: int) -> dict:
     one_time["a: to_pylist"] = time.perf_counter() - t0
 
     # c: the three lines of pipeline.blocks.ingest (preserve_order, read_parquet, materialize,
-    # to_arrow_refs), then what pipeline.worker.load_table does. b2 iterates the same
+    # to_arrow_refs), then what pipeline.blocks.load_rows does. b2 iterates the same
     # materialized Dataset.
     ctx = ray.data.DataContext.get_current()
     order = ctx.execution_options.preserve_order

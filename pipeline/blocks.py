@@ -212,9 +212,9 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
                   facts=merged, servers=servers, moved=moved, keeper=keeper)
 
 
-def mode_line(blocks: Blocks | list[Any]) -> str | None:
+def mode_line(blocks: Blocks) -> str | None:
     """The console's line on the streaming mode (None in the object-store mode)."""
-    if isinstance(blocks, list) or blocks.mode != "streaming":
+    if blocks.mode != "streaming":
         return None
     held: dict[str, int] = {}
     for node in blocks.nodes:

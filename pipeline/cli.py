@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
         summary = run_training(cfg, info, out, resume=args.resume, address=address)
     except TrainingInterrupted as err:
         print(f"[pipeline] {err}", file=sys.stderr)
-        return 130  # the shell's code for a job stopped by a signal (128 + SIGINT)
+        return 1  # the interface's code for anything but success and bad input, as `tune`'s
     m = summary["metrics"]
     console.say(f"done: val_accuracy={m.get('val_accuracy', float('nan')):.4f} "
                 f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} epochs")
@@ -86,10 +86,15 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
     print_result(result)
     console.say(f"wrote {out / 'find_batch_size.json'} and {out / 'find_batch_size.png'}")
     if result["max_micro_batch_size"] == 0:
-        print(f"argument error: --max-memory: not even micro_batch_size=1 fits in "
-              f"{result['max_memory_bytes'] / 2**20:.1f} MiB" if result["max_memory_bytes"]
-              else "out of memory at micro_batch_size=1", file=sys.stderr)
-        return 2 if result["max_memory_bytes"] else 1
+        budget = result["max_memory_bytes"]
+        if budget and args.max_memory is not None:  # the user's budget is the culprit
+            print(f"argument error: --max-memory: not even micro_batch_size=1 fits in "
+                  f"{budget / 2**20:.1f} MiB", file=sys.stderr)
+            return 2
+        print(f"not even micro_batch_size=1 fits in {budget / 2**20:.1f} MiB, "
+              f"{result['budget']}" if budget else "out of memory at micro_batch_size=1",
+              file=sys.stderr)
+        return 1
     return 0
 
 

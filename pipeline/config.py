@@ -177,7 +177,7 @@ class BatchingConfig(_Section):
 # -- model keyword arguments, typed per built-in model (pipeline/engine/models.py) -------------
 class _Kwargs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    num_outputs: Int = Field(None, ge=1, description="output size (default: number of "
+    num_outputs: Int | None = Field(None, ge=1, description="output size (default: number of "
                                     "classes or targets in the data)")
     embedding_dim: Int = Field(32, ge=1, description="embedding size (nt_xent)")
 
@@ -192,7 +192,7 @@ class MLPKwargs(_Kwargs):
 
 
 class SeqTransformerKwargs(_Kwargs):
-    vocab_size: Int = Field(None, ge=1, description="embedding rows (default: largest "
+    vocab_size: Int | None = Field(None, ge=1, description="embedding rows (default: largest "
                                    "token id + 1)")
     d_model: Int = Field(64, ge=1, description="model width")
     nhead: Int = Field(4, ge=1, description="attention heads (divides d_model)")
@@ -265,7 +265,7 @@ class TrainConfig(_Section):
                                        "ghost-batch size of a BatchNorm model")
     noise_scale: Bool = Field(True, description="measure the gradient noise scale every step "
                               "(McCandlish et al. 2018) from the gradients the step computes anyway")
-    noise_scale_ema: float = Field(0.95, ge=0.0, lt=1.0, description="EMA factor per step of the "
+    noise_scale_ema: Float = Field(0.95, ge=0.0, lt=1.0, description="EMA factor per step of the "
                                    "noise scale's two components (smoothed before their ratio)")
     eval_every: Int | None = Field(
         None, ge=1, description="also evaluate on the validation split every this many optimizer "
@@ -468,6 +468,9 @@ class Config(_Section):
                     f"model.kwargs.attention=flex with {culprit}: FlexAttention serves packed "
                     "batches (batching.packing=true) on a GPU (PyTorch has no FlexAttention "
                     "backward on a CPU), without attention dropout")
+        if t.loss == "nt_xent" and self.batching.strategy == "hard_mining":
+            raise ValueError("batching.strategy=hard_mining ranks samples by their own loss; "
+                             "train.loss=nt_xent has none (a sample's term depends on its batch)")
         if t.loss == "nt_xent" and self.model.name == "seq_transformer":
             raise ValueError("train.loss=nt_xent augments feature vectors (data.feature_column); "
                              "model.name=seq_transformer reads token sequences")
@@ -589,7 +592,9 @@ class Config(_Section):
 
 def describe(cfg: Config | None = None) -> list[tuple[str, Any, Any, str]]:
     """(dotted key, value in `cfg`, default, description) of every key, from the typed config
-    itself (for a `--print-config`); the value is the default when `cfg` is None.
+    itself (the value is the default when `cfg` is None): the config's reference as data, which
+    tests/test_config.py checks is complete (`--print-config` writes it as YAML:
+    `cli.config_yaml`).
 
     >>> rows = {key: rest for key, *rest in describe(Config(train=TrainConfig(epochs=3)))}
     >>> rows["train.epochs"]
@@ -622,10 +627,16 @@ def changed_keys(before: dict[str, Any], now: dict[str, Any],
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config dict as {dotted key: value}, one level deep: the sections' keys; a mapping
+    inside a section (batching.options, model.kwargs, tune.search_space) stays one value.
+
+    >>> flatten({"train": {"epochs": 3}, "model": {"kwargs": {"hidden": 8}}})
+    {'train.epochs': 3, 'model.kwargs': {'hidden': 8}}
+    """
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key.count(".") < 1:
+        if isinstance(v, dict) and v and not prefix:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v

@@ -32,10 +32,10 @@ from pipeline.files import replacing, save_figure, write_json
 def rank_rows(cfg_dict: dict[str, Any], refs: Any, rank: int) -> pa.Table:
     """Rank `rank`'s rows (`refs`: `pipeline.blocks.Blocks`; the streaming mode's small
     columns suffice: nothing is gathered)."""
-    from pipeline.worker import load_table
+    from pipeline.blocks import load_rows
 
     cfg = Config.model_validate(cfg_dict)
-    return feed_rows(cfg, load_table(cfg, refs), rank)
+    return feed_rows(cfg, load_rows(cfg, refs, 0, 1)[0], rank)
 
 
 def feed_rows(cfg: Config, st: SampleTable, rank: int) -> pa.Table:

@@ -35,11 +35,12 @@ from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from pipeline.files import write_json
-from pipeline.tracking import (  # log_model: also imported from here by earlier code
+from pipeline.tracking import (
     DeferredRun,
     end_run,
     is_local_store,
     log_model,
+    reopen_run,
     server_reachable,
     start_run,
 )
@@ -198,9 +199,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             _log(f"MLflow at {uri} is unreachable: training starts without it; the run is "
                  "created, and its metrics sent, when the server is back")
     else:
-        from pipeline.tracking import client
-
-        client(uri).update_run(run_id, status="RUNNING")
+        reopen_run(uri, run_id)
     _write_state(state_file, run_id, uri, cfg)
     if show_progress and run_id:
         _log(f"MLflow run {run_id} in {uri}")
@@ -339,7 +338,8 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class TrainingStopped(RuntimeError):
-    """Training ended on purpose before its end (e.g. non-finite loss under train.nonfinite=stop)."""
+    """Training ended early and is not retried: a deterministic failure (a non-finite loss
+    under train.nonfinite=stop, say), or streamed data lost with the node that held it."""
 
 
 def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None) -> None:

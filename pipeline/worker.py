@@ -55,14 +55,9 @@ from pipeline.engine.models import build_model
 from pipeline.engine.noise import NoiseScale, attach_local_norm
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.schedule import lr_at, scale_lr
-from pipeline.engine.step import all_reduce_sum, evaluate, to_torch
+from pipeline.engine.step import all_reduce_sum, evaluate, per_sample_loss, to_torch
 from pipeline.files import write_json
 from pipeline.tracking import MetricLogger
-
-
-def load_table(cfg: Config, refs: list[Any]) -> SampleTable:
-    """The whole table from its blocks (the object-store mode, `pipeline/blocks.py`)."""
-    return load_rows(cfg, refs, 0, 1)[0]
 
 
 def data_facts(st: SampleTable) -> dict[str, int | None]:
@@ -247,24 +242,10 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         except CheckpointError as err:  # damaged since it was written: an older one, or none
             s = _older_checkpoint(err, loop_config, device, rank)
     if s is not None:
-        _unwrap(model).load_state_dict(s["model"])
-        optimizer.load_state_dict(s["optimizer"])
-        if scaler is not None and s.get("scaler"):
-            scaler.load_state_dict(s["scaler"])
-        state.step, state.epoch = int(s["step"]), int(s["epoch"]) + 1
-        state.units = int(s.get("units", state.step))
-        state.samples = int(s.get("samples", 0))
-        if s.get("batch_schedule"):
-            sched.load_state_dict(s["batch_schedule"])
-        state.skipped_steps = int(s.get("skipped_steps", 0))
-        state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
-        if state.noise is not None and s.get("noise"):
-            state.noise.load_state_dict(s["noise"])
-        state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
+        sample_losses = _restore(s, model, optimizer, scaler, sched, state)
         if restarted and rank == 0:
             console.say(f"restarted after a failure: from the checkpoint of epoch {state.epoch} "
                         f"(step {state.step})")
-        sample_losses = s.get("sample_losses")
     logger = _metric_logger(loop_config) if rank == 0 else None
     if logger is not None:
         logger.mark_relogged_epochs(state.epoch)
@@ -465,6 +446,28 @@ def _log_placement(logger: MetricLogger | None, world: int) -> None:
                          "ray.num_nodes": str(len(set(nodes)))})
 
 
+def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scaler: Any, sched: BatchSchedule, state: LoopState) -> np.ndarray | None:
+    """Put a checkpoint's training state back (`_report` writes it): the weights, optimizer and
+    scaler, the counters, the batch schedule's k's, the noise scale's averages and the
+    micro-batch size in use; return hard mining's per-sample losses, if it kept them."""
+    _unwrap(model).load_state_dict(s["model"])
+    optimizer.load_state_dict(s["optimizer"])
+    if scaler is not None and s.get("scaler"):
+        scaler.load_state_dict(s["scaler"])
+    state.step, state.epoch = int(s["step"]), int(s["epoch"]) + 1
+    state.units = int(s.get("units", state.step))
+    state.samples = int(s.get("samples", 0))
+    if s.get("batch_schedule"):
+        sched.load_state_dict(s["batch_schedule"])
+    state.skipped_steps = int(s.get("skipped_steps", 0))
+    state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
+    if state.noise is not None and s.get("noise"):
+        state.noise.load_state_dict(s["noise"])
+    state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
+    return s.get("sample_losses")
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -475,21 +478,13 @@ def _score_pool(model: torch.nn.Module, feed: RankFeed, n: int, batch: int, cfg:
     """Per-sample training losses (hard-example mining): each rank scores its share of the pool;
     an all-reduce gives every rank the full vector, indexed by table position."""
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     losses = torch.zeros(n, dtype=torch.float64, device=device)
     model.eval()
     mine = rank_slice(feed.train_pos, feed.rank, feed.world)
     for part, rows in feed.over(micro_slices(mine, batch)):
         nb = to_torch(rows.gather(part, max_length=cfg.batching.max_length), device)
-        out = model(nb).float()
-        if cfg.train.loss == "token_cross_entropy":
-            per_tok = F.cross_entropy(out.flatten(0, 1), nb["token_targets"].flatten(),
-                                      ignore_index=-100, reduction="none").view(out.shape[:2])
-            mask = (nb["token_targets"] != -100).float()
-            per = (per_tok * mask).sum(1) / mask.sum(1).clamp_min(1)
-        else:
-            per = F.cross_entropy(out, nb["label"], reduction="none")
+        per = per_sample_loss(model(nb), nb, cfg.train.loss)
         losses[torch.as_tensor(part, device=device)] = per.double()
     if dist.is_initialized() and feed.world > 1:
         dist.all_reduce(losses)

@@ -205,6 +205,8 @@ CASES = [
      "train.global_batch_size"),
     ("workers-true", ["--config", DIGITS, *s("scaling.num_workers=true")], "scaling.num_workers"),
     ("lr-true", ["--config", DIGITS, *s("train.base_lr=true")], "train.base_lr"),
+    ("noise-ema-false", ["--config", DIGITS, *s("train.noise_scale_ema=false")],
+     "train.noise_scale_ema"),
     # -- the device
     ("fp16-cpu", ["--config", DIGITS, *s("train.precision=fp16")], "train.precision"),
     ("syncbn-cpu", ["--config", DIGITS, *s("train.sync_batchnorm=true")], "train.sync_batchnorm"),
@@ -309,6 +311,9 @@ CASES = [
     ("token-loss-no-targets", [*SEQ, *s("train.loss=token_cross_entropy")], "data.target_column"),
     ("token-loss-vector-model", ["--config", DIGITS, *s("train.loss=token_cross_entropy")],
      "train.loss=token_cross_entropy"),
+    ("hard-mining-contrastive", ["--config", DIGITS, *s("batching.strategy=hard_mining",
+                                                        "train.loss=nt_xent", "model.name=mlp")],
+     "batching.strategy=hard_mining"),
     ("contrastive-on-sequences", [*SEQ, *s("train.loss=nt_xent")], "train.loss=nt_xent"),
     ("ce-without-labels", [*VEC, *s("data.label_column=null")], "data.label_column"),
     # -- tune

@@ -167,9 +167,12 @@ def plan_stratified(
       sample is drawn twice (``n_batches = N // B``);
     - which batches get the extra seats is random per (seed, epoch).
 
-    Samples of each class are taken from a fresh permutation; the order inside a batch is
-    shuffled. Unplaced samples are counted in ``dropped`` (placed + dropped == N); with
-    ``drop_last=False`` they form one last, partial batch, so every sample is placed once.
+    Samples of each class are taken from a fresh permutation. Inside a batch, each class's
+    samples come in random order, laid out along ``interleave_pattern`` (or its mirror, drawn at
+    random) so that every rank's contiguous slice of the batch is stratified too; a batch whose
+    counts have no such pattern stays shuffled. Unplaced samples are counted in ``dropped``
+    (placed + dropped == N); with ``drop_last=False`` they form one last, partial batch, so
+    every sample is placed once.
     Needs ``meta.labels`` (any hashable/sortable values).
 
     Worked example (10 samples, classes 7:3, batch 5 -> quotas 3.5 and 1.5):
@@ -268,24 +271,15 @@ def plan_balanced(
         >>> plan.dropped  # 4 of the 8 majority samples were not drawn
         4
     """
-    b = _check_batch_size(global_batch_size)
-    labels = _column(meta, "labels", "balanced")
+    b, total = _balanced_shape(meta, global_batch_size, epoch_samples)
     ids = _ids(meta)
     n = len(ids)
     rng = epoch_rng(seed, epoch)
-    total = n if epoch_samples is None else int(epoch_samples)
-    if total < 0:
-        raise ValueError(f"epoch_samples must be >= 0, got {epoch_samples}")
     if n == 0:
         return EpochPlan(batches=[], dropped=0, pool_size=0)
-    classes, cls = np.unique(labels, return_inverse=True)
+    classes, cls = np.unique(meta.labels, return_inverse=True)
     cls = cls.reshape(-1)
     k = len(classes)
-    if b % k:
-        raise ValueError(
-            f"balanced batching needs global_batch_size ({b}) divisible by the number of "
-            f"classes ({k})"
-        )
     per = b // k
     n_batches = total // b
     need = n_batches * per
@@ -311,20 +305,28 @@ def count_balanced(
     meta: SampleMeta, *, global_batch_size: int, epoch_samples: int | None = None, **_: object
 ) -> EpochCount:
     """``epoch_samples // B`` full batches (the planner's checks included)."""
+    b, total = _balanced_shape(meta, global_batch_size, epoch_samples)
+    if len(meta) == 0:
+        return EpochCount(np.zeros(0, np.int64), 0)
+    return EpochCount(np.full(total // b, b, dtype=np.int64), pool_size=len(meta))
+
+
+def _balanced_shape(meta: SampleMeta, global_batch_size: int, epoch_samples: int | None
+                    ) -> tuple[int, int]:
+    """(B, the epoch's samples) of a balanced epoch, checked: labels present, the epoch's
+    samples >= 0 and B divisible by the number of classes (of a non-empty pool)."""
     b = _check_batch_size(global_batch_size)
     labels = _column(meta, "labels", "balanced")
     total = len(meta) if epoch_samples is None else int(epoch_samples)
     if total < 0:
         raise ValueError(f"epoch_samples must be >= 0, got {epoch_samples}")
-    if len(meta) == 0:
-        return EpochCount(np.zeros(0, np.int64), 0)
     k = len(np.unique(labels))
-    if b % k:
+    if len(meta) and b % k:
         raise ValueError(
             f"balanced batching needs global_batch_size ({b}) divisible by the number of "
             f"classes ({k})"
         )
-    return EpochCount(np.full(total // b, b, dtype=np.int64), pool_size=len(meta))
+    return b, total
 
 
 # --------------------------------------------------------------------------- curriculum

@@ -98,12 +98,31 @@ def loss_sum(outputs: torch.Tensor, batch: dict[str, torch.Tensor], loss: str,
     if loss == "nt_xent":
         v2s = batch["view_to_sample"]
         total = nt_xent(outputs.float(), v2s, temperature=temperature, reduction="sum")
-        # Retrieval accuracy: is the most similar other row a view of the same sample?
-        z = F.normalize(outputs.float(), dim=1)
-        sim = z @ z.T
-        sim.fill_diagonal_(-float("inf"))
-        return total, (v2s[sim.argmax(1)] == v2s).sum()
+        return total, retrieval_hits(outputs, v2s).sum()
     raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+
+
+@torch.no_grad()
+def retrieval_hits(embeddings: torch.Tensor, view_to_sample: torch.Tensor) -> torch.Tensor:
+    """NT-Xent's accuracy, per row: is the most similar other row a view of the same sample?"""
+    z = F.normalize(embeddings.float(), dim=1)
+    sim = (z @ z.T).fill_diagonal_(-float("inf"))
+    return view_to_sample[sim.argmax(1)] == view_to_sample
+
+
+def per_sample_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], loss: str
+                    ) -> torch.Tensor:
+    """Each sample's loss (hard-example mining ranks samples by it): its cross-entropy, or its
+    tokens' mean cross-entropy. NT-Xent has none: a sample's term depends on the whole batch."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(outputs.float(), batch["label"], reduction="none")
+    if loss == "token_cross_entropy":
+        target = batch["token_targets"]
+        per_token = F.cross_entropy(outputs.float().flatten(0, 1), target.flatten(),
+                                    ignore_index=IGNORE_INDEX, reduction="none")
+        mask = (target != IGNORE_INDEX).float()
+        return (per_token.view(target.shape) * mask).sum(1) / mask.sum(1).clamp_min(1)
+    raise ValueError(f"no per-sample loss for train.loss={loss}")
 
 
 def is_oom(err: BaseException) -> bool:
@@ -226,10 +245,7 @@ def _contrastive_backward(model: nn.Module, micro_batches: list[dict[str, torch.
     (per_anchor.sum() / rows).backward()
     mine = slice(offset, offset + local.shape[0])
     grad = everything.grad[mine] * world  # DDP averages over ranks; the loss is a global sum
-    with torch.no_grad():
-        z = F.normalize(everything.detach(), dim=1)
-        sim = (z @ z.T).fill_diagonal_(-float("inf"))
-        correct = (v2s[sim.argmax(1)] == v2s)[mine].sum()
+    correct = retrieval_hits(everything.detach(), v2s)[mine].sum()
     # 3. Re-run each micro-batch with a graph and back-propagate its rows' cached gradient.
     start = 0
     for i, (mb, state) in enumerate(zip(micro_batches, states, strict=True)):
@@ -350,7 +366,15 @@ def train_step(
              else None)
     return StepResult(loss=loss_g / global_count, correct=correct_g, count=global_count,
                       grad_norm=norm, skipped=skipped, nonfinite=nonfinite, noise=noise,
-                      local_samples=sum(int(next(iter(mb.values())).shape[0]) for mb in micro_batches))
+                      local_samples=sum(samples_in(mb) for mb in micro_batches))
+
+
+def samples_in(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a collated micro-batch: contrastive rows are views (`view_to_sample` says of
+    which sample), a packed row holds several samples (one `sample_id` each)."""
+    if "view_to_sample" in batch:
+        return int(torch.unique(batch["view_to_sample"]).numel())
+    return int((batch["sample_id"] if "sample_id" in batch else next(iter(batch.values()))).shape[0])
 
 
 @torch.no_grad()

@@ -3,6 +3,8 @@ config (no Ray), `sweep` runs the trials (Ray), `results` reads them back from M
 settles each trial's run, `report` writes the sweep's answer, and `analysis` holds the tables,
 fits and plots (pandas/matplotlib only).
 
+    from pathlib import Path
+
     from pipeline.config import load_config
     from pipeline.data.datasets import resolve
     from pipeline.tune import run_sweep

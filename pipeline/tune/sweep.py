@@ -58,7 +58,14 @@ from pipeline import console
 from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo, resolve
 from pipeline.files import write_json
-from pipeline.tracking import client, close_open_runs, end_run, log_text, server_reachable, start_run
+from pipeline.tracking import (
+    close_open_runs,
+    end_run,
+    log_text,
+    reopen_run,
+    server_reachable,
+    start_run,
+)
 from pipeline.tune import LOADED_AT
 from pipeline.tune.analysis import summary_table
 from pipeline.tune.report import write_report
@@ -66,11 +73,13 @@ from pipeline.tune.results import settle_trials
 from pipeline.tune.space import check_trials, count_trials, parse_search_space, trial_concurrency
 
 ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
-# The first trial an actor runs counts from when the actor loaded the pipeline (`LOADED_AT`:
-# its imports, then torch's and MLflow's in the trial); the actor's later trials count from
-# their own start. Not counted: the Ray worker's own start and its import of Ray Tune.
-_ACTOR_STARTED_AT: float | None = LOADED_AT
 ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
+
+# Per-process state, on purpose: the first trial an actor runs counts its fixed cost from when
+# the actor loaded the pipeline (`LOADED_AT`: its imports, then torch's and MLflow's in the
+# trial); the actor's later trials count from their own start. Not counted: the Ray worker's
+# own start and its import of Ray Tune.
+_ACTOR_STARTED_AT: float | None = LOADED_AT
 
 
 # -- the search space -------------------------------------------------------------------------
@@ -225,7 +234,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     parent = state.get("parent_run_id")
     resumed = parent is not None
     if resumed:
-        client(uri).update_run(parent, status="RUNNING")
+        reopen_run(uri, parent)
     else:
         params = {**cfg.flat_params(), "tune.search_space": json.dumps(cfg.tune.search_space)}
         parent = start_run(uri, cfg.tracking.experiment,
@@ -379,8 +388,9 @@ def trial_console(cfg: Config, live: bool) -> Any:
     epochs, metric = cfg.train.epochs, cfg.tune.metric
 
     class TrialConsole(Callback):
-        drawn = 0  # lines of the live table on screen
-        ended: dict[str, str] = {}  # trial id -> how it ended (Tune sets its status later)
+        def __init__(self) -> None:
+            self.drawn = 0  # lines of the live table on screen
+            self.ended: dict[str, str] = {}  # trial id -> how it ended (Tune sets it later)
 
         def _overrides(self, trial: Any) -> dict[str, Any]:
             return {k: v for k, v in (trial.config or {}).items() if k in cfg.tune.search_space}

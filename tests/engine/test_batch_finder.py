@@ -382,3 +382,17 @@ def test_find_batch_size_bad_budget_exits_2_with_one_line(data_dir, tmp_path, ca
                        "--out", str(tmp_path), *argv], capsys)
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith(line), err
+
+
+def test_find_batch_size_without_a_budget_that_fits_nothing_exits_1(data_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    """Without --max-memory the budget is the machine's (half its free memory): nothing fitting
+    in it is not the user's input (exit 1), and the line says which budget it was."""
+    import pipeline.find_batch_size
+
+    monkeypatch.setattr(pipeline.find_batch_size, "_default_budget", lambda: 1024)
+    rc, _, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
+                       "--out", str(tmp_path)], capsys)
+    assert rc == 1
+    assert err == ("not even micro_batch_size=1 fits in 0.0 MiB, half the memory available "
+                   "(no --max-memory)\n"), err

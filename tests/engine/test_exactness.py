@@ -172,7 +172,8 @@ def _contrastive_rank(rank: int, world: int, micro: int) -> dict:
     res = train_step(model, opt, [_views(mine[i : i + micro]) for i in range(0, len(mine), micro)],
                      loss="nt_xent")
     m = model.module if world > 1 else model
-    return {"state": {k: v.detach().clone() for k, v in m.state_dict().items()}, "loss": res.loss}
+    return {"state": {k: v.detach().clone() for k, v in m.state_dict().items()}, "loss": res.loss,
+            "samples": res.local_samples, "mine": len(mine)}
 
 
 @pytest.mark.parametrize(("world", "micro"), [(1, 16), (1, 4), (2, 8), (2, 2)])
@@ -184,6 +185,7 @@ def test_contrastive_update_is_the_global_batch_update(world, micro):
     b = _views(np.arange(N_SAMPLES))
     expected_loss = nt_xent(_embedder()(b), b["view_to_sample"], temperature=0.5).item()
     assert got["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert got["samples"] == got["mine"] == N_SAMPLES // world  # samples, not their views
     for k, v in ref.items():
         update = (v - before[k]).abs().max().item()
         assert update > 0

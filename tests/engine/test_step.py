@@ -15,7 +15,7 @@ from pipeline.data.padding import collate_sequences
 from pipeline.data.plan import rank_slice
 from pipeline.engine.loop import LoopState, train_epoch
 from pipeline.engine.models import build_model
-from pipeline.engine.step import evaluate, train_step
+from pipeline.engine.step import evaluate, loss_sum, per_sample_loss, samples_in, train_step
 from tests.engine.ranks import run_ranks
 
 G = 32
@@ -300,3 +300,34 @@ def test_fp16_scaler_path_counts_skipped_steps():
     assert res.skipped and scaler.get_scale() == 2.0**9
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_per_sample_loss_is_each_samples_own_loss():
+    """Hard-example mining's score: a sample's loss alone (its tokens' mean for per-token
+    targets, padding and ignored tokens left out); NT-Xent has none and says so."""
+    g = torch.Generator().manual_seed(0)
+    out, label = torch.randn(5, 3, generator=g), torch.tensor([0, 2, 1, 1, 0])
+    per = per_sample_loss(out, {"label": label}, "cross_entropy")
+    for i in range(5):
+        alone, _ = loss_sum(out[i : i + 1], {"label": label[i : i + 1]}, "cross_entropy")
+        assert per[i].item() == pytest.approx(alone.item(), rel=1e-6)
+    out = torch.randn(3, 4, 6, generator=g)
+    targets = torch.tensor([[1, 2, -100, -100], [0, 0, 0, 5], [3, -100, -100, -100]])
+    per = per_sample_loss(out, {"token_targets": targets}, "token_cross_entropy")
+    for i, real in enumerate((2, 4, 1)):
+        alone, _ = loss_sum(out[i : i + 1], {"token_targets": targets[i : i + 1]},
+                            "token_cross_entropy")
+        assert per[i].item() == pytest.approx(alone.item() / real, rel=1e-6)
+    with pytest.raises(ValueError, match="nt_xent"):
+        per_sample_loss(torch.randn(4, 8), {"view_to_sample": torch.tensor([0, 1, 0, 1])},
+                        "nt_xent")
+
+
+def test_samples_in_counts_samples_not_rows():
+    """Contrastive rows are views of fewer samples; a packed row holds several samples."""
+    assert samples_in({"features": torch.zeros(6, 2), "label": torch.zeros(6)}) == 6
+    views = {"sample_id": torch.tensor([7, 9, 4, 7, 9, 4]), "features": torch.zeros(6, 2),
+             "view_to_sample": torch.tensor([0, 1, 2, 0, 1, 2])}
+    assert samples_in(views) == 3
+    packed = {"sample_id": torch.tensor([3, 1, 2, 8, 5]), "input_ids": torch.zeros(2, 16)}
+    assert samples_in(packed) == 5
