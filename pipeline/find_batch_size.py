@@ -153,7 +153,6 @@ def _batch_maker(cfg: Config, rows: LargestRows, device: Any, model_name: str) -
             nb = make_views(nb, num_views=b.num_views, key=(b.seed, 0, 0), sample_keys=part,
                             image_shape=(8, 8) if model_name == "digits_cnn" else None)
             nb["view_to_sample"] = part[nb["view_to_sample"]]
-            nb.pop("view_index", None)
         return to_torch(nb, device)
 
     return batch_of

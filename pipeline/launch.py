@@ -142,7 +142,7 @@ Fit = Callable[[Config, dict[str, Any], str, Path], tuple[dict[str, Any], Path |
 def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = False,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
                  extra_callbacks: list[Any] | None = None, address: str | None = None,
-                 show_progress: bool = True, table_refs: Blocks | list[Any] | None = None,
+                 show_progress: bool = True, table_refs: Blocks | None = None,
                  started_at: float | None = None, fit: Fit | None = None,
                  run_id: str | None = None) -> dict[str, Any]:
     """Train one job. `show_progress=False` (a Tune trial: the sweep prints per trial) keeps

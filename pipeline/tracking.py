@@ -34,6 +34,10 @@ from mlflow.tracking import MlflowClient
 from pipeline.redact import redact, secret_env_values
 
 log = logging.getLogger(__name__)
+# Ending a run on a tracking server, MLflow reads the run back to print two "View run" lines: a
+# round trip per run ended, and lines in every trial's console. The pipeline prints the run and
+# where it is itself (a user's own setting wins; MLflow reads it whenever a run ends).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def is_local_store(uri: str) -> bool:
@@ -61,10 +65,6 @@ def server_reachable(uri: str, timeout_s: float = 3.0) -> bool:
 
 
 def client(uri: str) -> MlflowClient:
-    # Ending a run on a tracking server, MLflow reads the run back to print two "View run"
-    # lines: a round trip per run ended, and lines in every trial's console; the pipeline
-    # prints the run and where it is itself (a user's own setting wins).
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     return MlflowClient(tracking_uri=uri)
 
 
@@ -208,19 +208,17 @@ def log_model(uri: str, run_id: str, checkpoint_path: Path) -> str:
     model = build_model(**state["model_spec"])
     model.load_state_dict(state["model"])
     mlflow.set_tracking_uri(uri)
-    # start_run(run_id) refuses a run outside the process's active experiment (a notebook's
-    # earlier set_experiment, say): make the run's own experiment the active one.
+    # The model goes to the run's own experiment (not the process's active one: a notebook's
+    # earlier set_experiment, say), logged into the run by its id: no `start_run`, whose end
+    # would mark the run FINISHED (or stamp its end time) before the job ends it.
     mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
-    mlflow.start_run(run_id=run_id)
-    try:
-        return _log_model(model, state["model_spec"],
-                          requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    finally:  # leave the run RUNNING, as it was (`with start_run` would end it FINISHED)
-        mlflow.end_run(status="RUNNING")
+    return _log_model(model, state["model_spec"], run_id,
+                      requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
-def _log_model(model: Any, model_spec: dict[str, Any], requirements: list[str]) -> str:
-    """`log_model`'s logging into the active run: `pt2` if the model exports, else `pickle`."""
+def _log_model(model: Any, model_spec: dict[str, Any], run_id: str, requirements: list[str]
+               ) -> str:
+    """`log_model`'s logging into run `run_id`: `pt2` if the model exports, else `pickle`."""
     import mlflow.pytorch
     import numpy as np
     import torch
@@ -245,14 +243,15 @@ def _log_model(model: Any, model_spec: dict[str, Any], requirements: list[str]) 
                                        dynamic(tuple(out.shape), seq and out.dim() == 3))]))
         mlflow.pytorch.log_model(wrapped, name="model", serialization_format="pt2",
                                  input_example=tuple(v.numpy() for v in example.values()),
-                                 signature=signature, pip_requirements=requirements)
+                                 signature=signature, pip_requirements=requirements,
+                                 run_id=run_id)
         return "pt2"
     except Exception as e:  # torch.export refuses some models; pickle still loads them
         print(f"[pipeline] the model cannot be exported ({type(e).__name__}: "
               f"{str(e).splitlines()[0]}); logged with serialization_format='pickle'",
               file=sys.stderr, flush=True)
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                 pip_requirements=requirements)
+                                 pip_requirements=requirements, run_id=run_id)
         return "pickle"
 
 

@@ -49,7 +49,8 @@ def _logged(mlflow_server: str, tmp_path, spec: dict, model: torch.nn.Module) ->
         mlflow.get_experiment_by_name("test-model-artifact").experiment_id)
     fmt = log_model(mlflow_server, run.info.run_id, tmp_path / "ckpt")
     # the job ends the run once result.json is written: logging the model must not end it
-    assert mlflow.get_run(run.info.run_id).info.status == "RUNNING"
+    after = mlflow.get_run(run.info.run_id).info
+    assert after.status == "RUNNING" and after.end_time is None
     assert mlflow.active_run() is None
     return run.info.run_id, fmt
 

@@ -190,22 +190,29 @@ def test_bad_search_space_is_a_config_error(space, culprit):
 
 
 def test_a_large_search_space_is_checked_pair_by_pair(monkeypatch):
-    """Beyond MAX_CHECKED_COMBINATIONS (made 8 here: 12 combinations), every two keys' values
-    are checked together, the third key at the config's: batch 33 fits 1 worker and 2 workers
-    fit batch 32, but 33 on 2 workers is refused, named with the pair."""
+    """Beyond MAX_CHECKED_COMBINATIONS (made 39 here: 4 x 2 x 5 = 40 combinations), every two
+    keys' values are checked together (38 pairs), the third key at the config's: batch 33 fits
+    1 worker and 2 workers fit batch 32, but 33 on 2 workers is refused, named with the pair.
+    Beyond the limit for pairs too, each key's values are checked alone (4 + 2 + 5)."""
     from pipeline.tune import space
     from pipeline.tune.space import check_trials
 
-    monkeypatch.setattr(space, "MAX_CHECKED_COMBINATIONS", 8)
-    grid = {"train.global_batch_size": {"grid": [32, 33]}, "scaling.num_workers": {"grid": [1, 2]},
-            "train.base_lr": {"grid": [0.01, 0.02, 0.03]}}
+    monkeypatch.setattr(space, "MAX_CHECKED_COMBINATIONS", 39)
+    lrs = {"grid": [0.01, 0.02, 0.03, 0.04, 0.05]}
+    grid = {"train.global_batch_size": {"grid": [32, 33, 34, 36]},
+            "scaling.num_workers": {"grid": [1, 2]}, "train.base_lr": lrs}
     with pytest.raises(ConfigError, match=r"\[tune.search_space trial "
                                           r"train.global_batch_size=33, scaling.num_workers=2\]"):
         check_trials(_cfg(grid))
-    fine = check_trials(_cfg({**grid, "train.global_batch_size": {"grid": [32, 34]}}))
-    assert len(fine) == 2 * 2 + 2 * 3 + 2 * 3  # the pairs of the three pairs of keys
-    assert {(c.train.global_batch_size, c.scaling.num_workers) for c in fine} == {
-        (32, 1), (32, 2), (34, 1), (34, 2)}
+    fine = {**grid, "train.global_batch_size": {"grid": [32, 34, 36, 38]}}
+    checked = check_trials(_cfg(fine))
+    assert len(checked) == 4 * 2 + 4 * 5 + 2 * 5
+    assert {(c.train.global_batch_size, c.scaling.num_workers) for c in checked} == {
+        (b, w) for b in (32, 34, 36, 38) for w in (1, 2)}
+    monkeypatch.setattr(space, "MAX_CHECKED_COMBINATIONS", 30)
+    assert len(check_trials(_cfg(fine))) == 4 + 2 + 5
+    one_key = {"train.base_lr": {"grid": [0.001 * i for i in range(1, 41)]}}
+    assert len(check_trials(_cfg(one_key))) == 40  # one key: all its values, whatever the limit
 
 
 def test_bad_search_space_exits_2_before_connecting(tmp_path, capsys, monkeypatch, data_dir):

@@ -1,5 +1,6 @@
 """A sweep's trials settled against Tune's verdict (`pipeline.tune.results.settle_trials`), with
-a real MLflow server and Tune's own `Result` records: a trial that ran its epochs is TERMINATED
+a real MLflow server and Tune's own `Result` records: a trial that ran its epochs (or its
+train.max_steps) is TERMINATED
 and its run FINISHED whatever the run showed (its own end_run may not have reached the server,
 or it never had a run); only a trial stopped before its own last epoch is EARLY_STOPPED, its run
 KILLED and tagged."""
@@ -29,9 +30,11 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
     exp = c.create_experiment(experiment)
     parent = c.create_run(exp).info.run_id
 
-    def trial_run(trial_id: str, epochs: int, logged: int, status: str | None) -> str:
+    def trial_run(trial_id: str, epochs: int, logged: int, status: str | None,
+                  max_steps: int | None = None) -> str:
         run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "tune.trial_id": trial_id})
         c.log_param(run.info.run_id, "train.epochs", str(epochs))
+        c.log_param(run.info.run_id, "train.max_steps", str(max_steps))  # "None": as logged
         for epoch in range(1, logged + 1):
             c.log_metric(run.info.run_id, "steps", 10, step=epoch)
             c.log_metric(run.info.run_id, "val_accuracy", 0.5 + 0.1 * epoch, step=epoch)
@@ -44,23 +47,27 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
         "stopped": trial_run("stopped", 3, 1, None),  # ASHA stopped it at the epoch-1 rung
         "short": trial_run("short", 1, 1, None),  # ran its 1 epoch; its end never reached MLflow
         "failed": trial_run("failed", 3, 2, None),
+        # train.max_steps=20 ended it in its second epoch (10 steps an epoch), its end unsent
+        "capped": trial_run("capped", 3, 2, None, max_steps=20),
     }
 
     def result(trial_id: str, epochs: int, reported: int, error: Exception | None = None):
-        return Result(metrics={"epoch": reported, "val_accuracy": 0.5 + 0.1 * reported,
+        return Result(metrics={"epoch": reported, "step": 10 * reported,
+                               "val_accuracy": 0.5 + 0.1 * reported,
                                "config": {"train.epochs": epochs}},
                       checkpoint=None, error=error, path=str(tmp_path / trial_id))
 
     grid = [result("finished", 3, 3), result("stopped", 3, 1), result("short", 1, 1),
             result("unrecorded", 3, 3),  # MLflow away all along: no run at all
-            result("failed", 3, 2, RuntimeError("worker died"))]
+            result("failed", 3, 2, RuntimeError("worker died")), result("capped", 3, 2)]
     df, _, _ = settle_trials(grid, cfg, mlflow_server, parent)
     status = dict(zip(df["trial_id"], df["status"], strict=True))
     assert status == {"finished": "TERMINATED", "stopped": "EARLY_STOPPED", "short": "TERMINATED",
-                      "unrecorded": "TERMINATED", "failed": "ERROR"}
+                      "unrecorded": "TERMINATED", "failed": "ERROR", "capped": "TERMINATED"}
     assert df.set_index("trial_id").loc["stopped", "stopped_at_epoch"] == 1
-    assert df["stopped_at_epoch"].isna().sum() == 4
+    assert df["stopped_at_epoch"].isna().sum() == 5
     shown = {k: c.get_run(v) for k, v in runs.items()}
     assert {k: r.info.status for k, r in shown.items()} == {
-        "finished": "FINISHED", "stopped": "KILLED", "short": "FINISHED", "failed": "FAILED"}
+        "finished": "FINISHED", "stopped": "KILLED", "short": "FINISHED", "failed": "FAILED",
+        "capped": "FINISHED"}
     assert [k for k, r in shown.items() if r.data.tags.get("early_stopped")] == ["stopped"]

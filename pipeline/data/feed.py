@@ -92,7 +92,6 @@ class RankFeed:
             nb = make_views(nb, num_views=b.num_views, key=key, sample_keys=part,
                             image_shape=self.image_shape)
             nb["view_to_sample"] = part[nb["view_to_sample"]]  # unique across the global batch
-            nb.pop("view_index", None)
         return nb
 
     def slots(self, part: np.ndarray) -> int:

@@ -370,10 +370,11 @@ def train_step(
 
 
 def samples_in(batch: dict[str, torch.Tensor]) -> int:
-    """Samples in a collated micro-batch: contrastive rows are views (`view_to_sample` says of
-    which sample), a packed row holds several samples (one `sample_id` each)."""
-    if "view_to_sample" in batch:
-        return int(torch.unique(batch["view_to_sample"]).numel())
+    """Samples drawn into a collated micro-batch: contrastive rows are views (the first views,
+    `view_index` 0, one per sample drawn, a sample drawn twice counted twice), a packed row
+    holds several samples (one `sample_id` each)."""
+    if "view_index" in batch:
+        return int((batch["view_index"] == 0).sum())
     return int((batch["sample_id"] if "sample_id" in batch else next(iter(batch.values()))).shape[0])
 
 

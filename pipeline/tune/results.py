@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,17 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         run_id = run.info.run_id if run else None
         conf = result.config or {}  # a restored errored trial may come back without it
         params = run.data.params if run else {}
+        own = partial(_own_value, conf, params, base)
         reported = int(m.get("epoch", 0))  # Tune's last result
-        epochs = int(conf.get("train.epochs", yaml.safe_load(params.get("train.epochs", "null"))
-                              or base["train.epochs"]))
+        max_steps = own("train.max_steps")
+        ran_out = reported >= int(own("train.epochs")) or (
+            max_steps is not None and int(m.get("step", 0)) >= int(max_steps))
         if result.error is not None:
             status = "ERROR"
             if run and run.info.status != "FAILED":
                 end_run(uri, run_id, "FAILED")
-        elif reported >= epochs or (run and run.info.status == "FINISHED"):
-            status = "TERMINATED"  # it ran its epochs and returned
+        elif ran_out or (run and run.info.status == "FINISHED"):
+            status = "TERMINATED"  # it ran its epochs (or train.max_steps) and returned
             if run and run.info.status == "RUNNING":  # its own end_run never reached MLflow
                 end_run(uri, run_id, "FINISHED")
         else:  # Tune stopped it (ASHA) before its last epoch: its actor went, its run RUNNING
@@ -110,12 +113,7 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         row: dict[str, Any] = {"trial_id": trial_id}
         shown = [*swept, BATCH, RULE, *([SCHEDULE] if base.get(SCHEDULE) != "constant" else [])]
         for key in dict.fromkeys(shown):
-            if key in conf:
-                row[key] = conf[key]
-            elif key in params:  # the trial's own resolved config, logged to its run
-                row[key] = yaml.safe_load(params[key])
-            else:
-                row[key] = base.get(key)
+            row[key] = own(key)
         # What the trial ran, as MLflow shows it: a trial that Tune stopped may have finished the
         # epoch in flight before its actor went (the stop is asynchronous), so the history can
         # hold one epoch more than Tune's last result; that epoch counts as run.
@@ -147,6 +145,17 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
     for col in ("steps_to_target", "stopped_at_epoch", "samples_to_target"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
     return df, runs, metrics_by_trial
+
+
+def _own_value(conf: dict[str, Any], params: dict[str, str], base: dict[str, Any], key: str
+               ) -> Any:
+    """A trial's value of a dotted key: swept (its Tune config), else as its run logged it (its
+    resolved config), else the sweep's base config's."""
+    if key in conf:
+        return conf[key]
+    if key in params:  # `Config.flat_params`: str() of each value, "None" for None
+        return None if params[key] == "None" else yaml.safe_load(params[key])
+    return base.get(key)
 
 
 def _read_curves(uri: str, run_ids: list[str]) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:

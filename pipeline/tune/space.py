@@ -17,7 +17,7 @@ from pipeline.config import Config, ConfigError, flatten
 from pipeline.data.datasets import resolve
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
-MAX_CHECKED_COMBINATIONS = 4096  # beyond, every pair of two keys' values (`_to_check`)
+MAX_CHECKED_COMBINATIONS = 4096  # beyond, pairs of two keys' values, or one key's (`_to_check`)
 
 
 def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
@@ -54,8 +54,8 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
 
 def check_trials(cfg: Config) -> list[Config]:
     """Validate the trial configs before any cluster work: every combination of the discrete
-    values and of the continuous bounds and middles (beyond MAX_CHECKED_COMBINATIONS, every pair
-    of two keys' values) goes through `with_overrides` and the dataset checks, so e.g. a batch
+    values and of the continuous bounds and middles (beyond MAX_CHECKED_COMBINATIONS, fewer:
+    `_to_check`) goes through `with_overrides` and the dataset checks, so e.g. a batch
     size the workers cannot split fails fast with exit 2. Returns them."""
     if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("config error: tune.search=optuna needs Optuna: "
@@ -80,14 +80,16 @@ def check_trials(cfg: Config) -> list[Config]:
 
 
 def _to_check(keys: list[str], lists: list[list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the keys' values; beyond MAX_CHECKED_COMBINATIONS of them (three
-    keys or more), every pair of values of every two keys, the other keys at the config's: the
-    interactions a trial fails on are of two keys (a batch the workers cannot split, say)."""
-    if len(keys) < 3 or math.prod(len(v) for v in lists) <= MAX_CHECKED_COMBINATIONS:
+    """The combinations of the keys' values to check (the other keys at the config's): all of
+    them up to MAX_CHECKED_COMBINATIONS; beyond, every pair of values of every two keys (a batch
+    the swept worker count cannot split, say; a failure that needs three keys' values together
+    is met in its trial), while those pairs are within the limit; else each key's values alone."""
+    if math.prod(len(v) for v in lists) <= MAX_CHECKED_COMBINATIONS:
         return [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*lists)]
-    return [{a: va, b: vb} for (a, values_a), (b, values_b)
-            in itertools.combinations(zip(keys, lists, strict=True), 2)
-            for va in values_a for vb in values_b]
+    pairs = list(itertools.combinations(range(len(keys)), 2))
+    if pairs and sum(len(lists[i]) * len(lists[j]) for i, j in pairs) <= MAX_CHECKED_COMBINATIONS:
+        return [{keys[i]: vi, keys[j]: vj} for i, j in pairs for vi in lists[i] for vj in lists[j]]
+    return [{k: v} for k, values in zip(keys, lists, strict=True) for v in values]
 
 
 def _between(kind: str, bounds: list[float]) -> float:

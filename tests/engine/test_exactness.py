@@ -145,7 +145,8 @@ def _views(samples: np.ndarray) -> dict[str, torch.Tensor]:
     nb = make_views({"features": _contrastive_data()[samples]}, num_views=VIEWS, key=(0, 0),
                     sample_keys=samples)
     return {"features": torch.from_numpy(nb["features"]),
-            "view_to_sample": torch.from_numpy(samples[nb["view_to_sample"]])}
+            "view_to_sample": torch.from_numpy(samples[nb["view_to_sample"]]),
+            "view_index": torch.from_numpy(nb["view_index"])}
 
 
 def _embedder() -> torch.nn.Module:

@@ -326,8 +326,9 @@ def test_per_sample_loss_is_each_samples_own_loss():
 def test_samples_in_counts_samples_not_rows():
     """Contrastive rows are views of fewer samples; a packed row holds several samples."""
     assert samples_in({"features": torch.zeros(6, 2), "label": torch.zeros(6)}) == 6
-    views = {"sample_id": torch.tensor([7, 9, 4, 7, 9, 4]), "features": torch.zeros(6, 2),
-             "view_to_sample": torch.tensor([0, 1, 2, 0, 1, 2])}
+    views = {"sample_id": torch.tensor([7, 9, 7, 7, 9, 7]), "features": torch.zeros(6, 2),
+             "view_to_sample": torch.tensor([0, 1, 0, 0, 1, 0]),  # sample 7 drawn twice
+             "view_index": torch.tensor([0, 0, 0, 1, 1, 1])}
     assert samples_in(views) == 3
     packed = {"sample_id": torch.tensor([3, 1, 2, 8, 5]), "input_ids": torch.zeros(2, 16)}
     assert samples_in(packed) == 5
