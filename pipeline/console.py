@@ -208,7 +208,8 @@ def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
     lr = scale_lr(t.base_lr, t.base_batch_size, t.global_batch_size, t.lr_scaling)
     rule = (f" ({t.base_lr:g} at batch {t.base_batch_size}, {t.lr_scaling} rule)"
             if t.lr_scaling != "none" else "")
-    warmup = f", {t.warmup_epochs:g} warmup epochs" if t.warmup_epochs else ""
+    warmup = (f", {t.warmup_epochs:g} warmup epoch{'' if t.warmup_epochs == 1 else 's'}"
+              if t.warmup_epochs else "")
     steps = f", at most {t.max_steps} steps" if t.max_steps else ""
     device = "GPU" if s.use_gpu else f"{s.cpus_per_worker:g} CPU"
     schedule = ""
