@@ -91,9 +91,11 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
             print(f"argument error: --max-memory: not even micro_batch_size=1 fits in "
                   f"{budget / 2**20:.1f} MiB", file=sys.stderr)
             return 2
-        print(f"not even micro_batch_size=1 fits in {budget / 2**20:.1f} MiB, "
-              f"{result['budget']}" if budget else "out of memory at micro_batch_size=1",
-              file=sys.stderr)
+        if budget:  # the default budget, half the memory available
+            print(f"not even micro_batch_size=1 fits in {budget / 2**20:.1f} MiB, "
+                  f"{result['budget']}", file=sys.stderr)
+        else:  # a GPU's own out-of-memory
+            print("out of memory at micro_batch_size=1", file=sys.stderr)
         return 1
     return 0
 

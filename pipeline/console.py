@@ -152,6 +152,17 @@ def progress_bar_wanted(stream: Any = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def error_line(err: BaseException) -> str:
+    """An error in one line: `Type: the first line of its message` (the type alone when it has
+    no message).
+
+    >>> error_line(ValueError("bad value\\nmore detail")), error_line(KeyError())
+    ('ValueError: bad value', 'KeyError')
+    """
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def say(msg: str) -> None:
     """One pipeline line on stdout. Written, not printed: on a Ray Train worker `print` is
     patched to go to Train's logger and, when stdout is wrapped, to stdout as well -- the line

@@ -232,8 +232,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             try:
                 log_model(uri, run_id, checkpoint_path)
             except Exception as e:  # tracking never fails a trained job: the weights are kept
-                _log(f"the model could not be logged to MLflow ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}); it is in {checkpoint_path}")
+                _log(f"the model could not be logged to MLflow ({console.error_line(e)}); it is "
+                     f"in {checkpoint_path}")
         unsent = (json.loads(tracking_file.read_text())["metrics_unsent"]
                   if tracking_file.exists() else 0)
         if unsent:

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.console import error_line
 from pipeline.redact import redact, secret_env_values
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,7 @@ class HalfRunError(RuntimeError):
 
     def __init__(self, run_id: str, failed: bool, cause: Exception):
         super().__init__(f"MLflow run {run_id} was created but not completed "
-                         f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
-                         + ("; marked FAILED" if failed else "; still RUNNING"))
+                         f"({error_line(cause)})" + ("; marked FAILED" if failed else "; still RUNNING"))
         self.run_id, self.failed = run_id, failed
 
 
@@ -148,8 +148,6 @@ def reopen_run(uri: str, run_id: str) -> None:
 
 def log_summary(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
     """A run's closing metrics (at step 0) and tags, in one request."""
-    from mlflow.entities import RunTag
-
     now = int(time.time() * 1000)
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                           tags=[RunTag(k, v) for k, v in tags.items()])
@@ -247,9 +245,8 @@ def _log_model(model: Any, model_spec: dict[str, Any], run_id: str, requirements
                                  run_id=run_id)
         return "pt2"
     except Exception as e:  # torch.export refuses some models; pickle still loads them
-        print(f"[pipeline] the model cannot be exported ({type(e).__name__}: "
-              f"{str(e).splitlines()[0]}); logged with serialization_format='pickle'",
-              file=sys.stderr, flush=True)
+        print(f"[pipeline] the model cannot be exported ({error_line(e)}); logged with "
+              "serialization_format='pickle'", file=sys.stderr, flush=True)
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                  pip_requirements=requirements, run_id=run_id)
         return "pickle"

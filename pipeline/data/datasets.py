@@ -362,13 +362,13 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
     d, name, loss = cfg.data, cfg.model.name, cfg.train.loss
     kwargs = cfg.model.kwargs
     if name.startswith("import:"):  # the driver logs the final model, so it builds it too
+        from pipeline.console import error_line
         from pipeline.engine.models import import_builder
 
         try:
             import_builder(name)
         except Exception as err:  # the import itself may fail in any way (the user's code)
-            raise ConfigError(f"config error: model.name={name}: {type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''}") from None
+            raise ConfigError(f"config error: model.name={name}: {error_line(err)}") from None
     if name in ("digits_cnn", "mlp") and d.feature_column is None:
         raise ConfigError(f"config error: model.name={name} takes feature vectors "
                           f"(data.feature_column), but the data has token sequences "
