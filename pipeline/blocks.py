@@ -77,8 +77,7 @@ def _servers_kept() -> Iterator[None]:
 @dataclass
 class Blocks:
     """What a job's ranks receive: the blocks (in row order) and, in the streaming mode, where
-    each one is, its row count, its small columns and what the model needs to know of the data
-    (`facts`: feature width, largest token, target and label)."""
+    each one is, its row count and its small columns."""
 
     mode: str
     refs: list[Any]
@@ -86,7 +85,6 @@ class Blocks:
     rows: list[int] = field(default_factory=list)
     nodes: list[str | None] = field(default_factory=list)
     small: list[Any] = field(default_factory=list)
-    facts: dict[str, int | None] = field(default_factory=dict)
     servers: dict[str, Any] = field(default_factory=dict)  # node -> its BlockServer actor
     moved: int = 0  # blocks moved at ingest to even the nodes out
     keeper: Any = None  # the BlockKeeper actor (streaming mode): servers, nodes, small, now
@@ -199,17 +197,12 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     ray.get([servers[n].hold.remote([i for i, w in enumerate(where) if w == n],
                                     *[r for r, w in zip(refs, where, strict=True) if w == n])
              for n in servers])
-    small, facts = _small_columns(where, servers, cfg)
-    merged: dict[str, int | None] = {}
-    for key in ("input_dim", "max_token", "max_target", "max_label"):
-        values = [f[key] for f in facts if f[key] is not None]
-        merged[key] = max(values) if values else None
-    rows = [f["rows"] for f in facts]
+    small, rows = _small_columns(where, servers, cfg)
     keeper = ray.remote(num_cpus=0)(BlockKeeper).options(
         scheduling_strategy=on_head()).remote(info.uri, cfg.to_dict(), rows, where, servers,
                                                small)
     return Blocks("streaming", refs, size_bytes=size, rows=rows, nodes=where, small=small,
-                  facts=merged, servers=servers, moved=moved, keeper=keeper)
+                  servers=servers, moved=moved, keeper=keeper)
 
 
 def mode_line(blocks: Blocks) -> str | None:
@@ -254,7 +247,7 @@ class BlockServer:
         self.blocks.update(zip(ids, blocks, strict=True))
         return len(self.blocks)
 
-    def small(self, block: int, cfg_dict: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+    def small(self, block: int, cfg_dict: dict[str, Any]) -> tuple[pa.Table, int]:
         return _small(self.blocks[block], Config.model_validate(cfg_dict))
 
     def load(self, uri: str, ids: list[int], starts: list[int], counts: list[int]) -> int:
@@ -427,38 +420,27 @@ def _spread(refs: list[Any], servers: dict[str, Any]) -> tuple[list[Any], list[s
     return refs, placed
 
 
-def _small(block: pa.Table, cfg: Config) -> tuple[pa.Table, dict[str, Any]]:
-    """A block's small columns and facts (computed where the block is). The facts are those of
-    `worker.data_facts` (computed there from a whole table): a fact added to one goes in both."""
+def _small(block: pa.Table, cfg: Config) -> tuple[pa.Table, int]:
+    """A block's small columns (computed where the block is) and its row count. The model's
+    facts of the data are the driver's checks' (`DatasetInfo.facts`), not recomputed here."""
     d, keep = cfg.data, {}
     for name in (d.id_column, d.label_column, cfg.batching.difficulty_column):
         if name is not None:
             keep[name] = block.column(name)
-    facts: dict[str, Any] = {"rows": block.num_rows, "input_dim": None, "max_token": None,
-                             "max_target": None, "max_label": None}
     if d.sequence_column is not None:
-        tokens = block.column(d.sequence_column)
-        keep[LENGTH] = pc.list_value_length(tokens).cast(pa.int64())
-        facts["max_token"] = pc.max(pc.list_flatten(tokens)).as_py()
-    if d.target_column is not None:
-        facts["max_target"] = pc.max(pc.list_flatten(block.column(d.target_column))).as_py()
-    if d.feature_column is not None:
-        kind = block.schema.field(d.feature_column).type
-        facts["input_dim"] = (kind.list_size if pa.types.is_fixed_size_list(kind) else
-                              pc.max(pc.list_value_length(block.column(d.feature_column))).as_py())
-    if d.label_column is not None:
-        facts["max_label"] = pc.max(block.column(d.label_column)).as_py()
-    return pa.table(keep) if keep else pa.table({"_": pa.nulls(block.num_rows)}), facts
+        keep[LENGTH] = pc.list_value_length(block.column(d.sequence_column)).cast(pa.int64())
+    return pa.table(keep) if keep else pa.table({"_": pa.nulls(block.num_rows)}), block.num_rows
 
 
 def _small_columns(where: list[str], servers: dict[str, Any], cfg: Config,
-                   ids: list[int] | None = None) -> tuple[list[Any], list[dict[str, Any]]]:
-    """The small columns (refs) and facts of blocks `ids` (default: all), held at `where`."""
+                   ids: list[int] | None = None) -> tuple[list[Any], list[int]]:
+    """The small columns (refs) and row counts of blocks `ids` (default: all), held at
+    `where`."""
     cfg_dict = cfg.to_dict()
     pairs = [servers[node].small.options(num_returns=2).remote(i, cfg_dict)
              for i, node in zip(ids if ids is not None else range(len(where)), where,
                                 strict=True)]
-    return [s for s, _ in pairs], ray.get([f for _, f in pairs])
+    return [s for s, _ in pairs], ray.get([n for _, n in pairs])
 
 
 def small_table(cfg: Config, blocks: Blocks) -> SampleTable:

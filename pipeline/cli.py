@@ -82,8 +82,8 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
                      address: str | None) -> int:
     from pipeline.find_batch_size import find_batch_size, print_result
 
-    result = find_batch_size(cfg, info, out, args.max_memory)
-    print_result(result)
+    result = find_batch_size(cfg, info, out, args.max_memory, progress=True)
+    print_result(result, table=False)  # printed row by row as the sizes were tried
     console.say(f"wrote {out / 'find_batch_size.json'} and {out / 'find_batch_size.png'}")
     if result["max_micro_batch_size"] == 0:
         budget = result["max_memory_bytes"]
@@ -227,6 +227,16 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
 
 def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
     """Run a command; `address="auto"` joins a running cluster and never starts one (jobs/)."""
+    try:
+        return _run(argv, address)
+    except KeyboardInterrupt:  # Ctrl-C where no run is to be marked (train and tune mark theirs)
+        given = sys.argv[1:] if argv is None else argv
+        command = next((a for a in given if a in COMMANDS), "pipeline")
+        print(f"[pipeline] {command} interrupted", file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str] | None, address: str | None) -> int:
     try:
         args = parse_args(argv)
         if args.print_config:

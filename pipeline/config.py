@@ -333,12 +333,16 @@ class TrackingConfig(_Section):
     log_model: Bool = Field(True, description="log the final model as an MLflow artifact")
 
 
-def _first_error(prefix: str, err: ValidationError) -> str:
-    """`prefix.field: message (got value)` for the first error of a sub-model."""
+def _first_error(err: ValidationError, prefix: str | None = None) -> str:
+    """`key: message (got value)` for the first of pydantic's errors, keys under `prefix`
+    when what was validated is a part of the config (a strategy's options)."""
     first = err.errors()[0]
-    key = f"{prefix}.{first['loc'][0]}" if first["loc"] else prefix
+    loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(first["loc"]))
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg} (got {first['input']!r})"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    got = f" (got {first['input']!r})" if first["loc"] and not isinstance(first["input"], dict) else ""
+    return f"{loc}: {msg}{got}" if loc else msg
 
 
 def check_options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +370,7 @@ def _typed(model: type[BaseModel], values: dict[str, Any], where: str, owner: st
     try:
         return model.model_validate(values).model_dump(include=set(values))
     except ValidationError as err:
-        raise ValueError(_first_error(where, err)) from None
+        raise ValueError(_first_error(err, where)) from None
 
 
 def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -659,15 +663,9 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _one_line(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"config error: unknown key {loc!r}"
-    got = f" (got {first['input']!r})" if loc and not isinstance(first["input"], dict) else ""
-    where = f"{loc}: " if loc else ""
+    """The config's first error in one line, counting the others."""
     more = len(err.errors()) - 1
-    return f"config error: {where}{msg}{got}" + (f" [+{more} more]" if more else "")
+    return f"config error: {_first_error(err)}" + (f" [+{more} more]" if more else "")
 
 
 def validate(raw: dict[str, Any]) -> Config:

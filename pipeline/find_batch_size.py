@@ -4,9 +4,10 @@ The model, optimizer, precision and loss come from the resolved config; the batc
 dataset's training split, largest samples first (for sequences the longest, so every batch pads
 to the longest sequence the job will meet: padding makes memory depend on it). The small columns
 and the model's facts are those `resolve` read for its checks (one pass over the data); a size's
-rows are read when it is tried (`LargestRows`). The search and the
-measurement are `pipeline.engine.batch_finder` (doubling, then bisection to the exact boundary;
-on a CPU against a memory budget). One worker runs here, in-process and without Ray; the
+rows are read when it is tried (`LargestRows`) and collated by the function training collates
+a micro-batch with (`pipeline.data.feed.collate`: padding, packing, contrastive views). The
+search and the measurement are `pipeline.engine.batch_finder` (doubling, then bisection to the
+exact boundary; on a CPU against a memory budget). One worker runs here, in-process and without Ray; the
 agreement between workers (every rank tries the same size, the minimum wins, no rank is left
 waiting in a collective) is in the engine and tested there with real gloo ranks.
 
@@ -71,7 +72,8 @@ def _device_name(device: Any) -> str:
 
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"cpu ({platform.processor() or platform.machine()}, {n} thread{'s' * (n != 1)})"
 
 
 def _default_budget() -> int:
@@ -114,55 +116,54 @@ class LargestRows:
         self.table: Any = None
         self.reads = 0  # how often the dataset was read (tests)
 
-    def first(self, size: int) -> Any:
-        """A SampleTable of rows order[:size], in that order (position i: order[i])."""
+    def window(self, size: int) -> Any:
+        """The rows of order[:size] as a `Window`: it gathers them by their positions in the
+        dataset, as training gathers a micro-batch's rows (`pipeline/data/feed.py`)."""
         import dataclasses
 
         import numpy as np
+        import pyarrow as pa
 
         from pipeline.data.batches import SampleTable
         from pipeline.data.datasets import read_rows
+        from pipeline.data.rows import Window
 
         if self.table is None or self.table.num_rows < size:
             self.table = read_rows(self.ds, self.order[:size], self.columns)
             self.reads += 1
+        part = np.asarray(self.order[:size], dtype=np.int64)
+        by_position = np.argsort(part, kind="stable")  # a Window's positions are sorted
         d = self.cfg.data
         st = SampleTable.from_table(
-            self.table.slice(0, size), feature_column=d.feature_column,
-            label_column=d.label_column, sequence_column=d.sequence_column,
-            target_column=d.target_column, id_column=d.id_column)
+            self.table.slice(0, size).take(pa.array(by_position)),
+            feature_column=d.feature_column, label_column=d.label_column,
+            sequence_column=d.sequence_column, target_column=d.target_column,
+            id_column=d.id_column)
         if d.id_column is None:  # a sample's id is its position in the dataset, as in training
-            st = dataclasses.replace(st, ids=np.asarray(self.order[:size], dtype=np.int64))
-        return st
+            st = dataclasses.replace(st, ids=part[by_position])
+        return Window(part[by_position], st)
 
 
 def _batch_maker(cfg: Config, rows: LargestRows, device: Any, model_name: str) -> Any:
-    import numpy as np
-
-    from pipeline.data.views import make_views
+    from pipeline.data.feed import collate, image_shape
     from pipeline.engine.step import to_torch
 
-    b = cfg.batching
-
     def batch_of(size: int) -> Any:
-        part = rows.order[:size]
-        nb = rows.first(size).gather(
-            np.arange(size), max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
-            packing=b.packing, pack_tokens=b.pack_tokens)
-        if cfg.train.loss == "nt_xent":  # as the worker collates: V views per sample
-            nb = make_views(nb, num_views=b.num_views, key=(b.seed, 0, 0), sample_keys=part,
-                            image_shape=(8, 8) if model_name == "digits_cnn" else None)
-            nb["view_to_sample"] = part[nb["view_to_sample"]]
-        return to_torch(nb, device)
+        # collated as the worker collates a micro-batch (one function: pipeline/data/feed.py)
+        return to_torch(collate(cfg, rows.order[:size], (cfg.batching.seed, 0, 0),
+                                rows.window(size), image_shape(model_name)), device)
 
     return batch_of
 
 
-def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -> dict[str, Any]:
-    """Search, write the JSON and the plot, return the JSON's content."""
+def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *,
+                    progress: bool = False) -> dict[str, Any]:
+    """Search, write the JSON and the plot, return the JSON's content. `progress`: print the
+    setup and the table row by row as the sizes are tried (the CLI)."""
     import pyarrow.dataset as pads
     import torch
 
+    from pipeline.console import say
     from pipeline.data.batches import split_train_val
     from pipeline.data.datasets import small_columns
     from pipeline.engine.batch_finder import (
@@ -185,7 +186,7 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     train_pos, _ = split_train_val(len(st), st.labels, d.val_fraction, d.split_seed)
     order = largest_first(st.lengths, train_pos)
     torch.manual_seed(t.seed)
-    spec = model_spec(cfg, st, facts)
+    spec = model_spec(cfg, facts)
     model = build_model(**spec).to(device)
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)
@@ -197,27 +198,34 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None) -
     threads = torch.get_num_threads()
     if device.type == "cpu":  # time a step as a worker runs it: Ray sets its OMP_NUM_THREADS
         torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
-    try:
-        name = _device_name(device)
-        search = find_max_micro_batch(try_step, limit=len(order))
+    try:  # the device named (its threads) and the steps timed as a worker runs them
+        longest = int(st.lengths[order[0]]) if st.lengths is not None else None
+        if longest is not None and cfg.batching.max_length:
+            longest = min(longest, cfg.batching.max_length)
+        setup = {"model": spec["name"], "device": _device_name(device),
+                 "samples": (f"the training split's longest sequences first ({longest} tokens)"
+                             if longest is not None else "training samples (all the same size)"),
+                 "max_memory_bytes": budget, "budget": source if budget is not None else None}
+        if progress:  # the table as it fills: a size of long sequences can take a minute
+            say(setup_line(setup))
+            print(TABLE_HEADER, flush=True)
+        search = find_max_micro_batch(
+            try_step, limit=len(order),
+            on_trial=(lambda x: print(table_row(vars(x)), flush=True)) if progress else None)
     finally:
         torch.set_num_threads(threads)
-    longest = int(st.lengths[order[0]]) if st.lengths is not None else None
-    if longest is not None and cfg.batching.max_length:
-        longest = min(longest, cfg.batching.max_length)
     result = {
         "max_micro_batch_size": search.max_micro_batch_size,
-        "device": name,
+        "device": setup["device"],
         "suggestion": suggest_batching(search.max_micro_batch_size, t.global_batch_size,
                                        cfg.scaling.num_workers, MARGIN),
         "trials": [vars(x) for x in search.trials],
         "step_cost_per_worker": trial_step_cost(search.trials),
         "max_memory_bytes": budget,
-        "budget": source if budget is not None else None,
+        "budget": setup["budget"],
         "limit": search.limit,
         "hit_limit": search.hit_limit,
-        "samples": (f"the training split's longest sequences first ({longest} tokens)"
-                    if longest is not None else "training samples (all the same size)"),
+        "samples": setup["samples"],
         "peak_memory": "CUDA: max_memory_allocated during the step" if device.type == "cuda" else
         "tensors alive at the step's start (weights, gradients, optimizer state, batch) + the "
         "CPU allocator's high-water mark during the step (torch.profiler memory events)",
@@ -269,23 +277,35 @@ def table_lines(result: dict[str, Any]) -> list[str]:
         64  yes          3.0      1234.5
        128  no             -           -  out of memory
     """
-    lines = [f"{'size':>6}  {'fits':<4}  {'peak MiB':>10}  {'samples/s':>10}  note"]
-    for x in result["trials"]:
-        peak = "-" if x["peak_memory_bytes"] is None else f"{x['peak_memory_bytes'] / 2**20:.1f}"
-        sps = "-" if x["samples_per_s"] is None else f"{x['samples_per_s']:.1f}"
-        lines.append(f"{x['micro_batch_size']:>6}  {'yes' if x['fits'] else 'no':<4}  {peak:>10}  "
-                     f"{sps:>10}  {x['note'] or ''}".rstrip())
-    return lines
+    return [TABLE_HEADER, *(table_row(x) for x in result["trials"])]
 
 
-def print_result(result: dict[str, Any]) -> None:
-    """What `python -m pipeline find-batch-size` prints: the setup, the table, the answer."""
+TABLE_HEADER = f"{'size':>6}  {'fits':<4}  {'peak MiB':>10}  {'samples/s':>10}  note"
+
+
+def table_row(x: dict[str, Any]) -> str:
+    """One trial (`Trial`'s fields) as a row of the table."""
+    peak = "-" if x["peak_memory_bytes"] is None else f"{x['peak_memory_bytes'] / 2**20:.1f}"
+    sps = "-" if x["samples_per_s"] is None else f"{x['samples_per_s']:.1f}"
+    return (f"{x['micro_batch_size']:>6}  {'yes' if x['fits'] else 'no':<4}  {peak:>10}  "
+            f"{sps:>10}  {x['note'] or ''}").rstrip()
+
+
+def setup_line(result: dict[str, Any]) -> str:
+    """The model, the device, the samples and the memory budget (from the result's keys)."""
+    budget = result["max_memory_bytes"]
+    return (f"{result['model']} on {result['device']}, {result['samples']}"
+            + (f"; budget {budget / 2**20:.0f} MiB ({result['budget']})" if budget else ""))
+
+
+def print_result(result: dict[str, Any], *, table: bool = True) -> None:
+    """What `python -m pipeline find-batch-size` prints: the setup and the table (unless
+    printed as the search went, `find_batch_size(progress=True)`), then the answer."""
     from pipeline.console import say
 
-    budget = result["max_memory_bytes"]
-    say(f"{result['model']} on {result['device']}, {result['samples']}"
-        + (f"; budget {budget / 2**20:.0f} MiB ({result['budget']})" if budget else ""))
-    print("\n".join(table_lines(result)), flush=True)
+    if table:
+        say(setup_line(result))
+        print("\n".join(table_lines(result)), flush=True)
     more = " (the limit: the training split's size)" if result["hit_limit"] else ""
     say(f"largest micro-batch that fits: {result['max_micro_batch_size']}{more}")
     if result.get("step_cost_per_worker") is not None:

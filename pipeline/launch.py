@@ -153,6 +153,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     `run_id`: an MLflow run to continue from the start (a sweep trial that failed before its
     first checkpoint, run again by Tune)."""
     started_at = started_at or time.time()
+    if not info.facts:  # the workers size the model from them (a DatasetInfo made by hand?)
+        raise ValueError("run_training needs the DatasetInfo resolve() returns: it has no facts "
+                         "of the data")
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = out_dir / "ray_results"
@@ -200,27 +203,28 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                  "created, and its metrics sent, when the server is back")
     else:
         reopen_run(uri, run_id)
-    _write_state(state_file, run_id, uri, cfg)
-    if show_progress and run_id:
-        _log(f"MLflow run {run_id} in {uri}")
-    fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
-    fatal_file.unlink(missing_ok=True)
-    tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
-    tracking_file.unlink(missing_ok=True)
-    name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
-    # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
-    loop_config = {"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
-                   "tracking_uri": uri, "fatal_file": str(fatal_file), "storage": str(storage),
-                   "tracking_file": str(tracking_file), "pending_run": pending,
-                   "resume_from": str(resume_from) if resume_from else None,
-                   # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set
-                   "progress_bar": show_progress and console.progress_bar_wanted(),
-                   "verbose": verbose, "started_at": started_at}
-    if fit is None:
-        fit = partial(fit_torch_trainer, callbacks=[
-            *([_progress_callback(cfg.train.epochs)] if show_progress else []),
-            *(extra_callbacks or [])])
-    try:
+    try:  # from here on the run exists (or is pending): however the job ends, it ends too
+        _write_state(state_file, run_id, uri, cfg)
+        if show_progress and run_id:
+            _log(f"MLflow run {run_id} in {uri}")
+        fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
+        fatal_file.unlink(missing_ok=True)
+        tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
+        tracking_file.unlink(missing_ok=True)
+        name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
+        # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
+        loop_config = {"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
+                       "model_facts": info.facts,  # what the model needs to know of the data
+                       "tracking_uri": uri, "fatal_file": str(fatal_file), "storage": str(storage),
+                       "tracking_file": str(tracking_file), "pending_run": pending,
+                       "resume_from": str(resume_from) if resume_from else None,
+                       # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set
+                       "progress_bar": show_progress and console.progress_bar_wanted(),
+                       "verbose": verbose, "started_at": started_at}
+        if fit is None:
+            fit = partial(fit_torch_trainer, callbacks=[
+                *([_progress_callback(cfg.train.epochs)] if show_progress else []),
+                *(extra_callbacks or [])])
         metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
         raise_fatal(fatal_file, metrics)
         if pending is not None:
@@ -248,10 +252,11 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         write_json(out_dir / "result.json", summary)
         if run_id is not None:
             end_run(uri, run_id, "FINISHED")
-    except SystemExit:
-        if threading.current_thread() is not threading.main_thread():
+    except (SystemExit, KeyboardInterrupt) as err:
+        if isinstance(err, SystemExit) and threading.current_thread() is not threading.main_thread():
             raise  # Tune stopped this sweep trial (ASHA): the sweep ends its run (KILLED)
-        # Ctrl-C or SIGTERM (`ray job stop`) on the driver: Ray ends its wait with SystemExit
+        # Ctrl-C or SIGTERM (`ray job stop`) on the driver: Ray ends its wait with SystemExit;
+        # a Ctrl-C after it (logging the model, say) is a KeyboardInterrupt
         if run_id is not None:
             end_run(uri, run_id, "KILLED")
         raise TrainingInterrupted(

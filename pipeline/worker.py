@@ -32,10 +32,11 @@ import torch
 from pipeline import console
 from pipeline.blocks import load_rows
 from pipeline.config import Config, ConfigError
-from pipeline.data.batches import SampleTable, micro_slices, split_train_val
+from pipeline.data.batches import micro_slices, split_train_val
 from pipeline.data.epochs import schedule_steps, steps_per_epoch
-from pipeline.data.feed import FeedStep, RankFeed
+from pipeline.data.feed import FeedStep, RankFeed, image_shape
 from pipeline.data.plan import rank_slice
+from pipeline.data.rows import StreamedRows
 from pipeline.engine.batch_schedule import BatchSchedule
 from pipeline.engine.batchnorm import has_batchnorm
 from pipeline.engine.checkpoint import (
@@ -60,35 +61,23 @@ from pipeline.files import write_json
 from pipeline.tracking import MetricLogger
 
 
-def data_facts(st: SampleTable) -> dict[str, int | None]:
-    """What the model needs to know of the data (the streaming mode has them from the blocks:
-    `Blocks.facts`, computed per block by `blocks._small`: a fact added here goes there too)."""
-    def top(a: Any) -> int | None:
-        return None if a is None else int(pa.compute.max(pa.compute.list_flatten(a)).as_py())
-
-    return {"input_dim": None if st.features is None else int(st.features.shape[1]),
-            "max_token": top(st.tokens), "max_target": top(st.targets),
-            "max_label": None if st.labels is None or not len(st.labels) else int(st.labels.max())}
-
-
-def model_spec(cfg: Config, st: SampleTable,
-               facts: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """Everything needed to rebuild the model (kept in checkpoints for the final artifact);
-    `facts`: `data_facts(st)` unless given."""
-    f = facts or data_facts(st)
+def model_spec(cfg: Config, facts: dict[str, int | None]) -> dict[str, Any]:
+    """Everything needed to rebuild the model (kept in checkpoints for the final artifact).
+    `facts`: what the model needs to know of the data, as the driver's checks found it
+    (`DatasetInfo.facts`: feature width, largest token id, target and label)."""
     per_token = cfg.train.loss == "token_cross_entropy"
     if cfg.train.loss == "nt_xent":
         outputs = int(cfg.model.kwargs.get("embedding_dim", 32))
     elif per_token:
-        outputs = int(f["max_target"]) + 1
+        outputs = int(facts["max_target"]) + 1
     else:
-        outputs = int(f["max_label"]) + 1
+        outputs = int(facts["max_label"]) + 1
     kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embedding_dim"}
     return {
         "name": cfg.model.name,
-        "input_dim": f["input_dim"],
+        "input_dim": facts["input_dim"],
         "num_outputs": outputs,
-        "vocab_size": None if f["max_token"] is None else int(f["max_token"]) + 1,
+        "vocab_size": None if facts["max_token"] is None else int(facts["max_token"]) + 1,
         "per_token": per_token,
         "activation_checkpointing": cfg.model.activation_checkpointing,
         **kwargs,
@@ -174,30 +163,14 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: {err}") from None
     train_pos, val_pos = split_train_val(len(st), st.labels, cfg.data.val_fraction,
                                          cfg.data.split_seed)
-    spec = model_spec(cfg, st, blocks.facts if streamed is not None else None)
-    try:
-        model = build_model(**spec)
-    except Exception as err:  # a model that cannot take this data, an import that fails, a
-        # user builder's bug: built from the config alone, it would fail the same way again
-        raise ConfigError(f"config error: model.name={cfg.model.name}: "
-                          f"{type(err).__name__}: {err}") from None
-    batchnorm = has_batchnorm(model)
-    if batchnorm and cfg.train.micro_batch_size == "auto" and not cfg.train.auto_micro_batchnorm:
-        raise ConfigError(
-            "config error: train.micro_batch_size=auto would change the ghost-batch size of the "
-            f"BatchNorm layers of model.name={cfg.model.name} on out-of-memory; set a fixed size "
-            "or train.auto_micro_batchnorm=true")
-    if cfg.train.sync_batchnorm and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # micro_batch_size=auto with several workers: no collective inside forward or backward, so
-    # an out-of-memory on one rank never strands the others (pipeline/engine/step.py, agree_oom);
-    # the step broadcasts rank 0's buffers itself.
-    agree_oom = cfg.train.micro_batch_size == "auto" and world > 1
-    model = session.prepare_model(model, {"forward_sync_buffers": False} if agree_oom else None)
-    # The noise scale's small batch with several workers: each rank's own gradient, read by a
-    # DDP communication hook just before the all-reduce (pipeline/engine/noise.py).
-    noise_probe = (attach_local_norm(model) if cfg.train.noise_scale and world > 1 and not agree_oom
-                   and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
+    facts = loop_config["model_facts"]  # the driver's checks found them
+    top = facts["max_label"]
+    if cfg.train.loss == "cross_entropy" and st.labels is not None and len(st.labels) and (
+            top is None or int(st.labels.max()) > top):  # the model's outputs would not cover it
+        raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: changed since the "
+                          f"checks: label {int(st.labels.max())} above their largest ({top})")
+    spec = model_spec(cfg, facts)
+    model, batchnorm, noise_probe = _prepare_model(cfg, spec, session)
     t = cfg.train
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)
@@ -253,7 +226,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     b = cfg.batching
     # this rank's batches: the same feed inspect-batches records (pipeline/data/feed.py)
     feed = RankFeed(cfg, st, train_pos, rank, world,
-                    image_shape=(8, 8) if spec["name"] == "digits_cnn" else None,
+                    image_shape=image_shape(spec["name"]),
                     streamed=streamed)
 
     def step_batches(step: FeedStep, key: tuple[int, ...], pad_stats: dict[str, int]) -> Any:
@@ -318,7 +291,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             return evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision)
         return {}
 
-    fetched_before, waited_before = 0, 0.0
+    data_meter = _DataMeter(streamed, pulled)
     for epoch in range(state.epoch, t.epochs):
         state.epoch = epoch
         if t.max_steps is not None and state.step >= t.max_steps:
@@ -369,16 +342,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             metrics["startup_s"] = first_step[0] - started_at
         if sched.kind == "adaptive" and sched.step_cost is not None:  # c as used (set or fitted)
             metrics["batch_size_step_cost"] = float(sched.step_cost)
-        # What this rank received of the data this epoch: its streamed rows, or (object-store
-        # mode, first epoch) the blocks its node pulled; and its peak resident memory.
-        fetched = streamed.fetched_bytes if streamed is not None else pulled
-        metrics["data_fetched_mib"] = (fetched - fetched_before) / 2**20
-        fetched_before = fetched
-        # The time the steps (and validation) waited for their rows this epoch (streaming).
-        waited = streamed.wait_s if streamed is not None else 0.0
-        metrics["data_wait_s"] = waited - waited_before
-        waited_before = waited
-        metrics["worker_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        metrics.update(data_meter.epoch_metrics())
         if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
             metrics["ghost_batch_size"] = float(state.micro_batch_size * (
                 world if cfg.train.sync_batchnorm and world > 1 else 1))
@@ -401,6 +365,57 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                         f"(the store was unreachable at the end of training)")
             write_json(Path(loop_config["tracking_file"]),
                        {"metrics_unsent": unsent, "points": logger.unsent_points()})
+
+
+def _prepare_model(cfg: Config, spec: dict[str, Any], session: Session
+                   ) -> tuple[torch.nn.Module, bool, Any]:
+    """The model as this rank trains it (SyncBatchNorm, DDP), whether it has BatchNorm, and the
+    noise scale's probe of this rank's own gradient (None where there is none)."""
+    world = session.world
+    try:
+        model = build_model(**spec)
+    except Exception as err:  # a model that cannot take this data, an import that fails, a
+        # user builder's bug: built from the config alone, it would fail the same way again
+        raise ConfigError(f"config error: model.name={cfg.model.name}: "
+                          f"{type(err).__name__}: {err}") from None
+    batchnorm = has_batchnorm(model)
+    if batchnorm and cfg.train.micro_batch_size == "auto" and not cfg.train.auto_micro_batchnorm:
+        raise ConfigError(
+            "config error: train.micro_batch_size=auto would change the ghost-batch size of the "
+            f"BatchNorm layers of model.name={cfg.model.name} on out-of-memory; set a fixed size "
+            "or train.auto_micro_batchnorm=true")
+    if cfg.train.sync_batchnorm and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # micro_batch_size=auto with several workers: no collective inside forward or backward, so
+    # an out-of-memory on one rank never strands the others (pipeline/engine/step.py, agree_oom);
+    # the step broadcasts rank 0's buffers itself.
+    agree_oom = cfg.train.micro_batch_size == "auto" and world > 1
+    model = session.prepare_model(model, {"forward_sync_buffers": False} if agree_oom else None)
+    # The noise scale's small batch with several workers: each rank's own gradient, read by a
+    # DDP communication hook just before the all-reduce (pipeline/engine/noise.py).
+    noise_probe = (attach_local_norm(model) if cfg.train.noise_scale and world > 1 and not agree_oom
+                   and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
+    return model, batchnorm, noise_probe
+
+
+class _DataMeter:
+    """What this rank received of the data and waited for it, epoch by epoch: its streamed rows
+    (streaming mode), or the blocks its node pulled (object-store mode, first epoch); and its
+    peak resident memory."""
+
+    def __init__(self, streamed: StreamedRows | None, pulled: int) -> None:
+        self.streamed, self.pulled = streamed, pulled
+        self.fetched = self.waited = 0.0
+
+    def epoch_metrics(self) -> dict[str, float]:
+        s = self.streamed
+        fetched = s.fetched_bytes if s is not None else self.pulled
+        waited = s.wait_s if s is not None else 0.0  # the steps and validation waiting (streaming)
+        out = {"data_fetched_mib": (fetched - self.fetched) / 2**20,
+               "data_wait_s": waited - self.waited,
+               "worker_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        self.fetched, self.waited = fetched, waited
+        return out
 
 
 def _metric_logger(loop_config: dict[str, Any]) -> MetricLogger:

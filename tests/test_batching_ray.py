@@ -229,7 +229,7 @@ def test_training_and_inspect_draw_the_same_batches_from_the_one_feed(
                  for (e, _, _), g in df.sort_values("row").groupby(["epoch", "batch", "micro"],
                                                                    sort=False)]
 
-    cfg, _ = resolve(load_config(None, sets))
+    cfg, info = resolve(load_config(None, sets))
     drawn = []
     collate = RankFeed.collate
 
@@ -243,6 +243,6 @@ def test_training_and_inspect_draw_the_same_batches_from_the_one_feed(
     run_id = start_run(uri, "feed", run_name=None, params={}, config_yaml=yaml.safe_dump({}))
     session = _OneRank()
     train_func({"config": cfg.to_dict(), "table_refs": [ray.put(pq.read_table(odd_parquet))],
-                "run_id": run_id, "tracking_uri": uri}, session)
+                "model_facts": info.facts, "run_id": run_id, "tracking_uri": uri}, session)
     assert [r["epoch"] for r in session.reports] == [1, 2]
     assert drawn == inspected and len(drawn) > 2 * 4

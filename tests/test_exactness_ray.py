@@ -33,32 +33,42 @@ def test_nonfinite_loss_stops_the_job_failed_without_nonfinite_checkpoint(
     assert json.loads((tmp_path / "fatal.json").read_text())["kind"] == "nonfinite"
 
 
-def test_bad_data_met_on_the_workers_fails_at_once_with_one_line(ray_client, mlflow_server,
-                                                                   tmp_path):
-    """A data error the driver's check did not see (here: the check is skipped, as when the
-    file changes after it) ends the job with the workers' one line, as bad input. The workers
-    return instead of raising -- so Ray Train, which restarts only a raising worker group
-    (scaling.max_failures=3 here), has nothing to retry; a raise would surface as its
-    TrainingFailedError, not as this ConfigError."""
+@pytest.mark.parametrize(("label", "line"), [
+    (-1, r"negative label \(-1\)"),  # the table's own check on the workers
+    (5, r"changed since the checks: label 5 above their largest \(2\)"),  # the model's outputs
+])
+def test_data_changed_after_the_checks_fails_at_once_with_one_line(ray_client, mlflow_server,
+                                                                   tmp_path, label, line):
+    """The file is checked (labels 0-2: a model of 3 outputs), then changed before training: a
+    data error the driver's checks could not see ends the job with the workers' one line, as
+    bad input. The workers return instead of raising -- so Ray Train, which restarts only a
+    raising worker group (scaling.max_failures=3 here), has nothing to retry; a raise would
+    surface as its TrainingFailedError, not as this ConfigError."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline.config import ConfigError, load_config
-    from pipeline.data.datasets import DatasetInfo
+    from pipeline.data.datasets import resolve
     from pipeline.launch import run_training
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 200)
-    labels[7] = -1
-    path = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"x": list(rng.normal(size=(200, 4)).astype("float32")), "y": labels}), path)
-    cfg = load_config(None, [f"data.path={path}", "data.feature_column=x", "data.label_column=y",
-                             "model.name=mlp", "train.epochs=1", "train.global_batch_size=32",
-                             "scaling.max_failures=3", f"tracking.uri={mlflow_server}",
-                             "tracking.experiment=test-worker-input-error"])
-    info = DatasetInfo(uri=str(path), num_rows=200, columns=("x", "y"))
-    with pytest.raises(ConfigError, match=r"data error: .*negative label \(-1\)") as err:
+    path = tmp_path / "data.parquet"
+
+    def write() -> None:
+        pq.write_table(pa.table({"x": list(rng.normal(size=(200, 4)).astype("float32")),
+                                 "y": labels}), path)
+
+    write()
+    cfg, info = resolve(load_config(None, [
+        f"data.path={path}", "data.feature_column=x", "data.label_column=y", "model.name=mlp",
+        "train.epochs=1", "train.global_batch_size=32", "scaling.max_failures=3",
+        f"tracking.uri={mlflow_server}", "tracking.experiment=test-worker-input-error"]))
+    assert info.facts["max_label"] == 2
+    labels[7] = label
+    write()
+    with pytest.raises(ConfigError, match=rf"^data error: .*{line}") as err:
         run_training(cfg, info, tmp_path / "out")
     assert "\n" not in str(err.value)
     run_id = json.loads((tmp_path / "out" / "run.json").read_text())["mlflow_run_id"]

@@ -19,7 +19,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
-from tests.conftest import REPO, free_port, start_mlflow_server, stop_mlflow_server
+from tests.conftest import (
+    REPO,
+    free_port,
+    job_status,
+    start_mlflow_server,
+    stop_mlflow_server,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
@@ -158,6 +164,41 @@ def test_ctrl_c_on_the_driver_ends_the_run_killed_and_resume_finishes_it(
     assert result["mlflow_run_id"] == run_id
     _same_weights(result, reference)
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_ray_job_stop_ends_a_submitted_jobs_run_killed(ray_cluster, mlflow_server, tmp_path):
+    """`ray job stop` on a job of `ray job submit`: the job server sends the entrypoint SIGTERM
+    and, RAY_JOB_STOP_WAIT_TIME_S later (3 s by default), SIGKILL. In that time the driver marks
+    its MLflow run KILLED and says how to go on, in the job's logs; the job ends STOPPED."""
+    import uuid
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the job server's own
+    sub_id = f"test-stop-{uuid.uuid4().hex[:8]}"
+    submitted = subprocess.run(
+        [ray_bin, "job", "submit", "--no-wait", "--address", ray_cluster["dashboard"],
+         "--submission-id", sub_id, "--working-dir", str(REPO), "--", "python", "jobs/train.py",
+         "--config", "jobs/configs/digits.yaml", "--set", "train.epochs=40",  # outlasts the test
+         "--set", "tracking.log_model=false", "--set", f"tracking.uri={mlflow_server}",
+         "--set", "tracking.experiment=test-fault-job-stop", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    deadline = time.monotonic() + 300
+    while find_latest_checkpoint(tmp_path / "ray_results") is None:  # epoch 1 saved
+        assert job_status(ray_cluster, sub_id) in ("PENDING", "RUNNING") and time.monotonic() < deadline
+        time.sleep(0.2)
+    stop = subprocess.run([ray_bin, "job", "stop", "--address", ray_cluster["dashboard"], sub_id],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    assert job_status(ray_cluster, sub_id) == "STOPPED"
+    run_id = json.loads((tmp_path / "run.json").read_text())["mlflow_run_id"]
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "KILLED"
+    assert not (tmp_path / "result.json").exists()
+    from ray.job_submission import JobSubmissionClient
+
+    logs = JobSubmissionClient(ray_cluster["dashboard"]).get_job_logs(sub_id)
+    assert (f"[pipeline] training interrupted; MLflow run {run_id} KILLED; continue it from its "
+            f"last checkpoint with --resume --out {tmp_path}") in logs.splitlines(), logs[-3000:]
 
 
 def test_a_restart_from_a_damaged_checkpoint_falls_back_to_the_same_weights(

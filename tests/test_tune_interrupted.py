@@ -1,5 +1,6 @@
-"""Sweeps and faults. A sweep whose driver is killed (SIGKILL) after its first trial finished
-and while its second was training: `--resume` runs the unfinished trials only. The finished
+"""Sweeps and faults. A sweep whose driver is killed (SIGKILL), or stopped (Ctrl-C, SIGTERM: its
+runs KILLED, exit 1), after its first trial finished and while its second was training:
+`--resume` runs the unfinished trials only. The finished
 trial is not run again (its folder and MLflow run untouched); the interrupted one continues its
 own MLflow run from its last epoch checkpoint, to the weights of a run never interrupted (the
 pipeline is deterministic); the sweep ends with one FINISHED run per trial. And a trial whose
@@ -54,8 +55,17 @@ def _ends_where_a_job_ends(cfg: dict, lr: float, result: dict, tmp_path) -> None
     assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
 
 
-def test_a_killed_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_server, tmp_path):
-    cfg, config, out, sweep = _start_sweep(tmp_path, mlflow_server, "test-sweep-killed", LRS)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
+                         ids=["SIGKILL", "Ctrl-C", "SIGTERM"])
+def test_a_stopped_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_server, tmp_path,
+                                                            sig):
+    """Killed outright (SIGKILL), the sweep marks nothing. Stopped by Ctrl-C (Tune's own graceful
+    stop) or SIGTERM (as `ray job stop` sends), it exits 1 with one line saying how to go on,
+    its parent run and the interrupted trial's run KILLED (never FINISHED: Tune returns from a
+    Ctrl-C as if the sweep were done). After SIGKILL and Ctrl-C `--resume` finishes it (not
+    repeated after SIGTERM, which leaves Tune's state as SIGKILL does)."""
+    experiment = f"test-sweep-{sig.name.lower()}"
+    cfg, config, out, sweep = _start_sweep(tmp_path, mlflow_server, experiment, LRS)
     deadline = time.monotonic() + 400
     while True:  # the first trial done, the second one past its first epoch
         dirs = _trial_dirs(out) if (out / "trials").exists() else []
@@ -64,15 +74,26 @@ def test_a_killed_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_s
             break
         assert sweep.poll() is None and time.monotonic() < deadline, sweep.communicate()[1][-3000:]
         time.sleep(0.2)
-    sweep.send_signal(signal.SIGKILL)
-    sweep.wait(timeout=60)
+    sweep.send_signal(sig)
+    _, err = sweep.communicate(timeout=60)
     first, second = dirs[0], dirs[1]
+    client = MlflowClient(mlflow_server)
+    if sig != signal.SIGKILL:
+        state = json.loads((out / "sweep.json").read_text())
+        assert sweep.returncode == 1, err[-3000:]
+        assert [ln for ln in err.splitlines() if "interrupted" in ln] == [
+            f"[pipeline] sweep {state['name']} interrupted; continue it with --resume --out {out}"]
+        assert not (out / "result.json").exists()
+        assert client.get_run(state["parent_run_id"]).info.status == "KILLED"
+        second_id = json.loads((second / "run.json").read_text())["mlflow_run_id"]
+        assert client.get_run(second_id).info.status == "KILLED"
+    if sig == signal.SIGTERM:
+        return  # what --resume finds is as after SIGKILL: Tune's state, saved every second
     first_result = (first / "result.json").read_text()
     killed_at = load_checkpoint(find_latest_checkpoint(second / "ray_results"))["epoch"]
     assert not (second / "result.json").exists() and killed_at < EPOCHS - 1
     second_state = json.loads((second / "run.json").read_text())
     second_run, second_lr = second_state["mlflow_run_id"], second_state["config"]["train"]["base_lr"]
-    client = MlflowClient(mlflow_server)
     first_run = json.loads(first_result)["mlflow_run_id"]
     first_end = client.get_run(first_run).info.end_time
 
@@ -87,7 +108,7 @@ def test_a_killed_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_s
     assert sorted({m.step for m in loss}) == list(range(1, EPOCHS + 1))
 
     parent = json.loads((out / "result.json").read_text())["parent_run_id"]
-    exp = client.get_experiment_by_name("test-sweep-killed").experiment_id
+    exp = client.get_experiment_by_name(experiment).experiment_id
     nested = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
     assert len(nested) == len(LRS) and {r.info.status for r in nested} == {"FINISHED"}
     assert client.get_run(parent).info.status == "FINISHED"

@@ -121,8 +121,8 @@ class DatasetInfo:
     uri: str  # absolute path or URI the workers read
     num_rows: int
     columns: tuple[str, ...]
-    # What the model needs to know of the data (`pipeline.worker.data_facts`' keys), as the
-    # checks found it.
+    # What the model needs to know of the data, as the checks found it: every process builds
+    # the model from these (`pipeline.worker.model_spec`), none counts them again.
     facts: dict[str, int | None] = dataclasses.field(default_factory=dict, hash=False)
     # Every row's small columns as the checks read them (labels, difficulties, sequence
     # lengths): kept in the process that resolved the config, never pickled (a trial or a
@@ -241,7 +241,7 @@ class DataFacts:
     small: SampleTable  # every row's labels, difficulties and sequence lengths; no features
 
     def model_facts(self) -> dict[str, int | None]:
-        """What the model needs to know of the data (`pipeline.worker.data_facts`' keys)."""
+        """What the model needs to know of the data (`pipeline.worker.model_spec`'s `facts`)."""
         labels = self.small.labels
         return {"input_dim": self.width, "max_token": self.max_token,
                 "max_target": self.max_target,

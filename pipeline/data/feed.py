@@ -27,6 +27,27 @@ from pipeline.data.views import make_views
 from pipeline.engine.batch_schedule import group_units
 
 
+def image_shape(model_name: str) -> tuple[int, int] | None:
+    """The image a row's features form, for contrastive views (`make_views`): digits' 8 x 8."""
+    return (8, 8) if model_name == "digits_cnn" else None
+
+
+def collate(cfg: Config, part: np.ndarray, key: tuple[int, ...], rows: SampleTable | Window,
+            image_shape: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    """The micro-batch `part` (table positions) as arrays, gathered from `rows` and padded (or
+    packed); for a contrastive loss, `batching.num_views` augmented views per sample keyed by
+    (seed, epoch, sample, view), so they do not depend on how the batch is split. Training and
+    `find-batch-size` both collate with it."""
+    b = cfg.batching
+    nb = rows.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
+                     packing=b.packing, pack_tokens=b.pack_tokens)
+    if cfg.train.loss == "nt_xent":
+        nb = make_views(nb, num_views=b.num_views, key=key, sample_keys=part,
+                        image_shape=image_shape)
+        nb["view_to_sample"] = part[nb["view_to_sample"]]  # unique across the global batch
+    return nb
+
+
 @dataclass(frozen=True)
 class FeedStep:
     """One optimizer step as one rank takes it."""
@@ -81,18 +102,9 @@ class RankFeed:
 
     def collate(self, part: np.ndarray, key: tuple[int, ...], rows: SampleTable | Window
                 ) -> dict[str, np.ndarray]:
-        """The micro-batch `part` as arrays, gathered from `rows` (its step's, or its part's
-        from `over`) and padded (or packed); for a contrastive loss, `batching.num_views`
-        augmented views per sample keyed by (seed, epoch, sample, view), so they do not depend
-        on how the batch is split."""
-        b = self.cfg.batching
-        nb = rows.gather(part, max_length=b.max_length, pad_multiple_of=b.pad_multiple_of,
-                         packing=b.packing, pack_tokens=b.pack_tokens)
-        if self.cfg.train.loss == "nt_xent":
-            nb = make_views(nb, num_views=b.num_views, key=key, sample_keys=part,
-                            image_shape=self.image_shape)
-            nb["view_to_sample"] = part[nb["view_to_sample"]]  # unique across the global batch
-        return nb
+        """The micro-batch `part` as arrays (`collate`), gathered from `rows`: its step's, or
+        its part's from `over`."""
+        return collate(self.cfg, part, key, rows, self.image_shape)
 
     def slots(self, part: np.ndarray) -> int:
         """The token slots (real + padding) `collate` makes for `part`; 0 without sequences."""

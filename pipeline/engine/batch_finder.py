@@ -99,11 +99,13 @@ def _release_cuda() -> None:
 
 def find_max_micro_batch(try_step: Callable[[int], Measured | tuple], *, start: int = 1,
                          limit: int | None = None,
-                         agree: Callable[[int], int] = min_over_ranks) -> Search:
+                         agree: Callable[[int], int] = min_over_ranks,
+                         on_trial: Callable[[Trial], None] | None = None) -> Search:
     """Double from `start` to the first size that does not fit (or `limit`), then bisect to
     the exact boundary. `try_step(size)` runs one training step of `size` samples and returns
     `Measured` (or `(fits, peak_memory_bytes, samples_per_s)`); out-of-memory raised from it
-    counts as not fitting. Every rank must pass the same `start` and `limit`.
+    counts as not fitting. Every rank must pass the same `start` and `limit`. `on_trial` is
+    called with each size's `Trial` as soon as it is decided (progress).
 
     >>> fits_below_100 = lambda n: (n <= 100, None, None)
     >>> s = find_max_micro_batch(fits_below_100)
@@ -131,6 +133,8 @@ def find_max_micro_batch(try_step: Callable[[int], Measured | tuple], *, start: 
         everyone = bool(agree(int(m.fits)))
         note = m.note if not m.fits else None if everyone else "another rank did not fit"
         search.trials.append(Trial(size, everyone, m.peak_memory_bytes, m.samples_per_s, note))
+        if on_trial is not None:
+            on_trial(search.trials[-1])
         return everyone
 
     lo, hi, size = 0, None, start  # lo fits (0 trivially); hi does not (None: not found yet)

@@ -366,16 +366,18 @@ def train_step(
              else None)
     return StepResult(loss=loss_g / global_count, correct=correct_g, count=global_count,
                       grad_norm=norm, skipped=skipped, nonfinite=nonfinite, noise=noise,
-                      local_samples=sum(samples_in(mb) for mb in micro_batches))
+                      local_samples=samples_in(*micro_batches))
 
 
-def samples_in(batch: dict[str, torch.Tensor]) -> int:
-    """Samples drawn into a collated micro-batch: contrastive rows are views (the first views,
-    `view_index` 0, one per sample drawn, a sample drawn twice counted twice), a packed row
-    holds several samples (one `sample_id` each)."""
-    if "view_index" in batch:
-        return int((batch["view_index"] == 0).sum())
-    return int((batch["sample_id"] if "sample_id" in batch else next(iter(batch.values()))).shape[0])
+def samples_in(*batches: dict[str, torch.Tensor]) -> int:
+    """Samples drawn into collated micro-batches: contrastive rows are views (the first views,
+    `view_index` 0, one per sample drawn, a sample drawn twice counted twice; counted on the
+    device, read once for all the batches), a packed row holds several samples (one
+    `sample_id` each)."""
+    first_views = [(b["view_index"] == 0).sum() for b in batches if "view_index" in b]
+    rows = sum(int((b["sample_id"] if "sample_id" in b else next(iter(b.values()))).shape[0])
+               for b in batches if "view_index" not in b)
+    return rows + (int(torch.stack(first_views).sum()) if first_views else 0)
 
 
 @torch.no_grad()

@@ -43,11 +43,15 @@ writes the answer (pipeline/tune/results.py, report.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +119,45 @@ def search_algorithm(cfg: Config) -> Any:
 
 
 class SweepInterrupted(KeyboardInterrupt):
-    """Tune stopped before every trial ended (Ctrl-C): the state is saved, --resume goes on."""
+    """The sweep was stopped before every trial ended (Ctrl-C, or SIGTERM as `ray job stop`
+    sends): its runs are KILLED, --resume goes on."""
+
+
+@contextlib.contextmanager
+def _tune_stops_on_ctrl_c() -> Iterator[threading.Event]:
+    """Around Tune's `fit`: Ctrl-C stops Tune its own graceful way (it saves the experiment's
+    state one last time, for --resume) and the event says it happened. Tune's `fit` returns as
+    if the sweep were done (the trial it stopped reads TERMINATED), so without the event an
+    interrupted sweep would be reported and its parent run marked FINISHED. Tune registers its
+    stop handler for SIGUSR1 as well as SIGINT; ours, in SIGINT's place, sets the event and
+    raises SIGUSR1. Before Tune has installed its handler (`fit` sets up the experiment first)
+    and at a second Ctrl-C, ours interrupts at once (KeyboardInterrupt). Only the main thread
+    may set handlers: elsewhere nothing changes."""
+    stopped = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if stopped.is_set() or signal.getsignal(signal.SIGUSR1) is handlers[signal.SIGUSR1]:
+            raise KeyboardInterrupt  # again, or before this fit's Tune listens to SIGUSR1
+        stopped.set()
+        signal.raise_signal(signal.SIGUSR1)  # Tune's own stop
+
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by `fit` (ray/tune/tune.py)
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield stopped
+    finally:
+        for s, handler in handlers.items():  # None: a handler not set from Python
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
 
 
 # -- Tune pieces (Ray is imported here, after the input has been validated) ---------------------
@@ -198,7 +240,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
               address: str | None = None, checked: list[Config] | None = None) -> pd.DataFrame:
     """Run (or with `resume`, continue) the sweep `cfg.tune` describes over `cfg`; return one row
     per trial and write trials.csv, result.json and the plots to `out_dir` and to MLflow.
-    `checked`: what `check_trials(cfg)` returned, when the caller has run it already."""
+    `checked`: what `check_trials(cfg)` returned, when the caller has run it already. A sweep
+    stopped (Ctrl-C, SIGTERM) raises `SweepInterrupted` with its runs KILLED; from the main
+    thread, SIGINT is Tune's graceful stop while its `fit` runs (`_tune_stops_on_ctrl_c`)."""
     out_dir = out_dir.resolve()
     # bad input raises ConfigError here, before Ray is imported
     trials = checked if checked is not None else check_trials(cfg)
@@ -243,6 +287,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                            tags={**ray_job_tags(), "pipeline.kind": "sweep", "tune.sweep": name,
                                  "tune.scheduler": cfg.tune.scheduler,
                                  "tune.search": cfg.tune.search})
+    interrupted = f"sweep {name} interrupted; continue it with --resume --out {out_dir}"
     try:  # from here on, however the sweep ends, its parent run ends with it
         if not resumed:
             log_text(uri, parent, json.dumps(cfg.tune.search_space, indent=2),
@@ -290,15 +335,19 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                     callbacks=[trial_console(cfg, live=console.progress_bar_wanted()
                                              and not console.is_verbose())],
                     verbose=console.tune_verbosity(console.is_verbose())))
-        grid = tuner.fit()
-        if grid.num_terminated + grid.num_errors < len(grid):
-            raise SweepInterrupted(f"sweep {name} interrupted; continue it with --resume "
-                                   f"--out {out_dir}")
+        with _tune_stops_on_ctrl_c() as ctrl_c:
+            grid = tuner.fit()
+        if ctrl_c.is_set() or grid.num_terminated + grid.num_errors < len(grid):
+            raise SweepInterrupted(interrupted)
         df = write_report(*settle_trials(grid, cfg, uri, parent), cfg, uri, parent, out_dir,
                           name, grid.experiment_path)
     except BaseException as err:
+        # Stopped: Ctrl-C, or SIGTERM (`ray job stop`), which Ray's handler turns into SystemExit
+        stopped = isinstance(err, KeyboardInterrupt | SystemExit)
         close_open_runs(uri, cfg.tracking.experiment, parent)
-        end_run(uri, parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        end_run(uri, parent, "KILLED" if stopped else "FAILED")
+        if stopped and not isinstance(err, SweepInterrupted):
+            raise SweepInterrupted(interrupted) from None
         raise
     end_run(uri, parent, "FINISHED")
     return df

@@ -23,7 +23,7 @@ from pipeline.engine.batch_finder import (
     suggest_batching,
     trial_step_cost,
 )
-from pipeline.find_batch_size import parse_size
+from pipeline.find_batch_size import parse_size, table_lines
 from tests.conftest import REPO
 from tests.engine.ranks import run_ranks
 
@@ -120,6 +120,19 @@ def test_a_start_above_the_boundary_bisects_down_and_nothing_fitting_gives_0():
     assert _sizes(s) == [150, 75, 112, 93, 102, 97, 99, 100, 101]
     nothing = find_max_micro_batch(lambda n: Measured(False, note="over budget"))
     assert (nothing.max_micro_batch_size, _sizes(nothing)) == (0, [1])
+
+
+def test_each_trial_is_reported_as_soon_as_it_is_decided():
+    """`on_trial` (the CLI's table, row by row) hears of each size before the next is tried."""
+    events = []
+
+    def try_step(n):
+        events.append(("try", n))
+        return Measured(n <= 10)
+
+    s = find_max_micro_batch(try_step, on_trial=lambda t: events.append(("told", t)))
+    assert events == [e for t in s.trials for e in (("try", t.micro_batch_size), ("told", t))]
+    assert _sizes(s) == [1, 2, 4, 8, 16, 12, 10, 11]
 
 
 def test_out_of_memory_raised_by_try_step_counts_as_not_fitting_and_other_errors_propagate():
@@ -253,6 +266,7 @@ def test_find_batch_size_on_digits_writes_the_interface_and_finds_the_boundary(d
     r = json.loads((tmp_path / "find_batch_size.json").read_text())
     assert {"max_micro_batch_size", "device", "suggestion", "trials"} <= set(r)
     assert r["device"].startswith("cpu") and r["max_memory_bytes"] == 64 * 2**20
+    assert r["device"].endswith(", 1 thread)")  # as a worker of scaling.cpus_per_worker=1 runs
     for t in r["trials"]:
         assert {"micro_batch_size", "fits", "peak_memory_bytes", "samples_per_s"} <= set(t)
         assert t["fits"] == (t["peak_memory_bytes"] <= 64 * 2**20)
@@ -264,7 +278,11 @@ def test_find_batch_size_on_digits_writes_the_interface_and_finds_the_boundary(d
     assert (s["micro_batch_size"], s["accumulation_steps"], s["num_workers"]) == (64, 1, 1)
     assert (tmp_path / "find_batch_size.png").stat().st_size > 0
     assert f"largest micro-batch that fits: {n}" in out
-    assert "  size  fits    peak MiB   samples/s" in out
+    lines = out.splitlines()  # the table, row by row as the sizes were tried, printed once
+    table = table_lines(r)
+    assert table[0] == "  size  fits    peak MiB   samples/s  note" and len(table) == len(r["trials"]) + 1
+    start = lines.index(table[0])
+    assert lines[start:start + len(table)] == table and lines.count(table[0]) == 1
     # the adaptive schedule's throughput model: the line through the timed trials' step times
     timed = [(t["micro_batch_size"], t["micro_batch_size"] / t["samples_per_s"])
              for t in r["trials"] if t["fits"]]
@@ -273,6 +291,38 @@ def test_find_batch_size_on_digits_writes_the_interface_and_finds_the_boundary(d
     assert c == trial_step_cost([SimpleNamespace(**t) for t in r["trials"]])
     b, a = np.polyfit(*zip(*sorted(timed), strict=True), 1)  # one trial per size here
     assert c == pytest.approx(max(a, 0) / b, rel=1e-3, abs=1e-3)
+
+
+def test_ctrl_c_on_find_batch_size_exits_1_with_one_line_and_writes_nothing(data_dir, tmp_path):
+    """Ctrl-C during the search (the sequences' sizes take seconds to minutes each): exit 1, the
+    interface's code for anything but success and bad input, with one line; no result file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    errors = tmp_path / "stderr.txt"
+    with errors.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "find-batch-size", "--config", DIGITS, "--set",
+             "data.name=sequences", "--set", "scaling.num_workers=1", "--out", str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(300, proc.kill)  # a child that stalls fails the test, not hangs it
+    watchdog.start()
+    try:
+        for line in proc.stdout:  # the first size tried
+            if line.split()[:2] == ["1", "yes"]:
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=300)
+    finally:
+        watchdog.cancel()
+    err = errors.read_text()
+    assert proc.returncode == 1, err[-3000:]
+    assert err.splitlines() == ["[pipeline] find-batch-size interrupted"]
+    assert not (tmp_path / "find_batch_size.json").exists()
 
 
 def test_find_batch_size_on_sequences_steps_the_longest_sequences(data_dir, tmp_path, capsys):
@@ -297,7 +347,6 @@ def test_the_finder_reads_the_largest_rows_as_the_whole_table_gives_them(data_di
     from pipeline.data.batches import SampleTable, split_train_val
     from pipeline.data.datasets import resolve, small_columns
     from pipeline.find_batch_size import LargestRows, largest_first
-    from pipeline.worker import data_facts
 
     cfg, info = resolve(load_config(DIGITS, [f"data.name={name}", "scaling.num_workers=1"]))
     d = cfg.data
@@ -312,19 +361,56 @@ def test_the_finder_reads_the_largest_rows_as_the_whole_table_gives_them(data_di
     again, facts_again = small_columns(cfg, shipped)
     for a, b in ((small.labels, again.labels), (small.lengths, again.lengths)):
         assert (a is None and b is None) or np.array_equal(a, b)
-    assert facts == facts_again == data_facts(whole)  # the model's facts from the same pass
+    import pyarrow.compute as pc
+
+    def top(a):
+        return None if a is None else pc.max(pc.list_flatten(a)).as_py()
+
+    assert facts == facts_again == {  # the model's facts from the same pass, as the table has them
+        "input_dim": None if whole.features is None else whole.features.shape[1],
+        "max_token": top(whole.tokens), "max_target": top(whole.targets),
+        "max_label": None if whole.labels is None else int(whole.labels.max())}
     assert (small.lengths is None) == (name == "digits")
     assert small.lengths is None or np.array_equal(small.lengths, whole.lengths)
     train, _ = split_train_val(len(small), small.labels, d.val_fraction, d.split_seed)
     order = largest_first(small.lengths, train)
     rows = LargestRows(pads.dataset(info.uri), cfg, order)
     for size, reads in [(1, 1), (2, 2), (4, 3), (8, 4), (6, 4), (5, 4), (7, 4), (16, 5)]:
-        got = rows.first(size).gather(np.arange(size), max_length=None)
+        got = rows.window(size).gather(order[:size], max_length=None)  # as training gathers
         want = whole.gather(order[:size], max_length=None)
         assert got.keys() == want.keys() and rows.reads == reads
         for key in want:
             assert np.array_equal(got[key], want[key]), (size, key)
     assert rows.table.num_rows == 16  # the largest size tried, not the dataset
+
+
+def test_the_finder_steps_the_batch_the_worker_would_collate_views_included(data_dir):
+    """Under a contrastive loss the finder's batch of the first rows of its order is the
+    worker's collate of the same positions (same views, keyed by (seed, 0, 0), digits as 8 x 8
+    images). The order is shuffled here (digits' rows are all one size, so the longest-first
+    order is the split's own, sorted): the finder's rows are gathered by dataset position."""
+    import pyarrow.dataset as pads
+
+    from pipeline.config import load_config
+    from pipeline.data.batches import SampleTable, split_train_val
+    from pipeline.data.datasets import resolve
+    from pipeline.data.feed import RankFeed
+    from pipeline.find_batch_size import LargestRows, _batch_maker
+
+    cfg, info = resolve(load_config(DIGITS, ["train.loss=nt_xent", "batching.num_views=3",
+                                             "scaling.num_workers=1"]))
+    d = cfg.data
+    whole = SampleTable.from_table(pads.dataset(info.uri).to_table(),
+                                   feature_column=d.feature_column, label_column=d.label_column)
+    train, _ = split_train_val(len(whole), whole.labels, d.val_fraction, d.split_seed)
+    order = np.random.default_rng(0).permutation(train)
+    assert not np.array_equal(order[:12], np.sort(order[:12]))
+    batch_of = _batch_maker(cfg, LargestRows(pads.dataset(info.uri), cfg, order), CPU, "digits_cnn")
+    feed = RankFeed(cfg, whole, train, rank=0, world=1, image_shape=(8, 8))
+    got, want = batch_of(12), feed.collate(order[:12], (cfg.batching.seed, 0, 0), whole)
+    assert set(got) == set(want) and len(want["features"]) == 36  # 12 samples x 3 views
+    for key in want:
+        assert np.array_equal(got[key].numpy(), want[key]), key
 
 
 ADAPTIVE = ["--set", "train.batch_size_schedule=adaptive", "--set", "train.batch_size_min=32",

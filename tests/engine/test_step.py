@@ -332,3 +332,5 @@ def test_samples_in_counts_samples_not_rows():
     assert samples_in(views) == 3
     packed = {"sample_id": torch.tensor([3, 1, 2, 8, 5]), "input_ids": torch.zeros(2, 16)}
     assert samples_in(packed) == 5
+    assert samples_in(views, views, packed) == 3 + 3 + 5  # a step's micro-batches together
+    assert samples_in() == 0
