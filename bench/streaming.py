@@ -207,11 +207,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "streaming.json"))
     args = ap.parse_args()
 
-    auth = os.environ.get("RAY_AUTH_MODE")
-    from tests.conftest import free_port, start_mlflow_server, stop_mlflow_server
-
-    if auth is None:  # the tests' module turns Ray's token auth on for their `ray start`
-        os.environ.pop("RAY_AUTH_MODE", None)
+    from tests.servers import free_port, start_mlflow_server, stop_mlflow_server
 
     root = Path(tempfile.mkdtemp(prefix="bench-streaming-"))
     port = free_port()  # several nodes need a tracking server, not a local store

@@ -1,14 +1,16 @@
 """Real parts, one of each per pytest session: a Ray cluster started with `ray start --head`
-on this machine (token auth on, as `ray start` defaults to), and an `mlflow server` on
+on this machine (token auth on, with a token of the session's own), and an `mlflow server` on
 127.0.0.1 with a sqlite backend. Tests that need them ask for the fixtures; pure engine and
 data tests start nothing."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,33 @@ import pytest
 from tests.servers import free_port, start_mlflow_server, stop_mlflow_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-# `ray start` turns token authentication on; clients must say so too. Set before any test
-# module imports ray (Ray reads the mode once per process).
-os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def session_token() -> Path | None:
+    """Token authentication on, for the session's cluster and every client: RAY_AUTH_MODE=token,
+    and a token of this session's own (RAY_AUTH_TOKEN_PATH) unless the environment names one.
+    `ray start` enables token auth only when a token already exists (~/.ray/auth_token, which
+    a local `ray.init()` or `ray get-auth-token --generate` writes); with RAY_AUTH_MODE=token and
+    no token it refuses to start -- so on a fresh machine the suite brings its own, and never
+    writes into ~/.ray. Set before any test module imports ray (Ray reads both once per process).
+    Returns the token's directory (removed at the end of the session) or None."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    d = Path(tempfile.mkdtemp(prefix="pytest-ray-token-"))
+    token = d / "auth_token"
+    token.write_text(secrets.token_hex(32))  # 256 bits, as `ray get-auth-token --generate`
+    token.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    return d
+
+
+_TOKEN_DIR = session_token()
+
+
+def pytest_unconfigure(config):
+    if _TOKEN_DIR is not None:
+        shutil.rmtree(_TOKEN_DIR, ignore_errors=True)
 
 
 # Each session fixture and the marker a test that uses it must carry, so that

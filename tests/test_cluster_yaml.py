@@ -48,11 +48,15 @@ def _commands(cluster) -> list[str]:
     return [c for k in keys for c in cluster.get(k) or []]
 
 
-def test_token_authentication_is_left_on(cluster):
-    """`ray start` turns token auth on by default; RAY_AUTH_MODE is how it is turned off
-    (ray/_private/authentication): no command, environment or docker option may set it."""
+def test_token_authentication_is_on_on_every_node(cluster):
+    """`ray start` turns token auth on where it finds a token (~/.ray/auth_token) and starts
+    without it, with a warning, where it finds none (ray/_private/authentication,
+    `maybe_enable_token_auth_if_token_available`): every node gets the token of the machine
+    that runs `ray up`, and nothing may turn the mode off (RAY_AUTH_MODE is how it is set)."""
     text = yaml.safe_dump(cluster)
     assert "RAY_AUTH_MODE" not in text and "auth-mode" not in text
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "ray get-auth-token --generate" in (REPO / "cluster.yaml").read_text()
     starts = [c for c in _commands(cluster) if "ray start" in c]
     assert len(starts) == 2 and all("0.0.0.0" not in c for c in starts)
 
