@@ -41,7 +41,7 @@ def odd_setup(strategy: str, world: int, **extra):
 
 
 STRATEGIES = ["random", "sequential", "stratified", "length_bucket", "curriculum", "hard_mining",
-              "balanced"]
+              "balanced", "contrastive"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
