@@ -84,6 +84,44 @@ def model_spec(cfg: Config, facts: dict[str, int | None]) -> dict[str, Any]:
     }
 
 
+def data_outside_model(cfg: Config, spec: dict[str, Any], st: Any) -> str | None:
+    """What of the rows a rank received the model, sized from the driver's checks, cannot take
+    (the data changed since the checks), or None. Checked where the rank holds the column:
+    labels always; feature width, token ids and targets when the table came whole (the object
+    store mode; streamed ranks hold only the small columns).
+
+    >>> from types import SimpleNamespace as NS
+    >>> cfg = NS(train=NS(loss="cross_entropy"))
+    >>> st = NS(labels=np.array([0, 4]), features=None, tokens=None, targets=None)
+    >>> data_outside_model(cfg, {"num_outputs": 3}, st)
+    'label 4, the model has 3 outputs'
+    >>> data_outside_model(cfg, {"num_outputs": 10}, st) is None  # model.kwargs.num_outputs
+    True
+    """
+    import pyarrow.compute as pc
+
+    def top(a: Any) -> int | None:
+        if a is None or not len(a):
+            return None
+        m = pc.max(pc.list_flatten(a)).as_py() if isinstance(a, (pa.Array, pa.ChunkedArray)) \
+            else a.max()
+        return None if m is None else int(m)
+
+    loss = cfg.train.loss
+    if loss == "cross_entropy" and (m := top(st.labels)) is not None and m >= spec["num_outputs"]:
+        return f"label {m}, the model has {spec['num_outputs']} outputs"
+    if loss == "token_cross_entropy" and (m := top(st.targets)) is not None \
+            and m >= spec["num_outputs"]:
+        return f"target token {m}, the model has {spec['num_outputs']} outputs"
+    if spec.get("vocab_size") is not None and (m := top(st.tokens)) is not None \
+            and m >= spec["vocab_size"]:
+        return f"token id {m}, the model's vocabulary has {spec['vocab_size']}"
+    if spec.get("input_dim") is not None and st.features is not None \
+            and st.features.shape[1] != spec["input_dim"]:
+        return f"{st.features.shape[1]} features, the model takes {spec['input_dim']}"
+    return None
+
+
 FATAL = "fatal_error"  # metric of a deterministic failure, reported instead of raised; rank 0
 # writes the message to `loop_config["fatal_file"]` (under --out) for the driver
 
@@ -163,13 +201,10 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: {err}") from None
     train_pos, val_pos = split_train_val(len(st), st.labels, cfg.data.val_fraction,
                                          cfg.data.split_seed)
-    facts = loop_config["model_facts"]  # the driver's checks found them
-    top = facts["max_label"]
-    if cfg.train.loss == "cross_entropy" and st.labels is not None and len(st.labels) and (
-            top is None or int(st.labels.max()) > top):  # the model's outputs would not cover it
+    spec = model_spec(cfg, loop_config["model_facts"])  # sized from what the checks found
+    if (outside := data_outside_model(cfg, spec, st)) is not None:
         raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: changed since the "
-                          f"checks: label {int(st.labels.max())} above their largest ({top})")
-    spec = model_spec(cfg, facts)
+                          f"checks: {outside}")
     model, batchnorm, noise_probe = _prepare_model(cfg, spec, session)
     t = cfg.train
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
