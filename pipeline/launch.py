@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -288,6 +289,11 @@ def fit_torch_trainer(cfg: Config, loop_config: dict[str, Any], name: str, stora
             logging_config=ray.train.LoggingConfig(
                 log_level=console.train_log_level(loop_config["verbose"]))),
     )
+    # Ray Train installs its own SIGINT handler in `fit` (the first Ctrl-C aborts the run, the
+    # third exits) and leaves it installed: put ours back, so that a Ctrl-C after training
+    # (logging the model, say) is a KeyboardInterrupt that ends the run KILLED.
+    main = threading.current_thread() is threading.main_thread()
+    held = signal.getsignal(signal.SIGINT) if main else None
     try:
         result = trainer.fit()
         if result.error:
@@ -295,6 +301,9 @@ def fit_torch_trainer(cfg: Config, loop_config: dict[str, Any], name: str, stora
     except ray.train.TrainingFailedError as err:
         _raise_if_data_lost(err, loop_config.get("table_refs"), cfg)
         raise
+    finally:
+        if held is not None:
+            signal.signal(signal.SIGINT, held)
     return dict(result.metrics or {}), Path(result.checkpoint.path) if result.checkpoint else None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import uuid
 
 import pytest
@@ -142,7 +143,12 @@ def run_in_process(mlflow_uri: str, out, *overrides: str) -> dict:
     from pipeline.launch import run_training
 
     cfg, info = resolve(load_config(DIGITS, [f"tracking.uri={mlflow_uri}", *overrides]))
-    return run_training(cfg, info, out)
+    before = signal.getsignal(signal.SIGINT)
+    result = run_training(cfg, info, out)
+    # Ray Train's own SIGINT handler (installed in `fit`, left there) is gone: a Ctrl-C after
+    # training is a KeyboardInterrupt again
+    assert signal.getsignal(signal.SIGINT) is before
+    return result
 
 
 def test_failed_run_is_marked_failed(ray_client, mlflow_server, tmp_path):
