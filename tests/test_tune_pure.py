@@ -384,3 +384,31 @@ def test_a_trial_keeps_its_two_newest_checkpoints_each_written_whole(tmp_path):
         assert (kept / "state.pt").read_text() == f"epoch {epoch}"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "checkpoint_epoch_00002", "checkpoint_epoch_00003"]  # no temporary folder left
+
+
+def test_ctrl_c_during_tunes_fit_is_its_graceful_stop_then_an_interrupt(monkeypatch):
+    """`_tune_stops_on_ctrl_c` with Tune played by a SIGUSR1 handler (what `fit` installs):
+    a Ctrl-C before Tune listens interrupts at once; once it listens, the first Ctrl-C is
+    Tune's stop (SIGUSR1) and sets the event, the second interrupts; every handler and the
+    environment are put back."""
+    import os
+    import signal
+
+    from pipeline.tune.sweep import _tune_stops_on_ctrl_c
+
+    monkeypatch.delenv("TUNE_DISABLE_SIGINT_HANDLER", raising=False)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGUSR1)}
+    tune_stops = []
+    with _tune_stops_on_ctrl_c() as stopped:
+        assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1"  # Tune leaves SIGINT to us
+        with pytest.raises(KeyboardInterrupt):  # Tune not listening yet
+            signal.raise_signal(signal.SIGINT)
+        assert not stopped.is_set()
+        signal.signal(signal.SIGUSR1, lambda *_: tune_stops.append(1))  # Tune's fit starts
+        signal.raise_signal(signal.SIGINT)
+        assert stopped.is_set() and tune_stops == [1]  # Tune stops its own way, no exception
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C
+            signal.raise_signal(signal.SIGINT)
+        assert tune_stops == [1]
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ

@@ -344,8 +344,12 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     except BaseException as err:
         # Stopped: Ctrl-C, or SIGTERM (`ray job stop`), which Ray's handler turns into SystemExit
         stopped = isinstance(err, KeyboardInterrupt | SystemExit)
-        close_open_runs(uri, cfg.tracking.experiment, parent)
-        end_run(uri, parent, "KILLED" if stopped else "FAILED")
+        try:
+            close_open_runs(uri, cfg.tracking.experiment, parent)
+        except KeyboardInterrupt:  # another Ctrl-C while the trials' runs close
+            stopped = True
+        finally:  # the parent run ends whatever happened while the trials' runs closed
+            end_run(uri, parent, "KILLED" if stopped else "FAILED")
         if stopped and not isinstance(err, SweepInterrupted):
             raise SweepInterrupted(interrupted) from None
         raise
