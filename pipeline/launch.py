@@ -159,9 +159,16 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                          "of the data")
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage = out_dir / "ray_results"
     uri = cfg.tracking_uri()
     state_file = out_dir / "run.json"
+    started = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
+    # Each run keeps its checkpoints in a folder of its own under ray_results/, named in
+    # run.json: an --out used again for a fresh run must not hand the older run's checkpoints
+    # (more steps, so "latest") to a --resume or a restart of the newer one. A run.json
+    # without the name (written before it was kept) resumes from the whole of ray_results/.
+    checkpoints = (started.get("checkpoints") or "" if resume
+                   else f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+    storage = out_dir / "ray_results" / checkpoints
     resume_from = None
     if resume:
         def skipped(folder: Path, why: str) -> None:
@@ -170,8 +177,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         resume_from = find_latest_checkpoint(storage, on_skip=skipped)
         if resume_from is None:
             raise ConfigError(f"argument error: --resume: no checkpoint under {storage}")
-        if state_file.exists():
-            started = json.loads(state_file.read_text())
+        if started:
             run_id = started.get("mlflow_run_id")
             changed = changed_keys(started.get("config") or cfg.to_dict(), cfg.to_dict(),
                                    may_change=RESUME_MAY_CHANGE)
@@ -205,7 +211,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     else:
         reopen_run(uri, run_id)
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
-        _write_state(state_file, run_id, uri, cfg)
+        _write_state(state_file, run_id, uri, cfg, checkpoints)
         if show_progress and run_id:
             _log(f"MLflow run {run_id} in {uri}")
         fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
@@ -229,7 +235,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
         raise_fatal(fatal_file, metrics)
         if pending is not None:
-            run_id = _deferred_run_id(pending, uri, state_file, cfg)
+            run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
         if run_id is None:
             _log(f"MLflow at {uri} was unreachable for the whole job: no run was recorded; the "
                  f"metric points are in {tracking_file}")
@@ -265,7 +271,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             f"it from its last checkpoint with --resume --out {out_dir}") from None
     except BaseException:
         if pending is not None and run_id is None:
-            run_id = _deferred_run_id(pending, uri, state_file, cfg)
+            run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
         if run_id is not None:
             end_run(uri, run_id, "FAILED")
         raise
@@ -329,7 +335,8 @@ def _raise_if_data_lost(err: Exception, blocks: Any, cfg: Config) -> None:
             "it reads the data again and continues from the last checkpoint") from None
 
 
-def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config) -> str | None:
+def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config,
+                     checkpoints: str) -> str | None:
     """The id of the run a job created when the server came back (None: it never did); kept
     in run.json, so that a --resume continues that run."""
     try:
@@ -337,14 +344,16 @@ def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config) -> s
     except Exception:  # the actor is gone with a failing job
         return None
     if run_id is not None:
-        _write_state(state_file, run_id, uri, cfg)
+        _write_state(state_file, run_id, uri, cfg, checkpoints)
     return run_id
 
 
-def _write_state(state_file: Path, run_id: str | None, uri: str, cfg: Config) -> None:
-    """run.json: the job's MLflow run (None until a deferred run exists) and its config, which
-    a --resume continues and compares against."""
-    write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict()})
+def _write_state(state_file: Path, run_id: str | None, uri: str, cfg: Config,
+                 checkpoints: str) -> None:
+    """run.json: the job's MLflow run (None until a deferred run exists), its config, which a
+    --resume continues and compares against, and its checkpoints' folder under ray_results/."""
+    write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict(),
+                            "checkpoints": checkpoints})
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -61,3 +61,28 @@ def test_more_epochs_and_another_cluster_shape_may_resume(started, capsys, monke
             "train.epochs=20", "--set", "scaling.num_workers=1", "--set", "train.eval_every=5"]
     with pytest.raises(Reached):  # past the checks, on its way to the cluster
         cli.run(argv)
+
+
+def test_resume_takes_its_own_runs_checkpoints_when_the_out_folder_held_another(
+        tmp_path, capsys, monkeypatch):
+    """An --out used by a finished run (its checkpoints at a higher step) and then by a fresh
+    one: --resume continues the fresh one from its own latest checkpoint, the folder run.json
+    names, never from the older run's."""
+    class Reached(Exception):
+        pass
+
+    def cluster(*_a, **_k):
+        raise Reached
+
+    cfg, _ = resolve(load_config(DIGITS, []))
+    older = tmp_path / "ray_results" / "run-older" / "train-a" / "checkpoint_7"
+    save_checkpoint(older, {"step": 176, "epoch": 7})
+    own = tmp_path / "ray_results" / "run-newer" / "train-b" / "checkpoint_1"
+    save_checkpoint(own, {"step": 44, "epoch": 1})
+    (tmp_path / "run.json").write_text(json.dumps({
+        "mlflow_run_id": "r", "tracking_uri": "u", "config": cfg.to_dict(),
+        "checkpoints": "run-newer"}))
+    monkeypatch.setattr("pipeline.launch.connect", cluster)
+    with pytest.raises(Reached):
+        cli.run(["train", "--config", DIGITS, "--out", str(tmp_path), "--resume"])
+    assert f"resuming from {own} (epoch 2 done)" in capsys.readouterr().err
