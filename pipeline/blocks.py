@@ -110,10 +110,25 @@ class Blocks:
             return list(self.servers)
 
 
-def training_nodes() -> list[dict[str, Any]]:
-    """The alive nodes a rank can run on (CPUs or GPUs to offer)."""
-    return [n for n in ray.nodes() if n.get("Alive")
-            and (n["Resources"].get("CPU", 0) > 0 or n["Resources"].get("GPU", 0) > 0)]
+def can_host_a_rank(resources: dict[str, float], cpus_per_worker: float, use_gpu: bool) -> bool:
+    """Whether a node with these resources can run a rank (`scaling.cpus_per_worker` CPUs, and a
+    GPU under `scaling.use_gpu`): a CPU-only head trains nothing in a GPU job, so it holds no
+    streamed blocks and does not count towards the nodes that decide `auto`.
+
+    >>> head, gpu_node = {"CPU": 4.0}, {"CPU": 8.0, "GPU": 1.0}
+    >>> can_host_a_rank(head, 1, True), can_host_a_rank(gpu_node, 1, True)
+    (False, True)
+    >>> can_host_a_rank(head, 1, False), can_host_a_rank({"CPU": 0.0}, 0.5, False)
+    (True, False)
+    """
+    cpus = resources.get("CPU", 0)
+    return cpus > 0 and cpus >= cpus_per_worker and (resources.get("GPU", 0) >= 1 or not use_gpu)
+
+
+def training_nodes(cfg: Config) -> list[dict[str, Any]]:
+    """The alive nodes a rank of `cfg` can run on (`can_host_a_rank`)."""
+    return [n for n in ray.nodes() if n.get("Alive") and can_host_a_rank(
+        n["Resources"], cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)]
 
 
 WIDTH = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
@@ -182,7 +197,7 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     configured = cfg.data.mode if cfg is not None else "object_store"
     size, nodes = 0, []
     if configured != "object_store":  # the footers and the nodes decide auto, and size streaming
-        size, nodes = parquet_bytes(info.uri), training_nodes()
+        size, nodes = parquet_bytes(info.uri), training_nodes(cfg)
     if choose_mode(configured, size, nodes) == "object_store":
         return Blocks("object_store", ray.data.read_parquet(info.uri).materialize().to_arrow_refs(),
                       size_bytes=size)
@@ -300,26 +315,37 @@ class BlockKeeper:
         lost = self.lost()
         if not lost:
             return self.servers, self.nodes, self.small, None
-        for node in lost:
-            del self.servers[node]
-        ids = [i for i, n in enumerate(self.nodes) if n in lost]
-        alive = [n["NodeID"] for n in training_nodes() if n["NodeID"] not in lost]  # Ray may
-        # not have called a lost node dead yet
-        targets = _reload_targets(len(ids), alive, [n for n in self.nodes if n not in lost])
-        new = _servers([t for t in set(targets) if t not in self.servers])
-        self.servers.update(new)
-        mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
-                for node in set(targets)}
-        ray.get([self.servers[node].load.remote(  # every node reads its share at once
-            self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii])
-            for node, ii in mine.items()])
-        for node, ii in mine.items():
-            for i in ii:
-                self.nodes[i] = node
-        small, _ = _small_columns([self.nodes[i] for i in ids], self.servers,
-                                  Config.model_validate(self.cfg_dict), ids)
-        for i, ref in zip(ids, small, strict=True):
-            self.small[i] = ref
+        # The new state is built aside and kept only once every lost block is read again: a
+        # read that fails (another node lost meanwhile, a storage error) leaves the keeper as
+        # it was, so the next restart finds the same nodes lost and tries again.
+        servers = {n: s for n, s in self.servers.items() if n not in lost}
+        nodes, small = list(self.nodes), list(self.small)
+        ids = [i for i, n in enumerate(nodes) if n in lost]
+        alive = [n["NodeID"] for n in training_nodes(Config.model_validate(self.cfg_dict))
+                 if n["NodeID"] not in lost]  # Ray may not have called a lost node dead yet
+        targets = _reload_targets(len(ids), alive, [n for n in nodes if n not in lost])
+        new = _servers([t for t in set(targets) if t not in servers])
+        try:
+            servers.update(new)
+            mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
+                    for node in set(targets)}
+            ray.get([servers[node].load.remote(  # every node reads its share at once
+                self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii])
+                for node, ii in mine.items()])
+            for node, ii in mine.items():
+                for i in ii:
+                    nodes[i] = node
+            refs, _ = _small_columns([nodes[i] for i in ids], servers,
+                                     Config.model_validate(self.cfg_dict), ids)
+        except BaseException:
+            for server in new.values():
+                _kill(server)
+            raise
+        for i, ref in zip(ids, refs, strict=True):
+            small[i] = ref
+        for node in lost:  # one that only stopped answering would hold its share to the end
+            _kill(self.servers[node])
+        self.servers, self.nodes, self.small = servers, nodes, small
         return self.servers, self.nodes, self.small, (
             f"data: {len(ids)} block(s) of {len(lost)} lost node(s) read again from the Parquet "
             f"data onto {len(set(targets))} node(s) that train")
@@ -333,6 +359,14 @@ def on_head() -> NodeAffinitySchedulingStrategy:
         if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
             return NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
     return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def _kill(actor: Any) -> None:
+    """Kill an actor that may be gone already."""
+    try:
+        ray.kill(actor)
+    except Exception:  # dead with its node, or never started
+        pass
 
 
 def _answering(servers: list[Any], timeout_s: float = 60) -> list[bool]:
@@ -472,6 +506,11 @@ class BlockFetch(Fetch):
         self.node_of = np.array([self.nodes.index(n) for n in blocks.nodes])  # per block
 
     def submit(self, positions: np.ndarray) -> Any:
+        if not len(positions):  # a rank with no rows here (fewer validation rows than ranks):
+            # the columns, empty, from the server of block 0 (a table of no columns would not do)
+            ref = self.blocks.servers[self.nodes[self.node_of[0]]].take.remote(
+                self.columns, [0], [np.empty(0, dtype=np.int64)])
+            return [(np.empty(0, dtype=np.int64), ref.future())]
         block = np.searchsorted(self.offsets, positions, side="right") - 1
         node = self.node_of[block]
         asks = []
@@ -489,8 +528,6 @@ class BlockFetch(Fetch):
         return asks
 
     def result(self, handle: Any) -> pa.Table:
-        if not handle:
-            return pa.table({})
         with _servers_kept():  # a resolved future holds its value: no ask to the raylet again
             tables = [future.result() for _, future in handle]
         if len(handle) == 1:

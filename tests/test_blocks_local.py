@@ -1,0 +1,117 @@
+"""Pieces of the streaming mode (`pipeline/blocks.py`) run in this process, their Ray actors
+and calls played by stand-ins (no cluster): `BlockKeeper.current` when reading a lost node's
+blocks again fails (the keeper keeps its state, so the next restart tries again and then hands
+out a consistent view), and `BlockFetch` gathering a rank's rows from two nodes' real
+`BlockServer`s, none included."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import pipeline.blocks as blocks
+
+
+class Call:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return lambda: self.fn(*args)
+
+
+class Server:
+    def __init__(self, node: str, fails: int = 0):
+        self.node, self.fails, self.up, self.loaded = node, fails, True, []
+        self.load = Call(self._load)
+
+    def _load(self, uri, ids, starts, rows):
+        if self.fails:
+            self.fails -= 1
+            raise OSError("read failed (a storage error)")
+        self.loaded += ids
+
+
+def test_a_failed_reread_leaves_the_keeper_as_it_was_and_the_next_one_succeeds(monkeypatch):
+    made, killed = [], []
+
+    def servers(nodes):  # the replacement node's first read fails
+        new = {n: Server(n, fails=1 if not made else 0) for n in nodes}
+        made.append(new)
+        return new
+
+    monkeypatch.setattr(blocks, "training_nodes", lambda cfg: [{"NodeID": "a"}, {"NodeID": "c"}])
+    monkeypatch.setattr(blocks, "_servers", servers)
+    monkeypatch.setattr(blocks, "_small_columns",
+                        lambda where, srv, cfg, ids: ([f"small@{w}" for w in where], None))
+    monkeypatch.setattr(blocks, "_kill", killed.append)
+    monkeypatch.setattr(blocks.ray, "get", lambda calls: [c() for c in calls])
+    monkeypatch.setattr(blocks.Config, "model_validate", staticmethod(lambda d: d))
+    a, b = Server("a"), Server("b")
+    keeper = blocks.BlockKeeper("uri", {}, [10, 10, 10, 10], ["a", "b", "a", "b"],
+                                {"a": a, "b": b}, ["s0", "s1", "s2", "s3"])
+    monkeypatch.setattr(keeper, "lost", lambda: [n for n, s in keeper.servers.items() if not s.up])
+    b.up = False  # node b is lost
+
+    with pytest.raises(OSError):
+        keeper.current()
+    assert keeper.servers == {"a": a, "b": b} and keeper.nodes == ["a", "b", "a", "b"]
+    assert keeper.small == ["s0", "s1", "s2", "s3"]
+    assert killed == [made[0]["c"]]  # the replacement's server that failed is not left running
+
+    servers_now, nodes, small, line = keeper.current()  # the next restart: b still lost
+    assert servers_now == {"a": a, "c": made[1]["c"]} and nodes == ["a", "c", "a", "c"]
+    assert made[1]["c"].loaded == [1, 3] and small == ["s0", "small@c", "s2", "small@c"]
+    assert line.startswith("data: 2 block(s) of 1 lost node(s) read again")
+    assert killed[-1] is b  # a server called lost is killed: one that only stopped answering
+    # would otherwise hold its share beside the copy read again
+    assert keeper.current()[3] is None  # nothing lost any more
+
+
+class Actor:
+    """A BlockServer in this process: `server.take.remote(...)` returns a ref whose
+    `future()` is already done."""
+
+    def __init__(self, server: blocks.BlockServer):
+        self.server = server
+
+    def __getattr__(self, name):
+        method = getattr(self.server, name)
+
+        class Ref:
+            def __init__(self, value):
+                self.value = value
+
+            def future(self):
+                f = Future()
+                f.set_result(self.value)
+                return f
+
+        class Remote:
+            @staticmethod
+            def remote(*args):
+                return Ref(method(*args))
+
+        return Remote
+
+
+@pytest.mark.parametrize("positions", [[], [0, 2, 3, 5], [4], list(range(7))])
+def test_block_fetch_gathers_the_rows_of_both_nodes_in_order_and_none(positions):
+    """Blocks of 3, 2 and 2 rows on nodes a, b, a: the rows at `positions` as the whole
+    table's `take` gives them; no positions (a rank with no validation rows) gives the columns,
+    empty -- a table without them failed the rank's window with a KeyError."""
+    table = pa.table({"tokens": [[i] * (i + 1) for i in range(7)],
+                      "x": [float(i) for i in range(7)]})
+    parts = [table.slice(0, 3), table.slice(3, 2), table.slice(5, 2)]
+    servers = {"a": blocks.BlockServer(), "b": blocks.BlockServer()}
+    servers["a"].hold([0, 2], parts[0], parts[2])
+    servers["b"].hold([1], parts[1])
+    held = blocks.Blocks(mode="streaming", refs=[], rows=[3, 2, 2], nodes=["a", "b", "a"],
+                         servers={n: Actor(s) for n, s in servers.items()})
+    fetch = blocks.BlockFetch(held, ["tokens", "x"])
+    got = fetch.result(fetch.submit(np.array(positions, dtype=np.int64)))
+    assert got.schema == table.schema
+    assert got.to_pydict() == table.take(pa.array(positions, type=pa.int64())).to_pydict()
