@@ -200,28 +200,31 @@ class StreamedRows:
         cur: dict[tuple[int, int], np.ndarray] = {}  # (start, k) -> my rows, the chunk in use
         cur_window: Window | None = None
         asked: deque[tuple[dict[tuple[int, int], np.ndarray], np.ndarray, Any, int]] = deque()
-        for batch, k in steps:
-            key = (start, k)
-            if key not in cur:
-                if asked and key not in asked[0][0]:  # the guess of the steps' size missed
-                    asked.clear()
-                if asked:
-                    cur, pos, handle, end = asked.popleft()
-                else:  # the epoch's first chunk, or after a miss
-                    cur, pos, end = self._chunk(batches, start, k)
-                    handle = self.fetch.submit(pos)
-                end = asked[-1][3] if asked else end  # ask on from the last chunk asked for
-                while len(asked) < self.ahead and end < len(batches):
-                    nxt, nxt_pos, nxt_end = self._chunk(batches, end, k)
-                    asked.append((nxt, nxt_pos, self.fetch.submit(nxt_pos), nxt_end))
-                    end = nxt_end
-                if cur_window is not None:
-                    cur_window.release()  # its steps are done: not held beside the next
-                cur_window = self._get(handle, pos)
-            yield batch, k, cur_window
-            start += k
-        if cur_window is not None:
-            cur_window.release()
+        try:
+            for batch, k in steps:
+                key = (start, k)
+                if key not in cur:
+                    if asked and key not in asked[0][0]:  # the guess of the steps' size missed
+                        asked.clear()
+                    if asked:
+                        cur, pos, handle, end = asked.popleft()
+                    else:  # the epoch's first chunk, or after a miss
+                        cur, pos, end = self._chunk(batches, start, k)
+                        handle = self.fetch.submit(pos)
+                    end = asked[-1][3] if asked else end  # ask on from the last chunk asked for
+                    while len(asked) < self.ahead and end < len(batches):
+                        nxt, nxt_pos, nxt_end = self._chunk(batches, end, k)
+                        asked.append((nxt, nxt_pos, self.fetch.submit(nxt_pos), nxt_end))
+                        end = nxt_end
+                    if cur_window is not None:
+                        cur_window.release()  # its steps are done: not held beside the next
+                    cur_window = self._get(handle, pos)
+                yield batch, k, cur_window
+                start += k
+        finally:  # also when the consumer stops early (train.max_steps) or fails: the chunks
+            asked.clear()  # asked for ahead and the one in use are not kept by this generator
+            if cur_window is not None:
+                cur_window.release()
 
     def _chunk(self, batches: list[np.ndarray], start: int, k: int
                ) -> tuple[dict[tuple[int, int], np.ndarray], np.ndarray, int]:
