@@ -208,8 +208,13 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                 scheduling_strategy=on_head()).remote(uri, **run_args)
             _log(f"MLflow at {uri} is unreachable: training starts without it; the run is "
                  "created, and its metrics sent, when the server is back")
-    else:
+    elif server_reachable(uri):
         reopen_run(uri, run_id)
+    else:  # a resume while the server is away: the run is RUNNING again when it is back
+        pending = ray.remote(num_cpus=0)(DeferredRun).options(
+            scheduling_strategy=on_head()).remote(uri, reopen=run_id)
+        _log(f"MLflow at {uri} is unreachable: training goes on without it; run {run_id} "
+             "gets its metrics when the server is back")
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
         _write_state(state_file, run_id, uri, cfg, checkpoints)
         if show_progress and run_id:
@@ -220,7 +225,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         tracking_file.unlink(missing_ok=True)
         name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
         # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
-        loop_config = {"config": cfg.to_dict(), "table_refs": refs, "run_id": run_id,
+        loop_config = {"config": cfg.to_dict(), "table_refs": refs,
+                       # rank 0 asks `pending` for the run while the server is away
+                       "run_id": None if pending is not None else run_id,
                        "model_facts": info.facts,  # what the model needs to know of the data
                        "tracking_uri": uri, "fatal_file": str(fatal_file), "storage": str(storage),
                        "tracking_file": str(tracking_file), "pending_run": pending,
@@ -234,7 +241,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                 *(extra_callbacks or [])])
         metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
         raise_fatal(fatal_file, metrics)
-        if pending is not None:
+        if pending is not None and run_id is None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
         if run_id is None:
             _log(f"MLflow at {uri} was unreachable for the whole job: no run was recorded; the "
@@ -263,7 +270,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if isinstance(err, SystemExit) and threading.current_thread() is not threading.main_thread():
             raise  # Tune stopped this sweep trial (ASHA): the sweep ends its run (KILLED)
         # Ctrl-C or SIGTERM (`ray job stop`) on the driver: Ray ends its wait with SystemExit;
-        # a Ctrl-C after it (logging the model, say) is a KeyboardInterrupt
+        # a Ctrl-C after it (logging the model, say) is a KeyboardInterrupt. A run created
+        # once the server came back is asked for briefly (`ray job stop` kills 3 s after).
+        if pending is not None and run_id is None:
+            run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints, timeout_s=1.5)
         if run_id is not None:
             end_run(uri, run_id, "KILLED")
         raise TrainingInterrupted(
@@ -336,11 +346,11 @@ def _raise_if_data_lost(err: Exception, blocks: Any, cfg: Config) -> None:
 
 
 def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config,
-                     checkpoints: str) -> str | None:
+                     checkpoints: str, timeout_s: float = 60) -> str | None:
     """The id of the run a job created when the server came back (None: it never did); kept
     in run.json, so that a --resume continues that run."""
     try:
-        run_id = ray.get(pending.run_id.remote(), timeout=60)
+        run_id = ray.get(pending.run_id.remote(), timeout=timeout_s)
     except Exception:  # the actor is gone with a failing job
         return None
     if run_id is not None:

@@ -254,13 +254,15 @@ def _log_model(model: Any, model_spec: dict[str, Any], run_id: str, requirements
 
 class DeferredRun:
     """A job's run when its tracking server was unreachable at the start: `run_id()` creates it
-    (`start_run` with the arguments given here) on the first call that finds the server back,
-    and returns its id from then on; None while the server is away (one probe per retry_s).
-    The driver holds it in a Ray actor (pipeline/launch.py), so rank 0 and the driver ask the
-    same one and the job gets one run, however many workers ask or restart."""
+    (`start_run` with the arguments given here) -- or, given `reopen`, the id of a run that
+    exists (a --resume), makes that one RUNNING again -- on the first call that finds the
+    server back, and returns its id from then on; None while the server is away (one probe per
+    retry_s). The driver holds it in a Ray actor (pipeline/launch.py), so rank 0 and the driver
+    ask the same one and the job gets one run, however many workers ask or restart."""
 
-    def __init__(self, uri: str, retry_s: float = 2.0, **run_args: Any):
-        self.uri, self.retry_s, self.run_args = uri, retry_s, run_args
+    def __init__(self, uri: str, retry_s: float = 2.0, reopen: str | None = None,
+                 **run_args: Any):
+        self.uri, self.retry_s, self.reopen, self.run_args = uri, retry_s, reopen, run_args
         self._id: str | None = None
         self._next_try = 0.0
         self.half_made: list[str] = []  # runs an attempt left RUNNING, marked FAILED later
@@ -270,8 +272,13 @@ class DeferredRun:
             self._next_try = time.monotonic() + self.retry_s
             if server_reachable(self.uri):
                 try:
-                    self._id = start_run(self.uri, **self.run_args)
-                    log.warning("MLflow reachable: run %s created", self._id)
+                    if self.reopen is not None:
+                        reopen_run(self.uri, self.reopen)
+                        self._id = self.reopen
+                    else:
+                        self._id = start_run(self.uri, **self.run_args)
+                    log.warning("MLflow reachable: run %s %s", self._id,
+                                "RUNNING again" if self.reopen else "created")
                 except Exception as err:  # went away again mid-creation: the next call retries
                     if isinstance(err, HalfRunError) and not err.failed:
                         self.half_made.append(err.run_id)
@@ -279,6 +286,28 @@ class DeferredRun:
             if self._id is not None:
                 self.half_made = [r for r in self.half_made if not end_run(self.uri, r, "FAILED")]
         return self._id
+
+
+def refused(err: BaseException) -> bool:
+    """Whether the tracking store answered a request and refused it for good (a 4xx: the run
+    deleted, a value out of range), as opposed to being away or failing for now (connection
+    errors, 5xx, 429 too many requests, 408).
+
+    >>> from mlflow.exceptions import MlflowException
+    >>> from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+    >>> refused(MlflowException("run is deleted", error_code=INVALID_PARAMETER_VALUE))
+    True
+    >>> refused(MlflowException("API request failed: connection refused"))  # INTERNAL_ERROR
+    False
+    >>> refused(ConnectionError("refused"))
+    False
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(err, MlflowException):
+        return False
+    status = err.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 class MetricLogger:
@@ -326,10 +355,13 @@ class MetricLogger:
             return []
         again = sorted(e for e in done if e > start_epoch)
         if again:
-            previous = self.client.get_run(self.run_id).data.tags.get("relogged_epochs")
             shown = ",".join(map(str, again))
-            self.client.set_tag(self.run_id, "relogged_epochs",
-                                f"{previous};{shown}" if previous else shown)
+            try:
+                previous = self.client.get_run(self.run_id).data.tags.get("relogged_epochs")
+                self.client.set_tag(self.run_id, "relogged_epochs",
+                                    f"{previous};{shown}" if previous else shown)
+            except Exception as err:  # the store went away meanwhile: the line below still says it
+                log.warning("MLflow: tag relogged_epochs not set: %s", error_line(err))
             log.warning("restarted at epoch %d: epoch(s) %s were logged before the restart and "
                         "are logged again (MLflow tag relogged_epochs)", start_epoch + 1, shown)
         return again
@@ -387,8 +419,7 @@ class MetricLogger:
             except Exception as err:
                 log.warning("MLflow: could not learn the run id yet: %s", err)
             if self.run_id is not None:  # said here: the DeferredRun actor's own log is not shown
-                log.warning("MLflow run %s created (the server is back); this job's metrics go "
-                            "there", self.run_id)
+                log.warning("MLflow is back: this job's metrics go to run %s", self.run_id)
             if self.run_id is not None and self._tags:
                 tags, self._tags = self._tags, {}
                 self.set_tags(tags)
@@ -421,7 +452,15 @@ class MetricLogger:
                 raise ConnectionError("the run is not created yet (the store was unreachable "
                                       "when the job started)")
             self.client.log_batch(self.run_id, metrics=chunk)
-        except Exception as err:  # the store is unreachable or failing: keep them, try later
+        except Exception as err:
+            if refused(err):  # the store answered and refused them: again would not help
+                with self._lock:
+                    del self._buffer[: len(chunk)]
+                self.dropped += len(chunk)
+                log.warning("MLflow refused %d metric point(s), not sent again: %s", len(chunk),
+                            error_line(err))
+                return True
+            # the store is unreachable or failing: keep them, try later
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning("MLflow unreachable, metric points kept and sent when it is back: %s",

@@ -111,9 +111,9 @@ def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp
         assert logger.close(timeout_s=60) == 0
         c = MlflowClient(uri)
         assert logger.run_id is not None and deferred.run_id() == logger.run_id
-        created = [m for m in said if "created (the server is back)" in m]
-        assert created == [f"MLflow run {logger.run_id} created (the server is back); this "
-                           "job's metrics go there"]  # once, on the console of rank 0
+        created = [m for m in said if "this job's metrics go to run" in m]
+        assert created == [f"MLflow is back: this job's metrics go to run {logger.run_id}"]
+        # once, on the console of rank 0
         (run,) = c.search_runs([c.get_experiment_by_name("deferred").experiment_id])
         assert run.info.run_id == logger.run_id and run.info.run_name == "late"
         assert run.data.params["train.epochs"] == "3"
@@ -125,3 +125,36 @@ def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp
         tracking_log.removeHandler(keep)
         tracking_log.setLevel(was[0])
         tracking_log.disabled = was[1]
+
+
+def test_a_resume_while_the_server_is_down_continues_its_run_when_it_is_back(tmp_path,
+                                                                             quick_http):
+    """`--resume` of a run (KILLED when its job stopped) while the server is down: nothing
+    waits for it; once the server is back the run is RUNNING again -- the same run, no second
+    one -- and the points logged meanwhile arrive there."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        c = MlflowClient(uri)
+        run_id = c.create_run(c.create_experiment("resumed")).info.run_id
+        c.set_terminated(run_id, "KILLED")
+    finally:
+        stop_mlflow_server(server)
+    deferred = DeferredRun(uri, retry_s=0.0, reopen=run_id)
+    assert deferred.run_id() is None  # the server is away
+    logger = MetricLogger(uri, None, retry_s=0.2, run_id_source=deferred.run_id)
+    logger.add({"train_loss": 0.5}, step=3)
+    logger.flush(wait_s=5.0)
+    _wait_for(lambda: logger.unreachable)
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        logger.add({"train_loss": 0.25}, step=4)
+        assert logger.close(timeout_s=60) == 0
+        assert logger.run_id == run_id == deferred.run_id()
+        assert c.get_run(run_id).info.status == "RUNNING"
+        assert len(c.search_runs([c.get_experiment_by_name("resumed").experiment_id])) == 1
+        assert sorted((m.step, m.value) for m in c.get_metric_history(run_id, "train_loss")) \
+            == [(3, 0.5), (4, 0.25)]
+    finally:
+        stop_mlflow_server(server)

@@ -59,3 +59,20 @@ def test_a_run_half_made_is_failed_never_left_running(mlflow_server, monkeypatch
     assert run_id is not None and deferred.half_made == []
     assert c.get_run(stuck).info.status == "FAILED" and c.get_run(run_id).info.status == "RUNNING"
     assert c.get_run(run_id).data.params == {"train.epochs": "3"}
+
+
+def test_points_the_server_refuses_are_counted_once_not_retried_for_ever(mlflow_server):
+    """A run deleted while its job logs: the server answers 400 for its points. They are
+    dropped and counted as unsent at once -- not retried every 2 s as if the server were away,
+    which held every later point behind them."""
+    c = MlflowClient(mlflow_server)
+    exp = c.get_experiment_by_name("test-refused") or c.create_experiment("test-refused")
+    exp_id = exp if isinstance(exp, str) else exp.experiment_id
+    run_id = c.create_run(exp_id).info.run_id
+    c.delete_run(run_id)
+    logger = MetricLogger(mlflow_server, run_id, retry_s=0.2)
+    logger.add({"train_loss": 1.0, "val_loss": 2.0}, step=1)
+    logger.add({"train_loss": 0.5}, step=2)
+    assert logger.close(timeout_s=30) == 3
+    assert logger.pending() == 0 and logger.dropped == 3
+    assert not logger.unreachable
