@@ -168,9 +168,16 @@ def end_run(uri: str, run_id: str, status: str) -> bool:
 def nested_runs(uri: str, experiment: str, parent: str) -> list[Any]:
     """The runs nested under `parent` (a sweep's trials), oldest first."""
     c = client(uri)
-    return c.search_runs([experiment_id(c, experiment)],
-                         filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-                         max_results=5000, order_by=["attributes.start_time ASC"])
+    runs, token = [], None
+    while True:  # a page holds at most 5,000 runs (a larger sweep has more pages)
+        page = c.search_runs([experiment_id(c, experiment)],
+                             filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                             max_results=5000, order_by=["attributes.start_time ASC"],
+                             page_token=token)
+        runs += page
+        token = page.token
+        if not token:
+            return runs
 
 
 def close_open_runs(uri: str, experiment: str, parent: str) -> None:
@@ -378,8 +385,10 @@ class MetricLogger:
         except Exception as err:
             log.warning("MLflow: tags %s not set: %s", sorted(tags), err)
 
-    def add(self, metrics: dict[str, float], step: int) -> None:
-        ts = int(time.time() * 1000)
+    def add(self, metrics: dict[str, float], step: int, at: float | None = None) -> None:
+        """Points of `step`, stamped `at` (time.time(); default now): a step's points are
+        buffered until its epoch ends, but MLflow's wall-time axis shows when they happened."""
+        ts = int((time.time() if at is None else at) * 1000)
         points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()]
         with self._lock:
             room = max(0, self.max_points - len(self._buffer))

@@ -337,7 +337,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         plan, batches, dropped = eb.plan, eb.batches, eb.dropped
         pad_stats = {"real": 0, "padded": 0}
 
-        steps_log: list[tuple[int, dict[str, float]]] = []
+        steps_log: list[tuple[int, dict[str, float], float]] = []  # (step, record, when)
         samples_before, units_before = state.samples, state.units
         bar = None  # a progress bar within the epoch, drawn on the driver's terminal
         if rank == 0 and loop_config.get("progress_bar"):
@@ -387,8 +387,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if scaler is not None:
             metrics["loss_scale"] = float(scaler.get_scale())
         if logger is not None:
-            for step, rec in steps_log:
-                logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step)
+            for step, rec, at in steps_log:
+                logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step, at)
             logger.add({k: v for k, v in metrics.items()
                         if k not in ("epoch", "step") and math.isfinite(v)}, epoch + 1)
             logger.flush(wait_s=10.0)  # an outage of the store waits at most this long
@@ -461,11 +461,11 @@ def _metric_logger(loop_config: dict[str, Any]) -> MetricLogger:
     return MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], run_id_source=source)
 
 
-def _record_step(log: list[tuple[int, dict[str, float]]], bar: Any, sched: BatchSchedule,
+def _record_step(log: list[tuple[int, dict[str, float], float]], bar: Any, sched: BatchSchedule,
                  units_before: int, validate: Any, state: LoopState,
                  record: dict[str, float]) -> None:
     record.update(validate(state.step))
-    log.append((state.step, record))
+    log.append((state.step, record, time.time()))
     sched.observe(int(record["global_batch_size"]), record["step_time_s"])
     if bar is not None:
         bar.update(state.units - units_before - bar.n)  # the bar counts unit batches

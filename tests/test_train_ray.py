@@ -105,6 +105,9 @@ def test_resume_continues_at_next_epoch_with_step_counter(ray_client, mlflow_ser
     assert epochs_logged(client, r1["mlflow_run_id"], "train_loss") == [1, 2, 3, 4]
     step_lr = client.get_metric_history(r1["mlflow_run_id"], "step/lr")
     assert sorted(m.step for m in step_lr) == list(range(1, 4 * steps_per_epoch + 1))
+    # stamped when each step ran, not when its epoch's points were sent (one stamp an epoch)
+    stamps = [m.timestamp for m in sorted(step_lr, key=lambda m: m.step)]
+    assert stamps == sorted(stamps) and len(set(stamps)) > 4 * 2
     assert client.get_run(r1["mlflow_run_id"]).info.status == "FINISHED"
 
 
