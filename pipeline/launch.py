@@ -241,6 +241,11 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                 *(extra_callbacks or [])])
         metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
         raise_fatal(fatal_file, metrics)
+        if checkpoint_path is None and resume_from is not None:
+            # a resume from the last epoch's checkpoint (the job stopped while it logged its
+            # model, say) trains no epoch: the run ends at that checkpoint, with its metrics
+            checkpoint_path = resume_from
+            metrics = metrics or dict(load_checkpoint(resume_from)["metrics"])
         if pending is not None and run_id is None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
         if run_id is None:

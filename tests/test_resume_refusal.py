@@ -86,3 +86,35 @@ def test_resume_takes_its_own_runs_checkpoints_when_the_out_folder_held_another(
     with pytest.raises(Reached):
         cli.run(["train", "--config", DIGITS, "--out", str(tmp_path), "--resume"])
     assert f"resuming from {own} (epoch 2 done)" in capsys.readouterr().err
+
+
+def test_a_resume_after_the_last_epoch_ends_at_its_checkpoint_with_its_metrics(tmp_path,
+                                                                               monkeypatch):
+    """The job stopped after its last epoch's checkpoint (while it logged its model, say):
+    --resume trains no epoch, and the run ends at that checkpoint with its metrics -- not
+    with empty metrics and no checkpoint (no model logged). Training is played by a `fit`
+    that, like the worker with nothing left to train, reports nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.blocks import Blocks
+    from pipeline.launch import run_training
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg, info = resolve(load_config(DIGITS, ["train.epochs=2", f"tracking.uri={uri}",
+                                             "tracking.log_model=false"]))
+    c = MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("resume-last")).info.run_id
+    c.set_terminated(run_id, "KILLED")
+    last = tmp_path / "out" / "ray_results" / "run-a" / "train-a" / "checkpoint_1"
+    save_checkpoint(last, {"step": 44, "epoch": 1,
+                           "metrics": {"epoch": 2.0, "val_accuracy": 0.97, "step": 44.0}})
+    (tmp_path / "out" / "run.json").write_text(json.dumps({
+        "mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict(),
+        "checkpoints": "run-a"}))
+    monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
+    result = run_training(cfg, info, tmp_path / "out", resume=True,
+                          table_refs=Blocks("object_store", []), fit=lambda *a: ({}, None))
+    assert result["checkpoint"] == str(last)
+    assert result["metrics"] == {"epoch": 2.0, "val_accuracy": 0.97, "step": 44.0}
+    assert c.get_run(run_id).info.status == "FINISHED"
