@@ -32,12 +32,14 @@ def _trial_dirs(out) -> list:
     return sorted((out / "trials").glob("*/*"), key=lambda p: p.stat().st_ctime)
 
 
-def _start_sweep(tmp_path, mlflow_server: str, experiment: str, lrs: list[float]):
+def _start_sweep(tmp_path, mlflow_server: str, experiment: str, lrs: list[float],
+                 runner: str = "auto"):
     """`python -m pipeline tune` over `lrs` (one trial at a time), started, not waited for."""
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "sweep_digits.yaml").read_text())
     cfg["train"].update(epochs=EPOCHS, warmup_epochs=0)
     cfg["tune"] = {"search_space": {"train.base_lr": {"grid": lrs}}, "scheduler": "fifo",
-                   "max_concurrent": 1, "metric": "val_accuracy", "mode": "max"}
+                   "max_concurrent": 1, "metric": "val_accuracy", "mode": "max",
+                   "trial_runner": runner}
     cfg["tracking"] = {"uri": mlflow_server, "experiment": experiment, "log_model": False}
     config, out = tmp_path / "sweep.yaml", tmp_path / "out"
     config.write_text(yaml.safe_dump(cfg))
@@ -116,15 +118,17 @@ def test_a_stopped_sweep_resumes_its_unfinished_trials_only(ray_cluster, mlflow_
     _ends_where_a_job_ends(cfg, second_lr, result, tmp_path)
 
 
+@pytest.mark.parametrize("runner", ["auto", "worker_group"])
 def test_a_trial_whose_actor_is_killed_runs_again_to_the_same_weights(ray_client, mlflow_server,
-                                                                       tmp_path):
-    """A one-worker trial trains in its own Tune actor; that process SIGKILLed after the first
-    epoch: Tune runs the trial again (`scaling.max_failures`, default 1), which continues its
-    MLflow run from its checkpoint to the weights of a job never interrupted."""
+                                                                       tmp_path, runner):
+    """A trial's Tune actor SIGKILLed after the first epoch -- the one-worker trial trains in
+    it (`auto`), or it waits on the trial's TorchTrainer, which goes with it (`worker_group`):
+    Tune runs the trial again (`scaling.max_failures`, default 1), which continues its MLflow
+    run from its checkpoint to the weights of a job never interrupted."""
     from ray.util.state import list_actors
 
-    cfg, _, out, sweep = _start_sweep(tmp_path, mlflow_server, "test-sweep-actor-killed",
-                                      LRS[:1])
+    cfg, _, out, sweep = _start_sweep(tmp_path, mlflow_server, f"test-sweep-actor-killed-{runner}",
+                                      LRS[:1], runner)
     deadline = time.monotonic() + 400
     while not ((out / "trials").exists() and any(
             find_latest_checkpoint(d / "ray_results") is not None for d in _trial_dirs(out))):

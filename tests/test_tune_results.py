@@ -1,9 +1,8 @@
 """A sweep's trials settled against Tune's verdict (`pipeline.tune.results.settle_trials`), with
 a real MLflow server and Tune's own `Result` records: a trial that ran its epochs (or its
-train.max_steps) is TERMINATED
-and its run FINISHED whatever the run showed (its own end_run may not have reached the server,
-or it never had a run); only a trial stopped before its own last epoch is EARLY_STOPPED, its run
-KILLED and tagged."""
+train.max_steps) is TERMINATED and its run FINISHED whatever the run showed (its own end_run
+may not have reached the server, a stopped sweep KILLED it first, or it never had a run); only
+a trial stopped before its own last epoch is EARLY_STOPPED, its run KILLED and tagged."""
 
 from __future__ import annotations
 
@@ -49,6 +48,9 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
         "failed": trial_run("failed", 3, 2, None),
         # train.max_steps=20 ended it in its second epoch (10 steps an epoch), its end unsent
         "capped": trial_run("capped", 3, 2, None, max_steps=20),
+        # it ran its epochs, but the sweep was stopped before its end reached MLflow and
+        # KILLED it; the resumed sweep found its result.json (not trained again)
+        "killed_done": trial_run("killed_done", 3, 3, "KILLED"),
     }
 
     def result(trial_id: str, epochs: int, reported: int, error: Exception | None = None):
@@ -59,15 +61,17 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
 
     grid = [result("finished", 3, 3), result("stopped", 3, 1), result("short", 1, 1),
             result("unrecorded", 3, 3),  # MLflow away all along: no run at all
-            result("failed", 3, 2, RuntimeError("worker died")), result("capped", 3, 2)]
+            result("failed", 3, 2, RuntimeError("worker died")), result("capped", 3, 2),
+            result("killed_done", 3, 3)]
     df, _, _ = settle_trials(grid, cfg, mlflow_server, parent)
     status = dict(zip(df["trial_id"], df["status"], strict=True))
     assert status == {"finished": "TERMINATED", "stopped": "EARLY_STOPPED", "short": "TERMINATED",
-                      "unrecorded": "TERMINATED", "failed": "ERROR", "capped": "TERMINATED"}
+                      "unrecorded": "TERMINATED", "failed": "ERROR", "capped": "TERMINATED",
+                      "killed_done": "TERMINATED"}
     assert df.set_index("trial_id").loc["stopped", "stopped_at_epoch"] == 1
-    assert df["stopped_at_epoch"].isna().sum() == 5
+    assert df["stopped_at_epoch"].isna().sum() == 6
     shown = {k: c.get_run(v) for k, v in runs.items()}
     assert {k: r.info.status for k, r in shown.items()} == {
         "finished": "FINISHED", "stopped": "KILLED", "short": "FINISHED", "failed": "FAILED",
-        "capped": "FINISHED"}
+        "capped": "FINISHED", "killed_done": "FINISHED"}
     assert [k for k, r in shown.items() if r.data.tags.get("early_stopped")] == ["stopped"]

@@ -102,8 +102,8 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
                 end_run(uri, run_id, "FAILED")
         elif ran_out or (run and run.info.status == "FINISHED"):
             status = "TERMINATED"  # it ran its epochs (or train.max_steps) and returned
-            if run and run.info.status == "RUNNING":  # its own end_run never reached MLflow
-                end_run(uri, run_id, "FINISHED")
+            if run and run.info.status != "FINISHED":  # its own end_run never reached MLflow,
+                end_run(uri, run_id, "FINISHED")  # or the sweep stopped first and KILLED it
         else:  # Tune stopped it (ASHA) before its last epoch: its actor went, its run RUNNING
             status = "EARLY_STOPPED"
             if run:

@@ -328,10 +328,12 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(out_dir / "ray_results"),
-                    # A trial in its actor is retried by Tune (a worker group, by Ray Train)
+                    # Tune runs a failed trial again from its checkpoint (its actor killed,
+                    # its node lost): also a worker-group trial, whose Tune actor (no CPU)
+                    # may sit on a node that goes, and a one-worker trial of a sweep that
+                    # also has worker-group trials (Ray Train restarts only worker groups)
                     failure_config=tune.FailureConfig(
-                        max_failures=cfg.scaling.max_failures if in_actors else 0,
-                        fail_fast=False),
+                        max_failures=cfg.scaling.max_failures, fail_fast=False),
                     callbacks=[trial_console(cfg, live=console.progress_bar_wanted()
                                              and not console.is_verbose())],
                     verbose=console.tune_verbosity(console.is_verbose())))

@@ -10,13 +10,14 @@ epoch's checkpoint kept under the trial's run storage (the 2 newest, as a TorchT
 them) and each epoch's metrics reported to Tune. What it trains is what a one-worker job trains:
 the same plan, batches and steps (a test compares the weights).
 
-`scaling.max_failures` keeps its meaning when every trial trains in its actor: Tune runs a
-failed trial again (its actor killed, its node lost, an exception) up to that many times, and
-the trial continues its MLflow run from its newest checkpoint, as a worker group restarted by
-Ray Train would; a deterministic failure (bad input, non-finite training) is not trained again
-(`pipeline/tune/sweep.py`, `_run_trial`). Chosen by `tune.trial_runner: auto` for a trial of
-one worker that uses the sweep's dataset; `worker_group` runs every trial through a
-TorchTrainer.
+`scaling.max_failures` keeps its meaning for a trial in its actor: Tune runs a failed trial
+again (its actor killed, its node lost, an exception) up to that many times, and the trial
+continues its MLflow run from its newest checkpoint, as a worker group restarted by Ray Train
+would (a worker-group trial has both: Ray Train's restarts of its workers, then Tune's of the
+trial, from its checkpoint, should its actor go); a deterministic failure (bad input,
+non-finite training) is not trained again (`pipeline/tune/sweep.py`, `_run_trial`). Chosen
+by `tune.trial_runner: auto` for a trial of one worker that uses the sweep's dataset;
+`worker_group` runs every trial through a TorchTrainer.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def every_trial_in_actor(cfg: Config) -> bool:
     that). Then Tune may hand a finished trial's actor to the next trial (`reuse_actors`),
     which finds the pipeline imported: its fixed cost drops to about 0.1 s here (a trial Tune
     stopped leaves its actor at its next report, which Tune's stop makes exit the trial's
-    thread); and Tune runs a failed trial again up to `scaling.max_failures` times."""
+    thread)."""
     return (runs_in_actor(cfg, {})
             and not any(k.startswith(("data.", "scaling.", "tune.")) for k in cfg.tune.search_space))
 
