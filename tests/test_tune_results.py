@@ -51,6 +51,10 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
         # it ran its epochs, but the sweep was stopped before its end reached MLflow and
         # KILLED it; the resumed sweep found its result.json (not trained again)
         "killed_done": trial_run("killed_done", 3, 3, "KILLED"),
+        # a first run made once the server was back, then the trial run again in a second
+        # before its run.json knew the first: the first is left RUNNING
+        "twice_first": trial_run("twice", 3, 1, None),
+        "twice": trial_run("twice", 3, 3, "FINISHED"),
     }
 
     def result(trial_id: str, epochs: int, reported: int, error: Exception | None = None):
@@ -62,16 +66,17 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
     grid = [result("finished", 3, 3), result("stopped", 3, 1), result("short", 1, 1),
             result("unrecorded", 3, 3),  # MLflow away all along: no run at all
             result("failed", 3, 2, RuntimeError("worker died")), result("capped", 3, 2),
-            result("killed_done", 3, 3)]
+            result("killed_done", 3, 3), result("twice", 3, 3)]
     df, _, _ = settle_trials(grid, cfg, mlflow_server, parent)
     status = dict(zip(df["trial_id"], df["status"], strict=True))
     assert status == {"finished": "TERMINATED", "stopped": "EARLY_STOPPED", "short": "TERMINATED",
                       "unrecorded": "TERMINATED", "failed": "ERROR", "capped": "TERMINATED",
-                      "killed_done": "TERMINATED"}
+                      "killed_done": "TERMINATED", "twice": "TERMINATED"}
     assert df.set_index("trial_id").loc["stopped", "stopped_at_epoch"] == 1
-    assert df["stopped_at_epoch"].isna().sum() == 6
+    assert df["stopped_at_epoch"].isna().sum() == 7
     shown = {k: c.get_run(v) for k, v in runs.items()}
     assert {k: r.info.status for k, r in shown.items()} == {
         "finished": "FINISHED", "stopped": "KILLED", "short": "FINISHED", "failed": "FAILED",
-        "capped": "FINISHED", "killed_done": "FINISHED"}
+        "capped": "FINISHED", "killed_done": "FINISHED", "twice_first": "KILLED",
+        "twice": "FINISHED"}
     assert [k for k, r in shown.items() if r.data.tags.get("early_stopped")] == ["stopped"]
