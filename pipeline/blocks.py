@@ -321,7 +321,8 @@ class BlockKeeper:
         servers = {n: s for n, s in self.servers.items() if n not in lost}
         nodes, small = list(self.nodes), list(self.small)
         ids = [i for i, n in enumerate(nodes) if n in lost]
-        alive = [n["NodeID"] for n in training_nodes(Config.model_validate(self.cfg_dict))
+        cfg = Config.model_validate(self.cfg_dict)
+        alive = [n["NodeID"] for n in training_nodes(cfg)
                  if n["NodeID"] not in lost]  # Ray may not have called a lost node dead yet
         targets = _reload_targets(len(ids), alive, [n for n in nodes if n not in lost])
         new = _servers([t for t in set(targets) if t not in servers])
@@ -335,8 +336,7 @@ class BlockKeeper:
             for node, ii in mine.items():
                 for i in ii:
                     nodes[i] = node
-            refs, _ = _small_columns([nodes[i] for i in ids], servers,
-                                     Config.model_validate(self.cfg_dict), ids)
+            refs, _ = _small_columns([nodes[i] for i in ids], servers, cfg, ids)
         except BaseException:
             for server in new.values():
                 _kill(server)

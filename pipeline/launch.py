@@ -204,15 +204,13 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if server_reachable(uri):
             run_id = start_run(uri, **run_args)
         else:  # training does not wait for tracking: the run is created when the server is back
-            pending = ray.remote(num_cpus=0)(DeferredRun).options(  # never on a node that goes
-                scheduling_strategy=on_head()).remote(uri, **run_args)
+            pending = _deferred_run(uri, **run_args)
             _log(f"MLflow at {uri} is unreachable: training starts without it; the run is "
                  "created, and its metrics sent, when the server is back")
     elif server_reachable(uri):
         reopen_run(uri, run_id)
     else:  # a resume while the server is away: the run is RUNNING again when it is back
-        pending = ray.remote(num_cpus=0)(DeferredRun).options(
-            scheduling_strategy=on_head()).remote(uri, reopen=run_id)
+        pending = _deferred_run(uri, reopen=run_id)
         _log(f"MLflow at {uri} is unreachable: training goes on without it; run {run_id} "
              "gets its metrics when the server is back")
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
@@ -348,6 +346,12 @@ def _raise_if_data_lost(err: Exception, blocks: Any, cfg: Config) -> None:
             f"{DATA_LOST} (data.mode=streaming) and the job has no restart left "
             f"(scaling.max_failures={cfg.scaling.max_failures}); run it again with --resume: "
             "it reads the data again and continues from the last checkpoint") from None
+
+
+def _deferred_run(uri: str, **kwargs: Any) -> Any:
+    """A `DeferredRun` actor (no CPU), on the head node: never on a node that goes."""
+    return ray.remote(num_cpus=0)(DeferredRun).options(
+        scheduling_strategy=on_head()).remote(uri, **kwargs)
 
 
 def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config,

@@ -79,12 +79,13 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
     c = client(uri)
     runs = {}
     for run in nested_runs(uri, cfg.tracking.experiment, parent):  # latest run per trial
-        older = runs.get(run.data.tags.get("tune.trial_id"))
+        trial_id = run.data.tags.get("tune.trial_id")
+        older = runs.get(trial_id)
         if older is not None and older.info.status == "RUNNING":  # a second run of one trial
             # (its first made once the server was back, the trial then run again before
             # run.json knew it): only the latest is the trial's, the other never ends
             end_run(uri, older.info.run_id, "KILLED")
-        runs[run.data.tags.get("tune.trial_id")] = run
+        runs[trial_id] = run
     swept = list(cfg.tune.search_space)
     base = flatten(cfg.to_dict())
     read = _read_curves(uri, [r.info.run_id for r in runs.values()])
