@@ -15,6 +15,7 @@ metrics (`MetricLogger`), the model (`log_model`), and the sweep's reads (`neste
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -23,7 +24,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,6 @@ def log_model(uri: str, run_id: str, checkpoint_path: Path) -> str:
     sequence length); a model that cannot be exported (a user's `import:` model, say) is logged
     as `pickle` instead, and the console says so. The run stays RUNNING: the job marks it
     FINISHED once its result.json is written (a job killed in between is never FINISHED)."""
-    import mlflow
     import torch
 
     from pipeline.engine.checkpoint import load_checkpoint
@@ -212,13 +212,40 @@ def log_model(uri: str, run_id: str, checkpoint_path: Path) -> str:
     state = load_checkpoint(checkpoint_path)
     model = build_model(**state["model_spec"])
     model.load_state_dict(state["model"])
-    mlflow.set_tracking_uri(uri)
     # The model goes to the run's own experiment (not the process's active one: a notebook's
     # earlier set_experiment, say), logged into the run by its id: no `start_run`, whose end
     # would mark the run FINISHED (or stamp its end time) before the job ends it.
-    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
-    return _log_model(model, state["model_spec"], run_id,
-                      requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    with _mlflow_pointed_at(uri, experiment_id):
+        return _log_model(model, state["model_spec"], run_id,
+                          requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+@contextlib.contextmanager
+def _mlflow_pointed_at(uri: str, experiment_id: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI and active experiment set to `uri` and
+    `experiment_id` for the block, then put back as they were (and the two environment
+    variables MLflow sets with them): `mlflow.pytorch.log_model` reads both, and a notebook that
+    ran a job keeps its own (its next `mlflow.start_run()` goes where it went before). MLflow
+    has no public way to unset them, hence its module globals."""
+    import mlflow
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    import mlflow.tracking.fluent as fluent
+
+    saved_uri, saved_experiment = tracking_utils._tracking_uri, fluent._active_experiment_id
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = experiment_id
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        fluent._active_experiment_id = saved_experiment
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _log_model(model: Any, model_spec: dict[str, Any], run_id: str, requirements: list[str]

@@ -4,6 +4,7 @@ trained model on inputs of other batch sizes and sequence lengths than the trace
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -44,10 +45,17 @@ def _logged(mlflow_server: str, tmp_path, spec: dict, model: torch.nn.Module) ->
     save_checkpoint(tmp_path / "ckpt", {"model": model.state_dict(), "model_spec": spec,
                                         "step": 1, "epoch": 0})
     mlflow.set_tracking_uri(mlflow_server)
-    mlflow.set_experiment("test-model-artifact")
-    run = mlflow.MlflowClient().create_run(  # RUNNING, as a job's run is when it logs the model
-        mlflow.get_experiment_by_name("test-model-artifact").experiment_id)
+    jobs = mlflow.set_experiment("test-model-artifact").experiment_id
+    run = mlflow.MlflowClient().create_run(jobs)  # RUNNING, as a job's run is when it logs the model
+    # the caller's own MLflow settings (a notebook's): log_model leaves them as they were
+    mine = mlflow.set_experiment("test-model-artifact-caller").experiment_id
+    elsewhere = "http://127.0.0.1:9"
+    mlflow.set_tracking_uri(elsewhere)
     fmt = log_model(mlflow_server, run.info.run_id, tmp_path / "ckpt")
+    assert mlflow.get_tracking_uri() == elsewhere == os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(mlflow_server)
+    with mlflow.start_run() as caller_run:
+        assert caller_run.info.experiment_id == mine != jobs
     # the job ends the run once result.json is written: logging the model must not end it
     after = mlflow.get_run(run.info.run_id).info
     assert after.status == "RUNNING" and after.end_time is None
