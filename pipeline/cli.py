@@ -151,7 +151,8 @@ COMMANDS: dict[str, Command] = {
     "inspect-batches": Command(
         summary="draw a job's exact batches without training, and summarise them",
         description="Run the job's batch pipeline (same ingest, plans, rank slices and "
-        "micro-batches) for train.epochs epochs on scaling.num_workers ranks without training. "
+        "micro-batches) for train.epochs epochs (or train.max_steps steps) on "
+        "scaling.num_workers ranks without training. "
         "Writes one row per sample drawn to DIR/batches.parquet, DIR/summary.json and "
         "DIR/batches.png, and prints a per-epoch summary.",
         example=f"{PROG} inspect-batches --config jobs/configs/digits.yaml "

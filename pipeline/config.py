@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -46,7 +47,8 @@ ALWAYS_LOGGED = (
     "data_fetched_mib", "data_wait_s", "worker_rss_mib",
 )
 # a small batch beside the global one: a worker's share, or one worker's first micro-batch
-NOISE_MEASURED = "train.noise_scale=true with several workers or micro-batches"
+NOISE_MEASURED = ("train.noise_scale=true with several workers or micro-batches, and a loss "
+                  "that is a sum over samples (not nt_xent)")
 SOMETIMES_LOGGED = {  # metric -> when it is logged
     "val_loss": "data.val_fraction > 0", "val_accuracy": "data.val_fraction > 0",
     "padding_efficiency": "sequence data", "tokens_per_s": "sequence data",
@@ -68,7 +70,8 @@ def _not_bool(v: Any) -> Any:
     return v
 
 
-Float = Annotated[float, BeforeValidator(_not_bool)]  # "1e-3" (a YAML string) still parses
+# "1e-3" (a YAML string) still parses; .inf and .nan do not (an LR of inf passes `gt=0`)
+Float = Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]
 Int = StrictInt  # sizes and counts: `true` is not 1, 64.0 is not 64
 Bool = StrictBool
 
@@ -202,6 +205,13 @@ class SeqTransformerKwargs(_Kwargs):
     attention: Literal["dense", "flex"] = Field(
         "dense", description="packed batches: dense (a boolean mask) or flex (FlexAttention "
         "block masks: skips blocks no sample spans; GPU only, no dropout)")
+
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self) -> SeqTransformerKwargs:
+        if self.d_model % self.nhead:
+            raise ValueError(f"nhead={self.nhead} does not divide d_model={self.d_model} (each "
+                             "head gets d_model / nhead dimensions)")
+        return self
 
 
 MODEL_KWARGS: dict[str, type[_Kwargs]] = {
@@ -507,11 +517,25 @@ class Config(_Section):
             if not t.noise_scale:
                 raise ValueError(f"{kind} follows the gradient noise scale: set "
                                  "train.noise_scale=true")
+            if t.loss == "nt_xent":  # one loss over the whole batch: no small-batch gradient
+                raise ValueError(f"{kind} follows the gradient noise scale, which "
+                                 "train.loss=nt_xent does not measure (its loss is not a sum "
+                                 "over samples); use constant or warmup")
             micro = t.micro_batch_size
-            if workers == 1 and not (isinstance(micro, int) and micro < m0):
+            if self.micro_batch_below() is not None and not (isinstance(micro, int)
+                                                             and micro < m0):
                 raise ValueError(
                     f"{kind} on one worker measures the noise scale from its first micro-batch: "
                     f"set train.micro_batch_size below train.batch_size_min={m0} (now {micro})")
+
+    def micro_batch_below(self) -> int | None:
+        """What a fixed train.micro_batch_size must stay below (None: only that it divides a
+        worker's batch): train.batch_size_min for the adaptive schedule on one worker, which
+        measures the noise scale from the first of several micro-batches."""
+        t = self.train
+        if t.batch_size_schedule == "adaptive" and self.scaling.num_workers == 1:
+            return t.batch_size_min
+        return None
 
     def plan_batch_size(self) -> int:
         """The global batch size epochs are planned with: the schedule's unit
@@ -534,8 +558,8 @@ class Config(_Section):
             "sequence data": self.data.sequence_column is not None,
             "train.precision=fp16": self.train.precision == "fp16",
             "batching.strategy=hard_mining": self.batching.strategy == "hard_mining",
-            NOISE_MEASURED: self.train.noise_scale and (self.scaling.num_workers > 1
-                                                        or self.accumulation_steps() > 1),
+            NOISE_MEASURED: self.train.noise_scale and self.train.loss != "nt_xent" and (
+                self.scaling.num_workers > 1 or self.accumulation_steps() > 1),
             "train.batch_size_schedule=adaptive": self.train.batch_size_schedule == "adaptive",
         }
         return (*ALWAYS_LOGGED, *(k for k, cond in SOMETIMES_LOGGED.items() if when[cond]))
@@ -695,9 +719,13 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"config error: no such config file: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config error: {p} is not valid YAML ({err.__class__.__name__})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {p} is not UTF-8 text") from None
+        except OSError as err:
+            raise ConfigError(f"config error: cannot read {p} ({err.strerror})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config error: {p} must hold a mapping of sections")
         for section, values in loaded.items():
@@ -709,7 +737,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    t = raw["train"]
+    t = raw["train"] if isinstance(raw["train"], dict) else {}  # not a mapping: validate says so
     if t.get("batch_size_throughput") is not None and t.get("batch_size_step_cost") is not None:
         # two sources of c: resolve fills the step cost from the file (a resolved config holds
         # both, and is passed on as a Config, never read back through here)

@@ -64,9 +64,16 @@ def feed_rows(cfg: Config, st: SampleTable, rank: int) -> pa.Table:
         step += 1
         return sched.next_units(step - 1, math.nan)
 
+    # train.max_steps ends training after that many optimizer steps, as it ends the batches
+    # here (an adaptive schedule's steps are not known in advance: its unit batches show all)
+    max_steps = t.max_steps if t.batch_size_schedule != "adaptive" else None
     for epoch in range(cfg.train.epochs):
+        if max_steps is not None and step >= max_steps:
+            break
         eb, steps = feed.epoch(epoch, next_units)
         for i, feed_step in enumerate(steps):
+            if max_steps is not None and step > max_steps:  # `step` counts the one pulled
+                break
             for j, part in enumerate(feed_step.micro(micro)):
                 n = len(part)
                 lengths = st.lengths[part] if st.lengths is not None else np.zeros(n, np.int64)

@@ -33,7 +33,7 @@ from pipeline import console
 from pipeline.blocks import load_rows
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import micro_slices, split_train_val
-from pipeline.data.epochs import schedule_steps, steps_per_epoch
+from pipeline.data.epochs import lr_schedule, steps_per_epoch
 from pipeline.data.feed import FeedStep, RankFeed, image_shape
 from pipeline.data.plan import rank_slice
 from pipeline.data.rows import StreamedRows
@@ -222,9 +222,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     # counts (pure and cheap: no gather, no shuffle). max_steps caps optimizer steps, which are
     # units only for a constant batch.
     try:
-        total_units, warmup = schedule_steps(
-            steps_per_epoch(cfg, st, train_pos, world), t.warmup_epochs,
-            t.max_steps if t.batch_size_schedule == "constant" else None)
+        total_units, warmup = lr_schedule(cfg, steps_per_epoch(cfg, st, train_pos, world))
     except ValueError as err:
         raise ConfigError(f"config error: {err}") from None
 
@@ -315,9 +313,12 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     my_val = rank_slice(val_pos, rank, world)
 
     def eval_batches(epoch: int) -> Any:
-        """This rank's validation micro-batches (contrastive views keyed by (seed, epoch, 1))."""
+        """This rank's validation micro-batches (contrastive views keyed by (seed, epoch, 1)):
+        of the training micro-batch's size, which is known to fit (a sum over samples does not
+        depend on the split); NT-Xent's loss depends on its batch: a worker's share."""
+        size = per_worker if t.loss == "nt_xent" else state.micro_batch_size
         return (to_torch(feed.collate(p, (b.seed, epoch, 1), rows), device)
-                for p, rows in feed.over(micro_slices(my_val, per_worker)))
+                for p, rows in feed.over(micro_slices(my_val, size)))
 
     def validate(epoch: int, step: int) -> dict[str, float]:
         """A validation pass within the epoch every train.eval_every steps (every rank takes
@@ -508,6 +509,8 @@ def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
     state.step, state.epoch = int(s["step"]), int(s["epoch"]) + 1
     state.units = int(s.get("units", state.step))
     state.samples = int(s.get("samples", 0))
+    state.batch_size = int(s.get("batch_size", 0))
+    state.elements_per_sample = float(s.get("elements_per_sample", 1.0))
     if s.get("batch_schedule"):
         sched.load_state_dict(s["batch_schedule"])
     state.skipped_steps = int(s.get("skipped_steps", 0))
@@ -558,7 +561,10 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
                 "nonfinite_steps": state.nonfinite_steps,
                 "noise": state.noise.state_dict() if state.noise is not None else None,
                 "micro_batch_size": state.micro_batch_size, "model_spec": spec,
-                "units": state.units, "samples": state.samples,
+                "units": state.units, "samples": state.samples, "batch_size": state.batch_size,
+                # the adaptive schedule's first decision after a resume reads the noise scale
+                # (in loss elements) in samples with it, before a step has measured it again
+                "elements_per_sample": state.elements_per_sample,
                 "batch_schedule": sched.state_dict(),
                 "sample_losses": sample_losses, "metrics": metrics,
             })

@@ -257,7 +257,8 @@ def test_a_sweep_may_rank_by_every_metric_a_run_of_its_config_logs():
         cfg, _ = resolve(load_config(DIGITS, [space, f"tune.metric={metric}", *sets]))
         assert metric in cfg.logged_metrics()
     for unmeasured in (["train.noise_scale=false"],  # off, or no small batch beside the global
-                       ["scaling.num_workers=1", "train.micro_batch_size=null"]):
+                       ["scaling.num_workers=1", "train.micro_batch_size=null"],
+                       ["train.loss=nt_xent", "model.name=mlp"]):  # no per-sample sum
         cfg = load_config(DIGITS, [space, "tune.metric=noise_scale", *unmeasured])
         with pytest.raises(ConfigError, match=r"only when train.noise_scale=true with several "
                                               r"workers or micro-batches"):

@@ -151,9 +151,11 @@ def files(tmp_path_factory) -> dict[str, str]:
         pq.write_table(pa.table(columns), out[name])
     (root / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")  # an unclosed list
     (root / "list.yaml").write_text("- train\n- data\n")  # YAML, but not a mapping
+    (root / "latin1.yaml").write_bytes("data:\n  name: digits  # d\xe9j\xe0\n".encode("latin-1"))
     (root / "a_folder").mkdir()
     (root / "started").mkdir()  # an --out folder with no run in it
     out.update(bad_yaml=str(root / "bad.yaml"), list_yaml=str(root / "list.yaml"),
+               latin1_yaml=str(root / "latin1.yaml"),
                folder=str(root / "a_folder"), started=str(root / "started"))
     return out
 
@@ -315,6 +317,11 @@ CASES = [
                                                         "train.loss=nt_xent", "model.name=mlp")],
      "batching.strategy=hard_mining"),
     ("contrastive-on-sequences", [*SEQ, *s("train.loss=nt_xent")], "train.loss=nt_xent"),
+    ("contrastive-without-its-loss", ["--config", DIGITS, *s("batching.strategy=contrastive")],
+     "batching.strategy=contrastive"),
+    ("adaptive-contrastive", ["--config", DIGITS, *s(
+        "train.loss=nt_xent", "model.name=mlp", "train.batch_size_schedule=adaptive",
+        "train.batch_size_min=32")], "train.loss=nt_xent does not measure"),
     ("ce-without-labels", [*VEC, *s("data.label_column=null")], "data.label_column"),
     # -- tune
     ("tune-metric-typo", ["--config", DIGITS, *s("tune.metric=val_acc")], "tune.metric"),
@@ -343,6 +350,17 @@ CASES = [
     ("config-not-mapping", ["--config", "{list_yaml}"], "list.yaml"),
     ("config-folder", ["--config", "{folder}"], "a_folder"),
     ("config-missing", ["--config", "/no/such/config.yaml"], "/no/such/config.yaml"),
+    ("config-not-utf8", ["--config", "{latin1_yaml}"], "latin1.yaml is not UTF-8 text"),
+    ("set-a-section-to-a-value", ["--config", DIGITS, *s("train=1")], "train: Input should be"),
+    ("lr-infinite", ["--config", DIGITS, *s("train.base_lr=.inf")], "train.base_lr"),
+    ("decay-infinite", ["--config", DIGITS, *s("train.weight_decay=1e400")],
+     "train.weight_decay"),
+    ("heads-do-not-divide", [*SEQ, *s("model.name=seq_transformer", "model.kwargs.nhead=3")],
+     "nhead=3 does not divide d_model=64"),
+    ("warmup-past-max-steps", ["--config", DIGITS, *s("train.max_steps=8", "train.warmup_epochs=1")],
+     "train.max_steps=8 ends the run first"),
+    ("cache-dir-a-file", [*s("data.name=digits", "data.cache_dir={bad_yaml}")],
+     "data.cache_dir"),
     ("set-without-equals", ["--config", DIGITS, "--set", "train.epochs"], "train.epochs"),
     ("resume-nothing", ["--config", DIGITS, "--out", "{started}", "--resume"], "--resume"),
     ("target-no-val-accuracy", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0",

@@ -1,16 +1,25 @@
-"""The workers' check of the rows they received against the model the driver's checks sized
-(`pipeline.worker.data_outside_model`): data changed between the checks and the ingest is
-refused in one line instead of failing in the model (an IndexError Ray Train would retry)."""
+"""The workers' checkpoint round trip, and their check of the rows they received against the
+model the driver's checks sized (`pipeline.worker.data_outside_model`): data changed between
+the checks and the ingest is refused in one line instead of failing in the model (an IndexError
+Ray Train would retry)."""
 
 from __future__ import annotations
+
+import dataclasses
+import shutil
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from pipeline.config import load_config
 from pipeline.data.batches import SampleTable
-from pipeline.worker import data_outside_model, model_spec
+from pipeline.engine.batch_schedule import BatchSchedule
+from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.engine.loop import LoopState
+from pipeline.engine.noise import NoiseScale
+from pipeline.worker import _report, _restore, data_outside_model, model_spec
 
 FACTS = {"input_dim": None, "max_token": 9, "max_target": 3, "max_label": 2}
 
@@ -44,3 +53,45 @@ def test_features_of_another_width_and_labels_beyond_the_outputs():
     table = pa.table({"x": list(np.zeros((3, 4), np.float32)), "y": [0, 1, 3]})
     st = SampleTable.from_table(table, feature_column="x", label_column="y")
     assert data_outside_model(cfg, spec, st) == "label 3, the model has 3 outputs"
+
+
+class _KeepCheckpoint:
+    """A one-rank session whose report keeps a copy of the checkpoint folder."""
+
+    rank, world = 0, 1
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def report(self, metrics, checkpoint_dir):
+        shutil.copytree(checkpoint_dir, self.folder)
+
+
+def test_a_checkpoint_restores_every_counter_the_training_goes_on_with(tmp_path):
+    """What `_report` writes, `_restore` puts back: every field of the loop's state (but the
+    per-step history, and the epoch, which moves on to the next). Among them the loss
+    elements per sample, with which the adaptive schedule's first decision after a resume
+    reads the noise scale (tokens) in samples -- before it was saved, a resume read 51,200
+    tokens as 51,200 samples."""
+    torch.manual_seed(0)
+    model, sched = torch.nn.Linear(3, 2), BatchSchedule(kind="adaptive", unit=32, max_units=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    noise = NoiseScale()
+    noise.update(sq_small=3.0, b_small=8, sq_big=2.0, b_big=32)
+    state = LoopState(step=7, epoch=2, micro_batch_size=8, samples=1234, units=21, batch_size=128,
+                      elements_per_sample=256.5, skipped_steps=2, nonfinite_steps=1, noise=noise)
+    sched.units, sched.step_cost, sched.decisions = 4, 12.5, 3
+    _report({"epoch": 3.0}, model, optimizer, None, state, {"name": "mlp"}, None,
+            _KeepCheckpoint(tmp_path / "ckpt"), sched)
+    back = LoopState(micro_batch_size=32, noise=NoiseScale())
+    sched_back = BatchSchedule(kind="adaptive", unit=32, max_units=16)
+    _restore(load_checkpoint(tmp_path / "ckpt"), torch.nn.Linear(3, 2),
+             torch.optim.SGD(model.parameters(), lr=0.1), None, sched_back, back)
+    for f in dataclasses.fields(LoopState):
+        if f.name == "noise":
+            assert back.noise.state_dict() == state.noise.state_dict()
+        elif f.name == "epoch":
+            assert back.epoch == state.epoch + 1
+        elif f.name != "history":
+            assert getattr(back, f.name) == getattr(state, f.name), f.name
+    assert sched_back == sched

@@ -11,6 +11,7 @@ Files are written to a temporary name and renamed, so a crash never leaves half 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -107,10 +108,16 @@ def embedded_path(name: str, root: str | None = None) -> Path:
                           f"known: {', '.join(EMBEDDED_DATASETS)} (or set data.path)")
     path = cache_dir(root) / f"{name}-{DATASET_VERSION}.parquet"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        pq.write_table(BUILDERS[name](), tmp)
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(BUILDERS[name](), tmp)
+            os.replace(tmp, path)
+        except OSError as err:  # a cache_dir that is a file, read-only, on a full disk...
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise ConfigError(f"config error: data.cache_dir: cannot write the embedded dataset "
+                              f"{name!r} to {path.parent} ({err.strerror or err})") from None
     return path
 
 
@@ -388,6 +395,10 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
     if loss == "nt_xent" and d.feature_column is None:
         raise ConfigError("config error: train.loss=nt_xent augments feature vectors: "
                           "data.feature_column must be set (sequences have no views)")
+    if cfg.batching.strategy == "contrastive" and loss != "nt_xent":
+        raise ConfigError(f"config error: batching.strategy=contrastive makes its views for "
+                          f"train.loss=nt_xent; with train.loss={loss} it would train plain "
+                          "random batches (set train.loss=nt_xent, or batching.strategy=random)")
     if cfg.batching.packing and name != "seq_transformer":
         raise ConfigError(f"config error: batching.packing=true needs a model that blocks "
                           f"attention between packed samples (seq_transformer), not "
@@ -421,16 +432,20 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
     """Plan epoch 0 on the driver from the small columns (`st`), so a strategy that cannot
     work on this data (no labels, classes not dividing the batch, an empty pool...) fails here
     with exit 2 rather than on the workers."""
-    from pipeline.data.epochs import epoch_batches, steps_per_epoch
+    from pipeline.data.epochs import epoch_batches, lr_schedule, steps_per_epoch
 
     b = cfg.batching
     train, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
     try:
         eb = epoch_batches(cfg, st, train, 0, cfg.scaling.num_workers)
         # Every epoch's step count (curriculum pools, epoch_samples...): none may be empty.
-        steps_per_epoch(cfg, st, train, cfg.scaling.num_workers)
+        steps = steps_per_epoch(cfg, st, train, cfg.scaling.num_workers)
     except (ValueError, KeyError) as err:
         raise ConfigError(f"config error: batching.strategy={b.strategy}: {err}") from None
+    try:  # the workers' LR schedule, from the same counts
+        lr_schedule(cfg, steps)
+    except ValueError as err:
+        raise ConfigError(f"config error: {err}") from None
     if not eb.batches:
         raise ConfigError(
             f"config error: batching.strategy={b.strategy}: epoch 1 has no batch of "

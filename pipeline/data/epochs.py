@@ -113,3 +113,30 @@ def schedule_steps(steps: Sequence[int], warmup_epochs: float = 0.0,
         warmup += math.floor(frac * steps[whole] + 0.5)
     total = int(sum(steps)) if max_steps is None else min(int(sum(steps)), int(max_steps))
     return ScheduleSteps(total=total, warmup=warmup)
+
+
+def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
+    """The LR schedule of a run of `cfg` whose epochs take `steps` (`steps_per_epoch`: under a
+    batch-size schedule, unit batches): `train.max_steps` caps optimizer steps, which are unit
+    batches only under a constant batch. Raises ValueError when `train.max_steps` ends the run
+    before the warmup does (the LR would only ramp, never reach its peak or decay): the
+    driver's checks refuse it before the cluster (`pipeline.data.datasets`).
+
+    >>> from pipeline.config import load_config
+    >>> cfg = load_config(None, ["train.warmup_epochs=1", "train.max_steps=8"])
+    >>> try:
+    ...     lr_schedule(cfg, [11, 11])
+    ... except ValueError as err:
+    ...     print(str(err).split(":")[0])
+    train.warmup_epochs=1 is 11 optimizer steps here, but train.max_steps=8 ends the run first
+    >>> lr_schedule(cfg.with_overrides({"train.max_steps": 12}), [11, 11])
+    ScheduleSteps(total=12, warmup=11)
+    """
+    t = cfg.train
+    capped = t.max_steps if t.batch_size_schedule == "constant" else None
+    out = schedule_steps(steps, t.warmup_epochs, capped)
+    if capped is not None and out.warmup >= out.total and out.warmup > 0:
+        raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} optimizer steps "
+                         f"here, but train.max_steps={capped} ends the run first: the LR would "
+                         "never reach its peak (warm up for fewer epochs, or drop max_steps)")
+    return out

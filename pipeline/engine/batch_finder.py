@@ -120,17 +120,25 @@ def find_max_micro_batch(try_step: Callable[[int], Measured | tuple], *, start: 
     start = min(start, limit) if limit is not None else start
 
     def fits(size: int) -> bool:
-        oom = False
+        oom, error = False, None
         try:
             m = Measured(*try_step(size))
-        except RuntimeError as err:
-            if not is_oom(err):
-                raise
-            oom = True  # the traceback (and the tensors its frames hold) is released here
+        except Exception as err:
+            if is_oom(err):
+                oom = True  # the traceback (and the tensors its frames hold) is released here
+            else:
+                error = err
         if oom:
             _release_cuda()
             m = Measured(False, None, None, "out of memory")
-        everyone = bool(agree(int(m.fits)))
+        # Every rank votes, also one whose step failed otherwise: -1 on any rank is raised on
+        # all of them (the others would wait in this vote forever).
+        everyone = agree(-1 if error is not None else int(m.fits))
+        if error is not None:
+            raise error
+        if everyone < 0:
+            raise RuntimeError(f"micro-batch {size}: the trial step failed on another rank")
+        everyone = bool(everyone)
         note = m.note if not m.fits else None if everyone else "another rank did not fit"
         search.trials.append(Trial(size, everyone, m.peak_memory_bytes, m.samples_per_s, note))
         if on_trial is not None:
@@ -300,7 +308,7 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     def try_step(size: int) -> Measured:
         try:
             return measure(size)
-        except RuntimeError as err:
+        except (RuntimeError, MemoryError) as err:
             if not is_oom(err):
                 raise
         # Past the except block: the exception and the tensors its frames held are released.
@@ -331,19 +339,25 @@ def trial_step_cost(trials: list[Trial]) -> float | None:
 
 # -- what to configure ------------------------------------------------------------------------
 def suggest_batching(max_micro_batch_size: int, global_batch_size: int, num_workers: int,
-                     margin: float = 0.9) -> dict[str, object] | None:
+                     margin: float = 0.9, below: int | None = None) -> dict[str, object] | None:
     """micro batch x accumulation x workers for a global batch: the micro-batch is the largest
     divisor of the per-worker batch (global / workers) that is <= margin x the largest that
-    fits (a margin for samples and memory states the search did not meet). None if nothing fits.
+    fits (a margin for samples and memory states the search did not meet) and, with `below`,
+    smaller than it (what the config requires of the micro-batch: the adaptive schedule on one
+    worker, `Config.micro_batch_below`). None if nothing fits.
 
     >>> s = suggest_batching(100, global_batch_size=512, num_workers=2)
     >>> s["micro_batch_size"], s["accumulation_steps"], s["num_workers"]  # 256 per worker; 90 -> 64
     (64, 4, 2)
+    >>> suggest_batching(1000, 512, 1, below=64)["micro_batch_size"]  # 63 -> 32 divides 512
+    32
     """
-    if max_micro_batch_size < 1:
+    if max_micro_batch_size < 1 or (below is not None and below <= 1):
         return None
     per_worker = global_batch_size // num_workers
     cap = max(1, math.floor(margin * max_micro_batch_size))
+    if below is not None:
+        cap = min(cap, below - 1)
     micro = max(d for d in range(1, min(cap, per_worker) + 1) if per_worker % d == 0)
     return {"micro_batch_size": micro, "accumulation_steps": per_worker // micro,
             "num_workers": num_workers, "global_batch_size": micro * (per_worker // micro) * num_workers,

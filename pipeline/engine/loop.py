@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.engine.noise import LocalNorm, NoiseScale
-from pipeline.engine.step import StepOutOfMemory, is_oom, train_step
+from pipeline.engine.step import StepOutOfMemory, train_step
 
 MicroBatcher = Callable[[int], list[dict[str, torch.Tensor]]]
 
@@ -136,8 +136,8 @@ def train_epoch(
                                  noise_probe=noise_probe, measure_noise=state.noise is not None,
                                  agree_oom=auto_micro)
                 break
-            except RuntimeError as err:
-                if not (auto_micro and is_oom(err)) or state.micro_batch_size <= 1:
+            except StepOutOfMemory as err:  # in a forward or backward, nothing updated yet
+                if state.micro_batch_size <= 1:
                     raise
                 optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
@@ -147,7 +147,7 @@ def train_epoch(
                     torch.cuda.empty_cache()
                 old = state.micro_batch_size
                 state.micro_batch_size //= 2
-                where = f" ({err})" if isinstance(err, StepOutOfMemory) else ""
+                where = f" ({err})" if err.world > 1 else ""
                 if on_event is not None:
                     on_event(f"out of memory at step {state.step + 1}{where}: micro_batch_size "
                              f"{old} -> {state.micro_batch_size} on every rank (the step is retried)")

@@ -7,7 +7,9 @@ Scaling from a base batch size B0 at base LR lr0 to a global batch B:
 
 Gradual warmup (Goyal et al. 2017, sec. 2.2): the LR ramps linearly from lr0 to the scaled LR
 over the warmup steps, then follows the schedule (constant, step decay x0.1 at 50% and 75% of
-the remaining steps, or cosine to zero).
+the remaining steps, or cosine to zero). A batch below B0 (a batch-size schedule's first
+steps, say) scales the LR below lr0: there is nothing to warm up to, and the ramp starts at
+the scaled LR itself rather than above it.
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ def lr_at(
     >>> [round(lr_at(s, base_lr=0.1, peak_lr=0.5, warmup_steps=4, total_steps=10), 3)
     ...  for s in range(6)]
     [0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
+    >>> [lr_at(s, base_lr=0.1, peak_lr=0.025, warmup_steps=4, total_steps=10) for s in (0, 2)]
+    [0.025, 0.025]
     """
     if warmup_steps > 0 and step < warmup_steps:
-        return base_lr + (peak_lr - base_lr) * step / warmup_steps
+        start = min(base_lr, peak_lr)  # never above the LR the ramp leads to
+        return start + (peak_lr - start) * step / warmup_steps
     # The last step trained (total_steps - 1) is the schedule's end: progress runs 0 -> 1 over
     # the steps after warmup, so a cosine run ends exactly at 0 and a step schedule at 0.01.
     decay_steps = total_steps - 1 - warmup_steps

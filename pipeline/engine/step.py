@@ -126,9 +126,19 @@ def per_sample_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], loss:
 
 
 def is_oom(err: BaseException) -> bool:
-    """Whether an error is an out-of-memory (CUDA's, or a message that says so: CPU allocators,
-    `StepOutOfMemory`)."""
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    """Whether an error is an out-of-memory: CUDA's, Python's `MemoryError` (numpy collating),
+    or a message that says so (`StepOutOfMemory`; PyTorch's CPU allocator, whose RuntimeError
+    reads "DefaultCPUAllocator: can't allocate memory ... (Cannot allocate memory)").
+
+    >>> is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+    ...                     "4503599627370496 bytes. Error code 12 (Cannot allocate memory)"))
+    True
+    >>> is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    False
+    """
+    message = str(err).lower()
+    return (isinstance(err, torch.OutOfMemoryError | MemoryError) or "out of memory" in message
+            or "cannot allocate memory" in message or "can't allocate memory" in message)
 
 
 class StepOutOfMemory(RuntimeError):
@@ -288,10 +298,13 @@ def train_step(
     rank's own gradient norm for the noise scale when there are several ranks; with one rank
     and several micro-batches the first micro-batch is the small batch (see `StepResult.noise`).
 
-    `agree_oom` (several ranks, a DDP model built with `forward_sync_buffers=False`): no collective
-    inside forward or backward; an out-of-memory on any rank raises `StepOutOfMemory` on every
-    rank, with the gradients cleared (see the module docstring). Not for `nt_xent`, whose step
-    all-gathers embeddings between forwards.
+    `agree_oom` (several ranks: a DDP model built with `forward_sync_buffers=False`; or one):
+    no collective inside forward or backward; an out-of-memory there on any rank raises
+    `StepOutOfMemory` on every rank, with the gradients cleared (see the module docstring), and
+    any other error on a rank is raised on every rank after the same vote. `StepOutOfMemory` is
+    the only out-of-memory the loop retries: one later in the step (averaging, clipping, the
+    optimizer's step) may come after parameters changed, so it is raised as it is. Not for
+    `nt_xent`, whose step all-gathers embeddings between forwards.
     """
     device = device or next(model.parameters()).device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -307,7 +320,8 @@ def train_step(
         loss_total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         agree = agree_oom and world > 1
-        failed = 0.0
+        failed = errored = 0.0
+        error: BaseException | None = None
         try:
             for i, mb in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1
@@ -321,16 +335,27 @@ def train_step(
                 correct += c.detach()
                 if measure_noise and i == 0 and world == 1 and len(micro_batches) > 1:  # alone
                     small = (_grad_sq(optimizer), float(local[0]))
-        except RuntimeError as err:
-            if not (agree and is_oom(err)):
+        except Exception as err:
+            if not agree_oom:
                 raise
-            failed = 1.0  # join the vote below instead of leaving the other ranks waiting
-        if agree:
-            (n_failed,) = all_reduce_sum([failed], device)
-            if n_failed:
+            # join the vote below instead of leaving the other ranks waiting in it
+            if is_oom(err):
+                failed = 1.0
+            else:
+                errored, error = 1.0, err
+        if agree_oom:
+            n_failed, n_errored = (all_reduce_sum([failed, errored], device) if agree
+                                   else (failed, errored))
+            if n_failed or n_errored:
                 optimizer.zero_grad(set_to_none=True)
                 model.zero_grad(set_to_none=True)
+            if error is not None:
+                raise error
+            if n_errored:
+                raise RuntimeError(f"the step failed on {int(n_errored)} other rank(s) of {world}")
+            if n_failed:  # the one out-of-memory the loop retries with a smaller micro-batch
                 raise StepOutOfMemory(int(n_failed), world)
+        if agree:
             if measure_noise:  # this rank's own share, before the average
                 small = (_grad_sq(optimizer), float(sum(local)))
             _average_gradients(model, world)
@@ -343,8 +368,11 @@ def train_step(
     small_sq, b_small = small
     unscale = 1.0 / scaler.get_scale() ** 2 if scaler is not None else 1.0
     small_sq *= (global_count / (world * b_small)) ** 2 * unscale if b_small > 0 else math.nan
-    loss_g, correct_g, small_sum, b_small_sum = all_reduce_sum(
-        [float(loss_total), float(correct), small_sq, b_small], device)
+    # Each rank's |G_i|^2 estimates |G|^2 + tr(Sigma) / B_i: their mean over ranks is that of
+    # a small batch of the harmonic mean of the B_i (the ranks' token counts can differ a lot).
+    loss_g, correct_g, small_sum, inv_b_sum = all_reduce_sum(
+        [float(loss_total), float(correct), small_sq, 1.0 / b_small if b_small > 0 else math.nan],
+        device)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -360,9 +388,9 @@ def train_step(
     elif not nonfinite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    b_small_mean = b_small_sum / world  # ranks' shares differ by at most one sample
-    noise = ((small_sum / world, b_small_mean, norm * norm, global_count)
-             if math.isfinite(small_sum) and 0 < b_small_mean < global_count and not skipped
+    b_small_eff = world / inv_b_sum if inv_b_sum > 0 else math.nan
+    noise = ((small_sum / world, b_small_eff, norm * norm, global_count)
+             if math.isfinite(small_sum) and 0 < b_small_eff < global_count and not skipped
              else None)
     return StepResult(loss=loss_g / global_count, correct=correct_g, count=global_count,
                       grad_norm=norm, skipped=skipped, nonfinite=nonfinite, noise=noise,

@@ -125,3 +125,20 @@ def test_embedded_datasets_are_deterministic_and_shaped():
     lengths = seq.column("length").to_numpy()
     assert lengths.min() >= 8 and lengths.max() <= 512 and np.median(lengths) < 100
     assert seq.equals(make_sequences())
+
+
+@pytest.mark.parametrize("schedule", [{}, {"train.batch_size_schedule": "warmup",
+                                            "train.batch_size_min": 30,
+                                            "train.batch_size_warmup_steps": 10}])
+def test_inspect_draws_the_steps_train_max_steps_lets_training_take(schedule):
+    """`train.max_steps` ends training after that many optimizer steps (mid-epoch here: 15
+    steps an epoch at batch 60); inspect-batches' rows end there too, under a warmup schedule
+    counting its grouped steps, not its unit batches."""
+    from pipeline.inspect import feed_rows
+
+    cfg, st, _ = odd_setup("random", 2, **{"train.epochs": 3, **schedule})
+    everything = feed_rows(cfg, st, 0).to_pandas()
+    capped = feed_rows(cfg.with_overrides({"train.max_steps": 20}), st, 0).to_pandas()
+    steps = capped.groupby(["epoch", "batch"]).ngroups
+    assert steps == 20 and everything.groupby(["epoch", "batch"]).ngroups > 20
+    assert capped.equals(everything.iloc[: len(capped)])  # the same rows, up to the cap

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline import cli
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_config
 from pipeline.engine.batch_finder import (
     Measured,
     cpu_peak_bytes,
@@ -144,6 +144,13 @@ def test_out_of_memory_raised_by_try_step_counts_as_not_fitting_and_other_errors
     s = find_max_micro_batch(oom_text)
     assert s.max_micro_batch_size == 10 and s.trials[-1].note == "out of memory"
 
+    def cpu_allocator(n):  # what PyTorch's CPU allocator raises (torch 2.13)
+        if n > 12:
+            torch.empty(1 << 50)  # 4 PiB: refused at once, nothing allocated
+        return True, 1, 1.0
+
+    assert find_max_micro_batch(cpu_allocator).max_micro_batch_size == 12
+
     def broken(n):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
@@ -172,6 +179,29 @@ def test_one_rank_out_of_memory_all_ranks_agree_on_the_minimum_without_a_hang(wh
     # Rank 1 ran out of memory above 60; rank 0 fitted up to 100 and stopped because rank 1 did.
     assert [n for f, n in notes1 if not f] == ["out of memory"] * 3
     assert [n for f, n in notes0 if not f] == ["another rank did not fit"] * 3
+
+
+def _finder_error_rank(rank: int, world: int):
+    def try_step(n):
+        if rank == 1 and n == 8:
+            raise ValueError("a bug in rank 1's step")
+        return True, 1, 1.0
+
+    try:
+        find_max_micro_batch(try_step)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+def test_an_error_on_one_rank_is_raised_on_every_rank_without_a_hang():
+    """A rank whose trial step fails with another error than out-of-memory still votes: it
+    raises its own error, the other rank says the trial failed elsewhere (it would otherwise
+    wait in the vote forever)."""
+    r0, r1 = run_ranks(_finder_error_rank, 2)
+    assert r1 == "ValueError: a bug in rank 1's step"
+    assert r0 == "RuntimeError: micro-batch 8: the trial step failed on another rank"
 
 
 # -- the CPU memory budget ------------------------------------------------------------------------
@@ -234,6 +264,22 @@ def test_the_suggestion_is_micro_x_accumulation_x_workers_within_the_margin(
     assert s["micro_batch_size"] * s["accumulation_steps"] * workers == global_batch == s["global_batch_size"]
     assert s["micro_batch_size"] <= max(1, margin * largest)
     assert suggest_batching(0, global_batch, workers, margin) is None
+
+
+def test_the_suggestion_for_the_adaptive_schedule_on_one_worker_is_a_config_it_accepts():
+    """The adaptive schedule on one worker measures the noise scale from its first micro-batch:
+    the config wants the micro-batch below train.batch_size_min, and the suggestion honours it
+    (without `below` it would be the whole 512, which the config refuses)."""
+    cfg = load_config(DIGITS, ["train.batch_size_schedule=adaptive", "train.batch_size_min=64",
+                               "train.global_batch_size=512", "train.micro_batch_size=16",
+                               "scaling.num_workers=1"])
+    assert cfg.micro_batch_below() == 64
+    s = suggest_batching(1000, 512, 1, below=cfg.micro_batch_below())
+    assert (s["micro_batch_size"], s["accumulation_steps"]) == (32, 16)
+    assert cfg.with_overrides({"train.micro_batch_size": 32}).train.micro_batch_size == 32
+    with pytest.raises(ValueError, match="below train.batch_size_min=64"):
+        cfg.with_overrides({"train.micro_batch_size": suggest_batching(1000, 512, 1)["micro_batch_size"]})
+    assert suggest_batching(1000, 512, 1, below=1) is None  # no micro-batch is below 1
 
 
 # -- sizes -------------------------------------------------------------------------------------

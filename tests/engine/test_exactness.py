@@ -270,8 +270,7 @@ def test_the_epoch_end_writes_finite_weights_and_never_others():
 
     def epoch_end(model):
         session = Session()
-        state = types.SimpleNamespace(step=3, epoch=0, skipped_steps=0, nonfinite_steps=0,
-                                      noise=None, micro_batch_size=4, units=[], samples=12)
+        state = LoopState(step=3, micro_batch_size=4, units=3, samples=12)
         sched = types.SimpleNamespace(state_dict=lambda: {})
         _report({"train_loss": 1.0}, model, torch.optim.SGD(model.parameters(), lr=0.1), None,
                 state, {}, None, session, sched)

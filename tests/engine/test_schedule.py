@@ -29,6 +29,15 @@ def test_warmup_is_linear_from_base_to_peak_then_constant():
     assert all(x == pytest.approx(0.8) for x in lrs[7:])
 
 
+def test_warmup_never_starts_above_the_lr_it_leads_to():
+    """A batch below the base batch (a batch-size schedule's unit of 16 against a base of 64,
+    linear rule: 1/4 of the base LR) has nothing to warm up to: the ramp is flat at the scaled
+    LR, not a ramp down from 4x it."""
+    peak = scale_lr(0.05, 64, 16, "linear")
+    lrs = [lr_at(s, base_lr=0.05, peak_lr=peak, warmup_steps=4, total_steps=10) for s in range(6)]
+    assert lrs == [peak] * 6 == [0.0125] * 6
+
+
 def test_decay_counts_from_the_end_of_warmup():
     # 10 warmup steps (0..9), then steps 10..110: progress (step - 10) / 100, so 0.25 at step
     # 35, 0.5 at 60, 0.75 at 85 and 1 at the last step trained, 110 = total_steps - 1.

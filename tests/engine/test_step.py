@@ -271,6 +271,71 @@ def _ref_rank(rank: int, world: int, where: str):
                                             for k, v in model.module.state_dict().items()}
 
 
+class _OOMInOptimizerStep(torch.optim.SGD):
+    """SGD whose first step updates the parameters and then runs out of memory (as Adam
+    allocating its state on the first step can, or a fused step)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        super().step(closure)
+        type(self).calls += 1
+        if type(self).calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, in the optimizer's step)")
+
+
+def test_auto_micro_batch_does_not_retry_an_out_of_memory_after_the_update_began():
+    """Only an out-of-memory in forward or backward is retried with a smaller micro-batch: one
+    in the optimizer's step came after parameters changed, and a retry would apply the update
+    twice. It is raised, with the update applied once."""
+    model = model_for("dense")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = _OOMInOptimizerStep(model.parameters(), lr=0.5)
+    state = LoopState(micro_batch_size=G)
+    steps = [lambda size: micro_batches("dense", np.arange(G), size)]
+    with pytest.raises(torch.OutOfMemoryError, match="optimizer's step"):
+        train_epoch(model, opt, steps, state, lr_fn=lambda s: 0.5, loss="cross_entropy",
+                    auto_micro=True)
+    assert _OOMInOptimizerStep.calls == 1 and state.micro_batch_size == G
+    ref = one_step("dense", 0, 1, micro=G)  # one plain step from the same initial weights
+    for k, v in ref.items():
+        assert not torch.equal(model.state_dict()[k], before[k]), k
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
+
+
+class _FailsOnRank(torch.nn.Module):
+    def __init__(self, fails: bool):
+        super().__init__()
+        self.inner, self.fails = model_for("dense"), fails
+
+    def forward(self, batch):
+        if self.fails:
+            raise ValueError("a bug in rank 1's forward")
+        return self.inner(batch)
+
+
+def _error_rank(rank: int, world: int):
+    model = DDP(_FailsOnRank(rank == 1), forward_sync_buffers=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    steps = [lambda size: micro_batches("dense", rank_slice(np.arange(G), rank, world), size)]
+    try:
+        train_epoch(model, opt, steps, LoopState(micro_batch_size=G // world), lr_fn=lambda s: 0.5,
+                    loss="cross_entropy", auto_micro=True)
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+def test_auto_micro_batch_an_error_on_one_rank_is_raised_on_every_rank_without_a_hang():
+    """In the auto micro-batch mode a rank whose forward fails with another error than
+    out-of-memory still joins the ranks' vote (rank 0 would otherwise wait in it forever): the
+    failing rank raises its own error and the other says the step failed elsewhere."""
+    r0, r1 = run_ranks(_error_rank, 2)
+    assert r1 == "ValueError: a bug in rank 1's forward"
+    assert r0 == "RuntimeError: the step failed on 1 other rank(s) of 2"
+
+
 def test_evaluate_uses_running_stats():
     """BatchNorm at evaluation: the same sample scores the same whatever its batch."""
     torch.manual_seed(0)
