@@ -370,7 +370,7 @@ class MetricLogger:
         self._buffer: list[Metric] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._closing = False
+        self._closing = self._given_up = False
         self._down_since: float | None = None
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
@@ -461,20 +461,25 @@ class MetricLogger:
                 self.set_tags(tags)
         return self.run_id is not None
 
-    def close(self, timeout_s: float = 120.0) -> int:
-        """Send what is left, waiting at most timeout_s; the number of points not sent."""
+    def close(self, timeout_s: float = 120.0, *, give_up: bool = False) -> int:
+        """Send what is left, waiting at most timeout_s; the number of points not sent.
+        `give_up`: the sending thread also ends then, with points left (training was stopped
+        or failed: no one waits for them; without it the thread goes on trying)."""
         self._closing = True
         self._wake.set()
         self._thread.join(timeout_s)
+        if give_up and self._thread.is_alive():
+            self._given_up = True
+            self._wake.set()
         return self.pending() + self.dropped
 
     def _send_loop(self) -> None:
         while True:
             self._wake.wait(timeout=self.retry_s)
             self._wake.clear()
-            while self._send_one():
+            while not self._given_up and self._send_one():
                 pass
-            if self._closing and not self.pending():
+            if self._given_up or (self._closing and not self.pending()):
                 return
 
     def _send_one(self) -> bool:

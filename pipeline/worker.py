@@ -328,72 +328,80 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         return {}
 
     data_meter = _DataMeter(streamed, pulled)
-    for epoch in range(state.epoch, t.epochs):
-        state.epoch = epoch
-        if t.max_steps is not None and state.step >= t.max_steps:
-            break
-        eb, steps = feed.epoch(epoch, next_units, sample_losses)
-        if rank == 0 and eb.plan.note:
-            console.say(eb.plan.note)
-        plan, batches, dropped = eb.plan, eb.batches, eb.dropped
-        pad_stats = {"real": 0, "padded": 0}
+    try:
+        for epoch in range(state.epoch, t.epochs):
+            state.epoch = epoch
+            if t.max_steps is not None and state.step >= t.max_steps:
+                break
+            eb, steps = feed.epoch(epoch, next_units, sample_losses)
+            if rank == 0 and eb.plan.note:
+                console.say(eb.plan.note)
+            plan, batches, dropped = eb.plan, eb.batches, eb.dropped
+            pad_stats = {"real": 0, "padded": 0}
 
-        steps_log: list[tuple[int, dict[str, float], float]] = []  # (step, record, when)
-        samples_before, units_before = state.samples, state.units
-        bar = None  # a progress bar within the epoch, drawn on the driver's terminal
-        if rank == 0 and loop_config.get("progress_bar"):
-            from ray.experimental.tqdm_ray import tqdm
+            steps_log: list[tuple[int, dict[str, float], float]] = []  # (step, record, when)
+            samples_before, units_before = state.samples, state.units
+            bar = None  # a progress bar within the epoch, drawn on the driver's terminal
+            if rank == 0 and loop_config.get("progress_bar"):
+                from ray.experimental.tqdm_ray import tqdm
 
-            bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}",
-                       unit="step" if unit == G else "unit batch")
-        start = time.perf_counter()
-        metrics = train_epoch(
-            model, optimizer,
-            planned(steps, epoch, pad_stats), state, loss=t.loss, precision=t.precision, scaler=scaler,
-            grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
-            on_step=partial(_record_step, steps_log, bar, sched, units_before,
-                            partial(validate, epoch)), seed=t.seed, rank=rank,
-            nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit, noise_probe=noise_probe,
-            on_event=console.say if rank == 0 else None)
-        wall = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
-        if len(val_pos):
-            metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision))
-        if b.strategy == "hard_mining":
-            sample_losses = _score_pool(model, feed, len(st), per_worker, cfg, device)
-            pool_losses = sample_losses[train_pos]
-            metrics.update({"hard_mining/loss_mean": float(pool_losses.mean()),
-                            "hard_mining/loss_p90": float(np.quantile(pool_losses, 0.9))})
-        trained = state.samples - samples_before
-        metrics.update({
-            "epoch": epoch + 1, "step": state.step, "samples_per_s": trained / wall,
-            "epoch_time_s": wall, "dropped": float(dropped), "pool_size": float(plan.pool_size),
-            "skipped_steps": float(state.skipped_steps),
-            "nonfinite_steps": float(state.nonfinite_steps),
-            "global_batch_size": float(state.batch_size or G), "samples": float(state.samples),
-            "micro_batch_size": float(state.micro_batch_size),
-        })
-        if first_step:
-            metrics["startup_s"] = first_step[0] - started_at
-        if sched.kind == "adaptive" and sched.step_cost is not None:  # c as used (set or fitted)
-            metrics["batch_size_step_cost"] = float(sched.step_cost)
-        metrics.update(data_meter.epoch_metrics())
-        if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
-            metrics["ghost_batch_size"] = float(state.micro_batch_size * (
-                world if cfg.train.sync_batchnorm and world > 1 else 1))
-        if pad_stats["padded"]:
-            metrics["padding_efficiency"] = pad_stats["real"] / pad_stats["padded"]
-            metrics["tokens_per_s"] = pad_stats["real"] * world / wall
-        if scaler is not None:
-            metrics["loss_scale"] = float(scaler.get_scale())
+                bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}",
+                           unit="step" if unit == G else "unit batch")
+            start = time.perf_counter()
+            metrics = train_epoch(
+                model, optimizer,
+                planned(steps, epoch, pad_stats), state, loss=t.loss, precision=t.precision, scaler=scaler,
+                grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
+                on_step=partial(_record_step, steps_log, bar, sched, units_before,
+                                partial(validate, epoch)), seed=t.seed, rank=rank,
+                nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit, noise_probe=noise_probe,
+                on_event=console.say if rank == 0 else None)
+            wall = time.perf_counter() - start
+            if bar is not None:
+                bar.close()
+            if len(val_pos):
+                metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision))
+            if b.strategy == "hard_mining":
+                sample_losses = _score_pool(model, feed, len(st), per_worker, cfg, device)
+                pool_losses = sample_losses[train_pos]
+                metrics.update({"hard_mining/loss_mean": float(pool_losses.mean()),
+                                "hard_mining/loss_p90": float(np.quantile(pool_losses, 0.9))})
+            trained = state.samples - samples_before
+            metrics.update({
+                "epoch": epoch + 1, "step": state.step, "samples_per_s": trained / wall,
+                "epoch_time_s": wall, "dropped": float(dropped), "pool_size": float(plan.pool_size),
+                "skipped_steps": float(state.skipped_steps),
+                "nonfinite_steps": float(state.nonfinite_steps),
+                "global_batch_size": float(state.batch_size or G), "samples": float(state.samples),
+                "micro_batch_size": float(state.micro_batch_size),
+            })
+            if first_step:
+                metrics["startup_s"] = first_step[0] - started_at
+            if sched.kind == "adaptive" and sched.step_cost is not None:  # c as used (set or fitted)
+                metrics["batch_size_step_cost"] = float(sched.step_cost)
+            metrics.update(data_meter.epoch_metrics())
+            if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
+                metrics["ghost_batch_size"] = float(state.micro_batch_size * (
+                    world if cfg.train.sync_batchnorm and world > 1 else 1))
+            if pad_stats["padded"]:
+                metrics["padding_efficiency"] = pad_stats["real"] / pad_stats["padded"]
+                metrics["tokens_per_s"] = pad_stats["real"] * world / wall
+            if scaler is not None:
+                metrics["loss_scale"] = float(scaler.get_scale())
+            if logger is not None:
+                for step, rec, at in steps_log:
+                    logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step, at)
+                logger.add({k: v for k, v in metrics.items()
+                            if k not in ("epoch", "step") and math.isfinite(v)}, epoch + 1)
+                logger.flush(wait_s=10.0)  # an outage of the store waits at most this long
+            _report(metrics, model, optimizer, scaler, state, spec, sample_losses, session, sched)
+    except BaseException:
+        # stopped (Tune stops a trial inside its report, Ctrl-C) or failed: the epochs done
+        # were flushed; the sending thread is not left behind (in a Tune actor it would be
+        # one per stopped trial)
         if logger is not None:
-            for step, rec, at in steps_log:
-                logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step, at)
-            logger.add({k: v for k, v in metrics.items()
-                        if k not in ("epoch", "step") and math.isfinite(v)}, epoch + 1)
-            logger.flush(wait_s=10.0)  # an outage of the store waits at most this long
-        _report(metrics, model, optimizer, scaler, state, spec, sample_losses, session, sched)
+            logger.close(timeout_s=2.0, give_up=True)
+        raise
     if logger is not None:
         unsent = logger.close(timeout_s=float(loop_config.get("tracking_close_s", 120.0)))
         if unsent and loop_config.get("tracking_file"):

@@ -144,6 +144,8 @@ def files(tmp_path_factory) -> dict[str, str]:
         "one_of_class_2": {"x": _vectors(16).slice(0, 40),
                            "y": pa.array([0] * 20 + [1] * 19 + [2])},
         "empty": {"x": _vectors(16).slice(0, 0), "y": label.slice(0, 0)},
+        "nan_difficulty": {"x": _vectors(16), "y": label,
+                           "h": pa.array([float("nan") if i == 5 else i / N for i in range(N)])},
     }
     out = {}
     for name, columns in tables.items():
@@ -317,6 +319,9 @@ CASES = [
                                                         "train.loss=nt_xent", "model.name=mlp")],
      "batching.strategy=hard_mining"),
     ("contrastive-on-sequences", [*SEQ, *s("train.loss=nt_xent")], "train.loss=nt_xent"),
+    ("difficulty-nan", [*s("data.path={nan_difficulty}", "data.feature_column=x",
+                           "data.label_column=y", "batching.strategy=curriculum",
+                           "batching.difficulty_column=h")], "row 5 has no finite difficulty"),
     ("contrastive-without-its-loss", ["--config", DIGITS, *s("batching.strategy=contrastive")],
      "batching.strategy=contrastive"),
     ("adaptive-contrastive", ["--config", DIGITS, *s(

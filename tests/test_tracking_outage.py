@@ -73,6 +73,22 @@ def test_points_that_never_got_through_are_counted_exactly(tmp_path, quick_http)
         ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2)]  # what was not sent, exactly
 
 
+def test_a_logger_closed_giving_up_ends_its_thread_and_one_closed_waiting_keeps_trying(
+        quick_http):
+    """Training stopped or failed (a trial Tune stopped, in an actor that lives on): its
+    logger is closed giving up, so its sending thread ends though points are left; the normal
+    close keeps trying past its timeout (a job's driver waits for the points)."""
+    port = free_port()
+    loggers = [MetricLogger(f"http://127.0.0.1:{port}", "no-such-run", retry_s=0.1)
+               for _ in range(2)]
+    for logger in loggers:
+        logger.add({"a": 1.0}, step=1)
+    assert loggers[0].close(timeout_s=0.3, give_up=True) == 1
+    assert loggers[1].close(timeout_s=0.3) == 1
+    loggers[0]._thread.join(5.0)
+    assert not loggers[0]._thread.is_alive() and loggers[1]._thread.is_alive()
+
+
 def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp_path,
                                                                               quick_http):
     """The server is down when the job starts: points and tags wait; once it is up, the run is

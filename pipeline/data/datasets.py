@@ -303,6 +303,12 @@ def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
     table = ds.to_table(columns=cols) if cols else pa.table({"_": pa.nulls(ds.count_rows())})
     small = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,
                                    difficulty_column=b.difficulty_column)  # checks the labels
+    if small.difficulty is not None and not np.isfinite(small.difficulty).all():
+        bad = int(np.flatnonzero(~np.isfinite(small.difficulty))[0])
+        raise ConfigError(f"data error: batching.difficulty_column={b.difficulty_column!r}: row "
+                          f"{bad} has no finite difficulty ({small.difficulty[bad]}; "
+                          f"{int((~np.isfinite(small.difficulty)).sum())} such row(s)): a "
+                          "curriculum could not place it")
     embedded_digits = d.path is None and d.name in ("digits", "digits_imbalanced")
     return DataFacts(width, max_token, max_target, embedded_digits,
                      dataclasses.replace(small, lengths=lengths))
