@@ -56,6 +56,7 @@ SOMETIMES_LOGGED = {  # metric -> when it is logged
     "hard_mining/loss_mean": "batching.strategy=hard_mining",
     "hard_mining/loss_p90": "batching.strategy=hard_mining",
     "noise_scale": NOISE_MEASURED, "noise_grad_sq": NOISE_MEASURED, "noise_trace": NOISE_MEASURED,
+    "noise_scale_samples": NOISE_MEASURED,
     "batch_size_step_cost": "train.batch_size_schedule=adaptive",
 }
 

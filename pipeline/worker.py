@@ -392,7 +392,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                 for step, rec, at in steps_log:
                     logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step, at)
                 logger.add({k: v for k, v in metrics.items()
-                            if k not in ("epoch", "step") and math.isfinite(v)}, epoch + 1)
+                            if k != "epoch" and math.isfinite(v)}, epoch + 1)
                 logger.flush(wait_s=10.0)  # an outage of the store waits at most this long
             _report(metrics, model, optimizer, scaler, state, spec, sample_losses, session, sched)
     except BaseException:

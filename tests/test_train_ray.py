@@ -50,11 +50,11 @@ def test_main_job_two_workers_reaches_095_and_logs_every_epoch(ray_cluster, mlfl
     assert len(noise) == epochs and all(v > 0 for v in noise) and noise[-1] > 2 * noise[0]
     assert {m.value for m in client.get_metric_history(run.info.run_id, "global_batch_size")} == {64}
     # What a sweep may rank by (`Config.logged_metrics`) is what this run logged per epoch (but
-    # `epoch` and `step`, reported to Tune, which MLflow has as its x-axis), and it logged nothing
-    # else per epoch but `ghost_batch_size` (its model has BatchNorm).
+    # `epoch`, reported to Tune, which MLflow has as its x-axis), and it logged nothing else per
+    # epoch but `ghost_batch_size` (its model has BatchNorm).
     from pipeline.config import Config
 
-    rankable = set(Config.model_validate(cfg).logged_metrics()) - {"epoch", "step"}
+    rankable = set(Config.model_validate(cfg).logged_metrics()) - {"epoch"}
     per_epoch = {k for k in run.data.metrics if "/" not in k
                  and epochs_logged(client, run.info.run_id, k) == list(range(1, epochs + 1))}
     assert rankable <= per_epoch, rankable - per_epoch

@@ -320,18 +320,36 @@ def test_critical_batch_recovers_the_papers_curve_and_needs_two_batch_sizes():
     df = pd.DataFrame([{"train.global_batch_size": b, "steps_to_target": s}
                        for b, s in good + worse])
     fit = critical_batch(df)
+    assert fit["verdict"] == "knee" and fit["missed"] == []
     assert fit["b_crit"] == pytest.approx(200.0) and fit["s_min"] == pytest.approx(50.0)
+    assert "about 200" in critical_batch_sentence(fit, None, 0.95)
     # Perfect scaling everywhere (S x B constant) is a knee beyond the largest batch tried.
     perfect = pd.DataFrame({"train.global_batch_size": [32, 64], "steps_to_target": [400, 200]})
     beyond = critical_batch(perfect)  # S_min = 0: no knee within reach
-    assert beyond["b_crit"] == math.inf and beyond["largest"] == 64
-    assert "beyond it" in critical_batch_sentence(beyond, None, 0.95)
+    assert beyond["verdict"] == "beyond" and beyond["b_crit"] == math.inf
+    assert beyond["largest"] == 64 and "at least about 64" in critical_batch_sentence(beyond, None, 0.95)
+    # Steps that do not fall, or fall with a knee below the smallest batch tried: the
+    # critical batch is at or below the smallest batch, never "about 11".
     flat = pd.DataFrame({"train.global_batch_size": [32, 64], "steps_to_target": [100, 100]})
-    assert critical_batch(flat) is None
-    assert critical_batch(df.iloc[:1]) is None
-    nothing = critical_batch_sentence(None, 120.0, 0.95)
+    assert critical_batch(flat)["verdict"] == "flat"
+    assert "at or below 32" in critical_batch_sentence(critical_batch(flat), None, 0.95)
+    low = pd.DataFrame({"train.global_batch_size": [256, 512, 1024, 2048],
+                        "steps_to_target": [100, 98, 97, 96.5]})
+    below = critical_batch(low)
+    assert below["verdict"] == "below" and below["b_crit"] < 256
+    assert "at or below 256" in critical_batch_sentence(below, None, 0.95)
+    # Batches that never reached the target are not points, and the sentence names them
+    # instead of calling the largest that did "the largest tried".
+    missing = pd.DataFrame({"train.global_batch_size": [32, 64, 128, 256, 512, 1024],
+                            "steps_to_target": [400, 200, 100, 50, None, None]})
+    fit_missing = critical_batch(missing)
+    assert fit_missing["verdict"] == "beyond" and fit_missing["missed"] == [512, 1024]
+    said = critical_batch_sentence(fit_missing, None, 0.95)
+    assert "the largest batch that reached it" in said and "512, 1024 did not reach" in said
+    assert critical_batch(df.iloc[:1])["verdict"] == "too_few"
+    nothing = critical_batch_sentence(critical_batch(df.iloc[:1]), 120.0, 0.95)
     assert nothing.startswith("Too few batch sizes reached val_accuracy >= 0.95") and "120" in nothing
-    assert "about 200" in critical_batch_sentence(fit, None, 0.95)
+    assert critical_batch(pd.DataFrame({"train.global_batch_size": [], "steps_to_target": []})) is None
 
 
 def test_steps_and_samples_to_target_use_validations_within_epochs():

@@ -80,3 +80,28 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
         "capped": "FINISHED", "killed_done": "FINISHED", "twice_first": "KILLED",
         "twice": "FINISHED"}
     assert [k for k, r in shown.items() if r.data.tags.get("early_stopped")] == ["stopped"]
+
+
+def test_a_trials_curve_takes_the_step_counter_it_logged_and_its_noise_scale_in_samples(
+        mlflow_server):
+    """`history` reads the optimizer step counter each epoch logged (a run that continues a
+    checkpoint starts it where the checkpoint was; an epoch's `steps` point lost in an outage
+    does not shift the later ones), and the noise scale in samples where a token-level run
+    logged it; a run from before the counter was logged falls back to summing `steps`."""
+    from pipeline.tune.results import history
+
+    c = MlflowClient(mlflow_server)
+    exp = c.create_experiment(f"test-history-{uuid.uuid4().hex[:6]}")
+    counted, legacy = c.create_run(exp).info.run_id, c.create_run(exp).info.run_id
+    for epoch in (1, 2, 3):  # resumed from a checkpoint at step 30; epoch 2's `steps` lost
+        if epoch != 2:
+            c.log_metric(counted, "steps", 10, step=epoch)
+        c.log_metric(counted, "step", 30 + 10 * epoch, step=epoch)
+        c.log_metric(counted, "noise_scale", 2560.0 * epoch, step=epoch)  # tokens
+        c.log_metric(counted, "noise_scale_samples", 10.0 * epoch, step=epoch)
+        c.log_metric(legacy, "steps", 10, step=epoch)
+        c.log_metric(legacy, "noise_scale", 5.0 * epoch, step=epoch)
+    h = history(mlflow_server, counted)
+    assert h["step"].tolist() == [40, 50, 60] and h["noise_scale"].tolist() == [10.0, 20.0, 30.0]
+    h = history(mlflow_server, legacy)
+    assert h["step"].tolist() == [10, 20, 30] and h["noise_scale"].tolist() == [5.0, 10.0, 15.0]

@@ -184,6 +184,8 @@ def train_epoch(
             record["noise_scale"] = state.noise.update(sq_small=sq_small, b_small=b_small,
                                                        sq_big=sq_big, b_big=b_big)
             record["noise_grad_sq"], record["noise_trace"] = state.noise.grad_sq, state.noise.trace
+            if state.elements_per_sample != 1.0:  # token-level: the same in samples, as batches are
+                record["noise_scale_samples"] = record["noise_scale"] / state.elements_per_sample
         if on_step is not None:
             on_step(state, record)
     elapsed = time.perf_counter() - start
@@ -195,7 +197,11 @@ def train_epoch(
         "epoch_time_s": elapsed,
         "worker_samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
         "lr": lr if math.isfinite(lr) or lr_fn is None else lr_fn(max(state.step - 1, 0)),
+        # the noise scale is in loss elements (tokens for a token-level loss); batch sizes are in
+        # samples: `noise_scale_samples` is the one to set beside them (the last step's tokens
+        # per sample)
         **({"noise_scale": state.noise.value, "noise_grad_sq": state.noise.grad_sq,
-            "noise_trace": state.noise.trace}
+            "noise_trace": state.noise.trace,
+            "noise_scale_samples": state.noise.value / state.elements_per_sample}
            if state.noise is not None and state.noise.steps else {}),
     }

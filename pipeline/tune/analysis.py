@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,24 +46,34 @@ def steps_to_target(history: pd.DataFrame, target: float, metric: str = "val_acc
 
 
 def at_target(history: pd.DataFrame, target: float, column: str,
-              metric: str = "val_accuracy") -> float | None:
-    """`column` (e.g. cumulative `samples`, `noise_scale`) at the first epoch whose `metric`
-    reaches `target` -- the epoch `steps_to_target` counts to --, or None.
+              metric: str = "val_accuracy", latest: bool = False) -> float | None:
+    """`column` (e.g. cumulative `samples`, `noise_scale`) at the first validation whose
+    `metric` reaches `target` -- the step `steps_to_target` counts to --, or None. `latest`:
+    where that validation has no value of `column`, its latest value logged before it (a
+    running estimate, such as the noise scale: a skipped step measures none).
 
-    >>> h = pd.DataFrame({"epoch": [1, 2], "step": [10, 20], "samples": [640, 1280],
-    ...                   "val_accuracy": [0.8, 0.95]})
-    >>> at_target(h, 0.9, "samples")
-    1280.0
+    >>> h = pd.DataFrame({"epoch": [1, 2, 3], "step": [10, 20, 30], "samples": [640, 1280, 1920],
+    ...                   "noise_scale": [50.0, None, 70.0], "val_accuracy": [0.8, 0.95, 0.97]})
+    >>> at_target(h, 0.9, "samples"), at_target(h, 0.9, "noise_scale")
+    (1280.0, None)
+    >>> at_target(h, 0.9, "noise_scale", latest=True)  # not the last epoch's 70
+    50.0
     """
     if history.empty or metric not in history or column not in history:
         return None
-    h = history.dropna(subset=[metric]).sort_values("step", kind="stable")
-    reached = h[h[metric] >= target]
-    value = None if reached.empty else reached[column].iloc[0]
+    h = history.sort_values("step", kind="stable")
+    scored = h.dropna(subset=[metric])
+    reached = scored[scored[metric] >= target]
+    if reached.empty:
+        return None
+    value = reached[column].iloc[0]
+    if pd.isna(value) and latest:
+        before = h[h["step"] <= reached["step"].iloc[0]][column].dropna()
+        value = before.iloc[-1] if len(before) else None
     return None if value is None or pd.isna(value) else float(value)
 
 
-def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str, float] | None:
+def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str, Any] | None:
     """The empirical critical batch from steps-to-target against batch size.
 
     McCandlish et al. 2018 (eq. 2.11, fig. 5): steps and samples to a given loss trade off as
@@ -70,59 +81,92 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
     points (1 / B, S) has intercept S_min and slope S_min B_crit. B_crit is the knee: there the
     batch needs twice the fewest steps, and doubling it from there saves at most a quarter of
     the steps (2 S_min -> 1.5 S_min) for twice the samples. One point per batch (the fewest
-    steps, any rule); None with fewer than two batches or when steps do not fall as the batch
-    grows (no positive slope). A knee beyond the largest batch tried (S_min about 0: perfect
-    scaling throughout) gives b_crit = inf and `largest`, the largest batch tried.
+    steps, any rule). `verdict` says what the points allow:
+
+    - `knee`: B_crit within the batches that reached the target (`b_crit`, `s_min`);
+    - `beyond`: steps fall about in proportion to the batch up to the largest that reached the
+      target (S_min about 0, or a knee past it): the critical batch is at least that;
+    - `below`: steps fall a little, with a knee below the smallest batch tried, or `flat`: they
+      do not fall at all -- either way the critical batch is at or below the smallest batch;
+    - `too_few`: fewer than two batch sizes reached the target.
+
+    `missed` lists the batch sizes tried of which no trial reached the target (within its
+    epochs: its steps to it are unknown, not infinite); `smallest` / `largest` bound the
+    batches that did. None when no trial has a batch size.
 
     >>> pts = pd.DataFrame({"train.global_batch_size": [32, 64, 128, 256],
     ...                     "steps_to_target": [100 * (1 + 64 / b) for b in (32, 64, 128, 256)]})
-    >>> {k: round(v, 6) for k, v in critical_batch(pts).items()}
-    {'b_crit': 64.0, 's_min': 100.0, 'points': 4.0}
+    >>> fit = critical_batch(pts)
+    >>> fit["verdict"], round(fit["b_crit"], 6), round(fit["s_min"], 6), fit["points"]
+    ('knee', 64.0, 100.0, 4)
     """
-    d = df.dropna(subset=[steps, BATCH])
+    d = df.dropna(subset=[BATCH])
     if d.empty:
         return None
-    points = d.groupby(BATCH)[steps].min()
+    tried = sorted({int(b) for b in d[BATCH]})
+    points = d.dropna(subset=[steps]).groupby(BATCH)[steps].min()
+    points.index = points.index.astype(int)
+    out: dict[str, Any] = {"verdict": "too_few", "points": len(points), "b_crit": None,
+                           "s_min": None, "missed": [b for b in tried if b not in points.index],
+                           "smallest": int(points.index.min()) if len(points) else None,
+                           "largest": int(points.index.max()) if len(points) else None}
     if len(points) < 2:
-        return None
+        return out
     slope, s_min = np.polyfit(1.0 / points.index.to_numpy(dtype=float),
                               points.to_numpy(dtype=float), 1)
     if not slope > 1e-9 * float(points.max() * points.index.max()):  # flat, up to rounding
-        return None
-    largest = float(points.index.max())
-    if s_min <= 1e-9 * float(points.max()) or slope / s_min > largest:
-        return {"b_crit": math.inf, "s_min": max(float(s_min), 0.0),
-                "points": float(len(points)), "largest": largest}
-    return {"b_crit": float(slope / s_min), "s_min": float(s_min), "points": float(len(points))}
+        return {**out, "verdict": "flat", "s_min": float(points.min())}
+    if s_min <= 1e-9 * float(points.max()) or slope / s_min > out["largest"]:
+        return {**out, "verdict": "beyond", "b_crit": math.inf, "s_min": max(float(s_min), 0.0)}
+    verdict = "below" if slope / s_min < out["smallest"] else "knee"
+    return {**out, "verdict": verdict, "b_crit": float(slope / s_min), "s_min": float(s_min)}
 
 
-def critical_batch_sentence(fit: dict[str, float] | None, noise_scale: float | None,
+def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | None,
                             target: float | None) -> str:
-    """The sweep's answer, in a sentence a person can act on.
+    """The sweep's answer, in a sentence a person can act on (`critical_batch`'s verdict).
 
-    >>> print(critical_batch_sentence({"b_crit": 180.4, "s_min": 40.0, "points": 4.0}, 150.0,
-    ...                               0.95))  # doctest: +NORMALIZE_WHITESPACE
+    >>> print(critical_batch_sentence({"verdict": "knee", "b_crit": 180.4, "s_min": 40.0,
+    ...                                "points": 4, "missed": [], "smallest": 32,
+    ...                                "largest": 256}, 150.0, 0.95))
+    ... # doctest: +NORMALIZE_WHITESPACE
     The critical batch here is about 180 (steps to val_accuracy >= 0.95 follow
     S = 40 x (1 + 180 / B) over 4 batch sizes; the gradient noise scale measured in the trials
-    is about 150): beyond it, more workers buy little -- doubling the batch from 180 saves at
-    most a quarter of the steps for twice the samples.
+    is about 150 samples): beyond it, more workers buy little -- doubling the batch from 180
+    saves at most a quarter of the steps for twice the samples.
     """
-    noise = (f"; the gradient noise scale measured in the trials is about {noise_scale:.0f}"
-             if noise_scale is not None and math.isfinite(noise_scale) else "")
-    if fit is None:
-        reach = f"val_accuracy >= {target:g}" if target is not None else "a target"
-        guess = (f"; the gradient noise scale measured in the trials, about {noise_scale:.0f}, is "
-                 "a first estimate of it" if noise else "")
-        return f"Too few batch sizes reached {reach} to place the critical batch{guess}."
+    reach = f"val_accuracy >= {target:g}" if target is not None else "a target"
+    has_noise = noise_scale is not None and math.isfinite(noise_scale)
+    noise = (f"; the gradient noise scale measured in the trials is about {noise_scale:.0f} "
+             "samples" if has_noise else "")
+    verdict = fit["verdict"] if fit is not None else "too_few"
+    missed = fit["missed"] if fit is not None else []
+    above = [b for b in missed if fit is not None and fit["largest"] is not None
+             and b > fit["largest"]]
+    unknown = (f" Batch size(s) {', '.join(map(str, missed))} did not reach {reach} within "
+               "their epochs: their steps to it are not measured." if missed else "")
+    if verdict == "too_few":
+        guess = (f"; the gradient noise scale measured in the trials, about {noise_scale:.0f} "
+                 "samples, is a first estimate of it" if has_noise else "")
+        return f"Too few batch sizes reached {reach} to place the critical batch{guess}.{unknown}"
+    n, small, large = fit["points"], fit["smallest"], fit["largest"]
+    if verdict in ("flat", "below"):
+        how = ("do not fall" if verdict == "flat" else
+               f"fall little (a fit puts the knee near {fit['b_crit']:.0f}, below them)")
+        return (f"Steps to {reach} {how} as the batch grows from {small} to {large} over {n} "
+                f"batch sizes{noise}: the critical batch is at or below {small}, and larger "
+                f"batches buy few or no fewer steps for more samples.{unknown}")
+    if verdict == "beyond":
+        caveat = (" -- as far as measured: larger batches did not reach the target"
+                  if above else "")
+        return (f"Steps to {reach} keep falling about in proportion to the batch up to {large}, "
+                f"the largest batch that reached it{noise}: the critical batch is at least "
+                f"about {large}, and more workers still buy fewer steps there{caveat}.{unknown}")
     b = fit["b_crit"]
-    if not math.isfinite(b):
-        return (f"Steps to val_accuracy >= {target:g} keep falling about in proportion to the "
-                f"batch up to the largest tried ({fit['largest']:.0f}){noise}: the critical batch "
-                "is beyond it, and more workers still buy fewer steps.")
-    return (f"The critical batch here is about {b:.0f} (steps to val_accuracy >= {target:g} "
-            f"follow S = {fit['s_min']:.0f} x (1 + {b:.0f} / B) over {int(fit['points'])} batch "
-            f"sizes{noise}): beyond it, more workers buy little -- doubling the batch from "
-            f"{b:.0f} saves at most a quarter of the steps for twice the samples.")
+    return (f"The critical batch here is about {b:.0f} (steps to {reach} follow "
+            f"S = {fit['s_min']:.0f} x (1 + {b:.0f} / B) over {n} batch sizes{noise}): beyond "
+            f"it, more workers buy little -- doubling the batch from {b:.0f} saves at most a "
+            f"quarter of the steps for twice the samples.{unknown}")
 
 
 def _best_per_point(df: pd.DataFrame, value: str, *, best: str, rule: str) -> pd.DataFrame:

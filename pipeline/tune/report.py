@@ -67,7 +67,7 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[
     parent_metrics = {f"trials_{k.lower()}": float(v) for k, v in counts.items()}
     if best is not None:
         parent_metrics[f"best_{cfg.tune.metric}"] = float(best[cfg.tune.metric])
-    if fit is not None:
+    if fit is not None and fit["verdict"] == "knee":  # placed among the batches tried
         parent_metrics["critical_batch"] = fit["b_crit"]
     if noise_scale is not None:
         parent_metrics["noise_scale"] = noise_scale
@@ -85,7 +85,9 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[
                  "overrides": overrides, "metrics": metrics_by_trial[best["trial_id"]],
                  "config": best_cfg.to_dict()},
         "trials": {k: int(v) for k, v in counts.items()},
-        "critical_batch": {**(fit or {}), "noise_scale": noise_scale, "sentence": sentence},
+        "critical_batch": {**(fit or {}), "noise_scale": noise_scale, "sentence": sentence,
+                           # strict JSON has no Infinity: a knee beyond the batches is null
+                           **({"b_crit": None} if fit and fit["verdict"] == "beyond" else {})},
         "trials_csv": str(out_dir / "trials.csv"), "experiment_path": experiment_path,
     })
     return df

@@ -25,25 +25,35 @@ _TUNE_KEYS = {"config", "checkpoint_path", "checkpoint_dir_name", "timestamp", "
 
 
 def history(uri: str, run_id: str) -> pd.DataFrame:
-    """A trial's per-epoch curve read back from MLflow: epoch, step (optimizer steps at the end
-    of that epoch: the running sum of the per-epoch `steps` metric), val_accuracy, val_loss,
-    samples (trained so far), noise_scale and global_batch_size when logged."""
-    cols = metric_histories(uri, run_id, ["steps", "val_accuracy", "val_loss", "samples",
-                                          "noise_scale", "global_batch_size"])
+    """A trial's per-epoch curve read back from MLflow: epoch, step (the optimizer step counter
+    at the end of that epoch, as the run logged it: it goes on from a checkpoint in a run that
+    continues one), val_accuracy, val_loss, samples (trained so far), noise_scale (in samples:
+    `noise_scale_samples` where the run logged it) and global_batch_size when logged. A run
+    from before the counter was logged: the running sum of its per-epoch `steps`."""
+    cols = metric_histories(uri, run_id, ["step", "steps", "val_accuracy", "val_loss",
+                                          "samples", "noise_scale", "noise_scale_samples",
+                                          "global_batch_size"])
     h = pd.DataFrame(cols).rename_axis("epoch").reset_index().sort_values("epoch")
     if h.empty:
         return pd.DataFrame(columns=["epoch", "step", "val_accuracy", "val_loss"])
-    h["step"] = h["steps"].fillna(0).cumsum().astype(int)
-    return h.drop(columns="steps").reset_index(drop=True)
+    summed = h["steps"].fillna(0).cumsum() if "steps" in h else pd.Series(0, index=h.index)
+    h["step"] = (h["step"].fillna(summed) if "step" in h else summed).astype(int)
+    in_samples = h.pop("noise_scale_samples") if "noise_scale_samples" in h else None
+    if in_samples is not None and in_samples.notna().any():  # never a mix of the two units
+        h["noise_scale"] = in_samples
+    return h.drop(columns=[c for c in ("steps",) if c in h]).reset_index(drop=True)
 
 
 def target_points(uri: str, run_id: str, epochs: pd.DataFrame) -> pd.DataFrame:
     """Every validation of a trial, by optimizer step: the epoch ends (`history`) and, with
     `train.eval_every`, the passes within epochs (`step/val_accuracy`, with `step/samples` and
     `step/noise_scale` at the same step). Steps and samples to the target come from these."""
-    keys = ("val_accuracy", "samples", "noise_scale")
+    keys = ("val_accuracy", "samples", "noise_scale", "noise_scale_samples")
     cols = dict(zip(keys, metric_histories(uri, run_id, [f"step/{k}" for k in keys]).values(),
                     strict=True))
+    if cols["noise_scale_samples"]:  # a token-level loss: the noise scale in samples (history)
+        cols["noise_scale"] = cols["noise_scale_samples"]
+    del cols["noise_scale_samples"]
     keep = [k for k in ("step", "val_accuracy", "samples", "noise_scale") if k in epochs]
     inner = pd.DataFrame(cols).rename_axis("step").reset_index()
     if "val_accuracy" in inner:
@@ -137,9 +147,13 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         target = cfg.tune.target_accuracy
         row["steps_to_target"] = steps_to_target(pts, target) if target is not None else None
         row["samples_to_target"] = at_target(pts, target, "samples") if target is not None else None
-        # The noise scale where the trial reached the target (else at its last epoch).
-        noise = at_target(pts, target, "noise_scale") if target is not None else None
-        row["noise_scale"] = noise if noise is not None else float(final.get("noise_scale", math.nan))
+        # The noise scale (in samples) where the trial reached the target -- its latest value
+        # by then --, else at its last epoch.
+        if row["steps_to_target"] is not None:
+            noise = at_target(pts, target, "noise_scale", latest=True)
+            row["noise_scale"] = noise if noise is not None else math.nan
+        else:
+            row["noise_scale"] = float(final.get("noise_scale", math.nan))
         # The trial's fixed cost: from its start to its first optimizer step (its last attempt's)
         row["startup_s"] = float(m.get("startup_s", final.get("startup_s", math.nan)))
         row["mlflow_run_id"] = run_id
