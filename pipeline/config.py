@@ -433,6 +433,11 @@ class Config(_Section):
                 "train.sync_batchnorm=true needs GPU workers (scaling.use_gpu=true): PyTorch's "
                 "SyncBatchNorm runs only on CUDA (NCCL), not on CPU/gloo"
             )
+        bt = self.batching
+        if bt.packing and bt.pack_tokens and bt.pad_multiple_of and bt.pack_tokens % bt.pad_multiple_of:
+            raise ValueError(f"batching.pack_tokens={bt.pack_tokens} is not a multiple of "
+                             f"batching.pad_multiple_of={bt.pad_multiple_of}: a packed row padded "
+                             "to the multiple would hold more than pack_tokens tokens")
         if t.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError(
                 "train.precision=fp16 needs a CUDA device (scaling.use_gpu=false); use bf16 or fp32"

@@ -30,17 +30,41 @@ def planner_options(cfg: Config) -> dict[str, Any]:
     return opts
 
 
+def planned_lengths(cfg: Config, lengths: np.ndarray) -> np.ndarray:
+    """The lengths the planners see: what a sample takes in a collated batch -- truncated to
+    `batching.max_length`, and (padded batches) rounded up to `batching.pad_multiple_of`, so
+    that a token budget (`max_tokens`: samples x the longest) counts the slots the collate
+    makes, and length buckets group what pads alike.
+
+    >>> from pipeline.config import load_config
+    >>> cfg = load_config(None, ["batching.max_length=128", "batching.pad_multiple_of=16"])
+    >>> planned_lengths(cfg, np.array([1, 16, 17, 2000])).tolist()
+    [16, 16, 32, 128]
+    """
+    b = cfg.batching
+    out = np.minimum(lengths, b.max_length) if b.max_length else np.asarray(lengths)
+    if b.pad_multiple_of and not b.packing:
+        out = -(-out // b.pad_multiple_of) * b.pad_multiple_of
+    return out
+
+
 def pool_meta(cfg: Config, st: SampleTable, train_pos: np.ndarray,
               sample_losses: np.ndarray | None) -> SampleMeta:
-    """Planner input. Curriculum difficulty: `batching.difficulty_column`, else a scoring pass
-    named by `batching.options.difficulty` (`length`: longer sequences are harder)."""
+    """Planner input, lengths as `planned_lengths`. Curriculum difficulty:
+    `batching.difficulty_column`, else a scoring pass named by `batching.options.difficulty`
+    (`length`: longer sequences -- as trained, truncated -- are harder)."""
     meta = st.meta(train_pos, sample_losses)
-    if meta.difficulty is None and cfg.batching.options.get("difficulty") == "length":
-        if meta.lengths is None:
+    if meta.lengths is None:
+        if meta.difficulty is None and cfg.batching.options.get("difficulty") == "length":
             raise ValueError("batching.options.difficulty=length needs a sequence column")
-        meta = SampleMeta(ids=meta.ids, labels=meta.labels, lengths=meta.lengths,
-                          difficulty=meta.lengths.astype(np.float64), weights=meta.weights)
-    return meta
+        return meta
+    difficulty = meta.difficulty
+    if difficulty is None and cfg.batching.options.get("difficulty") == "length":
+        m = cfg.batching.max_length
+        difficulty = (np.minimum(meta.lengths, m) if m else meta.lengths).astype(np.float64)
+    return SampleMeta(ids=meta.ids, labels=meta.labels,
+                      lengths=planned_lengths(cfg, meta.lengths), difficulty=difficulty,
+                      weights=meta.weights)
 
 
 def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: int,

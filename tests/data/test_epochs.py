@@ -142,3 +142,20 @@ def test_inspect_draws_the_steps_train_max_steps_lets_training_take(schedule):
     steps = capped.groupby(["epoch", "batch"]).ngroups
     assert steps == 20 and everything.groupby(["epoch", "batch"]).ngroups > 20
     assert capped.equals(everything.iloc[: len(capped)])  # the same rows, up to the cap
+
+
+def test_a_token_budget_counts_the_slots_the_collate_makes():
+    """`max_tokens` bounds samples x the batch's longest *as collated*: truncated to
+    `max_length` (a 2,000-token sample truncated to 300 is planned as 300, not given a batch
+    of its own) and padded to `pad_multiple_of` (10 samples of 10 tokens padded to 16 are 160
+    slots, not 100)."""
+    cfg, st, train = odd_setup("length_bucket", 1, **{
+        "batching.options": '{"max_tokens": 2048}', "batching.max_length": 300,
+        "batching.pad_multiple_of": 16})
+    for epoch in (0, 1):
+        batches = epoch_batches(cfg, st, train, epoch, 1).batches
+        for batch in batches:
+            longest = int(np.minimum(st.lengths[batch], 300).max())
+            assert len(batch) * (-(-longest // 16) * 16) <= 2048, (len(batch), longest)
+        # the truncated longest (304 slots) share batches: at most the mega-batches' tails alone
+        assert sum(len(b) == 1 for b in batches) <= -(-len(train) // (50 * 60))
