@@ -36,6 +36,7 @@ Ray is started locally (`address="local"`, 2 CPUs, no dashboard); its start-up i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -96,8 +97,12 @@ def padding_rows(st: SampleTable, epochs: int) -> list[dict]:
         row: dict = {"batches": label, "strategy": strategy, "options": opts}
         for multiple in (None, 8):
             effs, sizes = [], []
+            # planned on the lengths as padded, as training plans them (epochs.planned_lengths)
+            planned = (meta if multiple is None else
+                       dataclasses.replace(meta, lengths=-(-meta.lengths // multiple) * multiple))
             for epoch in range(epochs):
-                plan = plan_epoch(strategy, meta, seed=0, epoch=epoch, global_batch_size=B, **opts)
+                plan = plan_epoch(strategy, planned, seed=0, epoch=epoch, global_batch_size=B,
+                                  **opts)
                 real = slots = 0
                 for batch in plan.batches:
                     out = st.gather(batch, pad_multiple_of=multiple)
