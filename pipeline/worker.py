@@ -383,9 +383,12 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
                 metrics["ghost_batch_size"] = float(state.micro_batch_size * (
                     world if cfg.train.sync_batchnorm and world > 1 else 1))
-            if pad_stats["padded"]:
-                metrics["padding_efficiency"] = pad_stats["real"] / pad_stats["padded"]
-                metrics["tokens_per_s"] = pad_stats["real"] * world / wall
+            if cfg.data.sequence_column is not None:  # every rank: the sums are all-reduced
+                real, padded = all_reduce_sum([float(pad_stats["real"]),
+                                               float(pad_stats["padded"])], device)
+                if padded:  # over every rank's batches (their token counts differ)
+                    metrics["padding_efficiency"] = real / padded
+                    metrics["tokens_per_s"] = real / wall
             if scaler is not None:
                 metrics["loss_scale"] = float(scaler.get_scale())
             if logger is not None:

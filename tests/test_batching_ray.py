@@ -144,11 +144,21 @@ SEQ = ["data.name=sequences", "train.loss=token_cross_entropy", "batching.max_le
 @pytest.mark.ray
 @pytest.mark.mlflow
 def test_length_bucket_and_curriculum_train_on_sequences(ray_client, mlflow_server, tmp_path):
-    s, client = train(mlflow_server, tmp_path / "lb", *SEQ, "batching.strategy=length_bucket",
-                      "batching.pad_multiple_of=8", "train.epochs=1", "train.max_steps=15")
+    lb = [*SEQ, "batching.strategy=length_bucket", "batching.pad_multiple_of=8",
+          "train.epochs=1", "train.max_steps=15"]
+    s, client = train(mlflow_server, tmp_path / "lb", *lb)
     eff = history(client, s["mlflow_run_id"], "padding_efficiency")
     assert len(eff) == 1 and eff[0] >= 0.8
-    assert history(client, s["mlflow_run_id"], "tokens_per_s")[0] > 0
+    # tokens_per_s counts every rank's real tokens (ranks hold different counts): exactly the
+    # truncated lengths of the rows the 15 steps drew on both ranks, as inspect-batches draws
+    from pipeline.inspect import feed_rows
+
+    cfg, info = resolve(load_config(DIGITS, lb))
+    real = sum(int(feed_rows(cfg, info.small, r).column("length").to_numpy().sum())
+               for r in range(cfg.scaling.num_workers))
+    tokens = history(client, s["mlflow_run_id"], "tokens_per_s")[0]
+    wall = history(client, s["mlflow_run_id"], "epoch_time_s")[0]
+    assert cfg.scaling.num_workers == 2 and tokens * wall == pytest.approx(real, rel=1e-6)
     s, client = train(mlflow_server, tmp_path / "cur", *SEQ, "batching.strategy=curriculum",
                       "batching.options.difficulty=length", "batching.options.pacing=linear",
                       "batching.options.c0=0.1", "batching.options.pacing_epochs=2",
