@@ -66,9 +66,10 @@ def running_stats_frozen(model: nn.Module) -> Iterator[None]:
 
 def _ghost_forward(bn: nn.modules.batchnorm._BatchNorm, size: int):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if not bn.training:
+        if not bn.training and bn.running_mean is not None:
             return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
                                 0.0, bn.eps)
+        # (no running statistics, track_running_stats=False: batch statistics in eval too)
         parts = []
         for chunk in x.split(size, dim=0):  # each ghost batch in turn, as micro-steps run
             if bn.num_batches_tracked is not None:

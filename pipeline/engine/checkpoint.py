@@ -18,6 +18,7 @@ Three guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,7 +62,7 @@ def _encode(x: Any) -> Any:
 def _decode(x: Any) -> Any:
     if isinstance(x, dict):
         if set(x) == {_NDARRAY}:
-            return x[_NDARRAY].numpy()
+            return x[_NDARRAY].cpu().numpy()  # loaded onto a GPU by map_location
         return {k: _decode(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return type(x)(_decode(v) for v in x)
@@ -83,10 +84,13 @@ def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> Path:
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_state, folder / STATE_FILE)
         os.replace(tmp_meta, folder / META_FILE)  # last: a folder without it is no checkpoint
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save's zip writer raises RuntimeError
         for tmp in (tmp_state, tmp_meta):
-            tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {folder}: {e.strerror or e}") from e
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else lines[-1]
+        raise CheckpointError(f"cannot write checkpoint {folder}: {reason}") from e
     return folder
 
 

@@ -97,7 +97,7 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device) -> torch.T
                      * (-math.log(10000.0) / dim))
     pe = torch.zeros(length, dim, device=device)
     pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]  # an odd dim has one cosine fewer
     return pe
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,38 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_the_previous_good_one_is_tak
     if damage in ("truncated", "flipped"):
         with pytest.raises(CheckpointError, match="checksum"):
             load_checkpoint(bad)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_really_full_disk_is_a_checkpoint_error_and_leaves_no_temporary_file(tmp_path):
+    """A disk that fills during `torch.save` (here /dev/full, which refuses every write with
+    ENOSPC) surfaces from PyTorch's zip writer as a RuntimeError, not an OSError: it is still
+    the one CheckpointError, and no temporary file is left."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / (ck.STATE_FILE + ".tmp")).symlink_to("/dev/full")
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint"):
+        save_checkpoint(folder, state(20))
+    assert list(folder.iterdir()) == []
+
+
+def test_a_checkpoints_arrays_decode_from_a_tensor_on_another_device():
+    """Hard mining keeps per-sample losses (a numpy array) in its checkpoints; loading onto a
+    GPU (`map_location`) puts the array's tensor there, where `.numpy()` fails (no GPU here:
+    a stand-in raising what a CUDA tensor raises)."""
+
+    class OnTheGpu:
+        def __init__(self, t):
+            self.t = t
+
+        def numpy(self):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+        def cpu(self):
+            return self.t
+
+    decoded = ck._decode({"losses": {ck._NDARRAY: OnTheGpu(torch.arange(3.0))}})
+    assert decoded["losses"].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_a_full_disk_leaves_the_previous_checkpoint_intact_with_a_clear_error(tmp_path, monkeypatch):

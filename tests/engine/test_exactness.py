@@ -119,6 +119,18 @@ def _ghost_ddp_rank(rank: int, world: int, micro: int) -> dict:
     return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
 
 
+def test_ghost_batch_norm_without_running_statistics_normalises_by_the_batch_in_eval():
+    """A BatchNorm built with track_running_stats=False has no running statistics: PyTorch
+    normalises by the batch's in eval mode too, and so does the ghost-batch helper (it raised
+    'running_mean must be defined in evaluation mode')."""
+    bn = torch.nn.BatchNorm1d(2, track_running_stats=False).eval()
+    x = torch.arange(8.0).reshape(4, 2)
+    with ghost_batch_norm(bn, 2):
+        ghost = bn(x)
+    halves = torch.cat([bn(x[:2]), bn(x[2:])])
+    torch.testing.assert_close(ghost, halves)
+
+
 def test_ranks_without_syncbn_are_ghost_batches_too():
     """2 ranks x micro 8: the weights of a ghost-8 whole-batch step. (Running statistics are
     rank 0's: DDP broadcasts rank 0's buffers at every forward.)"""

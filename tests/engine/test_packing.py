@@ -5,6 +5,8 @@ equal the padded batch's to fp32 tolerance, per token and per sample, and on the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,19 @@ def test_flex_attention_refuses_attention_dropout():
         SeqTransformer(vocab_size=8, num_outputs=2, dropout=0.1, attention="flex")
     with pytest.raises(ValueError, match="known: dense, flex"):
         SeqTransformer(vocab_size=8, num_outputs=2, attention="sparse")
+
+
+def test_an_odd_model_width_gets_its_positions():
+    """d_model=33 (nhead=3 divides it): the sinusoidal positions have one cosine column fewer
+    than sines; the first forward used to fail on the shapes."""
+    from pipeline.engine.models import sinusoidal_positions
+
+    pe = sinusoidal_positions(5, 33, torch.device("cpu"))
+    assert pe.shape == (5, 33)
+    p, i = 3, 16  # the last column: PE(p, 2i) = sin(p / 10000^(2i/d)); PE(p, 2i+1) = cos(...)
+    assert float(pe[p, 2 * i]) == pytest.approx(math.sin(p / 10000 ** (2 * i / 33)), abs=1e-6)
+    assert float(pe[p, 2 * 15 + 1]) == pytest.approx(math.cos(p / 10000 ** (30 / 33)), abs=1e-6)
+    model = SeqTransformer(vocab_size=10, num_outputs=3, d_model=33, nhead=3)
+    out = model({"input_ids": torch.randint(0, 10, (2, 5)),
+                 "attention_mask": torch.ones(2, 5, dtype=torch.bool)})
+    assert out.shape == (2, 3)
