@@ -12,6 +12,7 @@ a new command is one more entry.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 from collections.abc import Callable
@@ -230,7 +231,11 @@ def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
     """Run a command; `address="auto"` joins a running cluster and never starts one (jobs/)."""
     try:
         return _run(argv, address)
-    except KeyboardInterrupt:  # Ctrl-C where no run is to be marked (train and tune mark theirs)
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Ctrl-C, or SIGTERM (`ray job stop`: Ray's handler exits with the signal's number),
+        # where no run is to be marked (train and tune mark theirs): 1 and one line, as they do
+        if isinstance(err, SystemExit) and err.code != signal.SIGTERM:
+            raise
         given = sys.argv[1:] if argv is None else argv
         command = next((a for a in given if a in COMMANDS), "pipeline")
         print(f"[pipeline] {command} interrupted", file=sys.stderr)

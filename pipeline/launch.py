@@ -162,6 +162,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     uri = cfg.tracking_uri()
     state_file = out_dir / "run.json"
     started = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
+    # the store the run is in (resolved when it started: the default depends on the working
+    # directory and MLFLOW_TRACKING_URI, which a resume may not share)
+    uri = started.get("tracking_uri") or uri
     # Each run keeps its checkpoints in a folder of its own under ray_results/, named in
     # run.json: an --out used again for a fresh run must not hand the older run's checkpoints
     # (more steps, so "latest") to a --resume or a restart of the newer one. A run.json
@@ -221,6 +224,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         fatal_file.unlink(missing_ok=True)
         tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
         tracking_file.unlink(missing_ok=True)
+        result_file = out_dir / "result.json"  # an earlier run's: this one has not finished
+        result_file.unlink(missing_ok=True)
         name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
         # Train silently resumes a reused (name, storage_path); resume is explicit via resume_from.
         loop_config = {"config": cfg.to_dict(), "table_refs": refs,
@@ -244,6 +249,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             # model, say) trains no epoch: the run ends at that checkpoint, with its metrics
             checkpoint_path = resume_from
             metrics = metrics or dict(load_checkpoint(resume_from)["metrics"])
+        raise_unfinished(cfg, metrics)
         if pending is not None and run_id is None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
         if run_id is None:
@@ -266,12 +272,13 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             "tracking_uri": uri, "checkpoint": str(checkpoint_path) if checkpoint_path else None,
             "config": cfg.to_dict(), "ray_run_name": name,
         }
-        write_json(out_dir / "result.json", summary)
+        write_json(result_file, summary)
         if run_id is not None:
             end_run(uri, run_id, "FINISHED")
     except (SystemExit, KeyboardInterrupt) as err:
         if isinstance(err, SystemExit) and threading.current_thread() is not threading.main_thread():
             raise  # Tune stopped this sweep trial (ASHA): the sweep ends its run (KILLED)
+        _unfinished(out_dir)
         # Ctrl-C or SIGTERM (`ray job stop`) on the driver: Ray ends its wait with SystemExit;
         # a Ctrl-C after it (logging the model, say) is a KeyboardInterrupt. A run created
         # once the server came back is asked for briefly (`ray job stop` kills 3 s after).
@@ -279,16 +286,50 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints, timeout_s=1.5)
         if run_id is not None:
             end_run(uri, run_id, "KILLED")
+        how = (f"continue it from its last checkpoint with --resume --out {out_dir}"
+               if find_latest_checkpoint(storage) is not None
+               else "no checkpoint was written yet: start it again")
         raise TrainingInterrupted(
-            f"training interrupted{f'; MLflow run {run_id} KILLED' if run_id else ''}; continue "
-            f"it from its last checkpoint with --resume --out {out_dir}") from None
+            f"training interrupted{f'; MLflow run {run_id} KILLED' if run_id else ''}; {how}"
+        ) from None
     except BaseException:
+        _unfinished(out_dir)
         if pending is not None and run_id is None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
         if run_id is not None:
             end_run(uri, run_id, "FAILED")
         raise
     return summary
+
+
+def _unfinished(out_dir: Path) -> None:
+    """A job stopped or failed after its result.json was written (while its run was marked
+    FINISHED): the file goes, as the run is KILLED or FAILED instead."""
+    (out_dir / "result.json").unlink(missing_ok=True)
+
+
+def raise_unfinished(cfg: Config, metrics: dict[str, Any] | None) -> None:
+    """The workers returned before the last epoch (or train.max_steps) without a failure the
+    driver could read -- rank 0's fatal.json on a node this one does not see, say: the run is
+    FAILED, never FINISHED with the last epoch's metrics.
+
+    >>> from pipeline.config import load_config
+    >>> raise_unfinished(load_config(None, ["train.epochs=3"]), {"epoch": 3.0, "step": 30.0})
+    >>> raise_unfinished(load_config(None, ["train.epochs=3", "train.max_steps=20"]),
+    ...                  {"epoch": 2.0, "step": 20.0})
+    >>> raise_unfinished(load_config(None, ["train.epochs=3"]), {"epoch": 1.0, "step": 10.0})
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.launch.TrainingStopped: the workers stopped after epoch 1 of 3 without a result...
+    """
+    m = metrics or {}
+    epoch, step, cap = int(m.get("epoch", 0)), int(m.get("step", 0)), cfg.train.max_steps
+    if epoch < cfg.train.epochs and not (cap is not None and step >= cap):
+        raise TrainingStopped(
+            f"the workers stopped after epoch {epoch} of {cfg.train.epochs} without a result "
+            "or a failure this node can read (a worker's fatal.json is written under --out: "
+            "give it a path every node sees); see the workers' logs")
 
 
 def fit_torch_trainer(cfg: Config, loop_config: dict[str, Any], name: str, storage: Path, *,

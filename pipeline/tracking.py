@@ -116,6 +116,9 @@ def start_run(uri: str, experiment: str, *, run_name: str | None, params: dict[s
         # Half made (params or config missing): no job's run. FAILED, never left RUNNING; if
         # the store is gone too, the caller holds the id to try again (HalfRunError.run_id).
         raise HalfRunError(run_id, end_run(uri, run_id, "FAILED"), err) from err
+    except BaseException:  # Ctrl-C or SIGTERM while it was made: no one else knows its id
+        end_run(uri, run_id, "KILLED")
+        raise
     return run_id
 
 

@@ -269,3 +269,25 @@ def test_setup_lines_state_the_batch_arithmetic_and_the_scaled_lr():
     assert "global batch 256 = 4 workers x 2 micro-batches of 32" in lines[1]
     assert "lr 0.2 (0.1 at batch 64, sqrt rule)" in lines[2]  # 0.1 * sqrt(256 / 64)
     assert lines[3].endswith("in sqlite:///x")
+
+
+def test_sigterm_outside_a_run_exits_1_with_one_line_and_other_exits_pass(monkeypatch, capsys):
+    """Ray's SIGTERM handler ends the driver with SystemExit(15) (`ray job stop`); where no
+    run is to be marked (inspect-batches, or train before its run exists) the command exits 1
+    with one line, as after Ctrl-C -- not 15. Another SystemExit is not swallowed."""
+    import signal
+
+    def stopped(*_a, **_k):
+        raise SystemExit(signal.SIGTERM)
+
+    monkeypatch.setattr(cli, "_run", stopped)
+    assert cli.run(["inspect-batches", "--config", "x.yaml"]) == 1
+    assert capsys.readouterr().err == "[pipeline] inspect-batches interrupted\n"
+
+    def other(*_a, **_k):
+        raise SystemExit(3)
+
+    monkeypatch.setattr(cli, "_run", other)
+    with pytest.raises(SystemExit) as caught:
+        cli.run(["train"])
+    assert caught.value.code == 3

@@ -118,3 +118,39 @@ def test_a_resume_after_the_last_epoch_ends_at_its_checkpoint_with_its_metrics(t
     assert result["checkpoint"] == str(last)
     assert result["metrics"] == {"epoch": 2.0, "val_accuracy": 0.97, "step": 44.0}
     assert c.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_resume_uses_its_runs_store_and_workers_that_stop_early_fail_it(tmp_path, monkeypatch):
+    """Resumed from another working directory (the default store is ./mlflow.db), the job
+    continues its run in the store run.json names. Its workers then return after epoch 2 of
+    3 with no failure the driver can read (rank 0's fatal.json on another node): the run is
+    FAILED, not FINISHED with epoch 2's metrics, and the result.json an earlier run left in
+    --out is gone (it named a finished run; this one did not finish)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.blocks import Blocks
+    from pipeline.launch import TrainingStopped, run_training
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # where the job started (its working directory)
+    cfg, info = resolve(load_config(DIGITS, ["train.epochs=3", "tracking.log_model=false"]))
+    assert cfg.tracking.uri is None
+    c = MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("resume-elsewhere")).info.run_id
+    c.set_terminated(run_id, "KILLED")
+    out = tmp_path / "out"
+    save_checkpoint(out / "ray_results" / "run-a" / "train-a" / "checkpoint_0",
+                    {"step": 22, "epoch": 0, "metrics": {"epoch": 1.0, "step": 22.0}})
+    (out / "run.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri,
+                                              "config": cfg.to_dict(), "checkpoints": "run-a"}))
+    (out / "result.json").write_text(json.dumps({"status": "FINISHED", "mlflow_run_id": "older"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
+    with pytest.raises(TrainingStopped, match="stopped after epoch 2 of 3"):
+        run_training(cfg, info, out, resume=True, table_refs=Blocks("object_store", []),
+                     fit=lambda *a: ({"epoch": 2.0, "step": 44.0}, None))
+    assert c.get_run(run_id).info.status == "FAILED"
+    assert not (out / "result.json").exists() and not any(elsewhere.iterdir())

@@ -47,6 +47,25 @@ def test_a_run_half_made_is_failed_never_left_running(mlflow_server, monkeypatch
         tracking.start_run(mlflow_server, "test-half", **args)
     assert caught.value.failed and c.get_run(caught.value.run_id).info.status == "FAILED"
 
+    # Ctrl-C (or SIGTERM) while the run is being made: it is KILLED, not left RUNNING (the
+    # caller never got its id)
+    made: list[str] = []
+    create = MlflowClient.create_run
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    def recording(self, *a, **k):
+        made.append(create(self, *a, **k).info.run_id)
+        return c.get_run(made[-1])
+
+    monkeypatch.setattr(tracking, "log_text", interrupted)
+    monkeypatch.setattr(MlflowClient, "create_run", recording)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.start_run(mlflow_server, "test-half", **args)
+    monkeypatch.setattr(MlflowClient, "create_run", create)
+    assert len(made) == 1 and c.get_run(made[0]).info.status == "KILLED"
+
     # the store also refuses the FAILED mark (gone), then comes back: the next attempt makes
     # the run and marks the half-made one
     deferred = tracking.DeferredRun(mlflow_server, retry_s=0.0, experiment="test-half", **args)
