@@ -187,24 +187,39 @@ def train_func(loop_config: dict[str, Any], session: Session | None = None) -> N
         session.report({FATAL: 1.0}, None)
 
 
+def agreed_input_error(problem: ConfigError | None, device: torch.device) -> None:
+    """Raise `problem` -- on every rank when any rank has one (a collective: every rank calls
+    it): a rank without its own raises one naming the ranks that met bad input."""
+    (failed,) = all_reduce_sum([1.0 if problem is not None else 0.0], device)
+    if problem is not None:
+        raise problem
+    if failed:
+        raise ConfigError(f"data error: {int(failed)} other rank(s) found their rows changed "
+                          "since the checks (their line is in that worker's log)")
+
+
 def _train(loop_config: dict[str, Any], session: Session) -> None:
     cfg = Config.model_validate(loop_config["config"])
     rank, world, device = session.rank, session.world, session.device
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     blocks = loop_config["table_refs"]  # pipeline.blocks.Blocks (or a list of block refs)
+    problem: ConfigError | None = None
     try:
         st, streamed, pulled = load_rows(cfg, blocks, rank, world)
-    except ConfigError:  # the table's own checks (pipeline.data.batches) name the culprit
-        raise
+    except ConfigError as err:  # the table's own checks (pipeline.data.batches) name the culprit
+        problem = err
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, ValueError, TypeError) as err:
         # The driver checked the data; it changed since, or a check missed it.
-        raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: {err}") from None
+        problem = ConfigError(f"data error: {cfg.data.path or cfg.data.name}: {err}")
+    spec = model_spec(cfg, loop_config["model_facts"])  # sized from what the checks found
+    if problem is None and (outside := data_outside_model(cfg, spec, st)) is not None:
+        problem = ConfigError(f"data error: {cfg.data.path or cfg.data.name}: changed since "
+                              f"the checks: {outside}")
+    # Each rank checked its own rows: all of them stop, or none (a rank that stopped alone
+    # would leave the others waiting in DDP's first broadcast)
+    agreed_input_error(problem, device)
     train_pos, val_pos = split_train_val(len(st), st.labels, cfg.data.val_fraction,
                                          cfg.data.split_seed)
-    spec = model_spec(cfg, loop_config["model_facts"])  # sized from what the checks found
-    if (outside := data_outside_model(cfg, spec, st)) is not None:
-        raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: changed since the "
-                          f"checks: {outside}")
     model, batchnorm, noise_probe = _prepare_model(cfg, spec, session)
     t = cfg.train
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,

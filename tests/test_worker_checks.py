@@ -95,3 +95,26 @@ def test_a_checkpoint_restores_every_counter_the_training_goes_on_with(tmp_path)
         elif f.name != "history":
             assert getattr(back, f.name) == getattr(state, f.name), f.name
     assert sched_back == sched
+
+
+def _input_error_rank(rank: int, world: int) -> str:
+    from pipeline.config import ConfigError
+    from pipeline.worker import agreed_input_error
+
+    mine = ConfigError("data error: x.parquet: changed since the checks: label 7") if rank == 1 else None
+    try:
+        agreed_input_error(mine, torch.device("cpu"))
+    except ConfigError as err:
+        return str(err)
+    return "went on"
+
+
+@pytest.mark.timeout(120)
+def test_bad_rows_on_one_rank_stop_every_rank():
+    """Each rank checks its own rows; one that finds them changed since the checks stops, and
+    so does every other (alone, it would leave them waiting in DDP's first broadcast)."""
+    from tests.engine.ranks import run_ranks
+
+    r0, r1 = run_ranks(_input_error_rank, 2)
+    assert r1 == "data error: x.parquet: changed since the checks: label 7"
+    assert r0.startswith("data error: 1 other rank(s) found their rows changed")
