@@ -12,6 +12,7 @@ a new command is one more entry.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import textwrap
@@ -37,7 +38,10 @@ class _Parser(argparse.ArgumentParser):
 def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
     from pipeline.launch import TrainingInterrupted, run_training
 
-    for line in console.setup_lines(cfg, info, cfg.tracking_uri()):
+    uri = cfg.tracking_uri()
+    if args.resume and (out / "run.json").exists():  # the store the run is in (run_training)
+        uri = json.loads((out / "run.json").read_text()).get("tracking_uri") or uri
+    for line in console.setup_lines(cfg, info, uri):
         console.say(line)
     try:
         summary = run_training(cfg, info, out, resume=args.resume, address=address)

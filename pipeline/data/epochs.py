@@ -155,11 +155,14 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
     train.warmup_epochs=1 is 11 optimizer steps here, but train.max_steps=8 ends the run first
     >>> lr_schedule(cfg.with_overrides({"train.max_steps": 12}), [11, 11])
     ScheduleSteps(total=12, warmup=11)
+    >>> lr_schedule(load_config(None, ["train.epochs=2", "train.warmup_epochs=2",
+    ...                                "train.max_steps=1000"]), [11, 11])  # max_steps not met
+    ScheduleSteps(total=22, warmup=22)
     """
     t = cfg.train
     capped = t.max_steps if t.batch_size_schedule == "constant" else None
     out = schedule_steps(steps, t.warmup_epochs, capped)
-    if capped is not None and out.warmup >= out.total and out.warmup > 0:
+    if capped is not None and capped < sum(steps) and out.warmup >= out.total > 0:
         raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} optimizer steps "
                          f"here, but train.max_steps={capped} ends the run first: the LR would "
                          "never reach its peak (warm up for fewer epochs, or drop max_steps)")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.engine.noise import LocalNorm, NoiseScale
-from pipeline.engine.step import StepOutOfMemory, train_step
+from pipeline.engine.step import StepOutOfMemory, is_oom, train_step
 
 MicroBatcher = Callable[[int], list[dict[str, torch.Tensor]]]
 
@@ -58,6 +58,17 @@ class LoopState:
     nonfinite_steps: int = 0  # fp32/bf16 steps skipped for a non-finite loss or gradient
     noise: NoiseScale | None = None  # the gradient noise scale's running estimate (None: off)
     history: list[dict[str, float]] = field(default_factory=list)  # per-step records
+
+
+def _built(make_micro: MicroBatcher, size: int, auto_micro: bool) -> list | None:
+    """The step's micro-batches; None when building them ran out of memory (the collate, the
+    copy to the device) under `auto_micro`: `train_step` then votes for a smaller size."""
+    try:
+        return make_micro(size)
+    except Exception as err:
+        if not (auto_micro and is_oom(err)):
+            raise
+    return None  # past the except block: the traceback and what its frames held are released
 
 
 class NonFiniteError(RuntimeError):
@@ -131,7 +142,8 @@ def train_epoch(
             if seed is not None:
                 torch.manual_seed(step_seed(seed, rank, state.step))
             try:
-                res = train_step(model, optimizer, make_micro(state.micro_batch_size), loss=loss,
+                micro = _built(make_micro, state.micro_batch_size, auto_micro)
+                res = train_step(model, optimizer, micro, loss=loss,
                                  precision=precision, scaler=scaler, grad_clip=grad_clip,
                                  noise_probe=noise_probe, measure_noise=state.noise is not None,
                                  agree_oom=auto_micro)

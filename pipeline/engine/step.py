@@ -278,7 +278,7 @@ def _grad_sq(optimizer: torch.optim.Optimizer) -> float:
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[dict[str, torch.Tensor]],
+    micro_batches: list[dict[str, torch.Tensor]] | None,
     *,
     loss: str,
     precision: str = "fp32",
@@ -303,24 +303,41 @@ def train_step(
     `StepOutOfMemory` on every rank, with the gradients cleared (see the module docstring), and
     any other error on a rank is raised on every rank after the same vote. `StepOutOfMemory` is
     the only out-of-memory the loop retries: one later in the step (averaging, clipping, the
-    optimizer's step) may come after parameters changed, so it is raised as it is. Not for
-    `nt_xent`, whose step all-gathers embeddings between forwards.
+    optimizer's step) may come after parameters changed, so it is raised as it is. Several
+    ranks: not for `nt_xent`, whose step all-gathers embeddings between forwards (one rank:
+    its out-of-memory is `StepOutOfMemory` too). `micro_batches=None` (with `agree_oom`): this
+    rank ran out of memory building them; it votes so.
     """
     device = device or next(model.parameters()).device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     model.train()
     small = (math.nan, 0.0)  # (squared norm of the small batch's gradient, its element count)
+    if micro_batches is None and not agree_oom:
+        raise ValueError("micro_batches=None (not built: out of memory) needs agree_oom")
     if loss == "nt_xent":
-        loss_total, correct, global_count = _contrastive_backward(
-            model, micro_batches, precision=precision, scaler=scaler, device=device, world=world,
-            temperature=temperature)
+        oom = micro_batches is None
+        if not oom:
+            try:
+                loss_total, correct, global_count = _contrastive_backward(
+                    model, micro_batches, precision=precision, scaler=scaler, device=device,
+                    world=world, temperature=temperature)
+            except Exception as err:
+                if not (agree_oom and world == 1 and is_oom(err)):
+                    raise
+                oom = True  # the traceback (and the tensors its frames hold) goes here
+        if oom:
+            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
+            raise StepOutOfMemory(1, world)
     else:
+        failed_to_build = micro_batches is None
+        micro_batches = micro_batches or []
         local = [loss_count(mb, loss) for mb in micro_batches]
         (global_count,) = all_reduce_sum([float(sum(local))], device)
         loss_total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         agree = agree_oom and world > 1
-        failed = errored = 0.0
+        failed, errored = float(failed_to_build), 0.0
         error: BaseException | None = None
         try:
             for i, mb in enumerate(micro_batches):

@@ -153,7 +153,9 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
             noise = at_target(pts, target, "noise_scale", latest=True)
             row["noise_scale"] = noise if noise is not None else math.nan
         else:
-            row["noise_scale"] = float(final.get("noise_scale", math.nan))
+            # in samples: a history's noise_scale is; Tune's last result has both units
+            row["noise_scale"] = float(final.get("noise_scale_samples",
+                                                 final.get("noise_scale", math.nan)))
         # The trial's fixed cost: from its start to its first optimizer step (its last attempt's)
         row["startup_s"] = float(m.get("startup_s", final.get("startup_s", math.nan)))
         row["mlflow_run_id"] = run_id

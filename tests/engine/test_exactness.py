@@ -189,6 +189,31 @@ def _contrastive_rank(rank: int, world: int, micro: int) -> dict:
             "samples": res.local_samples, "mine": len(mine)}
 
 
+def test_contrastive_auto_micro_batch_on_one_worker_shrinks_and_keeps_the_update():
+    """`micro_batch_size: auto` with NT-Xent on one worker: an out-of-memory in the gradient
+    cached step (views of more than 4 samples, here) shrinks the micro-batch and retries the
+    step, whose update is still the global batch's."""
+
+    class OOMAbove4(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _embedder()
+
+        def forward(self, batch):
+            if batch["features"].shape[0] > 4 * VIEWS:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.inner(batch)
+
+    model = OOMAbove4()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    state = LoopState(micro_batch_size=N_SAMPLES)
+    samples = np.arange(N_SAMPLES)
+    steps = [lambda size: [_views(samples[i : i + size]) for i in range(0, N_SAMPLES, size)]]
+    train_epoch(model, opt, steps, state, lr_fn=lambda s: 0.5, loss="nt_xent", auto_micro=True)
+    assert state.micro_batch_size == 4  # 16 -> 8 -> 4
+    states_equal(_reference_contrastive(), model.inner.state_dict(), atol=1e-6)
+
+
 @pytest.mark.parametrize(("world", "micro"), [(1, 16), (1, 4), (2, 8), (2, 2)])
 def test_contrastive_update_is_the_global_batch_update(world, micro):
     ref = _reference_contrastive()

@@ -224,12 +224,19 @@ class OOMOnOneRank(torch.nn.Module):
 
 
 def _auto_micro_rank(rank: int, world: int, where: str, limit: int | None, agree: bool):
-    model = DDP(OOMOnOneRank(limit if rank == 1 else None, where), forward_sync_buffers=not agree)
+    collate_oom = where == "collate"  # building the micro-batches runs out of memory
+    model = DDP(OOMOnOneRank(None if collate_oom or rank != 1 else limit, where),
+                forward_sync_buffers=not agree)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     state = LoopState(micro_batch_size=G // world)
     events: list[str] = []
-    steps = [lambda size, seed=seed: micro_batches("dense", rank_slice(np.arange(G), rank, world),
-                                                   size, seed=seed) for seed in range(3)]
+
+    def build(size: int, seed: int) -> list:
+        if collate_oom and rank == 1 and size > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, copying the batch)")
+        return micro_batches("dense", rank_slice(np.arange(G), rank, world), size, seed=seed)
+
+    steps = [lambda size, seed=seed: build(size, seed) for seed in range(3)]
     train_epoch(model, opt, steps, state, lr_fn=lambda s: 0.5, loss="cross_entropy",
                 auto_micro=agree, on_event=events.append)
     return state.micro_batch_size, events, {k: v.detach().clone()
@@ -237,9 +244,10 @@ def _auto_micro_rank(rank: int, world: int, where: str, limit: int | None, agree
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("where", ["forward", "backward"])
+@pytest.mark.parametrize("where", ["forward", "backward", "collate"])
 def test_auto_micro_batch_out_of_memory_on_one_rank_shrinks_every_rank_together(where):
-    """micro_batch_size=auto on 2 ranks, rank 1 out of memory above 5 rows: no hang, both ranks
+    """micro_batch_size=auto on 2 ranks, rank 1 out of memory above 5 rows (in forward, in
+    backward, or building its micro-batches: the collate, the copy to the device): no hang, both ranks
     shrink 16 -> 8 -> 4 at the first step and keep 4, the replicas stay identical (buffers:
     rank 0's), and the weights equal a run of the same 3 steps without any out-of-memory."""
     (m0, ev0, w0), (m1, ev1, w1) = run_ranks(_auto_micro_rank, 2, where, 5, True)
