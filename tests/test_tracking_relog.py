@@ -64,6 +64,7 @@ def test_a_run_half_made_is_failed_never_left_running(mlflow_server, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         tracking.start_run(mlflow_server, "test-half", **args)
     monkeypatch.setattr(MlflowClient, "create_run", create)
+    monkeypatch.setattr(tracking, "log_text", broken)  # the store failing again, as above
     assert len(made) == 1 and c.get_run(made[0]).info.status == "KILLED"
 
     # the store also refuses the FAILED mark (gone), then comes back: the next attempt makes
