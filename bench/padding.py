@@ -56,9 +56,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.config import load_config  # noqa: E402
 from pipeline.data import strategies  # noqa: E402,F401  (registers length_bucket)
 from pipeline.data.batches import SampleTable  # noqa: E402
 from pipeline.data.datasets import embedded_path, make_sequences  # noqa: E402
+from pipeline.data.epochs import planned_lengths  # noqa: E402
 from pipeline.data.padding import IGNORE_INDEX, pad_ragged, padding_efficiency  # noqa: E402
 from pipeline.data.plan import plan_epoch  # noqa: E402
 from pipeline.engine.step import to_torch  # noqa: E402
@@ -97,9 +99,9 @@ def padding_rows(st: SampleTable, epochs: int) -> list[dict]:
         row: dict = {"batches": label, "strategy": strategy, "options": opts}
         for multiple in (None, 8):
             effs, sizes = [], []
-            # planned on the lengths as padded, as training plans them (epochs.planned_lengths)
-            planned = (meta if multiple is None else
-                       dataclasses.replace(meta, lengths=-(-meta.lengths // multiple) * multiple))
+            # planned on the lengths as padded, as training plans them
+            padded = load_config(None, [f"batching.pad_multiple_of={multiple}"] if multiple else [])
+            planned = dataclasses.replace(meta, lengths=planned_lengths(padded, meta.lengths))
             for epoch in range(epochs):
                 plan = plan_epoch(strategy, planned, seed=0, epoch=epoch, global_batch_size=B,
                                   **opts)

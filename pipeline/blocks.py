@@ -42,7 +42,7 @@ import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import console
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable
 from pipeline.data.datasets import DatasetInfo
 from pipeline.data.rows import Fetch, LargeColumns, StreamedRows, scatter_rows, take_rows
@@ -198,6 +198,13 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     size, nodes = 0, []
     if configured != "object_store":  # the footers and the nodes decide auto, and size streaming
         size, nodes = parquet_bytes(info.uri), training_nodes(cfg)
+    if configured == "streaming" and not nodes:  # (auto keeps to the object store then)
+        sc = cfg.scaling
+        raise ConfigError(
+            f"config error: data.mode=streaming: no node of the cluster can run a training worker "
+            f"now ({sc.cpus_per_worker:g} CPU{' and a GPU' if sc.use_gpu else ''} each), and the "
+            "streaming mode spreads the data over those nodes before training starts: start them "
+            "first (min_workers in cluster.yaml) or set data.mode=auto")
     if choose_mode(configured, size, nodes) == "object_store":
         return Blocks("object_store", ray.data.read_parquet(info.uri).materialize().to_arrow_refs(),
                       size_bytes=size)

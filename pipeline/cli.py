@@ -12,7 +12,6 @@ a new command is one more entry.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import textwrap
@@ -25,6 +24,7 @@ import yaml
 
 from pipeline import console
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.files import run_state
 
 PROG = "python -m pipeline"
 
@@ -38,9 +38,8 @@ class _Parser(argparse.ArgumentParser):
 def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
     from pipeline.launch import TrainingInterrupted, run_training
 
-    uri = cfg.tracking_uri()
-    if args.resume and (out / "run.json").exists():  # the store the run is in (run_training)
-        uri = json.loads((out / "run.json").read_text()).get("tracking_uri") or uri
+    # the store the run records to: a resumed run's own (as run_training picks it)
+    uri = (run_state(out) if args.resume else {}).get("tracking_uri") or cfg.tracking_uri()
     for line in console.setup_lines(cfg, info, uri):
         console.say(line)
     try:

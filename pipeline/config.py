@@ -96,7 +96,7 @@ class DataConfig(_Section):
     id_column: str | None = Field(None, description="stable sample id; the row position when unset")
     val_fraction: Float = Field(0.2, ge=0.0, lt=1.0, description="share of every class held out "
                                 "for validation (0: no validation metrics)")
-    split_seed: Int = Field(0, description="seed of the train/validation split")
+    split_seed: Int = Field(0, ge=0, description="seed of the train/validation split")
     cache_dir: str | None = Field(None, description="where embedded datasets are written "
                                   "(default PIPELINE_DATA_DIR or ~/.cache/batch-pipeline/datasets)")
     mode: Literal["auto", "object_store", "streaming"] = Field(
@@ -154,7 +154,7 @@ STRATEGY_OPTIONS: dict[str, type[_Options]] = {
 class BatchingConfig(_Section):
     strategy: str = Field("random", description="how global batches are composed: "
                           + ", ".join(STRATEGIES))
-    seed: Int = Field(0, description="seed of the batch plans (with the epoch)")
+    seed: Int = Field(0, ge=0, description="seed of the batch plans (with the epoch)")
     drop_last: Bool = Field(True, description="drop the last partial global batch (counted)")
     difficulty_column: str | None = Field(None, description="per-sample difficulty (curriculum)")
     max_length: Int | None = Field(None, ge=1, description="truncate sequences to this many tokens")
@@ -241,7 +241,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    seed: Int = Field(0, description="seed of the initial weights")
+    seed: Int = Field(0, ge=0, description="seed of the initial weights")
     epochs: Int = Field(10, ge=1, description="passes over the training pool")
     max_steps: Int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     global_batch_size: Int = Field(64, ge=1, description="samples per optimizer step, all "

@@ -63,6 +63,13 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def run_state(out_dir: str | Path) -> dict[str, Any]:
+    """`out_dir/run.json`, the state a training run keeps in its --out folder (its MLflow run
+    and the store it records to, its config, its checkpoint folder); {} when there is none."""
+    state_file = Path(out_dir) / "run.json"
+    return json.loads(state_file.read_text()) if state_file.exists() else {}
+
+
 def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:
     """A matplotlib figure at `path`, whole, in the format its suffix names (see `replacing`)."""
     path = Path(path)

@@ -23,6 +23,7 @@ import ray
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, split_train_val
 from pipeline.data.datasets import DatasetInfo, small_columns
+from pipeline.data.epochs import truncated_lengths
 from pipeline.data.feed import RankFeed
 from pipeline.engine.batch_schedule import BatchSchedule
 from pipeline.files import replacing, save_figure, write_json
@@ -41,7 +42,7 @@ def rank_rows(cfg_dict: dict[str, Any], refs: Any, rank: int) -> pa.Table:
 def feed_rows(cfg: Config, st: SampleTable, rank: int) -> pa.Table:
     """One row per sample rank `rank` draws over the run, read off its batch feed (no Ray)."""
     train_pos, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
-    world, b = cfg.scaling.num_workers, cfg.batching
+    world = cfg.scaling.num_workers
     feed = RankFeed(cfg, st, train_pos, rank, world)
     micro = cfg.train.micro_batch_size
     micro = micro if isinstance(micro, int) else cfg.per_worker_batch()
@@ -76,10 +77,9 @@ def feed_rows(cfg: Config, st: SampleTable, rank: int) -> pa.Table:
                 break
             for j, part in enumerate(feed_step.micro(micro)):
                 n = len(part)
-                lengths = st.lengths[part] if st.lengths is not None else np.zeros(n, np.int64)
+                lengths = (truncated_lengths(cfg, st.lengths[part]) if st.lengths is not None
+                           else np.zeros(n, np.int64))  # the tokens the batch holds
                 slots = feed.slots(part)
-                if b.max_length:  # the tokens the batch holds
-                    lengths = np.minimum(lengths, b.max_length)
                 for key, val in (("epoch", epoch), ("rank", rank), ("batch", i), ("micro", j),
                                  ("padded_length", slots // max(n, 1)), ("micro_slots", slots),
                                  ("pool_size", eb.plan.pool_size)):

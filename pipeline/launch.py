@@ -34,8 +34,9 @@ from pipeline.blocks import (  # ingest: also imported from here
 )
 from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo
+from pipeline.data.epochs import keep_pacing, with_pacing
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
-from pipeline.files import write_json
+from pipeline.files import run_state, write_json
 from pipeline.tracking import (
     DeferredRun,
     end_run,
@@ -159,12 +160,11 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                          "of the data")
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    uri = cfg.tracking_uri()
     state_file = out_dir / "run.json"
-    started = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
+    started = run_state(out_dir) if resume else {}
     # the store the run is in (resolved when it started: the default depends on the working
     # directory and MLFLOW_TRACKING_URI, which a resume may not share)
-    uri = started.get("tracking_uri") or uri
+    uri = started.get("tracking_uri") or cfg.tracking_uri()
     # Each run keeps its checkpoints in a folder of its own under ray_results/, named in
     # run.json: an --out used again for a fresh run must not hand the older run's checkpoints
     # (more steps, so "latest") to a --resume or a restart of the newer one. A run.json
@@ -182,8 +182,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             raise ConfigError(f"argument error: --resume: no checkpoint under {storage}")
         if started:
             run_id = started.get("mlflow_run_id")
-            changed = changed_keys(started.get("config") or cfg.to_dict(), cfg.to_dict(),
-                                   may_change=RESUME_MAY_CHANGE)
+            before = started.get("config") or cfg.to_dict()
+            cfg = keep_pacing(cfg, before)  # a curriculum's pool widens as it started to
+            changed = changed_keys(with_pacing(before), cfg.to_dict(), may_change=RESUME_MAY_CHANGE)
             if changed:
                 raise ConfigError(
                     f"argument error: --resume: the config differs from the run's in "

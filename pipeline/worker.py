@@ -363,14 +363,18 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                 bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}",
                            unit="step" if unit == G else "unit batch")
             start = time.perf_counter()
-            metrics = train_epoch(
-                model, optimizer,
-                planned(steps, epoch, pad_stats), state, loss=t.loss, precision=t.precision, scaler=scaler,
-                grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto", max_steps=t.max_steps,
-                on_step=partial(_record_step, steps_log, bar, sched, units_before,
-                                partial(validate, epoch)), seed=t.seed, rank=rank,
-                nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit, noise_probe=noise_probe,
-                on_event=console.say if rank == 0 else None)
+            try:
+                metrics = train_epoch(
+                    model, optimizer,
+                    planned(steps, epoch, pad_stats), state, loss=t.loss, precision=t.precision,
+                    scaler=scaler, grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto",
+                    max_steps=t.max_steps,
+                    on_step=partial(_record_step, steps_log, bar, sched, units_before,
+                                    partial(validate, epoch)), seed=t.seed, rank=rank,
+                    nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit,
+                    noise_probe=noise_probe, on_event=console.say if rank == 0 else None)
+            finally:  # a train.max_steps cut (or an error) leaves the steps mid-epoch: the rows
+                steps.close()  # they fetched ahead are let go now, not held through validation
             wall = time.perf_counter() - start
             if bar is not None:
                 bar.close()

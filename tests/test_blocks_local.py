@@ -115,3 +115,22 @@ def test_block_fetch_gathers_the_rows_of_both_nodes_in_order_and_none(positions)
     got = fetch.result(fetch.submit(np.array(positions, dtype=np.int64)))
     assert got.schema == table.schema
     assert got.to_pydict() == table.take(pa.array(positions, type=pa.int64())).to_pydict()
+
+
+def test_streaming_with_no_training_node_up_is_refused_in_one_line(monkeypatch):
+    """A cold cluster (cluster.yaml's GPU workers start at 0; a CPU-only head trains nothing in
+    a GPU job): the streaming mode has no node to spread the blocks over. One line naming
+    data.mode (a ConfigError: exit 2, never retried), before any read, instead of a division
+    by zero in `plan_moves`; auto keeps to the object store then."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data.datasets import resolve
+
+    monkeypatch.setattr(blocks, "training_nodes", lambda cfg: [])  # as on a cold cluster
+    read = []
+    monkeypatch.setattr(blocks.ray.data, "read_parquet", lambda *a, **k: read.append(a))
+    cfg, info = resolve(load_config(None, ["data.mode=streaming", "scaling.use_gpu=true"]))
+    with pytest.raises(ConfigError, match=r"^config error: data\.mode=streaming: no node .* "
+                                          r"\(1 CPU and a GPU each\)"):
+        blocks.ingest(info, cfg)
+    assert read == []
+    assert blocks.choose_mode("auto", 10**12, []) == "object_store"

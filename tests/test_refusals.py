@@ -197,6 +197,10 @@ CASES = [
     ("unknown-section", ["--config", DIGITS, *s("nosection.x=1")], "nosection"),
     ("lr-scaling", ["--config", DIGITS, *s("train.lr_scaling=cubic")], "train.lr_scaling"),
     ("val-fraction", ["--config", DIGITS, *s("data.val_fraction=1.5")], "data.val_fraction"),
+    # negative seeds: NumPy's SeedSequence refuses them deep in the planners or the split
+    ("split-seed", ["--config", DIGITS, *s("data.split_seed=-1")], "data.split_seed"),
+    ("batching-seed", ["--config", DIGITS, *s("batching.seed=-1")], "batching.seed"),
+    ("train-seed", ["--config", DIGITS, *s("train.seed=-1")], "train.seed"),
     ("strategy", ["--config", DIGITS, *s("batching.strategy=bogus")], "batching.strategy"),
     ("model-name", ["--config", DIGITS, *s("model.name=resnet")], "model.name"),
     ("nonfinite", ["--config", DIGITS, *s("train.nonfinite=maybe")], "train.nonfinite"),

@@ -154,3 +154,57 @@ def test_a_resume_uses_its_runs_store_and_workers_that_stop_early_fail_it(tmp_pa
                      fit=lambda *a: ({"epoch": 2.0, "step": 44.0}, None))
     assert c.get_run(run_id).info.status == "FAILED"
     assert not (out / "result.json").exists() and not any(elsewhere.iterdir())
+
+
+def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys, monkeypatch):
+    """The default pacing_epochs follows train.epochs (half of them), which a resume may
+    change: the resumed run keeps the pacing it started with (written out in run.json for the
+    next resume), so its pool goes on widening as it did -- pool sizes of the resumed epochs
+    as the first run planned them; a resume that sets another pacing is refused."""
+    from pipeline.data.batches import split_train_val
+    from pipeline.data.epochs import epoch_batches
+    from pipeline.files import run_state
+
+    seq = ["data.name=sequences", "batching.strategy=curriculum",
+           "batching.options.difficulty=length", "batching.options.pacing=linear"]
+    first, info = resolve(load_config(None, [*seq, "train.epochs=4"]))
+    (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r", "tracking_uri": "u",
+                                                   "config": first.to_dict()}))
+    save_checkpoint(tmp_path / "ray_results" / "train-x" / "checkpoint_1", {"step": 9, "epoch": 1})
+    from pipeline.launch import run_training
+
+    class Reached(Exception):
+        pass
+
+    def ingest(info, cfg):  # the config the job goes on with reaches the ingest: stop there
+        raise Reached(cfg)
+
+    monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
+    monkeypatch.setattr("pipeline.launch.ingest", ingest)
+    resumed, _ = resolve(load_config(None, [*seq, "train.epochs=8"]))
+    with pytest.raises(Reached) as reached:
+        run_training(resumed, info, tmp_path, resume=True)
+    cfg = reached.value.args[0]
+    assert cfg.train.epochs == 8 and cfg.batching.options["pacing_epochs"] == 2.0
+    st = info.small
+    train, _ = split_train_val(len(st), st.labels, first.data.val_fraction, first.data.split_seed)
+    pools = [epoch_batches(c, st, train, e, 1).plan.pool_size
+             for c, e in [(first, 2), (first, 3), (cfg, 2), (cfg, 3)]]
+    assert pools[:2] == pools[2:] == [len(train)] * 2  # whole from epoch 3 (pacing 2 epochs)
+    without = epoch_batches(resumed, st, train, 2, 1).plan.pool_size
+    assert without < len(train)  # as it would have shrunk: pacing over 4 epochs
+    assert run_state(tmp_path)["config"] == first.to_dict()  # nothing written on the way
+    # The next resume (run.json then holds the config above, pacing written out) keeps it too.
+    from pipeline.config import changed_keys
+    from pipeline.data.epochs import keep_pacing, with_pacing
+
+    later = keep_pacing(resolve(load_config(None, [*seq, "train.epochs=12"]))[0], cfg.to_dict())
+    assert later.batching.options["pacing_epochs"] == 2.0
+    assert changed_keys(with_pacing(cfg.to_dict()), later.to_dict(), ("train.epochs",)) == []
+
+    # Another pacing set on the resume is another training: refused, naming the options.
+    argv = ["train", "--out", str(tmp_path), "--resume", *[a for o in seq for a in ("--set", o)],
+            "--set", "train.epochs=8", "--set", "batching.options.pacing_epochs=4"]
+    assert cli.run(argv) == 2
+    assert "differs from the run's in batching.options (" in capsys.readouterr().err

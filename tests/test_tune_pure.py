@@ -299,6 +299,59 @@ def test_final_epoch_asha_never_stops_at_the_last_epoch():
         TrialScheduler.CONTINUE  # as bad as `bad` at the same rung, but at its own last epoch
 
 
+def test_final_epoch_asha_never_stops_the_result_that_reaches_max_steps():
+    """A trial that train.max_steps ends at an epoch of a rung reports its last result there:
+    ASHA must not stop it (a stop ends the trial as it logs its model), whether max_steps is
+    the base config's or the trial's own; the same result short of max_steps is stopped."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.tune.sweep import asha
+
+    class Trial:
+        def __init__(self, tid, config=None):
+            self.trial_id, self.config = tid, config or {}
+
+    def rung_one(max_steps, trial_config, step):
+        s = asha(max_epochs=9, max_steps=max_steps)
+        s.set_search_properties("val_accuracy", "max")
+        good, bad = Trial("good"), Trial("bad", trial_config)
+        for t in (good, bad):
+            s.on_trial_add(None, t)
+        assert s.on_trial_result(None, good, {"epoch": 1, "step": 10, "val_accuracy": 0.9}) == \
+            TrialScheduler.CONTINUE
+        return s.on_trial_result(None, bad, {"epoch": 1, "step": step, "val_accuracy": 0.2})
+
+    assert rung_one(None, {}, 20) == TrialScheduler.STOP
+    assert rung_one(30, {}, 20) == TrialScheduler.STOP  # short of its max_steps
+    assert rung_one(20, {}, 20) == TrialScheduler.CONTINUE  # the base config's max_steps
+    assert rung_one(None, {"train.max_steps": 20}, 20) == TrialScheduler.CONTINUE  # its own
+    assert rung_one(20, {"train.max_steps": None}, 20) == TrialScheduler.STOP  # its own: none
+
+
+def test_the_critical_batch_sentence_names_failed_batches_and_a_missing_target():
+    from pipeline.tune.analysis import critical_batch, critical_batch_sentence
+
+    df = pd.DataFrame({"train.global_batch_size": [32, 64], "steps_to_target": [400, 200]})
+    said = critical_batch_sentence(critical_batch(df), None, 0.95, failed=[128, 256])
+    assert said.endswith(" Every trial at batch size(s) 128, 256 failed.")
+    assert "did not reach" not in said  # a failed trial is not one that missed the target
+    # No target set: nothing is placed, and the sentence says why (not "too few reached").
+    none = critical_batch_sentence(None, 95.4, None)
+    assert none == ("No tune.target_accuracy is set, so steps to a target are not measured and "
+                    "the critical batch is not placed. The gradient noise scale measured in the "
+                    "trials is about 95 samples, a first estimate of it.")
+    assert critical_batch_sentence(None, None, None, failed=[32]).endswith(
+        "not placed. Every trial at batch size(s) 32 failed.")
+
+
+def test_summary_table_leaves_missing_integers_blank():
+    """Int64 columns (steps_to_target, stopped_at_epoch) hold pd.NA, not NaN: a blank cell."""
+    df = pd.DataFrame({"trial_id": ["a", "b"], "steps_to_target": [40, None]})
+    df["steps_to_target"] = df["steps_to_target"].astype("Int64")
+    lines = summary_table(df).strip().splitlines()
+    assert lines[2:] == ["| a | 40 |", "| b |  |"]
+
+
 def test_digits_train_rows_follow_the_split():
     """The helper the end-to-end tests derive step counts from agrees with the split rule:
     round(count x val_fraction) of each class held out."""

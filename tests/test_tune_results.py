@@ -105,3 +105,70 @@ def test_a_trials_curve_takes_the_step_counter_it_logged_and_its_noise_scale_in_
     assert h["step"].tolist() == [40, 50, 60] and h["noise_scale"].tolist() == [10.0, 20.0, 30.0]
     h = history(mlflow_server, legacy)
     assert h["step"].tolist() == [10, 20, 30] and h["noise_scale"].tolist() == [5.0, 10.0, 15.0]
+
+
+def test_the_report_ranks_as_tune_did_keeps_tunes_values_and_leaves_failures_out(mlflow_server,
+                                                                                 tmp_path):
+    """`write_report` on settled trials: the best trial's overrides are the values Tune gave it
+    (a swept [null, 100] is a float column of the table, which the config refuses); the best is
+    ranked on Tune's own last results (the table's noise_scale is another reading: where the
+    trial reached the target); the parent's noise scale is the median where the trials reached
+    the target; a batch size whose every trial failed is named as failed, not as one that
+    missed the target, and fits nothing."""
+    import json
+
+    from pipeline.tune.report import write_report
+
+    experiment = f"test-report-{uuid.uuid4().hex[:6]}"
+    space = {"train.global_batch_size": {"grid": [32, 64, 128, 256]},
+             "train.max_steps": {"grid": [None, 100]}}
+    sets = [f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}",
+            "train.epochs=2", f"tune.search_space={json.dumps(space)}",
+            "tune.target_accuracy=0.9"]
+    c = MlflowClient(mlflow_server)
+    exp = c.create_experiment(experiment)
+    parent = c.create_run(exp).info.run_id
+    # trial: (batch, max_steps, status, accuracy per epoch, noise per epoch, Tune's noise)
+    trials = {"a": (32, None, "FINISHED", [0.91, 0.95], [50.0, 500.0], 300.0),
+              "b": (64, 100, "FINISHED", [0.92, 0.97], [70.0, 700.0], 200.0),
+              "c": (128, None, None, [], [], None),  # failed before its first epoch
+              "d": (256, 100, "FINISHED", [0.5, 0.6], [90.0, 900.0], 900.0)}
+    grid = []
+    for tid, (batch, max_steps, status, acc, noise, tune_noise) in trials.items():
+        run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "tune.trial_id": tid})
+        for epoch, (a, n) in enumerate(zip(acc, noise, strict=True), start=1):
+            for key, value in (("step", 10 * epoch), ("val_accuracy", a), ("noise_scale", n),
+                               ("samples", 10 * epoch * batch)):
+                c.log_metric(run.info.run_id, key, value, step=epoch)
+        if status:
+            c.set_terminated(run.info.run_id, status)
+        conf = {"train.global_batch_size": batch, "train.max_steps": max_steps}
+        metrics = ({"epoch": 2, "step": 20, "val_accuracy": acc[-1], "noise_scale": tune_noise,
+                    "config": conf} if acc else {"config": conf})
+        grid.append(Result(metrics=metrics, checkpoint=None, path=str(tmp_path / tid),
+                           error=None if acc else RuntimeError("boom")))
+
+    def report(*more: str):
+        cfg = load_config(REPO / "jobs" / "configs" / "digits.yaml", [*sets, *more])
+        out = tmp_path / f"out-{uuid.uuid4().hex[:4]}"
+        out.mkdir()
+        write_report(*settle_trials(grid, cfg, mlflow_server, parent), cfg, mlflow_server,
+                     parent, out, "sweep", str(tmp_path))
+        return json.loads((out / "result.json").read_text())
+
+    result = report()
+    assert result["best"]["trial_id"] == "b"
+    assert result["best"]["overrides"] == {"train.global_batch_size": 64, "train.max_steps": 100}
+    assert result["best"]["config"]["train"]["max_steps"] == 100
+    cb = result["critical_batch"]
+    assert cb["noise_scale"] == 60.0  # the median of 50 and 70, where a and b reached 0.9
+    assert cb["missed"] == [256] and cb["points"] == 2
+    assert cb["sentence"].endswith(" Every trial at batch size(s) 128 failed.")
+    parent_run = c.get_run(parent)
+    assert parent_run.data.metrics["best_val_accuracy"] == 0.97
+    assert parent_run.data.metrics["noise_scale"] == 60.0
+    # Ranked by noise_scale (min): Tune's last results (a 300, b 200, d 900), not the table's
+    # values at the target (a 50, b 70).
+    ranked = report("tune.metric=noise_scale", "tune.mode=min")
+    assert ranked["best"]["trial_id"] == "b"
+    assert c.get_run(parent).data.metrics["best_noise_scale"] == 200.0

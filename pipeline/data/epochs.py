@@ -13,6 +13,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data import strategies as _strategies  # noqa: F401  (registers the planners)
 from pipeline.data.batches import SampleTable
+from pipeline.data.padding import round_up
 from pipeline.data.plan import EpochPlan, SampleMeta, count_epoch, plan_epoch
 
 
@@ -23,11 +24,53 @@ class EpochBatches:
     dropped: int  # plan drops + batches too small to give every rank a sample
 
 
+def default_pacing_epochs(epochs: int) -> int:
+    """A curriculum's `batching.options.pacing_epochs` when the config leaves it out: the pool
+    is whole by half the run."""
+    return max(1, epochs // 2)
+
+
 def planner_options(cfg: Config) -> dict[str, Any]:
     opts = {k: v for k, v in cfg.batching.options.items() if k != "difficulty"}
     if cfg.batching.strategy == "curriculum":
-        opts.setdefault("pacing_epochs", max(1, cfg.train.epochs // 2))
+        opts.setdefault("pacing_epochs", default_pacing_epochs(cfg.train.epochs))
     return opts
+
+
+def with_pacing(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with a curriculum's pacing_epochs written out (the default, from its own
+    train.epochs, where it has none); others as they are."""
+    b = config.get("batching") or {}
+    options = b.get("options") or {}
+    if b.get("strategy") != "curriculum" or "pacing_epochs" in options:
+        return config
+    epochs = (config.get("train") or {}).get("epochs", Config().train.epochs)
+    return {**config, "batching": {**b, "options": {
+        **options, "pacing_epochs": float(default_pacing_epochs(epochs))}}}
+
+
+def keep_pacing(cfg: Config, started: dict[str, Any]) -> Config:
+    """`cfg` for a resume of the run that started with the config `started` (a dict): a
+    curriculum keeps the pacing it started with. A resume may change train.epochs, which the
+    default pacing_epochs follows; the pool would then widen on another schedule from the
+    epoch the run resumes at (and shrink, were it whole already). Compare the result with
+    `with_pacing(started)`.
+
+    >>> from pipeline.config import load_config
+    >>> first = load_config(None, ["batching.strategy=curriculum", "train.epochs=4"])
+    >>> keep_pacing(first.with_overrides({"train.epochs": 8}), first.to_dict()).batching.options
+    {'pacing_epochs': 2.0}
+    """
+    if cfg.batching.strategy != "curriculum" or "pacing_epochs" in cfg.batching.options:
+        return cfg
+    pacing = (with_pacing(started).get("batching") or {}).get("options", {}).get("pacing_epochs")
+    return cfg if pacing is None else cfg.with_overrides({"batching.options.pacing_epochs": pacing})
+
+
+def truncated_lengths(cfg: Config, lengths: np.ndarray) -> np.ndarray:
+    """The tokens a sample keeps in a batch: its length cut at `batching.max_length`."""
+    m = cfg.batching.max_length
+    return np.minimum(lengths, m) if m else np.asarray(lengths)
 
 
 def planned_lengths(cfg: Config, lengths: np.ndarray) -> np.ndarray:
@@ -42,10 +85,8 @@ def planned_lengths(cfg: Config, lengths: np.ndarray) -> np.ndarray:
     [16, 16, 32, 128]
     """
     b = cfg.batching
-    out = np.minimum(lengths, b.max_length) if b.max_length else np.asarray(lengths)
-    if b.pad_multiple_of and not b.packing:
-        out = -(-out // b.pad_multiple_of) * b.pad_multiple_of
-    return out
+    out = truncated_lengths(cfg, lengths)
+    return out if b.packing else round_up(out, b.pad_multiple_of)
 
 
 def pool_meta(cfg: Config, st: SampleTable, train_pos: np.ndarray,
@@ -60,8 +101,7 @@ def pool_meta(cfg: Config, st: SampleTable, train_pos: np.ndarray,
         return meta
     difficulty = meta.difficulty
     if difficulty is None and cfg.batching.options.get("difficulty") == "length":
-        m = cfg.batching.max_length
-        difficulty = (np.minimum(meta.lengths, m) if m else meta.lengths).astype(np.float64)
+        difficulty = truncated_lengths(cfg, meta.lengths).astype(np.float64)
     return SampleMeta(ids=meta.ids, labels=meta.labels,
                       lengths=planned_lengths(cfg, meta.lengths), difficulty=difficulty,
                       weights=meta.weights)

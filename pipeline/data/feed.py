@@ -12,7 +12,7 @@ plans, and so the batches, are the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,13 +78,15 @@ class RankFeed:
         self.streamed = streamed
 
     def epoch(self, epoch: int, units: Callable[[], int],
-              sample_losses: np.ndarray | None = None) -> tuple[EpochBatches, Iterator[FeedStep]]:
+              sample_losses: np.ndarray | None = None
+              ) -> tuple[EpochBatches, Generator[FeedStep, None, None]]:
         """The epoch's plan and its steps. `units()` is asked before each step for how many unit
         batches it joins (a batch-size schedule; 1 for a constant batch)."""
         eb = epoch_batches(self.cfg, self.st, self.train_pos, epoch, self.world, sample_losses)
         return eb, self._steps(eb.batches, units)
 
-    def _steps(self, batches: list[np.ndarray], units: Callable[[], int]) -> Iterator[FeedStep]:
+    def _steps(self, batches: list[np.ndarray], units: Callable[[], int]
+               ) -> Generator[FeedStep, None, None]:
         grouped = group_units(batches, units)
         if self.streamed is None:
             for batch, k in grouped:
@@ -95,7 +97,10 @@ class RankFeed:
 
     def over(self, parts: list[np.ndarray]) -> Iterator[tuple[np.ndarray, SampleTable | Window]]:
         """Each of `parts` (validation micro-batches, a scoring pass) with where to gather its
-        rows from (fetched a chunk ahead in the streaming mode)."""
+        rows from (fetched a chunk ahead in the streaming mode). Empty parts are left out (a
+        rank's empty share of a small validation split): there is nothing to gather, and
+        neither pass takes a collective per part."""
+        parts = [part for part in parts if len(part)]
         if self.streamed is None:
             return ((part, self.st) for part in parts)
         return self.streamed.parts(parts)

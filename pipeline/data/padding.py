@@ -82,7 +82,7 @@ def pad_ragged(
     if b == 0:
         return np.empty((0, 0), dtype=values.dtype), np.empty((0, 0), dtype=bool)
 
-    length = _round_up(int(kept.max()), multiple_of)
+    length = round_up(int(kept.max()), multiple_of)
     positions = np.arange(length, dtype=np.int64)
     mask = positions < kept[:, None]  # [B, L]
     starts = np.cumsum(full) - full  # offset of each sequence in `values`
@@ -92,7 +92,13 @@ def pad_ragged(
     return padded, mask
 
 
-def _round_up(width: int, multiple_of: int | None) -> int:
+def round_up(width, multiple_of: int | None):
+    """`width` (an int or an integer array) rounded up to a multiple of `multiple_of`; as is
+    when None.
+
+    >>> round_up(17, 8), round_up(16, 8), round_up(17, None), round_up(np.array([1, 9]), 8).tolist()
+    (24, 16, 17, [8, 16])
+    """
     return -(-width // multiple_of) * multiple_of if multiple_of else width
 
 
@@ -129,7 +135,7 @@ def _packed_shape(lengths: np.ndarray, budget: int | None, multiple_of: int | No
     row, offset = pack_rows(lengths, budget)
     if not len(row):
         return row, offset, 0, 0
-    return row, offset, int(row.max()) + 1, _round_up(int((offset + lengths).max()), multiple_of)
+    return row, offset, int(row.max()) + 1, round_up(int((offset + lengths).max()), multiple_of)
 
 
 def pack_dense(dense: dict[str, tuple[np.ndarray, int]], mask: np.ndarray, budget: int | None,
@@ -255,7 +261,7 @@ def batch_slots(lengths: np.ndarray, *, max_length: int | None = None,
     if packing:
         _, _, rows, width = _packed_shape(lengths, pack_tokens, multiple_of)
         return rows * width
-    return len(lengths) * _round_up(int(lengths.max()), multiple_of) if len(lengths) else 0
+    return len(lengths) * round_up(int(lengths.max()), multiple_of) if len(lengths) else 0
 
 
 def padding_efficiency(lengths: np.ndarray, padded_length: int) -> float:

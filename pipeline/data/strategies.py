@@ -78,34 +78,53 @@ def _shuffle_within(rows: np.ndarray, batch_of: np.ndarray, rng: np.random.Gener
 # --------------------------------------------------------------------------- stratified
 
 
+# The integer program below is solved only up to this many atoms. HiGHS solved every one of 800
+# random count vectors (4 and 10 classes) of batches with up to 220 atoms (B <= 300) in 0.4 s or
+# less, but took 3 to 24 s for some at 264-352 atoms (B = 360, 480) and 193 s for one at 704 (B =
+# 960, digits_imbalanced's shares), on every rank: measured on this repo's CPU machine, 2026-12-06.
+MILP_ATOMS = 220
+
+
 @functools.lru_cache(maxsize=512)
-def interleave_pattern(counts: tuple[int, ...]) -> np.ndarray | None:
+def interleave_pattern(counts: tuple[int, ...]) -> np.ndarray:
     """Class of each position of a batch holding ``counts[k]`` samples of class k, such that for
     every ``w`` dividing ``B = sum(counts)`` each of the ``w`` contiguous slices of ``B / w``
-    positions holds ``floor(counts[k] / w)`` or ``ceil(counts[k] / w)`` of class k.
+    positions holds ``floor(counts[k] / w)`` or ``ceil(counts[k] / w)`` of class k -- for every
+    such ``w`` when B is a prime power or small (see below), else for the ``w`` of the chain of
+    B's prime factors taken smallest first (960: 2, 4, 8, 16, 32, 64, 192, 960).
 
     Why that is enough: a quota ``c = counts[k]`` is within 1 of ``B * p`` (``p`` the class
     share), so a slice's share ``L * p`` (``L = B / w``) is within ``1 / w`` of ``c / w``; as
     ``c / w`` is a multiple of ``1 / w``, ``L * p`` lies inside ``[floor(c/w), ceil(c/w)]`` when
     those differ, and within ``1 / w`` of ``c / w`` when they do not: either count is within 1
-    of ``L * p``. Simple interleavings (sorting by
-    ``(i + 1/2) / c``, largest deficit first) miss this for some counts and some ``w`` and a
-    bound below 1 on every prefix gives only +-2 on a slice, so the pattern is an integer program over
-    the atoms between slice boundaries (solved by HiGHS, cached per count vector); None when it
-    has no solution (never met: searched exhaustively for B <= 16 with 3 and 4 classes).
+    of ``L * p``.
+
+    How: along a chain of divisors the digit reversal does it (`_digit_reversal`); when B is a
+    prime power its divisors are one chain. Otherwise the slices of different ``w`` cross, and
+    simple interleavings (sorting by ``(i + 1/2) / c``, largest deficit first) miss the bound
+    for some counts and some ``w``, and a bound below 1 on every prefix gives only +-2 on a
+    slice, so the pattern is an integer program over the atoms between slice boundaries (solved
+    by HiGHS, cached per count vector), for batches of up to `MILP_ATOMS` atoms; above that, or
+    should it have no solution (never met: searched exhaustively for B <= 16 with 3 and 4
+    classes), the digit reversal. The choice depends on the counts alone, never on time, so
+    every rank lays out its batches alike.
 
         >>> interleave_pattern((28, 10, 2)).reshape(2, 20).__eq__(2).sum(1).tolist()
         [1, 1]
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
-
     c = np.asarray(counts, dtype=np.int64)
     b, k = int(c.sum()), len(c)
+    if len(set(_prime_factors(b))) <= 1:
+        return _digit_reversal(c)
     ws = [w for w in range(1, b // 2 + 1) if b % w == 0]  # w = b: slices of one, always fine
     nodes = np.unique(np.concatenate([np.arange(0, b + 1, b // w) for w in ws] + [[0, b]]))
     start, size = nodes[:-1], np.diff(nodes)
     n = len(start)  # atoms: positions between two slice boundaries, order free inside
+    if n > MILP_ATOMS:
+        return _digit_reversal(c)
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import coo_matrix
+
     rows = [np.repeat(np.arange(n), k)]
     cols = [(np.arange(k)[None, :] * n + np.arange(n)[:, None]).ravel()]
     lo, hi, r = [size], [size], n  # every atom is filled exactly
@@ -122,9 +141,45 @@ def interleave_pattern(counts: tuple[int, ...]) -> np.ndarray | None:
     res = milp(np.zeros(n * k), constraints=LinearConstraint(a, np.concatenate(lo), np.concatenate(hi)),
                integrality=np.ones(n * k), bounds=Bounds(0, np.tile(size, k)))
     if res.x is None:
-        return None
+        return _digit_reversal(c)
     per_atom = np.rint(res.x).astype(np.int64).reshape(k, n)
     return np.repeat(np.tile(np.arange(k), n), per_atom.T.ravel())
+
+
+def _prime_factors(b: int) -> list[int]:
+    """B's prime factors, smallest first.
+
+    >>> _prime_factors(960), _prime_factors(7), _prime_factors(1)
+    ([2, 2, 2, 2, 2, 2, 3, 5], [7], [])
+    """
+    out, p = [], 2
+    while b > 1 and p * p <= b:
+        while b % p == 0:
+            out.append(p)
+            b //= p
+        p += 1
+    return out + ([b] if b > 1 else [])
+
+
+def _digit_reversal(counts: np.ndarray) -> np.ndarray:
+    """The samples in class order, sample j at the position whose mixed-radix digits (radices:
+    B's prime factors, smallest first, most significant first) are j's read backwards. The
+    slice of ``B / w`` positions a position falls in, for ``w`` a product of the first radices,
+    is its leading digits, which are the trailing digits of j: j modulo ``w``. So each slice
+    holds the samples of one residue of j modulo ``w``, and a class, a run of consecutive j,
+    has ``floor(c / w)`` or ``ceil(c / w)`` of them in each (van der Corput's sequence, for
+    B a power of 2).
+
+    >>> _digit_reversal(np.array([2, 6])).tolist()  # B = 8: the 2 of class 0 in different halves
+    [0, 1, 1, 1, 0, 1, 1, 1]
+    """
+    b = int(counts.sum())
+    pos, item, place, weight = np.arange(b), np.zeros(b, dtype=np.int64), b, 1
+    for radix in _prime_factors(b):
+        place //= radix
+        item += (pos // place % radix) * weight
+        weight *= radix
+    return np.repeat(np.arange(len(counts)), counts)[item]
 
 
 def _interleave(rows: np.ndarray, cls: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -132,8 +187,6 @@ def _interleave(rows: np.ndarray, cls: np.ndarray, k: int, rng: np.random.Genera
     the pattern or its mirror image (which keeps the property), drawn at random."""
     counts = np.bincount(cls[rows], minlength=k)
     pattern = interleave_pattern(tuple(int(x) for x in counts))
-    if pattern is None:
-        return rows
     if rng.random() < 0.5:
         pattern = pattern[::-1]
     out = np.empty_like(rows)
@@ -169,8 +222,8 @@ def plan_stratified(
 
     Samples of each class are taken from a fresh permutation. Inside a batch, each class's
     samples come in random order, laid out along ``interleave_pattern`` (or its mirror, drawn at
-    random) so that every rank's contiguous slice of the batch is stratified too; a batch whose
-    counts have no such pattern stays shuffled. Unplaced samples are counted in ``dropped``
+    random) so that every rank's contiguous slice of the batch is stratified too (for which
+    worker counts: ``interleave_pattern``). Unplaced samples are counted in ``dropped``
     (placed + dropped == N); with ``drop_last=False`` they form one last, partial batch, so
     every sample is placed once.
     Needs ``meta.labels`` (any hashable/sortable values).

@@ -200,6 +200,8 @@ def train_epoch(
                 record["noise_scale_samples"] = record["noise_scale"] / state.elements_per_sample
         if on_step is not None:
             on_step(state, record)
+        if max_steps is not None and state.step >= max_steps:
+            break  # before the next step is pulled: its rows fetched and its size decided for nothing
     elapsed = time.perf_counter() - start
     return {
         "train_loss": loss_sum / max(count, 1.0),

@@ -123,8 +123,9 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
 
 
 def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | None,
-                            target: float | None) -> str:
-    """The sweep's answer, in a sentence a person can act on (`critical_batch`'s verdict).
+                            target: float | None, failed: list[int] | tuple = ()) -> str:
+    """The sweep's answer, in a sentence a person can act on (`critical_batch`'s verdict);
+    `failed`: batch sizes of which every trial failed (named, as those that missed the target).
 
     >>> print(critical_batch_sentence({"verdict": "knee", "b_crit": 180.4, "s_min": 40.0,
     ...                                "points": 4, "missed": [], "smallest": 32,
@@ -145,6 +146,13 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
              and b > fit["largest"]]
     unknown = (f" Batch size(s) {', '.join(map(str, missed))} did not reach {reach} within "
                "their epochs: their steps to it are not measured." if missed else "")
+    if failed:
+        unknown += f" Every trial at batch size(s) {', '.join(map(str, failed))} failed."
+    if target is None:
+        guess = (f" The gradient noise scale measured in the trials is about {noise_scale:.0f} "
+                 "samples, a first estimate of it." if has_noise else "")
+        return ("No tune.target_accuracy is set, so steps to a target are not measured and "
+                f"the critical batch is not placed.{guess}{unknown}")
     if verdict == "too_few":
         guess = (f"; the gradient noise scale measured in the trials, about {noise_scale:.0f} "
                  "samples, is a first estimate of it" if has_noise else "")
@@ -289,7 +297,7 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def _cell(v: object) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):  # NA: Int64 columns
         return ""
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"

@@ -12,6 +12,7 @@ from pipeline.config import Config
 from pipeline.files import write_json, write_text
 from pipeline.tracking import client, log_summary
 from pipeline.tune.analysis import (
+    BATCH,
     accuracy_vs_batch_plot,
     batch_schedule_plot,
     critical_batch,
@@ -19,24 +20,27 @@ from pipeline.tune.analysis import (
     steps_vs_batch_plot,
     summary_table,
 )
-from pipeline.tune.results import SCHEDULE, schedule_curves
+from pipeline.tune.results import SCHEDULE, Trial, schedule_curves
 
 
-def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[str, dict],
+def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial],
                  cfg: Config, uri: str, parent: str, out_dir: Path, name: str,
                  experiment_path: str) -> pd.DataFrame:
     """Tag the best trial, place the critical batch, write and log the artifacts and
     result.json; return the table. RuntimeError when every trial failed."""
     c = client(uri)
-    swept = list(cfg.tune.search_space)
-    # The best trial: among those that ran their whole budget (else among the stopped ones).
-    ok = df[df["status"] == "TERMINATED"].dropna(subset=[cfg.tune.metric])
+    metric = cfg.tune.metric
+    # The best trial: among those that ran their whole budget (else among the stopped ones),
+    # on the value Tune ranked them by (its last result: a column of the table of the same
+    # name may be another reading, e.g. noise_scale where the trial reached the target).
+    scored = df.assign(_score=pd.to_numeric(
+        df["trial_id"].map(lambda t: trials[t].metrics.get(metric)), errors="coerce"))
+    ok = scored[scored["status"] == "TERMINATED"].dropna(subset=["_score"])
     if ok.empty:
-        ok = df[df["status"] != "ERROR"].dropna(subset=[cfg.tune.metric])
+        ok = scored[scored["status"] != "ERROR"].dropna(subset=["_score"])
     best = None
     if len(ok):
-        best = ok.loc[ok[cfg.tune.metric].idxmax() if cfg.tune.mode == "max"
-                      else ok[cfg.tune.metric].idxmin()]
+        best = ok.loc[ok["_score"].idxmax() if cfg.tune.mode == "max" else ok["_score"].idxmin()]
     for tid, run in runs.items():
         is_best = best is not None and tid == best["trial_id"]
         if is_best:
@@ -44,13 +48,18 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[
         elif run.data.tags.get("best_trial"):
             c.delete_tag(run.info.run_id, "best_trial")
 
-    # The answer: the knee of steps-to-target over the fixed-batch trials, next to the noise
-    # scale the trials measured (batch-size schedules are rows of the table, not points).
+    # The answer: the knee of steps-to-target over the fixed-batch trials that did not fail,
+    # next to the noise scale they measured where they reached the target (else, a first
+    # estimate, at their last epochs); batch-size schedules are rows of the table, not points.
     fixed = df[df[SCHEDULE] == "constant"] if SCHEDULE in df else df
-    fit = critical_batch(fixed) if cfg.tune.target_accuracy is not None else None
-    noise = fixed["noise_scale"].dropna()
+    ran = fixed[fixed["status"] != "ERROR"]
+    failed = sorted({int(b) for b in fixed.loc[fixed["status"] == "ERROR", BATCH].dropna()}
+                    - {int(b) for b in ran[BATCH].dropna()})
+    fit = critical_batch(ran) if cfg.tune.target_accuracy is not None else None
+    reached = ran.dropna(subset=["steps_to_target"])["noise_scale"].dropna()
+    noise = reached if len(reached) else ran["noise_scale"].dropna()
     noise_scale = float(noise.median()) if len(noise) else None
-    sentence = critical_batch_sentence(fit, noise_scale, cfg.tune.target_accuracy)
+    sentence = critical_batch_sentence(fit, noise_scale, cfg.tune.target_accuracy, failed=failed)
 
     write_text(out_dir / "trials.csv", df.to_csv(index=False))
     table = summary_table(df.drop(columns=["error"]))
@@ -66,7 +75,7 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[
     counts = df["status"].value_counts().to_dict()
     parent_metrics = {f"trials_{k.lower()}": float(v) for k, v in counts.items()}
     if best is not None:
-        parent_metrics[f"best_{cfg.tune.metric}"] = float(best[cfg.tune.metric])
+        parent_metrics[f"best_{metric}"] = float(best["_score"])
     if fit is not None and fit["verdict"] == "knee":  # placed among the batches tried
         parent_metrics["critical_batch"] = fit["b_crit"]
     if noise_scale is not None:
@@ -77,12 +86,12 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[
 
     if best is None:
         raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
-    overrides = {k: _plain(best[k]) for k in swept}
+    overrides = {k: _plain(v) for k, v in trials[best["trial_id"]].overrides.items()}
     best_cfg = cfg.with_overrides(overrides)
     write_json(out_dir / "result.json", {
         "status": "FINISHED", "sweep": name, "parent_run_id": parent, "tracking_uri": uri,
         "best": {"trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],
-                 "overrides": overrides, "metrics": metrics_by_trial[best["trial_id"]],
+                 "overrides": overrides, "metrics": trials[best["trial_id"]].metrics,
                  "config": best_cfg.to_dict()},
         "trials": {k: int(v) for k, v in counts.items()},
         "critical_batch": {**(fit or {}), "noise_scale": noise_scale, "sentence": sentence,
@@ -93,6 +102,5 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], metrics_by_trial: dict[
     return df
 
 
-
 def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v  # numpy scalars from the frame -> JSON types
+    return v.item() if hasattr(v, "item") else v  # numpy scalars -> JSON types

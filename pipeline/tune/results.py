@@ -8,7 +8,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 import yaml
@@ -79,13 +79,19 @@ def schedule_curves(uri: str, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return curves
 
 
+class Trial(NamedTuple):
+    """What a sweep's report needs of a trial beyond its row of the table."""
+    metrics: dict[str, Any]  # its last result as Tune ranked it (Tune's own keys left out)
+    overrides: dict[str, Any]  # its swept values, as Tune gave them
+
+
 def settle_trials(grid: Any, cfg: Config, uri: str,
-                  parent: str) -> tuple[pd.DataFrame, dict[str, Any], dict[str, dict]]:
+                  parent: str) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Trial]]:
     """Settle every trial's MLflow run against Tune's verdict (an errored trial's run FAILED, one
     stopped before its last epoch KILLED and tagged `early_stopped`, one that ran its epochs
     FINISHED) and build the table: one row per trial with
     its swept values, status, epochs, steps, accuracy, steps and samples to the target and noise
-    scale. Returns (table, {trial id: its run}, {trial id: its last reported metrics})."""
+    scale. Returns (table, {trial id: its run}, {trial id: its `Trial`})."""
     c = client(uri)
     runs = {}
     for run in nested_runs(uri, cfg.tracking.experiment, parent):  # latest run per trial
@@ -109,9 +115,7 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         params = run.data.params if run else {}
         own = partial(_own_value, conf, params, base)
         reported = int(m.get("epoch", 0))  # Tune's last result
-        max_steps = own("train.max_steps")
-        ran_out = reported >= int(own("train.epochs")) or (
-            max_steps is not None and int(m.get("step", 0)) >= int(max_steps))
+        ran_out = ran_its_budget(m, own("train.epochs"), own("train.max_steps"))
         if result.error is not None:
             status = "ERROR"
             if run and run.info.status != "FAILED":
@@ -159,14 +163,31 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         # The trial's fixed cost: from its start to its first optimizer step (its last attempt's)
         row["startup_s"] = float(m.get("startup_s", final.get("startup_s", math.nan)))
         row["mlflow_run_id"] = run_id
-        row["error"] = _one_line(result.error)
+        row["error"] = error_summary(result.error)
         row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}
+        # its swept values as Tune gave them (a column of the table may have turned them into
+        # floats: [null, 100] is a float column)
+        row["_overrides"] = {k: own(k) for k in swept}
         rows.append(row)
     df = pd.DataFrame(rows)
-    metrics_by_trial = dict(zip(df["trial_id"], df.pop("_metrics"), strict=True))
+    trials = {tid: Trial(metrics, overrides) for tid, metrics, overrides
+              in zip(df["trial_id"], df.pop("_metrics"), df.pop("_overrides"), strict=True)}
     for col in ("steps_to_target", "stopped_at_epoch", "samples_to_target"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
-    return df, runs, metrics_by_trial
+    return df, runs, trials
+
+
+def ran_its_budget(result: dict[str, Any], epochs: int, max_steps: int | None) -> bool:
+    """Whether a trial's `result` is its last: it ran `epochs` epochs, or reached
+    `train.max_steps`.
+
+    >>> ran_its_budget({"epoch": 3, "step": 30}, 3, None), ran_its_budget({"epoch": 2, "step": 20}, 3, 20)
+    (True, True)
+    >>> ran_its_budget({"epoch": 2, "step": 20}, 3, None)
+    False
+    """
+    return int(result.get("epoch", 0)) >= int(epochs) or (
+        max_steps is not None and int(result.get("step", 0)) >= int(max_steps))
 
 
 def _own_value(conf: dict[str, Any], params: dict[str, str], base: dict[str, Any], key: str
@@ -194,8 +215,16 @@ def _read_curves(uri: str, run_ids: list[str]) -> dict[str, tuple[pd.DataFrame, 
         return dict(zip(run_ids, pool.map(curves, run_ids), strict=True))
 
 
-def _one_line(err: BaseException | None) -> str:
-    if err is None:
+def error_summary(err: BaseException | str | None) -> str:
+    """A trial's error in one line: the last line of its message (a remote traceback ends with
+    the exception), at most 300 characters; "" for none.
+
+    >>> error_summary("Traceback (most recent call last):\\n  File ...\\nValueError: boom\\n")
+    'ValueError: boom'
+    >>> error_summary(KeyError()), error_summary(None), error_summary("")
+    ('KeyError', '', '')
+    """
+    if err is None or isinstance(err, str) and not err.strip():
         return ""
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
     return (lines[-1] if lines else type(err).__name__)[:300]

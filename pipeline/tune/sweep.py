@@ -61,7 +61,7 @@ import yaml
 from pipeline import console
 from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo, resolve
-from pipeline.files import write_json
+from pipeline.files import run_state, write_json
 from pipeline.tracking import (
     close_open_runs,
     end_run,
@@ -73,7 +73,7 @@ from pipeline.tracking import (
 from pipeline.tune import LOADED_AT
 from pipeline.tune.analysis import summary_table
 from pipeline.tune.report import write_report
-from pipeline.tune.results import settle_trials
+from pipeline.tune.results import error_summary, ran_its_budget, settle_trials
 from pipeline.tune.space import check_trials, count_trials, parse_search_space, trial_concurrency
 
 ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
@@ -161,16 +161,18 @@ def _tune_stops_on_ctrl_c() -> Iterator[threading.Event]:
 
 
 # -- Tune pieces (Ray is imported here, after the input has been validated) ---------------------
-def asha(max_epochs: int) -> Any:
-    """ASHA over epochs that never stops a trial at its last epoch (its own, when train.epochs
-    is swept): the trial ends there by itself, while a stop would kill it as it logs its model
-    and marks its MLflow run FINISHED."""
+def asha(max_epochs: int, max_steps: int | None = None) -> Any:
+    """ASHA over epochs that never stops a trial at its last result -- its last epoch (its own,
+    when train.epochs is swept) or the one that reaches `train.max_steps` (the base config's
+    or its own): the trial ends there by itself, while a stop would kill it as it logs its
+    model and marks its MLflow run FINISHED."""
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class FinalEpochASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            last = int((trial.config or {}).get("train.epochs", self._max_t))
-            if result.get(self._time_attr, 0) >= min(last, self._max_t):
+            own = trial.config or {}
+            epochs = min(int(own.get("train.epochs", self._max_t)), self._max_t)
+            if ran_its_budget(result, epochs, own.get("train.max_steps", max_steps)):
                 return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
 
@@ -222,7 +224,7 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
         return
     # A trial the sweep's interruption (or a failure Tune retries) cut short continues its
     # MLflow run, from its checkpoint or, before its first one, from the start.
-    started = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    started = run_state(out)
     resume = bool(started) and find_latest_checkpoint(out / "ray_results") is not None
     in_actor = runs_in_actor(cfg, overrides)
     run_training(cfg, info, out, resume=resume, parent_run_id=parent_run_id,
@@ -258,6 +260,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         raise ConfigError(f"config error: tracking.uri={uri}: no MLflow server answers there; a "
                           "sweep records and compares its trials in it (start it first)")
     exp_path = out_dir / "ray_results" / name
+    # result.json is this sweep's answer: an earlier sweep's in the same --out must not stand
+    # beside this one's trials.csv while it runs, nor after it fails or is stopped
+    (out_dir / "result.json").unlink(missing_ok=True)
     # Tune saves the sweep's state at most every 10 s by default: a driver killed within that
     # time of a trial's end would find it unfinished on --resume. Every second instead (the
     # state is a small file); `_run_trial` does not retrain a trial that had ended anyway.
@@ -320,7 +325,8 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(
                     metric=cfg.tune.metric, mode=cfg.tune.mode,
-                    scheduler=asha(max_epochs) if cfg.tune.scheduler == "asha" else None,
+                    scheduler=(asha(max_epochs, cfg.train.max_steps)
+                               if cfg.tune.scheduler == "asha" else None),
                     search_alg=search_algorithm(cfg),
                     num_samples=cfg.tune.num_samples,
                     max_concurrent_trials=concurrency,
@@ -440,7 +446,7 @@ def trial_console(cfg: Config, live: bool) -> Any:
     (`live`) the table of every trial redrawn below those lines at each result."""
     from ray.tune import Callback
 
-    epochs, metric = cfg.train.epochs, cfg.tune.metric
+    epochs, max_steps, metric = cfg.train.epochs, cfg.train.max_steps, cfg.tune.metric
 
     class TrialConsole(Callback):
         def __init__(self) -> None:
@@ -473,14 +479,18 @@ def trial_console(cfg: Config, live: bool) -> Any:
             self._redraw(trials)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info):
-            last = trial.last_result or {}
-            done = int(last.get("epoch", 0)) >= int((trial.config or {}).get("train.epochs", epochs))
+            last, own = trial.last_result or {}, trial.config or {}
+            done = ran_its_budget(last, own.get("train.epochs", epochs),
+                                  own.get("train.max_steps", max_steps))
             status = self.ended[trial.trial_id] = "done" if done else "stopped early"
             self._redraw(trials, trial_line(trial.trial_id, self._overrides(trial), status, last,
                                             metric))
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info):
-            error = f"see {trial.error_file}" if getattr(trial, "error_file", None) else ""
+            # why, in one line (the traceback's last), and where the whole of it is
+            error = "; ".join(part for part in (
+                error_summary(trial.get_error()),
+                f"see {trial.error_file}" if getattr(trial, "error_file", None) else "") if part)
             self.ended[trial.trial_id] = "ERROR"
             self._redraw(trials, trial_line(trial.trial_id, self._overrides(trial), "ERROR",
                                             trial.last_result or {}, metric, error))

@@ -102,3 +102,41 @@ def test_summary_reports_worst_rank_deviation():
     assert s["worst_rank_class_deviation"] == 1.0  # each rank: 2 of a class against 1
     df["label"] = [0, 1, 0, 1]
     assert summarize(df, 4, 4, share)["worst_rank_class_deviation"] == 0.0
+
+
+def _slices_hold_floor_or_ceil(pattern: np.ndarray, counts, ws) -> bool:
+    c, b, k = np.array(counts), len(pattern), len(counts)
+    for w in ws:
+        per_slice = (pattern.reshape(w, b // w)[:, :, None] == np.arange(k)).sum(1)
+        if np.any(per_slice < c // w) or np.any(per_slice > -(-c // w)):
+            return False
+    return np.array_equal(np.bincount(pattern, minlength=k), c)
+
+
+@pytest.mark.parametrize("b", [8, 9, 16, 25, 27, 32])
+def test_prime_power_batches_take_the_digit_reversal_exact_for_every_divisor(b):
+    """A prime-power batch's divisors are one chain: the digit reversal serves every one of
+    them (no solver), for every count vector of 3 classes."""
+    from pipeline.data.strategies import _digit_reversal
+
+    for c0 in range(b + 1):
+        for c1 in range(b + 1 - c0):
+            counts = (c0, c1, b - c0 - c1)
+            pattern = interleave_pattern(counts)
+            assert np.array_equal(pattern, _digit_reversal(np.array(counts)))
+            assert _slices_hold_floor_or_ceil(pattern, counts, divisors(b)), counts
+
+
+def test_a_large_composite_batch_is_laid_out_along_its_chain_without_the_solver():
+    """B = 960 with digits_imbalanced's shares: the count vector on which the integer program
+    took 193 s (every rank, every process) is laid out by the digit reversal, exact for every
+    worker count of the chain 2, 4, ..., 64, 192, 960; a 1024 batch (a power of 2) for all."""
+    from pipeline.data.strategies import MILP_ATOMS, _digit_reversal
+
+    slow = (433, 259, 130, 69, 35, 17, 8, 5, 2, 2)
+    pattern = interleave_pattern(slow)
+    assert np.array_equal(pattern, _digit_reversal(np.array(slow)))
+    assert _slices_hold_floor_or_ceil(pattern, slow, [2, 4, 8, 16, 32, 64, 192, 960])
+    assert MILP_ATOMS < 704  # the atoms of 960 (beyond the bound: not solved)
+    wide = (500, 300, 150, 50, 24)
+    assert _slices_hold_floor_or_ceil(interleave_pattern(wide), wide, divisors(1024))

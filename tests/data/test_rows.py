@@ -184,3 +184,27 @@ def test_scatter_rows_puts_each_nodes_rows_where_they_belong():
                                         whole.take(pa.array(w[len(w) // 2:]))]) for w in where]
             got = scatter_rows(pieces, where, n)
             assert got.type == whole.type and got.equals(whole), (trial, whole.type)
+
+
+def test_a_rank_with_no_validation_rows_gathers_nothing_in_either_mode():
+    """Fewer validation rows than ranks: a rank's share is empty. Features written as plain
+    lists (list<double>: what pandas writes) have no width to read off zero rows, so the
+    streamed window of an empty part could not be built; the feed leaves empty parts out, in
+    both modes, and the others' rows are the same arrays."""
+    x = pa.array([[float(i), 1.0] for i in range(6)], type=pa.list_(pa.float64()))
+    table = pa.table({"x": x, "y": pa.array([0, 1, 0, 1, 0, 1])})
+    cfg = load_config(None, ["data.name=digits", "model.name=mlp", "train.global_batch_size=2"])
+    full = SampleTable.from_table(table, feature_column="x", label_column="y")
+    small = dataclasses.replace(full, features=None)
+    val, world = np.array([1, 4]), 3
+    for rank in range(world):
+        parts = micro_slices(val[rank::world], 4)  # rank 2: [empty]
+        whole = RankFeed(cfg, full, np.arange(6), rank, world)
+        streamed = StreamedRows(small, TableFetch(table.select(["x"])), LargeColumns("x", None, None),
+                                rank, world)
+        feed = RankFeed(cfg, small, np.arange(6), rank, world, streamed=streamed)
+        want = [whole.collate(p, (0, 0, 1), rows) for p, rows in whole.over(parts)]
+        got = [feed.collate(p, (0, 0, 1), rows) for p, rows in feed.over(parts)]
+        assert len(want) == len(got) == (rank < 2)
+        for a, b in zip(want, got, strict=True):
+            assert np.array_equal(a["features"], b["features"]) and a["features"].shape == (1, 2)

@@ -322,6 +322,30 @@ class _FailsOnRank(torch.nn.Module):
         return self.inner(batch)
 
 
+def test_max_steps_stops_before_pulling_the_next_step():
+    """train.max_steps ends the epoch right after the step that reaches it: the next step is
+    not pulled (in the streaming mode pulling it fetches its rows, and an adaptive schedule
+    decides its size), and the steps' generator sees no more of the epoch."""
+    pulled: list[int] = []
+
+    def steps():
+        for i in range(6):
+            pulled.append(i)
+            yield lambda size: micro_batches("dense", np.arange(G), size)
+
+    model = model_for("dense")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    state = LoopState(micro_batch_size=G)
+    out = train_epoch(model, opt, steps(), state, lr_fn=lambda s: 0.5, loss="cross_entropy",
+                      max_steps=2)
+    assert state.step == 2 and out["steps"] == 2.0 and pulled == [0, 1]
+    # a second call with the budget spent trains nothing and pulls one step at most (the
+    # worker checks max_steps before it starts an epoch)
+    pulled.clear()
+    train_epoch(model, opt, steps(), state, lr_fn=lambda s: 0.5, loss="cross_entropy", max_steps=2)
+    assert state.step == 2 and pulled == [0]
+
+
 def _error_rank(rank: int, world: int):
     model = DDP(_FailsOnRank(rank == 1), forward_sync_buffers=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
