@@ -608,7 +608,11 @@ def plan_length_bucket(
       length) after the shuffled full batches.
     - Token budget (``max_tokens`` set): each sorted mega-batch is cut by `batch_tokens`
       (``n_samples * longest <= max_tokens``, at least one sample per batch); batch sizes
-      vary and nothing is dropped (``drop_last`` has no effect).
+      vary and nothing is dropped (``drop_last`` has no effect). The last cut of a mega-batch
+      -- its longest samples, what the budget left over, maybe fewer than there are workers
+      -- joins the next mega-batch before that is sorted and cut, so that only the epoch's
+      last batch may be that short (the training feed drops a batch of fewer samples than
+      workers: cut short at every mega-batch, the longest sequences were the ones dropped).
 
     Worked example (12 samples, batch 2, one mega-batch of 6 -> similar lengths together):
 
@@ -633,9 +637,15 @@ def plan_length_bucket(
         mega_of = np.arange(n) // mega
         rows = perm[np.lexsort((lengths[perm], mega_of))]
         batches_rows: list[np.ndarray] = []
+        carry = rows[:0]  # the last batch of the mega-batch before: its longest, maybe few
         for start in range(0, n, mega):
             seg = rows[start : start + mega]
-            batches_rows.extend(np.split(seg, batch_tokens(lengths[seg], max_tokens)))
+            if len(carry):
+                seg = np.concatenate([carry, seg])
+                seg = seg[np.argsort(lengths[seg], kind="stable")]
+            cut = np.split(seg, batch_tokens(lengths[seg], max_tokens))
+            carry = cut.pop() if start + mega < n and len(cut) > 1 else rows[:0]
+            batches_rows.extend(cut)
         order = rng.permutation(len(batches_rows))
         return EpochPlan(
             batches=[ids[batches_rows[i]] for i in order], dropped=0, pool_size=n
