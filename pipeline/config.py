@@ -488,6 +488,12 @@ class Config(_Section):
                     f"model.kwargs.attention=flex with {culprit}: FlexAttention serves packed "
                     "batches (batching.packing=true) on a GPU (PyTorch has no FlexAttention "
                     "backward on a CPU), without attention dropout")
+        c0 = self.batching.options.get("c0", CurriculumOptions.model_fields["c0"].default)
+        if self.batching.strategy == "curriculum" and t.epochs == 1 and c0 < 1:
+            raise ValueError(
+                f"batching.strategy=curriculum with train.epochs=1: the pool widens from epoch to "
+                f"epoch, so one epoch trains only the easiest share of it (batching.options.c0="
+                f"{c0:g}); train 2 epochs or more")
         if t.loss == "nt_xent" and self.batching.strategy == "hard_mining":
             raise ValueError("batching.strategy=hard_mining ranks samples by their own loss; "
                              "train.loss=nt_xent has none (a sample's term depends on its batch)")

@@ -198,6 +198,10 @@ CASES = [
     ("lr-scaling", ["--config", DIGITS, *s("train.lr_scaling=cubic")], "train.lr_scaling"),
     ("val-fraction", ["--config", DIGITS, *s("data.val_fraction=1.5")], "data.val_fraction"),
     # negative seeds: NumPy's SeedSequence refuses them deep in the planners or the split
+    ("curriculum-one-epoch", ["--config", DIGITS, *s("data.name=sequences", "batching.strategy=curriculum",
+                                                     "batching.options.difficulty=length",
+                                                     "train.epochs=1")],
+     "train.epochs=1"),  # one epoch: only the easiest c0 share of the pool is ever trained
     ("split-seed", ["--config", DIGITS, *s("data.split_seed=-1")], "data.split_seed"),
     ("batching-seed", ["--config", DIGITS, *s("batching.seed=-1")], "batching.seed"),
     ("train-seed", ["--config", DIGITS, *s("train.seed=-1")], "train.seed"),
