@@ -88,6 +88,7 @@ class Blocks:
     servers: dict[str, Any] = field(default_factory=dict)  # node -> its BlockServer actor
     moved: int = 0  # blocks moved at ingest to even the nodes out
     keeper: Any = None  # the BlockKeeper actor (streaming mode): servers, nodes, small, now
+    feature_width: int | None = None  # the features' D (streaming mode: `LargeColumns`)
 
     def current(self) -> Blocks:
         """These blocks as they are served now: the keeper's view, after it has read again
@@ -184,6 +185,22 @@ def choose_mode(configured: str, size_bytes: int, nodes: list[dict[str, Any]]) -
     return "streaming" if size_bytes > STREAM_SHARE * smallest else "object_store"
 
 
+def check_streaming_nodes(cfg: Config) -> None:
+    """ConfigError when `data.mode=streaming` finds no node up that can train (what `ingest`
+    checks too; a sweep asks before its parent run starts)."""
+    if cfg.data.mode == "streaming" and not training_nodes(cfg):
+        raise _no_training_node(cfg)
+
+
+def _no_training_node(cfg: Config) -> ConfigError:
+    sc = cfg.scaling
+    return ConfigError(
+        f"config error: data.mode=streaming: no node of the cluster can run a training worker "
+        f"now ({sc.cpus_per_worker:g} CPU{' and a GPU' if sc.use_gpu else ''} each), and the "
+        "streaming mode spreads the data over those nodes before training starts: start them "
+        "first (min_workers in cluster.yaml) or set data.mode=auto")
+
+
 def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     """Ray Data reads the Parquet data (parallel, local path or object-store URI) into Arrow
     blocks in the object store; in the streaming mode they are then spread over the nodes and
@@ -199,12 +216,7 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     if configured != "object_store":  # the footers and the nodes decide auto, and size streaming
         size, nodes = parquet_bytes(info.uri), training_nodes(cfg)
     if configured == "streaming" and not nodes:  # (auto keeps to the object store then)
-        sc = cfg.scaling
-        raise ConfigError(
-            f"config error: data.mode=streaming: no node of the cluster can run a training worker "
-            f"now ({sc.cpus_per_worker:g} CPU{' and a GPU' if sc.use_gpu else ''} each), and the "
-            "streaming mode spreads the data over those nodes before training starts: start them "
-            "first (min_workers in cluster.yaml) or set data.mode=auto")
+        raise _no_training_node(cfg)
     if choose_mode(configured, size, nodes) == "object_store":
         return Blocks("object_store", ray.data.read_parquet(info.uri).materialize().to_arrow_refs(),
                       size_bytes=size)
@@ -224,7 +236,8 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
         scheduling_strategy=on_head()).remote(info.uri, cfg.to_dict(), rows, where, servers,
                                                small)
     return Blocks("streaming", refs, size_bytes=size, rows=rows, nodes=where, small=small,
-                  servers=servers, moved=moved, keeper=keeper)
+                  servers=servers, moved=moved, keeper=keeper,
+                  feature_width=info.facts.get("input_dim"))
 
 
 def mode_line(blocks: Blocks) -> str | None:
@@ -497,9 +510,9 @@ def small_table(cfg: Config, blocks: Blocks) -> SampleTable:
     return st
 
 
-def large_columns(cfg: Config) -> LargeColumns:
+def large_columns(cfg: Config, feature_width: int | None = None) -> LargeColumns:
     d = cfg.data
-    return LargeColumns(d.feature_column, d.sequence_column, d.target_column)
+    return LargeColumns(d.feature_column, d.sequence_column, d.target_column, feature_width)
 
 
 class BlockFetch(Fetch):
@@ -553,7 +566,7 @@ def load_rows(cfg: Config, blocks: Blocks | list[Any], rank: int, world: int
         blocks = Blocks("object_store", blocks)
     if blocks.mode == "streaming":
         blocks = blocks.current()  # a lost node's blocks read again, if any
-        cols = large_columns(cfg)
+        cols = large_columns(cfg, blocks.feature_width)
         small = small_table(cfg, blocks)
         # Chunks of about CHUNK_BYTES: fewer, larger calls cost less per row (a call's fixed
         # cost is a few ms); a rank holds up to three of them, on its node and (their rows)

@@ -489,7 +489,8 @@ class Config(_Section):
                     "batches (batching.packing=true) on a GPU (PyTorch has no FlexAttention "
                     "backward on a CPU), without attention dropout")
         c0 = self.batching.options.get("c0", CurriculumOptions.model_fields["c0"].default)
-        if self.batching.strategy == "curriculum" and t.epochs == 1 and c0 < 1:
+        if (self.batching.strategy == "curriculum" and t.epochs == 1 and c0 < 1
+                and self.batching.options.get("pacing") != "none"):
             raise ValueError(
                 f"batching.strategy=curriculum with train.epochs=1: the pool widens from epoch to "
                 f"epoch, so one epoch trains only the easiest share of it (batching.options.c0="

@@ -266,3 +266,18 @@ def test_a_sweep_may_rank_by_every_metric_a_run_of_its_config_logs():
     one_worker_two_micro = ["scaling.num_workers=1", "train.micro_batch_size=32"]
     cfg, _ = resolve(load_config(DIGITS, [space, "tune.metric=noise_scale", *one_worker_two_micro]))
     assert cfg.accumulation_steps() == 2 and "noise_scale" in cfg.logged_metrics()
+
+
+def test_a_one_epoch_curriculum_is_refused_unless_its_pool_is_whole_from_the_start():
+    from pipeline.config import ConfigError
+    from pipeline.data.epochs import planner_options
+
+    cur = ["batching.strategy=curriculum", "train.epochs=1"]
+    with pytest.raises(ConfigError, match="train.epochs=1: the pool widens"):
+        load_config(None, cur)
+    load_config(None, [*cur, "batching.options.pacing=none"])  # the whole pool from the start
+    load_config(None, [*cur, "batching.options.c0=1"])
+    # pacing_epochs left null is the default (half the run), as left out
+    cfg = load_config(None, ["batching.strategy=curriculum", "train.epochs=6",
+                             "batching.options.pacing_epochs=null"])
+    assert planner_options(cfg)["pacing_epochs"] == 3

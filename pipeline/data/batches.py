@@ -32,9 +32,14 @@ def one_array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
-def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def column_to_numpy(col: pa.ChunkedArray | pa.Array, width: int | None = None) -> np.ndarray:
     """A numeric or fixed-size-list column -> numpy ([N] or [N, D]) without Python loops
-    (without a copy for one chunk of numbers without nulls: read-only then)."""
+    (without a copy for one chunk of numbers without nulls: read-only then). `width`: D of a
+    plain list column with no rows, which has none to read it from (a streamed empty share).
+
+    >>> column_to_numpy(pa.array([[1.0, 2.0]]).slice(0, 0), width=2).shape
+    (0, 2)
+    """
     arr = one_array(col)
     if pa.types.is_fixed_size_list(arr.type):
         width = arr.type.list_size
@@ -43,6 +48,8 @@ def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
         lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
         if len(lengths) and (lengths == lengths[0]).all():  # equal-length lists: a matrix
             return pc.list_flatten(arr).to_numpy(zero_copy_only=False).reshape(len(arr), -1)
+        if not len(lengths) and width is not None:
+            return np.zeros((0, width), dtype=arr.type.value_type.to_pandas_dtype())
         raise ValueError("variable-length list column used as fixed-size features")
     return arr.to_numpy(zero_copy_only=False)
 
@@ -185,12 +192,12 @@ class SampleTable:
     @classmethod
     def from_table(cls, table: pa.Table, *, feature_column: str | None, label_column: str | None,
                    sequence_column: str | None = None, target_column: str | None = None,
-                   id_column: str | None = None, difficulty_column: str | None = None
-                   ) -> SampleTable:
+                   id_column: str | None = None, difficulty_column: str | None = None,
+                   feature_width: int | None = None) -> SampleTable:
         n = table.num_rows
 
-        def col(name: str | None) -> np.ndarray | None:
-            return None if name is None else column_to_numpy(table.column(name))
+        def col(name: str | None, width: int | None = None) -> np.ndarray | None:
+            return None if name is None else column_to_numpy(table.column(name), width)
 
         tokens = one_array(table.column(sequence_column)) if sequence_column else None
         return cls(
@@ -198,7 +205,7 @@ class SampleTable:
             labels=None if label_column is None
             else label_ids(table.column(label_column), f"data.label_column={label_column!r}"),
             features=None if feature_column is None
-            else col(feature_column).astype(np.float32, copy=False),  # float32 read as it is
+            else col(feature_column, feature_width).astype(np.float32, copy=False),  # float32 as is
             tokens=tokens,
             targets=one_array(table.column(target_column)) if target_column else None,
             lengths=None if tokens is None else pc.list_value_length(tokens).to_numpy().astype(np.int64),

@@ -32,8 +32,8 @@ def default_pacing_epochs(epochs: int) -> int:
 
 def planner_options(cfg: Config) -> dict[str, Any]:
     opts = {k: v for k, v in cfg.batching.options.items() if k != "difficulty"}
-    if cfg.batching.strategy == "curriculum":
-        opts.setdefault("pacing_epochs", default_pacing_epochs(cfg.train.epochs))
+    if cfg.batching.strategy == "curriculum" and opts.get("pacing_epochs") is None:
+        opts["pacing_epochs"] = default_pacing_epochs(cfg.train.epochs)
     return opts
 
 
@@ -42,7 +42,7 @@ def with_pacing(config: dict[str, Any]) -> dict[str, Any]:
     train.epochs, where it has none); others as they are."""
     b = config.get("batching") or {}
     options = b.get("options") or {}
-    if b.get("strategy") != "curriculum" or "pacing_epochs" in options:
+    if b.get("strategy") != "curriculum" or options.get("pacing_epochs") is not None:
         return config
     epochs = (config.get("train") or {}).get("epochs", Config().train.epochs)
     return {**config, "batching": {**b, "options": {
@@ -61,7 +61,7 @@ def keep_pacing(cfg: Config, started: dict[str, Any]) -> Config:
     >>> keep_pacing(first.with_overrides({"train.epochs": 8}), first.to_dict()).batching.options
     {'pacing_epochs': 2.0}
     """
-    if cfg.batching.strategy != "curriculum" or "pacing_epochs" in cfg.batching.options:
+    if cfg.batching.strategy != "curriculum" or cfg.batching.options.get("pacing_epochs") is not None:
         return cfg
     pacing = (with_pacing(started).get("batching") or {}).get("options", {}).get("pacing_epochs")
     return cfg if pacing is None else cfg.with_overrides({"batching.options.pacing_epochs": pacing})

@@ -97,10 +97,10 @@ class RankFeed:
 
     def over(self, parts: list[np.ndarray]) -> Iterator[tuple[np.ndarray, SampleTable | Window]]:
         """Each of `parts` (validation micro-batches, a scoring pass) with where to gather its
-        rows from (fetched a chunk ahead in the streaming mode). Empty parts are left out (a
-        rank's empty share of a small validation split): there is nothing to gather, and
-        neither pass takes a collective per part."""
-        parts = [part for part in parts if len(part)]
+        rows from (fetched a chunk ahead in the streaming mode). An empty part (a rank's share
+        of a validation split smaller than the ranks) is gathered as an empty batch: every rank
+        runs the same forward passes (a DDP model's first one after training broadcasts its
+        buffers to all ranks)."""
         if self.streamed is None:
             return ((part, self.st) for part in parts)
         return self.streamed.parts(parts)

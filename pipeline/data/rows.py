@@ -126,6 +126,7 @@ class LargeColumns:
     feature: str | None
     sequence: str | None
     target: str | None
+    feature_width: int | None = None  # the features' D, for a window of no rows (plain lists)
 
     def names(self) -> list[str]:
         return [c for c in (self.feature, self.sequence, self.target) if c]
@@ -163,7 +164,8 @@ def window(small: SampleTable, positions: np.ndarray, large: pa.Table,
         return None if a is None else a[positions]
 
     fetched = SampleTable.from_table(large, feature_column=cols.feature, label_column=None,
-                                     sequence_column=cols.sequence, target_column=cols.target)
+                                     sequence_column=cols.sequence, target_column=cols.target,
+                                     feature_width=cols.feature_width)
     rows = dataclasses.replace(fetched, ids=small.ids[positions], labels=at(small.labels),
                                difficulty=at(small.difficulty),
                                lengths=fetched.lengths if fetched.lengths is not None

@@ -260,9 +260,6 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         raise ConfigError(f"config error: tracking.uri={uri}: no MLflow server answers there; a "
                           "sweep records and compares its trials in it (start it first)")
     exp_path = out_dir / "ray_results" / name
-    # result.json is this sweep's answer: an earlier sweep's in the same --out must not stand
-    # beside this one's trials.csv while it runs, nor after it fails or is stopped
-    (out_dir / "result.json").unlink(missing_ok=True)
     # Tune saves the sweep's state at most every 10 s by default: a driver killed within that
     # time of a trial's end would find it unfinished on --resume. Every second instead (the
     # state is a small file); `_run_trial` does not retrain a trial that had ended anyway.
@@ -270,6 +267,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     import ray
     from ray import tune
 
+    from pipeline.blocks import check_streaming_nodes
     from pipeline.launch import check_store_reachable, connect, ingest, ray_job_tags
     from pipeline.tune.trial import every_trial_in_actor, trial_resources
 
@@ -277,8 +275,13 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     if resume and not tune.Tuner.can_restore(str(exp_path)):
         raise ConfigError(f"argument error: --resume: no Tune experiment to restore in {exp_path}")
 
+    # result.json is this sweep's answer: an earlier sweep's in the same --out must not stand
+    # beside this one's trials.csv while it runs, nor after it fails or is stopped (a refused
+    # command leaves it)
+    (out_dir / "result.json").unlink(missing_ok=True)
     connect(address)
     check_store_reachable(uri)
+    check_streaming_nodes(cfg)  # before the parent run: a refusal leaves no run behind
     concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent)
     parent = state.get("parent_run_id")
     resumed = parent is not None
