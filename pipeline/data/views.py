@@ -27,6 +27,48 @@ def _shift_images(images: np.ndarray, dy: np.ndarray, dx: np.ndarray, pad: int) 
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele, Lea and Flood 2014; the constants of Vigna's
+    splitmix64.c), on uint64 arrays (products wrap modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def keyed_bits(key: list[int], per_row: list[np.ndarray], count: int) -> np.ndarray:
+    """[rows, count] random uint64 words, row r's a function of `key` and its `per_row` values
+    alone: SplitMix64 counter streams (word j of a row: the finaliser of its seed plus (j + 1)
+    golden-ratio increments), the seed folded from the words of `key` and the row's values.
+    Vectorised over rows: a generator per row (NumPy's default_rng seeded by the same words)
+    took 21-100 ms for a 512-sample batch of two views of 64 features.
+
+    >>> a = keyed_bits([3, 1], [np.array([10, 11]), np.array([0, 0])], 2)
+    >>> b = keyed_bits([3, 1], [np.array([11]), np.array([0])], 2)
+    >>> bool((a[1] == b[0]).all()), bool((a[0] != a[1]).all())
+    (True, True)
+    """
+    with np.errstate(over="ignore"):
+        seed = np.full(len(per_row[0]) if per_row else 1, 0x243F6A8885A308D3, dtype=np.uint64)
+        for word in [*(np.full_like(seed, k & 0xFFFFFFFFFFFFFFFF) for k in key),
+                     *(np.asarray(v).astype(np.uint64) for v in per_row)]:
+            seed = _mix(seed ^ (word + _GOLDEN))
+        steps = (np.arange(count, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
+        return _mix(seed[:, None] + steps[None, :])
+
+
+def _normals(bits: np.ndarray) -> np.ndarray:
+    """Standard normals from an even number of uint64 words per row (Box-Muller: a pair of
+    uniforms, u1 in (0, 1] and u2 in [0, 1), gives two)."""
+    u = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    u1, u2 = 1.0 - u[:, 0::2], u[:, 1::2]
+    r = np.sqrt(-2.0 * np.log(u1))
+    return np.stack([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], axis=-1).reshape(
+        len(bits), -1)
+
+
 def make_views(
     batch: dict[str, np.ndarray],
     *,
@@ -59,8 +101,9 @@ def make_views(
     batch and the state of ``rng`` (shifts are drawn first, then the noise).
 
     Keyed views: with ``key`` (e.g. ``(seed, epoch)``) and ``sample_keys`` (one int per sample,
-    e.g. its table position) instead of ``rng``, row (view ``v`` of sample ``i``) draws from its
-    own generator seeded by ``(*key, sample_keys[i], v)``. A view is then a function of
+    e.g. its table position) instead of ``rng``, row (view ``v`` of sample ``i``) draws its
+    shifts and noise from its own stream, keyed by ``(*key, sample_keys[i], v)``
+    (`keyed_bits`). A view is then a function of
     (seed, epoch, sample, view) only -- the same whichever batch, micro-batch or rank the sample
     lands in, so a contrastive step does not depend on how the global batch is split.
 
@@ -111,11 +154,13 @@ def make_views(
     if key is not None:
         if sample_keys is None or len(sample_keys) != b:
             raise ValueError(f"keyed views need sample_keys with one entry per sample ({b})")
-        rows = [np.random.default_rng([*map(int, key), int(sample_keys[r % b]), r // b])
-                for r in range(n)]
-        dy = np.array([g.integers(-max_shift, max_shift + 1) for g in rows], dtype=np.int64)
-        dx = np.array([g.integers(-max_shift, max_shift + 1) for g in rows], dtype=np.int64)
-        noise = (np.stack([g.normal(0.0, noise_std, size=views.shape[1:]) for g in rows])
+        sample = np.asarray(sample_keys, dtype=np.int64)[np.arange(n) % b]
+        width = int(np.prod(views.shape[1:]))
+        bits = keyed_bits([*map(int, key)], [sample, np.arange(n) // b], 2 + width + width % 2)
+        span = np.uint64(2 * max_shift + 1)
+        dy = (bits[:, 0] % span).astype(np.int64) - max_shift
+        dx = (bits[:, 1] % span).astype(np.int64) - max_shift
+        noise = (noise_std * _normals(bits[:, 2:])[:, :width].reshape(views.shape)
                  if noise_std > 0 and n else None)
     else:
         dy = rng.integers(-max_shift, max_shift + 1, size=n)

@@ -150,6 +150,31 @@ def test_keyed_views_do_not_depend_on_how_the_batch_is_split():
     assert not np.isclose(whole["features"][:B], whole["features"][B:]).all(axis=1).any()
 
 
+def test_keyed_views_draw_the_documented_distributions():
+    """Keyed streams (`keyed_bits`): the noise is N(0, noise_std) -- mean, spread and a
+    two-sided tail as a normal's -- and each shift takes every value in [-1, 1] about a third
+    of the time, y and x independently; 2,048 rows of 64 values."""
+    n = 2048
+    zeros = {"features": np.zeros((n, H * W), np.float32)}
+    noise = make_views(zeros, num_views=1, key=(5, 0), sample_keys=np.arange(n),
+                       noise_std=0.1, max_shift=0)["features"].ravel()
+    assert abs(noise.mean()) < 0.002 and abs(noise.std() - 0.1) < 0.002
+    assert abs((np.abs(noise) > 0.196).mean() - 0.05) < 0.005  # 1.96 sigma: 5% outside
+    # a single lit pixel in the middle: where it lands gives the row's (dy, dx)
+    dot = np.zeros((n, H, W), np.float32)
+    dot[:, 4, 4] = 1.0
+    moved = make_views({"features": dot.reshape(n, -1)}, num_views=1, key=(5, 0),
+                       sample_keys=np.arange(n), noise_std=0.0, max_shift=1,
+                       image_shape=(H, W))["features"].reshape(n, H, W)
+    y, x = np.unravel_index(moved.reshape(n, -1).argmax(1), (H, W))
+    dy, dx = y - 4, x - 4
+    for d in (dy, dx):
+        assert set(d.tolist()) == {-1, 0, 1}
+        assert np.abs(np.bincount(d + 1) / n - 1 / 3).max() < 0.04
+    joint = np.bincount((dy + 1) * 3 + dx + 1, minlength=9) / n
+    assert np.abs(joint - 1 / 9).max() < 0.03  # independent: every pair about 1/9
+
+
 def test_invalid_arguments():
     batch = _digits_like(n=4)
     with pytest.raises(ValueError, match="num_views must be >= 1"):
