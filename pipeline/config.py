@@ -494,7 +494,8 @@ class Config(_Section):
             raise ValueError(
                 f"batching.strategy=curriculum with train.epochs=1: the pool widens from epoch to "
                 f"epoch, so one epoch trains only the easiest share of it (batching.options.c0="
-                f"{c0:g}); train 2 epochs or more")
+                f"{c0:g}); train 2 epochs or more (or take the whole pool: "
+                "batching.options.pacing=none)")
         if t.loss == "nt_xent" and self.batching.strategy == "hard_mining":
             raise ValueError("batching.strategy=hard_mining ranks samples by their own loss; "
                              "train.loss=nt_xent has none (a sample's term depends on its batch)")

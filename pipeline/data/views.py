@@ -52,7 +52,7 @@ def keyed_bits(key: list[int], per_row: list[np.ndarray], count: int) -> np.ndar
     """
     with np.errstate(over="ignore"):
         seed = np.full(len(per_row[0]) if per_row else 1, 0x243F6A8885A308D3, dtype=np.uint64)
-        for word in [*(np.full_like(seed, k & 0xFFFFFFFFFFFFFFFF) for k in key),
+        for word in [*(np.full_like(seed, int(k) & 0xFFFFFFFFFFFFFFFF) for k in key),
                      *(np.asarray(v).astype(np.uint64) for v in per_row)]:
             seed = _mix(seed ^ (word + _GOLDEN))
         steps = (np.arange(count, dtype=np.uint64) + np.uint64(1)) * _GOLDEN
@@ -61,7 +61,9 @@ def keyed_bits(key: list[int], per_row: list[np.ndarray], count: int) -> np.ndar
 
 def _normals(bits: np.ndarray) -> np.ndarray:
     """Standard normals from an even number of uint64 words per row (Box-Muller: a pair of
-    uniforms, u1 in (0, 1] and u2 in [0, 1), gives two)."""
+    uniforms, u1 in (0, 1] and u2 in [0, 1), gives two). The words are exact everywhere; the
+    normals as exact as NumPy's float64 log, cos and sin, whose SIMD paths may differ in the
+    last bit between CPU families (nodes of one kind give the same views)."""
     u = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
     u1, u2 = 1.0 - u[:, 0::2], u[:, 1::2]
     r = np.sqrt(-2.0 * np.log(u1))

@@ -137,6 +137,11 @@ class SeqTransformer(nn.Module):
         a sample, so each sample's outputs are those it would have padded; per-sample outputs
         come in segment order (row by row)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
+        if ids.shape[0] == 0:  # a rank's empty share of a small validation split: no rows,
+            # which the attention's reshapes cannot take (a packed batch is [0, 0] wide)
+            hidden = self.head.in_features
+            return self.head(self.embed.weight.new_zeros(
+                (0, ids.shape[1], hidden) if self.per_token else (0, hidden)))
         pe = sinusoidal_positions(ids.shape[1], self.embed.embedding_dim, ids.device)
         segments = batch.get("segment_ids")
         if segments is None:

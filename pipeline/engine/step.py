@@ -105,6 +105,8 @@ def loss_sum(outputs: torch.Tensor, batch: dict[str, torch.Tensor], loss: str,
 @torch.no_grad()
 def retrieval_hits(embeddings: torch.Tensor, view_to_sample: torch.Tensor) -> torch.Tensor:
     """NT-Xent's accuracy, per row: is the most similar other row a view of the same sample?"""
+    if embeddings.shape[0] == 0:  # no rows (a rank's empty share): no hits, and no argmax
+        return torch.zeros(0, dtype=torch.bool, device=embeddings.device)
     z = F.normalize(embeddings.float(), dim=1)
     sim = (z @ z.T).fill_diagonal_(-float("inf"))
     return view_to_sample[sim.argmax(1)] == view_to_sample

@@ -275,13 +275,13 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     if resume and not tune.Tuner.can_restore(str(exp_path)):
         raise ConfigError(f"argument error: --resume: no Tune experiment to restore in {exp_path}")
 
+    connect(address)
+    check_store_reachable(uri)
+    check_streaming_nodes(cfg)  # before the parent run: a refusal leaves no run behind
     # result.json is this sweep's answer: an earlier sweep's in the same --out must not stand
     # beside this one's trials.csv while it runs, nor after it fails or is stopped (a refused
     # command leaves it)
     (out_dir / "result.json").unlink(missing_ok=True)
-    connect(address)
-    check_store_reachable(uri)
-    check_streaming_nodes(cfg)  # before the parent run: a refusal leaves no run behind
     concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent)
     parent = state.get("parent_run_id")
     resumed = parent is not None

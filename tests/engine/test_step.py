@@ -15,7 +15,7 @@ from pipeline.data.padding import collate_sequences
 from pipeline.data.plan import rank_slice
 from pipeline.engine.loop import LoopState, train_epoch
 from pipeline.engine.models import build_model
-from pipeline.engine.step import evaluate, loss_sum, per_sample_loss, samples_in, train_step
+from pipeline.engine.step import evaluate, loss_sum, per_sample_loss, samples_in, to_torch, train_step
 from tests.engine.ranks import run_ranks
 
 G = 32
@@ -344,6 +344,46 @@ def test_max_steps_stops_before_pulling_the_next_step():
     pulled.clear()
     train_epoch(model, opt, steps(), state, lr_fn=lambda s: 0.5, loss="cross_entropy", max_steps=2)
     assert state.step == 2 and pulled == [0]
+
+
+@pytest.mark.parametrize("case", ["mlp", "digits_cnn", "nt_xent", "padded", "packed",
+                                  "per_token", "per_token_packed"])
+def test_an_empty_validation_share_evaluates_to_nothing(case):
+    """A rank's share of a validation split smaller than the ranks is empty: it still runs its
+    forward pass (a DDP model's first forward after training broadcasts buffers to every rank)
+    on the empty batch the feed collates, which every model and loss takes: 0 rows counted."""
+    from pipeline.config import load_config
+    from pipeline.data.batches import SampleTable
+    from pipeline.data.datasets import make_digits, make_sequences
+    from pipeline.data.feed import collate, image_shape
+
+    digits = case in ("mlp", "digits_cnn", "nt_xent")
+    sets = {"mlp": ["model.name=mlp"], "digits_cnn": ["model.name=digits_cnn"],
+            "nt_xent": ["model.name=digits_cnn", "train.loss=nt_xent",
+                        "batching.strategy=contrastive"],
+            "padded": [], "packed": ["batching.packing=true"],
+            "per_token": ["train.loss=token_cross_entropy"],
+            "per_token_packed": ["train.loss=token_cross_entropy", "batching.packing=true"]}[case]
+    if not digits:
+        sets = ["data.name=sequences", "model.name=seq_transformer", *sets]
+    cfg = load_config(None, sets)
+    table = make_digits() if digits else make_sequences(n=64)
+    st = (SampleTable.from_table(table, feature_column="features", label_column="label")
+          if digits else
+          SampleTable.from_table(table, feature_column=None, label_column="label",
+                                 sequence_column="tokens", target_column="targets"))
+    per_token = cfg.train.loss == "token_cross_entropy"
+    model = build_model(cfg.model.name, input_dim=64 if digits else None,
+                        num_outputs=32 if case == "nt_xent" else 10,  # an embedding (nt_xent)
+                        vocab_size=None if digits else 64, per_token=per_token)
+    shape = image_shape(cfg.model.name)
+    batches = [to_torch(collate(cfg, part, (0, 0, 1), st, shape), torch.device("cpu"))
+               for part in (np.zeros(0, np.int64), np.arange(4))]
+    empty = evaluate(model, iter(batches[:1]), loss=cfg.train.loss)
+    assert empty == {"val_loss": 0.0, "val_accuracy": 0.0}  # 0 / max(0, 1): nothing counted
+    both = evaluate(model, iter(batches), loss=cfg.train.loss)
+    alone = evaluate(model, iter(batches[1:]), loss=cfg.train.loss)
+    assert both == pytest.approx(alone)  # the empty batch adds nothing
 
 
 def _error_rank(rank: int, world: int):
