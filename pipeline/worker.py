@@ -281,14 +281,21 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         """This rank's share of one global batch, cut into micro-batches on demand (the size
         can shrink on out-of-memory)."""
 
+        counted = {"real": 0, "padded": 0}  # this step's tokens, as last built
+
         def micro(size: int) -> list[dict[str, torch.Tensor]]:
-            out = []
+            out, real, padded = [], 0, 0
             for part in step.micro(size):
                 nb = feed.collate(part, key, step.rows)
                 if "attention_mask" in nb:
-                    pad_stats["real"] += int(nb["attention_mask"].sum())
-                    pad_stats["padded"] += int(nb["attention_mask"].size)
+                    real += int(nb["attention_mask"].sum())
+                    padded += int(nb["attention_mask"].size)
                 out.append(to_torch(nb, device))
+            # built again after an out-of-memory: the tokens count once, as the attempt that
+            # trained built them
+            for k, v in (("real", real), ("padded", padded)):
+                pad_stats[k] += v - counted[k]
+                counted[k] = v
             return out
 
         return micro
@@ -339,10 +346,16 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         """A validation pass within the epoch every train.eval_every steps (every rank takes
         it at the same step: it all-reduces)."""
         if t.eval_every and step % t.eval_every == 0 and len(val_pos):
-            return evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision)
+            begun = time.perf_counter()
+            metrics = evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision)
+            validating[0] += time.perf_counter() - begun
+            return metrics
         return {}
 
+    validating = [0.0]  # seconds of this epoch in validate(): not training time
+
     data_meter = _DataMeter(streamed, pulled)
+    steps_log: list[tuple[int, dict[str, float], float]] = []  # (step, record, when)
     try:
         for epoch in range(state.epoch, t.epochs):
             state.epoch = epoch
@@ -354,7 +367,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             plan, batches, dropped = eb.plan, eb.batches, eb.dropped
             pad_stats = {"real": 0, "padded": 0}
 
-            steps_log: list[tuple[int, dict[str, float], float]] = []  # (step, record, when)
+            steps_log = []  # this epoch's, logged with it
             samples_before, units_before = state.samples, state.units
             bar = None  # a progress bar within the epoch, drawn on the driver's terminal
             if rank == 0 and loop_config.get("progress_bar"):
@@ -362,7 +375,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
 
                 bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}",
                            unit="step" if unit == G else "unit batch")
-            start = time.perf_counter()
+            start, validating[0] = time.perf_counter(), 0.0
             try:
                 metrics = train_epoch(
                     model, optimizer,
@@ -375,7 +388,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                     noise_probe=noise_probe, on_event=console.say if rank == 0 else None)
             finally:  # a train.max_steps cut (or an error) leaves the steps mid-epoch: the rows
                 steps.close()  # they fetched ahead are let go now, not held through validation
-            wall = time.perf_counter() - start
+            wall = time.perf_counter() - start - validating[0]  # training: samples_per_s etc.
             if bar is not None:
                 bar.close()
             if len(val_pos):
@@ -417,11 +430,15 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                             if k != "epoch" and math.isfinite(v)}, epoch + 1)
                 logger.flush(wait_s=10.0)  # an outage of the store waits at most this long
             _report(metrics, model, optimizer, scaler, state, spec, sample_losses, session, sched)
-    except BaseException:
+    except BaseException as err:
         # stopped (Tune stops a trial inside its report, Ctrl-C) or failed: the epochs done
         # were flushed; the sending thread is not left behind (in a Tune actor it would be
         # one per stopped trial)
         if logger is not None:
+            if isinstance(err, NonFiniteError):  # never run again: its epoch's steps up to
+                for step, rec, at in steps_log:  # the divergence are what explains it
+                    logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)},
+                               step, at)
             logger.close(timeout_s=2.0, give_up=True)
         raise
     if logger is not None:

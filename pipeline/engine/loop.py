@@ -122,9 +122,14 @@ def train_epoch(
     `lr_fn(step)`: the LR of a plain `MicroBatcher` step (a `PlannedStep` carries its own).
     `seed`: seed torch per (seed, rank, step) before every step (None: leave the RNG alone).
     `on_event`: called with a one-line message for every micro-batch size change.
+    A step whose loss or gradient is not finite changes nothing: its update is skipped, the
+    BatchNorm running statistics its forward passes moved are put back, and it counts in
+    `steps` but not in the epoch's loss, accuracy or gradient norm. `epoch_time_s` leaves out
+    the time spent in `on_step` (a validation pass within the epoch).
     """
     loss_sum = correct = count = grad_norm_sum = 0.0
-    samples = n_steps = 0
+    samples = n_steps = finite_steps = 0
+    hook_s = 0.0
     start = time.perf_counter()
     lr = math.nan
     for item in steps:
@@ -135,9 +140,9 @@ def train_epoch(
         lr = planned.lr if planned is not None else lr_fn(state.step)
         set_lr(optimizer, lr)
         step_start = time.perf_counter()
-        # An out-of-memory retry must not count the failed attempt's forward passes in the
-        # BatchNorm running statistics: keep the buffers to put them back.
-        saved = [b.detach().clone() for b in model.buffers()] if auto_micro else []
+        # An out-of-memory retry, or a step skipped as non-finite, must not count its forward
+        # passes in the BatchNorm running statistics: keep the buffers to put them back.
+        saved = [b.detach().clone() for b in model.buffers()]
         while True:
             if seed is not None:
                 torch.manual_seed(step_seed(seed, rank, state.step))
@@ -168,16 +173,21 @@ def train_epoch(
         state.skipped_steps += int(res.skipped)
         if res.nonfinite:
             state.nonfinite_steps += 1
+            with torch.no_grad():  # its update was skipped: so are its running statistics
+                for buf, kept in zip(model.buffers(), saved, strict=True):
+                    buf.copy_(kept)
             if nonfinite == "stop" and state.nonfinite_steps > nonfinite_limit:
                 raise NonFiniteError(
                     f"non-finite {'loss' if not math.isfinite(res.loss) else 'gradient'} at epoch "
                     f"{state.epoch + 1}, step {state.step} (train_loss={res.loss:.4g}, "
                     f"grad_norm={res.grad_norm:.4g}); the update was skipped and training stopped "
                     f"(train.nonfinite=stop, {state.nonfinite_steps} non-finite step(s))")
-        loss_sum += res.loss * res.count
-        correct += res.correct
-        count += res.count
-        grad_norm_sum += res.grad_norm
+        if not res.nonfinite:  # a skipped step's NaN would make the epoch's means NaN
+            loss_sum += res.loss * res.count
+            correct += res.correct
+            count += res.count
+            grad_norm_sum += res.grad_norm
+            finite_steps += 1
         samples += res.local_samples
         n_steps += 1
         record = {"lr": lr, "train_loss_step": res.loss, "grad_norm": res.grad_norm,
@@ -199,14 +209,17 @@ def train_epoch(
             if state.elements_per_sample != 1.0:  # token-level: the same in samples, as batches are
                 record["noise_scale_samples"] = record["noise_scale"] / state.elements_per_sample
         if on_step is not None:
+            hook_start = time.perf_counter()
             on_step(state, record)
+            hook_s += time.perf_counter() - hook_start
         if max_steps is not None and state.step >= max_steps:
             break  # before the next step is pulled: its rows fetched and its size decided for nothing
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - start - hook_s
+    none = math.nan if n_steps else 0.0  # every step skipped as non-finite: no mean to give
     return {
-        "train_loss": loss_sum / max(count, 1.0),
-        "train_accuracy": correct / max(count, 1.0),
-        "grad_norm": grad_norm_sum / max(n_steps, 1),
+        "train_loss": loss_sum / count if count else none,
+        "train_accuracy": correct / count if count else none,
+        "grad_norm": grad_norm_sum / finite_steps if finite_steps else none,
         "steps": float(n_steps),
         "epoch_time_s": elapsed,
         "worker_samples_per_s": samples / elapsed if elapsed > 0 else 0.0,

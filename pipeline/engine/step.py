@@ -336,6 +336,9 @@ def train_step(
         micro_batches = micro_batches or []
         local = [loss_count(mb, loss) for mb in micro_batches]
         (global_count,) = all_reduce_sum([float(sum(local))], device)
+        # A global batch with no loss element (every target ignored): its mean is 0 / 0; the
+        # step takes a zero loss and zero gradient (the optimizer steps on it as on any).
+        per_element = 1.0 / max(global_count, 1.0)
         loss_total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         agree = agree_oom and world > 1
@@ -348,7 +351,7 @@ def train_step(
                     with autocast(precision, device):
                         out = model(mb)
                     s, c = loss_sum(out, mb, loss, temperature)
-                    scaled = s * (world / global_count)
+                    scaled = s * (world * per_element)
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_total += s.detach()
                 correct += c.detach()
@@ -411,7 +414,7 @@ def train_step(
     noise = ((small_sum / world, b_small_eff, norm * norm, global_count)
              if math.isfinite(small_sum) and 0 < b_small_eff < global_count and not skipped
              else None)
-    return StepResult(loss=loss_g / global_count, correct=correct_g, count=global_count,
+    return StepResult(loss=loss_g / max(global_count, 1.0), correct=correct_g, count=global_count,
                       grad_norm=norm, skipped=skipped, nonfinite=nonfinite, noise=noise,
                       local_samples=samples_in(*micro_batches))
 

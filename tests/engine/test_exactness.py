@@ -280,6 +280,36 @@ def test_nonfinite_skip_counts_and_goes_on():
     assert_finite_weights(model, "after the epoch")  # no exception
 
 
+def test_a_skipped_step_leaves_batchnorm_statistics_and_the_epochs_means_alone():
+    """train.nonfinite=skip on a BatchNorm model: the NaN batch's forward moved the running
+    statistics to NaN, which the epoch end's finite-weights check would then refuse (a skip
+    that stops the job); they are put back with the update skipped. The epoch's train_loss,
+    accuracy and grad_norm are those of the finite steps: the same as an epoch without the
+    bad batch, which also trains to the same weights."""
+    def run(with_bad: bool):
+        torch.manual_seed(0)
+        model = build_model("digits_cnn", input_dim=64, num_outputs=10, vocab_size=None)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        batches = [{"features": torch.randn(8, 64, generator=g),
+                    "label": torch.randint(0, 10, (8,), generator=g)} for _ in range(3)]
+        if with_bad:
+            batches.insert(2, {"features": torch.full((8, 64), math.nan),
+                               "label": torch.zeros(8, dtype=torch.int64)})
+        state = LoopState(micro_batch_size=8)
+        out = train_epoch(model, opt, [(lambda size, b=b: [b]) for b in batches], state,
+                          lr_fn=lambda s: 0.1, loss="cross_entropy", nonfinite="skip")
+        return out, state, model
+
+    out, state, model = run(True)
+    assert state.nonfinite_steps == 1 and out["steps"] == 4.0
+    assert_finite_weights(model, "at the end of epoch 1")  # buffers included: no exception
+    ref, _, ref_model = run(False)
+    for key in ("train_loss", "train_accuracy", "grad_norm"):
+        assert math.isfinite(out[key]) and out[key] == pytest.approx(ref[key], rel=1e-12), key
+    states_equal(ref_model.state_dict(), model.state_dict(), atol=0)
+
+
 def test_nonfinite_weights_are_never_checkpointed():
     model = _embedder()
     with torch.no_grad():

@@ -386,6 +386,25 @@ def test_an_empty_validation_share_evaluates_to_nothing(case):
     assert both == pytest.approx(alone)  # the empty batch adds nothing
 
 
+def test_a_global_batch_without_a_target_token_is_a_zero_step():
+    """Token-level loss over a global batch whose targets are all ignored (samples with no
+    real target; truncation can make them): no loss element, so a zero loss and a zero
+    gradient -- not a ZeroDivisionError that Ray Train would retry as if transient."""
+    from pipeline.data.padding import IGNORE_INDEX
+
+    model = build_model("seq_transformer", input_dim=None, num_outputs=4, vocab_size=16,
+                        per_token=True, d_model=16, nhead=2, num_layers=1, dim_feedforward=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.int64),
+             "attention_mask": torch.ones(2, 5, dtype=torch.bool),
+             "token_targets": torch.full((2, 5), IGNORE_INDEX, dtype=torch.int64)}
+    res = train_step(model, opt, [batch], loss="token_cross_entropy")
+    assert (res.loss, res.count, res.correct, res.nonfinite) == (0.0, 0.0, 0.0, False)
+    for k, v in model.state_dict().items():  # a zero gradient: plain SGD leaves the weights
+        assert torch.equal(v, before[k]), k
+
+
 def _error_rank(rank: int, world: int):
     model = DDP(_FailsOnRank(rank == 1), forward_sync_buffers=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
