@@ -394,7 +394,9 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             if len(val_pos):
                 metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision))
             if b.strategy == "hard_mining":
-                sample_losses = _score_pool(model, feed, len(st), per_worker, cfg, device)
+                # in micro-batches of the size known to fit, as validation takes them
+                sample_losses = _score_pool(model, feed, len(st), state.micro_batch_size, cfg,
+                                            device)
                 pool_losses = sample_losses[train_pos]
                 metrics.update({"hard_mining/loss_mean": float(pool_losses.mean()),
                                 "hard_mining/loss_p90": float(np.quantile(pool_losses, 0.9))})
