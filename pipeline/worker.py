@@ -428,6 +428,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             if logger is not None:
                 for step, rec, at in steps_log:
                     logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step, at)
+                steps_log = []  # logged (not again should the epoch's end stop the run)
                 logger.add({k: v for k, v in metrics.items()
                             if k != "epoch" and math.isfinite(v)}, epoch + 1)
                 logger.flush(wait_s=10.0)  # an outage of the store waits at most this long

@@ -122,13 +122,14 @@ def train_epoch(
     `lr_fn(step)`: the LR of a plain `MicroBatcher` step (a `PlannedStep` carries its own).
     `seed`: seed torch per (seed, rank, step) before every step (None: leave the RNG alone).
     `on_event`: called with a one-line message for every micro-batch size change.
-    A step whose loss or gradient is not finite changes nothing: its update is skipped, the
-    BatchNorm running statistics its forward passes moved are put back, and it counts in
-    `steps` but not in the epoch's loss, accuracy or gradient norm. `epoch_time_s` leaves out
+    A step whose loss or gradient is not finite changes nothing: its update is skipped (fp16:
+    by the scaler), the BatchNorm running statistics its forward passes moved are put back,
+    and it counts in `steps` but not in the epoch's means of what was not finite (loss and
+    accuracy, gradient norm). `epoch_time_s` leaves out
     the time spent in `on_step` (a validation pass within the epoch).
     """
     loss_sum = correct = count = grad_norm_sum = 0.0
-    samples = n_steps = finite_steps = 0
+    samples = n_steps = finite_losses = finite_norms = 0
     hook_s = 0.0
     start = time.perf_counter()
     lr = math.nan
@@ -171,23 +172,26 @@ def train_epoch(
         step_time = time.perf_counter() - step_start
         state.step += 1
         state.skipped_steps += int(res.skipped)
-        if res.nonfinite:
-            state.nonfinite_steps += 1
-            with torch.no_grad():  # its update was skipped: so are its running statistics
+        if res.nonfinite or res.skipped:  # its update was skipped (a non-finite loss or
+            with torch.no_grad():  # gradient; fp16: the scaler's): so are its statistics
                 for buf, kept in zip(model.buffers(), saved, strict=True):
                     buf.copy_(kept)
+        if res.nonfinite:
+            state.nonfinite_steps += 1
             if nonfinite == "stop" and state.nonfinite_steps > nonfinite_limit:
                 raise NonFiniteError(
                     f"non-finite {'loss' if not math.isfinite(res.loss) else 'gradient'} at epoch "
                     f"{state.epoch + 1}, step {state.step} (train_loss={res.loss:.4g}, "
                     f"grad_norm={res.grad_norm:.4g}); the update was skipped and training stopped "
                     f"(train.nonfinite=stop, {state.nonfinite_steps} non-finite step(s))")
-        if not res.nonfinite:  # a skipped step's NaN would make the epoch's means NaN
+        if math.isfinite(res.loss):  # a skipped step's NaN would make the epoch's means NaN
             loss_sum += res.loss * res.count
             correct += res.correct
             count += res.count
+            finite_losses += 1
+        if math.isfinite(res.grad_norm):  # (an fp16 overflow: a finite loss, an inf norm)
             grad_norm_sum += res.grad_norm
-            finite_steps += 1
+            finite_norms += 1
         samples += res.local_samples
         n_steps += 1
         record = {"lr": lr, "train_loss_step": res.loss, "grad_norm": res.grad_norm,
@@ -196,7 +200,8 @@ def train_epoch(
             state.samples += planned.batch_size
             state.units += planned.units
             state.batch_size = planned.batch_size
-            state.elements_per_sample = res.count / max(planned.batch_size, 1)
+            if res.count:  # (a step with no loss element says nothing of it)
+                state.elements_per_sample = res.count / max(planned.batch_size, 1)
             record["global_batch_size"] = float(planned.batch_size)
             record["samples"] = float(state.samples)
         if scaler is not None:
@@ -215,11 +220,13 @@ def train_epoch(
         if max_steps is not None and state.step >= max_steps:
             break  # before the next step is pulled: its rows fetched and its size decided for nothing
     elapsed = time.perf_counter() - start - hook_s
-    none = math.nan if n_steps else 0.0  # every step skipped as non-finite: no mean to give
+    # every step non-finite: no mean to give (steps without a loss element: a zero loss)
+    none = math.nan if n_steps and not finite_losses else 0.0
     return {
         "train_loss": loss_sum / count if count else none,
         "train_accuracy": correct / count if count else none,
-        "grad_norm": grad_norm_sum / finite_steps if finite_steps else none,
+        "grad_norm": grad_norm_sum / finite_norms if finite_norms else (
+            math.nan if n_steps else 0.0),
         "steps": float(n_steps),
         "epoch_time_s": elapsed,
         "worker_samples_per_s": samples / elapsed if elapsed > 0 else 0.0,

@@ -6,6 +6,8 @@ Ranks are real processes joined by torch.distributed (gloo) with the model wrapp
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -403,6 +405,18 @@ def test_a_global_batch_without_a_target_token_is_a_zero_step():
     assert (res.loss, res.count, res.correct, res.nonfinite) == (0.0, 0.0, 0.0, False)
     for k, v in model.state_dict().items():  # a zero gradient: plain SGD leaves the weights
         assert torch.equal(v, before[k]), k
+    # In an epoch of planned steps (a batch-size schedule's), with the noise scale measured:
+    # the step says nothing of the tokens per sample (which the noise scale in samples and
+    # the adaptive schedule divide by), and the epoch's loss is its steps'.
+    from pipeline.engine.loop import PlannedStep
+    from pipeline.engine.noise import NoiseScale
+
+    real = {**batch, "token_targets": torch.ones(2, 5, dtype=torch.int64)}
+    state = LoopState(micro_batch_size=2, noise=NoiseScale())
+    steps = [PlannedStep(lambda size, b=b: [b], lr=0.5, batch_size=2) for b in (real, real, batch)]
+    out = train_epoch(model, opt, steps, state, loss="token_cross_entropy")
+    assert state.elements_per_sample == 5.0 and out["steps"] == 3.0
+    assert math.isfinite(out["train_loss"]) and out["train_loss"] > 0
 
 
 def _error_rank(rank: int, world: int):
