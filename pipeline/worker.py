@@ -346,13 +346,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         """A validation pass within the epoch every train.eval_every steps (every rank takes
         it at the same step: it all-reduces)."""
         if t.eval_every and step % t.eval_every == 0 and len(val_pos):
-            begun = time.perf_counter()
-            metrics = evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision)
-            validating[0] += time.perf_counter() - begun
-            return metrics
+            return evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision)
         return {}
-
-    validating = [0.0]  # seconds of this epoch in validate(): not training time
 
     data_meter = _DataMeter(streamed, pulled)
     steps_log: list[tuple[int, dict[str, float], float]] = []  # (step, record, when)
@@ -375,7 +370,6 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
 
                 bar = tqdm(total=len(batches), desc=f"epoch {epoch + 1}/{t.epochs}",
                            unit="step" if unit == G else "unit batch")
-            start, validating[0] = time.perf_counter(), 0.0
             try:
                 metrics = train_epoch(
                     model, optimizer,
@@ -388,7 +382,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                     noise_probe=noise_probe, on_event=console.say if rank == 0 else None)
             finally:  # a train.max_steps cut (or an error) leaves the steps mid-epoch: the rows
                 steps.close()  # they fetched ahead are let go now, not held through validation
-            wall = time.perf_counter() - start - validating[0]  # training: samples_per_s etc.
+            wall = metrics["epoch_time_s"]  # training time: without validate() (on_step)
             if bar is not None:
                 bar.close()
             if len(val_pos):
