@@ -156,7 +156,9 @@ COMMANDS: dict[str, Command] = {
         summary="draw a job's exact batches without training, and summarise them",
         description="Run the job's batch pipeline (same ingest, plans, rank slices and "
         "micro-batches) for train.epochs epochs (or train.max_steps steps) on "
-        "scaling.num_workers ranks without training. "
+        "scaling.num_workers ranks without training. What only training knows is not shown: "
+        "hard_mining's later epochs (planned from measured losses), an adaptive schedule's "
+        "steps (its unit batches show), an auto micro-batch's shrinking. "
         "Writes one row per sample drawn to DIR/batches.parquet, DIR/summary.json and "
         "DIR/batches.png, and prints a per-epoch summary.",
         example=f"{PROG} inspect-batches --config jobs/configs/digits.yaml "

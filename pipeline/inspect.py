@@ -5,7 +5,8 @@ steps, rank slice, micro-batches, the slots the collate pads or packs to) for
 `scaling.num_workers` ranks and `train.epochs` epochs, one Ray task per rank. Writes one row
 per sample drawn to `batches.parquet` (epoch, rank, batch, micro, sample id, label, length,
 difficulty, weight, padded length), prints a summary and writes a PNG.
-Hard-example mining has no losses without training: its weights are uniform here.
+Hard-example mining has no losses without training: its weights are uniform here, and its epochs
+after the first (planned in training from the losses it measured) are uniform draws here.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import ray
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, split_train_val
 from pipeline.data.datasets import DatasetInfo, small_columns
-from pipeline.data.epochs import truncated_lengths
+from pipeline.data.epochs import pool_meta, truncated_lengths
 from pipeline.data.feed import RankFeed
 from pipeline.engine.batch_schedule import BatchSchedule
 from pipeline.files import replacing, save_figure, write_json
@@ -59,6 +60,11 @@ def feed_rows(cfg: Config, st: SampleTable, rank: int) -> pa.Table:
         sched.max_units = 1
     step = 0
     weights = np.full(len(st), 1.0 / max(len(train_pos), 1))
+    # the difficulty a curriculum orders by: the column, or its scoring pass (e.g. lengths)
+    difficulty = np.full(len(st), np.nan)
+    scored = pool_meta(cfg, st, train_pos, None).difficulty
+    if scored is not None:
+        difficulty[train_pos] = scored
 
     def next_units() -> int:
         nonlocal step
@@ -79,9 +85,9 @@ def feed_rows(cfg: Config, st: SampleTable, rank: int) -> pa.Table:
                 n = len(part)
                 lengths = (truncated_lengths(cfg, st.lengths[part]) if st.lengths is not None
                            else np.zeros(n, np.int64))  # the tokens the batch holds
-                slots = feed.slots(part)
+                rows, width = feed.shape(part)  # padded: a row per sample; packed: fewer
                 for key, val in (("epoch", epoch), ("rank", rank), ("batch", i), ("micro", j),
-                                 ("padded_length", slots // max(n, 1)), ("micro_slots", slots),
+                                 ("padded_length", width), ("micro_slots", rows * width),
                                  ("pool_size", eb.plan.pool_size)):
                     cols[key].append(np.full(n, val, dtype=np.int64))
                 cols["position"].append(part)
@@ -89,10 +95,19 @@ def feed_rows(cfg: Config, st: SampleTable, rank: int) -> pa.Table:
                 cols["label"].append(st.labels[part] if st.labels is not None
                                      else np.full(n, -1, np.int64))
                 cols["length"].append(lengths)
-                cols["difficulty"].append(st.difficulty[part] if st.difficulty is not None
-                                          else np.full(n, np.nan))
+                cols["difficulty"].append(difficulty[part])
                 cols["weight"].append(weights[part])
     return pa.table({k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()})
+
+
+def training_split_shares(cfg: Config, labels: np.ndarray | None, num_rows: int
+                          ) -> tuple[int, pd.Series | None]:
+    """The training split's size and its classes' shares (by label), which stratified batches
+    keep -- not the whole dataset's, whose validation rows are never drawn."""
+    train_pos = split_train_val(num_rows, labels, cfg.data.val_fraction, cfg.data.split_seed)[0]
+    if labels is None:
+        return len(train_pos), None
+    return len(train_pos), pd.Series(labels[train_pos]).value_counts(normalize=True).sort_index()
 
 
 def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
@@ -177,14 +192,17 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
         pq.write_table(table, tmp)
     df = table.to_pandas()
     labels = small_columns(cfg, info)[0].labels
-    share = pd.Series(labels).value_counts(normalize=True).sort_index() if labels is not None else None
-    num_train = info.num_rows - len(split_train_val(info.num_rows, labels, cfg.data.val_fraction,
-                                                    cfg.data.split_seed)[1])
+    num_train, share = training_split_shares(cfg, labels, info.num_rows)
     full = (cfg.plan_batch_size() if cfg.train.batch_size_schedule == "adaptive"
             else cfg.train.global_batch_size)  # the size of a full batch in the rows above
     summary = summarize(df, num_train, full, share)
     summary.update(strategy=cfg.batching.strategy, workers=cfg.scaling.num_workers,
                    rows=len(df), dataset=info.uri)
+    if share is not None:
+        summary["class_share"] = {str(k): float(v) for k, v in share.items()}
+    if cfg.batching.strategy == "hard_mining" and cfg.train.epochs > 1:
+        summary["note"] = ("hard_mining: epochs after the first are planned in training from the "
+                           "losses it measures; shown here as uniform draws")
     write_json(out_dir / "summary.json", summary)
     plot(df, summary, out_dir / "batches.png")
     return summary
@@ -195,6 +213,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     epoch (every per-epoch figure the summary holds; the known ones first)."""
     print(f"[pipeline] strategy {summary['strategy']} on {summary['workers']} worker(s): "
           f"{summary['rows']} samples drawn from {summary['dataset']}", flush=True)
+    if summary.get("note"):
+        print(f"[pipeline] {summary['note']}", flush=True)
     first = ["epoch", "drawn", "unique", "coverage", "duplicates", "pool_size",
              "max_class_deviation", "padding_efficiency"]
     ep = pd.DataFrame(summary["epochs"])

@@ -3,9 +3,11 @@
 
 The Ray Train worker trains on it (`pipeline/worker.py`) and `inspect-batches` records it
 (`pipeline/inspect.py`): both walk an epoch through `RankFeed.epoch` and cut a step's rows with
-`FeedStep.micro`, so what is inspected is what is trained by construction. Training collates a
-micro-batch (`RankFeed.collate`); inspection counts its token slots with the function the
-collate pads or packs to (`RankFeed.slots`). In the streaming mode (`data.mode`) the feed holds
+`FeedStep.micro`, so what is inspected is what is trained by construction -- with one
+exception: hard-example mining plans each epoch after the first from the losses training
+measured, which inspection does not have (it shows uniform draws for those epochs). Training
+collates a micro-batch (`RankFeed.collate`); inspection takes its shape from the function the
+collate pads or packs to (`RankFeed.shape`). In the streaming mode (`data.mode`) the feed holds
 only the small columns, and a step's rows are fetched ahead (`pipeline/data/rows.py`); the
 plans, and so the batches, are the same.
 """
@@ -20,7 +22,7 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data.batches import SampleTable, micro_slices
 from pipeline.data.epochs import EpochBatches, epoch_batches
-from pipeline.data.padding import batch_slots
+from pipeline.data.padding import batch_shape
 from pipeline.data.plan import rank_slice
 from pipeline.data.rows import StreamedRows, Window
 from pipeline.data.views import make_views
@@ -111,11 +113,12 @@ class RankFeed:
         its part's from `over`."""
         return collate(self.cfg, part, key, rows, self.image_shape)
 
-    def slots(self, part: np.ndarray) -> int:
-        """The token slots (real + padding) `collate` makes for `part`; 0 without sequences."""
+    def shape(self, part: np.ndarray) -> tuple[int, int]:
+        """The (rows, width) of the token arrays `collate` makes for `part` (padded: a row per
+        sample, as long as the longest; packed: the packed rows); (0, 0) without sequences."""
         if self.st.lengths is None:
-            return 0
+            return 0, 0
         b = self.cfg.batching
-        return batch_slots(self.st.lengths[part], max_length=b.max_length,
+        return batch_shape(self.st.lengths[part], max_length=b.max_length,
                            multiple_of=b.pad_multiple_of, packing=b.packing,
                            pack_tokens=b.pack_tokens)

@@ -246,22 +246,37 @@ def collate_sequences(
     return out
 
 
-def batch_slots(lengths: np.ndarray, *, max_length: int | None = None,
+def batch_shape(lengths: np.ndarray, *, max_length: int | None = None,
                 multiple_of: int | None = None, packing: bool = False,
-                pack_tokens: int | None = None) -> int:
-    """Token slots (real + padding) of the batch `collate_sequences` builds from sequences of
-    these lengths: B x L padded, R x W packed. `inspect-batches` counts padding with it.
+                pack_tokens: int | None = None) -> tuple[int, int]:
+    """The ``(rows, width)`` of the token arrays `collate_sequences` builds from sequences of
+    these lengths: B rows padded to the longest (rounded up to `multiple_of`), or the R packed
+    rows and their width. `inspect-batches` counts padding with it.
 
-    >>> batch_slots(np.array([3, 1, 2])), batch_slots(np.array([3, 1, 2]), packing=True)
-    (9, 6)
-    >>> batch_slots(np.array([3, 1, 2, 2]), packing=True, pack_tokens=4, multiple_of=8)
-    16
+    >>> batch_shape(np.array([3, 1, 2])), batch_shape(np.array([3, 1, 2]), packing=True)
+    ((3, 3), (1, 6))
+    >>> batch_shape(np.array([3, 1, 2, 2]), packing=True, pack_tokens=4, multiple_of=8)
+    (2, 8)
     """
     lengths = _truncated_lengths(lengths, max_length)
     if packing:
         _, _, rows, width = _packed_shape(lengths, pack_tokens, multiple_of)
-        return rows * width
-    return len(lengths) * round_up(int(lengths.max()), multiple_of) if len(lengths) else 0
+        return rows, width
+    return (len(lengths), round_up(int(lengths.max()), multiple_of)) if len(lengths) else (0, 0)
+
+
+def batch_slots(lengths: np.ndarray, *, max_length: int | None = None,
+                multiple_of: int | None = None, packing: bool = False,
+                pack_tokens: int | None = None) -> int:
+    """Token slots (real + padding) of that batch: rows x width of `batch_shape`.
+
+    >>> batch_slots(np.array([3, 1, 2])), batch_slots(np.array([3, 1, 2, 2]), packing=True,
+    ...                                                pack_tokens=4, multiple_of=8)
+    (9, 16)
+    """
+    rows, width = batch_shape(lengths, max_length=max_length, multiple_of=multiple_of,
+                              packing=packing, pack_tokens=pack_tokens)
+    return rows * width
 
 
 def padding_efficiency(lengths: np.ndarray, padded_length: int) -> float:

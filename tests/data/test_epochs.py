@@ -159,3 +159,45 @@ def test_a_token_budget_counts_the_slots_the_collate_makes():
             assert len(batch) * (-(-longest // 16) * 16) <= 2048, (len(batch), longest)
         # the truncated longest (304 slots) share batches: at most the mega-batches' tails alone
         assert sum(len(b) == 1 for b in batches) <= -(-len(train) // (50 * 60))
+
+
+def test_inspect_rows_carry_the_collated_shape_and_the_curriculum_difficulty():
+    """What `batches.parquet` says of a micro-batch is what training collates: `padded_length`
+    is the width of its token rows and `micro_slots` their size, packed (rows of several
+    samples) as padded; `difficulty` is what a curriculum orders by, also when a scoring pass
+    (the truncated lengths) gives it rather than a column."""
+    from pipeline.data.epochs import truncated_lengths
+    from pipeline.data.feed import collate
+    from pipeline.inspect import feed_rows
+
+    for packing in ("false", "true"):
+        cfg, st, _ = odd_setup("length_bucket", 2, **{
+            "batching.packing": packing, "batching.pack_tokens": 1024, "batching.max_length": 300,
+            "batching.pad_multiple_of": 8, "train.micro_batch_size": 10, "train.epochs": 1})
+        rows = feed_rows(cfg, st, 1).to_pandas()
+        for _, m in rows.groupby(["batch", "micro"]):
+            mask = collate(cfg, m["position"].to_numpy(), (0,), st, None)["attention_mask"]
+            assert (m["padded_length"] == mask.shape[1]).all()
+            assert (m["micro_slots"] == mask.size).all()
+        if packing == "true":  # several samples share a row: the width is not slots / samples
+            assert (rows["micro_slots"] < rows.groupby(["batch", "micro"])["position"]
+                    .transform("size") * rows["padded_length"]).any()
+    cfg, st, _ = odd_setup("curriculum", 1, **{"batching.options.difficulty": "length",
+                                               "batching.difficulty_column": "null",
+                                               "batching.max_length": 300, "train.epochs": 2})
+    st.difficulty = None  # no column: the scoring pass orders the pool
+    rows = feed_rows(cfg, st, 0).to_pandas()
+    expected = truncated_lengths(cfg, st.lengths[rows["position"].to_numpy()])
+    assert np.array_equal(rows["difficulty"].to_numpy(), expected.astype(np.float64))
+
+
+def test_inspect_measures_class_shares_against_the_training_split():
+    from pipeline.inspect import training_split_shares
+
+    cfg = load_config(None, ["data.val_fraction=0.3"])
+    labels = np.array([0] * 10 + [1] * 90)
+    num_train, share = training_split_shares(cfg, labels, len(labels))
+    train, _ = split_train_val(100, labels, 0.3, cfg.data.split_seed)
+    assert num_train == len(train) == 70
+    assert share.to_dict() == {0: np.mean(labels[train] == 0), 1: np.mean(labels[train] == 1)}
+    assert share.sum() == pytest.approx(1.0)

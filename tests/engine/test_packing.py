@@ -13,7 +13,7 @@ import torch
 
 from pipeline.data.batches import SampleTable, split_train_val
 from pipeline.data.datasets import make_sequences
-from pipeline.data.padding import batch_slots, pack_rows
+from pipeline.data.padding import batch_shape, batch_slots, pack_rows
 from pipeline.engine.models import SeqTransformer
 from pipeline.engine.step import loss_count, loss_sum, to_torch
 
@@ -99,6 +99,7 @@ def test_packing_removes_the_padding_of_random_batches_on_sequences(table):
             real[name] += int(nb["attention_mask"].sum())
             slots[name] += int(nb["attention_mask"].size)
             assert nb["attention_mask"].size == batch_slots(full.lengths[part], **kw)
+            assert nb["attention_mask"].shape == batch_shape(full.lengths[part], **kw)
     eff = {k: real[k] / slots[k] for k in real}
     assert eff["packed"] == 1.0 >= 0.99
     assert eff["padded"] < 0.5 < eff["packed512"] < 1.0
