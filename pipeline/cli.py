@@ -91,6 +91,9 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
     console.say(f"wrote {out / 'find_batch_size.json'} and {out / 'find_batch_size.png'}")
     if result["max_micro_batch_size"] == 0:
         budget = result["max_memory_bytes"]
+        one = next((x for x in result["trials"] if x["micro_batch_size"] == 1), {})
+        if not str(one.get("note") or "").startswith("over budget"):
+            budget = None  # size 1 failed otherwise (a GPU's own out-of-memory), not the budget
         if budget and args.max_memory is not None:  # the user's budget is the culprit
             print(f"argument error: --max-memory: not even micro_batch_size=1 fits in "
                   f"{budget / 2**20:.1f} MiB", file=sys.stderr)
@@ -98,7 +101,7 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
         if budget:  # the default budget, half the memory available
             print(f"not even micro_batch_size=1 fits in {budget / 2**20:.1f} MiB, "
                   f"{result['budget']}", file=sys.stderr)
-        else:  # a GPU's own out-of-memory
+        else:  # a GPU's own out-of-memory (within the budget, if any)
             print("out of memory at micro_batch_size=1", file=sys.stderr)
         return 1
     return 0

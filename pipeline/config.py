@@ -9,6 +9,7 @@ into a plain dict for Ray (`to_dict`), flat dotted params for MLflow (`flat_para
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -241,7 +242,8 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    seed: Int = Field(0, ge=0, description="seed of the initial weights")
+    seed: Int = Field(0, ge=0, le=2**32 - 1, description="seed of the initial weights (and of "
+                      "Optuna's sampler: below 2^32)")
     epochs: Int = Field(10, ge=1, description="passes over the training pool")
     max_steps: Int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     global_batch_size: Int = Field(64, ge=1, description="samples per optimizer step, all "
@@ -311,7 +313,8 @@ class TrainConfig(_Section):
 class ScalingConfig(_Section):
     num_workers: Int = Field(2, ge=1, description="training workers (DDP ranks)")
     use_gpu: Bool = Field(False, description="one GPU per worker")
-    cpus_per_worker: Float = Field(1.0, gt=0.0, description="CPUs reserved per worker")
+    cpus_per_worker: Float = Field(1.0, ge=0.0001, description="CPUs reserved per worker (Ray "
+                                   "counts resources in steps of 0.0001)")
     max_failures: Int = Field(1, ge=0, description="worker-group restarts from the latest "
                               "checkpoint")
 
@@ -713,16 +716,30 @@ def validate(raw: dict[str, Any]) -> Config:
         raise ConfigError(_one_line(err)) from None
 
 
+def _text_field(key: str) -> bool:
+    """Whether the dotted key names a field of text (`str` or `str | None`)."""
+    section, _, name = key.partition(".")
+    model = Config.model_fields.get(section)
+    field = None if model is None else model.annotation.model_fields.get(name)  # type: ignore[union-attr]
+    return field is not None and field.annotation in (str, str | None)
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", YAML-parsed value)."""
+    """`a.b=value` -> ("a.b", YAML-parsed value). A field of text keeps the text as given
+    (`tracking.experiment=2024`, `run_name=12:30`, `run_name=#1`: not YAML's int, base-60 number
+    or comment), unless it is YAML's null (`null`, `~`, nothing)."""
     if "=" not in item:
         raise ConfigError(f"bad --set {item!r}: expected dotted.key=value")
     key, _, text = item.partition("=")
+    key = key.strip()
     try:
         value = yaml.safe_load(text) if text != "" else None
     except yaml.YAMLError:
         value = text
-    return key.strip(), value
+    if (_text_field(key) and not isinstance(value, str)
+            and text.strip() not in ("", "~", "null", "Null", "NULL")):
+        value = text
+    return key, value
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -745,6 +762,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         for section, values in loaded.items():
             if section not in raw:
                 raise ConfigError(f"config error: unknown section {section!r} in {p}")
+            if values is None:  # `tune:` with every key commented out
+                continue
             if not isinstance(values, dict):
                 raise ConfigError(f"config error: section {section!r} must be a mapping")
             raw[section].update(values)
@@ -752,9 +771,24 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         key, value = parse_override(item)
         set_dotted(raw, key, value)
     t = raw["train"] if isinstance(raw["train"], dict) else {}  # not a mapping: validate says so
-    if t.get("batch_size_throughput") is not None and t.get("batch_size_step_cost") is not None:
-        # two sources of c: resolve fills the step cost from the file (a resolved config holds
-        # both, and is passed on as a Config, never read back through here)
+    if (t.get("batch_size_throughput") is not None and t.get("batch_size_step_cost") is not None
+            and not _step_cost_from_file(t, raw["scaling"])):
+        # two sources of c: resolve fills the step cost from the file, so a run's resolved
+        # config (MLflow's config.yaml) holds both, in agreement, and is taken back as it is
         raise ConfigError("config error: train.batch_size_step_cost and "
                           "train.batch_size_throughput are both set: set one (the other null)")
     return validate(raw)
+
+
+def _step_cost_from_file(train: dict[str, Any], scaling: Any) -> bool:
+    """Whether train.batch_size_step_cost is the one train.batch_size_throughput's file gives
+    for the config's workers (as `resolve` fills it)."""
+    from pipeline.find_batch_size import step_cost_from
+
+    try:
+        workers = scaling["num_workers"]
+        return math.isclose(float(train["batch_size_step_cost"]),
+                            step_cost_from(str(train["batch_size_throughput"]), workers),
+                            rel_tol=1e-9)
+    except (ConfigError, TypeError, ValueError, KeyError):
+        return False

@@ -41,6 +41,10 @@ def parse_size(text: str, what: str = "--max-memory") -> int:
 
     >>> parse_size("512MiB"), parse_size("4GiB"), parse_size("1.5KB"), parse_size("1000")
     (536870912, 4294967296, 1500, 1000)
+    >>> parse_size("9" * 400)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: argument error: --max-memory: '999...
     >>> parse_size("lots")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -48,10 +52,11 @@ def parse_size(text: str, what: str = "--max-memory") -> int:
     """
     m = _SIZE.fullmatch(str(text))
     unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+    size = float(m.group(1)) * _UNITS[unit] if m and unit in _UNITS else math.nan
+    if not 1 <= size < math.inf:  # no unit known, under a byte, or past a float
         raise ConfigError(f"argument error: {what}: {text!r} is not a memory size "
                           "(e.g. 512MiB, 4GiB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[unit])
+    return int(size)
 
 
 def _device(cfg: Config) -> Any:

@@ -89,6 +89,24 @@ def test_overrides_parse_yaml_values_and_derived_values():
     assert cfg.tracking_uri() == "http://x:5000"
 
 
+def test_overrides_of_text_keys_keep_the_text_as_given(tmp_path):
+    """YAML would read these as an int, a date, a base-60 number, a boolean and a comment
+    (null); a key of text keeps them as typed. YAML's null and quotes still mean what they do."""
+    cfg = load_config(None, ["tracking.experiment=2024", "tracking.run_name=12:30",
+                             "data.label_column=no", "data.id_column=2024-01-05"])
+    assert (cfg.tracking.experiment, cfg.tracking.run_name) == ("2024", "12:30")
+    assert (cfg.data.label_column, cfg.data.id_column) == ("no", "2024-01-05")
+    assert load_config(None, ["tracking.run_name=#1"]).tracking.run_name == "#1"
+    assert load_config(None, ['tracking.run_name="a b"']).tracking.run_name == "a b"
+    for null in ("null", "~", ""):
+        assert load_config(None, [f"data.label_column={null}"]).data.label_column is None
+    assert load_config(None, ["train.epochs=3"]).train.epochs == 3  # not text: YAML's int
+    # a section whose keys are all commented out is an empty one, not an error
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 2\ntune:\n  # search_space: {}\n")
+    assert load_config(p).train.epochs == 2
+
+
 def test_new_train_keys_and_their_defaults():
     t = Config().train
     assert (t.nonfinite, t.nonfinite_limit, t.auto_micro_batchnorm) == ("stop", 0, False)

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.config import ConfigError, load_config
 from pipeline.tune import analysis
@@ -133,6 +134,10 @@ def test_search_space_kinds_and_dotted_keys():
     assert space["train.lr_scaling"].categories == ["none", "linear"]
     assert isinstance(space["train.base_lr"], tune.search.sample.Float)
     assert space["train.base_lr"].lower == 1e-3 and space["train.momentum"].upper == 0.95
+    # YAML 1.1 reads 1e-4 (no decimal point) as text: a range written so is still numbers
+    text = yaml.safe_load("{loguniform: [1e-4, 1e-1]}")
+    assert text == {"loguniform": ["1e-4", "1e-1"]}
+    assert search_space(_cfg({"train.base_lr": text}))["train.base_lr"].lower == 1e-4
     random = search_space(_cfg({"train.global_batch_size": {"grid": [32, 128]}},
                                "tune.search=random"))
     assert random["train.global_batch_size"].categories == [32, 128]

@@ -130,17 +130,22 @@ def per_sample_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor], loss:
 def is_oom(err: BaseException) -> bool:
     """Whether an error is an out-of-memory: CUDA's, Python's `MemoryError` (numpy collating),
     or a message that says so (`StepOutOfMemory`; PyTorch's CPU allocator, whose RuntimeError
-    reads "DefaultCPUAllocator: can't allocate memory ... (Cannot allocate memory)").
+    reads "DefaultCPUAllocator: can't allocate memory ... (Cannot allocate memory)"; cuBLAS's
+    and cuDNN's failed workspace allocations, `CUBLAS_STATUS_ALLOC_FAILED` and
+    `CUDNN_STATUS_ALLOC_FAILED`, which PyTorch raises as a RuntimeError of their name).
 
     >>> is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
     ...                     "4503599627370496 bytes. Error code 12 (Cannot allocate memory)"))
     True
     >>> is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     False
+    >>> is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    True
     """
     message = str(err).lower()
     return (isinstance(err, torch.OutOfMemoryError | MemoryError) or "out of memory" in message
-            or "cannot allocate memory" in message or "can't allocate memory" in message)
+            or "cannot allocate memory" in message or "can't allocate memory" in message
+            or "status_alloc_failed" in message)
 
 
 class StepOutOfMemory(RuntimeError):

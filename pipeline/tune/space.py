@@ -42,6 +42,7 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{where}.{kind}: expected a non-empty list (got {values!r})")
         if kind in ("uniform", "loguniform"):
+            values = [_number(v) for v in values]  # YAML reads 1e-4 (no point) as text
             ok = (len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                            for v in values) and values[0] < values[1])
             if not ok or (kind == "loguniform" and values[0] <= 0):
@@ -50,6 +51,18 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
                                   f"(got {values!r})")
         out[key] = (kind, values)
     return out
+
+
+def _number(value: Any) -> Any:
+    """A bound written `1e-4` (a string to YAML 1.1) as the float it means; anything else as
+    it is."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
 
 
 def check_trials(cfg: Config) -> list[Config]:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from torch import nn
 
@@ -484,6 +485,10 @@ def test_throughput_file_fills_the_step_cost_for_the_jobs_workers(data_dir, tmp_
     # a sweep's trial with other workers than its config: filled again for its workers
     trial = resolve(cfg.with_overrides({"scaling.num_workers": 4}))[0]
     assert trial.train.batch_size_step_cost == 300.0
+    # the resolved config (MLflow's config.yaml) holds both, in agreement: taken back as it is
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert cli.prepare(["train", "--config", str(saved)])[1] == cfg
 
 
 @pytest.mark.parametrize(("extra", "content", "line"), [
@@ -514,6 +519,30 @@ def test_find_batch_size_bad_budget_exits_2_with_one_line(data_dir, tmp_path, ca
                        "--out", str(tmp_path), *argv], capsys)
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith(line), err
+
+
+class _AlwaysOOM(nn.Module):
+    def __init__(self, input_dim: int, num_outputs: int):
+        super().__init__()
+        self.head = nn.Linear(input_dim, num_outputs)
+
+    def forward(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated: every batch)")
+
+
+def always_oom(*, input_dim, num_outputs, **_):
+    """A model builder (`model.name=import:tests.engine.test_batch_finder:always_oom`)."""
+    return _AlwaysOOM(input_dim, num_outputs)
+
+
+def test_an_out_of_memory_within_the_budget_is_not_blamed_on_it(data_dir, tmp_path, capsys):
+    """Size 1 fails, but by running out of memory, not by passing --max-memory: the budget is
+    not the culprit (exit 1 and the out-of-memory line, not exit 2 naming --max-memory)."""
+    rc, _, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
+                       "--set", "model.name=import:tests.engine.test_batch_finder:always_oom",
+                       "--out", str(tmp_path), "--max-memory", "4GiB"], capsys)
+    assert rc == 1
+    assert err.splitlines()[-1] == "out of memory at micro_batch_size=1", err
 
 
 def test_find_batch_size_without_a_budget_that_fits_nothing_exits_1(data_dir, tmp_path, capsys,
