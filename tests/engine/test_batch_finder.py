@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from torch import nn
 
 from pipeline import cli
