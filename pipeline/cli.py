@@ -23,8 +23,9 @@ from typing import Any
 import yaml
 
 from pipeline import console
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, check_tracking_uri, load_config
 from pipeline.files import run_state
+from pipeline.redact import redact_text
 
 PROG = "python -m pipeline"
 
@@ -53,9 +54,9 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
     console.say(f"result: {out / 'result.json'}")
     if summary["mlflow_run_id"] is None:  # the tracking server never came back (launch says)
         return 0
-    console.say(f"MLflow run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+    console.say(f"MLflow run {summary['mlflow_run_id']} in {redact_text(summary['tracking_uri'])}")
     if summary["tracking_uri"].startswith("sqlite:///"):
-        console.say(f"see it: mlflow ui --backend-store-uri {summary['tracking_uri']}")
+        console.say(f"see it: mlflow ui --backend-store-uri {redact_text(summary['tracking_uri'])}")
     return 0
 
 
@@ -232,6 +233,9 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     out = Path(args.out or f"runs/{args.command}").resolve()
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
+    if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
+        check_tracking_uri((run_state(out) if args.resume else {}).get("tracking_uri")
+                           or cfg.tracking_uri())
     return args, cfg, info, out
 
 

@@ -614,18 +614,26 @@ class Config(_Section):
 
     def tracking_uri(self) -> str:
         """Explicit `tracking.uri`, else MLFLOW_TRACKING_URI, else the store `mlflow ui` shows
-        when started in the current directory (MLflow 3 defaults to sqlite:///mlflow.db)."""
-        if self.tracking.uri:
-            return self.tracking.uri
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        when started in the current directory (MLflow 3 defaults to sqlite:///mlflow.db). A
+        relative sqlite path is made absolute here: the workers run in a directory of their
+        own, where it would name another, empty database."""
+        uri = (self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+               or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+        return absolute_sqlite(uri)
 
     # -- conversions ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def flat_params(self) -> dict[str, str]:
-        """Dotted key -> string, for MLflow params (the whole resolved config)."""
-        return {k: "None" if v is None else str(v) for k, v in flatten(self.to_dict()).items()}
+        """Dotted key -> string, for MLflow params (the whole resolved config). A mapping (e.g.
+        `model.kwargs`) becomes one string, so its credential-named keys are masked first: the
+        masking by name (`pipeline/redact.py`) cannot see them inside the string."""
+        from pipeline.redact import redact
+
+        return {k: "None" if v is None else str(redact(v, env_values=[]) if isinstance(v, dict)
+                                                else v)
+                for k, v in flatten(self.to_dict()).items()}
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A new validated config with dotted-key overrides (used by Tune trials)."""
@@ -669,6 +677,49 @@ def changed_keys(before: dict[str, Any], now: dict[str, Any],
     a, b = flatten(before), flatten(now)
     return sorted(k for k in a.keys() | b.keys()
                   if a.get(k) != b.get(k) and not k.startswith(may_change))
+
+
+# MLflow 3's tracking stores, by URI scheme (a database's may name its driver: postgresql+psycopg2)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                    "databricks-uc", "uc", "file")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """ConfigError (one line) for a tracking URI of a scheme MLflow has no store for -- a typo
+    such as `htp://` would otherwise pass the reachability probe (not http) and fail on the
+    cluster.
+
+    >>> check_tracking_uri("http://127.0.0.1:5000"), check_tracking_uri("postgresql+psycopg2://h/db")
+    (None, None)
+    >>> check_tracking_uri("htp://host:5000")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: config error: tracking.uri=htp://host:5000: MLflow has no store ...
+    """
+    if "://" not in uri:
+        return
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+        from pipeline.redact import redact_text
+
+        raise ConfigError(f"config error: tracking.uri={redact_text(uri)}: MLflow has no store for "
+                          f"{scheme!r} URIs (known: {', '.join(TRACKING_SCHEMES)})")
+
+
+def absolute_sqlite(uri: str) -> str:
+    """A sqlite URI with a relative path (three slashes) as one with the absolute path (four)
+    from the current directory; any other URI as it is.
+
+    >>> absolute_sqlite("sqlite:////srv/mlflow.db"), absolute_sqlite("http://h:5000")
+    ('sqlite:////srv/mlflow.db', 'http://h:5000')
+    >>> absolute_sqlite("sqlite:///runs/mlflow.db") == f"sqlite:///{Path.cwd()}/runs/mlflow.db"
+    True
+    """
+    head = "sqlite:///"
+    path = uri[len(head):] if uri.startswith(head) else ""
+    if not path or path.startswith(("/", ":")):  # absolute, or `:memory:`
+        return uri
+    return head + str(Path.cwd() / path)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -32,6 +32,8 @@ import os
 import sys
 from typing import Any
 
+from pipeline.redact import redact_text
+
 VERBOSE_ENV = "PIPELINE_VERBOSE"  # read by every process the driver starts (Tune trial actors)
 QUIET_LOGGERS = {"mlflow": logging.ERROR, "alembic": logging.ERROR}
 EPOCH_KEYS = (  # shown when logged, in this order
@@ -241,5 +243,5 @@ def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
         f"model: {m.name}, {t.epochs} epochs{steps}, {t.precision}, {t.optimizer} at lr {lr:.4g}"
         f"{rule}, {t.schedule} schedule{warmup}",
         f"workers: {s.num_workers} x {device}; MLflow experiment "
-        f"'{cfg.tracking.experiment}' in {tracking_uri}",
+        f"'{cfg.tracking.experiment}' in {redact_text(tracking_uri)}",
     ]

@@ -37,12 +37,17 @@ from pipeline.data.datasets import DatasetInfo
 from pipeline.data.epochs import keep_pacing, with_pacing
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
+from pipeline.redact import redact_text
 from pipeline.tracking import (
     DeferredRun,
+    HalfRunError,
+    deleted_experiment,
     end_run,
     is_local_store,
     log_model,
+    refused,
     reopen_run,
+    send_points,
     server_reachable,
     start_run,
 )
@@ -85,6 +90,14 @@ def check_store_reachable(uri: str) -> None:
             "nodes; set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
 
 
+def check_experiment(uri: str, experiment: str) -> None:
+    """Refuse, before any cluster work, an experiment the store holds deleted (no run can be
+    created in it); a store that is away is left to the job (it trains without it)."""
+    if server_reachable(uri) and deleted_experiment(uri, experiment):
+        raise ConfigError(f"config error: tracking.experiment={experiment!r} is deleted in "
+                          f"{redact_text(uri)}: restore it, or name another")
+
+
 def ray_job_tags() -> dict[str, str]:
     """The Ray job id, and the submission id when started by `ray job submit`."""
     tags = {"ray.job_id": ray.get_runtime_context().get_job_id()}
@@ -114,7 +127,8 @@ def _progress_callback(epochs: int) -> Any:
 
     class Progress(ray.train.UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any):
-            console.say(console.epoch_line(metrics[0], epochs))
+            if FATAL not in metrics[0]:  # a worker's deterministic failure: said on its own
+                console.say(console.epoch_line(metrics[0], epochs))
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
             for rank, err in sorted(worker_exceptions.items()):
@@ -193,6 +207,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if show_progress:
             _log(f"resuming from {resume_from} "
                  f"(epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")
+    if run_id is None and parent_run_id is None:  # a job's new run (a sweep checks its own)
+        check_experiment(uri, cfg.tracking.experiment)
     verbose = console.is_verbose()
     connect(address, verbose)
     check_store_reachable(uri)
@@ -206,24 +222,39 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                     "params": cfg.flat_params(), "config_yaml": yaml.safe_dump(cfg.to_dict()),
                     "parent_run_id": parent_run_id, "tags": {**ray_job_tags(), **(tags or {})}}
         if server_reachable(uri):
-            run_id = start_run(uri, **run_args)
+            try:
+                run_id = start_run(uri, **run_args)
+            except Exception as err:
+                cause = err.__cause__ if isinstance(err, HalfRunError) else err
+                if refused(cause):  # the store answered and refused it: again would not help
+                    raise ConfigError(f"config error: MLflow at {redact_text(uri)} refused the "
+                                      f"run ({console.error_line(cause)})") from None
+                # it went away while the run was made: made when it is back, as below (a run
+                # half made and still RUNNING is marked FAILED then)
+                half = [err.run_id] if isinstance(err, HalfRunError) and not err.failed else []
+                pending = _deferred_run(uri, half_made=half, **run_args)
+                _log(f"MLflow at {redact_text(uri)} failed while the run was made "
+                     f"({console.error_line(cause)}): training starts without it; the run is created, "
+                     "and its metrics sent, when the server is back")
         else:  # training does not wait for tracking: the run is created when the server is back
             pending = _deferred_run(uri, **run_args)
-            _log(f"MLflow at {uri} is unreachable: training starts without it; the run is "
+            _log(f"MLflow at {redact_text(uri)} is unreachable: training starts without it; the run is "
                  "created, and its metrics sent, when the server is back")
     elif server_reachable(uri):
         reopen_run(uri, run_id)
     else:  # a resume while the server is away: the run is RUNNING again when it is back
         pending = _deferred_run(uri, reopen=run_id)
-        _log(f"MLflow at {uri} is unreachable: training goes on without it; run {run_id} "
+        _log(f"MLflow at {redact_text(uri)} is unreachable: training goes on without it; run {run_id} "
              "gets its metrics when the server is back")
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
         _write_state(state_file, run_id, uri, cfg, checkpoints)
         if show_progress and run_id:
-            _log(f"MLflow run {run_id} in {uri}")
+            _log(f"MLflow run {run_id} in {redact_text(uri)}")
         fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
         fatal_file.unlink(missing_ok=True)
         tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
+        if resume:  # the earlier part's: sent to the run now, or kept (never dropped)
+            _send_earlier_points(tracking_file, uri, run_id)
         tracking_file.unlink(missing_ok=True)
         result_file = out_dir / "result.json"  # an earlier run's: this one has not finished
         result_file.unlink(missing_ok=True)
@@ -254,7 +285,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if pending is not None and run_id is None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
         if run_id is None:
-            _log(f"MLflow at {uri} was unreachable for the whole job: no run was recorded; the "
+            _log(f"MLflow at {redact_text(uri)} was unreachable for the whole job: no run was recorded; the "
                  f"metric points are in {tracking_file}")
         elif checkpoint_path is not None and cfg.tracking.log_model:
             try:
@@ -285,14 +316,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         # once the server came back is asked for briefly (`ray job stop` kills 3 s after).
         if pending is not None and run_id is None:
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints, timeout_s=1.5)
-        if run_id is not None:
-            end_run(uri, run_id, "KILLED")
+        ended = ""
+        if run_id is not None:  # the store may refuse: say so rather than claim it ended
+            ended = (f"; MLflow run {run_id} KILLED" if end_run(uri, run_id, "KILLED")
+                     else f"; MLflow run {run_id} could not be marked KILLED (still RUNNING)")
+        # `ray job stop` kills 3 s after its SIGTERM: no checksum of a large state read here
         how = (f"continue it from its last checkpoint with --resume --out {out_dir}"
-               if find_latest_checkpoint(storage) is not None
+               if find_latest_checkpoint(storage, checksum=False) is not None
                else "no checkpoint was written yet: start it again")
-        raise TrainingInterrupted(
-            f"training interrupted{f'; MLflow run {run_id} KILLED' if run_id else ''}; {how}"
-        ) from None
+        raise TrainingInterrupted(f"training interrupted{ended}; {how}") from None
     except BaseException:
         _unfinished(out_dir)
         if pending is not None and run_id is None:
@@ -301,6 +333,30 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             end_run(uri, run_id, "FAILED")
         raise
     return summary
+
+
+def _send_earlier_points(tracking_file: Path, uri: str, run_id: str | None) -> None:
+    """A --resume of a job that ended with points unsent (`tracking.json`): they go to the
+    run before training goes on; if they cannot go now (no run yet, the store away), the file
+    is kept under a name of its own, which the resume's own `tracking.json` does not replace."""
+    if not tracking_file.exists():
+        return
+    try:
+        points = json.loads(tracking_file.read_text()).get("points") or []
+    except (OSError, ValueError, AttributeError):
+        points = None  # unreadable: kept as it is, below
+    if points == []:
+        return
+    if points and run_id is not None and server_reachable(uri):
+        try:
+            send_points(uri, run_id, points)
+            _log(f"sent {len(points)} metric point(s) the run could not send before")
+            return
+        except Exception as err:
+            _log(f"the earlier metric points could not be sent ({console.error_line(err)})")
+    kept = tracking_file.with_name(f"tracking-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.replace(tracking_file, kept)
+    _log(f"the metric points the run could not send before are kept in {kept}")
 
 
 def _unfinished(out_dir: Path) -> None:

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,10 +58,11 @@ def server_reachable(uri: str, timeout_s: float = 3.0) -> bool:
     connection for minutes before giving up."""
     if is_local_store(uri) or not uri.startswith(("http://", "https://")):
         return True
+    import requests  # MLflow's own HTTP client: it takes a URI's user:password as basic auth
+
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as reply:
-            return reply.status == 200
-    except (OSError, ValueError):
+        return requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).status_code == 200
+    except (requests.RequestException, ValueError):
         return False
 
 
@@ -78,6 +78,13 @@ def experiment_id(c: MlflowClient, name: str) -> str:
         return c.create_experiment(name)
     except Exception:  # another process created it between our two calls
         return c.get_experiment_by_name(name).experiment_id
+
+
+def deleted_experiment(uri: str, name: str) -> bool:
+    """Whether the store at `uri` (reachable) holds experiment `name` deleted (in the UI, say),
+    where no run can be created: bad input, said before any cluster work."""
+    exp = client(uri).get_experiment_by_name(name)
+    return exp is not None and exp.lifecycle_stage == "deleted"
 
 
 def git_commit() -> str | None:
@@ -155,6 +162,16 @@ def log_summary(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str
     now = int(time.time() * 1000)
     client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
                           tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def send_points(uri: str, run_id: str, points: list[dict[str, Any]]) -> None:
+    """Metric points as `MetricLogger.unsent_points` lists them ({key, value, step,
+    timestamp}), logged into the run, 1,000 a request."""
+    c = client(uri)
+    metrics = [Metric(p["key"], float(p["value"]), int(p["timestamp"]), int(p["step"]))
+               for p in points]
+    for i in range(0, len(metrics), 1000):
+        c.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
 def end_run(uri: str, run_id: str, status: str) -> bool:
@@ -282,11 +299,22 @@ def _log_model(model: Any, model_spec: dict[str, Any], run_id: str, requirements
                                  run_id=run_id)
         return "pt2"
     except Exception as e:  # torch.export refuses some models; pickle still loads them
+        if _store_error(e):  # the upload failed, not the export: no pickle in its place
+            raise
         print(f"[pipeline] the model cannot be exported ({error_line(e)}); logged with "
               "serialization_format='pickle'", file=sys.stderr, flush=True)
         mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                  pip_requirements=requirements, run_id=run_id)
         return "pickle"
+
+
+def _store_error(err: BaseException) -> bool:
+    """Whether an error of `log_model` came from the tracking store or the network (a refused
+    request, a dropped connection, a full disk) rather than from exporting the model."""
+    import requests
+    from mlflow.exceptions import RestException
+
+    return isinstance(err, RestException | requests.RequestException | OSError)
 
 
 class DeferredRun:
@@ -298,14 +326,17 @@ class DeferredRun:
     ask the same one and the job gets one run, however many workers ask or restart."""
 
     def __init__(self, uri: str, retry_s: float = 2.0, reopen: str | None = None,
+                 half_made: list[str] | None = None,
                  **run_args: Any):
         self.uri, self.retry_s, self.reopen, self.run_args = uri, retry_s, reopen, run_args
         self._id: str | None = None
         self._next_try = 0.0
-        self.half_made: list[str] = []  # runs an attempt left RUNNING, marked FAILED later
+        self._refused = False  # the store answered and refused the run: not asked again
+        # runs an attempt left RUNNING (the driver's included, handed over), marked FAILED later
+        self.half_made: list[str] = list(half_made or [])
 
     def run_id(self) -> str | None:
-        if self._id is None and time.monotonic() >= self._next_try:
+        if self._id is None and not self._refused and time.monotonic() >= self._next_try:
             self._next_try = time.monotonic() + self.retry_s
             if server_reachable(self.uri):
                 try:
@@ -319,7 +350,11 @@ class DeferredRun:
                 except Exception as err:  # went away again mid-creation: the next call retries
                     if isinstance(err, HalfRunError) and not err.failed:
                         self.half_made.append(err.run_id)
-                    log.warning("MLflow: the run could not be created yet: %s", err)
+                    if refused(err.__cause__ if isinstance(err, HalfRunError) else err):
+                        self._refused = True  # e.g. the experiment deleted: never on retrying
+                        log.warning("MLflow refused the run, not asked again: %s", error_line(err))
+                    else:
+                        log.warning("MLflow: the run could not be created yet: %s", err)
             if self._id is not None:
                 self.half_made = [r for r in self.half_made if not end_run(self.uri, r, "FAILED")]
         return self._id
@@ -500,7 +535,7 @@ class MetricLogger:
             if refused(err):  # the store answered and refused them: again would not help
                 with self._lock:
                     del self._buffer[: len(chunk)]
-                self.dropped += len(chunk)
+                    self.dropped += len(chunk)
                 log.warning("MLflow refused %d metric point(s), not sent again: %s", len(chunk),
                             error_line(err))
                 return True

@@ -107,6 +107,18 @@ def test_overrides_of_text_keys_keep_the_text_as_given(tmp_path):
     assert load_config(p).train.epochs == 2
 
 
+def test_a_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch):
+    """The workers run in a directory of their own: `sqlite:///mlflow.db` there would be
+    another, empty database (every metric point refused as "run not found")."""
+    monkeypatch.chdir(tmp_path)
+    want = f"sqlite:///{tmp_path}/stores/mlflow.db"
+    assert load_config(None, ["tracking.uri=sqlite:///stores/mlflow.db"]).tracking_uri() == want
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///stores/mlflow.db")
+    assert load_config(None).tracking_uri() == want
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert load_config(None).tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+
+
 def test_new_train_keys_and_their_defaults():
     t = Config().train
     assert (t.nonfinite, t.nonfinite_limit, t.auto_micro_batchnorm) == ("stop", 0, False)

@@ -111,3 +111,18 @@ def test_a_model_that_cannot_be_exported_is_logged_as_pickle_and_says_so(mlflow_
     loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     x = {"features": torch.ones(3, 4)}
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_failed_upload_is_an_error_not_a_pickled_model(mlflow_server, capsys):
+    """Only the export falling back to pickle is said as such: a model that exports, whose
+    upload the store refuses (here: no such run), raises the store's error for the caller's
+    warning, with no pickle logged in its place."""
+    from mlflow.exceptions import RestException
+
+    from pipeline.tracking import _log_model, _mlflow_pointed_at
+
+    spec = {"name": "mlp", "input_dim": 4, "num_outputs": 2, "vocab_size": None}
+    exp = mlflow.MlflowClient(mlflow_server).create_experiment("test-model-upload-fails")
+    with _mlflow_pointed_at(mlflow_server, exp), pytest.raises(RestException):
+        _log_model(build_model(**spec), spec, "0" * 32, requirements=[])
+    assert "cannot be exported" not in capsys.readouterr().err

@@ -31,6 +31,14 @@ def test_every_config_key_of_the_project_is_logged_as_is():
     assert redact(params, env_values=[]) == params
 
 
+def test_a_credential_inside_a_mapping_is_masked_in_the_flat_params():
+    """`model.kwargs` is one MLflow param (a string): its `api_key` is masked before."""
+    cfg = Config().with_overrides({"model.name": "import:os:getcwd",
+                                   "model.kwargs": {"api_key": "sk-live-123", "width": 8}})
+    kwargs = cfg.flat_params()["model.kwargs"]
+    assert "sk-live-123" not in kwargs and kwargs == str({"api_key": MASK, "width": 8})
+
+
 def test_env_values_are_masked_wherever_they_appear_and_short_ones_are_not_taken():
     env = {"HF_TOKEN": "hf_abcdef123456", "MY_PASSWORD": "pw", "HOME": "/root"}
     values = secret_env_values(env)
@@ -77,3 +85,35 @@ def test_a_run_started_with_secrets_around_has_none_of_them(mlflow_server, monke
     assert run.data.tags["mlflow.runName"] == f"name-{MASK}"
     assert yaml.safe_load(logged)["model"]["kwargs"]["api_key"] == MASK
     assert run.data.params["train.epochs"] == params["train.epochs"]  # the rest as it was
+
+
+def test_a_tracking_server_behind_basic_auth_is_reachable_with_the_uris_credentials():
+    """`http://user:password@host` is how MLflow's client (requests) is given basic auth: the
+    reachability probe takes it the same way (urllib could not, and called the server away)."""
+    import base64
+    import http.server
+    import threading
+
+    from pipeline.tracking import server_reachable
+
+    want = "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            ok = self.path == "/health" and self.headers.get("Authorization") == want
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        assert server_reachable(f"http://alice:s3cret-pw@127.0.0.1:{port}")
+        assert not server_reachable(f"http://alice:wrong@127.0.0.1:{port}")
+        assert not server_reachable(f"http://127.0.0.1:{port}")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -390,6 +390,9 @@ CASES = [
      "data.cache_dir"),
     ("set-without-equals", ["--config", DIGITS, "--set", "train.epochs"], "train.epochs"),
     ("resume-nothing", ["--config", DIGITS, "--out", "{started}", "--resume"], "--resume"),
+    # a typo'd scheme passes no reachability probe (not http) and failed on the cluster
+    ("tracking-scheme", ["--config", DIGITS, *s("tracking.uri=htp://127.0.0.1:5000")],
+     "tracking.uri=htp://127.0.0.1:5000: MLflow has no store for 'htp' URIs"),
     ("target-no-val-accuracy", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0",
                                                        "tune.metric=train_loss",
                                                        "tune.mode=min")],

@@ -96,3 +96,63 @@ def test_points_the_server_refuses_are_counted_once_not_retried_for_ever(mlflow_
     assert logger.close(timeout_s=30) == 3
     assert logger.pending() == 0 and logger.dropped == 3
     assert not logger.unreachable
+
+
+def test_a_deleted_experiment_is_bad_input_before_any_cluster_work(mlflow_server, monkeypatch,
+                                                                   tmp_path, capsys, data_dir):
+    """No run can be made in an experiment deleted in the UI: `train` exits 2 with one line
+    before Ray is touched; a `DeferredRun` (the store was away at the start) is refused once
+    and asks no more, where it used to retry every 2 s for the whole job."""
+    import pipeline.launch
+    import pipeline.tracking as tracking
+    from pipeline.cli import run
+    from tests.conftest import REPO
+
+    c = MlflowClient(mlflow_server)
+    c.delete_experiment(c.create_experiment("test-deleted-experiment"))
+
+    def no_cluster(*_args, **_kwargs):
+        raise AssertionError("reached the cluster")
+
+    monkeypatch.setattr(pipeline.launch, "connect", no_cluster)
+    rc = run(["train", "--config", str(REPO / "jobs" / "configs" / "digits.yaml"),
+              "--set", f"tracking.uri={mlflow_server}",
+              "--set", "tracking.experiment=test-deleted-experiment", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("config error: tracking.experiment='test-deleted-experiment' is deleted")
+
+    deferred = tracking.DeferredRun(mlflow_server, retry_s=0.0, half_made=["0" * 32],
+                                    experiment="test-deleted-experiment", run_name="late",
+                                    params={}, config_yaml="a: 1\n")
+    asked = []
+    probe = tracking.server_reachable
+    monkeypatch.setattr(tracking, "server_reachable", lambda uri: asked.append(uri) or probe(uri))
+    assert deferred.run_id() is None and deferred.run_id() is None
+    assert len(asked) == 1  # refused once, not asked again
+    assert deferred.half_made == ["0" * 32]  # handed over by the driver, kept to mark later
+
+
+def test_a_resume_sends_the_points_its_earlier_part_could_not_or_keeps_them(mlflow_server,
+                                                                          tmp_path):
+    """`tracking.json` of a job that ended with points unsent: a --resume sends them to the run
+    before it trains on; with no run to send them to, the file is kept under its own name (a
+    resume used to delete it, losing the only list of them)."""
+    import json
+
+    from pipeline.launch import _send_earlier_points
+
+    c = MlflowClient(mlflow_server)
+    run_id = c.create_run(c.create_experiment("test-resume-sends")).info.run_id
+    points = [{"key": "train_loss", "value": 1.0 / s, "step": s, "timestamp": 1000 + s}
+              for s in (1, 2, 3)]
+    unsent = tmp_path / "tracking.json"
+    unsent.write_text(json.dumps({"metrics_unsent": 3, "points": points}))
+    _send_earlier_points(unsent, mlflow_server, run_id)
+    got = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "train_loss"))
+    assert got == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    unsent.write_text(json.dumps({"metrics_unsent": 3, "points": points}))
+    _send_earlier_points(unsent, mlflow_server, None)  # no run yet: kept, not dropped
+    kept = list(tmp_path.glob("tracking-*.json"))
+    assert not unsent.exists() and len(kept) == 1
+    assert json.loads(kept[0].read_text())["points"] == points

@@ -62,6 +62,7 @@ from pipeline import console
 from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.datasets import DatasetInfo, resolve
 from pipeline.files import run_state, write_json
+from pipeline.redact import redact_text
 from pipeline.tracking import (
     close_open_runs,
     end_run,
@@ -257,8 +258,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     # Resolved here, once: a trial's actor has another working directory and environment.
     uri = state.get("tracking_uri") or cfg.tracking_uri()
     if not server_reachable(uri):  # a job carries on without it; a sweep is read back from it
-        raise ConfigError(f"config error: tracking.uri={uri}: no MLflow server answers there; a "
-                          "sweep records and compares its trials in it (start it first)")
+        raise ConfigError(f"config error: tracking.uri={redact_text(uri)}: no MLflow server "
+                          "answers there; a sweep records and compares its trials in it (start "
+                          "it first)")
     exp_path = out_dir / "ray_results" / name
     # Tune saves the sweep's state at most every 10 s by default: a driver killed within that
     # time of a trial's end would find it unfinished on --resume. Every second instead (the
@@ -268,13 +270,20 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     from ray import tune
 
     from pipeline.blocks import check_streaming_nodes
-    from pipeline.launch import check_store_reachable, connect, ingest, ray_job_tags
+    from pipeline.launch import (
+        check_experiment,
+        check_store_reachable,
+        connect,
+        ingest,
+        ray_job_tags,
+    )
     from pipeline.tune.trial import every_trial_in_actor, trial_resources
 
     space = search_space(cfg)
     if resume and not tune.Tuner.can_restore(str(exp_path)):
         raise ConfigError(f"argument error: --resume: no Tune experiment to restore in {exp_path}")
-
+    if not resume:
+        check_experiment(uri, cfg.tracking.experiment)
     connect(address)
     check_store_reachable(uri)
     check_streaming_nodes(cfg)  # before the parent run: a refusal leaves no run behind
@@ -305,7 +314,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         console.say(f"sweep {name}: {count_trials(cfg)} trial(s), {concurrency} at a time, "
                     f"{cfg.tune.scheduler} scheduler, ranked by {cfg.tune.metric} "
                     f"({cfg.tune.mode})")
-        console.say(f"MLflow parent run {parent} in {uri} "
+        console.say(f"MLflow parent run {parent} in {redact_text(uri)} "
                     f"(experiment '{cfg.tracking.experiment}')")
         refs = ingest(info, cfg)  # once for the sweep: every trial on this dataset reads them
         in_actors = every_trial_in_actor(cfg)
@@ -390,9 +399,9 @@ def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
     print(f"[pipeline] best trial {best['trial_id']} ({_short(best['overrides'])}): {shown}")
     print(f"[pipeline] {result['critical_batch']['sentence']}")
     print(f"[pipeline] result: {out_dir / 'result.json'}; trials: {out_dir / 'trials.csv'}")
-    print(f"[pipeline] MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}")
+    print(f"[pipeline] MLflow parent run {result['parent_run_id']} in {redact_text(result['tracking_uri'])}")
     if result["tracking_uri"].startswith("sqlite:///"):
-        print(f"[pipeline] see it: mlflow ui --backend-store-uri {result['tracking_uri']}")
+        print(f"[pipeline] see it: mlflow ui --backend-store-uri {redact_text(result['tracking_uri'])}")
 
 
 # -- the console: one line per finished trial, a live table on a terminal -----------------------
