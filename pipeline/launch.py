@@ -28,6 +28,7 @@ from pipeline import console
 from pipeline.blocks import (  # ingest: also imported from here
     DATA_LOST,
     Blocks,
+    can_host_a_rank,
     ingest,
     mode_line,
     on_head,
@@ -37,7 +38,7 @@ from pipeline.data.datasets import DatasetInfo
 from pipeline.data.epochs import keep_pacing, with_pacing
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
-from pipeline.redact import redact_text
+from pipeline.redact import redact, redact_text
 from pipeline.tracking import (
     DeferredRun,
     HalfRunError,
@@ -45,6 +46,8 @@ from pipeline.tracking import (
     end_run,
     is_local_store,
     log_model,
+    log_summary,
+    log_text,
     refused,
     reopen_run,
     send_points,
@@ -80,14 +83,40 @@ def quiet_ray_data_and_loggers(verbose: bool) -> None:
     console.quiet_loggers(verbose)
 
 
-def check_store_reachable(uri: str) -> None:
+def check_store_reachable(uri: str, cfg: Config) -> None:
     """A local sqlite/file store on a multi-node cluster would split the job over several
-    stores (one per node): require a tracking server there."""
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    if len(alive) > 1 and is_local_store(uri):
-        raise ConfigError(
-            f"config error: tracking.uri={uri} is a local store but the cluster has {len(alive)} "
-            "nodes; set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
+    stores (one per node): require a tracking server there (`local_store_problem`)."""
+    problem = local_store_problem(uri, ray.nodes(), cfg)
+    if problem:
+        raise ConfigError(f"config error: tracking.uri={uri} is a local store but {problem}; set "
+                          "tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
+
+
+def local_store_problem(uri: str, nodes: list[dict[str, Any]], cfg: Config) -> str | None:
+    """Why a local store (on the driver's disk) cannot record this job on a cluster of these
+    nodes (`ray.nodes()`), or None: more than one node, or one that cannot run a training
+    worker (a CPU-less head of an autoscaling cluster: the workers would start on nodes that
+    join later, rank 0 writing to a store of its own there).
+
+    >>> from pipeline.config import Config
+    >>> head = {"Alive": True, "Resources": {"CPU": 0.0}}
+    >>> local_store_problem("sqlite:////x.db", [head], Config())[:57]
+    'the only node of the cluster cannot run a training worker'
+    >>> local_store_problem("http://h:5000", [head], Config()) is None
+    True
+    >>> local_store_problem("sqlite:////x.db", [{**head, "Resources": {"CPU": 2.0}}], Config())
+    """
+    if not is_local_store(uri):
+        return None
+    alive = [n for n in nodes if n.get("Alive")]
+    if len(alive) > 1:
+        return f"the cluster has {len(alive)} nodes"
+    sc = cfg.scaling
+    if alive and not can_host_a_rank(alive[0].get("Resources", {}), sc.cpus_per_worker,
+                                     sc.use_gpu):
+        return ("the only node of the cluster cannot run a training worker (the workers would "
+                "start on nodes that join later)")
+    return None
 
 
 def check_experiment(uri: str, experiment: str) -> None:
@@ -187,6 +216,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                    else f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     storage = out_dir / "ray_results" / checkpoints
     resume_from = None
+    resumed_with: dict[str, str] = {}  # the keys a --resume changed (allowed), their new values
     if resume:
         def skipped(folder: Path, why: str) -> None:
             _log(f"skipping checkpoint: {why}")
@@ -199,6 +229,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             before = started.get("config") or cfg.to_dict()
             cfg = keep_pacing(cfg, before)  # a curriculum's pool widens as it started to
             changed = changed_keys(with_pacing(before), cfg.to_dict(), may_change=RESUME_MAY_CHANGE)
+            now = cfg.flat_params()
+            resumed_with = {k: now[k] for k in changed_keys(with_pacing(before), cfg.to_dict())
+                            if k in now}
             if changed:
                 raise ConfigError(
                     f"argument error: --resume: the config differs from the run's in "
@@ -211,7 +244,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         check_experiment(uri, cfg.tracking.experiment)
     verbose = console.is_verbose()
     connect(address, verbose)
-    check_store_reachable(uri)
+    check_store_reachable(uri, cfg)
     refs = table_refs if table_refs is not None else ingest(info, cfg)
     line = mode_line(refs)
     if show_progress and line:
@@ -242,6 +275,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                  "created, and its metrics sent, when the server is back")
     elif server_reachable(uri):
         reopen_run(uri, run_id)
+        if resumed_with:  # MLflow params never change: the new values as tags, and the config
+            _record_resume(uri, run_id, resumed_with, cfg)
     else:  # a resume while the server is away: the run is RUNNING again when it is back
         pending = _deferred_run(uri, reopen=run_id)
         _log(f"MLflow at {redact_text(uri)} is unreachable: training goes on without it; run {run_id} "
@@ -274,7 +309,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             fit = partial(fit_torch_trainer, callbacks=[
                 *([_progress_callback(cfg.train.epochs)] if show_progress else []),
                 *(extra_callbacks or [])])
-        metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
+        # a run made mid-job goes into run.json as soon as it exists (a driver killed later
+        # leaves it there for --resume, not a second run beside a RUNNING one)
+        watching = (_watch_deferred_run(pending, uri, state_file, cfg, checkpoints)
+                    if pending is not None and run_id is None else None)
+        try:
+            metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
+        finally:
+            if watching is not None:
+                watching.set()
         raise_fatal(fatal_file, metrics)
         if checkpoint_path is None and resume_from is not None:
             # a resume from the last epoch's checkpoint (the job stopped while it logged its
@@ -333,6 +376,17 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             end_run(uri, run_id, "FAILED")
         raise
     return summary
+
+
+def _record_resume(uri: str, run_id: str, changed: dict[str, str], cfg: Config) -> None:
+    """A --resume that changed what a resume may change (train.epochs, say): MLflow keeps a
+    run's params as first logged, so the new values go on as tags `resumed.<key>` and the
+    config resumed with as the artifact `config.resumed.yaml` (the latest resume's)."""
+    try:
+        log_summary(uri, run_id, {}, redact({f"resumed.{k}": v for k, v in changed.items()}))
+        log_text(uri, run_id, yaml.safe_dump(redact(cfg.to_dict())), "config.resumed.yaml")
+    except Exception as err:  # tracking never stops training
+        _log(f"the resumed config could not be recorded in MLflow ({console.error_line(err)})")
 
 
 def _send_earlier_points(tracking_file: Path, uri: str, run_id: str | None) -> None:
@@ -452,12 +506,32 @@ def _deferred_run(uri: str, **kwargs: Any) -> Any:
         scheduling_strategy=on_head()).remote(uri, **kwargs)
 
 
+def _watch_deferred_run(pending: Any, uri: str, state_file: Path, cfg: Config,
+                        checkpoints: str, every_s: float = 2.0) -> threading.Event:
+    """A thread asking the `DeferredRun` actor every `every_s` for the run, which it writes
+    into run.json once made; set the event returned to stop it."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            try:
+                run_id = ray.get(pending.run_id.remote(), timeout=10)
+            except Exception:  # the actor busy or gone: asked again, or the job is ending
+                continue
+            if run_id is not None and not stop.is_set():
+                _write_state(state_file, run_id, uri, cfg, checkpoints)
+                return
+
+    threading.Thread(target=watch, name="deferred-run-watch", daemon=True).start()
+    return stop
+
+
 def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config,
                      checkpoints: str, timeout_s: float = 60) -> str | None:
     """The id of the run a job created when the server came back (None: it never did); kept
     in run.json, so that a --resume continues that run."""
     try:
-        run_id = ray.get(pending.run_id.remote(), timeout=timeout_s)
+        run_id = ray.get(pending.run_id.remote(force=True), timeout=timeout_s)
     except Exception:  # the actor is gone with a failing job
         return None
     if run_id is not None:

@@ -335,8 +335,10 @@ class DeferredRun:
         # runs an attempt left RUNNING (the driver's included, handed over), marked FAILED later
         self.half_made: list[str] = list(half_made or [])
 
-    def run_id(self) -> str | None:
-        if self._id is None and not self._refused and time.monotonic() >= self._next_try:
+    def run_id(self, force: bool = False) -> str | None:
+        """The run's id, or None while it cannot be made; `force`: try now, not only once
+        `retry_s` has passed since the last try (the job's last question)."""
+        if self._id is None and not self._refused and (force or time.monotonic() >= self._next_try):
             self._next_try = time.monotonic() + self.retry_s
             if server_reachable(self.uri):
                 try:

@@ -8,9 +8,11 @@ import os
 import re
 import signal
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, digits_train_rows, job_status, run_cli, submit_job
@@ -108,7 +110,13 @@ def test_resume_continues_at_next_epoch_with_step_counter(ray_client, mlflow_ser
     # stamped when each step ran, not when its epoch's points were sent (one stamp an epoch)
     stamps = [m.timestamp for m in sorted(step_lr, key=lambda m: m.step)]
     assert stamps == sorted(stamps) and len(set(stamps)) > 4 * 2
-    assert client.get_run(r1["mlflow_run_id"]).info.status == "FINISHED"
+    run = client.get_run(r1["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    # params stay as first logged (MLflow never changes them): the resume's change is a tag,
+    # and the config it resumed with an artifact beside config.yaml
+    assert run.data.params["train.epochs"] == "2" and run.data.tags["resumed.train.epochs"] == "4"
+    resumed = client.download_artifacts(run.info.run_id, "config.resumed.yaml", str(tmp_path))
+    assert yaml.safe_load(Path(resumed).read_text())["train"]["epochs"] == 4
 
 
 def test_resume_passes_over_a_corrupted_latest_checkpoint_to_the_same_weights(ray_client,
