@@ -242,8 +242,8 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    seed: Int = Field(0, ge=0, le=2**32 - 1, description="seed of the initial weights (and of "
-                      "Optuna's sampler: below 2^32)")
+    seed: Int = Field(0, ge=0, le=2**64 - 1, description="seed of the initial weights (torch "
+                      "takes seeds below 2^64)")
     epochs: Int = Field(10, ge=1, description="passes over the training pool")
     max_steps: Int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     global_batch_size: Int = Field(64, ge=1, description="samples per optimizer step, all "
@@ -699,7 +699,10 @@ def check_tracking_uri(uri: str) -> None:
     if "://" not in uri:
         return
     scheme = uri.split("://", 1)[0].lower()
-    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:
+    from importlib.metadata import entry_points  # stores MLflow plugins add, by their scheme
+
+    plugins = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+    if scheme.split("+", 1)[0] not in (*TRACKING_SCHEMES, *plugins):
         from pipeline.redact import redact_text
 
         raise ConfigError(f"config error: tracking.uri={redact_text(uri)}: MLflow has no store for "
@@ -776,9 +779,9 @@ def _text_field(key: str) -> bool:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """`a.b=value` -> ("a.b", YAML-parsed value). A field of text keeps the text as given
-    (`tracking.experiment=2024`, `run_name=12:30`, `run_name=#1`: not YAML's int, base-60 number
-    or comment), unless it is YAML's null (`null`, `~`, nothing)."""
+    """`a.b=value` -> ("a.b", YAML-parsed value). A field of text keeps the text as given,
+    stripped (`tracking.experiment=2024`, `run_name=12:30`, `run_name=run #1`: not YAML's int,
+    base-60 number or comment), unless it is YAML's null (`null`, `~`, nothing) or quoted."""
     if "=" not in item:
         raise ConfigError(f"bad --set {item!r}: expected dotted.key=value")
     key, _, text = item.partition("=")
@@ -787,9 +790,9 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text != "" else None
     except yaml.YAMLError:
         value = text
-    if (_text_field(key) and not isinstance(value, str)
-            and text.strip() not in ("", "~", "null", "Null", "NULL")):
-        value = text
+    if _text_field(key) and text.strip() not in ("", "~", "null", "Null", "NULL"):
+        quoted = text.strip()[:1] in ("'", '"') and isinstance(value, str)
+        value = value if quoted else text.strip()  # as typed, a `#` and all
     return key, value
 
 

@@ -28,7 +28,6 @@ from pipeline import console
 from pipeline.blocks import (  # ingest: also imported from here
     DATA_LOST,
     Blocks,
-    can_host_a_rank,
     ingest,
     mode_line,
     on_head,
@@ -83,46 +82,53 @@ def quiet_ray_data_and_loggers(verbose: bool) -> None:
     console.quiet_loggers(verbose)
 
 
-def check_store_reachable(uri: str, cfg: Config) -> None:
+def check_store_reachable(uri: str) -> None:
     """A local sqlite/file store on a multi-node cluster would split the job over several
     stores (one per node): require a tracking server there (`local_store_problem`)."""
-    problem = local_store_problem(uri, ray.nodes(), cfg)
+    problem = local_store_problem(uri, ray.nodes())
     if problem:
         raise ConfigError(f"config error: tracking.uri={uri} is a local store but {problem}; set "
                           "tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
 
 
-def local_store_problem(uri: str, nodes: list[dict[str, Any]], cfg: Config) -> str | None:
+def local_store_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
     """Why a local store (on the driver's disk) cannot record this job on a cluster of these
-    nodes (`ray.nodes()`), or None: more than one node, or one that cannot run a training
-    worker (a CPU-less head of an autoscaling cluster: the workers would start on nodes that
-    join later, rank 0 writing to a store of its own there).
+    nodes (`ray.nodes()`), or None: more than one node, or one without a CPU (the head of an
+    autoscaling cluster, as `cluster.yaml`'s: the workers would start on nodes that join
+    later, rank 0 writing to a store of its own there).
 
-    >>> from pipeline.config import Config
     >>> head = {"Alive": True, "Resources": {"CPU": 0.0}}
-    >>> local_store_problem("sqlite:////x.db", [head], Config())[:57]
-    'the only node of the cluster cannot run a training worker'
-    >>> local_store_problem("http://h:5000", [head], Config()) is None
+    >>> local_store_problem("sqlite:////x.db", [head])[:46]
+    'the only node of the cluster has no CPU for a '
+    >>> local_store_problem("http://h:5000", [head]) is None
     True
-    >>> local_store_problem("sqlite:////x.db", [{**head, "Resources": {"CPU": 2.0}}], Config())
+    >>> local_store_problem("sqlite:////x.db", [{**head, "Resources": {"CPU": 2.0}}])
     """
     if not is_local_store(uri):
         return None
     alive = [n for n in nodes if n.get("Alive")]
     if len(alive) > 1:
         return f"the cluster has {len(alive)} nodes"
-    sc = cfg.scaling
-    if alive and not can_host_a_rank(alive[0].get("Resources", {}), sc.cpus_per_worker,
-                                     sc.use_gpu):
-        return ("the only node of the cluster cannot run a training worker (the workers would "
-                "start on nodes that join later)")
+    if alive and not alive[0].get("Resources", {}).get("CPU"):
+        return ("the only node of the cluster has no CPU for a training worker (the workers "
+                "would start on nodes that join later)")
     return None
 
 
 def check_experiment(uri: str, experiment: str) -> None:
     """Refuse, before any cluster work, an experiment the store holds deleted (no run can be
     created in it); a store that is away is left to the job (it trains without it)."""
-    if server_reachable(uri) and deleted_experiment(uri, experiment):
+    if not server_reachable(uri):
+        return
+    try:
+        deleted = deleted_experiment(uri, experiment)
+    except Exception as err:
+        if refused(err):  # the server answered and refused (no access, say): bad input too
+            raise ConfigError(f"config error: MLflow at {redact_text(uri)} refused the lookup of "
+                              f"tracking.experiment={experiment!r} ({console.error_line(err)})"
+                              ) from None
+        return  # failing for now: left to the job, which trains without the server if need be
+    if deleted:
         raise ConfigError(f"config error: tracking.experiment={experiment!r} is deleted in "
                           f"{redact_text(uri)}: restore it, or name another")
 
@@ -244,7 +250,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         check_experiment(uri, cfg.tracking.experiment)
     verbose = console.is_verbose()
     connect(address, verbose)
-    check_store_reachable(uri, cfg)
+    check_store_reachable(uri)
     refs = table_refs if table_refs is not None else ingest(info, cfg)
     line = mode_line(refs)
     if show_progress and line:
@@ -262,6 +268,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                 if refused(cause):  # the store answered and refused it: again would not help
                     raise ConfigError(f"config error: MLflow at {redact_text(uri)} refused the "
                                       f"run ({console.error_line(cause)})") from None
+                if isinstance(err, HalfRunError) and err.failed and server_reachable(uri):
+                    raise  # the store is up (it marked the half-made run FAILED) but cannot
+                    # complete one (an artifact store it cannot write): again would repeat it
                 # it went away while the run was made: made when it is back, as below (a run
                 # half made and still RUNNING is marked FAILED then)
                 half = [err.run_id] if isinstance(err, HalfRunError) and not err.failed else []
@@ -358,7 +367,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         # a Ctrl-C after it (logging the model, say) is a KeyboardInterrupt. A run created
         # once the server came back is asked for briefly (`ray job stop` kills 3 s after).
         if pending is not None and run_id is None:
-            run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints, timeout_s=1.5)
+            # not forced: a run begun now would outlive the 1.5 s and be left RUNNING
+            run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints, timeout_s=1.5,
+                                      force=False)
         ended = ""
         if run_id is not None:  # the store may refuse: say so rather than claim it ended
             ended = (f"; MLflow run {run_id} KILLED" if end_run(uri, run_id, "KILLED")
@@ -513,13 +524,17 @@ def _watch_deferred_run(pending: Any, uri: str, state_file: Path, cfg: Config,
     stop = threading.Event()
 
     def watch() -> None:
+        asked = None  # one question at a time: the actor answers them in turn
         while not stop.wait(every_s):
             try:
-                run_id = ray.get(pending.run_id.remote(), timeout=10)
-            except Exception:  # the actor busy or gone: asked again, or the job is ending
-                continue
-            if run_id is not None and not stop.is_set():
-                _write_state(state_file, run_id, uri, cfg, checkpoints)
+                asked = asked or pending.run_id.remote()
+                if not ray.wait([asked], timeout=0)[0]:
+                    continue  # still making the run: asked again later
+                run_id, asked = ray.get(asked), None
+                if run_id is not None and not stop.is_set():
+                    _write_state(state_file, run_id, uri, cfg, checkpoints)
+                    return
+            except Exception:  # the actor gone (the job ending), or run.json not writable
                 return
 
     threading.Thread(target=watch, name="deferred-run-watch", daemon=True).start()
@@ -527,11 +542,11 @@ def _watch_deferred_run(pending: Any, uri: str, state_file: Path, cfg: Config,
 
 
 def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config,
-                     checkpoints: str, timeout_s: float = 60) -> str | None:
+                     checkpoints: str, timeout_s: float = 60, force: bool = True) -> str | None:
     """The id of the run a job created when the server came back (None: it never did); kept
     in run.json, so that a --resume continues that run."""
     try:
-        run_id = ray.get(pending.run_id.remote(force=True), timeout=timeout_s)
+        run_id = ray.get(pending.run_id.remote(force=force), timeout=timeout_s)
     except Exception:  # the actor is gone with a failing job
         return None
     if run_id is not None:

@@ -352,9 +352,14 @@ class DeferredRun:
                 except Exception as err:  # went away again mid-creation: the next call retries
                     if isinstance(err, HalfRunError) and not err.failed:
                         self.half_made.append(err.run_id)
-                    if refused(err.__cause__ if isinstance(err, HalfRunError) else err):
-                        self._refused = True  # e.g. the experiment deleted: never on retrying
-                        log.warning("MLflow refused the run, not asked again: %s", error_line(err))
+                    cause = err.__cause__ if isinstance(err, HalfRunError) else err
+                    if refused(cause) or (isinstance(err, HalfRunError) and err.failed
+                                          and server_reachable(self.uri)):
+                        # refused (the experiment deleted), or half made with the store up (an
+                        # artifact store it cannot write): trying again would make run after run
+                        self._refused = True
+                        log.warning("MLflow failed to make the run, not tried again: %s",
+                                    error_line(err))
                     else:
                         log.warning("MLflow: the run could not be created yet: %s", err)
             if self._id is not None:

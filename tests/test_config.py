@@ -97,6 +97,7 @@ def test_overrides_of_text_keys_keep_the_text_as_given(tmp_path):
     assert (cfg.tracking.experiment, cfg.tracking.run_name) == ("2024", "12:30")
     assert (cfg.data.label_column, cfg.data.id_column) == ("no", "2024-01-05")
     assert load_config(None, ["tracking.run_name=#1"]).tracking.run_name == "#1"
+    assert load_config(None, ["tracking.run_name=run #1 "]).tracking.run_name == "run #1"
     assert load_config(None, ['tracking.run_name="a b"']).tracking.run_name == "a b"
     for null in ("null", "~", ""):
         assert load_config(None, [f"data.label_column={null}"]).data.label_column is None

@@ -4,6 +4,7 @@ non-finite training under `train.nonfinite=stop` (issue 9, hole 5)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -26,6 +27,11 @@ def test_nonfinite_loss_stops_the_job_failed_without_nonfinite_checkpoint(
     assert len(lines) == 1 and "epoch 1, step" in lines[0] and "train.nonfinite=stop" in lines[0], err
     run_id = json.loads((tmp_path / "run.json").read_text())["mlflow_run_id"]
     assert MlflowClient(mlflow_server).get_run(run_id).info.status == "FAILED"
+    # the steps up to the divergence are what explains it: logged though no epoch ended
+    failed_at = int(re.search(r"epoch 1, step (\d+)", lines[0]).group(1))
+    steps = sorted(m.step for m in MlflowClient(mlflow_server).get_metric_history(
+        run_id, "step/train_loss_step"))
+    assert steps and steps == list(range(1, len(steps) + 1)) and steps[-1] <= failed_at, steps
     assert not (tmp_path / "result.json").exists()
     # It stopped within epoch 1, so no epoch ended and nothing was checkpointed (that the end of
     # an epoch never writes non-finite weights: tests/engine/test_exactness.py).

@@ -135,8 +135,7 @@ def test_a_driver_killed_mid_job_resumes_in_the_same_run_to_the_same_weights(
     assert result["mlflow_run_id"] == run_id
     _same_weights(result, reference)
     assert client.get_run(run_id).info.status == "FINISHED"
-    history = client.get_metric_history(run_id, "train_loss")
-    assert sorted({m.step for m in history}) == list(range(1, EPOCHS + 1))
+    _resumed_from_its_checkpoint(err, client, run_id)
 
 
 def test_ctrl_c_on_the_driver_ends_the_run_killed_and_resume_finishes_it(
@@ -164,6 +163,17 @@ def test_ctrl_c_on_the_driver_ends_the_run_killed_and_resume_finishes_it(
     assert result["mlflow_run_id"] == run_id
     _same_weights(result, reference)
     assert client.get_run(run_id).info.status == "FINISHED"
+    _resumed_from_its_checkpoint(err, client, run_id)
+
+
+def _resumed_from_its_checkpoint(err: str, client: MlflowClient, run_id: str) -> None:
+    """The resume went on from the checkpoint it names, not from the start (which reaches the
+    same weights too): every epoch logged, and none up to the checkpoint's logged twice."""
+    found = re.search(r"resuming from .* \(epoch (\d+) done\)", err)
+    assert found, err[-3000:]
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
+    assert sorted(set(steps)) == list(range(1, EPOCHS + 1))
+    assert all(steps.count(e) == 1 for e in range(1, int(found.group(1)) + 1)), steps
 
 
 def test_ray_job_stop_ends_a_submitted_jobs_run_killed(ray_cluster, mlflow_server, tmp_path):
@@ -199,6 +209,7 @@ def test_ray_job_stop_ends_a_submitted_jobs_run_killed(ray_cluster, mlflow_serve
     logs = JobSubmissionClient(ray_cluster["dashboard"]).get_job_logs(sub_id)
     assert (f"[pipeline] training interrupted; MLflow run {run_id} KILLED; continue it from its "
             f"last checkpoint with --resume --out {tmp_path}") in logs.splitlines(), logs[-3000:]
+    assert sum("training interrupted" in ln for ln in logs.splitlines()) == 1, logs[-3000:]
 
 
 def test_a_restart_from_a_damaged_checkpoint_falls_back_to_the_same_weights(

@@ -112,7 +112,7 @@ def test_a_resume_after_the_last_epoch_ends_at_its_checkpoint_with_its_metrics(t
         "mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict(),
         "checkpoints": "run-a"}))
     monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
-    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri, cfg: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
     result = run_training(cfg, info, tmp_path / "out", resume=True,
                           table_refs=Blocks("object_store", []), fit=lambda *a: ({}, None))
     assert result["checkpoint"] == str(last)
@@ -148,7 +148,7 @@ def test_a_resume_uses_its_runs_store_and_workers_that_stop_early_fail_it(tmp_pa
     monkeypatch.chdir(elsewhere)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
-    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri, cfg: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
     with pytest.raises(TrainingStopped, match="stopped after epoch 2 of 3"):
         run_training(cfg, info, out, resume=True, table_refs=Blocks("object_store", []),
                      fit=lambda *a: ({"epoch": 2.0, "step": 44.0}, None))
@@ -180,7 +180,7 @@ def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys
         raise Reached(cfg)
 
     monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
-    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri, cfg: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
     monkeypatch.setattr("pipeline.launch.ingest", ingest)
     resumed, _ = resolve(load_config(None, [*seq, "train.epochs=8"]))
     with pytest.raises(Reached) as reached:

@@ -156,3 +156,23 @@ def test_a_resume_sends_the_points_its_earlier_part_could_not_or_keeps_them(mlfl
     kept = list(tmp_path.glob("tracking-*.json"))
     assert not unsent.exists() and len(kept) == 1
     assert json.loads(kept[0].read_text())["points"] == points
+
+
+def test_a_deferred_run_the_store_cannot_complete_is_not_made_again_and_again(mlflow_server,
+                                                                             monkeypatch):
+    """The server up but the run's config not storable (an artifact store it cannot write):
+    the half-made run is FAILED, and the deferred run stops there, where it used to make one
+    more FAILED run at every try for the whole job."""
+    import pipeline.tracking as tracking
+
+    def broken(*_args, **_kwargs):
+        raise OSError("artifact store not writable")
+
+    monkeypatch.setattr(tracking, "log_text", broken)
+    c = MlflowClient(mlflow_server)
+    exp = c.create_experiment("test-deferred-gives-up")
+    deferred = tracking.DeferredRun(mlflow_server, retry_s=0.0, experiment="test-deferred-gives-up",
+                                    run_name="late", params={}, config_yaml="a: 1\n")
+    assert [deferred.run_id() for _ in range(3)] == [None, None, None]
+    runs = c.search_runs([exp])
+    assert [r.info.status for r in runs] == ["FAILED"]  # one, not three

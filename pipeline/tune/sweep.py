@@ -116,7 +116,7 @@ def search_algorithm(cfg: Config) -> Any:
         return None
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(seed=cfg.train.seed)
+    return OptunaSearch(seed=cfg.train.seed % 2**32)  # NumPy's RandomState: below 2^32
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -285,7 +285,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     if not resume:
         check_experiment(uri, cfg.tracking.experiment)
     connect(address)
-    check_store_reachable(uri, cfg)
+    check_store_reachable(uri)
     check_streaming_nodes(cfg)  # before the parent run: a refusal leaves no run behind
     # result.json is this sweep's answer: an earlier sweep's in the same --out must not stand
     # beside this one's trials.csv while it runs, nor after it fails or is stopped (a refused

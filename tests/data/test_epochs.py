@@ -85,6 +85,19 @@ def test_no_drop_last_draws_everything():
     assert sorted(drawn.tolist()) == sorted(train.tolist()) and eb.dropped == 0
 
 
+@pytest.mark.parametrize(("world", "batch"), [(2, 6), (3, 906)])  # 907 rows: a tail of 1
+def test_a_tail_smaller_than_the_workers_is_dropped_and_counted(world, batch):
+    """Every rank needs a sample of each step: a last batch with fewer samples than workers
+    is not trained, and counts in `dropped` with what the plan itself dropped."""
+    cfg, st, train = odd_setup("random", world, **{"batching.drop_last": False,
+                                                   "train.global_batch_size": batch})
+    eb = epoch_batches(cfg, st, train, 0, world)
+    tail = [b for b in eb.plan.batches if len(b) < world]
+    assert len(train) == 907 and [len(b) for b in tail] == [1]
+    assert eb.dropped == eb.plan.dropped + 1 == 1
+    assert sum(len(b) for b in eb.batches) + eb.dropped == len(train)
+
+
 def test_stratified_batches_keep_class_shares_within_one():
     cfg, st, train = odd_setup("stratified", 2)
     share = np.bincount(st.labels[train]) / len(train)

@@ -142,7 +142,9 @@ def test_exploring_at_4_units_measures_c_closer_than_at_2_on_a_noisy_machine():
         return hits / 400
 
     at2, at4 = within_2x(2), within_2x(4)
-    assert (at2, at4) == (0.35, 0.7325)  # seeded: the README's 35% and 73%
+    # the claim, "far more often": a rate of 400 draws has a standard error of at most 0.025,
+    # so a gap of 0.25 is 7 of them (seeded, this run gives the README's 35% and 73%)
+    assert at4 > at2 + 0.25, (at2, at4)
 
 
 def test_a_configured_step_cost_is_deterministic_and_never_measured():

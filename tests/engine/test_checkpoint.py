@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,8 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact_with_a_clear_error(tm
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck.torch, "save", full)
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left on device"):
+    with pytest.raises(CheckpointError,
+                       match=re.escape(f"cannot write checkpoint {folder}: No space left on device")):
         save_checkpoint(folder, state(20))
     assert (folder / ck.STATE_FILE).read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == [ck.META_FILE, ck.STATE_FILE]
