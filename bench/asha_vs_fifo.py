@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import save  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.datasets import resolve  # noqa: E402
-from pipeline.files import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -142,7 +142,7 @@ def main() -> None:
               f"{(1 - ratio) / (1 - epoch_ratio):.2f}, / compute saving = "
               f"{(1 - ratio) / (1 - compute_ratio):.2f}")
     name = "asha_vs_fifo" + ("" if args.tracking == "server" else "_sqlite")
-    path = write_json(RESULTS / f"{name}.json", {
+    path = save(RESULTS / f"{name}.json", {
         "benchmark": "asha_vs_fifo", "config": "jobs/configs/sweep_digits.yaml",
         "epochs": args.epochs, "tracking": args.tracking, "wall_ratio": wall_ratio,
         "trials_wall_ratio": trials_ratio,

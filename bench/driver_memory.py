@@ -20,12 +20,13 @@ size.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.record import save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2**20
@@ -71,7 +72,7 @@ def child(path: str, stage: str) -> None:
 
             from pipeline.launch import ingest
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             refs = ingest(info).refs
             ray.wait(refs, num_returns=len(refs))
             ray.shutdown()
@@ -122,8 +123,7 @@ def main() -> None:
         print(f"| {s} | {small[f'rss_{s}'] / MiB:,.0f} MiB | {large[f'rss_{s}'] / MiB:,.0f} MiB "
               f"| {g / MiB:+,.0f} MiB | {growth[s]:.1%} |")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "driver_memory.json").write_text(json.dumps(
-        {"rows": rows, "growth_over_large_data": growth}, indent=2))
+    save(RESULTS / "driver_memory.json", {"rows": rows, "growth_over_large_data": growth})
     print(f"\nwrote {RESULTS / 'driver_memory.json'}")
 
 

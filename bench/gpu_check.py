@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
 import platform
 import statistics
@@ -82,6 +81,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import save  # noqa: E402
 from pipeline.data.padding import collate_sequences  # noqa: E402
 from pipeline.engine.batch_finder import (  # noqa: E402
     find_max_micro_batch,
@@ -564,8 +564,7 @@ def main() -> int:
     info["wall_s"] = time.perf_counter() - start
 
     report(info)
-    path = args.out / "gpu_check.json"
-    path.write_text(json.dumps(info, indent=2, default=str))
+    path = save(args.out / "gpu_check.json", info)
     print(f"\nwrote {path}")
     return 0
 

@@ -30,10 +30,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.record import save  # noqa: E402
 from pipeline.engine.models import build_model  # noqa: E402
 from pipeline.engine.noise import attach_local_norm  # noqa: E402
 from pipeline.engine.step import train_step  # noqa: E402
-from pipeline.files import write_json  # noqa: E402
 
 BATCH, MICRO = 128, 32
 
@@ -118,7 +118,7 @@ def main() -> None:
     print(f"{'variant':32} {'ms/step without':>16} {'ms/step with':>13} {'ratio':>7}")
     for r in rows:
         print(f"{r['variant']:32} {r['ms_without']:16.2f} {r['ms_with']:13.2f} {r['ratio']:7.3f}")
-    write_json(Path(__file__).parent / "results" / "noise_overhead.json",
+    save(Path(__file__).parent / "results" / "noise_overhead.json",
                {"benchmark": "noise_overhead", "model": "digits_cnn", "global_batch": BATCH,
                 "micro_batch": MICRO, "date": time.strftime("%Y-%m-%d"),
                 "torch": torch.__version__, "rows": rows})

@@ -15,10 +15,11 @@
       Parquet datasource (`DataContext.use_datasource_v2 = False`): Ray 2.60's default V2
       starts FooterReader actors (new processes) for every read;
    b2. the same iteration over `read_parquet(path).materialize()` (read once, like c);
-   c. the pipeline: ingest as `pipeline.blocks.ingest` does (read_parquet -> materialize ->
-      Arrow blocks in the object store), `SampleTable.from_table(pa.concat_tables(ray.get(refs)))`
-      once, then per epoch a `random` plan and per batch `gather(positions)` + `to_torch` -- what
-      a worker does per micro-batch;
+   c. the pipeline: ingest as `pipeline.blocks.ingest` does (read_parquet with the V1
+      datasource -> materialize -> Arrow blocks in the object store),
+      `SampleTable.from_table(pa.concat_tables(ray.get(refs)))` once, then per epoch a
+      `random` plan and per batch `gather(positions)` + `to_torch` -- what a worker does per
+      micro-batch;
    d. the in-process limit: the same gather from `pq.read_table(path)`, no Ray.
    One-time costs (to_pylist, ingest, read_table) are reported apart, not in the epoch times.
    Every variant is checked to produce identical tensors for the same rows (file order 0..31).
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -56,6 +56,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import save  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import strategies  # noqa: E402,F401  (registers length_bucket)
 from pipeline.data.batches import SampleTable  # noqa: E402
@@ -98,7 +99,7 @@ def padding_rows(st: SampleTable, epochs: int) -> list[dict]:
                                    {"max_tokens": MAX_TOKENS})):
         row: dict = {"batches": label, "strategy": strategy, "options": opts}
         for multiple in (None, 8):
-            effs, sizes = [], []
+            effs, sizes, counts = [], [], []
             # planned on the lengths as padded, as training plans them
             padded = load_config(None, [f"batching.pad_multiple_of={multiple}"] if multiple else [])
             planned = dataclasses.replace(meta, lengths=planned_lengths(padded, meta.lengths))
@@ -115,10 +116,10 @@ def padding_rows(st: SampleTable, epochs: int) -> list[dict]:
                     slots += out["input_ids"].size
                 effs.append(real / slots)
                 sizes.append(plan.num_samples / len(plan.batches))
-            key = "to_x8" if multiple else "longest"
-            row[key] = {"mean": statistics.fmean(effs), "min": min(effs), "per_epoch": effs}
-            row["n_batches"] = len(plan.batches)
-            row["mean_batch_size"] = statistics.fmean(sizes)
+                counts.append(len(plan.batches))
+            key = "to_x8" if multiple else "longest"  # each planned on its own padded lengths
+            row[key] = {"mean": statistics.fmean(effs), "min": min(effs), "per_epoch": effs,
+                        "n_batches": counts, "mean_batch_size": statistics.fmean(sizes)}
         rows.append(row)
     return rows
 
@@ -228,18 +229,18 @@ def throughput(path: Path, repeats: int) -> dict:
     # to_arrow_refs), then what pipeline.blocks.load_rows does. b2 iterates the same
     # materialized Dataset.
     ctx = ray.data.DataContext.get_current()
-    order = ctx.execution_options.preserve_order
+    order, v2 = ctx.execution_options.preserve_order, ctx.use_datasource_v2
     ctx.execution_options.preserve_order = True
+    ctx.use_datasource_v2 = False  # as pipeline.blocks.ingest reads (V1: bench/ingest.py)
     t0 = time.perf_counter()
     materialized = ray.data.read_parquet(str(path)).materialize()
     refs = materialized.to_arrow_refs()
     t1 = time.perf_counter()
-    ctx.execution_options.preserve_order = order
+    ctx.execution_options.preserve_order, ctx.use_datasource_v2 = order, v2
     pipe = sample_table(pa.concat_tables(ray.get(refs)))
     one_time["c: ingest (read_parquet, materialize, to_arrow_refs)"] = t1 - t0
     one_time["c: ray.get + concat_tables + from_table"] = time.perf_counter() - t1
     lazy = ray.data.read_parquet(str(path))
-    v2 = ctx.use_datasource_v2
     ctx.use_datasource_v2 = False  # the Dataset keeps a copy of the context it was made in
     lazy_v1 = ray.data.read_parquet(str(path))
     t0 = time.perf_counter()
@@ -271,14 +272,22 @@ def throughput(path: Path, repeats: int) -> dict:
         "d": pipeline_pass("d", local),
     }
 
-    # Same rows (file order 0..31) through every collate: identical tensors.
+    # Same rows (file order 0..31) through every collate and reader: identical tensors.
     rows = np.arange(B)
+    ctx.execution_options.preserve_order = True  # the file's first rows first (b, b1 read
+    first_b = ray.data.read_parquet(str(path)).take_batch(B, batch_format="numpy")  # anew)
+    ctx.use_datasource_v2 = False
+    first_b1 = ray.data.read_parquet(str(path)).take_batch(B, batch_format="numpy")
+    ctx.use_datasource_v2 = v2
     check_same({
         "a": python_collate([dataset[int(i)] for i in rows]),
-        "b": collate(materialized.take_batch(B, batch_format="numpy")),
+        "b": collate(first_b),
+        "b1": collate(first_b1),
+        "b2": collate(materialized.take_batch(B, batch_format="numpy")),
         "c": to_torch(pipe.gather(rows), CPU),
         "d": to_torch(local.gather(rows), CPU),
     })
+    ctx.execution_options.preserve_order = order
 
     for fn in variants.values():  # warm-up epoch (Ray workers, imports, caches)
         fn()
@@ -311,12 +320,17 @@ def throughput(path: Path, repeats: int) -> dict:
 def print_padding(rows: list[dict], epochs: int) -> None:
     print(f"\nPadding efficiency (real tokens / padded slots), `sequences`, mean (min) over "
           f"{epochs} epoch(s)")
-    print(f"{'batches':<36} {'batches/ep':>10} {'mean size':>9} {'to longest':>16} "
-          f"{'to x8':>16}")
+    print(f"{'batches':<36} {'to longest':>16} {'batches/ep':>10} {'size':>5} {'to x8':>16} "
+          f"{'batches/ep':>10} {'size':>5}")
     for r in rows:
-        cells = [f"{r[k]['mean']:.3f} ({r[k]['min']:.3f})" for k in ("longest", "to_x8")]
-        print(f"{r['batches']:<36} {r['n_batches']:>10} {r['mean_batch_size']:>9.1f} "
-              f"{cells[0]:>16} {cells[1]:>16}")
+        cells = []
+        for k in ("longest", "to_x8"):  # each planned on its own padded lengths
+            n = r[k]["n_batches"]
+            cells += [f"{r[k]['mean']:.3f} ({r[k]['min']:.3f})",
+                      f"{min(n)}-{max(n)}" if min(n) != max(n) else str(n[0]),
+                      f"{r[k]['mean_batch_size']:.1f}"]
+        print(f"{r['batches']:<36} {cells[0]:>16} {cells[1]:>10} {cells[2]:>5} {cells[3]:>16} "
+              f"{cells[4]:>10} {cells[5]:>5}")
     print("goal: length-bucketed >= 0.9 while random is far lower")
 
 
@@ -381,7 +395,7 @@ def main() -> None:
 
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "padding.json"
-    out.write_text(json.dumps({
+    save(out, {
         "benchmark": "padding", "when": time.strftime("%Y-%m-%d %H:%M"), "batch": B,
         "max_tokens": MAX_TOKENS, "repeats": repeats, "quick": args.quick,
         "efficiency_epochs": eff_epochs, "efficiency": eff, "throughput": results,
@@ -389,7 +403,7 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "ray": ray.__version__, "pyarrow": pa.__version__,
                      "numpy": np.__version__},
-    }, indent=2))
+    })
     print(f"wrote {out}")
 
 

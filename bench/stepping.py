@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -46,6 +45,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.record import save  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_check import make_batch, saved_tensor_bytes  # noqa: E402
@@ -225,8 +227,7 @@ def main() -> int:
         info["groups"].append(res)
     info["wall_s"] = time.perf_counter() - start
     report(info)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(info, indent=2))
+    save(args.out, info)
     print(f"wall {info['wall_s']:.1f} s; wrote {args.out}")
     return 0
 

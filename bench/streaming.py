@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import save  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
@@ -266,9 +268,8 @@ def main() -> None:
             summary[f"rss_growth_share_{mode}"] = rss / growth  # target (streaming) <= 0.5
     print("\n" + "\n".join(f"{k}: {v:.2f}" for k, v in summary.items()))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
-                               "runs": rows_out, "summary": summary}, indent=2))
+    save(out, {"measured": time.strftime("%Y-%m-%d %H:%M"), "args": vars(args),
+               "runs": rows_out, "summary": summary})
     print(f"wrote {out}")
 
 

@@ -37,7 +37,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.files import write_json  # noqa: E402
+from bench.record import save  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,7 +101,7 @@ def main() -> None:
     for kind, ratio in ratios.items():
         print(f"sweep wall per trial / stand-alone job, trials in {kind}: x{ratio:.2f} "
               f"(median of {args.repeats} rounds, {args.epochs} epoch(s))")
-    path = write_json(RESULTS / "sweep_overhead.json", {
+    path = save(RESULTS / "sweep_overhead.json", {
         "benchmark": "sweep_overhead", "config": "jobs/configs/sweep_digits.yaml",
         "epochs": args.epochs, "per_trial_x_job": ratios, "rows": rows,
         "when": time.strftime("%Y-%m-%d %H:%M")})

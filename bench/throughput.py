@@ -13,7 +13,6 @@ Prints a table and writes bench/results/throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import save  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data.batches import SampleTable, split_train_val  # noqa: E402
 from pipeline.data.datasets import resolve  # noqa: E402
@@ -89,8 +89,12 @@ def main() -> None:
     threads = int(cfg.scaling.cpus_per_worker)  # Ray sets OMP_NUM_THREADS to the worker's CPUs
     rows = []
     for r in range(args.repeats):
-        p = pipeline_run(cfg, info, tmp / f"run{r}")
-        b = bare_loop(x, y, epochs=args.epochs, batch=args.batch, lr=0.05, threads=threads)
+        if r % 2:  # who goes first alternates (a shared machine's load drifts)
+            b = bare_loop(x, y, epochs=args.epochs, batch=args.batch, lr=0.05, threads=threads)
+            p = pipeline_run(cfg, info, tmp / f"run{r}")
+        else:
+            p = pipeline_run(cfg, info, tmp / f"run{r}")
+            b = bare_loop(x, y, epochs=args.epochs, batch=args.batch, lr=0.05, threads=threads)
         rows.append({"repeat": r, "pipeline": statistics.median(p[1:]),
                      "bare": statistics.median(b[1:]), "pipeline_epochs": p, "bare_epochs": b})
     ratio = statistics.median(row["pipeline"] / row["bare"] for row in rows)
@@ -104,7 +108,7 @@ def main() -> None:
     out = {"benchmark": "throughput", "model": "digits_cnn", "global_batch": args.batch,
            "workers": 1, "threads": threads, "epochs": args.epochs, "ratio": ratio,
            "rows": rows, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M")}
-    (RESULTS / "throughput.json").write_text(json.dumps(out, indent=2))
+    save(RESULTS / "throughput.json", out)
     print(f"wrote {RESULTS / 'throughput.json'}")
     np.set_printoptions(precision=0)
 

@@ -55,7 +55,7 @@ class LoopState:
     batch_size: int = 0  # the last PlannedStep's global batch
     elements_per_sample: float = 1.0  # loss elements (tokens, views) per sample, last step
     skipped_steps: int = 0  # steps without an update: fp16 scaler skips + non-finite steps
-    nonfinite_steps: int = 0  # fp32/bf16 steps skipped for a non-finite loss or gradient
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss (or fp32/bf16 gradient)
     noise: NoiseScale | None = None  # the gradient noise scale's running estimate (None: off)
     history: list[dict[str, float]] = field(default_factory=list)  # per-step records
 

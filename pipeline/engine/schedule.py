@@ -51,14 +51,20 @@ def lr_at(
     [0.1, 0.2, 0.3, 0.4, 0.5, 0.5]
     >>> [lr_at(s, base_lr=0.1, peak_lr=0.025, warmup_steps=4, total_steps=10) for s in (0, 2)]
     [0.025, 0.025]
+    >>> [round(lr_at(s, base_lr=0.1, peak_lr=0.4, warmup_steps=5, total_steps=6,
+    ...                schedule="cosine"), 3) for s in (4, 5)], lr_at(
+    ...     0, base_lr=0.1, peak_lr=0.4, warmup_steps=0, total_steps=1, schedule="cosine")
+    ([0.34, 0.4], 0.4)
     """
     if warmup_steps > 0 and step < warmup_steps:
         start = min(base_lr, peak_lr)  # never above the LR the ramp leads to
         return start + (peak_lr - start) * step / warmup_steps
     # The last step trained (total_steps - 1) is the schedule's end: progress runs 0 -> 1 over
     # the steps after warmup, so a cosine run ends exactly at 0 and a step schedule at 0.01.
+    # With no room to decay (one step after warmup, or a one-step run) that step is the peak:
+    # an end at 0 would train nothing.
     decay_steps = total_steps - 1 - warmup_steps
-    progress = 1.0 if decay_steps <= 0 else min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    progress = 0.0 if decay_steps <= 0 else min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
     if schedule == "constant":
         return peak_lr
     if schedule == "step":

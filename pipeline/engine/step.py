@@ -405,13 +405,18 @@ def train_step(
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf))
     # Gradients are all-reduced (DDP) and the loss too: every rank sees the same two numbers.
-    nonfinite = scaler is None and not (math.isfinite(norm) and math.isfinite(loss_g))
+    # Under fp16 a non-finite gradient with a finite loss is the scaler's overflow (it skips and
+    # backs off); a non-finite loss is not: no loss scale cures it (the loss is unscaled).
+    nonfinite = not math.isfinite(loss_g) or (scaler is None and not math.isfinite(norm))
     skipped = nonfinite
     if scaler is not None:
         before = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        skipped = scaler.get_scale() < before  # the scaler backs off exactly when it skipped
+        if nonfinite:  # skipped, the scale kept; update() ends the step for the scaler
+            scaler.update(before)  # (unscale_ ran): the next step starts afresh
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scaler.get_scale() < before  # it backs off exactly when it skipped
     elif not nonfinite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -75,6 +75,16 @@ def test_last_step_trained_is_the_schedules_end(total):
     assert lr_at(1, schedule="cosine", **kw) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_a_schedule_with_no_room_to_decay_trains_its_step_at_the_peak(schedule):
+    """One step after warmup (or a one-step run): that step is both the first after warmup
+    and the last; at the schedule's end (0 for cosine) it would train nothing."""
+    assert lr_at(2, base_lr=0.1, peak_lr=1.0, warmup_steps=2, total_steps=3,
+                 schedule=schedule) == 1.0
+    assert lr_at(0, base_lr=0.1, peak_lr=1.0, warmup_steps=0, total_steps=1,
+                 schedule=schedule) == 1.0
+
+
 def test_checkpoint_roundtrip_and_latest(tmp_path):
     m = torch.nn.Linear(2, 2)
     for step, epoch in ((10, 0), (30, 2), (20, 1)):

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.data.padding import collate_sequences
 from pipeline.data.plan import rank_slice
-from pipeline.engine.loop import LoopState, train_epoch
+from pipeline.engine.loop import LoopState, NonFiniteError, train_epoch
 from pipeline.engine.models import build_model
 from pipeline.engine.step import evaluate, loss_sum, per_sample_loss, samples_in, to_torch, train_step
 from tests.engine.ranks import run_ranks
@@ -465,11 +465,36 @@ def test_fp16_scaler_path_counts_skipped_steps():
                     grad_clip=1.0)
     assert not ok.skipped and ok.grad_norm > 0
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    bad = [{**mb, "features": mb["features"] * 1e30} for mb in mbs]  # overflows in fp16
-    res = train_step(model, opt, bad, loss="cross_entropy", precision="fp16", scaler=scaler)
-    assert res.skipped and scaler.get_scale() == 2.0**9
+    # a finite loss whose scaled gradients overflow fp16: the scaler's to skip and back off
+    scaler.update(2.0**60)
+    res = train_step(model, opt, mbs, loss="cross_entropy", precision="fp16", scaler=scaler)
+    assert res.skipped and not res.nonfinite and math.isfinite(res.loss)
+    assert scaler.get_scale() == 2.0**59
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_fp16_a_nonfinite_loss_is_a_nonfinite_step_and_keeps_the_loss_scale():
+    """Under fp16 a NaN loss is not a gradient overflow the scaler could cure by a smaller
+    scale (the loss is unscaled): the step is non-finite (so `train.nonfinite: stop` stops on
+    it, where it used to pass as a scaler skip for ever), skipped, and the scale kept."""
+    model = model_for("dense")
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    mbs = micro_batches("dense", np.arange(G), 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nan = [{**mb, "features": mb["features"] * math.nan} for mb in mbs]
+    for _ in range(2):
+        res = train_step(model, opt, nan, loss="cross_entropy", precision="fp16", scaler=scaler)
+        assert res.nonfinite and res.skipped and scaler.get_scale() == 2.0**10
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    ok = train_step(model, opt, mbs, loss="cross_entropy", precision="fp16", scaler=scaler)
+    assert not ok.skipped and not ok.nonfinite  # the scaler's state was ended: it steps again
+    state = LoopState(micro_batch_size=16)
+    with pytest.raises(NonFiniteError, match="non-finite loss"):
+        train_epoch(model, opt, [lambda size: nan], state, lr_fn=lambda s: 0.1,
+                    loss="cross_entropy", scaler=scaler, nonfinite="stop")
 
 
 def test_per_sample_loss_is_each_samples_own_loss():
