@@ -43,6 +43,8 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
     uri = (run_state(out) if args.resume else {}).get("tracking_uri") or cfg.tracking_uri()
     for line in console.setup_lines(cfg, info, uri):
         console.say(line)
+    for key in cfg.unused_settings():  # not refused (see Config.unused_settings), but said
+        console.say(f"note: {key} is set but not used")
     try:
         summary = run_training(cfg, info, out, resume=args.resume, address=address)
     except TrainingInterrupted as err:

@@ -554,6 +554,30 @@ class Config(_Section):
             return t.batch_size_min
         return None
 
+    def unused_settings(self) -> list[str]:
+        """Keys set for a feature this config leaves off, which it therefore ignores: said at
+        a job's start (not refused: a sweep's config may hold the settings of a schedule it
+        sweeps to, e.g. `jobs/configs/sweep_batch_schedule.yaml`).
+
+        >>> Config().with_overrides({"train.batch_size_min": 32}).unused_settings()
+        ['train.batch_size_min (train.batch_size_schedule=constant)']
+        """
+        t, b = self.train, self.batching
+        uses = {"train.batch_size_min": ("warmup", "adaptive"),
+                "train.batch_size_warmup_steps": ("warmup",),
+                "train.batch_size_step_cost": ("adaptive",)}
+        unused = [f"{key} (train.batch_size_schedule={t.batch_size_schedule})"
+                  for key, kinds in uses.items()
+                  if getattr(t, key.split(".")[1]) is not None
+                  and t.batch_size_schedule not in kinds]
+        if t.batch_size_interval != TrainConfig.model_fields["batch_size_interval"].default \
+                and t.batch_size_schedule != "adaptive":
+            unused.append(f"train.batch_size_interval (train.batch_size_schedule="
+                          f"{t.batch_size_schedule})")
+        if b.pack_tokens is not None and not b.packing:
+            unused.append("batching.pack_tokens (batching.packing=false)")
+        return unused
+
     def plan_batch_size(self) -> int:
         """The global batch size epochs are planned with: the schedule's unit
         (train.batch_size_min) under a warmup or adaptive schedule, else the global batch."""

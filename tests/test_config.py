@@ -120,6 +120,25 @@ def test_a_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch):
     assert load_config(None).tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
 
 
+def test_settings_of_a_feature_left_off_are_named():
+    """Not refused (a sweep's config holds the settings of the schedules it sweeps to), but
+    named, so `train` can say that they do nothing."""
+    cfg = load_config(REPO / "jobs" / "configs" / "sweep_batch_schedule.yaml")
+    assert cfg.train.batch_size_schedule == "constant"
+    assert cfg.unused_settings() == [
+        "train.batch_size_min (train.batch_size_schedule=constant)",
+        "train.batch_size_warmup_steps (train.batch_size_schedule=constant)",
+        "train.batch_size_step_cost (train.batch_size_schedule=constant)"]
+    adaptive = cfg.with_overrides({"train.batch_size_schedule": "adaptive"})
+    assert adaptive.unused_settings() == [
+        "train.batch_size_warmup_steps (train.batch_size_schedule=adaptive)"]
+    assert load_config(None, ["train.batch_size_interval=3", "batching.pack_tokens=64"]
+                       ).unused_settings() == [
+        "train.batch_size_interval (train.batch_size_schedule=constant)",
+        "batching.pack_tokens (batching.packing=false)"]
+    assert load_config(DIGITS).unused_settings() == []
+
+
 def test_new_train_keys_and_their_defaults():
     t = Config().train
     assert (t.nonfinite, t.nonfinite_limit, t.auto_micro_batchnorm) == ("stop", 0, False)
