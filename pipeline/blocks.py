@@ -101,6 +101,21 @@ class Blocks:
             console.say(note)
         return dataclasses.replace(self, servers=servers, nodes=nodes, small=small)
 
+    def release(self) -> None:
+        """End the streaming mode's actors -- the keeper and every server it holds -- and with
+        them the dataset's share each node kept (the object-store mode has none: its blocks go
+        with the last reference). For whoever ingested, once its job or sweep is over: a
+        submitted job's driver takes them along when it exits, a notebook's would not."""
+        if self.keeper is None:
+            return
+        servers = list(self.servers.values())
+        try:
+            servers += ray.get(self.keeper.serving.remote(), timeout=30)
+        except Exception:  # the keeper gone (its node), or not answering: those known here
+            pass
+        for actor in [*servers, self.keeper]:
+            _kill(actor)
+
     def lost_nodes(self) -> list[str]:
         """The nodes whose part of the dataset is gone now (none in the object-store mode)."""
         if self.keeper is None:
@@ -323,6 +338,10 @@ class BlockKeeper:
         self.uri, self.cfg_dict, self.rows = uri, cfg_dict, rows
         self.starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64).tolist()
         self.nodes, self.servers, self.small = list(nodes), dict(servers), list(small)
+
+    def serving(self) -> list[Any]:
+        """Every server the keeper holds now (those it started for lost nodes included)."""
+        return list(self.servers.values())
 
     def lost(self) -> list[str]:
         """The nodes whose server is gone (their blocks are read again at the next `current`)."""

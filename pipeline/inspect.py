@@ -187,6 +187,8 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
         if isinstance(err.cause, ConfigError):  # Ray's traceback (which is a ConfigError too)
             raise err.cause from None
         raise
+    finally:
+        refs.release()  # the streaming mode's servers: the rows are drawn
     table = pa.concat_tables(tables)
     with replacing(out_dir / "batches.parquet") as tmp:
         pq.write_table(table, tmp)

@@ -117,8 +117,10 @@ def local_store_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
 
 def check_experiment(uri: str, experiment: str) -> None:
     """Refuse, before any cluster work, an experiment the store holds deleted (no run can be
-    created in it); a store that is away is left to the job (it trains without it)."""
-    if not server_reachable(uri):
+    created in it); a store that is away is left to the job (it trains without it), a sqlite
+    store not made yet holds none (and is not made here: a refused job writes no store)."""
+    local = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if not server_reachable(uri) or (local is not None and not Path(local).exists()):
         return
     try:
         deleted = deleted_experiment(uri, experiment)
@@ -252,44 +254,50 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     connect(address, verbose)
     check_store_reachable(uri)
     refs = table_refs if table_refs is not None else ingest(info, cfg)
-    line = mode_line(refs)
-    if show_progress and line:
-        _log(line)
-    pending = None  # the run, when the tracking server is unreachable at the start
-    if run_id is None:
-        run_args = {"experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name,
-                    "params": cfg.flat_params(), "config_yaml": yaml.safe_dump(cfg.to_dict()),
-                    "parent_run_id": parent_run_id, "tags": {**ray_job_tags(), **(tags or {})}}
-        if server_reachable(uri):
-            try:
-                run_id = start_run(uri, **run_args)
-            except Exception as err:
-                cause = err.__cause__ if isinstance(err, HalfRunError) else err
-                if refused(cause):  # the store answered and refused it: again would not help
-                    raise ConfigError(f"config error: MLflow at {redact_text(uri)} refused the "
-                                      f"run ({console.error_line(cause)})") from None
-                if isinstance(err, HalfRunError) and err.failed and server_reachable(uri):
-                    raise  # the store is up (it marked the half-made run FAILED) but cannot
-                    # complete one (an artifact store it cannot write): again would repeat it
-                # it went away while the run was made: made when it is back, as below (a run
-                # half made and still RUNNING is marked FAILED then)
-                half = [err.run_id] if isinstance(err, HalfRunError) and not err.failed else []
-                pending = _deferred_run(uri, half_made=half, **run_args)
-                _log(f"MLflow at {redact_text(uri)} failed while the run was made "
-                     f"({console.error_line(cause)}): training starts without it; the run is created, "
-                     "and its metrics sent, when the server is back")
-        else:  # training does not wait for tracking: the run is created when the server is back
-            pending = _deferred_run(uri, **run_args)
-            _log(f"MLflow at {redact_text(uri)} is unreachable: training starts without it; the run is "
-                 "created, and its metrics sent, when the server is back")
-    elif server_reachable(uri):
-        reopen_run(uri, run_id)
-        if resumed_with:  # MLflow params never change: the new values as tags, and the config
-            _record_resume(uri, run_id, resumed_with, cfg)
-    else:  # a resume while the server is away: the run is RUNNING again when it is back
-        pending = _deferred_run(uri, reopen=run_id)
-        _log(f"MLflow at {redact_text(uri)} is unreachable: training goes on without it; run {run_id} "
-             "gets its metrics when the server is back")
+    owned = refs if table_refs is None else None  # this job's own ingest: ended with it
+    try:
+        line = mode_line(refs)
+        if show_progress and line:
+            _log(line)
+        pending = None  # the run, when the tracking server is unreachable at the start
+        if run_id is None:
+            run_args = {"experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name,
+                        "params": cfg.flat_params(), "config_yaml": yaml.safe_dump(cfg.to_dict()),
+                        "parent_run_id": parent_run_id, "tags": {**ray_job_tags(), **(tags or {})}}
+            if server_reachable(uri):
+                try:
+                    run_id = start_run(uri, **run_args)
+                except Exception as err:
+                    cause = err.__cause__ if isinstance(err, HalfRunError) else err
+                    if refused(cause):  # the store answered and refused it: again would not help
+                        raise ConfigError(f"config error: MLflow at {redact_text(uri)} refused the "
+                                          f"run ({console.error_line(cause)})") from None
+                    if isinstance(err, HalfRunError) and err.failed and server_reachable(uri):
+                        raise  # the store is up (it marked the half-made run FAILED) but cannot
+                        # complete one (an artifact store it cannot write): again would repeat it
+                    # it went away while the run was made: made when it is back, as below (a run
+                    # half made and still RUNNING is marked FAILED then)
+                    half = [err.run_id] if isinstance(err, HalfRunError) and not err.failed else []
+                    pending = _deferred_run(uri, half_made=half, **run_args)
+                    _log(f"MLflow at {redact_text(uri)} failed while the run was made "
+                         f"({console.error_line(cause)}): training starts without it; the run is created, "
+                         "and its metrics sent, when the server is back")
+            else:  # training does not wait for tracking: the run is created when the server is back
+                pending = _deferred_run(uri, **run_args)
+                _log(f"MLflow at {redact_text(uri)} is unreachable: training starts without it; the run is "
+                     "created, and its metrics sent, when the server is back")
+        elif server_reachable(uri):
+            reopen_run(uri, run_id)
+            if resumed_with:  # MLflow params never change: the new values as tags, and the config
+                _record_resume(uri, run_id, resumed_with, cfg)
+        else:  # a resume while the server is away: the run is RUNNING again when it is back
+            pending = _deferred_run(uri, reopen=run_id)
+            _log(f"MLflow at {redact_text(uri)} is unreachable: training goes on without it; run {run_id} "
+                 "gets its metrics when the server is back")
+    except BaseException:
+        if owned is not None:
+            owned.release()
+        raise
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
         _write_state(state_file, run_id, uri, cfg, checkpoints)
         if show_progress and run_id:
@@ -386,6 +394,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if run_id is not None:
             end_run(uri, run_id, "FAILED")
         raise
+    finally:
+        if owned is not None:  # the streaming mode's servers and keeper (a notebook's job
+            owned.release()  # would keep them, and the data, for its kernel's life)
     return summary
 
 

@@ -95,6 +95,30 @@ def test_bad_data_met_in_the_inspect_tasks_ends_in_their_one_line(ray_client, tm
     assert not isinstance(err.value, ray.exceptions.RayTaskError)
 
 
+@pytest.mark.ray
+def test_the_streaming_modes_actors_end_with_the_call_that_ingested(ray_client, tmp_path):
+    """A job, sweep or inspection run from Python (a notebook) that ingested in the streaming
+    mode ends its block servers and keeper when it returns: each held a share of the dataset
+    for the life of the Python process."""
+    from ray.util.state import list_actors
+
+    from pipeline.inspect import inspect_batches
+
+    def alive() -> int:
+        return sum(len(list_actors(filters=[("class_name", "=", name), ("state", "=", "ALIVE")]))
+                   for name in ("BlockServer", "BlockKeeper"))
+
+    before = alive()
+    cfg, info = resolve(load_config(DIGITS, ["data.mode=streaming", "train.epochs=1"]))
+    inspect_batches(cfg, info, tmp_path / "out")
+    import time
+
+    deadline = time.monotonic() + 20  # a killed actor is reported dead shortly after
+    while alive() != before:
+        assert time.monotonic() < deadline, f"{alive()} streaming actor(s) left, {before} before"
+        time.sleep(0.5)
+
+
 def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir, capsys, monkeypatch):
     """In-process, with the cluster unreachable (tests/test_refusals.py's harness)."""
     one = pa.table({"features": pa.FixedSizeListArray.from_arrays(

@@ -434,6 +434,8 @@ def test_which_trials_train_in_their_own_actor_and_what_they_reserve():
     # a worker group: the trial's function reserves no CPU, its TorchTrainer asks for workers
     for cfg, overrides in [(_cfg({}, "scaling.num_workers=2"), {}),
                            (one, {"data.val_fraction": 0.3}),  # its own ingest (Ray Data tasks)
+                           # the small columns streamed ranks hold are the sweep config's
+                           (one, {"batching.difficulty_column": "hardness"}),
                            (_cfg({}, "scaling.num_workers=1", "tune.trial_runner=worker_group"),
                             {})]:
         assert not runs_in_actor(cfg, overrides)

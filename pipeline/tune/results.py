@@ -126,9 +126,10 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
                 end_run(uri, run_id, "FINISHED")  # or the sweep stopped first and KILLED it
         else:  # Tune stopped it (ASHA) before its last epoch: its actor went, its run RUNNING
             status = "EARLY_STOPPED"
-            if run:
+            if run and run.data.tags.get("early_stopped") != "true":
                 c.set_tag(run_id, "early_stopped", "true")
-                end_run(uri, run_id, "KILLED")
+            if run and run.info.status != "KILLED":  # a resumed sweep's settle: ended already,
+                end_run(uri, run_id, "KILLED")  # its end time kept
         h, pts = read.get(run_id, (pd.DataFrame(), pd.DataFrame()))
         row: dict[str, Any] = {"trial_id": trial_id}
         shown = [*swept, BATCH, RULE, *([SCHEDULE] if base.get(SCHEDULE) != "constant" else [])]

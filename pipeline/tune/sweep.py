@@ -305,6 +305,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                                  "tune.scheduler": cfg.tune.scheduler,
                                  "tune.search": cfg.tune.search})
     interrupted = f"sweep {name} interrupted; continue it with --resume --out {out_dir}"
+    refs = None  # the sweep's dataset, once ingested
     try:  # from here on, however the sweep ends, its parent run ends with it
         if not resumed:
             log_text(uri, parent, json.dumps(cfg.tune.search_space, indent=2),
@@ -373,6 +374,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         if stopped and not isinstance(err, SweepInterrupted):
             raise SweepInterrupted(interrupted) from None
         raise
+    finally:  # Tune's trials are over: the streaming mode's servers go (a notebook's sweep
+        if refs is not None:  # would keep them, and the data, for its kernel's life)
+            refs.release()
     end_run(uri, parent, "FINISHED")
     return df
 

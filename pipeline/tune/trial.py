@@ -38,9 +38,15 @@ from pipeline.worker import FATAL, Session, train_func
 KEEP_CHECKPOINTS = 2  # as a TorchTrainer job keeps them (launch.fit_torch_trainer)
 
 
+# Keys whose change needs the trial's own ingest: the data, and the difficulty column, which
+# the streaming mode's small columns (taken once per sweep, for its config) would not hold.
+DATA_KEYS = ("data.", "batching.difficulty_column")
+
+
 def changes_data(overrides: dict[str, Any]) -> bool:
-    """Whether a trial's overrides change `data.*`: it resolves and ingests its own dataset."""
-    return any(k.startswith("data.") for k in overrides)
+    """Whether a trial's overrides change `data.*` (or `batching.difficulty_column`): it
+    resolves and ingests its own dataset."""
+    return any(k.startswith(DATA_KEYS) for k in overrides)
 
 
 def runs_in_actor(cfg: Config, overrides: dict[str, Any]) -> bool:
@@ -58,7 +64,8 @@ def every_trial_in_actor(cfg: Config) -> bool:
     stopped leaves its actor at its next report, which Tune's stop makes exit the trial's
     thread)."""
     return (runs_in_actor(cfg, {})
-            and not any(k.startswith(("data.", "scaling.", "tune.")) for k in cfg.tune.search_space))
+            and not any(k.startswith((*DATA_KEYS, "scaling.", "tune."))
+                        for k in cfg.tune.search_space))
 
 
 def trial_resources(cfg: Config, overrides: dict[str, Any]) -> dict[str, float]:
