@@ -150,10 +150,20 @@ def training_nodes(cfg: Config) -> list[dict[str, Any]]:
 WIDTH = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
 
 
-def parquet_bytes(uri: str) -> int:
+def used_columns(cfg: Config) -> list[str]:
+    """The columns a job of `cfg` reads: what ingest takes into the object store (a column
+    nothing names -- raw text, images -- stays in the files)."""
+    d = cfg.data
+    named = (d.feature_column, d.sequence_column, d.target_column, d.label_column, d.id_column,
+             cfg.batching.difficulty_column)
+    return list(dict.fromkeys(c for c in named if c is not None))
+
+
+def parquet_bytes(uri: str, columns: list[str] | None = None) -> int:
     """The dataset's size in memory (Arrow), estimated from the Parquet footers alone: each
-    column chunk's value count times its type's width (strings: their uncompressed size).
-    Parquet's own sizes are encoded (dictionaries, run lengths) and can be 5x smaller."""
+    column chunk's value count times its type's width (strings: their uncompressed size); only
+    `columns` (top-level names) when given. Parquet's own sizes are encoded (dictionaries, run
+    lengths) and can be 5x smaller."""
     total = 0
     for frag in pads.dataset(uri, format="parquet").get_fragments():
         meta = frag.metadata
@@ -161,6 +171,8 @@ def parquet_bytes(uri: str) -> int:
             group = meta.row_group(i)
             for j in range(group.num_columns):
                 col = group.column(j)
+                if columns is not None and col.path_in_schema.split(".")[0] not in columns:
+                    continue
                 width = WIDTH.get(col.physical_type)
                 total += col.num_values * width if width else col.total_uncompressed_size
     return total
@@ -227,16 +239,18 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     # Both give the same rows in the same order.
     ctx.use_datasource_v2 = False
     configured = cfg.data.mode if cfg is not None else "object_store"
+    columns = used_columns(cfg) if cfg is not None else None  # None: every column
     size, nodes = 0, []
     if configured != "object_store":  # the footers and the nodes decide auto, and size streaming
-        size, nodes = parquet_bytes(info.uri), training_nodes(cfg)
+        size, nodes = parquet_bytes(info.uri, columns), training_nodes(cfg)
     if configured == "streaming" and not nodes:  # (auto keeps to the object store then)
         raise _no_training_node(cfg)
     if choose_mode(configured, size, nodes) == "object_store":
-        return Blocks("object_store", ray.data.read_parquet(info.uri).materialize().to_arrow_refs(),
-                      size_bytes=size)
+        return Blocks("object_store", ray.data.read_parquet(info.uri, columns=columns)
+                      .materialize().to_arrow_refs(), size_bytes=size)
     count = block_count(size, len(nodes))
-    refs = ray.data.read_parquet(info.uri, override_num_blocks=count).materialize().to_arrow_refs()
+    refs = ray.data.read_parquet(info.uri, columns=columns, override_num_blocks=count
+                                 ).materialize().to_arrow_refs()
     servers = _servers([n["NodeID"] for n in nodes])
     spread, where = _spread(refs, servers)
     moved = sum(a is not b for a, b in zip(spread, refs, strict=True))
@@ -300,14 +314,15 @@ class BlockServer:
     def small(self, block: int, cfg_dict: dict[str, Any]) -> tuple[pa.Table, int]:
         return _small(self.blocks[block], Config.model_validate(cfg_dict))
 
-    def load(self, uri: str, ids: list[int], starts: list[int], counts: list[int]) -> int:
+    def load(self, uri: str, ids: list[int], starts: list[int], counts: list[int],
+             columns: list[str]) -> int:
         """Blocks read again from the Parquet data (a lost node's): block `ids[i]` is the
-        `counts[i]` rows from dataset row `starts[i]`, every column, as Ray Data read them."""
+        `counts[i]` rows from dataset row `starts[i]`, the columns ingest read."""
         from pipeline.data.datasets import read_rows
 
         ds = pads.dataset(uri, format="parquet")
         for b, start, count in zip(ids, starts, counts, strict=True):
-            self.blocks[b] = read_rows(ds, np.arange(start, start + count), ds.schema.names)
+            self.blocks[b] = read_rows(ds, np.arange(start, start + count), columns)
         return len(self.blocks)
 
     def alive(self) -> bool:
@@ -370,8 +385,8 @@ class BlockKeeper:
             mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
                     for node in set(targets)}
             ray.get([servers[node].load.remote(  # every node reads its share at once
-                self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii])
-                for node, ii in mine.items()])
+                self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii],
+                used_columns(cfg)) for node, ii in mine.items()])
             for node, ii in mine.items():
                 for i in ii:
                     nodes[i] = node

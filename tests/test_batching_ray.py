@@ -119,6 +119,25 @@ def test_the_streaming_modes_actors_end_with_the_call_that_ingested(ray_client, 
         time.sleep(0.5)
 
 
+@pytest.mark.ray
+def test_ingest_takes_only_the_columns_the_job_names(ray_client, tmp_path):
+    """A column nothing in the config names stays in the file: not in the object store."""
+    import ray
+
+    from pipeline.blocks import ingest
+
+    rng = np.random.default_rng(0)
+    path = write(tmp_path / "extra.parquet", pa.table({
+        "x": list(rng.normal(size=(200, 4)).astype("float32")), "y": rng.integers(0, 3, 200),
+        "raw": [f"raw text {i}" for i in range(200)]}))
+    cfg, info = resolve(load_config(None, [f"data.path={path}", "data.feature_column=x",
+                                           "data.label_column=y", "model.name=mlp"]))
+    held = ingest(info, cfg)
+    tables = ray.get(held.refs)
+    assert {tuple(t.column_names) for t in tables} == {("x", "y")}
+    assert sum(t.num_rows for t in tables) == 200
+
+
 def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir, capsys, monkeypatch):
     """In-process, with the cluster unreachable (tests/test_refusals.py's harness)."""
     one = pa.table({"features": pa.FixedSizeListArray.from_arrays(

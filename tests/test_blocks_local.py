@@ -28,7 +28,7 @@ class Server:
         self.node, self.fails, self.up, self.loaded = node, fails, True, []
         self.load = Call(self._load)
 
-    def _load(self, uri, ids, starts, rows):
+    def _load(self, uri, ids, starts, rows, columns):
         if self.fails:
             self.fails -= 1
             raise OSError("read failed (a storage error)")
@@ -50,6 +50,7 @@ def test_a_failed_reread_leaves_the_keeper_as_it_was_and_the_next_one_succeeds(m
     monkeypatch.setattr(blocks, "_kill", killed.append)
     monkeypatch.setattr(blocks.ray, "get", lambda calls: [c() for c in calls])
     monkeypatch.setattr(blocks.Config, "model_validate", staticmethod(lambda d: d))
+    monkeypatch.setattr(blocks, "used_columns", lambda cfg: ["x"])
     a, b = Server("a"), Server("b")
     keeper = blocks.BlockKeeper("uri", {}, [10, 10, 10, 10], ["a", "b", "a", "b"],
                                 {"a": a, "b": b}, ["s0", "s1", "s2", "s3"])
@@ -134,3 +135,22 @@ def test_streaming_with_no_training_node_up_is_refused_in_one_line(monkeypatch):
         blocks.ingest(info, cfg)
     assert read == []
     assert blocks.choose_mode("auto", 10**12, []) == "object_store"
+
+
+def test_only_the_columns_a_job_names_are_read_and_sized(tmp_path):
+    """A column nothing in the config names (raw text here) is neither sized for the `auto`
+    mode's choice nor read into the object store (`ingest` reads `used_columns`)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.config import load_config
+
+    n = 1000
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"x": pa.array(np.arange(n, dtype=np.float64)),
+                             "y": pa.array(np.arange(n) % 3),
+                             "raw": pa.array([f"{i}: raw text " * 40 for i in range(n)])}), path)
+    cfg = load_config(None, [f"data.path={path}", "data.feature_column=x", "data.label_column=y"])
+    assert blocks.used_columns(cfg) == ["x", "y"]
+    named = blocks.parquet_bytes(str(path), blocks.used_columns(cfg))
+    assert named == n * 8 + n * 8  # two 8-byte columns: the value counts times their widths
+    assert blocks.parquet_bytes(str(path)) > named + n * 400  # the text counts when all do
