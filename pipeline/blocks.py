@@ -110,7 +110,8 @@ class Blocks:
             return
         servers = list(self.servers.values())
         try:
-            servers += ray.get(self.keeper.serving.remote(), timeout=30)
+            servers += ray.get(self.keeper.serving.remote(), timeout=3)  # (`ray job stop`
+            # kills 3 s after its SIGTERM; the keeper's own servers go with it anyway)
         except Exception:  # the keeper gone (its node), or not answering: those known here
             pass
         for actor in [*servers, self.keeper]:
@@ -167,15 +168,37 @@ def parquet_bytes(uri: str, columns: list[str] | None = None) -> int:
     total = 0
     for frag in pads.dataset(uri, format="parquet").get_fragments():
         meta = frag.metadata
+        owner = _leaf_fields(meta.schema.to_arrow_schema())  # a leaf column's top-level field
         for i in range(meta.num_row_groups):
             group = meta.row_group(i)
             for j in range(group.num_columns):
                 col = group.column(j)
-                if columns is not None and col.path_in_schema.split(".")[0] not in columns:
+                if columns is not None and owner[j] not in columns:
                     continue
                 width = WIDTH.get(col.physical_type)
                 total += col.num_values * width if width else col.total_uncompressed_size
     return total
+
+
+def _leaf_fields(schema: pa.Schema) -> list[str]:
+    """The top-level field of each Parquet leaf column, in order: a list column has one leaf
+    (`tokens.list.element`), a struct one per member. (A leaf's dotted path cannot say it: a
+    field may be named `a.b`.)
+
+    >>> _leaf_fields(pa.schema([("a.b", pa.int64()), ("t", pa.list_(pa.int32())),
+    ...                         ("s", pa.struct([("x", pa.int8()), ("y", pa.int8())]))]))
+    ['a.b', 't', 's', 's']
+    """
+    def leaves(t: pa.DataType) -> int:
+        if pa.types.is_struct(t):
+            return sum(leaves(t.field(i).type) for i in range(t.num_fields))
+        if pa.types.is_map(t):
+            return leaves(t.key_type) + leaves(t.item_type)
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return leaves(t.value_type)
+        return 1
+
+    return [f.name for f in schema for _ in range(leaves(f.type))]
 
 
 def block_count(size_bytes: int, nodes: int) -> int:

@@ -271,7 +271,8 @@ class TrainConfig(_Section):
         "(data.target_column), nt_xent (contrastive, data.feature_column)")
     nonfinite: Literal["skip", "stop"] = Field(
         "stop", description="on a non-finite loss or gradient: skip the step (counted) or stop "
-        "the job")
+        "the job (fp16: a non-finite loss, e.g. a forward overflow; its gradient overflows are "
+        "the scaler's)")
     nonfinite_limit: Int = Field(0, ge=0, description="non-finite steps train.nonfinite=stop "
                                  "skips (counted) before it stops; 0: stop at the first")
     auto_micro_batchnorm: Bool = Field(False, description="let micro_batch_size=auto change the "

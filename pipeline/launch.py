@@ -119,7 +119,7 @@ def check_experiment(uri: str, experiment: str) -> None:
     """Refuse, before any cluster work, an experiment the store holds deleted (no run can be
     created in it); a store that is away is left to the job (it trains without it), a sqlite
     store not made yet holds none (and is not made here: a refused job writes no store)."""
-    local = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    local = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
     if not server_reachable(uri) or (local is not None and not Path(local).exists()):
         return
     try:

@@ -154,3 +154,8 @@ def test_only_the_columns_a_job_names_are_read_and_sized(tmp_path):
     named = blocks.parquet_bytes(str(path), blocks.used_columns(cfg))
     assert named == n * 8 + n * 8  # two 8-byte columns: the value counts times their widths
     assert blocks.parquet_bytes(str(path)) > named + n * 400  # the text counts when all do
+    dotted = tmp_path / "dotted.parquet"  # a name with a dot: not the first part of a path
+    pq.write_table(pa.table({"a.b": pa.array(np.arange(n)),
+                             "a": pa.array(np.arange(n, dtype=np.int32))}), dotted)
+    assert blocks.parquet_bytes(str(dotted), ["a.b"]) == n * 8
+    assert blocks.parquet_bytes(str(dotted), ["a"]) == n * 4

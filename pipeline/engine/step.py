@@ -31,9 +31,12 @@ all-reduce, as DDP's default hook: divide, then sum) and rank 0's buffers broadc
 rank failed, every rank raises `StepOutOfMemory` and the loop shrinks the micro-batch on all of
 them together.
 
-Non-finite loss or gradients (fp32/bf16; fp16 has its scaler) are detected on the all-reduced
-values, so every rank takes the same decision: the optimizer step is skipped and the result says
-so (`nonfinite`); the loop decides whether to go on (`train.nonfinite`).
+A non-finite loss, or (fp32/bf16) non-finite gradients, are detected on the all-reduced values,
+so every rank takes the same decision: the optimizer step is skipped and the result says so
+(`nonfinite`); the loop decides whether to go on (`train.nonfinite`). Under fp16 non-finite
+gradients with a finite loss are the gradient scaler's overflow (skipped, the scale backed
+off); a non-finite loss -- a forward that overflowed fp16, say -- is a non-finite step there
+too, since no loss scale cures it.
 """
 
 from __future__ import annotations
@@ -210,7 +213,7 @@ class StepResult:
     grad_norm: float
     skipped: bool  # no update: fp16's scaler skipped it, or the loss/gradient was non-finite
     local_samples: int
-    nonfinite: bool = False  # fp32/bf16: non-finite loss or gradient, the update was skipped
+    nonfinite: bool = False  # a non-finite loss (or fp32/bf16 gradient): the update skipped
     # Squared gradient norms at two batch sizes, (|G_small|^2, B_small, |G_big|^2, B_big), for
     # the gradient noise scale (pipeline.engine.noise); None when there is no small batch.
     noise: tuple[float, float, float, float] | None = None
@@ -413,6 +416,9 @@ def train_step(
         before = scaler.get_scale()
         if nonfinite:  # skipped, the scale kept; update() ends the step for the scaler
             scaler.update(before)  # (unscale_ ran): the next step starts afresh
+            tracker = getattr(scaler, "_growth_tracker", None)  # and the run of clean steps
+            if tracker is not None:  # that grows the scale starts again, as after a skip
+                tracker.zero_()
         else:
             scaler.step(optimizer)
             scaler.update()

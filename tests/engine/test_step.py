@@ -491,6 +491,12 @@ def test_fp16_a_nonfinite_loss_is_a_nonfinite_step_and_keeps_the_loss_scale():
         assert torch.equal(v, before[k])
     ok = train_step(model, opt, mbs, loss="cross_entropy", precision="fp16", scaler=scaler)
     assert not ok.skipped and not ok.nonfinite  # the scaler's state was ended: it steps again
+    # the run of clean steps that grows the scale starts again after it, as after a skip:
+    # clean, NaN, clean with growth every 2 clean steps keeps the scale
+    grows = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    for batch in (mbs, nan, mbs):
+        train_step(model, opt, batch, loss="cross_entropy", precision="fp16", scaler=grows)
+    assert grows.get_scale() == 2.0**10
     state = LoopState(micro_batch_size=16)
     with pytest.raises(NonFiniteError, match="non-finite loss"):
         train_epoch(model, opt, [lambda size: nan], state, lr_fn=lambda s: 0.1,
