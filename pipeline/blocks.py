@@ -254,13 +254,22 @@ def _no_training_node(cfg: Config) -> ConfigError:
 def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
     """Ray Data reads the Parquet data (parallel, local path or object-store URI) into Arrow
     blocks in the object store; in the streaming mode they are then spread over the nodes and
-    their small columns taken (`cfg`: None is the object-store mode)."""
+    their small columns taken (`cfg`: None is the object-store mode). The driver's Ray Data
+    settings are put back afterwards (a notebook's own reads keep theirs)."""
     ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.use_datasource_v2
     ctx.execution_options.preserve_order = True  # row positions must agree on every worker
     # Ray 2.60's default Parquet datasource (V2) took 4.6-7.4 s per read of the embedded datasets
     # against 0.2 s for the V1 reader (bench/ingest.py), paid by every job and every sweep trial.
     # Both give the same rows in the same order.
     ctx.use_datasource_v2 = False
+    try:
+        return _ingest(info, cfg)
+    finally:
+        ctx.execution_options.preserve_order, ctx.use_datasource_v2 = saved
+
+
+def _ingest(info: DatasetInfo, cfg: Config | None) -> Blocks:
     configured = cfg.data.mode if cfg is not None else "object_store"
     columns = used_columns(cfg) if cfg is not None else None  # None: every column
     size, nodes = 0, []

@@ -123,6 +123,7 @@ def test_the_streaming_modes_actors_end_with_the_call_that_ingested(ray_client, 
 def test_ingest_takes_only_the_columns_the_job_names(ray_client, tmp_path):
     """A column nothing in the config names stays in the file: not in the object store."""
     import ray
+    import ray.data
 
     from pipeline.blocks import ingest
 
@@ -132,10 +133,15 @@ def test_ingest_takes_only_the_columns_the_job_names(ray_client, tmp_path):
         "raw": [f"raw text {i}" for i in range(200)]}))
     cfg, info = resolve(load_config(None, [f"data.path={path}", "data.feature_column=x",
                                            "data.label_column=y", "model.name=mlp"]))
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order, ctx.use_datasource_v2 = False, True  # Ray's defaults
+    before = (False, True)
     held = ingest(info, cfg)
     tables = ray.get(held.refs)
     assert {tuple(t.column_names) for t in tables} == {("x", "y")}
     assert sum(t.num_rows for t in tables) == 200
+    # the driver's own Ray Data settings (a notebook's reads) are as they were
+    assert (ctx.execution_options.preserve_order, ctx.use_datasource_v2) == before
 
 
 def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir, capsys, monkeypatch):
