@@ -154,10 +154,7 @@ WIDTH = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96":
 def used_columns(cfg: Config) -> list[str]:
     """The columns a job of `cfg` reads: what ingest takes into the object store (a column
     nothing names -- raw text, images -- stays in the files)."""
-    d = cfg.data
-    named = (d.feature_column, d.sequence_column, d.target_column, d.label_column, d.id_column,
-             cfg.batching.difficulty_column)
-    return list(dict.fromkeys(c for c in named if c is not None))
+    return list(dict.fromkeys([*large_columns(cfg).names(), *_small_names(cfg)]))
 
 
 def parquet_bytes(uri: str, columns: list[str] | None = None) -> int:
@@ -540,13 +537,17 @@ def _spread(refs: list[Any], servers: dict[str, Any]) -> tuple[list[Any], list[s
     return refs, placed
 
 
+def _small_names(cfg: Config) -> list[str]:
+    """The small columns a block has by name (its sequences' lengths are computed)."""
+    return [c for c in (cfg.data.id_column, cfg.data.label_column,
+                        cfg.batching.difficulty_column) if c is not None]
+
+
 def _small(block: pa.Table, cfg: Config) -> tuple[pa.Table, int]:
     """A block's small columns (computed where the block is) and its row count. The model's
     facts of the data are the driver's checks' (`DatasetInfo.facts`), not recomputed here."""
-    d, keep = cfg.data, {}
-    for name in (d.id_column, d.label_column, cfg.batching.difficulty_column):
-        if name is not None:
-            keep[name] = block.column(name)
+    d = cfg.data
+    keep = {name: block.column(name) for name in _small_names(cfg)}
     if d.sequence_column is not None:
         keep[LENGTH] = pc.list_value_length(block.column(d.sequence_column)).cast(pa.int64())
     return pa.table(keep) if keep else pa.table({"_": pa.nulls(block.num_rows)}), block.num_rows

@@ -39,8 +39,7 @@ class _Parser(argparse.ArgumentParser):
 def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
     from pipeline.launch import TrainingInterrupted, run_training
 
-    # the store the run records to: a resumed run's own (as run_training picks it)
-    uri = (run_state(out) if args.resume else {}).get("tracking_uri") or cfg.tracking_uri()
+    uri = _store(args, cfg, out)
     for line in console.setup_lines(cfg, info, uri):
         console.say(line)
     for key in cfg.unused_settings():  # not refused (see Config.unused_settings), but said
@@ -236,9 +235,13 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
-        check_tracking_uri((run_state(out) if args.resume else {}).get("tracking_uri")
-                           or cfg.tracking_uri())
+        check_tracking_uri(_store(args, cfg, out))
     return args, cfg, info, out
+
+
+def _store(args: argparse.Namespace, cfg: Config, out: Path) -> str:
+    """The store a run records to: a resumed run's own (as `run_training` picks it)."""
+    return (run_state(out) if args.resume else {}).get("tracking_uri") or cfg.tracking_uri()
 
 
 def run(argv: list[str] | None = None, *, address: str | None = None) -> int:

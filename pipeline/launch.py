@@ -41,6 +41,8 @@ from pipeline.redact import redact, redact_text
 from pipeline.tracking import (
     DeferredRun,
     HalfRunError,
+    creation_cause,
+    creation_final,
     deleted_experiment,
     end_run,
     is_local_store,
@@ -236,10 +238,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             run_id = started.get("mlflow_run_id")
             before = started.get("config") or cfg.to_dict()
             cfg = keep_pacing(cfg, before)  # a curriculum's pool widens as it started to
-            changed = changed_keys(with_pacing(before), cfg.to_dict(), may_change=RESUME_MAY_CHANGE)
+            every = changed_keys(with_pacing(before), cfg.to_dict())
+            changed = [k for k in every if not k.startswith(RESUME_MAY_CHANGE)]
             now = cfg.flat_params()
-            resumed_with = {k: now[k] for k in changed_keys(with_pacing(before), cfg.to_dict())
-                            if k in now}
+            resumed_with = {k: now[k] for k in every if k in now}
             if changed:
                 raise ConfigError(
                     f"argument error: --resume: the config differs from the run's in "
@@ -268,13 +270,12 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                 try:
                     run_id = start_run(uri, **run_args)
                 except Exception as err:
-                    cause = err.__cause__ if isinstance(err, HalfRunError) else err
-                    if refused(cause):  # the store answered and refused it: again would not help
+                    cause = creation_cause(err)
+                    if refused(cause):  # the store answered and refused it: bad input
                         raise ConfigError(f"config error: MLflow at {redact_text(uri)} refused the "
                                           f"run ({console.error_line(cause)})") from None
-                    if isinstance(err, HalfRunError) and err.failed and server_reachable(uri):
-                        raise  # the store is up (it marked the half-made run FAILED) but cannot
-                        # complete one (an artifact store it cannot write): again would repeat it
+                    if creation_final(err, uri):  # the store up but unable: the job fails on it
+                        raise
                     # it went away while the run was made: made when it is back, as below (a run
                     # half made and still RUNNING is marked FAILED then)
                     half = [err.run_id] if isinstance(err, HalfRunError) and not err.failed else []

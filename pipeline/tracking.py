@@ -129,6 +129,20 @@ def start_run(uri: str, experiment: str, *, run_name: str | None, params: dict[s
     return run_id
 
 
+def creation_cause(err: BaseException) -> BaseException:
+    """What made `start_run` fail: the store's own error behind a `HalfRunError`."""
+    return err.__cause__ if isinstance(err, HalfRunError) and err.__cause__ else err
+
+
+def creation_final(err: BaseException, uri: str) -> bool:
+    """Whether a failed `start_run` would fail again however often it is tried: the store
+    refused it (the experiment deleted, no access), or it is up -- it marked the half-made run
+    FAILED -- but cannot complete one (an artifact store it cannot write). Otherwise the store
+    went away meanwhile, and the run is made when it is back."""
+    return refused(creation_cause(err)) or (isinstance(err, HalfRunError) and err.failed
+                                            and server_reachable(uri))
+
+
 class HalfRunError(RuntimeError):
     """`start_run` created a run but could not log its params or config. `failed`: whether the
     run was marked FAILED; if not (the store went away), it is still RUNNING."""
@@ -352,11 +366,7 @@ class DeferredRun:
                 except Exception as err:  # went away again mid-creation: the next call retries
                     if isinstance(err, HalfRunError) and not err.failed:
                         self.half_made.append(err.run_id)
-                    cause = err.__cause__ if isinstance(err, HalfRunError) else err
-                    if refused(cause) or (isinstance(err, HalfRunError) and err.failed
-                                          and server_reachable(self.uri)):
-                        # refused (the experiment deleted), or half made with the store up (an
-                        # artifact store it cannot write): trying again would make run after run
+                    if creation_final(err, self.uri):  # again would make run after run
                         self._refused = True
                         log.warning("MLflow failed to make the run, not tried again: %s",
                                     error_line(err))

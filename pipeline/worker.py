@@ -420,8 +420,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             if scaler is not None:
                 metrics["loss_scale"] = float(scaler.get_scale())
             if logger is not None:
-                for step, rec, at in steps_log:
-                    logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step, at)
+                _log_steps(logger, steps_log)
                 steps_log = []  # logged (not again should the epoch's end stop the run)
                 logger.add({k: v for k, v in metrics.items()
                             if k != "epoch" and math.isfinite(v)}, epoch + 1)
@@ -433,9 +432,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         # one per stopped trial)
         if logger is not None:
             if isinstance(err, NonFiniteError):  # never run again: its epoch's steps up to
-                for step, rec, at in steps_log:  # the divergence are what explains it
-                    logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)},
-                               step, at)
+                _log_steps(logger, steps_log)  # the divergence are what explains it
             logger.close(timeout_s=2.0, give_up=True)
         raise
     if logger is not None:
@@ -504,6 +501,13 @@ def _metric_logger(loop_config: dict[str, Any]) -> MetricLogger:
     pending = loop_config.get("pending_run")
     source = None if pending is None else (lambda: ray.get(pending.run_id.remote(), timeout=30))
     return MetricLogger(loop_config["tracking_uri"], loop_config["run_id"], run_id_source=source)
+
+
+def _log_steps(logger: MetricLogger, steps_log: list[tuple[int, dict[str, float], float]]
+               ) -> None:
+    """An epoch's per-step records as `step/*` curves, at the time each step ran."""
+    for step, rec, at in steps_log:
+        logger.add({f"step/{k}": v for k, v in rec.items() if math.isfinite(v)}, step, at)
 
 
 def _record_step(log: list[tuple[int, dict[str, float], float]], bar: Any, sched: BatchSchedule,

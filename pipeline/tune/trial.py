@@ -64,8 +64,8 @@ def every_trial_in_actor(cfg: Config) -> bool:
     stopped leaves its actor at its next report, which Tune's stop makes exit the trial's
     thread)."""
     return (runs_in_actor(cfg, {})
-            and not any(k.startswith((*DATA_KEYS, "scaling.", "tune."))
-                        for k in cfg.tune.search_space))
+            and not changes_data(cfg.tune.search_space)
+            and not any(k.startswith(("scaling.", "tune.")) for k in cfg.tune.search_space))
 
 
 def trial_resources(cfg: Config, overrides: dict[str, Any]) -> dict[str, float]:
