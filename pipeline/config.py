@@ -503,6 +503,11 @@ class Config(_Section):
         if t.loss == "nt_xent" and self.batching.strategy == "hard_mining":
             raise ValueError("batching.strategy=hard_mining ranks samples by their own loss; "
                              "train.loss=nt_xent has none (a sample's term depends on its batch)")
+        if t.loss == "nt_xent" and self.batching.strategy == "balanced":
+            raise ValueError("batching.strategy=balanced draws a rare class's samples again "
+                             "within a batch, and train.loss=nt_xent would take a copy's views "
+                             "(the same augmentations) for positives: use batching.strategy="
+                             "contrastive, random or stratified")
         if t.loss == "nt_xent" and self.model.name == "seq_transformer":
             raise ValueError("train.loss=nt_xent augments feature vectors (data.feature_column); "
                              "model.name=seq_transformer reads token sequences")

@@ -110,26 +110,51 @@ def training_split_shares(cfg: Config, labels: np.ndarray | None, num_rows: int
     return len(train_pos), pd.Series(labels[train_pos]).value_counts(normalize=True).sort_index()
 
 
+def by_unit_batch(e: pd.DataFrame, unit: int, world: int) -> pd.DataFrame:
+    """The rows of steps of k unit batches (a `warmup` schedule's) as unit batches: `batch`
+    numbers each unit batch, `rank` the rank whose slice of that unit batch (`rank_slice`) a
+    row falls in, where a batch-size schedule keeps its stratification (README). A step's
+    global batch is its ranks' slices in rank order, each in micro-batch order.
+
+    >>> e = pd.DataFrame({"batch": [0] * 4, "rank": [0, 0, 1, 1], "micro": [0] * 4,
+    ...                   "label": [1, 2, 3, 4]})
+    >>> by_unit_batch(e, 2, 2)[["batch", "rank", "label"]].values.tolist()
+    [[0, 0, 1], [0, 1, 2], [1, 0, 3], [1, 1, 4]]
+    """
+    e = e.assign(_row=np.arange(len(e))).sort_values(["batch", "rank", "micro", "_row"])
+    at = e.groupby("batch").cumcount().to_numpy()  # the row's place in its step's global batch
+    bounds = np.cumsum([len(s) for s in np.array_split(np.arange(unit), world)])
+    units = e["batch"].to_numpy() * 10**6 + at // unit  # (step, unit) as one number, ordered
+    return e.assign(batch=pd.factorize(units, sort=True)[0],
+                    rank=np.searchsorted(bounds, at % unit, side="right")).drop(columns="_row")
+
+
 def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
-              class_share: pd.Series | None) -> dict[str, Any]:
+              class_share: pd.Series | None, unit: int | None = None) -> dict[str, Any]:
     """Coverage, duplicates, class-proportion deviation, padding efficiency, pool per epoch.
 
     With class shares: ``max_class_deviation`` (full global batches) and
     ``worst_rank_class_deviation``, the largest |count - share x slice size| over every rank's
-    slice of a full global batch and every class, per epoch and over the run (top level)."""
+    slice of a full global batch and every class, per epoch and over the run (top level).
+    `unit` (steps of several unit batches, a `warmup` schedule's): both over the unit batches
+    of every step (`by_unit_batch`), as the schedule keeps them."""
     per_epoch = []
     worst_rank = 0.0
+    world = int(df["rank"].max()) + 1 if len(df) else 1
     for epoch, e in df.groupby("epoch"):
         counts = e["sample_id"].value_counts()
         row = {"epoch": int(epoch), "drawn": int(len(e)), "unique": int(len(counts)),
                "coverage": len(counts) / num_train, "duplicates": int((counts - 1).sum()),
                "pool_size": int(e["pool_size"].iloc[0])}
         if class_share is not None:
-            full = e.groupby("batch").filter(lambda g: len(g) == global_batch)
+            batches, size = e, global_batch
+            if unit is not None and unit != global_batch:
+                batches, size = by_unit_batch(e, unit, world), unit
+            full = batches.groupby("batch").filter(lambda g: len(g) == size)
             if len(full):
                 c = full.groupby(["batch", "label"]).size().unstack(fill_value=0)
                 c = c.reindex(columns=class_share.index, fill_value=0)
-                row["max_class_deviation"] = float((c - class_share * global_batch).abs().max().max())
+                row["max_class_deviation"] = float((c - class_share * size).abs().max().max())
                 r = full.groupby(["batch", "rank", "label"]).size().unstack(fill_value=0)
                 r = r.reindex(columns=class_share.index, fill_value=0)
                 dev = (r - np.outer(r.sum(axis=1), class_share.to_numpy())).abs().to_numpy().max()
@@ -197,7 +222,9 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
     num_train, share = training_split_shares(cfg, labels, info.num_rows)
     full = (cfg.plan_batch_size() if cfg.train.batch_size_schedule == "adaptive"
             else cfg.train.global_batch_size)  # the size of a full batch in the rows above
-    summary = summarize(df, num_train, full, share)
+    summary = summarize(df, num_train, full, share,
+                        unit=cfg.plan_batch_size() if cfg.train.batch_size_schedule == "warmup"
+                        else None)
     summary.update(strategy=cfg.batching.strategy, workers=cfg.scaling.num_workers,
                    rows=len(df), dataset=info.uri)
     if share is not None:

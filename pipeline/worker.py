@@ -13,6 +13,7 @@ spares the trial a worker group of its own. The training itself is the same code
 
 from __future__ import annotations
 
+import itertools
 import math
 import resource
 import tempfile
@@ -56,7 +57,13 @@ from pipeline.engine.models import build_model
 from pipeline.engine.noise import NoiseScale, attach_local_norm
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.schedule import lr_at, scale_lr
-from pipeline.engine.step import all_reduce_sum, evaluate, per_sample_loss, to_torch
+from pipeline.engine.step import (
+    all_reduce_sum,
+    contrastive_val_batches,
+    evaluate,
+    per_sample_loss,
+    to_torch,
+)
 from pipeline.files import write_json
 from pipeline.tracking import MetricLogger
 
@@ -263,7 +270,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         except CheckpointError as err:  # damaged since it was written: an older one, or none
             s = _older_checkpoint(err, loop_config, device, rank)
     if s is not None:
-        sample_losses = _restore(s, model, optimizer, scaler, sched, state)
+        sample_losses = _restore(s, model, optimizer, scaler, sched, state,
+                                 auto_micro=t.micro_batch_size == "auto", per_worker=per_worker)
         if restarted and rank == 0:
             console.say(f"restarted after a failure: from the checkpoint of epoch {state.epoch} "
                         f"(step {state.step})")
@@ -324,12 +332,14 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     first_step: list[float] = []
 
     def planned(steps: Iterator[FeedStep], epoch: int, pad_stats: dict[str, int]) -> Any:
-        """The epoch's steps: k unit batches each, this rank's rows, the LR for that batch."""
+        """The epoch's steps: k unit batches each, this rank's rows, the LR for that batch --
+        the batch as planned, k x the unit batch: a short last batch (`drop_last: false`) and
+        a token budget's steps (whose sample counts vary) train at the configured batch's LR."""
         for step in steps:
             if not first_step:
                 first_step.append(time.time())
             yield PlannedStep(step_batches(step, (b.seed, epoch, 0), pad_stats),
-                              lr=lr_for(state.units, len(step.batch)),
+                              lr=lr_for(state.units, step.units * unit),
                               batch_size=len(step.batch), units=step.units)
 
     my_val = rank_slice(val_pos, rank, world)
@@ -337,10 +347,17 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     def eval_batches(epoch: int) -> Any:
         """This rank's validation micro-batches (contrastive views keyed by (seed, epoch, 1)):
         of the training micro-batch's size, which is known to fit (a sum over samples does not
-        depend on the split); NT-Xent's loss depends on its batch: a worker's share."""
-        size = per_worker if t.loss == "nt_xent" else state.micro_batch_size
-        return (to_torch(feed.collate(p, (b.seed, epoch, 1), rows), device)
-                for p, rows in feed.over(micro_slices(my_val, size)))
+        depend on the split). NT-Xent's loss depends on its batch: fixed validation batches,
+        the same for any worker count and global batch (`contrastive_val_batches`), each a
+        list of its micro-batches."""
+        key = (b.seed, epoch, 1)
+        if t.loss != "nt_xent":
+            return (to_torch(feed.collate(p, key, rows), device)
+                    for p, rows in feed.over(micro_slices(my_val, state.micro_batch_size)))
+        batches = contrastive_val_batches(val_pos, rank, world, state.micro_batch_size)
+        parts = feed.over([p for batch in batches for p in batch])
+        return ([to_torch(feed.collate(p, key, rows), device)
+                 for p, rows in itertools.islice(parts, len(batch))] for batch in batches)
 
     def validate(epoch: int, step: int) -> dict[str, float]:
         """A validation pass within the epoch every train.eval_every steps (every rank takes
@@ -400,7 +417,10 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                 "epoch_time_s": wall, "dropped": float(dropped), "pool_size": float(plan.pool_size),
                 "skipped_steps": float(state.skipped_steps),
                 "nonfinite_steps": float(state.nonfinite_steps),
-                "global_batch_size": float(state.batch_size or G), "samples": float(state.samples),
+                # the batch as planned (a schedule's last k; a short last batch or a token
+                # budget's sample counts are in `samples` and the step curves)
+                "global_batch_size": float(sched.units * unit if sched.kind != "constant" else G),
+                "samples": float(state.samples),
                 "micro_batch_size": float(state.micro_batch_size),
             })
             if first_step:
@@ -546,10 +566,13 @@ def _log_placement(logger: MetricLogger | None, world: int) -> None:
 
 
 def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scaler: Any, sched: BatchSchedule, state: LoopState) -> np.ndarray | None:
+             scaler: Any, sched: BatchSchedule, state: LoopState, auto_micro: bool = False,
+             per_worker: int = 0) -> np.ndarray | None:
     """Put a checkpoint's training state back (`_report` writes it): the weights, optimizer and
-    scaler, the counters, the batch schedule's k's, the noise scale's averages and the
-    micro-batch size in use; return hard mining's per-sample losses, if it kept them."""
+    scaler, the counters, the batch schedule's k's, the noise scale's averages and, under
+    `micro_batch_size: auto`, the micro-batch size an out-of-memory left (at most this run's
+    `per_worker` share: a resume may have more workers); a fixed or `null` micro-batch is the
+    config's, on this run's workers. Return hard mining's per-sample losses, if it kept them."""
     _unwrap(model).load_state_dict(s["model"])
     optimizer.load_state_dict(s["optimizer"])
     if scaler is not None and s.get("scaler"):
@@ -565,7 +588,8 @@ def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
     state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
     if state.noise is not None and s.get("noise"):
         state.noise.load_state_dict(s["noise"])
-    state.micro_batch_size = int(s.get("micro_batch_size", state.micro_batch_size))
+    if auto_micro and s.get("micro_batch_size"):
+        state.micro_batch_size = min(int(s["micro_batch_size"]), per_worker or state.micro_batch_size)
     return s.get("sample_losses")
 
 

@@ -305,3 +305,40 @@ def test_training_and_inspect_draw_the_same_batches_from_the_one_feed(
                 "model_facts": info.facts, "run_id": run_id, "tracking_uri": uri}, session)
     assert [r["epoch"] for r in session.reports] == [1, 2]
     assert drawn == inspected and len(drawn) > 2 * 4
+
+
+@pytest.mark.ray
+def test_a_token_budget_trains_every_step_at_the_configured_batchs_lr(ray_client, odd_parquet,
+                                                                       tmp_path):
+    """Under `max_tokens` a step's sample count follows its sequences' lengths; its LR is the
+    scaling rule at the configured global batch (linear, base batch 2 x G: half the base LR),
+    not at that count, and the epoch logs the configured batch. `drop_last: false` leaves a
+    short last batch, which trains at the same LR."""
+    import ray
+    import yaml
+
+    from pipeline.tracking import start_run
+    from pipeline.worker import train_func
+
+    sets = [f"data.path={odd_parquet}", "data.feature_column=null",
+            "data.sequence_column=tokens", "model.name=seq_transformer",
+            "model.kwargs={d_model: 16, nhead: 2, num_layers: 1, dim_feedforward: 32}",
+            "batching.strategy=length_bucket", "batching.options.max_tokens=400",
+            "batching.max_length=64", "batching.drop_last=false", "train.epochs=1",
+            "train.global_batch_size=16", "train.micro_batch_size=null",
+            "train.base_batch_size=32", "train.base_lr=0.2",
+            "train.lr_scaling=linear", "train.warmup_epochs=0", "train.schedule=constant",
+            "data.val_fraction=0.1", "scaling.num_workers=1", "tracking.log_model=false"]
+    cfg, info = resolve(load_config(None, sets))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "budget", run_name=None, params={}, config_yaml=yaml.safe_dump({}))
+    session = _OneRank()
+    train_func({"config": cfg.to_dict(), "table_refs": [ray.put(pq.read_table(odd_parquet))],
+                "model_facts": info.facts, "run_id": run_id, "tracking_uri": uri}, session)
+    client = MlflowClient(uri)
+    sizes = history(client, run_id, "step/global_batch_size")
+    assert len(set(sizes)) > 2  # the budget's steps hold different sample counts
+    assert history(client, run_id, "step/lr") == [pytest.approx(0.1)] * len(sizes)
+    (report,) = session.reports
+    assert report["global_batch_size"] == 16 and report["lr"] == pytest.approx(0.1)
+    assert report["samples"] == sum(sizes)

@@ -262,3 +262,26 @@ def test_a_worker_group_trial_failing_on_bad_input_fails_alone(ray_cluster, mlfl
     bad_id = df.loc[bad, "trial_id"].iloc[0]
     assert "getcwd" in json.loads(next(out.glob(f"trials/*/{bad_id}/fatal.json"))
                                          .read_text())["message"]
+
+
+def test_a_sweep_stopped_before_its_trials_says_to_start_it_again(ray_client, mlflow_server,
+                                                                   tmp_path, monkeypatch):
+    """Stopped during its ingest (which can take minutes on a large dataset), before Tune saved
+    anything: --resume would find nothing to restore, so the line says to run it again; the
+    parent run is KILLED."""
+    import pipeline.launch as launch
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+    from pipeline.tune import SweepInterrupted, run_sweep
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "ingest", ctrl_c)
+    cfg, info = resolve(load_config(REPO / "jobs" / "configs" / "sweep_digits.yaml", [
+        f"tracking.uri={mlflow_server}", "tracking.experiment=test-sweep-early-stop"]))
+    with pytest.raises(SweepInterrupted, match="interrupted before its trials started; run it "
+                                               r"again \(without --resume"):
+        run_sweep(cfg, info, tmp_path)
+    parent = json.loads((tmp_path / "sweep.json").read_text())["parent_run_id"]
+    assert MlflowClient(mlflow_server).get_run(parent).info.status == "KILLED"

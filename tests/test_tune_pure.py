@@ -148,7 +148,10 @@ def test_optuna_search_suggests_points_of_the_space_reproducibly():
 
     space = {"train.global_batch_size": {"grid": [32, 128]},
              "train.base_lr": {"loguniform": [1e-3, 1e-1]}}
-    assert search_algorithm(_cfg(space)) is None  # grid: Tune's own generator
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    grid = search_algorithm(_cfg(space), 3)  # grid and random: Tune's own generator, seeded
+    assert isinstance(grid, BasicVariantGenerator) and grid.max_concurrent == 3
     cfg = _cfg(space, "tune.search=optuna")
     runs = []
     for _ in range(2):  # seeded with train.seed: the same suggestions twice
@@ -279,6 +282,15 @@ def test_trial_concurrency_fits_the_cluster():
     assert trial_concurrency({"CPU": 2.0}, two) == 1  # never 0: Ray waits for the autoscaler
     gpu = [_cfg({}, "scaling.num_workers=2", "scaling.use_gpu=true")]
     assert trial_concurrency({"CPU": 64.0, "GPU": 4.0}, gpu) == 2
+    # cluster.yaml before its GPU workers join: a head of no CPU, the autoscaler's maximum
+    # 8 nodes of 8 CPUs and a GPU
+    most = {"CPU": 64.0, "GPU": 8.0}
+    assert trial_concurrency({"CPU": 0.0}, gpu, most=most) == 4
+    assert trial_concurrency({"CPU": 0.0}, gpu, cap=3, most=most) == 3
+    # trials in their Tune actors: Tune reserves their resources and starts what fits (the
+    # rest ask the autoscaler for nodes), so only tune.max_concurrent limits them
+    assert trial_concurrency({"CPU": 0.0}, one, in_actors=True) is None
+    assert trial_concurrency({"CPU": 2.0}, one, cap=8, in_actors=True) == 8
 
 
 def test_final_epoch_asha_never_stops_at_the_last_epoch():
@@ -490,3 +502,49 @@ def test_ctrl_c_during_tunes_fit_is_its_graceful_stop_then_an_interrupt(monkeypa
         assert tune_stops == [1]
     assert {s: signal.getsignal(s) for s in before} == before
     assert "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
+
+
+def test_the_package_hands_out_what_the_readme_names():
+    """`from pipeline.tune import run_sweep, SweepInterrupted` (README: a stopped sweep raises
+    it): each the sweep module's own, loaded when asked for."""
+    import pipeline.tune as tune_pkg
+    from pipeline.tune import SweepInterrupted, run_sweep
+    from pipeline.tune.sweep import SweepInterrupted as own
+
+    assert SweepInterrupted is own and issubclass(SweepInterrupted, KeyboardInterrupt)
+    assert run_sweep.__module__ == "pipeline.tune.sweep"
+    assert set(tune_pkg.__all__) >= {"SweepInterrupted", "run_sweep", "history"}
+
+
+def test_random_search_draws_the_same_trials_on_every_run():
+    """`tune.search: random` is seeded with `train.seed`: the same 4 draws twice (an unseeded
+    generator drew others on every run of the sweep), other draws for another seed."""
+    from ray.tune.experiment import Experiment
+
+    from pipeline.tune.sweep import search_algorithm, search_space
+
+    space = {"train.base_lr": {"loguniform": [0.001, 0.1]},
+             "train.global_batch_size": {"grid": [32, 64, 128]}}
+
+    def draws(*more: str) -> list[dict]:
+        cfg = _cfg(space, "tune.search=random", "tune.num_samples=4", *more)
+        alg = search_algorithm(cfg)
+        alg.add_configurations([Experiment(name="draws", run=lambda c: None,
+                                           config=search_space(cfg), num_samples=4)])
+        out = []
+        while (trial := alg.next_trial()) is not None:
+            out.append(trial.config)
+        return out
+
+    first = draws()
+    assert len(first) == 4 and len({d["train.base_lr"] for d in first}) == 4
+    assert draws() == first and draws("train.seed=1") != first
+
+
+def test_repeats_of_a_grid_that_would_train_the_same_weights_are_refused():
+    from pipeline.tune.space import check_trials
+
+    grid = {"train.global_batch_size": {"grid": [32, 64]}}
+    with pytest.raises(ConfigError, match="tune.num_samples=3 repeats each grid point with the "
+                                          "same seeds"):
+        check_trials(_cfg(grid, "tune.num_samples=3"))

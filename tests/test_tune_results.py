@@ -172,3 +172,39 @@ def test_the_report_ranks_as_tune_did_keeps_tunes_values_and_leaves_failures_out
     ranked = report("tune.metric=noise_scale", "tune.mode=min")
     assert ranked["best"]["trial_id"] == "b"
     assert c.get_run(parent).data.metrics["best_noise_scale"] == 200.0
+    # Every trial on a batch-size schedule: nothing to fit the knee to, said so (not "too few
+    # reached it"), and the noise scale they measured is still the answer's first estimate.
+    scheduled = report("train.batch_size_schedule=adaptive", "train.batch_size_min=32")
+    cb = scheduled["critical_batch"]
+    assert cb["verdict"] == "no_fixed_batch" and cb["noise_scale"] == 60.0
+    assert cb["sentence"].startswith("No trial trained a fixed batch size")
+    assert "about 60 samples, is a first estimate" in cb["sentence"]
+    assert c.get_run(parent).data.metrics["noise_scale"] == 60.0
+    assert report("tune.target_accuracy=null")["critical_batch"]["verdict"] == "no_target"
+    # Trials that ran but have no number to rank by (here none reported val_loss) are not
+    # "every trial failed"
+    with pytest.raises(RuntimeError, match="no trial of sweep sweep ended with a finite val_loss"):
+        report("tune.metric=val_loss", "tune.mode=min")
+
+
+def test_the_noise_scale_at_the_target_is_the_latest_a_step_measured(mlflow_server):
+    """A validation within the epoch reaches the target at step 15, a step that measured no
+    noise scale (a skipped step); the one at the target is step 14's, the latest measured by
+    then -- not epoch 1's (step 10), nor none."""
+    from pipeline.tune.analysis import at_target, steps_to_target
+    from pipeline.tune.results import history, target_points
+
+    c = MlflowClient(mlflow_server)
+    run = c.create_run(c.create_experiment(f"test-target-noise-{uuid.uuid4().hex[:6]}")).info.run_id
+    for epoch, (acc, noise) in enumerate([(0.5, 40.0), (0.97, 90.0)], start=1):
+        for key, value in (("step", 10 * epoch), ("val_accuracy", acc), ("noise_scale", noise),
+                           ("samples", 320 * epoch)):
+            c.log_metric(run, key, value, step=epoch)
+    for step in range(11, 16):
+        if step != 15:
+            c.log_metric(run, "step/noise_scale", 40.0 + step, step=step)
+    c.log_metric(run, "step/val_accuracy", 0.93, step=15)
+    c.log_metric(run, "step/samples", 480.0, step=15)
+    pts = target_points(mlflow_server, run, history(mlflow_server, run))
+    assert steps_to_target(pts, 0.9) == 15 and at_target(pts, 0.9, "samples") == 480.0
+    assert at_target(pts, 0.9, "noise_scale", latest=True) == 54.0

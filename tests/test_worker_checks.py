@@ -86,7 +86,8 @@ def test_a_checkpoint_restores_every_counter_the_training_goes_on_with(tmp_path)
     back = LoopState(micro_batch_size=32, noise=NoiseScale())
     sched_back = BatchSchedule(kind="adaptive", unit=32, max_units=16)
     _restore(load_checkpoint(tmp_path / "ckpt"), torch.nn.Linear(3, 2),
-             torch.optim.SGD(model.parameters(), lr=0.1), None, sched_back, back)
+             torch.optim.SGD(model.parameters(), lr=0.1), None, sched_back, back,
+             auto_micro=True, per_worker=32)
     for f in dataclasses.fields(LoopState):
         if f.name == "noise":
             assert back.noise.state_dict() == state.noise.state_dict()
@@ -95,6 +96,25 @@ def test_a_checkpoint_restores_every_counter_the_training_goes_on_with(tmp_path)
         elif f.name != "history":
             assert getattr(back, f.name) == getattr(state, f.name), f.name
     assert sched_back == sched
+
+
+@pytest.mark.parametrize(("auto", "per_worker", "want"), [(False, 32, 32), (True, 32, 8),
+                                                          (True, 4, 4)])
+def test_a_resume_keeps_the_micro_batch_an_out_of_memory_left_only_under_auto(
+        tmp_path, auto, per_worker, want):
+    """A checkpoint written at micro-batch 8 (an `auto` run shrunk to it, or a fixed 8 on
+    other workers): a fixed or `null` micro-batch is this run's config (here 32); `auto` goes
+    on at 8, but never above this run's share (a resume on more workers: 4 each)."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _report({"epoch": 1.0}, model, optimizer, None, LoopState(step=3, micro_batch_size=8),
+            {"name": "mlp"}, None, _KeepCheckpoint(tmp_path / "ckpt"),
+            BatchSchedule(kind="constant", unit=32, max_units=1))
+    back = LoopState(micro_batch_size=32)
+    _restore(load_checkpoint(tmp_path / "ckpt"), model, optimizer, None,
+             BatchSchedule(kind="constant", unit=32, max_units=1), back, auto_micro=auto,
+             per_worker=per_worker)
+    assert back.micro_batch_size == want and back.step == 3
 
 
 def _input_error_rank(rank: int, world: int) -> str:

@@ -447,19 +447,58 @@ def samples_in(*batches: dict[str, torch.Tensor]) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], *, loss: str,
-             precision: str = "fp32", device: torch.device | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module,
+             batches: Iterator[dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]], *,
+             loss: str, precision: str = "fp32", device: torch.device | None = None
+             ) -> dict[str, float]:
     """Mean loss and accuracy over this rank's batches, summed over ranks. BatchNorm uses its
-    running statistics (model.eval())."""
+    running statistics (model.eval()). A batch given as a list of micro-batches is one batch
+    embedded a micro-batch at a time: NT-Xent's loss is taken over all of its rows (its value
+    depends on the batch, so validation fixes the batch: `contrastive_val_batches`)."""
     device = device or next(model.parameters()).device
     model.eval()
     total = correct = count = 0.0
     for b in batches:
-        with autocast(precision, device):
-            out = model(b)
+        with torch.no_grad(), autocast(precision, device):
+            if isinstance(b, list):
+                out = torch.cat([model(mb) for mb in b])
+                b = {"view_to_sample": torch.cat([mb["view_to_sample"] for mb in b])}
+            else:
+                out = model(b)
         s, c = loss_sum(out, b, loss)
         total += float(s)
         correct += float(c)
         count += loss_count(b, loss)
     total, correct, count = all_reduce_sum([total, correct, count], device)
     return {"val_loss": total / max(count, 1.0), "val_accuracy": correct / max(count, 1.0)}
+
+
+CONTRASTIVE_VAL_SAMPLES = 256  # NT-Xent's validation batch (samples), whatever G and the workers
+
+
+def contrastive_val_batches(val: np.ndarray, rank: int, world: int, micro: int
+                            ) -> list[list[np.ndarray]]:
+    """This rank's NT-Xent validation batches, each as its micro-batches (table positions): the
+    validation split in consecutive batches of `CONTRASTIVE_VAL_SAMPLES` (the same batches on
+    any worker count and for any global batch, so `val_loss` compares across them), batch i
+    to rank i % world. Every rank gets as many batches, and every batch as many micro-batches
+    (empty ones fill in), so the ranks run the same forward passes (a DDP model's first one
+    broadcasts its buffers).
+
+    >>> [[p.tolist() for p in b] for b in contrastive_val_batches(np.arange(5), 0, 2, 2)]
+    [[[0, 1], [2, 3], [4]]]
+    >>> [[p.tolist() for p in b] for b in contrastive_val_batches(np.arange(5), 1, 2, 2)]
+    [[[], [], []]]
+    >>> [[len(p) for p in b] for b in contrastive_val_batches(np.arange(600), 0, 2, 200)]
+    [[200, 56], [88, 0]]
+    """
+    size = min(CONTRASTIVE_VAL_SAMPLES, max(len(val), 1))
+    batches = [val[i : i + size] for i in range(0, len(val), size)]
+    slots = -(-len(batches) // world)
+    parts = -(-size // max(1, micro))
+    out = []
+    for i in range(rank, slots * world, world):
+        batch = batches[i] if i < len(batches) else val[:0]
+        split = [batch[j : j + micro] for j in range(0, len(batch), micro)]
+        out.append(split + [val[:0]] * (parts - len(split)))
+    return out

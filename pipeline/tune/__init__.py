@@ -34,7 +34,7 @@ from pipeline.tune.space import check_trials, parse_search_space, trial_concurre
 
 # Imported when asked for: `sweep` imports Ray, `results` MLflow (bad input is refused first).
 _LAZY = {"run_sweep": "sweep", "search_space": "sweep", "search_algorithm": "sweep",
-         "history": "results"}
+         "SweepInterrupted": "sweep", "history": "results"}
 
 __all__ = ["accuracy_vs_batch_plot", "check_trials", "parse_search_space", "steps_to_target",
            "steps_vs_batch_plot", "summary_table", "trial_concurrency", *_LAZY]

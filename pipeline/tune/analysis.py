@@ -123,9 +123,11 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
 
 
 def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | None,
-                            target: float | None, failed: list[int] | tuple = ()) -> str:
+                            target: float | None, failed: list[int] | tuple = (),
+                            no_fixed: bool = False) -> str:
     """The sweep's answer, in a sentence a person can act on (`critical_batch`'s verdict);
-    `failed`: batch sizes of which every trial failed (named, as those that missed the target).
+    `failed`: batch sizes of which every trial failed (named, as those that missed the target);
+    `no_fixed`: no trial trained a fixed batch (every one followed a batch-size schedule).
 
     >>> print(critical_batch_sentence({"verdict": "knee", "b_crit": 180.4, "s_min": 40.0,
     ...                                "points": 4, "missed": [], "smallest": 32,
@@ -153,9 +155,13 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
                  "samples, a first estimate of it." if has_noise else "")
         return ("No tune.target_accuracy is set, so steps to a target are not measured and "
                 f"the critical batch is not placed.{guess}{unknown}")
+    guess = (f"; the gradient noise scale measured in the trials, about {noise_scale:.0f} "
+             "samples, is a first estimate of it" if has_noise else "")
+    if no_fixed:
+        return ("No trial trained a fixed batch size (every one followed a "
+                f"train.batch_size_schedule), so steps to {reach} are not compared across batch "
+                f"sizes and the critical batch is not placed{guess}.{unknown}")
     if verdict == "too_few":
-        guess = (f"; the gradient noise scale measured in the trials, about {noise_scale:.0f} "
-                 "samples, is a first estimate of it" if has_noise else "")
         return f"Too few batch sizes reached {reach} to place the critical batch{guess}.{unknown}"
     n, small, large = fit["points"], fit["smallest"], fit["largest"]
     if verdict in ("flat", "below"):

@@ -55,11 +55,17 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
     ran = fixed[fixed["status"] != "ERROR"]
     failed = sorted({int(b) for b in fixed.loc[fixed["status"] == "ERROR", BATCH].dropna()}
                     - {int(b) for b in ran[BATCH].dropna()})
-    fit = critical_batch(ran) if cfg.tune.target_accuracy is not None else None
-    reached = ran.dropna(subset=["steps_to_target"])["noise_scale"].dropna()
-    noise = reached if len(reached) else ran["noise_scale"].dropna()
+    target = cfg.tune.target_accuracy
+    no_fixed = fixed.empty  # every trial followed a schedule: their noise scale is what there is
+    fit = critical_batch(ran) if target is not None and not no_fixed else None
+    measured = df[df["status"] != "ERROR"] if no_fixed else ran
+    reached = measured.dropna(subset=["steps_to_target"])["noise_scale"].dropna()
+    noise = reached if len(reached) else measured["noise_scale"].dropna()
     noise_scale = float(noise.median()) if len(noise) else None
-    sentence = critical_batch_sentence(fit, noise_scale, cfg.tune.target_accuracy, failed=failed)
+    sentence = critical_batch_sentence(fit, noise_scale, target, failed=failed,
+                                       no_fixed=no_fixed)
+    verdict = (fit["verdict"] if fit is not None else "no_target" if target is None
+               else "no_fixed_batch" if no_fixed else "too_few")
 
     write_text(out_dir / "trials.csv", df.to_csv(index=False))
     table = summary_table(df.drop(columns=["error"]))
@@ -85,6 +91,9 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
         "critical_batch": sentence})
 
     if best is None:
+        if (df["status"] != "ERROR").any():  # they ran, and none has a number to rank by
+            raise RuntimeError(f"no trial of sweep {name} ended with a finite {metric} to rank "
+                               f"by (tune.metric); see {out_dir / 'trials.csv'}")
         raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
     overrides = {k: _plain(v) for k, v in trials[best["trial_id"]].overrides.items()}
     best_cfg = cfg.with_overrides(overrides)
@@ -94,7 +103,8 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
                  "overrides": overrides, "metrics": trials[best["trial_id"]].metrics,
                  "config": best_cfg.to_dict()},
         "trials": {k: int(v) for k, v in counts.items()},
-        "critical_batch": {**(fit or {}), "noise_scale": noise_scale, "sentence": sentence,
+        "critical_batch": {**(fit or {}), "verdict": verdict, "noise_scale": noise_scale,
+                           "sentence": sentence,
                            # strict JSON has no Infinity: a knee beyond the batches is null
                            **({"b_crit": None} if fit and fit["verdict"] == "beyond" else {})},
         "trials_csv": str(out_dir / "trials.csv"), "experiment_path": experiment_path,

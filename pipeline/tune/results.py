@@ -47,7 +47,9 @@ def history(uri: str, run_id: str) -> pd.DataFrame:
 def target_points(uri: str, run_id: str, epochs: pd.DataFrame) -> pd.DataFrame:
     """Every validation of a trial, by optimizer step: the epoch ends (`history`) and, with
     `train.eval_every`, the passes within epochs (`step/val_accuracy`, with `step/samples` and
-    `step/noise_scale` at the same step). Steps and samples to the target come from these."""
+    `step/noise_scale` at the same step); and every step's noise scale, so that the one at
+    the target is the latest measured by then (`at_target(..., latest=True)`). Steps and
+    samples to the target come from the validations."""
     keys = ("val_accuracy", "samples", "noise_scale", "noise_scale_samples")
     cols = dict(zip(keys, metric_histories(uri, run_id, [f"step/{k}" for k in keys]).values(),
                     strict=True))
@@ -56,10 +58,8 @@ def target_points(uri: str, run_id: str, epochs: pd.DataFrame) -> pd.DataFrame:
     del cols["noise_scale_samples"]
     keep = [k for k in ("step", "val_accuracy", "samples", "noise_scale") if k in epochs]
     inner = pd.DataFrame(cols).rename_axis("step").reset_index()
-    if "val_accuracy" in inner:
-        inner = inner.dropna(subset=["val_accuracy"])
-    else:
-        inner = inner.iloc[0:0]
+    kept = [k for k in ("val_accuracy", "noise_scale") if k in inner]
+    inner = inner.dropna(subset=kept, how="all") if kept else inner.iloc[0:0]
     return pd.concat([epochs[keep], inner]).sort_values("step", kind="stable").reset_index(drop=True)
 
 

@@ -74,6 +74,13 @@ def check_trials(cfg: Config) -> list[Config]:
         raise ConfigError("config error: tune.search=optuna needs Optuna: "
                           "pip install 'batch-pipeline[optuna]'")
     parsed = parse_search_space(cfg)
+    if (cfg.tune.num_samples > 1 and cfg.tune.search == "grid"
+            and all(kind == "grid" for kind, _ in parsed.values())):
+        raise ConfigError(
+            f"config error: tune.num_samples={cfg.tune.num_samples} repeats each grid point "
+            "with the same seeds, and training is deterministic: the repeats would train the "
+            "same weights; sweep the seeds instead (e.g. train.seed and batching.seed: "
+            "{grid: [0, 1, 2]}) or draw values (choice, uniform, loguniform)")
     keys = list(parsed)
     # a continuous range draws floats between its bounds: one of them is checked too (an integer
     # key given a range of integers would fail in every trial)
@@ -115,15 +122,31 @@ def _between(kind: str, bounds: list[float]) -> float:
     return float(math.sqrt(low * high) if kind == "loguniform" else (low + high) / 2)
 
 
-def trial_concurrency(cluster: dict[str, float], trials: list[Config],
-                      cap: int | None = None) -> int:
-    """How many trials run at once: each trial's workers (the largest over the search space)
-    must fit in the cluster together with those of every other running trial."""
+def trial_concurrency(cluster: dict[str, float], trials: list[Config], cap: int | None = None,
+                      *, in_actors: bool = False, most: dict[str, float] | None = None
+                      ) -> int | None:
+    """How many trials run at once (None: as many as Tune finds resources for).
+
+    `in_actors` (every trial trains in its Tune actor): Tune reserves each trial's CPUs (and
+    GPU) and starts those that fit; the others wait, and on an autoscaling cluster their
+    requests bring nodes up. Only `cap` (`tune.max_concurrent`) limits them. Otherwise a
+    trial's workers are not reserved through Tune (their TorchTrainer asks Ray for them), so
+    each trial's workers (the largest over the search space) must fit beside every other
+    running trial's, in the cluster as it can grow: `most`, the autoscaler's maximum resources
+    where one is configured (`cluster.yaml`'s head has no CPU and its GPU workers start at 0),
+    else the cluster as it is."""
+    if in_actors:
+        return cap
     cpus = max(c.scaling.num_workers * c.scaling.cpus_per_worker for c in trials)
     gpus = max(c.scaling.num_workers if c.scaling.use_gpu else 0 for c in trials)
-    fits = [int(cluster.get("CPU", 0) // cpus)]
+    most = most or {}
+
+    def at_most(key: str) -> float:
+        return max(cluster.get(key, 0), most.get(key, 0))
+
+    fits = [int(at_most("CPU") // cpus)]
     if gpus:
-        fits.append(int(cluster.get("GPU", 0) // gpus))
+        fits.append(int(at_most("GPU") // gpus))
     n = max(1, min(fits))
     return min(n, cap) if cap else n
 

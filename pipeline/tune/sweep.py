@@ -109,14 +109,18 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
-def search_algorithm(cfg: Config) -> Any:
-    """Tune's search algorithm: None (Tune's own grid/random generator) or, for
-    `tune.search: optuna`, Optuna's TPE sampler seeded with `train.seed`."""
+def search_algorithm(cfg: Config, concurrency: int | None = None) -> Any:
+    """Tune's search algorithm, seeded with `train.seed` (the same draws on every run of the
+    sweep): Tune's own grid/random generator, at most `concurrency` trials at a time (None: no
+    limit), or for `tune.search: optuna` Optuna's TPE sampler (Tune limits it: TuneConfig)."""
+    seed = cfg.train.seed % 2**32  # NumPy's RandomState: below 2^32
     if cfg.tune.search != "optuna":
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=concurrency or 0, random_state=seed)
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(seed=cfg.train.seed % 2**32)  # NumPy's RandomState: below 2^32
+    return OptunaSearch(seed=seed)
 
 
 class SweepInterrupted(KeyboardInterrupt):
@@ -291,7 +295,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     # beside this one's trials.csv while it runs, nor after it fails or is stopped (a refused
     # command leaves it)
     (out_dir / "result.json").unlink(missing_ok=True)
-    concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent)
+    in_actors = every_trial_in_actor(cfg)
+    concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent,
+                                    in_actors=in_actors, most=_autoscaler_most())
     parent = state.get("parent_run_id")
     resumed = parent is not None
     if resumed:
@@ -304,7 +310,15 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                            tags={**ray_job_tags(), "pipeline.kind": "sweep", "tune.sweep": name,
                                  "tune.scheduler": cfg.tune.scheduler,
                                  "tune.search": cfg.tune.search})
-    interrupted = f"sweep {name} interrupted; continue it with --resume --out {out_dir}"
+
+    def interrupted() -> str:
+        """What to do next: --resume where Tune saved the sweep (stopped before, during the
+        ingest, there is nothing to restore: it starts again)."""
+        if tune.Tuner.can_restore(str(exp_path)):
+            return f"sweep {name} interrupted; continue it with --resume --out {out_dir}"
+        return (f"sweep {name} interrupted before its trials started; run it again (without "
+                "--resume: there is nothing to continue)")
+
     refs = None  # the sweep's dataset, once ingested
     try:  # from here on, however the sweep ends, its parent run ends with it
         if not resumed:
@@ -312,13 +326,14 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                      "search_space.json")
         state.update(parent_run_id=parent, tracking_uri=uri)
         write_json(state_file, state)
-        console.say(f"sweep {name}: {count_trials(cfg)} trial(s), {concurrency} at a time, "
+        at_a_time = (f"{concurrency} at a time" if concurrency is not None
+                     else "as many at a time as the cluster fits")
+        console.say(f"sweep {name}: {count_trials(cfg)} trial(s), {at_a_time}, "
                     f"{cfg.tune.scheduler} scheduler, ranked by {cfg.tune.metric} "
                     f"({cfg.tune.mode})")
         console.say(f"MLflow parent run {parent} in {redact_text(uri)} "
                     f"(experiment '{cfg.tracking.experiment}')")
         refs = ingest(info, cfg)  # once for the sweep: every trial on this dataset reads them
-        in_actors = every_trial_in_actor(cfg)
 
         def resources(overrides: dict[str, Any]) -> Any:
             swept = {k: v for k, v in overrides.items() if k in cfg.tune.search_space}
@@ -340,9 +355,10 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                     metric=cfg.tune.metric, mode=cfg.tune.mode,
                     scheduler=(asha(max_epochs, cfg.train.max_steps)
                                if cfg.tune.scheduler == "asha" else None),
-                    search_alg=search_algorithm(cfg),
+                    search_alg=search_algorithm(cfg, concurrency),
                     num_samples=cfg.tune.num_samples,
-                    max_concurrent_trials=concurrency,
+                    # (Tune's own generator takes its limit itself: search_algorithm)
+                    max_concurrent_trials=concurrency if cfg.tune.search == "optuna" else None,
                     reuse_actors=in_actors,
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
@@ -359,7 +375,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         with _tune_stops_on_ctrl_c() as ctrl_c:
             grid = tuner.fit()
         if ctrl_c.is_set() or grid.num_terminated + grid.num_errors < len(grid):
-            raise SweepInterrupted(interrupted)
+            raise SweepInterrupted(interrupted())
         df = write_report(*settle_trials(grid, cfg, uri, parent), cfg, uri, parent, out_dir,
                           name, grid.experiment_path)
     except BaseException as err:
@@ -372,13 +388,24 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         finally:  # the parent run ends whatever happened while the trials' runs closed
             end_run(uri, parent, "KILLED" if stopped else "FAILED")
         if stopped and not isinstance(err, SweepInterrupted):
-            raise SweepInterrupted(interrupted) from None
+            raise SweepInterrupted(interrupted()) from None
         raise
     finally:  # Tune's trials are over: the streaming mode's servers go (a notebook's sweep
         if refs is not None:  # would keep them, and the data, for its kernel's life)
             refs.release()
     end_run(uri, parent, "FINISHED")
     return df
+
+
+def _autoscaler_most() -> dict[str, float] | None:
+    """The most resources the cluster's autoscaler may bring up (its node types' resources x
+    their max_workers; what Ray Train checks a worker group against), or None without one."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: moved or failing in another Ray, as if no autoscaler
+        return None
 
 
 def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:

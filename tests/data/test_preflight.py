@@ -63,3 +63,32 @@ def test_a_length_bucketed_folder_resolves(tmp_path):
                              "train.loss=token_cross_entropy", "batching.strategy=length_bucket"])
     cfg, info = resolve(cfg)
     assert info.num_rows == 4_000 and cfg.model.name == "seq_transformer"
+
+
+def test_a_batch_larger_than_the_training_split_is_refused_only_when_epoch_1_has_none(tmp_path):
+    """`balanced` oversampling 32 training rows to 256 samples an epoch, and a token budget
+    over 40 sequences, have batches of 64 (drop_last left on); a random order has none, and
+    says why."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 9, 50)
+    offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    path = tmp_path / "small.parquet"
+    pq.write_table(pa.table({
+        "x": pa.FixedSizeListArray.from_arrays(pa.array(rng.random(50 * 4)), 4),
+        "tokens": pa.ListArray.from_arrays(pa.array(offs), pa.array(rng.integers(0, 9, offs[-1]))),
+        "label": pa.array(np.arange(50) % 2)}), path)
+    common = [f"data.path={path}", "data.label_column=label", "data.val_fraction=0.2",
+              "train.global_batch_size=64", "train.micro_batch_size=null"]
+    vectors = [*common, "data.feature_column=x"]
+    resolve(load_config(None, [*vectors, "batching.strategy=balanced",
+                               "batching.options.epoch_samples=256"]))
+    resolve(load_config(None, [*common, "data.sequence_column=tokens",
+                               "batching.strategy=length_bucket",
+                               "batching.options.max_tokens=200"]))
+    import pytest
+
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"makes 0 global batch\(es\) .* of 40 training rows "
+                                          r"with train.global_batch_size=64 \(batching.drop_last"):
+        resolve(load_config(None, vectors))

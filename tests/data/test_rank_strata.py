@@ -104,6 +104,21 @@ def test_summary_reports_worst_rank_deviation():
     assert summarize(df, 4, 4, share)["worst_rank_class_deviation"] == 0.0
 
 
+def test_under_a_warmup_schedule_the_deviation_is_per_unit_batch():
+    """A step of two unit batches of 4 (3 classes of a third each), each as close to its
+    shares as 4 rows can be (2, 1, 1: off by 2/3): per unit batch, as a schedule keeps them,
+    the deviation is 2/3; the step as one batch (8 rows: 4, 2, 2) is off by 4/3."""
+    from pipeline.inspect import summarize
+
+    df = pd.DataFrame({"epoch": 0, "rank": [0, 0, 0, 0, 1, 1, 1, 1], "batch": 0, "micro": 0,
+                       "sample_id": range(8), "label": [0, 0, 1, 2, 0, 0, 1, 2], "length": 0,
+                       "padded_length": 0, "pool_size": 8})
+    share = pd.Series([1 / 3] * 3, index=[0, 1, 2])
+    per_unit = summarize(df, 8, 8, share, unit=4)["epochs"][0]["max_class_deviation"]
+    per_step = summarize(df, 8, 8, share)["epochs"][0]["max_class_deviation"]
+    assert per_unit == pytest.approx(2 / 3) and per_step == pytest.approx(4 / 3)
+
+
 def _slices_hold_floor_or_ceil(pattern: np.ndarray, counts, ws) -> bool:
     c, b, k = np.array(counts), len(pattern), len(counts)
     for w in ws:
