@@ -4,7 +4,8 @@
         --set tracking.uri=http://<mlflow-server>:5000 --out /shared/runs/sweep
 
 It joins the cluster it was submitted to (RAY_ADDRESS, set by the job server) and never starts
-a second one; trials run as many at a time as the cluster's CPUs/GPUs fit. An interrupted sweep
+a second one; trials run as many at a time as the cluster's CPUs/GPUs fit (an autoscaling
+cluster's, at its largest). An interrupted sweep
 continues with the same command plus `--resume`. Same arguments and exit codes as
 `python -m pipeline tune` (`--help`, `--print-config`); the job's log shows the
 pipeline's lines, `--verbose` adds Ray's own.

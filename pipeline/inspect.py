@@ -150,7 +150,7 @@ def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
             batches, size = e, global_batch
             if unit is not None and unit != global_batch:
                 batches, size = by_unit_batch(e, unit, world), unit
-            full = batches.groupby("batch").filter(lambda g: len(g) == size)
+            full = batches.groupby("batch").filter(lambda g, size=size: len(g) == size)
             if len(full):
                 c = full.groupby(["batch", "label"]).size().unstack(fill_value=0)
                 c = c.reindex(columns=class_share.index, fill_value=0)

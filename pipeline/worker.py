@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import resource
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -58,7 +59,10 @@ from pipeline.engine.noise import NoiseScale, attach_local_norm
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.schedule import lr_at, scale_lr
 from pipeline.engine.step import (
+    PeerError,
+    agreed,
     all_reduce_sum,
+    buffers_synced,
     contrastive_val_batches,
     evaluate,
     per_sample_loss,
@@ -150,6 +154,9 @@ class Session:
         """The checkpoint this attempt restarts from after a failure (None: the first attempt)."""
         raise NotImplementedError
 
+    def restart_checkpoint_read(self) -> None:
+        """The restart checkpoint is loaded: a copy made of it for this attempt can go."""
+
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         raise NotImplementedError
 
@@ -168,7 +175,15 @@ class RayTrainSession(Session):
 
     def restart_checkpoint(self) -> str | None:
         ckpt = ray.train.get_checkpoint()  # what this rank's group last reported, after a restart
-        return None if ckpt is None else ckpt.to_directory()
+        if ckpt is None:
+            return None
+        self._copy = tempfile.mkdtemp(prefix="pipeline-restart-")  # (a copy every restart:
+        return ckpt.to_directory(self._copy)  # removed once read, not left in /tmp)
+
+    def restart_checkpoint_read(self) -> None:
+        if getattr(self, "_copy", None):
+            shutil.rmtree(self._copy, ignore_errors=True)
+            self._copy = None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         checkpoint = (ray.train.Checkpoint.from_directory(checkpoint_dir)
@@ -187,10 +202,14 @@ def train_func(loop_config: dict[str, Any], session: Session | None = None) -> N
     session = session or RayTrainSession()
     try:
         _train(loop_config, session)
-    except (ConfigError, NonFiniteError) as err:  # bad input the driver could not see, or NaN
-        kind = "input" if isinstance(err, ConfigError) else "nonfinite"
+    except (ConfigError, NonFiniteError, PeerError) as err:  # bad input the driver could not
+        # see (here, or on another rank: `PeerError`), or NaN
+        if isinstance(err, PeerError) and not err.input_error:
+            raise  # another rank failed otherwise: Ray Train restarts the group
+        kind = "nonfinite" if isinstance(err, NonFiniteError) else "input"
+        message = f"data error: {err}" if isinstance(err, PeerError) else str(err)
         if session.rank == 0 and loop_config.get("fatal_file"):
-            write_json(Path(loop_config["fatal_file"]), {"kind": kind, "message": str(err)})
+            write_json(Path(loop_config["fatal_file"]), {"kind": kind, "message": message})
         session.report({FATAL: 1.0}, None)
 
 
@@ -225,6 +244,14 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     # Each rank checked its own rows: all of them stop, or none (a rank that stopped alone
     # would leave the others waiting in DDP's first broadcast)
     agreed_input_error(problem, device)
+    if streamed is not None:  # the large columns come a chunk at a time: each one checked
+
+        def check(rows: Any) -> None:
+            if (outside := data_outside_model(cfg, spec, rows)) is not None:
+                raise ConfigError(f"data error: {cfg.data.path or cfg.data.name}: changed "
+                                  f"since the checks: {outside}")
+
+        streamed.check = check
     train_pos, val_pos = split_train_val(len(st), st.labels, cfg.data.val_fraction,
                                          cfg.data.split_seed)
     model, batchnorm, noise_probe = _prepare_model(cfg, spec, session)
@@ -269,6 +296,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             s = load_checkpoint(resume_dir, map_location=device)
         except CheckpointError as err:  # damaged since it was written: an older one, or none
             s = _older_checkpoint(err, loop_config, device, rank)
+    if restarted:
+        session.restart_checkpoint_read()
     if s is not None:
         sample_losses = _restore(s, model, optimizer, scaler, sched, state,
                                  auto_micro=t.micro_batch_size == "auto", per_worker=per_worker)
@@ -363,7 +392,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         """A validation pass within the epoch every train.eval_every steps (every rank takes
         it at the same step: it all-reduces)."""
         if t.eval_every and step % t.eval_every == 0 and len(val_pos):
-            return evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision)
+            return evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision,
+                            input_errors=(ConfigError,))
         return {}
 
     data_meter = _DataMeter(streamed, pulled)
@@ -396,14 +426,16 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                     on_step=partial(_record_step, steps_log, bar, sched, units_before,
                                     partial(validate, epoch)), seed=t.seed, rank=rank,
                     nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit,
-                    noise_probe=noise_probe, on_event=console.say if rank == 0 else None)
+                    noise_probe=noise_probe, on_event=console.say if rank == 0 else None,
+                    input_errors=(ConfigError,))
             finally:  # a train.max_steps cut (or an error) leaves the steps mid-epoch: the rows
                 steps.close()  # they fetched ahead are let go now, not held through validation
             wall = metrics["epoch_time_s"]  # training time: without validate() (on_step)
             if bar is not None:
                 bar.close()
             if len(val_pos):
-                metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision))
+                metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss,
+                                        precision=t.precision, input_errors=(ConfigError,)))
             if b.strategy == "hard_mining":
                 # in micro-batches of the size known to fit, as validation takes them
                 sample_losses = _score_pool(model, feed, len(st), state.micro_batch_size, cfg,
@@ -606,11 +638,17 @@ def _score_pool(model: torch.nn.Module, feed: RankFeed, n: int, batch: int, cfg:
 
     losses = torch.zeros(n, dtype=torch.float64, device=device)
     model.eval()
+    buffers_synced(model)  # no collective in the forwards: a rank failing among them ...
     mine = rank_slice(feed.train_pos, feed.rank, feed.world)
-    for part, rows in feed.over(micro_slices(mine, batch)):
-        nb = to_torch(rows.gather(part, max_length=cfg.batching.max_length), device)
-        per = per_sample_loss(model(nb), nb, cfg.train.loss)
-        losses[torch.as_tensor(part, device=device)] = per.double()
+    error: Exception | None = None
+    try:
+        for part, rows in feed.over(micro_slices(mine, batch)):
+            nb = to_torch(rows.gather(part, max_length=cfg.batching.max_length), device)
+            per = per_sample_loss(model(nb), nb, cfg.train.loss)
+            losses[torch.as_tensor(part, device=device)] = per.double()
+    except Exception as err:
+        error = err
+    agreed([], error, isinstance(error, ConfigError), device)  # ... fails every rank here
     if dist.is_initialized() and feed.world > 1:
         dist.all_reduce(losses)
     return losses.cpu().numpy()

@@ -5,6 +5,7 @@ logged to the real MLflow server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -342,3 +343,48 @@ def test_a_token_budget_trains_every_step_at_the_configured_batchs_lr(ray_client
     (report,) = session.reports
     assert report["global_batch_size"] == 16 and report["lr"] == pytest.approx(0.1)
     assert report["samples"] == sum(sizes)
+
+
+@pytest.mark.ray
+def test_a_streamed_rank_meeting_rows_changed_since_the_checks_ends_as_bad_input(
+        ray_client, odd_parquet, tmp_path):
+    """The streaming mode fetches the large columns chunk by chunk, after the driver's checks:
+    a token id changed since then (here: the checks saw the file before one token became
+    999) is met when its chunk arrives, and ends the worker function as bad input -- a
+    `fatal_error` report and the line in fatal.json, not an embedding's IndexError that Ray
+    Train would retry."""
+    import ray  # noqa: F401
+
+    from pipeline.blocks import ingest
+    from pipeline.worker import FATAL, train_func
+
+    sets = [f"data.path={odd_parquet}", "data.feature_column=null",
+            "data.sequence_column=tokens", "model.name=seq_transformer",
+            "model.kwargs={d_model: 16, nhead: 2, num_layers: 1, dim_feedforward: 32}",
+            "batching.max_length=64", "train.global_batch_size=32", "train.epochs=1",
+            "data.mode=streaming", "scaling.num_workers=1", "tracking.log_model=false"]
+    cfg, info = resolve(load_config(None, sets))  # the checks, on the file as it was
+    table = pq.read_table(odd_parquet)
+    tokens = table.column("tokens").to_pylist()
+    tokens[700] = [999] * len(tokens[700])
+    changed = write(tmp_path / "changed.parquet", table.set_column(
+        table.schema.get_field_index("tokens"), "tokens",
+        pa.array(tokens, type=table.schema.field("tokens").type)))
+    import yaml
+
+    from pipeline.tracking import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "changed", run_name=None, params={}, config_yaml=yaml.safe_dump({}))
+    blocks = ingest(dataclasses.replace(info, uri=str(changed)), cfg)
+    try:
+        session = _OneRank()
+        train_func({"config": cfg.to_dict(), "table_refs": blocks, "model_facts": info.facts,
+                    "fatal_file": str(tmp_path / "fatal.json"), "run_id": run_id,
+                    "tracking_uri": uri}, session)
+    finally:
+        blocks.release()
+    assert session.reports == [{FATAL: 1.0}]
+    fatal = json.loads((tmp_path / "fatal.json").read_text())
+    assert fatal["kind"] == "input"
+    assert "changed since the checks: token id 999, the model's vocabulary has" in fatal["message"]

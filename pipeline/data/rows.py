@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import ConfigError
 from pipeline.data.batches import SampleTable
 from pipeline.data.plan import rank_slice
 
@@ -186,13 +187,25 @@ class StreamedRows:
         self.ahead = max(1, ahead)
         self.fetched_bytes = 0  # what this rank received, for the data_fetched_mib metric
         self.wait_s = 0.0  # how long it waited for rows (data_wait_s)
+        # Called with the rows of every chunk fetched, to raise on rows the model cannot take
+        # (the data changed since the driver's checks: the worker's `data_outside_model`)
+        self.check: Callable[[SampleTable], None] | None = None
 
     def _get(self, handle: Any, positions: np.ndarray) -> Window:
         start = time.perf_counter()
         large = self.fetch.result(handle)
         self.wait_s += time.perf_counter() - start
         self.fetched_bytes += large.nbytes
-        return window(self.small, positions, large, self.cols)
+        try:
+            win = window(self.small, positions, large, self.cols)
+        except ConfigError:  # the table's own checks name the culprit
+            raise
+        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError, ValueError, TypeError) as err:
+            # as a whole table's load (pipeline/worker.py): the rows changed since the checks
+            raise ConfigError(f"data error: rows fetched in the streaming mode: {err}") from None
+        if self.check is not None:
+            self.check(win.rows)
+        return win
 
     def steps(self, batches: list[np.ndarray], steps: Iterable[tuple[np.ndarray, int]]
               ) -> Iterator[tuple[np.ndarray, int, Window]]:

@@ -60,15 +60,17 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)  # per-step records
 
 
-def _built(make_micro: MicroBatcher, size: int, auto_micro: bool) -> list | None:
-    """The step's micro-batches; None when building them ran out of memory (the collate, the
-    copy to the device) under `auto_micro`: `train_step` then votes for a smaller size."""
+def _built(make_micro: MicroBatcher, size: int, auto_micro: bool
+           ) -> tuple[list | None, Exception | None]:
+    """The step's micro-batches, or None when building them ran out of memory (the collate, the
+    copy to the device) under `auto_micro`: `train_step` then votes for a smaller size; and
+    the error that building them met otherwise, which `train_step` raises on every rank."""
     try:
-        return make_micro(size)
+        return make_micro(size), None
     except Exception as err:
         if not (auto_micro and is_oom(err)):
-            raise
-    return None  # past the except block: the traceback and what its frames held are released
+            return [], err
+    return None, None  # past the except block: the traceback and what its frames held go
 
 
 class NonFiniteError(RuntimeError):
@@ -116,12 +118,17 @@ def train_epoch(
     nonfinite_limit: int = 0,
     on_event: Callable[[str], None] | None = None,
     noise_probe: LocalNorm | None = None,
+    input_errors: tuple[type[BaseException], ...] = (),
 ) -> dict[str, float]:
     """Train one epoch; return epoch metrics (rank-global sums turned into means).
 
     `lr_fn(step)`: the LR of a plain `MicroBatcher` step (a `PlannedStep` carries its own).
     `seed`: seed torch per (seed, rank, step) before every step (None: leave the RNG alone).
     `on_event`: called with a one-line message for every micro-batch size change.
+    An error met on this rank before a step's forward passes -- taking the step from `steps`,
+    building its micro-batches -- is raised on every rank at the step's first collective
+    (`train_step`'s `error`): here, `PeerError` on the others; `input_errors`: the errors that
+    are bad input (the worker's `ConfigError`), which stay so on every rank.
     A step whose loss or gradient is not finite changes nothing: its update is skipped (fp16:
     by the scaler), the BatchNorm running statistics its forward passes moved are put back,
     and it counts in `steps` but not in the epoch's means of what was not finite (loss and
@@ -133,9 +140,19 @@ def train_epoch(
     hook_s = 0.0
     start = time.perf_counter()
     lr = math.nan
-    for item in steps:
-        if max_steps is not None and state.step >= max_steps:
+    pending = iter(steps)
+    # (max_steps is checked before the next step is pulled: its rows fetched and its size
+    # decided for nothing)
+    while max_steps is None or state.step < max_steps:
+        try:
+            item = next(pending)
+        except StopIteration:
             break
+        except Exception as err:  # this rank's rows of the step (fetched, found changed):
+            train_step(model, optimizer, [], loss=loss, precision=precision,  # raised on
+                       scaler=scaler, measure_noise=False, agree_oom=auto_micro,  # every rank
+                       error=err, error_is_input=isinstance(err, input_errors))  # at its vote
+            raise
         planned = item if isinstance(item, PlannedStep) else None
         make_micro = planned.make_micro if planned is not None else item
         lr = planned.lr if planned is not None else lr_fn(state.step)
@@ -148,11 +165,12 @@ def train_epoch(
             if seed is not None:
                 torch.manual_seed(step_seed(seed, rank, state.step))
             try:
-                micro = _built(make_micro, state.micro_batch_size, auto_micro)
+                micro, error = _built(make_micro, state.micro_batch_size, auto_micro)
                 res = train_step(model, optimizer, micro, loss=loss,
                                  precision=precision, scaler=scaler, grad_clip=grad_clip,
                                  noise_probe=noise_probe, measure_noise=state.noise is not None,
-                                 agree_oom=auto_micro)
+                                 agree_oom=auto_micro, error=error,
+                                 error_is_input=isinstance(error, input_errors))
                 break
             except StepOutOfMemory as err:  # in a forward or backward, nothing updated yet
                 if state.micro_batch_size <= 1:
@@ -217,8 +235,6 @@ def train_epoch(
             hook_start = time.perf_counter()
             on_step(state, record)
             hook_s += time.perf_counter() - hook_start
-        if max_steps is not None and state.step >= max_steps:
-            break  # before the next step is pulled: its rows fetched and its size decided for nothing
     elapsed = time.perf_counter() - start - hook_s
     # every step non-finite: no mean to give (steps without a loss element: a zero loss)
     none = math.nan if n_steps and not finite_losses else 0.0

@@ -31,6 +31,13 @@ all-reduce, as DDP's default hook: divide, then sum) and rank 0's buffers broadc
 rank failed, every rank raises `StepOutOfMemory` and the loop shrinks the micro-batch on all of
 them together.
 
+A rank that fails before its step's forward passes -- its rows (fetched in the streaming mode,
+found changed since the checks), its micro-batches -- says so at the step's first collective
+(`error`: one more number in the all-reduce every step makes anyway): it raises its error and
+every other rank `PeerError`, there, so none is left waiting in a later collective; bad input
+(the caller's `error_is_input`) stays bad input on every rank, which the worker ends at once
+rather than retry. `evaluate` does the same with its one all-reduce.
+
 A non-finite loss, or (fp32/bf16) non-finite gradients, are detected on the all-reduced values,
 so every rank takes the same decision: the optimizer step is skipped and the result says so
 (`nonfinite`); the loop decides whether to go on (`train.nonfinite`). Under fp16 non-finite
@@ -159,6 +166,33 @@ class StepOutOfMemory(RuntimeError):
         self.failed, self.world = failed, world
 
 
+class PeerError(RuntimeError):
+    """Raised on every rank that did not fail when another rank failed before a step or an
+    evaluation (`agreed`). `input`: that rank met bad input."""
+
+    def __init__(self, failed: int, world: int, input_error: bool) -> None:
+        what = "met bad input (their rows changed since the checks)" if input_error else "failed"
+        super().__init__(f"{failed} other rank(s) of {world} {what}; their error is in that "
+                         "worker's log")
+        self.failed, self.world, self.input_error = failed, world, input_error
+
+
+def agreed(values: list[float], error: BaseException | None, error_is_input: bool,
+           device: torch.device) -> list[float]:
+    """`all_reduce_sum(values)` that also tells every rank whether one failed before it: the
+    rank with `error` raises it, the others `PeerError` -- all at this collective (a
+    collective every rank makes anyway), none left waiting in a later one."""
+    failed = error is not None
+    *sums, n_input, n_other = all_reduce_sum(
+        [*values, float(failed and error_is_input), float(failed and not error_is_input)], device)
+    if error is not None:
+        raise error
+    if n_input or n_other:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        raise PeerError(int(n_input + n_other), world, input_error=bool(n_input))
+    return sums
+
+
 def _average_gradients(model: nn.Module, world: int) -> None:
     """Average every parameter's gradient over ranks in one all-reduce (a parameter without a
     gradient on this rank contributes zeros, so every rank sends the same layout)."""
@@ -176,6 +210,18 @@ def _average_gradients(model: nn.Module, world: int) -> None:
 def _broadcast_buffers(model: nn.Module) -> None:
     for b in model.buffers():
         dist.broadcast(b, src=0)
+
+
+def buffers_synced(model: nn.Module) -> None:
+    """Before forward passes without grad (evaluation, scoring): rank 0's buffers broadcast now,
+    and none in those forwards. A DDP model broadcasts them in its first forward after training
+    (a collective inside the loop, which a rank failing before it would leave waiting) and in
+    none after a forward without grad; the buffers do not change in evaluation."""
+    if hasattr(model, "require_forward_param_sync") and dist.is_initialized() \
+            and dist.get_world_size() > 1:
+        if model.will_sync_module_buffers():
+            _broadcast_buffers(model)
+        model.require_forward_param_sync = False
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -299,6 +345,8 @@ def train_step(
     noise_probe: LocalNorm | None = None,
     measure_noise: bool = True,
     agree_oom: bool = False,
+    error: BaseException | None = None,
+    error_is_input: bool = False,
 ) -> StepResult:
     """Accumulate gradients over this rank's micro-batches and take one optimizer step (or
     skip it: fp16 overflow, or a non-finite loss/gradient).
@@ -317,6 +365,10 @@ def train_step(
     ranks: not for `nt_xent`, whose step all-gathers embeddings between forwards (one rank:
     its out-of-memory is `StepOutOfMemory` too). `micro_batches=None` (with `agree_oom`): this
     rank ran out of memory building them; it votes so.
+
+    `error`: this rank failed before the step (its rows, its micro-batches; `micro_batches`
+    then empty): it is raised here, and `PeerError` on the other ranks, at the step's first
+    collective (see the module docstring); `error_is_input`: it is bad input.
     """
     device = device or next(model.parameters()).device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -325,6 +377,8 @@ def train_step(
     if micro_batches is None and not agree_oom:
         raise ValueError("micro_batches=None (not built: out of memory) needs agree_oom")
     if loss == "nt_xent":
+        if world > 1 or error is not None:  # (its first collective is the embeddings' gather)
+            agreed([], error, error_is_input, device)
         oom = micro_batches is None
         if not oom:
             try:
@@ -343,7 +397,7 @@ def train_step(
         failed_to_build = micro_batches is None
         micro_batches = micro_batches or []
         local = [loss_count(mb, loss) for mb in micro_batches]
-        (global_count,) = all_reduce_sum([float(sum(local))], device)
+        (global_count,) = agreed([float(sum(local))], error, error_is_input, device)
         # A global batch with no loss element (every target ignored): its mean is 0 / 0; the
         # step takes a zero loss and zero gradient (the optimizer steps on it as on any).
         per_element = 1.0 / max(global_count, 1.0)
@@ -449,27 +503,35 @@ def samples_in(*batches: dict[str, torch.Tensor]) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module,
              batches: Iterator[dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]], *,
-             loss: str, precision: str = "fp32", device: torch.device | None = None
-             ) -> dict[str, float]:
+             loss: str, precision: str = "fp32", device: torch.device | None = None,
+             input_errors: tuple[type[BaseException], ...] = ()) -> dict[str, float]:
     """Mean loss and accuracy over this rank's batches, summed over ranks. BatchNorm uses its
     running statistics (model.eval()). A batch given as a list of micro-batches is one batch
     embedded a micro-batch at a time: NT-Xent's loss is taken over all of its rows (its value
-    depends on the batch, so validation fixes the batch: `contrastive_val_batches`)."""
+    depends on the batch, so validation fixes the batch: `contrastive_val_batches`). An error
+    met on a rank (`input_errors`: bad input) is raised on every rank at the one all-reduce
+    (`agreed`): the forward passes here run no collective (`buffers_synced`)."""
     device = device or next(model.parameters()).device
     model.eval()
+    buffers_synced(model)
     total = correct = count = 0.0
-    for b in batches:
-        with torch.no_grad(), autocast(precision, device):
-            if isinstance(b, list):
-                out = torch.cat([model(mb) for mb in b])
-                b = {"view_to_sample": torch.cat([mb["view_to_sample"] for mb in b])}
-            else:
-                out = model(b)
-        s, c = loss_sum(out, b, loss)
-        total += float(s)
-        correct += float(c)
-        count += loss_count(b, loss)
-    total, correct, count = all_reduce_sum([total, correct, count], device)
+    error: BaseException | None = None
+    try:
+        for b in batches:
+            with torch.no_grad(), autocast(precision, device):
+                if isinstance(b, list):
+                    out = torch.cat([model(mb) for mb in b])
+                    b = {"view_to_sample": torch.cat([mb["view_to_sample"] for mb in b])}
+                else:
+                    out = model(b)
+            s, c = loss_sum(out, b, loss)
+            total += float(s)
+            correct += float(c)
+            count += loss_count(b, loss)
+    except Exception as err:  # (its rows, say): every rank learns it at the all-reduce below
+        error = err
+    total, correct, count = agreed([total, correct, count], error,
+                                   isinstance(error, input_errors), device)
     return {"val_loss": total / max(count, 1.0), "val_accuracy": correct / max(count, 1.0)}
 
 

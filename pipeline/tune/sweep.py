@@ -20,10 +20,12 @@ Resources. A trial that trains in its actor reserves the worker's CPUs (and GPU)
 A TorchTrainer trial's function takes no CPU (`trial.trial_resources`); its TorchTrainer asks
 Ray for its workers itself. We do *not* reserve those workers in a Tune placement group: Train
 V2 makes its own placement group for them, so a Tune reservation would hold the CPUs twice.
-Instead the number of concurrent trials is capped at what the cluster can run at once,
-floor(CPUs / (num_workers x cpus_per_worker)) (and GPUs likewise, `trial_concurrency`): every
-running trial's workers fit together, so no trial waits forever on workers (no deadlock), and a
-trial that ASHA stops frees them when its actor exits (its controller and workers go with it).
+Instead the number of concurrent trials is capped at what the cluster can run at once at its
+largest (the autoscaler's maximum where one is configured), floor(CPUs / (num_workers x
+cpus_per_worker)) (and GPUs likewise, `trial_concurrency`): every running trial's workers fit
+together, so no trial waits forever on workers (no deadlock), and a trial that ASHA stops frees
+them when its actor exits (its controller and workers go with it). Trials that all train in
+their actors need no such cap: Tune starts those its reservations fit.
 
 Where things go (`out_dir`):
 

@@ -211,3 +211,35 @@ def test_a_rank_with_no_validation_rows_gathers_an_empty_batch_in_either_mode():
         for key in want[0]:
             assert np.array_equal(want[0][key], got[0][key]), key
         assert got[0]["features"].shape == ((1, 2) if rank < 2 else (0, 2))
+
+
+def test_every_chunk_a_streamed_rank_fetches_is_checked_before_it_is_trained():
+    """The worker's check (`data_outside_model`: a token id the model's vocabulary lacks, the
+    data changed since the driver's checks) sees every chunk's rows as they arrive: the first
+    chunk holding row 150 -- whose token was changed -- raises, before any of its steps."""
+    from pipeline.worker import data_outside_model
+
+    table, cols, full, small = _tables("sequences")
+    tokens = table.column("tokens").to_pylist()
+    tokens[150] = [999] * len(tokens[150])
+    changed = table.set_column(table.schema.get_field_index("tokens"), "tokens",
+                               pa.array(tokens, type=table.schema.field("tokens").type))
+    cfg = load_config(None, ["data.name=sequences", "model.name=seq_transformer",
+                             "train.loss=token_cross_entropy"])
+    streamed = StreamedRows(small, TableFetch(changed.select(cols.names())), cols, 0, 1,
+                            chunk_rows=64)
+    seen: list[np.ndarray] = []
+
+    def check(rows):
+        seen.append(rows.ids)
+        if (outside := data_outside_model(cfg, {"num_outputs": 1000, "vocab_size": 64}, rows)):
+            raise ValueError(outside)
+
+    streamed.check = check
+    batches = [np.arange(i, i + 32) for i in range(0, 256, 32)]
+    trained = []
+    with pytest.raises(ValueError, match="token id 999, the model's vocabulary has 64"):
+        for batch, _, _ in streamed.steps(batches, [(b, 1) for b in batches]):
+            trained.append(int(batch[0]))
+    assert trained == [0, 32, 64, 96]  # the chunk of rows 128-191 never trained
+    assert len(seen) == 3 and 150 in seen[-1]

@@ -341,11 +341,11 @@ def test_max_steps_stops_before_pulling_the_next_step():
     out = train_epoch(model, opt, steps(), state, lr_fn=lambda s: 0.5, loss="cross_entropy",
                       max_steps=2)
     assert state.step == 2 and out["steps"] == 2.0 and pulled == [0, 1]
-    # a second call with the budget spent trains nothing and pulls one step at most (the
-    # worker checks max_steps before it starts an epoch)
+    # a second call with the budget spent trains nothing and pulls nothing (the worker also
+    # checks max_steps before it starts an epoch)
     pulled.clear()
     train_epoch(model, opt, steps(), state, lr_fn=lambda s: 0.5, loss="cross_entropy", max_steps=2)
-    assert state.step == 2 and pulled == [0]
+    assert state.step == 2 and pulled == []
 
 
 @pytest.mark.parametrize("case", ["mlp", "digits_cnn", "nt_xent", "padded", "packed",
@@ -575,3 +575,74 @@ def test_contrastive_validation_is_the_same_on_any_worker_count_and_micro_batch(
     assert r0["val_accuracy"] == pytest.approx(one["val_accuracy"], rel=1e-6)
     whole = _contrastive_val_rank(0, 1, 600, whole=True)
     assert abs(whole["val_loss"] - one["val_loss"]) > 0.01 * one["val_loss"]
+
+
+class _BadRows(ValueError):
+    """Stands for the worker's ConfigError: bad input met on a rank."""
+
+
+class _BatchNormNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                       torch.nn.Linear(8, 3))
+
+    def forward(self, batch):
+        return self.seq(batch["features"])
+
+
+def _one_rank_fails_rank(rank: int, world: int, where: str) -> tuple:
+    """Rank 1 fails at step 3 (taking its rows, or building its micro-batches) or in its
+    second validation batch; what each rank raised, and at which step."""
+    torch.manual_seed(0)
+    model = DDP(_BatchNormNet())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(rank)
+    batches = [{"features": torch.randn(4, 4, generator=g),
+                "label": torch.randint(0, 3, (4,), generator=g)} for _ in range(5)]
+    error = _BadRows("row 7 changed") if where != "other" else RuntimeError("disk gone")
+
+    def steps():
+        for i, b in enumerate(batches):
+            if rank == 1 and i == 2 and where == "rows":
+                raise error
+            if rank == 1 and i == 2 and where in ("collate", "other"):
+                def failing(size):
+                    raise error
+                yield failing
+                continue
+            yield lambda size, b=b: [b]
+
+    def validation():
+        for i, b in enumerate(batches):
+            if rank == 1 and i == 1:
+                raise error
+            yield b
+
+    state = LoopState(micro_batch_size=4)
+    try:
+        train_epoch(model, optimizer, steps(), state, lr_fn=lambda s: 0.1, loss="cross_entropy",
+                    input_errors=(_BadRows,))
+        evaluate(model, validation(), loss="cross_entropy", input_errors=(_BadRows,))
+    except (_BadRows, RuntimeError) as err:
+        from pipeline.engine.step import PeerError
+
+        if isinstance(err, PeerError):
+            return "peer", err.input_error, state.step
+        return "own", str(err), state.step
+    return "went on", None, state.step
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("where", "step", "input_error"), [
+    ("rows", 2, True), ("collate", 2, True), ("other", 2, False), ("eval", 5, True)])
+def test_a_rank_failing_before_its_step_fails_every_rank_there(where, step, input_error):
+    """A rank whose rows of a step fail (fetched, found changed since the checks), whose
+    micro-batches cannot be built, or whose validation batch fails, raises its error and
+    every other rank `PeerError` at the same collective -- none waits in a later one (the
+    other rank would otherwise hang in the step's all-reduce or DDP's buffer broadcast); bad
+    input stays bad input on every rank."""
+    r0, r1 = run_ranks(_one_rank_fails_rank, 2, where)
+    message = "disk gone" if where == "other" else "row 7 changed"
+    assert r1 == ("own", message, step)
+    assert r0 == ("peer", input_error, step)
