@@ -130,17 +130,19 @@ def by_unit_batch(e: pd.DataFrame, unit: int, world: int) -> pd.DataFrame:
 
 
 def summarize(df: pd.DataFrame, num_train: int, global_batch: int,
-              class_share: pd.Series | None, unit: int | None = None) -> dict[str, Any]:
+              class_share: pd.Series | None, unit: int | None = None,
+              world: int | None = None) -> dict[str, Any]:
     """Coverage, duplicates, class-proportion deviation, padding efficiency, pool per epoch.
 
     With class shares: ``max_class_deviation`` (full global batches) and
     ``worst_rank_class_deviation``, the largest |count - share x slice size| over every rank's
     slice of a full global batch and every class, per epoch and over the run (top level).
     `unit` (steps of several unit batches, a `warmup` schedule's): both over the unit batches
-    of every step (`by_unit_batch`), as the schedule keeps them."""
+    of every step (`by_unit_batch`), as the schedule keeps them, on `world` ranks (default:
+    those in `df`)."""
     per_epoch = []
     worst_rank = 0.0
-    world = int(df["rank"].max()) + 1 if len(df) else 1
+    world = world or (int(df["rank"].max()) + 1 if len(df) else 1)
     for epoch, e in df.groupby("epoch"):
         counts = e["sample_id"].value_counts()
         row = {"epoch": int(epoch), "drawn": int(len(e)), "unique": int(len(counts)),
@@ -224,7 +226,7 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
             else cfg.train.global_batch_size)  # the size of a full batch in the rows above
     summary = summarize(df, num_train, full, share,
                         unit=cfg.plan_batch_size() if cfg.train.batch_size_schedule == "warmup"
-                        else None)
+                        else None, world=cfg.scaling.num_workers)
     summary.update(strategy=cfg.batching.strategy, workers=cfg.scaling.num_workers,
                    rows=len(df), dataset=info.uri)
     if share is not None:

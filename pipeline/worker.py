@@ -291,13 +291,15 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     restarted = session.restart_checkpoint()  # Ray Train restarted the group after a failure
     resume_dir = restarted or loop_config.get("resume_from")
     s = None
-    if resume_dir is not None:
-        try:
-            s = load_checkpoint(resume_dir, map_location=device)
-        except CheckpointError as err:  # damaged since it was written: an older one, or none
-            s = _older_checkpoint(err, loop_config, device, rank)
-    if restarted:
-        session.restart_checkpoint_read()
+    try:
+        if resume_dir is not None:
+            try:
+                s = load_checkpoint(resume_dir, map_location=device)
+            except CheckpointError as err:  # damaged since written: an older one, or none
+                s = _older_checkpoint(err, loop_config, device, rank)
+    finally:
+        if restarted:
+            session.restart_checkpoint_read()
     if s is not None:
         sample_losses = _restore(s, model, optimizer, scaler, sched, state,
                                  auto_micro=t.micro_batch_size == "auto", per_worker=per_worker)
@@ -658,9 +660,22 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
             scaler: Any, state: LoopState, spec: dict[str, Any], sample_losses: np.ndarray | None,
             session: Session, sched: BatchSchedule) -> None:
     """One checkpoint per epoch: rank 0 writes it, every rank reports (report is a barrier).
-    Weights that are not finite are never written (every rank checks: DDP replicas are equal,
-    so all of them stop together)."""
-    assert_finite_weights(_unwrap(model), f"at the end of epoch {state.epoch + 1}")
+    Weights that are not finite are never written. Every rank checks its own and they agree
+    (one all-reduce): DDP keeps the parameters equal, but a rank's BatchNorm running
+    statistics are its own batch's since the last broadcast, so one rank alone may hold a
+    non-finite buffer -- it would stop alone and leave the others waiting."""
+    where = f"at the end of epoch {state.epoch + 1}"
+    own: NonFiniteError | None = None
+    try:
+        assert_finite_weights(_unwrap(model), where)
+    except NonFiniteError as err:
+        own = err
+    (bad,) = all_reduce_sum([float(own is not None)], next(model.parameters()).device)
+    if own is not None:
+        raise own
+    if bad:
+        raise NonFiniteError(f"non-finite weights or buffers on {int(bad)} other rank(s) {where};"
+                             " no checkpoint written")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if session.rank == 0:

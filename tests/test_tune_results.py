@@ -205,6 +205,9 @@ def test_the_noise_scale_at_the_target_is_the_latest_a_step_measured(mlflow_serv
             c.log_metric(run, "step/noise_scale", 40.0 + step, step=step)
     c.log_metric(run, "step/val_accuracy", 0.93, step=15)
     c.log_metric(run, "step/samples", 480.0, step=15)
-    pts = target_points(mlflow_server, run, history(mlflow_server, run))
+    pts = target_points(mlflow_server, run, history(mlflow_server, run), noise_steps=True)
     assert steps_to_target(pts, 0.9) == 15 and at_target(pts, 0.9, "samples") == 480.0
     assert at_target(pts, 0.9, "noise_scale", latest=True) == 54.0
+    # the validations alone (what notebook 04 plots): the two epoch ends and step 15
+    validations = target_points(mlflow_server, run, history(mlflow_server, run))
+    assert validations["step"].tolist() == [10, 15, 20]

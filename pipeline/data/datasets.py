@@ -210,9 +210,16 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                           f"{d.val_fraction:g} holds out all {num_rows} rows of {uri}")
     if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
         _check_split_classes(labels, cfg)
-    # (a global batch larger than the training split is refused there only when epoch 1 has
-    # no batch: `balanced`'s epoch_samples oversample, a token budget counts tokens)
     _check_first_epoch(facts.small, cfg)
+    b = cfg.batching
+    exempt = ((b.strategy == "balanced" and b.options.get("epoch_samples") is not None)
+              or (b.strategy == "length_bucket" and b.options.get("max_tokens") is not None))
+    if len(train) < cfg.train.global_batch_size and b.drop_last and not exempt:
+        # (`balanced`'s epoch_samples oversample the split, a token budget counts tokens: their
+        # batches are checked by planning epoch 1 above)
+        raise ConfigError(
+            f"data error: train.global_batch_size={cfg.train.global_batch_size} is larger than "
+            f"the {len(train)} training rows of {uri}")
     if cfg.tune.search_space:
         cfg.check_tune()
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,

@@ -101,8 +101,7 @@ class RankFeed:
         """Each of `parts` (validation micro-batches, a scoring pass) with where to gather its
         rows from (fetched a chunk ahead in the streaming mode). An empty part (a rank's share
         of a validation split smaller than the ranks) is gathered as an empty batch: every rank
-        runs the same forward passes (a DDP model's first one after training broadcasts its
-        buffers to all ranks)."""
+        runs the same forward passes."""
         if self.streamed is None:
             return ((part, self.st) for part in parts)
         return self.streamed.parts(parts)

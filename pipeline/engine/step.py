@@ -183,8 +183,14 @@ def agreed(values: list[float], error: BaseException | None, error_is_input: boo
     rank with `error` raises it, the others `PeerError` -- all at this collective (a
     collective every rank makes anyway), none left waiting in a later one."""
     failed = error is not None
-    *sums, n_input, n_other = all_reduce_sum(
-        [*values, float(failed and error_is_input), float(failed and not error_is_input)], device)
+    try:
+        *sums, n_input, n_other = all_reduce_sum(
+            [*values, float(failed and error_is_input), float(failed and not error_is_input)],
+            device)
+    except Exception:
+        if error is not None:  # (a broken process group): the error that came first
+            raise error from None
+        raise
     if error is not None:
         raise error
     if n_input or n_other:
@@ -542,22 +548,27 @@ def contrastive_val_batches(val: np.ndarray, rank: int, world: int, micro: int
                             ) -> list[list[np.ndarray]]:
     """This rank's NT-Xent validation batches, each as its micro-batches (table positions): the
     validation split in consecutive batches of `CONTRASTIVE_VAL_SAMPLES` (the same batches on
-    any worker count and for any global batch, so `val_loss` compares across them), batch i
-    to rank i % world. Every rank gets as many batches, and every batch as many micro-batches
-    (empty ones fill in), so the ranks run the same forward passes (a DDP model's first one
-    broadcasts its buffers).
+    any worker count and for any global batch, so `val_loss` compares across them; a last
+    batch under half that joins the one before: a sample or two alone would have no
+    negatives), batch i to rank i % world. Every rank gets as many batches, and every batch
+    as many micro-batches (empty ones fill in), so the ranks run the same forward passes.
 
     >>> [[p.tolist() for p in b] for b in contrastive_val_batches(np.arange(5), 0, 2, 2)]
     [[[0, 1], [2, 3], [4]]]
     >>> [[p.tolist() for p in b] for b in contrastive_val_batches(np.arange(5), 1, 2, 2)]
     [[[], [], []]]
-    >>> [[len(p) for p in b] for b in contrastive_val_batches(np.arange(600), 0, 2, 200)]
-    [[200, 56], [88, 0]]
+    >>> [[len(p) for p in b] for b in contrastive_val_batches(np.arange(700), 0, 2, 200)]
+    [[200, 56], [188, 0]]
+    >>> [sum(map(len, b)) for b in contrastive_val_batches(np.arange(513), 0, 1, 512)]
+    [256, 257]
     """
     size = min(CONTRASTIVE_VAL_SAMPLES, max(len(val), 1))
-    batches = [val[i : i + size] for i in range(0, len(val), size)]
+    starts = list(range(0, len(val), size))
+    if len(starts) > 1 and len(val) - starts[-1] < size // 2:
+        starts.pop()
+    batches = [val[a:b] for a, b in zip(starts, [*starts[1:], len(val)], strict=True)]
     slots = -(-len(batches) // world)
-    parts = -(-size // max(1, micro))
+    parts = -(-max((len(b) for b in batches), default=1) // max(1, micro))
     out = []
     for i in range(rank, slots * world, world):
         batch = batches[i] if i < len(batches) else val[:0]

@@ -44,12 +44,14 @@ def history(uri: str, run_id: str) -> pd.DataFrame:
     return h.drop(columns=[c for c in ("steps",) if c in h]).reset_index(drop=True)
 
 
-def target_points(uri: str, run_id: str, epochs: pd.DataFrame) -> pd.DataFrame:
+def target_points(uri: str, run_id: str, epochs: pd.DataFrame,
+                  noise_steps: bool = False) -> pd.DataFrame:
     """Every validation of a trial, by optimizer step: the epoch ends (`history`) and, with
     `train.eval_every`, the passes within epochs (`step/val_accuracy`, with `step/samples` and
-    `step/noise_scale` at the same step); and every step's noise scale, so that the one at
-    the target is the latest measured by then (`at_target(..., latest=True)`). Steps and
-    samples to the target come from the validations."""
+    `step/noise_scale` at the same step). Steps and samples to the target come from these.
+    `noise_steps`: also a row for every other step that measured the noise scale (no
+    validation), so that the one at the target is the latest measured by then
+    (`at_target(..., latest=True)`)."""
     keys = ("val_accuracy", "samples", "noise_scale", "noise_scale_samples")
     cols = dict(zip(keys, metric_histories(uri, run_id, [f"step/{k}" for k in keys]).values(),
                     strict=True))
@@ -58,7 +60,7 @@ def target_points(uri: str, run_id: str, epochs: pd.DataFrame) -> pd.DataFrame:
     del cols["noise_scale_samples"]
     keep = [k for k in ("step", "val_accuracy", "samples", "noise_scale") if k in epochs]
     inner = pd.DataFrame(cols).rename_axis("step").reset_index()
-    kept = [k for k in ("val_accuracy", "noise_scale") if k in inner]
+    kept = [k for k in ("val_accuracy", *(["noise_scale"] if noise_steps else [])) if k in inner]
     inner = inner.dropna(subset=kept, how="all") if kept else inner.iloc[0:0]
     return pd.concat([epochs[keep], inner]).sort_values("step", kind="stable").reset_index(drop=True)
 
@@ -208,7 +210,7 @@ def _read_curves(uri: str, run_ids: list[str]) -> dict[str, tuple[pd.DataFrame, 
     last trial's end and the report)."""
     def curves(run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         h = history(uri, run_id)
-        return h, (target_points(uri, run_id, h) if len(h) else h)
+        return h, (target_points(uri, run_id, h, noise_steps=True) if len(h) else h)
 
     if not uri.startswith(("http://", "https://")):  # a local store: no round trips to overlap
         return {run_id: curves(run_id) for run_id in run_ids}

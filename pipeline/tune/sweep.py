@@ -113,8 +113,9 @@ def search_space(cfg: Config) -> dict[str, Any]:
 
 def search_algorithm(cfg: Config, concurrency: int | None = None) -> Any:
     """Tune's search algorithm, seeded with `train.seed` (the same draws on every run of the
-    sweep): Tune's own grid/random generator, at most `concurrency` trials at a time (None: no
-    limit), or for `tune.search: optuna` Optuna's TPE sampler (Tune limits it: TuneConfig)."""
+    sweep): Tune's own grid/random generator, which takes the limit of `concurrency` trials at
+    a time itself (None: no limit; Tune ignores TuneConfig's `max_concurrent_trials` beside
+    it), or for `tune.search: optuna` Optuna's TPE sampler (limited through TuneConfig)."""
     seed = cfg.train.seed % 2**32  # NumPy's RandomState: below 2^32
     if cfg.tune.search != "optuna":
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -298,8 +299,12 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     # command leaves it)
     (out_dir / "result.json").unlink(missing_ok=True)
     in_actors = every_trial_in_actor(cfg)
+    # (Optuna's TPE learns from finished trials: as many at once as fit now, as before)
     concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent,
-                                    in_actors=in_actors, most=_autoscaler_most())
+                                    in_actors=in_actors and cfg.tune.search != "optuna",
+                                    most=_autoscaler_most())
+    if concurrency is not None:  # (an autoscaler without a maximum: every trial at once)
+        concurrency = min(concurrency, count_trials(cfg))
     parent = state.get("parent_run_id")
     resumed = parent is not None
     if resumed:

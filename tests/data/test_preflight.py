@@ -68,7 +68,7 @@ def test_a_length_bucketed_folder_resolves(tmp_path):
 def test_a_batch_larger_than_the_training_split_is_refused_only_when_epoch_1_has_none(tmp_path):
     """`balanced` oversampling 32 training rows to 256 samples an epoch, and a token budget
     over 40 sequences, have batches of 64 (drop_last left on); a random order has none, and
-    says why."""
+    says why; a warmup schedule has unit batches but never a step of 64."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 9, 50)
     offs = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -92,3 +92,9 @@ def test_a_batch_larger_than_the_training_split_is_refused_only_when_epoch_1_has
     with pytest.raises(ConfigError, match=r"makes 0 global batch\(es\) .* of 40 training rows "
                                           r"with train.global_batch_size=64 \(batching.drop_last"):
         resolve(load_config(None, vectors))
+    # a batch-size schedule plans unit batches (epoch 1 has some) but would never reach 64
+    with pytest.raises(ConfigError, match="train.global_batch_size=64 is larger than the 40 "
+                                          "training rows"):
+        resolve(load_config(None, [*vectors, "train.batch_size_schedule=warmup",
+                                   "train.batch_size_min=8", "train.micro_batch_size=8",
+                                   "train.batch_size_warmup_steps=2"]))

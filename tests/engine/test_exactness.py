@@ -355,6 +355,35 @@ def test_the_epoch_end_writes_finite_weights_and_never_others():
         epoch_end(model)
 
 
+def _epoch_end_rank(rank: int, world: int) -> str:
+    """The epoch's end (`_report`) on a rank whose BatchNorm running mean is its own: rank 1's
+    alone is infinite (its last batch's statistics, since DDP's last broadcast)."""
+    import types
+
+    from pipeline.worker import _report
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    if rank == 1:
+        model[1].running_mean[0] = math.inf
+    session = types.SimpleNamespace(rank=rank, report=lambda metrics, checkpoint_dir: None)
+    try:
+        _report({"epoch": 1.0}, model, torch.optim.SGD(model.parameters(), lr=0.1), None,
+                LoopState(step=3), {}, None, session, types.SimpleNamespace(state_dict=dict))
+    except NonFiniteError as err:
+        return str(err)
+    return "reported"
+
+
+def test_a_non_finite_buffer_on_one_rank_stops_every_rank_at_the_epochs_end():
+    """Every rank stops at the same point (not rank 1 alone, leaving rank 0 waiting in the next
+    epoch's collectives), and none writes a checkpoint."""
+    r0, r1 = run_ranks(_epoch_end_rank, 2)
+    assert "'1.running_mean'" in r1 and "at the end of epoch 1" in r1
+    assert r0 == ("non-finite weights or buffers on 1 other rank(s) at the end of epoch 1; no "
+                  "checkpoint written")
+
+
 # ----------------------------------------------------------------- 6. randomness per rank
 
 

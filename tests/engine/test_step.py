@@ -541,7 +541,7 @@ def _contrastive_val_rank(rank: int, world: int, micro: int, whole: bool = False
                           ) -> dict[str, float]:
     """NT-Xent validation as the worker takes it (`contrastive_val_batches`), on a DDP
     digits_cnn (BatchNorm buffers) of the same weights on every rank; `whole`: one NT-Xent
-    over the 600 rows instead."""
+    over the 700 rows instead."""
     from pipeline.config import load_config
     from pipeline.data.batches import SampleTable
     from pipeline.data.datasets import make_digits
@@ -553,8 +553,8 @@ def _contrastive_val_rank(rank: int, world: int, micro: int, whole: bool = False
     torch.manual_seed(0)
     net = build_model("digits_cnn", input_dim=64, num_outputs=16, vocab_size=None)
     model = DDP(net) if world > 1 else net
-    batches = ([[np.arange(600)]] if whole
-               else contrastive_val_batches(np.arange(600), rank, world, micro))
+    batches = ([[np.arange(700)]] if whole
+               else contrastive_val_batches(np.arange(700), rank, world, micro))
     return evaluate(model, iter([[to_torch(collate(cfg, p, (0, 0, 1), st, (8, 8)),
                                            torch.device("cpu")) for p in batch]
                                  for batch in batches]), loss="nt_xent")
@@ -562,9 +562,9 @@ def _contrastive_val_rank(rank: int, world: int, micro: int, whole: bool = False
 
 def test_contrastive_validation_is_the_same_on_any_worker_count_and_micro_batch():
     """NT-Xent's value depends on its batch: validation takes fixed batches of 256 samples
-    (600 rows: 256, 256, 88), so 1 worker in micro-batches of 64 and 2 workers in
+    (700 rows: 256, 256, 188), so 1 worker in micro-batches of 64 and 2 workers in
     micro-batches of 16 (one of them with an empty batch slot) give the same loss and
-    retrieval accuracy; one NT-Xent over all 600 rows (more negatives) gives another."""
+    retrieval accuracy; one NT-Xent over all 700 rows (more negatives) gives another."""
     from pipeline.engine.step import CONTRASTIVE_VAL_SAMPLES
 
     assert CONTRASTIVE_VAL_SAMPLES == 256
@@ -573,7 +573,7 @@ def test_contrastive_validation_is_the_same_on_any_worker_count_and_micro_batch(
     assert r0 == r1
     assert r0["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     assert r0["val_accuracy"] == pytest.approx(one["val_accuracy"], rel=1e-6)
-    whole = _contrastive_val_rank(0, 1, 600, whole=True)
+    whole = _contrastive_val_rank(0, 1, 700, whole=True)
     assert abs(whole["val_loss"] - one["val_loss"]) > 0.01 * one["val_loss"]
 
 
