@@ -12,6 +12,7 @@ a new command is one more entry.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import textwrap
@@ -36,6 +37,37 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- the commands -----------------------------------------------------------------------------
+def submitted_job_note(out: Path, uri: str, cwd: Path | None = None,
+                       environ: dict[str, str] | None = None) -> str | None:
+    """A line for a job `ray job submit` started whose results would stay in its working
+    directory -- Ray's temporary copy of the uploaded one, cleaned up with the job's files --
+    or None: the --out folder, or a sqlite store, under it.
+
+    >>> job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}
+    >>> print(submitted_job_note(Path("/pkg/runs/train"), "sqlite:////pkg/mlflow.db",
+    ...                          Path("/pkg"), job))  # doctest: +NORMALIZE_WHITESPACE
+    note: this job runs in Ray's temporary copy of its working directory (/pkg): --out and the
+    MLflow store there go when the job's files are cleaned up; give --out an absolute path on
+    shared storage and tracking.uri an MLflow server
+    >>> submitted_job_note(Path("/shared/r"), "http://h:5000", Path("/pkg"), job) is None
+    True
+    >>> submitted_job_note(Path("/pkg/runs/train"), "http://h:5000", Path("/pkg"), {}) is None
+    True
+    """
+    env = os.environ if environ is None else environ
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in env:  # (set by the job server for a job's driver)
+        return None
+    here = (cwd or Path.cwd()).resolve()
+    inside = [what for what, path in (("--out", out), ("the MLflow store", Path(
+        uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None))
+        if path is not None and path.resolve().is_relative_to(here)]
+    if not inside:
+        return None
+    return (f"note: this job runs in Ray's temporary copy of its working directory ({here}): "
+            f"{' and '.join(inside)} there go when the job's files are cleaned up; give --out "
+            "an absolute path on shared storage and tracking.uri an MLflow server")
+
+
 def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
     from pipeline.launch import TrainingInterrupted, run_training
 
@@ -44,6 +76,11 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
         console.say(line)
     for key in cfg.unused_settings():  # not refused (see Config.unused_settings), but said
         console.say(f"note: {key} is set but not used")
+    if (note := submitted_job_note(out, uri)) is not None:
+        console.say(note)
+    if cfg.tune.search_space:  # a sweep's config given to train: its one config runs
+        console.say("note: tune.search_space is set but not used: train runs the config as it "
+                    f"is ({PROG} tune sweeps it)")
     try:
         summary = run_training(cfg, info, out, resume=args.resume, address=address)
     except TrainingInterrupted as err:
@@ -51,7 +88,8 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
         return 1  # the interface's code for anything but success and bad input, as `tune`'s
     m = summary["metrics"]
     console.say(f"done: val_accuracy={m.get('val_accuracy', float('nan')):.4f} "
-                f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} epochs")
+                f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} "
+                f"epoch{'' if m.get('epoch') == 1 else 's'}")
     console.say(f"result: {out / 'result.json'}")
     if summary["mlflow_run_id"] is None:  # the tracking server never came back (launch says)
         return 0
@@ -66,6 +104,9 @@ def _tune(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: 
 
     checked = check_trials(cfg)  # every trial's config, as a job's (exit 2), before Ray
     from pipeline.tune.sweep import SweepInterrupted, print_sweep, run_sweep
+
+    if (note := submitted_job_note(out, _store(args, cfg, out))) is not None:
+        console.say(note)
 
     try:
         trials = run_sweep(cfg, info, out, resume=args.resume, address=address, checked=checked)
@@ -86,6 +127,7 @@ def _inspect(args: argparse.Namespace, cfg: Config, info: Any, out: Path, addres
 
 def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path,
                      address: str | None) -> int:
+    from pipeline.engine.batch_finder import human_bytes
     from pipeline.find_batch_size import find_batch_size, print_result
 
     result = find_batch_size(cfg, info, out, args.max_memory, progress=True)
@@ -98,10 +140,10 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
             budget = None  # size 1 failed otherwise (a GPU's own out-of-memory), not the budget
         if budget and args.max_memory is not None:  # the user's budget is the culprit
             print(f"argument error: --max-memory: not even micro_batch_size=1 fits in "
-                  f"{budget / 2**20:.1f} MiB", file=sys.stderr)
+                  f"{human_bytes(budget)}", file=sys.stderr)
             return 2
         if budget:  # the default budget, half the memory available
-            print(f"not even micro_batch_size=1 fits in {budget / 2**20:.1f} MiB, "
+            print(f"not even micro_batch_size=1 fits in {human_bytes(budget)}, "
                   f"{result['budget']}", file=sys.stderr)
         else:  # a GPU's own out-of-memory (within the budget, if any)
             print("out of memory at micro_batch_size=1", file=sys.stderr)
@@ -232,6 +274,8 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     cfg = load_config(args.config, args.overrides)
     cfg, info = resolve(cfg)
     out = Path(args.out or f"runs/{args.command}").resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"argument error: --out {out} is a file, not a folder")
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows

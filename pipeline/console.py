@@ -192,6 +192,14 @@ def epoch_line(metrics: dict[str, Any], epochs: int | None = None) -> str:
     return f"epoch {int(metrics.get('epoch', 0))}: {' '.join(shown)}{total}"
 
 
+def _workers(n: int) -> str:
+    """
+    >>> _workers(1), _workers(2)
+    ('1 worker', '2 workers')
+    """
+    return f"{n} worker{'' if n == 1 else 's'}"
+
+
 def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
     """The run's setup, a few lines, from the resolved config and the dataset info.
 
@@ -213,11 +221,11 @@ def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
     strategy = b.strategy + (f" {b.options}" if b.options else "")
     per_worker, micro = cfg.per_worker_batch(), t.micro_batch_size
     if micro == "auto":
-        split = f"{s.num_workers} workers x {per_worker} (micro-batch auto: halves on out-of-memory)"
+        split = f"{_workers(s.num_workers)} x {per_worker} (micro-batch auto: halves on out-of-memory)"
     elif isinstance(micro, int) and micro < per_worker:
-        split = f"{s.num_workers} workers x {cfg.accumulation_steps()} micro-batches of {micro}"
+        split = f"{_workers(s.num_workers)} x {cfg.accumulation_steps()} micro-batches of {micro}"
     else:
-        split = f"{s.num_workers} workers x {per_worker}"
+        split = f"{_workers(s.num_workers)} x {per_worker}"
     lr = scale_lr(t.base_lr, t.base_batch_size, t.global_batch_size, t.lr_scaling)
     rule = (f" ({t.base_lr:g} at batch {t.base_batch_size}, {t.lr_scaling} rule)"
             if t.lr_scaling != "none" else "")

@@ -299,9 +299,11 @@ def table_row(x: dict[str, Any]) -> str:
 
 def setup_line(result: dict[str, Any]) -> str:
     """The model, the device, the samples and the memory budget (from the result's keys)."""
+    from pipeline.engine.batch_finder import human_bytes
+
     budget = result["max_memory_bytes"]
     return (f"{result['model']} on {result['device']}, {result['samples']}"
-            + (f"; budget {budget / 2**20:.0f} MiB ({result['budget']})" if budget else ""))
+            + (f"; budget {human_bytes(budget)} ({result['budget']})" if budget else ""))
 
 
 def print_result(result: dict[str, Any], *, table: bool = True) -> None:

@@ -93,6 +93,62 @@ def check_store_reachable(uri: str) -> None:
                           "tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
 
 
+def autoscaler_most() -> dict[str, float] | None:
+    """The most resources the cluster's autoscaler may bring up (its node types' resources x
+    their max_workers; what Ray Train checks a worker group against), or None without one.
+    An unbounded node group counts as none."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # a private API: moved or failing in another Ray, as if no autoscaler
+        return None
+    return {k: v for k, v in most.items() if v < 2**31} if most else None
+
+
+def workers_problem(cfg: Config, cluster: dict[str, float], nodes: list[dict[str, float]],
+                    most: dict[str, float] | None) -> str | None:
+    """Why the cluster can never run the job's workers, or None: more CPUs (or GPUs) than it
+    has in all -- or, with an autoscaler (`most`), than it may grow to -- or, without one, a
+    worker larger than its largest node. (Ray Train would wait for them for ever, a timeout
+    and a traceback every minute.)
+
+    >>> from pipeline.config import load_config
+    >>> cfg = load_config(None, ["scaling.num_workers=64"])
+    >>> workers_problem(cfg, {"CPU": 4.0}, [{"CPU": 4.0}], None)
+    'it needs 64 CPU(s) in all, the cluster has 4'
+    >>> workers_problem(cfg, {"CPU": 0.0}, [{"CPU": 0.0}], {"CPU": 64.0}) is None
+    True
+    """
+    sc = cfg.scaling
+    need = {"CPU": sc.num_workers * sc.cpus_per_worker, "GPU": sc.num_workers if sc.use_gpu else 0}
+    for key, amount in need.items():
+        have = max(cluster.get(key, 0.0), (most or {}).get(key, 0.0))
+        if amount > have + 1e-9:
+            grow = " (at most, as its autoscaler may grow it)" if most else ""
+            return f"it needs {amount:g} {key}(s) in all, the cluster has {have:g}{grow}"
+    if most is None and nodes:
+        per = {"CPU": sc.cpus_per_worker, "GPU": 1.0 if sc.use_gpu else 0.0}
+        if not any(all(n.get(k, 0.0) >= v for k, v in per.items()) for n in nodes):
+            largest = max(n.get("CPU", 0.0) for n in nodes)
+            return (f"one worker needs {sc.cpus_per_worker:g} CPU(s){' and a GPU' if sc.use_gpu else ''} "
+                    f"on one node, its largest has {largest:g} CPU(s)")
+    return None
+
+
+def check_workers_fit(cfg: Config) -> None:
+    """ConfigError (exit 2) when the cluster can never run the job's workers (`workers_problem`),
+    before anything is ingested or recorded."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problem = workers_problem(cfg, ray.cluster_resources(), nodes, autoscaler_most())
+    if problem:
+        sc = cfg.scaling
+        raise ConfigError(
+            f"config error: scaling.num_workers={sc.num_workers} x {sc.cpus_per_worker:g} CPU"
+            f"{' and a GPU' if sc.use_gpu else ''} each: {problem}; lower scaling.num_workers "
+            "or scaling.cpus_per_worker (or add nodes)")
+
+
 def local_store_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
     """Why a local store (on the driver's disk) cannot record this job on a cluster of these
     nodes (`ray.nodes()`), or None: more than one node, or one without a CPU (the head of an
@@ -255,6 +311,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     verbose = console.is_verbose()
     connect(address, verbose)
     check_store_reachable(uri)
+    if table_refs is None:  # (a sweep checks its trials' workers itself)
+        check_workers_fit(cfg)
     refs = table_refs if table_refs is not None else ingest(info, cfg)
     owned = refs if table_refs is None else None  # this job's own ingest: ended with it
     try:
@@ -356,7 +414,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                      f"in {checkpoint_path}")
         unsent = (json.loads(tracking_file.read_text())["metrics_unsent"]
                   if tracking_file.exists() else 0)
-        if unsent:
+        if unsent and run_id is not None:  # (no run at all: said above)
             _log(f"MLflow run {run_id} misses {unsent} metric point(s): the store was "
                  "unreachable when training ended (result.json: metrics_unsent)")
         summary = {

@@ -8,7 +8,8 @@ Three kinds of secret are masked as `***`:
 - the password of a URI's user info (`http://user:pw@host` -> `http://user:***@host`);
 - anywhere in a string, the value of an environment variable whose name looks like a
   credential (`MLFLOW_TRACKING_TOKEN=abc123...` set, `abc123...` masked wherever it appears),
-  for values of 6 characters or more.
+  for values of 6 characters or more -- but the shell's working directories, `PWD` and
+  `OLDPWD` (a path: masking it masked every path under it, the printed store's included).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 MASK = "***"
 _ANY_WORD = {"secret", "secrets", "password", "passwd", "credential", "credentials"}
 _LAST_WORD = {"token", "key", "apikey", "pwd"}
+_SHELL_DIRS = {"PWD", "OLDPWD"}  # the shell's, not credentials (`DB_PWD` is one)
 _URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)[^/@\s]+(?=@)")
 
 
@@ -36,9 +38,14 @@ def looks_secret(name: str) -> bool:
 
 
 def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The values of credential-named environment variables, longest first."""
+    """The values of credential-named environment variables, longest first.
+
+    >>> secret_env_values({"PWD": "/tmp/walk", "OLDPWD": "/home/me", "DB_PWD": "hunter22"})
+    ['hunter22']
+    """
     env = os.environ if environ is None else environ
-    return sorted({v for k, v in env.items() if looks_secret(k) and len(v) >= 6}, key=len,
+    return sorted({v for k, v in env.items()
+                   if k not in _SHELL_DIRS and looks_secret(k) and len(v) >= 6}, key=len,
                   reverse=True)
 
 

@@ -490,7 +490,11 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             logger.close(timeout_s=2.0, give_up=True)
         raise
     if logger is not None:
-        unsent = logger.close(timeout_s=float(loop_config.get("tracking_close_s", 120.0)))
+        wait_s = float(loop_config.get("tracking_close_s", 120.0))
+        if logger.pending() and logger.unreachable:  # a wait worth saying: it can be minutes
+            console.say(f"MLflow: the store does not answer; waiting up to {wait_s:.0f} s to send "
+                        f"the last {logger.pending()} metric point(s) (else they are kept)")
+        unsent = logger.close(timeout_s=wait_s)
         if unsent and loop_config.get("tracking_file"):
             console.say(f"MLflow: {unsent} metric point(s) could not be sent "
                         f"(the store was unreachable at the end of training)")

@@ -117,3 +117,16 @@ def test_a_tracking_server_behind_basic_auth_is_reachable_with_the_uris_credenti
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_working_directory_is_not_a_secret(monkeypatch, tmp_path):
+    """The shell's `PWD` ends in "pwd" but is a path: masking it turned the store a job prints
+    (`sqlite:///<cwd>/mlflow.db`) and every path under it into `***` -- in the console's
+    `mlflow ui` line and in the params and config.yaml MLflow keeps. `DB_PWD` stays secret."""
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("OLDPWD", "/home/someone")
+    monkeypatch.setenv("DB_PWD", "hunter22")
+    assert redact_text(f"sqlite:///{tmp_path}/mlflow.db pw hunter22") == (
+        f"sqlite:///{tmp_path}/mlflow.db pw ***")
+    assert redact({"data": {"path": f"{tmp_path}/d.parquet"}}) == {
+        "data": {"path": f"{tmp_path}/d.parquet"}}

@@ -393,6 +393,7 @@ CASES = [
      "data.cache_dir"),
     ("set-without-equals", ["--config", DIGITS, "--set", "train.epochs"], "train.epochs"),
     ("resume-nothing", ["--config", DIGITS, "--out", "{started}", "--resume"], "--resume"),
+    ("out-is-a-file", ["--config", DIGITS, "--out", "{bad_yaml}"], "is a file, not a folder"),
     # a typo'd scheme passes no reachability probe (not http) and failed on the cluster
     ("tracking-scheme", ["--config", DIGITS, *s("tracking.uri=htp://127.0.0.1:5000")],
      "tracking.uri=htp://127.0.0.1:5000: MLflow has no store for 'htp' URIs"),

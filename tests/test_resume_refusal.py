@@ -181,6 +181,7 @@ def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys
 
     monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
     monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
+    monkeypatch.setattr("pipeline.launch.check_workers_fit", lambda cfg: None)
     monkeypatch.setattr("pipeline.launch.ingest", ingest)
     resumed, _ = resolve(load_config(None, [*seq, "train.epochs=8"]))
     with pytest.raises(Reached) as reached:

@@ -175,6 +175,24 @@ def test_failed_run_is_marked_failed(ray_client, mlflow_server, tmp_path):
     assert not (tmp_path / "result.json").exists()
 
 
+def test_workers_the_cluster_can_never_run_are_refused_before_anything_is_recorded(
+        ray_cluster, mlflow_server, tmp_path):
+    """64 workers on the session's 4-CPU cluster (no autoscaler): exit 2 with one line, no run
+    in MLflow and nothing in --out -- Ray Train would wait for them for ever, a traceback every
+    minute, and Ctrl-C did not stop it."""
+    experiment = f"test-too-many-{uuid.uuid4().hex[:6]}"
+    out = run_cli("train", "--config", DIGITS, "--set", "scaling.num_workers=64",
+                  "--set", "train.micro_batch_size=1", "--set", f"tracking.uri={mlflow_server}",
+                  "--set", f"tracking.experiment={experiment}", "--out", str(tmp_path / "out"),
+                  env={"RAY_ADDRESS": ray_cluster["address"]}, timeout=180)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "config error: scaling.num_workers=64 x 1 CPU each: it needs 64 CPU(s) in all, the "
+        "cluster has 4; lower scaling.num_workers or scaling.cpus_per_worker (or add nodes)"]
+    assert not (tmp_path / "out" / "run.json").exists()
+    assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None
+
+
 @pytest.mark.slow
 def test_ray_job_submit_train(ray_cluster, mlflow_server, tmp_path):
     """A real `ray job submit` of jobs/train.py to the session's `ray start --head` cluster."""

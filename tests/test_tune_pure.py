@@ -548,3 +548,12 @@ def test_repeats_of_a_grid_that_would_train_the_same_weights_are_refused():
     with pytest.raises(ConfigError, match="tune.num_samples=3 repeats each grid point with the "
                                           "same seeds"):
         check_trials(_cfg(grid, "tune.num_samples=3"))
+
+
+def test_a_sweep_with_nothing_to_vary_is_refused():
+    """`python -m pipeline tune` on a config without a search space ran a one-trial "sweep"
+    without a word."""
+    from pipeline.tune.space import check_trials
+
+    with pytest.raises(ConfigError, match="tune.search_space is empty"):
+        check_trials(load_config(REPO / "jobs" / "configs" / "digits.yaml"))

@@ -54,6 +54,20 @@ from pipeline.engine.batch_schedule import fit_step_cost
 from pipeline.engine.step import autocast, is_oom, loss_count, loss_sum
 
 
+def human_bytes(n: float) -> str:
+    """A memory size as a person reads it (binary units, 3 significant digits).
+
+    >>> human_bytes(1024), human_bytes(830_000), human_bytes(64 * 2**20), human_bytes(5 * 2**30)
+    ('1.00 KiB', '811 KiB', '64.0 MiB', '5.00 GiB')
+    >>> human_bytes(12)
+    '12 B'
+    """
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}" if n / size >= 100 else f"{n / size:#.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 class Measured(NamedTuple):
     """What one rank saw of one trial step."""
 
@@ -294,8 +308,8 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
             _, during = cpu_peak_bytes(lambda: step(batch))
             peak = before + during
         if max_memory_bytes is not None and peak > max_memory_bytes:
-            return Measured(False, peak, None, f"over budget ({peak / 2**20:.2f} > "
-                            f"{max_memory_bytes / 2**20:.2f} MiB)")
+            return Measured(False, peak, None, f"over budget ({human_bytes(peak)} > "
+                            f"{human_bytes(max_memory_bytes)})")
         best = math.inf
         for _ in range(timed_steps):
             t0 = time.perf_counter()

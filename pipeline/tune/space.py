@@ -74,6 +74,9 @@ def check_trials(cfg: Config) -> list[Config]:
         raise ConfigError("config error: tune.search=optuna needs Optuna: "
                           "pip install 'batch-pipeline[optuna]'")
     parsed = parse_search_space(cfg)
+    if not parsed:
+        raise ConfigError("config error: tune.search_space is empty: a sweep varies at least one "
+                          "key (python -m pipeline train runs one config)")
     if (cfg.tune.num_samples > 1 and cfg.tune.search == "grid"
             and all(kind == "grid" for kind, _ in parsed.values())):
         raise ConfigError(

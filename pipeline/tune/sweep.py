@@ -278,8 +278,10 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
 
     from pipeline.blocks import check_streaming_nodes
     from pipeline.launch import (
+        autoscaler_most,
         check_experiment,
         check_store_reachable,
+        check_workers_fit,
         connect,
         ingest,
         ray_job_tags,
@@ -294,6 +296,15 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     connect(address)
     check_store_reachable(uri)
     check_streaming_nodes(cfg)  # before the parent run: a refusal leaves no run behind
+    for trial in trials:  # (every trial's workers: one that could never start would wait)
+        try:
+            check_workers_fit(trial)
+        except ConfigError as err:
+            now = trial.flat_params()
+            shown = ", ".join(f"{k}={now.get(k)}" for k in changed_keys(cfg.to_dict(), trial.to_dict())
+                              if k in cfg.tune.search_space)
+            raise ConfigError(f"{err}{f' [tune.search_space trial {shown}]' if shown else ''}"
+                              ) from None
     # result.json is this sweep's answer: an earlier sweep's in the same --out must not stand
     # beside this one's trials.csv while it runs, nor after it fails or is stopped (a refused
     # command leaves it)
@@ -302,7 +313,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     # (Optuna's TPE learns from finished trials: as many at once as fit now, as before)
     concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent,
                                     in_actors=in_actors and cfg.tune.search != "optuna",
-                                    most=_autoscaler_most())
+                                    most=autoscaler_most())
     if concurrency is not None:  # (an autoscaler without a maximum: every trial at once)
         concurrency = min(concurrency, count_trials(cfg))
     parent = state.get("parent_run_id")
@@ -402,17 +413,6 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
             refs.release()
     end_run(uri, parent, "FINISHED")
     return df
-
-
-def _autoscaler_most() -> dict[str, float] | None:
-    """The most resources the cluster's autoscaler may bring up (its node types' resources x
-    their max_workers; what Ray Train checks a worker group against), or None without one."""
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config()
-    except Exception:  # a private API: moved or failing in another Ray, as if no autoscaler
-        return None
 
 
 def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:

@@ -555,5 +555,5 @@ def test_find_batch_size_without_a_budget_that_fits_nothing_exits_1(data_dir, tm
     rc, _, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
                        "--out", str(tmp_path)], capsys)
     assert rc == 1
-    assert err == ("not even micro_batch_size=1 fits in 0.0 MiB, half the memory available "
+    assert err == ("not even micro_batch_size=1 fits in 1.00 KiB, half the memory available "
                    "(no --max-memory)\n"), err
