@@ -12,6 +12,7 @@ a new command is one more entry.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -43,7 +44,7 @@ def submitted_job_note(out: Path, uri: str, cwd: Path | None = None,
     directory -- Ray's temporary copy of the uploaded one, cleaned up with the job's files --
     or None: the --out folder, or a sqlite store, under it.
 
-    >>> job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}
+    >>> job = {"RAY_JOB_CONFIG_JSON_ENV_VAR": '{"runtime_env": {"working_dir": "gcs://p.zip"}}'}
     >>> print(submitted_job_note(Path("/pkg/runs/train"), "sqlite:////pkg/mlflow.db",
     ...                          Path("/pkg"), job))  # doctest: +NORMALIZE_WHITESPACE
     note: this job runs in Ray's temporary copy of its working directory (/pkg): --out and the
@@ -55,7 +56,11 @@ def submitted_job_note(out: Path, uri: str, cwd: Path | None = None,
     True
     """
     env = os.environ if environ is None else environ
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in env:  # (set by the job server for a job's driver)
+    try:  # (set by the job server for a job's driver)
+        job = json.loads(env.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    if not (job.get("runtime_env") or {}).get("working_dir"):  # not an uploaded copy
         return None
     here = (cwd or Path.cwd()).resolve()
     inside = [what for what, path in (("--out", out), ("the MLflow store", Path(

@@ -7,6 +7,7 @@ the config and the dataset have been validated (so bad input never reaches the c
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -95,23 +96,22 @@ def check_store_reachable(uri: str) -> None:
 
 def autoscaler_most() -> dict[str, float] | None:
     """The most resources the cluster's autoscaler may bring up (its node types' resources x
-    their max_workers; what Ray Train checks a worker group against), or None without one.
-    An unbounded node group counts as none."""
+    their max_workers; what Ray Train checks a worker group against; `sys.maxsize` for a node
+    group without a maximum), or None without one."""
     try:
         from ray._private.state import state
 
-        most = state.get_max_resources_from_cluster_config()
+        return state.get_max_resources_from_cluster_config() or None
     except Exception:  # a private API: moved or failing in another Ray, as if no autoscaler
         return None
-    return {k: v for k, v in most.items() if v < 2**31} if most else None
 
 
 def workers_problem(cfg: Config, cluster: dict[str, float], nodes: list[dict[str, float]],
                     most: dict[str, float] | None) -> str | None:
     """Why the cluster can never run the job's workers, or None: more CPUs (or GPUs) than it
-    has in all -- or, with an autoscaler (`most`), than it may grow to -- or, without one, a
-    worker larger than its largest node. (Ray Train would wait for them for ever, a timeout
-    and a traceback every minute.)
+    has in all -- or, with an autoscaler (`most`), than it may grow to -- or, without one,
+    more workers than its nodes hold (a worker's CPUs and GPU on one node). (Ray Train would
+    wait for them for ever, a timeout and a traceback every minute.)
 
     >>> from pipeline.config import load_config
     >>> cfg = load_config(None, ["scaling.num_workers=64"])
@@ -119,6 +119,10 @@ def workers_problem(cfg: Config, cluster: dict[str, float], nodes: list[dict[str
     'it needs 64 CPU(s) in all, the cluster has 4'
     >>> workers_problem(cfg, {"CPU": 0.0}, [{"CPU": 0.0}], {"CPU": 64.0}) is None
     True
+    >>> three = load_config(None, ["scaling.num_workers=3", "scaling.cpus_per_worker=2",
+    ...                            "train.global_batch_size=96"])
+    >>> workers_problem(three, {"CPU": 6.0}, [{"CPU": 3.0}, {"CPU": 3.0}], None)
+    'its nodes hold 2 worker(s) of 2 CPU(s) at most'
     """
     sc = cfg.scaling
     need = {"CPU": sc.num_workers * sc.cpus_per_worker, "GPU": sc.num_workers if sc.use_gpu else 0}
@@ -128,25 +132,35 @@ def workers_problem(cfg: Config, cluster: dict[str, float], nodes: list[dict[str
             grow = " (at most, as its autoscaler may grow it)" if most else ""
             return f"it needs {amount:g} {key}(s) in all, the cluster has {have:g}{grow}"
     if most is None and nodes:
-        per = {"CPU": sc.cpus_per_worker, "GPU": 1.0 if sc.use_gpu else 0.0}
-        if not any(all(n.get(k, 0.0) >= v for k, v in per.items()) for n in nodes):
-            largest = max(n.get("CPU", 0.0) for n in nodes)
-            return (f"one worker needs {sc.cpus_per_worker:g} CPU(s){' and a GPU' if sc.use_gpu else ''} "
-                    f"on one node, its largest has {largest:g} CPU(s)")
+        def holds(node: dict[str, float]) -> int:
+            n = math.floor(node.get("CPU", 0.0) / sc.cpus_per_worker + 1e-9)
+            return min(n, math.floor(node.get("GPU", 0.0) + 1e-9)) if sc.use_gpu else n
+
+        slots = sum(holds(n) for n in nodes)
+        if slots < sc.num_workers:
+            return (f"its nodes hold {slots} worker(s) of {sc.cpus_per_worker:g} CPU(s)"
+                    f"{' and a GPU' if sc.use_gpu else ''} at most")
     return None
 
 
-def check_workers_fit(cfg: Config) -> None:
-    """ConfigError (exit 2) when the cluster can never run the job's workers (`workers_problem`),
-    before anything is ingested or recorded."""
+def check_workers_fit(cfgs: list[Config], note: Callable[[Config], str] | None = None) -> None:
+    """ConfigError (exit 2) when the cluster can never run the workers of one of `cfgs` (a job,
+    or a sweep's trials; `note` adds which) (`workers_problem`), before anything is ingested
+    or recorded. The cluster is asked once, each shape of workers checked once."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    problem = workers_problem(cfg, ray.cluster_resources(), nodes, autoscaler_most())
-    if problem:
+    cluster, most = ray.cluster_resources(), autoscaler_most()
+    seen = set()
+    for cfg in cfgs:
         sc = cfg.scaling
-        raise ConfigError(
-            f"config error: scaling.num_workers={sc.num_workers} x {sc.cpus_per_worker:g} CPU"
-            f"{' and a GPU' if sc.use_gpu else ''} each: {problem}; lower scaling.num_workers "
-            "or scaling.cpus_per_worker (or add nodes)")
+        if (shape := (sc.num_workers, sc.cpus_per_worker, sc.use_gpu)) in seen:
+            continue
+        seen.add(shape)
+        if problem := workers_problem(cfg, cluster, nodes, most):
+            raise ConfigError(
+                f"config error: scaling.num_workers={sc.num_workers} x {sc.cpus_per_worker:g} "
+                f"CPU{' and a GPU' if sc.use_gpu else ''} each: {problem}; lower "
+                "scaling.num_workers or scaling.cpus_per_worker (or add nodes)"
+                + (note(cfg) if note is not None else ""))
 
 
 def local_store_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
@@ -312,7 +326,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     connect(address, verbose)
     check_store_reachable(uri)
     if table_refs is None:  # (a sweep checks its trials' workers itself)
-        check_workers_fit(cfg)
+        check_workers_fit([cfg])
     refs = table_refs if table_refs is not None else ingest(info, cfg)
     owned = refs if table_refs is None else None  # this job's own ingest: ended with it
     try:

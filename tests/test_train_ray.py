@@ -186,9 +186,9 @@ def test_workers_the_cluster_can_never_run_are_refused_before_anything_is_record
                   "--set", f"tracking.experiment={experiment}", "--out", str(tmp_path / "out"),
                   env={"RAY_ADDRESS": ray_cluster["address"]}, timeout=180)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines() == [
-        "config error: scaling.num_workers=64 x 1 CPU each: it needs 64 CPU(s) in all, the "
-        "cluster has 4; lower scaling.num_workers or scaling.cpus_per_worker (or add nodes)"]
+    line = ("config error: scaling.num_workers=64 x 1 CPU each: it needs 64 CPU(s) in all, the "
+            "cluster has 4; lower scaling.num_workers or scaling.cpus_per_worker (or add nodes)")
+    assert out.stderr.strip().splitlines()[-1] == line and out.stderr.count("config error") == 1
     assert not (tmp_path / "out" / "run.json").exists()
     assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None
 

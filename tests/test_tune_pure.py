@@ -287,6 +287,12 @@ def test_trial_concurrency_fits_the_cluster():
     most = {"CPU": 64.0, "GPU": 8.0}
     assert trial_concurrency({"CPU": 0.0}, gpu, most=most) == 4
     assert trial_concurrency({"CPU": 0.0}, gpu, cap=3, most=most) == 3
+    # a node group without a maximum (Ray: sys.maxsize): as many as the sweep has (run_sweep)
+    unbounded = {"CPU": float(sys.maxsize), "GPU": float(sys.maxsize)}
+    assert trial_concurrency({"CPU": 0.0}, gpu, most=unbounded) > 10**9
+    from pipeline.launch import workers_problem
+
+    assert workers_problem(gpu[0], {"CPU": 0.0}, [{"CPU": 0.0}], unbounded) is None
     # trials in their Tune actors: Tune reserves their resources and starts what fits (the
     # rest ask the autoscaler for nodes), so only tune.max_concurrent limits them
     assert trial_concurrency({"CPU": 0.0}, one, in_actors=True) is None

@@ -59,12 +59,13 @@ def human_bytes(n: float) -> str:
 
     >>> human_bytes(1024), human_bytes(830_000), human_bytes(64 * 2**20), human_bytes(5 * 2**30)
     ('1.00 KiB', '811 KiB', '64.0 MiB', '5.00 GiB')
-    >>> human_bytes(12)
-    '12 B'
+    >>> human_bytes(12), human_bytes(99.96 * 2**20), human_bytes(1000 * 2**10), human_bytes(3 * 2**40)
+    ('12 B', '100 MiB', '1000 KiB', '3.00 TiB')
     """
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
-            return f"{n / size:.3g} {unit}" if n / size >= 100 else f"{n / size:#.3g} {unit}"
+            v = n / size
+            return f"{v:.0f} {unit}" if v >= 99.95 else f"{v:#.3g} {unit}"
     return f"{n:.0f} B"
 
 

@@ -296,15 +296,14 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     connect(address)
     check_store_reachable(uri)
     check_streaming_nodes(cfg)  # before the parent run: a refusal leaves no run behind
-    for trial in trials:  # (every trial's workers: one that could never start would wait)
-        try:
-            check_workers_fit(trial)
-        except ConfigError as err:
-            now = trial.flat_params()
-            shown = ", ".join(f"{k}={now.get(k)}" for k in changed_keys(cfg.to_dict(), trial.to_dict())
-                              if k in cfg.tune.search_space)
-            raise ConfigError(f"{err}{f' [tune.search_space trial {shown}]' if shown else ''}"
-                              ) from None
+
+    def which(trial: Config) -> str:
+        now = trial.flat_params()
+        shown = ", ".join(f"{k}={now.get(k)}" for k in changed_keys(cfg.to_dict(), trial.to_dict())
+                          if k in cfg.tune.search_space)
+        return f" [tune.search_space trial {shown}]" if shown else ""
+
+    check_workers_fit(trials, which)  # a trial whose workers could never start would wait
     # result.json is this sweep's answer: an earlier sweep's in the same --out must not stand
     # beside this one's trials.csv while it runs, nor after it fails or is stopped (a refused
     # command leaves it)
