@@ -28,6 +28,7 @@ from pipeline import console
 from pipeline.config import Config, ConfigError, check_tracking_uri, load_config
 from pipeline.files import run_state
 from pipeline.redact import redact_text
+from pipeline.resume import resume_folder, resume_point
 
 PROG = "python -m pipeline"
 
@@ -283,6 +284,9 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
         raise ConfigError(f"argument error: --out {out} is a file, not a folder")
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
+    if args.resume and args.command == "train":  # no checkpoint, or another training
+        started = run_state(out)
+        resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False)
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
         check_tracking_uri(_store(args, cfg, out))
     return args, cfg, info, out

@@ -319,6 +319,15 @@ class ScalingConfig(_Section):
     max_failures: Int = Field(1, ge=0, description="worker-group restarts from the latest "
                               "checkpoint")
 
+    def need(self) -> dict[str, float]:
+        """The CPUs and GPUs the workers take in all.
+
+        >>> ScalingConfig(num_workers=3, cpus_per_worker=2, use_gpu=True).need()
+        {'CPU': 6.0, 'GPU': 3}
+        """
+        return {"CPU": self.num_workers * self.cpus_per_worker,
+                "GPU": self.num_workers if self.use_gpu else 0}
+
 
 class TuneConfig(_Section):
     search_space: dict[str, Any] = Field(default_factory=dict, description="dotted key -> "

@@ -33,12 +33,12 @@ from pipeline.blocks import (  # ingest: also imported from here
     mode_line,
     on_head,
 )
-from pipeline.config import Config, ConfigError, changed_keys
+from pipeline.config import Config, ConfigError
 from pipeline.data.datasets import DatasetInfo
-from pipeline.data.epochs import keep_pacing, with_pacing
 from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
 from pipeline.redact import redact, redact_text
+from pipeline.resume import resume_folder, resume_point
 from pipeline.tracking import (
     DeferredRun,
     HalfRunError,
@@ -125,8 +125,7 @@ def workers_problem(cfg: Config, cluster: dict[str, float], nodes: list[dict[str
     'its nodes hold 2 worker(s) of 2 CPU(s) at most'
     """
     sc = cfg.scaling
-    need = {"CPU": sc.num_workers * sc.cpus_per_worker, "GPU": sc.num_workers if sc.use_gpu else 0}
-    for key, amount in need.items():
+    for key, amount in sc.need().items():
         have = max(cluster.get(key, 0.0), (most or {}).get(key, 0.0))
         if amount > have + 1e-9:
             grow = " (at most, as its autoscaler may grow it)" if most else ""
@@ -218,14 +217,6 @@ def ray_job_tags() -> dict[str, str]:
     return tags
 
 
-# What a `--resume` may change: more epochs, validation more or less often, another cluster
-# shape or data mode (the batches depend on neither) and whether the model is logged. Anything
-# else makes the resumed run another training than the one its checkpoints and MLflow run
-# belong to.
-RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "tracking.log_model",
-                     "data.mode")
-
-
 def _log(msg: str) -> None:
     print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
@@ -292,31 +283,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     # run.json: an --out used again for a fresh run must not hand the older run's checkpoints
     # (more steps, so "latest") to a --resume or a restart of the newer one. A run.json
     # without the name (written before it was kept) resumes from the whole of ray_results/.
-    checkpoints = (started.get("checkpoints") or "" if resume
+    checkpoints = (resume_folder(started) if resume
                    else f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
     storage = out_dir / "ray_results" / checkpoints
     resume_from = None
     resumed_with: dict[str, str] = {}  # the keys a --resume changed (allowed), their new values
     if resume:
-        def skipped(folder: Path, why: str) -> None:
-            _log(f"skipping checkpoint: {why}")
-
-        resume_from = find_latest_checkpoint(storage, on_skip=skipped)
-        if resume_from is None:
-            raise ConfigError(f"argument error: --resume: no checkpoint under {storage}")
-        if started:
-            run_id = started.get("mlflow_run_id")
-            before = started.get("config") or cfg.to_dict()
-            cfg = keep_pacing(cfg, before)  # a curriculum's pool widens as it started to
-            every = changed_keys(with_pacing(before), cfg.to_dict())
-            changed = [k for k in every if not k.startswith(RESUME_MAY_CHANGE)]
-            now = cfg.flat_params()
-            resumed_with = {k: now[k] for k in every if k in now}
-            if changed:
-                raise ConfigError(
-                    f"argument error: --resume: the config differs from the run's in "
-                    f"{', '.join(changed)} (a resume may change only "
-                    f"{', '.join(k.rstrip('.') for k in RESUME_MAY_CHANGE)})")
+        cfg, resume_from, resumed_with = resume_point(
+            cfg, storage, started, on_skip=lambda folder, why: _log(f"skipping checkpoint: {why}"))
+        run_id = started.get("mlflow_run_id") if started else run_id
         if show_progress:
             _log(f"resuming from {resume_from} "
                  f"(epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")

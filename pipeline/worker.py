@@ -216,12 +216,10 @@ def train_func(loop_config: dict[str, Any], session: Session | None = None) -> N
 def agreed_input_error(problem: ConfigError | None, device: torch.device) -> None:
     """Raise `problem` -- on every rank when any rank has one (a collective: every rank calls
     it): a rank without its own raises one naming the ranks that met bad input."""
-    (failed,) = all_reduce_sum([1.0 if problem is not None else 0.0], device)
-    if problem is not None:
-        raise problem
-    if failed:
-        raise ConfigError(f"data error: {int(failed)} other rank(s) found their rows changed "
-                          "since the checks (their line is in that worker's log)")
+    try:
+        agreed([], problem, True, device)
+    except PeerError as err:
+        raise ConfigError(f"data error: {err}") from None
 
 
 def _train(loop_config: dict[str, Any], session: Session) -> None:

@@ -42,11 +42,23 @@ def test_a_changed_training_is_refused(started, overrides, culprits, capsys, mon
     for o in overrides:
         argv += ["--set", o]
     rc = cli.run(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     lines = [ln for ln in err.splitlines() if "--resume" in ln]
     assert rc == 2 and len(lines) == 1, err
     assert f"differs from the run's in {culprits} (" in lines[0]
     assert "Traceback" not in err
+    assert out + err == lines[0] + "\n"  # the refusal alone: not after the run's setup lines
+
+
+def test_a_resume_without_a_checkpoint_is_refused_alone(started, capsys, monkeypatch):
+    """No checkpoint under the run's folder: one line, before the run's setup lines."""
+    monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
+    run = json.loads((started / "run.json").read_text())
+    (started / "run.json").write_text(json.dumps({**run, "checkpoints": "train-y"}))
+    rc = cli.run(["train", "--config", DIGITS, "--out", str(started), "--resume"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out + err == f"argument error: --resume: no checkpoint under {started}/ray_results/train-y\n"
 
 
 def test_more_epochs_and_another_cluster_shape_may_resume(started, capsys, monkeypatch):

@@ -137,4 +137,5 @@ def test_bad_rows_on_one_rank_stop_every_rank():
 
     r0, r1 = run_ranks(_input_error_rank, 2)
     assert r1 == "data error: x.parquet: changed since the checks: label 7"
-    assert r0.startswith("data error: 1 other rank(s) found their rows changed")
+    assert r0.startswith("data error: 1 other rank(s) of 2 met bad input (their rows changed "
+                         "since the checks)")

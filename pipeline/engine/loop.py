@@ -86,6 +86,20 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1)[0])
 
 
+def seed_forward(seed: int) -> None:
+    """Seed the random generators a forward pass draws from (dropout): the CPU's, and CUDA's
+    once it is in use -- what `torch.manual_seed` seeds, without its cost (about 0.15 ms a
+    call here, a stack trace formatted for each lazily seeded device type, every step).
+
+    >>> seed_forward(7); a = torch.rand(2)
+    >>> _ = torch.manual_seed(7); bool((torch.rand(2) == a).all())
+    True
+    """
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
+
+
 def assert_finite_weights(model: nn.Module, where: str) -> None:
     """Raise NonFiniteError if any parameter or buffer is inf/nan (never checkpoint those)."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -163,7 +177,7 @@ def train_epoch(
         saved = [b.detach().clone() for b in model.buffers()]
         while True:
             if seed is not None:
-                torch.manual_seed(step_seed(seed, rank, state.step))
+                seed_forward(step_seed(seed, rank, state.step))
             try:
                 micro, error = _built(make_micro, state.micro_batch_size, auto_micro)
                 res = train_step(model, optimizer, micro, loss=loss,

@@ -378,7 +378,8 @@ def train_step(
     """
     device = device or next(model.parameters()).device
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    model.train()
+    if not all(m.training for m in model.modules()):  # (cheaper than train() each step)
+        model.train()
     small = (math.nan, 0.0)  # (squared norm of the small batch's gradient, its element count)
     if micro_batches is None and not agree_oom:
         raise ValueError("micro_batches=None (not built: out of memory) needs agree_oom")
@@ -466,7 +467,8 @@ def train_step(
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf))
+    norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip
+                 else torch.nn.utils.get_total_norm([p.grad for p in params]))
     # Gradients are all-reduced (DDP) and the loss too: every rank sees the same two numbers.
     # Under fp16 a non-finite gradient with a finite loss is the scaler's overflow (it skips and
     # backs off); a non-finite loss is not: no loss scale cures it (the loss is unscaled).

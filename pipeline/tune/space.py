@@ -140,8 +140,8 @@ def trial_concurrency(cluster: dict[str, float], trials: list[Config], cap: int 
     else the cluster as it is."""
     if in_actors:
         return cap
-    cpus = max(c.scaling.num_workers * c.scaling.cpus_per_worker for c in trials)
-    gpus = max(c.scaling.num_workers if c.scaling.use_gpu else 0 for c in trials)
+    cpus = max(c.scaling.need()["CPU"] for c in trials)
+    gpus = max(c.scaling.need()["GPU"] for c in trials)
     most = most or {}
 
     def at_most(key: str) -> float:
