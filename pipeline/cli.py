@@ -93,9 +93,9 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
         print(f"[pipeline] {err}", file=sys.stderr)
         return 1  # the interface's code for anything but success and bad input, as `tune`'s
     m = summary["metrics"]
-    console.say(f"done: val_accuracy={m.get('val_accuracy', float('nan')):.4f} "
-                f"val_loss={m.get('val_loss', float('nan')):.4f} after {m.get('epoch')} "
-                f"epoch{'' if m.get('epoch') == 1 else 's'}")
+    keys = ("val_accuracy", "val_loss") if "val_loss" in m else ("train_loss",)  # (no split)
+    shown = " ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)
+    console.say(f"done: {shown} after {console.counted(int(m.get('epoch', 0)), 'epoch')}")
     console.say(f"result: {out / 'result.json'}")
     if summary["mlflow_run_id"] is None:  # the tracking server never came back (launch says)
         return 0
@@ -126,7 +126,7 @@ def _tune(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: 
 def _inspect(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
     from pipeline.inspect import inspect_batches, print_summary
 
-    print_summary(inspect_batches(cfg, info, out))
+    print_summary(inspect_batches(cfg, info, out, address))
     console.say(f"wrote {out / 'batches.parquet'} and {out / 'batches.png'}")
     return 0
 
@@ -280,8 +280,8 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     cfg = load_config(args.config, args.overrides)
     cfg, info = resolve(cfg)
     out = Path(args.out or f"runs/{args.command}").resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"argument error: --out {out} is a file, not a folder")
+    if (problem := out_problem(out)) is not None:
+        raise ConfigError(f"argument error: --out {out}: {problem}")
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
     if args.resume and args.command == "train":  # no checkpoint, or another training
@@ -290,6 +290,26 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
         check_tracking_uri(_store(args, cfg, out))
     return args, cfg, info, out
+
+
+def out_problem(out: Path) -> str | None:
+    """Why the folder `out` cannot be made or written (nothing is made here: a refused command
+    leaves nothing behind), or None.
+
+    >>> import tempfile; root = Path(tempfile.mkdtemp()); _ = (root / "f").write_text("")
+    >>> out_problem(root / "f"), out_problem(root / "f" / "sub"), out_problem(root / "a" / "b")
+    ('it is a file, not a folder', 'f is a file, not a folder', None)
+    """
+    if out.exists() and not out.is_dir():
+        return "it is a file, not a folder"
+    above = out
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        return f"{above.name} is a file, not a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"{above} is not writable"
+    return None
 
 
 def _store(args: argparse.Namespace, cfg: Config, out: Path) -> str:

@@ -192,12 +192,16 @@ def epoch_line(metrics: dict[str, Any], epochs: int | None = None) -> str:
     return f"epoch {int(metrics.get('epoch', 0))}: {' '.join(shown)}{total}"
 
 
+def counted(n: int, noun: str) -> str:
+    """
+    >>> counted(1, "worker"), counted(2, "worker"), counted(1, "epoch")
+    ('1 worker', '2 workers', '1 epoch')
+    """
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _workers(n: int) -> str:
-    """
-    >>> _workers(1), _workers(2)
-    ('1 worker', '2 workers')
-    """
-    return f"{n} worker{'' if n == 1 else 's'}"
+    return counted(n, "worker")
 
 
 def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
@@ -248,7 +252,7 @@ def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
         f"data: {d.name}, {info.num_rows} rows ({info.uri}){held}",
         f"batches: {strategy} (seed {b.seed}); global batch {t.global_batch_size} = {split}"
         f"{schedule}",
-        f"model: {m.name}, {t.epochs} epochs{steps}, {t.precision}, {t.optimizer} at lr {lr:.4g}"
+        f"model: {m.name}, {counted(t.epochs, 'epoch')}{steps}, {t.precision}, {t.optimizer} at lr {lr:.4g}"
         f"{rule}, {t.schedule} schedule{warmup}",
         f"workers: {s.num_workers} x {device}; MLflow experiment "
         f"'{cfg.tracking.experiment}' in {redact_text(tracking_uri)}",

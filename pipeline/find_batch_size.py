@@ -340,8 +340,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax[0].scatter(*zip(*pts, strict=True), **style)
     if result["max_memory_bytes"]:
         ax[0].axhline(result["max_memory_bytes"] / 2**20, color="gray", linestyle="--", label="budget")
-    ax[0].axvline(result["max_micro_batch_size"], color="tab:green", linestyle=":",
-                  label=f"largest that fits: {result['max_micro_batch_size']}")
+    if result["max_micro_batch_size"]:  # (nothing fits: no line, at 0 on a log axis)
+        ax[0].axvline(result["max_micro_batch_size"], color="tab:green", linestyle=":",
+                      label=f"largest that fits: {result['max_micro_batch_size']}")
     ax[0].set_xscale("log", base=2)
     ax[0].set_xlabel("micro-batch size")
     ax[0].set_ylabel("peak memory of one step (MiB)")

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Config, ConfigError
+from pipeline.console import counted
 from pipeline.data.batches import SampleTable, split_train_val
 from pipeline.data.datasets import DatasetInfo, small_columns
 from pipeline.data.epochs import pool_meta, truncated_lengths
@@ -201,11 +202,12 @@ def plot(df: pd.DataFrame, summary: dict[str, Any], path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, Any]:
+def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path,
+                    address: str | None = None) -> dict[str, Any]:
     from pipeline.launch import connect, ingest
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    connect()
+    connect(address)
     refs = ingest(info, cfg)
     try:
         tables = ray.get([rank_rows.remote(cfg.to_dict(), refs, r)
@@ -242,7 +244,7 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path) -> dict[str, 
 def print_summary(summary: dict[str, Any]) -> None:
     """What `python -m pipeline inspect-batches` prints: one line of setup, then one row per
     epoch (every per-epoch figure the summary holds; the known ones first)."""
-    print(f"[pipeline] strategy {summary['strategy']} on {summary['workers']} worker(s): "
+    print(f"[pipeline] strategy {summary['strategy']} on {counted(summary['workers'], 'worker')}: "
           f"{summary['rows']} samples drawn from {summary['dataset']}", flush=True)
     if summary.get("note"):
         print(f"[pipeline] {summary['note']}", flush=True)

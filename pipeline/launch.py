@@ -45,6 +45,7 @@ from pipeline.tracking import (
     creation_cause,
     creation_final,
     deleted_experiment,
+    deleted_run,
     end_run,
     is_local_store,
     log_model,
@@ -69,11 +70,18 @@ def connect(address: str | None = None, verbose: bool | None = None) -> None:
     The console shows the pipeline's lines unless `verbose` (default: `--verbose` given)."""
     verbose = console.is_verbose() if verbose is None else verbose
     if not ray.is_initialized():
+        given = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "address"
         address = os.environ.get("RAY_ADDRESS") or address
         if address in (None, "", "local"):  # starts its own Ray: its processes inherit this env
             for key, value in console.local_ray_env(verbose).items():
                 os.environ.setdefault(key, value)
-        ray.init(address=address, **console.ray_init_kwargs(verbose))
+        try:
+            ray.init(address=address, **console.ray_init_kwargs(verbose))
+        except ConnectionError as err:  # nothing to join there: the address is the culprit
+            raise ConfigError(
+                f"argument error: {given}={address}: no Ray cluster to join "
+                f"({console.error_line(err)}); start one (`ray start --head`) or submit the job "
+                "to one (`ray job submit`)") from None
     quiet_ray_data_and_loggers(verbose)
 
 
@@ -206,6 +214,22 @@ def check_experiment(uri: str, experiment: str) -> None:
                           f"{redact_text(uri)}: restore it, or name another")
 
 
+def check_resumed_run(uri: str, run_id: str) -> None:
+    """Refuse, before any cluster work, a --resume whose MLflow run cannot go on: deleted (it,
+    or its experiment) or gone from the store (`deleted_run`); a store that is away is left to
+    the job (the run is continued when it is back), one failing for now too."""
+    local = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
+    if not server_reachable(uri) or (local is not None and not Path(local).exists()):
+        return
+    try:
+        problem = deleted_run(uri, run_id)
+    except Exception:
+        return  # failing for now: left to the job
+    if problem is not None:
+        raise ConfigError(f"argument error: --resume: {problem}: restore it in the MLflow UI, or "
+                          "train afresh (without --resume, or with another --out)")
+
+
 def ray_job_tags() -> dict[str, str]:
     """The Ray job id, and the submission id when started by `ray job submit`."""
     tags = {"ray.job_id": ray.get_runtime_context().get_job_id()}
@@ -297,6 +321,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                  f"(epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")
     if run_id is None and parent_run_id is None:  # a job's new run (a sweep checks its own)
         check_experiment(uri, cfg.tracking.experiment)
+    elif resume and run_id is not None:
+        check_resumed_run(uri, run_id)
     verbose = console.is_verbose()
     connect(address, verbose)
     check_store_reachable(uri)
@@ -304,6 +330,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         check_workers_fit([cfg])
     refs = table_refs if table_refs is not None else ingest(info, cfg)
     owned = refs if table_refs is None else None  # this job's own ingest: ended with it
+    marked = None  # the run made, or made RUNNING again, below
     try:
         line = mode_line(refs)
         if show_progress and line:
@@ -315,7 +342,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                         "parent_run_id": parent_run_id, "tags": {**ray_job_tags(), **(tags or {})}}
             if server_reachable(uri):
                 try:
-                    run_id = start_run(uri, **run_args)
+                    run_id = marked = start_run(uri, **run_args)
                 except Exception as err:
                     cause = creation_cause(err)
                     if refused(cause):  # the store answered and refused it: bad input
@@ -336,15 +363,19 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                      "created, and its metrics sent, when the server is back")
         elif server_reachable(uri):
             reopen_run(uri, run_id)
+            marked = run_id
             if resumed_with:  # MLflow params never change: the new values as tags, and the config
                 _record_resume(uri, run_id, resumed_with, cfg)
         else:  # a resume while the server is away: the run is RUNNING again when it is back
             pending = _deferred_run(uri, reopen=run_id)
             _log(f"MLflow at {redact_text(uri)} is unreachable: training goes on without it; run {run_id} "
                  "gets its metrics when the server is back")
-    except BaseException:
+    except BaseException as err:
         if owned is not None:
             owned.release()
+        if marked is not None:  # stopped or failed while it was set up: not left RUNNING
+            end_run(uri, marked, "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit)
+                    else "FAILED")
         raise
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
         _write_state(state_file, run_id, uri, cfg, checkpoints)
@@ -353,9 +384,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
         fatal_file.unlink(missing_ok=True)
         tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
-        if resume:  # the earlier part's: sent to the run now, or kept (never dropped)
-            _send_earlier_points(tracking_file, uri, run_id)
-        tracking_file.unlink(missing_ok=True)
+        # an earlier job's in this --out (this run's, resumed, or another's): sent to their
+        # run now, or kept under a name of their own (never dropped)
+        _send_kept_points(tracking_file, uri, run_id if resume else None, park=True)
         result_file = out_dir / "result.json"  # an earlier run's: this one has not finished
         result_file.unlink(missing_ok=True)
         name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
@@ -401,6 +432,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             except Exception as e:  # tracking never fails a trained job: the weights are kept
                 _log(f"the model could not be logged to MLflow ({console.error_line(e)}); it is "
                      f"in {checkpoint_path}")
+        if run_id is not None:  # an attempt before a restart left points: the store may be back
+            _send_kept_points(tracking_file, uri, run_id, park=False, only_current=True)
         unsent = (json.loads(tracking_file.read_text())["metrics_unsent"]
                   if tracking_file.exists() else 0)
         if unsent and run_id is not None:  # (no run at all: said above)
@@ -459,28 +492,41 @@ def _record_resume(uri: str, run_id: str, changed: dict[str, str], cfg: Config) 
         _log(f"the resumed config could not be recorded in MLflow ({console.error_line(err)})")
 
 
-def _send_earlier_points(tracking_file: Path, uri: str, run_id: str | None) -> None:
-    """A --resume of a job that ended with points unsent (`tracking.json`): they go to the
-    run before training goes on; if they cannot go now (no run yet, the store away), the file
-    is kept under a name of its own, which the resume's own `tracking.json` does not replace."""
-    if not tracking_file.exists():
-        return
-    try:
-        points = json.loads(tracking_file.read_text()).get("points") or []
-    except (OSError, ValueError, AttributeError):
-        points = None  # unreadable: kept as it is, below
-    if points == []:
-        return
-    if points and run_id is not None and server_reachable(uri):
+def _send_kept_points(tracking_file: Path, uri: str, run_id: str | None, *, park: bool,
+                      only_current: bool = False) -> None:
+    """Metric points jobs in this --out could not send: `tracking.json`, and (unless
+    `only_current`) the `tracking-<time>.json` files an earlier start kept. Each goes to the
+    run its file names (`mlflow_run_id`); a tracking.json without one (written before the run
+    existed, or by an older version) belongs to `run_id` (a --resume's run; None: a fresh
+    run's start, whose run it is not). Sent: the file goes. Not (no run, no server):
+    `park` renames tracking.json to a name of its own, which the new job's tracking.json does
+    not replace; the others stay as they are."""
+    files = [] if only_current else sorted(tracking_file.parent.glob("tracking-*.json"))
+    for f in [*files, *([tracking_file] if tracking_file.exists() else [])]:
         try:
-            send_points(uri, run_id, points)
-            _log(f"sent {len(points)} metric point(s) the run could not send before")
-            return
-        except Exception as err:
-            _log(f"the earlier metric points could not be sent ({console.error_line(err)})")
-    kept = tracking_file.with_name(f"tracking-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.replace(tracking_file, kept)
-    _log(f"the metric points the run could not send before are kept in {kept}")
+            data = json.loads(f.read_text())
+            points = data.get("points") or []
+            target = data.get("mlflow_run_id") or (run_id if f == tracking_file else None)
+        except (OSError, ValueError, AttributeError):
+            points, target = None, None  # unreadable: kept as it is, below
+        if points == []:
+            f.unlink(missing_ok=True)
+            continue
+        if points and target is not None and server_reachable(uri):
+            try:
+                send_points(uri, target, points)
+                _log(f"sent {len(points)} metric point(s) that run {target} could not send "
+                     f"before ({f.name})")
+                f.unlink(missing_ok=True)
+                continue
+            except Exception as err:
+                _log(f"the earlier metric points could not be sent ({console.error_line(err)})")
+        if park and f == tracking_file:
+            kept = tracking_file.with_name(f"tracking-{time.strftime('%Y%m%d-%H%M%S')}-"
+                                           f"{uuid.uuid4().hex[:6]}.json")
+            os.replace(tracking_file, kept)
+            _log(f"the metric points {'run ' + target if target else 'a run'} could not send "
+                 f"before are kept in {kept}")
 
 
 def _unfinished(out_dir: Path) -> None:

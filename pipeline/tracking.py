@@ -1,7 +1,8 @@
 """MLflow: one run per training job (nested under a sweep's parent run for Tune trials).
 
 The driver creates the run, logs the whole resolved config as params, the config as an
-artifact, and at the end the model and the final status (FINISHED, or FAILED on any error).
+artifact, and at the end the model and the final status (FINISHED; FAILED on an error, KILLED
+when stopped: Ctrl-C, `ray job stop`, a trial Tune stopped).
 Rank 0 logs the metric curves during training through `MetricLogger`, which talks to the same
 store by URI. A local sqlite store is reachable from every process of a single-node cluster;
 a multi-node cluster needs a tracking server (checked by `check_store_reachable`).
@@ -32,7 +33,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.console import error_line
-from pipeline.redact import redact, secret_env_values
+from pipeline.redact import redact, redact_text, secret_env_values
 
 log = logging.getLogger(__name__)
 # Ending a run on a tracking server, MLflow reads the run back to print two "View run" lines: a
@@ -85,6 +86,24 @@ def deleted_experiment(uri: str, name: str) -> bool:
     where no run can be created: bad input, said before any cluster work."""
     exp = client(uri).get_experiment_by_name(name)
     return exp is not None and exp.lifecycle_stage == "deleted"
+
+
+def deleted_run(uri: str, run_id: str) -> str | None:
+    """What keeps the run `run_id` (a --resume's, at `uri`: reachable) from being continued:
+    it, or its experiment, deleted (in the UI, say), or gone; None when it can go on."""
+    c = client(uri)
+    try:
+        run = c.get_run(run_id)
+    except Exception as err:
+        if refused(err):  # (no such run: purged, or another store)
+            return f"MLflow run {run_id} is not in {redact_text(uri)} ({error_line(err)})"
+        raise
+    # (deleting an experiment deletes its runs: the experiment is the one to restore)
+    if c.get_experiment(run.info.experiment_id).lifecycle_stage == "deleted":
+        return f"the experiment of MLflow run {run_id} is deleted in {redact_text(uri)}"
+    if run.info.lifecycle_stage == "deleted":
+        return f"MLflow run {run_id} is deleted in {redact_text(uri)}"
+    return None
 
 
 def git_commit() -> str | None:
@@ -188,9 +207,45 @@ def send_points(uri: str, run_id: str, points: list[dict[str, Any]]) -> None:
         c.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
+def keep_unsent(path: str | Path, unsent: int, points: list[dict[str, Any]],
+                run_id: str | None) -> int:
+    """Metric points the store never got (`MetricLogger.close`'s count and `unsent_points`),
+    added to `path` (a job's tracking.json) beside what an earlier attempt of the same job left
+    there (a worker failed, Ray Train restarted the group from its checkpoint: the epochs
+    before it are not trained again, so their points would be lost with the attempt). The file
+    names the run they belong to (`mlflow_run_id`; None: not created yet). Returns the count
+    the file holds.
+
+    >>> import tempfile; f = Path(tempfile.mkdtemp()) / "tracking.json"
+    >>> keep_unsent(f, 2, [{"key": "a", "value": 1.0, "step": 1, "timestamp": 0}] * 2, None)
+    2
+    >>> keep_unsent(f, 1, [{"key": "a", "value": 2.0, "step": 2, "timestamp": 0}], "r1")
+    3
+    >>> import json; d = json.loads(f.read_text()); d["mlflow_run_id"], len(d["points"])
+    ('r1', 3)
+    """
+    import json
+
+    from pipeline.files import write_json
+
+    path = Path(path)
+    before: dict[str, Any] = {}
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):  # unreadable: kept under a name of its own, not lost
+            os.replace(path, path.with_name(f"{path.stem}-unreadable-{time.time_ns()}.json"))
+    total = int(before.get("metrics_unsent") or 0) + int(unsent)
+    write_json(path, {"metrics_unsent": total,
+                      "mlflow_run_id": run_id or before.get("mlflow_run_id"),
+                      "points": [*(before.get("points") or []), *points]})
+    return total
+
+
 def end_run(uri: str, run_id: str, status: str) -> bool:
-    """Mark the run FINISHED or FAILED; an unreachable store (after MLflow's own HTTP retries)
-    is a warning, never an error that would turn a trained job into a crashed one."""
+    """Mark the run FINISHED, FAILED or KILLED (`status`); an unreachable store (after MLflow's
+    own HTTP retries) is a warning, never an error that would turn a trained job into a crashed
+    one."""
     try:
         client(uri).set_terminated(run_id, status)
         return True

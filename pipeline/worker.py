@@ -69,7 +69,7 @@ from pipeline.engine.step import (
     to_torch,
 )
 from pipeline.files import write_json
-from pipeline.tracking import MetricLogger
+from pipeline.tracking import MetricLogger, keep_unsent
 
 
 def model_spec(cfg: Config, facts: dict[str, int | None]) -> dict[str, Any]:
@@ -485,7 +485,12 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if logger is not None:
             if isinstance(err, NonFiniteError):  # never run again: its epoch's steps up to
                 _log_steps(logger, steps_log)  # the divergence are what explains it
-            logger.close(timeout_s=2.0, give_up=True)
+            unsent = logger.close(timeout_s=2.0, give_up=True)
+            if unsent and loop_config.get("tracking_file"):  # (the store away): the epochs
+                # done are not trained again after a restart or a --resume; their points are
+                # sent from the file (pipeline.launch), not lost with this attempt
+                keep_unsent(loop_config["tracking_file"], unsent, logger.unsent_points(),
+                            logger.run_id)
         raise
     if logger is not None:
         wait_s = float(loop_config.get("tracking_close_s", 120.0))
@@ -496,8 +501,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if unsent and loop_config.get("tracking_file"):
             console.say(f"MLflow: {unsent} metric point(s) could not be sent "
                         f"(the store was unreachable at the end of training)")
-            write_json(Path(loop_config["tracking_file"]),
-                       {"metrics_unsent": unsent, "points": logger.unsent_points()})
+            keep_unsent(loop_config["tracking_file"], unsent, logger.unsent_points(),
+                        logger.run_id)
 
 
 def _prepare_model(cfg: Config, spec: dict[str, Any], session: Session

@@ -394,6 +394,8 @@ CASES = [
     ("set-without-equals", ["--config", DIGITS, "--set", "train.epochs"], "train.epochs"),
     ("resume-nothing", ["--config", DIGITS, "--out", "{started}", "--resume"], "--resume"),
     ("out-is-a-file", ["--config", DIGITS, "--out", "{bad_yaml}"], "is a file, not a folder"),
+    # (it was mkdir's NotADirectoryError, a traceback: after the whole search, for find-batch-size)
+    ("out-under-a-file", ["--config", DIGITS, "--out", "{bad_yaml}/runs"], "is a file, not a folder"),
     # a typo'd scheme passes no reachability probe (not http) and failed on the cluster
     ("tracking-scheme", ["--config", DIGITS, *s("tracking.uri=htp://127.0.0.1:5000")],
      "tracking.uri=htp://127.0.0.1:5000: MLflow has no store for 'htp' URIs"),

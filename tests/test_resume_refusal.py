@@ -221,3 +221,28 @@ def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys
             "--set", "train.epochs=8", "--set", "batching.options.pacing_epochs=4"]
     assert cli.run(argv) == 2
     assert "differs from the run's in batching.options (" in capsys.readouterr().err
+
+
+@pytest.mark.mlflow
+@pytest.mark.parametrize("deleted", ["run", "experiment"])
+def test_a_resume_of_a_run_deleted_in_mlflow_is_refused_before_the_cluster(
+        started, mlflow_server, deleted, capsys, monkeypatch):
+    """The run (or its experiment) deleted in the UI since: one line and exit 2 before any
+    cluster work (it was MLflow's traceback, exit 1, after the data was ingested)."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(mlflow_server)
+    exp = c.create_experiment(f"test-resume-deleted-{deleted}")
+    run_id = c.create_run(exp).info.run_id
+    c.set_terminated(run_id, "FAILED")
+    c.delete_run(run_id) if deleted == "run" else c.delete_experiment(exp)
+    run = json.loads((started / "run.json").read_text())
+    (started / "run.json").write_text(json.dumps({**run, "mlflow_run_id": run_id,
+                                                  "tracking_uri": mlflow_server}))
+    monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
+    rc = cli.run(["train", "--config", DIGITS, "--out", str(started), "--resume"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "--resume" in ln]
+    what = f"MLflow run {run_id}" if deleted == "run" else f"the experiment of MLflow run {run_id}"
+    assert rc == 2 and lines == [f"argument error: --resume: {what} is deleted in {mlflow_server}: "
+                                 "restore it in the MLflow UI, or train afresh (without --resume, "
+                                 "or with another --out)"]

@@ -140,7 +140,7 @@ def test_a_resume_sends_the_points_its_earlier_part_could_not_or_keeps_them(mlfl
     resume used to delete it, losing the only list of them)."""
     import json
 
-    from pipeline.launch import _send_earlier_points
+    from pipeline.launch import _send_kept_points
 
     c = MlflowClient(mlflow_server)
     run_id = c.create_run(c.create_experiment("test-resume-sends")).info.run_id
@@ -148,14 +148,42 @@ def test_a_resume_sends_the_points_its_earlier_part_could_not_or_keeps_them(mlfl
               for s in (1, 2, 3)]
     unsent = tmp_path / "tracking.json"
     unsent.write_text(json.dumps({"metrics_unsent": 3, "points": points}))
-    _send_earlier_points(unsent, mlflow_server, run_id)
+    _send_kept_points(unsent, mlflow_server, run_id, park=True)
     got = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "train_loss"))
     assert got == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
+    assert not unsent.exists()
     unsent.write_text(json.dumps({"metrics_unsent": 3, "points": points}))
-    _send_earlier_points(unsent, mlflow_server, None)  # no run yet: kept, not dropped
+    _send_kept_points(unsent, mlflow_server, None, park=True)  # no run yet: kept, not dropped
     kept = list(tmp_path.glob("tracking-*.json"))
     assert not unsent.exists() and len(kept) == 1
     assert json.loads(kept[0].read_text())["points"] == points
+
+
+def test_points_kept_for_a_run_go_to_that_run_whatever_job_starts_next(mlflow_server, tmp_path):
+    """A tracking.json names its run (`keep_unsent`): a fresh job in the same --out sends its
+    points to that earlier run (it used to delete the file), and a file kept earlier under a
+    name of its own is sent, to its run, at the next start that finds the store."""
+    import json
+
+    from pipeline.launch import _send_kept_points
+    from pipeline.tracking import keep_unsent
+
+    c = MlflowClient(mlflow_server)
+    exp = c.create_experiment("test-kept-points")
+    old, older = (c.create_run(exp).info.run_id for _ in range(2))
+    points = [{"key": "val_loss", "value": float(s), "step": s, "timestamp": 1000 + s}
+              for s in (1, 2)]
+    keep_unsent(tmp_path / "tracking.json", 1, points[:1], old)  # an attempt, then a restart
+    keep_unsent(tmp_path / "tracking.json", 1, points[1:], None)  # (the run not known there)
+    parked = tmp_path / "tracking-20261206-000000-abcdef.json"
+    parked.write_text(json.dumps({"metrics_unsent": 2, "points": points, "mlflow_run_id": older}))
+    anonymous = tmp_path / "tracking-20261206-000001-abcdef.json"  # whose run is not known
+    anonymous.write_text(json.dumps({"metrics_unsent": 2, "points": points}))
+    _send_kept_points(tmp_path / "tracking.json", mlflow_server, None, park=True)  # a fresh job
+    for run in (old, older):
+        assert sorted((m.step, m.value) for m in c.get_metric_history(run, "val_loss")) == [
+            (1, 1.0), (2, 2.0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [anonymous.name]  # left as it was
 
 
 def test_a_deferred_run_the_store_cannot_complete_is_not_made_again_and_again(mlflow_server,
