@@ -106,7 +106,7 @@ class Blocks:
         them the dataset's share each node kept (the object-store mode has none: its blocks go
         with the last reference). For whoever ingested, once its job or sweep is over: a
         submitted job's driver takes them along when it exits, a notebook's would not."""
-        if self.keeper is None:
+        if self.keeper is None or not ray.is_initialized():  # (Ray shut down: gone with it)
             return
         servers = list(self.servers.values())
         try:

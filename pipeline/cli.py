@@ -409,9 +409,17 @@ def config_yaml(cfg: Config, command: str = "train") -> str:
     True
     >>> Config.model_validate(yaml.safe_load(text)) == Config().with_overrides({"train.epochs": 3})
     True
+
+    Secrets are masked (`pipeline.redact`), as on the console and in MLflow:
+
+    >>> "uri: http://me:***@h:5000" in config_yaml(Config().with_overrides(
+    ...     {"tracking.uri": "http://me:hunter22@h:5000"}))
+    True
     """
     from pipeline.config import MODEL_KWARGS, STRATEGY_OPTIONS
+    from pipeline.redact import redact
 
+    cfg = Config.model_validate(redact(cfg.to_dict()))
     out = [f"# {PROG} {command} --config THIS_FILE",
            "# The config after --config and --set; every key with its default and description.",
            "# Values that the data decides (model.name: auto, unset columns) are filled at the run",

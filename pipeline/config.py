@@ -720,7 +720,7 @@ def changed_keys(before: dict[str, Any], now: dict[str, Any],
 
 # MLflow 3's tracking stores, by URI scheme (a database's may name its driver: postgresql+psycopg2)
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
-                    "databricks-uc", "uc", "file")
+                    "databricks-uc", "uc")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -734,9 +734,23 @@ def check_tracking_uri(uri: str) -> None:
     Traceback (most recent call last):
     ...
     pipeline.config.ConfigError: config error: tracking.uri=htp://host:5000: MLflow has no store ...
+
+    A path (or `file:`) is MLflow's file store, which MLflow 3 refuses to write: said here,
+    with what was probably meant (it was MLflow's message, under tracking.experiment's name).
+
+    >>> check_tracking_uri("127.0.0.1:5000")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: config error: tracking.uri=127.0.0.1:5000: a path is MLflow's ...
     """
-    if "://" not in uri:
+    if uri.lower() in ("databricks", "databricks-uc", "uc"):  # (profiles without a //)
         return
+    if "://" not in uri or uri.lower().startswith("file:"):
+        from pipeline.redact import redact_text
+
+        raise ConfigError(f"config error: tracking.uri={redact_text(uri)}: a path is MLflow's "
+                          "file store, which MLflow 3 no longer records to; a tracking server is "
+                          "http://HOST:PORT, a local store sqlite:///PATH")
     scheme = uri.split("://", 1)[0].lower()
     from importlib.metadata import entry_points  # stores MLflow plugins add, by their scheme
 

@@ -77,7 +77,9 @@ def connect(address: str | None = None, verbose: bool | None = None) -> None:
                 os.environ.setdefault(key, value)
         try:
             ray.init(address=address, **console.ray_init_kwargs(verbose))
-        except ConnectionError as err:  # nothing to join there: the address is the culprit
+        except ConnectionError as err:
+            if "could not find any running ray instance" not in str(err).lower():
+                raise  # (a cluster there not answering in time, several found: Ray's own)
             raise ConfigError(
                 f"argument error: {given}={address}: no Ray cluster to join "
                 f"({console.error_line(err)}); start one (`ray start --head`) or submit the job "
@@ -123,21 +125,27 @@ def workers_problem(cfg: Config, cluster: dict[str, float], nodes: list[dict[str
 
     >>> from pipeline.config import load_config
     >>> cfg = load_config(None, ["scaling.num_workers=64"])
-    >>> workers_problem(cfg, {"CPU": 4.0}, [{"CPU": 4.0}], None)
-    'it needs 64 CPU(s) in all, the cluster has 4'
+    >>> print(workers_problem(cfg, {"CPU": 4.0}, [{"CPU": 4.0}], None))  # doctest: +ELLIPSIS
+    it needs 64 CPU(s) in all, the cluster has 4; lower ...cpus_per_worker (or add nodes)
+    >>> gpus = load_config(None, ["scaling.use_gpu=true"])
+    >>> print(workers_problem(gpus, {"CPU": 8.0}, [{"CPU": 8.0}], None))  # doctest: +ELLIPSIS
+    it needs 2 GPU(s) in all, the cluster has 0; lower ..., or set scaling.use_gpu=false (or add GPU nodes)
     >>> workers_problem(cfg, {"CPU": 0.0}, [{"CPU": 0.0}], {"CPU": 64.0}) is None
     True
     >>> three = load_config(None, ["scaling.num_workers=3", "scaling.cpus_per_worker=2",
     ...                            "train.global_batch_size=96"])
-    >>> workers_problem(three, {"CPU": 6.0}, [{"CPU": 3.0}, {"CPU": 3.0}], None)
-    'its nodes hold 2 worker(s) of 2 CPU(s) at most'
+    >>> print(workers_problem(three, {"CPU": 6.0}, [{"CPU": 3.0}, {"CPU": 3.0}], None))  # doctest: +ELLIPSIS
+    its nodes hold 2 worker(s) of 2 CPU(s) at most; lower scaling.num_workers or ... (or add nodes)
     """
     sc = cfg.scaling
+    fix = "; lower scaling.num_workers or scaling.cpus_per_worker (or add nodes)"
     for key, amount in sc.need().items():
         have = max(cluster.get(key, 0.0), (most or {}).get(key, 0.0))
         if amount > have + 1e-9:
             grow = " (at most, as its autoscaler may grow it)" if most else ""
-            return f"it needs {amount:g} {key}(s) in all, the cluster has {have:g}{grow}"
+            if key == "GPU":  # (fewer CPUs a worker would not help)
+                fix = "; lower scaling.num_workers, or set scaling.use_gpu=false (or add GPU nodes)"
+            return f"it needs {amount:g} {key}(s) in all, the cluster has {have:g}{grow}{fix}"
     if most is None and nodes:
         def holds(node: dict[str, float]) -> int:
             n = math.floor(node.get("CPU", 0.0) / sc.cpus_per_worker + 1e-9)
@@ -146,7 +154,7 @@ def workers_problem(cfg: Config, cluster: dict[str, float], nodes: list[dict[str
         slots = sum(holds(n) for n in nodes)
         if slots < sc.num_workers:
             return (f"its nodes hold {slots} worker(s) of {sc.cpus_per_worker:g} CPU(s)"
-                    f"{' and a GPU' if sc.use_gpu else ''} at most")
+                    f"{' and a GPU' if sc.use_gpu else ''} at most{fix}")
     return None
 
 
@@ -165,8 +173,7 @@ def check_workers_fit(cfgs: list[Config], note: Callable[[Config], str] | None =
         if problem := workers_problem(cfg, cluster, nodes, most):
             raise ConfigError(
                 f"config error: scaling.num_workers={sc.num_workers} x {sc.cpus_per_worker:g} "
-                f"CPU{' and a GPU' if sc.use_gpu else ''} each: {problem}; lower "
-                "scaling.num_workers or scaling.cpus_per_worker (or add nodes)"
+                f"CPU{' and a GPU' if sc.use_gpu else ''} each: {problem}"
                 + (note(cfg) if note is not None else ""))
 
 
@@ -432,8 +439,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             except Exception as e:  # tracking never fails a trained job: the weights are kept
                 _log(f"the model could not be logged to MLflow ({console.error_line(e)}); it is "
                      f"in {checkpoint_path}")
-        if run_id is not None:  # an attempt before a restart left points: the store may be back
-            _send_kept_points(tracking_file, uri, run_id, park=False, only_current=True)
+        if run_id is not None:  # an attempt before a restart left points, or an earlier job
+            _send_kept_points(tracking_file, uri, run_id, park=False)  # (the store may be back)
         unsent = (json.loads(tracking_file.read_text())["metrics_unsent"]
                   if tracking_file.exists() else 0)
         if unsent and run_id is not None:  # (no run at all: said above)
@@ -459,6 +466,11 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             # not forced: a run begun now would outlive the 1.5 s and be left RUNNING
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints, timeout_s=1.5,
                                       force=False)
+        if isinstance(err, SystemExit) and ray.is_initialized():
+            # SIGTERM (`ray job stop`): the process ends, and training with it now -- the Train
+            # controller and workers are this driver's actors -- not after the run is marked
+            # KILLED (they trained, checkpointed and logged on until the SIGKILL 3 s later)
+            ray.shutdown()
         ended = ""
         if run_id is not None:  # the store may refuse: say so rather than claim it ended
             ended = (f"; MLflow run {run_id} KILLED" if end_run(uri, run_id, "KILLED")
@@ -492,35 +504,44 @@ def _record_resume(uri: str, run_id: str, changed: dict[str, str], cfg: Config) 
         _log(f"the resumed config could not be recorded in MLflow ({console.error_line(err)})")
 
 
-def _send_kept_points(tracking_file: Path, uri: str, run_id: str | None, *, park: bool,
-                      only_current: bool = False) -> None:
-    """Metric points jobs in this --out could not send: `tracking.json`, and (unless
-    `only_current`) the `tracking-<time>.json` files an earlier start kept. Each goes to the
-    run its file names (`mlflow_run_id`); a tracking.json without one (written before the run
-    existed, or by an older version) belongs to `run_id` (a --resume's run; None: a fresh
-    run's start, whose run it is not). Sent: the file goes. Not (no run, no server):
-    `park` renames tracking.json to a name of its own, which the new job's tracking.json does
-    not replace; the others stay as they are."""
-    files = [] if only_current else sorted(tracking_file.parent.glob("tracking-*.json"))
-    for f in [*files, *([tracking_file] if tracking_file.exists() else [])]:
+def _send_kept_points(tracking_file: Path, uri: str, run_id: str | None, *,
+                      park: bool) -> None:
+    """Metric points jobs in this --out could not send: `tracking.json`, and the
+    `tracking-<time>-<id>.json` files an earlier start kept. Each goes to the run its file
+    names (`mlflow_run_id`); a tracking.json without one (written before the run existed, or by
+    an older version) belongs to `run_id` (a --resume's run, or the job's own at its end; None:
+    a fresh run's start, whose run it is not). Sent: the file goes. Not (no run, no server):
+    `park` (a job's start) renames tracking.json to a name of its own, which the new job's
+    tracking.json does not replace; the others stay as they are. At a job's end (not `park`)
+    tracking.json keeps its count of points not sent (`metrics_unsent`: those the store
+    refused, or dropped beyond the buffer, are counted but not listed)."""
+    files = [*sorted(tracking_file.parent.glob("tracking-*.json")),
+             *([tracking_file] if tracking_file.exists() else [])]
+    reachable: bool | None = None  # asked once, when there is something to send
+    for f in files:
         try:
             data = json.loads(f.read_text())
             points = data.get("points") or []
             target = data.get("mlflow_run_id") or (run_id if f == tracking_file else None)
-        except (OSError, ValueError, AttributeError):
-            points, target = None, None  # unreadable: kept as it is, below
-        if points == []:
-            f.unlink(missing_ok=True)
-            continue
-        if points and target is not None and server_reachable(uri):
+            unlisted = int(data.get("metrics_unsent") or 0) - len(points)
+        except (OSError, ValueError, AttributeError, TypeError):
+            points, target, unlisted = None, None, 0  # unreadable: kept as it is, below
+        if points and target is not None:
+            reachable = server_reachable(uri) if reachable is None else reachable
+        if points and target is not None and reachable:
             try:
                 send_points(uri, target, points)
                 _log(f"sent {len(points)} metric point(s) that run {target} could not send "
                      f"before ({f.name})")
-                f.unlink(missing_ok=True)
-                continue
+                points = []
             except Exception as err:
                 _log(f"the earlier metric points could not be sent ({console.error_line(err)})")
+        if points == []:
+            if not park and f == tracking_file and unlisted > 0:  # this job's count stays
+                write_json(f, {**data, "metrics_unsent": unlisted, "points": []})
+            else:
+                f.unlink(missing_ok=True)
+            continue
         if park and f == tracking_file:
             kept = tracking_file.with_name(f"tracking-{time.strftime('%Y%m%d-%H%M%S')}-"
                                            f"{uuid.uuid4().hex[:6]}.json")

@@ -107,6 +107,11 @@ def deleted_run(uri: str, run_id: str) -> str | None:
 
 
 def git_commit() -> str | None:
+    """The commit of the code that runs: `PIPELINE_GIT_COMMIT` when set (a job submitted with
+    `--working-dir` runs an uploaded copy without `.git`, which Ray leaves out: the submitter
+    passes it in), else `git rev-parse HEAD` where the package is; None when neither knows."""
+    if os.environ.get("PIPELINE_GIT_COMMIT"):
+        return os.environ["PIPELINE_GIT_COMMIT"].strip()
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=5, cwd=Path(__file__).resolve().parent)
@@ -207,6 +212,26 @@ def send_points(uri: str, run_id: str, points: list[dict[str, Any]]) -> None:
         c.log_batch(run_id, metrics=metrics[i : i + 1000])
 
 
+def brief_error(err: BaseException, width: int = 160) -> str:
+    """Why a request failed, short: the OS's reason where the message holds one (urllib3's
+    run to hundreds of characters around it), else its first line, cut at `width`.
+
+    >>> brief_error(ConnectionError("HTTPConnectionPool(host='h', port=5001): Max retries "
+    ...     "exceeded with url: /api/2.0/mlflow/runs/log-batch (Caused by NewConnectionError("
+    ...     "'<urllib3.connection.HTTPConnection object at 0x7f>: Failed to establish a new "
+    ...     "connection: [Errno 111] Connection refused'))"))
+    'ConnectionError: [Errno 111] Connection refused'
+    >>> brief_error(TimeoutError())
+    'TimeoutError'
+    """
+    import re
+
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))
+    line = found.group(0) if found else (str(err).splitlines() or [""])[0]
+    line = line if len(line) <= width else line[: width - 3] + "..."
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
 def keep_unsent(path: str | Path, unsent: int, points: list[dict[str, Any]],
                 run_id: str | None) -> int:
     """Metric points the store never got (`MetricLogger.close`'s count and `unsent_points`),
@@ -233,7 +258,10 @@ def keep_unsent(path: str | Path, unsent: int, points: list[dict[str, Any]],
     if path.exists():
         try:
             before = json.loads(path.read_text())
+            if not isinstance(before, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError):  # unreadable: kept under a name of its own, not lost
+            before = {}
             os.replace(path, path.with_name(f"{path.stem}-unreadable-{time.time_ns()}.json"))
     total = int(before.get("metrics_unsent") or 0) + int(unsent)
     write_json(path, {"metrics_unsent": total,
@@ -615,7 +643,7 @@ class MetricLogger:
             if self._down_since is None:
                 self._down_since = time.monotonic()
                 log.warning("MLflow unreachable, metric points kept and sent when it is back: %s",
-                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+                            brief_error(err))
             return False
         with self._lock:
             del self._buffer[: len(chunk)]  # add() only appends: the front is still this chunk

@@ -489,8 +489,12 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             if unsent and loop_config.get("tracking_file"):  # (the store away): the epochs
                 # done are not trained again after a restart or a --resume; their points are
                 # sent from the file (pipeline.launch), not lost with this attempt
-                keep_unsent(loop_config["tracking_file"], unsent, logger.unsent_points(),
-                            logger.run_id)
+                try:
+                    keep_unsent(loop_config["tracking_file"], unsent, logger.unsent_points(),
+                                logger.run_id)
+                except Exception as keep_err:  # (a full disk): the error that ended training
+                    console.say(f"MLflow: {unsent} metric point(s) not sent and not kept "  # is
+                                f"({console.error_line(keep_err)})")  # the one raised
         raise
     if logger is not None:
         wait_s = float(loop_config.get("tracking_close_s", 120.0))

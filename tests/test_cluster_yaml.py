@@ -49,16 +49,18 @@ def _commands(cluster) -> list[str]:
 
 
 def test_token_authentication_is_on_on_every_node(cluster):
-    """`ray start` turns token auth on where it finds a token (~/.ray/auth_token) and starts
-    without it, with a warning, where it finds none (ray/_private/authentication,
-    `maybe_enable_token_auth_if_token_available`): every node gets the token of the machine
-    that runs `ray up`, and nothing may turn the mode off (RAY_AUTH_MODE is how it is set)."""
+    """Every node gets the token of the machine that runs `ray up` (~/.ray/auth_token), and
+    every `ray start` runs with RAY_AUTH_MODE=token: Ray 2.60's `ray start` turns token auth on
+    by itself only for a head that finds a token (ray/scripts/scripts.py calls
+    `maybe_enable_token_auth_if_token_available` on the head's path alone), so a worker started
+    without it cannot join a head that has it. Nothing may turn the mode off."""
     text = yaml.safe_dump(cluster)
-    assert "RAY_AUTH_MODE" not in text and "auth-mode" not in text
+    assert "RAY_AUTH_MODE=disabled" not in text and "auth-mode" not in text
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "ray get-auth-token --generate" in (REPO / "cluster.yaml").read_text()
     starts = [c for c in _commands(cluster) if "ray start" in c]
     assert len(starts) == 2 and all("0.0.0.0" not in c for c in starts)
+    assert all(c.startswith("RAY_AUTH_MODE=token ray start ") for c in starts), starts
 
 
 def test_the_job_api_is_on_the_heads_loopback_and_the_readme_says_why(cluster):

@@ -399,6 +399,10 @@ CASES = [
     # a typo'd scheme passes no reachability probe (not http) and failed on the cluster
     ("tracking-scheme", ["--config", DIGITS, *s("tracking.uri=htp://127.0.0.1:5000")],
      "tracking.uri=htp://127.0.0.1:5000: MLflow has no store for 'htp' URIs"),
+    # a host:port without http:// is a path to MLflow (its file store, which MLflow 3 refuses:
+    # its message came under tracking.experiment's name)
+    ("tracking-no-scheme", ["--config", DIGITS, *s("tracking.uri=127.0.0.1:5000")],
+     "tracking.uri=127.0.0.1:5000: a path is MLflow's file store"),
     ("target-no-val-accuracy", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0",
                                                        "tune.metric=train_loss",
                                                        "tune.mode=min")],

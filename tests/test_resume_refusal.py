@@ -21,7 +21,8 @@ DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
 def started(tmp_path):
     """An --out folder as a job leaves it after its first epoch: run.json and a checkpoint."""
     cfg, _ = resolve(load_config(DIGITS, []))  # as the job stored it: resolved
-    (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r", "tracking_uri": "u",
+    (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r",
+                                                   "tracking_uri": "http://127.0.0.1:9",
                                                    "config": cfg.to_dict()}))
     save_checkpoint(tmp_path / "ray_results" / "train-x" / "checkpoint_0", {"step": 22, "epoch": 0})
     return tmp_path
@@ -92,7 +93,7 @@ def test_resume_takes_its_own_runs_checkpoints_when_the_out_folder_held_another(
     own = tmp_path / "ray_results" / "run-newer" / "train-b" / "checkpoint_1"
     save_checkpoint(own, {"step": 44, "epoch": 1})
     (tmp_path / "run.json").write_text(json.dumps({
-        "mlflow_run_id": "r", "tracking_uri": "u", "config": cfg.to_dict(),
+        "mlflow_run_id": "r", "tracking_uri": "http://127.0.0.1:9", "config": cfg.to_dict(),
         "checkpoints": "run-newer"}))
     monkeypatch.setattr("pipeline.launch.connect", cluster)
     with pytest.raises(Reached):
@@ -180,7 +181,8 @@ def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys
     seq = ["data.name=sequences", "batching.strategy=curriculum",
            "batching.options.difficulty=length", "batching.options.pacing=linear"]
     first, info = resolve(load_config(None, [*seq, "train.epochs=4"]))
-    (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r", "tracking_uri": "u",
+    (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r",
+                                                   "tracking_uri": "http://127.0.0.1:9",
                                                    "config": first.to_dict()}))
     save_checkpoint(tmp_path / "ray_results" / "train-x" / "checkpoint_1", {"step": 9, "epoch": 1})
     from pipeline.launch import run_training

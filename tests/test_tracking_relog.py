@@ -184,6 +184,12 @@ def test_points_kept_for_a_run_go_to_that_run_whatever_job_starts_next(mlflow_se
         assert sorted((m.step, m.value) for m in c.get_metric_history(run, "val_loss")) == [
             (1, 1.0), (2, 2.0)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [anonymous.name]  # left as it was
+    # A job's end: what it could send goes; the points the store refused (counted, not listed)
+    # stay counted for its result.json.
+    keep_unsent(tmp_path / "tracking.json", 3, points[:1], old)  # 1 listed, 2 refused
+    _send_kept_points(tmp_path / "tracking.json", mlflow_server, old, park=False)
+    assert json.loads((tmp_path / "tracking.json").read_text())["metrics_unsent"] == 2
+    assert json.loads((tmp_path / "tracking.json").read_text())["points"] == []
 
 
 def test_a_deferred_run_the_store_cannot_complete_is_not_made_again_and_again(mlflow_server,

@@ -332,6 +332,16 @@ def _contrastive_backward(model: nn.Module, micro_batches: list[dict[str, torch.
     return per_anchor[mine].detach().sum(), correct, float(rows)
 
 
+def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of the parameters' gradients, without `clip_grad_norm_`'s multiply
+    by 1 when nothing is clipped (`get_total_norm` came in torch 2.6; the project's floor is
+    2.4, where the same norm comes from clipping at infinity)."""
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is None:
+        return torch.nn.utils.clip_grad_norm_(params, math.inf)
+    return total_norm([p.grad for p in params])
+
+
 def _grad_sq(optimizer: torch.optim.Optimizer) -> float:
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     return float(sum(gr.detach().float().pow(2).sum() for gr in grads)) if grads else math.nan
@@ -468,7 +478,7 @@ def train_step(
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip
-                 else torch.nn.utils.get_total_norm([p.grad for p in params]))
+                 else _total_norm(params))
     # Gradients are all-reduced (DDP) and the loss too: every rank sees the same two numbers.
     # Under fp16 a non-finite gradient with a finite loss is the scaler's overflow (it skips and
     # backs off); a non-finite loss is not: no loss scale cures it (the loss is unscaled).

@@ -646,3 +646,18 @@ def test_a_rank_failing_before_its_step_fails_every_rank_there(where, step, inpu
     message = "disk gone" if where == "other" else "row 7 changed"
     assert r1 == ("own", message, step)
     assert r0 == ("peer", input_error, step)
+
+
+def test_the_gradient_norm_is_the_same_where_torch_has_no_get_total_norm(monkeypatch):
+    """torch < 2.6 has no `get_total_norm`: the step's norm comes from clipping at infinity,
+    the same value (a step's `grad_norm` when `train.grad_clip` is unset)."""
+    from pipeline.engine.step import _total_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    params = list(model.parameters())
+    want = float(torch.cat([p.grad.flatten() for p in params]).norm())
+    assert float(_total_norm(params)) == pytest.approx(want, rel=1e-6)
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    assert float(_total_norm(params)) == pytest.approx(want, rel=1e-6)
