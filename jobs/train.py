@@ -5,7 +5,8 @@
 
 It joins the cluster it was submitted to (RAY_ADDRESS, set by the job server) and never starts
 a second one. Same arguments and exit codes as `python -m pipeline train`
-(`--help`, `--print-config`); the job's log shows the pipeline's lines, `--verbose` adds Ray's own.
+(`--help`, `--print-config`); the job's log shows the pipeline's lines (and the few that Ray's
+core writes past any filter), `--verbose` adds Ray's own.
 """
 
 import sys

@@ -8,7 +8,8 @@ a second one; trials run as many at a time as the cluster's CPUs/GPUs fit (an au
 cluster's, at its largest). An interrupted sweep
 continues with the same command plus `--resume`. Same arguments and exit codes as
 `python -m pipeline tune` (`--help`, `--print-config`); the job's log shows the
-pipeline's lines, `--verbose` adds Ray's own.
+pipeline's lines (and the few that Ray's core writes past any filter), `--verbose` adds Ray's
+own.
 """
 
 import sys

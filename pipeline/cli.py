@@ -288,7 +288,7 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
         started = run_state(out)
         resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False)
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
-        check_tracking_uri(_store(args, cfg, out))
+        check_tracking_uri(_store(args, cfg, out), _store_source(args, cfg, out))
     return args, cfg, info, out
 
 
@@ -310,6 +310,13 @@ def out_problem(out: Path) -> str | None:
     if not os.access(above, os.W_OK | os.X_OK):
         return f"{above} is not writable"
     return None
+
+
+def _store_source(args: argparse.Namespace, cfg: Config, out: Path) -> str:
+    """Where `_store`'s URI comes from, for a line that names it."""
+    if args.resume and run_state(out).get("tracking_uri"):
+        return f"{out / 'run.json'}: tracking_uri"  # (the resumed run's store)
+    return "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
 
 
 def _store(args: argparse.Namespace, cfg: Config, out: Path) -> str:
@@ -410,20 +417,25 @@ def config_yaml(cfg: Config, command: str = "train") -> str:
     >>> Config.model_validate(yaml.safe_load(text)) == Config().with_overrides({"train.epochs": 3})
     True
 
-    Secrets are masked (`pipeline.redact`), as on the console and in MLflow:
+    Secrets are masked (`pipeline.redact`), as on the console and in MLflow -- a file saved
+    from it then holds `***` where they were, which a header line says:
 
-    >>> "uri: http://me:***@h:5000" in config_yaml(Config().with_overrides(
-    ...     {"tracking.uri": "http://me:hunter22@h:5000"}))
-    True
+    >>> text = config_yaml(Config().with_overrides({"tracking.uri": "http://me:hunter22@h:5000"}))
+    >>> "uri: http://me:***@h:5000" in text, "# Secrets are shown as ***" in text
+    (True, True)
     """
     from pipeline.config import MODEL_KWARGS, STRATEGY_OPTIONS
     from pipeline.redact import redact
 
-    cfg = Config.model_validate(redact(cfg.to_dict()))
+    shown = Config.model_validate(redact(cfg.to_dict()))
+    masked = shown != cfg
+    cfg = shown
     out = [f"# {PROG} {command} --config THIS_FILE",
            "# The config after --config and --set; every key with its default and description.",
            "# Values that the data decides (model.name: auto, unset columns) are filled at the run",
-           "# and recorded in the resolved config MLflow keeps."]
+           "# and recorded in the resolved config MLflow keeps.",
+           *(["# Secrets are shown as ***: give them again (--set, or the environment) where "
+              "this file is used."] if masked else [])]
     for section, sfield in Config.model_fields.items():
         values = getattr(cfg, section)
         out.append("")

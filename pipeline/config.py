@@ -723,10 +723,10 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "
                     "databricks-uc", "uc")
 
 
-def check_tracking_uri(uri: str) -> None:
-    """ConfigError (one line) for a tracking URI of a scheme MLflow has no store for -- a typo
-    such as `htp://` would otherwise pass the reachability probe (not http) and fail on the
-    cluster.
+def check_tracking_uri(uri: str, name: str = "tracking.uri") -> None:
+    """ConfigError (one line, naming `name`: where the URI came from) for a tracking URI MLflow
+    has no store for -- a typo such as `htp://` would otherwise pass the reachability probe
+    (not http) and fail on the cluster.
 
     >>> check_tracking_uri("http://127.0.0.1:5000"), check_tracking_uri("postgresql+psycopg2://h/db")
     (None, None)
@@ -735,30 +735,33 @@ def check_tracking_uri(uri: str) -> None:
     ...
     pipeline.config.ConfigError: config error: tracking.uri=htp://host:5000: MLflow has no store ...
 
-    A path (or `file:`) is MLflow's file store, which MLflow 3 refuses to write: said here,
-    with what was probably meant (it was MLflow's message, under tracking.experiment's name).
+    A path (or `file:`) is MLflow's file store, which MLflow 3 refuses unless
+    MLFLOW_ALLOW_FILE_STORE is set: said here, with what was probably meant (it was MLflow's
+    message, under tracking.experiment's name). The scheme is read as MLflow reads it.
 
-    >>> check_tracking_uri("127.0.0.1:5000")  # doctest: +ELLIPSIS
+    >>> check_tracking_uri("127.0.0.1:5000", "MLFLOW_TRACKING_URI")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    pipeline.config.ConfigError: config error: tracking.uri=127.0.0.1:5000: a path is MLflow's ...
+    pipeline.config.ConfigError: config error: MLFLOW_TRACKING_URI=127.0.0.1:5000: a path is ...
     """
-    if uri.lower() in ("databricks", "databricks-uc", "uc"):  # (profiles without a //)
-        return
-    if "://" not in uri or uri.lower().startswith("file:"):
-        from pipeline.redact import redact_text
+    from urllib.parse import urlparse
 
-        raise ConfigError(f"config error: tracking.uri={redact_text(uri)}: a path is MLflow's "
-                          "file store, which MLflow 3 no longer records to; a tracking server is "
-                          "http://HOST:PORT, a local store sqlite:///PATH")
-    scheme = uri.split("://", 1)[0].lower()
+    from pipeline.redact import redact_text
+
+    if uri in ("databricks", "databricks-uc", "uc"):  # (MLflow's names without a scheme)
+        return
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("", "file") or len(scheme) == 1:  # (a Windows drive letter: a path too)
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
+            return
+        raise ConfigError(f"config error: {name}={redact_text(uri)}: a path is MLflow's file "
+                          "store, which MLflow 3 refuses (MLFLOW_ALLOW_FILE_STORE=true opts in); "
+                          "a tracking server is http://HOST:PORT, a local store sqlite:///PATH")
     from importlib.metadata import entry_points  # stores MLflow plugins add, by their scheme
 
     plugins = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
     if scheme.split("+", 1)[0] not in (*TRACKING_SCHEMES, *plugins):
-        from pipeline.redact import redact_text
-
-        raise ConfigError(f"config error: tracking.uri={redact_text(uri)}: MLflow has no store for "
+        raise ConfigError(f"config error: {name}={redact_text(uri)}: MLflow has no store for "
                           f"{scheme!r} URIs (known: {', '.join(TRACKING_SCHEMES)})")
 
 

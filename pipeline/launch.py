@@ -439,10 +439,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             except Exception as e:  # tracking never fails a trained job: the weights are kept
                 _log(f"the model could not be logged to MLflow ({console.error_line(e)}); it is "
                      f"in {checkpoint_path}")
-        if run_id is not None:  # an attempt before a restart left points, or an earlier job
-            _send_kept_points(tracking_file, uri, run_id, park=False)  # (the store may be back)
-        unsent = (json.loads(tracking_file.read_text())["metrics_unsent"]
-                  if tracking_file.exists() else 0)
+        unsent = _kept_at_end(tracking_file, uri, run_id)
         if unsent and run_id is not None:  # (no run at all: said above)
             _log(f"MLflow run {run_id} misses {unsent} metric point(s): the store was "
                  "unreachable when training ended (result.json: metrics_unsent)")
@@ -466,11 +463,14 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             # not forced: a run begun now would outlive the 1.5 s and be left RUNNING
             run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints, timeout_s=1.5,
                                       force=False)
-        if isinstance(err, SystemExit) and ray.is_initialized():
+        if isinstance(err, SystemExit) and err.code == signal.SIGTERM and ray.is_initialized():
             # SIGTERM (`ray job stop`): the process ends, and training with it now -- the Train
             # controller and workers are this driver's actors -- not after the run is marked
             # KILLED (they trained, checkpointed and logged on until the SIGKILL 3 s later)
-            ray.shutdown()
+            try:
+                ray.shutdown()
+            except Exception:  # the run is marked all the same
+                pass
         ended = ""
         if run_id is not None:  # the store may refuse: say so rather than claim it ended
             ended = (f"; MLflow run {run_id} KILLED" if end_run(uri, run_id, "KILLED")
@@ -536,6 +536,7 @@ def _send_kept_points(tracking_file: Path, uri: str, run_id: str | None, *,
                 points = []
             except Exception as err:
                 _log(f"the earlier metric points could not be sent ({console.error_line(err)})")
+                reachable = reachable and refused(err)  # (failing: not asked again per file)
         if points == []:
             if not park and f == tracking_file and unlisted > 0:  # this job's count stays
                 write_json(f, {**data, "metrics_unsent": unlisted, "points": []})
@@ -548,6 +549,22 @@ def _send_kept_points(tracking_file: Path, uri: str, run_id: str | None, *,
             os.replace(tracking_file, kept)
             _log(f"the metric points {'run ' + target if target else 'a run'} could not send "
                  f"before are kept in {kept}")
+
+
+def _kept_at_end(tracking_file: Path, uri: str, run_id: str | None) -> int:
+    """At a trained job's end: the points kept in this --out sent where the store is back
+    (`_send_kept_points`: an attempt before a restart left some, or an earlier job), and the
+    count of this job's points still not sent (`metrics_unsent`). Bookkeeping never fails a
+    trained job: a file it cannot read or write is said, and left."""
+    try:
+        if run_id is not None:
+            _send_kept_points(tracking_file, uri, run_id, park=False)
+        return int(json.loads(tracking_file.read_text())["metrics_unsent"]
+                   if tracking_file.exists() else 0)
+    except Exception as err:
+        _log(f"{tracking_file} could not be read ({console.error_line(err)}); its points stay "
+             "there")
+        return 0
 
 
 def _unfinished(out_dir: Path) -> None:

@@ -501,12 +501,13 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if logger.pending() and logger.unreachable:  # a wait worth saying: it can be minutes
             console.say(f"MLflow: the store does not answer; waiting up to {wait_s:.0f} s to send "
                         f"the last {logger.pending()} metric point(s) (else they are kept)")
-        unsent = logger.close(timeout_s=wait_s)
+        logger.close(timeout_s=wait_s, give_up=True)
+        points = logger.unsent_points()  # (one snapshot: the count is of these, and dropped)
+        unsent = len(points) + logger.dropped
         if unsent and loop_config.get("tracking_file"):
             console.say(f"MLflow: {unsent} metric point(s) could not be sent "
                         f"(the store was unreachable at the end of training)")
-            keep_unsent(loop_config["tracking_file"], unsent, logger.unsent_points(),
-                        logger.run_id)
+            keep_unsent(loop_config["tracking_file"], unsent, points, logger.run_id)
 
 
 def _prepare_model(cfg: Config, spec: dict[str, Any], session: Session

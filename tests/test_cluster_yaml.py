@@ -55,7 +55,9 @@ def test_token_authentication_is_on_on_every_node(cluster):
     `maybe_enable_token_auth_if_token_available` on the head's path alone), so a worker started
     without it cannot join a head that has it. Nothing may turn the mode off."""
     text = yaml.safe_dump(cluster)
-    assert "RAY_AUTH_MODE=disabled" not in text and "auth-mode" not in text
+    import re
+
+    assert set(re.findall(r"RAY_AUTH_MODE=(\S+)", text)) == {"token"} and "auth-mode" not in text
     assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert "ray get-auth-token --generate" in (REPO / "cluster.yaml").read_text()
     starts = [c for c in _commands(cluster) if "ray start" in c]
