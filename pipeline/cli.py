@@ -288,7 +288,7 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
         started = run_state(out)
         resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False)
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
-        check_tracking_uri(_store(args, cfg, out), _store_source(args, cfg, out))
+        check_tracking_uri(*_store_and_source(args, cfg, out))
     return args, cfg, info, out
 
 
@@ -312,16 +312,18 @@ def out_problem(out: Path) -> str | None:
     return None
 
 
-def _store_source(args: argparse.Namespace, cfg: Config, out: Path) -> str:
-    """Where `_store`'s URI comes from, for a line that names it."""
-    if args.resume and run_state(out).get("tracking_uri"):
-        return f"{out / 'run.json'}: tracking_uri"  # (the resumed run's store)
-    return "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
+def _store_and_source(args: argparse.Namespace, cfg: Config, out: Path) -> tuple[str, str]:
+    """The store a run records to -- a resumed run's own (as `run_training` picks it) -- and
+    where that URI comes from, for a line that names it."""
+    resumed = (run_state(out) if args.resume else {}).get("tracking_uri")
+    if resumed:
+        return resumed, f"{out / 'run.json'}: tracking_uri"
+    return cfg.tracking_uri(), "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
 
 
 def _store(args: argparse.Namespace, cfg: Config, out: Path) -> str:
-    """The store a run records to: a resumed run's own (as `run_training` picks it)."""
-    return (run_state(out) if args.resume else {}).get("tracking_uri") or cfg.tracking_uri()
+    """The store a run records to (`_store_and_source`)."""
+    return _store_and_source(args, cfg, out)[0]
 
 
 def run(argv: list[str] | None = None, *, address: str | None = None) -> int:

@@ -200,10 +200,6 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _workers(n: int) -> str:
-    return counted(n, "worker")
-
-
 def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
     """The run's setup, a few lines, from the resolved config and the dataset info.
 
@@ -224,12 +220,13 @@ def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
     held = f", {d.val_fraction:.0%} held out for validation" if d.val_fraction else ""
     strategy = b.strategy + (f" {b.options}" if b.options else "")
     per_worker, micro = cfg.per_worker_batch(), t.micro_batch_size
+    workers = counted(s.num_workers, "worker")
     if micro == "auto":
-        split = f"{_workers(s.num_workers)} x {per_worker} (micro-batch auto: halves on out-of-memory)"
+        split = f"{workers} x {per_worker} (micro-batch auto: halves on out-of-memory)"
     elif isinstance(micro, int) and micro < per_worker:
-        split = f"{_workers(s.num_workers)} x {cfg.accumulation_steps()} micro-batches of {micro}"
+        split = f"{workers} x {cfg.accumulation_steps()} micro-batches of {micro}"
     else:
-        split = f"{_workers(s.num_workers)} x {per_worker}"
+        split = f"{workers} x {per_worker}"
     lr = scale_lr(t.base_lr, t.base_batch_size, t.global_batch_size, t.lr_scaling)
     rule = (f" ({t.base_lr:g} at batch {t.base_batch_size}, {t.lr_scaling} rule)"
             if t.lr_scaling != "none" else "")

@@ -201,12 +201,18 @@ def local_store_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _store_to_ask(uri: str) -> bool:
+    """Whether the checks before the cluster can ask the store at `uri`: it answers, and (a
+    sqlite store) exists -- it is not made here: a refused job writes no store."""
+    local = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
+    return server_reachable(uri) and (local is None or Path(local).exists())
+
+
 def check_experiment(uri: str, experiment: str) -> None:
     """Refuse, before any cluster work, an experiment the store holds deleted (no run can be
     created in it); a store that is away is left to the job (it trains without it), a sqlite
     store not made yet holds none (and is not made here: a refused job writes no store)."""
-    local = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
-    if not server_reachable(uri) or (local is not None and not Path(local).exists()):
+    if not _store_to_ask(uri):
         return
     try:
         deleted = deleted_experiment(uri, experiment)
@@ -225,8 +231,7 @@ def check_resumed_run(uri: str, run_id: str) -> None:
     """Refuse, before any cluster work, a --resume whose MLflow run cannot go on: deleted (it,
     or its experiment) or gone from the store (`deleted_run`); a store that is away is left to
     the job (the run is continued when it is back), one failing for now too."""
-    local = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
-    if not server_reachable(uri) or (local is not None and not Path(local).exists()):
+    if not _store_to_ask(uri):
         return
     try:
         problem = deleted_run(uri, run_id)

@@ -485,16 +485,15 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if logger is not None:
             if isinstance(err, NonFiniteError):  # never run again: its epoch's steps up to
                 _log_steps(logger, steps_log)  # the divergence are what explains it
-            unsent = logger.close(timeout_s=2.0, give_up=True)
-            if unsent and loop_config.get("tracking_file"):  # (the store away): the epochs
-                # done are not trained again after a restart or a --resume; their points are
-                # sent from the file (pipeline.launch), not lost with this attempt
-                try:
-                    keep_unsent(loop_config["tracking_file"], unsent, logger.unsent_points(),
-                                logger.run_id)
-                except Exception as keep_err:  # (a full disk): the error that ended training
-                    console.say(f"MLflow: {unsent} metric point(s) not sent and not kept "  # is
-                                f"({console.error_line(keep_err)})")  # the one raised
+            logger.close(timeout_s=2.0, give_up=True)
+            # (the store away): the epochs done are not trained again after a restart or a
+            # --resume; their points are sent from the file (pipeline.launch), not lost with
+            # this attempt
+            try:
+                _keep_unsent(logger, loop_config)
+            except Exception as keep_err:  # (a full disk): the error that ended training is
+                console.say(f"MLflow: {logger.pending() + logger.dropped} metric point(s) not "
+                            f"sent and not kept ({console.error_line(keep_err)})")  # (raised)
         raise
     if logger is not None:
         wait_s = float(loop_config.get("tracking_close_s", 120.0))
@@ -502,12 +501,20 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             console.say(f"MLflow: the store does not answer; waiting up to {wait_s:.0f} s to send "
                         f"the last {logger.pending()} metric point(s) (else they are kept)")
         logger.close(timeout_s=wait_s, give_up=True)
-        points = logger.unsent_points()  # (one snapshot: the count is of these, and dropped)
-        unsent = len(points) + logger.dropped
-        if unsent and loop_config.get("tracking_file"):
+        if unsent := _keep_unsent(logger, loop_config):
             console.say(f"MLflow: {unsent} metric point(s) could not be sent "
                         f"(the store was unreachable at the end of training)")
-            keep_unsent(loop_config["tracking_file"], unsent, points, logger.run_id)
+
+
+def _keep_unsent(logger: MetricLogger, loop_config: dict[str, Any]) -> int:
+    """The points a closed logger could not send, kept in the job's tracking.json
+    (`keep_unsent`); their count (with those dropped), 0 where there is no file to keep them."""
+    points = logger.unsent_points()  # (one snapshot: the count is of these, and dropped)
+    unsent = len(points) + logger.dropped
+    if not unsent or not loop_config.get("tracking_file"):
+        return 0
+    keep_unsent(loop_config["tracking_file"], unsent, points, logger.run_id)
+    return unsent
 
 
 def _prepare_model(cfg: Config, spec: dict[str, Any], session: Session
