@@ -235,7 +235,10 @@ def check_resumed_run(uri: str, run_id: str) -> None:
         return
     try:
         problem = deleted_run(uri, run_id)
-    except Exception:
+    except Exception as err:
+        if refused(err):  # the server answered and refused (wrong credentials, no access)
+            raise ConfigError(f"argument error: --resume: MLflow at {redact_text(uri)} refused the "
+                              f"lookup of run {run_id} ({console.error_line(err)})") from None
         return  # failing for now: left to the job
     if problem is not None:
         raise ConfigError(f"argument error: --resume: {problem}: restore it in the MLflow UI, or "

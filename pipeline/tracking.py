@@ -95,15 +95,31 @@ def deleted_run(uri: str, run_id: str) -> str | None:
     try:
         run = c.get_run(run_id)
     except Exception as err:
-        if refused(err):  # (no such run: purged, or another store)
+        if _missing(err):  # (no such run: purged, or another store)
             return f"MLflow run {run_id} is not in {redact_text(uri)} ({error_line(err)})"
-        raise
+        raise  # (a refused lookup too: no access to the run, say, is not its absence)
     # (deleting an experiment deletes its runs: the experiment is the one to restore)
     if c.get_experiment(run.info.experiment_id).lifecycle_stage == "deleted":
         return f"the experiment of MLflow run {run_id} is deleted in {redact_text(uri)}"
     if run.info.lifecycle_stage == "deleted":
         return f"MLflow run {run_id} is deleted in {redact_text(uri)}"
     return None
+
+
+def _missing(err: BaseException) -> bool:
+    """Whether the store answered that what was asked for does not exist (HTTP 404; a local
+    store's RESOURCE_DOES_NOT_EXIST), as opposed to refusing to say (401, 403) or failing.
+
+    >>> from mlflow.exceptions import MlflowException
+    >>> from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST
+    >>> _missing(MlflowException("no run", error_code=RESOURCE_DOES_NOT_EXIST))
+    True
+    >>> _missing(MlflowException("Permission denied", error_code=PERMISSION_DENIED))
+    False
+    """
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and err.get_http_status_code() == 404
 
 
 def git_commit() -> str | None:

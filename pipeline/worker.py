@@ -349,7 +349,10 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if rank == 0 and sched.measured and now is not None and (
                 cost is None or not cost / 1.5 <= now <= cost * 1.5):  # first, or moved by 1.5x
             console.say(f"batch size: a step costs as much as {now:.0f} samples (measured: "
-                        f"T(M) = a + b M over the last {len(sched.timings)} steps)")
+                        f"T(M) = a + b M over the last {len(sched.timings)} steps)" if math.isfinite(now)
+                        else f"batch size: a step takes no longer at a larger batch over the last "
+                        f"{len(sched.timings)} steps (a fixed cost dominates): the largest has "
+                        "the best goodput")
         if rank == 0 and k != before and sched.kind == "adaptive":
             console.say(f"batch size {before * unit} -> {k * unit} at step {state.step + 1} "
                         f"(noise scale {phi / state.elements_per_sample:.0f} samples)")
@@ -457,7 +460,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             })
             if first_step:
                 metrics["startup_s"] = first_step[0] - started_at
-            if sched.kind == "adaptive" and sched.step_cost is not None:  # c as used (set or fitted)
+            if sched.kind == "adaptive" and sched.step_cost is not None and math.isfinite(
+                    sched.step_cost):  # c as used (set or fitted; inf: said on the console)
                 metrics["batch_size_step_cost"] = float(sched.step_cost)
             metrics.update(data_meter.epoch_metrics())
             if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over

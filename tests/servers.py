@@ -29,16 +29,29 @@ def _wait(predicate, timeout: float, what: str) -> None:
     raise RuntimeError(f"{what} did not come up within {timeout:.0f} s")
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+def start_mlflow_server(root: Path, port: int, admin_password: str | None = None
+                        ) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:port with its sqlite store and artifacts under root,
-    once healthy (a restart on the same root and port finds the same runs)."""
+    once healthy (a restart on the same root and port finds the same runs). `admin_password`:
+    with MLflow's basic auth (`--app-name basic-auth`: user `admin`, users' default permission
+    none, the users' store under root too)."""
     mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
     log = open(root / "server.log", "a")  # noqa: SIM115 (closed by stop_mlflow_server)
+    env, auth = dict(os.environ), []
+    if admin_password is not None:
+        (root / "auth.ini").write_text(
+            "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\n"
+            f"admin_password = {admin_password}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(root / "auth.ini"),
+                   MLFLOW_FLASK_SERVER_SECRET_KEY="tests-only-csrf-key")
+        auth = ["--app-name", "basic-auth"]
     proc = subprocess.Popen(
         [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+         "--port", str(port), "--workers", "1", *auth],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True, env=env)
     proc.log = log  # type: ignore[attr-defined]
 
     def healthy() -> bool:

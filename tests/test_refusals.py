@@ -343,10 +343,9 @@ CASES = [
     ("pack-tokens-not-a-multiple", [*SEQ, *s("model.name=seq_transformer", "batching.packing=true",
                                              "batching.pack_tokens=30", "batching.pad_multiple_of=8")],
      "batching.pack_tokens=30 is not a multiple"),
-    ("token-budget-below-the-workers", [*SEQ, *s("batching.strategy=length_bucket",
-                                                 'batching.options={"max_tokens": 30}',
-                                                 "scaling.num_workers=2")],
-     "set it to at least 38"),
+    ("token-budget-below-the-longest", [*SEQ, *s("batching.strategy=length_bucket",
+                                                 'batching.options={"max_tokens": 18}')],
+     "batching.options.max_tokens=18 is less than the longest training sequence (19 tokens)"),
     ("contrastive-without-its-loss", ["--config", DIGITS, *s("batching.strategy=contrastive")],
      "batching.strategy=contrastive"),
     ("adaptive-contrastive", ["--config", DIGITS, *s(

@@ -248,3 +248,47 @@ def test_a_resume_of_a_run_deleted_in_mlflow_is_refused_before_the_cluster(
     assert rc == 2 and lines == [f"argument error: --resume: {what} is deleted in {mlflow_server}: "
                                  "restore it in the MLflow UI, or train afresh (without --resume, "
                                  "or with another --out)"]
+
+
+@pytest.mark.slow  # a tracking server of its own (MLflow's basic auth), not the session's
+def test_a_resume_the_store_refuses_to_look_up_names_the_refusal_not_a_missing_run(
+        started, tmp_path_factory, capsys, monkeypatch):
+    """Wrong credentials (401) or none on the run (403) at a server behind MLflow's basic auth:
+    one line saying the server refused, exit 2, before the cluster -- it read "the run is not
+    in the store ... restore it in the MLflow UI", advice that cannot help. A run that is not
+    there (404, as admin) still reads so."""
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.tracking import MlflowClient
+
+    from tests.servers import free_port, start_mlflow_server, stop_mlflow_server
+
+    port, admin_pw = free_port(), "adm1n-for-tests-only"
+    server = start_mlflow_server(tmp_path_factory.mktemp("auth"), port, admin_password=admin_pw)
+    try:
+        host = f"127.0.0.1:{port}"
+        c = MlflowClient(f"http://admin:{admin_pw}@{host}")
+        run_id = c.create_run(c.create_experiment("owned-by-admin")).info.run_id
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin_pw)
+        AuthServiceClient(f"http://{host}").create_user("bob", "b0b-for-tests-only")
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
+        run = json.loads((started / "run.json").read_text())
+
+        def resume(user: str, rid: str) -> tuple[int, list[str]]:
+            (started / "run.json").write_text(json.dumps({**run, "mlflow_run_id": rid,
+                                                          "tracking_uri": f"http://{user}@{host}"}))
+            rc = cli.run(["train", "--config", DIGITS, "--out", str(started), "--resume"])
+            return rc, [ln for ln in capsys.readouterr().err.splitlines() if "--resume" in ln]
+
+        for user, status in [("bob:b0b-for-tests-only", 403), ("bob:wrong-password", 401)]:
+            rc, lines = resume(user, run_id)
+            assert rc == 2 and len(lines) == 1, lines
+            assert lines[0].startswith(f"argument error: --resume: MLflow at http://bob:***@{host} "
+                                       f"refused the lookup of run {run_id} (") and str(status) in lines[0]
+            assert "is not in" not in lines[0] and "b0b" not in lines[0] and "wrong-password" not in lines[0]
+        rc, lines = resume(f"admin:{admin_pw}", "0" * 32)
+        assert rc == 2 and len(lines) == 1 and f"MLflow run {'0' * 32} is not in " in lines[0]
+    finally:
+        stop_mlflow_server(server)

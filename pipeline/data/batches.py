@@ -102,6 +102,10 @@ def label_ids(col: pa.ChunkedArray | pa.Array, key: str) -> np.ndarray:
     Traceback (most recent call last):
     ...
     pipeline.config.ConfigError: data error: data.label_column='y' holds a negative label (-1)...
+    >>> label_ids(pa.array([2**63 + 5], pa.uint64()), "y")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: data error: y holds the label 9223372036854775813; labels are class ids...
     """
     if col.null_count:
         raise ConfigError(f"data error: {key} has {col.null_count} null label(s)")
@@ -116,7 +120,14 @@ def label_ids(col: pa.ChunkedArray | pa.Array, key: str) -> np.ndarray:
     if len(values) and values.min() < 0:
         raise ConfigError(f"data error: {key} holds a negative label ({values.min():g}); labels "
                           "are class ids 0..K-1")
+    if len(values) and values.max() >= MAX_CLASSES:  # (before the cast: 1e300 or a uint64
+        # of 2**63 and more would turn negative in int64)
+        raise ConfigError(f"data error: {key} holds the label {values.max().item()}; labels are class "
+                          f"ids 0..K-1 (the model has K outputs), K at most {MAX_CLASSES:,}")
     return values.astype(np.int64)
+
+
+MAX_CLASSES = 2**24  # labels 0..K-1: the classifier's head has K outputs
 
 
 def _integer_lists(col: pa.ChunkedArray | pa.Array, key: str, what: str) -> pa.Array:

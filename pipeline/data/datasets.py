@@ -467,12 +467,11 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
 def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray) -> None:
     """Budgets the longest training sequence (as collated: `planned_lengths`) must fit: a
     packed row's `batching.pack_tokens` (a longer sequence would get a wider row of its own),
-    and a token-budget batch (`length_bucket`'s `max_tokens`) holding a sample for each
-    worker (a batch of fewer samples than workers is dropped: the longest sequences would
-    never be trained, and another worker count would train other batches)."""
+    and a token-budget batch (`length_bucket`'s `max_tokens`: a longer sequence would get a
+    batch of its own, over the budget)."""
     from pipeline.data.epochs import planned_lengths
 
-    b, workers = cfg.batching, cfg.scaling.num_workers
+    b = cfg.batching
     if st.lengths is None or not len(train):
         return
     longest = int(planned_lengths(cfg, st.lengths[train]).max())
@@ -481,9 +480,8 @@ def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray) -> Non
         raise ConfigError(f"config error: batching.pack_tokens={b.pack_tokens} is shorter than "
                           f"the longest training sequence ({longest} tokens): raise it{cut}")
     max_tokens = b.options.get("max_tokens") if b.strategy == "length_bucket" else None
-    if max_tokens is not None and max_tokens < workers * longest:
+    if max_tokens is not None and max_tokens < longest:
         raise ConfigError(
-            f"config error: batching.options.max_tokens={max_tokens} cannot give each of the "
-            f"{workers} workers a sample of the longest training sequences ({longest} tokens"
-            f"{' as padded' if b.pad_multiple_of else ''}): their batches would be dropped; "
-            f"set it to at least {workers * longest}{cut}")
+            f"config error: batching.options.max_tokens={max_tokens} is less than the longest "
+            f"training sequence ({longest} tokens{' as padded' if b.pad_multiple_of else ''}): "
+            f"its batch would exceed the budget; set it to at least {longest}{cut}")

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.config import BATCHNORM_MODELS, Config
 from pipeline.data import strategies as _strategies  # noqa: F401  (registers the planners)
 from pipeline.data.batches import SampleTable
 from pipeline.data.padding import round_up
@@ -113,9 +113,9 @@ def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: in
     plan = plan_epoch(b.strategy, pool_meta(cfg, st, train_pos, sample_losses), seed=b.seed,
                       epoch=epoch, global_batch_size=cfg.plan_batch_size(),
                       drop_last=b.drop_last, **planner_options(cfg))
-    keep = [x for x in plan.batches if len(x) >= world_size]  # every rank needs >= 1 sample
-    short = sum(len(x) for x in plan.batches if len(x) < world_size)
-    return EpochBatches(plan=plan, batches=keep, dropped=plan.dropped + short)
+    # Every batch is trained, whatever the worker count: a last batch with fewer samples than
+    # workers leaves some ranks an empty share (an empty micro-batch; see step.train_step).
+    return EpochBatches(plan=plan, batches=list(plan.batches), dropped=plan.dropped)
 
 
 def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
@@ -137,16 +137,39 @@ def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
         count = count_epoch(b.strategy, meta, seed=b.seed, epoch=epoch,
                             global_batch_size=cfg.plan_batch_size(), drop_last=b.drop_last,
                             **planner_options(cfg))
-        n = int((count.sizes >= world_size).sum())  # epoch_batches keeps these
+        n = int((count.sizes > 0).sum())  # epoch_batches trains these
         if n == 0:
             raise ValueError(
                 f"epoch {epoch + 1} of {t.epochs} would train no step: batching.strategy="
-                f"{b.strategy} makes {len(count.sizes)} global batch(es) of >= {world_size} "
-                f"sample(s) from a pool of {count.pool_size} of {len(train_pos)} training rows "
-                f"with {batch_key}={cfg.plan_batch_size()} "
+                f"{b.strategy} makes no global batch from a pool of {count.pool_size} of "
+                f"{len(train_pos)} training rows with {batch_key}={cfg.plan_batch_size()} "
                 f"(batching.drop_last={b.drop_last})")
+        _check_batchnorm_splits(cfg, count.sizes, world_size, epoch)
         steps.append(n)
     return steps
+
+
+def _check_batchnorm_splits(cfg: Config, sizes: np.ndarray, world_size: int, epoch: int) -> None:
+    """A built-in BatchNorm model (`BATCHNORM_MODELS`) normalises over each micro-batch of each
+    rank (without SyncBatchNorm): one of a single sample has no variance, and PyTorch refuses to
+    train on it. Raise ValueError naming the batch when a global batch of `sizes` (a constant
+    batch's epoch) would leave one: a last batch of drop_last=false, a batch not dividing
+    into the workers' micro-batches. An empty share is fine (nothing to normalise)."""
+    t = cfg.train
+    if (cfg.model.name not in BATCHNORM_MODELS or t.sync_batchnorm
+            or t.batch_size_schedule != "constant"):
+        return
+    for size in np.unique(sizes):
+        shares = {len(p) for p in np.array_split(np.arange(int(size)), world_size)}
+        micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else None
+        if any(n == 1 or (micro is not None and n and (micro == 1 or n % micro == 1))
+               for n in shares):
+            raise ValueError(
+                f"epoch {epoch + 1}: a global batch of {size} sample(s) leaves a worker a "
+                f"BatchNorm micro-batch of 1 sample (model.name={cfg.model.name} normalises "
+                f"over each micro-batch; scaling.num_workers={world_size}, "
+                f"train.micro_batch_size={t.micro_batch_size}): set batching.drop_last=true, "
+                "or another train.global_batch_size or train.micro_batch_size")
 
 
 class ScheduleSteps(NamedTuple):
@@ -166,9 +189,13 @@ def schedule_steps(steps: Sequence[int], warmup_epochs: float = 0.0,
     ScheduleSteps(total=60, warmup=20)
     >>> schedule_steps([10, 20, 30], warmup_epochs=1, max_steps=25)
     ScheduleSteps(total=25, warmup=10)
+    >>> schedule_steps([10, 10], warmup_epochs=2.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: warmup_epochs=2.5 is longer than the run (2 epochs)
     """
     whole = math.floor(warmup_epochs)
-    if whole > len(steps):
+    if warmup_epochs > len(steps):  # (2.5 of 2 epochs too: its half epoch is not there)
         raise ValueError(f"warmup_epochs={warmup_epochs:g} is longer than the run "
                          f"({len(steps)} epochs)")
     warmup = int(sum(steps[:whole]))

@@ -68,7 +68,14 @@ def efficiency(batch: float, unit: float, phi: float) -> float:
 
 def goodput(batch: float, unit: float, phi: float, step_cost: float) -> float:
     """Progress per unit time, up to a constant: E(M) x M / (c + M) (throughput M / (a + b M)
-    with c = a / b). Larger is better; compare values of the same (unit, phi, c) only."""
+    with c = a / b). Larger is better; compare values of the same (unit, phi, c) only.
+    c = inf (a step's time does not grow with its batch): E(M) x M, the limit up to 1 / c.
+
+    >>> goodput(64, 32, 32.0, math.inf) > goodput(32, 32, 32.0, math.inf)
+    True
+    """
+    if math.isinf(step_cost):
+        return efficiency(batch, unit, phi) * batch
     return efficiency(batch, unit, phi) * batch / (step_cost + batch)
 
 
@@ -173,6 +180,11 @@ class BatchSchedule:
         if agree is not None:
             seconds = agree(seconds)
         cost = fit_step_cost(sizes, seconds)
+        if cost is None and len(set(sizes)) > 1:
+            # Two sizes timed and the larger no slower: a fixed cost dominates the step (c = inf:
+            # the largest batch has the best goodput). Left unset, the schedule stayed at the
+            # explored size for good (the window soon holding that size alone: nothing to fit).
+            cost = math.inf
         if cost is not None:
             self.step_cost, self.measured = cost, True
 

@@ -106,6 +106,8 @@ class LARS(torch.optim.Optimizer):
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or eps < 0:
             raise ValueError("lr, momentum, weight_decay and eps must be >= 0")
+        if not trust_coefficient > 0:  # (a negative one would step up the gradient)
+            raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient}")
         if nesterov and momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -214,7 +216,7 @@ def build_optimizer(
     lr: float,
     weight_decay: float = 0.0,
     momentum: float = 0.9,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[float, float] | None = None,
     eps: float | None = None,
     trust_coefficient: float = 0.001,
     exclude_norm_and_bias: bool = True,
@@ -222,8 +224,13 @@ def build_optimizer(
     """Build ``name`` (one of OPTIMIZERS) over ``param_groups(model, ...)``.
 
     ``eps=None`` means each optimizer's own default (AdamW 1e-8, LAMB 1e-6, LARS 1e-9; unused
-    by SGD). Every group gets ``initial_lr = lr`` so an external schedule can scale group["lr"].
+    by SGD). ``betas=None`` (AdamW, LAMB): ``(momentum, 0.999)`` -- `train.momentum` is beta1.
+    Every group gets ``initial_lr = lr`` so an external schedule can scale group["lr"].
+
+    >>> build_optimizer("lamb", nn.Linear(2, 2), lr=0.1, momentum=0.5).param_groups[0]["betas"]
+    (0.5, 0.999)
     """
+    betas = (momentum, 0.999) if betas is None else betas
     groups = param_groups(model, weight_decay, exclude_norm_and_bias)
     for g in groups:
         g["initial_lr"] = lr

@@ -327,9 +327,28 @@ def _contrastive_backward(model: nn.Module, micro_batches: list[dict[str, torch.
             with autocast(precision, device):
                 out = model(mb).float()
             g = grad[start : start + out.shape[0]]
-            (scaler.scale(out) if scaler is not None else out).backward(g)
+            if out.shape[0] == 0:  # no rows: every parameter still gets its (zero) gradient
+                _zero_of_parameters(model, device).backward()
+            else:
+                (scaler.scale(out) if scaler is not None else out).backward(g)
         start += out.shape[0]
     return per_anchor[mine].detach().sum(), correct, float(rows)
+
+
+def _zero_of_parameters(model: nn.Module, device: torch.device) -> torch.Tensor:
+    """0 x (an element of) every trainable parameter: added to the loss of a micro-batch with
+    no loss element, so that its backward gives each parameter a gradient (zero), as DDP needs
+    from every rank -- a model may skip its layers on no rows (a rank's empty share of a last
+    global batch smaller than the ranks), and a rank whose backward reaches fewer parameters
+    runs other collectives than the others (gloo aborts on the mismatch).
+
+    >>> net = nn.Linear(2, 3)
+    >>> _zero_of_parameters(net, torch.device("cpu")).backward()
+    >>> [p.grad.abs().sum().item() for p in net.parameters()]
+    [0.0, 0.0]
+    """
+    return sum((p.reshape(-1)[:1].sum() * 0.0 for p in model.parameters() if p.requires_grad),
+               torch.zeros((), device=device))
 
 
 def _total_norm(params: list[torch.Tensor]) -> torch.Tensor:
@@ -430,6 +449,8 @@ def train_step(
                     with autocast(precision, device):
                         out = model(mb)
                     s, c = loss_sum(out, mb, loss, temperature)
+                    if not local[i]:  # (no rows, say: every parameter still gets its gradient)
+                        s = s + _zero_of_parameters(model, device)
                     scaled = s * (world * per_element)
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_total += s.detach()

@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.data.batches import SampleTable, micro_slices, split_train_val
 from pipeline.data.datasets import make_digits, make_sequences
-from pipeline.data.epochs import epoch_batches
+from pipeline.data.epochs import epoch_batches, steps_per_epoch
 from pipeline.data.plan import rank_slice
 
 N = 1009  # prime
@@ -86,16 +86,45 @@ def test_no_drop_last_draws_everything():
 
 
 @pytest.mark.parametrize(("world", "batch"), [(2, 6), (3, 906)])  # 907 rows: a tail of 1
-def test_a_tail_smaller_than_the_workers_is_dropped_and_counted(world, batch):
-    """Every rank needs a sample of each step: a last batch with fewer samples than workers
-    is not trained, and counts in `dropped` with what the plan itself dropped."""
+def test_a_tail_smaller_than_the_workers_is_trained_as_on_one_worker(world, batch):
+    """A last batch with fewer samples than workers is trained (some ranks take an empty
+    share), so the batches -- and the step count the LR schedule is laid over -- are those of
+    one worker; it was dropped, and the schedule shortened, on more workers than its samples."""
     cfg, st, train = odd_setup("random", world, **{"batching.drop_last": False,
                                                    "train.global_batch_size": batch})
     eb = epoch_batches(cfg, st, train, 0, world)
-    tail = [b for b in eb.plan.batches if len(b) < world]
-    assert len(train) == 907 and [len(b) for b in tail] == [1]
-    assert eb.dropped == eb.plan.dropped + 1 == 1
-    assert sum(len(b) for b in eb.batches) + eb.dropped == len(train)
+    one = epoch_batches(cfg, st, train, 0, 1)
+    assert len(train) == 907 and len(eb.batches[-1]) == 1
+    assert [b.tolist() for b in eb.batches] == [b.tolist() for b in one.batches]
+    assert eb.dropped == 0 and sum(len(b) for b in eb.batches) == len(train)
+    assert [len(rank_slice(eb.batches[-1], r, world)) for r in range(world)] == [1] + [0] * (world - 1)
+    assert steps_per_epoch(cfg, st, train, world) == steps_per_epoch(cfg, st, train, 1)
+
+
+@pytest.mark.parametrize(("workers", "overrides", "refused"), [
+    # 1,438 training rows, batches of 64: a last batch of 30 (15 + 15 on 2 workers)
+    (2, ["batching.drop_last=false", "train.micro_batch_size=8"], False),  # 15 = 8 + 7
+    (2, ["batching.drop_last=false", "train.micro_batch_size=2"], True),  # 15 = 7 x 2 + 1
+    (2, ["train.micro_batch_size=2"], False),  # (the last batch dropped)
+    (2, ["train.micro_batch_size=1"], True),  # every micro-batch a single sample
+    (1, ["batching.drop_last=false", "train.global_batch_size=3"], True),  # 1,438 = 3 x 479 + 1
+])
+def test_a_batchnorm_micro_batch_of_one_sample_is_refused_before_the_cluster(
+        workers, overrides, refused):
+    """digits_cnn normalises over each micro-batch: one of a single sample cannot train
+    (PyTorch refuses it, on the workers), so the driver's check of the epochs refuses it by
+    name (`resolve`)."""
+    from pipeline.config import ConfigError
+    from pipeline.data.datasets import resolve
+
+    cfg = load_config(None, [f"scaling.num_workers={workers}", *overrides])
+    if refused:
+        with pytest.raises(ConfigError, match="leaves a worker a BatchNorm micro-batch of 1 sample"):
+            resolve(cfg)
+        return
+    cfg, info = resolve(cfg)
+    train, _ = split_train_val(len(info.small), info.small.labels, 0.2, 0)
+    assert cfg.model.name == "digits_cnn" and len(train) == 1438 and cfg.data.val_fraction == 0.2
 
 
 def test_stratified_batches_keep_class_shares_within_one():

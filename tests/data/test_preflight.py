@@ -89,7 +89,7 @@ def test_a_batch_larger_than_the_training_split_is_refused_only_when_epoch_1_has
 
     from pipeline.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"makes 0 global batch\(es\) .* of 40 training rows "
+    with pytest.raises(ConfigError, match=r"makes no global batch from a pool of 40 of 40 training rows "
                                           r"with train.global_batch_size=64 \(batching.drop_last"):
         resolve(load_config(None, vectors))
     # a batch-size schedule plans unit batches (epoch 1 has some) but would never reach 64

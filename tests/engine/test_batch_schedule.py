@@ -109,6 +109,27 @@ def test_adaptive_explores_then_decides_by_goodput_every_interval():
     assert t.step_cost == pytest.approx(500.0)
 
 
+def test_a_step_no_slower_at_the_explored_batch_means_a_fixed_cost_and_the_largest_batch():
+    """The explored size (4 units) timed no slower than the unit: the step time does not grow
+    with the batch (a fixed cost dominates), c = inf, and goodput -- E(M) x M then -- is best
+    at the largest batch. The schedule stayed at 4 units for good (c never fitted: the window
+    soon held one size alone) whatever the noise scale."""
+    s = BatchSchedule("adaptive", unit=8, max_units=16, interval=5)
+    ks = []
+    for step in range(40):
+        ks.append(s.next_units(step, phi_samples=1e6))
+        s.observe(ks[-1] * 8, 0.010 - 0.0001 * ks[-1])  # slightly faster at more units
+    assert ks[:10] == [1] * 5 + [4] * 5
+    assert s.step_cost == math.inf and s.measured
+    assert ks[10:] == [16] * 30
+    assert best_units(1e6, 8, 16, math.inf) == 16 and best_units(math.nan, 8, 16, math.inf) == 1
+    # A timing of one size alone says nothing: c stays unset (and the explored size kept).
+    t = BatchSchedule("adaptive", unit=8, max_units=16, interval=5)
+    t.timings = [(32, 0.01)] * 10
+    t.next_units(10, 1e6)
+    assert t.step_cost is None
+
+
 def test_a_measured_step_cost_is_fitted_again_at_every_decision():
     """After the first fit, each decision fits the line again through the steps timed since
     (up to 200): here the fixed cost of a step doubles at step 12, and c follows once the

@@ -239,6 +239,22 @@ def test_build_optimizer(name: str, cls: type) -> None:
             assert not torch.equal(b, p)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars", "lamb"])
+def test_train_momentum_is_each_optimizers_momentum_or_beta1(name: str) -> None:
+    """`train.momentum` is SGD's and LARS's momentum and AdamW's and LAMB's beta1 (it was
+    ignored by the last two: a sweep over it changed nothing)."""
+    opt = build_optimizer(name, nn.Linear(2, 2), lr=0.1, momentum=0.5)
+    group = opt.param_groups[0]
+    assert (group["betas"] == (0.5, 0.999)) if name in ("adamw", "lamb") else group["momentum"] == 0.5
+    default = build_optimizer(name, nn.Linear(2, 2), lr=0.1).param_groups[0]
+    assert default.get("betas", (0.9, 0.999)) == (0.9, 0.999) and default.get("momentum", 0.9) == 0.9
+
+
+def test_lars_refuses_a_trust_coefficient_that_is_not_positive() -> None:
+    with pytest.raises(ValueError, match="trust_coefficient must be > 0"):
+        LARS([_param([1.0])], lr=0.1, trust_coefficient=-0.001)
+
+
 def test_build_optimizer_unknown_name() -> None:
     with pytest.raises(ValueError, match="sgd, adamw, lars, lamb"):
         build_optimizer("adagrad", nn.Linear(2, 2), lr=0.1)

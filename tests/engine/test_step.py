@@ -48,17 +48,20 @@ def model_for(kind: str) -> torch.nn.Module:
                        per_token=True, d_model=16, nhead=2, num_layers=1, dim_feedforward=32)
 
 
-def micro_batches(kind: str, idx: np.ndarray, micro: int, seed: int = 0) -> list[dict]:
+def micro_batches(kind: str, idx: np.ndarray, micro: int, seed: int = 0, empty: bool = False
+                  ) -> list[dict]:
     data = make_dense(seed) if kind == "dense" else make_tokens(seed)
     out = []
-    for start in range(0, len(idx), micro):
+    for start in ([0] if empty else range(0, len(idx), micro)):
         part = idx[start : start + micro]
         if kind == "dense":
             out.append({k: torch.from_numpy(v[part]) for k, v in data.items()})
         else:
             offs = np.concatenate([[0], np.cumsum(data["tokens_lengths"])])
-            vals = np.concatenate([data["tokens_values"][offs[i] : offs[i + 1]] for i in part])
-            tgts = np.concatenate([data["targets_values"][offs[i] : offs[i + 1]] for i in part])
+            vals = np.concatenate([data["tokens_values"][:0],
+                                   *[data["tokens_values"][offs[i] : offs[i + 1]] for i in part]])
+            tgts = np.concatenate([data["targets_values"][:0],
+                                   *[data["targets_values"][offs[i] : offs[i + 1]] for i in part]])
             b = collate_sequences({"tokens_values": vals, "tokens_lengths": data["tokens_lengths"][part],
                                    "targets_values": tgts, "label": data["label"][part]})
             out.append({k: torch.from_numpy(v) for k, v in b.items()})
@@ -68,24 +71,27 @@ def micro_batches(kind: str, idx: np.ndarray, micro: int, seed: int = 0) -> list
 LOSS = {"dense": "cross_entropy", "tokens": "token_cross_entropy"}
 
 
-def one_step(kind: str, rank: int, world: int, micro: int, ckpt: bool = False) -> dict:
+def one_step(kind: str, rank: int, world: int, micro: int, ckpt: bool = False, n: int = G) -> dict:
+    """One step on the global batch of samples 0..n-1, this rank's share of it in micro-batches
+    (an empty share as one empty micro-batch, as `micro_slices` gives it)."""
     model = model_for(kind)
     model.activation_checkpointing = ckpt
     if world > 1:
         model = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    mine = rank_slice(np.arange(G), rank, world)
-    train_step(model, opt, micro_batches(kind, mine, micro), loss=LOSS[kind])
+    mine = rank_slice(np.arange(n), rank, world)
+    train_step(model, opt, micro_batches(kind, mine, micro) or micro_batches(kind, mine, 1, empty=True),
+               loss=LOSS[kind])
     m = model.module if world > 1 else model
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def _ddp_step(rank: int, world: int, kind: str, micro: int) -> dict:
-    return one_step(kind, rank, world, micro)
+def _ddp_step(rank: int, world: int, kind: str, micro: int, n: int = G) -> dict:
+    return one_step(kind, rank, world, micro, n=n)
 
 
-def run_ddp(kind: str, world: int, micro: int) -> dict:
-    states = run_ranks(_ddp_step, world, kind, micro)
+def run_ddp(kind: str, world: int, micro: int, n: int = G) -> dict:
+    states = run_ranks(_ddp_step, world, kind, micro, n)
     for s in states[1:]:  # DDP keeps every rank's replica identical
         for k, v in s.items():
             assert torch.equal(v, states[0][k]), k
@@ -113,6 +119,17 @@ def test_accumulation_and_ranks_equal_one_big_batch(kind):
     assert_same_update(ref, one_step(kind, 0, 1, micro=8), before)
     assert_same_update(ref, run_ddp(kind, world=2, micro=8), before)
     assert_same_update(ref, run_ddp(kind, world=2, micro=4), before)
+
+
+@pytest.mark.parametrize("kind", ["dense", "tokens"])
+def test_a_global_batch_smaller_than_the_ranks_trains_as_on_one_rank(kind):
+    """A last global batch of 1 sample (drop_last=false) on 2 ranks: rank 1's share is empty
+    (one empty micro-batch); the step is the 1-sample step of one rank -- the batch is trained,
+    not dropped for lack of a sample on every rank (which made the batches, and the LR
+    schedule's length, depend on the worker count)."""
+    before = model_for(kind).state_dict()
+    assert_same_update(one_step(kind, 0, 1, micro=8, n=1), run_ddp(kind, world=2, micro=8, n=1),
+                       before)
 
 
 def test_mean_of_means_differs_for_token_loss():
@@ -661,3 +678,37 @@ def test_the_gradient_norm_is_the_same_where_torch_has_no_get_total_norm(monkeyp
     assert float(_total_norm(params)) == pytest.approx(want, rel=1e-6)
     monkeypatch.delattr(torch.nn.utils, "get_total_norm")
     assert float(_total_norm(params)) == pytest.approx(want, rel=1e-6)
+
+
+def _contrastive_step(rank: int, world: int, samples: int) -> dict:
+    """One NT-Xent step (an MLP embedding 10 -> 8, two views per sample) over the global batch
+    of samples 0..samples-1, this rank's share of the samples (both views each) as one
+    micro-batch: an empty share is one empty micro-batch."""
+    data = make_dense(1)
+    torch.manual_seed(0)
+    model = build_model("mlp", input_dim=10, num_outputs=8, vocab_size=None, hidden=16)
+    if world > 1:
+        model = DDP(model)
+    mine = rank_slice(np.arange(samples), rank, world)
+    rows = np.repeat(mine, 2)  # views 2s and 2s+1 of sample s: its features, and a shifted copy
+    feats = data["features"][rows] + np.tile([0.0, 0.1], len(mine))[:, None].astype(np.float32)
+    mb = {"features": torch.from_numpy(feats), "view_to_sample": torch.from_numpy(rows)}
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_step(model, opt, [mb], loss="nt_xent")
+    m = model.module if world > 1 else model
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize(("world", "samples"), [(2, 4), (3, 2)])
+def test_contrastive_step_on_several_ranks_equals_one_rank_even_with_an_empty_share(world, samples):
+    """NT-Xent by gradient caching over the ranks' gathered embeddings: several ranks give the
+    one rank's update on the same global batch -- 4 samples on 2 ranks (2 each), and a last
+    batch of 2 samples on 3 ranks (rank 2's share empty, which must still take part in DDP's
+    gradient all-reduce; 1 sample alone would have no negative: a zero loss)."""
+    torch.manual_seed(0)
+    before = build_model("mlp", input_dim=10, num_outputs=8, vocab_size=None, hidden=16).state_dict()
+    states = run_ranks(_contrastive_step, world, samples)
+    for other in states[1:]:
+        for k, v in other.items():
+            assert torch.equal(v, states[0][k]), k
+    assert_same_update(_contrastive_step(0, 1, samples), states[0], before)
