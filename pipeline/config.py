@@ -763,6 +763,34 @@ def check_tracking_uri(uri: str, name: str = "tracking.uri") -> None:
     if scheme.split("+", 1)[0] not in (*TRACKING_SCHEMES, *plugins):
         raise ConfigError(f"config error: {name}={redact_text(uri)}: MLflow has no store for "
                           f"{scheme!r} URIs (known: {', '.join(TRACKING_SCHEMES)})")
+    if scheme == "sqlite" and (problem := sqlite_problem(uri)) is not None:
+        raise ConfigError(f"config error: {name}={redact_text(uri)}: {problem}")
+
+
+def sqlite_problem(uri: str) -> str | None:
+    """Why the sqlite store at `uri` cannot be opened or made here (MLflow would fail on it
+    after the cluster work, with sqlite's "unable to open database file"), or None.
+
+    >>> import tempfile; root = tempfile.mkdtemp()
+    >>> sqlite_problem(f"sqlite:///{root}/mlflow.db"), sqlite_problem("sqlite:///:memory:")
+    (None, None)
+    >>> sqlite_problem(f"sqlite:///{root}/no/mlflow.db").endswith("/no does not exist")
+    True
+    >>> sqlite_problem(f"sqlite:///{root}")
+    'it is a folder, not a database file'
+    """
+    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
+    if path in ("", ":memory:"):
+        return None
+    db = Path(path)
+    if db.is_dir():
+        return "it is a folder, not a database file"
+    if db.exists():
+        return None if os.access(db, os.R_OK | os.W_OK) else f"{db} is not writable"
+    folder = db.parent
+    if not folder.is_dir():
+        return f"the folder {folder.absolute()} does not exist"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"the folder {folder} is not writable"
 
 
 def absolute_sqlite(uri: str) -> str:

@@ -5,12 +5,15 @@ CSV, Markdown, PNG)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 @contextmanager
@@ -45,19 +48,36 @@ def replacing(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: str | Path, data: Any) -> Path:
+def write_json(path: str | Path, data: Any, *, nan_as_null: bool = True) -> Path:
     """`data` as indented JSON at `path` (parents created; values JSON lacks become strings).
+    NaN and infinities, which strict JSON lacks (jq, JavaScript, most JSON libraries refuse
+    Python's `NaN`), are written as null -- `nan_as_null=False` keeps them for a file only
+    Python reads back (metric points to send again as they were).
 
     >>> import json, shutil, tempfile
     >>> root = Path(tempfile.mkdtemp())
-    >>> p = write_json(root / "runs" / "result.json", {"out": Path("/tmp/x"), "step": 3})
+    >>> p = write_json(root / "runs" / "result.json", {"out": Path("/tmp/x"), "step": 3,
+    ...                                               "m": [float("nan"), float("inf"), 1.5]})
     >>> json.loads(p.read_text())
-    {'out': '/tmp/x', 'step': 3}
+    {'out': '/tmp/x', 'step': 3, 'm': [None, None, 1.5]}
     >>> [f.name for f in p.parent.iterdir()]  # no temporary file left beside it
     ['result.json']
     >>> shutil.rmtree(root)
     """
+    if nan_as_null:
+        return write_text(path, json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
     return write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def _finite(data: Any) -> Any:
+    """`data` with every non-finite float (numpy's too) as None, containers walked."""
+    if isinstance(data, float | np.floating):
+        return float(data) if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
 
 
 def write_text(path: str | Path, text: str) -> Path:

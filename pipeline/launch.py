@@ -547,7 +547,7 @@ def _send_kept_points(tracking_file: Path, uri: str, run_id: str | None, *,
                 reachable = reachable and refused(err)  # (failing: not asked again per file)
         if points == []:
             if not park and f == tracking_file and unlisted > 0:  # this job's count stays
-                write_json(f, {**data, "metrics_unsent": unlisted, "points": []})
+                write_json(f, {**data, "metrics_unsent": unlisted, "points": []}, nan_as_null=False)
             else:
                 f.unlink(missing_ok=True)
             continue

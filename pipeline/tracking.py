@@ -282,7 +282,8 @@ def keep_unsent(path: str | Path, unsent: int, points: list[dict[str, Any]],
     total = int(before.get("metrics_unsent") or 0) + int(unsent)
     write_json(path, {"metrics_unsent": total,
                       "mlflow_run_id": run_id or before.get("mlflow_run_id"),
-                      "points": [*(before.get("points") or []), *points]})
+                      "points": [*(before.get("points") or []), *points]},
+               nan_as_null=False)  # (a NaN metric point is sent again as NaN)
     return total
 
 

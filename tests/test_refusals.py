@@ -402,6 +402,9 @@ CASES = [
     # its message came under tracking.experiment's name)
     ("tracking-no-scheme", ["--config", DIGITS, *s("tracking.uri=127.0.0.1:5000")],
      "tracking.uri=127.0.0.1:5000: a path is MLflow's file store"),
+    # MLflow failed on it after the ingest ("unable to open database file", a traceback)
+    ("tracking-sqlite-no-folder", ["--config", DIGITS, *s("tracking.uri=sqlite:////nowhere/x/m.db")],
+     "tracking.uri=sqlite:////nowhere/x/m.db: the folder /nowhere/x does not exist"),
     ("target-no-val-accuracy", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0",
                                                        "tune.metric=train_loss",
                                                        "tune.mode=min")],

@@ -33,7 +33,10 @@ def test_main_job_two_workers_reaches_095_and_logs_every_epoch(ray_cluster, mlfl
                   "--set", "tracking.experiment=test-main", "--out", str(tmp_path),  # the name
                   "--set", f"tracking.run_name=main-{secret}", env={"PIPELINE_TEST_API_TOKEN": secret})
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    def strict(constant: str):  # NaN, Infinity: Python's JSON, not JSON (jq, JavaScript refuse it)
+        raise AssertionError(f"result.json holds {constant}")
+
+    result = json.loads((tmp_path / "result.json").read_text(), parse_constant=strict)
     cfg = result["config"]
     assert cfg["scaling"]["num_workers"] == 2 and cfg["data"]["name"] == "digits"
     assert result["metrics"]["val_accuracy"] >= 0.95

@@ -228,7 +228,8 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
         raise_fatal(out / "fatal.json")  # training would fail the same way: not trained again
     if (out / "result.json").exists():  # it ended just before the sweep's driver was killed,
         # after Tune last saved its state: not trained again; Tune gets its final metrics
-        tune.report(json.loads((out / "result.json").read_text())["metrics"])
+        metrics = json.loads((out / "result.json").read_text())["metrics"]
+        tune.report({k: v for k, v in metrics.items() if v is not None})  # (null: NaN)
         return
     # A trial the sweep's interruption (or a failure Tune retries) cut short continues its
     # MLflow run, from its checkpoint or, before its first one, from the start.
@@ -432,7 +433,7 @@ def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
     print(summary_table(trials.drop(columns=["error", "mlflow_run_id"])), flush=True)
     best = result["best"]
     shown = "  ".join(f"{k}={best['metrics'][k]:.4f}" for k in ("val_accuracy", "val_loss")
-                      if k in best["metrics"])
+                      if best["metrics"].get(k) is not None)
     print(f"[pipeline] best trial {best['trial_id']} ({_short(best['overrides'])}): {shown}")
     print(f"[pipeline] {result['critical_batch']['sentence']}")
     print(f"[pipeline] result: {out_dir / 'result.json'}; trials: {out_dir / 'trials.csv'}")
