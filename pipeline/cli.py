@@ -108,7 +108,7 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
 def _tune(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: str | None) -> int:
     from pipeline.tune.space import check_trials
 
-    checked = check_trials(cfg)  # every trial's config, as a job's (exit 2), before Ray
+    checked = check_trials(cfg, info)  # every trial's config, as a job's (exit 2), before Ray
     from pipeline.tune.sweep import SweepInterrupted, print_sweep, run_sweep
 
     if (note := submitted_job_note(out, _store(args, cfg, out))) is not None:

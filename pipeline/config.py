@@ -61,6 +61,14 @@ SOMETIMES_LOGGED = {  # metric -> when it is logged
     "batch_size_step_cost": "train.batch_size_schedule=adaptive",
 }
 
+# Metrics whose better direction is known: a sweep ranking by one the other way is refused.
+METRIC_MODES = {
+    **dict.fromkeys(("val_accuracy", "train_accuracy", "samples_per_s", "worker_samples_per_s",
+                     "tokens_per_s", "padding_efficiency"), "max"),
+    **dict.fromkeys(("val_loss", "train_loss", "epoch_time_s", "startup_s", "data_wait_s",
+                     "worker_rss_mib", "skipped_steps", "nonfinite_steps", "dropped"), "min"),
+}
+
 
 class ConfigError(ValueError):
     """Bad input (config, data, arguments): the CLI prints it as one line and exits 2."""
@@ -629,6 +637,11 @@ class Config(_Section):
             raise ConfigError(f"config error: tune.metric={tu.metric!r} is not logged by this run "
                               f"(only when {SOMETIMES_LOGGED[tu.metric]}); it logs "
                               f"{', '.join(logged)}")
+        better = METRIC_MODES.get(tu.metric)
+        if better is not None and tu.mode != better:  # ASHA would keep, the report crown, the worst
+            raise ConfigError(f"config error: tune.metric={tu.metric} is better when "
+                              f"{'higher' if better == 'max' else 'lower'}: set tune.mode={better} "
+                              f"(now {tu.mode})")
         if tu.target_accuracy is None:
             return
         if "val_accuracy" not in logged:

@@ -300,7 +300,7 @@ def test_a_sweep_may_rank_by_every_metric_a_run_of_its_config_logs():
     one micro-batch: no small batch beside the global one), `noise_scale` is refused, naming
     why."""
     space = 'tune.search_space={"train.base_lr": {"grid": [0.01, 0.1]}}'
-    for metric, sets in [("noise_scale", []), ("nonfinite_steps", []),
+    for metric, sets in [("noise_scale", []), ("nonfinite_steps", ["tune.mode=min"]),
                          ("batch_size_step_cost", ["train.batch_size_schedule=adaptive",
                                                    "train.batch_size_min=32",
                                                    "train.batch_size_step_cost=150"])]:

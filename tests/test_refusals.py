@@ -402,6 +402,9 @@ CASES = [
     # its message came under tracking.experiment's name)
     ("tracking-no-scheme", ["--config", DIGITS, *s("tracking.uri=127.0.0.1:5000")],
      "tracking.uri=127.0.0.1:5000: a path is MLflow's file store"),
+    # ASHA kept the highest-loss trials and the report tagged the worst trial best
+    ("tune-mode-against-the-metric", ["--config", DIGITS, *s(SWEEP, "tune.metric=val_loss")],
+     "tune.metric=val_loss is better when lower: set tune.mode=min (now max)"),
     # MLflow failed on it after the ingest ("unable to open database file", a traceback)
     ("tracking-sqlite-no-folder", ["--config", DIGITS, *s("tracking.uri=sqlite:////nowhere/x/m.db")],
      "tracking.uri=sqlite:////nowhere/x/m.db: the folder /nowhere/x does not exist"),

@@ -114,6 +114,12 @@ def test_summary_table_is_markdown_best_first():
     assert lines[2:5] == ["| 32 | none | 0.9700 |", "| 32 | linear | 0.9700 |",
                           "| 128 | linear | 0.9700 |"]
     assert lines[-1] == "| 32 | none |  |"
+    # Ranked by the sweep's own metric and mode (it was val_accuracy, whatever tune.metric).
+    by_loss = _trials().assign(val_loss=[0.3, 0.2, 0.9, 0.1, 0.25, 0.4, math.nan])
+    lines = summary_table(by_loss, ["train.global_batch_size", "train.lr_scaling", "val_loss"],
+                          metric="val_loss", mode="min").strip().splitlines()
+    assert lines[2:4] == ["| 32 | linear | 0.1000 |", "| 128 | none | 0.2000 |"]
+    assert lines[-1] == "| 32 | none |  |"
 
 
 # -- search space and concurrency ----------------------------------------------------------------
@@ -563,3 +569,51 @@ def test_a_sweep_with_nothing_to_vary_is_refused():
 
     with pytest.raises(ConfigError, match="tune.search_space is empty"):
         check_trials(load_config(REPO / "jobs" / "configs" / "digits.yaml"))
+
+
+def test_a_trial_is_filled_for_its_own_overrides_not_the_sweeps(tmp_path):
+    """What `resolve` fills in (the step cost from a throughput file, for the worker count;
+    `model.name: auto`; an embedded dataset's columns) is filled again for each trial from the
+    config as given: a 1-worker trial got the 2-worker step cost, an `auto` trial the name
+    `auto` (which no worker can build), a `data.name: sequences` trial digits' feature column
+    (refused before the sweep, though each dataset trains as a job). The check before the sweep
+    and the trial itself agree, and the best trial's config reloads."""
+    from pipeline.config import changed_keys
+    from pipeline.data.datasets import resolve
+    from pipeline.tune.space import check_trials, trial_config
+
+    fbs = tmp_path / "find_batch_size.json"
+    fbs.write_text(json.dumps({"step_cost_per_worker": 10.0}))
+    cfg, info = resolve(load_config(None, [
+        f"train.batch_size_throughput={fbs}", "train.batch_size_schedule=adaptive",
+        "train.batch_size_min=32", "train.micro_batch_size=16",
+        'tune.search_space={"scaling.num_workers": {"grid": [1, 2]}, '
+        '"model.name": {"grid": ["mlp", "auto"]}}']))
+    assert (cfg.scaling.num_workers, cfg.model.name, cfg.train.batch_size_step_cost) == (
+        2, "digits_cnn", 20.0)
+    checked = [(c.scaling.num_workers, c.model.name, c.train.batch_size_step_cost)
+               for c in check_trials(cfg, info)]
+    assert checked == [(1, "mlp", 10.0), (1, "digits_cnn", 10.0), (2, "mlp", 20.0),
+                       (2, "digits_cnn", 20.0)]
+    for workers, name, cost in checked:
+        given = {"scaling.num_workers": workers, "model.name": "auto" if name == "digits_cnn" else name}
+        trial, trial_info = trial_config(cfg, info, given)
+        assert (trial.model.name, trial.train.batch_size_step_cost) == (name, cost)
+        assert trial_info is info  # the sweep's data: not read again
+        assert changed_keys(load_config(None, [f"{k}={v}" for k, v in _flat(trial).items()]).to_dict(),
+                            trial.to_dict()) == []  # (a step cost from the file reloads)
+
+    cfg, info = resolve(load_config(None, [
+        'tune.search_space={"data.name": {"grid": ["digits", "sequences"]}}']))
+    seq = [c for c in check_trials(cfg, info) if c.data.name == "sequences"][0]
+    assert (seq.model.name, seq.data.feature_column, seq.data.sequence_column) == (
+        "seq_transformer", None, "tokens")
+    trial, trial_info = trial_config(cfg, info, {"data.name": "sequences"})
+    assert trial.to_dict() == seq.to_dict() and trial_info.uri != info.uri
+
+
+def _flat(cfg) -> dict:
+    from pipeline.config import flatten
+
+    return {k: json.dumps(v) if isinstance(v, dict | list) else ("null" if v is None else v)
+            for k, v in flatten(cfg.to_dict()).items()}

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError
+from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError, flatten
 from pipeline.data.batches import (
     SampleTable,
     check_sequences,
@@ -135,9 +135,31 @@ class DatasetInfo:
     # lengths): kept in the process that resolved the config, never pickled (a trial or a
     # worker has its own; `small_columns`).
     small: SampleTable | None = dataclasses.field(default=None, repr=False, compare=False)
+    # The keys `resolve` filled in (FILLED_KEYS), each with the value the config gave it: a
+    # sweep's trial starts from the config as given (`as_given`) and is filled again for its
+    # own overrides (another worker count, model or dataset fills other values).
+    filled: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "small": None}
+
+
+# What `resolve` may fill in: the embedded datasets' columns, `model.name: auto`, and the step
+# cost from `train.batch_size_throughput`'s file (for the config's worker count).
+FILLED_KEYS = ("data.feature_column", "data.sequence_column", "data.target_column", "model.name",
+               "train.batch_size_step_cost")
+
+
+def as_given(cfg: Config, info: DatasetInfo) -> Config:
+    """The resolved `cfg` with resolve's fills undone (`info.filled`): the config as given."""
+    return cfg.with_overrides(info.filled) if info.filled else cfg
+
+
+def refill(cfg: Config, info: DatasetInfo) -> Config:
+    """What `resolve` fills in, for a config (as given, with a sweep trial's overrides) of the
+    dataset `info` describes -- without reading it again: the trial keeps the sweep's data."""
+    cfg = _fill_step_cost(_fill_embedded_columns(cfg))
+    return _pick_model(cfg, embedded_digits=_embedded_digits(cfg), width=info.facts.get("input_dim"))
 
 
 def _fill_step_cost(cfg: Config) -> Config:
@@ -168,6 +190,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     `train.batch_size_step_cost` from the `find_batch_size.json` that
     `train.batch_size_throughput` names (`_fill_step_cost`).
     """
+    given = cfg
     cfg = _fill_step_cost(_fill_embedded_columns(cfg))
     d = cfg.data
     if d.path is None:
@@ -201,7 +224,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     if num_rows == 0:
         raise ConfigError(f"data error: {uri} has no rows")
     facts = _scan_columns(ds, cfg)  # the only read of the data on the driver
-    cfg = _pick_model(cfg, facts)
+    cfg = _pick_model(cfg, embedded_digits=facts.embedded_digits, width=facts.width)
     _check_model_and_loss(cfg, facts)
     labels = facts.small.labels
     train, _ = split_train_val(num_rows, labels, d.val_fraction, d.split_seed)
@@ -222,8 +245,10 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
             f"the {len(train)} training rows of {uri}")
     if cfg.tune.search_space:
         cfg.check_tune()
+    before, after = flatten(given.to_dict()), flatten(cfg.to_dict())
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,
-                            facts=facts.model_facts(), small=facts.small)
+                            facts=facts.model_facts(), small=facts.small,
+                            filled={k: before[k] for k in FILLED_KEYS if before[k] != after[k]})
 
 
 def _fill_embedded_columns(cfg: Config) -> Config:
@@ -314,7 +339,7 @@ def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
                           f"{bad} has no finite difficulty ({small.difficulty[bad]}; "
                           f"{int((~np.isfinite(small.difficulty)).sum())} such row(s)): a "
                           "curriculum could not place it")
-    embedded_digits = d.path is None and d.name in ("digits", "digits_imbalanced")
+    embedded_digits = _embedded_digits(cfg)
     return DataFacts(width, max_token, max_target, embedded_digits,
                      dataclasses.replace(small, lengths=lengths))
 
@@ -359,7 +384,12 @@ def small_columns(cfg: Config, info: DatasetInfo) -> tuple[SampleTable, dict[str
     return facts.small, facts.model_facts()
 
 
-def _pick_model(cfg: Config, facts: DataFacts) -> Config:
+def _embedded_digits(cfg: Config) -> bool:
+    """The embedded digits datasets (8x8 images as 64 features)."""
+    return cfg.data.path is None and cfg.data.name in ("digits", "digits_imbalanced")
+
+
+def _pick_model(cfg: Config, *, embedded_digits: bool, width: int | None) -> Config:
     """`model.name: auto` -> the model that takes this data (recorded in the resolved config)."""
     if cfg.model.name != "auto":
         return cfg
@@ -371,7 +401,7 @@ def _pick_model(cfg: Config, facts: DataFacts) -> Config:
     if d.sequence_column is not None:
         name = "seq_transformer"
     else:
-        name = "digits_cnn" if facts.embedded_digits and facts.width == 64 else "mlp"
+        name = "digits_cnn" if embedded_digits and width == 64 else "mlp"
     return cfg.with_overrides({"model.name": name})
 
 

@@ -310,12 +310,13 @@ def _cell(v: object) -> str:
     return str(v).replace("|", "\\|")
 
 
-def summary_table(df: pd.DataFrame, columns: list[str] | None = None) -> str:
-    """A markdown table of the trials (all columns, or `columns` in that order), best first
-    when `val_accuracy` is present."""
+def summary_table(df: pd.DataFrame, columns: list[str] | None = None,
+                  metric: str = "val_accuracy", mode: str = "max") -> str:
+    """A markdown table of the trials (all columns, or `columns` in that order), best first by
+    the sweep's `metric` and `mode` (tune.metric, tune.mode) when the table has it."""
     d = df
-    if "val_accuracy" in d:
-        d = d.sort_values("val_accuracy", ascending=False, na_position="last", kind="stable")
+    if metric in d:
+        d = d.sort_values(metric, ascending=mode == "min", na_position="last", kind="stable")
     cols = [c for c in (columns or list(d.columns)) if c in d]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in d[cols].itertuples(index=False):

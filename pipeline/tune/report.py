@@ -9,6 +9,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.data.datasets import DatasetInfo
 from pipeline.files import write_json, write_text
 from pipeline.tracking import client, log_summary
 from pipeline.tune.analysis import (
@@ -21,13 +22,15 @@ from pipeline.tune.analysis import (
     summary_table,
 )
 from pipeline.tune.results import SCHEDULE, Trial, schedule_curves
+from pipeline.tune.space import trial_config
 
 
 def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial],
                  cfg: Config, uri: str, parent: str, out_dir: Path, name: str,
-                 experiment_path: str) -> pd.DataFrame:
+                 experiment_path: str, info: DatasetInfo | None = None) -> pd.DataFrame:
     """Tag the best trial, place the critical batch, write and log the artifacts and
-    result.json; return the table. RuntimeError when every trial failed."""
+    result.json; return the table. RuntimeError when every trial failed. `info`: the sweep's
+    dataset, for the best trial's config as it trained (`trial_config`)."""
     c = client(uri)
     metric = cfg.tune.metric
     # The best trial: among those that ran their whole budget (else among the stopped ones),
@@ -68,7 +71,7 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
                else "no_fixed_batch" if no_fixed else "too_few")
 
     write_text(out_dir / "trials.csv", df.to_csv(index=False))
-    table = summary_table(df.drop(columns=["error"]))
+    table = summary_table(df.drop(columns=["error"]), metric=metric, mode=cfg.tune.mode)
     write_text(out_dir / "summary.md", f"{table}\n{sentence}\n")
     accuracy_vs_batch_plot(fixed, out_dir / "accuracy_vs_batch.png")
     steps_vs_batch_plot(fixed, out_dir / "steps_vs_batch.png", target=cfg.tune.target_accuracy)
@@ -96,7 +99,8 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
                                f"by (tune.metric); see {out_dir / 'trials.csv'}")
         raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
     overrides = {k: _plain(v) for k, v in trials[best["trial_id"]].overrides.items()}
-    best_cfg = cfg.with_overrides(overrides)
+    best_cfg = (trial_config(cfg, info, overrides)[0] if info is not None  # (as it trained)
+                else cfg.with_overrides(overrides))
     write_json(out_dir / "result.json", {
         "status": "FINISHED", "sweep": name, "parent_run_id": parent, "tracking_uri": uri,
         "best": {"trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],

@@ -67,8 +67,9 @@ def target_points(uri: str, run_id: str, epochs: pd.DataFrame,
 
 def schedule_curves(uri: str, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The per-step `global_batch_size` and `noise_scale` of the trials whose batch follows a
-    schedule (warmup, adaptive), read back from MLflow; labelled by schedule and largest batch."""
-    curves = {}
+    schedule (warmup, adaptive), read back from MLflow; labelled by schedule and largest batch,
+    and by trial where several trials share those (seeds, LRs: each keeps its curve)."""
+    found = []
     for _, row in trials.iterrows():
         if row.get(SCHEDULE, "constant") == "constant" or not isinstance(row["mlflow_run_id"], str):
             continue
@@ -77,8 +78,20 @@ def schedule_curves(uri: str, trials: pd.DataFrame) -> dict[str, pd.DataFrame]:
                                                [f"step/{k}" for k in keys]).values(), strict=True))
         frame = pd.DataFrame(cols).rename_axis("step").reset_index().sort_values("step")
         if len(frame):
-            curves[f"{row[SCHEDULE]} up to {int(row[BATCH])}"] = frame
-    return curves
+            found.append((f"{row[SCHEDULE]} up to {int(row[BATCH])}", row["trial_id"], frame))
+    return curve_labels(found)
+
+
+def curve_labels(found: list[tuple[str, str, Any]]) -> dict[str, Any]:
+    """{label: curve}, a label shared by several trials followed by each one's trial id.
+
+    >>> list(curve_labels([("adaptive up to 512", "t1", 1), ("adaptive up to 512", "t2", 2),
+    ...                    ("warmup up to 512", "t3", 3)]))
+    ['adaptive up to 512 (t1)', 'adaptive up to 512 (t2)', 'warmup up to 512']
+    """
+    shared = pd.Series([label for label, _, _ in found]).value_counts()
+    return {(f"{label} ({trial})" if shared.get(label, 0) > 1 else label): curve
+            for label, trial, curve in found}
 
 
 class Trial(NamedTuple):
@@ -115,9 +128,10 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         run_id = run.info.run_id if run else None
         conf = result.config or {}  # a restored errored trial may come back without it
         params = run.data.params if run else {}
-        own = partial(_own_value, conf, params, base)
+        own = partial(_own_value, conf, params, base, swept)
         reported = int(m.get("epoch", 0))  # Tune's last result
-        ran_out = ran_its_budget(m, own("train.epochs"), own("train.max_steps"))
+        epochs = own("train.epochs")  # (None: swept, and neither Tune nor MLflow knows it)
+        ran_out = epochs is not None and ran_its_budget(m, epochs, own("train.max_steps"))
         if result.error is not None:
             status = "ERROR"
             if run and run.info.status != "FAILED":
@@ -193,15 +207,22 @@ def ran_its_budget(result: dict[str, Any], epochs: int, max_steps: int | None) -
         max_steps is not None and int(result.get("step", 0)) >= int(max_steps))
 
 
-def _own_value(conf: dict[str, Any], params: dict[str, str], base: dict[str, Any], key: str
-               ) -> Any:
+def _own_value(conf: dict[str, Any], params: dict[str, str], base: dict[str, Any],
+               swept: list[str], key: str) -> Any:
     """A trial's value of a dotted key: swept (its Tune config), else as its run logged it (its
-    resolved config), else the sweep's base config's."""
+    resolved config), else the sweep's base config's -- but for a swept key, which the base
+    does not know: None (a restored trial that failed before its first report and its run
+    comes back without either; it read as the base's value, and the report blamed that).
+
+    >>> _own_value({}, {}, {"train.seed": 0, "train.epochs": 3}, ["train.seed"], "train.seed")
+    >>> _own_value({}, {}, {"train.seed": 0, "train.epochs": 3}, ["train.seed"], "train.epochs")
+    3
+    """
     if key in conf:
         return conf[key]
     if key in params:  # `Config.flat_params`: str() of each value, "None" for None
         return None if params[key] == "None" else yaml.safe_load(params[key])
-    return base.get(key)
+    return None if key in swept else base.get(key)
 
 
 def _read_curves(uri: str, run_ids: list[str]) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:

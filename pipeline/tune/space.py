@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from pipeline.config import Config, ConfigError, flatten
-from pipeline.data.datasets import resolve
+from pipeline.data.datasets import DatasetInfo, as_given, refill, resolve
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 MAX_CHECKED_COMBINATIONS = 4096  # beyond, pairs of two keys' values, or one key's (`_to_check`)
@@ -65,11 +65,38 @@ def _number(value: Any) -> Any:
     return value
 
 
-def check_trials(cfg: Config) -> list[Config]:
+# Keys whose change needs the trial's own ingest: the data, and the difficulty column, which
+# the streaming mode's small columns (taken once per sweep, for its config) would not hold.
+DATA_KEYS = ("data.", "batching.difficulty_column")
+
+
+def changes_data(overrides: dict[str, Any]) -> bool:
+    """Whether a trial's overrides change `data.*` (or `batching.difficulty_column`): it
+    resolves and ingests its own dataset."""
+    return any(k.startswith(DATA_KEYS) for k in overrides)
+
+
+def trial_config(cfg: Config, info: DatasetInfo, overrides: dict[str, Any]
+                 ) -> tuple[Config, DatasetInfo]:
+    """The config a trial trains, and its dataset: the sweep's config as given (`as_given`:
+    what `resolve` filled in undone) with the trial's overrides, filled again for them -- a
+    trial of 2 workers gets the step cost of 2, one of `model.name: auto` the model of its data,
+    one of another `data.name` that dataset's columns. Resolved in full (its data read) when the
+    overrides change `data.*`; else `refill`, from the sweep's dataset (`check_trials` ran the
+    full checks on every trial's config before the sweep)."""
+    trial = as_given(cfg, info).with_overrides(overrides)
+    if changes_data(overrides):
+        return resolve(trial)
+    return refill(trial, info), info
+
+
+def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
     """Validate the trial configs before any cluster work: every combination of the discrete
     values and of the continuous bounds and middles (beyond MAX_CHECKED_COMBINATIONS, fewer:
     `_to_check`) goes through `with_overrides` and the dataset checks, so e.g. a batch
-    size the workers cannot split fails fast with exit 2. Returns them."""
+    size the workers cannot split fails fast with exit 2. Returns them. `info`: the sweep's
+    dataset as `resolve` gave it with `cfg` (its `filled` keys are filled again per trial:
+    `trial_config`)."""
     if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("config error: tune.search=optuna needs Optuna: "
                           "pip install 'batch-pipeline[optuna]'")
@@ -87,13 +114,15 @@ def check_trials(cfg: Config) -> list[Config]:
     keys = list(parsed)
     # a continuous range draws floats between its bounds: one of them is checked too (an integer
     # key given a range of integers would fail in every trial)
-    lists = [[*values, _between(kind, values)] if kind in ("uniform", "loguniform") else values
-             for kind, values in parsed.values()]
+    # (not the upper bound itself, which Tune never draws: a range [0.8, 1.0) of a key below 1)
+    lists = [[values[0], math.nextafter(values[1], values[0]), _between(kind, values)]
+             if kind in ("uniform", "loguniform") else values for kind, values in parsed.values()]
     combos = _to_check(keys, lists)
+    given = as_given(cfg, info) if info is not None else cfg
     checked = []
     for combo in combos or [{}]:
         try:
-            trial = resolve(cfg.with_overrides(combo))[0]
+            trial = resolve(given.with_overrides(combo))[0]
             trial.check_tune()  # tune.metric is logged, target_accuracy compares to val_accuracy
             checked.append(trial)
         except ConfigError as err:

@@ -62,7 +62,7 @@ import yaml
 
 from pipeline import console
 from pipeline.config import Config, ConfigError, changed_keys
-from pipeline.data.datasets import DatasetInfo, resolve
+from pipeline.data.datasets import DatasetInfo
 from pipeline.files import run_state, write_json
 from pipeline.redact import redact_text
 from pipeline.tracking import (
@@ -194,7 +194,27 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _short(overrides: dict[str, Any]) -> str:
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+    names = short_names(list(overrides))
+    return " ".join(f"{names[k]}={v}" for k, v in overrides.items())
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Each dotted key by its shortest ending that no other key shares (a trial's name, a
+    column of the live table).
+
+    >>> list(short_names(["train.seed", "batching.seed", "train.global_batch_size"]).values())
+    ['train.seed', 'batching.seed', 'global_batch_size']
+    """
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            tail = ".".join(parts[-n:])
+            if not any(other != key and (other == tail or other.endswith("." + tail))
+                       for other in keys):
+                break
+        out[key] = tail
+    return out
 
 
 def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: DatasetInfo, root: str,
@@ -213,16 +233,15 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
 
     from pipeline.engine.checkpoint import find_latest_checkpoint
     from pipeline.launch import raise_fatal, run_training
-    from pipeline.tune.trial import changes_data, epochs_to_tune, fit_in_actor, runs_in_actor
+    from pipeline.tune.space import changes_data, trial_config
+    from pipeline.tune.trial import epochs_to_tune, fit_in_actor, runs_in_actor
 
     # Several trials ingest at once: their Ray Data progress bars would interleave on the driver.
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
-    cfg = Config.model_validate(base).with_overrides(
-        {**overrides, "tracking.run_name": f"{trial_id} {_short(overrides)}".strip()})
+    cfg, info = trial_config(Config.model_validate(base), info, {
+        **overrides, "tracking.run_name": f"{trial_id} {_short(overrides)}".strip()})
     own_data = changes_data(overrides)
-    if own_data:
-        cfg, info = resolve(cfg)
     out = Path(root) / trial_id
     if (out / "fatal.json").exists():  # Tune retries a failed trial; bad input or non-finite
         raise_fatal(out / "fatal.json")  # training would fail the same way: not trained again
@@ -256,7 +275,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     thread, SIGINT is Tune's graceful stop while its `fit` runs (`_tune_stops_on_ctrl_c`)."""
     out_dir = out_dir.resolve()
     # bad input raises ConfigError here, before Ray is imported
-    trials = checked if checked is not None else check_trials(cfg)
+    trials = checked if checked is not None else check_trials(cfg, info)
     max_epochs = max(c.train.epochs for c in trials)
     state_file = out_dir / "sweep.json"
     state = _load_state(state_file, cfg) if resume else {
@@ -395,7 +414,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         if ctrl_c.is_set() or grid.num_terminated + grid.num_errors < len(grid):
             raise SweepInterrupted(interrupted())
         df = write_report(*settle_trials(grid, cfg, uri, parent), cfg, uri, parent, out_dir,
-                          name, grid.experiment_path)
+                          name, grid.experiment_path, info)
     except BaseException as err:
         # Stopped: Ctrl-C, or SIGTERM (`ray job stop`), which Ray's handler turns into SystemExit
         stopped = isinstance(err, KeyboardInterrupt | SystemExit)
@@ -430,8 +449,10 @@ def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:
 def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
     """What `python -m pipeline tune` prints at the end: the table, the best trial, the files."""
     result = json.loads((out_dir / "result.json").read_text())
-    print(summary_table(trials.drop(columns=["error", "mlflow_run_id"])), flush=True)
     best = result["best"]
+    tuned = best["config"]["tune"]
+    print(summary_table(trials.drop(columns=["error", "mlflow_run_id"]), metric=tuned["metric"],
+                        mode=tuned["mode"]), flush=True)
     shown = "  ".join(f"{k}={best['metrics'][k]:.4f}" for k in ("val_accuracy", "val_loss")
                       if best["metrics"].get(k) is not None)
     print(f"[pipeline] best trial {best['trial_id']} ({_short(best['overrides'])}): {shown}")
@@ -480,7 +501,7 @@ def trial_table(rows: list[dict[str, Any]], metric: str) -> str:
     t2     512                PENDING
     """
     keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
-    head = ["trial", *(k.rsplit(".", 1)[-1] for k in keys), "status", "epoch", metric]
+    head = ["trial", *short_names(list(keys)).values(), "status", "epoch", metric]
     body = []
     for r in rows:
         value = r.get(metric)

@@ -33,20 +33,11 @@ from ray import tune
 
 from pipeline import console
 from pipeline.config import Config
+from pipeline.tune.space import changes_data
 from pipeline.worker import FATAL, Session, train_func
 
 KEEP_CHECKPOINTS = 2  # as a TorchTrainer job keeps them (launch.fit_torch_trainer)
 
-
-# Keys whose change needs the trial's own ingest: the data, and the difficulty column, which
-# the streaming mode's small columns (taken once per sweep, for its config) would not hold.
-DATA_KEYS = ("data.", "batching.difficulty_column")
-
-
-def changes_data(overrides: dict[str, Any]) -> bool:
-    """Whether a trial's overrides change `data.*` (or `batching.difficulty_column`): it
-    resolves and ingests its own dataset."""
-    return any(k.startswith(DATA_KEYS) for k in overrides)
 
 
 def runs_in_actor(cfg: Config, overrides: dict[str, Any]) -> bool:
