@@ -617,3 +617,18 @@ def _flat(cfg) -> dict:
 
     return {k: json.dumps(v) if isinstance(v, dict | list) else ("null" if v is None else v)
             for k, v in flatten(cfg.to_dict()).items()}
+
+
+def test_a_range_is_checked_below_its_upper_bound_which_tune_never_draws():
+    """`{uniform: [0.8, 1.0]}` draws momenta in [0.8, 1.0): every one is valid (< 1), so the
+    sweep is not refused for the bound itself; a range above the key's limit still is."""
+    from pipeline.data.datasets import resolve
+    from pipeline.tune.space import check_trials
+
+    cfg, info = resolve(load_config(None, [
+        'tune.search_space={"train.momentum": {"uniform": [0.8, 1.0]}}']))
+    momenta = [c.train.momentum for c in check_trials(cfg, info)]
+    assert momenta[:2] == [0.8, 0.9] and 0.99 < momenta[2] < 1.0
+    with pytest.raises(ConfigError, match="train.momentum"):
+        check_trials(*resolve(load_config(None, [
+            'tune.search_space={"train.momentum": {"uniform": [0.8, 1.5]}}'])))

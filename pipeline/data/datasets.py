@@ -152,7 +152,8 @@ FILLED_KEYS = ("data.feature_column", "data.sequence_column", "data.target_colum
 
 def as_given(cfg: Config, info: DatasetInfo) -> Config:
     """The resolved `cfg` with resolve's fills undone (`info.filled`): the config as given."""
-    return cfg.with_overrides(info.filled) if info.filled else cfg
+    filled = getattr(info, "filled", None)  # (none in a sweep's state saved before it was kept)
+    return cfg.with_overrides(filled) if filled else cfg
 
 
 def refill(cfg: Config, info: DatasetInfo) -> Config:

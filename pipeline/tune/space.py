@@ -115,7 +115,7 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
     # a continuous range draws floats between its bounds: one of them is checked too (an integer
     # key given a range of integers would fail in every trial)
     # (not the upper bound itself, which Tune never draws: a range [0.8, 1.0) of a key below 1)
-    lists = [[values[0], math.nextafter(values[1], values[0]), _between(kind, values)]
+    lists = [[values[0], _between(kind, values), math.nextafter(values[1], values[0])]
              if kind in ("uniform", "loguniform") else values for kind, values in parsed.values()]
     combos = _to_check(keys, lists)
     given = as_given(cfg, info) if info is not None else cfg
