@@ -146,8 +146,8 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
     missed = fit["missed"] if fit is not None else []
     above = [b for b in missed if fit is not None and fit["largest"] is not None
              and b > fit["largest"]]
-    unknown = (f" Batch size(s) {', '.join(map(str, missed))} did not reach {reach} within "
-               "their epochs: their steps to it are not measured." if missed else "")
+    unknown = (f" Batch size(s) {', '.join(map(str, missed))} did not reach {reach} in the "
+               "epochs they trained: their steps to it are not measured." if missed else "")
     if failed:
         unknown += f" Every trial at batch size(s) {', '.join(map(str, failed))} failed."
     if target is None:

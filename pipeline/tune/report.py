@@ -24,6 +24,24 @@ from pipeline.tune.analysis import (
 from pipeline.tune.results import SCHEDULE, Trial, schedule_curves
 from pipeline.tune.space import trial_config
 
+# What a sweep's report writes into its --out (removed when another sweep starts there).
+REPORT_FILES = ("result.json", "trials.csv", "summary.md", "accuracy_vs_batch.png",
+                "steps_vs_batch.png", "batch_schedule.png")
+
+
+
+def clear_report(out_dir: Path) -> None:
+    """Remove an earlier sweep's report from `out_dir` (its other files stay).
+
+    >>> import tempfile; out = Path(tempfile.mkdtemp())
+    >>> for f in ("result.json", "batch_schedule.png", "notes.txt"):
+    ...     _ = (out / f).write_text("")
+    >>> clear_report(out); sorted(p.name for p in out.iterdir())
+    ['notes.txt']
+    """
+    for name in REPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
 
 def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial],
                  cfg: Config, uri: str, parent: str, out_dir: Path, name: str,

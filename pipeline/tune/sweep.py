@@ -75,7 +75,7 @@ from pipeline.tracking import (
 )
 from pipeline.tune import LOADED_AT
 from pipeline.tune.analysis import summary_table
-from pipeline.tune.report import write_report
+from pipeline.tune.report import clear_report, write_report
 from pipeline.tune.results import error_summary, ran_its_budget, settle_trials
 from pipeline.tune.space import check_trials, count_trials, parse_search_space, trial_concurrency
 
@@ -326,8 +326,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     check_workers_fit(trials, which)  # a trial whose workers could never start would wait
     # result.json is this sweep's answer: an earlier sweep's in the same --out must not stand
     # beside this one's trials.csv while it runs, nor after it fails or is stopped (a refused
-    # command leaves it)
-    (out_dir / "result.json").unlink(missing_ok=True)
+    # command leaves it); nor its table and plots (a batch_schedule.png stayed beside a new
+    # sweep of constant batches, which draws none)
+    clear_report(out_dir)
     in_actors = every_trial_in_actor(cfg)
     # (Optuna's TPE learns from finished trials: as many at once as fit now, as before)
     concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent,
