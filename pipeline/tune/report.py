@@ -29,7 +29,6 @@ REPORT_FILES = ("result.json", "trials.csv", "summary.md", "accuracy_vs_batch.pn
                 "steps_vs_batch.png", "batch_schedule.png")
 
 
-
 def clear_report(out_dir: Path) -> None:
     """Remove an earlier sweep's report from `out_dir` (its other files stay).
 
