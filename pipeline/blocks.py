@@ -3,8 +3,9 @@
 Ray Data reads the Parquet data into Arrow blocks (`ingest`). Then, by `data.mode`:
 
 - **object_store** (data that fits): every rank `ray.get`s every block (zero-copy from its node's
-  object store) and gathers its batches from the whole table. Fastest for many epochs over a
-  small table; on N nodes every node pulls the whole dataset.
+  object store) and gathers its batches from the whole table (its large columns joined into one
+  array per rank: a copy each, `SampleTable.from_table`). Fastest for many epochs over a small
+  table; on N nodes every node pulls the whole dataset.
 - **streaming** (data that outgrows a node): the blocks are spread evenly over the nodes that
   train (a block a node holds beyond its share is moved to the node holding least), and each
   rank holds only the small columns the planners need (`small_columns`: ids, labels, lengths,
@@ -157,6 +158,21 @@ def used_columns(cfg: Config) -> list[str]:
     return list(dict.fromkeys([*large_columns(cfg).names(), *_small_names(cfg)]))
 
 
+def parquet_files(uri: str) -> tuple[list[str], Any]:
+    """The dataset's files as the driver's checks list them (pyarrow's discovery: every file
+    but `_` and `.` names, in its order), and their filesystem. Ray Data reads exactly these:
+    its own listing keeps only `*.parquet` files and skips `_` names at the top alone, so it
+    read other rows than the driver checked and the keeper reads again on a lost node."""
+    ds = pads.dataset(uri, format="parquet")
+    return list(ds.files), ds.filesystem
+
+
+def _read(uri: str, **kwargs: Any) -> Any:
+    """`ray.data.read_parquet` over the files `parquet_files` lists."""
+    files, fs = parquet_files(uri)
+    return ray.data.read_parquet(files, filesystem=fs, file_extensions=None, **kwargs)
+
+
 def parquet_bytes(uri: str, columns: list[str] | None = None) -> int:
     """The dataset's size in memory (Arrow), estimated from the Parquet footers alone: each
     column chunk's value count times its type's width (strings: their uncompressed size); only
@@ -275,11 +291,11 @@ def _ingest(info: DatasetInfo, cfg: Config | None) -> Blocks:
     if configured == "streaming" and not nodes:  # (auto keeps to the object store then)
         raise _no_training_node(cfg)
     if choose_mode(configured, size, nodes) == "object_store":
-        return Blocks("object_store", ray.data.read_parquet(info.uri, columns=columns)
+        return Blocks("object_store", _read(info.uri, columns=columns)
                       .materialize().to_arrow_refs(), size_bytes=size)
     count = block_count(size, len(nodes))
-    refs = ray.data.read_parquet(info.uri, columns=columns, override_num_blocks=count
-                                 ).materialize().to_arrow_refs()
+    refs = _read(info.uri, columns=columns, override_num_blocks=count
+                 ).materialize().to_arrow_refs()
     servers = _servers([n["NodeID"] for n in nodes])
     spread, where = _spread(refs, servers)
     moved = sum(a is not b for a, b in zip(spread, refs, strict=True))
@@ -502,6 +518,8 @@ def plan_moves(where: list[tuple[str | None, int]], nodes: list[str]) -> dict[in
     {0: 'b', 1: 'b'}
     >>> plan_moves([("a", 10), ("b", 10), ("head", 10), (None, 1)], ["a", "b"])
     {2: 'a'}
+    >>> plan_moves([("a", 1), ("a", 10), ("a", 10)], ["a", "b"])  # the largest first: 11 / 10
+    {1: 'b'}
     """
     held = {n: 0 for n in nodes}
     for node, size in where:
@@ -509,7 +527,10 @@ def plan_moves(where: list[tuple[str | None, int]], nodes: list[str]) -> dict[in
             held[node] += size
     share = sum(size for node, size in where if node is not None) / len(nodes)
     moves = {}
-    for i, (node, size) in enumerate(where):
+    # the largest blocks first (a small block moved first kept the larger ones where they were:
+    # 20 of 21 on one node of two), in their order among equals
+    for i in sorted(range(len(where)), key=lambda j: -where[j][1]):
+        node, size = where[i]
         if node is None:
             continue
         if node not in held or (held[node] > share and held[node] - size >= share):

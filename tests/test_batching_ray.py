@@ -146,6 +146,29 @@ def test_ingest_takes_only_the_columns_the_job_names(ray_client, tmp_path):
     assert (ctx.execution_options.preserve_order, ctx.use_datasource_v2) == before
 
 
+@pytest.mark.ray
+def test_ray_reads_the_files_the_driver_checked(ray_client, tmp_path):
+    """A folder of `a.pq`, `b.parquet` and `sub/_c.parquet`: the driver's checks (pyarrow's
+    discovery) read a.pq and b.parquet; Ray's own listing read b.parquet and sub/_c.parquet --
+    other rows than those checked (and than the keeper reads again for a lost node). The
+    ingest reads the driver's files, in its order."""
+    import ray
+
+    from pipeline.blocks import ingest
+
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    for name, start in (("a.pq", 0), ("b.parquet", 50), ("sub/_c.parquet", 100)):
+        x = np.arange(start, start + 50, dtype=np.float32)
+        pq.write_table(pa.table({"x": list(np.stack([x, x], 1)), "y": (np.arange(50) % 2)}),
+                       folder / name)
+    cfg, info = resolve(load_config(None, [f"data.path={folder}", "data.feature_column=x",
+                                           "data.label_column=y", "model.name=mlp"]))
+    assert info.num_rows == 100
+    got = pa.concat_tables(ray.get(ingest(info, cfg).refs))
+    assert [v[0] for v in got.column("x").to_pylist()] == list(range(100))
+
+
 def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir, capsys, monkeypatch):
     """In-process, with the cluster unreachable (tests/test_refusals.py's harness)."""
     one = pa.table({"features": pa.FixedSizeListArray.from_arrays(

@@ -144,6 +144,12 @@ def files(tmp_path_factory) -> dict[str, str]:
         "one_of_class_2": {"x": _vectors(16).slice(0, 40),
                            "y": pa.array([0] * 20 + [1] * 19 + [2])},
         "empty": {"x": _vectors(16).slice(0, 0), "y": label.slice(0, 0)},
+        "nan_features": {"x": pa.ListArray.from_arrays(
+            pa.array(np.arange(N + 1, dtype=np.int32) * 2),
+            pa.array([float("nan") if i == 7 else 0.5 for i in range(2 * N)])), "y": label},
+        "ids": {"x": _vectors(16), "y": label, "int_id": pa.array(np.arange(N) * 3),
+                "dup_id": pa.array(np.arange(N) % (N - 1)), "float_id": pa.array(np.arange(N) / 10),
+                "null_id": pa.array([None, *range(1, N)], pa.int64())},
         "nan_difficulty": {"x": _vectors(16), "y": label,
                            "h": pa.array([float("nan") if i == 5 else i / N for i in range(N)])},
     }
@@ -334,6 +340,16 @@ CASES = [
                                                      "train.loss=nt_xent", "model.name=mlp")],
      "batching.strategy=balanced draws a rare class's samples again within a batch"),
     ("contrastive-on-sequences", [*SEQ, *s("train.loss=nt_xent")], "train.loss=nt_xent"),
+    # training met it as a "non-finite loss" (blaming itself) or skipped its steps each epoch
+    ("features-nan", s("data.path={nan_features}", "data.feature_column=x", "data.label_column=y"),
+     "data.feature_column='x' holds NaN or infinite values"),
+    # inspect-batches counts coverage and duplicates by sample id: a null read as -2**63
+    ("id-null", [*VEC, *s("data.path={ids}", "data.id_column=null_id")],
+     "data.id_column='null_id' has 1 null id(s)"),
+    ("id-float", [*VEC, *s("data.path={ids}", "data.id_column=float_id")],
+     "data.id_column='float_id' is a double column; sample ids are integers"),
+    ("id-repeated", [*VEC, *s("data.path={ids}", "data.id_column=dup_id")],
+     "data.id_column='dup_id' holds the id 0 more than once (1 repeat(s))"),
     ("difficulty-nan", [*s("data.path={nan_difficulty}", "data.feature_column=x",
                            "data.label_column=y", "batching.strategy=curriculum",
                            "batching.difficulty_column=h")], "row 5 has no finite difficulty"),

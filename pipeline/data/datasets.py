@@ -330,10 +330,11 @@ def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
         max_token, max_target = check_sequences(
             counted(_stream(ds, cols)), f"data.sequence_column={d.sequence_column!r}",
             f"data.target_column={d.target_column!r}" if d.target_column else None)
-    cols = [c for c in (d.label_column, b.difficulty_column) if c]
+    cols = [c for c in (d.label_column, b.difficulty_column, d.id_column) if c]
     table = ds.to_table(columns=cols) if cols else pa.table({"_": pa.nulls(ds.count_rows())})
     small = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,
-                                   difficulty_column=b.difficulty_column)  # checks the labels
+                                   difficulty_column=b.difficulty_column,
+                                   id_column=d.id_column)  # checks the labels and the ids
     if small.difficulty is not None and not np.isfinite(small.difficulty).all():
         bad = int(np.flatnonzero(~np.isfinite(small.difficulty))[0])
         raise ConfigError(f"data error: batching.difficulty_column={b.difficulty_column!r}: row "

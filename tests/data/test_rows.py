@@ -243,3 +243,24 @@ def test_every_chunk_a_streamed_rank_fetches_is_checked_before_it_is_trained():
             trained.append(int(batch[0]))
     assert trained == [0, 32, 64, 96]  # the chunk of rows 128-191 never trained
     assert len(seen) == 3 and 150 in seen[-1]
+
+
+def test_token_lists_past_int32_offsets_are_combined_as_large_lists(monkeypatch):
+    """A token column of more values than int32 offsets hold, over several blocks: Arrow
+    refuses to combine it as list<> ("offset overflow"), which failed every rank of an
+    object-store job as a data error; it becomes a large_list and gathers the same batches
+    (the limit is lowered here: 2**31 tokens would not fit a test)."""
+    import pipeline.data.batches as batches
+
+    table = make_sequences(60, seed=0)
+    blocks = pa.concat_tables([table.slice(0, 25), table.slice(25, 35)])  # two chunks
+    kwargs = dict(feature_column=None, label_column="label", sequence_column="tokens",
+                  target_column="targets")
+    ref = SampleTable.from_table(blocks, **kwargs)
+    assert pa.types.is_list(ref.tokens.type)
+    monkeypatch.setattr(batches, "LIST_OFFSETS_MAX", 100)  # < the column's tokens
+    big = SampleTable.from_table(blocks, **kwargs)
+    assert pa.types.is_large_list(big.tokens.type) and pa.types.is_large_list(big.targets.type)
+    pos = np.array([3, 40, 7, 59, 25])
+    a, b = ref.gather(pos), big.gather(pos)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
