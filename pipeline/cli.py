@@ -279,7 +279,7 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     cfg, info = resolve(cfg)
-    out = Path(args.out or f"runs/{args.command}").resolve()
+    out = Path(args.out or f"runs/{args.command}").expanduser().resolve()  # (--out=~/x: no shell expands it)
     if (problem := out_problem(out)) is not None:
         raise ConfigError(f"argument error: --out {out}: {problem}")
     if args.resume and not (out / "ray_results").exists():
@@ -315,9 +315,10 @@ def out_problem(out: Path) -> str | None:
 def _store_and_source(args: argparse.Namespace, cfg: Config, out: Path) -> tuple[str, str]:
     """The store a run records to -- a resumed run's own (as `run_training` picks it) -- and
     where that URI comes from, for a line that names it."""
-    resumed = (run_state(out) if args.resume else {}).get("tracking_uri")
+    state = "sweep.json" if args.command == "tune" else "run.json"  # (a sweep keeps its own)
+    resumed = (run_state(out, state) if args.resume else {}).get("tracking_uri")
     if resumed:
-        return resumed, f"{out / 'run.json'}: tracking_uri"
+        return resumed, f"{out / state}: tracking_uri"
     return cfg.tracking_uri(), "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
 
 

@@ -22,6 +22,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     ValidationError,
@@ -93,8 +94,8 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     name: str = Field("digits", description="embedded dataset (digits, digits_imbalanced, "
                       "sequences), or a label for the dataset at data.path")
-    path: str | None = Field(None, description="Parquet/Arrow file or folder, local path or URI "
-                             "(s3://, gs://, ...); unset: the embedded dataset data.name")
+    path: str | None = Field(None, min_length=1, description="Parquet/Arrow file or folder, local "
+                             "path or URI (s3://, gs://, ...); unset: the embedded dataset data.name")
     feature_column: str | None = Field(None, description="one fixed-size numeric vector per "
                                        "sample; unset unless named (embedded digits: features)")
     label_column: str | None = Field("label", description="integer class id per sample (0..K-1)")
@@ -106,8 +107,8 @@ class DataConfig(_Section):
     val_fraction: Float = Field(0.2, ge=0.0, lt=1.0, description="share of every class held out "
                                 "for validation (0: no validation metrics)")
     split_seed: Int = Field(0, ge=0, description="seed of the train/validation split")
-    cache_dir: str | None = Field(None, description="where embedded datasets are written "
-                                  "(default PIPELINE_DATA_DIR or ~/.cache/batch-pipeline/datasets)")
+    cache_dir: str | None = Field(None, min_length=1, description="where embedded datasets are "
+                                  "written (default PIPELINE_DATA_DIR or ~/.cache/batch-pipeline/datasets)")
     mode: Literal["auto", "object_store", "streaming"] = Field(
         "auto", description="how rows reach the workers: object_store (every node holds the "
         "whole dataset; fastest for data that fits), streaming (each node holds its share of "
@@ -178,6 +179,9 @@ class BatchingConfig(_Section):
     num_views: Int = Field(2, ge=2, description="augmented views per sample (train.loss=nt_xent)")
     options: dict[str, Any] = Field(default_factory=dict, description="options of the strategy, "
                                     "typed per strategy (e.g. curriculum: pacing, c0)")
+    # Options given of another strategy (a sweep over strategies, a config switched with --set):
+    # left out of `options`, named at the job's start (`Config.unused_settings`).
+    _other_options: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("strategy")
     @classmethod
@@ -360,7 +364,9 @@ class TuneConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI (default MLFLOW_TRACKING_URI, "
                             "else sqlite:///<cwd>/mlflow.db)")
-    experiment: str = Field("batch-pipeline", description="MLflow experiment")
+    # (MLflow refuses an empty name and one over 500 characters: after the cluster work)
+    experiment: str = Field("batch-pipeline", min_length=1, max_length=500,
+                            description="MLflow experiment")
     run_name: str | None = Field(None, description="MLflow run name")
     log_model: Bool = Field(True, description="log the final model as an MLflow artifact")
 
@@ -468,7 +474,11 @@ class Config(_Section):
     @model_validator(mode="after")
     def _typed_options_and_kwargs(self) -> Config:
         b, m = self.batching, self.model
-        options = check_options(b.strategy, b.options)
+        own = STRATEGY_OPTIONS[b.strategy].model_fields
+        other = {k: v for k, v in b.options.items() if k not in own
+                 and any(k in o.model_fields for o in STRATEGY_OPTIONS.values())}
+        options = check_options(b.strategy, {k: v for k, v in b.options.items() if k not in other})
+        b._other_options = other
         kwargs = check_model_kwargs(m.name, m.kwargs)
         # Store the typed values (c0: 1 -> 1.0); assignment bypasses validate_assignment loops.
         object.__setattr__(b, "options", options)
@@ -599,6 +609,7 @@ class Config(_Section):
                           f"{t.batch_size_schedule})")
         if b.pack_tokens is not None and not b.packing:
             unused.append("batching.pack_tokens (batching.packing=false)")
+        unused += [f"batching.options.{k} (batching.strategy={b.strategy})" for k in b._other_options]
         return unused
 
     def plan_batch_size(self) -> int:
@@ -675,7 +686,13 @@ class Config(_Section):
 
     # -- conversions ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The config as data (options of another strategy included, as given: a trial that
+        switches to that strategy gets them)."""
+        raw = self.model_dump(mode="json")
+        other = self.batching._other_options
+        if other:
+            raw["batching"]["options"] = {**raw["batching"]["options"], **other}
+        return raw
 
     def flat_params(self) -> dict[str, str]:
         """Dotted key -> string, for MLflow params (the whole resolved config). A mapping (e.g.
@@ -776,6 +793,10 @@ def check_tracking_uri(uri: str, name: str = "tracking.uri") -> None:
     if scheme.split("+", 1)[0] not in (*TRACKING_SCHEMES, *plugins):
         raise ConfigError(f"config error: {name}={redact_text(uri)}: MLflow has no store for "
                           f"{scheme!r} URIs (known: {', '.join(TRACKING_SCHEMES)})")
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):  # (SQLAlchemy's ArgumentError,
+        # after the cluster work)
+        raise ConfigError(f"config error: {name}={redact_text(uri)}: a sqlite store is "
+                          "sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db")
     if scheme == "sqlite" and (problem := sqlite_problem(uri)) is not None:
         raise ConfigError(f"config error: {name}={redact_text(uri)}: {problem}")
 
@@ -890,18 +911,50 @@ def parse_override(item: str) -> tuple[str, Any]:
     if _text_field(key) and text.strip() not in ("", "~", "null", "Null", "NULL"):
         quoted = text.strip()[:1] in ("'", '"') and isinstance(value, str)
         value = value if quoted else text.strip()  # as typed, a `#` and all
+    elif isinstance(value, int | float) and _YAML11_NUMBER.fullmatch(text.strip()):
+        raise ConfigError(f"config error: --set {key}={text.strip()}: YAML reads it as {value!r} "
+                          "(an octal or base-60 number); write the number you mean")
     return key, value
+
+
+# YAML 1.1's surprises, which PyYAML follows: a leading zero is octal (010 = 8), colons base 60
+# (1:30 = 90). `train.seed=010` trained with seed 8.
+_YAML11_NUMBER = re.compile(r"[-+]?0[0-7_]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?")
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last:
+    a section written twice lost the first one's settings without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML (or defaults when path is None), apply `--set` overrides, validate."""
     raw: dict[str, Any] = Config().to_dict()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
+        p = Path(path).expanduser()
+        if p.is_dir():
+            raise ConfigError(f"config error: the config file {p} is a folder")
+        if not p.exists():
             raise ConfigError(f"config error: no such config file: {p}")
+        if not p.is_file():
+            raise ConfigError(f"config error: the config file {p} is not a regular file")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except _DuplicateKey as err:
+            raise ConfigError(f"config error: {p}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config error: {p} is not valid YAML ({err.__class__.__name__})") from None
         except UnicodeDecodeError:

@@ -87,11 +87,32 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-def run_state(out_dir: str | Path) -> dict[str, Any]:
+def run_state(out_dir: str | Path, name: str = "run.json") -> dict[str, Any]:
     """`out_dir/run.json`, the state a training run keeps in its --out folder (its MLflow run
-    and the store it records to, its config, its checkpoint folder); {} when there is none."""
-    state_file = Path(out_dir) / "run.json"
-    return json.loads(state_file.read_text()) if state_file.exists() else {}
+    and the store it records to, its config, its checkpoint folder); {} when there is none.
+    ConfigError naming the file when it is not such a state (damaged, a folder): a traceback
+    before (`name`: a sweep's `sweep.json`, read the same way).
+
+    >>> import tempfile; out = Path(tempfile.mkdtemp()); _ = (out / "run.json").write_text("{")
+    >>> run_state(out)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: argument error: .../run.json is not a run's state (...): remove it...
+    """
+    from pipeline.config import ConfigError
+
+    state_file = Path(out_dir) / name
+    if not state_file.exists():
+        return {}
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:  # (UnicodeDecodeError and JSONDecodeError are too)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ConfigError(f"argument error: {state_file} is not a run's state ({reason}): "
+                          "remove it, or use another --out") from None
+    return state
 
 
 def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> Path:

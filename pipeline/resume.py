@@ -26,11 +26,17 @@ def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
     resumes, the latest checkpoint under `storage`, the keys it changes and their new values);
     ConfigError (exit 2) when there is no checkpoint or the config changed more than a resume
     may (`RESUME_MAY_CHANGE`). `checksum=False`: a quick look (`find_latest_checkpoint`)."""
-    from pipeline.engine.checkpoint import find_latest_checkpoint  # (torch: not for --help)
+    from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint  # (torch: not
+    # for --help)
 
     resume_from = find_latest_checkpoint(storage, on_skip=on_skip, checksum=checksum)
     if resume_from is None:
         raise ConfigError(f"argument error: --resume: no checkpoint under {storage}")
+    done = epochs_done(resume_from)
+    if cfg.train.epochs < done:  # (it ended at once, "done after" the checkpoint's epochs)
+        raise ConfigError(f"argument error: --resume: train.epochs={cfg.train.epochs} is fewer "
+                          f"than the {done} epochs the run has trained ({resume_from.name}): a "
+                          "resume goes on to more epochs (the same number ends it there)")
     if not started:
         return cfg, resume_from, {}
     before = started.get("config") or cfg.to_dict()

@@ -137,6 +137,18 @@ def test_settings_of_a_feature_left_off_are_named():
         "train.batch_size_interval (train.batch_size_schedule=constant)",
         "batching.pack_tokens (batching.packing=false)"]
     assert load_config(DIGITS).unused_settings() == []
+    # A strategy's options under another strategy: named, kept for a switch back (a sweep of
+    # {batching.strategy: [curriculum, random]}, refused before); a typo is still refused.
+    mixed = load_config(None, ["batching.strategy=random",
+                               'batching.options={"difficulty": "length", "pacing": "root"}'])
+    assert mixed.batching.options == {} and mixed.unused_settings() == [
+        "batching.options.difficulty (batching.strategy=random)",
+        "batching.options.pacing (batching.strategy=random)"]
+    back = mixed.with_overrides({"batching.strategy": "curriculum"})
+    assert back.batching.options == {"difficulty": "length", "pacing": "root"}
+    assert back.unused_settings() == []
+    with pytest.raises(ConfigError, match="batching.options.pacnig: not an option"):
+        load_config(None, ['batching.options={"pacnig": "root"}'])
 
 
 def test_new_train_keys_and_their_defaults():

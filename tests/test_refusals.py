@@ -162,9 +162,17 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "latin1.yaml").write_bytes("data:\n  name: digits  # d\xe9j\xe0\n".encode("latin-1"))
     (root / "a_folder").mkdir()
     (root / "started").mkdir()  # an --out folder with no run in it
+    (root / "dup.yaml").write_text("train:\n  epochs: 3\ntrain:\n  seed: 4\n")
+    (root / "damaged" / "ray_results").mkdir(parents=True)  # a run.json cut short
+    (root / "damaged" / "run.json").write_text('{"config": ')
+    (root / "sweep_elsewhere" / "ray_results").mkdir(parents=True)  # a sweep's own store
+    (root / "sweep_elsewhere" / "sweep.json").write_text(
+        '{"name": "s", "config": {}, "tracking_uri": "sqlite:////nowhere/s/mlflow.db"}')
     out.update(bad_yaml=str(root / "bad.yaml"), list_yaml=str(root / "list.yaml"),
                latin1_yaml=str(root / "latin1.yaml"),
-               folder=str(root / "a_folder"), started=str(root / "started"))
+               folder=str(root / "a_folder"), started=str(root / "started"),
+               dup_yaml=str(root / "dup.yaml"), damaged=str(root / "damaged"),
+               sweep_elsewhere=str(root / "sweep_elsewhere"))
     return out
 
 
@@ -245,8 +253,6 @@ CASES = [
     ("option-bool", ["--config", DIGITS, *s("batching.strategy=length_bucket",
                                             "batching.options.max_tokens=true")],
      "batching.options.max_tokens"),
-    ("option-other-strategy", ["--config", DIGITS, *s("batching.options.pacing=root")],
-     "batching.options.pacing"),
     ("strategy-on-data", ["--config", DIGITS, *s("batching.strategy=curriculum")],
      "batching.strategy=curriculum"),  # no difficulty on digits
     # -- model arguments
@@ -385,6 +391,9 @@ CASES = [
     ("space-uniform-on-an-integer", ["--config", DIGITS,
                                      *s('tune.search_space={"train.epochs": {"uniform": [1, 5]}}')],
      "train.epochs: Input should be a valid integer (got 3.0)"),
+    ("space-repeated-value", ["--config", DIGITS,
+                              *s('tune.search_space={"train.base_lr": {"grid": [0.1, 0.1]}}')],
+     "tune.search_space.train.base_lr lists 0.1 more than once"),
     ("space-empty-grid", ["--config", DIGITS, *s('tune.search_space={"train.base_lr": {"grid": []}}')],
      "train.base_lr"),
     ("space-bad-value", ["--config", DIGITS,
@@ -408,6 +417,25 @@ CASES = [
      "data.cache_dir"),
     ("set-without-equals", ["--config", DIGITS, "--set", "train.epochs"], "train.epochs"),
     ("resume-nothing", ["--config", DIGITS, "--out", "{started}", "--resume"], "--resume"),
+    # a traceback (JSONDecodeError) before
+    ("resume-damaged-state", ["--config", DIGITS, "--out", "{damaged}", "--resume"],
+     "/damaged/run.json is not a run's state (Expecting value"),
+    # (tune) the sweep's store is in its sweep.json (run.json was read: a sweep has none)
+    ("space-resume-own-store", ["--config", DIGITS, *s(SWEEP), "--out", "{sweep_elsewhere}",
+                                "--resume"],
+     "/sweep_elsewhere/sweep.json: tracking_uri=sqlite:////nowhere/s/mlflow.db: the folder "
+     "/nowhere/s does not exist"),
+    # PyYAML kept the last: the first section's settings were lost without a word
+    ("config-duplicate-key", ["--config", "{dup_yaml}"], "dup.yaml: duplicate key 'train' (line 3)"),
+    ("config-is-a-folder", ["--config", "{folder}"], "a_folder is a folder"),
+    # read as the column of each key: a traceback (KeyError: Field "label" exists 2 times)
+    ("same-column-twice", ["--config", DIGITS, *s("batching.difficulty_column=label")],
+     "data.label_column and batching.difficulty_column name the same column 'label'"),
+    # YAML 1.1 reads 010 as octal: seed 8
+    ("set-octal", ["--config", DIGITS, *s("train.seed=010")], "YAML reads it as 8"),
+    # SQLAlchemy's "Invalid SQLite URL", after the cluster work
+    ("tracking-sqlite-two-slashes", ["--config", DIGITS, *s("tracking.uri=sqlite://mlflow.db")],
+     "a sqlite store is sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db"),
     ("out-is-a-file", ["--config", DIGITS, "--out", "{bad_yaml}"], "is a file, not a folder"),
     # (it was mkdir's NotADirectoryError, a traceback: after the whole search, for find-batch-size)
     ("out-under-a-file", ["--config", DIGITS, "--out", "{bad_yaml}/runs"], "is a file, not a folder"),

@@ -292,3 +292,26 @@ def test_a_resume_the_store_refuses_to_look_up_names_the_refusal_not_a_missing_r
         assert rc == 2 and len(lines) == 1 and f"MLflow run {'0' * 32} is not in " in lines[0]
     finally:
         stop_mlflow_server(server)
+
+
+def test_a_resume_to_fewer_epochs_than_trained_is_refused(tmp_path, capsys, monkeypatch):
+    """A run that has trained 5 epochs, resumed with train.epochs=3: exit 2 before the
+    cluster (it started Ray and a worker group, trained nothing and said "done after 5
+    epochs"); the same 5 epochs is a resume that ends at the checkpoint, as before."""
+    cfg, _ = resolve(load_config(DIGITS, []))
+    (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r",
+                                                   "tracking_uri": "http://127.0.0.1:9",
+                                                   "config": cfg.to_dict()}))
+    save_checkpoint(tmp_path / "ray_results" / "train-x" / "checkpoint_4", {"step": 110, "epoch": 4})
+    monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
+    rc = cli.run(["train", "--config", DIGITS, "--out", str(tmp_path), "--resume",
+                  "--set", "train.epochs=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == (
+        "argument error: --resume: train.epochs=3 is fewer than the 5 epochs the run has trained "
+        "(checkpoint_4): a resume goes on to more epochs (the same number ends it there)")
+    from pipeline.resume import resume_point
+
+    resumed, _ = resolve(load_config(DIGITS, ["train.epochs=5"]))
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert resume_point(resumed, tmp_path / "ray_results", run)[1].name == "checkpoint_4"

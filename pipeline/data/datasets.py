@@ -40,8 +40,13 @@ SEQ_NUM_TARGETS = 4
 
 
 def cache_dir(configured: str | None = None) -> Path:
+    """Where the embedded datasets are written (`~` expanded: no shell does it in a config).
+
+    >>> cache_dir("~/d") == Path.home() / "d"
+    True
+    """
     root = configured or os.environ.get("PIPELINE_DATA_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "batch-pipeline" / "datasets"
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "batch-pipeline" / "datasets"
 
 
 def make_digits() -> pa.Table:
@@ -116,7 +121,9 @@ def embedded_path(name: str, root: str | None = None) -> Path:
         except OSError as err:  # a cache_dir that is a file, read-only, on a full disk...
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            raise ConfigError(f"config error: data.cache_dir: cannot write the embedded dataset "
+            source = ("data.cache_dir" if root or not os.environ.get("PIPELINE_DATA_DIR")
+                      else "PIPELINE_DATA_DIR")  # (the default is under ~/.cache)
+            raise ConfigError(f"config error: {source}: cannot write the embedded dataset "
                               f"{name!r} to {path.parent} ({err.strerror or err})") from None
     return path
 
@@ -219,6 +226,14 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         if col is not None and col not in columns:
             raise ConfigError(f"data error: {key}={col!r} is not a column of {uri} "
                               f"(columns: {', '.join(columns)})")
+    keys_of: dict[str, list[str]] = {}
+    for key, col in named.items():
+        if col is not None:
+            keys_of.setdefault(col, []).append(key)
+    for col, keys in keys_of.items():  # (each is read as what its key says: a traceback before)
+        if len(keys) > 1:
+            raise ConfigError(f"config error: {' and '.join(keys)} name the same column {col!r}: "
+                              "each names a column of its own")
     if d.feature_column is None and d.sequence_column is None:
         raise ConfigError("config error: data.feature_column or data.sequence_column must be set "
                           f"(columns of {uri}: {', '.join(columns)})")

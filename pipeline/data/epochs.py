@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.config import BATCHNORM_MODELS, Config
+from pipeline.config import Config
 from pipeline.data import strategies as _strategies  # noqa: F401  (registers the planners)
 from pipeline.data.batches import SampleTable
 from pipeline.data.padding import round_up
@@ -144,32 +144,9 @@ def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
                 f"{b.strategy} makes no global batch from a pool of {count.pool_size} of "
                 f"{len(train_pos)} training rows with {batch_key}={cfg.plan_batch_size()} "
                 f"(batching.drop_last={b.drop_last})")
-        _check_batchnorm_splits(cfg, count.sizes, world_size, epoch)
         steps.append(n)
     return steps
 
-
-def _check_batchnorm_splits(cfg: Config, sizes: np.ndarray, world_size: int, epoch: int) -> None:
-    """A built-in BatchNorm model (`BATCHNORM_MODELS`) normalises over each micro-batch of each
-    rank (without SyncBatchNorm): one of a single sample has no variance, and PyTorch refuses to
-    train on it. Raise ValueError naming the batch when a global batch of `sizes` (a constant
-    batch's epoch) would leave one: a last batch of drop_last=false, a batch not dividing
-    into the workers' micro-batches. An empty share is fine (nothing to normalise)."""
-    t = cfg.train
-    if (cfg.model.name not in BATCHNORM_MODELS or t.sync_batchnorm
-            or t.batch_size_schedule != "constant"):
-        return
-    for size in np.unique(sizes):
-        shares = {len(p) for p in np.array_split(np.arange(int(size)), world_size)}
-        micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else None
-        if any(n == 1 or (micro is not None and n and (micro == 1 or n % micro == 1))
-               for n in shares):
-            raise ValueError(
-                f"epoch {epoch + 1}: a global batch of {size} sample(s) leaves a worker a "
-                f"BatchNorm micro-batch of 1 sample (model.name={cfg.model.name} normalises "
-                f"over each micro-batch; scaling.num_workers={world_size}, "
-                f"train.micro_batch_size={t.micro_batch_size}): set batching.drop_last=true, "
-                "or another train.global_batch_size or train.micro_batch_size")
 
 
 class ScheduleSteps(NamedTuple):

@@ -49,11 +49,20 @@ def _ids(meta: SampleMeta) -> np.ndarray:
     return np.asarray(meta.ids).astype(np.int64, copy=False)
 
 
+# Where a planner's metadata comes from, as a user sets it.
+_SOURCE = {"difficulty": "a difficulty (batching.difficulty_column, or "
+                         "batching.options.difficulty=length on sequences)",
+           "lengths": "sequence lengths (data.sequence_column)",
+           "labels": "labels (data.label_column)"}
+
+
 def _column(meta: SampleMeta, name: str, strategy: str) -> np.ndarray:
     """The metadata column `name`, checked to be present and aligned with ``meta.ids``."""
     col = getattr(meta, name)
     if col is None:
-        raise ValueError(f"batching strategy {strategy!r} needs meta.{name}, which is None")
+        source = _SOURCE.get(name, f"meta.{name}")
+        raise ValueError(f"batching strategy {strategy!r} needs {source}, which this data or "
+                         "config has not")
     col = np.asarray(col)
     if len(col) != len(meta):
         raise ValueError(

@@ -103,6 +103,12 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def epochs_done(folder: str | Path) -> int:
+    """How many epochs the checkpoint at `folder` has trained (its meta.json: the last epoch's
+    0-based index, plus one); CheckpointError when it is unreadable."""
+    return int(_read_meta(Path(folder))["epoch"]) + 1
+
+
 def _verify(folder: Path, meta: dict[str, Any], checksum: bool = True) -> None:
     state = folder / STATE_FILE
     if not state.is_file():

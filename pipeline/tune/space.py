@@ -111,6 +111,11 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
             "with the same seeds, and training is deterministic: the repeats would train the "
             "same weights; sweep the seeds instead (e.g. train.seed and batching.seed: "
             "{grid: [0, 1, 2]}) or draw values (choice, uniform, loguniform)")
+    for key, (kind, values) in parsed.items():  # (deterministic training: the same weights)
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if kind in ("grid", "choice") and repeated:
+            raise ConfigError(f"config error: tune.search_space.{key} lists {repeated[0]!r} more "
+                              "than once: its trials would train the same weights")
     keys = list(parsed)
     # a continuous range draws floats between its bounds: one of them is checked too (an integer
     # key given a range of integers would fail in every trial)

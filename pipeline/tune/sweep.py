@@ -438,7 +438,10 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
 def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:
     if not state_file.exists():
         raise ConfigError(f"argument error: --resume: no sweep.json in {state_file.parent}")
-    state = json.loads(state_file.read_text())
+    state = run_state(state_file.parent, state_file.name)  # (ConfigError when damaged)
+    if not isinstance(state.get("config"), dict) or "name" not in state:
+        raise ConfigError(f"argument error: {state_file} is not a sweep's state (no config or "
+                          "name): remove it, or use another --out")
     changed = changed_keys(state["config"], cfg.to_dict())
     if changed:
         raise ConfigError(f"argument error: --resume: the config differs from the sweep's "

@@ -101,32 +101,6 @@ def test_a_tail_smaller_than_the_workers_is_trained_as_on_one_worker(world, batc
     assert steps_per_epoch(cfg, st, train, world) == steps_per_epoch(cfg, st, train, 1)
 
 
-@pytest.mark.parametrize(("workers", "overrides", "refused"), [
-    # 1,438 training rows, batches of 64: a last batch of 30 (15 + 15 on 2 workers)
-    (2, ["batching.drop_last=false", "train.micro_batch_size=8"], False),  # 15 = 8 + 7
-    (2, ["batching.drop_last=false", "train.micro_batch_size=2"], True),  # 15 = 7 x 2 + 1
-    (2, ["train.micro_batch_size=2"], False),  # (the last batch dropped)
-    (2, ["train.micro_batch_size=1"], True),  # every micro-batch a single sample
-    (1, ["batching.drop_last=false", "train.global_batch_size=3"], True),  # 1,438 = 3 x 479 + 1
-])
-def test_a_batchnorm_micro_batch_of_one_sample_is_refused_before_the_cluster(
-        workers, overrides, refused):
-    """digits_cnn normalises over each micro-batch: one of a single sample cannot train
-    (PyTorch refuses it, on the workers), so the driver's check of the epochs refuses it by
-    name (`resolve`)."""
-    from pipeline.config import ConfigError
-    from pipeline.data.datasets import resolve
-
-    cfg = load_config(None, [f"scaling.num_workers={workers}", *overrides])
-    if refused:
-        with pytest.raises(ConfigError, match="leaves a worker a BatchNorm micro-batch of 1 sample"):
-            resolve(cfg)
-        return
-    cfg, info = resolve(cfg)
-    train, _ = split_train_val(len(info.small), info.small.labels, 0.2, 0)
-    assert cfg.model.name == "digits_cnn" and len(train) == 1438 and cfg.data.val_fraction == 0.2
-
-
 def test_stratified_batches_keep_class_shares_within_one():
     cfg, st, train = odd_setup("stratified", 2)
     share = np.bincount(st.labels[train]) / len(train)
