@@ -904,16 +904,19 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"bad --set {item!r}: expected dotted.key=value")
     key, _, text = item.partition("=")
     key = key.strip()
+    if _text_field(key) and text.strip() not in ("", "~", "null", "Null", "NULL"):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        quoted = text.strip()[:1] in ("'", '"') and isinstance(value, str)
+        return key, value if quoted else text.strip()  # as typed, a `#` and all
     try:
-        value = yaml.safe_load(text) if text != "" else None
+        value = yaml.load(text, Loader=_Loader) if text != "" else None
+    except _Refused as err:
+        raise ConfigError(f"config error: --set {key}={text.strip()}: {err}") from None
     except yaml.YAMLError:
         value = text
-    if _text_field(key) and text.strip() not in ("", "~", "null", "Null", "NULL"):
-        quoted = text.strip()[:1] in ("'", '"') and isinstance(value, str)
-        value = value if quoted else text.strip()  # as typed, a `#` and all
-    elif isinstance(value, int | float) and _YAML11_NUMBER.fullmatch(text.strip()):
-        raise ConfigError(f"config error: --set {key}={text.strip()}: YAML reads it as {value!r} "
-                          "(an octal or base-60 number); write the number you mean")
     return key, value
 
 
@@ -922,22 +925,42 @@ def parse_override(item: str) -> tuple[str, Any]:
 _YAML11_NUMBER = re.compile(r"[-+]?0[0-7_]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?")
 
 
-class _DuplicateKey(yaml.YAMLError):
-    pass
+class _Refused(yaml.YAMLError):
+    """YAML that PyYAML reads, but not as meant (said in one line: see `_Loader`)."""
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last:
-    a section written twice lost the first one's settings without a word)."""
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what it would read without a word but not as meant: a
+    key given twice in one mapping (PyYAML keeps the last: a section written twice lost the
+    first one's settings), and YAML 1.1's octal and base-60 numbers (`seed: 010` is 8, `1:30`
+    is 90), in a config file and in a --set value, nested ones too."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<`: merged (and overridden) later
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise _DuplicateKey(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
-            seen.add(key)
+            try:
+                if key in seen:
+                    raise _Refused(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML's own error, below
+                continue
         return super().construct_mapping(node, deep)
+
+    def _number(self, node: yaml.ScalarNode, read: Any) -> Any:
+        value = read(self, node)
+        if _YAML11_NUMBER.fullmatch(node.value.strip()):
+            raise _Refused(f"{node.value} reads as {value!r} in YAML 1.1 (an octal or base-60 "
+                           "number); write the number you mean")
+        return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int",
+                        lambda ld, n: ld._number(n, yaml.SafeLoader.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float",
+                        lambda ld, n: ld._number(n, yaml.SafeLoader.construct_yaml_float))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -952,8 +975,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not p.is_file():
             raise ConfigError(f"config error: the config file {p} is not a regular file")
         try:
-            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
-        except _DuplicateKey as err:
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
+        except _Refused as err:
             raise ConfigError(f"config error: {p}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config error: {p} is not valid YAML ({err.__class__.__name__})") from None

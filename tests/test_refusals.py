@@ -432,7 +432,7 @@ CASES = [
     ("same-column-twice", ["--config", DIGITS, *s("batching.difficulty_column=label")],
      "data.label_column and batching.difficulty_column name the same column 'label'"),
     # YAML 1.1 reads 010 as octal: seed 8
-    ("set-octal", ["--config", DIGITS, *s("train.seed=010")], "YAML reads it as 8"),
+    ("set-octal", ["--config", DIGITS, *s("train.seed=010")], "010 reads as 8 in YAML 1.1"),
     # SQLAlchemy's "Invalid SQLite URL", after the cluster work
     ("tracking-sqlite-two-slashes", ["--config", DIGITS, *s("tracking.uri=sqlite://mlflow.db")],
      "a sqlite store is sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db"),

@@ -632,3 +632,23 @@ def test_a_range_is_checked_below_its_upper_bound_which_tune_never_draws():
     with pytest.raises(ConfigError, match="train.momentum"):
         check_trials(*resolve(load_config(None, [
             'tune.search_space={"train.momentum": {"uniform": [0.8, 1.5]}}'])))
+
+
+def test_a_trial_fills_its_step_cost_without_the_throughput_file(tmp_path, monkeypatch):
+    """A trial runs in Tune's trial folder (another working directory), maybe on another
+    node: the throughput file the sweep's config names (relative, here) is read once by the
+    driver, and each trial's step cost comes from that reading."""
+    from pipeline.data.datasets import resolve
+    from pipeline.tune.space import trial_config
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "fbs.json").write_text(json.dumps({"step_cost_per_worker": 7.0}))
+    monkeypatch.chdir(tmp_path)
+    cfg, info = resolve(load_config(None, [
+        "train.batch_size_throughput=runs/fbs.json", "train.batch_size_schedule=adaptive",
+        "train.batch_size_min=32", "train.micro_batch_size=16",
+        'tune.search_space={"scaling.num_workers": {"grid": [1, 2]}}']))
+    monkeypatch.chdir(tmp_path / "runs")  # (Tune's trial folder: the relative path is not there)
+    costs = [trial_config(cfg, info, {"scaling.num_workers": w})[0].train.batch_size_step_cost
+             for w in (1, 2)]
+    assert costs == [7.0, 14.0]

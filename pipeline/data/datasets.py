@@ -146,6 +146,10 @@ class DatasetInfo:
     # sweep's trial starts from the config as given (`as_given`) and is filled again for its
     # own overrides (another worker count, model or dataset fills other values).
     filled: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+    # train.batch_size_throughput's file (as the config names it) -> its per-worker step cost,
+    # read once by the driver: a trial refills from it (in its actor the working directory is
+    # Tune's trial folder, and the file may be on the driver's machine alone).
+    step_costs: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "small": None}
@@ -166,21 +170,24 @@ def as_given(cfg: Config, info: DatasetInfo) -> Config:
 def refill(cfg: Config, info: DatasetInfo) -> Config:
     """What `resolve` fills in, for a config (as given, with a sweep trial's overrides) of the
     dataset `info` describes -- without reading it again: the trial keeps the sweep's data."""
-    cfg = _fill_step_cost(_fill_embedded_columns(cfg))
+    cfg = _fill_step_cost(_fill_embedded_columns(cfg), getattr(info, "step_costs", None))
     return _pick_model(cfg, embedded_digits=_embedded_digits(cfg), width=info.facts.get("input_dim"))
 
 
-def _fill_step_cost(cfg: Config) -> Config:
+def _fill_step_cost(cfg: Config, known: dict[str, float] | None = None) -> Config:
     """train.batch_size_step_cost from train.batch_size_throughput's file, for this config's
     worker count; filled again on every resolve (a sweep's trial may have other workers than
-    the config it comes from). `load_config` refuses a config that sets both."""
+    the config it comes from). `known`: per-worker costs already read (`DatasetInfo.step_costs`).
+    `load_config` refuses a config that sets both."""
     t = cfg.train
     if t.batch_size_throughput is None:
         return cfg
     from pipeline.find_batch_size import step_cost_from
 
-    cost = step_cost_from(t.batch_size_throughput, cfg.scaling.num_workers)
-    return cfg.with_overrides({"train.batch_size_step_cost": cost})
+    per_worker = (known or {}).get(t.batch_size_throughput)
+    if per_worker is None:
+        per_worker = step_cost_from(t.batch_size_throughput, 1)
+    return cfg.with_overrides({"train.batch_size_step_cost": per_worker * cfg.scaling.num_workers})
 
 
 def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
@@ -262,9 +269,17 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     if cfg.tune.search_space:
         cfg.check_tune()
     before, after = flatten(given.to_dict()), flatten(cfg.to_dict())
+    throughput = cfg.train.batch_size_throughput
+    if throughput is not None:
+        from pipeline.find_batch_size import step_cost_from
+
+        step_costs = {throughput: step_cost_from(throughput, 1)}  # (read by _fill_step_cost)
+    else:
+        step_costs = {}
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,
                             facts=facts.model_facts(), small=facts.small,
-                            filled={k: before[k] for k in FILLED_KEYS if before[k] != after[k]})
+                            filled={k: before[k] for k in FILLED_KEYS if before[k] != after[k]},
+                            step_costs=step_costs)
 
 
 def _fill_embedded_columns(cfg: Config) -> Config:

@@ -20,8 +20,9 @@ from pipeline.data.plan import EpochPlan, SampleMeta, count_epoch, plan_epoch
 @dataclass(frozen=True)
 class EpochBatches:
     plan: EpochPlan
-    batches: list[np.ndarray]  # global batches every rank can take a share of
-    dropped: int  # plan drops + batches too small to give every rank a sample
+    batches: list[np.ndarray]  # the plan's global batches, every one trained (a rank's share
+    # of a batch smaller than the workers may be empty)
+    dropped: int  # samples the plan dropped (drop_last, a strategy's own drops)
 
 
 def default_pacing_epochs(epochs: int) -> int:
@@ -109,6 +110,8 @@ def pool_meta(cfg: Config, st: SampleTable, train_pos: np.ndarray,
 
 def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: int,
                   world_size: int, sample_losses: np.ndarray | None = None) -> EpochBatches:
+    """The epoch's global batches. `world_size` is not used (the batches never depend on the
+    worker count; a batch smaller than the workers was dropped on them); kept for its callers."""
     b = cfg.batching
     plan = plan_epoch(b.strategy, pool_meta(cfg, st, train_pos, sample_losses), seed=b.seed,
                       epoch=epoch, global_batch_size=cfg.plan_batch_size(),
@@ -123,7 +126,8 @@ def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
     """Optimizer steps of every epoch of ``cfg.train.epochs``: ``len(epoch_batches(...).batches)``
     for each epoch (under a batch-size schedule: its unit batches, `cfg.plan_batch_size()`),
     counted from the strategy's counter (no shuffle, no gather; a token-budget plan is planned).
-    Hard mining draws N samples whatever the losses, so its count needs none.
+    Hard mining draws N samples whatever the losses, so its count needs none. `world_size`:
+    not used, as in `epoch_batches` (the LR schedule is laid over the same steps on any).
 
     Raises ValueError naming the epoch and the numbers when an epoch would train no step (a pool
     smaller than one global batch with drop_last, ``epoch_samples`` < the batch...).

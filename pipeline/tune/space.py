@@ -113,7 +113,7 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
             "{grid: [0, 1, 2]}) or draw values (choice, uniform, loguniform)")
     for key, (kind, values) in parsed.items():  # (deterministic training: the same weights)
         repeated = [v for i, v in enumerate(values) if v in values[:i]]
-        if kind in ("grid", "choice") and repeated:
+        if kind == "grid" and repeated:  # (a choice repeats a value to draw it more often)
             raise ConfigError(f"config error: tune.search_space.{key} lists {repeated[0]!r} more "
                               "than once: its trials would train the same weights")
     keys = list(parsed)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -248,7 +249,7 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     if (out / "result.json").exists():  # it ended just before the sweep's driver was killed,
         # after Tune last saved its state: not trained again; Tune gets its final metrics
         metrics = json.loads((out / "result.json").read_text())["metrics"]
-        tune.report({k: v for k, v in metrics.items() if v is not None})  # (null: NaN)
+        tune.report({k: math.nan if v is None else v for k, v in metrics.items()})  # (null: NaN)
         return
     # A trial the sweep's interruption (or a failure Tune retries) cut short continues its
     # MLflow run, from its checkpoint or, before its first one, from the start.
