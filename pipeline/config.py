@@ -610,6 +610,19 @@ class Config(_Section):
         if b.pack_tokens is not None and not b.packing:
             unused.append("batching.pack_tokens (batching.packing=false)")
         unused += [f"batching.options.{k} (batching.strategy={b.strategy})" for k in b._other_options]
+
+        def set_(section: BaseModel, name: str) -> bool:  # not at its default
+            return getattr(section, name) != type(section).model_fields[name].default
+
+        unused += [f"{key} ({why})" for key, is_set, off, why in (
+            ("train.nonfinite_limit", set_(t, "nonfinite_limit"), t.nonfinite == "skip",
+             "train.nonfinite=skip"),
+            ("train.noise_scale_ema", set_(t, "noise_scale_ema"), not t.noise_scale,
+             "train.noise_scale=false"),
+            ("train.eval_every", set_(t, "eval_every"), self.data.val_fraction == 0,
+             "data.val_fraction=0"),
+            ("batching.num_views", set_(b, "num_views"), t.loss != "nt_xent",
+             f"train.loss={t.loss}")) if is_set and off]
         return unused
 
     def plan_batch_size(self) -> int:

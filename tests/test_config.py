@@ -149,6 +149,15 @@ def test_settings_of_a_feature_left_off_are_named():
     assert back.unused_settings() == []
     with pytest.raises(ConfigError, match="batching.options.pacnig: not an option"):
         load_config(None, ['batching.options={"pacnig": "root"}'])
+    # Settings of a feature switched off by another key
+    assert load_config(None, ["train.nonfinite=skip", "train.nonfinite_limit=3",
+                              "train.noise_scale=false", "train.noise_scale_ema=0.9",
+                              "data.val_fraction=0", "train.eval_every=2",
+                              "batching.num_views=3"]).unused_settings() == [
+        "train.nonfinite_limit (train.nonfinite=skip)",
+        "train.noise_scale_ema (train.noise_scale=false)",
+        "train.eval_every (data.val_fraction=0)",
+        "batching.num_views (train.loss=cross_entropy)"]
 
 
 def test_new_train_keys_and_their_defaults():
