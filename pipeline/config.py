@@ -832,11 +832,12 @@ def sqlite_problem(uri: str) -> str | None:
     db = Path(path)
     if db.is_dir():
         return "it is a folder, not a database file"
-    if db.exists():
-        return None if os.access(db, os.R_OK | os.W_OK) else f"{db} is not writable"
+    if db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        return f"{db} is not writable"
     folder = db.parent
     if not folder.is_dir():
         return f"the folder {folder.absolute()} does not exist"
+    # (sqlite writes its journal beside the database: the folder must be writable too)
     return None if os.access(folder, os.W_OK | os.X_OK) else f"the folder {folder} is not writable"
 
 
