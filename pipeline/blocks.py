@@ -2,9 +2,9 @@
 
 Ray Data reads the Parquet data into Arrow blocks (`ingest`). Then, by `data.mode`:
 
-- **object_store** (data that fits): every rank `ray.get`s every block (zero-copy from its node's
-  object store) and gathers its batches from the whole table (its large columns joined into one
-  array per rank: a copy each, `SampleTable.from_table`). Fastest for many epochs over a small
+- **object_store** (data that fits): the blocks are joined into one table at ingest
+  (`one_block`); every rank `ray.get`s it (zero-copy from its node's object store) and gathers
+  its batches from it, its columns mapped without a copy. Fastest for many epochs over a small
   table; on N nodes every node pulls the whole dataset.
 - **streaming** (data that outgrows a node): the blocks are spread evenly over the nodes that
   train (a block a node holds beyond its share is moved to the node holding least), and each
@@ -44,7 +44,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import console
 from pipeline.config import Config, ConfigError
-from pipeline.data.batches import SampleTable
+from pipeline.data.batches import SampleTable, one_array
 from pipeline.data.datasets import DatasetInfo
 from pipeline.data.rows import Fetch, LargeColumns, StreamedRows, scatter_rows, take_rows
 
@@ -291,8 +291,8 @@ def _ingest(info: DatasetInfo, cfg: Config | None) -> Blocks:
     if configured == "streaming" and not nodes:  # (auto keeps to the object store then)
         raise _no_training_node(cfg)
     if choose_mode(configured, size, nodes) == "object_store":
-        return Blocks("object_store", _read(info.uri, columns=columns)
-                      .materialize().to_arrow_refs(), size_bytes=size)
+        refs = _read(info.uri, columns=columns).materialize().to_arrow_refs()
+        return Blocks("object_store", one_block(refs), size_bytes=size)
     count = block_count(size, len(nodes))
     refs = _read(info.uri, columns=columns, override_num_blocks=count
                  ).materialize().to_arrow_refs()
@@ -448,6 +448,24 @@ class BlockKeeper:
         return self.servers, self.nodes, self.small, (
             f"data: {len(ids)} block(s) of {len(lost)} lost node(s) read again from the Parquet "
             f"data onto {len(set(targets))} node(s) that train")
+
+
+def one_block(refs: list[Any]) -> list[Any]:
+    """The object-store mode's blocks joined into one table of one chunk per column, made on
+    the head node (a worker node may go; `on_head`): a rank maps its columns without a copy --
+    from several blocks each rank joined them into arrays of its own, so the ranks of a node
+    held a copy each besides the store's."""
+    if len(refs) <= 1:
+        return refs
+    join = ray.remote(num_cpus=0)(_joined).options(scheduling_strategy=on_head())
+    ref = join.remote(*refs)
+    ray.wait([ref], fetch_local=False)  # joined before the blocks are let go
+    return [ref]
+
+
+def _joined(*tables: pa.Table) -> pa.Table:
+    table = pa.concat_tables(tables)
+    return pa.table({name: one_array(table.column(name)) for name in table.column_names})
 
 
 def on_head() -> NodeAffinitySchedulingStrategy:

@@ -169,6 +169,37 @@ def test_ray_reads_the_files_the_driver_checked(ray_client, tmp_path):
     assert [v[0] for v in got.column("x").to_pylist()] == list(range(100))
 
 
+@pytest.mark.ray
+def test_ranks_in_the_object_store_mode_map_one_copy_of_the_data(ray_client, tmp_path):
+    """The blocks Ray Data reads are joined into one table at ingest: every rank's features
+    are views of the same object-store buffer, not a copy per rank (each rank joined several
+    blocks into arrays of its own); the rows are the file's, in its order."""
+    import ray
+
+    from pipeline.blocks import Blocks, ingest, load_rows, one_block
+
+    rng = np.random.default_rng(0)
+    n, path = 600, tmp_path / "three_files"
+    path.mkdir()
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4),
+                      "y": np.arange(n) % 3})
+    for i in range(3):  # (a file is read by one task: one block or more each)
+        pq.write_table(table.slice(200 * i, 200), path / f"part-{i}.parquet")
+    cfg, info = resolve(load_config(None, [f"data.path={path}", "data.feature_column=x",
+                                           "data.label_column=y", "model.name=mlp",
+                                           "data.mode=object_store"]))
+    assert len(ingest(info, cfg).refs) == 1
+    # Several blocks (as Ray Data gives a larger dataset) joined into one:
+    blocks = Blocks("object_store", one_block([ray.put(table.slice(200 * i, 200)) for i in range(3)]))
+    assert len(blocks.refs) == 1
+    one, _, _ = load_rows(cfg, blocks, 0, 2)
+    two, _, _ = load_rows(cfg, blocks, 1, 2)
+    assert np.shares_memory(one.features, two.features)
+    assert np.array_equal(one.features, x) and np.array_equal(one.labels, np.arange(n) % 3)
+    assert pa.concat_tables(ray.get(blocks.refs)).column("x").num_chunks == 1
+
+
 def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir, capsys, monkeypatch):
     """In-process, with the cluster unreachable (tests/test_refusals.py's harness)."""
     one = pa.table({"features": pa.FixedSizeListArray.from_arrays(
