@@ -174,6 +174,17 @@ def refill(cfg: Config, info: DatasetInfo) -> Config:
     return _pick_model(cfg, embedded_digits=_embedded_digits(cfg), width=info.facts.get("input_dim"))
 
 
+def _step_costs(cfg: Config) -> dict[str, float]:
+    """{train.batch_size_throughput: the per-worker step cost its file gives}, the file read
+    once for `resolve` and the sweep's trials (`DatasetInfo.step_costs`); {} without one."""
+    path = cfg.train.batch_size_throughput
+    if path is None:
+        return {}
+    from pipeline.find_batch_size import step_cost_from
+
+    return {path: step_cost_from(path, 1)}
+
+
 def _fill_step_cost(cfg: Config, known: dict[str, float] | None = None) -> Config:
     """train.batch_size_step_cost from train.batch_size_throughput's file, for this config's
     worker count; filled again on every resolve (a sweep's trial may have other workers than
@@ -206,7 +217,8 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     `train.batch_size_throughput` names (`_fill_step_cost`).
     """
     given = cfg
-    cfg = _fill_step_cost(_fill_embedded_columns(cfg))
+    step_costs = _step_costs(cfg)
+    cfg = _fill_step_cost(_fill_embedded_columns(cfg), step_costs)
     d = cfg.data
     if d.path is None:
         uri = str(embedded_path(d.name, d.cache_dir).resolve())
@@ -269,13 +281,6 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     if cfg.tune.search_space:
         cfg.check_tune()
     before, after = flatten(given.to_dict()), flatten(cfg.to_dict())
-    throughput = cfg.train.batch_size_throughput
-    if throughput is not None:
-        from pipeline.find_batch_size import step_cost_from
-
-        step_costs = {throughput: step_cost_from(throughput, 1)}  # (read by _fill_step_cost)
-    else:
-        step_costs = {}
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,
                             facts=facts.model_facts(), small=facts.small,
                             filled={k: before[k] for k in FILLED_KEYS if before[k] != after[k]},
