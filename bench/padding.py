@@ -2,7 +2,8 @@
 
 1. Padding efficiency (real tokens / padded token slots, over whole epochs, from the pipeline's
    own `SampleTable.gather`) of `random` vs `length_bucket` batches (global batch 32, and a
-   token budget `max_tokens`), padded to the batch's longest and to a multiple of 8.
+   token budget `max_tokens`), padded to the batch's longest and to a multiple of 8; and the
+   random batches packed (`batching.packing`) into rows of 512 tokens and into one row.
 2. Throughput (sequences/s, real tokens/s) of padded batches of 32 -- input_ids, attention_mask,
    token_targets (-100 on padding), lengths, label, sample_id as torch tensors -- over the same
    Parquet file, variants interleaved over `--repeats` timed epochs after one warm-up epoch,
@@ -30,6 +31,7 @@ written by the same generator (`make_sequences(4000 * K)`) into a temporary fold
     python bench/padding.py             # ~2-3 min on 2 cores; writes bench/results/padding.json
     python bench/padding.py --quick     # 3 repeats, 2 epochs of padding efficiency
     python bench/padding.py --scale 10  # + a 40,000-row file (a few minutes more)
+    python bench/padding.py --efficiency-only  # section 1 alone, no Ray (seconds)
 
 Ray is started locally (`address="local"`, 2 CPUs, no dashboard); its start-up is not timed.
 """
@@ -121,6 +123,30 @@ def padding_rows(st: SampleTable, epochs: int) -> list[dict]:
             row[key] = {"mean": statistics.fmean(effs), "min": min(effs), "per_epoch": effs,
                         "n_batches": counts, "mean_batch_size": statistics.fmean(sizes)}
         rows.append(row)
+    return rows
+
+
+def packing_rows(st: SampleTable, epochs: int) -> list[dict]:
+    """The same random batches of 32 (epochs 0..n-1), padded to their longest and packed
+    (`batching.packing`): into rows of at most 512 tokens (the longest sequence's length), and
+    into one row per batch (`pack_tokens: null`); real tokens / token slots, from the
+    pipeline's own `SampleTable.gather`."""
+    meta = st.meta(np.arange(len(st)))
+    rows = []
+    for label, kwargs in (("padded to the longest", {}),
+                          ("packed, rows of 512 tokens", {"packing": True, "pack_tokens": 512}),
+                          ("packed, one row per batch", {"packing": True, "pack_tokens": None})):
+        effs = []
+        for epoch in range(epochs):
+            plan = plan_epoch("random", meta, seed=0, epoch=epoch, global_batch_size=B)
+            real = slots = 0
+            for batch in plan.batches:
+                out = st.gather(batch, **kwargs)
+                real += int(out["attention_mask"].sum())
+                slots += out["input_ids"].size
+            effs.append(real / slots)
+        rows.append({"batches": f"random, batch {B}, {label}", "options": kwargs,
+                     "mean": statistics.fmean(effs), "min": min(effs), "per_epoch": effs})
     return rows
 
 
@@ -334,6 +360,14 @@ def print_padding(rows: list[dict], epochs: int) -> None:
     print("goal: length-bucketed >= 0.9 while random is far lower")
 
 
+def print_packing(rows: list[dict], epochs: int) -> None:
+    print(f"\nPacking (real tokens / token slots), `sequences`, random order, mean (min) over "
+          f"{epochs} epoch(s)")
+    for r in rows:
+        print(f"{r['batches']:<48} {r['mean']:.3f} ({r['min']:.3f})")
+    print("goal (issue #12): packed >= 0.99 with random batch order")
+
+
 def print_throughput(res: dict, label: str) -> None:
     print(f"\nThroughput, padded batches of {B}, {label} ({res['rows']} rows), median of "
           f"{len(res['variants'][0]['epoch_s'])} epochs")
@@ -354,6 +388,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed epochs (default 5, quick 3)")
     ap.add_argument("--scale", type=int, default=0,
                     help="also time a file this many times larger than `sequences` (0: skip)")
+    ap.add_argument("--efficiency-only", action="store_true",
+                    help="padding and packing efficiency only (no Ray, no throughput); writes "
+                         "bench/results/padding_efficiency.json")
     args = ap.parse_args()
     repeats = max(3, args.repeats or (3 if args.quick else 5))
     eff_epochs = 2 if args.quick else 5
@@ -364,6 +401,18 @@ def main() -> None:
     path = embedded_path("sequences")
     eff = padding_rows(sample_table(pq.read_table(path)), eff_epochs)
     print_padding(eff, eff_epochs)
+    packing = packing_rows(sample_table(pq.read_table(path)), eff_epochs)
+    print_packing(packing, eff_epochs)
+    if args.efficiency_only:
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / "padding_efficiency.json"
+        save(out, {"benchmark": "padding_efficiency", "when": time.strftime("%Y-%m-%d %H:%M"),
+                   "batch": B, "max_tokens": MAX_TOKENS, "efficiency_epochs": eff_epochs,
+                   "efficiency": eff, "packing": packing,
+                   "versions": {"python": platform.python_version(), "pyarrow": pa.__version__,
+                                "numpy": np.__version__}})
+        print(f"wrote {out}")
+        return
 
     os.environ.pop("RAY_ADDRESS", None)
     warnings.filterwarnings("ignore", module=r"ray\..*")
@@ -398,7 +447,8 @@ def main() -> None:
     save(out, {
         "benchmark": "padding", "when": time.strftime("%Y-%m-%d %H:%M"), "batch": B,
         "max_tokens": MAX_TOKENS, "repeats": repeats, "quick": args.quick,
-        "efficiency_epochs": eff_epochs, "efficiency": eff, "throughput": results,
+        "efficiency_epochs": eff_epochs, "efficiency": eff, "packing": packing,
+        "throughput": results,
         "wall_s": total, "load_average_1min": load, "cpus": os.cpu_count(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "ray": ray.__version__, "pyarrow": pa.__version__,

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline import console
-from pipeline.config import Config, ConfigError, check_tracking_uri, load_config
+from pipeline.config import DEFAULT_STORE, Config, ConfigError, check_tracking_uri, load_config
 from pipeline.files import run_state
 from pipeline.redact import redact_text
 from pipeline.resume import resume_folder, resume_point
@@ -286,6 +286,11 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
     if args.resume and args.command == "train":  # no checkpoint, or another training
         started = run_state(out)
+        if not started:  # (its checkpoints alone: whose config, whose MLflow run, which run?)
+            raise ConfigError(f"argument error: --resume: {out / 'run.json'} is missing (the "
+                              "run's config, MLflow run and checkpoint folder): a resume could "
+                              "not check that it continues the same training; start a new run "
+                              "in another --out")
         resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False)
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
         check_tracking_uri(*_store_and_source(args, cfg, out))
@@ -319,7 +324,9 @@ def _store_and_source(args: argparse.Namespace, cfg: Config, out: Path) -> tuple
     resumed = (run_state(out, state) if args.resume else {}).get("tracking_uri")
     if resumed:
         return resumed, f"{out / state}: tracking_uri"
-    return cfg.tracking_uri(), "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
+    source = ("tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
+              if os.environ.get("MLFLOW_TRACKING_URI") else DEFAULT_STORE)
+    return cfg.tracking_uri(), source
 
 
 def _store(args: argparse.Namespace, cfg: Config, out: Path) -> str:

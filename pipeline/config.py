@@ -461,6 +461,19 @@ class Config(_Section):
                 "SyncBatchNorm runs only on CUDA (NCCL), not on CPU/gloo"
             )
         bt = self.batching
+        uneven = ("batching.drop_last=false" if not bt.drop_last else
+                  "batching.options.max_tokens" if bt.strategy == "length_bucket"
+                  and bt.options.get("max_tokens") is not None else None)
+        if t.sync_batchnorm and workers > 1 and uneven:
+            # SyncBatchNorm runs a collective in every forward pass: ranks whose shares of a
+            # step differ in micro-batches (a last batch of 33 on 2 ranks: 17 and 16 samples,
+            # micro-batches of 8: 3 and 2), or a rank with an empty share, would each wait in
+            # a collective the others never join
+            raise ValueError(
+                f"train.sync_batchnorm=true with {uneven} on {workers} workers: a batch of a "
+                "sample count that is not a multiple of the workers gives them shares of "
+                "different micro-batch counts, and SyncBatchNorm's collectives in each forward "
+                "would not match (a hang); keep batching.drop_last=true and fixed-size batches")
         if bt.packing and bt.pack_tokens and bt.pad_multiple_of and bt.pack_tokens % bt.pad_multiple_of:
             raise ValueError(f"batching.pack_tokens={bt.pack_tokens} is not a multiple of "
                              f"batching.pad_multiple_of={bt.pad_multiple_of}: a packed row padded "
@@ -793,25 +806,31 @@ def check_tracking_uri(uri: str, name: str = "tracking.uri") -> None:
 
     if uri in ("databricks", "databricks-uc", "uc"):  # (MLflow's names without a scheme)
         return
+    # a key or variable: KEY=URI; where none is set, what it is: "the default store ... URI"
+    named = f"{name}{' ' if name == DEFAULT_STORE else '='}{redact_text(uri)}"
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("", "file") or len(scheme) == 1:  # (a Windows drive letter: a path too)
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
             return
-        raise ConfigError(f"config error: {name}={redact_text(uri)}: a path is MLflow's file "
+        raise ConfigError(f"config error: {named}: a path is MLflow's file "
                           "store, which MLflow 3 refuses (MLFLOW_ALLOW_FILE_STORE=true opts in); "
                           "a tracking server is http://HOST:PORT, a local store sqlite:///PATH")
     from importlib.metadata import entry_points  # stores MLflow plugins add, by their scheme
 
     plugins = {ep.name for ep in entry_points(group="mlflow.tracking_store")}
     if scheme.split("+", 1)[0] not in (*TRACKING_SCHEMES, *plugins):
-        raise ConfigError(f"config error: {name}={redact_text(uri)}: MLflow has no store for "
+        raise ConfigError(f"config error: {named}: MLflow has no store for "
                           f"{scheme!r} URIs (known: {', '.join(TRACKING_SCHEMES)})")
     if scheme == "sqlite" and not uri.startswith("sqlite:///"):  # (SQLAlchemy's ArgumentError,
         # after the cluster work)
-        raise ConfigError(f"config error: {name}={redact_text(uri)}: a sqlite store is "
+        raise ConfigError(f"config error: {named}: a sqlite store is "
                           "sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db")
     if scheme == "sqlite" and (problem := sqlite_problem(uri)) is not None:
-        raise ConfigError(f"config error: {name}={redact_text(uri)}: {problem}")
+        raise ConfigError(f"config error: {named}: {problem}")
+
+
+DEFAULT_STORE = "the default store (tracking.uri and MLFLOW_TRACKING_URI unset)"  # its name in
+# a refusal (`check_tracking_uri`): mlflow.db in the current folder (`Config.tracking_uri`)
 
 
 def sqlite_problem(uri: str) -> str | None:
@@ -819,16 +838,22 @@ def sqlite_problem(uri: str) -> str | None:
     after the cluster work, with sqlite's "unable to open database file"), or None.
 
     >>> import tempfile; root = tempfile.mkdtemp()
-    >>> sqlite_problem(f"sqlite:///{root}/mlflow.db"), sqlite_problem("sqlite:///:memory:")
-    (None, None)
+    >>> sqlite_problem(f"sqlite:///{root}/mlflow.db") is None
+    True
+    >>> sqlite_problem("sqlite:///:memory:").startswith("an in-memory store lives in one process")
+    True
     >>> sqlite_problem(f"sqlite:///{root}/no/mlflow.db").endswith("/no does not exist")
     True
     >>> sqlite_problem(f"sqlite:///{root}")
     'it is a folder, not a database file'
     """
     path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
-    if path in ("", ":memory:"):
+    if path == "":
         return None
+    if path.startswith(":memory:") or "mode=memory" in uri:  # (a worker's metrics would go to a
+        # store of its own: MLflow refused them as an unknown run, and nothing outlived the command)
+        return ("an in-memory store lives in one process: the workers' metrics and the MLflow "
+                "UI cannot reach it, and it is gone when the command ends; give a file")
     db = Path(path)
     if db.is_dir():
         return "it is a folder, not a database file"

@@ -192,7 +192,12 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
     order = largest_first(st.lengths, train_pos)
     torch.manual_seed(t.seed)
     spec = model_spec(cfg, facts)
-    model = build_model(**spec).to(device)
+    try:
+        model = build_model(**spec)
+    except Exception as err:  # a user builder's bug: the same on every try (as on the workers)
+        raise ConfigError(f"config error: model.name={cfg.model.name}: "
+                          f"{type(err).__name__}: {err}") from None
+    model = model.to(device)
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None

@@ -35,7 +35,7 @@ from pipeline.blocks import (  # ingest: also imported from here
 )
 from pipeline.config import Config, ConfigError
 from pipeline.data.datasets import DatasetInfo
-from pipeline.engine.checkpoint import find_latest_checkpoint, load_checkpoint
+from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
 from pipeline.redact import redact, redact_text
 from pipeline.resume import resume_folder, resume_point
@@ -98,10 +98,46 @@ def quiet_ray_data_and_loggers(verbose: bool) -> None:
 def check_store_reachable(uri: str) -> None:
     """A local sqlite/file store on a multi-node cluster would split the job over several
     stores (one per node): require a tracking server there (`local_store_problem`)."""
-    problem = local_store_problem(uri, ray.nodes())
+    nodes = ray.nodes()
+    problem = local_store_problem(uri, nodes)
     if problem:
         raise ConfigError(f"config error: tracking.uri={uri} is a local store but {problem}; set "
                           "tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
+    problem = loopback_problem(uri, nodes)
+    if problem:
+        raise ConfigError(f"config error: tracking.uri={redact_text(uri)} {problem}; give the "
+                          "server's address on the network the nodes share")
+
+
+def loopback_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
+    """Why a tracking server at a loopback address (localhost, 127.0.0.1, ::1) cannot be
+    reached by rank 0, which logs the metrics, or None: the cluster's nodes are on more than
+    one machine (their `NodeManagerAddress`), and there the address is each machine itself --
+    the driver's probe answered, but rank 0 on another machine waited for the server all job
+    long. Nodes simulated on one machine share it (the tests', `ray.cluster_utils.Cluster`).
+
+    >>> one = {"Alive": True, "NodeManagerAddress": "10.0.0.4"}
+    >>> loopback_problem("http://127.0.0.1:5000", [one, one]) is None
+    True
+    >>> loopback_problem("http://localhost:5000", [one, {**one, "NodeManagerAddress": "10.0.0.5"}])
+    'is this machine itself (a loopback address), and the cluster has nodes on 2 machines'
+    >>> loopback_problem("http://10.0.0.4:5000", [one, {**one, "NodeManagerAddress": "10.0.0.5"}])
+    """
+    import ipaddress
+    from urllib.parse import urlparse
+
+    if not uri.startswith(("http://", "https://")):
+        return None
+    host = urlparse(uri).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: not resolved here
+        loopback = False
+    machines = {n.get("NodeManagerAddress") for n in nodes if n.get("Alive")}
+    if not loopback or len(machines) < 2:
+        return None
+    return (f"is this machine itself (a loopback address), and the cluster has nodes on "
+            f"{len(machines)} machines")
 
 
 def autoscaler_most() -> dict[str, float] | None:
@@ -328,16 +364,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     resume_from = None
     resumed_with: dict[str, str] = {}  # the keys a --resume changed (allowed), their new values
     if resume:
+        run_id = started.get("mlflow_run_id") if started else run_id
+        if run_id is not None:  # (refused before a line about the checkpoints is printed)
+            check_resumed_run(uri, run_id)
         cfg, resume_from, resumed_with = resume_point(
             cfg, storage, started, on_skip=lambda folder, why: _log(f"skipping checkpoint: {why}"))
-        run_id = started.get("mlflow_run_id") if started else run_id
         if show_progress:
-            _log(f"resuming from {resume_from} "
-                 f"(epoch {load_checkpoint(resume_from)['epoch'] + 1} done)")
+            _log(f"resuming from {resume_from} (epoch {epochs_done(resume_from)} done)")
     if run_id is None and parent_run_id is None:  # a job's new run (a sweep checks its own)
         check_experiment(uri, cfg.tracking.experiment)
-    elif resume and run_id is not None:
-        check_resumed_run(uri, run_id)
     verbose = console.is_verbose()
     connect(address, verbose)
     check_store_reachable(uri)

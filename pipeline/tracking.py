@@ -47,9 +47,11 @@ def is_local_store(uri: str) -> bool:
 
     >>> is_local_store("sqlite:////tmp/mlflow.db"), is_local_store("/tmp/mlruns")
     (True, True)
-    >>> is_local_store("http://10.0.0.5:5000")
-    False
+    >>> is_local_store("http://10.0.0.5:5000"), is_local_store("databricks")
+    (False, False)
     """
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names of a remote workspace
+        return False
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
@@ -77,8 +79,11 @@ def experiment_id(c: MlflowClient, name: str) -> str:
         return exp.experiment_id
     try:
         return c.create_experiment(name)
-    except Exception:  # another process created it between our two calls
-        return c.get_experiment_by_name(name).experiment_id
+    except Exception:  # another process created it between our two calls?
+        exp = c.get_experiment_by_name(name)
+        if exp is None:  # no: the store refused to make it (a 403, a name it does not take)
+            raise
+        return exp.experiment_id
 
 
 def deleted_experiment(uri: str, name: str) -> bool:

@@ -30,6 +30,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
 from pipeline import console
 from pipeline.blocks import load_rows
@@ -37,6 +38,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.batches import micro_slices, split_train_val
 from pipeline.data.epochs import lr_schedule, steps_per_epoch
 from pipeline.data.feed import FeedStep, RankFeed, image_shape
+from pipeline.data.padding import IGNORE_INDEX
 from pipeline.data.plan import rank_slice
 from pipeline.data.rows import StreamedRows
 from pipeline.engine.batch_schedule import BatchSchedule
@@ -118,7 +120,21 @@ def data_outside_model(cfg: Config, spec: dict[str, Any], st: Any) -> str | None
             else a.max()
         return None if m is None else int(m)
 
+    def bottom(a: Any, ignore: int | None = None) -> int | None:  # a list column's least value
+        if a is None or not len(a) or not isinstance(a, (pa.Array, pa.ChunkedArray)):
+            return None
+        values = pc.list_flatten(a)
+        if ignore is not None:
+            values = pc.filter(values, pc.not_equal(values, ignore))
+        m = pc.min(values).as_py()
+        return None if m is None else int(m)
+
     loss = cfg.train.loss
+    if (m := bottom(st.tokens)) is not None and m < 0:  # (the embedding's IndexError, retried)
+        return f"token id {m}, token ids are >= 0"
+    if loss == "token_cross_entropy" and (m := bottom(st.targets, IGNORE_INDEX)) is not None \
+            and m < 0:
+        return f"target token {m}, targets are >= 0 (or {IGNORE_INDEX}, ignored)"
     if loss == "cross_entropy" and (m := top(st.labels)) is not None and m >= spec["num_outputs"]:
         return f"label {m}, the model has {spec['num_outputs']} outputs"
     if loss == "token_cross_entropy" and (m := top(st.targets)) is not None \
@@ -304,6 +320,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         if restarted and rank == 0:
             console.say(f"restarted after a failure: from the checkpoint of epoch {state.epoch} "
                         f"(step {state.step})")
+    agree_on_restored(state.step, state.epoch, device)
     logger = _metric_logger(loop_config) if rank == 0 else None
     if logger is not None:
         logger.mark_relogged_epochs(state.epoch)
@@ -544,12 +561,29 @@ def _prepare_model(cfg: Config, spec: dict[str, Any], session: Session
     # an out-of-memory on one rank never strands the others (pipeline/engine/step.py, agree_oom);
     # the step broadcasts rank 0's buffers itself.
     agree_oom = cfg.train.micro_batch_size == "auto" and world > 1
-    model = session.prepare_model(model, {"forward_sync_buffers": False} if agree_oom else None)
+    model = session.prepare_model(model, _no_buffer_broadcast() if agree_oom else None)
     # The noise scale's small batch with several workers: each rank's own gradient, read by a
     # DDP communication hook just before the all-reduce (pipeline/engine/noise.py).
+    # (not under nt_xent: its step measures no noise scale, and the hook would cost every step)
     noise_probe = (attach_local_norm(model) if cfg.train.noise_scale and world > 1 and not agree_oom
+                   and cfg.train.loss != "nt_xent"
                    and isinstance(model, torch.nn.parallel.DistributedDataParallel) else None)
     return model, batchnorm, noise_probe
+
+
+def _no_buffer_broadcast() -> dict[str, bool]:
+    """DDP's keyword for "no buffer broadcast in forward": `forward_sync_buffers` from PyTorch
+    2.13 (which deprecates `broadcast_buffers`), `broadcast_buffers` before it (the project
+    takes torch >= 2.4: the newer keyword there was a TypeError on every rank).
+
+    >>> _no_buffer_broadcast() in ({"forward_sync_buffers": False}, {"broadcast_buffers": False})
+    True
+    """
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: False}
 
 
 class _DataMeter:
@@ -597,6 +631,23 @@ def _record_step(log: list[tuple[int, dict[str, float], float]], bar: Any, sched
         bar.update(state.units - units_before - bar.n)  # the bar counts unit batches
 
 
+def agree_on_restored(step: int, epoch: int, device: torch.device) -> None:
+    """Every rank starts from the same point (a collective: every rank calls it). Each rank
+    loads its own copy of the checkpoint and falls back alone to an older one when its copy
+    fails to load (a read error on its node, an out-of-memory mapping it to the GPU): ranks at
+    different steps would run different numbers of steps and collectives, and hang. Then every
+    rank raises (not bad input: Ray Train's restart reads them again)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    t = torch.tensor([step, -step, epoch, -epoch], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    top_step, low_step, top_epoch, low_epoch = int(t[0]), -int(t[1]), int(t[2]), -int(t[3])
+    if (top_step, top_epoch) != (low_step, low_epoch):
+        raise RuntimeError(f"the ranks restored different checkpoints: steps {low_step} to "
+                           f"{top_step}, epochs {low_epoch + 1} to {top_epoch + 1} (this rank: "
+                           f"step {step}); none trains from a point the others do not share")
+
+
 def _older_checkpoint(err: CheckpointError, loop_config: dict[str, Any], device: torch.device,
                       rank: int) -> dict[str, Any] | None:
     """The checkpoint Ray Train restarts the group from is damaged: the newest intact one under
@@ -611,8 +662,6 @@ def _older_checkpoint(err: CheckpointError, loop_config: dict[str, Any], device:
 def _log_placement(logger: MetricLogger | None, world: int) -> None:
     """Which Ray node each rank runs on, as run tags (`ray.worker_nodes`: node ids in rank
     order; `ray.num_nodes`): every rank sends its node id, rank 0 logs them."""
-    import torch.distributed as dist
-
     node = ray.get_runtime_context().get_node_id()
     nodes = [node] * world
     if world > 1 and dist.is_initialized():

@@ -272,6 +272,17 @@ CASES = [
                                              "train.sync_batchnorm=true",
                                              "train.auto_micro_batchnorm=true")],
      "train.sync_batchnorm=true"),
+    # SyncBatchNorm's collectives in each forward: ranks with different micro-batch counts
+    # in a step (a short last batch, a token budget's batches) would hang on a GPU cluster
+    ("sync-bn-short-last-batch", ["--config", DIGITS, *s("scaling.use_gpu=true",
+                                                         "train.sync_batchnorm=true",
+                                                         "batching.drop_last=false")],
+     "train.sync_batchnorm=true with batching.drop_last=false on 2 workers"),
+    ("sync-bn-token-budget", ["--config", DIGITS, *s("scaling.use_gpu=true",
+                                                     "train.sync_batchnorm=true",
+                                                     "batching.strategy=length_bucket",
+                                                     "batching.options.max_tokens=4096")],
+     "train.sync_batchnorm=true with batching.options.max_tokens on 2 workers"),
     # -- columns and files
     ("no-label-column", ["--config", DIGITS, *s("data.label_column=nolabel")], "data.label_column"),
     ("no-difficulty-column", ["--config", DIGITS, *s("batching.difficulty_column=nodiff")],
@@ -323,6 +334,14 @@ CASES = [
     ("import-no-function", s("model.name=import:os:no_such_model"),
      "model.name=import:os:no_such_model: AttributeError"),
     ("import-not-a-function", s("model.name=import:os:sep"), "model.name=import:os:sep: TypeError"),
+    # a builder that cannot take the builders' arguments failed on every worker, after the
+    # cluster work (and the run made in MLflow)
+    ("import-wrong-signature", s("model.name=import:os:getcwd"),
+     "model.name=import:os:getcwd cannot take the keyword arguments it is called with "
+     "(activation_checkpointing, input_dim, num_outputs, per_token, vocab_size; model.kwargs "
+     "included): got an unexpected keyword argument 'activation_checkpointing'"),
+    ("import-kwarg-typo", s("model.name=import:tests.builders:small_mlp", "model.kwargs.hiden=8"),
+     "got an unexpected keyword argument 'hiden'"),
     ("space-import-no-function", ["--config", DIGITS, *s(
         'tune.search_space={"model.name": {"grid": ["digits_cnn", "import:os:no_such_model"]}}')],
      "model.name=import:os:no_such_model: AttributeError"),
@@ -436,6 +455,10 @@ CASES = [
     # SQLAlchemy's "Invalid SQLite URL", after the cluster work
     ("tracking-sqlite-two-slashes", ["--config", DIGITS, *s("tracking.uri=sqlite://mlflow.db")],
      "a sqlite store is sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db"),
+    # the workers' metrics went to a store of their own (refused as an unknown run): the run
+    # was empty, and gone when the command ended
+    ("tracking-sqlite-in-memory", ["--config", DIGITS, *s("tracking.uri=sqlite:///:memory:")],
+     "tracking.uri=sqlite:///:memory:: an in-memory store lives in one process"),
     ("out-is-a-file", ["--config", DIGITS, "--out", "{bad_yaml}"], "is a file, not a folder"),
     # (it was mkdir's NotADirectoryError, a traceback: after the whole search, for find-batch-size)
     ("out-under-a-file", ["--config", DIGITS, "--out", "{bad_yaml}/runs"], "is a file, not a folder"),
@@ -513,3 +536,18 @@ def test_sweep_checks_only_apply_to_sweeps(capsys, monkeypatch, data_dir):
                                                  "tune.metric=train_loss", "tune.mode=min",
                                                  "tune.target_accuracy=null")],
                 capsys, monkeypatch)
+
+
+def test_the_default_store_is_named_as_such(capsys, monkeypatch, data_dir, tmp_path):
+    """Neither tracking.uri nor MLFLOW_TRACKING_URI set: the store is mlflow.db in the current
+    folder, and a refusal of it names that, not a variable the user never set (it said
+    "MLFLOW_TRACKING_URI=sqlite:////.../mlflow.db")."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").mkdir()  # a folder where the store would be
+    monkeypatch.chdir(tmp_path)
+    line = refused(["train", "--config", DIGITS], capsys, monkeypatch)
+    assert line == ("config error: the default store (tracking.uri and MLFLOW_TRACKING_URI "
+                    f"unset) sqlite:///{tmp_path}/mlflow.db: it is a folder, not a database file")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert refused(["train", "--config", DIGITS], capsys, monkeypatch).startswith(
+        f"config error: MLFLOW_TRACKING_URI=sqlite:///{tmp_path}/mlflow.db: it is a folder")

@@ -230,7 +230,8 @@ def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys
 def test_a_resume_of_a_run_deleted_in_mlflow_is_refused_before_the_cluster(
         started, mlflow_server, deleted, capsys, monkeypatch):
     """The run (or its experiment) deleted in the UI since: one line and exit 2 before any
-    cluster work (it was MLflow's traceback, exit 1, after the data was ingested)."""
+    cluster work (it was MLflow's traceback, exit 1, after the data was ingested), and that
+    line alone (a "resuming from ..." line came first)."""
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(mlflow_server)
@@ -243,7 +244,7 @@ def test_a_resume_of_a_run_deleted_in_mlflow_is_refused_before_the_cluster(
                                                   "tracking_uri": mlflow_server}))
     monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
     rc = cli.run(["train", "--config", DIGITS, "--out", str(started), "--resume"])
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if "--resume" in ln]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     what = f"MLflow run {run_id}" if deleted == "run" else f"the experiment of MLflow run {run_id}"
     assert rc == 2 and lines == [f"argument error: --resume: {what} is deleted in {mlflow_server}: "
                                  "restore it in the MLflow UI, or train afresh (without --resume, "
@@ -315,3 +316,19 @@ def test_a_resume_to_fewer_epochs_than_trained_is_refused(tmp_path, capsys, monk
     resumed, _ = resolve(load_config(DIGITS, ["train.epochs=5"]))
     run = json.loads((tmp_path / "run.json").read_text())
     assert resume_point(resumed, tmp_path / "ray_results", run)[1].name == "checkpoint_4"
+
+
+def test_a_resume_without_the_runs_state_is_refused(started, capsys, monkeypatch):
+    """Checkpoints without run.json (deleted, or ray_results/ copied into a fresh --out): the
+    config the checkpoints belong to and the MLflow run are unknown. It resumed from the newest
+    checkpoint of any run there, with no config check, into a new MLflow run."""
+    monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
+    (started / "run.json").unlink()
+    rc = cli.run(["train", "--config", DIGITS, "--out", str(started), "--resume",
+                  "--set", "train.seed=1"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out + err == (f"argument error: --resume: {started}/run.json is missing (the run's "
+                         "config, MLflow run and checkpoint folder): a resume could not check "
+                         "that it continues the same training; start a new run in another "
+                         "--out\n")

@@ -174,3 +174,27 @@ def test_a_resume_while_the_server_is_down_continues_its_run_when_it_is_back(tmp
             == [(3, 0.5), (4, 0.25)]
     finally:
         stop_mlflow_server(server)
+
+
+def test_a_store_refusing_to_make_the_experiment_says_so():
+    """`experiment_id` retries the lookup when creating fails (another process may have made
+    it in between); when it is still not there, the store's own refusal is raised (a 403, or
+    Databricks' 400 for a name that is not a workspace path). It was an AttributeError on
+    None, which the job took for an unreachable store: it trained with no run and exited 0.
+    (A stand-in client: a store that refuses to make an experiment but answers lookups is not
+    one this machine can run.)"""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    from pipeline.tracking import experiment_id, refused
+
+    class Refusing:
+        def get_experiment_by_name(self, name):
+            return None
+
+        def create_experiment(self, name):
+            raise MlflowException(f"no permission to create {name}", error_code=PERMISSION_DENIED)
+
+    with pytest.raises(MlflowException, match="no permission to create batch-pipeline") as err:
+        experiment_id(Refusing(), "batch-pipeline")
+    assert refused(err.value)  # so the job refuses it as bad input (exit 2)

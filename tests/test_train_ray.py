@@ -166,11 +166,11 @@ def run_in_process(mlflow_uri: str, out, *overrides: str) -> dict:
 
 
 def test_failed_run_is_marked_failed(ray_client, mlflow_server, tmp_path):
-    """The model fails when the workers build it (a user builder's bug: os.getcwd takes no
-    keyword arguments): the job raises and its run is FAILED."""
-    with pytest.raises(Exception, match="getcwd"):
+    """The model fails when the workers build it (a user builder's bug, `tests/builders.py`):
+    the job raises and its run is FAILED."""
+    with pytest.raises(Exception, match="fails_when_built"):
         run_in_process(mlflow_server, tmp_path, "tracking.experiment=test-failed",
-                       "train.epochs=1", "model.name=import:os:getcwd",
+                       "train.epochs=1", "model.name=import:tests.builders:fails_when_built",
                        "scaling.max_failures=0")
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("test-failed").experiment_id])

@@ -24,8 +24,8 @@ from tests.conftest import (
 from tests.mlflow_ui import browser_problem, open_experiment
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
-BAD_MODEL = "import:os:getcwd"  # imports (the driver's check passes); fails when built:
-# getcwd() takes no keyword arguments, on the workers, every time (a user builder's bug)
+BAD_MODEL = "import:tests.builders:fails_when_built"  # imports and takes the builders'
+# arguments (the driver's checks pass); fails when built, on the workers, every time
 
 
 # -- one real sweep ------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_sweep_table_and_result(sweep):
                                               "val_loss", "mlflow_run_id"} <= set(df.columns)
     bad = df["model.name"] == BAD_MODEL
     assert (df.loc[bad, "status"] == "ERROR").all()
-    assert df.loc[bad, "error"].str.contains("getcwd").all()
+    assert df.loc[bad, "error"].str.contains("fails_when_built").all()
     lr = df["train.base_lr"]
     good, tiny = df[~bad & (lr == GOOD_LR)], df[~bad & (lr == TINY_LR)]
     # One good-LR trial, first at the epoch-1 rung (see SPACE): never stopped. Only its own
@@ -260,7 +260,7 @@ def test_a_worker_group_trial_failing_on_bad_input_fails_alone(ray_cluster, mlfl
         assert run.info.status == ("FAILED" if row.status == "ERROR" else "FINISHED")
     # the worker's own record of the deterministic failure (a rerun of the trial reads it)
     bad_id = df.loc[bad, "trial_id"].iloc[0]
-    assert "getcwd" in json.loads(next(out.glob(f"trials/*/{bad_id}/fatal.json"))
+    assert "fails_when_built" in json.loads(next(out.glob(f"trials/*/{bad_id}/fatal.json"))
                                          .read_text())["message"]
 
 

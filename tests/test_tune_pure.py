@@ -120,6 +120,17 @@ def test_summary_table_is_markdown_best_first():
                           metric="val_loss", mode="min").strip().splitlines()
     assert lines[2:4] == ["| 32 | linear | 0.1000 |", "| 128 | none | 0.2000 |"]
     assert lines[-1] == "| 32 | none |  |"
+    # Trials that ran their budget first, as the best trial is chosen: a trial ASHA stopped
+    # at a better accuracy (at its second epoch) comes after them, a failed one after that.
+    ranked = _trials().assign(status=["TERMINATED", "EARLY_STOPPED", "ERROR", "TERMINATED",
+                                      "TERMINATED", "EARLY_STOPPED", "ERROR"],
+                              val_accuracy=[0.90, 0.99, 0.995, 0.95, 0.97, 0.80, math.nan])
+    lines = summary_table(ranked, ["train.global_batch_size", "status", "val_accuracy"]
+                          ).strip().splitlines()
+    assert lines[2:] == ["| 128 | TERMINATED | 0.9700 |", "| 32 | TERMINATED | 0.9500 |",
+                         "| 32 | TERMINATED | 0.9000 |", "| 128 | EARLY_STOPPED | 0.9900 |",
+                         "| 512 | EARLY_STOPPED | 0.8000 |", "| 512 | ERROR | 0.9950 |",
+                         "| 32 | ERROR |  |"]
 
 
 # -- search space and concurrency ----------------------------------------------------------------
@@ -652,3 +663,49 @@ def test_a_trial_fills_its_step_cost_without_the_throughput_file(tmp_path, monke
     costs = [trial_config(cfg, info, {"scaling.num_workers": w})[0].train.batch_size_step_cost
              for w in (1, 2)]
     assert costs == [7.0, 14.0]
+
+
+def test_seeds_are_repeats_the_critical_batch_takes_their_median():
+    """Trials that differ only in a seed are one setting: its steps are the median over the
+    seeds, a seed that missed counting as never (the fewest over seeds picked the luckiest
+    data order). The README's three-order sweep (fixed batches, steps to 0.95 per
+    batching.seed): 128 -> 50, 40, 40; 256 -> 35, 30, 30; 512 -> 24 and twice not reached.
+    Medians 40 at 128 and 30 at 256, and 512 missed (one order of three): the line through
+    (1/128, 40) and (1/256, 30) is S = 20 (1 + 128 / B), a knee at 128 (the fewest per batch,
+    24 at 512, moved it). Over another swept key (the base LR) the best setting still counts."""
+    from pipeline.tune.analysis import critical_batch, critical_batch_sentence
+
+    rows = [(128, 1, 50), (128, 2, 40), (128, 3, 40), (256, 1, 35), (256, 2, 30),
+            (256, 3, 30), (512, 1, 24), (512, 2, None), (512, 3, None)]
+    df = pd.DataFrame([{"train.global_batch_size": b, "batching.seed": s, "steps_to_target": n}
+                       for b, s, n in rows])
+    fit = critical_batch(df)
+    assert fit["seeds"] == ["batching.seed"] and fit["missed"] == [512] and fit["points"] == 2
+    assert fit["verdict"] == "knee"
+    assert fit["b_crit"] == pytest.approx(128.0) and fit["s_min"] == pytest.approx(20.0)
+    said = critical_batch_sentence(fit, None, 0.95)
+    assert said.endswith("Batch size(s) 512 did not reach val_accuracy >= 0.95 in the epochs "
+                         "they trained (in half or more of their seeds): their steps to it are "
+                         "not measured.")
+    lucky = critical_batch(df.drop(columns=["batching.seed"]))  # read as settings: the fewest
+    assert lucky["missed"] == [] and lucky["points"] == 3
+    # A second base LR, worse at every batch and seed, does not move the points.
+    worse = df.assign(**{"train.base_lr": 0.1}, steps_to_target=df["steps_to_target"] * 2)
+    both = critical_batch(pd.concat([df.assign(**{"train.base_lr": 0.05}), worse]))
+    assert both["b_crit"] == pytest.approx(128.0) and both["missed"] == [512]
+
+
+def test_the_final_accuracy_plot_keeps_early_stopped_trials_off_its_lines(tmp_path, monkeypatch):
+    """A trial ASHA stopped at its second epoch has no final accuracy: it is not a point of the
+    "same epoch budget" line, unless nothing else trained that batch -- then an open marker of
+    its own, named as such."""
+    figures = []
+    save = analysis._save
+    monkeypatch.setattr(analysis, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    df = pd.DataFrame({"train.global_batch_size": [32, 32, 128, 512],
+                       "train.lr_scaling": ["linear"] * 4,
+                       "status": ["TERMINATED", "EARLY_STOPPED", "TERMINATED", "EARLY_STOPPED"],
+                       "val_accuracy": [0.90, 0.95, 0.97, 0.60]})
+    accuracy_vs_batch_plot(df, tmp_path / "acc.png")
+    assert _lines(figures[0]) == [("lr_scaling=linear", [32, 128], [0.90, 0.97]),
+                                  ("stopped early (ASHA): its last epoch", [512], [0.60])]

@@ -37,6 +37,11 @@ def _sequences(tokens, targets):
     ([[1, 9], [0]], [[4, 0], [1]], "token_cross_entropy",
      "target token 4, the model has 4 outputs"),
     ([[1, 9], [0]], [[4, 0], [1]], "cross_entropy", None),  # targets unused by this loss
+    # negative ids: the embedding's IndexError on the worker, which Ray Train retried
+    ([[1, -2], [0]], [[3, 0], [1]], "cross_entropy", "token id -2, token ids are >= 0"),
+    ([[1, 9], [0]], [[3, -100], [-3]], "token_cross_entropy",
+     "target token -3, targets are >= 0 (or -100, ignored)"),
+    ([[1, 9], [0]], [[3, -100], [1]], "token_cross_entropy", None),  # -100: ignored
 ])
 def test_sequences_outside_the_model_are_named(tokens, targets, loss, want):
     cfg = load_config(None, ["data.name=sequences", f"train.loss={loss}", "model.name=seq_transformer"])
@@ -139,3 +144,27 @@ def test_bad_rows_on_one_rank_stop_every_rank():
     assert r1 == "data error: x.parquet: changed since the checks: label 7"
     assert r0.startswith("data error: 1 other rank(s) of 2 met bad input (their rows changed "
                          "since the checks)")
+
+
+def _restored_at(rank: int, world: int, steps: list[int]) -> str | None:
+    from pipeline.worker import agree_on_restored
+
+    try:
+        agree_on_restored(steps[rank], epoch=steps[rank] // 10, device=torch.device("cpu"))
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def test_ranks_that_restored_different_checkpoints_all_stop():
+    """Each rank loads its own copy of the checkpoint, and one whose copy fails to load falls
+    back to an older one alone: ranks at different steps would run different collectives and
+    hang. Every rank stops at the check (two real gloo ranks); the same point passes."""
+    from tests.engine.ranks import run_ranks
+
+    assert run_ranks(_restored_at, 2, [20, 20]) == [None, None]
+    said = run_ranks(_restored_at, 2, [20, 10])
+    assert said[0] == ("the ranks restored different checkpoints: steps 10 to 20, epochs 2 to "
+                       "3 (this rank: step 20); none trains from a point the others do not share")
+    assert said[1] is not None and said[1].endswith("(this rank: step 10); none trains from a "
+                                                    "point the others do not share")

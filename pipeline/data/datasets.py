@@ -253,6 +253,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         if len(keys) > 1:
             raise ConfigError(f"config error: {' and '.join(keys)} name the same column {col!r}: "
                               "each names a column of its own")
+    _check_files_agree(ds, named)
     if d.feature_column is None and d.sequence_column is None:
         raise ConfigError("config error: data.feature_column or data.sequence_column must be set "
                           f"(columns of {uri}: {', '.join(columns)})")
@@ -285,6 +286,29 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                             facts=facts.model_facts(), small=facts.small,
                             filled={k: before[k] for k in FILLED_KEYS if before[k] != after[k]},
                             step_costs=step_costs)
+
+
+def _check_files_agree(ds: pads.Dataset, named: dict[str, str | None]) -> None:
+    """Every file of a multi-file dataset holds each named column, as the same type: the
+    dataset's schema is its first file's, so a file without the label column read as null
+    labels, and one whose labels were int32 (or features float64) passed the checks here and
+    failed on the cluster, when the blocks were joined."""
+    files = ds.files
+    if len(files) < 2:
+        return
+    first = ds.schema
+    for frag in ds.get_fragments():
+        schema = frag.physical_schema
+        for key, col in named.items():
+            if col is None:
+                continue
+            if col not in schema.names:
+                raise ConfigError(f"data error: {frag.path} has no column {col!r} ({key}; "
+                                  f"{files[0]} has it): the files of data.path must agree")
+            kind, want = schema.field(col).type, first.field(col).type
+            if kind != want:
+                raise ConfigError(f"data error: {key}={col!r} is {kind} in {frag.path} but "
+                                  f"{want} in {files[0]}: the files of data.path must agree")
 
 
 def _fill_embedded_columns(cfg: Config) -> Config:
@@ -451,9 +475,10 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
         from pipeline.engine.models import import_builder
 
         try:
-            import_builder(name)
+            builder = import_builder(name)
         except Exception as err:  # the import itself may fail in any way (the user's code)
             raise ConfigError(f"config error: model.name={name}: {error_line(err)}") from None
+        _check_builder_arguments(name, builder, kwargs)
     if name in ("digits_cnn", "mlp") and d.feature_column is None:
         raise ConfigError(f"config error: model.name={name} takes feature vectors "
                           f"(data.feature_column), but the data has token sequences "
@@ -492,6 +517,29 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
     if vocab is not None and facts.max_token is not None and facts.max_token >= vocab:
         raise ConfigError(f"config error: model.kwargs.vocab_size={vocab} is too small for the "
                           f"token id {facts.max_token} in data.sequence_column")
+
+
+def _check_builder_arguments(name: str, builder: Any, kwargs: dict[str, Any]) -> None:
+    """A user's builder can be called as the workers call it (`build_model`: the builders'
+    keyword arguments and `model.kwargs`): a signature that cannot take them (a misspelt
+    `model.kwargs` key, a missing parameter) failed on every worker, after the cluster work.
+    The call itself is not made here (it may be large); a builder without a signature to read
+    (a builtin) is left to the workers."""
+    import inspect
+
+    given = sorted({"input_dim", "num_outputs", "vocab_size", "per_token",
+                    "activation_checkpointing", *kwargs} - {"embedding_dim"})  # (nt_xent's
+    # `embedding_dim` is passed as num_outputs)
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(**dict.fromkeys(given))
+    except TypeError as err:
+        raise ConfigError(f"config error: model.name={name} cannot take the keyword arguments "
+                          f"it is called with ({', '.join(given)}; model.kwargs "
+                          f"included): {err}") from None
 
 
 def _check_split_classes(labels: np.ndarray, cfg: Config) -> None:

@@ -291,9 +291,10 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     A DDP wrapper is unwrapped: the trial step runs no collective."""
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     cuda = device.type == "cuda"
+    scalers = [scaler]  # (a new one after an out-of-memory: see try_step)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
-        local_step(module, optimizer, batch, loss=loss, precision=precision, scaler=scaler,
+        local_step(module, optimizer, batch, loss=loss, precision=precision, scaler=scalers[0],
                    device=device)
 
     def measure(size: int) -> Measured:
@@ -328,6 +329,14 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                 raise
         # Past the except block: the exception and the tensors its frames held are released.
         optimizer.zero_grad(set_to_none=True)
+        if scalers[0] is not None:  # out of memory inside its step (the optimizer's first state,
+            # say): it keeps the optimizer "unscaled" and skips unscale_ on the next step, which
+            # then applies gradients still multiplied by the loss scale. A fresh one, same scale.
+            old = scalers[0]
+            scalers[0] = torch.amp.GradScaler(device.type, init_scale=old.get_scale(),
+                                              growth_factor=old.get_growth_factor(),
+                                              backoff_factor=old.get_backoff_factor(),
+                                              growth_interval=old.get_growth_interval())
         _release_cuda()
         return Measured(False, None, None, "out of memory")
 

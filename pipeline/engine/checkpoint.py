@@ -70,8 +70,12 @@ def _decode(x: Any) -> Any:
 
 
 def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> Path:
-    """Write state (with integer `step` and `epoch`) into folder atomically; return folder.
-    Raises CheckpointError (naming the folder and the OS error) when the write fails."""
+    """Write state (with integer `step` and `epoch`) into folder; return folder. A folder
+    holds a checkpoint only once its meta.json is there, which is written last: a write cut
+    short leaves a new folder without a checkpoint. Over a checkpoint already in `folder`, its
+    meta.json goes first, so a cut leaves no checkpoint there rather than the old meta.json
+    beside the new state (the pipeline writes each checkpoint into a new folder). Raises
+    CheckpointError (naming the folder and the OS error) when the write fails."""
     folder = Path(folder)
     tmp_state, tmp_meta = folder / (STATE_FILE + ".tmp"), folder / (META_FILE + ".tmp")
     try:
@@ -82,6 +86,7 @@ def save_checkpoint(folder: str | Path, state: dict[str, Any]) -> Path:
         meta = {"step": int(state["step"]), "epoch": int(state["epoch"]),
                 "sha256": sha256(tmp_state)}
         tmp_meta.write_text(json.dumps(meta))
+        (folder / META_FILE).unlink(missing_ok=True)
         os.replace(tmp_state, folder / STATE_FILE)
         os.replace(tmp_meta, folder / META_FILE)  # last: a folder without it is no checkpoint
     except (OSError, RuntimeError) as e:  # a full disk: torch.save's zip writer raises RuntimeError

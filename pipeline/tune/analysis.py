@@ -28,6 +28,8 @@ import pandas as pd
 from pipeline.files import save_figure
 
 BATCH = "train.global_batch_size"
+# swept keys whose values are repeats of one setting, not settings (`critical_batch`)
+SEED_KEYS = ("train.seed", "batching.seed", "data.split_seed")
 RULE = "train.lr_scaling"
 
 
@@ -80,8 +82,13 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
     S = S_min (1 + B_crit / B); S is linear in 1 / B, so a least-squares line through the
     points (1 / B, S) has intercept S_min and slope S_min B_crit. B_crit is the knee: there the
     batch needs twice the fewest steps, and doubling it from there saves at most a quarter of
-    the steps (2 S_min -> 1.5 S_min) for twice the samples. One point per batch (the fewest
-    steps, any rule). `verdict` says what the points allow:
+    the steps (2 S_min -> 1.5 S_min) for twice the samples. One point per batch: the fewest
+    steps over everything else swept (any rule, LR...: each batch its best-tuned run, as
+    Shallue et al. 2018 compare batch sizes), where trials that differ only in a seed
+    (`SEED_KEYS`: data orders, initialisations) count as one, at the median of their steps -- a
+    seed that missed the target counts as never, so a batch that reached it in fewer than half
+    of its seeds has no point (the fewest over seeds picked the luckiest order). `verdict` says
+    what the points allow:
 
     - `knee`: B_crit within the batches that reached the target (`b_crit`, `s_min`);
     - `beyond`: steps fall about in proportion to the batch up to the largest that reached the
@@ -91,23 +98,39 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
     - `too_few`: fewer than two batch sizes reached the target.
 
     `missed` lists the batch sizes tried of which no trial reached the target (within its
-    epochs: its steps to it are unknown, not infinite); `smallest` / `largest` bound the
-    batches that did. None when no trial has a batch size.
+    epochs: its steps to it are unknown, not infinite; with seeds: in half or more of them);
+    `seeds` the seed columns the medians were over; `smallest` / `largest` bound the batches
+    that did. None when no trial has a batch size.
 
     >>> pts = pd.DataFrame({"train.global_batch_size": [32, 64, 128, 256],
     ...                     "steps_to_target": [100 * (1 + 64 / b) for b in (32, 64, 128, 256)]})
     >>> fit = critical_batch(pts)
     >>> fit["verdict"], round(fit["b_crit"], 6), round(fit["s_min"], 6), fit["points"]
     ('knee', 64.0, 100.0, 4)
+    >>> seeded = pd.DataFrame({"train.global_batch_size": [64, 64, 64, 128, 128, 128],
+    ...                        "batching.seed": [1, 2, 3, 1, 2, 3],
+    ...                        "steps_to_target": [40, 50, 40, 24, None, None]})
+    >>> critical_batch(seeded)["missed"]  # 128 reached it in one order of three
+    [128]
     """
     d = df.dropna(subset=[BATCH])
     if d.empty:
         return None
     tried = sorted({int(b) for b in d[BATCH]})
-    points = d.dropna(subset=[steps]).groupby(BATCH)[steps].min()
+    seeds = [c for c in d.columns if c in SEED_KEYS and d[c].nunique(dropna=False) > 1]
+    if seeds:  # each setting's median over its seeds (a miss: never), then the best setting
+        settings = [c for c in d.columns if "." in c and c not in seeds and c != BATCH]
+        keyed = d.assign(_steps=d[steps].astype(float).fillna(math.inf),
+                         **{c: d[c].astype(str) for c in settings})
+        medians = keyed.groupby([BATCH, *settings], dropna=False)["_steps"].median()
+        points = medians.groupby(level=0).min()
+        points = points[np.isfinite(points.to_numpy(dtype=float))]
+    else:
+        points = d.dropna(subset=[steps]).groupby(BATCH)[steps].min()
     points.index = points.index.astype(int)
     out: dict[str, Any] = {"verdict": "too_few", "points": len(points), "b_crit": None,
-                           "s_min": None, "missed": [b for b in tried if b not in points.index],
+                           "s_min": None, "seeds": seeds,
+                           "missed": [b for b in tried if b not in points.index],
                            "smallest": int(points.index.min()) if len(points) else None,
                            "largest": int(points.index.max()) if len(points) else None}
     if len(points) < 2:
@@ -118,7 +141,8 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
         return {**out, "verdict": "flat", "s_min": float(points.min())}
     if s_min <= 1e-9 * float(points.max()) or slope / s_min > out["largest"]:
         return {**out, "verdict": "beyond", "b_crit": math.inf, "s_min": max(float(s_min), 0.0)}
-    verdict = "below" if slope / s_min < out["smallest"] else "knee"
+    # (up to rounding: a knee at the smallest batch is placed there)
+    verdict = "below" if slope / s_min < out["smallest"] * (1 - 1e-9) else "knee"
     return {**out, "verdict": verdict, "b_crit": float(slope / s_min), "s_min": float(s_min)}
 
 
@@ -146,8 +170,10 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
     missed = fit["missed"] if fit is not None else []
     above = [b for b in missed if fit is not None and fit["largest"] is not None
              and b > fit["largest"]]
+    seeds = fit.get("seeds") if fit is not None else None
     unknown = (f" Batch size(s) {', '.join(map(str, missed))} did not reach {reach} in the "
-               "epochs they trained: their steps to it are not measured." if missed else "")
+               f"epochs they trained{' (in half or more of their seeds)' if seeds else ''}: "
+               "their steps to it are not measured." if missed else "")
     if failed:
         unknown += f" Every trial at batch size(s) {', '.join(map(str, failed))} failed."
     if target is None:
@@ -208,11 +234,26 @@ def _figure():
 def accuracy_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, metric: str = "val_accuracy",
                            rule: str = RULE) -> Path:
     """Final `metric` against global batch size (log2 x axis), one line per LR scaling rule;
-    the best trial per (rule, batch). Trials without the metric (errors) are left out."""
+    the best trial per (rule, batch) of those that trained their whole budget. A (rule, batch)
+    whose trials were all stopped early (ASHA: `status` EARLY_STOPPED) is an open marker of its
+    own, at the best trial's last epoch, not a point of the line: its accuracy is not a final
+    one. Trials without the metric (errors) are left out."""
     fig, ax = _figure()
-    points = _best_per_point(df, metric, best="max", rule=rule)
+    stopped_early = (df["status"] == "EARLY_STOPPED") if "status" in df else pd.Series(False, df.index)
+    points = _best_per_point(df[~stopped_early], metric, best="max", rule=rule)
+    stopped = _best_per_point(df[stopped_early], metric, best="max", rule=rule)
+    if not stopped.empty:  # only where no trial of the (rule, batch) ran its budget
+        done = (set(zip(points[rule].astype(str), points[BATCH], strict=True)) if len(points)
+                else set())
+        stopped = stopped[[(str(r), b) not in done
+                           for r, b in zip(stopped[rule], stopped[BATCH], strict=True)]]
     for name, g in points.groupby(rule, sort=True):
         ax.plot(g[BATCH], g[metric], marker="o", label=f"lr_scaling={name}")
+    if not stopped.empty:
+        ax.plot(stopped[BATCH], stopped[metric], linestyle="none", marker="o",
+                markerfacecolor="none", color="grey",
+                label="stopped early (ASHA): its last epoch")
+    points = pd.concat([points, stopped]) if len(stopped) else points
     if points.empty:
         ax.text(0.5, 0.5, "no finished trial", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -313,10 +354,20 @@ def _cell(v: object) -> str:
 def summary_table(df: pd.DataFrame, columns: list[str] | None = None,
                   metric: str = "val_accuracy", mode: str = "max") -> str:
     """A markdown table of the trials (all columns, or `columns` in that order), best first by
-    the sweep's `metric` and `mode` (tune.metric, tune.mode) when the table has it."""
+    the sweep's `metric` and `mode` (tune.metric, tune.mode) when the table has it: first the
+    trials that trained their whole budget (`status` TERMINATED), then those stopped early,
+    then failed ones, then those without the metric -- the order the sweep's best trial is
+    chosen in (`report`), so the top row is the trial tagged best."""
     d = df
     if metric in d:
-        d = d.sort_values(metric, ascending=mode == "min", na_position="last", kind="stable")
+        status = d["status"] if "status" in d else pd.Series("TERMINATED", d.index)
+        score = pd.to_numeric(d[metric], errors="coerce")
+        group = np.where(score.isna(), 3, np.where(status == "TERMINATED", 0,
+                                                   np.where(status == "ERROR", 2, 1)))
+        d = (d.assign(_group=group, _score=score)
+             .sort_values(["_group", "_score"], ascending=[True, mode == "min"],
+                          na_position="last", kind="stable")
+             .drop(columns=["_group", "_score"]))
     cols = [c for c in (columns or list(d.columns)) if c in d]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in d[cols].itertuples(index=False):

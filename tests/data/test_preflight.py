@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+import pytest
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data.datasets import _scan_columns, _stream, make_sequences, resolve
 
 
@@ -98,3 +99,35 @@ def test_a_batch_larger_than_the_training_split_is_refused_only_when_epoch_1_has
         resolve(load_config(None, [*vectors, "train.batch_size_schedule=warmup",
                                    "train.batch_size_min=8", "train.micro_batch_size=8",
                                    "train.batch_size_warmup_steps=2"]))
+
+
+def test_the_files_of_a_folder_must_agree_on_each_named_column(tmp_path):
+    """The dataset's schema is its first file's: a second file without the label column read
+    as null labels ("50 null labels"), and one with int32 labels or float64 features passed
+    the checks and failed on the cluster when the blocks were joined. A column nothing names
+    may differ."""
+    def table(label=None, width=None, other=None, label_column=True):
+        t = {"features": pa.array([[0.5, 1.0]] * 20, pa.list_(width or pa.float32())),
+             "other": pa.array(["1"] * 20).cast(other or pa.string())}
+        if label_column:
+            t["label"] = pa.array([0, 1] * 10, label or pa.int64())
+        return pa.table(t)
+
+    def resolved(second):
+        folder = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        pq.write_table(table(), folder / "0.parquet")
+        pq.write_table(second, folder / "1.parquet")
+        return resolve(load_config(None, [f"data.path={folder}", "data.feature_column=features",
+                                          "data.label_column=label",
+                                          "train.global_batch_size=8"]))
+
+    _, info = resolved(table(other=pa.int64()))
+    assert info.num_rows == 40
+    for second, said in [
+            (table(label_column=False), "1.parquet has no column 'label' (data.label_column;"),
+            (table(label=pa.int32()), "data.label_column='label' is int32 in "),
+            (table(width=pa.float64()), "data.feature_column='features' is list<element: double>")]:
+        with pytest.raises(ConfigError, match="the files of data.path must agree") as err:
+            resolved(second)
+        assert said in str(err.value)

@@ -557,3 +557,60 @@ def test_find_batch_size_without_a_budget_that_fits_nothing_exits_1(data_dir, tm
     assert rc == 1
     assert err == ("not even micro_batch_size=1 fits in 1.00 KiB, half the memory available "
                    "(no --max-memory)\n"), err
+
+
+def test_a_builder_that_fails_is_bad_input_in_one_line(data_dir, tmp_path, capsys):
+    """A user's builder that raises when called (its signature passes the driver's check) is
+    the config's fault, the same on every try: exit 2 and one line, as training says it (a
+    traceback and exit 1 before)."""
+    rc, _, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
+                       "--set", "model.name=import:tests.builders:fails_when_built",
+                       "--out", str(tmp_path), "--max-memory", "64MiB"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(
+        "config error: model.name=import:tests.builders:fails_when_built: TypeError: "
+        "fails_when_built() cannot build a model from ['activation_checkpointing', "), err
+
+
+def test_an_out_of_memory_inside_the_optimizers_step_leaves_the_loss_scale_sound():
+    """fp16's GradScaler, out of memory inside its optimizer step (the optimizer's first
+    state, say): it kept the optimizer marked "unscaled", so the next size's step skipped
+    unscale_ and applied gradients still multiplied by the loss scale (1024 here). The next
+    step equals a plain step of the same batch (a CPU GradScaler stands in for CUDA's)."""
+    import copy
+
+    from pipeline.engine.batch_finder import make_trial_step
+
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, batch):
+            return self.head(batch["features"])
+
+    torch.manual_seed(0)
+    model = Linear()
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    plain_step, calls = optimizer.step, []
+
+    def step_out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated: the optimizer's state)")
+        return plain_step(*args, **kwargs)
+
+    optimizer.step = step_out_of_memory_once
+    batch = {"features": torch.randn(8, 4), "label": torch.randint(0, 3, (8,))}
+    try_step = make_trial_step(model, optimizer, lambda size: batch, loss="cross_entropy",
+                               device=torch.device("cpu"),
+                               scaler=torch.amp.GradScaler("cpu", init_scale=1024.0),
+                               timed_steps=0)
+    assert try_step(8).note == "out of memory"
+    assert try_step(8).fits
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    nn.functional.cross_entropy(reference(batch), batch["label"]).backward()
+    ref_opt.step()
+    for got, want in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, want)

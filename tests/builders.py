@@ -1,0 +1,20 @@
+"""Model builders for the tests (`model.name: import:tests.builders:NAME`). The workers import
+them as a user's module: Ray puts the driver's working directory (the repo, for the tests) on
+their path."""
+
+from __future__ import annotations
+
+
+def fails_when_built(**kwargs):
+    """Takes the builders' arguments (the driver's check of its signature passes) and fails when
+    the workers call it, every time: a bug in a user's builder."""
+    raise TypeError(f"fails_when_built() cannot build a model from {sorted(kwargs)}")
+
+
+def small_mlp(*, input_dim, num_outputs, vocab_size=None, per_token=False,
+              activation_checkpointing=False, hidden=16):
+    """A builder with named parameters only (no **kwargs): a `model.kwargs` key it does not
+    take is refused before the cluster."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
