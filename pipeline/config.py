@@ -461,19 +461,6 @@ class Config(_Section):
                 "SyncBatchNorm runs only on CUDA (NCCL), not on CPU/gloo"
             )
         bt = self.batching
-        uneven = ("batching.drop_last=false" if not bt.drop_last else
-                  "batching.options.max_tokens" if bt.strategy == "length_bucket"
-                  and bt.options.get("max_tokens") is not None else None)
-        if t.sync_batchnorm and workers > 1 and uneven:
-            # SyncBatchNorm runs a collective in every forward pass: ranks whose shares of a
-            # step differ in micro-batches (a last batch of 33 on 2 ranks: 17 and 16 samples,
-            # micro-batches of 8: 3 and 2), or a rank with an empty share, would each wait in
-            # a collective the others never join
-            raise ValueError(
-                f"train.sync_batchnorm=true with {uneven} on {workers} workers: a batch of a "
-                "sample count that is not a multiple of the workers gives them shares of "
-                "different micro-batch counts, and SyncBatchNorm's collectives in each forward "
-                "would not match (a hang); keep batching.drop_last=true and fixed-size batches")
         if bt.packing and bt.pack_tokens and bt.pad_multiple_of and bt.pack_tokens % bt.pad_multiple_of:
             raise ValueError(f"batching.pack_tokens={bt.pack_tokens} is not a multiple of "
                              f"batching.pad_multiple_of={bt.pad_multiple_of}: a packed row padded "
@@ -850,8 +837,9 @@ def sqlite_problem(uri: str) -> str | None:
     path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
     if path == "":
         return None
-    if path.startswith(":memory:") or "mode=memory" in uri:  # (a worker's metrics would go to a
-        # store of its own: MLflow refused them as an unknown run, and nothing outlived the command)
+    if path.startswith(":memory:") or "mode=memory" in uri.partition("?")[2]:  # (a worker's
+        # metrics went to a store of its own: MLflow refused them as an unknown run, and
+        # nothing outlived the command)
         return ("an in-memory store lives in one process: the workers' metrics and the MLflow "
                 "UI cannot reach it, and it is gone when the command ends; give a file")
     db = Path(path)

@@ -104,17 +104,19 @@ def check_store_reachable(uri: str) -> None:
         raise ConfigError(f"config error: tracking.uri={uri} is a local store but {problem}; set "
                           "tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
     problem = loopback_problem(uri, nodes)
-    if problem:
-        raise ConfigError(f"config error: tracking.uri={redact_text(uri)} {problem}; give the "
-                          "server's address on the network the nodes share")
+    if problem:  # a warning: each node may reach the one server at that address (a tunnel)
+        _log(f"warning: the tracking server {redact_text(uri)} {problem}: rank 0, which logs "
+             "the metrics, reaches it only where that address leads to the same server on its "
+             "machine too (a tunnel); else give its address on the network the nodes share")
 
 
 def loopback_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
-    """Why a tracking server at a loopback address (localhost, 127.0.0.1, ::1) cannot be
+    """Why a tracking server at a loopback address (localhost, 127.0.0.1, ::1) may not be
     reached by rank 0, which logs the metrics, or None: the cluster's nodes are on more than
     one machine (their `NodeManagerAddress`), and there the address is each machine itself --
     the driver's probe answered, but rank 0 on another machine waited for the server all job
-    long. Nodes simulated on one machine share it (the tests', `ray.cluster_utils.Cluster`).
+    long (unless each machine tunnels it to the one server: a warning, not a refusal). Nodes
+    simulated on one machine share it (the tests', `ray.cluster_utils.Cluster`).
 
     >>> one = {"Alive": True, "NodeManagerAddress": "10.0.0.4"}
     >>> loopback_problem("http://127.0.0.1:5000", [one, one]) is None

@@ -632,7 +632,8 @@ def _record_step(log: list[tuple[int, dict[str, float], float]], bar: Any, sched
 
 
 def agree_on_restored(step: int, epoch: int, device: torch.device) -> None:
-    """Every rank starts from the same point (a collective: every rank calls it). Each rank
+    """Every rank starts from the same point (`step`, and `epoch`: the epochs done, as the
+    console's "checkpoint of epoch N"); a collective: every rank calls it. Each rank
     loads its own copy of the checkpoint and falls back alone to an older one when its copy
     fails to load (a read error on its node, an out-of-memory mapping it to the GPU): ranks at
     different steps would run different numbers of steps and collectives, and hang. Then every
@@ -644,7 +645,7 @@ def agree_on_restored(step: int, epoch: int, device: torch.device) -> None:
     top_step, low_step, top_epoch, low_epoch = int(t[0]), -int(t[1]), int(t[2]), -int(t[3])
     if (top_step, top_epoch) != (low_step, low_epoch):
         raise RuntimeError(f"the ranks restored different checkpoints: steps {low_step} to "
-                           f"{top_step}, epochs {low_epoch + 1} to {top_epoch + 1} (this rank: "
+                           f"{top_step}, after epoch {low_epoch} to {top_epoch} (this rank: "
                            f"step {step}); none trains from a point the others do not share")
 
 

@@ -18,3 +18,25 @@ def small_mlp(*, input_dim, num_outputs, vocab_size=None, per_token=False,
     from torch import nn
 
     return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+
+
+def _registered(build):
+    """A registry's decorator: the wrapper passes on only the arguments `build` names (the
+    others, e.g. vocab_size for a vector model, are dropped)."""
+    import functools
+    import inspect
+
+    takes = set(inspect.signature(build).parameters)
+
+    @functools.wraps(build)
+    def wrapper(**kwargs):
+        return build(**{k: v for k, v in kwargs.items() if k in takes})
+
+    return wrapper
+
+
+@_registered
+def registered_mlp(*, input_dim, num_outputs, hidden=16):
+    """`small_mlp` behind a registry's decorator: its signature, as `inspect` shows it through
+    functools.wraps, takes fewer arguments than the workers pass; the wrapper takes them all."""
+    return small_mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=hidden)

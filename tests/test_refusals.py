@@ -272,17 +272,14 @@ CASES = [
                                              "train.sync_batchnorm=true",
                                              "train.auto_micro_batchnorm=true")],
      "train.sync_batchnorm=true"),
-    # SyncBatchNorm's collectives in each forward: ranks with different micro-batch counts
-    # in a step (a short last batch, a token budget's batches) would hang on a GPU cluster
-    ("sync-bn-short-last-batch", ["--config", DIGITS, *s("scaling.use_gpu=true",
-                                                         "train.sync_batchnorm=true",
-                                                         "batching.drop_last=false")],
-     "train.sync_batchnorm=true with batching.drop_last=false on 2 workers"),
-    ("sync-bn-token-budget", ["--config", DIGITS, *s("scaling.use_gpu=true",
-                                                     "train.sync_batchnorm=true",
-                                                     "batching.strategy=length_bucket",
-                                                     "batching.options.max_tokens=4096")],
-     "train.sync_batchnorm=true with batching.options.max_tokens on 2 workers"),
+    # SyncBatchNorm's collective in each forward: ranks with different micro-batch counts in a
+    # step would hang on a GPU cluster. 1,438 training rows in batches of 48 on 3 workers: the
+    # last batch is 46, shares 16, 15, 15, micro-batches of 1.
+    ("sync-bn-short-last-batch", ["--config", DIGITS, *s(
+        "scaling.use_gpu=true", "train.sync_batchnorm=true", "batching.drop_last=false",
+        "scaling.num_workers=3", "train.global_batch_size=48", "train.micro_batch_size=1")],
+     "train.sync_batchnorm=true with batching.drop_last=false (each epoch's last batch, 46 "
+     "samples, is 15 or 16 micro-batches of 1 per worker)"),
     # -- columns and files
     ("no-label-column", ["--config", DIGITS, *s("data.label_column=nolabel")], "data.label_column"),
     ("no-difficulty-column", ["--config", DIGITS, *s("batching.difficulty_column=nodiff")],
@@ -551,3 +548,28 @@ def test_the_default_store_is_named_as_such(capsys, monkeypatch, data_dir, tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     assert refused(["train", "--config", DIGITS], capsys, monkeypatch).startswith(
         f"config error: MLFLOW_TRACKING_URI=sqlite:///{tmp_path}/mlflow.db: it is a folder")
+
+
+def test_sync_batchnorm_is_refused_only_where_micro_batch_counts_can_differ(capsys, monkeypatch,
+                                                                            data_dir):
+    """The checks pass (the job goes on to the cluster) where every worker runs as many
+    micro-batches in every step: digits' last batch of 30 on 2 workers (15 each), one
+    micro-batch per worker (micro = share), balanced batches, a model without BatchNorm."""
+    class Reached(Exception):
+        pass
+
+    def cluster(*_a, **_k):
+        raise Reached
+
+    monkeypatch.setattr("pipeline.launch.connect", cluster)
+    gpu = ("scaling.use_gpu=true", "train.sync_batchnorm=true", "batching.drop_last=false")
+    for extra in [(), ("train.micro_batch_size=8",),
+                  ("scaling.num_workers=3", "train.global_batch_size=48",
+                   "train.micro_batch_size=16"),  # = the share
+                  ("batching.strategy=balanced", "train.global_batch_size=80",
+                   "train.micro_batch_size=8"),
+                  ("model.name=mlp", "scaling.num_workers=3", "train.global_batch_size=48",
+                   "train.micro_batch_size=1")]:
+        argv = ["train", "--config", DIGITS, *s(*gpu, *extra)]
+        with pytest.raises(Reached):
+            cli.run(argv)

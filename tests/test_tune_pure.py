@@ -693,6 +693,12 @@ def test_seeds_are_repeats_the_critical_batch_takes_their_median():
     worse = df.assign(**{"train.base_lr": 0.1}, steps_to_target=df["steps_to_target"] * 2)
     both = critical_batch(pd.concat([df.assign(**{"train.base_lr": 0.05}), worse]))
     assert both["b_crit"] == pytest.approx(128.0) and both["missed"] == [512]
+    # Every setting drawn once (a random search: the LR differs in every trial): no repeats,
+    # the fewest per batch, and the sentence claims nothing of seeds.
+    drawn = df.assign(**{"train.base_lr": [0.01 * (i + 1) for i in range(len(df))]})
+    once = critical_batch(drawn)
+    assert once["seeds"] == [] and once["missed"] == [] and once["points"] == 3
+    assert "seeds" not in critical_batch_sentence(once, None, 0.95)
 
 
 def test_the_final_accuracy_plot_keeps_early_stopped_trials_off_its_lines(tmp_path, monkeypatch):

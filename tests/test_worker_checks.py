@@ -164,7 +164,8 @@ def test_ranks_that_restored_different_checkpoints_all_stop():
 
     assert run_ranks(_restored_at, 2, [20, 20]) == [None, None]
     said = run_ranks(_restored_at, 2, [20, 10])
-    assert said[0] == ("the ranks restored different checkpoints: steps 10 to 20, epochs 2 to "
-                       "3 (this rank: step 20); none trains from a point the others do not share")
+    assert said[0] == ("the ranks restored different checkpoints: steps 10 to 20, after epoch "
+                       "1 to 2 (this rank: step 20); none trains from a point the others do not "
+                       "share")
     assert said[1] is not None and said[1].endswith("(this rank: step 10); none trains from a "
                                                     "point the others do not share")

@@ -29,6 +29,7 @@ from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError, flatten
 from pipeline.data.batches import (
     SampleTable,
     check_sequences,
+    micro_slices,
     split_train_val,
     vector_width,
 )
@@ -269,6 +270,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                           f"{d.val_fraction:g} holds out all {num_rows} rows of {uri}")
     if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
         _check_split_classes(labels, cfg)
+    _check_sync_batchnorm(cfg, len(train))
     _check_first_epoch(facts.small, cfg)
     b = cfg.batching
     exempt = ((b.strategy == "balanced" and b.options.get("epoch_samples") is not None)
@@ -289,15 +291,22 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
 
 
 def _check_files_agree(ds: pads.Dataset, named: dict[str, str | None]) -> None:
-    """Every file of a multi-file dataset holds each named column, as the same type: the
-    dataset's schema is its first file's, so a file without the label column read as null
-    labels, and one whose labels were int32 (or features float64) passed the checks here and
-    failed on the cluster, when the blocks were joined."""
+    """Every file of a multi-file dataset (but empty ones, which Ray Data reads as no block)
+    holds each named column, as the same type and nullability: the dataset's schema is its
+    first file's, so a file without the label column read as null labels, and one whose labels
+    were int32 (or features float64, or `not null`) passed the checks here and failed on the
+    cluster, where the blocks are joined as they are."""
     files = ds.files
     if len(files) < 2:
         return
     first = ds.schema
+
+    def shown(field: pa.Field) -> str:
+        return f"{field.type}{'' if field.nullable else ' not null'}"
+
     for frag in ds.get_fragments():
+        if frag.metadata.num_rows == 0:
+            continue
         schema = frag.physical_schema
         for key, col in named.items():
             if col is None:
@@ -305,10 +314,11 @@ def _check_files_agree(ds: pads.Dataset, named: dict[str, str | None]) -> None:
             if col not in schema.names:
                 raise ConfigError(f"data error: {frag.path} has no column {col!r} ({key}; "
                                   f"{files[0]} has it): the files of data.path must agree")
-            kind, want = schema.field(col).type, first.field(col).type
-            if kind != want:
-                raise ConfigError(f"data error: {key}={col!r} is {kind} in {frag.path} but "
-                                  f"{want} in {files[0]}: the files of data.path must agree")
+            have, want = schema.field(col), first.field(col)
+            if have.type != want.type or have.nullable != want.nullable:
+                raise ConfigError(f"data error: {key}={col!r} is {shown(have)} in {frag.path} "
+                                  f"but {shown(want)} in {files[0]}: the files of data.path "
+                                  "must agree")
 
 
 def _fill_embedded_columns(cfg: Config) -> Config:
@@ -530,16 +540,67 @@ def _check_builder_arguments(name: str, builder: Any, kwargs: dict[str, Any]) ->
     given = sorted({"input_dim", "num_outputs", "vocab_size", "per_token",
                     "activation_checkpointing", *kwargs} - {"embedding_dim"})  # (nt_xent's
     # `embedding_dim` is passed as num_outputs)
-    try:
-        signature = inspect.signature(builder)
+    try:  # (a decorator's own signature too: functools.wraps shows the wrapped function's)
+        signatures = [inspect.signature(builder), inspect.signature(builder, follow_wrapped=False)]
     except (TypeError, ValueError):
         return
-    try:
-        signature.bind(**dict.fromkeys(given))
-    except TypeError as err:
+    errors = []
+    for signature in signatures:
+        try:
+            signature.bind(**dict.fromkeys(given))
+        except TypeError as err:
+            errors.append(err)
+    if len(errors) == len(signatures):
+        err = errors[0]
         raise ConfigError(f"config error: model.name={name} cannot take the keyword arguments "
                           f"it is called with ({', '.join(given)}; model.kwargs "
                           f"included): {err}") from None
+
+
+# strategies whose epoch is every training row once, in batches of the global batch size: the
+# last batch (batching.drop_last=false) has len(train) % global_batch_size samples, every epoch
+WHOLE_EPOCH_STRATEGIES = ("random", "sequential", "stratified", "length_bucket")
+
+
+def _check_sync_batchnorm(cfg: Config, n_train: int) -> None:
+    """SyncBatchNorm runs a collective in every forward pass, so every rank must run as many
+    micro-batches in each step, or they wait on each other for good (a hang, until NCCL's
+    watchdog aborts it). A step's shares differ by one sample at most (`rank_slice`), so their
+    micro-batch counts differ only in a short batch (the last of an epoch under
+    `batching.drop_last: false`, or a token budget's) with micro-batches smaller than a
+    worker's share (an empty share is one empty micro-batch, which SyncBatchNorm takes).
+    Refused where that happens: exactly where the last batch's size is known (an epoch of every
+    training row, a constant batch), and wherever it may (a curriculum's pool, a token budget,
+    a batch-size schedule's last step). Models without BatchNorm have nothing to synchronise."""
+    from pipeline.config import BATCHNORM_MODELS
+
+    t, b, world = cfg.train, cfg.batching, cfg.scaling.num_workers
+    name = cfg.model.name
+    if not t.sync_batchnorm or world < 2 or not (name in BATCHNORM_MODELS
+                                                 or name.startswith("import:")):
+        return
+    micro, share = t.micro_batch_size, t.global_batch_size // world
+    if not isinstance(micro, int) or micro >= share:  # one micro-batch per rank, every step
+        return  # (`auto` with SyncBatchNorm is refused in the config)
+    if b.strategy == "length_bucket" and b.options.get("max_tokens") is not None:
+        culprit = "batching.options.max_tokens (batches of varying sample counts)"
+    elif b.drop_last or b.strategy == "balanced":  # (balanced's epochs are whole batches)
+        return
+    elif b.strategy in WHOLE_EPOCH_STRATEGIES and t.batch_size_schedule == "constant":
+        last = n_train % t.global_batch_size
+        counts = sorted({len(micro_slices(part, micro))
+                         for part in np.array_split(np.arange(last), world)})
+        if last == 0 or len(counts) == 1:
+            return
+        culprit = (f"batching.drop_last=false (each epoch's last batch, {last} samples, is "
+                   f"{' or '.join(map(str, counts))} micro-batches of {micro} per worker)")
+    else:
+        culprit = "batching.drop_last=false (short last batches)"
+    raise ConfigError(
+        f"config error: train.sync_batchnorm=true with {culprit}: SyncBatchNorm's collective in "
+        "every forward pass needs as many micro-batches on every worker, or they wait on each "
+        f"other for good; set train.micro_batch_size={share} (one per worker and step), or "
+        "batching.drop_last=true")
 
 
 def _check_split_classes(labels: np.ndarray, cfg: Config) -> None:

@@ -86,8 +86,10 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
     steps over everything else swept (any rule, LR...: each batch its best-tuned run, as
     Shallue et al. 2018 compare batch sizes), where trials that differ only in a seed
     (`SEED_KEYS`: data orders, initialisations) count as one, at the median of their steps -- a
-    seed that missed the target counts as never, so a batch that reached it in fewer than half
-    of its seeds has no point (the fewest over seeds picked the luckiest order). `verdict` says
+    seed that missed the target (or that ASHA stopped first) counts as never, so a batch has a
+    point only where more than half of its seeds reached it (the fewest over seeds picked the
+    luckiest order). Where no setting was trained with two seeds (a random search over a
+    continuous key draws each once), there is nothing to take a median over: the fewest. `verdict` says
     what the points allow:
 
     - `knee`: B_crit within the batches that reached the target (`b_crit`, `s_min`);
@@ -122,7 +124,11 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
         settings = [c for c in d.columns if "." in c and c not in seeds and c != BATCH]
         keyed = d.assign(_steps=d[steps].astype(float).fillna(math.inf),
                          **{c: d[c].astype(str) for c in settings})
-        medians = keyed.groupby([BATCH, *settings], dropna=False)["_steps"].median()
+        groups = keyed.groupby([BATCH, *settings], dropna=False)["_steps"]
+        if not (groups.size() > 1).any():  # every setting drawn once (a random search over a
+            seeds = []  # continuous key): no repeats to take a median over
+    if seeds:
+        medians = groups.median()
         points = medians.groupby(level=0).min()
         points = points[np.isfinite(points.to_numpy(dtype=float))]
     else:

@@ -124,10 +124,24 @@ def test_the_files_of_a_folder_must_agree_on_each_named_column(tmp_path):
 
     _, info = resolved(table(other=pa.int64()))
     assert info.num_rows == 40
+    _, info = resolved(table(label=pa.int32()).slice(0, 0))  # empty: Ray reads no block of it
+    assert info.num_rows == 20
     for second, said in [
             (table(label_column=False), "1.parquet has no column 'label' (data.label_column;"),
             (table(label=pa.int32()), "data.label_column='label' is int32 in "),
-            (table(width=pa.float64()), "data.feature_column='features' is list<element: double>")]:
+            (table(width=pa.float64()), "data.feature_column='features' is list<element: double>"),
+            # (a Spark file's `not null`: the blocks' join failed on it as on a type)
+            (table().cast(table().schema.set(2, pa.field("label", pa.int64(), nullable=False))),
+             "data.label_column='label' is int64 not null in ")]:
         with pytest.raises(ConfigError, match="the files of data.path must agree") as err:
             resolved(second)
         assert said in str(err.value)
+
+
+def test_a_builder_behind_a_registrys_decorator_is_taken(tmp_path):
+    """`inspect.signature` shows a functools.wraps wrapper as the function it wraps, which
+    names fewer arguments than the workers pass: the wrapper's own signature takes them all,
+    so the builder is not refused."""
+    cfg, _ = resolve(load_config(None, ["model.name=import:tests.builders:registered_mlp",
+                                        "model.kwargs.hidden=8"]))
+    assert cfg.model.name == "import:tests.builders:registered_mlp"
