@@ -278,8 +278,18 @@ CASES = [
     ("sync-bn-short-last-batch", ["--config", DIGITS, *s(
         "scaling.use_gpu=true", "train.sync_batchnorm=true", "batching.drop_last=false",
         "scaling.num_workers=3", "train.global_batch_size=48", "train.micro_batch_size=1")],
-     "train.sync_batchnorm=true with batching.drop_last=false (each epoch's last batch, 46 "
-     "samples, is 15 or 16 micro-batches of 1 per worker)"),
+     "train.sync_batchnorm=true: epoch 1 has a batch of 46 samples, which is 15 or 16 "
+     "micro-batches of 1 per worker on 3"),
+    # token budgets on sequences (a user's BatchNorm model): batches of 60 to 481 samples, one
+    # of 65 on 2 workers is 33 and 32 samples, 2 and 1 micro-batches of the share (32) -- with
+    # the micro-batch left unset, which a check by micro < share let through
+    ("sync-bn-token-budget", ["--config", DIGITS, *s(
+        "data.name=sequences", "model.name=import:tests.builders:fails_when_built",
+        "scaling.use_gpu=true", "train.sync_batchnorm=true", "train.micro_batch_size=null",
+        "batching.strategy=length_bucket", "batching.options.max_tokens=8192")],
+     "micro-batches of 32 per worker on 2; SyncBatchNorm's collective in every forward pass "
+     "needs as many micro-batches on every worker, or they wait on each other for good: use "
+     "fixed-size batches (no batching.options.max_tokens)"),
     # -- columns and files
     ("no-label-column", ["--config", DIGITS, *s("data.label_column=nolabel")], "data.label_column"),
     ("no-difficulty-column", ["--config", DIGITS, *s("batching.difficulty_column=nodiff")],
@@ -554,7 +564,10 @@ def test_sync_batchnorm_is_refused_only_where_micro_batch_counts_can_differ(caps
                                                                             data_dir):
     """The checks pass (the job goes on to the cluster) where every worker runs as many
     micro-batches in every step: digits' last batch of 30 on 2 workers (15 each), one
-    micro-batch per worker (micro = share), balanced batches, a model without BatchNorm."""
+    micro-batch per worker (micro = share), balanced batches, a model without BatchNorm, hard
+    mining and contrastive batches (sized as random ones), and a run whose train.max_steps ends
+    it before its first uneven batch. (Which batches a job trains: the strategies' counters,
+    as the workers' LR schedule counts them; the micro-batches: `rank_slice`, `micro_slices`.)"""
     class Reached(Exception):
         pass
 
@@ -569,7 +582,13 @@ def test_sync_batchnorm_is_refused_only_where_micro_batch_counts_can_differ(caps
                   ("batching.strategy=balanced", "train.global_batch_size=80",
                    "train.micro_batch_size=8"),
                   ("model.name=mlp", "scaling.num_workers=3", "train.global_batch_size=48",
-                   "train.micro_batch_size=1")]:
+                   "train.micro_batch_size=1"),
+                  # hard mining and contrastive batches split as random ones do (30: 15 and 15)
+                  ("batching.strategy=hard_mining", "train.micro_batch_size=8"),
+                  ("batching.strategy=contrastive", "train.loss=nt_xent", "train.micro_batch_size=8"),
+                  # the uneven batch of 46 is step 30 of epoch 1: 5 steps never reach it
+                  ("scaling.num_workers=3", "train.global_batch_size=48",
+                   "train.micro_batch_size=1", "train.max_steps=5")]:
         argv = ["train", "--config", DIGITS, *s(*gpu, *extra)]
         with pytest.raises(Reached):
             cli.run(argv)

@@ -270,7 +270,6 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                           f"{d.val_fraction:g} holds out all {num_rows} rows of {uri}")
     if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
         _check_split_classes(labels, cfg)
-    _check_sync_batchnorm(cfg, len(train))
     _check_first_epoch(facts.small, cfg)
     b = cfg.batching
     exempt = ((b.strategy == "balanced" and b.options.get("epoch_samples") is not None)
@@ -296,10 +295,9 @@ def _check_files_agree(ds: pads.Dataset, named: dict[str, str | None]) -> None:
     first file's, so a file without the label column read as null labels, and one whose labels
     were int32 (or features float64, or `not null`) passed the checks here and failed on the
     cluster, where the blocks are joined as they are."""
-    files = ds.files
-    if len(files) < 2:
+    if len(ds.files) < 2:
         return
-    first = ds.schema
+    first = name = None  # the first file with rows: what the others are compared with
 
     def shown(field: pa.Field) -> str:
         return f"{field.type}{'' if field.nullable else ' not null'}"
@@ -308,16 +306,21 @@ def _check_files_agree(ds: pads.Dataset, named: dict[str, str | None]) -> None:
         if frag.metadata.num_rows == 0:
             continue
         schema = frag.physical_schema
+        if first is None:
+            first, name = schema, frag.path
         for key, col in named.items():
             if col is None:
                 continue
+            if (col in schema.names) != (col in first.names):
+                lacks, has = (frag.path, name) if col in first.names else (name, frag.path)
+                raise ConfigError(f"data error: {lacks} has no column {col!r} ({key}; "
+                                  f"{has} has it): the files of data.path must agree")
             if col not in schema.names:
-                raise ConfigError(f"data error: {frag.path} has no column {col!r} ({key}; "
-                                  f"{files[0]} has it): the files of data.path must agree")
+                continue
             have, want = schema.field(col), first.field(col)
             if have.type != want.type or have.nullable != want.nullable:
                 raise ConfigError(f"data error: {key}={col!r} is {shown(have)} in {frag.path} "
-                                  f"but {shown(want)} in {files[0]}: the files of data.path "
+                                  f"but {shown(want)} in {name}: the files of data.path "
                                   "must agree")
 
 
@@ -540,9 +543,11 @@ def _check_builder_arguments(name: str, builder: Any, kwargs: dict[str, Any]) ->
     given = sorted({"input_dim", "num_outputs", "vocab_size", "per_token",
                     "activation_checkpointing", *kwargs} - {"embedding_dim"})  # (nt_xent's
     # `embedding_dim` is passed as num_outputs)
-    try:  # (a decorator's own signature too: functools.wraps shows the wrapped function's)
-        signatures = [inspect.signature(builder), inspect.signature(builder, follow_wrapped=False)]
-    except (TypeError, ValueError):
+    signatures = []  # (a decorator's own too: functools.wraps shows the wrapped function's)
+    for follow in (True, False):
+        with contextlib.suppress(TypeError, ValueError):  # (none to read: a builtin, say)
+            signatures.append(inspect.signature(builder, follow_wrapped=follow))
+    if not signatures:
         return
     errors = []
     for signature in signatures:
@@ -557,50 +562,63 @@ def _check_builder_arguments(name: str, builder: Any, kwargs: dict[str, Any]) ->
                           f"included): {err}") from None
 
 
-# strategies whose epoch is every training row once, in batches of the global batch size: the
-# last batch (batching.drop_last=false) has len(train) % global_batch_size samples, every epoch
-WHOLE_EPOCH_STRATEGIES = ("random", "sequential", "stratified", "length_bucket")
-
-
-def _check_sync_batchnorm(cfg: Config, n_train: int) -> None:
+def _check_sync_batchnorm(cfg: Config, st: SampleTable, train: np.ndarray) -> None:
     """SyncBatchNorm runs a collective in every forward pass, so every rank must run as many
     micro-batches in each step, or they wait on each other for good (a hang, until NCCL's
-    watchdog aborts it). A step's shares differ by one sample at most (`rank_slice`), so their
-    micro-batch counts differ only in a short batch (the last of an epoch under
-    `batching.drop_last: false`, or a token budget's) with micro-batches smaller than a
-    worker's share (an empty share is one empty micro-batch, which SyncBatchNorm takes).
-    Refused where that happens: exactly where the last batch's size is known (an epoch of every
-    training row, a constant batch), and wherever it may (a curriculum's pool, a token budget,
-    a batch-size schedule's last step). Models without BatchNorm have nothing to synchronise."""
+    watchdog aborts it). A step's shares differ by one sample at most (`rank_slice`), and an
+    empty share is one empty micro-batch (which SyncBatchNorm takes), so the counts differ only
+    where a batch's size splits unevenly over micro-batches: checked exactly, for every batch
+    size of every epoch the job trains (the strategies' counters: no shuffle, no gather; a
+    token budget is planned), up to `train.max_steps`. Under a batch-size schedule, whose steps
+    group unit batches as the run decides, a short last unit is assumed to split unevenly. A
+    user's model (`import:`) counts as having BatchNorm; the built-in ones without it have
+    nothing to synchronise."""
     from pipeline.config import BATCHNORM_MODELS
+    from pipeline.data.epochs import planner_options, pool_meta
+    from pipeline.data.plan import count_epoch
 
     t, b, world = cfg.train, cfg.batching, cfg.scaling.num_workers
     name = cfg.model.name
     if not t.sync_batchnorm or world < 2 or not (name in BATCHNORM_MODELS
                                                  or name.startswith("import:")):
         return
-    micro, share = t.micro_batch_size, t.global_batch_size // world
-    if not isinstance(micro, int) or micro >= share:  # one micro-batch per rank, every step
-        return  # (`auto` with SyncBatchNorm is refused in the config)
-    if b.strategy == "length_bucket" and b.options.get("max_tokens") is not None:
-        culprit = "batching.options.max_tokens (batches of varying sample counts)"
-    elif b.drop_last or b.strategy == "balanced":  # (balanced's epochs are whole batches)
+    share = t.global_batch_size // world
+    micro = t.micro_batch_size if isinstance(t.micro_batch_size, int) else share
+    budget = b.strategy == "length_bucket" and b.options.get("max_tokens") is not None
+    way_out = ("fixed-size batches (no batching.options.max_tokens)" if budget else
+               f"train.micro_batch_size={share} (one per worker and step), or "
+               "batching.drop_last=true" if micro < share else "batching.drop_last=true")
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(
+            f"config error: train.sync_batchnorm=true: {why}; SyncBatchNorm's collective in "
+            "every forward pass needs as many micro-batches on every worker, or they wait on "
+            f"each other for good: use {way_out}")
+
+    if t.batch_size_schedule != "constant":
+        if budget or (not b.drop_last and micro < share):
+            raise refuse(f"train.batch_size_schedule={t.batch_size_schedule} with "
+                         f"{'a token budget' if budget else 'batching.drop_last=false'} (a "
+                         "step's batch can split unevenly over the workers' micro-batches)")
         return
-    elif b.strategy in WHOLE_EPOCH_STRATEGIES and t.batch_size_schedule == "constant":
-        last = n_train % t.global_batch_size
-        counts = sorted({len(micro_slices(part, micro))
-                         for part in np.array_split(np.arange(last), world)})
-        if last == 0 or len(counts) == 1:
-            return
-        culprit = (f"batching.drop_last=false (each epoch's last batch, {last} samples, is "
-                   f"{' or '.join(map(str, counts))} micro-batches of {micro} per worker)")
-    else:
-        culprit = "batching.drop_last=false (short last batches)"
-    raise ConfigError(
-        f"config error: train.sync_batchnorm=true with {culprit}: SyncBatchNorm's collective in "
-        "every forward pass needs as many micro-batches on every worker, or they wait on each "
-        f"other for good; set train.micro_batch_size={share} (one per worker and step), or "
-        "batching.drop_last=true")
+    meta = pool_meta(cfg, st, train, None)
+    left = t.max_steps
+    for epoch in range(t.epochs):
+        sizes = count_epoch(b.strategy, meta, seed=b.seed, epoch=epoch,
+                            global_batch_size=t.global_batch_size, drop_last=b.drop_last,
+                            **planner_options(cfg)).sizes
+        sizes = sizes[sizes > 0][:left]
+        for size in np.unique(sizes):
+            counts = sorted({len(micro_slices(part, micro))
+                             for part in np.array_split(np.arange(int(size)), world)})
+            if len(counts) > 1:
+                raise refuse(f"epoch {epoch + 1} has a batch of {size} samples, which is "
+                             f"{' or '.join(map(str, counts))} micro-batches of {micro} per "
+                             f"worker on {world}")
+        if left is not None:
+            left -= len(sizes)
+            if left <= 0:
+                return
 
 
 def _check_split_classes(labels: np.ndarray, cfg: Config) -> None:
@@ -638,6 +656,7 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
             f"config error: batching.strategy={b.strategy}: epoch 1 has no batch of "
             f"train.global_batch_size={cfg.train.global_batch_size} from {len(train)} training rows")
     _check_token_budgets(st, cfg, train)
+    _check_sync_batchnorm(cfg, st, train)
 
 
 def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray) -> None:

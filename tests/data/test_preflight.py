@@ -113,19 +113,22 @@ def test_the_files_of_a_folder_must_agree_on_each_named_column(tmp_path):
             t["label"] = pa.array([0, 1] * 10, label or pa.int64())
         return pa.table(t)
 
-    def resolved(second):
+    def resolved(second, first=None):
         folder = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
         folder.mkdir()
-        pq.write_table(table(), folder / "0.parquet")
+        pq.write_table(table() if first is None else first, folder / "0.parquet")
         pq.write_table(second, folder / "1.parquet")
+        pq.write_table(table(), folder / "2.parquet")
         return resolve(load_config(None, [f"data.path={folder}", "data.feature_column=features",
                                           "data.label_column=label",
                                           "train.global_batch_size=8"]))
 
     _, info = resolved(table(other=pa.int64()))
-    assert info.num_rows == 40
+    assert info.num_rows == 60
     _, info = resolved(table(label=pa.int32()).slice(0, 0))  # empty: Ray reads no block of it
-    assert info.num_rows == 20
+    assert info.num_rows == 40
+    _, info = resolved(table(), first=table(label=pa.int32()).slice(0, 0))  # nor of a first one
+    assert info.num_rows == 40
     for second, said in [
             (table(label_column=False), "1.parquet has no column 'label' (data.label_column;"),
             (table(label=pa.int32()), "data.label_column='label' is int32 in "),
