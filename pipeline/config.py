@@ -764,6 +764,8 @@ def changed_keys(before: dict[str, Any], now: dict[str, Any],
 # MLflow 3's tracking stores, by URI scheme (a database's may name its driver: postgresql+psycopg2)
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
                     "databricks-uc", "uc")
+# MLflow's names of a remote workspace, written without a scheme
+WORKSPACE_URIS = ("databricks", "databricks-uc", "uc")
 
 
 def check_tracking_uri(uri: str, name: str = "tracking.uri") -> None:
@@ -791,7 +793,7 @@ def check_tracking_uri(uri: str, name: str = "tracking.uri") -> None:
 
     from pipeline.redact import redact_text
 
-    if uri in ("databricks", "databricks-uc", "uc"):  # (MLflow's names without a scheme)
+    if uri in WORKSPACE_URIS:
         return
     # a key or variable: KEY=URI; where none is set, what it is: "the default store ... URI"
     named = f"{name}{' ' if name == DEFAULT_STORE else '='}{redact_text(uri)}"

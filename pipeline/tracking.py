@@ -32,6 +32,7 @@ import yaml
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import WORKSPACE_URIS
 from pipeline.console import error_line
 from pipeline.redact import redact, redact_text, secret_env_values
 
@@ -50,7 +51,7 @@ def is_local_store(uri: str) -> bool:
     >>> is_local_store("http://10.0.0.5:5000"), is_local_store("databricks")
     (False, False)
     """
-    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names of a remote workspace
+    if uri in WORKSPACE_URIS:  # a remote workspace
         return False
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 

@@ -562,20 +562,18 @@ def _check_builder_arguments(name: str, builder: Any, kwargs: dict[str, Any]) ->
                           f"included): {err}") from None
 
 
-def _check_sync_batchnorm(cfg: Config, st: SampleTable, train: np.ndarray) -> None:
+def _check_sync_batchnorm(cfg: Config, sizes: list[np.ndarray]) -> None:
     """SyncBatchNorm runs a collective in every forward pass, so every rank must run as many
     micro-batches in each step, or they wait on each other for good (a hang, until NCCL's
     watchdog aborts it). A step's shares differ by one sample at most (`rank_slice`), and an
     empty share is one empty micro-batch (which SyncBatchNorm takes), so the counts differ only
     where a batch's size splits unevenly over micro-batches: checked exactly, for every batch
-    size of every epoch the job trains (the strategies' counters: no shuffle, no gather; a
-    token budget is planned), up to `train.max_steps`. Under a batch-size schedule, whose steps
-    group unit batches as the run decides, a short last unit is assumed to split unevenly. A
-    user's model (`import:`) counts as having BatchNorm; the built-in ones without it have
-    nothing to synchronise."""
+    size of every epoch the job trains (`sizes`: `epoch_sizes`), up to `train.max_steps`.
+    Under a batch-size schedule, whose steps group unit batches as the run decides, a short
+    last unit is assumed to split unevenly. A user's model (`import:`) counts as having
+    BatchNorm; the built-in ones without it have nothing to synchronise."""
     from pipeline.config import BATCHNORM_MODELS
-    from pipeline.data.epochs import planner_options, pool_meta
-    from pipeline.data.plan import count_epoch
+    from pipeline.data.plan import rank_slice
 
     t, b, world = cfg.train, cfg.batching, cfg.scaling.num_workers
     name = cfg.model.name
@@ -601,22 +599,19 @@ def _check_sync_batchnorm(cfg: Config, st: SampleTable, train: np.ndarray) -> No
                          f"{'a token budget' if budget else 'batching.drop_last=false'} (a "
                          "step's batch can split unevenly over the workers' micro-batches)")
         return
-    meta = pool_meta(cfg, st, train, None)
     left = t.max_steps
-    for epoch in range(t.epochs):
-        sizes = count_epoch(b.strategy, meta, seed=b.seed, epoch=epoch,
-                            global_batch_size=t.global_batch_size, drop_last=b.drop_last,
-                            **planner_options(cfg)).sizes
-        sizes = sizes[sizes > 0][:left]
-        for size in np.unique(sizes):
-            counts = sorted({len(micro_slices(part, micro))
-                             for part in np.array_split(np.arange(int(size)), world)})
+    for epoch, trained in enumerate(sizes):
+        trained = trained[:left]
+        for size in np.unique(trained):
+            batch = np.arange(int(size))
+            counts = sorted({len(micro_slices(rank_slice(batch, rank, world), micro))
+                             for rank in range(world)})
             if len(counts) > 1:
                 raise refuse(f"epoch {epoch + 1} has a batch of {size} samples, which is "
                              f"{' or '.join(map(str, counts))} micro-batches of {micro} per "
                              f"worker on {world}")
         if left is not None:
-            left -= len(sizes)
+            left -= len(trained)
             if left <= 0:
                 return
 
@@ -637,18 +632,18 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
     """Plan epoch 0 on the driver from the small columns (`st`), so a strategy that cannot
     work on this data (no labels, classes not dividing the batch, an empty pool...) fails here
     with exit 2 rather than on the workers."""
-    from pipeline.data.epochs import epoch_batches, lr_schedule, steps_per_epoch
+    from pipeline.data.epochs import epoch_batches, epoch_sizes, lr_schedule
 
     b = cfg.batching
     train, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
     try:
         eb = epoch_batches(cfg, st, train, 0, cfg.scaling.num_workers)
-        # Every epoch's step count (curriculum pools, epoch_samples...): none may be empty.
-        steps = steps_per_epoch(cfg, st, train, cfg.scaling.num_workers)
+        # Every epoch's batches (curriculum pools, epoch_samples...): none may be empty.
+        sizes = epoch_sizes(cfg, st, train)
     except (ValueError, KeyError) as err:
         raise ConfigError(f"config error: batching.strategy={b.strategy}: {err}") from None
     try:  # the workers' LR schedule, from the same counts
-        lr_schedule(cfg, steps)
+        lr_schedule(cfg, [len(s) for s in sizes])
     except ValueError as err:
         raise ConfigError(f"config error: {err}") from None
     if not eb.batches:
@@ -656,7 +651,7 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
             f"config error: batching.strategy={b.strategy}: epoch 1 has no batch of "
             f"train.global_batch_size={cfg.train.global_batch_size} from {len(train)} training rows")
     _check_token_budgets(st, cfg, train)
-    _check_sync_batchnorm(cfg, st, train)
+    _check_sync_batchnorm(cfg, sizes)
 
 
 def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray) -> None:

@@ -121,13 +121,12 @@ def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: in
     return EpochBatches(plan=plan, batches=list(plan.batches), dropped=plan.dropped)
 
 
-def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
-                    world_size: int) -> list[int]:
-    """Optimizer steps of every epoch of ``cfg.train.epochs``: ``len(epoch_batches(...).batches)``
-    for each epoch (under a batch-size schedule: its unit batches, `cfg.plan_batch_size()`),
-    counted from the strategy's counter (no shuffle, no gather; a token-budget plan is planned).
-    Hard mining draws N samples whatever the losses, so its count needs none. `world_size`:
-    not used, as in `epoch_batches` (the LR schedule is laid over the same steps on any).
+def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.ndarray]:
+    """The sizes of the global batches each epoch of ``cfg.train.epochs`` trains, in order (the
+    batches of `epoch_batches(...)`; under a batch-size schedule its unit batches,
+    `cfg.plan_batch_size()`), counted from the strategy's counter (no shuffle, no gather; a
+    token-budget plan is planned). Hard mining draws N samples whatever the losses, so its
+    count needs none.
 
     Raises ValueError naming the epoch and the numbers when an epoch would train no step (a pool
     smaller than one global batch with drop_last, ``epoch_samples`` < the batch...).
@@ -136,21 +135,31 @@ def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
     meta = pool_meta(cfg, st, train_pos, None)
     batch_key = ("train.global_batch_size" if t.batch_size_schedule == "constant"
                  else "train.batch_size_min")
-    steps = []
+    epochs = []
     for epoch in range(t.epochs):
         count = count_epoch(b.strategy, meta, seed=b.seed, epoch=epoch,
                             global_batch_size=cfg.plan_batch_size(), drop_last=b.drop_last,
                             **planner_options(cfg))
-        n = int((count.sizes > 0).sum())  # epoch_batches trains these
-        if n == 0:
+        sizes = count.sizes[count.sizes > 0]  # epoch_batches trains these
+        if not len(sizes):
             raise ValueError(
                 f"epoch {epoch + 1} of {t.epochs} would train no step: batching.strategy="
                 f"{b.strategy} makes no global batch from a pool of {count.pool_size} of "
                 f"{len(train_pos)} training rows with {batch_key}={cfg.plan_batch_size()} "
                 f"(batching.drop_last={b.drop_last})")
-        steps.append(n)
-    return steps
+        epochs.append(sizes)
+    return epochs
 
+
+def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
+                    world_size: int) -> list[int]:
+    """Optimizer steps of every epoch of ``cfg.train.epochs``: ``len(epoch_batches(...).batches)``
+    for each epoch (`epoch_sizes`; under a batch-size schedule its unit batches). `world_size`:
+    not used, as in `epoch_batches` (the LR schedule is laid over the same steps on any).
+
+    Raises ValueError as `epoch_sizes` does.
+    """
+    return [len(sizes) for sizes in epoch_sizes(cfg, st, train_pos)]
 
 
 class ScheduleSteps(NamedTuple):

@@ -89,8 +89,8 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
     seed that missed the target (or that ASHA stopped first) counts as never, so a batch has a
     point only where more than half of its seeds reached it (the fewest over seeds picked the
     luckiest order). Where no setting was trained with two seeds (a random search over a
-    continuous key draws each once), there is nothing to take a median over: the fewest. `verdict` says
-    what the points allow:
+    continuous key draws each once), there is nothing to take a median over: the fewest.
+    `verdict` says what the points allow:
 
     - `knee`: B_crit within the batches that reached the target (`b_crit`, `s_min`);
     - `beyond`: steps fall about in proportion to the batch up to the largest that reached the
