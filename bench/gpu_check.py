@@ -39,7 +39,8 @@ model FLOPs per step), and reports:
    throughput model); capped at `--finder-limit` (4096).
 
 6. packed sequences (`batching.packing`): one batch of `batch` sequences with lengths drawn
-   like the embedded `sequences` (lognormal, median about 55 tokens, clipped to 8..seq) as
+   as the embedded `sequences` draws them (`make_sequences`: lognormal(3.7, 0.8), median
+   about 40 tokens, clipped to 8..seq; the tiny model's seq of 32 clips most) as
    (a) padded to its longest (a key-padding mask), (b) packed into rows of `seq` tokens with
    the dense block-diagonal mask, (c) the same rows with FlexAttention block masks
    (`model.kwargs.attention: flex`, compiled), bf16 steps timed in rotation as in 1. Reported:
@@ -388,7 +389,9 @@ PACKED = [("padded", "dense", False), ("packed dense", "dense", True),
 def packing_check(cfg: dict[str, int], device: torch.device, *, warmup: int, steps: int,
                   repeats: int, deadline: float) -> dict[str, Any]:
     rng = np.random.default_rng(2)
-    lengths = np.clip(np.round(rng.lognormal(4.0, 1.0, cfg["batch"])), 8, cfg["seq"]).astype(int)
+    # make_sequences' lengths (pipeline/data/datasets.py), so that the padding efficiencies
+    # here are those of README's `sequences` figures
+    lengths = np.clip(np.round(rng.lognormal(3.7, 0.8, cfg["batch"])), 8, cfg["seq"]).astype(int)
     total = int(lengths.sum())
     raw = {"tokens_values": rng.integers(0, cfg["vocab"], size=total), "tokens_lengths": lengths,
            "targets_values": rng.integers(0, cfg["vocab"], size=total)}
@@ -620,7 +623,8 @@ def report(info: dict[str, Any]) -> None:
     pk = info.get("packing", {})
     if pk.get("variants"):
         print(f"\npacked sequences: {pk['samples']} samples, {pk['real_tokens']} real tokens, "
-              f"bf16; useful {pk['useful_flops_per_step'] / 1e12:.3f} TFLOP/step")
+              f"bf16; useful {pk['useful_flops_per_step'] / 1e12:.3f} TFLOP/step; medians "
+              f"over {pk.get('rounds_done')} round(s)")
         print(f"  {'variant':<14}{'slots':>8}{'step ms':>9}{'x padded':>9}{'real tok/s':>12}"
               f"{'MFU':>7}  note")
         for name, row in pk["variants"].items():

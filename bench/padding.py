@@ -16,8 +16,9 @@
       Parquet datasource (`DataContext.use_datasource_v2 = False`): Ray 2.60's default V2
       starts FooterReader actors (new processes) for every read;
    b2. the same iteration over `read_parquet(path).materialize()` (read once, like c);
-   c. the pipeline: ingest as `pipeline.blocks.ingest` does (read_parquet with the V1
-      datasource -> materialize -> Arrow blocks in the object store),
+   c. the pipeline's steps, written out here: ingest as `pipeline.blocks.ingest` did before
+      its `one_block` join (read_parquet with the V1 datasource -> materialize -> Arrow
+      blocks in the object store; the embedded file is one block, so the join changes nothing),
       `SampleTable.from_table(pa.concat_tables(ray.get(refs)))` once, then per epoch a
       `random` plan and per batch `gather(positions)` + `to_torch` -- what a worker does per
       micro-batch;
@@ -385,7 +386,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="3 repeats, 2 epochs of padding efficiency")
-    ap.add_argument("--repeats", type=int, default=None, help="timed epochs (default 5, quick 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed epochs (default 5, quick 3; at least 3)")
     ap.add_argument("--scale", type=int, default=0,
                     help="also time a file this many times larger than `sequences` (0: skip)")
     ap.add_argument("--efficiency-only", action="store_true",

@@ -38,7 +38,25 @@ def machine() -> dict[str, Any]:
         # only what the bench itself imported (importing Ray here would cost seconds)
         "versions": {m: getattr(sys.modules[m], "__version__", None)
                      for m in VERSIONED if m in sys.modules},
+        "commit": code_version(),
     }
+
+
+def code_version() -> str | None:
+    """The repository's commit, with "+changes" when the working tree differs from it (the
+    figures of a "before/after" pair say which code they are of); None outside a checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, check=True,
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, check=True, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def save(path: str | Path, data: dict[str, Any]) -> Path:

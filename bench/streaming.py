@@ -8,8 +8,9 @@ Each job is `python -m pipeline train` (2 workers, 3 epochs, an MLP on feature v
 user would. While it runs, every node's object-store use is sampled from its raylet (every
 0.1 s): the peak is the data the node held. The ranks report what they received of the data
 (`data_fetched_mib`: streamed rows, or the blocks the node pulled) and rank 0's peak RSS
-(`worker_rss_mib`), and how long the steps waited for rows (`data_wait_s`); the CPU seconds of
-the ranks, the BlockServer actors and the raylets are sampled too. Each job runs on a fresh
+(`worker_rss_mib`), and how long the steps and validation waited for rows (`data_wait_s`);
+the CPU seconds of the ranks, the BlockServer actors and the raylets of this cluster are
+sampled too, from the job's start. Each job runs on a fresh
 cluster; the modes alternate over `--rounds`. Throughput is the median `samples_per_s` of the
 epochs after the first (steady state); the ratio is the median over rounds of streaming over
 object-store in the same round.
@@ -78,6 +79,8 @@ class StoreSampler:
         self.primary = {n["NodeID"]: 0 for n in nodes}  # primary copies: the node's own
         self.spilled = {n["NodeID"]: 0 for n in nodes}
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, CPU seconds, last seen)
+        self.start_cpu: dict[int, float] = {}  # pid -> CPU seconds when the sampling began
+        self.sampled = False  # (processes found by the first sample count from then on)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -97,22 +100,28 @@ class StoreSampler:
             time.sleep(0.1)
 
     def sample_cpu(self) -> None:
-        """CPU seconds so far of the processes that train (the ranks), that serve rows (the
+        """CPU seconds of the processes that train (the ranks), that serve rows (the
         BlockServer actors) and of Ray's own daemons (raylets: they move objects between
-        nodes), by process; the last sample of a process that has exited stands."""
+        nodes), by process, since the sampling began (a raylet's start-up before it is not
+        counted); the last sample of a process that has exited stands. Only this bench's
+        cluster: the processes descending from this one (Cluster's daemons and the workers
+        they start), not another Ray on the machine."""
         import psutil
 
-        for proc in psutil.process_iter(["pid", "cmdline"]):
+        for proc in psutil.Process().children(recursive=True):
             try:
-                cmd = " ".join(proc.info["cmdline"] or [])
+                cmd = " ".join(proc.cmdline())
                 group = ("ranks" if "RayTrainWorker" in cmd else
                          "servers" if "BlockServer" in cmd else
                          "raylets" if "raylet" in cmd.split(" ")[0] else None)
                 if group is not None:
                     t = proc.cpu_times()
-                    self.cpu[proc.info["pid"]] = (group, t.user + t.system)
+                    seconds = t.user + t.system
+                    base = self.start_cpu.setdefault(proc.pid, 0.0 if self.sampled else seconds)
+                    self.cpu[proc.pid] = (group, seconds - base)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+        self.sampled = True
 
     def cpu_s(self) -> dict[str, float]:
         out = {"ranks": 0.0, "servers": 0.0, "raylets": 0.0}

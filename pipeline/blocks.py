@@ -97,7 +97,12 @@ class Blocks:
         if self.keeper is None:
             return self
         with _servers_kept():  # the keeper lives on the head node
-            servers, nodes, small, note = ray.get(self.keeper.current.remote())
+            try:
+                servers, nodes, small, note = ray.get(self.keeper.current.remote())
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, ConfigError):  # (its line, not Ray's traceback)
+                    raise err.cause from None
+                raise
         if note:
             console.say(note)
         return dataclasses.replace(self, servers=servers, nodes=nodes, small=small)
@@ -118,12 +123,15 @@ class Blocks:
         for actor in [*servers, self.keeper]:
             _kill(actor)
 
-    def lost_nodes(self) -> list[str]:
-        """The nodes whose part of the dataset is gone now (none in the object-store mode)."""
+    def lost_nodes(self, timeout_s: float = 60) -> list[str]:
+        """The nodes whose part of the dataset is gone now (none in the object-store mode); a
+        server that does not answer within `timeout_s` counts as gone."""
         if self.keeper is None:
             return []
         try:
-            return ray.get(self.keeper.lost.remote())
+            return ray.get(self.keeper.lost.remote(timeout_s), timeout=timeout_s + 5)
+        except ray.exceptions.GetTimeoutError:  # the keeper itself not answering
+            return []
         except ray.exceptions.RayActorError:  # the keeper's own node (the head) is gone
             return list(self.servers)
 
@@ -167,6 +175,41 @@ def parquet_files(uri: str) -> tuple[list[str], Any]:
     return list(ds.files), ds.filesystem
 
 
+def data_files(uri: str) -> list[tuple[str, int, int]]:
+    """(path, bytes, rows) of each file of the dataset, from the listing and the footers: what
+    the streaming mode's keeper compares before it reads a lost node's blocks again (a block is
+    the rows from a dataset row position on: another file listed, or one grown or cut, would
+    give it other rows)."""
+    ds = pads.dataset(uri, format="parquet")
+    sizes = [f.size for f in ds.filesystem.get_file_info(list(ds.files))]
+    return [(frag.path, int(size), int(frag.metadata.num_rows))
+            for frag, size in zip(ds.get_fragments(), sizes, strict=True)]
+
+
+def data_changed(before: list[tuple[str, int, int]], now: list[tuple[str, int, int]]
+                 ) -> str | None:
+    """What differs between two `data_files` listings, in words (None: nothing).
+
+    >>> data_changed([("a", 10, 5)], [("a", 10, 5)]) is None
+    True
+    >>> data_changed([("a", 10, 5), ("b", 8, 4)], [("a", 12, 6), ("b", 8, 4)])
+    'a is 12 bytes and 6 rows (10 bytes and 5 rows at the start)'
+    >>> data_changed([("b", 8, 4)], [("a", 4, 2), ("b", 8, 4)])
+    'its files are a, b (b at the start)'
+    """
+    if [p for p, _, _ in before] != [p for p, _, _ in now]:
+        def names(files: list[tuple[str, int, int]]) -> str:
+            shown = ", ".join(p for p, _, _ in files[:5])
+            return shown + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+
+        return f"its files are {names(now)} ({names(before)} at the start)"
+    for (path, size, rows), (_, size_now, rows_now) in zip(before, now, strict=True):
+        if (size, rows) != (size_now, rows_now):
+            return (f"{path} is {size_now} bytes and {rows_now} rows ({size} bytes and {rows} "
+                    "rows at the start)")
+    return None
+
+
 def _read(uri: str, **kwargs: Any) -> Any:
     """`ray.data.read_parquet` over the files `parquet_files` lists."""
     files, fs = parquet_files(uri)
@@ -182,11 +225,13 @@ def parquet_bytes(uri: str, columns: list[str] | None = None) -> int:
     for frag in pads.dataset(uri, format="parquet").get_fragments():
         meta = frag.metadata
         owner = _leaf_fields(meta.schema.to_arrow_schema())  # a leaf column's top-level field
+        if len(owner) != meta.num_columns:  # (a type whose leaves this does not know: every
+            owner = [None] * meta.num_columns  # column counts, more than is read, never less)
         for i in range(meta.num_row_groups):
             group = meta.row_group(i)
             for j in range(group.num_columns):
                 col = group.column(j)
-                if columns is not None and owner[j] not in columns:
+                if columns is not None and owner[j] is not None and owner[j] not in columns:
                     continue
                 width = WIDTH.get(col.physical_type)
                 total += col.num_values * width if width else col.total_uncompressed_size
@@ -203,6 +248,8 @@ def _leaf_fields(schema: pa.Schema) -> list[str]:
     ['a.b', 't', 's', 's']
     """
     def leaves(t: pa.DataType) -> int:
+        if isinstance(t, pa.BaseExtensionType):  # stored as its storage type (Ray Data's
+            return leaves(t.storage_type)  # variable-shaped tensors: a struct of two lists)
         if pa.types.is_struct(t):
             return sum(leaves(t.field(i).type) for i in range(t.num_fields))
         if pa.types.is_map(t):
@@ -294,21 +341,27 @@ def _ingest(info: DatasetInfo, cfg: Config | None) -> Blocks:
         refs = _read(info.uri, columns=columns).materialize().to_arrow_refs()
         return Blocks("object_store", one_block(refs), size_bytes=size)
     count = block_count(size, len(nodes))
+    files = data_files(info.uri)  # (before the read: a change during it shows later)
     refs = _read(info.uri, columns=columns, override_num_blocks=count
                  ).materialize().to_arrow_refs()
     servers = _servers([n["NodeID"] for n in nodes])
-    spread, where = _spread(refs, servers)
-    moved = sum(a is not b for a, b in zip(spread, refs, strict=True))
-    refs = spread  # the moved blocks' first copies are freed
-    anyone = next(iter(servers))  # a block too small for the object store has no node
-    where = [node if node in servers else anyone for node in where]
-    ray.get([servers[n].hold.remote([i for i, w in enumerate(where) if w == n],
-                                    *[r for r, w in zip(refs, where, strict=True) if w == n])
-             for n in servers])
-    small, rows = _small_columns(where, servers, cfg)
-    keeper = ray.remote(num_cpus=0)(BlockKeeper).options(
-        scheduling_strategy=on_head()).remote(info.uri, cfg.to_dict(), rows, where, servers,
-                                               small)
+    try:
+        spread, where = _spread(refs, servers)
+        moved = sum(a is not b for a, b in zip(spread, refs, strict=True))
+        refs = spread  # the moved blocks' first copies are freed
+        anyone = next(iter(servers))  # a block too small for the object store has no node
+        where = [node if node in servers else anyone for node in where]
+        ray.get([servers[n].hold.remote([i for i, w in enumerate(where) if w == n],
+                                        *[r for r, w in zip(refs, where, strict=True) if w == n])
+                 for n in servers])
+        small, rows = _small_columns(where, servers, cfg)
+        keeper = ray.remote(num_cpus=0)(BlockKeeper).options(
+            scheduling_strategy=on_head()).remote(info.uri, cfg.to_dict(), rows, where, servers,
+                                                   small, files)
+    except BaseException:  # (a notebook's traceback would keep them, and the blocks they hold)
+        for server in servers.values():
+            _kill(server)
+        raise
     return Blocks("streaming", refs, size_bytes=size, rows=rows, nodes=where, small=small,
                   servers=servers, moved=moved, keeper=keeper,
                   feature_width=info.facts.get("input_dim"))
@@ -360,11 +413,17 @@ class BlockServer:
         return _small(self.blocks[block], Config.model_validate(cfg_dict))
 
     def load(self, uri: str, ids: list[int], starts: list[int], counts: list[int],
-             columns: list[str]) -> int:
+             columns: list[str], files: list[tuple[str, int, int]] | None = None) -> int:
         """Blocks read again from the Parquet data (a lost node's): block `ids[i]` is the
-        `counts[i]` rows from dataset row `starts[i]`, the columns ingest read."""
+        `counts[i]` rows from dataset row `starts[i]`, the columns ingest read -- of the same
+        files (`data_files` at ingest: `files`), or a ConfigError saying what changed."""
         from pipeline.data.datasets import read_rows
 
+        if files is not None and (change := data_changed(files, data_files(uri))):
+            # A block is the rows from a position on: read now, it would hold other rows (or
+            # fail on a file cut short, on every restart). Input, not a failure to retry.
+            raise ConfigError(f"data error: data.path={uri} changed since the job started: "
+                              f"{change}; the blocks of the lost node(s) cannot be read again")
         ds = pads.dataset(uri, format="parquet")
         for b, start, count in zip(ids, starts, counts, strict=True):
             self.blocks[b] = read_rows(ds, np.arange(start, start + count), columns)
@@ -394,8 +453,10 @@ class BlockKeeper:
     CPU on the head node, started at ingest; see the module's docstring)."""
 
     def __init__(self, uri: str, cfg_dict: dict[str, Any], rows: list[int],
-                 nodes: list[str], servers: dict[str, Any], small: list[Any]) -> None:
+                 nodes: list[str], servers: dict[str, Any], small: list[Any],
+                 files: list[tuple[str, int, int]] | None = None) -> None:
         self.uri, self.cfg_dict, self.rows = uri, cfg_dict, rows
+        self.files = files  # `data_files` at ingest: the blocks are rows of these
         self.starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64).tolist()
         self.nodes, self.servers, self.small = list(nodes), dict(servers), list(small)
 
@@ -403,9 +464,10 @@ class BlockKeeper:
         """Every server the keeper holds now (those it started for lost nodes included)."""
         return list(self.servers.values())
 
-    def lost(self) -> list[str]:
-        """The nodes whose server is gone (their blocks are read again at the next `current`)."""
-        answering = _answering(list(self.servers.values()))
+    def lost(self, timeout_s: float = 60) -> list[str]:
+        """The nodes whose server is gone or does not answer within `timeout_s` (their blocks
+        are read again at the next `current`)."""
+        answering = _answering(list(self.servers.values()), timeout_s)
         return [n for n, ok in zip(self.servers, answering, strict=True) if not ok]
 
     def current(self) -> tuple[dict[str, Any], list[str], list[Any], str | None]:
@@ -429,9 +491,14 @@ class BlockKeeper:
             servers.update(new)
             mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
                     for node in set(targets)}
-            ray.get([servers[node].load.remote(  # every node reads its share at once
-                self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii],
-                used_columns(cfg)) for node, ii in mine.items()])
+            try:
+                ray.get([servers[node].load.remote(  # every node reads its share at once
+                    self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii],
+                    used_columns(cfg), self.files) for node, ii in mine.items()])
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, ConfigError):  # the data changed: its line, to the rank
+                    raise err.cause from None
+                raise
             for node, ii in mine.items():
                 for i in ii:
                     nodes[i] = node
@@ -502,20 +569,19 @@ def _answering(servers: list[Any], timeout_s: float = 60) -> list[bool]:
 
 
 def _reload_targets(count: int, alive: list[str], held: list[str]) -> list[str]:
-    """Where `count` lost blocks go: to the nodes that train and hold none (a replacement
-    node) in turn, else each to the node holding fewest at that moment. `held`: the node of
-    every block still held.
+    """Where `count` lost blocks go: each to the node that trains and holds fewest at that
+    moment (a replacement node holds none), so that a node ends with about its share.
+    `held`: the node of every block still held.
 
     >>> _reload_targets(3, ["a", "c"], ["a", "a", "a"])  # c replaced the lost node
     ['c', 'c', 'c']
     >>> _reload_targets(3, ["a", "b"], ["a", "b", "b"])  # no new node: the least loaded
     ['a', 'a', 'b']
+    >>> _reload_targets(8, ["a", "d"], ["a"] * 4).count("d")  # two lost, one replacement
+    6
     """
     if not alive:
         raise DataLostError(f"{DATA_LOST}, and no node that trains is left to read it again on")
-    fresh = [n for n in alive if n not in held]
-    if fresh:
-        return [fresh[i % len(fresh)] for i in range(count)]
     load = {n: held.count(n) for n in alive}
     out = []
     for _ in range(count):

@@ -164,7 +164,10 @@ STRATEGY_OPTIONS: dict[str, type[_Options]] = {
 class BatchingConfig(_Section):
     strategy: str = Field("random", description="how global batches are composed: "
                           + ", ".join(STRATEGIES))
-    seed: Int = Field(0, ge=0, description="seed of the batch plans (with the epoch)")
+    # below 2^32: numpy's SeedSequence([seed, epoch]) splits a larger seed into 32-bit words,
+    # so (a + 2^32 b, epoch 0) drew the plan of (a, epoch b)
+    seed: Int = Field(0, ge=0, le=2**32 - 1, description="seed of the batch plans (with the "
+                      "epoch), below 2^32")
     drop_last: Bool = Field(True, description="drop the last partial global batch (counted)")
     difficulty_column: str | None = Field(None, description="per-sample difficulty (curriculum)")
     max_length: Int | None = Field(None, ge=1, description="truncate sequences to this many tokens")

@@ -147,6 +147,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "nan_features": {"x": pa.ListArray.from_arrays(
             pa.array(np.arange(N + 1, dtype=np.int32) * 2),
             pa.array([float("nan") if i == 7 else 0.5 for i in range(2 * N)])), "y": label},
+        "empty_features": {"x": pa.array([[]] * N, pa.list_(pa.float32())), "y": label},
         "ids": {"x": _vectors(16), "y": label, "int_id": pa.array(np.arange(N) * 3),
                 "dup_id": pa.array(np.arange(N) % (N - 1)), "float_id": pa.array(np.arange(N) / 10),
                 "null_id": pa.array([None, *range(1, N)], pa.int64())},
@@ -218,6 +219,8 @@ CASES = [
      "train.epochs=1"),  # one epoch: only the easiest c0 share of the pool is ever trained
     ("split-seed", ["--config", DIGITS, *s("data.split_seed=-1")], "data.split_seed"),
     ("batching-seed", ["--config", DIGITS, *s("batching.seed=-1")], "batching.seed"),
+    # (numpy's SeedSequence splits it into 32-bit words: seed 2^32 + 5 drew seed 5's epoch 1)
+    ("batching-seed-2-32", ["--config", DIGITS, *s("batching.seed=4294967296")], "batching.seed"),
     ("train-seed", ["--config", DIGITS, *s("train.seed=-1")], "train.seed"),
     # torch takes seeds below 2^64: refused here, not on the cluster
     ("train-seed-huge", ["--config", DIGITS, *s("train.seed=18446744073709551616")], "train.seed"),
@@ -375,6 +378,9 @@ CASES = [
     # training met it as a "non-finite loss" (blaming itself) or skipped its steps each epoch
     ("features-nan", s("data.path={nan_features}", "data.feature_column=x", "data.label_column=y"),
      "data.feature_column='x' holds NaN or infinite values"),
+    # (it said "NaN or infinite values": Arrow's all() of no values is null)
+    ("features-empty", s("data.path={empty_features}", "data.feature_column=x",
+                         "data.label_column=y"), "data.feature_column='x' holds empty vectors"),
     # inspect-batches counts coverage and duplicates by sample id: a null read as -2**63
     ("id-null", [*VEC, *s("data.path={ids}", "data.id_column=null_id")],
      "data.id_column='null_id' has 1 null id(s)"),

@@ -91,6 +91,11 @@ def vector_width(chunks: Iterable[pa.Array], key: str) -> int:
     Traceback (most recent call last):
     ...
     pipeline.config.ConfigError: data error: x holds NaN or infinite values
+    >>> vector_width([pa.array([[1.0]]), pa.array([[], []], pa.list_(pa.float64()))], "x")
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: data error: x holds vectors of different lengths (0 to 1 values)...
     """
     lo = hi = None
     for arr in chunks:
@@ -102,7 +107,8 @@ def vector_width(chunks: Iterable[pa.Array], key: str) -> int:
         if len(arr) == 0:
             continue
         values = pc.list_flatten(arr)
-        if pa.types.is_floating(values.type) and not pc.all(pc.is_finite(values)).as_py():
+        if (len(values) and pa.types.is_floating(values.type)  # (all() of no values is null)
+                and not pc.all(pc.is_finite(values)).as_py()):
             # (training met it as a "non-finite loss", blaming itself, or skipped its steps)
             raise ConfigError(f"data error: {key} holds NaN or infinite values")
         lengths = pc.min_max(pc.list_value_length(arr)).as_py()
@@ -111,6 +117,9 @@ def vector_width(chunks: Iterable[pa.Array], key: str) -> int:
     if lo != hi:
         raise ConfigError(f"data error: {key} holds vectors of different lengths ({lo} to {hi} "
                           "values); features are one fixed-size vector per sample")
+    if lo == 0:
+        raise ConfigError(f"data error: {key} holds empty vectors; features are one fixed-size "
+                          "vector of numbers per sample")
     return int(lo or 0)
 
 

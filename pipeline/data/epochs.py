@@ -111,7 +111,8 @@ def pool_meta(cfg: Config, st: SampleTable, train_pos: np.ndarray,
 def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: int,
                   world_size: int, sample_losses: np.ndarray | None = None) -> EpochBatches:
     """The epoch's global batches. `world_size` is not used (the batches never depend on the
-    worker count; a batch smaller than the workers was dropped on them); kept for its callers."""
+    worker count; a batch smaller than the workers leaves some ranks an empty share); kept
+    for its callers."""
     b = cfg.batching
     plan = plan_epoch(b.strategy, pool_meta(cfg, st, train_pos, sample_losses), seed=b.seed,
                       epoch=epoch, global_batch_size=cfg.plan_batch_size(),
@@ -142,11 +143,14 @@ def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.
                             **planner_options(cfg))
         sizes = count.sizes[count.sizes > 0]  # epoch_batches trains these
         if not len(sizes):
+            drawn = b.options.get("epoch_samples") if b.strategy == "balanced" else None
+            why = (f"batching.options.epoch_samples={drawn} draws fewer" if drawn is not None
+                   else f"batching.drop_last={b.drop_last}")  # (balanced ignores drop_last)
             raise ValueError(
                 f"epoch {epoch + 1} of {t.epochs} would train no step: batching.strategy="
                 f"{b.strategy} makes no global batch from a pool of {count.pool_size} of "
                 f"{len(train_pos)} training rows with {batch_key}={cfg.plan_batch_size()} "
-                f"(batching.drop_last={b.drop_last})")
+                f"({why})")
         epochs.append(sizes)
     return epochs
 

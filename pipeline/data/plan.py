@@ -35,7 +35,7 @@ class SampleMeta:
     labels: np.ndarray | None = None
     lengths: np.ndarray | None = None
     difficulty: np.ndarray | None = None
-    weights: np.ndarray | None = None  # sampling weights (hard-example mining)
+    weights: np.ndarray | None = None  # per-sample losses, ranked by hard-example mining
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -234,6 +234,7 @@ class StreamedRows:
                     if cur_window is not None:
                         cur_window.release()  # its steps are done: not held beside the next
                     cur_window = self._get(handle, pos)
+                    handle = None  # the nodes' answers, joined into the window: not held too
                 yield batch, k, cur_window
                 start += k
         finally:  # also when the consumer stops early (train.max_steps) or fails: the chunks
@@ -272,13 +273,17 @@ class StreamedRows:
 
         pending = ask(chunks[0]) if chunks else None
         win: Window | None = None
-        for i, chunk in enumerate(chunks):
-            pos, handle = pending
-            pending = ask(chunks[i + 1]) if i + 1 < len(chunks) else None
+        try:
+            for i, chunk in enumerate(chunks):
+                pos, handle = pending
+                pending = ask(chunks[i + 1]) if i + 1 < len(chunks) else None
+                if win is not None:
+                    win.release()
+                win = self._get(handle, pos)
+                handle = None  # (as in `steps`)
+                for p in chunk:
+                    yield p, win
+        finally:  # also when the consumer stops early or fails
+            pending = None
             if win is not None:
                 win.release()
-            win = self._get(handle, pos)
-            for p in chunk:
-                yield p, win
-        if win is not None:
-            win.release()

@@ -92,9 +92,11 @@ def _shuffle_within(rows: np.ndarray, batch_of: np.ndarray, rng: np.random.Gener
 # less, but took 3 to 24 s for some at 264-352 atoms (B = 360, 480) and 193 s for one at 704 (B =
 # 960, digits_imbalanced's shares), on every rank: measured on this repo's CPU machine, 2026-12-06.
 MILP_ATOMS = 220
+# ... and up to this many variables (atoms x classes of 2 samples or more in the batch): 220 atoms
+# with 30 such classes took 0.2-0.4 s, with 100 about 0.8 s (same machine, 2026-12-06).
+MILP_VARIABLES = 220 * 64
 
 
-@functools.lru_cache(maxsize=512)
 def interleave_pattern(counts: tuple[int, ...]) -> np.ndarray:
     """Class of each position of a batch holding ``counts[k]`` samples of class k, such that for
     every ``w`` dividing ``B = sum(counts)`` each of the ``w`` contiguous slices of ``B / w``
@@ -113,30 +115,57 @@ def interleave_pattern(counts: tuple[int, ...]) -> np.ndarray:
     simple interleavings (sorting by ``(i + 1/2) / c``, largest deficit first) miss the bound
     for some counts and some ``w``, and a bound below 1 on every prefix gives only +-2 on a
     slice, so the pattern is an integer program over the atoms between slice boundaries (solved
-    by HiGHS, cached per count vector), for batches of up to `MILP_ATOMS` atoms; above that, or
-    should it have no solution (never met: searched exhaustively for B <= 16 with 3 and 4
-    classes), the digit reversal. The choice depends on the counts alone, never on time, so
-    every rank lays out its batches alike.
+    by HiGHS: `_solved_pattern`), for batches of up to `MILP_ATOMS` atoms and `MILP_VARIABLES`
+    variables; above that, or should it have no solution (never met: searched exhaustively for
+    B <= 16 with 3 and 4 classes), the digit reversal. The program holds only the classes of 2
+    samples or more, sorted by count: a class of 0 or 1 sample is within the bound wherever it
+    goes (0 or 1 of it in a slice), so those fill the positions left free, and classes of equal
+    counts are alike, so one solution (cached) serves every batch whose counts are the same
+    multiset -- a batch of many classes has many count vectors but few such multisets (100
+    classes: 58 vectors and 2 multisets in 100 batches of 240). The choice depends on the
+    counts alone, never on time, so every rank lays out its batches alike.
 
         >>> interleave_pattern((28, 10, 2)).reshape(2, 20).__eq__(2).sum(1).tolist()
         [1, 1]
     """
     c = np.asarray(counts, dtype=np.int64)
-    b, k = int(c.sum()), len(c)
+    b = int(c.sum())
     if len(set(_prime_factors(b))) <= 1:
         return _digit_reversal(c)
+    order = np.argsort(-c, kind="stable")  # by count, largest first: 2 or more, then 1, then 0
+    many = int((c >= 2).sum())
+    solved = _solved_pattern(tuple(c[order[:many]].tolist()), b)
+    if solved is None:
+        return _digit_reversal(c)
+    out = np.empty(b, dtype=np.int64)
+    free = solved < 0
+    out[~free] = order[solved[~free]]
+    out[free] = order[many:many + int(free.sum())]  # the classes of one sample
+    return out
+
+
+@functools.lru_cache(maxsize=512)
+def _solved_pattern(counts: tuple[int, ...], b: int) -> np.ndarray | None:
+    """`interleave_pattern`'s integer program for classes of ``counts`` (each 2 or more) in a
+    batch of ``b`` positions, the rest free (-1 in the result): each class within
+    floor..ceil(count / w) in every slice of every ``w`` dividing ``b``. None when the program
+    is too large to solve (`MILP_ATOMS`, `MILP_VARIABLES`) or has no solution."""
+    k = len(counts)
+    if k == 0:
+        return np.full(b, -1, dtype=np.int64)
+    c = np.asarray(counts, dtype=np.int64)
     ws = [w for w in range(1, b // 2 + 1) if b % w == 0]  # w = b: slices of one, always fine
     nodes = np.unique(np.concatenate([np.arange(0, b + 1, b // w) for w in ws] + [[0, b]]))
     start, size = nodes[:-1], np.diff(nodes)
     n = len(start)  # atoms: positions between two slice boundaries, order free inside
-    if n > MILP_ATOMS:
-        return _digit_reversal(c)
+    if n > MILP_ATOMS or n * k > MILP_VARIABLES:
+        return None
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_matrix
 
     rows = [np.repeat(np.arange(n), k)]
     cols = [(np.arange(k)[None, :] * n + np.arange(n)[:, None]).ravel()]
-    lo, hi, r = [size], [size], n  # every atom is filled exactly
+    lo, hi, r = [np.zeros(n)], [size], n  # no atom overfilled (the free positions: the rest)
     for w in ws:
         block = start // (b // w)
         for cls in range(k):
@@ -150,9 +179,12 @@ def interleave_pattern(counts: tuple[int, ...]) -> np.ndarray:
     res = milp(np.zeros(n * k), constraints=LinearConstraint(a, np.concatenate(lo), np.concatenate(hi)),
                integrality=np.ones(n * k), bounds=Bounds(0, np.tile(size, k)))
     if res.x is None:
-        return _digit_reversal(c)
-    per_atom = np.rint(res.x).astype(np.int64).reshape(k, n)
-    return np.repeat(np.tile(np.arange(k), n), per_atom.T.ravel())
+        return None
+    per_atom = np.rint(res.x).astype(np.int64).reshape(k, n).T  # (atom, class)
+    filled = np.column_stack([per_atom, size - per_atom.sum(1)])  # the free positions last
+    pattern = np.repeat(np.tile(np.append(np.arange(k), -1), n), filled.ravel())
+    pattern.flags.writeable = False  # cached: shared by every caller
+    return pattern
 
 
 def _prime_factors(b: int) -> list[int]:
@@ -400,8 +432,9 @@ def curriculum_pool_size(
 ) -> int:
     """``ceil(c * n)`` clipped to ``[min_size, n]`` with ``c = competence(epoch / pacing_epochs)``.
 
-    A relative tolerance of 1e-9 guards against ``0.3 * 10 -> 3.0000000000000004`` rounding
-    the pool up by one. The planner passes ``min_size = global_batch_size``: the competence is
+    A tolerance of a few floating-point steps of ``c * n`` guards against ``0.3 * 10 ->
+    3.0000000000000004`` rounding the pool up by one (a relative 1e-9 of n, as before, took a
+    whole sample off from n = 10^9 on). The planner passes ``min_size = global_batch_size``: the competence is
     floored at ``B / n``, so a pool always holds one global batch (never an epoch with no step).
 
         >>> [curriculum_pool_size(100, e, pacing="linear", c0=0.1, pacing_epochs=4)
@@ -417,7 +450,7 @@ def curriculum_pool_size(
     if epoch < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     c = competence(epoch / float(pacing_epochs), pacing, c0=c0, steps=steps, growth=growth)
-    size = math.ceil(c * n - 1e-9 * n)
+    size = math.ceil(c * n - 16 * math.ulp(c * n))
     return int(min(n, max(1, int(min_size), size)))
 
 
@@ -620,8 +653,9 @@ def plan_length_bucket(
       vary and nothing is dropped (``drop_last`` has no effect). The last cut of a mega-batch
       -- its longest samples, what the budget left over, maybe fewer than there are workers
       -- joins the next mega-batch before that is sorted and cut, so that only the epoch's
-      last batch may be that short (the training feed drops a batch of fewer samples than
-      workers: cut short at every mega-batch, the longest sequences were the ones dropped).
+      last batch may be that short (a batch of fewer samples than workers leaves some ranks
+      an empty share; cut short at every mega-batch, the longest sequences would each be a
+      batch of a few samples).
 
     Worked example (12 samples, batch 2, one mega-batch of 6 -> similar lengths together):
 

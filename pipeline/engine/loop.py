@@ -5,12 +5,13 @@ cuts this rank's share of one global batch into micro-batches of at most `size` 
 `auto_micro=True`, an out-of-memory error halves the micro-batch size (doubling accumulation)
 and retries the same step -- on every rank together, even when only one ran out of memory
 (`pipeline.engine.step`'s `agree_oom` vote) --, so the global batch stays the same, and so does
-the update, except
-for BatchNorm, whose ghost batch is the micro-batch (`pipeline.engine.batchnorm`): every change
-is reported through `on_event`.
+the update, except for BatchNorm, whose ghost batch is the micro-batch
+(`pipeline.engine.batchnorm`), and dropout (below): every change is reported through `on_event`.
 
 Randomness in the forward pass (dropout) is seeded per (seed, rank, step) before every step:
-reproducible, independent across ranks, and the same after a resume or an out-of-memory retry.
+reproducible, independent across ranks, and the same after a resume. An out-of-memory retry
+starts the step from the same seed, but its smaller micro-batches draw the masks in another
+order, so a model with dropout takes another (equally random) update.
 
 A step whose loss or gradient is non-finite is skipped (no update, counted in `skipped_steps` and
 `nonfinite_steps`); with `nonfinite="stop"` more than `nonfinite_limit` of them end training with

@@ -17,8 +17,8 @@ Where the two batches come from (`pipeline.engine.step.train_step`):
 - several workers: the small batch is one rank's share (its accumulated local gradient, read by
   a DDP communication hook just before the all-reduce, `attach_local_norm`), averaged over
   ranks; the big batch is the global batch (the all-reduced gradient);
-- one worker with accumulation: the small batch is the first micro-batch (its gradient is the
-  accumulator after the first micro-step), the big one the global batch;
+- one worker with accumulation: the small batch is the first micro-batch with elements (its
+  gradient is the accumulator after that micro-step), the big one the global batch;
 - one worker, one micro-batch: there is no second batch size, and nothing is measured.
 """
 

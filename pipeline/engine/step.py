@@ -389,7 +389,8 @@ def train_step(
     `measure_noise`: fill `StepResult.noise`. `noise_probe` (the DDP hook state of
     `pipeline.engine.noise.attach_local_norm`) gives each
     rank's own gradient norm for the noise scale when there are several ranks; with one rank
-    and several micro-batches the first micro-batch is the small batch (see `StepResult.noise`).
+    and several micro-batches the first micro-batch with elements is the small batch (see
+    `StepResult.noise`).
 
     `agree_oom` (several ranks: a DDP model built with `forward_sync_buffers=False`; or one):
     no collective inside forward or backward; an out-of-memory there on any rank raises
@@ -455,8 +456,9 @@ def train_step(
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_total += s.detach()
                 correct += c.detach()
-                if measure_noise and i == 0 and world == 1 and len(micro_batches) > 1:  # alone
-                    small = (_grad_sq(optimizer), float(local[0]))
+                if (measure_noise and world == 1 and not last and not small[1]  # alone: the
+                        and sum(local[:i + 1])):  # first micro-batches with elements, not all
+                    small = (_grad_sq(optimizer), float(sum(local[:i + 1])))
         except Exception as err:
             if not agree_oom:
                 raise

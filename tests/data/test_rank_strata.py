@@ -155,3 +155,37 @@ def test_a_large_composite_batch_is_laid_out_along_its_chain_without_the_solver(
     assert MILP_ATOMS < 704  # the atoms of 960 (beyond the bound: not solved)
     wide = (500, 300, 150, 50, 24)
     assert _slices_hold_floor_or_ceil(interleave_pattern(wide), wide, divisors(1024))
+
+
+def test_many_classes_are_laid_out_exactly_with_one_solve_per_multiset_of_counts():
+    """100 classes in batches of 96 (2 or 3 of most classes, 0 or 1 of some): every slice of
+    every worker count dividing 96 within floor..ceil of its class counts. The program holds
+    only the classes of 2 samples or more, sorted, so it is solved once per multiset of those
+    counts (with every class in it, 1,000 classes took 9.5 s per batch, solved per vector)."""
+    from pipeline.data.strategies import _solved_pattern
+
+    labels = np.random.default_rng(7).integers(0, 100, 9_600)
+    meta = meta_of(labels)
+    _solved_pattern.cache_clear()
+    plan = plan_stratified(meta, seed=0, epoch=0, global_batch_size=96)
+    multisets = set()
+    for batch in plan.batches:
+        counts = np.bincount(meta.labels[batch], minlength=100)
+        assert _slices_hold_floor_or_ceil(meta.labels[batch], counts, divisors(96))
+        multisets.add(tuple(sorted(counts[counts >= 2].tolist())))
+    assert len(plan.batches) == 100 and _solved_pattern.cache_info().misses == len(multisets) < 20
+
+
+def test_a_thousand_classes_of_one_sample_each_need_no_solver():
+    """1,000 classes in batches of 240: at most one sample of a class per batch (shares of
+    0.24), so any layout holds the bound and no program is solved."""
+    from pipeline.data.strategies import _solved_pattern
+
+    meta = meta_of(np.repeat(np.arange(1_000), 24))
+    _solved_pattern.cache_clear()
+    plan = plan_stratified(meta, seed=0, epoch=0, global_batch_size=240)
+    for batch in plan.batches[:10]:
+        counts = np.bincount(meta.labels[batch], minlength=1_000)
+        assert counts.max() == 1
+        assert _slices_hold_floor_or_ceil(meta.labels[batch], counts, divisors(240))
+    assert _solved_pattern.cache_info().currsize <= 1  # (k = 0: no program)

@@ -155,15 +155,41 @@ def test_curriculum_pool_holds_one_global_batch_and_says_so():
     assert steps_per_epoch(cfg, st, train, 2)[0] == 1
 
 
-@pytest.mark.parametrize(("strategy", "overrides"), [
+@pytest.mark.parametrize(("strategy", "overrides", "why"), [
     ("random", ["train.global_batch_size=1500", "train.base_batch_size=1500",
-                "batching.drop_last=true"]),  # more than the pool, drop_last
-    ("balanced", ["batching.options.epoch_samples=50"]),  # < one batch of 60
+                "batching.drop_last=true"], "batching.drop_last=True"),  # more than the pool
+    # < one batch of 60 (it named drop_last, which balanced ignores)
+    ("balanced", ["batching.options.epoch_samples=50"],
+     "batching.options.epoch_samples=50 draws fewer"),
 ])
-def test_an_epoch_with_no_step_is_refused_with_the_numbers(strategy, overrides):
+def test_an_epoch_with_no_step_is_refused_with_the_numbers(strategy, overrides, why):
     cfg, st, train = setup(strategy, 1, *overrides)
     n, g = len(train), cfg.train.global_batch_size
     assert len(epoch_batches(cfg, st, train, 0, 1).batches) == 0  # what the driver would run
     with pytest.raises(ValueError, match=rf"epoch 1 of {EPOCHS} would train no step: .* pool of "
-                                         rf"{n} of {n} training rows .*global_batch_size={g} "):
+                                         rf"{n} of {n} training rows .*global_batch_size={g} "
+                                         rf"\({why}\)"):
         steps_per_epoch(cfg, st, train, 1)
+
+
+def test_plan_seeds_are_32_bit_as_numpy_splits_larger_ones():
+    """numpy's SeedSequence([seed, epoch]) reads a seed of 2^32 or more as two words, so
+    (2^32 + 5, epoch 0) and (5, epoch 1) drew the same plans: such seeds are refused."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data.plan import epoch_rng
+
+    assert np.array_equal(epoch_rng(2**32 + 5, 0).integers(1 << 30, size=3),
+                          epoch_rng(5, 1).integers(1 << 30, size=3))
+    load_config(None, [f"batching.seed={2**32 - 1}"])
+    with pytest.raises(ConfigError, match="batching.seed"):
+        load_config(None, [f"batching.seed={2**32}"])
+
+
+def test_curriculum_pool_is_the_ceiling_of_its_share_on_huge_datasets():
+    """ceil(c n), floating-point noise aside: 0.3 of 10 is 3 (0.3 * 10 is 3.0000000000000004),
+    and half of 10^9 + 7 is 500,000,004 (a tolerance of 1e-9 n made it 500,000,003)."""
+    from pipeline.data.strategies import curriculum_pool_size
+
+    assert curriculum_pool_size(10, 0, pacing="linear", c0=0.3) == 3
+    assert curriculum_pool_size(10**9 + 7, 0, pacing="linear", c0=0.5) == 500_000_004
+    assert curriculum_pool_size(3 * 10**9, 0, pacing="linear", c0=1 / 3) == 10**9

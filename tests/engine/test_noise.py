@@ -77,6 +77,21 @@ def test_one_worker_one_micro_batch_measures_nothing():
     assert res.noise is None
 
 
+def test_one_worker_an_empty_first_micro_batch_takes_the_next_as_the_small_batch():
+    """Micro-batches of 0, 24 and 40 samples (an empty share's micro-batch comes first, say):
+    the small batch is the first with elements, its squared norm that of its own mean
+    gradient (the step measured nothing: micro-batch 0 was always the small batch)."""
+    x, y = problem()
+    model = linear_model()
+    small, big = _mean_grad_sq(model, x[:24], y[:24]), _mean_grad_sq(model, x[:64], y[:64])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    res = train_step(model, opt, [{"features": x[a:b], "label": y[a:b]}
+                                  for a, b in ((0, 0), (0, 24), (24, 64))], loss="cross_entropy")
+    sq_small, b_small, sq_big, b_big = res.noise
+    assert (b_small, b_big) == (24, 64)
+    assert sq_small == pytest.approx(small, rel=1e-5) and sq_big == pytest.approx(big, rel=1e-5)
+
+
 def _mean_grad_sq(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model({"features": x}), y).backward()
