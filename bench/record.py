@@ -51,9 +51,10 @@ def code_version() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, check=True,
                               capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, check=True, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        dirty = subprocess.run(  # (the committed results a bench rewrites are no change)
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+             ":(exclude,top)bench/results"], cwd=here, check=True, capture_output=True,
+            text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("+changes" if dirty else "")

@@ -78,7 +78,7 @@ class StoreSampler:
         self.peak = {n["NodeID"]: 0 for n in nodes}  # all bytes in use
         self.primary = {n["NodeID"]: 0 for n in nodes}  # primary copies: the node's own
         self.spilled = {n["NodeID"]: 0 for n in nodes}
-        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, CPU seconds, last seen)
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, CPU seconds so far)
         self.start_cpu: dict[int, float] = {}  # pid -> CPU seconds when the sampling began
         self.sampled = False  # (processes found by the first sample count from then on)
         self.stop = threading.Event()

@@ -19,8 +19,10 @@ Ray Data reads the Parquet data into Arrow blocks (`ingest`). Then, by `data.mod
 A node lost in the streaming mode takes its blocks and its server with it. A `BlockKeeper` (an
 actor of no CPU on the head node) knows where every block is served from and which rows of
 the Parquet data it holds; when a rank starts (the worker group Ray Train restarts after the
-loss) it asks the keeper, which has the lost blocks read again from the Parquet data on a node
-that trains (the replacement a cluster brings, else the one holding least) before it answers.
+loss) it asks the keeper, which has the lost blocks read again from the Parquet data on the nodes
+that train, each block to the one holding fewest (a replacement node first), before it
+answers -- from the same files (`data_files`: paths, sizes and row counts as at ingest), or a
+data error saying what changed.
 
 Both modes build the same plans from the same small columns, and gather the same rows: the
 batches, hence the training, are the same (`tests/test_nodes_ray.py`).

@@ -49,6 +49,7 @@ ALWAYS_LOGGED = (
     "data_fetched_mib", "data_wait_s", "worker_rss_mib",
 )
 # a small batch beside the global one: a worker's share, or one worker's first micro-batch
+# with elements
 NOISE_MEASURED = ("train.noise_scale=true with several workers or micro-batches, and a loss "
                   "that is a sum over samples (not nt_xent)")
 SOMETIMES_LOGGED = {  # metric -> when it is logged

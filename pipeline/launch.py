@@ -691,7 +691,7 @@ def _raise_if_data_lost(err: Exception, blocks: Any, cfg: Config) -> None:
     lost = DATA_LOST in str(err) or blocks.lost_nodes(LOST_NODE_WAIT_S)
     while not lost and time.monotonic() < deadline - 1.0:
         time.sleep(1.0)
-        lost = bool(blocks.lost_nodes(max(1.0, deadline - time.monotonic())))
+        lost = bool(blocks.lost_nodes(max(5.0, deadline - time.monotonic())))
     if lost:
         raise TrainingStopped(
             f"{DATA_LOST} (data.mode=streaming) and the job has no restart left "

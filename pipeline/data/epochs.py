@@ -145,7 +145,9 @@ def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.
         if not len(sizes):
             drawn = b.options.get("epoch_samples") if b.strategy == "balanced" else None
             why = (f"batching.options.epoch_samples={drawn} draws fewer" if drawn is not None
-                   else f"batching.drop_last={b.drop_last}")  # (balanced ignores drop_last)
+                   else "balanced draws as many samples as the pool holds"
+                   if b.strategy == "balanced"  # (balanced ignores drop_last)
+                   else f"batching.drop_last={b.drop_last}")
             raise ValueError(
                 f"epoch {epoch + 1} of {t.epochs} would train no step: batching.strategy="
                 f"{b.strategy} makes no global batch from a pool of {count.pool_size} of "

@@ -93,8 +93,9 @@ def _shuffle_within(rows: np.ndarray, batch_of: np.ndarray, rng: np.random.Gener
 # 960, digits_imbalanced's shares), on every rank: measured on this repo's CPU machine, 2026-12-06.
 MILP_ATOMS = 220
 # ... and up to this many variables (atoms x classes of 2 samples or more in the batch): 220 atoms
-# with 30 such classes took 0.2-0.4 s, with 100 about 0.8 s (same machine, 2026-12-06).
-MILP_VARIABLES = 220 * 64
+# with 30 such classes took 0.2-0.4 s, 176 atoms with 100 about 0.8-1.1 s (same machine,
+# 2026-12-06), once per multiset of counts (`_solved_pattern`'s cache).
+MILP_VARIABLES = 220 * 128
 
 
 def interleave_pattern(counts: tuple[int, ...]) -> np.ndarray:
@@ -152,7 +153,9 @@ def _solved_pattern(counts: tuple[int, ...], b: int) -> np.ndarray | None:
     is too large to solve (`MILP_ATOMS`, `MILP_VARIABLES`) or has no solution."""
     k = len(counts)
     if k == 0:
-        return np.full(b, -1, dtype=np.int64)
+        free = np.full(b, -1, dtype=np.int64)
+        free.flags.writeable = False  # cached: shared by every caller
+        return free
     c = np.asarray(counts, dtype=np.int64)
     ws = [w for w in range(1, b // 2 + 1) if b % w == 0]  # w = b: slices of one, always fine
     nodes = np.unique(np.concatenate([np.arange(0, b + 1, b // w) for w in ws] + [[0, b]]))
