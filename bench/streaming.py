@@ -10,7 +10,7 @@ user would. While it runs, every node's object-store use is sampled from its ray
 (`data_fetched_mib`: streamed rows, or the blocks the node pulled) and rank 0's peak RSS
 (`worker_rss_mib`), and how long the steps and validation waited for rows (`data_wait_s`);
 the CPU seconds of the ranks, the BlockServer actors and the raylets of this cluster are
-sampled too, from the job's start. Each job runs on a fresh
+sampled too, from the job's start, and the ranks' by thread (`rank_thread_s`). Each job runs on a fresh
 cluster; the modes alternate over `--rounds`. Throughput is the median `samples_per_s` of the
 epochs after the first (steady state); the ratio is the median over rounds of streaming over
 object-store in the same round.
@@ -81,6 +81,8 @@ class StoreSampler:
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (group, CPU seconds so far)
         self.start_cpu: dict[int, float] = {}  # pid -> CPU seconds when the sampling began
         self.sampled = False  # (processes found by the first sample count from then on)
+        # the ranks' CPU by thread: (pid, thread id) -> (thread name, CPU seconds so far)
+        self.rank_threads: dict[tuple[int, int], tuple[str, float]] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -119,9 +121,31 @@ class StoreSampler:
                     seconds = t.user + t.system
                     base = self.start_cpu.setdefault(proc.pid, 0.0 if self.sampled else seconds)
                     self.cpu[proc.pid] = (group, seconds - base)
+                    if group == "ranks":
+                        self.sample_threads(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         self.sampled = True
+
+    def sample_threads(self, proc) -> None:
+        """A rank's threads' CPU seconds, by name (Linux: /proc/PID/task/TID/comm): where a
+        rank's CPU goes -- its main thread (training, the feed) or Ray's own (its client)."""
+        for t in proc.threads():
+            try:
+                with open(f"/proc/{proc.pid}/task/{t.id}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            self.rank_threads[(proc.pid, t.id)] = (
+                "main" if t.id == proc.pid else name, t.user_time + t.system_time)
+
+    def rank_thread_s(self) -> dict[str, float]:
+        """The ranks' CPU seconds (their whole lives) by thread name, summed over ranks and
+        threads of one name, largest first."""
+        out: dict[str, float] = {}
+        for name, seconds in self.rank_threads.values():
+            out[name] = out.get(name, 0.0) + seconds
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def cpu_s(self) -> dict[str, float]:
         out = {"ranks": 0.0, "servers": 0.0, "raylets": 0.0}
@@ -201,7 +225,7 @@ def measure(args: argparse.Namespace, tracking: str, path: Path, mode: str, out:
     r.update(node_peak=max(sampler.peak[k] for k in workers),
              node_primary=max(sampler.primary[k] for k in workers),
              head_peak=sampler.peak[head], spilled_mib=sum(sampler.spilled.values()) / MiB,
-             cpu_s=sampler.cpu_s(),
+             cpu_s=sampler.cpu_s(), rank_thread_s=sampler.rank_thread_s(),
              steady=statistics.median(r["samples_per_s"][1:] or r["samples_per_s"]))
     return r
 
@@ -239,7 +263,10 @@ def main() -> None:
                     rows_out.append(r)
                     print(f"{mode:12s} {scale:>3d}x round {rnd}: node peak "
                           f"{r['node_peak_share']:.2f} of the data, {r['steady']:.0f} samples/s, "
-                          f"waited {r['data_wait_s']} s, CPU s {r['cpu_s']}", flush=True)
+                          f"waited {r['data_wait_s']} s, CPU s {r['cpu_s']}; the ranks' "
+                          "threads' CPU s: " + ", ".join(
+                              f"{k} {v:.1f}" for k, v in list(r["rank_thread_s"].items())[:6]),
+                          flush=True)
     finally:
         stop_mlflow_server(server)
 
