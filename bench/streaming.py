@@ -10,8 +10,8 @@ user would. While it runs, every node's object-store use is sampled from its ray
 (`data_fetched_mib`: streamed rows, or the blocks the node pulled) and rank 0's peak RSS
 (`worker_rss_mib`), and how long the steps and validation waited for rows (`data_wait_s`);
 the CPU seconds of the ranks, the BlockServer actors and the raylets of this cluster are
-sampled too, from the job's start, and the ranks' by thread (`rank_thread_s`). Each job runs on a fresh
-cluster; the modes alternate over `--rounds`. Throughput is the median `samples_per_s` of the
+sampled too, from the job's start, and the ranks' by thread (`rank_thread_s`). Each job runs
+on a fresh cluster; the modes alternate over `--rounds`. Throughput is the median `samples_per_s` of the
 epochs after the first (steady state); the ratio is the median over rounds of streaming over
 object-store in the same round.
 

@@ -437,8 +437,9 @@ def curriculum_pool_size(
 
     A tolerance of a few floating-point steps of ``c * n`` guards against ``0.3 * 10 ->
     3.0000000000000004`` rounding the pool up by one (a relative 1e-9 of n, as before, took a
-    whole sample off from n = 10^9 on). The planner passes ``min_size = global_batch_size``: the competence is
-    floored at ``B / n``, so a pool always holds one global batch (never an epoch with no step).
+    whole sample off from n = 10^9 on). The planner passes ``min_size = global_batch_size``:
+    the competence is floored at ``B / n``, so a pool always holds one global batch (never an
+    epoch with no step).
 
         >>> [curriculum_pool_size(100, e, pacing="linear", c0=0.1, pacing_epochs=4)
         ...  for e in range(6)]

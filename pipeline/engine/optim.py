@@ -90,8 +90,9 @@ class LARS(torch.optim.Optimizer):
     If ||w|| == 0 or ||grad|| == 0, local_lr is 1 (not eta): the step is plain SGD-momentum, so a
     zero-initialised tensor still trains (as in NVIDIA's LARC and timm's Lars). Beware: LARS
     runs take a global LR about 1 / eta times SGD's, so such a tensor's first step is that
-    much larger than the trust ratio would allow (the paper's formula would freeze it at 0). A group with
-    ``adapt=False`` always uses local_lr = 1, i.e. it is SGD-momentum with its own weight decay.
+    much larger than the trust ratio would allow (the paper's formula would freeze it at 0).
+    A group with ``adapt=False`` always uses local_lr = 1, i.e. it is SGD-momentum with its own
+    weight decay.
     ``nesterov=True`` applies w = w - (lr * local_lr * g + m * v) with the updated v, which is
     torch's Nesterov form with lr moved inside.
     """
