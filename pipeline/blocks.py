@@ -55,6 +55,18 @@ STREAM_SHARE = 0.25  # auto: stream when the data fills more than this share of 
 LENGTH = "__length"  # the small columns' token count per sequence
 
 
+@contextmanager
+def config_errors_as_raised() -> Iterator[None]:
+    """A ConfigError raised in a Ray task or actor call re-raised as itself: its one line, not
+    Ray's traceback (whose RayTaskError is a ConfigError too)."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, ConfigError):
+            raise err.cause from None
+        raise
+
+
 class DataLostError(RuntimeError):
     """A node holding part of the dataset in the streaming mode is gone: its blocks and its
     server with it. Raised in the rank, which fails; Ray Train restarts the worker group (up to
@@ -99,12 +111,8 @@ class Blocks:
         if self.keeper is None:
             return self
         with _servers_kept():  # the keeper lives on the head node
-            try:
+            with config_errors_as_raised():  # (the data changed since ingest)
                 servers, nodes, small, note = ray.get(self.keeper.current.remote())
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, ConfigError):  # (its line, not Ray's traceback)
-                    raise err.cause from None
-                raise
         if note:
             console.say(note)
         return dataclasses.replace(self, servers=servers, nodes=nodes, small=small)
@@ -493,14 +501,10 @@ class BlockKeeper:
             servers.update(new)
             mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
                     for node in set(targets)}
-            try:
+            with config_errors_as_raised():  # the data changed: its line, to the rank
                 ray.get([servers[node].load.remote(  # every node reads its share at once
                     self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii],
                     used_columns(cfg), self.files) for node, ii in mine.items()])
-            except ray.exceptions.RayTaskError as err:
-                if isinstance(err.cause, ConfigError):  # the data changed: its line, to the rank
-                    raise err.cause from None
-                raise
             for node, ii in mine.items():
                 for i in ii:
                     nodes[i] = node

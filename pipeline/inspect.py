@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 from pipeline.console import counted
 from pipeline.data.batches import SampleTable, split_train_val
 from pipeline.data.datasets import DatasetInfo, small_columns
@@ -204,18 +204,16 @@ def plot(df: pd.DataFrame, summary: dict[str, Any], path: Path) -> None:
 
 def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path,
                     address: str | None = None) -> dict[str, Any]:
+    from pipeline.blocks import config_errors_as_raised
     from pipeline.launch import connect, ingest
 
     out_dir.mkdir(parents=True, exist_ok=True)
     connect(address)
     refs = ingest(info, cfg)
     try:
-        tables = ray.get([rank_rows.remote(cfg.to_dict(), refs, r)
-                          for r in range(cfg.scaling.num_workers)])
-    except ray.exceptions.RayTaskError as err:  # bad data met in a task: its one line, not
-        if isinstance(err.cause, ConfigError):  # Ray's traceback (which is a ConfigError too)
-            raise err.cause from None
-        raise
+        with config_errors_as_raised():  # bad data met in a task
+            tables = ray.get([rank_rows.remote(cfg.to_dict(), refs, r)
+                              for r in range(cfg.scaling.num_workers)])
     finally:
         refs.release()  # the streaming mode's servers: the rows are drawn
     table = pa.concat_tables(tables)

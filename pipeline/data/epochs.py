@@ -143,11 +143,11 @@ def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.
                             **planner_options(cfg))
         sizes = count.sizes[count.sizes > 0]  # epoch_batches trains these
         if not len(sizes):
-            drawn = b.options.get("epoch_samples") if b.strategy == "balanced" else None
-            why = (f"batching.options.epoch_samples={drawn} draws fewer" if drawn is not None
-                   else "balanced draws as many samples as the pool holds"
-                   if b.strategy == "balanced"  # (balanced ignores drop_last)
-                   else f"batching.drop_last={b.drop_last}")
+            why = f"batching.drop_last={b.drop_last}"
+            if b.strategy == "balanced":  # (which ignores drop_last)
+                drawn = b.options.get("epoch_samples")
+                why = (f"batching.options.epoch_samples={drawn} draws fewer" if drawn is not None
+                       else "balanced draws as many samples as the pool holds")
             raise ValueError(
                 f"epoch {epoch + 1} of {t.epochs} would train no step: batching.strategy="
                 f"{b.strategy} makes no global batch from a pool of {count.pool_size} of "
