@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -190,10 +191,17 @@ def data_files(uri: str) -> list[tuple[str, int, int]]:
     the streaming mode's keeper compares before it reads a lost node's blocks again (a block is
     the rows from a dataset row position on: another file listed, or one grown or cut, would
     give it other rows)."""
+    return _footers(uri)[0]
+
+
+def _footers(uri: str) -> tuple[list[tuple[str, int, int]], list[pq.FileMetaData]]:
+    """`data_files` and each file's footer, from one listing and one read of each footer."""
     ds = pads.dataset(uri, format="parquet")
-    sizes = [f.size for f in ds.filesystem.get_file_info(list(ds.files))]
-    return [(frag.path, int(size), int(frag.metadata.num_rows))
-            for frag, size in zip(ds.get_fragments(), sizes, strict=True)]
+    fragments = list(ds.get_fragments())
+    sizes = [f.size for f in ds.filesystem.get_file_info([f.path for f in fragments])]
+    metas = [f.metadata for f in fragments]
+    return ([(f.path, int(size), int(m.num_rows))
+             for f, size, m in zip(fragments, sizes, metas, strict=True)], metas)
 
 
 def data_changed(before: list[tuple[str, int, int]], now: list[tuple[str, int, int]]
@@ -231,9 +239,13 @@ def parquet_bytes(uri: str, columns: list[str] | None = None) -> int:
     column chunk's value count times its type's width (strings: their uncompressed size); only
     `columns` (top-level names) when given. Parquet's own sizes are encoded (dictionaries, run
     lengths) and can be 5x smaller."""
+    return _memory_bytes(_footers(uri)[1], columns)
+
+
+def _memory_bytes(metas: list[pq.FileMetaData], columns: list[str] | None) -> int:
+    """`parquet_bytes` of the files whose footers are `metas`."""
     total = 0
-    for frag in pads.dataset(uri, format="parquet").get_fragments():
-        meta = frag.metadata
+    for meta in metas:
         owner = _leaf_fields(meta.schema.to_arrow_schema())  # a leaf column's top-level field
         if len(owner) != meta.num_columns:  # (a type whose leaves this does not know: every
             owner = [None] * meta.num_columns  # column counts, more than is read, never less)
@@ -342,16 +354,16 @@ def ingest(info: DatasetInfo, cfg: Config | None = None) -> Blocks:
 def _ingest(info: DatasetInfo, cfg: Config | None) -> Blocks:
     configured = cfg.data.mode if cfg is not None else "object_store"
     columns = used_columns(cfg) if cfg is not None else None  # None: every column
-    size, nodes = 0, []
+    size, nodes, files = 0, [], None
     if configured != "object_store":  # the footers and the nodes decide auto, and size streaming
-        size, nodes = parquet_bytes(info.uri, columns), training_nodes(cfg)
+        files, metas = _footers(info.uri)  # (before the read: a change during it shows later)
+        size, nodes = _memory_bytes(metas, columns), training_nodes(cfg)
     if configured == "streaming" and not nodes:  # (auto keeps to the object store then)
         raise _no_training_node(cfg)
     if choose_mode(configured, size, nodes) == "object_store":
         refs = _read(info.uri, columns=columns).materialize().to_arrow_refs()
         return Blocks("object_store", one_block(refs), size_bytes=size)
     count = block_count(size, len(nodes))
-    files = data_files(info.uri)  # (before the read: a change during it shows later)
     refs = _read(info.uri, columns=columns, override_num_blocks=count
                  ).materialize().to_arrow_refs()
     servers = _servers([n["NodeID"] for n in nodes])
@@ -434,9 +446,15 @@ class BlockServer:
             # fail on a file cut short, on every restart). Input, not a failure to retry.
             raise ConfigError(f"data error: data.path={uri} changed since the job started: "
                               f"{change}; the blocks of the lost node(s) cannot be read again")
-        ds = pads.dataset(uri, format="parquet")
-        for b, start, count in zip(ids, starts, counts, strict=True):
-            self.blocks[b] = read_rows(ds, np.arange(start, start + count), columns)
+        # One read of them all, in row order: each footer and row group is read once (not
+        # once per block), and the rows come in the order asked (no copy to reorder them).
+        order = np.argsort(starts, kind="stable")
+        table = read_rows(pads.dataset(uri, format="parquet"), np.concatenate(
+            [np.arange(starts[i], starts[i] + counts[i]) for i in order]), columns)
+        offset = 0
+        for i in order:
+            self.blocks[ids[i]] = table.slice(offset, counts[i])
+            offset += counts[i]
         return len(self.blocks)
 
     def alive(self) -> bool:

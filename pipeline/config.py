@@ -84,7 +84,11 @@ def _not_bool(v: Any) -> Any:
 
 # "1e-3" (a YAML string) still parses; .inf and .nan do not (an LR of inf passes `gt=0`)
 Float = Annotated[float, BeforeValidator(_not_bool), AllowInfNan(False)]
-Int = StrictInt  # sizes and counts: `true` is not 1, 64.0 is not 64
+# Sizes and counts: `true` is not 1, 64.0 is not 64; and below 2^31 (10**23 passed, then
+# overflowed numpy's int64 in the planners: a traceback on the driver, or on the cluster).
+MAX_COUNT = 2**31 - 1
+Int = Annotated[StrictInt, Field(le=MAX_COUNT)]
+Seed = StrictInt  # (bounded by what each seed feeds)
 Bool = StrictBool
 
 
@@ -107,7 +111,7 @@ class DataConfig(_Section):
     id_column: str | None = Field(None, description="stable sample id; the row position when unset")
     val_fraction: Float = Field(0.2, ge=0.0, lt=1.0, description="share of every class held out "
                                 "for validation (0: no validation metrics)")
-    split_seed: Int = Field(0, ge=0, description="seed of the train/validation split")
+    split_seed: Seed = Field(0, ge=0, description="seed of the train/validation split")
     cache_dir: str | None = Field(None, min_length=1, description="where embedded datasets are "
                                   "written (default PIPELINE_DATA_DIR or ~/.cache/batch-pipeline/datasets)")
     mode: Literal["auto", "object_store", "streaming"] = Field(
@@ -167,7 +171,7 @@ class BatchingConfig(_Section):
                           + ", ".join(STRATEGIES))
     # below 2^32: numpy's SeedSequence([seed, epoch]) splits a larger seed into 32-bit words,
     # so (a + 2^32 b, epoch 0) drew the plan of (a, epoch b)
-    seed: Int = Field(0, ge=0, le=2**32 - 1, description="seed of the batch plans (with the "
+    seed: Seed = Field(0, ge=0, le=2**32 - 1, description="seed of the batch plans (with the "
                       "epoch), below 2^32")
     drop_last: Bool = Field(True, description="drop the last partial global batch (counted)")
     difficulty_column: str | None = Field(None, description="per-sample difficulty (curriculum)")
@@ -258,7 +262,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    seed: Int = Field(0, ge=0, le=2**64 - 1, description="seed of the initial weights (torch "
+    seed: Seed = Field(0, ge=0, le=2**64 - 1, description="seed of the initial weights (torch "
                       "takes seeds below 2^64)")
     epochs: Int = Field(10, ge=1, description="passes over the training pool")
     max_steps: Int | None = Field(None, ge=1, description="stop after this many optimizer steps")
@@ -539,6 +543,12 @@ class Config(_Section):
                              "within a batch, and train.loss=nt_xent would take a copy's views "
                              "(the same augmentations) for positives: use batching.strategy="
                              "contrastive, random or stratified")
+        if t.loss == "nt_xent" and self.plan_batch_size() < 2:
+            # two views of one sample: no negative, and the loss and its gradient are exactly 0
+            key = ("train.global_batch_size" if t.batch_size_schedule == "constant"
+                   else "train.batch_size_min")
+            raise ValueError(f"train.loss=nt_xent contrasts each sample with the others of its "
+                             f"batch: {key}={self.plan_batch_size()} has none (2 at least)")
         if t.loss == "nt_xent" and self.model.name == "seq_transformer":
             raise ValueError("train.loss=nt_xent augments feature vectors (data.feature_column); "
                              "model.name=seq_transformer reads token sequences")
@@ -551,9 +561,6 @@ class Config(_Section):
     def _check_batch_schedule(self) -> None:
         t, workers = self.train, self.scaling.num_workers
         kind = f"train.batch_size_schedule={t.batch_size_schedule}"
-        if t.batch_size_throughput is not None and t.batch_size_schedule != "adaptive":
-            raise ValueError("train.batch_size_throughput is the adaptive schedule's throughput "
-                             "model: set train.batch_size_schedule=adaptive")
         if t.batch_size_schedule == "constant":
             return
         m0 = t.batch_size_min
@@ -602,7 +609,8 @@ class Config(_Section):
         t, b = self.train, self.batching
         uses = {"train.batch_size_min": ("warmup", "adaptive"),
                 "train.batch_size_warmup_steps": ("warmup",),
-                "train.batch_size_step_cost": ("adaptive",)}
+                "train.batch_size_step_cost": ("adaptive",),
+                "train.batch_size_throughput": ("adaptive",)}
         unused = [f"{key} (train.batch_size_schedule={t.batch_size_schedule})"
                   for key, kinds in uses.items()
                   if getattr(t, key.split(".")[1]) is not None

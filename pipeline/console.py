@@ -160,9 +160,15 @@ def error_line(err: BaseException) -> str:
 
     >>> error_line(ValueError("bad value\\nmore detail")), error_line(KeyError())
     ('ValueError: bad value', 'KeyError')
+
+    Secrets are masked (`redact_text`): MLflow's connection errors carry the whole URL, a
+    tracking URI's password included.
+
+    >>> error_line(OSError("API request to http://me:hunter22@127.0.0.1:9/api failed"))
+    'OSError: API request to http://me:***@127.0.0.1:9/api failed'
     """
     lines = str(err).splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return redact_text(f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)
 
 
 def say(msg: str) -> None:

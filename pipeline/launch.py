@@ -25,7 +25,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from pipeline import console
+from pipeline import console, tracking
 from pipeline.blocks import (  # ingest: also imported from here
     DATA_LOST,
     Blocks,
@@ -34,7 +34,7 @@ from pipeline.blocks import (  # ingest: also imported from here
     on_head,
 )
 from pipeline.config import Config, ConfigError
-from pipeline.data.datasets import DatasetInfo
+from pipeline.data.datasets import DatasetInfo, data_fingerprint
 from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
 from pipeline.redact import redact, redact_text
@@ -321,8 +321,8 @@ def _worker_entry(loop_config: dict[str, Any]) -> Any:
     console.say_pipeline_warnings()
     # Rank 0's MetricLogger retries on its own (points buffered, a try every 2 s, one line when
     # the store goes and one when it is back); MLflow's client would first retry each request
-    # itself, for about 4 minutes (7 retries, backoff 4 s doubling to 120 s), saying nothing.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # itself, saying nothing.
+    tracking.no_client_retries()
     return train_func(loop_config)
 
 
@@ -370,7 +370,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if run_id is not None:  # (refused before a line about the checkpoints is printed)
             check_resumed_run(uri, run_id)
         cfg, resume_from, resumed_with = resume_point(
-            cfg, storage, started, on_skip=lambda folder, why: _log(f"skipping checkpoint: {why}"))
+            cfg, storage, started, on_skip=lambda folder, why: _log(f"skipping checkpoint: {why}"),
+            data=data_fingerprint(info) if table_refs is None else None)
         if show_progress:
             _log(f"resuming from {resume_from} (epoch {epochs_done(resume_from)} done)")
     if run_id is None and parent_run_id is None:  # a job's new run (a sweep checks its own)
@@ -389,9 +390,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             _log(line)
         pending = None  # the run, when the tracking server is unreachable at the start
         if run_id is None:
-            run_args = {"experiment": cfg.tracking.experiment, "run_name": cfg.tracking.run_name,
-                        "params": cfg.flat_params(), "config_yaml": yaml.safe_dump(cfg.to_dict()),
-                        "parent_run_id": parent_run_id, "tags": {**ray_job_tags(), **(tags or {})}}
+            # masked here (start_run masks again): a deferred run is made in an actor on the
+            # head node, whose environment may lack the secrets this driver's holds
+            run_name = cfg.tracking.run_name
+            run_args = {"experiment": cfg.tracking.experiment,
+                        "run_name": redact_text(run_name) if run_name else run_name,
+                        "params": redact(cfg.flat_params()),
+                        "config_yaml": yaml.safe_dump(redact(cfg.to_dict())),
+                        "parent_run_id": parent_run_id,
+                        "tags": redact({**ray_job_tags(), **(tags or {})})}
             if server_reachable(uri):
                 try:
                     run_id = marked = start_run(uri, **run_args)
@@ -430,7 +437,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                     else "FAILED")
         raise
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
-        _write_state(state_file, run_id, uri, cfg, checkpoints)
+        _write_state(state_file, run_id, uri, cfg, checkpoints,
+                     # (a job's: a sweep's trial, maybe on a node without the files, has none)
+                     data_fingerprint(info) if table_refs is None else None)
         if show_progress and run_id:
             _log(f"MLflow run {run_id} in {redact_text(uri)}")
         fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
@@ -438,7 +447,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
         # an earlier job's in this --out (this run's, resumed, or another's): sent to their
         # run now, or kept under a name of their own (never dropped)
-        _send_kept_points(tracking_file, uri, run_id if resume else None, park=True)
+        # (a resume's tracking.json is this training's, run or not yet: it stays, and the
+        # run gets it once made -- parked, without a run to name, it was never sent)
+        _send_kept_points(tracking_file, uri, run_id if resume else None, park=not resume)
+        _end_owed_runs(out_dir, run_id)  # an earlier job's run it could not mark ended
         result_file = out_dir / "result.json"  # an earlier run's: this one has not finished
         result_file.unlink(missing_ok=True)
         name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
@@ -459,7 +471,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                 *(extra_callbacks or [])])
         # a run made mid-job goes into run.json as soon as it exists (a driver killed later
         # leaves it there for --resume, not a second run beside a RUNNING one)
-        watching = (_watch_deferred_run(pending, uri, state_file, cfg, checkpoints)
+        watching = (_watch_deferred_run(pending, state_file)
                     if pending is not None and run_id is None else None)
         try:
             metrics, checkpoint_path = fit(cfg, loop_config, name, storage)
@@ -474,7 +486,13 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             metrics = metrics or dict(load_checkpoint(resume_from)["metrics"])
         raise_unfinished(cfg, metrics)
         if pending is not None and run_id is None:
-            run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
+            run_id = _deferred_run_id(pending, state_file)
+            if run_id is None:
+                try:
+                    why = ray.get(pending.refusal.remote(), timeout=10)
+                except Exception:  # the actor gone: nothing known
+                    why = None
+                raise_refusal(why, uri, tracking_file)
         if run_id is None:
             _log(f"MLflow at {redact_text(uri)} was unreachable for the whole job: no run was recorded; the "
                  f"metric points are in {tracking_file}")
@@ -495,8 +513,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             "config": cfg.to_dict(), "ray_run_name": name,
         }
         write_json(result_file, summary)
-        if run_id is not None:
-            end_run(uri, run_id, "FINISHED")
+        if run_id is not None and not _end(out_dir, uri, run_id, "FINISHED"):
+            write_json(result_file, {**summary, "mlflow_run_ended": False})
     except (SystemExit, KeyboardInterrupt) as err:
         if isinstance(err, SystemExit) and threading.current_thread() is not threading.main_thread():
             raise  # Tune stopped this sweep trial (ASHA): the sweep ends its run (KILLED)
@@ -506,7 +524,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         # once the server came back is asked for briefly (`ray job stop` kills 3 s after).
         if pending is not None and run_id is None:
             # not forced: a run begun now would outlive the 1.5 s and be left RUNNING
-            run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints, timeout_s=1.5,
+            run_id = _deferred_run_id(pending, state_file, timeout_s=1.5,
                                       force=False)
         if isinstance(err, SystemExit) and err.code == signal.SIGTERM and ray.is_initialized():
             # SIGTERM (`ray job stop`): the process ends, and training with it now -- the Train
@@ -518,8 +536,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                 pass
         ended = ""
         if run_id is not None:  # the store may refuse: say so rather than claim it ended
-            ended = (f"; MLflow run {run_id} KILLED" if end_run(uri, run_id, "KILLED")
-                     else f"; MLflow run {run_id} could not be marked KILLED (still RUNNING)")
+            ended = (f"; MLflow run {run_id} KILLED" if _end(out_dir, uri, run_id, "KILLED",
+                                                              say=False)
+                     else f"; MLflow run {run_id} could not be marked KILLED (still RUNNING: the "
+                          "next job in this --out marks it)")
         # `ray job stop` kills 3 s after its SIGTERM: no checksum of a large state read here
         how = (f"continue it from its last checkpoint with --resume --out {out_dir}"
                if find_latest_checkpoint(storage, checksum=False) is not None
@@ -528,9 +548,11 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     except BaseException:
         _unfinished(out_dir)
         if pending is not None and run_id is None:
-            run_id = _deferred_run_id(pending, uri, state_file, cfg, checkpoints)
+            run_id = _deferred_run_id(pending, state_file)
         if run_id is not None:
-            end_run(uri, run_id, "FAILED")
+            # the points rank 0 kept (those up to a divergence, say: what explains the failure)
+            _kept_at_end(out_dir / "tracking.json", uri, run_id)
+            _end(out_dir, uri, run_id, "FAILED")
         raise
     finally:
         if owned is not None:  # the streaming mode's servers and keeper (a notebook's job
@@ -596,12 +618,70 @@ def _send_kept_points(tracking_file: Path, uri: str, run_id: str | None, *,
                  f"before are kept in {kept}")
 
 
+OWED = "mlflow_status.json"  # {run id: {status its job could not mark it with, tracking_uri}}
+
+
+def _end(out_dir: Path, uri: str, run_id: str, status: str, say: bool = True) -> bool:
+    """End the job's run as `status`; the status is owed first -- kept in --out (`OWED`), for
+    the next job there to mark (`_end_owed_runs`) should the store not take it, or the process
+    be killed meanwhile (`ray job stop` kills 3 s after its SIGTERM) -- and settled once the
+    store took it. Said when `say` and not taken. Whether the run was marked."""
+    _owe(out_dir, run_id, {"status": status, "tracking_uri": uri})
+    if end_run(uri, run_id, status):
+        _owe(out_dir, run_id, None)
+        return True
+    if say:
+        _log(f"MLflow run {run_id} could not be marked {status}: it stays RUNNING until the "
+             f"next job in {out_dir} marks it ({OWED})")
+    return False
+
+
+def _owed(out_dir: Path) -> dict[str, Any]:
+    """`OWED`'s entries ({} for none, or for a file that is not such a list)."""
+    try:
+        owed = json.loads((out_dir / OWED).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {run: e for run, e in owed.items() if isinstance(e, dict)
+            and isinstance(e.get("status"), str) and isinstance(e.get("tracking_uri"), str)
+            } if isinstance(owed, dict) else {}
+
+
+def _owe(out_dir: Path, run_id: str, entry: dict[str, str] | None) -> None:
+    """`run_id`'s entry in `OWED` set (None: removed). Bookkeeping: never an error."""
+    try:
+        owed = {**_owed(out_dir), run_id: entry}
+        left = {run: e for run, e in owed.items() if e is not None}
+        if left:
+            write_json(out_dir / OWED, left)
+        else:
+            (out_dir / OWED).unlink(missing_ok=True)
+    except Exception as err:
+        _log(f"{out_dir / OWED} could not be written ({console.error_line(err)})")
+
+
+def _end_owed_runs(out_dir: Path, current: str | None) -> None:
+    """The runs earlier jobs in `out_dir` could not mark ended (`_end`), marked now where their
+    store takes it; `current` (this job's run: a --resume continues it) is this job's to end,
+    and dropped from the list."""
+    owed = _owed(out_dir)
+    if current in owed:
+        _owe(out_dir, current, None)
+    others = {run: e for run, e in owed.items() if run != current}
+    reachable = {e["tracking_uri"]: server_reachable(e["tracking_uri"]) for e in others.values()}
+    for run, e in others.items():
+        if reachable[e["tracking_uri"]] and end_run(e["tracking_uri"], run, e["status"]):
+            _owe(out_dir, run, None)
+            _log(f"MLflow run {run} marked {e['status']}, as the job that ran it could not")
+
+
 def _kept_at_end(tracking_file: Path, uri: str, run_id: str | None) -> int:
     """At a trained job's end: the points kept in this --out sent where the store is back
     (`_send_kept_points`: an attempt before a restart left some, or an earlier job), and the
     count of this job's points still not sent (`metrics_unsent`). Bookkeeping never fails a
     trained job: a file it cannot read or write is said, and left."""
     try:
+        _end_owed_runs(tracking_file.parent, run_id)
         if run_id is not None:
             _send_kept_points(tracking_file, uri, run_id, park=False)
         return int(json.loads(tracking_file.read_text())["metrics_unsent"]
@@ -705,8 +785,8 @@ def _deferred_run(uri: str, **kwargs: Any) -> Any:
         scheduling_strategy=on_head()).remote(uri, **kwargs)
 
 
-def _watch_deferred_run(pending: Any, uri: str, state_file: Path, cfg: Config,
-                        checkpoints: str, every_s: float = 2.0) -> threading.Event:
+def _watch_deferred_run(pending: Any, state_file: Path, every_s: float = 2.0
+                        ) -> threading.Event:
     """A thread asking the `DeferredRun` actor every `every_s` for the run, which it writes
     into run.json once made; set the event returned to stop it."""
     stop = threading.Event()
@@ -720,7 +800,7 @@ def _watch_deferred_run(pending: Any, uri: str, state_file: Path, cfg: Config,
                     continue  # still making the run: asked again later
                 run_id, asked = ray.get(asked), None
                 if run_id is not None and not stop.is_set():
-                    _write_state(state_file, run_id, uri, cfg, checkpoints)
+                    _write_run_id(state_file, run_id)
                     return
             except Exception:  # the actor gone (the job ending), or run.json not writable
                 return
@@ -729,8 +809,8 @@ def _watch_deferred_run(pending: Any, uri: str, state_file: Path, cfg: Config,
     return stop
 
 
-def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config,
-                     checkpoints: str, timeout_s: float = 60, force: bool = True) -> str | None:
+def _deferred_run_id(pending: Any, state_file: Path, timeout_s: float = 60,
+                     force: bool = True) -> str | None:
     """The id of the run a job created when the server came back (None: it never did); kept
     in run.json, so that a --resume continues that run."""
     try:
@@ -738,16 +818,52 @@ def _deferred_run_id(pending: Any, uri: str, state_file: Path, cfg: Config,
     except Exception:  # the actor is gone with a failing job
         return None
     if run_id is not None:
-        _write_state(state_file, run_id, uri, cfg, checkpoints)
+        _write_run_id(state_file, run_id)
     return run_id
 
 
 def _write_state(state_file: Path, run_id: str | None, uri: str, cfg: Config,
-                 checkpoints: str) -> None:
-    """run.json: the job's MLflow run (None until a deferred run exists), its config, which a
-    --resume continues and compares against, and its checkpoints' folder under ray_results/."""
+                 checkpoints: str, data: dict[str, Any] | None = None) -> None:
+    """run.json: the job's MLflow run (None until a deferred run exists), its config and its
+    data's `data_fingerprint`, which a --resume continues and compares against, and its
+    checkpoints' folder under ray_results/."""
     write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict(),
-                            "checkpoints": checkpoints})
+                            "checkpoints": checkpoints, "data": data})
+
+
+def raise_refusal(why: tuple[bool, str] | None, uri: str, tracking_file: Path) -> None:
+    """The store came back during the job and would not make its run (`why`:
+    `DeferredRun.refusal`): as at a job's start, a ConfigError where it refused it (exit 2),
+    else a failure -- not "unreachable for the whole job" and exit 0. The checkpoints and
+    tracking.json stay.
+
+    >>> raise_refusal(None, "http://h:5000", Path("tracking.json"))  # not refused: nothing
+    >>> raise_refusal((True, "RestException: RESOURCE_DOES_NOT_EXIST: experiment deleted"),
+    ...               "http://me:pw@h:5000", Path("out/tracking.json"))
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: config error: MLflow at http://me:***@h:5000 refused the job's...
+    """
+    if why is None:
+        return
+    refused_it, line = why
+    msg = (f"MLflow at {redact_text(uri)} {'refused' if refused_it else 'could not make'} the "
+           f"job's run when it was back ({line}): no run was recorded; the training's metric "
+           f"points are in {tracking_file}, its checkpoints kept")
+    if refused_it:
+        raise ConfigError(f"config error: {msg}")
+    raise RuntimeError(msg)
+
+
+def _write_run_id(state_file: Path, run_id: str) -> None:
+    """run.json with the run made once the server came back (the rest as `_write_state` wrote
+    it)."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):  # (not written yet: the job failed as it began)
+        return
+    write_json(state_file, {**state, "mlflow_run_id": run_id})
 
 
 class TrainingInterrupted(KeyboardInterrupt):

@@ -23,7 +23,10 @@ MASK = "***"
 _ANY_WORD = {"secret", "secrets", "password", "passwd", "credential", "credentials"}
 _LAST_WORD = {"token", "key", "apikey", "pwd"}
 _SHELL_DIRS = {"PWD", "OLDPWD"}  # the shell's, not credentials (`DB_PWD` is one)
-_URI_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*:)[^/@\s]+(?=@)")
+# A URI's password runs to the last "@" of its authority (a password may hold "@": requests
+# reads `http://me:p@ss@host` as password `p@ss`), which ends at "/", "?", "#" or whitespace.
+_URI_PASSWORD = re.compile(
+    r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#@:\s]*:)[^/?#\s]+(?=@[^@/?#\s]*(?:[/?#\s]|$))")
 
 
 def looks_secret(name: str) -> bool:
@@ -55,6 +58,10 @@ def redact_text(text: str, env_values: list[str] | None = None) -> str:
     'http://me:***@127.0.0.1:5000/x and s3://bucket/k'
     >>> redact_text("token=abcdef123 set", ["abcdef123"])
     'token=*** set'
+    >>> redact_text("http://me:p@ss@127.0.0.1:5000 and http://you:x@h/y?a=b@c", [])
+    'http://me:***@127.0.0.1:5000 and http://you:***@h/y?a=b@c'
+    >>> redact_text("http://host:5000?to=a@b http://me:pw@h?x=1", [])  # no user info; a query
+    'http://host:5000?to=a@b http://me:***@h?x=1'
     """
     text = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
     for v in secret_env_values() if env_values is None else env_values:

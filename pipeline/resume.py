@@ -20,12 +20,21 @@ RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "tracking.l
 
 
 def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
-                 on_skip: Callable[[Path, str], None] | None = None, checksum: bool = True
-                 ) -> tuple[Config, Path, dict[str, Any]]:
+                 on_skip: Callable[[Path, str], None] | None = None, checksum: bool = True,
+                 data: dict[str, Any] | None = None) -> tuple[Config, Path, dict[str, Any]]:
     """Where a --resume of the run `started` (its run.json) goes on from: (the config as it
     resumes, the latest checkpoint under `storage`, the keys it changes and their new values);
-    ConfigError (exit 2) when there is no checkpoint or the config changed more than a resume
-    may (`RESUME_MAY_CHANGE`). `checksum=False`: a quick look (`find_latest_checkpoint`)."""
+    ConfigError (exit 2) when there is no checkpoint, the config changed more than a resume
+    may (`RESUME_MAY_CHANGE`) or the data changed (`data`: its `data_fingerprint` now, against
+    the one run.json kept). `checksum=False`: a quick look (`find_latest_checkpoint`)."""
+    from pipeline.data.datasets import data_change
+
+    if data is not None and started.get("data") is not None:  # (before the checkpoints' lines)
+        change = data_change(started["data"], data)
+        if change:
+            raise ConfigError(f"data error: --resume: the data changed since the run started: "
+                              f"{change}; its checkpoints belong to the data it had (train it "
+                              "afresh, without --resume, on the new data)")
     from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint  # (torch: not
     # for --help)
 
@@ -43,6 +52,9 @@ def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
     cfg = keep_pacing(cfg, before)  # a curriculum's pool widens as it started to
     every = changed_keys(with_pacing(before), cfg.to_dict())
     changed = [k for k in every if not k.startswith(RESUME_MAY_CHANGE)]
+    if (cfg.train.batch_size_throughput is not None and "train.batch_size_throughput" not in every
+            and "train.batch_size_step_cost" in changed and _same_cost_per_worker(before, cfg)):
+        changed.remove("train.batch_size_step_cost")  # the file's, for the new workers
     if changed:
         raise ConfigError(
             f"argument error: --resume: the config differs from the run's in "
@@ -56,3 +68,26 @@ def resume_folder(started: dict[str, Any]) -> str:
     """The folder under ray_results/ of a resumed run's checkpoints, named in its run.json
     (`started`); "" (the whole of ray_results/) for a run.json written before it was kept."""
     return started.get("checkpoints") or ""
+
+
+def _same_cost_per_worker(before: dict[str, Any], cfg: Config) -> bool:
+    """Whether a step cost filled from `train.batch_size_throughput` (the file's per-worker
+    cost times the workers) changed only with the workers: the file read again may hold
+    another measurement, which would change c mid-run.
+
+    >>> from pipeline.config import load_config
+    >>> now = load_config(None, ["scaling.num_workers=4", "train.batch_size_step_cost=40"])
+    >>> before = {"train": {"batch_size_step_cost": 20.0}, "scaling": {"num_workers": 2}}
+    >>> _same_cost_per_worker(before, now)
+    True
+    >>> _same_cost_per_worker({**before, "train": {"batch_size_step_cost": 24.0}}, now)
+    False
+    """
+    import math
+
+    try:
+        was = float(before["train"]["batch_size_step_cost"]) / before["scaling"]["num_workers"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return False
+    now = cfg.train.batch_size_step_cost
+    return now is not None and math.isclose(was, now / cfg.scaling.num_workers, rel_tol=1e-9)

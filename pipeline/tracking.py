@@ -42,6 +42,24 @@ log = logging.getLogger(__name__)
 # where it is itself (a user's own setting wins; MLflow reads it whenever a run ends).
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
+# MLflow's client retries a request 7 times, its waits doubling up to 2 minutes: about 4
+# minutes before it says a server is away, during which a job's end (its run marked, its model
+# logged) or a trial's start waited without a word -- twice that where the run was then marked
+# FAILED. Here 2 retries: a blip, not an outage (what a job cannot send it keeps: `keep_unsent`,
+# and a run it cannot end is ended by the next job, `launch._end`). Rank 0's MetricLogger
+# retries on its own and takes none (`launch._worker_entry`, which knows this default from
+# RETRIES_OURS: a Ray worker inherits it). A user's own setting wins, in every process.
+RETRIES, RETRIES_OURS = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "PIPELINE_MLFLOW_RETRIES"
+if RETRIES not in os.environ:
+    os.environ[RETRIES] = os.environ[RETRIES_OURS] = "2"
+
+
+def no_client_retries() -> None:
+    """For rank 0's MetricLogger, which retries on its own: no retries by MLflow's client in
+    this process -- unless the user set some (`RETRIES`), which stand."""
+    if os.environ.get(RETRIES) in (None, os.environ.get(RETRIES_OURS)):
+        os.environ[RETRIES] = "0"
+
 
 def is_local_store(uri: str) -> bool:
     """A store on this machine's disk (reachable only from this node) rather than a server.
@@ -62,11 +80,17 @@ def server_reachable(uri: str, timeout_s: float = 3.0) -> bool:
     connection for minutes before giving up."""
     if is_local_store(uri) or not uri.startswith(("http://", "https://")):
         return True
-    import requests  # MLflow's own HTTP client: it takes a URI's user:password as basic auth
+    # Through MLflow's own request: with the settings its client uses (a server certificate,
+    # MLFLOW_TRACKING_INSECURE_TLS, a client certificate, a token, a URI's user:password); a
+    # bare request refused a server MLflow reached, and the job recorded no run.
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
 
     try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).status_code == 200
-    except (requests.RequestException, ValueError):
+        return http_request(get_default_host_creds(uri.rstrip("/")), "/health", "GET",
+                            max_retries=0, timeout=timeout_s, raise_on_status=False
+                            ).status_code == 200
+    except Exception:  # (refused, timed out, a TLS failure, a malformed URI)
         return False
 
 
@@ -250,6 +274,7 @@ def brief_error(err: BaseException, width: int = 160) -> str:
 
     found = re.search(r"\[Errno -?\d+\] [^'\")]+", str(err))
     line = found.group(0) if found else (str(err).splitlines() or [""])[0]
+    line = redact_text(line)  # (a URL's password: MLflow's errors carry the whole URL)
     line = line if len(line) <= width else line[: width - 3] + "..."
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
@@ -302,7 +327,7 @@ def end_run(uri: str, run_id: str, status: str) -> bool:
         return True
     except Exception as err:
         log.warning("MLflow: run %s could not be marked %s: %s", run_id, status,
-                    str(err).splitlines()[0] if str(err) else type(err).__name__)
+                    error_line(err))
         return False
 
 
@@ -328,7 +353,7 @@ def close_open_runs(uri: str, experiment: str, parent: str) -> None:
             if run.info.status == "RUNNING":
                 end_run(uri, run.info.run_id, "KILLED")
     except Exception as err:  # never hide the sweep's own error behind a tracking one
-        print(f"[pipeline] could not close the trial runs: {err}", flush=True)
+        print(f"[pipeline] could not close the trial runs: {error_line(err)}", flush=True)
 
 
 def metric_histories(uri: str, run_id: str, keys: list[str]) -> dict[str, dict[int, float]]:
@@ -452,6 +477,7 @@ class DeferredRun:
         self._id: str | None = None
         self._next_try = 0.0
         self._refused = False  # the store answered and refused the run: not asked again
+        self._why: tuple[bool, str] | None = None  # (refused: bad input, the error's line)
         # runs an attempt left RUNNING (the driver's included, handed over), marked FAILED later
         self.half_made: list[str] = list(half_made or [])
 
@@ -474,13 +500,22 @@ class DeferredRun:
                         self.half_made.append(err.run_id)
                     if creation_final(err, self.uri):  # again would make run after run
                         self._refused = True
+                        self._why = (refused(creation_cause(err)),
+                                     error_line(creation_cause(err)))
                         log.warning("MLflow failed to make the run, not tried again: %s",
                                     error_line(err))
                     else:
-                        log.warning("MLflow: the run could not be created yet: %s", err)
+                        log.warning("MLflow: the run could not be created yet: %s",
+                                    error_line(err))
             if self._id is not None:
                 self.half_made = [r for r in self.half_made if not end_run(self.uri, r, "FAILED")]
         return self._id
+
+    def refusal(self) -> tuple[bool, str] | None:
+        """Why the run will never be made, where the store came back and would not make it:
+        (whether it refused it -- bad input, as at a job's start --, the error's line); None
+        while it may yet be."""
+        return self._why
 
 
 def refused(err: BaseException) -> bool:
@@ -571,7 +606,7 @@ class MetricLogger:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
         except Exception as err:
-            log.warning("MLflow: tags %s not set: %s", sorted(tags), err)
+            log.warning("MLflow: tags %s not set: %s", sorted(tags), error_line(err))
 
     def add(self, metrics: dict[str, float], step: int, at: float | None = None) -> None:
         """Points of `step`, stamped `at` (time.time(); default now): a step's points are
@@ -614,7 +649,7 @@ class MetricLogger:
             try:
                 self.run_id = self._run_id_source()
             except Exception as err:
-                log.warning("MLflow: could not learn the run id yet: %s", err)
+                log.warning("MLflow: could not learn the run id yet: %s", error_line(err))
             if self.run_id is not None:  # said here: the DeferredRun actor's own log is not shown
                 log.warning("MLflow is back: this job's metrics go to run %s", self.run_id)
             if self.run_id is not None and self._tags:

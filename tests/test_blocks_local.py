@@ -216,3 +216,44 @@ def test_a_lost_nodes_blocks_are_read_again_only_from_the_files_ingest_read(tmp_
     with pytest.raises(ConfigError, match=r"b.parquet is \d+ bytes and 60 rows \(\d+ bytes and "
                                           r"100 rows at the start\)"):
         server.load(str(tmp_path), [1], [50], [50], ["id"], files)
+
+
+def test_a_servers_blocks_are_read_again_in_one_pass_in_any_order(tmp_path, monkeypatch):
+    """Several blocks of a lost node, asked out of row order and spanning files and row groups:
+    each block gets exactly its rows, and each file is opened once (not once per block)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data import datasets
+
+    for name, lo, hi in [("a", 0, 70), ("b", 70, 130)]:
+        pq.write_table(pa.table({"id": pa.array(np.arange(lo, hi)), "x": pa.array(
+            np.arange(lo, hi) * 2.0)}), tmp_path / f"{name}.parquet", row_group_size=16)
+    opened, real = [], datasets._parquet_files
+
+    def counted(ds):
+        opened.append(ds)
+        yield from real(ds)
+
+    monkeypatch.setattr(datasets, "_parquet_files", counted)
+    server = blocks.BlockServer()
+    files = blocks.data_files(str(tmp_path))
+    assert server.load(str(tmp_path), [7, 2, 5], [100, 10, 60], [30, 5, 20], ["id", "x"],
+                       files) == 3
+    assert len(opened) == 1
+    for b, start, count in [(7, 100, 30), (2, 10, 5), (5, 60, 20)]:
+        assert server.blocks[b].column("id").to_pylist() == list(range(start, start + count))
+        assert server.blocks[b].column("x").to_pylist() == [2.0 * i for i in
+                                                            range(start, start + count)]
+
+
+def test_read_rows_keeps_the_order_asked_sorted_or_not(tmp_path):
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from pipeline.data.datasets import read_rows
+
+    pq.write_table(pa.table({"id": pa.array(np.arange(50))}), tmp_path / "t.parquet",
+                   row_group_size=7)
+    ds = pads.dataset(tmp_path / "t.parquet")
+    for positions in ([3, 3, 10, 49], [49, 3, 10, 3], [0], list(range(50))[::-1]):
+        assert read_rows(ds, np.array(positions), ["id"]).column("id").to_pylist() == positions

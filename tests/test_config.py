@@ -330,10 +330,10 @@ def test_a_sweep_may_rank_by_every_metric_a_run_of_its_config_logs():
     for unmeasured in (["train.noise_scale=false"],  # off, or no small batch beside the global
                        ["scaling.num_workers=1", "train.micro_batch_size=null"],
                        ["train.loss=nt_xent", "model.name=mlp"]):  # no per-sample sum
-        cfg = load_config(DIGITS, [space, "tune.metric=noise_scale", *unmeasured])
+        cfg = resolve(load_config(DIGITS, [space, "tune.metric=noise_scale", *unmeasured]))[0]
         with pytest.raises(ConfigError, match=r"only when train.noise_scale=true with several "
                                               r"workers or micro-batches"):
-            resolve(cfg)
+            cfg.check_tune()  # (`tune`'s check_trials; `train` runs the config as one job)
     one_worker_two_micro = ["scaling.num_workers=1", "train.micro_batch_size=32"]
     cfg, _ = resolve(load_config(DIGITS, [space, "tune.metric=noise_scale", *one_worker_two_micro]))
     assert cfg.accumulation_steps() == 2 and "noise_scale" in cfg.logged_metrics()

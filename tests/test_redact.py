@@ -87,7 +87,7 @@ def test_a_run_started_with_secrets_around_has_none_of_them(mlflow_server, monke
     assert run.data.params["train.epochs"] == params["train.epochs"]  # the rest as it was
 
 
-def test_a_tracking_server_behind_basic_auth_is_reachable_with_the_uris_credentials():
+def test_a_tracking_server_behind_basic_auth_is_reachable_with_the_uris_credentials(monkeypatch):
     """`http://user:password@host` is how MLflow's client (requests) is given basic auth: the
     reachability probe takes it the same way (urllib could not, and called the server away)."""
     import base64
@@ -114,6 +114,11 @@ def test_a_tracking_server_behind_basic_auth_is_reachable_with_the_uris_credenti
         assert server_reachable(f"http://alice:s3cret-pw@127.0.0.1:{port}")
         assert not server_reachable(f"http://alice:wrong@127.0.0.1:{port}")
         assert not server_reachable(f"http://127.0.0.1:{port}")
+        # MLflow's own settings reach the probe as they reach its client (a token here; the
+        # TLS ones the same way): a bare request called such a server away, and no run was made
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")
+        assert server_reachable(f"http://127.0.0.1:{port}")
     finally:
         server.shutdown()
         server.server_close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.abc
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -126,6 +127,9 @@ def files(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("refusals")
     tokens, targets = _sequences()
     bad_tokens, _ = _sequences(first_token=-3)
+    huge_tokens, huge_targets = _sequences(first_token=10**12)  # (target: 10**12 % 5 = 0)
+    huge_targets = pa.ListArray.from_arrays(huge_targets.offsets, pa.array(
+        [10**9, *huge_targets.values.to_pylist()[1:]]))
     short_targets = pa.array([t[:-1] for t in targets.to_pylist()])
     label = pa.array(_labels())
     tables = {
@@ -135,6 +139,8 @@ def files(tmp_path_factory) -> dict[str, str]:
         "seq": {"tokens": tokens, "targets": targets, "y": label},
         "both": {"x": _vectors(16), "tokens": tokens, "y": label},
         "neg_token": {"tokens": bad_tokens, "y": label},
+        "huge_token": {"tokens": huge_tokens, "y": label},
+        "huge_target": {"tokens": tokens, "targets": huge_targets, "y": label},
         "misaligned": {"tokens": tokens, "targets": short_targets, "y": label},
         "half_labels": {"x": _vectors(16), "y": pa.array(_labels() + 0.5)},
         "neg_labels": {"x": _vectors(16), "y": pa.array(_labels() - 1)},
@@ -158,6 +164,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     for name, columns in tables.items():
         out[name] = str(root / f"{name}.parquet")
         pq.write_table(pa.table(columns), out[name])
+    damaged = bytearray(Path(out["vec16"]).read_bytes())  # its first page header overwritten:
+    damaged[4:60] = b"\xff" * 56  # the footer (schema, row count) still reads
+    (root / "damaged_page.parquet").write_bytes(bytes(damaged))
+    out["damaged_page"] = str(root / "damaged_page.parquet")
     (root / "bad.yaml").write_text("train:\n  epochs: [1, 2\n")  # an unclosed list
     (root / "list.yaml").write_text("- train\n- data\n")  # YAML, but not a mapping
     (root / "latin1.yaml").write_bytes("data:\n  name: digits  # d\xe9j\xe0\n".encode("latin-1"))
@@ -320,6 +330,26 @@ CASES = [
      "data.label_column='y'"),
     ("negative-token", s("data.path={neg_token}", "data.sequence_column=tokens",
                          "data.label_column=y"), "data.sequence_column='tokens'"),
+    # a vocabulary of 10**12 + 1 (an embedding of 256 TB, on every worker) or a head of 10**9
+    ("huge-token", s("data.path={huge_token}", "data.sequence_column=tokens",
+                     "data.label_column=y"),
+     "data.sequence_column='tokens' holds the token id 1000000000000; the model's vocabulary "
+     "is ids 0..V-1, V at most 16,777,216"),
+    ("huge-target", [*SEQ, *s("data.path={huge_target}", "data.target_column=targets",
+                              "train.loss=token_cross_entropy")],
+     "data.target_column='targets' holds the target 1000000000"),
+    # OSError: Couldn't deserialize thrift, a traceback (exit 1)
+    ("damaged-page", [*VEC, *s("data.path={damaged_page}")],
+     "damaged_page.parquet could not be read (Couldn't deserialize thrift"),
+    # OverflowError (numpy int64) in the planners, a traceback
+    ("max-length-huge", ["--config", DIGITS, *s("batching.max_length=100000000000000000000000")],
+     "batching.max_length: Input should be less than or equal to 2147483647"),
+    # two views of one sample: the loss and every gradient exactly 0, each step a no-op
+    ("nt-xent-batch-of-one", ["--config", DIGITS, *s(
+        "train.loss=nt_xent", "batching.strategy=contrastive", "model.name=mlp",
+        "train.global_batch_size=1", "train.micro_batch_size=null", "scaling.num_workers=1")],
+     "train.loss=nt_xent contrasts each sample with the others of its batch: "
+     "train.global_batch_size=1 has none (2 at least)"),
     ("misaligned-targets", [*SEQ, *s("data.path={misaligned}", "data.target_column=targets",
                                      "train.loss=token_cross_entropy")],
      "data.target_column='targets'"),
@@ -329,6 +359,12 @@ CASES = [
     ("balanced-classes-not-dividing", [*VEC, *s("batching.strategy=balanced",
                                                "train.global_batch_size=10",
                                                "train.micro_batch_size=null")], "divisible"),
+    # said "global_batch_size (32)" of a config whose train.global_batch_size is 320
+    ("balanced-unit-batch-not-dividing", ["--config", DIGITS, *s(
+        "batching.strategy=balanced", "train.batch_size_schedule=warmup",
+        "train.batch_size_min=32", "train.global_batch_size=320",
+        "train.batch_size_warmup_steps=10")],
+     "(the batch planned is train.batch_size_min=32 under train.batch_size_schedule=warmup)"),
     ("empty-train-split", s("data.path={three}", "data.feature_column=x", "data.label_column=y",
                             "data.val_fraction=0.6", "train.global_batch_size=2",
                             "batching.drop_last=false"), "data.val_fraction"),
@@ -408,14 +444,14 @@ CASES = [
     ("ce-without-labels", [*VEC, *s("data.label_column=null")], "data.label_column"),
     # -- tune
     ("tune-metric-typo", ["--config", DIGITS, *s("tune.metric=val_acc")], "tune.metric"),
-    ("tune-metric-not-logged", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0")],
+    ("space-metric-not-logged", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0")],
      "tune.metric='val_accuracy'"),
-    ("tune-metric-not-logged-here", ["--config", DIGITS, *s(SWEEP, "tune.metric=tokens_per_s")],
+    ("space-metric-not-logged-here", ["--config", DIGITS, *s(SWEEP, "tune.metric=tokens_per_s")],
      "tune.metric='tokens_per_s'"),
-    ("tune-metric-noise-off", ["--config", DIGITS, *s(SWEEP, "tune.metric=noise_scale",
+    ("space-metric-noise-off", ["--config", DIGITS, *s(SWEEP, "tune.metric=noise_scale",
                                                       "train.noise_scale=false")],
      "tune.metric='noise_scale'"),
-    ("target-other-accuracy", ["--config", DIGITS, *s(SWEEP, "tune.metric=train_accuracy")],
+    ("space-target-other-accuracy", ["--config", DIGITS, *s(SWEEP, "tune.metric=train_accuracy")],
      "tune.target_accuracy"),
     ("space-unknown-key", ["--config", DIGITS,
                            *s('tune.search_space={"train.nosuch": {"grid": [1, 2]}}')],
@@ -483,12 +519,12 @@ CASES = [
     ("tracking-no-scheme", ["--config", DIGITS, *s("tracking.uri=127.0.0.1:5000")],
      "tracking.uri=127.0.0.1:5000: a path is MLflow's file store"),
     # ASHA kept the highest-loss trials and the report tagged the worst trial best
-    ("tune-mode-against-the-metric", ["--config", DIGITS, *s(SWEEP, "tune.metric=val_loss")],
+    ("space-mode-against-the-metric", ["--config", DIGITS, *s(SWEEP, "tune.metric=val_loss")],
      "tune.metric=val_loss is better when lower: set tune.mode=min (now max)"),
     # MLflow failed on it after the ingest ("unable to open database file", a traceback)
     ("tracking-sqlite-no-folder", ["--config", DIGITS, *s("tracking.uri=sqlite:////nowhere/x/m.db")],
      "tracking.uri=sqlite:////nowhere/x/m.db: the folder /nowhere/x does not exist"),
-    ("target-no-val-accuracy", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0",
+    ("space-target-no-val-accuracy", ["--config", DIGITS, *s(SWEEP, "data.val_fraction=0",
                                                        "tune.metric=train_loss",
                                                        "tune.mode=min")],
      "tune.target_accuracy"),
@@ -505,7 +541,7 @@ def test_refused_before_the_cluster(case, args, culprit, files, capsys, monkeypa
 
 @pytest.mark.parametrize("command", ["tune", "inspect-batches"])
 @pytest.mark.parametrize("case", ["micro-true", "ragged-vectors", "cnn-on-sequences",
-                                  "option-typo", "tune-metric-not-logged", "config-malformed",
+                                  "option-typo", "tune-metric-typo", "config-malformed",
                                   "resume-nothing"])
 def test_every_command_refuses(command, case, files, capsys, monkeypatch, data_dir, tmp_path):
     _, args, culprit = next(c for c in CASES if c[0] == case)
@@ -598,3 +634,39 @@ def test_sync_batchnorm_is_refused_only_where_micro_batch_counts_can_differ(caps
         argv = ["train", "--config", DIGITS, *s(*gpu, *extra)]
         with pytest.raises(Reached):
             cli.run(argv)
+
+
+def test_a_sweeps_own_settings_do_not_refuse_a_job_of_its_config(data_dir):
+    """`train` and `inspect-batches` run a sweep's config as one job (a note says its search
+    space is not used): a tune.metric that job does not log is no reason to refuse it (it was:
+    "tune.metric='val_accuracy' is not logged by this run"); `tune` still refuses it."""
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+
+    cfg, _ = resolve(load_config(DIGITS, [SWEEP, "data.val_fraction=0"]))
+    assert cfg.data.val_fraction == 0 and cfg.tune.search_space
+
+
+def test_token_level_data_needs_no_label_column(files):
+    """A dataset of tokens and per-token targets has no `label` column, and a token-level
+    loss reads none: the default `data.label_column: label` is left unset for it (it was
+    refused as "not a column"); a loss or a strategy that reads labels still refuses it."""
+    import pyarrow.dataset as pads
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.data.datasets import resolve
+
+    tokens_only = Path(files["seq"]).with_name("tokens_only.parquet")
+    pq.write_table(pads.dataset(files["seq"]).to_table(columns=["tokens", "targets"]), tokens_only)
+    sets = [f"data.path={tokens_only}", "data.sequence_column=tokens",
+            "data.target_column=targets", "model.name=seq_transformer"]
+    cfg, info = resolve(load_config(None, [*sets, "train.loss=token_cross_entropy"]))
+    assert cfg.data.label_column is None and info.filled == {"data.label_column": "label"}
+    # a sweep's trial, filled again from the config as given: none either (the sweep's blocks
+    # hold no such column)
+    from pipeline.tune.space import trial_config
+
+    assert trial_config(cfg, info, {"train.base_lr": 0.2})[0].data.label_column is None
+    for reads_labels in ("train.loss=cross_entropy", "batching.strategy=stratified"):
+        with pytest.raises(ConfigError, match="data.label_column='label' is not a column"):
+            resolve(load_config(None, [*sets, "train.loss=token_cross_entropy", reads_labels]))

@@ -332,3 +332,77 @@ def test_a_resume_without_the_runs_state_is_refused(started, capsys, monkeypatch
                          "config, MLflow run and checkpoint folder): a resume could not check "
                          "that it continues the same training; start a new run in another "
                          "--out\n")
+
+
+def test_a_resume_on_changed_data_is_refused_naming_the_change(tmp_path, capsys, monkeypatch):
+    """The checkpoints belong to the data the run started on: rows appended (here 30, two of
+    a new class) made the resumed workers fail to load the weights in every restart (a
+    traceback, exit 1) -- or, with no new class, train on another split without a word."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.datasets import data_fingerprint, make_digits
+
+    data = tmp_path / "d.parquet"
+    table = make_digits()
+    pq.write_table(table, data)
+    sets = [f"data.path={data}", "data.feature_column=features"]
+    cfg, info = resolve(load_config(DIGITS, sets))
+    out = tmp_path / "out"
+    (out / "ray_results").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({
+        "mlflow_run_id": "r", "tracking_uri": "http://127.0.0.1:9", "config": cfg.to_dict(),
+        "checkpoints": "", "data": data_fingerprint(info)}))
+    save_checkpoint(out / "ray_results" / "train-x" / "checkpoint_0", {"step": 22, "epoch": 0})
+    monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
+    extra = table.slice(0, 30)
+    labels = extra.column("label").to_pylist()
+    grown = pa.concat_tables([table, extra.set_column(
+        extra.schema.get_field_index("label"), "label",
+        pa.array([10, 10, *labels[2:]], table.schema.field("label").type))])
+    pq.write_table(grown, data)
+    argv = ["train", "--config", DIGITS, "--out", str(out), "--resume"]
+    for o in sets:
+        argv += ["--set", o]
+    rc = cli.run(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"data error: --resume: the data changed since the run started: "
+                          f"{len(grown)} rows ({len(table)} when the run started)"), err
+    # the same files elsewhere (`ray job submit` uploads the working directory to a new place
+    # on each submit) are the same data
+    moved = tmp_path / "elsewhere"
+    (moved / "part").mkdir(parents=True)
+    pq.write_table(table, moved / "part" / "d.parquet")
+    pq.write_table(table, data)
+    assert data_fingerprint(resolve(load_config(DIGITS, [
+        f"data.path={moved / 'part'}", "data.feature_column=features"]))[1]) == \
+        data_fingerprint(info)
+
+
+def test_a_resume_may_change_the_workers_of_a_step_cost_read_from_the_finders_file(
+        tmp_path, monkeypatch):
+    """train.batch_size_throughput's cost is the file's per-worker cost times the workers: a
+    resume on another cluster shape (which it may change) refills it -- it was refused as "the
+    config differs ... in train.batch_size_step_cost", a key the user never set."""
+    from pipeline.resume import resume_point
+
+    fbs = tmp_path / "find_batch_size.json"
+    fbs.write_text(json.dumps({"step_cost_per_worker": 10.0}))
+    sets = ["train.batch_size_schedule=adaptive", "train.batch_size_min=32",
+            "train.global_batch_size=256", f"train.batch_size_throughput={fbs}"]
+    before, _ = resolve(load_config(DIGITS, [*sets, "scaling.num_workers=2"]))
+    now, _ = resolve(load_config(DIGITS, [*sets, "scaling.num_workers=4"]))
+    assert (before.train.batch_size_step_cost, now.train.batch_size_step_cost) == (20.0, 40.0)
+    storage = tmp_path / "ray_results"
+    save_checkpoint(storage / "train-x" / "checkpoint_0", {"step": 8, "epoch": 0})
+    cfg, _, changed = resume_point(now, storage, {"config": before.to_dict()})
+    assert cfg.scaling.num_workers == 4 and set(changed) == {"scaling.num_workers",
+                                                            "train.batch_size_step_cost"}
+    # the file measured again meanwhile (another c per worker): c would change mid-run
+    fbs.write_text(json.dumps({"step_cost_per_worker": 12.0}))
+    remeasured, _ = resolve(load_config(DIGITS, [*sets, "scaling.num_workers=4"]))
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"differs from the run's in train.batch_size_step_cost"):
+        resume_point(remeasured, storage, {"config": before.to_dict()})

@@ -157,6 +157,17 @@ def test_a_resume_sends_the_points_its_earlier_part_could_not_or_keeps_them(mlfl
     kept = list(tmp_path.glob("tracking-*.json"))
     assert not unsent.exists() and len(kept) == 1
     assert json.loads(kept[0].read_text())["points"] == points
+    # What a --resume relies on (`run_training` passes park=not resume; its own path needs a
+    # DeferredRun actor, not exercised here): a tracking.json that names no run, not parked,
+    # stays in place and goes to the run once one exists (the job's end: `_kept_at_end`);
+    # parked, it named no run and was never sent.
+    kept[0].unlink()
+    unsent.write_text(json.dumps({"metrics_unsent": 3, "points": points}))
+    _send_kept_points(unsent, mlflow_server, None, park=False)
+    assert unsent.exists() and not list(tmp_path.glob("tracking-*.json"))
+    later = c.create_run(c.get_experiment_by_name("test-resume-sends").experiment_id).info.run_id
+    _send_kept_points(unsent, mlflow_server, later, park=False)
+    assert len(c.get_metric_history(later, "train_loss")) == 3
 
 
 def test_points_kept_for_a_run_go_to_that_run_whatever_job_starts_next(mlflow_server, tmp_path):

@@ -138,6 +138,8 @@ def test_parent_artifacts_and_files(sweep):
         points = [(step_at[m.step], m.value) for m in client.get_metric_history(run, "val_accuracy")]
         points += [(m.step, m.value) for m in client.get_metric_history(run, "step/val_accuracy")]
         assert trial["steps_to_target"] == min(st for st, v in points if v >= 0.5), points
+        below = [st for st, v in points if st < trial["steps_to_target"]]  # validations before
+        assert trial["steps_before_target"] == (max(below) + 1 if below else 1), points
 
 
 def test_a_one_worker_trial_trains_in_its_actor_as_a_job_would(sweep, tmp_path):

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -650,7 +651,7 @@ def test_a_trial_fills_its_step_cost_without_the_throughput_file(tmp_path, monke
     node: the throughput file the sweep's config names (relative, here) is read once by the
     driver, and each trial's step cost comes from that reading."""
     from pipeline.data.datasets import resolve
-    from pipeline.tune.space import trial_config
+    from pipeline.tune.space import trial_config, with_absolute_paths
 
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "fbs.json").write_text(json.dumps({"step_cost_per_worker": 7.0}))
@@ -659,10 +660,16 @@ def test_a_trial_fills_its_step_cost_without_the_throughput_file(tmp_path, monke
         "train.batch_size_throughput=runs/fbs.json", "train.batch_size_schedule=adaptive",
         "train.batch_size_min=32", "train.micro_batch_size=16",
         'tune.search_space={"scaling.num_workers": {"grid": [1, 2]}}']))
+    given = with_absolute_paths(cfg)  # as run_sweep gives it to the trials (from the driver)
     monkeypatch.chdir(tmp_path / "runs")  # (Tune's trial folder: the relative path is not there)
     costs = [trial_config(cfg, info, {"scaling.num_workers": w})[0].train.batch_size_step_cost
              for w in (1, 2)]
     assert costs == [7.0, 14.0]
+    # its paths made absolute, on a node without the file: the driver's reading still serves
+    (tmp_path / "runs" / "fbs.json").unlink()
+    assert given.train.batch_size_throughput == str(tmp_path / "runs" / "fbs.json")
+    assert trial_config(given, info, {"scaling.num_workers": 2})[0].train.batch_size_step_cost \
+        == 14.0
 
 
 def test_seeds_are_repeats_the_critical_batch_takes_their_median():
@@ -715,3 +722,189 @@ def test_the_final_accuracy_plot_keeps_early_stopped_trials_off_its_lines(tmp_pa
     accuracy_vs_batch_plot(df, tmp_path / "acc.png")
     assert _lines(figures[0]) == [("lr_scaling=linear", [32, 128], [0.90, 0.97]),
                                   ("stopped early (ASHA): its last epoch", [512], [0.60])]
+
+
+def _curve(to_target, **columns):
+    return pd.DataFrame({"train.global_batch_size": [32, 64, 128, 256, 512][:len(to_target)],
+                         "steps_to_target": to_target, **columns})
+
+
+def test_the_knee_is_fitted_to_relative_errors_not_set_by_the_smallest_batches():
+    """Steps halve up to 128 and stop falling: unweighted, the line through (1/B, S) is set by
+    the small batches' large counts and puts the knee at 215; fitted to relative errors
+    (weights 1/S) at 128, where the curve turns. On the paper's own curve both are exact."""
+    from pipeline.tune.analysis import critical_batch
+
+    fit = critical_batch(_curve([200, 100, 50, 50, 50]))
+    assert fit["verdict"] == "knee" and fit["b_crit"] == pytest.approx(128.0, abs=1.0)
+    exact = critical_batch(_curve([50 * (1 + 100 / b) for b in (32, 64, 128, 256, 512)]))
+    assert exact["b_crit"] == pytest.approx(100.0) and exact["s_min"] == pytest.approx(50.0)
+    assert exact["rough"] is None
+
+
+def test_steps_that_stop_falling_at_the_largest_batches_are_not_called_beyond():
+    """The line puts the knee past 512 (the small batches scale perfectly), but from 256 to
+    512 the steps did not fall: not "more workers still buy fewer steps there"."""
+    from pipeline.tune.analysis import critical_batch, critical_batch_sentence
+
+    fit = critical_batch(_curve([400, 200, 100, 50, 50]))
+    assert fit["verdict"] == "levels_off" and fit["levels_at"] == 256
+    assert fit["last_saving"] == (256, 512, 0.0)
+    said = critical_batch_sentence(fit, None, 0.95)
+    assert said == ("Steps to val_accuracy >= 0.95 fall with the batch up to about 256, then "
+                    "little: from 256 to 512 they fall by only 0% (perfect scaling: 50%). The "
+                    "critical batch is about 256: beyond it, more workers buy few steps.")
+    # A last doubling that saves what a knee at 512 would (a third: S_512 / S_256 = 2/3) or
+    # more is still "beyond".
+    assert critical_batch(_curve([400, 200, 100, 60, 40]))["verdict"] == "beyond"
+    assert critical_batch(_curve([400, 200, 100, 60, 41]))["verdict"] == "levels_off"
+
+
+def test_a_batch_that_trained_past_the_largests_count_without_reaching_it_is_evidence():
+    """512 trained 60 steps, more than the 35 that 256 needed, and never reached the target:
+    its steps to it are more than 60, so the steps stopped falling -- not "not measured, at
+    least 256". Had it trained only 30 steps, it would say nothing."""
+    from pipeline.tune.analysis import critical_batch, critical_batch_sentence
+
+    over = critical_batch(_curve([280, 140, 70, 35, None], steps=[880, 440, 220, 110, 60]))
+    assert over["verdict"] == "levels_off" and over["overrun"] == (512, 60, 35.0)
+    assert over["levels_at"] == 256 and over["missed"] == [512]
+    assert ("batch 512 trained 60 steps without reaching it, more than the 35 batch 256 "
+            "needed" in critical_batch_sentence(over, None, 0.95))
+    short = critical_batch(_curve([280, 140, 70, 35, None], steps=[880, 440, 220, 110, 30]))
+    assert short["verdict"] == "beyond"
+
+
+def test_a_knee_says_how_far_validation_spacing_moves_it_and_when_the_line_fits_badly():
+    """Steps to the target are counted to the first validation that reached it; the crossing
+    lies after the validation before. The knee of each bound is given as a range. A point 46%
+    off the line is named. Doubling from B_crit costs 1.5 times the samples (2 E_min ->
+    3 E_min under S = S_min (1 + B_crit / B)), not twice."""
+    from pipeline.tune.analysis import critical_batch, critical_batch_sentence
+
+    upper = [50 * (1 + 100 / b) for b in (32, 64, 128, 256)]  # knee 100 exactly
+    low = [u - 60 * 32 / b for u, b in zip(upper, (32, 64, 128, 256), strict=True)]  # an epoch of 1,920
+    fit = critical_batch(_curve(upper, steps_before_target=low))
+    assert fit["verdict"] == "knee" and fit["b_crit"] == pytest.approx(100.0)
+    lo, hi = fit["b_crit_range"]
+    assert hi == pytest.approx(100.0) and lo < 90  # (50 + 1,920 / B: S_min 50, B_crit 61.6)
+    assert lo == pytest.approx(critical_batch(_curve(low))["b_crit"])
+    said = critical_batch_sentence(fit, None, 0.95)
+    assert f"about 100 ({lo:.0f} to 100 for the target crossed anywhere between validations;" in said
+    assert "for 1.5 times the samples." in said
+    rough = critical_batch(_curve([100, 40, 70, 35]))
+    assert rough["verdict"] == "knee" and rough["rough"][:2] == (128, 70.0)
+    assert (f"The line fits roughly: it puts batch 128 at {rough['rough'][2]:.0f} steps, where "
+            "70 were measured." in critical_batch_sentence(rough, None, 0.95))
+
+
+def test_one_config_trained_twice_counts_once_and_a_negative_noise_scale_is_no_estimate():
+    """A random search can draw the same (batch, seed) twice: one run, not two seeds (with
+    [40, 40, never] the median said 64 reached the target in 1 of 2 distinct orders)."""
+    from pipeline.tune.analysis import critical_batch, critical_batch_sentence
+
+    df = pd.DataFrame({"train.global_batch_size": [32, 32, 64, 64, 64],
+                       "batching.seed": [0, 1, 0, 0, 1],
+                       "steps_to_target": [80, 90, 40, 40, None]})
+    assert critical_batch(df)["missed"] == [64]
+    fit = critical_batch(_curve([100, 40]))
+    assert "noise" not in critical_batch_sentence(fit, -3.4, 0.95)
+    assert "about 3 samples" in critical_batch_sentence(fit, 3.4, 0.95)
+
+
+def test_the_steps_plot_takes_seeds_at_their_median_and_leaves_failed_trials_out():
+    from pipeline.tune.analysis import _best_per_point
+
+    df = pd.DataFrame({"train.global_batch_size": [32, 32, 32, 128, 128, 128, 512],
+                       "batching.seed": [1, 2, 3, 1, 2, 3, 1],
+                       "steps_to_target": [100, 110, 120, 30, 90, 95, 20],
+                       "val_accuracy": [0.9, 0.91, 0.92, 0.95, 0.9, 0.91, 0.4],
+                       "status": ["TERMINATED"] * 6 + ["ERROR"]})
+    steps = _best_per_point(df, "steps_to_target", best="min", rule="train.lr_scaling")
+    assert steps[["train.global_batch_size", "steps_to_target"]].values.tolist() == [[32, 110],
+                                                                                     [128, 90]]
+    acc = _best_per_point(df, "val_accuracy", best="max", rule="train.lr_scaling")
+    assert acc["val_accuracy"].tolist() == [0.91, 0.91]  # no batch 512: it failed
+
+
+def test_steps_before_target_bound_the_crossing():
+    from pipeline.tune.analysis import steps_before_target
+
+    h = pd.DataFrame({"step": [5, 10, 15, 20], "val_accuracy": [0.5, None, 0.8, 0.97]})
+    assert steps_before_target(h, 0.9) == 16 and steps_before_target(h, 0.8) == 6
+    assert steps_before_target(h, 0.4) == 1 and steps_before_target(h, 0.99) is None
+
+
+def test_a_trial_that_reads_its_own_data_finds_a_relative_path_from_tunes_trial_folder(
+        tmp_path, monkeypatch):
+    """A swept `data.split_seed` (a seed key the report takes medians over) or `data.path` makes
+    each trial resolve its own data, in Tune's trial folder: a relative path passed the
+    driver's checks and then failed in every trial ("data.path does not exist"). The sweep
+    gives its trials the paths made absolute where it started."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.datasets import make_digits, resolve
+    from pipeline.tune.space import check_trials, trial_config, with_absolute_paths
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "trial").mkdir()
+    for name in ("a", "b"):
+        pq.write_table(make_digits(), tmp_path / "d" / f"{name}.parquet")
+    monkeypatch.chdir(tmp_path)
+    for space in ('{"data.split_seed": {"grid": [0, 1]}}',
+                  '{"data.path": {"grid": ["d/a.parquet", "d/b.parquet"]}}'):
+        cfg, info = resolve(load_config(None, [
+            "data.path=d/a.parquet", "data.feature_column=features", f"tune.search_space={space}"]))
+        assert len(check_trials(cfg, info)) == 2
+        given = with_absolute_paths(cfg)  # what run_sweep hands to the trials
+        key, values = next(iter(given.tune.search_space.items()))
+        monkeypatch.chdir(tmp_path / "trial")
+        for value in values["grid"]:
+            trial, trial_info = trial_config(given, info, {key: value})
+            assert Path(trial_info.uri).parent == tmp_path / "d"
+        monkeypatch.chdir(tmp_path)
+
+
+def test_grid_values_are_taken_as_their_keys_type_so_a_repeat_is_seen():
+    """YAML 1.1 reads `1e-4` (no point) as text; the config reads it as 0.0001: [1e-4, 0.0001]
+    lists one LR twice (two trials of the same weights), refused as such."""
+    from pipeline.data.datasets import resolve
+    from pipeline.tune.space import check_trials, parse_search_space
+
+    cfg = load_config(None, ['tune.search_space={"train.base_lr": {"grid": ["1e-4", 0.001]}}'])
+    assert parse_search_space(cfg)["train.base_lr"] == ("grid", [0.0001, 0.001])
+    with pytest.raises(ConfigError, match=r"train.base_lr lists 0.0001 more than once"):
+        check_trials(*resolve(load_config(None, [
+            'tune.search_space={"train.base_lr": {"grid": ["1e-4", 0.0001]}}'])))
+
+
+def test_a_swept_dict_valued_key_is_a_setting_of_its_own_in_the_analysis(tmp_path):
+    """`model.kwargs` swept as a whole: the table holds dicts, which the analysis compares as
+    text (its de-duplication raised "unhashable type: 'dict'" after every trial had trained)."""
+    from pipeline.tune.analysis import critical_batch
+
+    df = pd.DataFrame({"train.global_batch_size": [32, 64, 32, 64],
+                       "model.kwargs": [{"hidden": 8}, {"hidden": 8}, {"hidden": 16},
+                                        {"hidden": 16}],
+                       "steps_to_target": [100, 50, 90, 60],
+                       "val_accuracy": [0.9] * 4, "status": ["TERMINATED"] * 4})
+    assert critical_batch(df)["points"] == 2
+    steps_vs_batch_plot(df, tmp_path / "s.png", target=0.9)
+    accuracy_vs_batch_plot(df, tmp_path / "a.png")
+
+
+def test_a_sweep_json_of_before_absolute_paths_still_resumes(tmp_path, monkeypatch):
+    """A sweep.json written with the config's relative paths (before the sweep made them
+    absolute) is compared as the sweep would now give it, not refused as "differs in
+    data.path"; another path is still refused."""
+    from pipeline.tune.space import with_absolute_paths
+    from pipeline.tune.sweep import _load_state
+
+    monkeypatch.chdir(tmp_path)
+    sets = ["data.path=d/a.parquet", 'tune.search_space={"train.base_lr": {"grid": [0.1, 0.2]}}']
+    old = load_config(None, sets)
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "s", "config": old.to_dict()}))
+    assert _load_state(tmp_path / "sweep.json", with_absolute_paths(old))["name"] == "s"
+    other = with_absolute_paths(load_config(None, [*sets, "data.path=d/b.parquet"]))
+    with pytest.raises(ConfigError, match="differs from the sweep's in data.path"):
+        _load_state(tmp_path / "sweep.json", other)

@@ -226,6 +226,9 @@ def check_sequences(batches: Iterable[pa.RecordBatch | pa.Table], key: str,
             lo, hi = pc.min_max(values).values()
             if lo.as_py() < 0:
                 raise ConfigError(f"data error: {key} holds a negative token id ({lo.as_py()})")
+            if hi.as_py() >= MAX_CLASSES:  # (the embedding has a row per id up to the largest)
+                raise ConfigError(f"data error: {key} holds the token id {hi.as_py()}; the "
+                                  f"model's vocabulary is ids 0..V-1, V at most {MAX_CLASSES:,}")
             max_token = max(max_token, hi.as_py())
         if target_key is None:
             continue
@@ -242,6 +245,9 @@ def check_sequences(batches: Iterable[pa.RecordBatch | pa.Table], key: str,
             if lo.as_py() < 0:
                 raise ConfigError(f"data error: {target_key} holds a negative target "
                                   f"({lo.as_py()}); only {IGNORE_INDEX} (ignored) may be negative")
+            if hi.as_py() >= MAX_CLASSES:  # (the output head has a row per class)
+                raise ConfigError(f"data error: {target_key} holds the target {hi.as_py()}; "
+                                  f"targets are class ids 0..K-1, K at most {MAX_CLASSES:,}")
             max_target = max(max_target if max_target is not None else -1, hi.as_py())
     return int(max_token), max_target
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError, flatten
+from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError, DataConfig, flatten
 from pipeline.data.batches import (
     SampleTable,
     check_sequences,
@@ -156,10 +157,58 @@ class DatasetInfo:
         return {**self.__dict__, "small": None}
 
 
-# What `resolve` may fill in: the embedded datasets' columns, `model.name: auto`, and the step
-# cost from `train.batch_size_throughput`'s file (for the config's worker count).
-FILLED_KEYS = ("data.feature_column", "data.sequence_column", "data.target_column", "model.name",
+# What `resolve` may fill in: the embedded datasets' columns, `model.name: auto`, the step
+# cost from `train.batch_size_throughput`'s file (for the config's worker count), and no label
+# column for data without the default one where nothing reads labels.
+FILLED_KEYS = ("data.feature_column", "data.sequence_column", "data.target_column",
+               "data.label_column", "model.name",
                "train.batch_size_step_cost")
+
+
+def data_fingerprint(info: DatasetInfo) -> dict[str, Any]:
+    """What a `--resume` compares to know the data is the one its checkpoints were trained on
+    (kept in run.json): the row count, each file's path and size (a listing: no file is read)
+    and the facts the model is built from. A row appended changes the split and the batches
+    (or the model's shape: a traceback in every restarted worker); a value changed in place,
+    the file's size, most likely."""
+    ds = pads.dataset(info.uri, format="parquet")
+    files = ds.filesystem.get_file_info(list(ds.files))
+    # named from the dataset's folder: the same data elsewhere is the same (`ray job submit`
+    # uploads the working directory to a new place on every submit)
+    root = posixpath.commonpath([posixpath.dirname(f.path) for f in files]) if files else ""
+    return {"rows": int(info.num_rows), "facts": dict(info.facts),
+            "files": [[posixpath.relpath(f.path, root) if root else f.path, int(f.size)]
+                      for f in files]}
+
+
+def data_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """What differs between two `data_fingerprint`s, in words (None: nothing).
+
+    >>> a = {"rows": 10, "files": [["d/a.parquet", 100]], "facts": {"max_label": 9}}
+    >>> data_change(a, a) is None
+    True
+    >>> data_change(a, {**a, "rows": 12})
+    '12 rows (10 when the run started)'
+    >>> data_change(a, {**a, "files": [["d/a.parquet", 104]]})
+    'd/a.parquet is 104 bytes (100 when the run started)'
+    >>> data_change(a, {**a, "facts": {"max_label": 10}})
+    'max_label is 10 (9 when the run started)'
+    """
+    if before["rows"] != now["rows"]:
+        return f"{now['rows']} rows ({before['rows']} when the run started)"
+    old, new = dict(map(tuple, before["files"])), dict(map(tuple, now["files"]))
+    if list(old) != list(new):
+        return (f"its files are {', '.join(list(new)[:5])}{' ...' if len(new) > 5 else ''} "
+                f"({', '.join(list(old)[:5])}{' ...' if len(old) > 5 else ''} when the run "
+                "started)")
+    for path, size in new.items():
+        if old[path] != size:
+            return f"{path} is {size} bytes ({old[path]} when the run started)"
+    for key in sorted(set(before["facts"]) | set(now["facts"])):
+        if before["facts"].get(key) != now["facts"].get(key):
+            return (f"{key} is {now['facts'].get(key)} ({before['facts'].get(key)} when the run "
+                    "started)")
+    return None
 
 
 def as_given(cfg: Config, info: DatasetInfo) -> Config:
@@ -172,7 +221,20 @@ def refill(cfg: Config, info: DatasetInfo) -> Config:
     """What `resolve` fills in, for a config (as given, with a sweep trial's overrides) of the
     dataset `info` describes -- without reading it again: the trial keeps the sweep's data."""
     cfg = _fill_step_cost(_fill_embedded_columns(cfg), getattr(info, "step_costs", None))
+    cfg = _fill_label_column(cfg, info.columns)
     return _pick_model(cfg, embedded_digits=_embedded_digits(cfg), width=info.facts.get("input_dim"))
+
+
+def _fill_label_column(cfg: Config, columns: tuple[str, ...]) -> Config:
+    """No `data.label_column` where it is the default, the data has no such column and nothing
+    the config does reads labels (a token-level dataset: tokens and targets), as the config
+    could have said."""
+    d = cfg.data
+    if (d.label_column == DataConfig.model_fields["label_column"].default
+            and d.label_column not in columns and cfg.train.loss != "cross_entropy"
+            and cfg.batching.strategy not in ("stratified", "balanced")):
+        return cfg.with_overrides({"data.label_column": None})
+    return cfg
 
 
 def _step_costs(cfg: Config) -> dict[str, float]:
@@ -183,7 +245,8 @@ def _step_costs(cfg: Config) -> dict[str, float]:
         return {}
     from pipeline.find_batch_size import step_cost_from
 
-    return {path: step_cost_from(path, 1)}
+    cost = step_cost_from(path, 1)  # (under the path as given, and as a sweep gives it to its
+    return {path: cost, str(Path(path).expanduser().resolve()): cost}  # trials: absolute)
 
 
 def _fill_step_cost(cfg: Config, known: dict[str, float] | None = None) -> Config:
@@ -192,8 +255,8 @@ def _fill_step_cost(cfg: Config, known: dict[str, float] | None = None) -> Confi
     the config it comes from). `known`: per-worker costs already read (`DatasetInfo.step_costs`).
     `load_config` refuses a config that sets both."""
     t = cfg.train
-    if t.batch_size_throughput is None:
-        return cfg
+    if t.batch_size_throughput is None or t.batch_size_schedule != "adaptive":
+        return cfg  # (another schedule has no step cost: the setting is noted as unused)
     from pipeline.find_batch_size import step_cost_from
 
     per_worker = (known or {}).get(t.batch_size_throughput)
@@ -213,7 +276,8 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     vectors. Checked: every named column exists and holds what its key says (fixed-size
     vectors, integer class ids >= 0, token id lists with aligned targets), the model can take
     the data and the loss has its columns, the training split is not empty, every class is in
-    both splits, epoch 1 has a batch; for a sweep, `Config.check_tune`. Also filled:
+    both splits, epoch 1 has a batch (a sweep's own settings, `Config.check_tune`, are checked
+    by `check_trials` only: `train` runs a sweep's config as a job). Also filled:
     `train.batch_size_step_cost` from the `find_batch_size.json` that
     `train.batch_size_throughput` names (`_fill_step_cost`).
     """
@@ -231,9 +295,12 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         ds = pads.dataset(uri, format="parquet")
         schema = ds.schema
         num_rows = ds.count_rows()
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ConfigError(f"data error: data.path {uri} is not readable Parquet ({err})") from None
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"data error: data.path {uri} is not readable Parquet "
+                          f"({_first_line(err)})") from None
     columns = tuple(schema.names)
+    cfg = _fill_label_column(cfg, columns)
+    d = cfg.data
     named = {
         "data.feature_column": d.feature_column,
         "data.label_column": d.label_column,
@@ -260,7 +327,13 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                           f"(columns of {uri}: {', '.join(columns)})")
     if num_rows == 0:
         raise ConfigError(f"data error: {uri} has no rows")
-    facts = _scan_columns(ds, cfg)  # the only read of the data on the driver
+    try:
+        facts = _scan_columns(ds, cfg)  # the only read of the data on the driver
+    except MemoryError:  # (pyarrow's is an ArrowException too: not the data's fault)
+        raise
+    except (OSError, pa.ArrowException) as err:  # (a damaged page: Arrow's own error)
+        raise ConfigError(f"data error: data.path {uri} could not be read "
+                          f"({_first_line(err)})") from None
     cfg = _pick_model(cfg, embedded_digits=facts.embedded_digits, width=facts.width)
     _check_model_and_loss(cfg, facts)
     labels = facts.small.labels
@@ -280,13 +353,20 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         raise ConfigError(
             f"data error: train.global_batch_size={cfg.train.global_batch_size} is larger than "
             f"the {len(train)} training rows of {uri}")
-    if cfg.tune.search_space:
-        cfg.check_tune()
     before, after = flatten(given.to_dict()), flatten(cfg.to_dict())
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,
                             facts=facts.model_facts(), small=facts.small,
                             filled={k: before[k] for k in FILLED_KEYS if before[k] != after[k]},
                             step_costs=step_costs)
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's first line (pyarrow's HDFS error holds the JVM's 89).
+
+    >>> _first_line(OSError("no JVM\\nline 2")), _first_line(OSError())
+    ('no JVM', 'OSError')
+    """
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _check_files_agree(ds: pads.Dataset, named: dict[str, str | None]) -> None:
@@ -444,6 +524,8 @@ def read_rows(ds: pads.Dataset, positions: np.ndarray, columns: list[str]) -> pa
     if not parts:
         return ds.schema.empty_table().select(columns)
     table = pa.concat_tables(parts)
+    if np.all(order[1:] > order[:-1]):  # asked in row order: the rows are in it already
+        return table
     return table.take(pa.array(np.argsort(order, kind="stable")))
 
 
@@ -641,7 +723,10 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
         # Every epoch's batches (curriculum pools, epoch_samples...): none may be empty.
         sizes = epoch_sizes(cfg, st, train)
     except (ValueError, KeyError) as err:
-        raise ConfigError(f"config error: batching.strategy={b.strategy}: {err}") from None
+        unit = ("" if cfg.train.batch_size_schedule == "constant" else
+                f" (the batch planned is train.batch_size_min={cfg.plan_batch_size()} under "
+                f"train.batch_size_schedule={cfg.train.batch_size_schedule})")
+        raise ConfigError(f"config error: batching.strategy={b.strategy}: {err}{unit}") from None
     try:  # the workers' LR schedule, from the same counts
         lr_schedule(cfg, [len(s) for s in sizes])
     except ValueError as err:

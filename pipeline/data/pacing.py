@@ -68,4 +68,6 @@ def competence(
     # exponential
     if not (float(growth) >= 1.0):
         raise ValueError(f"growth must be >= 1, got {growth}")
+    if k * math.log(float(growth)) > 1.0 - math.log(c0):  # c0 growth^k > e: the whole pool
+        return 1.0  # (growth ** k overflows a float from k ~ 1,000 at growth 2)
     return min(1.0, c0 * float(growth) ** k)

@@ -47,6 +47,26 @@ def steps_to_target(history: pd.DataFrame, target: float, metric: str = "val_acc
     return None if reached.empty else int(reached["step"].iloc[0])
 
 
+def steps_before_target(history: pd.DataFrame, target: float, metric: str = "val_accuracy"
+                        ) -> int | None:
+    """The fewest steps the target may have taken: one more than the step of the validation
+    before the one `steps_to_target` counts to (1 when that was the first), or None when none
+    reached it. The crossing lies in [this, `steps_to_target`]: with validations once an epoch,
+    an interval of N / B steps at batch B.
+
+    >>> h = pd.DataFrame({"step": [22, 44, 66], "val_accuracy": [0.80, 0.93, 0.96]})
+    >>> steps_before_target(h, 0.9), steps_before_target(h, 0.7), steps_before_target(h, 0.99)
+    (23, 1, None)
+    """
+    if history.empty or metric not in history or "step" not in history:
+        return None
+    h = history.dropna(subset=[metric]).sort_values("step", kind="stable")
+    reached = np.flatnonzero((h[metric] >= target).to_numpy())
+    if not len(reached):
+        return None
+    return 1 if reached[0] == 0 else int(h["step"].iloc[reached[0] - 1]) + 1
+
+
 def at_target(history: pd.DataFrame, target: float, column: str,
               metric: str = "val_accuracy", latest: bool = False) -> float | None:
     """`column` (e.g. cumulative `samples`, `noise_scale`) at the first validation whose
@@ -75,26 +95,75 @@ def at_target(history: pd.DataFrame, target: float, column: str,
     return None if value is None or pd.isna(value) else float(value)
 
 
+def per_point(df: pd.DataFrame, value: str, by: list[str], best: str = "min"
+              ) -> tuple[pd.Series, list[str]]:
+    """One `value` per `by` group (e.g. per batch size): the best (`best`: min or max) over
+    everything else swept (any rule, LR...: each batch its best-tuned run, as Shallue et al.
+    2018 compare batch sizes), where trials that differ only in a seed (`SEED_KEYS`: data
+    orders, initialisations) count as one setting, at the median over its seeds -- for the
+    fewest steps, a seed without a value (it missed the target, or ASHA stopped it first)
+    counting as never, so a group has a value only where more than half of its seeds reached
+    it (the fewest over seeds picked the luckiest order). Where no setting was trained with two
+    seeds (a random search over a continuous key draws each once), there is no median to take:
+    the best. Trials of one and the same config (a random search can draw it twice; training
+    is deterministic) count once. Returns the values (indexed by `by`, missing groups left
+    out) and the seed columns the medians were over.
+
+    >>> d = pd.DataFrame({"train.global_batch_size": [64, 64, 64, 64],
+    ...                   "batching.seed": [1, 1, 2, 3], "steps_to_target": [40, 40, 50, None]})
+    >>> points, seeds = per_point(d, "steps_to_target", ["train.global_batch_size"])
+    >>> points.to_dict(), seeds  # [40, 50, never]: the repeated seed 1 counts once
+    ({64: 50.0}, ['batching.seed'])
+    """
+    keys = [c for c in df.columns if "." in c]  # the config keys a trial row carries
+    d = df.dropna(subset=by)
+    if keys:  # the same config twice: one run (its best reading: one ASHA may have cut short)
+        d = d.sort_values(value, ascending=best == "min", na_position="last", kind="stable")
+        d = d[~d[keys].astype(str).duplicated()]  # (as text: a swept dict is not hashable)
+    seeds = [c for c in keys if c in SEED_KEYS and d[c].nunique(dropna=False) > 1]
+    settings = [c for c in keys if c not in seeds and c not in by]
+    if seeds:
+        never = math.inf if best == "min" else math.nan  # (a missing accuracy is just missing)
+        keyed = d.assign(_v=pd.to_numeric(d[value], errors="coerce").astype(float).fillna(never),
+                         **{c: d[c].astype(str) for c in settings})
+        groups = keyed.groupby([*by, *settings], dropna=False)["_v"]
+        if not (groups.size() > 1).any():  # every setting drawn once: no repeats
+            seeds = []
+    if seeds:
+        medians = groups.median()
+        points = medians.groupby(level=list(range(len(by)))).agg(best)
+        points = points[np.isfinite(points.to_numpy(dtype=float))]
+    else:
+        points = d.dropna(subset=[value]).groupby(by)[value].agg(best).astype(float)
+    return points, seeds
+
+
 def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str, Any] | None:
     """The empirical critical batch from steps-to-target against batch size.
 
     McCandlish et al. 2018 (eq. 2.11, fig. 5): steps and samples to a given loss trade off as
-    S = S_min (1 + B_crit / B); S is linear in 1 / B, so a least-squares line through the
-    points (1 / B, S) has intercept S_min and slope S_min B_crit. B_crit is the knee: there the
-    batch needs twice the fewest steps, and doubling it from there saves at most a quarter of
-    the steps (2 S_min -> 1.5 S_min) for twice the samples. One point per batch: the fewest
-    steps over everything else swept (any rule, LR...: each batch its best-tuned run, as
-    Shallue et al. 2018 compare batch sizes), where trials that differ only in a seed
-    (`SEED_KEYS`: data orders, initialisations) count as one, at the median of their steps -- a
-    seed that missed the target (or that ASHA stopped first) counts as never, so a batch has a
-    point only where more than half of its seeds reached it (the fewest over seeds picked the
-    luckiest order). Where no setting was trained with two seeds (a random search over a
-    continuous key draws each once), there is nothing to take a median over: the fewest.
-    `verdict` says what the points allow:
+    S = S_min (1 + B_crit / B); S is linear in 1 / B, so a line through the points (1 / B, S)
+    has intercept S_min and slope S_min B_crit. The line is fitted to the relative errors
+    (weights 1 / S): the small batches' counts are the largest and the coarsest (validation
+    once an epoch counts N / B steps at a time), and unweighted they would set the line alone.
+    B_crit is the knee: there the batch needs twice the fewest steps, and doubling it from
+    there saves at most a quarter of the steps (2 S_min -> 1.5 S_min) for 1.5 times the
+    samples (2 E_min -> 3 E_min). One point per batch (`per_point`: its best setting of
+    the rest, seeds at their median). `verdict` says what the points allow:
 
     - `knee`: B_crit within the batches that reached the target (`b_crit`, `s_min`);
+      `b_crit_range`: the knees of the steps counted to the validation that reached the target
+      and of those counted from the one before (`steps_before_target`, where the table has it:
+      the crossings lie between, so the knee moves within about that range with how often the
+      trials validated); `rough`: (batch, measured, fitted) where a point lies more than 25%
+      off the line (the fit does not describe the curve well);
     - `beyond`: steps fall about in proportion to the batch up to the largest that reached the
       target (S_min about 0, or a knee past it): the critical batch is at least that;
+    - `levels_off`: the line says `beyond`, but the data say steps stopped falling at the
+      largest batches (`levels_at`): the last doubling saved less than a knee at the largest
+      batch would (`last_saving`), or a larger batch trained more steps than the largest's
+      count without reaching the target (`overrun`: that batch, the steps it trained, the
+      largest's steps to the target);
     - `below`: steps fall a little, with a knee below the smallest batch tried, or `flat`: they
       do not fall at all -- either way the critical batch is at or below the smallest batch;
     - `too_few`: fewer than two batch sizes reached the target.
@@ -119,20 +188,7 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
     if d.empty:
         return None
     tried = sorted({int(b) for b in d[BATCH]})
-    seeds = [c for c in d.columns if c in SEED_KEYS and d[c].nunique(dropna=False) > 1]
-    if seeds:  # each setting's median over its seeds (a miss: never), then the best setting
-        settings = [c for c in d.columns if "." in c and c not in seeds and c != BATCH]
-        keyed = d.assign(_steps=d[steps].astype(float).fillna(math.inf),
-                         **{c: d[c].astype(str) for c in settings})
-        groups = keyed.groupby([BATCH, *settings], dropna=False)["_steps"]
-        if not (groups.size() > 1).any():  # every setting drawn once (a random search over a
-            seeds = []  # continuous key): no repeats to take a median over
-    if seeds:
-        medians = groups.median()
-        points = medians.groupby(level=0).min()
-        points = points[np.isfinite(points.to_numpy(dtype=float))]
-    else:
-        points = d.dropna(subset=[steps]).groupby(BATCH)[steps].min()
+    points, seeds = per_point(d, steps, [BATCH])
     points.index = points.index.astype(int)
     out: dict[str, Any] = {"verdict": "too_few", "points": len(points), "b_crit": None,
                            "s_min": None, "seeds": seeds,
@@ -141,15 +197,64 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
                            "largest": int(points.index.max()) if len(points) else None}
     if len(points) < 2:
         return out
-    slope, s_min = np.polyfit(1.0 / points.index.to_numpy(dtype=float),
-                              points.to_numpy(dtype=float), 1)
-    if not slope > 1e-9 * float(points.max() * points.index.max()):  # flat, up to rounding
+    line = _fit(points)
+    if line is None:  # flat, up to rounding
         return {**out, "verdict": "flat", "s_min": float(points.min())}
-    if s_min <= 1e-9 * float(points.max()) or slope / s_min > out["largest"]:
-        return {**out, "verdict": "beyond", "b_crit": math.inf, "s_min": max(float(s_min), 0.0)}
+    b_crit, s_min = line
+    if b_crit > out["largest"]:
+        stop = _levels_off(points, d, steps)
+        if stop:
+            return {**out, **stop, "verdict": "levels_off"}
+        return {**out, "verdict": "beyond", "b_crit": math.inf, "s_min": max(s_min, 0.0)}
+    fitted = s_min * (1 + b_crit / points.index.to_numpy(dtype=float))
+    off = np.abs(points.to_numpy(dtype=float) - fitted) / points.to_numpy(dtype=float)
+    worst = int(np.argmax(off))
+    rough = ((int(points.index[worst]), float(points.iloc[worst]), float(fitted[worst]))
+             if off[worst] > 0.25 else None)
+    bounds = None
+    if "steps_before_target" in d:
+        low, _ = per_point(d, "steps_before_target", [BATCH])
+        low = low[low.index.isin(points.index)]
+        other = _fit(low) if len(low) == len(points) else None
+        if other is not None and 0 < other[0] < math.inf:
+            bounds = (min(other[0], b_crit), max(other[0], b_crit))
     # (up to rounding: a knee at the smallest batch is placed there)
-    verdict = "below" if slope / s_min < out["smallest"] * (1 - 1e-9) else "knee"
-    return {**out, "verdict": verdict, "b_crit": float(slope / s_min), "s_min": float(s_min)}
+    verdict = "below" if b_crit < out["smallest"] * (1 - 1e-9) else "knee"
+    return {**out, "verdict": verdict, "b_crit": b_crit, "s_min": s_min, "rough": rough,
+            "b_crit_range": bounds}
+
+
+def _fit(points: pd.Series) -> tuple[float, float] | None:
+    """(B_crit, S_min) of the line S = S_min + S_min B_crit / B through `points` (steps by
+    batch), fitted to relative errors; B_crit is infinite where S_min <= 0 (perfect scaling or
+    better); None where steps do not fall as the batch grows."""
+    batches, s = points.index.to_numpy(dtype=float), points.to_numpy(dtype=float)
+    slope, s_min = np.polyfit(1.0 / batches, s, 1, w=1.0 / np.maximum(s, 1.0))
+    if not slope > 1e-9 * float(s.max() * batches.max()):
+        return None
+    if s_min <= 1e-9 * float(s.max()):
+        return math.inf, float(s_min)
+    return float(slope / s_min), float(s_min)
+
+
+def _levels_off(points: pd.Series, d: pd.DataFrame, steps: str) -> dict[str, Any] | None:
+    """Where a line puts the knee beyond the largest batch L that reached the target but the
+    data say otherwise: the last doubling (P to L) saved less than a knee at L would -- S_L /
+    S_P = (1 + L / L) / (1 + L / P), 2/3 for L = 2 P --, or a larger batch trained more steps
+    than L's count without reaching the target (its steps to it are more than that: the steps
+    stopped falling). None where the data agree."""
+    big, prev = int(points.index[-1]), int(points.index[-2])
+    s_big, s_prev = float(points.iloc[-1]), float(points.iloc[-2])
+    if "steps" in d:
+        over = d[(d[BATCH] > big) & d[steps].isna() & (d["steps"] >= s_big)]
+        if len(over):
+            first = over.sort_values([BATCH, "steps"]).iloc[0]
+            return {"levels_at": big, "last_saving": None,
+                    "overrun": (int(first[BATCH]), int(first["steps"]), s_big)}
+    if s_big > s_prev * 2 * prev / (prev + big):
+        return {"levels_at": prev, "last_saving": (prev, big, 1 - s_big / s_prev),
+                "overrun": None}
+    return None
 
 
 def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | None,
@@ -161,15 +266,18 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
 
     >>> print(critical_batch_sentence({"verdict": "knee", "b_crit": 180.4, "s_min": 40.0,
     ...                                "points": 4, "missed": [], "smallest": 32,
-    ...                                "largest": 256}, 150.0, 0.95))
+    ...                                "largest": 256, "b_crit_range": (150.2, 180.4)},
+    ...                               150.0, 0.95))
     ... # doctest: +NORMALIZE_WHITESPACE
-    The critical batch here is about 180 (steps to val_accuracy >= 0.95 follow
-    S = 40 x (1 + 180 / B) over 4 batch sizes; the gradient noise scale measured in the trials
-    is about 150 samples): beyond it, more workers buy little -- doubling the batch from 180
-    saves at most a quarter of the steps for twice the samples.
+    The critical batch here is about 180 (150 to 180 for the target crossed anywhere between
+    validations; steps to val_accuracy >= 0.95 follow S = 40 x (1 + 180 / B) over 4 batch
+    sizes; the gradient noise scale measured in the trials is about 150 samples): beyond it,
+    more workers buy little -- doubling the batch from 180 saves at most a quarter of the steps
+    for 1.5 times the samples.
     """
     reach = f"val_accuracy >= {target:g}" if target is not None else "a target"
-    has_noise = noise_scale is not None and math.isfinite(noise_scale)
+    # (a noise scale of 0 or less is no estimate: tr(Sigma)'s mean came out negative)
+    has_noise = noise_scale is not None and math.isfinite(noise_scale) and noise_scale > 0
     noise = (f"; the gradient noise scale measured in the trials is about {noise_scale:.0f} "
              "samples" if has_noise else "")
     verdict = fit["verdict"] if fit is not None else "too_few"
@@ -208,24 +316,45 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
         return (f"Steps to {reach} keep falling about in proportion to the batch up to {large}, "
                 f"the largest batch that reached it{noise}: the critical batch is at least "
                 f"about {large}, and more workers still buy fewer steps there{caveat}.{unknown}")
+    if verdict == "levels_off":
+        at = fit["levels_at"]
+        if fit.get("overrun"):
+            over, trained, needed = fit["overrun"]
+            why = (f"batch {over} trained {trained} steps without reaching it, more than the "
+                   f"{needed:.0f} batch {large} needed")
+        else:
+            prev, big, saved = fit["last_saving"]
+            why = (f"from {prev} to {big} they fall by only {100 * saved:.0f}% (perfect scaling: "
+                   f"{100 * (1 - prev / big):.0f}%)")
+        return (f"Steps to {reach} fall with the batch up to about {at}, then little: {why}"
+                f"{noise}. The critical batch is about {at}: beyond it, more workers buy few "
+                f"steps.{unknown}")
     b = fit["b_crit"]
-    return (f"The critical batch here is about {b:.0f} (steps to {reach} follow "
+    spread = fit.get("b_crit_range")
+    within = (f"{spread[0]:.0f} to {spread[1]:.0f} for the target crossed anywhere between "
+              "validations; " if spread and f"{spread[0]:.0f}" != f"{spread[1]:.0f}" else "")
+    rough = fit.get("rough")
+    loose = (f" The line fits roughly: it puts batch {rough[0]} at {rough[2]:.0f} steps, where "
+             f"{rough[1]:.0f} were measured." if rough else "")
+    return (f"The critical batch here is about {b:.0f} ({within}steps to {reach} follow "
             f"S = {fit['s_min']:.0f} x (1 + {b:.0f} / B) over {n} batch sizes{noise}): beyond "
             f"it, more workers buy little -- doubling the batch from {b:.0f} saves at most a "
-            f"quarter of the steps for twice the samples.{unknown}")
+            f"quarter of the steps for 1.5 times the samples.{loose}{unknown}")
 
 
 def _best_per_point(df: pd.DataFrame, value: str, *, best: str, rule: str) -> pd.DataFrame:
-    """One value per (rule, batch): the best over everything else swept (base LR, seeds...),
-    as Shallue et al. do -- each batch size gets its best-tuned run."""
-    d = df.dropna(subset=[value, BATCH])
+    """One value per (rule, batch), as `critical_batch` takes its points (`per_point`): the
+    best over everything else swept (base LR...), seeds at their median -- each batch size gets
+    its best-tuned run, as Shallue et al. do; failed trials (`status` ERROR) left out."""
+    d = df[df["status"] != "ERROR"] if "status" in df else df
+    d = d.dropna(subset=[value, BATCH]) if best == "max" else d.dropna(subset=[BATCH])
     if d.empty:
-        return d
+        return pd.DataFrame(columns=[rule, BATCH, value])
     if rule not in d:
         d = d.assign(**{rule: "-"})
-    agg = "max" if best == "max" else "min"
-    return (d.groupby([rule, BATCH], as_index=False)[value].agg(agg)
-            .sort_values([rule, BATCH]))
+    points, _ = per_point(d, value, [rule, BATCH], best="max" if best == "max" else "min")
+    return (points.rename(value).reset_index().sort_values([rule, BATCH])
+            .reset_index(drop=True))
 
 
 def _figure():
@@ -243,7 +372,7 @@ def accuracy_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, metric: str = 
     the best trial per (rule, batch) of those that trained their whole budget. A (rule, batch)
     whose trials were all stopped early (ASHA: `status` EARLY_STOPPED) is an open marker of its
     own, at the best trial's last epoch, not a point of the line: its accuracy is not a final
-    one. Trials without the metric (errors) are left out."""
+    one. Failed trials and trials without the metric are left out."""
     fig, ax = _figure()
     stopped_early = (df["status"] == "EARLY_STOPPED") if "status" in df else pd.Series(False, df.index)
     points = _best_per_point(df[~stopped_early], metric, best="max", rule=rule)
@@ -279,7 +408,9 @@ def steps_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, target: float | N
     """Steps to reach the target against global batch size on log-log axes, one line per rule
     (the fewest steps per (rule, batch)), with the perfect-scaling line (slope -1) through each
     rule's smallest batch: points on it scale perfectly, points above it show diminishing
-    returns, a flat tail is saturation. Trials that never reached the target are left out."""
+    returns, a flat tail is saturation. Seeds count at their median, as in `critical_batch`;
+    trials that never reached the target (or, with seeds, in half or more of them) and failed
+    ones are left out."""
     fig, ax = _figure()
     points = _best_per_point(df, steps, best="min", rule=rule)
     for i, (name, g) in enumerate(points.groupby(rule, sort=True)):

@@ -79,8 +79,11 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
     no_fixed = fixed.empty  # every trial followed a schedule: their noise scale is what there is
     fit = critical_batch(ran) if target is not None and not no_fixed else None
     measured = df[df["status"] != "ERROR"] if no_fixed else ran
-    reached = measured.dropna(subset=["steps_to_target"])["noise_scale"].dropna()
-    noise = reached if len(reached) else measured["noise_scale"].dropna()
+    # (a value of 0 or less is no estimate: tr(Sigma)'s running mean came out negative)
+    estimates = measured.assign(noise_scale=measured["noise_scale"].where(
+        pd.to_numeric(measured["noise_scale"], errors="coerce") > 0))
+    reached = estimates.dropna(subset=["steps_to_target"])["noise_scale"].dropna()
+    noise = reached if len(reached) else estimates["noise_scale"].dropna()
     noise_scale = float(noise.median()) if len(noise) else None
     sentence = critical_batch_sentence(fit, noise_scale, target, failed=failed,
                                        no_fixed=no_fixed)

@@ -15,7 +15,7 @@ import yaml
 
 from pipeline.config import Config, flatten
 from pipeline.tracking import client, end_run, metric_histories, nested_runs
-from pipeline.tune.analysis import BATCH, RULE, at_target, steps_to_target
+from pipeline.tune.analysis import BATCH, RULE, at_target, steps_before_target, steps_to_target
 
 SCHEDULE = "train.batch_size_schedule"
 _TUNE_KEYS = {"config", "checkpoint_path", "checkpoint_dir_name", "timestamp", "date",
@@ -167,6 +167,9 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
             row[cfg.tune.metric] = m.get(cfg.tune.metric, math.nan)
         target = cfg.tune.target_accuracy
         row["steps_to_target"] = steps_to_target(pts, target) if target is not None else None
+        # (the fewest it may have taken: one more than the validation before's step)
+        row["steps_before_target"] = (steps_before_target(pts, target) if target is not None
+                                      else None)
         row["samples_to_target"] = at_target(pts, target, "samples") if target is not None else None
         # The noise scale (in samples) where the trial reached the target -- its latest value
         # by then --, else at its last epoch.
@@ -189,7 +192,8 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
     df = pd.DataFrame(rows)
     trials = {tid: Trial(metrics, overrides) for tid, metrics, overrides
               in zip(df["trial_id"], df.pop("_metrics"), df.pop("_overrides"), strict=True)}
-    for col in ("steps_to_target", "stopped_at_epoch", "samples_to_target"):
+    for col in ("steps_to_target", "steps_before_target", "stopped_at_epoch",
+                "samples_to_target"):
         df[col] = pd.to_numeric(df[col]).astype("Int64")
     return df, runs, trials
 

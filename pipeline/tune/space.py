@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, flatten
@@ -20,9 +21,47 @@ SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 MAX_CHECKED_COMBINATIONS = 4096  # beyond, pairs of two keys' values, or one key's (`_to_check`)
 
 
+# Keys that name a file or folder: a trial runs in Tune's trial folder, so a relative one would
+# name another place there (every trial failed, after the sweep had started).
+PATH_KEYS = ("data.path", "data.cache_dir", "train.batch_size_throughput")
+
+
+def _absolute(key: str, value: Any) -> Any:
+    if key in PATH_KEYS and isinstance(value, str) and "://" not in value:
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with its paths (`PATH_KEYS`, set or swept) made absolute from this working
+    directory, as `resolve` reads them here: what the sweep's trials are given.
+
+    >>> from pipeline.config import load_config
+    >>> cfg = with_absolute_paths(load_config(None, ["data.path=d/a.parquet",
+    ...     'tune.search_space={"data.path": {"grid": ["d/b.parquet", "s3://x/c"]}}']))
+    >>> cfg.data.path == str(Path("d/a.parquet").resolve())
+    True
+    >>> cfg.tune.search_space["data.path"]["grid"][1]
+    's3://x/c'
+    """
+    flat = flatten(cfg.to_dict())
+    fixed: dict[str, Any] = {k: _absolute(k, flat[k]) for k in PATH_KEYS
+                             if flat.get(k) is not None}
+    space = {key: ({kind: [_absolute(key, v) for v in values]
+                    for kind, values in spec.items()}
+                   if key in PATH_KEYS and isinstance(spec, dict)
+                   and all(isinstance(v, list) for v in spec.values()) else spec)
+             for key, spec in cfg.tune.search_space.items()}
+    if space != cfg.tune.search_space:
+        fixed["tune.search_space"] = space
+    return cfg.with_overrides({k: v for k, v in fixed.items() if flat.get(k) != v})
+
+
 def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
     """`tune.search_space` as {dotted key: (kind, values)}; ConfigError naming the culprit for
-    an unknown kind, a malformed spec, or a key the config does not have (no Ray needed)."""
+    an unknown kind, a malformed spec, or a key the config does not have (no Ray needed). A grid
+    or choice value is taken as its key's type gives it (YAML 1.1 reads `1e-4` as text, which
+    the config reads as 0.0001: [1e-4, 0.0001] is one value twice)."""
     known = flatten(cfg.to_dict())
     out: dict[str, tuple[str, list[Any]]] = {}
     for key, spec in cfg.tune.search_space.items():
@@ -49,8 +88,19 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
                 raise ConfigError(f"{where}.{kind}: expected [low, high] with "
                                   f"{'0 < ' if kind == 'loguniform' else ''}low < high "
                                   f"(got {values!r})")
+        else:
+            values = [_typed(cfg, key, v) for v in values]
         out[key] = (kind, values)
     return out
+
+
+def _typed(cfg: Config, key: str, value: Any) -> Any:
+    """`value` as the config holds it under `key` (as given where the config refuses it: the
+    trial's checks say why)."""
+    try:
+        return flatten(cfg.with_overrides({key: value}).to_dict()).get(key, value)
+    except ConfigError:
+        return value
 
 
 def _number(value: Any) -> Any:
@@ -97,6 +147,7 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
     size the workers cannot split fails fast with exit 2. Returns them. `info`: the sweep's
     dataset as `resolve` gave it with `cfg` (its `filled` keys are filled again per trial:
     `trial_config`)."""
+    cfg = with_absolute_paths(cfg)  # (as `run_sweep` gives them to the trials)
     if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("config error: tune.search=optuna needs Optuna: "
                           "pip install 'batch-pipeline[optuna]'")
@@ -116,6 +167,15 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
         if kind == "grid" and repeated:  # (a choice repeats a value to draw it more often)
             raise ConfigError(f"config error: tune.search_space.{key} lists {repeated[0]!r} more "
                               "than once: its trials would train the same weights")
+    given = as_given(cfg, info) if info is not None else cfg
+    cost, model = "train.batch_size_step_cost", "train.batch_size_throughput"
+    if (cost in parsed and (model in parsed or given.train.batch_size_throughput is not None)
+            or model in parsed and given.train.batch_size_step_cost is not None):
+        # (the file's cost replaced the swept one in every trial: trials of the same weights)
+        raise ConfigError(f"config error: tune.search_space.{cost if cost in parsed else model}: "
+                          f"{model} gives every trial its step cost (its file's, for the "
+                          f"trial's workers): sweep or set one of {cost} and {model}, the other "
+                          "null")
     keys = list(parsed)
     # a continuous range draws floats between its bounds: one of them is checked too (an integer
     # key given a range of integers would fail in every trial)
@@ -123,7 +183,6 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
     lists = [[values[0], _between(kind, values), math.nextafter(values[1], values[0])]
              if kind in ("uniform", "loguniform") else values for kind, values in parsed.values()]
     combos = _to_check(keys, lists)
-    given = as_given(cfg, info) if info is not None else cfg
     checked = []
     for combo in combos or [{}]:
         try:

@@ -62,10 +62,10 @@ import pandas as pd
 import yaml
 
 from pipeline import console
-from pipeline.config import Config, ConfigError, changed_keys
+from pipeline.config import Config, ConfigError, changed_keys, validate
 from pipeline.data.datasets import DatasetInfo
 from pipeline.files import run_state, write_json
-from pipeline.redact import redact_text
+from pipeline.redact import redact, redact_text
 from pipeline.tracking import (
     close_open_runs,
     end_run,
@@ -78,7 +78,13 @@ from pipeline.tune import LOADED_AT
 from pipeline.tune.analysis import summary_table
 from pipeline.tune.report import clear_report, write_report
 from pipeline.tune.results import error_summary, ran_its_budget, settle_trials
-from pipeline.tune.space import check_trials, count_trials, parse_search_space, trial_concurrency
+from pipeline.tune.space import (
+    check_trials,
+    count_trials,
+    parse_search_space,
+    trial_concurrency,
+    with_absolute_paths,
+)
 
 ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
 ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
@@ -275,6 +281,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     stopped (Ctrl-C, SIGTERM) raises `SweepInterrupted` with its runs KILLED; from the main
     thread, SIGINT is Tune's graceful stop while its `fit` runs (`_tune_stops_on_ctrl_c`)."""
     out_dir = out_dir.resolve()
+    cfg = with_absolute_paths(cfg)  # a trial runs in a folder of Tune's
     # bad input raises ConfigError here, before Ray is imported
     trials = checked if checked is not None else check_trials(cfg, info)
     max_epochs = max(c.train.epochs for c in trials)
@@ -361,8 +368,8 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     refs = None  # the sweep's dataset, once ingested
     try:  # from here on, however the sweep ends, its parent run ends with it
         if not resumed:
-            log_text(uri, parent, json.dumps(cfg.tune.search_space, indent=2),
-                     "search_space.json")
+            log_text(uri, parent, json.dumps(redact(cfg.tune.search_space), indent=2),
+                     "search_space.json")  # (a swept secret: masked, as in the params)
         state.update(parent_run_id=parent, tracking_uri=uri)
         write_json(state_file, state)
         at_a_time = (f"{concurrency} at a time" if concurrency is not None
@@ -443,7 +450,10 @@ def _load_state(state_file: Path, cfg: Config) -> dict[str, Any]:
     if not isinstance(state.get("config"), dict) or "name" not in state:
         raise ConfigError(f"argument error: {state_file} is not a sweep's state (no config or "
                           "name): remove it, or use another --out")
-    changed = changed_keys(state["config"], cfg.to_dict())
+    before = state["config"]
+    with contextlib.suppress(ConfigError):  # a sweep.json of before the sweep's paths were made
+        before = with_absolute_paths(validate(before)).to_dict()  # absolute
+    changed = changed_keys(before, cfg.to_dict())
     if changed:
         raise ConfigError(f"argument error: --resume: the config differs from the sweep's "
                           f"in {', '.join(changed)}")

@@ -45,6 +45,10 @@ REFERENCE = [
     ("exponential", 0.8, {"c0": 0.1, "steps": 4, "growth": 2.0}, 0.8),  # 0.1 * 2^3
     ("exponential", 0.5, {"c0": 0.3, "steps": 4, "growth": 2.0}, 1.0),  # 0.3 * 4 = 1.2 -> 1
     ("exponential", 0.75, {"c0": 0.04, "steps": 4, "growth": 1.5}, 0.135),  # 0.04 * 1.5^3
+    # 2^500 x 0.1 -> 1 (2.0 ** 1024 would raise OverflowError: 2,000 steps, half-way)
+    ("exponential", 0.5, {"c0": 0.1, "steps": 2000, "growth": 2.0}, 1.0),
+    ("exponential", 0.9, {"c0": 0.1, "steps": 2000, "growth": 2.0}, 1.0),  # k = 1,800
+    ("exponential", 0.001, {"c0": 0.1, "steps": 2000, "growth": 2.0}, 0.4),  # k = 2: 0.1 * 4
     # none: the whole pool from the start
     ("none", 0.0, {}, 1.0),
     ("none", 0.5, {"c0": 0.1}, 1.0),

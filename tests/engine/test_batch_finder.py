@@ -496,8 +496,6 @@ def test_throughput_file_fills_the_step_cost_for_the_jobs_workers(data_dir, tmp_
     ([], {"step_cost_per_worker": None}, "config error: train.batch_size_throughput: "),
     (["--set", "train.batch_size_step_cost=100"], {"step_cost_per_worker": 75.0},
      "config error: train.batch_size_step_cost and train.batch_size_throughput are both set"),
-    (["--set", "train.batch_size_schedule=warmup", "--set", "train.batch_size_warmup_steps=5"],
-     {"step_cost_per_worker": 75.0}, "config error: train.batch_size_throughput is the adaptive"),
 ])
 def test_throughput_file_refusals_exit_2_with_one_line(data_dir, tmp_path, capsys, extra,
                                                       content, line):
@@ -508,6 +506,44 @@ def test_throughput_file_refusals_exit_2_with_one_line(data_dir, tmp_path, capsy
                        "--out", str(tmp_path / "run")], capsys)
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith(line), err
+
+
+def test_a_throughput_file_under_another_schedule_is_noted_as_unused_and_not_read_into_c(
+        data_dir, tmp_path):
+    """As every setting of a schedule the config leaves off (a sweep over schedules holds the
+    adaptive trials' settings): said at the start, not refused (it was, for the throughput
+    file alone), and no step cost is filled from it."""
+    from pipeline.data.datasets import resolve
+
+    path = _finder_file(tmp_path, step_cost_per_worker=75.0)
+    cfg = load_config(DIGITS, [*[a for a in ADAPTIVE if a != "--set"],
+                               "train.batch_size_schedule=warmup",
+                               "train.batch_size_warmup_steps=5",
+                               f"train.batch_size_throughput={path}"])
+    resolved = resolve(cfg)[0]
+    assert resolved.train.batch_size_step_cost is None
+    assert ("train.batch_size_throughput (train.batch_size_schedule=warmup)"
+            in resolved.unused_settings())
+
+
+def test_a_sweep_may_not_set_the_step_cost_two_ways(data_dir, tmp_path):
+    """A swept step cost beside a throughput file: the file's cost replaced it in every trial
+    (three trials of the same weights, labelled 100, 1,000 and 4,000)."""
+    from pipeline.data.datasets import resolve
+    from pipeline.tune.space import check_trials
+
+    path = _finder_file(tmp_path, step_cost_per_worker=10.0)
+    base = [*[a for a in ADAPTIVE if a != "--set"], f"train.batch_size_throughput={path}"]
+    for space, key in [('{"train.batch_size_step_cost": {"grid": [100, 1000]}}',
+                        "train.batch_size_step_cost"),
+                       (f'{{"train.batch_size_throughput": {{"grid": ["{path}"]}}}}',
+                        "train.batch_size_throughput")]:
+        sets = base if "step_cost" in space else [*[a for a in ADAPTIVE if a != "--set"],
+                                                  "train.batch_size_step_cost=150"]
+        cfg, info = resolve(load_config(DIGITS, [*sets, f"tune.search_space={space}"]))
+        with pytest.raises(ConfigError, match=rf"tune.search_space.{key}: "
+                                              r"train.batch_size_throughput gives every trial"):
+            check_trials(cfg, info)
 
 
 @pytest.mark.parametrize(("argv", "line"), [

@@ -1,0 +1,106 @@
+"""A run its job could not mark ended (the store away at the job's end) is not left RUNNING
+for good: the status is kept in --out and the next job there marks it; MLflow's client
+retries are the pipeline's bounded default (a user's own setting stands), and none in rank 0's
+process, whose logger retries on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import launch, tracking
+from tests.conftest import REPO, free_port
+
+
+def _run(uri: str) -> str:
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("owed")
+    return c.create_run(exp.experiment_id if exp else c.create_experiment("owed")).info.run_id
+
+
+def test_a_status_the_store_did_not_take_is_kept_and_marked_by_the_next_job(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setenv(tracking.RETRIES, "0")  # (the closed port: refused at once)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = _run(uri)
+    away = f"http://127.0.0.1:{free_port()}"
+    assert not launch._end(tmp_path, away, run, "FINISHED")
+    owed = json.loads((tmp_path / launch.OWED).read_text())
+    assert owed == {run: {"status": "FINISHED", "tracking_uri": away}}
+    # the next job: its store still away, the status stays owed; back, it is marked
+    launch._end_owed_runs(tmp_path, None)
+    assert json.loads((tmp_path / launch.OWED).read_text()) == owed
+    (tmp_path / launch.OWED).write_text(json.dumps({run: {"status": "FINISHED",
+                                                          "tracking_uri": uri}}))
+    launch._end_owed_runs(tmp_path, None)
+    assert MlflowClient(uri).get_run(run).info.status == "FINISHED"
+    assert not (tmp_path / launch.OWED).exists()
+    # a --resume of the run whose status was owed ends it itself: the entry goes, unmarked
+    resumed = _run(uri)
+    (tmp_path / launch.OWED).write_text(json.dumps({resumed: {"status": "FAILED",
+                                                              "tracking_uri": uri}}))
+    launch._end_owed_runs(tmp_path, resumed)
+    assert MlflowClient(uri).get_run(resumed).info.status == "RUNNING"
+    assert not (tmp_path / launch.OWED).exists()
+
+
+def test_the_status_is_owed_before_the_store_is_asked_and_a_damaged_list_is_no_error(
+        tmp_path, monkeypatch):
+    """`ray job stop` kills the driver 3 s after its SIGTERM, within MLflow's retries: the
+    entry is written first (and settled once the store took the status). A file that is not
+    such a list raised inside the failure path, hiding the job's own error."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = _run(uri)
+    seen = []
+    real = launch.end_run
+    monkeypatch.setattr(launch, "end_run", lambda u, r, status: (
+        seen.append(json.loads((tmp_path / launch.OWED).read_text())), real(u, r, status))[1])
+    assert launch._end(tmp_path, uri, run, "KILLED")
+    assert seen == [{run: {"status": "KILLED", "tracking_uri": uri}}]
+    assert not (tmp_path / launch.OWED).exists()
+    for damaged in ("[1, 2]", '"text"', '{"r": "FAILED"}', "{"):
+        (tmp_path / launch.OWED).write_text(damaged)
+        launch._end_owed_runs(tmp_path, None)
+        assert launch._end(tmp_path, uri, run, "FAILED")
+
+
+def test_mlflows_client_retries_are_bounded_and_rank_0_takes_none(monkeypatch):
+    """MLflow's default (7 retries, waits doubling to 2 minutes) held a job's end about 4
+    minutes per request against a server gone away."""
+    code = ("import os, pipeline.tracking as t; print(os.environ[t.RETRIES]); "
+            "t.no_client_retries(); print(os.environ[t.RETRIES])")
+    env = {k: v for k, v in os.environ.items()
+           if k not in (tracking.RETRIES, tracking.RETRIES_OURS)}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, text=True,
+                          capture_output=True, check=True).stdout.split()
+    theirs = subprocess.run([sys.executable, "-c", code], env={**env, tracking.RETRIES: "5"},
+                            cwd=REPO, text=True, capture_output=True, check=True).stdout.split()
+    assert ours == ["2", "0"] and theirs == ["5", "5"]
+    # a Ray worker inherits the driver's environment, default included: still none there
+    monkeypatch.setenv(tracking.RETRIES, "2")
+    monkeypatch.setenv(tracking.RETRIES_OURS, "2")
+    tracking.no_client_retries()
+    assert os.environ[tracking.RETRIES] == "0"
+
+
+def test_a_run_the_store_refuses_once_back_is_a_refusal_not_an_outage(tmp_path):
+    """The store was away at the start and, back, refused the run (its experiment deleted in
+    the meantime): the job said "unreachable for the whole job" and exited 0. The deferred run
+    now says why it will never be made, and the job raises it as the bad input it is."""
+    from pipeline.config import ConfigError
+    from pipeline.tracking import DeferredRun
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    c.delete_experiment(c.create_experiment("gone"))
+    pending = DeferredRun(uri, experiment="gone", run_name=None, params={}, config_yaml="")
+    assert pending.run_id(force=True) is None and pending.run_id(force=True) is None
+    refused_it, line = pending.refusal()
+    assert refused_it and "deleted" in line, line
+    with pytest.raises(ConfigError, match=r"refused the job's run when it was back"):
+        launch.raise_refusal(pending.refusal(), uri, tmp_path / "tracking.json")
