@@ -82,6 +82,8 @@ def _train(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address:
         console.say(line)
     for key in cfg.unused_settings():  # not refused (see Config.unused_settings), but said
         console.say(f"note: {key} is set but not used")
+    for note in getattr(info, "notes", []):  # (the data checks': DatasetInfo.notes)
+        console.say(f"note: {note}")
     if (note := submitted_job_note(out, uri)) is not None:
         console.say(note)
     if cfg.tune.search_space:  # a sweep's config given to train: its one config runs
@@ -139,6 +141,15 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
     result = find_batch_size(cfg, info, out, args.max_memory, progress=True)
     print_result(result, table=False)  # printed row by row as the sizes were tried
     console.say(f"wrote {out / 'find_batch_size.json'} and {out / 'find_batch_size.png'}")
+    if result["max_micro_batch_size"] and result.get("max_accumulating_micro_batch_size") == 0:
+        # a step of several micro-batches: not even one sample fits beside its gradients
+        budget = result["max_memory_bytes"]
+        within = f" in {human_bytes(budget)}, {result['budget']}" if budget else ""
+        print(f"{'argument error: --max-memory: ' if args.max_memory is not None else ''}not "
+              f"even micro_batch_size=1 fits beside the gradients a step of several "
+              f"micro-batches holds{within} (train.global_batch_size="
+              f"{cfg.train.global_batch_size} needs accumulation here)", file=sys.stderr)
+        return 2 if args.max_memory is not None else 1
     if result["max_micro_batch_size"] == 0:
         budget = result["max_memory_bytes"]
         one = next((x for x in result["trials"] if x["micro_batch_size"] == 1), {})

@@ -81,16 +81,18 @@ def _device_name(device: Any) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {n} thread{'s' * (n != 1)})"
 
 
-def _default_budget() -> int:
-    """Half the memory available now (a CPU run without --max-memory)."""
+def _default_budget(workers: int = 1) -> int:
+    """Half the memory available now, shared by the config's `workers` (a CPU run without
+    --max-memory: a local cluster runs them all on this machine)."""
     try:
         import psutil
 
-        return int(psutil.virtual_memory().available // 2)
+        available = int(psutil.virtual_memory().available)
     except ImportError:  # pragma: no cover - psutil comes with Ray
         import os
 
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2)
+        available = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return available // 2 // max(1, workers)
 
 
 def largest_first(lengths: Any, positions: Any) -> Any:
@@ -173,6 +175,7 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
     from pipeline.data.datasets import small_columns
     from pipeline.engine.batch_finder import (
         find_max_micro_batch,
+        human_bytes,
         make_trial_step,
         suggest_batching,
         trial_step_cost,
@@ -184,7 +187,10 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
     device = _device(cfg)
     budget, source = max_memory, "--max-memory"
     if budget is None and device.type == "cpu":
-        budget, source = _default_budget(), "half the memory available (no --max-memory)"
+        workers = cfg.scaling.num_workers
+        budget, source = _default_budget(workers), (
+            "half the memory available (no --max-memory)" if workers == 1 else
+            f"half the memory available over the {workers} workers (no --max-memory)")
     d, t = cfg.data, cfg.train
     ds = pads.dataset(info.uri, format="parquet")
     st, facts = small_columns(cfg, info)  # as resolve read them; rows are read as needed
@@ -201,10 +207,13 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    try_step = make_trial_step(model, optimizer,
-                               _batch_maker(cfg, LargestRows(ds, cfg, order), device, spec["name"]),
-                               loss=t.loss, device=device, precision=t.precision, scaler=scaler,
-                               max_memory_bytes=budget)
+    batch_of = _batch_maker(cfg, LargestRows(ds, cfg, order), device, spec["name"])
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # with several workers, DDP's gradient buckets: about one more copy, held throughout a step
+    extra = grads if cfg.scaling.num_workers > 1 else 0
+    try_step = make_trial_step(model, optimizer, batch_of, loss=t.loss, device=device,
+                               precision=t.precision, scaler=scaler, max_memory_bytes=budget,
+                               extra_bytes=extra)
     threads = torch.get_num_threads()
     if device.type == "cpu":  # time a step as a worker runs it: Ray sets its OMP_NUM_THREADS
         torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
@@ -222,14 +231,42 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
         search = find_max_micro_batch(
             try_step, limit=len(order),
             on_trial=(lambda x: print(table_row(vars(x)), flush=True)) if progress else None)
+        # A step of several micro-batches runs all but its first beside the gradients it has
+        # accumulated (and with several workers DDP's gradient buckets, about one more copy):
+        # where the suggestion takes several, the largest that fits so is searched too.
+        suggestion = suggest_batching(search.max_micro_batch_size, t.global_batch_size,
+                                      cfg.scaling.num_workers, MARGIN,
+                                      below=cfg.micro_batch_below())
+        held = None
+        if suggestion is not None and suggestion["accumulation_steps"] > 1:
+            if progress:
+                say(f"a step of several micro-batches (its gradients held: "
+                    f"{human_bytes(grads)}):")
+                print(TABLE_HEADER, flush=True)
+            # (a scaler of its own: the first search's may have been replaced after an
+            # out-of-memory inside its step, see make_trial_step)
+            fresh = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+            held = find_max_micro_batch(
+                make_trial_step(model, optimizer, batch_of, loss=t.loss, device=device,
+                                precision=t.precision, scaler=fresh, max_memory_bytes=budget,
+                                timed_steps=0, hold_gradients=True, extra_bytes=extra),
+                limit=search.max_micro_batch_size,
+                on_trial=(lambda x: print(table_row(vars(x)), flush=True)) if progress else None)
+            suggestion = suggest_batching(search.max_micro_batch_size, t.global_batch_size,
+                                          cfg.scaling.num_workers, MARGIN,
+                                          below=cfg.micro_batch_below(),
+                                          accumulating=held.max_micro_batch_size)
     finally:
         torch.set_num_threads(threads)
     result = {
         "max_micro_batch_size": search.max_micro_batch_size,
         "device": setup["device"],
-        "suggestion": suggest_batching(search.max_micro_batch_size, t.global_batch_size,
-                                       cfg.scaling.num_workers, MARGIN,
-                                       below=cfg.micro_batch_below()),
+        "suggestion": suggestion,
+        # the largest that fits as the later micro-batches of a step of several run (searched
+        # where the suggestion takes several), and its trials
+        "max_accumulating_micro_batch_size": held.max_micro_batch_size if held else None,
+        "held_bytes": {"gradients": grads, "ddp_buckets": extra},
+        "accumulating_trials": [vars(x) for x in held.trials] if held else [],
         "trials": [vars(x) for x in search.trials],
         "step_cost_per_worker": trial_step_cost(search.trials),
         "max_memory_bytes": budget,
@@ -319,8 +356,14 @@ def print_result(result: dict[str, Any], *, table: bool = True) -> None:
     if table:
         say(setup_line(result))
         print("\n".join(table_lines(result)), flush=True)
+        if result.get("accumulating_trials"):
+            say("a step of several micro-batches (the gradients held):")
+            print("\n".join(table_lines({"trials": result["accumulating_trials"]})), flush=True)
     more = " (the limit: the training split's size)" if result["hit_limit"] else ""
     say(f"largest micro-batch that fits: {result['max_micro_batch_size']}{more}")
+    if result.get("max_accumulating_micro_batch_size") is not None:
+        say(f"largest that fits as the later micro-batches of a step of several: "
+            f"{result['max_accumulating_micro_batch_size']}")
     if result.get("step_cost_per_worker") is not None:
         say(f"a step's fixed cost: {result['step_cost_per_worker']:g} samples' worth per worker "
             "(train.batch_size_throughput: this file, for batch_size_schedule=adaptive)")

@@ -12,11 +12,12 @@ from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.epochs import keep_pacing, with_pacing
 
 # What a `--resume` may change: more epochs, validation more or less often, another cluster
-# shape or data mode (the batches depend on neither) and whether the model is logged. Anything
-# else makes the resumed run another training than the one its checkpoints and MLflow run
-# belong to.
-RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "tracking.log_model",
-                     "data.mode")
+# shape, micro-batch or data mode (the global batches depend on none of them; a model with
+# BatchNorm normalises over the micro-batch, which a new cluster shape changes as well),
+# whether the model is logged, and a sweep's settings (`train` reads none). Anything else
+# makes the resumed run another training than the one its checkpoints and MLflow run belong to.
+RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "train.micro_batch_size",
+                     "tracking.log_model", "data.mode", "tune.")
 
 
 def resume_point(cfg: Config, storage: Path, started: dict[str, Any],

@@ -359,6 +359,24 @@ CASES = [
     ("balanced-classes-not-dividing", [*VEC, *s("batching.strategy=balanced",
                                                "train.global_batch_size=10",
                                                "train.micro_batch_size=null")], "divisible"),
+    # a schedule the run ends before it acts: the smallest batch throughout, without a word
+    ("batch-warmup-past-the-run", ["--config", DIGITS, *s(
+        "train.batch_size_schedule=warmup", "train.batch_size_min=32", "train.epochs=2",
+        "train.global_batch_size=256", "train.batch_size_warmup_steps=100000")],
+     "train.batch_size_warmup_steps=100000: the run ends after 88 optimizer steps "
+     "(train.epochs=2), before the ramp grows the batch from train.batch_size_min=32"),
+    ("adaptive-interval-past-the-run", ["--config", DIGITS, *s(
+        "train.batch_size_schedule=adaptive", "train.batch_size_min=32", "train.max_steps=9",
+        "train.global_batch_size=256", "train.batch_size_interval=10")],
+     "train.batch_size_interval=10 is the run's length or more (train.max_steps=9: at most 9 "
+     "steps): the adaptive schedule would never decide"),
+    # refused under a constant batch (warmup-past-max-steps); accepted under a schedule before
+    ("warmup-past-max-steps-under-a-schedule", ["--config", DIGITS, *s(
+        "train.batch_size_schedule=warmup", "train.batch_size_min=32",
+        "train.global_batch_size=256", "train.batch_size_warmup_steps=2",
+        "train.warmup_epochs=2", "train.max_steps=3")],
+     "train.warmup_epochs=2 is 88 batches of train.batch_size_min=32 here, but "
+     "train.max_steps=3 steps take 24 at most"),
     # said "global_batch_size (32)" of a config whose train.global_batch_size is 320
     ("balanced-unit-batch-not-dividing", ["--config", DIGITS, *s(
         "batching.strategy=balanced", "train.batch_size_schedule=warmup",
@@ -670,3 +688,28 @@ def test_token_level_data_needs_no_label_column(files):
     for reads_labels in ("train.loss=cross_entropy", "batching.strategy=stratified"):
         with pytest.raises(ConfigError, match="data.label_column='label' is not a column"):
             resolve(load_config(None, [*sets, "train.loss=token_cross_entropy", reads_labels]))
+
+
+def test_a_batch_size_ramp_the_run_cuts_short_is_said_and_one_that_never_grows_refused():
+    """Each step takes k unit batches of the ramp (an epoch's last what is left): 2 epochs of
+    44 batches of 32 end after 40 steps of a ramp of 80, at a batch of 128 of 256 -- a note at
+    the job's start, as `sweep_batch_schedule.yaml`'s warmup to 512 ends at 416 after 84 steps
+    of 12 epochs; a ramp of 100,000 steps never leaves 32 (refused, above); and one unit (the
+    smallest batch is the batch) has nothing to grow."""
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+
+    ramp = ["train.batch_size_schedule=warmup", "train.batch_size_min=32"]
+    _, info = resolve(load_config(DIGITS, [*ramp, "train.global_batch_size=256",
+                                           "train.batch_size_warmup_steps=80", "train.epochs=2"]))
+    assert info.notes == ["train.batch_size_warmup_steps=80: the run ends after 40 optimizer "
+                          "steps (train.epochs=2), with the ramp at a batch of 128, short of "
+                          "train.global_batch_size=256"]
+    _, info = resolve(load_config(DIGITS, [*ramp, "train.global_batch_size=512",
+                                           "train.batch_size_warmup_steps=100", "train.epochs=12"]))
+    assert "after 84 optimizer steps (train.epochs=12), with the ramp at a batch of 416" in \
+        info.notes[0]
+    _, info = resolve(load_config(DIGITS, [*ramp, "train.global_batch_size=32", "train.epochs=2",
+                                           "train.micro_batch_size=16",
+                                           "train.batch_size_warmup_steps=100000"]))
+    assert info.notes == []

@@ -74,6 +74,11 @@ def test_more_epochs_and_another_cluster_shape_may_resume(started, capsys, monke
             "train.epochs=20", "--set", "scaling.num_workers=1", "--set", "train.eval_every=5"]
     with pytest.raises(Reached):  # past the checks, on its way to the cluster
         cli.run(argv)
+    # 4 workers with the config's micro-batch of 32 cannot split a batch of 64: the
+    # micro-batch changes with them (refused before: the resume could not grow the cluster)
+    with pytest.raises(Reached):
+        cli.run(["train", "--config", DIGITS, "--out", str(started), "--resume", "--set",
+                 "scaling.num_workers=4", "--set", "train.micro_batch_size=16"])
 
 
 def test_resume_takes_its_own_runs_checkpoints_when_the_out_folder_held_another(

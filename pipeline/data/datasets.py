@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import posixpath
 from collections.abc import Iterator
@@ -152,6 +153,9 @@ class DatasetInfo:
     # read once by the driver: a trial refills from it (in its actor the working directory is
     # Tune's trial folder, and the file may be on the driver's machine alone).
     step_costs: dict[str, float] = dataclasses.field(default_factory=dict, hash=False)
+    # What the checks found worth a line at the job's start (not refused): e.g. a batch-size
+    # warmup the run cuts short
+    notes: list[str] = dataclasses.field(default_factory=list, hash=False)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "small": None}
@@ -343,7 +347,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                           f"{d.val_fraction:g} holds out all {num_rows} rows of {uri}")
     if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
         _check_split_classes(labels, cfg)
-    _check_first_epoch(facts.small, cfg)
+    note = _check_first_epoch(facts.small, cfg)
     b = cfg.batching
     exempt = ((b.strategy == "balanced" and b.options.get("epoch_samples") is not None)
               or (b.strategy == "length_bucket" and b.options.get("max_tokens") is not None))
@@ -357,6 +361,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,
                             facts=facts.model_facts(), small=facts.small,
                             filled={k: before[k] for k in FILLED_KEYS if before[k] != after[k]},
+                            notes=[note] if note else [],
                             step_costs=step_costs)
 
 
@@ -710,10 +715,10 @@ def _check_split_classes(labels: np.ndarray, cfg: Config) -> None:
                 f"data.val_fraction={cfg.data.val_fraction})")
 
 
-def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
+def _check_first_epoch(st: SampleTable, cfg: Config) -> str | None:
     """Plan epoch 0 on the driver from the small columns (`st`), so a strategy that cannot
     work on this data (no labels, classes not dividing the batch, an empty pool...) fails here
-    with exit 2 rather than on the workers."""
+    with exit 2 rather than on the workers. Returns a note for the job's start, or None."""
     from pipeline.data.epochs import epoch_batches, epoch_sizes, lr_schedule
 
     b = cfg.batching
@@ -737,6 +742,48 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> None:
             f"train.global_batch_size={cfg.train.global_batch_size} from {len(train)} training rows")
     _check_token_budgets(st, cfg, train)
     _check_sync_batchnorm(cfg, sizes)
+    return _check_schedule_reach(cfg, [len(s) for s in sizes])
+
+
+def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:
+    """A batch-size schedule the run ends before it acts, refused (as an LR warmup past
+    train.max_steps is): a warmup ramp still at one unit batch at the run's last step (each
+    step takes k unit batches of the ramp, an epoch's last what is left of it: `group_units`),
+    and an adaptive schedule whose first decision comes after as many steps as the run has unit
+    batches (at most that many steps) -- each trained the smallest batch throughout, without a
+    word. A ramp the run cuts short after it grew is a note (returned): the batch it ends at.
+    `units`: each epoch's unit batches."""
+    from pipeline.engine.batch_schedule import warmup_units
+
+    t = cfg.train
+    most = t.global_batch_size // t.batch_size_min if t.batch_size_min else 1
+    if t.batch_size_schedule == "constant" or most == 1:  # (one unit: nothing to grow)
+        return None
+    cap = t.max_steps if t.max_steps is not None else math.inf
+    where = (f"train.max_steps={t.max_steps}" if t.max_steps is not None and t.max_steps < sum(units)
+             else f"train.epochs={t.epochs}")
+    if t.batch_size_schedule == "warmup":
+        step = k = 0
+        for left in units:
+            while left > 0 and step < cap:
+                k = warmup_units(step, most, t.batch_size_warmup_steps)
+                if k == most:
+                    return None
+                left, step = left - k, step + 1
+        ends = (f"train.batch_size_warmup_steps={t.batch_size_warmup_steps}: the run ends "
+                f"after {step} optimizer steps ({where}), ")
+        if k <= 1:
+            raise ConfigError(f"config error: {ends}before the ramp grows the batch from "
+                              f"train.batch_size_min={t.batch_size_min}; shorten the ramp or "
+                              "train longer")
+        return (f"{ends}with the ramp at a batch of {k * t.batch_size_min}, short of "
+                f"train.global_batch_size={t.global_batch_size}")
+    if t.batch_size_interval >= min(sum(units), cap):
+        raise ConfigError(f"config error: train.batch_size_interval={t.batch_size_interval} is "
+                          f"the run's length or more ({where}: at most {min(sum(units), cap)} "
+                          "steps): the adaptive schedule would never decide; decide more often "
+                          "or train longer")
+    return None
 
 
 def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray) -> None:

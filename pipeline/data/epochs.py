@@ -221,6 +221,13 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
     >>> lr_schedule(load_config(None, ["train.epochs=2", "train.warmup_epochs=2",
     ...                                "train.max_steps=1000"]), [11, 11])  # max_steps not met
     ScheduleSteps(total=22, warmup=22)
+    >>> ramp = ["train.batch_size_schedule=warmup", "train.batch_size_min=16",
+    ...         "train.batch_size_warmup_steps=4", "train.warmup_epochs=1", "train.max_steps=2"]
+    >>> try:  # 2 steps of at most 4 units each: 8 of the warmup's 11
+    ...     lr_schedule(load_config(None, ramp), [11, 11])
+    ... except ValueError as err:
+    ...     print(str(err).split(" here")[0])
+    train.warmup_epochs=1 is 11 batches of train.batch_size_min=16
     """
     t = cfg.train
     capped = t.max_steps if t.batch_size_schedule == "constant" else None
@@ -229,4 +236,14 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
         raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} optimizer steps "
                          f"here, but train.max_steps={capped} ends the run first: the LR would "
                          "never reach its peak (warm up for fewer epochs, or drop max_steps)")
+    if capped is None and t.max_steps is not None and t.batch_size_min:
+        # under a batch-size schedule a step takes 1 to K unit batches: max_steps steps train
+        # at most max_steps x K of them, short of the warmup's for certain
+        most = t.max_steps * (t.global_batch_size // t.batch_size_min)
+        if most < sum(steps) and out.warmup >= most > 0:
+            raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} batches of "
+                             f"train.batch_size_min={t.batch_size_min} here, but "
+                             f"train.max_steps={t.max_steps} steps take {most} at most: the LR "
+                             "would never reach its peak (warm up for fewer epochs, or drop "
+                             "max_steps)")
     return out

@@ -18,9 +18,11 @@ therefore steps the plain module (a DDP wrapper is unwrapped) with a local loss:
 backward, optimizer step, all on this rank; the only collective is the agreement, which every
 rank reaches whatever happened in its step. (Measured with two gloo ranks stepping the DDP
 wrapper instead: rank 1's agreement met rank 0's gradient all-reduce and gloo aborted the
-process, `gloo::EnforceNotMet`; NCCL would wait forever.) Not counted in the trial: DDP's
-gradient buckets, about one more copy of the gradients, a constant that does not grow with the
-batch.
+process, `gloo::EnforceNotMet`; NCCL would wait forever.) DDP's gradient buckets, about one
+more copy of the gradients, are held beside the trial step as a block of their size
+(`make_trial_step(extra_bytes=...)`: `find-batch-size` does so for several workers), and a
+step of several micro-batches is searched apart, its steps holding the gradients accumulated
+so far (`hold_gradients`).
 
 Memory. CUDA: `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats` (everything the
 caching allocator handed out at the peak of the step). CPU, where a step rarely raises
@@ -261,9 +263,10 @@ def resident_bytes(*objects: object) -> int:
 
 def local_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                *, loss: str, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None,
-               device: torch.device) -> None:
-    """One optimizer step on this rank alone: forward, mean loss, backward, step, zero_grad.
-    No collective anywhere (see the module docstring)."""
+               device: torch.device, keep_grads: bool = False) -> None:
+    """One optimizer step on this rank alone: forward, mean loss, backward, step, zero_grad
+    (`keep_grads`: zeroed in place, not freed). No collective anywhere (see the module
+    docstring)."""
     model.train()
     with autocast(precision, device):
         out = model(batch)
@@ -276,39 +279,61 @@ def local_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[s
     else:
         mean.backward()
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
 
 
 def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                     batch_of: Callable[[int], dict[str, torch.Tensor]], *, loss: str,
                     device: torch.device, precision: str = "fp32",
                     scaler: torch.amp.GradScaler | None = None, max_memory_bytes: int | None = None,
-                    timed_steps: int = 2) -> Callable[[int], Measured]:
+                    timed_steps: int = 2, hold_gradients: bool = False, extra_bytes: int = 0
+                    ) -> Callable[[int], Measured]:
     """`try_step(size)` for `find_max_micro_batch`: one measured step on `batch_of(size)` (its
     peak memory; over `max_memory_bytes` or out of memory: does not fit), then `timed_steps`
     more for samples/s (the fastest). Out-of-memory is caught here: gradients are dropped and
     the CUDA cache emptied once the exception (and the tensors its traceback holds) is gone.
-    A DDP wrapper is unwrapped: the trial step runs no collective."""
+    A DDP wrapper is unwrapped: the trial step runs no collective. `extra_bytes`: held beside
+    the measured step (DDP's gradient buckets, about one more copy of the gradients, which a
+    DDP step holds throughout). `hold_gradients`: the measured step runs as all but the first
+    micro-batch of a step of several do, beside the gradients accumulated so far -- a trial
+    without them read 48 MiB where two micro-batches of its size a step took 57."""
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())):
+        # its forward all-gathers: a rank out of memory before it would leave the others there
+        raise ValueError("the trial step runs no collective, but SyncBatchNorm gathers in "
+                         "every forward: search with plain BatchNorm (train.sync_batchnorm=false)")
     cuda = device.type == "cuda"
     scalers = [scaler]  # (a new one after an out-of-memory: see try_step)
 
-    def step(batch: dict[str, torch.Tensor]) -> None:
+    def step(batch: dict[str, torch.Tensor], keep_grads: bool = False) -> None:
         local_step(module, optimizer, batch, loss=loss, precision=precision, scaler=scalers[0],
-                   device=device)
+                   device=device, keep_grads=keep_grads)
+
+    def held() -> list[torch.Tensor]:
+        if hold_gradients:
+            for p in module.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        return [torch.empty(extra_bytes, dtype=torch.uint8, device=device)] if extra_bytes else []
 
     def measure(size: int) -> Measured:
         batch = batch_of(size)
+        buckets = held()
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-            step(batch)
+            step(batch, hold_gradients)
             torch.cuda.synchronize(device)
             peak = int(torch.cuda.max_memory_allocated(device))
         else:
-            before = resident_bytes(module, optimizer, batch)
-            _, during = cpu_peak_bytes(lambda: step(batch))
+            before = resident_bytes(module, optimizer, batch, buckets)
+            # (the held gradients are freed after, not within, the profiled step: the profiler
+            # warns of a block freed that it did not see allocated)
+            _, during = cpu_peak_bytes(lambda: step(batch, hold_gradients))
             peak = before + during
+        del buckets
+        module.zero_grad(set_to_none=True)
         if max_memory_bytes is not None and peak > max_memory_bytes:
             return Measured(False, peak, None, f"over budget ({human_bytes(peak)} > "
                             f"{human_bytes(max_memory_bytes)})")
@@ -321,9 +346,28 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
             best = min(best, time.perf_counter() - t0)
         return Measured(True, peak, size / best if timed_steps else None)
 
+    fitted: dict[int, int] = {}  # size -> peak, of the steps that fit
+
+    def predicted(size: int) -> float | None:
+        """The peak of `size` on the line through the two largest sizes that fit (peaks grow
+        linearly with the samples: activations; the rest is fixed)."""
+        if len(fitted) < 2:
+            return None
+        (m0, p0), (m1, p1) = sorted(fitted.items())[-2:]
+        return p1 + (p1 - p0) / (m1 - m0) * (size - m1)
+
     def try_step(size: int) -> Measured:
+        guess = predicted(size) if max_memory_bytes is not None else None
+        if guess is not None and guess > 1.5 * max_memory_bytes:
+            # not run: doubling from a size that fits would take up to twice the budget, which
+            # on a CPU (default: half the memory available) can bring the kernel's OOM killer
+            return Measured(False, None, None, f"over budget (predicted {human_bytes(guess)} > "
+                                               f"{human_bytes(max_memory_bytes)})")
         try:
-            return measure(size)
+            seen = measure(size)
+            if seen.fits and seen.peak_memory_bytes is not None:
+                fitted[size] = seen.peak_memory_bytes
+            return seen
         except (RuntimeError, MemoryError) as err:
             if not is_oom(err):
                 raise
@@ -363,27 +407,44 @@ def trial_step_cost(trials: list[Trial]) -> float | None:
 
 # -- what to configure ------------------------------------------------------------------------
 def suggest_batching(max_micro_batch_size: int, global_batch_size: int, num_workers: int,
-                     margin: float = 0.9, below: int | None = None) -> dict[str, object] | None:
+                     margin: float = 0.9, below: int | None = None,
+                     accumulating: int | None = None) -> dict[str, object] | None:
     """micro batch x accumulation x workers for a global batch: the micro-batch is the largest
     divisor of the per-worker batch (global / workers) that is <= margin x the largest that
     fits (a margin for samples and memory states the search did not meet) and, with `below`,
     smaller than it (what the config requires of the micro-batch: the adaptive schedule on one
-    worker, `Config.micro_batch_below`). None if nothing fits.
+    worker, `Config.micro_batch_below`). Where that takes several micro-batches a step,
+    `accumulating` (the largest that fits beside the step's gradients: a search with
+    `make_trial_step(hold_gradients=True)`) bounds it instead of the largest that fits alone.
+    None if nothing fits.
 
     >>> s = suggest_batching(100, global_batch_size=512, num_workers=2)
     >>> s["micro_batch_size"], s["accumulation_steps"], s["num_workers"]  # 256 per worker; 90 -> 64
     (64, 4, 2)
     >>> suggest_batching(1000, 512, 1, below=64)["micro_batch_size"]  # 63 -> 32 divides 512
     32
+    >>> suggest_batching(100, 512, 2, accumulating=40)["micro_batch_size"]  # 36 -> 32
+    32
+    >>> suggest_batching(300, 512, 2, accumulating=40)["micro_batch_size"]  # one a step: 256
+    256
     """
     if max_micro_batch_size < 1 or (below is not None and below <= 1):
         return None
     per_worker = global_batch_size // num_workers
-    cap = max(1, math.floor(margin * max_micro_batch_size))
-    if below is not None:
-        cap = min(cap, below - 1)
-    micro = max(d for d in range(1, min(cap, per_worker) + 1) if per_worker % d == 0)
+
+    def largest(most: int) -> int:
+        cap = max(1, math.floor(margin * most))
+        if below is not None:
+            cap = min(cap, below - 1)
+        return max(d for d in range(1, min(cap, per_worker) + 1) if per_worker % d == 0)
+
+    micro = largest(max_micro_batch_size)
+    if micro < per_worker and accumulating is not None:
+        if accumulating < 1:
+            return None
+        micro = largest(min(accumulating, max_micro_batch_size))
     return {"micro_batch_size": micro, "accumulation_steps": per_worker // micro,
             "num_workers": num_workers, "global_batch_size": micro * (per_worker // micro) * num_workers,
             "per_worker_batch_size": per_worker, "margin": margin,
-            "max_micro_batch_size": max_micro_batch_size}
+            "max_micro_batch_size": max_micro_batch_size,
+            "max_accumulating_micro_batch_size": accumulating}

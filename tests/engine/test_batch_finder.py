@@ -21,6 +21,7 @@ from pipeline.engine.batch_finder import (
     cpu_peak_bytes,
     find_max_micro_batch,
     make_trial_step,
+    resident_bytes,
     suggest_batching,
     trial_step_cost,
 )
@@ -205,8 +206,27 @@ def test_an_error_on_one_rank_is_raised_on_every_rank_without_a_hang():
     assert r0 == "RuntimeError: micro-batch 8: the trial step failed on another rank"
 
 
+def _sync_bn_rank(rank: int, world: int):
+    model = nn.SyncBatchNorm(4)
+    try:
+        make_trial_step(model, torch.optim.SGD(model.parameters(), lr=0.1), _batch_of,
+                        loss="cross_entropy", device=CPU)
+    except ValueError as err:
+        return str(err)
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+def test_a_sync_batchnorm_model_is_refused_by_the_finder_of_several_ranks():
+    """SyncBatchNorm all-gathers in its forward: one rank out of memory before it would leave
+    the others waiting there while it waits in the vote -- the deadlock the finder avoids."""
+    assert run_ranks(_sync_bn_rank, 2) == ["the trial step runs no collective, but SyncBatchNorm "
+                                           "gathers in every forward: search with plain "
+                                           "BatchNorm (train.sync_batchnorm=false)"] * 2
+
+
 # -- the CPU memory budget ------------------------------------------------------------------------
-def _mlp_search(budget: int):
+def _mlp_step(budget: int | None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 512), nn.ReLU(), nn.Linear(512, 3))
 
@@ -218,17 +238,36 @@ def _mlp_search(budget: int):
         def forward(self, batch):
             return self.net(batch["features"])
 
-    try_step, _ = _trial_step(Wrap(), max_memory_bytes=budget)
-    return find_max_micro_batch(try_step, limit=4096)
+    return _trial_step(Wrap(), max_memory_bytes=budget)[0]
+
+
+def _mlp_search(budget: int):
+    return find_max_micro_batch(_mlp_step(budget), limit=4096)
+
+
+def test_a_size_far_past_the_budget_is_not_run_and_would_not_have_fit():
+    """Doubling from a size that fits can take twice the budget (on a CPU whose default budget
+    is half the memory available: the kernel's OOM killer). A size the line through the two
+    largest that fit puts past 1.5x the budget is refused unrun -- and run on its own, each
+    such size is indeed over the budget."""
+    budget = 2 * 2**20
+    skipped = [t.micro_batch_size for t in _mlp_search(budget).trials
+               if (t.note or "").startswith("over budget (predicted")]
+    assert skipped
+    for size in skipped:
+        assert _mlp_step(None)(size).peak_memory_bytes > budget
 
 
 def test_a_cpu_step_fits_only_within_the_budget_and_a_bigger_budget_gives_a_bigger_answer():
     small, big = _mlp_search(2 * 2**20), _mlp_search(8 * 2**20)
     for s, budget in ((small, 2 * 2**20), (big, 8 * 2**20)):
-        by_size = sorted(s.trials, key=lambda t: t.micro_batch_size)
+        # (a size the line through the two largest that fit puts past 1.5x the budget is not
+        # run: its peak is not measured)
+        run = [t for t in s.trials if not (t.note or "").startswith("over budget (predicted")]
+        by_size = sorted(run, key=lambda t: t.micro_batch_size)
         peaks = [t.peak_memory_bytes for t in by_size]
         assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks)  # grows with the batch
-        for t in s.trials:
+        for t in run:
             assert t.fits == (t.peak_memory_bytes <= budget)
             assert (t.note or "").startswith("over budget" if not t.fits else "")
         n = s.max_micro_batch_size
@@ -587,7 +626,7 @@ def test_find_batch_size_without_a_budget_that_fits_nothing_exits_1(data_dir, tm
     in it is not the user's input (exit 1), and the line says which budget it was."""
     import pipeline.find_batch_size
 
-    monkeypatch.setattr(pipeline.find_batch_size, "_default_budget", lambda: 1024)
+    monkeypatch.setattr(pipeline.find_batch_size, "_default_budget", lambda workers: 1024)
     rc, _, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
                        "--out", str(tmp_path)], capsys)
     assert rc == 1
@@ -650,3 +689,74 @@ def test_an_out_of_memory_inside_the_optimizers_step_leaves_the_loss_scale_sound
     ref_opt.step()
     for got, want in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_a_suggested_step_of_several_micro_batches_fits_the_budget_as_trained():
+    """A trial step starts without gradients; a training step of several micro-batches runs all
+    but its first beside the gradients it accumulated. The suggestion bounds such a micro-batch
+    by a second search whose steps hold them (`hold_gradients`; one worker here: no DDP
+    buckets), so the step as `train_step` takes it stays within the budget -- the micro-batch
+    bounded only by the largest that fits alone went over it (57 MiB of 48)."""
+    from pipeline.engine.models import build_model
+    from pipeline.engine.step import train_step
+
+    cpu, budget = torch.device("cpu"), 48 * 2**20
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(name="mlp", input_dim=64, num_outputs=10, vocab_size=None,
+                            per_token=False, activation_checkpointing=False, hidden=1024, depth=4)
+        return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def batch_of(n):
+        g = torch.Generator().manual_seed(n)
+        return {"features": torch.randn(n, 64, generator=g),
+                "label": torch.randint(0, 10, (n,), generator=g)}
+
+    def trained_peak(micro, accumulation):
+        model, opt = fresh()
+        micro_batches = [batch_of(micro) for _ in range(accumulation)]
+        train_step(model, opt, micro_batches, loss="cross_entropy", measure_noise=False)  # state
+        before = resident_bytes(model, opt, micro_batches)
+        _, during = cpu_peak_bytes(lambda: train_step(model, opt, micro_batches,
+                                                      loss="cross_entropy", measure_noise=False))
+        return before + during
+
+    def search(**held):
+        model, opt = fresh()
+        return find_max_micro_batch(make_trial_step(
+            model, opt, batch_of, loss="cross_entropy", device=cpu, max_memory_bytes=budget,
+            timed_steps=0, **held), agree=lambda v: v).max_micro_batch_size
+
+    alone, accumulating = search(), search(hold_gradients=True)
+    assert 1 <= accumulating < alone
+    unbounded = suggest_batching(alone, 1024, 1, 0.9)
+    bounded = suggest_batching(alone, 1024, 1, 0.9, accumulating=accumulating)
+    assert bounded["accumulation_steps"] > 1 and bounded["micro_batch_size"] <= 0.9 * accumulating
+    assert trained_peak(bounded["micro_batch_size"], bounded["accumulation_steps"]) <= budget
+    assert trained_peak(unbounded["micro_batch_size"], unbounded["accumulation_steps"]) > budget
+
+
+def test_find_batch_size_searches_a_step_of_several_micro_batches_apart(data_dir, tmp_path,
+                                                                       capsys):
+    """A global batch the largest micro-batch alone cannot take in one step: the second search,
+    its steps holding the gradients, bounds the suggestion, and both tables are in the output
+    and the JSON."""
+    budget = 32 * 2**20
+    rc, out, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
+                         "--set", "train.global_batch_size=1024", "--set",
+                         "train.micro_batch_size=null", "--max-memory", "32MiB",
+                         "--out", str(tmp_path)], capsys)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "find_batch_size.json").read_text())
+    held, alone = r["max_accumulating_micro_batch_size"], r["max_micro_batch_size"]
+    assert 1 <= held <= alone < 1024 and r["accumulating_trials"]
+    assert r["held_bytes"]["gradients"] > 0 and r["held_bytes"]["ddp_buckets"] == 0
+    for t in r["accumulating_trials"]:
+        assert t["fits"] == (t["peak_memory_bytes"] is not None
+                             and t["peak_memory_bytes"] <= budget)
+    s = r["suggestion"]
+    assert s["accumulation_steps"] > 1 and s["micro_batch_size"] <= 0.9 * held
+    assert s["max_accumulating_micro_batch_size"] == held
+    assert f"largest that fits as the later micro-batches of a step of several: {held}" in out
+    assert out.count("  size  fits    peak MiB   samples/s  note") == 2
