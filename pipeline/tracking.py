@@ -597,16 +597,23 @@ class MetricLogger:
         return again
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        """Tags from rank 0 (an unreachable store: a warning, training goes on; no run yet:
-        they are set when it exists)."""
+        """Tags from rank 0 (no run yet: they are set when it exists; an unreachable store: a
+        warning, training goes on, and they are set with the next points it takes)."""
         if self.run_id is None:
-            self._tags.update(tags)
+            with self._lock:
+                self._tags.update(tags)
             return
+        left = dict(tags)
         try:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
+                del left[key]
         except Exception as err:
-            log.warning("MLflow: tags %s not set: %s", sorted(tags), error_line(err))
+            log.warning("MLflow: tags %s not set%s: %s", sorted(left),
+                        "" if refused(err) else " yet", error_line(err))
+            if not refused(err):  # (away: kept for when it is back)
+                with self._lock:
+                    self._tags.update(left)
 
     def add(self, metrics: dict[str, float], step: int, at: float | None = None) -> None:
         """Points of `step`, stamped `at` (time.time(); default now): a step's points are
@@ -652,10 +659,15 @@ class MetricLogger:
                 log.warning("MLflow: could not learn the run id yet: %s", error_line(err))
             if self.run_id is not None:  # said here: the DeferredRun actor's own log is not shown
                 log.warning("MLflow is back: this job's metrics go to run %s", self.run_id)
-            if self.run_id is not None and self._tags:
-                tags, self._tags = self._tags, {}
-                self.set_tags(tags)
+            self._set_waiting_tags()
         return self.run_id is not None
+
+    def _set_waiting_tags(self) -> None:
+        """The tags kept for a run that did not exist yet or a store that was away."""
+        with self._lock:
+            tags, self._tags = self._tags, {}
+        if tags:
+            self.set_tags(tags)
 
     def close(self, timeout_s: float = 120.0, *, give_up: bool = False) -> int:
         """Send what is left, waiting at most timeout_s; the number of points not sent.
@@ -705,6 +717,7 @@ class MetricLogger:
             return False
         with self._lock:
             del self._buffer[: len(chunk)]  # add() only appends: the front is still this chunk
+        self._set_waiting_tags()  # (the store took points: it takes tags too)
         if self._down_since is not None:
             log.warning("MLflow reachable again after %.0f s: buffered metric points sent",
                         time.monotonic() - self._down_since)

@@ -49,6 +49,7 @@ def test_points_logged_during_an_outage_arrive_when_the_server_is_back(tmp_path,
     assert logger.pending() == 4
     _wait_for(lambda: logger.unreachable)  # an attempt failed ...
     assert logger.pending() == 4  # ... and the points were kept, not dropped
+    logger.set_tags({"ray.num_nodes": "2"})  # (rank 0's placement, said during the outage)
 
     server = start_mlflow_server(tmp_path, port)  # back, same store
     try:
@@ -57,6 +58,7 @@ def test_points_logged_during_an_outage_arrive_when_the_server_is_back(tmp_path,
         assert not logger.unreachable
         history = sorted((m.step, m.value) for m in c.get_metric_history(run_id, "val_accuracy"))
         assert history == [(1, 0.5), (2, 0.7), (3, 0.8), (4, 0.9)]
+        assert c.get_run(run_id).data.tags["ray.num_nodes"] == "2"  # kept, set once back
     finally:
         stop_mlflow_server(server)
 

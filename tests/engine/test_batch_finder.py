@@ -760,3 +760,28 @@ def test_find_batch_size_searches_a_step_of_several_micro_batches_apart(data_dir
     assert s["max_accumulating_micro_batch_size"] == held
     assert f"largest that fits as the later micro-batches of a step of several: {held}" in out
     assert out.count("  size  fits    peak MiB   samples/s  note") == 2
+
+
+def test_nothing_fitting_beside_the_gradients_is_a_one_line_exit(data_dir, tmp_path, capsys,
+                                                                 monkeypatch):
+    """The first search found sizes that fit alone, the second (a step of several micro-batches,
+    its gradients held) none: no suggestion, and a line saying why -- exit 2 for the user's
+    --max-memory (it was 0, with "suggestion": null and no word). The search itself is played
+    by a result of that shape (the window between the two peaks at size 1 is a few KiB)."""
+    import pipeline.find_batch_size as fbs
+
+    def found(cfg, info, out, max_memory, progress=False):
+        return {"max_micro_batch_size": 3, "max_accumulating_micro_batch_size": 0,
+                "suggestion": None, "trials": [], "accumulating_trials": [],
+                "max_memory_bytes": max_memory, "budget": "--max-memory", "hit_limit": False,
+                "step_cost_per_worker": None}
+
+    monkeypatch.setattr(fbs, "find_batch_size", found)
+    rc, _, err = _run(["find-batch-size", "--config", DIGITS, "--set", "scaling.num_workers=1",
+                       "--set", "train.global_batch_size=1024", "--set",
+                       "train.micro_batch_size=null", "--max-memory", "16MiB",
+                       "--out", str(tmp_path)], capsys)
+    assert rc == 2
+    assert err == ("argument error: --max-memory: not even micro_batch_size=1 fits beside the "
+                   "gradients a step of several micro-batches holds in 16.0 MiB, --max-memory "
+                   "(train.global_batch_size=1024 needs accumulation here)\n"), err
