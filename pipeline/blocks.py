@@ -48,7 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline import console
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, one_array
-from pipeline.data.datasets import DatasetInfo
+from pipeline.data.datasets import DatasetInfo, files_changed
 from pipeline.data.rows import Fetch, LargeColumns, StreamedRows, scatter_rows, take_rows
 
 CHUNK_BYTES = 6 << 20  # the streaming mode's fetches: about this much per call (bench/README.md)
@@ -202,30 +202,6 @@ def _footers(uri: str) -> tuple[list[tuple[str, int, int]], list[pq.FileMetaData
     metas = [f.metadata for f in fragments]
     return ([(f.path, int(size), int(m.num_rows))
              for f, size, m in zip(fragments, sizes, metas, strict=True)], metas)
-
-
-def data_changed(before: list[tuple[str, int, int]], now: list[tuple[str, int, int]]
-                 ) -> str | None:
-    """What differs between two `data_files` listings, in words (None: nothing).
-
-    >>> data_changed([("a", 10, 5)], [("a", 10, 5)]) is None
-    True
-    >>> data_changed([("a", 10, 5), ("b", 8, 4)], [("a", 12, 6), ("b", 8, 4)])
-    'a is 12 bytes and 6 rows (10 bytes and 5 rows at the start)'
-    >>> data_changed([("b", 8, 4)], [("a", 4, 2), ("b", 8, 4)])
-    'its files are a, b (b at the start)'
-    """
-    if [p for p, _, _ in before] != [p for p, _, _ in now]:
-        def names(files: list[tuple[str, int, int]]) -> str:
-            shown = ", ".join(p for p, _, _ in files[:5])
-            return shown + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-
-        return f"its files are {names(now)} ({names(before)} at the start)"
-    for (path, size, rows), (_, size_now, rows_now) in zip(before, now, strict=True):
-        if (size, rows) != (size_now, rows_now):
-            return (f"{path} is {size_now} bytes and {rows_now} rows ({size} bytes and {rows} "
-                    "rows at the start)")
-    return None
 
 
 def _read(uri: str, **kwargs: Any) -> Any:
@@ -441,7 +417,7 @@ class BlockServer:
         files (`data_files` at ingest: `files`), or a ConfigError saying what changed."""
         from pipeline.data.datasets import read_rows
 
-        if files is not None and (change := data_changed(files, data_files(uri))):
+        if files is not None and (change := files_changed(files, data_files(uri))):
             # A block is the rows from a position on: read now, it would hold other rows (or
             # fail on a file cut short, on every restart). Input, not a failure to retry.
             raise ConfigError(f"data error: data.path={uri} changed since the job started: "

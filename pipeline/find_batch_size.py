@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -228,16 +229,14 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
         if progress:  # the table as it fills: a size of long sequences can take a minute
             say(setup_line(setup))
             print(TABLE_HEADER, flush=True)
-        search = find_max_micro_batch(
-            try_step, limit=len(order),
-            on_trial=(lambda x: print(table_row(vars(x)), flush=True)) if progress else None)
+        shown = (lambda x: print(table_row(vars(x)), flush=True)) if progress else None
+        search = find_max_micro_batch(try_step, limit=len(order), on_trial=shown)
         # A step of several micro-batches runs all but its first beside the gradients it has
         # accumulated (and with several workers DDP's gradient buckets, about one more copy):
         # where the suggestion takes several, the largest that fits so is searched too.
-        suggestion = suggest_batching(search.max_micro_batch_size, t.global_batch_size,
-                                      cfg.scaling.num_workers, MARGIN,
-                                      below=cfg.micro_batch_below())
-        held = None
+        suggest = partial(suggest_batching, search.max_micro_batch_size, t.global_batch_size,
+                          cfg.scaling.num_workers, MARGIN, below=cfg.micro_batch_below())
+        suggestion, held = suggest(), None
         if suggestion is not None and suggestion["accumulation_steps"] > 1:
             if progress:
                 say(f"a step of several micro-batches (its gradients held: "
@@ -250,12 +249,8 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
                 make_trial_step(model, optimizer, batch_of, loss=t.loss, device=device,
                                 precision=t.precision, scaler=fresh, max_memory_bytes=budget,
                                 timed_steps=0, hold_gradients=True, extra_bytes=extra),
-                limit=search.max_micro_batch_size,
-                on_trial=(lambda x: print(table_row(vars(x)), flush=True)) if progress else None)
-            suggestion = suggest_batching(search.max_micro_batch_size, t.global_batch_size,
-                                          cfg.scaling.num_workers, MARGIN,
-                                          below=cfg.micro_batch_below(),
-                                          accumulating=held.max_micro_batch_size)
+                limit=search.max_micro_batch_size, on_trial=shown)
+            suggestion = suggest(accumulating=held.max_micro_batch_size)
     finally:
         torch.set_num_threads(threads)
     result = {

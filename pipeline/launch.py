@@ -365,13 +365,16 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     storage = out_dir / "ray_results" / checkpoints
     resume_from = None
     resumed_with: dict[str, str] = {}  # the keys a --resume changed (allowed), their new values
+    # what a --resume compares the data with (a job's: a sweep's trial, maybe on a node without
+    # the files, has none)
+    fingerprint = data_fingerprint(info) if table_refs is None else None
     if resume:
         run_id = started.get("mlflow_run_id") if started else run_id
         if run_id is not None:  # (refused before a line about the checkpoints is printed)
             check_resumed_run(uri, run_id)
         cfg, resume_from, resumed_with = resume_point(
             cfg, storage, started, on_skip=lambda folder, why: _log(f"skipping checkpoint: {why}"),
-            data=data_fingerprint(info) if table_refs is None else None)
+            data=fingerprint)
         if show_progress:
             _log(f"resuming from {resume_from} (epoch {epochs_done(resume_from)} done)")
     if run_id is None and parent_run_id is None:  # a job's new run (a sweep checks its own)
@@ -437,9 +440,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                     else "FAILED")
         raise
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
-        _write_state(state_file, run_id, uri, cfg, checkpoints,
-                     # (a job's: a sweep's trial, maybe on a node without the files, has none)
-                     data_fingerprint(info) if table_refs is None else None)
+        _write_state(state_file, run_id, uri, cfg, checkpoints, fingerprint)
         if show_progress and run_id:
             _log(f"MLflow run {run_id} in {redact_text(uri)}")
         fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)

@@ -476,15 +476,16 @@ class DeferredRun:
         self.uri, self.retry_s, self.reopen, self.run_args = uri, retry_s, reopen, run_args
         self._id: str | None = None
         self._next_try = 0.0
-        self._refused = False  # the store answered and refused the run: not asked again
-        self._why: tuple[bool, str] | None = None  # (refused: bad input, the error's line)
+        # why the run will never be made, once the store answered and would not make it (then
+        # not asked again): (refused: bad input, the error's line)
+        self._why: tuple[bool, str] | None = None
         # runs an attempt left RUNNING (the driver's included, handed over), marked FAILED later
         self.half_made: list[str] = list(half_made or [])
 
     def run_id(self, force: bool = False) -> str | None:
         """The run's id, or None while it cannot be made; `force`: try now, not only once
         `retry_s` has passed since the last try (the job's last question)."""
-        if self._id is None and not self._refused and (force or time.monotonic() >= self._next_try):
+        if self._id is None and self._why is None and (force or time.monotonic() >= self._next_try):
             self._next_try = time.monotonic() + self.retry_s
             if server_reachable(self.uri):
                 try:
@@ -499,7 +500,6 @@ class DeferredRun:
                     if isinstance(err, HalfRunError) and not err.failed:
                         self.half_made.append(err.run_id)
                     if creation_final(err, self.uri):  # again would make run after run
-                        self._refused = True
                         self._why = (refused(creation_cause(err)),
                                      error_line(creation_cause(err)))
                         log.warning("MLflow failed to make the run, not tried again: %s",

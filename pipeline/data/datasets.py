@@ -185,6 +185,33 @@ def data_fingerprint(info: DatasetInfo) -> dict[str, Any]:
                       for f in files]}
 
 
+def files_changed(before: list[Any], now: list[Any], at: str = "at the start") -> str | None:
+    """What differs between two listings of a dataset's files, (path, bytes[, rows]) each, in
+    words (None: nothing); `at`: when `before` was taken.
+
+    >>> files_changed([("a", 10, 5)], [("a", 10, 5)]) is None
+    True
+    >>> files_changed([("a", 10, 5), ("b", 8, 4)], [("a", 12, 6), ("b", 8, 4)])
+    'a is 12 bytes and 6 rows (10 bytes and 5 rows at the start)'
+    >>> files_changed([("b", 8, 4)], [("a", 4, 2), ("b", 8, 4)])
+    'its files are a, b (b at the start)'
+    """
+    if [f[0] for f in before] != [f[0] for f in now]:
+        def names(files: list[Any]) -> str:
+            shown = ", ".join(f[0] for f in files[:5])
+            return shown + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+
+        return f"its files are {names(now)} ({names(before)} {at})"
+
+    def said(file: Any) -> str:
+        return f"{file[1]} bytes" + (f" and {file[2]} rows" if len(file) > 2 else "")
+
+    for old, new in zip(before, now, strict=True):
+        if tuple(old) != tuple(new):
+            return f"{new[0]} is {said(new)} ({said(old)} {at})"
+    return None
+
+
 def data_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     """What differs between two `data_fingerprint`s, in words (None: nothing).
 
@@ -194,25 +221,29 @@ def data_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     >>> data_change(a, {**a, "rows": 12})
     '12 rows (10 when the run started)'
     >>> data_change(a, {**a, "files": [["d/a.parquet", 104]]})
-    'd/a.parquet is 104 bytes (100 when the run started)'
+    'd/a.parquet is 104 bytes (100 bytes when the run started)'
     >>> data_change(a, {**a, "facts": {"max_label": 10}})
     'max_label is 10 (9 when the run started)'
     """
     if before["rows"] != now["rows"]:
         return f"{now['rows']} rows ({before['rows']} when the run started)"
-    old, new = dict(map(tuple, before["files"])), dict(map(tuple, now["files"]))
-    if list(old) != list(new):
-        return (f"its files are {', '.join(list(new)[:5])}{' ...' if len(new) > 5 else ''} "
-                f"({', '.join(list(old)[:5])}{' ...' if len(old) > 5 else ''} when the run "
-                "started)")
-    for path, size in new.items():
-        if old[path] != size:
-            return f"{path} is {size} bytes ({old[path]} when the run started)"
+    if change := files_changed(before["files"], now["files"], "when the run started"):
+        return change
     for key in sorted(set(before["facts"]) | set(now["facts"])):
         if before["facts"].get(key) != now["facts"].get(key):
             return (f"{key} is {now['facts'].get(key)} ({before['facts'].get(key)} when the run "
                     "started)")
     return None
+
+
+def absolute_path(path: str) -> str:
+    """A local path as `resolve` reads it: absolute from this working directory, `~` expanded;
+    a URI (`scheme://...`) as it is.
+
+    >>> absolute_path("s3://bucket/d"), absolute_path("/d/x.parquet")
+    ('s3://bucket/d', '/d/x.parquet')
+    """
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 def as_given(cfg: Config, info: DatasetInfo) -> Config:
@@ -250,7 +281,7 @@ def _step_costs(cfg: Config) -> dict[str, float]:
     from pipeline.find_batch_size import step_cost_from
 
     cost = step_cost_from(path, 1)  # (under the path as given, and as a sweep gives it to its
-    return {path: cost, str(Path(path).expanduser().resolve()): cost}  # trials: absolute)
+    return {path: cost, absolute_path(path): cost}  # trials: absolute)
 
 
 def _fill_step_cost(cfg: Config, known: dict[str, float] | None = None) -> Config:
@@ -292,7 +323,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     if d.path is None:
         uri = str(embedded_path(d.name, d.cache_dir).resolve())
     else:
-        uri = d.path if "://" in d.path else str(Path(d.path).expanduser().resolve())
+        uri = absolute_path(d.path)
         if "://" not in uri and not Path(uri).exists():
             raise ConfigError(f"data error: data.path does not exist: {d.path}")
     try:

@@ -352,7 +352,7 @@ def _best_per_point(df: pd.DataFrame, value: str, *, best: str, rule: str) -> pd
         return pd.DataFrame(columns=[rule, BATCH, value])
     if rule not in d:
         d = d.assign(**{rule: "-"})
-    points, _ = per_point(d, value, [rule, BATCH], best="max" if best == "max" else "min")
+    points, _ = per_point(d, value, [rule, BATCH], best=best)
     return (points.rename(value).reset_index().sort_values([rule, BATCH])
             .reset_index(drop=True))
 

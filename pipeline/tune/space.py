@@ -11,11 +11,10 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, flatten
-from pipeline.data.datasets import DatasetInfo, as_given, refill, resolve
+from pipeline.data.datasets import DatasetInfo, absolute_path, as_given, refill, resolve
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 MAX_CHECKED_COMBINATIONS = 4096  # beyond, pairs of two keys' values, or one key's (`_to_check`)
@@ -27,9 +26,7 @@ PATH_KEYS = ("data.path", "data.cache_dir", "train.batch_size_throughput")
 
 
 def _absolute(key: str, value: Any) -> Any:
-    if key in PATH_KEYS and isinstance(value, str) and "://" not in value:
-        return str(Path(value).expanduser().resolve())
-    return value
+    return absolute_path(value) if key in PATH_KEYS and isinstance(value, str) else value
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -39,7 +36,7 @@ def with_absolute_paths(cfg: Config) -> Config:
     >>> from pipeline.config import load_config
     >>> cfg = with_absolute_paths(load_config(None, ["data.path=d/a.parquet",
     ...     'tune.search_space={"data.path": {"grid": ["d/b.parquet", "s3://x/c"]}}']))
-    >>> cfg.data.path == str(Path("d/a.parquet").resolve())
+    >>> cfg.data.path == absolute_path("d/a.parquet") != "d/a.parquet"
     True
     >>> cfg.tune.search_space["data.path"]["grid"][1]
     's3://x/c'
@@ -147,7 +144,6 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
     size the workers cannot split fails fast with exit 2. Returns them. `info`: the sweep's
     dataset as `resolve` gave it with `cfg` (its `filled` keys are filled again per trial:
     `trial_config`)."""
-    cfg = with_absolute_paths(cfg)  # (as `run_sweep` gives them to the trials)
     if cfg.tune.search == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("config error: tune.search=optuna needs Optuna: "
                           "pip install 'batch-pipeline[optuna]'")
