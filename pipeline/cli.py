@@ -180,7 +180,8 @@ def _memory_size(text: str) -> int:
 def _find_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-memory", metavar="SIZE", type=_memory_size, default=None,
                    help="memory budget of one step, e.g. 512MiB or 4GiB (CPU default: half the "
-                   "memory available; CUDA default: none, out-of-memory decides)")
+                   "memory available, divided among scaling.num_workers; CUDA default: none, "
+                   "out-of-memory decides)")
 
 
 def _resume_argument(p: argparse.ArgumentParser, what: str) -> None:

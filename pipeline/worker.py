@@ -130,6 +130,13 @@ def data_outside_model(cfg: Config, spec: dict[str, Any], st: Any) -> str | None
         return None if m is None else int(m)
 
     loss = cfg.train.loss
+    if loss == "token_cross_entropy" and isinstance(st.targets, (pa.Array, pa.ChunkedArray)) \
+            and isinstance(st.tokens, (pa.Array, pa.ChunkedArray)):
+        n_tok, n_tgt = (pc.list_value_length(a).to_numpy(zero_copy_only=False)
+                        for a in (st.tokens, st.targets))
+        if len(off := np.flatnonzero(n_tok != n_tgt)):
+            i = int(off[0])
+            return f"a row's targets hold {n_tgt[i]} values for {n_tok[i]} tokens (one per token)"
     if (m := bottom(st.tokens)) is not None and m < 0:  # (the embedding's IndexError, retried)
         return f"token id {m}, token ids are >= 0"
     if loss == "token_cross_entropy" and (m := bottom(st.targets, IGNORE_INDEX)) is not None \

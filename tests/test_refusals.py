@@ -374,9 +374,21 @@ CASES = [
     ("warmup-past-max-steps-under-a-schedule", ["--config", DIGITS, *s(
         "train.batch_size_schedule=warmup", "train.batch_size_min=32",
         "train.global_batch_size=256", "train.batch_size_warmup_steps=2",
+        "train.warmup_epochs=2", "train.max_steps=3")],  # the ramp's k: 1, 4, 8
+     "train.warmup_epochs=2 is 88 batches of train.batch_size_min=32 here, but "
+     "train.max_steps=3 (they take 13) ends the run first"),
+    ("warmup-past-max-steps-under-adaptive", ["--config", DIGITS, *s(
+        "train.batch_size_schedule=adaptive", "train.batch_size_min=32",
+        "train.global_batch_size=256", "train.batch_size_interval=2",
         "train.warmup_epochs=2", "train.max_steps=3")],
      "train.warmup_epochs=2 is 88 batches of train.batch_size_min=32 here, but "
      "train.max_steps=3 steps take 24 at most"),
+    # the cosine's end placed at every epoch's units: max_steps cut it at 0.72 of the peak LR
+    ("decay-past-max-steps-under-adaptive", ["--config", DIGITS, *s(
+        "train.batch_size_schedule=adaptive", "train.batch_size_min=32",
+        "train.global_batch_size=256", "train.schedule=cosine", "train.max_steps=30")],
+     "train.max_steps=30 under train.batch_size_schedule=adaptive ends the run after a number "
+     "of samples decided during training, so train.schedule=cosine cannot place its decay"),
     # said "global_batch_size (32)" of a config whose train.global_batch_size is 320
     ("balanced-unit-batch-not-dividing", ["--config", DIGITS, *s(
         "batching.strategy=balanced", "train.batch_size_schedule=warmup",

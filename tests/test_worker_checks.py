@@ -42,11 +42,21 @@ def _sequences(tokens, targets):
     ([[1, 9], [0]], [[3, -100], [-3]], "token_cross_entropy",
      "target token -3, targets are >= 0 (or -100, ignored)"),
     ([[1, 9], [0]], [[3, -100], [1]], "token_cross_entropy", None),  # -100: ignored
+    # the same 3 values, shifted between rows: padding them put targets under the wrong tokens
+    ([[1, 9], [0]], [[3], [1, 0]], "token_cross_entropy",
+     "a row's targets hold 1 values for 2 tokens (one per token)"),
+    ([[1, 9], [0]], [[3], [1, 0]], "cross_entropy", None),  # targets unused by this loss
 ])
 def test_sequences_outside_the_model_are_named(tokens, targets, loss, want):
     cfg = load_config(None, ["data.name=sequences", f"train.loss={loss}", "model.name=seq_transformer"])
     spec = model_spec(cfg, FACTS)
     assert data_outside_model(cfg, spec, _sequences(tokens, targets)) == want
+
+
+def test_gather_refuses_targets_not_aligned_with_their_tokens():
+    st = _sequences([[1, 9], [0]], [[3], [1, 0]])
+    with pytest.raises(ValueError, match="targets_lengths differ"):
+        st.gather(np.arange(2))
 
 
 def test_features_of_another_width_and_labels_beyond_the_outputs():

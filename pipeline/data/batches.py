@@ -314,7 +314,8 @@ class SampleTable:
             idx = pa.array(positions)
             batch["tokens_values"], batch["tokens_lengths"] = ragged_from_arrow(self.tokens.take(idx))
             if self.targets is not None:
-                batch["targets_values"], _ = ragged_from_arrow(self.targets.take(idx))
+                batch["targets_values"], batch["targets_lengths"] = ragged_from_arrow(
+                    self.targets.take(idx))
             batch = collate_sequences(batch, max_length=max_length, multiple_of=pad_multiple_of,
                                       packing=packing, pack_tokens=pack_tokens)
         return batch

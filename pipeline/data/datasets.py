@@ -784,7 +784,7 @@ def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:
     batches (at most that many steps) -- each trained the smallest batch throughout, without a
     word. A ramp the run cuts short after it grew is a note (returned): the batch it ends at.
     `units`: each epoch's unit batches."""
-    from pipeline.engine.batch_schedule import warmup_units
+    from pipeline.engine.batch_schedule import ramp_steps
 
     t = cfg.train
     most = t.global_batch_size // t.batch_size_min if t.batch_size_min else 1
@@ -795,12 +795,10 @@ def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:
              else f"train.epochs={t.epochs}")
     if t.batch_size_schedule == "warmup":
         step = k = 0
-        for left in units:
-            while left > 0 and step < cap:
-                k = warmup_units(step, most, t.batch_size_warmup_steps)
-                if k == most:
-                    return None
-                left, step = left - k, step + 1
+        for k, _ in ramp_steps(units, most, t.batch_size_warmup_steps, cap):
+            if k == most:
+                return None
+            step += 1
         ends = (f"train.batch_size_warmup_steps={t.batch_size_warmup_steps}: the run ends "
                 f"after {step} optimizer steps ({where}), ")
         if k <= 1:

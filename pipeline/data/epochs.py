@@ -204,10 +204,13 @@ def schedule_steps(steps: Sequence[int], warmup_epochs: float = 0.0,
 
 def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
     """The LR schedule of a run of `cfg` whose epochs take `steps` (`steps_per_epoch`: under a
-    batch-size schedule, unit batches): `train.max_steps` caps optimizer steps, which are unit
-    batches only under a constant batch. Raises ValueError when `train.max_steps` ends the run
-    before the warmup does (the LR would only ramp, never reach its peak or decay): the
-    driver's checks refuse it before the cluster (`pipeline.data.datasets`).
+    batch-size schedule, unit batches), in unit batches: `train.max_steps` caps optimizer
+    steps, which are unit batches under a constant batch, and under a `warmup` ramp the units
+    its first max_steps steps take. Raises ValueError when `train.max_steps` ends the run
+    before the warmup does (the LR would only ramp, never reach its peak or decay), and where
+    it may end an `adaptive` run (whose units per step are decided during training) under a
+    decaying schedule: the driver's checks refuse both before the cluster
+    (`pipeline.data.datasets`).
 
     >>> from pipeline.config import load_config
     >>> cfg = load_config(None, ["train.warmup_epochs=1", "train.max_steps=8"])
@@ -223,23 +226,46 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
     ScheduleSteps(total=22, warmup=22)
     >>> ramp = ["train.batch_size_schedule=warmup", "train.batch_size_min=16",
     ...         "train.batch_size_warmup_steps=4", "train.warmup_epochs=1", "train.max_steps=2"]
-    >>> try:  # 2 steps of at most 4 units each: 8 of the warmup's 11
+    >>> try:  # the ramp's first 2 steps take 1 unit each: 2 of the warmup's 11
     ...     lr_schedule(load_config(None, ramp), [11, 11])
     ... except ValueError as err:
     ...     print(str(err).split(" here")[0])
     train.warmup_epochs=1 is 11 batches of train.batch_size_min=16
+    >>> decay = ["train.batch_size_schedule=warmup", "train.batch_size_min=16",
+    ...          "train.batch_size_warmup_steps=4", "train.schedule=cosine", "train.max_steps=6"]
+    >>> lr_schedule(load_config(None, decay), [11, 11])  # k = 1, 1, 2, 3, 4, 4: 15 units
+    ScheduleSteps(total=15, warmup=0)
     """
+    from pipeline.engine.batch_schedule import ramp_steps
+
     t = cfg.train
-    capped = t.max_steps if t.batch_size_schedule == "constant" else None
+    capped = t.max_steps  # in unit batches: optimizer steps under a constant batch
+    if t.max_steps is not None and t.batch_size_schedule == "warmup" and t.batch_size_min:
+        # the ramp's steps are known: the units its first max_steps steps take
+        capped = sum(taken for _, taken in ramp_steps(
+            steps, t.global_batch_size // t.batch_size_min, t.batch_size_warmup_steps or 0,
+            t.max_steps))
+    elif t.batch_size_schedule == "adaptive":
+        capped = None  # the units max_steps steps take are decided during training
     out = schedule_steps(steps, t.warmup_epochs, capped)
     if capped is not None and capped < sum(steps) and out.warmup >= out.total > 0:
-        raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} optimizer steps "
-                         f"here, but train.max_steps={capped} ends the run first: the LR would "
-                         "never reach its peak (warm up for fewer epochs, or drop max_steps)")
-    if capped is None and t.max_steps is not None and t.batch_size_min:
-        # under a batch-size schedule a step takes 1 to K unit batches: max_steps steps train
-        # at most max_steps x K of them, short of the warmup's for certain
-        most = t.max_steps * (t.global_batch_size // t.batch_size_min)
+        what = ("optimizer steps" if t.batch_size_schedule == "constant" else
+                f"batches of train.batch_size_min={t.batch_size_min}")
+        took = "" if capped == t.max_steps else f" (they take {capped})"
+        raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} {what} "
+                         f"here, but train.max_steps={t.max_steps}{took} ends the run first: "
+                         "the LR would never reach its peak (warm up for fewer epochs, or drop "
+                         "max_steps)")
+    if capped is None and t.max_steps is not None and t.max_steps < sum(steps) and t.batch_size_min:
+        # adaptive: a step takes 1 to K unit batches, so where max_steps ends the run, in
+        # samples, is known only during training
+        if t.schedule != "constant":
+            raise ValueError(f"train.max_steps={t.max_steps} under train.batch_size_schedule="
+                             f"adaptive ends the run after a number of samples decided during "
+                             f"training, so train.schedule={t.schedule} cannot place its decay "
+                             "(it would be cut short): bound the run by train.epochs, or use "
+                             "train.schedule=constant")
+        most = t.max_steps * (t.global_batch_size // t.batch_size_min)  # units, at most
         if most < sum(steps) and out.warmup >= most > 0:
             raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} batches of "
                              f"train.batch_size_min={t.batch_size_min} here, but "

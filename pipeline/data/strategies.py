@@ -357,7 +357,10 @@ def plan_balanced(
     once all of it has been drawn (then a new permutation starts); a majority class is
     under-sampled. Only full batches are made (``drop_last`` has no effect: a partial batch
     could not be balanced). ``dropped`` counts samples of the pool that appear in no batch.
-    Needs ``meta.labels``.
+    Needs ``meta.labels``. A batch repeats a sample only when its class has fewer than ``B / K``
+    samples. Inside a batch the classes take turns (in an order drawn per batch), so every
+    contiguous slice of it -- a rank's share, a micro-batch -- holds each class within one of
+    its equal share.
 
     Worked example (classes 8:2, batch 4 -> 2 + 2 per batch, 2 batches):
 
@@ -382,19 +385,42 @@ def plan_balanced(
     need = n_batches * per
     if n_batches == 0:
         return EpochPlan(batches=[], dropped=n, pool_size=n)
-    cols = []
-    for c in range(k):
-        members = np.flatnonzero(cls == c)
-        reps = -(-need // len(members))
-        draws = np.concatenate([rng.permutation(members) for _ in range(reps)])[:need]
-        cols.append(draws.reshape(n_batches, per))
-    rows = np.concatenate(cols, axis=1)  # (n_batches, b), class-major inside a batch
-    rows = np.take_along_axis(rows, np.argsort(rng.random(rows.shape), axis=1), axis=1)
+    cols = [_balanced_draws(np.flatnonzero(cls == c), need, per, rng).reshape(n_batches, per)
+            for c in range(k)]
+    rows = np.stack(cols, axis=1)  # (batch, class, sample of that class)
+    order = np.argsort(rng.random((n_batches, k)), axis=1)  # the classes' turn, per batch
+    rows = np.take_along_axis(rows, order[:, :, None], axis=1)
+    rows = rows.transpose(0, 2, 1).reshape(n_batches, b)  # round robin over the classes
     seen = np.zeros(n, dtype=bool)
     seen[rows.ravel()] = True
     return EpochPlan(
         batches=[ids[row] for row in rows], dropped=int(n - seen.sum()), pool_size=n
     )
+
+
+def _balanced_draws(members: np.ndarray, need: int, per: int, rng: np.random.Generator
+                    ) -> np.ndarray:
+    """``need`` draws of a class's ``members`` for batches of ``per`` each: fresh random
+    permutations end to end, each reordered so that a batch which straddles two of them
+    (the previous one's last samples, then the new one's first) holds no sample twice -- the
+    samples already in that batch go to the new permutation's end (possible when the class has
+    at least ``per`` members; with fewer, a batch repeats one anyway).
+
+        >>> draws = _balanced_draws(np.arange(3), 8, 2, np.random.default_rng(0))
+        >>> [len(set(pair)) for pair in draws.reshape(4, 2).tolist()]
+        [2, 2, 2, 2]
+    """
+    out: list[np.ndarray] = []
+    size = 0
+    while size < need:
+        perm = rng.permutation(members)
+        started = size % per  # samples of the batch this permutation goes on filling
+        if started and len(members) >= per:
+            held = np.isin(perm, out[-1][-started:])
+            perm = np.concatenate([perm[~held], perm[held]])
+        out.append(perm)
+        size += len(perm)
+    return np.concatenate(out)[:need]
 
 
 @register_counter("balanced")

@@ -14,6 +14,7 @@ batches; a stratified or length-bucketed plan stays balanced unit by unit.
   steps. GPT-3 (Brown et al. 2020, Appendix B) ramps its batch linearly over the first tokens;
   Merrill et al. 2025 (arXiv 2505.23971) show why: the critical batch starts near 0 and grows,
   and a batch-size warmup reached OLMo-1B's loss with 43% fewer gradient steps.
+  Its k's are a function of the step alone, so a warmup run's steps are too.
 - `adaptive`: every `train.batch_size_interval` steps, the k that maximises goodput (Pollux,
   Qiao et al. OSDI'21, sec. 3): the statistical efficiency of a batch M against the unit M0,
 
@@ -36,7 +37,9 @@ batches; a stratified or length-bucketed plan stays balanced unit by unit.
   decision the line is fitted again through the last 200 steps, which span the batch sizes
   the schedule chose since, so c sharpens as the run goes on. A measured c makes the
   schedule depend on timing: it is logged, and kept in checkpoints so a resume goes on with
-  the same model.
+  the same model. The k's themselves are therefore the worker count's too: the noise scale is
+  measured from each rank's share (the small batch) and a measured c from the cluster's step
+  times, so 1 and 4 workers cut the same unit batches into steps differently.
 
     >>> best_units(phi=400.0, unit=32, max_units=32, step_cost=100.0)  # M* = sqrt(100*400) = 200
     6
@@ -94,6 +97,23 @@ def warmup_units(step: int, max_units: int, ramp_steps: int) -> int:
     if ramp_steps <= 0 or step >= ramp_steps:
         return max_units
     return 1 + (max_units - 1) * step // ramp_steps
+
+
+def ramp_steps(epoch_units: Sequence[int], max_units: int, ramp_steps: int,
+               max_steps: float = math.inf) -> Iterator[tuple[int, int]]:
+    """The optimizer steps of a `warmup` ramp over epochs of `epoch_units` unit batches, as
+    training groups them (`group_units`: an epoch's last step takes what is left of it), up to
+    `max_steps` steps: (k the ramp asks for, the unit batches the step takes).
+
+    >>> list(ramp_steps([5, 5], max_units=4, ramp_steps=4, max_steps=5))
+    [(1, 1), (1, 1), (2, 2), (3, 1), (4, 4)]
+    """
+    step = 0
+    for left in epoch_units:
+        while left > 0 and step < max_steps:
+            k = warmup_units(step, max_units, ramp_steps)
+            yield k, min(k, left)
+            left, step = left - k, step + 1
 
 
 def fit_step_cost(sizes: Sequence[float], seconds: Sequence[float]) -> float | None:

@@ -1,6 +1,7 @@
 """Checkpoints: one folder per save, written to temporary names and renamed (pure PyTorch).
 
-A checkpoint folder holds `state.pt` (model, optimizer, scaler, step, epoch, data position) and
+A checkpoint folder holds `state.pt` (model, optimizer, scaler, step, epoch; a resume starts at
+the epoch after it, so no position inside an epoch is kept) and
 `meta.json` (step, epoch and the SHA-256 of `state.pt`: readable without torch, written last).
 Three guarantees:
 

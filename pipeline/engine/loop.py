@@ -55,7 +55,8 @@ class LoopState:
     units: int = 0  # unit batches trained so far (PlannedStep steps)
     batch_size: int = 0  # the last PlannedStep's global batch
     elements_per_sample: float = 1.0  # loss elements (tokens, views) per sample, last step
-    skipped_steps: int = 0  # steps without an update: fp16 scaler skips + non-finite steps
+    skipped_steps: int = 0  # steps without an update: fp16 scaler skips, non-finite steps and
+    # global batches without a loss element (all targets ignored)
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss (or fp32/bf16 gradient)
     noise: NoiseScale | None = None  # the gradient noise scale's running estimate (None: off)
     history: list[dict[str, float]] = field(default_factory=list)  # per-step records
@@ -215,7 +216,8 @@ def train_epoch(
                 raise NonFiniteError(
                     f"non-finite {'loss' if not math.isfinite(res.loss) else 'gradient'} at epoch "
                     f"{state.epoch + 1}, step {state.step} (train_loss={res.loss:.4g}, "
-                    f"grad_norm={res.grad_norm:.4g}); the update was skipped and training stopped "
+                    f"grad_norm={res.grad_norm:.4g}, lr={lr:.4g}); the update was skipped and "
+                    f"training stopped "
                     f"(train.nonfinite=stop, {state.nonfinite_steps} non-finite step(s))")
         if math.isfinite(res.loss):  # a skipped step's NaN would make the epoch's means NaN
             loss_sum += res.loss * res.count

@@ -8,7 +8,8 @@ its own norm whatever the gradient scale.
 Biases and normalisation parameters (every tensor with ndim <= 1) get neither weight decay nor the
 trust ratio: decaying a BatchNorm scale fights the normalisation, and a trust ratio on a tensor
 initialised to zero (a BatchNorm shift, a bias) would freeze it. This is the usual practice for
-LARS/LAMB (Goyal et al. 2017 sec. 5.1 excludes them from decay; You et al. 2019 for BERT).
+LARS/LAMB (Goyal et al. 2017 sec. 5.1 excludes BatchNorm's scale and shift from decay; You et
+al. 2019 for BERT; biases are excluded with them here by the same ndim rule).
 
 Every group carries the key ``adapt``; torch's own optimizers ignore unknown group keys, so the
 same groups serve SGD and AdamW too.
@@ -89,8 +90,9 @@ class LARS(torch.optim.Optimizer):
 
     If ||w|| == 0 or ||grad|| == 0, local_lr is 1 (not eta): the step is plain SGD-momentum, so a
     zero-initialised tensor still trains (as in NVIDIA's LARC and timm's Lars). Beware: LARS
-    runs take a global LR about 1 / eta times SGD's, so such a tensor's first step is that
-    much larger than the trust ratio would allow (the paper's formula would freeze it at 0).
+    runs take a global LR typically many times SGD's (the trust ratio eta ||w|| / ||g|| is
+    small), so such a tensor's first step is that much larger than the trust ratio would
+    allow (the paper's formula would freeze it at 0).
     A group with ``adapt=False`` always uses local_lr = 1, i.e. it is SGD-momentum with its own
     weight decay.
     ``nesterov=True`` applies w = w - (lr * local_lr * g + m * v) with the updated v, which is

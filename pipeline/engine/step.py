@@ -40,7 +40,10 @@ rather than retry. `evaluate` does the same with its one all-reduce.
 
 A non-finite loss, or (fp32/bf16) non-finite gradients, are detected on the all-reduced values,
 so every rank takes the same decision: the optimizer step is skipped and the result says so
-(`nonfinite`); the loop decides whether to go on (`train.nonfinite`). Under fp16 non-finite
+(`nonfinite`); the loop decides whether to go on (`train.nonfinite`). A global batch with no
+loss element (a token-level loss whose targets are all ignored) is skipped as well (`skipped`,
+not `nonfinite`): its mean loss is 0 / 0, and stepping on its zero gradient would still move
+the weights (momentum, weight decay). Under fp16 non-finite
 gradients with a finite loss are the gradient scaler's overflow (skipped, the scale backed
 off); a non-finite loss -- a forward that overflowed fp16, say -- is a non-finite step there
 too, since no loss scale cures it.
@@ -438,7 +441,9 @@ def train_step(
         local = [loss_count(mb, loss) for mb in micro_batches]
         (global_count,) = agreed([float(sum(local))], error, error_is_input, device)
         # A global batch with no loss element (every target ignored): its mean is 0 / 0; the
-        # step takes a zero loss and zero gradient (the optimizer steps on it as on any).
+        # micro-steps run (a zero loss, zero gradients: every rank's collectives as usual) and
+        # the update is skipped below (momentum, Adam's moments and weight decay would move the
+        # weights on no data).
         per_element = 1.0 / max(global_count, 1.0)
         loss_total = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -508,19 +513,19 @@ def train_step(
     # Under fp16 a non-finite gradient with a finite loss is the scaler's overflow (it skips and
     # backs off); a non-finite loss is not: no loss scale cures it (the loss is unscaled).
     nonfinite = not math.isfinite(loss_g) or (scaler is None and not math.isfinite(norm))
-    skipped = nonfinite
+    skipped = nonfinite or global_count == 0  # (no loss element: nothing to step on)
     if scaler is not None:
         before = scaler.get_scale()
-        if nonfinite:  # skipped, the scale kept; update() ends the step for the scaler
+        if skipped:  # the scale kept; update() ends the step for the scaler
             scaler.update(before)  # (unscale_ ran): the next step starts afresh
             tracker = getattr(scaler, "_growth_tracker", None)  # and the run of clean steps
-            if tracker is not None:  # that grows the scale starts again, as after a skip
-                tracker.zero_()
+            if nonfinite and tracker is not None:  # that grows the scale starts again, as
+                tracker.zero_()  # after a skip
         else:
             scaler.step(optimizer)
             scaler.update()
             skipped = scaler.get_scale() < before  # it backs off exactly when it skipped
-    elif not nonfinite:
+    elif not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     b_small_eff = world / inv_b_sum if inv_b_sum > 0 else math.nan

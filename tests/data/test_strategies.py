@@ -194,6 +194,32 @@ def test_balanced_cycles_fresh_permutations():
     assert len(set(tiny[:3])) == 3
 
 
+def test_balanced_batch_repeats_a_sample_only_when_its_class_is_too_small():
+    """A class of 3 samples at 2 a batch: a batch straddling two of its permutations (the last
+    of one, the first of the next) could draw one sample twice; it never does. A class of 1
+    at 2 a batch must repeat it."""
+    meta = SampleMeta(ids=np.arange(33), labels=np.array([0] * 30 + [1] * 3))
+    for seed in range(50):
+        for b in plan_balanced(meta, seed=seed, epoch=0, global_batch_size=4).batches:
+            assert len(set(b.tolist())) == 4
+    tiny = SampleMeta(ids=np.arange(11), labels=np.array([0] * 10 + [1]))
+    batches = plan_balanced(tiny, seed=0, epoch=0, global_batch_size=4).batches
+    assert all(np.sum(b == 10) == 2 for b in batches)
+
+
+@pytest.mark.parametrize("batch_size", [20, 60, 120])
+def test_balanced_every_slice_of_a_batch_is_balanced(batch_size):
+    """Every rank's contiguous slice (any worker count dividing the batch), and every window of
+    a batch, holds each class floor or ceil of its equal share."""
+    plan = _plan("balanced", global_batch_size=batch_size, epoch_samples=3000)
+    for b in plan.batches:
+        labels = META.labels[_rows(b)]
+        for w in (w for w in range(1, batch_size + 1) if batch_size % w == 0):
+            per_slice = np.stack([np.bincount(s, minlength=10) for s in labels.reshape(w, -1)])
+            share = batch_size // 10 / w
+            assert per_slice.min() >= np.floor(share) and per_slice.max() <= np.ceil(share)
+
+
 def test_balanced_errors():
     with pytest.raises(ValueError, match=r"\(32\).*\(10\)"):
         _plan("balanced", global_batch_size=32)

@@ -20,6 +20,7 @@ from pipeline.engine.batch_schedule import (
     fit_step_cost,
     goodput,
     group_units,
+    ramp_steps,
     warmup_units,
 )
 from pipeline.engine.loop import LoopState, PlannedStep, train_epoch
@@ -60,6 +61,25 @@ def test_the_batch_grows_as_the_noise_scale_grows():
 def test_warmup_ramps_linearly_from_one_unit_to_the_full_batch():
     assert [warmup_units(s, 4, 6) for s in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]
     assert warmup_units(0, 4, 0) == 4
+
+
+@pytest.mark.parametrize(("epochs", "max_steps"), [([7, 9, 3], 100), ([7, 9, 3], 6), ([1, 1], 3)])
+def test_ramp_steps_are_the_steps_training_groups(epochs, max_steps):
+    """What the driver counts ahead (`ramp_steps`: the LR schedule's length under max_steps,
+    the ramp's reach) is what training does: the schedule's k per step, grouped by
+    `group_units` epoch by epoch, the last step of an epoch taking what is left."""
+    sched = BatchSchedule(kind="warmup", unit=8, max_units=4, ramp_steps=5)
+    done: list[tuple[int, int]] = []
+
+    def units() -> int:
+        return sched.next_units(len(done), math.nan)  # the step about to run
+
+    for n in epochs:
+        for _, taken in group_units([np.arange(i, i + 1) for i in range(n)], units):
+            if len(done) == max_steps:
+                break
+            done.append((sched.units, taken))
+    assert list(ramp_steps(epochs, 4, 5, max_steps)) == done
 
 
 # -- the step cost from timed steps -------------------------------------------------------------

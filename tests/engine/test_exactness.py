@@ -268,7 +268,7 @@ def _loop(policy: str, limit: int, bad_steps: set[int], n: int = 5):
 
 
 def test_nonfinite_stop_names_epoch_and_step():
-    with pytest.raises(NonFiniteError, match=r"epoch 3, step 2 .*train.nonfinite=stop"):
+    with pytest.raises(NonFiniteError, match=r"epoch 3, step 2 .*, lr=0.1\); the update.*nonfinite=stop"):
         _loop("stop", 0, {1})
     state, _ = _loop("stop", 1, {1})  # one tolerated
     assert state.nonfinite_steps == 1 and state.step == 5

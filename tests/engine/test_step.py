@@ -405,35 +405,41 @@ def test_an_empty_validation_share_evaluates_to_nothing(case):
     assert both == pytest.approx(alone)  # the empty batch adds nothing
 
 
-def test_a_global_batch_without_a_target_token_is_a_zero_step():
+def test_a_global_batch_without_a_target_token_is_a_skipped_step():
     """Token-level loss over a global batch whose targets are all ignored (samples with no
-    real target; truncation can make them): no loss element, so a zero loss and a zero
-    gradient -- not a ZeroDivisionError that Ray Train would retry as if transient."""
+    real target; truncation can make them): no loss element, so a zero loss and no update --
+    not a ZeroDivisionError that Ray Train would retry as if transient, and not an optimizer
+    step on a zero gradient, which AdamW's moments and weight decay would still move."""
     from pipeline.data.padding import IGNORE_INDEX
 
     model = build_model("seq_transformer", input_dim=None, num_outputs=4, vocab_size=16,
                         per_token=True, d_model=16, nhead=2, num_layers=1, dim_feedforward=16)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     batch = {"input_ids": torch.ones(2, 5, dtype=torch.int64),
              "attention_mask": torch.ones(2, 5, dtype=torch.bool),
              "token_targets": torch.full((2, 5), IGNORE_INDEX, dtype=torch.int64)}
+    real = {**batch, "token_targets": torch.ones(2, 5, dtype=torch.int64)}
+    assert not train_step(model, opt, [real], loss="token_cross_entropy").skipped  # moments
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in opt.state_dict()["state"][0].items()}
     res = train_step(model, opt, [batch], loss="token_cross_entropy")
-    assert (res.loss, res.count, res.correct, res.nonfinite) == (0.0, 0.0, 0.0, False)
-    for k, v in model.state_dict().items():  # a zero gradient: plain SGD leaves the weights
+    assert (res.loss, res.count, res.correct, res.nonfinite, res.skipped) == \
+        (0.0, 0.0, 0.0, False, True)
+    for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+    assert all(torch.equal(v, moments[k]) for k, v in opt.state_dict()["state"][0].items())
     # In an epoch of planned steps (a batch-size schedule's), with the noise scale measured:
     # the step says nothing of the tokens per sample (which the noise scale in samples and
     # the adaptive schedule divide by), and the epoch's loss is its steps'.
     from pipeline.engine.loop import PlannedStep
     from pipeline.engine.noise import NoiseScale
 
-    real = {**batch, "token_targets": torch.ones(2, 5, dtype=torch.int64)}
     state = LoopState(micro_batch_size=2, noise=NoiseScale())
     steps = [PlannedStep(lambda size, b=b: [b], lr=0.5, batch_size=2) for b in (real, real, batch)]
     out = train_epoch(model, opt, steps, state, loss="token_cross_entropy")
     assert state.elements_per_sample == 5.0 and out["steps"] == 3.0
     assert math.isfinite(out["train_loss"]) and out["train_loss"] > 0
+    assert state.skipped_steps == 1 and state.nonfinite_steps == 0
 
 
 def _error_rank(rank: int, world: int):
