@@ -22,6 +22,7 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,11 +111,10 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    tmp = Path(__file__).parent / "results" / "_noise_ddp.pt"
-    tmp.parent.mkdir(exist_ok=True)
-    mp.spawn(_rank, args=(port, args.rounds, args.steps, str(tmp)), nprocs=2, join=True)
-    rows.append(torch.load(tmp, weights_only=True))  # plain numbers and strings
-    tmp.unlink()
+    with tempfile.TemporaryDirectory() as folder:  # rank 0's row, handed back (gone after)
+        tmp = Path(folder) / "noise_ddp.pt"
+        mp.spawn(_rank, args=(port, args.rounds, args.steps, str(tmp)), nprocs=2, join=True)
+        rows.append(torch.load(tmp, weights_only=True))  # plain numbers and strings
     print(f"{'variant':32} {'ms/step without':>16} {'ms/step with':>13} {'ratio':>7}")
     for r in rows:
         print(f"{r['variant']:32} {r['ms_without']:16.2f} {r['ms_with']:13.2f} {r['ratio']:7.3f}")

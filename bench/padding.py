@@ -29,7 +29,7 @@
 Data: the embedded `sequences` file (4,000 rows); `--scale K` also times a K-times larger file
 written by the same generator (`make_sequences(4000 * K)`) into a temporary folder.
 
-    python bench/padding.py             # ~2-3 min on 2 cores; writes bench/results/padding.json
+    python bench/padding.py             # 25 s to 3 min on 2 cores; writes bench/results/padding.json
     python bench/padding.py --quick     # 3 repeats, 2 epochs of padding efficiency
     python bench/padding.py --scale 10  # + a 40,000-row file (a few minutes more)
     python bench/padding.py --efficiency-only  # section 1 alone, no Ray (seconds)

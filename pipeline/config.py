@@ -204,7 +204,8 @@ class _Kwargs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_outputs: Int | None = Field(None, ge=1, description="output size (default: number of "
                                     "classes or targets in the data)")
-    embedding_dim: Int = Field(32, ge=1, description="embedding size (nt_xent)")
+    embedding_dim: Int = Field(32, ge=2, description="embedding size (nt_xent; one dimension, "
+                               "normalised, leaves every similarity at +-1)")
 
 
 class DigitsCNNKwargs(_Kwargs):
@@ -549,6 +550,9 @@ class Config(_Section):
                    else "train.batch_size_min")
             raise ValueError(f"train.loss=nt_xent contrasts each sample with the others of its "
                              f"batch: {key}={self.plan_batch_size()} has none (2 at least)")
+        if t.loss == "nt_xent" and self.model.kwargs.get("num_outputs") is not None:
+            raise ValueError("model.kwargs.num_outputs under train.loss=nt_xent would take the "
+                             "place of the embedding size: set model.kwargs.embedding_dim")
         if t.loss == "nt_xent" and self.model.name == "seq_transformer":
             raise ValueError("train.loss=nt_xent augments feature vectors (data.feature_column); "
                              "model.name=seq_transformer reads token sequences")

@@ -302,9 +302,13 @@ def step_cost_from(path: str, num_workers: int) -> float:
         raise ConfigError(f"config error: {key}: {path} is not a find_batch_size.json "
                           f"({type(err).__name__})") from None
     cost = result.get("step_cost_per_worker") if isinstance(result, dict) else None
-    if not isinstance(cost, int | float) or isinstance(cost, bool) or cost < 0:
-        raise ConfigError(f"config error: {key}: {path} holds no step_cost_per_worker (written by "
-                          "find-batch-size when at least two micro-batch sizes fit)")
+    if not isinstance(cost, int | float) or isinstance(cost, bool) or not 0 <= cost < math.inf:
+        # (Python's JSON reads NaN, Infinity and 1e400 as floats: the config then blamed
+        # train.batch_size_step_cost, a key the user never set)
+        shown = "" if cost is None else f" ({cost!r})"
+        raise ConfigError(f"config error: {key}: {path} holds no step_cost_per_worker{shown} "
+                          "(a finite number >= 0, written by find-batch-size when at least two "
+                          "micro-batch sizes fit)")
     return float(cost) * num_workers
 
 

@@ -431,6 +431,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             if t.max_steps is not None and state.step >= t.max_steps:
                 break
             eb, steps = feed.epoch(epoch, next_units, sample_losses)
+            agree_on_plan(eb.batches, epoch, device)
             if rank == 0 and eb.plan.note:
                 console.say(eb.plan.note)
             plan, batches, dropped = eb.plan, eb.batches, eb.dropped
@@ -654,6 +655,30 @@ def agree_on_restored(step: int, epoch: int, device: torch.device) -> None:
         raise RuntimeError(f"the ranks restored different checkpoints: steps {low_step} to "
                            f"{top_step}, after epoch {low_epoch} to {top_epoch} (this rank: "
                            f"step {step}); none trains from a point the others do not share")
+
+
+def agree_on_plan(batches: list[np.ndarray], epoch: int, device: torch.device) -> None:
+    """Every rank planned the same global batches for the epoch (a collective: every rank calls
+    it). Each rank plans the epoch itself from the same data, seed and epoch, so the plans
+    agree -- unless the ranks' libraries differ (NumPy's generators; SciPy's HiGHS, which lays
+    out stratified batches, on nodes of different images): each rank would then take its slice
+    of another plan, training some samples twice and others never, without a word. A 62-bit
+    digest of the plan, compared in one all-reduce an epoch; a mismatch is no transient
+    failure (a restart plans the same again), so it ends the job as bad input does."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    import hashlib
+
+    sizes = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
+    flat = np.concatenate(batches).astype(np.int64, copy=False) if batches else sizes
+    digest = hashlib.blake2b(sizes.tobytes() + flat.tobytes(), digest_size=8).digest()
+    d = int.from_bytes(digest, "little") >> 2  # (its negation fits an int64 too)
+    t = torch.tensor([d, -d], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != -int(t[1]):
+        raise ConfigError(f"environment error: the ranks planned different batches for epoch "
+                          f"{epoch + 1} from the same data and seed: the nodes' NumPy and SciPy "
+                          f"versions must agree (this rank: NumPy {np.__version__})")
 
 
 def _older_checkpoint(err: CheckpointError, loop_config: dict[str, Any], device: torch.device,

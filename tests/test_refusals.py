@@ -131,6 +131,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     huge_targets = pa.ListArray.from_arrays(huge_targets.offsets, pa.array(
         [10**9, *huge_targets.values.to_pylist()[1:]]))
     short_targets = pa.array([t[:-1] for t in targets.to_pylist()])
+    ignored = pa.array([[-100] * len(t) for t in targets.to_pylist()])  # nothing to learn
+    head_ignored = pa.array([[-100, -100, *t[2:]] for t in targets.to_pylist()])  # (lengths >= 3)
     label = pa.array(_labels())
     tables = {
         "vec16": {"x": _vectors(16), "y": label, "name": pa.array([f"s{i}" for i in range(N)])},
@@ -142,6 +144,11 @@ def files(tmp_path_factory) -> dict[str, str]:
         "huge_token": {"tokens": huge_tokens, "y": label},
         "huge_target": {"tokens": tokens, "targets": huge_targets, "y": label},
         "misaligned": {"tokens": tokens, "targets": short_targets, "y": label},
+        "ignored_targets": {"tokens": tokens, "targets": ignored, "y": label},
+        "head_ignored": {"tokens": tokens, "targets": head_ignored, "y": label},
+        "beyond_float32": {"x": pa.ListArray.from_arrays(  # float64: finite, inf as float32
+            pa.array(np.arange(N + 1, dtype=np.int32) * 2),
+            pa.array([1e39 if i == 7 else 0.5 for i in range(2 * N)])), "y": label},
         "half_labels": {"x": _vectors(16), "y": pa.array(_labels() + 0.5)},
         "neg_labels": {"x": _vectors(16), "y": pa.array(_labels() - 1)},
         "text_labels": {"x": _vectors(16), "y": pa.array([f"c{k}" for k in _labels()])},
@@ -350,6 +357,16 @@ CASES = [
         "train.global_batch_size=1", "train.micro_batch_size=null", "scaling.num_workers=1")],
      "train.loss=nt_xent contrasts each sample with the others of its batch: "
      "train.global_batch_size=1 has none (2 at least)"),
+    # a loss over no element: every step skipped, a run that "succeeds" training nothing (or,
+    # with no target at all, a traceback sizing the model's outputs)
+    ("no-target-to-learn", [*SEQ, *s("data.path={ignored_targets}", "data.target_column=targets",
+                                     "train.loss=token_cross_entropy")],
+     "data.target_column='targets' holds no target to learn from: every one is -100"),
+    ("truncation-keeps-no-target", [*SEQ, *s(
+        "data.path={head_ignored}", "data.target_column=targets", "train.loss=token_cross_entropy",
+        "batching.max_length=2")], "batching.max_length=2 keeps no target"),
+    ("features-beyond-float32", [*VEC, *s("data.path={beyond_float32}")],
+     "data.feature_column='x' holds a value of magnitude 1e+39, beyond float32's range"),
     ("misaligned-targets", [*SEQ, *s("data.path={misaligned}", "data.target_column=targets",
                                      "train.loss=token_cross_entropy")],
      "data.target_column='targets'"),
@@ -441,6 +458,23 @@ CASES = [
                                                      "train.loss=nt_xent", "model.name=mlp")],
      "batching.strategy=balanced draws a rare class's samples again within a batch"),
     ("contrastive-on-sequences", [*SEQ, *s("train.loss=nt_xent")], "train.loss=nt_xent"),
+    # a sample alone has no other to contrast with: a last batch of 1 (loss 0, yet a step),
+    # a validation split of 1 (val_accuracy 1.0)
+    # a classifier's output size taking the embedding's place: 1-d embeddings, said nowhere
+    ("contrastive-num-outputs", ["--config", DIGITS, *s(
+        "train.loss=nt_xent", "model.name=mlp", "model.kwargs.num_outputs=1")],
+     "model.kwargs.num_outputs under train.loss=nt_xent"),
+    ("contrastive-one-dimension", ["--config", DIGITS, *s(
+        "train.loss=nt_xent", "model.name=mlp", "model.kwargs.embedding_dim=1")],
+     "model.kwargs.embedding_dim"),
+    ("contrastive-last-batch-of-one", ["--config", DIGITS, *s(
+        "train.loss=nt_xent", "model.name=mlp", "scaling.num_workers=1",
+        "train.global_batch_size=3", "train.micro_batch_size=null", "batching.drop_last=false")],
+     "train.loss=nt_xent: epoch 1 has a batch of 1 sample"),
+    ("contrastive-validation-of-one", ["--config", DIGITS, *s(
+        "train.loss=nt_xent", "model.name=mlp", "data.label_column=null",
+        "data.val_fraction=0.0001")],
+     "data.val_fraction=0.0001 holds out 1 sample"),
     # training met it as a "non-finite loss" (blaming itself) or skipped its steps each epoch
     ("features-nan", s("data.path={nan_features}", "data.feature_column=x", "data.label_column=y"),
      "data.feature_column='x' holds NaN or infinite values"),

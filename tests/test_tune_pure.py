@@ -132,6 +132,13 @@ def test_summary_table_is_markdown_best_first():
                          "| 32 | TERMINATED | 0.9000 |", "| 128 | EARLY_STOPPED | 0.9900 |",
                          "| 512 | EARLY_STOPPED | 0.8000 |", "| 512 | ERROR | 0.9950 |",
                          "| 32 | ERROR |  |"]
+    # Ranked by the values the best trial was chosen by where the column holds another reading
+    # (noise_scale: the column at the target, Tune's value the last result): the top row is it.
+    two = pd.DataFrame({"trial": ["t1", "t2"], "status": ["TERMINATED"] * 2,
+                        "noise_scale": [900.0, 100.0]})
+    lines = summary_table(two, ["trial", "noise_scale"], metric="noise_scale", mode="min",
+                          score=pd.Series([5.0, 50.0])).strip().splitlines()
+    assert lines[2:] == ["| t1 | 900.0000 |", "| t2 | 100.0000 |"]
 
 
 # -- search space and concurrency ----------------------------------------------------------------
@@ -369,6 +376,67 @@ def test_final_epoch_asha_never_stops_the_result_that_reaches_max_steps():
     assert rung_one(20, {"train.max_steps": None}, 20) == TrialScheduler.STOP  # its own: none
 
 
+def test_asha_keeps_its_rungs_across_a_resume(tmp_path):
+    """Tune saves no scheduler state: a resumed sweep's ASHA started with empty rungs, so a
+    trial as bad as one it had stopped went on (its first result at a rung: no cutoff). The
+    rungs and the stopped trials are kept beside the experiment's state and read back when the
+    resumed sweep adds its trials (as Tune does, restored trials first)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.tune.sweep import asha
+
+    storage = SimpleNamespace(experiment_fs_path=str(tmp_path))
+
+    class Trial:
+        def __init__(self, tid):
+            self.trial_id, self.config, self.storage = tid, {}, storage
+
+    def scheduler(*trials):
+        s = asha(max_epochs=9)
+        s.set_search_properties("val_accuracy", "max")
+        for t in trials:
+            s.on_trial_add(None, t)
+        return s
+
+    first = scheduler(good := Trial("good"), bad := Trial("bad"), Trial("later"))
+    assert first.on_trial_result(None, good, {"epoch": 1, "val_accuracy": 0.9}) == \
+        TrialScheduler.CONTINUE
+    assert first.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.2}) == \
+        TrialScheduler.STOP
+    # ... interrupted; Tune's saved state missed bad's stop: both come back with another trial
+    resumed = scheduler(Trial("good"), Trial("bad"), later := Trial("later"))
+    assert resumed.rungs() == first.rungs()
+    assert resumed.on_trial_result(None, later, {"epoch": 1, "val_accuracy": 0.3}) == \
+        TrialScheduler.STOP  # a cutoff from good's 0.9 and bad's 0.2 (empty rungs: went on)
+    assert resumed.on_trial_result(None, Trial("bad"), {"epoch": 1, "val_accuracy": 0.2}) == \
+        TrialScheduler.STOP  # run again from its checkpoint: stopped again
+    alone = Trial("later")  # counter-check: without the kept rungs the same result goes on
+    alone.storage = None
+    fresh = scheduler(alone)
+    assert fresh.on_trial_result(None, alone, {"epoch": 1, "val_accuracy": 0.3}) == \
+        TrialScheduler.CONTINUE
+
+
+def test_a_restored_generator_takes_todays_limit_of_trials_at_a_time(tmp_path):
+    """Tune restores its grid/random generator from the saved state, which holds the first
+    run's limit; the sweep's generator takes the limit computed for the cluster of the resume
+    (as Tune restores it: `restore_from_dir`), and a fresh one its own."""
+    from pipeline.tune.resumable import Generator
+
+    first = Generator(max_concurrent=4, random_state=0)
+    first.save_to_dir(str(tmp_path), "s")
+    try:
+        Generator.limit_now = 1
+        restored = Generator(max_concurrent=4, random_state=0)  # (as unpickled from tuner.pkl)
+        restored.restore_from_dir(str(tmp_path))
+        assert restored.max_concurrent == 1
+        assert Generator(max_concurrent=4).max_concurrent == 4
+    finally:
+        Generator.limit_now = None
+
+
 def test_the_critical_batch_sentence_names_failed_batches_and_a_missing_target():
     from pipeline.tune.analysis import critical_batch, critical_batch_sentence
 
@@ -572,6 +640,31 @@ def test_repeats_of_a_grid_that_would_train_the_same_weights_are_refused():
     with pytest.raises(ConfigError, match="tune.num_samples=3 repeats each grid point with the "
                                           "same seeds"):
         check_trials(_cfg(grid, "tune.num_samples=3"))
+
+
+B, R, LR = "train.global_batch_size", "train.lr_scaling", "train.base_lr"
+
+
+@pytest.mark.parametrize(("search", "space", "n", "refused"), [
+    # sweep_digits' 3 x 3 drawn at random 20 times: 9 distinct configs, 11 repeats for certain
+    ("random", {B: {"grid": [32, 128, 512]}, R: {"choice": ["none", "sqrt", "linear"]}}, 20,
+     f"draws more trials than the 9 distinct combination(s) of {B}, {R}"),
+    ("random", {B: {"grid": [32, 128, 512]}, R: {"choice": ["none", "sqrt", "linear"]}}, 9, None),
+    ("grid", {B: {"grid": [32, 128]}, R: {"choice": ["none", "sqrt", "none"]}}, 3,
+     f"draws more trials at each grid point than the 2 distinct combination(s) of {R}"),
+    ("random", {B: {"grid": [32, 128]}, LR: {"uniform": [0.01, 0.1]}}, 20, None),  # drawn
+])
+def test_more_draws_than_distinct_configs_are_refused(search, space, n, refused):
+    from pipeline.tune.space import check_trials
+
+    cfg = _cfg(space, f"tune.search={search}", f"tune.num_samples={n}")
+    if refused is None:
+        check_trials(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_trials(cfg)
+    assert str(err.value).startswith(f"config error: tune.num_samples={n} {refused}: some would "
+                                     "train the same weights"), err.value
 
 
 def test_a_sweep_with_nothing_to_vary_is_refused():

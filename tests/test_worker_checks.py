@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data.batches import SampleTable
 from pipeline.engine.batch_schedule import BatchSchedule
 from pipeline.engine.checkpoint import load_checkpoint
@@ -179,3 +179,28 @@ def test_ranks_that_restored_different_checkpoints_all_stop():
                        "share")
     assert said[1] is not None and said[1].endswith("(this rank: step 10); none trains from a "
                                                     "point the others do not share")
+
+
+def _planned(rank: int, world: int, plans: list[list[list[int]]]) -> str | None:
+    from pipeline.worker import agree_on_plan
+
+    try:
+        agree_on_plan([np.array(b) for b in plans[rank]], epoch=2, device=torch.device("cpu"))
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def test_ranks_that_planned_different_batches_all_stop():
+    """Every rank plans the epoch itself; ranks whose libraries plan differently would each
+    train their slice of another plan. Two real gloo ranks: the same plan passes; a plan that
+    differs in one position, or only in where a batch ends, stops both."""
+    from tests.engine.ranks import run_ranks
+
+    same = [[0, 1, 2], [3, 4, 5]]
+    assert run_ranks(_planned, 2, [same, same]) == [None, None]
+    for other in ([[0, 1, 2], [3, 5, 4]], [[0, 1], [2, 3, 4, 5]]):
+        said = run_ranks(_planned, 2, [same, other])
+        assert said[0] == said[1] is not None and said[0].startswith(
+            "environment error: the ranks planned different batches for epoch 3 from the same "
+            "data and seed"), said

@@ -76,6 +76,9 @@ def _is_number(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # features are trained as float32
+
+
 def vector_width(chunks: Iterable[pa.Array], key: str) -> int:
     """The length of the fixed-size numeric vectors of a feature column given as chunks (the
     column may be streamed); ConfigError naming `key` when it holds anything else: scalars,
@@ -111,6 +114,12 @@ def vector_width(chunks: Iterable[pa.Array], key: str) -> int:
                 and not pc.all(pc.is_finite(values)).as_py()):
             # (training met it as a "non-finite loss", blaming itself, or skipped its steps)
             raise ConfigError(f"data error: {key} holds NaN or infinite values")
+        if len(values) and pa.types.is_floating(values.type):  # (any integer fits float32)
+            top = pc.max(pc.abs(values)).as_py()  # trained as float32: beyond it, inf there
+            if top > FLOAT32_MAX:
+                raise ConfigError(f"data error: {key} holds a value of magnitude {top:g}, beyond "
+                                  f"float32's range ({FLOAT32_MAX:.4g}), in which features are "
+                                  "trained")
         lengths = pc.min_max(pc.list_value_length(arr)).as_py()
         lo = lengths["min"] if lo is None else min(lo, lengths["min"])
         hi = lengths["max"] if hi is None else max(hi, lengths["max"])

@@ -35,6 +35,7 @@ from pipeline.data.batches import (
     split_train_val,
     vector_width,
 )
+from pipeline.data.padding import IGNORE_INDEX
 
 DATASET_VERSION = "v1"
 SEQ_VOCAB = 64
@@ -507,6 +508,7 @@ def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
     if d.sequence_column is not None:
         cols = [d.sequence_column] + ([d.target_column] if d.target_column else [])
         lengths = np.empty(ds.count_rows(), np.int64)
+        kept = [0]  # targets not ignored within the tokens a batch keeps (batching.max_length)
 
         def counted(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             done = 0
@@ -514,10 +516,23 @@ def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
                 yield batch  # counted once check_sequences has found it a list column
                 lengths[done:done + batch.num_rows] = pc.list_value_length(batch.column(0))
                 done += batch.num_rows
+                if d.target_column and b.max_length is not None:
+                    head = pc.list_flatten(pc.list_slice(batch.column(1), 0, b.max_length))
+                    ignored = pc.sum(pc.equal(head, IGNORE_INDEX)).as_py() or 0
+                    kept[0] += len(head) - ignored
 
+        target_key = f"data.target_column={d.target_column!r}" if d.target_column else None
         max_token, max_target = check_sequences(
-            counted(_stream(ds, cols)), f"data.sequence_column={d.sequence_column!r}",
-            f"data.target_column={d.target_column!r}" if d.target_column else None)
+            counted(_stream(ds, cols)), f"data.sequence_column={d.sequence_column!r}", target_key)
+        if cfg.train.loss == "token_cross_entropy" and target_key is not None:
+            # (a loss over no element: every step skipped, a run that trains nothing)
+            if max_target is None:
+                raise ConfigError(f"data error: {target_key} holds no target to learn from: "
+                                  f"every one is {IGNORE_INDEX} (ignored)")
+            if b.max_length is not None and not kept[0]:
+                raise ConfigError(f"config error: batching.max_length={b.max_length} keeps no "
+                                  f"target: within each sequence's first {b.max_length} tokens "
+                                  f"every target of {target_key} is {IGNORE_INDEX} (ignored)")
     cols = [c for c in (d.label_column, b.difficulty_column, d.id_column) if c]
     table = ds.to_table(columns=cols) if cols else pa.table({"_": pa.nulls(ds.count_rows())})
     small = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,
@@ -753,7 +768,7 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> str | None:
     from pipeline.data.epochs import epoch_batches, epoch_sizes, lr_schedule
 
     b = cfg.batching
-    train, _ = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
+    train, val = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
     try:
         eb = epoch_batches(cfg, st, train, 0, cfg.scaling.num_workers)
         # Every epoch's batches (curriculum pools, epoch_samples...): none may be empty.
@@ -773,7 +788,28 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> str | None:
             f"train.global_batch_size={cfg.train.global_batch_size} from {len(train)} training rows")
     _check_token_budgets(st, cfg, train)
     _check_sync_batchnorm(cfg, sizes)
+    _check_contrastive_batches(cfg, sizes, len(val))
     return _check_schedule_reach(cfg, [len(s) for s in sizes])
+
+
+def _check_contrastive_batches(cfg: Config, sizes: list[np.ndarray], n_val: int) -> None:
+    """NT-Xent contrasts each sample with the others of its batch: a batch of one sample has
+    none -- its loss and gradient are exactly 0, and the optimizer's momentum and weight decay
+    would still step on it -- and a validation split of one sample scores val_accuracy 1.0 (a
+    sweep would rank it first). `sizes`: every epoch's batches (`epoch_sizes`)."""
+    if cfg.train.loss != "nt_xent":
+        return
+    for epoch, batch_sizes in enumerate(sizes, 1):
+        if len(batch_sizes) and int(batch_sizes.min()) == 1:
+            raise ConfigError(
+                f"config error: train.loss=nt_xent: epoch {epoch} has a batch of 1 sample (the "
+                f"last, which batching.drop_last=false keeps), with no other sample to contrast "
+                f"it with: set batching.drop_last=true, or a batch size that leaves more over")
+    if n_val == 1:
+        raise ConfigError(f"config error: train.loss=nt_xent: data.val_fraction="
+                          f"{cfg.data.val_fraction:g} holds out 1 sample, with no other to "
+                          "contrast it with (its val_accuracy would be 1.0): hold out none (0) "
+                          "or at least 2")
 
 
 def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:

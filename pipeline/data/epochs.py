@@ -127,7 +127,10 @@ def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.
     batches of `epoch_batches(...)`; under a batch-size schedule its unit batches,
     `cfg.plan_batch_size()`), counted from the strategy's counter (no shuffle, no gather; a
     token-budget plan is planned). Hard mining draws N samples whatever the losses, so its
-    count needs none.
+    count needs none. Only the epochs the run reaches (and those of the LR warmup): where
+    ``train.max_steps`` ends it before ``train.epochs`` (a step takes K unit batches at most),
+    the epochs after are not counted (a million epochs bounded by max_steps took minutes to
+    count here and on every worker).
 
     Raises ValueError naming the epoch and the numbers when an epoch would train no step (a pool
     smaller than one global batch with drop_last, ``epoch_samples`` < the batch...).
@@ -137,7 +140,12 @@ def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.
     batch_key = ("train.global_batch_size" if t.batch_size_schedule == "constant"
                  else "train.batch_size_min")
     epochs = []
+    most = (t.max_steps * (t.global_batch_size // cfg.plan_batch_size())
+            if t.max_steps is not None else None)  # unit batches max_steps steps take at most
     for epoch in range(t.epochs):
+        if (most is not None and sum(len(e) for e in epochs) >= most
+                and epoch >= t.warmup_epochs):  # (the LR warmup's epochs: counted, to be placed)
+            break
         count = count_epoch(b.strategy, meta, seed=b.seed, epoch=epoch,
                             global_batch_size=cfg.plan_batch_size(), drop_last=b.drop_last,
                             **planner_options(cfg))

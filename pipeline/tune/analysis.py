@@ -489,16 +489,20 @@ def _cell(v: object) -> str:
 
 
 def summary_table(df: pd.DataFrame, columns: list[str] | None = None,
-                  metric: str = "val_accuracy", mode: str = "max") -> str:
+                  metric: str = "val_accuracy", mode: str = "max",
+                  score: pd.Series | None = None) -> str:
     """A markdown table of the trials (all columns, or `columns` in that order), best first by
     the sweep's `metric` and `mode` (tune.metric, tune.mode) when the table has it: first the
     trials that trained their whole budget (`status` TERMINATED), then those stopped early,
     then failed ones, then those without the metric -- the order the sweep's best trial is
-    chosen in (`report`), so the top row is the trial tagged best."""
+    chosen in (`report`), so the top row is the trial tagged best. `score` (aligned with
+    `df`): the values ranked by, where the table's `metric` column holds another reading of
+    it (the report ranks by Tune's last result: `noise_scale`'s column is its value where the
+    trial reached the target, `steps`' the steps of the whole run)."""
     d = df
-    if metric in d:
+    if metric in d or score is not None:
         status = d["status"] if "status" in d else pd.Series("TERMINATED", d.index)
-        score = pd.to_numeric(d[metric], errors="coerce")
+        score = pd.to_numeric(d[metric] if score is None else score, errors="coerce")
         group = np.where(score.isna(), 3, np.where(status == "TERMINATED", 0,
                                                    np.where(status == "ERROR", 2, 1)))
         d = (d.assign(_group=group, _score=score)

@@ -91,7 +91,8 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
                else "no_fixed_batch" if no_fixed else "too_few")
 
     write_text(out_dir / "trials.csv", df.to_csv(index=False))
-    table = summary_table(df.drop(columns=["error"]), metric=metric, mode=cfg.tune.mode)
+    table = summary_table(df.drop(columns=["error"]), metric=metric, mode=cfg.tune.mode,
+                          score=scored["_score"])
     write_text(out_dir / "summary.md", f"{table}\n{sentence}\n")
     accuracy_vs_batch_plot(fixed, out_dir / "accuracy_vs_batch.png")
     steps_vs_batch_plot(fixed, out_dir / "steps_vs_batch.png", target=cfg.tune.target_accuracy)

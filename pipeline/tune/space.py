@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 from typing import Any
 
@@ -158,6 +159,21 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
             "with the same seeds, and training is deterministic: the repeats would train the "
             "same weights; sweep the seeds instead (e.g. train.seed and batching.seed: "
             "{grid: [0, 1, 2]}) or draw values (choice, uniform, loguniform)")
+    # Draws with replacement (random, optuna: every key; grid: the choice keys at each grid
+    # point) of discrete values only: more trials than distinct combinations repeat one for
+    # certain (a choice may list a value twice to draw it more often: counted once)
+    drawn = [k for k, (kind, _) in parsed.items()
+             if kind == "choice" or (kind == "grid" and cfg.tune.search != "grid")]
+    if drawn and all(kind in ("grid", "choice") for kind, _ in parsed.values()):
+        distinct = math.prod(len({json.dumps(v, sort_keys=True, default=str)
+                                  for v in parsed[k][1]}) for k in drawn)
+        if cfg.tune.num_samples > distinct:
+            each = " at each grid point" if cfg.tune.search == "grid" else ""
+            raise ConfigError(
+                f"config error: tune.num_samples={cfg.tune.num_samples} draws more trials"
+                f"{each} than the {distinct} distinct combination(s) of {', '.join(drawn)}: "
+                "some would train the same weights (training is deterministic); lower "
+                "num_samples, use tune.search=grid, or sweep the seeds")
     for key, (kind, values) in parsed.items():  # (deterministic training: the same weights)
         repeated = [v for i, v in enumerate(values) if v in values[:i]]
         if kind == "grid" and repeated:  # (a choice repeats a value to draw it more often)

@@ -86,9 +86,6 @@ from pipeline.tune.space import (
     with_absolute_paths,
 )
 
-ASHA_GRACE_PERIOD = 1  # epochs every trial runs before ASHA may stop it
-ASHA_REDUCTION_FACTOR = 3  # rungs at 1, 3, 9, ... epochs; a third of the trials go on at each
-
 # Per-process state, on purpose: the first trial an actor runs counts its fixed cost from when
 # the actor loaded the pipeline (`LOADED_AT`: its imports, then torch's and MLflow's in the
 # trial); the actor's later trials count from their own start. Not counted: the Ray worker's
@@ -125,9 +122,9 @@ def search_algorithm(cfg: Config, concurrency: int | None = None) -> Any:
     it), or for `tune.search: optuna` Optuna's TPE sampler (limited through TuneConfig)."""
     seed = cfg.train.seed % 2**32  # NumPy's RandomState: below 2^32
     if cfg.tune.search != "optuna":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+        from pipeline.tune.resumable import Generator
 
-        return BasicVariantGenerator(max_concurrent=concurrency or 0, random_state=seed)
+        return Generator(max_concurrent=concurrency or 0, random_state=seed)
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(seed=seed)
@@ -177,23 +174,11 @@ def _tune_stops_on_ctrl_c() -> Iterator[threading.Event]:
 
 # -- Tune pieces (Ray is imported here, after the input has been validated) ---------------------
 def asha(max_epochs: int, max_steps: int | None = None) -> Any:
-    """ASHA over epochs that never stops a trial at its last result -- its last epoch (its own,
-    when train.epochs is swept) or the one that reaches `train.max_steps` (the base config's
-    or its own): the trial ends there by itself, while a stop would kill it as it logs its
-    model and marks its MLflow run FINISHED."""
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    """The sweep's ASHA (`pipeline.tune.resumable`: never stops a trial at its last result; its
+    rungs survive --resume)."""
+    from pipeline.tune.resumable import FinalEpochASHA
 
-    class FinalEpochASHA(ASHAScheduler):
-        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            own = trial.config or {}
-            epochs = min(int(own.get("train.epochs", self._max_t)), self._max_t)
-            if ran_its_budget(result, epochs, own.get("train.max_steps", max_steps)):
-                return TrialScheduler.CONTINUE
-            return super().on_trial_result(tune_controller, trial, result)
-
-    return FinalEpochASHA(time_attr="epoch", max_t=max_epochs,
-                          grace_period=min(ASHA_GRACE_PERIOD, max_epochs),
-                          reduction_factor=ASHA_REDUCTION_FACTOR)
+    return FinalEpochASHA(max_epochs, max_steps)
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -344,6 +329,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                                     most=autoscaler_most())
     if concurrency is not None:  # (an autoscaler without a maximum: every trial at once)
         concurrency = min(concurrency, count_trials(cfg))
+    if resume and cfg.tune.search == "optuna":  # (Tune restores Optuna's limit as it was)
+        concurrency = state.get("concurrency", concurrency)
+    state["concurrency"] = concurrency
     parent = state.get("parent_run_id")
     resumed = parent is not None
     if resumed:
@@ -393,6 +381,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
                                  parent_run_id=parent, sweep=name, table_refs=refs),
             resources)
         if resume:
+            from pipeline.tune.resumable import Generator
+
+            Generator.limit_now = concurrency or 0  # (not the first run's: restored with it)
             tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=False)
         else:
             tuner = tune.Tuner(
@@ -427,6 +418,8 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     except BaseException as err:
         # Stopped: Ctrl-C, or SIGTERM (`ray job stop`), which Ray's handler turns into SystemExit
         stopped = isinstance(err, KeyboardInterrupt | SystemExit)
+        if isinstance(err, SystemExit):  # `ray job stop` kills the driver 3 s after SIGTERM:
+            end_run(uri, parent, "KILLED")  # the parent first (one run), then the trials'
         try:
             close_open_runs(uri, cfg.tracking.experiment, parent)
         except KeyboardInterrupt:  # another Ctrl-C while the trials' runs close

@@ -217,3 +217,22 @@ def test_inspect_measures_class_shares_against_the_training_split():
     assert num_train == len(train) == 70
     assert share.to_dict() == {0: np.mean(labels[train] == 0), 1: np.mean(labels[train] == 1)}
     assert share.sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("schedule", [{}, {"train.batch_size_schedule": "warmup",
+                                           "train.batch_size_min": 20,
+                                           "train.batch_size_warmup_steps": 5}])
+def test_epochs_past_max_steps_are_not_counted(schedule):
+    """`train.epochs` a million, bounded by `train.max_steps`: only the epochs the run reaches
+    are counted (it took minutes, on the driver and on every worker), and the LR schedule is
+    the one of counting them all: it ends at max_steps (steps of 1 to 3 unit batches here)."""
+    from pipeline.data.epochs import lr_schedule
+
+    few, _, _ = odd_setup("random", 1, **{"train.epochs": 3, **schedule})
+    cfg, st, train = odd_setup("random", 1, **{"train.epochs": 1_000_000, "train.max_steps": 20,
+                                               **schedule})
+    counted = steps_per_epoch(cfg, st, train, 1)
+    per_epoch = steps_per_epoch(few, st, train, 1)[0]  # (random: the same count every epoch)
+    assert len(counted) == -(-20 * (60 // cfg.plan_batch_size()) // per_epoch) < 10
+    capped = lr_schedule(few.with_overrides({"train.max_steps": 20}), [per_epoch] * 3)
+    assert lr_schedule(cfg, counted) == capped

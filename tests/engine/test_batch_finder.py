@@ -373,10 +373,12 @@ def test_find_batch_size_on_digits_writes_the_interface_and_finds_the_boundary(d
     timed = [(t["micro_batch_size"], t["micro_batch_size"] / t["samples_per_s"])
              for t in r["trials"] if t["fits"]]
     c = r["step_cost_per_worker"]
-    assert c is not None and c >= 0
     assert c == trial_step_cost([SimpleNamespace(**t) for t in r["trials"]])
     b, a = np.polyfit(*zip(*sorted(timed), strict=True), 1)  # one trial per size here
-    assert c == pytest.approx(max(a, 0) / b, rel=1e-3, abs=1e-3)
+    if b > 0:  # (measured times: a busy machine could make the line fall; then no c, None)
+        assert c == pytest.approx(max(a, 0) / b, rel=1e-3, abs=1e-3)
+    else:
+        assert c is None
 
 
 def test_ctrl_c_on_find_batch_size_exits_1_with_one_line_and_writes_nothing(data_dir, tmp_path):
@@ -533,6 +535,8 @@ def test_throughput_file_fills_the_step_cost_for_the_jobs_workers(data_dir, tmp_
 @pytest.mark.parametrize(("extra", "content", "line"), [
     ([], None, "config error: train.batch_size_throughput: no such file: "),
     ([], {"step_cost_per_worker": None}, "config error: train.batch_size_throughput: "),
+    # JSON's NaN (Python reads it): the refusal blamed train.batch_size_step_cost, not the file
+    ([], {"step_cost_per_worker": float("nan")}, "config error: train.batch_size_throughput: "),
     (["--set", "train.batch_size_step_cost=100"], {"step_cost_per_worker": 75.0},
      "config error: train.batch_size_step_cost and train.batch_size_throughput are both set"),
 ])

@@ -72,6 +72,21 @@ def test_checkpointing_one_digits_epoch_same_weights_and_buffers():
     states_equal(plain, ckpt, atol=1e-5)
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_the_models_checkpointed_blocks_count_batchnorm_once(frozen, monkeypatch):
+    """Through the model's own checkpointed path: BatchNorm counts a step once, and without
+    the freeze its recompute would count it twice (the guard is on that path)."""
+    import contextlib
+
+    import pipeline.engine.models as models
+
+    if not frozen:
+        monkeypatch.setattr(models, "running_stats_frozen", lambda m: contextlib.nullcontext())
+    model = digits_cnn(ckpt=True)
+    _step(model, [_dense_batch()])
+    assert int(model.blocks[0][1].num_batches_tracked) == (1 if frozen else 2)
+
+
 def test_plain_torch_checkpoint_would_count_batchnorm_twice():
     """Counter-check: torch's checkpoint alone re-runs BatchNorm in train mode in backward."""
     model = digits_cnn()
@@ -140,6 +155,16 @@ def test_ranks_without_syncbn_are_ghost_batches_too():
     got = run_ranks(_ghost_ddp_rank, 2, 8)[0]
     weights = [k for k in ghost if "running" not in k and "num_batches" not in k]
     states_equal({k: ghost[k] for k in weights}, {k: got[k] for k in weights}, atol=1e-6)
+    # the running statistics: a ghost-8 step on rank 0's 16 samples alone
+    mine = {k: v[rank_slice(np.arange(32), 0, 2)] for k, v in _dense_batch().items()}
+    alone = digits_cnn()
+    with ghost_batch_norm(alone, 8):
+        alone_state = _step(alone, [mine])
+    stats = [k for k in ghost if k not in weights]
+    assert stats and any("running_mean" in k for k in stats)
+    states_equal({k: alone_state[k] for k in stats}, {k: got[k] for k in stats}, atol=1e-6)
+    whole = [k for k in stats if ghost[k].is_floating_point()]  # (not the whole batch's)
+    assert max((ghost[k] - got[k]).abs().max().item() for k in whole) > 1e-3
 
 
 # ----------------------------------------------------------------- 3. contrastive
@@ -400,7 +425,9 @@ class DropoutNet(torch.nn.Module):
         return self.lin(batch["features"] * h)
 
 
-def _dropout_rank(rank: int, world: int) -> dict:
+def _dropout_rank(rank: int, world: int, seed: int = 7, start: int = 0) -> dict:
+    """Three steps of seeded dropout (`train.seed` = `seed`), or the steps from `start` on, as
+    a resume at that step trains them."""
     torch.manual_seed(0)  # the worker seeds once before building: identical initial weights
     net = DropoutNet()
     init = {k: v.clone() for k, v in net.state_dict().items() if k != "masks"}
@@ -409,9 +436,9 @@ def _dropout_rank(rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(1)
     batches = [{"features": torch.randn(4, 10, generator=g), "label": torch.randint(0, 3, (4,), generator=g)}
                for _ in range(3)]
-    steps = [(lambda size, b=b: [b]) for b in batches]
-    train_epoch(model, opt, steps, LoopState(micro_batch_size=4), lr_fn=lambda s: 0.1,
-                loss="cross_entropy", seed=7, rank=rank)
+    steps = [(lambda size, b=b: [b]) for b in batches][start:]
+    train_epoch(model, opt, steps, LoopState(micro_batch_size=4, step=start), lr_fn=lambda s: 0.1,
+                loss="cross_entropy", seed=seed, rank=rank)
     return {"init": init, "masks": [m.clone() for m in net.masks],
             "final": {k: v.clone() for k, v in net.state_dict().items()}}
 
@@ -424,3 +451,7 @@ def test_dropout_masks_differ_across_ranks_and_reproduce():
     again = _dropout_rank(0, 1)  # same (seed, rank, step): same masks
     assert all(torch.equal(a, b) for a, b in zip(r0["masks"], again["masks"], strict=True))
     states_equal(r0["final"], r1["final"], atol=0)  # DDP keeps replicas equal
+    # a resume at step 2 draws step 3's masks again; another train.seed draws others
+    assert torch.equal(_dropout_rank(0, 1, start=2)["masks"][0], r0["masks"][2])
+    other = _dropout_rank(0, 1, seed=8)["masks"]
+    assert all(not torch.equal(a, b) for a, b in zip(r0["masks"], other, strict=True))

@@ -154,6 +154,79 @@ def test_activation_checkpointing_same_update(kind):
     assert_same_update(one_step(kind, 0, 1, micro=8), one_step(kind, 0, 1, 8, ckpt=True), before)
 
 
+@pytest.mark.parametrize("kind", ["dense", "tokens"])
+def test_activation_checkpointing_recomputes_the_blocks_in_backward(kind):
+    """The test above would pass were the switch ignored (the same code twice): with it, each
+    block's forward runs a second time in backward, per micro-batch (4 here); without, once."""
+    runs = {}
+    for ckpt in (False, True):
+        model = model_for(kind)
+        model.activation_checkpointing = ckpt
+        calls = [0]
+        for block in model.layers:  # (a forward hook is not called in the recompute)
+            def counted(*args, forward=block.forward, calls=calls, **kwargs):
+                calls[0] += 1
+                return forward(*args, **kwargs)
+            block.forward = counted
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        train_step(model, opt, micro_batches(kind, np.arange(G), 8), loss=LOSS[kind])
+        runs[ckpt] = calls[0]
+    blocks = len(model_for(kind).layers)
+    assert runs == {False: 4 * blocks, True: 8 * blocks}
+
+
+def _all_reduces_per_step(rank: int, world: int, micro: int) -> tuple[int, int]:
+    """(gradient all-reduces, DDP's buckets) in one step of 32 samples on `world` ranks."""
+    import torch.distributed as dist
+
+    model = DDP(model_for("dense"))
+    calls: list[int] = []
+
+    def counted(_state, bucket):
+        calls.append(bucket.index())
+        fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    model.register_comm_hook(None, counted)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    mine = rank_slice(np.arange(G), rank, world)
+    train_step(model, opt, micro_batches("dense", mine, micro), loss="cross_entropy")
+    return len(calls), len(set(calls))
+
+
+def test_gradients_are_all_reduced_on_the_last_micro_step_only():
+    """Accumulation runs the micro-steps before the last under DDP's no_sync: 4 micro-steps
+    a rank all-reduce each bucket once, as one micro-step does (syncing every micro-step would
+    give the same update to rounding, so the equivalence tests cannot see it)."""
+    (n4, buckets4), _ = run_ranks(_all_reduces_per_step, 2, 4)
+    (n1, buckets1), _ = run_ranks(_all_reduces_per_step, 2, 16)
+    assert buckets4 == buckets1 and n4 == n1 == buckets1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gradient_clipping_scales_the_update_to_the_clip_norm(precision):
+    """A clip at a quarter of the gradient's norm: the update is the unclipped one times 1/4,
+    and the step reports the norm before clipping. Under fp16 the gradients are unscaled
+    before the clip: clipped while scaled (x 2^10) the update would be 1,024 times smaller."""
+    def update(clip: float | None):
+        model = model_for("dense")
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if precision == "fp16" else None
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        res = train_step(model, opt, micro_batches("dense", np.arange(G), 8), loss="cross_entropy",
+                         precision=precision, scaler=scaler, grad_clip=clip)
+        assert not res.skipped
+        return res.grad_norm, {k: v - before[k] for k, v in model.state_dict().items()}
+
+    norm, free = update(None)
+    clipped_norm, clipped = update(norm / 4)
+    assert clipped_norm == pytest.approx(norm, rel=1e-6)
+    total = math.sqrt(sum(float((d / 0.5).square().sum()) for d in clipped.values()))
+    assert total == pytest.approx(norm / 4, rel=1e-4)  # the update's gradient: the clip norm
+    for k, d in free.items():
+        torch.testing.assert_close(clipped[k], d / 4, rtol=1e-4, atol=1e-7)
+
+
 def test_short_last_window_is_exact():
     """A last global batch of 20 (not 32) split 8+8+4 equals 20 in one piece."""
     model_a, model_b = model_for("dense"), model_for("dense")
