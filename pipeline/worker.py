@@ -136,7 +136,8 @@ def data_outside_model(cfg: Config, spec: dict[str, Any], st: Any) -> str | None
                         for a in (st.tokens, st.targets))
         if len(off := np.flatnonzero(n_tok != n_tgt)):
             i = int(off[0])
-            return f"a row's targets hold {n_tgt[i]} values for {n_tok[i]} tokens (one per token)"
+            return (f"row {i} of the rows received: data.target_column={cfg.data.target_column!r} "
+                    f"holds {n_tgt[i]} target(s) for {n_tok[i]} token(s) (one per token)")
     if (m := bottom(st.tokens)) is not None and m < 0:  # (the embedding's IndexError, retried)
         return f"token id {m}, token ids are >= 0"
     if loss == "token_cross_entropy" and (m := bottom(st.targets, IGNORE_INDEX)) is not None \
@@ -676,9 +677,12 @@ def agree_on_plan(batches: list[np.ndarray], epoch: int, device: torch.device) -
     t = torch.tensor([d, -d], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if int(t[0]) != -int(t[1]):
+        import scipy
+
         raise ConfigError(f"environment error: the ranks planned different batches for epoch "
                           f"{epoch + 1} from the same data and seed: the nodes' NumPy and SciPy "
-                          f"versions must agree (this rank: NumPy {np.__version__})")
+                          f"versions must agree (this rank: NumPy {np.__version__}, SciPy "
+                          f"{scipy.__version__})")
 
 
 def _older_checkpoint(err: CheckpointError, loop_config: dict[str, Any], device: torch.device,

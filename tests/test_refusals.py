@@ -393,7 +393,7 @@ CASES = [
         "train.global_batch_size=256", "train.batch_size_warmup_steps=2",
         "train.warmup_epochs=2", "train.max_steps=3")],  # the ramp's k: 1, 4, 8
      "train.warmup_epochs=2 is 88 batches of train.batch_size_min=32 here, but "
-     "train.max_steps=3 (they take 13) ends the run first"),
+     "train.max_steps=3 (its first 3 steps take 13 of those batches) ends the run first"),
     ("warmup-past-max-steps-under-adaptive", ["--config", DIGITS, *s(
         "train.batch_size_schedule=adaptive", "train.batch_size_min=32",
         "train.global_batch_size=256", "train.batch_size_interval=2",

@@ -400,14 +400,15 @@ def test_asha_keeps_its_rungs_across_a_resume(tmp_path):
             s.on_trial_add(None, t)
         return s
 
-    first = scheduler(good := Trial("good"), bad := Trial("bad"), Trial("later"))
+    first = scheduler(good := Trial("good"), bad := Trial("bad"), Trial("later"), odd := Trial("odd"))
     assert first.on_trial_result(None, good, {"epoch": 1, "val_accuracy": 0.9}) == \
         TrialScheduler.CONTINUE
+    first.on_trial_result(None, odd, {"epoch": 1, "val_accuracy": math.nan})  # (kept as NaN)
     assert first.on_trial_result(None, bad, {"epoch": 1, "val_accuracy": 0.2}) == \
         TrialScheduler.STOP
     # ... interrupted; Tune's saved state missed bad's stop: both come back with another trial
-    resumed = scheduler(Trial("good"), Trial("bad"), later := Trial("later"))
-    assert resumed.rungs() == first.rungs()
+    resumed = scheduler(Trial("good"), Trial("bad"), later := Trial("later"), Trial("odd"))
+    assert str(resumed.rungs()) == str(first.rungs())  # (str: NaN != NaN)
     assert resumed.on_trial_result(None, later, {"epoch": 1, "val_accuracy": 0.3}) == \
         TrialScheduler.STOP  # a cutoff from good's 0.9 and bad's 0.2 (empty rungs: went on)
     assert resumed.on_trial_result(None, Trial("bad"), {"epoch": 1, "val_accuracy": 0.2}) == \

@@ -44,11 +44,13 @@ def _sequences(tokens, targets):
     ([[1, 9], [0]], [[3, -100], [1]], "token_cross_entropy", None),  # -100: ignored
     # the same 3 values, shifted between rows: padding them put targets under the wrong tokens
     ([[1, 9], [0]], [[3], [1, 0]], "token_cross_entropy",
-     "a row's targets hold 1 values for 2 tokens (one per token)"),
+     "row 0 of the rows received: data.target_column='targets' holds 1 target(s) for 2 "
+     "token(s) (one per token)"),
     ([[1, 9], [0]], [[3], [1, 0]], "cross_entropy", None),  # targets unused by this loss
 ])
 def test_sequences_outside_the_model_are_named(tokens, targets, loss, want):
-    cfg = load_config(None, ["data.name=sequences", f"train.loss={loss}", "model.name=seq_transformer"])
+    cfg = load_config(None, ["data.name=sequences", f"train.loss={loss}", "model.name=seq_transformer",
+                             "data.target_column=targets"])
     spec = model_spec(cfg, FACTS)
     assert data_outside_model(cfg, spec, _sequences(tokens, targets)) == want
 

@@ -796,10 +796,12 @@ def _check_contrastive_batches(cfg: Config, sizes: list[np.ndarray], n_val: int)
     """NT-Xent contrasts each sample with the others of its batch: a batch of one sample has
     none -- its loss and gradient are exactly 0, and the optimizer's momentum and weight decay
     would still step on it -- and a validation split of one sample scores val_accuracy 1.0 (a
-    sweep would rank it first). `sizes`: every epoch's batches (`epoch_sizes`)."""
+    sweep would rank it first). `sizes`: every epoch's batches (`epoch_sizes`), checked under a
+    constant batch (a schedule's last unit batch of 1 sample mostly joins others in a step)."""
     if cfg.train.loss != "nt_xent":
         return
-    for epoch, batch_sizes in enumerate(sizes, 1):
+    for epoch, batch_sizes in enumerate(sizes if cfg.train.batch_size_schedule == "constant"
+                                        else [], 1):
         if len(batch_sizes) and int(batch_sizes.min()) == 1:
             raise ConfigError(
                 f"config error: train.loss=nt_xent: epoch {epoch} has a batch of 1 sample (the "

@@ -142,9 +142,11 @@ def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.
     epochs = []
     most = (t.max_steps * (t.global_batch_size // cfg.plan_batch_size())
             if t.max_steps is not None else None)  # unit batches max_steps steps take at most
+    counted = 0
     for epoch in range(t.epochs):
-        if (most is not None and sum(len(e) for e in epochs) >= most
-                and epoch >= t.warmup_epochs):  # (the LR warmup's epochs: counted, to be placed)
+        # past `most` (not at it: the checks compare max_steps with a run longer than it) and
+        # the LR warmup's epochs, counted to be placed
+        if most is not None and counted > most and epoch >= t.warmup_epochs:
             break
         count = count_epoch(b.strategy, meta, seed=b.seed, epoch=epoch,
                             global_batch_size=cfg.plan_batch_size(), drop_last=b.drop_last,
@@ -162,13 +164,15 @@ def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.
                 f"{len(train_pos)} training rows with {batch_key}={cfg.plan_batch_size()} "
                 f"({why})")
         epochs.append(sizes)
+        counted += len(sizes)
     return epochs
 
 
 def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
                     world_size: int) -> list[int]:
-    """Optimizer steps of every epoch of ``cfg.train.epochs``: ``len(epoch_batches(...).batches)``
-    for each epoch (`epoch_sizes`; under a batch-size schedule its unit batches). `world_size`:
+    """Optimizer steps of every epoch the run reaches (`epoch_sizes`: ``train.max_steps`` may
+    end it before ``cfg.train.epochs``): ``len(epoch_batches(...).batches)`` for each epoch
+    (under a batch-size schedule its unit batches). `world_size`:
     not used, as in `epoch_batches` (the LR schedule is laid over the same steps on any).
 
     Raises ValueError as `epoch_sizes` does.
@@ -177,7 +181,7 @@ def steps_per_epoch(cfg: Config, st: SampleTable, train_pos: np.ndarray,
 
 
 class ScheduleSteps(NamedTuple):
-    total: int  # optimizer steps of the run (train.max_steps caps it)
+    total: int  # steps of the run (train.max_steps caps it): unit batches under a schedule
     warmup: int  # steps until the end of epoch `warmup_epochs` (fractions of the next epoch)
 
 
@@ -259,7 +263,8 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
     if capped is not None and capped < sum(steps) and out.warmup >= out.total > 0:
         what = ("optimizer steps" if t.batch_size_schedule == "constant" else
                 f"batches of train.batch_size_min={t.batch_size_min}")
-        took = "" if capped == t.max_steps else f" (they take {capped})"
+        took = ("" if capped == t.max_steps else
+                f" (its first {t.max_steps} steps take {capped} of those batches)")
         raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} {what} "
                          f"here, but train.max_steps={t.max_steps}{took} ends the run first: "
                          "the LR would never reach its peak (warm up for fewer epochs, or drop "

@@ -99,19 +99,19 @@ def warmup_units(step: int, max_units: int, ramp_steps: int) -> int:
     return 1 + (max_units - 1) * step // ramp_steps
 
 
-def ramp_steps(epoch_units: Sequence[int], max_units: int, ramp_steps: int,
+def ramp_steps(epoch_units: Sequence[int], max_units: int, ramp: int,
                max_steps: float = math.inf) -> Iterator[tuple[int, int]]:
-    """The optimizer steps of a `warmup` ramp over epochs of `epoch_units` unit batches, as
-    training groups them (`group_units`: an epoch's last step takes what is left of it), up to
-    `max_steps` steps: (k the ramp asks for, the unit batches the step takes).
+    """The optimizer steps of a `warmup` ramp (over `ramp` steps) over epochs of `epoch_units`
+    unit batches, as training groups them (`group_units`: an epoch's last step takes what is
+    left of it), up to `max_steps` steps: (k the ramp asks for, the unit batches it takes).
 
-    >>> list(ramp_steps([5, 5], max_units=4, ramp_steps=4, max_steps=5))
+    >>> list(ramp_steps([5, 5], max_units=4, ramp=4, max_steps=5))
     [(1, 1), (1, 1), (2, 2), (3, 1), (4, 4)]
     """
     step = 0
     for left in epoch_units:
         while left > 0 and step < max_steps:
-            k = warmup_units(step, max_units, ramp_steps)
+            k = warmup_units(step, max_units, ramp)
             yield k, min(k, left)
             left, step = left - k, step + 1
 

@@ -224,7 +224,8 @@ def train_epoch(
             correct += res.correct
             count += res.count
             finite_losses += 1
-        if math.isfinite(res.grad_norm):  # (an fp16 overflow: a finite loss, an inf norm)
+        if math.isfinite(res.grad_norm) and res.count:  # (an fp16 overflow: a finite loss, an
+            # inf norm; no loss element: a zero gradient, skipped, as the skipped steps are)
             grad_norm_sum += res.grad_norm
             finite_norms += 1
         samples += res.local_samples

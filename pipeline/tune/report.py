@@ -134,6 +134,7 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
                            **({"b_crit": None} if fit and fit["verdict"] == "beyond" else {})},
         "trials_csv": str(out_dir / "trials.csv"), "experiment_path": experiment_path,
     })
+    df.attrs["score"] = scored["_score"]  # what the best was chosen by (`print_sweep`)
     return df
 
 

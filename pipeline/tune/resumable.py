@@ -85,7 +85,8 @@ class FinalEpochASHA(ASHAScheduler):
 
     def _write(self) -> None:
         if self._rungs_file is not None:
-            write_json(self._rungs_file, {"rungs": self.rungs(), "stopped": sorted(self._stopped)})
+            write_json(self._rungs_file, {"rungs": self.rungs(), "stopped": sorted(self._stopped)},
+                       nan_as_null=False)  # (a NaN ASHA keeps and skips; null would break it)
 
     def _read(self) -> None:
         if self._rungs_file is None or not self._rungs_file.exists():

@@ -172,8 +172,9 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
             raise ConfigError(
                 f"config error: tune.num_samples={cfg.tune.num_samples} draws more trials"
                 f"{each} than the {distinct} distinct combination(s) of {', '.join(drawn)}: "
-                "some would train the same weights (training is deterministic); lower "
-                "num_samples, use tune.search=grid, or sweep the seeds")
+                "some would train the same weights (training is deterministic): at most "
+                f"num_samples={distinct}, the keys as grids under tune.search=grid, or sweep the "
+                "seeds")
     for key, (kind, values) in parsed.items():  # (deterministic training: the same weights)
         repeated = [v for i, v in enumerate(values) if v in values[:i]]
         if kind == "grid" and repeated:  # (a choice repeats a value to draw it more often)

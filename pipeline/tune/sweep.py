@@ -432,6 +432,10 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     finally:  # Tune's trials are over: the streaming mode's servers go (a notebook's sweep
         if refs is not None:  # would keep them, and the data, for its kernel's life)
             refs.release()
+        if resume:  # (read as Tune restored the generator, inside fit)
+            from pipeline.tune.resumable import Generator
+
+            Generator.limit_now = None
     end_run(uri, parent, "FINISHED")
     return df
 
@@ -460,7 +464,7 @@ def print_sweep(trials: pd.DataFrame, out_dir: Path) -> None:
     best = result["best"]
     tuned = best["config"]["tune"]
     print(summary_table(trials.drop(columns=["error", "mlflow_run_id"]), metric=tuned["metric"],
-                        mode=tuned["mode"]), flush=True)
+                        mode=tuned["mode"], score=trials.attrs.get("score")), flush=True)
     shown = "  ".join(f"{k}={best['metrics'][k]:.4f}" for k in ("val_accuracy", "val_loss")
                       if best["metrics"].get(k) is not None)
     print(f"[pipeline] best trial {best['trial_id']} ({_short(best['overrides'])}): {shown}")

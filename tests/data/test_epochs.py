@@ -236,3 +236,25 @@ def test_epochs_past_max_steps_are_not_counted(schedule):
     assert len(counted) == -(-20 * (60 // cfg.plan_batch_size()) // per_epoch) < 10
     capped = lr_schedule(few.with_overrides({"train.max_steps": 20}), [per_epoch] * 3)
     assert lr_schedule(cfg, counted) == capped
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_counting_the_epochs_max_steps_reaches_refuses_what_counting_all_refuses(extra):
+    """At the boundary: max_steps exactly two epochs' steps, a warmup of two epochs (the LR
+    only ramps: refused) -- and one step more (accepted). Counting only the epochs the run
+    reaches gives the same answer as counting all ten."""
+    from pipeline.data.epochs import lr_schedule
+
+    cfg, st, train = odd_setup("random", 1, **{"train.epochs": 10, "train.warmup_epochs": 2})
+    per_epoch = steps_per_epoch(cfg, st, train, 1)[0]
+    cfg = cfg.with_overrides({"train.max_steps": 2 * per_epoch + extra})
+
+    def outcome(steps):
+        try:
+            return lr_schedule(cfg, steps)
+        except ValueError as err:
+            return str(err)
+
+    counted = steps_per_epoch(cfg, st, train, 1)
+    assert len(counted) < 10 and outcome(counted) == outcome([per_epoch] * 10)
+    assert isinstance(outcome(counted), str) == (extra == 0)

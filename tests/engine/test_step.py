@@ -501,6 +501,16 @@ def test_a_global_batch_without_a_target_token_is_a_skipped_step():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(torch.equal(v, moments[k]) for k, v in opt.state_dict()["state"][0].items())
+    # fp16: skipped too, the scale kept (no overflow to back off from), and the scaler's step
+    # ended (the next one steps)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    res = train_step(model, opt, [batch], loss="token_cross_entropy", precision="fp16",
+                     scaler=scaler)
+    assert res.skipped and not res.nonfinite and scaler.get_scale() == 2.0**10
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not train_step(model, opt, [real], loss="token_cross_entropy", precision="fp16",
+                          scaler=scaler).skipped
     # In an epoch of planned steps (a batch-size schedule's), with the noise scale measured:
     # the step says nothing of the tokens per sample (which the noise scale in samples and
     # the adaptive schedule divide by), and the epoch's loss is its steps'.
@@ -509,10 +519,14 @@ def test_a_global_batch_without_a_target_token_is_a_skipped_step():
 
     state = LoopState(micro_batch_size=2, noise=NoiseScale())
     steps = [PlannedStep(lambda size, b=b: [b], lr=0.5, batch_size=2) for b in (real, real, batch)]
-    out = train_epoch(model, opt, steps, state, loss="token_cross_entropy")
+    norms: list[float] = []
+    out = train_epoch(model, opt, steps, state, loss="token_cross_entropy",
+                      on_step=lambda _, record: norms.append(record["grad_norm"]))
     assert state.elements_per_sample == 5.0 and out["steps"] == 3.0
     assert math.isfinite(out["train_loss"]) and out["train_loss"] > 0
     assert state.skipped_steps == 1 and state.nonfinite_steps == 0
+    assert norms[2] == 0.0 and norms[0] > 0  # the epoch's mean: over the steps with a gradient
+    assert out["grad_norm"] == pytest.approx((norms[0] + norms[1]) / 2, rel=1e-12)
 
 
 def _error_rank(rank: int, world: int):
