@@ -35,7 +35,7 @@ import torch.distributed as dist
 from pipeline import console
 from pipeline.blocks import load_rows
 from pipeline.config import Config, ConfigError
-from pipeline.data.batches import micro_slices, split_train_val
+from pipeline.data.batches import first_misaligned, micro_slices, split_train_val
 from pipeline.data.epochs import lr_schedule, steps_per_epoch
 from pipeline.data.feed import FeedStep, RankFeed, image_shape
 from pipeline.data.padding import IGNORE_INDEX
@@ -132,12 +132,10 @@ def data_outside_model(cfg: Config, spec: dict[str, Any], st: Any) -> str | None
     loss = cfg.train.loss
     if loss == "token_cross_entropy" and isinstance(st.targets, (pa.Array, pa.ChunkedArray)) \
             and isinstance(st.tokens, (pa.Array, pa.ChunkedArray)):
-        n_tok, n_tgt = (pc.list_value_length(a).to_numpy(zero_copy_only=False)
-                        for a in (st.tokens, st.targets))
-        if len(off := np.flatnonzero(n_tok != n_tgt)):
-            i = int(off[0])
+        if (i := first_misaligned(st.tokens, st.targets)) is not None:
+            n_tok, n_tgt = (pc.list_value_length(a)[i].as_py() for a in (st.tokens, st.targets))
             return (f"row {i} of the rows received: data.target_column={cfg.data.target_column!r} "
-                    f"holds {n_tgt[i]} target(s) for {n_tok[i]} token(s) (one per token)")
+                    f"holds {n_tgt} target(s) for {n_tok} token(s) (one per token)")
     if (m := bottom(st.tokens)) is not None and m < 0:  # (the embedding's IndexError, retried)
         return f"token id {m}, token ids are >= 0"
     if loss == "token_cross_entropy" and (m := bottom(st.targets, IGNORE_INDEX)) is not None \
@@ -640,6 +638,14 @@ def _record_step(log: list[tuple[int, dict[str, float], float]], bar: Any, sched
         bar.update(state.units - units_before - bar.n)  # the bar counts unit batches
 
 
+def _spread(values: list[int], device: torch.device) -> list[tuple[int, int]]:
+    """(lowest, highest) over the ranks of each int64 value, in one all-reduce (a collective):
+    MAX of each value and of its negation."""
+    t = torch.tensor([v for x in values for v in (x, -x)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [(-int(t[2 * i + 1]), int(t[2 * i])) for i in range(len(values))]
+
+
 def agree_on_restored(step: int, epoch: int, device: torch.device) -> None:
     """Every rank starts from the same point (`step`, and `epoch`: the epochs done, as the
     console's "checkpoint of epoch N"); a collective: every rank calls it. Each rank
@@ -649,9 +655,7 @@ def agree_on_restored(step: int, epoch: int, device: torch.device) -> None:
     rank raises (not bad input: Ray Train's restart reads them again)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    t = torch.tensor([step, -step, epoch, -epoch], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    top_step, low_step, top_epoch, low_epoch = int(t[0]), -int(t[1]), int(t[2]), -int(t[3])
+    (low_step, top_step), (low_epoch, top_epoch) = _spread([step, epoch], device)
     if (top_step, top_epoch) != (low_step, low_epoch):
         raise RuntimeError(f"the ranks restored different checkpoints: steps {low_step} to "
                            f"{top_step}, after epoch {low_epoch} to {top_epoch} (this rank: "
@@ -674,9 +678,8 @@ def agree_on_plan(batches: list[np.ndarray], epoch: int, device: torch.device) -
     flat = np.concatenate(batches).astype(np.int64, copy=False) if batches else sizes
     digest = hashlib.blake2b(sizes.tobytes() + flat.tobytes(), digest_size=8).digest()
     d = int.from_bytes(digest, "little") >> 2  # (its negation fits an int64 too)
-    t = torch.tensor([d, -d], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    if int(t[0]) != -int(t[1]):
+    [(low, top)] = _spread([d], device)
+    if low != top:
         import scipy
 
         raise ConfigError(f"environment error: the ranks planned different batches for epoch "

@@ -206,6 +206,22 @@ def _integer_lists(col: pa.ChunkedArray | pa.Array, key: str, what: str) -> pa.A
     return col
 
 
+def first_misaligned(tokens: pa.Array | pa.ChunkedArray, targets: pa.Array | pa.ChunkedArray
+                     ) -> int | None:
+    """The first row whose list of targets is not as long as its list of tokens (a null list
+    counts as misaligned), or None: token-level targets are one per token.
+
+    >>> first_misaligned(pa.array([[1, 2], [3]]), pa.array([[0, 1], [0, 1]]))
+    1
+    >>> first_misaligned(pa.array([[1, 2]]), pa.array([[0, 1]])) is None
+    True
+    """
+    n_tok, n_tgt = (pc.list_value_length(a).fill_null(-1).to_numpy(zero_copy_only=False)
+                    for a in (tokens, targets))
+    off = np.flatnonzero(n_tok != n_tgt)
+    return int(off[0]) if len(off) else None
+
+
 def check_sequences(batches: Iterable[pa.RecordBatch | pa.Table], key: str,
                     target_key: str | None = None) -> tuple[int, int | None]:
     """Check token sequences (column 0 of each batch) and, with `target_key`, their per-token
@@ -244,8 +260,7 @@ def check_sequences(batches: Iterable[pa.RecordBatch | pa.Table], key: str,
         targets = _integer_lists(batch.column(1), target_key,
                                  "targets are lists of integer class ids, one per token")
         t_values = pc.list_flatten(targets)
-        if targets.null_count or t_values.null_count or not pc.equal(
-                pc.list_value_length(targets), lengths).to_numpy(zero_copy_only=False).all():
+        if targets.null_count or t_values.null_count or first_misaligned(tokens, targets) is not None:
             raise ConfigError(f"data error: {target_key} is not aligned with {key} (one target "
                               "per token, no nulls)")
         real = pc.filter(t_values, pc.not_equal(t_values, IGNORE_INDEX))

@@ -122,6 +122,15 @@ def epoch_batches(cfg: Config, st: SampleTable, train_pos: np.ndarray, epoch: in
     return EpochBatches(plan=plan, batches=list(plan.batches), dropped=plan.dropped)
 
 
+def units_at_most(cfg: Config) -> int | None:
+    """The unit batches (`cfg.plan_batch_size()`) ``train.max_steps`` steps take at most (a step
+    takes up to global_batch_size // unit of them), or None without max_steps."""
+    t = cfg.train
+    if t.max_steps is None:
+        return None
+    return t.max_steps * (t.global_batch_size // cfg.plan_batch_size())
+
+
 def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.ndarray]:
     """The sizes of the global batches each epoch of ``cfg.train.epochs`` trains, in order (the
     batches of `epoch_batches(...)`; under a batch-size schedule its unit batches,
@@ -140,8 +149,7 @@ def epoch_sizes(cfg: Config, st: SampleTable, train_pos: np.ndarray) -> list[np.
     batch_key = ("train.global_batch_size" if t.batch_size_schedule == "constant"
                  else "train.batch_size_min")
     epochs = []
-    most = (t.max_steps * (t.global_batch_size // cfg.plan_batch_size())
-            if t.max_steps is not None else None)  # unit batches max_steps steps take at most
+    most = units_at_most(cfg)
     counted = 0
     for epoch in range(t.epochs):
         # past `most` (not at it: the checks compare max_steps with a run longer than it) and
@@ -278,7 +286,7 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
                              f"training, so train.schedule={t.schedule} cannot place its decay "
                              "(it would be cut short): bound the run by train.epochs, or use "
                              "train.schedule=constant")
-        most = t.max_steps * (t.global_batch_size // t.batch_size_min)  # units, at most
+        most = units_at_most(cfg)
         if most < sum(steps) and out.warmup >= most > 0:
             raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} batches of "
                              f"train.batch_size_min={t.batch_size_min} here, but "
