@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline import console
-from pipeline.config import DEFAULT_STORE, Config, ConfigError, check_tracking_uri, load_config
+from pipeline.config import Config, ConfigError, check_tracking_uri, load_config
 from pipeline.files import run_state
 from pipeline.redact import redact_text
 from pipeline.resume import resume_folder, resume_point
@@ -141,19 +141,24 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
     result = find_batch_size(cfg, info, out, args.max_memory, progress=True)
     print_result(result, table=False)  # printed row by row as the sizes were tried
     console.say(f"wrote {out / 'find_batch_size.json'} and {out / 'find_batch_size.png'}")
+    def over_budget(trials: list[dict[str, Any]]) -> bool:
+        """Whether size 1 failed on the budget (not a GPU's own out-of-memory within it)."""
+        one = next((x for x in trials if x["micro_batch_size"] == 1), {})
+        return str(one.get("note") or "").startswith("over budget")
+
     if result["max_micro_batch_size"] and result.get("max_accumulating_micro_batch_size") == 0:
         # a step of several micro-batches: not even one sample fits beside its gradients
         budget = result["max_memory_bytes"]
+        blamed = args.max_memory is not None and over_budget(result["accumulating_trials"])
         within = f" in {human_bytes(budget)}, {result['budget']}" if budget else ""
-        print(f"{'argument error: --max-memory: ' if args.max_memory is not None else ''}not "
+        print(f"{'argument error: --max-memory: ' if blamed else ''}not "
               f"even micro_batch_size=1 fits beside the gradients a step of several "
               f"micro-batches holds{within} (train.global_batch_size="
               f"{cfg.train.global_batch_size} needs accumulation here)", file=sys.stderr)
-        return 2 if args.max_memory is not None else 1
+        return 2 if blamed else 1
     if result["max_micro_batch_size"] == 0:
         budget = result["max_memory_bytes"]
-        one = next((x for x in result["trials"] if x["micro_batch_size"] == 1), {})
-        if not str(one.get("note") or "").startswith("over budget"):
+        if not over_budget(result["trials"]):
             budget = None  # size 1 failed otherwise (a GPU's own out-of-memory), not the budget
         if budget and args.max_memory is not None:  # the user's budget is the culprit
             print(f"argument error: --max-memory: not even micro_batch_size=1 fits in "
@@ -336,9 +341,7 @@ def _store_and_source(args: argparse.Namespace, cfg: Config, out: Path) -> tuple
     resumed = (run_state(out, state) if args.resume else {}).get("tracking_uri")
     if resumed:
         return resumed, f"{out / state}: tracking_uri"
-    source = ("tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI"
-              if os.environ.get("MLFLOW_TRACKING_URI") else DEFAULT_STORE)
-    return cfg.tracking_uri(), source
+    return cfg.tracking_uri(), cfg.tracking_source()
 
 
 def _store(args: argparse.Namespace, cfg: Config, out: Path) -> str:
@@ -369,7 +372,7 @@ def _run(argv: list[str] | None, address: str | None) -> int:
             return 0
         args, cfg, info, out = prepare(argv)
     except ConfigError as err:
-        print(str(err), file=sys.stderr)
+        print(redact_text(str(err)), file=sys.stderr)  # (a data.path with credentials)
         return 2
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
@@ -378,7 +381,7 @@ def _run(argv: list[str] | None, address: str | None) -> int:
     try:
         return COMMANDS[args.command].run(args, cfg, info, out, address)
     except ConfigError as err:  # bad input found while connecting (e.g. multi-node + sqlite)
-        print(str(err), file=sys.stderr)
+        print(redact_text(str(err)), file=sys.stderr)  # (a data.path with credentials)
         return 2
     except Exception as err:  # a run stopped on purpose (train.nonfinite=stop): its one line
         stopped = getattr(sys.modules.get("pipeline.launch"), "TrainingStopped", None)

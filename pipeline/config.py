@@ -713,6 +713,11 @@ class Config(_Section):
                or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
         return absolute_sqlite(uri)
 
+    def tracking_source(self) -> str:
+        """Where `tracking_uri()` comes from, for a line that names it (`named_store`)."""
+        return ("tracking.uri" if self.tracking.uri else "MLFLOW_TRACKING_URI"
+                if os.environ.get("MLFLOW_TRACKING_URI") else DEFAULT_STORE)
+
     # -- conversions ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The config as data (options of another strategy included, as given: a trial that
@@ -807,12 +812,10 @@ def check_tracking_uri(uri: str, name: str = "tracking.uri") -> None:
     """
     from urllib.parse import urlparse
 
-    from pipeline.redact import redact_text
 
     if uri in WORKSPACE_URIS:
         return
-    # a key or variable: KEY=URI; where none is set, what it is: "the default store ... URI"
-    named = f"{name}{' ' if name == DEFAULT_STORE else '='}{redact_text(uri)}"
+    named = named_store(uri, name)
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("", "file") or len(scheme) == 1:  # (a Windows drive letter: a path too)
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
@@ -832,6 +835,14 @@ def check_tracking_uri(uri: str, name: str = "tracking.uri") -> None:
                           "sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db")
     if scheme == "sqlite" and (problem := sqlite_problem(uri)) is not None:
         raise ConfigError(f"config error: {named}: {problem}")
+
+
+def named_store(uri: str, name: str) -> str:
+    """A store as a refusal names it, masked: KEY=URI (`name`: where the URI came from, e.g.
+    tracking.uri or a run.json's field); where none is set, "the default store (...) URI"."""
+    from pipeline.redact import redact_text
+
+    return f"{name}{' ' if name == DEFAULT_STORE else '='}{redact_text(uri)}"
 
 
 DEFAULT_STORE = "the default store (tracking.uri and MLFLOW_TRACKING_URI unset)"  # its name in

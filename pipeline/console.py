@@ -252,7 +252,7 @@ def setup_lines(cfg: Any, info: Any, tracking_uri: str) -> list[str]:
         schedule = (f"; adaptive batch from {t.batch_size_min}, by goodput every "
                     f"{t.batch_size_interval} steps (step cost {cost})")
     return [
-        f"data: {d.name}, {info.num_rows} rows ({info.uri}){held}",
+        f"data: {d.name}, {info.num_rows} rows ({redact_text(info.uri)}){held}",
         f"batches: {strategy} (seed {b.seed}); global batch {t.global_batch_size} = {split}"
         f"{schedule}",
         f"model: {m.name}, {counted(t.epochs, 'epoch')}{steps}, {t.precision}, {t.optimizer} at lr {lr:.4g}"

@@ -33,7 +33,7 @@ from pipeline.blocks import (  # ingest: also imported from here
     mode_line,
     on_head,
 )
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, named_store
 from pipeline.data.datasets import DatasetInfo, data_fingerprint
 from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
@@ -53,6 +53,7 @@ from pipeline.tracking import (
     log_text,
     refused,
     reopen_run,
+    run_status,
     send_points,
     server_reachable,
     start_run,
@@ -95,14 +96,20 @@ def quiet_ray_data_and_loggers(verbose: bool) -> None:
     console.quiet_loggers(verbose)
 
 
-def check_store_reachable(uri: str) -> None:
+def check_store_reachable(uri: str, source: str = "tracking.uri", resumed: bool = False) -> None:
     """A local sqlite/file store on a multi-node cluster would split the job over several
-    stores (one per node): require a tracking server there (`local_store_problem`)."""
+    stores (one per node): require a tracking server there (`local_store_problem`). `source`:
+    where the URI came from (`Config.tracking_source`, or the resumed state file's field);
+    `resumed`: the store is a resumed run's own, which a resume cannot change."""
     nodes = ray.nodes()
     problem = local_store_problem(uri, nodes)
     if problem:
-        raise ConfigError(f"config error: tracking.uri={uri} is a local store but {problem}; set "
-                          "tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
+        do = ("the run it resumes is recorded there, and a resume keeps its store: resume it on "
+              "one node with CPUs, or start a new run with tracking.uri set to an MLflow "
+              "tracking server" if resumed else
+              "set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow tracking server")
+        raise ConfigError(f"config error: {named_store(uri, source)} is a local store but "
+                          f"{problem}; {do}")
     problem = loopback_problem(uri, nodes)
     if problem:  # a warning: each node may reach the one server at that address (a tunnel)
         _log(f"warning: the tracking server {redact_text(uri)} {problem}: rank 0, which logs "
@@ -145,13 +152,14 @@ def loopback_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
 def autoscaler_most() -> dict[str, float] | None:
     """The most resources the cluster's autoscaler may bring up (its node types' resources x
     their max_workers; what Ray Train checks a worker group against; `sys.maxsize` for a node
-    group without a maximum), or None without one."""
+    group without a maximum), or None without one. LookupError when the cluster cannot say
+    (a private API: moved in another Ray, or its lookup failing)."""
     try:
         from ray._private.state import state
 
         return state.get_max_resources_from_cluster_config() or None
-    except Exception:  # a private API: moved or failing in another Ray, as if no autoscaler
-        return None
+    except Exception as err:
+        raise LookupError(console.error_line(err)) from err
 
 
 def workers_problem(cfg: Config, cluster: dict[str, float], nodes: list[dict[str, float]],
@@ -201,7 +209,12 @@ def check_workers_fit(cfgs: list[Config], note: Callable[[Config], str] | None =
     or a sweep's trials; `note` adds which) (`workers_problem`), before anything is ingested
     or recorded. The cluster is asked once, each shape of workers checked once."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    cluster, most = ray.cluster_resources(), autoscaler_most()
+    try:
+        cluster, most = ray.cluster_resources(), autoscaler_most()
+    except LookupError as err:  # unknown is not "no autoscaler": a valid job is not refused
+        _log(f"warning: the cluster's autoscaler could not be asked ({err}): whether the "
+             "workers can ever start is not checked")
+        return
     seen = set()
     for cfg in cfgs:
         sc = cfg.scaling
@@ -309,7 +322,7 @@ def _progress_callback(epochs: int) -> Any:
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]):
             for rank, err in sorted(worker_exceptions.items()):
-                last = (str(err).strip().splitlines() or [""])[-1]
+                last = redact_text((str(err).strip().splitlines() or [""])[-1])
                 console.say(f"rank {rank} failed: {type(err).__name__}: {last[:300]}")
 
     return Progress()
@@ -353,6 +366,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     out_dir.mkdir(parents=True, exist_ok=True)
     state_file = out_dir / "run.json"
     started = run_state(out_dir) if resume else {}
+    before = {} if resume else _earlier_state(out_dir)  # an earlier job's in this --out
     # the store the run is in (resolved when it started: the default depends on the working
     # directory and MLFLOW_TRACKING_URI, which a resume may not share)
     uri = started.get("tracking_uri") or cfg.tracking_uri()
@@ -381,7 +395,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         check_experiment(uri, cfg.tracking.experiment)
     verbose = console.is_verbose()
     connect(address, verbose)
-    check_store_reachable(uri)
+    if started.get("tracking_uri"):
+        check_store_reachable(uri, f"{state_file}: tracking_uri", resumed=True)
+    else:
+        check_store_reachable(uri, cfg.tracking_source())
     if table_refs is None:  # (a sweep checks its trials' workers itself)
         check_workers_fit([cfg])
     refs = table_refs if table_refs is not None else ingest(info, cfg)
@@ -452,6 +469,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         # run gets it once made -- parked, without a run to name, it was never sent)
         _send_kept_points(tracking_file, uri, run_id if resume else None, park=not resume)
         _end_owed_runs(out_dir, run_id)  # an earlier job's run it could not mark ended
+        _end_abandoned_run(out_dir, before, run_id)  # (its driver killed: RUNNING, no more named)
         result_file = out_dir / "result.json"  # an earlier run's: this one has not finished
         result_file.unlink(missing_ok=True)
         name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # never reuse: Ray
@@ -513,9 +531,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             "tracking_uri": uri, "checkpoint": str(checkpoint_path) if checkpoint_path else None,
             "config": cfg.to_dict(), "ray_run_name": name,
         }
-        write_json(result_file, summary)
+        # (masked: the file users share; run.json keeps what a --resume needs)
+        write_json(result_file, redact(summary))
         if run_id is not None and not _end(out_dir, uri, run_id, "FINISHED"):
-            write_json(result_file, {**summary, "mlflow_run_ended": False})
+            write_json(result_file, redact({**summary, "mlflow_run_ended": False}))
     except (SystemExit, KeyboardInterrupt) as err:
         if isinstance(err, SystemExit) and threading.current_thread() is not threading.main_thread():
             raise  # Tune stopped this sweep trial (ASHA): the sweep ends its run (KILLED)
@@ -674,6 +693,30 @@ def _end_owed_runs(out_dir: Path, current: str | None) -> None:
         if reachable[e["tracking_uri"]] and end_run(e["tracking_uri"], run, e["status"]):
             _owe(out_dir, run, None)
             _log(f"MLflow run {run} marked {e['status']}, as the job that ran it could not")
+
+
+def _earlier_state(out_dir: Path) -> dict[str, Any]:
+    """run.json of an earlier job in `out_dir` (one this fresh job overwrites), {} when none or
+    damaged (overwritten all the same)."""
+    try:
+        return run_state(out_dir)
+    except ConfigError:
+        return {}
+
+
+def _end_abandoned_run(out_dir: Path, before: dict[str, Any], current: str | None) -> None:
+    """A fresh job in an --out whose earlier job's driver was killed outright (SIGKILL: it
+    marked nothing) takes over run.json, the only file naming that job's run: left RUNNING, it
+    would stay so for good (no --resume could reach it any more). Marked KILLED here (a run
+    that ended is left as it is; `current`, this job's run -- a sweep trial Tune runs again
+    continues its own -- too); bookkeeping, never an error."""
+    run_id, uri = before.get("mlflow_run_id"), before.get("tracking_uri")
+    if not (isinstance(run_id, str) and isinstance(uri, str)) or run_id == current \
+            or not server_reachable(uri):
+        return
+    if run_status(uri, run_id) == "RUNNING" and _end(out_dir, uri, run_id, "KILLED"):
+        _log(f"MLflow run {run_id} of the earlier job in {out_dir} was still RUNNING (its driver "
+             "was killed): marked KILLED, as this job's run replaces it in run.json")
 
 
 def _kept_at_end(tracking_file: Path, uri: str, run_id: str | None) -> int:

@@ -136,6 +136,15 @@ def deleted_run(uri: str, run_id: str) -> str | None:
     return None
 
 
+def run_status(uri: str, run_id: str) -> str | None:
+    """The status of run `run_id` at `uri` (RUNNING, FINISHED, FAILED, KILLED...), or None
+    when the store cannot say (unreachable, no such run): bookkeeping, never an error."""
+    try:
+        return client(uri).get_run(run_id).info.status
+    except Exception:
+        return None
+
+
 def _missing(err: BaseException) -> bool:
     """Whether the store answered that what was asked for does not exist (HTTP 404; a local
     store's RESOURCE_DOES_NOT_EXIST), as opposed to refusing to say (401, 403) or failing.

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 def fails_when_built(**kwargs):
     """Takes the builders' arguments (the driver's check of its signature passes) and fails when
-    the workers call it, every time: a bug in a user's builder."""
+    the workers call it, every time: a bug in a user's builder. `count_file` (from
+    model.kwargs): a line appended there per call, to count the attempts."""
+    if "count_file" in kwargs:
+        with open(kwargs["count_file"], "a") as f:
+            f.write("built\n")
     raise TypeError(f"fails_when_built() cannot build a model from {sorted(kwargs)}")
 
 

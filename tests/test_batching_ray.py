@@ -444,3 +444,26 @@ def test_a_streamed_rank_meeting_rows_changed_since_the_checks_ends_as_bad_input
     fatal = json.loads((tmp_path / "fatal.json").read_text())
     assert fatal["kind"] == "input"
     assert "changed since the checks: token id 999, the model's vocabulary has" in fatal["message"]
+
+
+@pytest.mark.ray
+def test_an_autoscaler_that_cannot_be_asked_refuses_nothing(ray_client, monkeypatch, capsys):
+    """Unknown is not "no autoscaler": a failing lookup (a private API) is said and the fit
+    left unchecked, where it used to be read as none -- refusing a valid job on an autoscaling
+    cluster whose head has no CPU (exit 2)."""
+    from ray._private.state import state
+
+    from pipeline import launch
+    from pipeline.config import ConfigError, load_config
+
+    def failing():
+        raise TimeoutError("GCS lookup timed out")
+
+    too_many = load_config(str(REPO / "jobs/configs/digits.yaml"),
+                           ["scaling.num_workers=64", "train.micro_batch_size=1"])
+    with pytest.raises(ConfigError):  # (the cluster asked: its 4 CPUs, no autoscaler: refused)
+        launch.check_workers_fit([too_many])
+    monkeypatch.setattr(state, "get_max_resources_from_cluster_config", failing)
+    launch.check_workers_fit([too_many])
+    assert "the cluster's autoscaler could not be asked (TimeoutError: GCS lookup timed out)" \
+        in capsys.readouterr().err

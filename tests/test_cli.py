@@ -269,6 +269,19 @@ def test_setup_lines_state_the_batch_arithmetic_and_the_scaled_lr():
     assert "global batch 256 = 4 workers x 2 micro-batches of 32" in lines[1]
     assert "lr 0.2 (0.1 at batch 64, sqrt rule)" in lines[2]  # 0.1 * sqrt(256 / 64)
     assert lines[3].endswith("in sqlite:///x")
+    # credentials in the data's URI (pyarrow takes s3://KEY:SECRET@bucket/...) are masked
+    lines = console.setup_lines(cfg, DatasetInfo(uri="s3://AKIA:wJalrSECRET@b/d", num_rows=10,
+                                                 columns=()), "sqlite:///x")
+    assert "(s3://AKIA:***@b/d)" in lines[0]
+
+
+def test_a_refusal_naming_a_uri_with_credentials_masks_them(capsys):
+    """The exit-2 line quotes data.path (pyarrow takes s3://KEY:SECRET@bucket/...)."""
+    path = "/nonexistent/http://me:wJalrSECRET@h/d.parquet"
+    assert cli.run(["inspect-batches", "--config", str(REPO / "jobs/configs/digits.yaml"),
+                    "--set", f"data.path={path}"]) == 2
+    err = capsys.readouterr().err
+    assert "me:***@h" in err and "wJalrSECRET" not in err
 
 
 def test_sigterm_outside_a_run_exits_1_with_one_line_and_other_exits_pass(monkeypatch, capsys):

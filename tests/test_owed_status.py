@@ -49,6 +49,29 @@ def test_a_status_the_store_did_not_take_is_kept_and_marked_by_the_next_job(tmp_
     assert not (tmp_path / launch.OWED).exists()
 
 
+def test_a_fresh_job_marks_the_run_an_earlier_killed_driver_left_running_and_nothing_else(
+        tmp_path):
+    """A driver killed outright (SIGKILL) marks nothing; a fresh job in its --out overwrites
+    run.json, the only file naming that run: it is marked KILLED then (else RUNNING for good).
+    A run that ended keeps its status, and the run the job continues (a sweep trial run again
+    by Tune) is not touched."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    left, ended = _run(uri), _run(uri)
+    MlflowClient(uri).set_terminated(ended, "FAILED")
+
+    def job_after(run: str, current: str | None) -> str:
+        (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": run, "tracking_uri": uri}))
+        launch._end_abandoned_run(tmp_path, launch._earlier_state(tmp_path), current)
+        return MlflowClient(uri).get_run(run).info.status
+
+    assert job_after(left, current=left) == "RUNNING"
+    assert job_after(ended, current=None) == "FAILED"
+    assert job_after(left, current=None) == "KILLED"
+    assert not (tmp_path / launch.OWED).exists()
+    (tmp_path / "run.json").write_text("{")  # a damaged one: overwritten, no error
+    assert launch._earlier_state(tmp_path) == {}
+
+
 def test_the_status_is_owed_before_the_store_is_asked_and_a_damaged_list_is_no_error(
         tmp_path, monkeypatch):
     """`ray job stop` kills the driver 3 s after its SIGTERM, within MLflow's retries: the

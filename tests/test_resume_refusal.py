@@ -130,7 +130,7 @@ def test_a_resume_after_the_last_epoch_ends_at_its_checkpoint_with_its_metrics(t
         "mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict(),
         "checkpoints": "run-a"}))
     monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
-    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda *a, **k: None)
     result = run_training(cfg, info, tmp_path / "out", resume=True,
                           table_refs=Blocks("object_store", []), fit=lambda *a: ({}, None))
     assert result["checkpoint"] == str(last)
@@ -166,7 +166,7 @@ def test_a_resume_uses_its_runs_store_and_workers_that_stop_early_fail_it(tmp_pa
     monkeypatch.chdir(elsewhere)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
-    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda *a, **k: None)
     with pytest.raises(TrainingStopped, match="stopped after epoch 2 of 3"):
         run_training(cfg, info, out, resume=True, table_refs=Blocks("object_store", []),
                      fit=lambda *a: ({"epoch": 2.0, "step": 44.0}, None))
@@ -199,7 +199,7 @@ def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys
         raise Reached(cfg)
 
     monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
-    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda uri: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda *a, **k: None)
     monkeypatch.setattr("pipeline.launch.check_workers_fit", lambda cfg: None)
     monkeypatch.setattr("pipeline.launch.ingest", ingest)
     resumed, _ = resolve(load_config(None, [*seq, "train.epochs=8"]))
@@ -411,3 +411,28 @@ def test_a_resume_may_change_the_workers_of_a_step_cost_read_from_the_finders_fi
 
     with pytest.raises(ConfigError, match=r"differs from the run's in train.batch_size_step_cost"):
         resume_point(remeasured, storage, {"config": before.to_dict()})
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_local_store_on_several_nodes_is_refused_naming_where_it_came_from(resumed, monkeypatch):
+    """The refusal names the store's source (the default store, MLFLOW_TRACKING_URI, or the
+    resumed run's run.json), and on a resume does not advise a tracking.uri a resume refuses."""
+    from pipeline import launch
+    from pipeline.config import DEFAULT_STORE, ConfigError
+
+    two = [{"Alive": True, "Resources": {"CPU": 2.0}}] * 2  # (ray.nodes() of two nodes)
+    monkeypatch.setattr(launch.ray, "nodes", lambda: two)
+    source = "/out/run.json: tracking_uri" if resumed else DEFAULT_STORE
+    with pytest.raises(ConfigError) as err:
+        launch.check_store_reachable("sqlite:////x/mlflow.db", source, resumed=resumed)
+    line = str(err.value)
+    assert line.startswith(f"config error: {source}{'=' if resumed else ' '}sqlite:////x/mlflow.db "
+                           "is a local store but the cluster has 2 nodes")
+    assert ("resume it on one node" in line) == resumed
+    assert ("set tracking.uri" in line) != resumed
+    cfg = load_config(DIGITS, [])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cfg.tracking_source() == DEFAULT_STORE
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://h:5000")
+    assert cfg.tracking_source() == "MLFLOW_TRACKING_URI"
+    assert cfg.with_overrides({"tracking.uri": "http://h:1"}).tracking_source() == "tracking.uri"

@@ -77,6 +77,10 @@ def test_main_job_two_workers_reaches_095_and_logs_every_epoch(ray_cluster, mlfl
     assert "run_name: main-***" in logged and run.data.tags["mlflow.runName"] == "main-***"
     searched = [logged, *run.data.params.values(), *run.data.tags.values()]
     assert not [s for s in searched if secret in s]
+    # nor result.json, the file users share (run.json keeps what a --resume needs), nor the console
+    assert secret not in (tmp_path / "result.json").read_text()
+    assert result["config"]["tracking"]["run_name"] == "main-***"
+    assert secret not in out.stdout + out.stderr
     # The final model: an MLflow PyTorch model that loads and classifies.
     import mlflow.pytorch
     import torch
@@ -167,15 +171,20 @@ def run_in_process(mlflow_uri: str, out, *overrides: str) -> dict:
 
 def test_failed_run_is_marked_failed(ray_client, mlflow_server, tmp_path):
     """The model fails when the workers build it (a user builder's bug, `tests/builders.py`):
-    the job raises and its run is FAILED."""
-    with pytest.raises(Exception, match="fails_when_built"):
-        run_in_process(mlflow_server, tmp_path, "tracking.experiment=test-failed",
+    the job raises a ConfigError (exit 2) and its run is FAILED -- once: a deterministic
+    failure is not tried again, though scaling.max_failures allows two restarts."""
+    from pipeline.config import ConfigError
+
+    calls = tmp_path / "built.txt"
+    with pytest.raises(ConfigError, match="fails_when_built"):
+        run_in_process(mlflow_server, tmp_path / "out", "tracking.experiment=test-failed",
                        "train.epochs=1", "model.name=import:tests.builders:fails_when_built",
-                       "scaling.max_failures=0")
+                       f"model.kwargs.count_file={calls}", "scaling.max_failures=2")
+    assert calls.read_text().count("built") == 2  # each of the 2 workers, one attempt
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("test-failed").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert not (tmp_path / "result.json").exists()
+    assert not (tmp_path / "out" / "result.json").exists()
 
 
 def test_workers_the_cluster_can_never_run_are_refused_before_anything_is_recorded(

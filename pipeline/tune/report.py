@@ -11,6 +11,7 @@ import pandas as pd
 from pipeline.config import Config
 from pipeline.data.datasets import DatasetInfo
 from pipeline.files import write_json, write_text
+from pipeline.redact import redact
 from pipeline.tracking import client, log_summary
 from pipeline.tune.analysis import (
     BATCH,
@@ -122,7 +123,7 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
     overrides = {k: _plain(v) for k, v in trials[best["trial_id"]].overrides.items()}
     best_cfg = (trial_config(cfg, info, overrides)[0] if info is not None  # (as it trained)
                 else cfg.with_overrides(overrides))
-    write_json(out_dir / "result.json", {
+    write_json(out_dir / "result.json", redact({  # (masked: shared, logged to the parent run)
         "status": "FINISHED", "sweep": name, "parent_run_id": parent, "tracking_uri": uri,
         "best": {"trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],
                  "overrides": overrides, "metrics": trials[best["trial_id"]].metrics,
@@ -133,7 +134,7 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
                            # strict JSON has no Infinity: a knee beyond the batches is null
                            **({"b_crit": None} if fit and fit["verdict"] == "beyond" else {})},
         "trials_csv": str(out_dir / "trials.csv"), "experiment_path": experiment_path,
-    })
+    }))
     df.attrs["score"] = scored["_score"]  # what the best was chosen by (`print_sweep`)
     return df
 

@@ -307,7 +307,10 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     if not resume:
         check_experiment(uri, cfg.tracking.experiment)
     connect(address)
-    check_store_reachable(uri)
+    if state.get("tracking_uri"):
+        check_store_reachable(uri, f"{state_file}: tracking_uri", resumed=True)
+    else:
+        check_store_reachable(uri, cfg.tracking_source())
     check_streaming_nodes(cfg)  # before the parent run: a refusal leaves no run behind
 
     def which(trial: Config) -> str:
@@ -324,9 +327,13 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     clear_report(out_dir)
     in_actors = every_trial_in_actor(cfg)
     # (Optuna's TPE learns from finished trials: as many at once as fit now, as before)
+    try:
+        most = autoscaler_most()
+    except LookupError:  # (check_workers_fit said so): the trials the cluster fits now
+        most = None
     concurrency = trial_concurrency(ray.cluster_resources(), trials, cfg.tune.max_concurrent,
                                     in_actors=in_actors and cfg.tune.search != "optuna",
-                                    most=autoscaler_most())
+                                    most=most)
     if concurrency is not None:  # (an autoscaler without a maximum: every trial at once)
         concurrency = min(concurrency, count_trials(cfg))
     if resume and cfg.tune.search == "optuna":  # (Tune restores Optuna's limit as it was)
