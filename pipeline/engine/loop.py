@@ -54,7 +54,8 @@ class LoopState:
     samples: int = 0  # global samples trained so far (PlannedStep steps)
     units: int = 0  # unit batches trained so far (PlannedStep steps)
     batch_size: int = 0  # the last PlannedStep's global batch
-    elements_per_sample: float = 1.0  # loss elements (tokens, views) per sample, last step
+    elements_per_sample: float = 1.0  # loss elements (tokens, views) per sample, smoothed as
+    # the noise scale is (`NoiseScale.per_sample`; 1.0 without it)
     skipped_steps: int = 0  # steps without an update: fp16 scaler skips, non-finite steps and
     # global batches without a loss element (all targets ignored)
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss (or fp32/bf16 gradient)
@@ -236,19 +237,19 @@ def train_epoch(
             state.samples += planned.batch_size
             state.units += planned.units
             state.batch_size = planned.batch_size
-            if res.count:  # (a step with no loss element says nothing of it)
-                state.elements_per_sample = res.count / max(planned.batch_size, 1)
             record["global_batch_size"] = float(planned.batch_size)
             record["samples"] = float(state.samples)
         if scaler is not None:
             record["loss_scale"] = float(scaler.get_scale())
         if state.noise is not None and res.noise is not None:
             sq_small, b_small, sq_big, b_big = res.noise
-            record["noise_scale"] = state.noise.update(sq_small=sq_small, b_small=b_small,
-                                                       sq_big=sq_big, b_big=b_big)
+            record["noise_scale"] = state.noise.update(
+                sq_small=sq_small, b_small=b_small, sq_big=sq_big, b_big=b_big,
+                elements=res.count, samples=planned.batch_size if planned is not None else 0)
             record["noise_grad_sq"], record["noise_trace"] = state.noise.grad_sq, state.noise.trace
+            state.elements_per_sample = state.noise.per_sample
             if state.elements_per_sample != 1.0:  # token-level: the same in samples, as batches are
-                record["noise_scale_samples"] = record["noise_scale"] / state.elements_per_sample
+                record["noise_scale_samples"] = state.noise.value_samples
         if on_step is not None:
             hook_start = time.perf_counter()
             on_step(state, record)
@@ -266,10 +267,9 @@ def train_epoch(
         "worker_samples_per_s": samples / elapsed if elapsed > 0 else 0.0,
         "lr": lr if math.isfinite(lr) or lr_fn is None else lr_fn(max(state.step - 1, 0)),
         # the noise scale is in loss elements (tokens for a token-level loss); batch sizes are in
-        # samples: `noise_scale_samples` is the one to set beside them (the last step's tokens
-        # per sample)
+        # samples: `noise_scale_samples` is the one to set beside them (tokens per sample
+        # smoothed as the scale is)
         **({"noise_scale": state.noise.value, "noise_grad_sq": state.noise.grad_sq,
-            "noise_trace": state.noise.trace,
-            "noise_scale_samples": state.noise.value / state.elements_per_sample}
+            "noise_trace": state.noise.trace, "noise_scale_samples": state.noise.value_samples}
            if state.noise is not None and state.noise.steps else {}),
     }

@@ -48,11 +48,27 @@ class NoiseScale:
     grad_sq: float = math.nan  # smoothed |G|^2
     trace: float = math.nan  # smoothed tr(Sigma)
     steps: int = 0
+    per_sample: float = 1.0  # loss elements (tokens) per sample, smoothed alike (`update`)
     _g2: float = 0.0  # the raw EMAs behind grad_sq and trace
     _tr: float = 0.0
+    _elements: float = 0.0  # ... and behind per_sample: loss elements, samples
+    _samples: float = 0.0
 
-    def update(self, *, sq_small: float, b_small: float, sq_big: float, b_big: float) -> float:
-        """Feed one step's squared gradient norms at two batch sizes; return the noise scale."""
+    def update(self, *, sq_small: float, b_small: float, sq_big: float, b_big: float,
+               elements: float = 1.0, samples: float = 1.0) -> float:
+        """Feed one step's squared gradient norms at two batch sizes (B counted in loss
+        elements, as the loss is normalised); return the noise scale. `elements` per `samples`:
+        the step's loss elements (tokens, for a token-level loss) and samples, smoothed by the
+        same EMA into `per_sample`, which turns the scale into samples (`value_samples`): a
+        step's own ratio moved 12x between length buckets, and the scale in samples with it.
+
+        >>> ns = NoiseScale(beta=0.5)
+        >>> for tokens in (8, 283, 40):  # tokens per sample of three steps of 64 samples
+        ...     _ = ns.update(sq_small=5.0, b_small=2, sq_big=2.0, b_big=8,
+        ...                   elements=64 * tokens, samples=64)
+        >>> round(ns.per_sample, 2)  # (8 / 8 + 283 / 4 + 40 / 2) / (1 / 8 + 1 / 4 + 1 / 2)
+        104.86
+        """
         if not b_big > b_small > 0:
             raise ValueError(f"need 0 < b_small < b_big, got {b_small} and {b_big}")
         g2 = (b_big * sq_big - b_small * sq_small) / (b_big - b_small)
@@ -65,7 +81,16 @@ class NoiseScale:
         self._tr = self.beta * self._tr + (1 - self.beta) * tr
         correction = 1.0 - self.beta**self.steps
         self.grad_sq, self.trace = self._g2 / correction, self._tr / correction
+        if elements > 0 and samples > 0:  # (a ratio of EMAs: the correction cancels)
+            self._elements = self.beta * self._elements + (1 - self.beta) * elements
+            self._samples = self.beta * self._samples + (1 - self.beta) * samples
+            self.per_sample = self._elements / self._samples
         return self.value
+
+    @property
+    def value_samples(self) -> float:
+        """The noise scale in samples, as batch sizes are (`value` is in loss elements)."""
+        return self.value / self.per_sample
 
     @property
     def value(self) -> float:

@@ -69,6 +69,31 @@ def test_noise_scale_within_5_percent_and_the_mean_of_ratios_is_biased():
     assert naive / expected - 1 > 0.15  # 0.185 here, against 0.007 for the smoothed ratio
 
 
+def test_the_scale_in_samples_divides_by_tokens_per_sample_smoothed_as_the_scale_is():
+    """A token-level loss counts B in tokens; batches are in samples. Length buckets make a
+    step's tokens per sample jump (8 to 283 on `sequences`): divided by each step's own ratio,
+    the scale in samples moved 35x between steps of the same gradients. Smoothed by the
+    scale's EMA, the divisor is the EMA's weighted tokens / samples (exact below), and the
+    scale in samples steadies as the scale itself does."""
+    ns = NoiseScale()  # the default beta
+    per_step = []
+    for step in range(200):
+        tokens = (8, 283)[step % 2]  # per sample; 64 samples a step; same gradient statistics
+        ns.update(sq_small=5.0, b_small=2, sq_big=2.0, b_big=8, elements=64 * tokens, samples=64)
+        per_step.append(ns.value / tokens)  # what dividing by the step's own ratio gave
+        w = [ns.beta ** (step - i) for i in range(step + 1)]
+        expect = sum(wi * (8, 283)[i % 2] for i, wi in enumerate(w)) / sum(w)
+        assert ns.per_sample == pytest.approx(expect, rel=1e-12)
+    assert ns.value == pytest.approx(8.0)  # (tokens: 8 = tr / |G|^2 of these statistics)
+    assert ns.value_samples == pytest.approx(8.0 / ns.per_sample, rel=1e-12)
+    assert 140 < ns.per_sample < 150  # about the mean, 145.5, not the last step's 283
+    assert max(per_step[-2:]) / min(per_step[-2:]) > 35  # the old divisor's swing
+    # a step without a loss element (every target ignored) leaves it
+    before = ns.per_sample
+    ns.update(sq_small=5.0, b_small=2, sq_big=2.0, b_big=8, elements=0, samples=64)
+    assert ns.per_sample == before
+
+
 def test_one_worker_one_micro_batch_measures_nothing():
     x, y = problem()
     model = linear_model()
@@ -90,6 +115,24 @@ def test_one_worker_an_empty_first_micro_batch_takes_the_next_as_the_small_batch
     sq_small, b_small, sq_big, b_big = res.noise
     assert (b_small, b_big) == (24, 64)
     assert sq_small == pytest.approx(small, rel=1e-5) and sq_big == pytest.approx(big, rel=1e-5)
+
+
+def test_fp16_measures_the_gradients_unscaled():
+    """Under fp16 the gradients are the loss scale S times the true ones: both squared norms
+    are unscaled by 1/S^2 before they reach the estimator (S = 1024 would make them 1e6 times
+    too large, the small one read before the scaler's own unscale)."""
+    x, y = problem()
+    batches = [{"features": x[a:b], "label": y[a:b]} for a, b in ((0, 24), (24, 64))]
+    model = linear_model()
+    plain = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), batches,
+                       loss="cross_entropy").noise
+    model = linear_model()
+    scaled = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), batches,
+                        loss="cross_entropy", precision="fp16",
+                        scaler=torch.amp.GradScaler("cpu", init_scale=1024.0)).noise
+    assert scaled[1::2] == plain[1::2] == (24, 64)
+    assert scaled[0] == pytest.approx(plain[0], rel=1e-3)
+    assert scaled[2] == pytest.approx(plain[2], rel=1e-3)
 
 
 def _mean_grad_sq(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

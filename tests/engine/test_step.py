@@ -511,18 +511,21 @@ def test_a_global_batch_without_a_target_token_is_a_skipped_step():
         assert torch.equal(v, before[k]), k
     assert not train_step(model, opt, [real], loss="token_cross_entropy", precision="fp16",
                           scaler=scaler).skipped
-    # In an epoch of planned steps (a batch-size schedule's), with the noise scale measured:
-    # the step says nothing of the tokens per sample (which the noise scale in samples and
-    # the adaptive schedule divide by), and the epoch's loss is its steps'.
+    # In an epoch of planned steps (a batch-size schedule's), with the noise scale measured
+    # (two micro-batches a step): the step says nothing of the tokens per sample (which the
+    # noise scale in samples and the adaptive schedule divide by), and the epoch's loss is its
+    # steps'.
     from pipeline.engine.loop import PlannedStep
     from pipeline.engine.noise import NoiseScale
 
     state = LoopState(micro_batch_size=2, noise=NoiseScale())
-    steps = [PlannedStep(lambda size, b=b: [b], lr=0.5, batch_size=2) for b in (real, real, batch)]
+    steps = [PlannedStep(lambda size, b=b: [b, b], lr=0.5, batch_size=4)
+             for b in (real, real, batch)]
     norms: list[float] = []
     out = train_epoch(model, opt, steps, state, loss="token_cross_entropy",
                       on_step=lambda _, record: norms.append(record["grad_norm"]))
-    assert state.elements_per_sample == 5.0 and out["steps"] == 3.0
+    assert state.noise.steps == 2 and out["steps"] == 3.0
+    assert state.elements_per_sample == state.noise.per_sample == 5.0
     assert math.isfinite(out["train_loss"]) and out["train_loss"] > 0
     assert state.skipped_steps == 1 and state.nonfinite_steps == 0
     assert norms[2] == 0.0 and norms[0] > 0  # the epoch's mean: over the steps with a gradient
