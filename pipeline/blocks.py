@@ -338,7 +338,8 @@ def _ingest(info: DatasetInfo, cfg: Config | None) -> Blocks:
         raise _no_training_node(cfg)
     if choose_mode(configured, size, nodes) == "object_store":
         refs = _read(info.uri, columns=columns).materialize().to_arrow_refs()
-        return Blocks("object_store", one_block(refs), size_bytes=size)
+        features = cfg.data.feature_column if cfg is not None else None
+        return Blocks("object_store", one_block(refs, features), size_bytes=size)
     count = block_count(size, len(nodes))
     refs = _read(info.uri, columns=columns, override_num_blocks=count
                  ).materialize().to_arrow_refs()
@@ -486,6 +487,11 @@ class BlockKeeper:
         servers = {n: s for n, s in self.servers.items() if n not in lost}
         nodes, small = list(self.nodes), list(self.small)
         ids = [i for i, n in enumerate(nodes) if n in lost]
+        if not ids:  # the lost nodes held no block: nothing to read again, nowhere needed
+            for node in lost:
+                _kill(self.servers[node])
+            self.servers = servers
+            return self.servers, self.nodes, self.small, None
         cfg = Config.model_validate(self.cfg_dict)
         alive = [n["NodeID"] for n in training_nodes(cfg)
                  if n["NodeID"] not in lost]  # Ray may not have called a lost node dead yet
@@ -517,22 +523,51 @@ class BlockKeeper:
             f"data onto {len(set(targets))} node(s) that train")
 
 
-def one_block(refs: list[Any]) -> list[Any]:
+def one_block(refs: list[Any], feature_column: str | None = None) -> list[Any]:
     """The object-store mode's blocks joined into one table of one chunk per column, made on
-    the head node (a worker node may go; `on_head`): a rank maps its columns without a copy --
-    from several blocks each rank joined them into arrays of its own, so the ranks of a node
-    held a copy each besides the store's."""
-    if len(refs) <= 1:
+    the head node (a worker node may go; `on_head`), the feature column's values as float32
+    (`feature_column`; what the ranks train): a rank maps its columns without a copy -- from
+    several blocks (or a block of several chunks, or features of float64, as pandas writes
+    them) each rank made arrays of its own, so the ranks of a node held a copy each besides
+    the store's. A join that fails raises here, at ingest (not on every rank, later)."""
+    if not refs:
         return refs
-    join = ray.remote(num_cpus=0)(_joined).options(scheduling_strategy=on_head())
-    ref = join.remote(*refs)
-    ray.wait([ref], fetch_local=False)  # joined before the blocks are let go
+    join = ray.remote(num_cpus=0, num_returns=2)(_joined).options(scheduling_strategy=on_head())
+    ref, rows = join.remote(feature_column, *refs)
+    ray.get(rows)  # joined (or its error raised) before the blocks are let go
     return [ref]
 
 
-def _joined(*tables: pa.Table) -> pa.Table:
+def _joined(feature_column: str | None, *tables: pa.Table) -> tuple[pa.Table, int]:
     table = pa.concat_tables(tables)
-    return pa.table({name: one_array(table.column(name)) for name in table.column_names})
+    joined = pa.table({name: float32_values(one_array(table.column(name)))
+                       if name == feature_column else one_array(table.column(name))
+                       for name in table.column_names})
+    return joined, joined.num_rows
+
+
+def float32_values(arr: pa.Array) -> pa.Array:
+    """A list (or fixed-size list) column of numbers with float32 values, as the ranks train
+    them (cast as NumPy's astype casts; other columns as they are).
+
+    >>> float32_values(pa.array([[1.5, 2.0]], pa.list_(pa.float64(), 2))).type
+    FixedSizeListType(fixed_size_list<item: float>[2])
+    >>> float32_values(pa.array([[1, 2]])).type, float32_values(pa.array([1.0])).type
+    (ListType(list<item: float>), DataType(double))
+    """
+    t = arr.type
+    if pa.types.is_fixed_size_list(t):
+        target = pa.list_(pa.float32(), t.list_size)
+    elif pa.types.is_list(t):
+        target = pa.list_(pa.float32())
+    elif pa.types.is_large_list(t):
+        target = pa.large_list(pa.float32())
+    else:
+        return arr
+    v = t.value_type
+    if v == pa.float32() or not (pa.types.is_integer(v) or pa.types.is_floating(v)):
+        return arr
+    return arr.cast(target, safe=False)
 
 
 def on_head() -> NodeAffinitySchedulingStrategy:
@@ -741,7 +776,8 @@ def load_rows(cfg: Config, blocks: Blocks | list[Any], rank: int, world: int
         cols = large_columns(cfg, blocks.feature_width)
         small = small_table(cfg, blocks)
         # Chunks of about CHUNK_BYTES: fewer, larger calls cost less per row (a call's fixed
-        # cost is a few ms); a rank holds up to three of them, on its node and (their rows)
+        # cost is a few ms); a rank holds up to three of them for its steps (five while a
+        # mid-epoch validation reads two more: `StreamedRows`), on its node and (their rows)
         # on the serving ones. 8 MiB put a node at 0.61 of the data, 6 MiB at 0.60.
         row_bytes = blocks.size_bytes / max(len(small), 1)
         chunk = int(min(16_384, max(256, CHUNK_BYTES / max(row_bytes, 1.0))))

@@ -198,6 +198,20 @@ def test_ranks_in_the_object_store_mode_map_one_copy_of_the_data(ray_client, tmp
     assert np.shares_memory(one.features, two.features)
     assert np.array_equal(one.features, x) and np.array_equal(one.labels, np.arange(n) % 3)
     assert pa.concat_tables(ray.get(blocks.refs)).column("x").num_chunks == 1
+    # Features of float64 (pandas writes list<double>) in one block of several chunks: cast to
+    # float32 and joined once at ingest, not by every rank (each held a float32 copy of its own)
+    x64 = rng.normal(size=(n, 4))
+    t64 = pa.Table.from_batches([pa.record_batch({"x": pa.array(x64[i:i + 200].tolist()),
+                                                  "y": np.arange(i, i + 200) % 3})
+                                 for i in range(0, n, 200)])
+    assert t64.column("x").num_chunks == 3 and t64.column("x").type == pa.list_(pa.float64())
+    blocks = Blocks("object_store", one_block([ray.put(t64)], "x"))
+    one, _, _ = load_rows(cfg, blocks, 0, 2)
+    two, _, _ = load_rows(cfg, blocks, 1, 2)
+    assert np.shares_memory(one.features, two.features) and one.features.dtype == np.float32
+    assert np.array_equal(one.features, x64.astype(np.float32))
+    with pytest.raises(pa.ArrowInvalid):  # a join that fails says so at ingest
+        one_block([ray.put(table), ray.put(pa.table({"z": [1]}))])
 
 
 def test_bad_datasets_exit_2_before_ray(tmp_path, data_dir, capsys, monkeypatch):

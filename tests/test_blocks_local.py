@@ -70,6 +70,14 @@ def test_a_failed_reread_leaves_the_keeper_as_it_was_and_the_next_one_succeeds(m
     assert killed[-1] is b  # a server called lost is killed: one that only stopped answering
     # would otherwise hold its share beside the copy read again
     assert keeper.current()[3] is None  # nothing lost any more
+    # a lost node that held no block (it joined and went before any was spread to it): its
+    # server goes, nothing is read, and no training node is needed for it
+    keeper.servers["d"] = d = Server("d")
+    d.up = False
+    monkeypatch.setattr(blocks, "training_nodes", lambda cfg: [])
+    servers_now, nodes, small, line = keeper.current()
+    assert line is None and "d" not in servers_now and killed[-1] is d
+    assert nodes == ["a", "c", "a", "c"] and small == ["s0", "small@c", "s2", "small@c"]
 
 
 class Actor:

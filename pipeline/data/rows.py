@@ -5,8 +5,9 @@ streaming mode (`data.mode`, `pipeline/blocks.py`) a rank holds only the small c
 planners need (ids, labels, lengths, difficulty) for every row, and the large ones (features,
 tokens, targets) for the rows of its next steps: `StreamedRows` asks a `Fetch` for them a chunk
 of steps at a time and asks for the next chunks before the current one is trained, so the step
-need not wait. Either way a batch is gathered from table positions with `.gather(positions)`,
-so both modes give the same arrays for the same positions.
+need not wait (but for an epoch's first: nothing is asked for across an epoch's end). Either
+way a batch is gathered from table positions with `.gather(positions)`, so both modes give the
+same arrays for the same positions.
 
 A step's rows are known only when the batch-size schedule says how many unit batches it joins
 (`group_units`); the next chunk is asked for on the guess that the steps keep the current size,
@@ -178,7 +179,8 @@ class StreamedRows:
     """A rank's rows, fetched ahead: for an epoch's steps (`steps`), and for any list of parts
     (validation, hard-mining scoring: `parts`), in chunks of about `chunk_rows` rows (at least
     one step). The steps' next `ahead` chunks are asked for while one is trained, so at most
-    `ahead + 1` are held or on their way."""
+    `ahead + 1` are held or on their way for the steps; a validation in mid-epoch
+    (`train.eval_every`) reads through `parts`, two chunks more meanwhile."""
 
     def __init__(self, small: SampleTable, fetch: Fetch, cols: LargeColumns, rank: int,
                  world: int, chunk_rows: int = 2048, ahead: int = 2) -> None:
