@@ -559,6 +559,10 @@ def read_rows(ds: pads.Dataset, positions: np.ndarray, columns: list[str]) -> pa
     >>> pq.write_table(pa.table({"x": list(range(10))}), path, row_group_size=3)
     >>> read_rows(pads.dataset(path), np.array([7, 0, 8, 3]), ["x"]).column("x").to_pylist()
     [7, 0, 8, 3]
+    >>> read_rows(pads.dataset(path), np.array([2, 3, 4, 5, 5, 6]), ["x"]).column("x").to_pylist()
+    [2, 3, 4, 5, 5, 6]
+    >>> read_rows(pads.dataset(path), np.arange(1, 9), ["x"]).column("x").to_pylist()
+    [1, 2, 3, 4, 5, 6, 7, 8]
     """
     positions = np.asarray(positions, dtype=np.int64)
     order = np.argsort(positions, kind="stable")
@@ -570,7 +574,11 @@ def read_rows(ds: pads.Dataset, positions: np.ndarray, columns: list[str]) -> pa
             lo, hi = np.searchsorted(wanted, [start, end])
             if hi > lo:
                 group = pf.read_row_group(g, columns=columns)
-                parts.append(group.take(pa.array(wanted[lo:hi] - start)))
+                first = int(wanted[lo]) - start
+                if int(wanted[hi - 1]) - start - first == hi - lo - 1:  # sorted: a run of rows
+                    parts.append(group.slice(first, hi - lo))  # (no copy; a whole group as is)
+                else:
+                    parts.append(group.take(pa.array(wanted[lo:hi] - start)))
             start = end
     if not parts:
         return ds.schema.empty_table().select(columns)
