@@ -1,5 +1,6 @@
 """`python -m pipeline COMMAND --config FILE [--set dotted.key=value ...] [--out DIR] [--verbose]
-[--print-config]` (`--resume`: train, tune; `--max-memory SIZE`: find-batch-size).
+[--print-config]` (`--resume`: train, tune; `--max-memory SIZE`, `--on-workers`:
+find-batch-size).
 
 Exit codes: 0 success; 2 bad input (config, data, arguments) with one line on stderr naming
 the culprit, checked before any cluster work starts; 1 anything else.
@@ -138,7 +139,8 @@ def _find_batch_size(args: argparse.Namespace, cfg: Config, info: Any, out: Path
     from pipeline.engine.batch_finder import human_bytes
     from pipeline.find_batch_size import find_batch_size, print_result
 
-    result = find_batch_size(cfg, info, out, args.max_memory, progress=True)
+    result = find_batch_size(cfg, info, out, args.max_memory, progress=True,
+                             on_workers=args.on_workers, address=address)
     print_result(result, table=False)  # printed row by row as the sizes were tried
     console.say(f"wrote {out / 'find_batch_size.json'} and {out / 'find_batch_size.png'}")
     def over_budget(trials: list[dict[str, Any]]) -> bool:
@@ -187,6 +189,11 @@ def _find_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory budget of one step, e.g. 512MiB or 4GiB (CPU default: half the "
                    "memory available, divided among scaling.num_workers; CUDA default: none, "
                    "out-of-memory decides)")
+    p.add_argument("--on-workers", action="store_true",
+                   help="search on the cluster's scaling.num_workers Ray Train workers, each on "
+                   "its own device, the ranks agreeing on every size (as with `ray job submit` "
+                   "to a cluster whose head has no GPU); default: in this process, on this "
+                   "machine's device, without Ray")
 
 
 def _resume_argument(p: argparse.ArgumentParser, what: str) -> None:
@@ -239,9 +246,10 @@ COMMANDS: dict[str, Command] = {
         description="Find the largest per-worker micro-batch that trains a full step (forward, "
         "backward, optimizer step) on the training split's largest samples (longest sequences "
         "first): doubling, then bisection to the exact boundary. Runs one worker in-process on "
-        "this machine's device, without Ray (the agreement between workers -- every rank tries "
-        "the same size, the minimum wins -- is in pipeline.engine.batch_finder, tested with real "
-        "gloo ranks). On a CPU a step fits when its peak tensor memory is within --max-memory. "
+        "this machine's device, without Ray; --on-workers runs it on the cluster's "
+        "scaling.num_workers Ray Train workers, every rank trying the same size and the minimum "
+        "winning (no rank left waiting after another ran out of memory). On a CPU a step fits "
+        "when its peak tensor memory is within --max-memory. "
         "Prints a table; writes DIR/find_batch_size.json (max_micro_batch_size, device, "
         "suggestion: micro batch x accumulation x workers for train.global_batch_size, trials) "
         "and DIR/find_batch_size.png.",

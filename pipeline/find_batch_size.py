@@ -7,9 +7,12 @@ and the model's facts are those `resolve` read for its checks (one pass over the
 rows are read when it is tried (`LargestRows`) and collated by the function training collates
 a micro-batch with (`pipeline.data.feed.collate`: padding, packing, contrastive views). The
 search and the measurement are `pipeline.engine.batch_finder` (doubling, then bisection to the
-exact boundary; on a CPU against a memory budget). One worker runs here, in-process and without Ray; the
-agreement between workers (every rank tries the same size, the minimum wins, no rank is left
-waiting in a collective) is in the engine and tested there with real gloo ranks.
+exact boundary; on a CPU against a memory budget). By default one worker runs here, in-process
+and without Ray (a GPU box without a cluster); `--on-workers` runs the search on the cluster's
+`scaling.num_workers` Ray Train workers, each on its own device (`pipeline.launch.find_on_workers`):
+every rank tries the same size and the ranks agree on it (a MIN all-reduce: the minimum wins, no
+rank is left waiting in a collective after another ran out of memory), and rank 0's measurements
+are written.
 
 Writes `DIR/find_batch_size.json` (`max_micro_batch_size`, `device`, `suggestion`, `trials`,
 `step_cost_per_worker`) and `DIR/find_batch_size.png`, and prints a table. The step times of
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -67,7 +71,8 @@ def _device(cfg: Config) -> Any:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("config error: scaling.use_gpu=true but this machine has no CUDA device "
-                          "(find-batch-size measures on this machine's device)")
+                          "(find-batch-size measures on this machine's device; --on-workers "
+                          "measures on the cluster's workers)")
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -165,9 +170,29 @@ def _batch_maker(cfg: Config, rows: LargestRows, device: Any, model_name: str) -
 
 
 def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *,
-                    progress: bool = False) -> dict[str, Any]:
+                    progress: bool = False, on_workers: bool = False,
+                    address: str | None = None) -> dict[str, Any]:
     """Search, write the JSON and the plot, return the JSON's content. `progress`: print the
-    setup and the table row by row as the sizes are tried (the CLI)."""
+    setup and the table row by row as the sizes are tried (the CLI). `on_workers`: on the
+    cluster's `scaling.num_workers` workers, each rank on its own device, agreeing on every
+    size (`pipeline.launch.find_on_workers`; `address` as `train`'s); else in this process,
+    on this machine's device, without Ray."""
+    if on_workers:
+        from pipeline.launch import find_on_workers
+
+        result = find_on_workers(cfg, info, max_memory, address=address, progress=progress)
+    else:
+        result = search(cfg, info, max_memory, device=_device(cfg), progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "find_batch_size.json", result)
+    plot(result, out / "find_batch_size.png")
+    return result
+
+
+def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
+           progress: bool = False) -> dict[str, Any]:
+    """The search on `device` (this rank's, with several: every rank calls it, and each size
+    is agreed by a MIN over the ranks); the content of find_batch_size.json."""
     import pyarrow.dataset as pads
     import torch
 
@@ -185,7 +210,6 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
     from pipeline.engine.optim import build_optimizer
     from pipeline.worker import model_spec  # pure; lives beside the Ray worker function
 
-    device = _device(cfg)
     budget, source = max_memory, "--max-memory"
     if budget is None and device.type == "cpu":
         workers = cfg.scaling.num_workers
@@ -228,8 +252,8 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
                  "max_memory_bytes": budget, "budget": source if budget is not None else None}
         if progress:  # the table as it fills: a size of long sequences can take a minute
             say(setup_line(setup))
-            print(TABLE_HEADER, flush=True)
-        shown = (lambda x: print(table_row(vars(x)), flush=True)) if progress else None
+            _line(TABLE_HEADER)
+        shown = (lambda x: _line(table_row(vars(x)))) if progress else None
         search = find_max_micro_batch(try_step, limit=len(order), on_trial=shown)
         # A step of several micro-batches runs all but its first beside the gradients it has
         # accumulated (and with several workers DDP's gradient buckets, about one more copy):
@@ -241,7 +265,7 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
             if progress:
                 say(f"a step of several micro-batches (its gradients held: "
                     f"{human_bytes(grads)}):")
-                print(TABLE_HEADER, flush=True)
+                _line(TABLE_HEADER)
             # (a scaler of its own: the first search's may have been replaced after an
             # out-of-memory inside its step, see make_trial_step)
             fresh = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
@@ -253,9 +277,13 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
             suggestion = suggest(accumulating=held.max_micro_batch_size)
     finally:
         torch.set_num_threads(threads)
+    import torch.distributed as dist
+
     result = {
         "max_micro_batch_size": search.max_micro_batch_size,
         "device": setup["device"],
+        # the ranks that agreed on every size (--on-workers; the device and times: rank 0's)
+        "ranks": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
         "suggestion": suggestion,
         # the largest that fits as the later micro-batches of a step of several run (searched
         # where the suggestion takes several), and its trials
@@ -279,10 +307,14 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
         s = result["suggestion"]
         result["suggestion"]["set"] = (f"--set train.micro_batch_size={s['micro_batch_size']} "
                                        f"--set train.global_batch_size={s['global_batch_size']}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "find_batch_size.json", result)
-    plot(result, out / "find_batch_size.png")
     return result
+
+
+def _line(text: str) -> None:
+    """A row of the table as it fills. Written, not printed: on a Ray Train worker
+    (`--on-workers`) `print` also goes to Train's logger, and the row showed twice."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def step_cost_from(path: str, num_workers: int) -> float:

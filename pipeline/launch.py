@@ -801,6 +801,56 @@ def fit_torch_trainer(cfg: Config, loop_config: dict[str, Any], name: str, stora
     return dict(result.metrics or {}), Path(result.checkpoint.path) if result.checkpoint else None
 
 
+def find_on_workers(cfg: Config, info: DatasetInfo, max_memory: int | None, *,
+                    address: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """`find-batch-size --on-workers`: the search on `scaling.num_workers` Ray Train workers
+    (`pipeline.worker.find_func`), each rank on its own device (a cluster's GPU workers, where
+    its head has none), the ranks agreeing on every size; the content of find_batch_size.json,
+    as rank 0 measured it. Not tried again on a failure (a search is not resumed: run it
+    again); an input error the workers met is raised as the ConfigError it was (exit 2). Its
+    Ray Train storage is a temporary folder, removed after."""
+    import tempfile
+
+    from pipeline.worker import FOUND, find_func
+
+    connect(address)
+    check_workers_fit([cfg])
+    name = f"find-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    verbose = console.is_verbose()
+    with tempfile.TemporaryDirectory(prefix="pipeline-find-") as storage:
+        trainer = TorchTrainer(
+            partial(_find_entry, find_func, verbose),
+            train_loop_config={"config": cfg.to_dict(), "info": info, "max_memory": max_memory,
+                               "progress": progress},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                logging_config=ray.train.LoggingConfig(
+                    log_level=console.train_log_level(verbose))))
+        main = threading.current_thread() is threading.main_thread()
+        held = signal.getsignal(signal.SIGINT) if main else None  # (as fit_torch_trainer)
+        try:
+            result = trainer.fit()
+        finally:
+            if held is not None:
+                signal.signal(signal.SIGINT, held)
+        if result.error:
+            raise result.error
+        found = json.loads((Path(result.checkpoint.path) / FOUND).read_text())
+    if "error" in found:
+        raise ConfigError(found["error"])
+    return found["result"]
+
+
+def _find_entry(func: Callable[[dict[str, Any]], None], verbose: bool,
+                loop_config: dict[str, Any]) -> None:
+    console.quiet_worker_logs(verbose)
+    func(loop_config)
+
+
 LOST_NODE_WAIT_S = 30.0  # how long a failed streaming job waits for Ray to call a node lost
 
 

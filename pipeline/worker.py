@@ -213,6 +213,31 @@ class RayTrainSession(Session):
         ray.train.report(metrics, checkpoint=checkpoint)  # a barrier over the ranks
 
 
+FOUND = "find_batch_size.json"  # what rank 0 of `find_func` reports, in its checkpoint
+
+
+def find_func(loop_config: dict[str, Any]) -> None:
+    """`find-batch-size --on-workers` on each Ray Train worker: the search on this rank's
+    device (`pipeline.find_batch_size.search`; every rank tries the same sizes, agreeing on
+    each by a MIN all-reduce), then rank 0's result -- or the input error every rank met
+    alike (a model that cannot be built: before any collective) -- reported in a checkpoint
+    (`FOUND`) for the driver to write."""
+    from pipeline.find_batch_size import search
+
+    session = RayTrainSession()
+    cfg = Config.model_validate(loop_config["config"])
+    try:
+        found: dict[str, Any] = {"result": search(
+            cfg, loop_config["info"], loop_config["max_memory"], device=session.device,
+            progress=session.rank == 0 and loop_config["progress"])}
+    except ConfigError as err:
+        found = {"error": str(err)}
+    with tempfile.TemporaryDirectory(prefix="pipeline-found-") as folder:
+        if session.rank == 0:
+            write_json(Path(folder) / FOUND, found)
+        session.report({"found": 1.0}, folder if session.rank == 0 else None)
+
+
 def train_func(loop_config: dict[str, Any], session: Session | None = None) -> None:
     """Train, or end at once on a deterministic failure (bad input, non-finite training):
     every rank meets it at the same point, reports `fatal_error` and returns, so Ray Train does

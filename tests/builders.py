@@ -44,3 +44,30 @@ def registered_mlp(*, input_dim, num_outputs, hidden=16):
     """`small_mlp` behind a registry's decorator: its signature, as `inspect` shows it through
     functools.wraps, takes fewer arguments than the workers pass; the wrapper takes them all."""
     return small_mlp(input_dim=input_dim, num_outputs=num_outputs, hidden=hidden)
+
+
+def oom_above_for_rank(*, input_dim, num_outputs, limits="100", **_):
+    """A linear classifier that runs out of memory (CUDA's error, simulated) on a batch above
+    its rank's limit: `limits` (model.kwargs) "L0,L1,...", by the RANK Ray Train sets (the
+    last for higher ranks; 0 outside Ray Train): ranks of unequal memory."""
+    import os
+
+    import torch
+    from torch import nn
+
+    bounds = [int(v) for v in str(limits).split(",")]
+    limit = bounds[min(int(os.environ.get("RANK", "0")), len(bounds) - 1)]
+
+    class OOMAbove(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(input_dim, num_outputs)
+
+        def forward(self, batch):
+            x = batch["features"]
+            if x.shape[0] > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: batch {x.shape[0]} "
+                                             f"> {limit})")
+            return self.linear(x.flatten(1))
+
+    return OOMAbove()

@@ -213,8 +213,14 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> tuple[object, int]:
     >>> cpu_peak_bytes(step)
     (1, 4000)
     """
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
+    # Python's cycle collector, run inside `fn`, would free tensors of earlier work (a test's,
+    # a notebook's) and lower the peak by what they held: it waits until `fn` is done.
+    collecting = gc.isenabled()
+    gc.disable()
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
     with _quiet_stderr():
         prof.__enter__()
@@ -223,6 +229,8 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> tuple[object, int]:
     finally:
         with _quiet_stderr():
             prof.__exit__(None, None, None)
+        if collecting:
+            gc.enable()
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns())  # stable: ties keep the recorded order

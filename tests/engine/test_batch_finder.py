@@ -288,6 +288,37 @@ def test_the_cpu_peak_counts_tensors_alive_together_not_all_allocated():
     assert cpu_peak_bytes(step) == (3, 4 * 2**20)
 
 
+def test_the_cpu_peak_is_not_lowered_by_earlier_garbage_collected_during_the_step():
+    """Cyclic garbage of earlier work holding a tensor (a test's, a notebook's), collected by
+    Python while the step ran, freed memory the step never allocated: the peak came out lower
+    than the step's own (a boundary that moved with the tests run before). The collector
+    waits until the step is done (none runs inside it, however often it is due)."""
+    import gc
+
+    inside, during = [False], []
+
+    def step():
+        inside[0] = True
+        _ = [[] for _ in range(200)]  # allocations that make the collector due
+        inside[0] = False
+        return torch.empty(4000, dtype=torch.uint8).numel()
+
+    def seen(phase, info):
+        if phase == "start":
+            during.append(inside[0])
+
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(seen)
+    try:
+        gc.set_threshold(1, 1, 1)
+        assert cpu_peak_bytes(step) == (4000, 4000)
+        _ = [[] for _ in range(200)]
+        assert gc.isenabled() and during and not any(during)  # due after the step: it ran
+    finally:
+        gc.callbacks.remove(seen)
+        gc.set_threshold(*thresholds)
+
+
 # -- the suggestion ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("largest", "global_batch", "workers", "margin", "expect"), [
     (100, 512, 2, 0.9, (64, 4)),  # 256 per worker; 0.9 x 100 = 90 -> largest divisor 64
@@ -777,7 +808,7 @@ def test_nothing_fitting_beside_the_gradients_is_a_one_line_exit(data_dir, tmp_p
     KiB)."""
     import pipeline.find_batch_size as fbs
 
-    def found(cfg, info, out, max_memory, progress=False):
+    def found(cfg, info, out, max_memory, progress=False, on_workers=False, address=None):
         return {"max_micro_batch_size": 3, "max_accumulating_micro_batch_size": 0,
                 "suggestion": None, "trials": [],
                 "accumulating_trials": [{"micro_batch_size": 1, "fits": False, "note": note}],
