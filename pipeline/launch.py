@@ -595,35 +595,38 @@ def _send_kept_points(tracking_file: Path, uri: str, run_id: str | None, *,
                       park: bool) -> None:
     """Metric points jobs in this --out could not send: `tracking.json`, and the
     `tracking-<time>-<id>.json` files an earlier start kept. Each goes to the run its file
-    names (`mlflow_run_id`); a tracking.json without one (written before the run existed, or by
-    an older version) belongs to `run_id` (a --resume's run, or the job's own at its end; None:
-    a fresh run's start, whose run it is not). Sent: the file goes. Not (no run, no server):
+    names (`mlflow_run_id`), in the store it names (`tracking_uri`; else `uri`, this job's: a
+    file of an older version); a tracking.json without a run (written before the run existed,
+    or by an older version) belongs to `run_id` (a --resume's run, or the job's own at its end;
+    None: a fresh run's start, whose run it is not). Sent: the file goes. Not (no run, no server):
     `park` (a job's start) renames tracking.json to a name of its own, which the new job's
     tracking.json does not replace; the others stay as they are. At a job's end (not `park`)
     tracking.json keeps its count of points not sent (`metrics_unsent`: those the store
     refused, or dropped beyond the buffer, are counted but not listed)."""
     files = [*sorted(tracking_file.parent.glob("tracking-*.json")),
              *([tracking_file] if tracking_file.exists() else [])]
-    reachable: bool | None = None  # asked once, when there is something to send
+    reachable: dict[str, bool] = {}  # each store asked once, when there is something to send
     for f in files:
         try:
             data = json.loads(f.read_text())
             points = data.get("points") or []
             target = data.get("mlflow_run_id") or (run_id if f == tracking_file else None)
+            store = data.get("tracking_uri") if isinstance(data.get("tracking_uri"), str) else uri
             unlisted = int(data.get("metrics_unsent") or 0) - len(points)
         except (OSError, ValueError, AttributeError, TypeError):
-            points, target, unlisted = None, None, 0  # unreadable: kept as it is, below
-        if points and target is not None:
-            reachable = server_reachable(uri) if reachable is None else reachable
-        if points and target is not None and reachable:
+            points, target, store, unlisted = None, None, uri, 0  # unreadable: kept, below
+        if points and target is not None and store not in reachable:
+            reachable[store] = server_reachable(store)
+        if points and target is not None and reachable[store]:
             try:
-                send_points(uri, target, points)
+                send_points(store, target, points)
                 _log(f"sent {len(points)} metric point(s) that run {target} could not send "
                      f"before ({f.name})")
                 points = []
             except Exception as err:
                 _log(f"the earlier metric points could not be sent ({console.error_line(err)})")
-                reachable = reachable and refused(err)  # (failing: not asked again per file)
+                # (failing: not asked again per file)
+                reachable[store] = reachable[store] and refused(err)
         if points == []:
             if not park and f == tracking_file and unlisted > 0:  # this job's count stays
                 write_json(f, {**data, "metrics_unsent": unlisted, "points": []}, nan_as_null=False)

@@ -289,13 +289,14 @@ def brief_error(err: BaseException, width: int = 160) -> str:
 
 
 def keep_unsent(path: str | Path, unsent: int, points: list[dict[str, Any]],
-                run_id: str | None) -> int:
+                run_id: str | None, tracking_uri: str | None = None) -> int:
     """Metric points the store never got (`MetricLogger.close`'s count and `unsent_points`),
     added to `path` (a job's tracking.json) beside what an earlier attempt of the same job left
     there (a worker failed, Ray Train restarted the group from its checkpoint: the epochs
     before it are not trained again, so their points would be lost with the attempt). The file
-    names the run they belong to (`mlflow_run_id`; None: not created yet). Returns the count
-    the file holds.
+    names the run they belong to (`mlflow_run_id`; None: not created yet) and its store
+    (`tracking_uri`: a later job in the --out may record to another). Returns the count the
+    file holds.
 
     >>> import tempfile; f = Path(tempfile.mkdtemp()) / "tracking.json"
     >>> keep_unsent(f, 2, [{"key": "a", "value": 1.0, "step": 1, "timestamp": 0}] * 2, None)
@@ -322,6 +323,7 @@ def keep_unsent(path: str | Path, unsent: int, points: list[dict[str, Any]],
     total = int(before.get("metrics_unsent") or 0) + int(unsent)
     write_json(path, {"metrics_unsent": total,
                       "mlflow_run_id": run_id or before.get("mlflow_run_id"),
+                      "tracking_uri": tracking_uri or before.get("tracking_uri"),
                       "points": [*(before.get("points") or []), *points]},
                nan_as_null=False)  # (a NaN metric point is sent again as NaN)
     return total

@@ -566,7 +566,8 @@ def _keep_unsent(logger: MetricLogger, loop_config: dict[str, Any]) -> int:
     unsent = len(points) + logger.dropped
     if not unsent or not loop_config.get("tracking_file"):
         return 0
-    keep_unsent(loop_config["tracking_file"], unsent, points, logger.run_id)
+    keep_unsent(loop_config["tracking_file"], unsent, points, logger.run_id,
+                loop_config.get("tracking_uri"))
     return unsent
 
 

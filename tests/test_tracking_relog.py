@@ -201,6 +201,17 @@ def test_points_kept_for_a_run_go_to_that_run_whatever_job_starts_next(mlflow_se
     _send_kept_points(tmp_path / "tracking.json", mlflow_server, old, park=False)
     assert json.loads((tmp_path / "tracking.json").read_text())["metrics_unsent"] == 2
     assert json.loads((tmp_path / "tracking.json").read_text())["points"] == []
+    # A file kept for a run of another store (an earlier job in the --out recorded elsewhere)
+    # goes to that store, not to this job's (it was refused there, and retried at every job).
+    (tmp_path / "tracking.json").unlink()
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    o = MlflowClient(other)
+    elsewhere = o.create_run(o.create_experiment("test-kept-elsewhere")).info.run_id
+    keep_unsent(tmp_path / "tracking.json", 2, points, elsewhere, other)
+    _send_kept_points(tmp_path / "tracking.json", mlflow_server, None, park=True)
+    assert sorted((m.step, m.value) for m in o.get_metric_history(elsewhere, "val_loss")) == [
+        (1, 1.0), (2, 2.0)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([anonymous.name, "other.db"])
 
 
 def test_a_deferred_run_the_store_cannot_complete_is_not_made_again_and_again(mlflow_server,
