@@ -304,7 +304,10 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     the measured step (DDP's gradient buckets, about one more copy of the gradients, which a
     DDP step holds throughout). `hold_gradients`: the measured step runs as all but the first
     micro-batch of a step of several do, beside the gradients accumulated so far -- a trial
-    without them read 48 MiB where two micro-batches of its size a step took 57."""
+    without them read 48 MiB where two micro-batches of its size a step took 57. The steps are
+    real optimizer steps (their memory is the optimizer's): the model and optimizer are the
+    search's own, thrown away after -- with several ranks each steps alone, so their weights
+    part (the find-batch-size command builds them for the search only)."""
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
             and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())):
