@@ -529,13 +529,28 @@ def one_block(refs: list[Any], feature_column: str | None = None) -> list[Any]:
     (`feature_column`; what the ranks train): a rank maps its columns without a copy -- from
     several blocks (or a block of several chunks, or features of float64, as pandas writes
     them) each rank made arrays of its own, so the ranks of a node held a copy each besides
-    the store's. A join that fails raises here, at ingest (not on every rank, later)."""
+    the store's. A join that fails raises here, at ingest (not on every rank, later). One
+    block that needs none of it is left as it is (where Ray Data read it)."""
     if not refs:
         return refs
+    if len(refs) == 1 and not ray.get(ray.remote(num_cpus=0)(_to_join).remote(feature_column,
+                                                                              refs[0])):
+        return refs  # one block already as the ranks map it: not copied (twice its memory)
     join = ray.remote(num_cpus=0, num_returns=2)(_joined).options(scheduling_strategy=on_head())
     ref, rows = join.remote(feature_column, *refs)
     ray.get(rows)  # joined (or its error raised) before the blocks are let go
     return [ref]
+
+
+def _to_join(feature_column: str | None, table: pa.Table) -> bool:
+    """Whether a block needs `_joined` for the ranks to map it without a copy: a column of
+    several chunks, or features not yet float32 (a task where the block is: nothing moves)."""
+    if any(c.num_chunks > 1 for c in table.columns):
+        return True
+    if feature_column is None or feature_column not in table.column_names:
+        return False
+    col = table.column(feature_column)
+    return col.num_chunks == 1 and float32_values(col.chunk(0)).type != col.type
 
 
 def _joined(feature_column: str | None, *tables: pa.Table) -> tuple[pa.Table, int]:

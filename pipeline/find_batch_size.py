@@ -157,14 +157,16 @@ class LargestRows:
         return Window(part[by_position], st)
 
 
-def _batch_maker(cfg: Config, rows: LargestRows, device: Any, model_name: str) -> Any:
+def _batch_maker(cfg: Config, order: Any, rows_of: Any, device: Any, model_name: str) -> Any:
+    """`batch_of(size)`: the first `size` positions of `order`, gathered from `rows_of(size)`
+    (a `Window` of them, or the whole `SampleTable`)."""
     from pipeline.data.feed import collate, image_shape
     from pipeline.engine.step import to_torch
 
     def batch_of(size: int) -> Any:
         # collated as the worker collates a micro-batch (one function: pipeline/data/feed.py)
-        return to_torch(collate(cfg, rows.order[:size], (cfg.batching.seed, 0, 0),
-                                rows.window(size), image_shape(model_name)), device)
+        return to_torch(collate(cfg, order[:size], (cfg.batching.seed, 0, 0), rows_of(size),
+                                image_shape(model_name)), device)
 
     return batch_of
 
@@ -190,9 +192,11 @@ def find_batch_size(cfg: Config, info: Any, out: Path, max_memory: int | None, *
 
 
 def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
-           progress: bool = False) -> dict[str, Any]:
+           progress: bool = False, table: Any = None) -> dict[str, Any]:
     """The search on `device` (this rank's, with several: every rank calls it, and each size
-    is agreed by a MIN over the ranks); the content of find_batch_size.json."""
+    is agreed by a MIN over the ranks); the content of find_batch_size.json. `table`: the
+    dataset's `SampleTable` (a Ray Train worker's, from the object store: the Parquet files
+    may be on the driver's node only); else each size's rows are read from the files."""
     import pyarrow.dataset as pads
     import torch
 
@@ -203,6 +207,7 @@ def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
         find_max_micro_batch,
         human_bytes,
         make_trial_step,
+        min_over_ranks,
         suggest_batching,
         trial_step_cost,
     )
@@ -217,22 +222,29 @@ def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
             "half the memory available (no --max-memory)" if workers == 1 else
             f"half the memory available over the {workers} workers (no --max-memory)")
     d, t = cfg.data, cfg.train
-    ds = pads.dataset(info.uri, format="parquet")
+    ds = pads.dataset(info.uri, format="parquet") if table is None else None
     st, facts = small_columns(cfg, info)  # as resolve read them; rows are read as needed
     train_pos, _ = split_train_val(len(st), st.labels, d.val_fraction, d.split_seed)
     order = largest_first(st.lengths, train_pos)
     torch.manual_seed(t.seed)
     spec = model_spec(cfg, facts)
+    failed = None
     try:
         model = build_model(**spec)
     except Exception as err:  # a user builder's bug: the same on every try (as on the workers)
-        raise ConfigError(f"config error: model.name={cfg.model.name}: "
-                          f"{type(err).__name__}: {err}") from None
+        failed = ConfigError(f"config error: model.name={cfg.model.name}: "
+                             f"{type(err).__name__}: {err}")
+    # every rank fails together, or none (one that failed alone -- an import missing on its
+    # node -- would leave the others waiting in the search's first agreement)
+    if min_over_ranks(0 if failed else 1) == 0:
+        raise failed or ConfigError(f"config error: model.name={cfg.model.name}: another "
+                                    "rank could not build it (see its log)")
     model = model.to(device)
     optimizer = build_optimizer(t.optimizer, model, lr=t.base_lr, weight_decay=t.weight_decay,
                                 momentum=t.momentum)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    batch_of = _batch_maker(cfg, LargestRows(ds, cfg, order), device, spec["name"])
+    rows_of = (lambda size: table) if table is not None else LargestRows(ds, cfg, order).window
+    batch_of = _batch_maker(cfg, order, rows_of, device, spec["name"])
     grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     # with several workers, DDP's gradient buckets: about one more copy, held throughout a step
     extra = grads if cfg.scaling.num_workers > 1 else 0

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,7 +39,7 @@ from pipeline.data.datasets import DatasetInfo, data_fingerprint
 from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
 from pipeline.redact import redact, redact_text
-from pipeline.resume import resume_folder, resume_point
+from pipeline.resume import relaid_schedule, resume_folder, resume_point
 from pipeline.tracking import (
     DeferredRun,
     HalfRunError,
@@ -391,6 +392,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             data=fingerprint)
         if show_progress:
             _log(f"resuming from {resume_from} (epoch {epochs_done(resume_from)} done)")
+            if (line := relaid_schedule(cfg, resumed_with)) is not None:
+                _log(line)
     if run_id is None and parent_run_id is None:  # a job's new run (a sweep checks its own)
         check_experiment(uri, cfg.tracking.experiment)
     verbose = console.is_verbose()
@@ -710,12 +713,14 @@ def _earlier_state(out_dir: Path) -> dict[str, Any]:
 def _end_abandoned_run(out_dir: Path, before: dict[str, Any], current: str | None) -> None:
     """A fresh job in an --out whose earlier job's driver was killed outright (SIGKILL: it
     marked nothing) takes over run.json, the only file naming that job's run: left RUNNING, it
-    would stay so for good (no --resume could reach it any more). Marked KILLED here (a run
-    that ended is left as it is; `current`, this job's run -- a sweep trial Tune runs again
-    continues its own -- too); bookkeeping, never an error."""
+    would stay so for good (no --resume could reach it any more). Marked KILLED here -- only
+    where that driver is known gone (`driver_alive`: two jobs may share an --out, the default
+    runs/train of one checkout; one on another host, or of an older run.json, is left); a run
+    that ended is left as it is, and `current`, this job's run (a sweep trial Tune runs again
+    continues its own), too. Bookkeeping, never an error."""
     run_id, uri = before.get("mlflow_run_id"), before.get("tracking_uri")
     if not (isinstance(run_id, str) and isinstance(uri, str)) or run_id == current \
-            or not server_reachable(uri):
+            or driver_alive(before.get("driver")) is not False or not server_reachable(uri):
         return
     if run_status(uri, run_id) == "RUNNING" and _end(out_dir, uri, run_id, "KILLED"):
         _log(f"MLflow run {run_id} of the earlier job in {out_dir} was still RUNNING (its driver "
@@ -809,43 +814,69 @@ def find_on_workers(cfg: Config, info: DatasetInfo, max_memory: int | None, *,
     """`find-batch-size --on-workers`: the search on `scaling.num_workers` Ray Train workers
     (`pipeline.worker.find_func`), each rank on its own device (a cluster's GPU workers, where
     its head has none), the ranks agreeing on every size; the content of find_batch_size.json,
-    as rank 0 measured it. Not tried again on a failure (a search is not resumed: run it
-    again); an input error the workers met is raised as the ConfigError it was (exit 2). Its
-    Ray Train storage is a temporary folder, removed after."""
+    as rank 0 measured it. The dataset reaches the workers through the object store, as a
+    job's does in the object-store mode (the files may be on this node only). Not tried again
+    on a failure (a search is not resumed: run it again); an input error the workers met is
+    raised as the ConfigError it was (exit 2)."""
     import tempfile
 
-    from pipeline.worker import FOUND, find_func
+    from pipeline.worker import find_func
 
     connect(address)
     check_workers_fit([cfg])
+    whole = cfg.with_overrides({"data.mode": "object_store"})
+    blocks = ingest(info, whole)
+    box = ray.remote(num_cpus=0)(Box).options(scheduling_strategy=on_head()).remote()
     name = f"find-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     verbose = console.is_verbose()
-    with tempfile.TemporaryDirectory(prefix="pipeline-find-") as storage:
-        trainer = TorchTrainer(
-            partial(_find_entry, find_func, verbose),
-            train_loop_config={"config": cfg.to_dict(), "info": info, "max_memory": max_memory,
-                               "progress": progress},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-            run_config=ray.train.RunConfig(
-                name=name, storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=0),
-                logging_config=ray.train.LoggingConfig(
-                    log_level=console.train_log_level(verbose))))
-        main = threading.current_thread() is threading.main_thread()
-        held = signal.getsignal(signal.SIGINT) if main else None  # (as fit_torch_trainer)
-        try:
-            result = trainer.fit()
-        finally:
-            if held is not None:
-                signal.signal(signal.SIGINT, held)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pipeline-find-") as storage:  # (run state only)
+            trainer = TorchTrainer(
+                partial(_find_entry, find_func, verbose),
+                train_loop_config={"config": whole.to_dict(), "info": info, "table_refs": blocks,
+                                   "max_memory": max_memory, "progress": progress, "box": box},
+                scaling_config=ray.train.ScalingConfig(
+                    num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                run_config=ray.train.RunConfig(
+                    name=name, storage_path=storage,
+                    failure_config=ray.train.FailureConfig(max_failures=0),
+                    logging_config=ray.train.LoggingConfig(
+                        log_level=console.train_log_level(verbose))))
+            main = threading.current_thread() is threading.main_thread()
+            held = signal.getsignal(signal.SIGINT) if main else None  # (as fit_torch_trainer)
+            try:
+                result = trainer.fit()
+            finally:
+                if held is not None:
+                    signal.signal(signal.SIGINT, held)
         if result.error:
             raise result.error
-        found = json.loads((Path(result.checkpoint.path) / FOUND).read_text())
+        found = ray.get(box.get.remote())
+    finally:
+        try:
+            ray.kill(box)
+        except Exception:  # gone already (Ray shut down)
+            pass
+        blocks.release()
+    if found is None:  # the workers ended without an answer: Ray Train's own Ctrl-C abort
+        raise KeyboardInterrupt
     if "error" in found:
         raise ConfigError(found["error"])
     return found["result"]
+
+
+class Box:
+    """One value handed from a worker to the driver (an actor of no CPU, on the head)."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+    def put(self, value: Any) -> None:
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
 
 
 def _find_entry(func: Callable[[dict[str, Any]], None], verbose: bool,
@@ -922,10 +953,32 @@ def _deferred_run_id(pending: Any, state_file: Path, timeout_s: float = 60,
 def _write_state(state_file: Path, run_id: str | None, uri: str, cfg: Config,
                  checkpoints: str, data: dict[str, Any] | None = None) -> None:
     """run.json: the job's MLflow run (None until a deferred run exists), its config and its
-    data's `data_fingerprint`, which a --resume continues and compares against, and its
-    checkpoints' folder under ray_results/."""
+    data's `data_fingerprint`, which a --resume continues and compares against, its
+    checkpoints' folder under ray_results/, and its driver (`driver_alive` asks after it)."""
     write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict(),
-                            "checkpoints": checkpoints, "data": data})
+                            "checkpoints": checkpoints, "data": data,
+                            "driver": {"host": socket.gethostname(), "pid": os.getpid()}})
+
+
+def driver_alive(driver: Any) -> bool | None:
+    """Whether the driver a run.json names (`{"host", "pid"}`) still runs: None when this
+    machine cannot tell (another host, or a run.json written before the driver was kept).
+
+    >>> driver_alive({"host": socket.gethostname(), "pid": os.getpid()})
+    True
+    >>> driver_alive({"host": "elsewhere", "pid": 1}), driver_alive(None)
+    (None, None)
+    """
+    if not isinstance(driver, dict) or driver.get("host") != socket.gethostname() \
+            or not isinstance(driver.get("pid"), int):
+        return None
+    try:
+        os.kill(driver["pid"], 0)  # (no signal sent: does it exist?)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that pid: it exists
+        return True
+    return True
 
 
 def raise_refusal(why: tuple[bool, str] | None, uri: str, tracking_file: Path) -> None:

@@ -65,6 +65,26 @@ def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
     return cfg, resume_from, {k: now[k] for k in every if k in now}
 
 
+def relaid_schedule(cfg: Config, resumed_with: dict[str, Any]) -> str | None:
+    """The warning a --resume with another `train.epochs` gets under a decaying LR schedule
+    (`step`, `cosine`), which is laid over the new length from the step it resumes at: the LR
+    moves there, and the run is neither the first length's nor an uninterrupted run of the
+    new one. None otherwise.
+
+    >>> from pipeline.config import load_config
+    >>> cosine = load_config(None, ["train.schedule=cosine", "train.epochs=8"])
+    >>> relaid_schedule(cosine, {"train.epochs": 8})[:62]
+    'warning: train.epochs is now 8: the cosine LR schedule is laid'
+    >>> relaid_schedule(load_config(None, ["train.epochs=8"]), {"train.epochs": 8}) is None
+    True
+    """
+    if "train.epochs" not in resumed_with or cfg.train.schedule == "constant":
+        return None
+    return (f"warning: train.epochs is now {cfg.train.epochs}: the {cfg.train.schedule} LR "
+            f"schedule is laid over {cfg.train.epochs} epochs from the step the run resumes at, "
+            "so the LR moves there (the steps before followed the first length's)")
+
+
 def resume_folder(started: dict[str, Any]) -> str:
     """The folder under ray_results/ of a resumed run's checkpoints, named in its run.json
     (`started`); "" (the whole of ray_results/) for a run.json written before it was kept."""

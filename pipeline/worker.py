@@ -213,29 +213,26 @@ class RayTrainSession(Session):
         ray.train.report(metrics, checkpoint=checkpoint)  # a barrier over the ranks
 
 
-FOUND = "find_batch_size.json"  # what rank 0 of `find_func` reports, in its checkpoint
-
-
 def find_func(loop_config: dict[str, Any]) -> None:
     """`find-batch-size --on-workers` on each Ray Train worker: the search on this rank's
-    device (`pipeline.find_batch_size.search`; every rank tries the same sizes, agreeing on
-    each by a MIN all-reduce), then rank 0's result -- or the input error every rank met
-    alike (a model that cannot be built: before any collective) -- reported in a checkpoint
-    (`FOUND`) for the driver to write."""
+    device over the dataset's table from the object store (`pipeline.find_batch_size.search`;
+    every rank tries the same sizes, agreeing on each by a MIN all-reduce), then rank 0's
+    result -- or the input error the ranks met together (a model that cannot be built) --
+    handed to the driver's box (an actor: nothing goes through Ray Train's storage, which
+    a multi-node cluster needs shared for checkpoints)."""
     from pipeline.find_batch_size import search
 
     session = RayTrainSession()
     cfg = Config.model_validate(loop_config["config"])
+    table, _, _ = load_rows(cfg, loop_config["table_refs"], session.rank, session.world)
     try:
         found: dict[str, Any] = {"result": search(
             cfg, loop_config["info"], loop_config["max_memory"], device=session.device,
-            progress=session.rank == 0 and loop_config["progress"])}
+            progress=session.rank == 0 and loop_config["progress"], table=table)}
     except ConfigError as err:
         found = {"error": str(err)}
-    with tempfile.TemporaryDirectory(prefix="pipeline-found-") as folder:
-        if session.rank == 0:
-            write_json(Path(folder) / FOUND, found)
-        session.report({"found": 1.0}, folder if session.rank == 0 else None)
+    if session.rank == 0:
+        ray.get(loop_config["box"].put.remote(found))
 
 
 def train_func(loop_config: dict[str, Any], session: Session | None = None) -> None:
@@ -759,7 +756,8 @@ def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
     state.skipped_steps = int(s.get("skipped_steps", 0))
     state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
     if state.noise is not None and s.get("noise"):
-        state.noise.load_state_dict(s["noise"])
+        state.noise.load_state_dict(s["noise"], per_sample=state.elements_per_sample,
+                                    batch_size=state.batch_size)
     if auto_micro and s.get("micro_batch_size"):
         state.micro_batch_size = min(int(s["micro_batch_size"]), per_worker or state.micro_batch_size)
     return s.get("sample_losses")

@@ -210,6 +210,10 @@ def test_ranks_in_the_object_store_mode_map_one_copy_of_the_data(ray_client, tmp
     two, _, _ = load_rows(cfg, blocks, 1, 2)
     assert np.shares_memory(one.features, two.features) and one.features.dtype == np.float32
     assert np.array_equal(one.features, x64.astype(np.float32))
+    # one block already of one chunk per column and float32 features: left as it is (a join
+    # would copy it); one that needs the join is joined
+    fine, chunked = ray.put(table), ray.put(t64)
+    assert one_block([fine], "x") == [fine] and one_block([chunked], "x") != [chunked]
     with pytest.raises(pa.ArrowInvalid):  # a join that fails says so at ingest
         one_block([ray.put(table), ray.put(pa.table({"z": [1]}))])
 

@@ -52,20 +52,30 @@ def test_a_status_the_store_did_not_take_is_kept_and_marked_by_the_next_job(tmp_
 def test_a_fresh_job_marks_the_run_an_earlier_killed_driver_left_running_and_nothing_else(
         tmp_path):
     """A driver killed outright (SIGKILL) marks nothing; a fresh job in its --out overwrites
-    run.json, the only file naming that run: it is marked KILLED then (else RUNNING for good).
-    A run that ended keeps its status, and the run the job continues (a sweep trial run again
-    by Tune) is not touched."""
+    run.json, the only file naming that run: it is marked KILLED then (else RUNNING for good),
+    where its driver is known gone. A run that ended keeps its status, and the run the job
+    continues (a sweep trial run again by Tune) is not touched, nor one whose driver runs."""
+    import socket
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     left, ended = _run(uri), _run(uri)
     MlflowClient(uri).set_terminated(ended, "FAILED")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # a driver that ended
+    dead = {"host": socket.gethostname(), "pid": int(gone.stdout)}
 
-    def job_after(run: str, current: str | None) -> str:
-        (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": run, "tracking_uri": uri}))
+    def job_after(run: str, current: str | None, driver: dict | None = dead) -> str:
+        (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": run, "tracking_uri": uri,
+                                                       "driver": driver}))
         launch._end_abandoned_run(tmp_path, launch._earlier_state(tmp_path), current)
         return MlflowClient(uri).get_run(run).info.status
 
     assert job_after(left, current=left) == "RUNNING"
     assert job_after(ended, current=None) == "FAILED"
+    # its driver still running (two jobs sharing an --out), on another host, or not known
+    for alive in ({"host": socket.gethostname(), "pid": os.getpid()},
+                  {"host": "another-host", "pid": dead["pid"]}, None):
+        assert job_after(left, current=None, driver=alive) == "RUNNING"
     assert job_after(left, current=None) == "KILLED"
     assert not (tmp_path / launch.OWED).exists()
     (tmp_path / "run.json").write_text("{")  # a damaged one: overwritten, no error

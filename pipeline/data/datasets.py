@@ -561,6 +561,8 @@ def read_rows(ds: pads.Dataset, positions: np.ndarray, columns: list[str]) -> pa
     [7, 0, 8, 3]
     >>> read_rows(pads.dataset(path), np.array([2, 3, 4, 5, 5, 6]), ["x"]).column("x").to_pylist()
     [2, 3, 4, 5, 5, 6]
+    >>> read_rows(pads.dataset(path), np.array([3, 3, 5, 6, 8, 6]), ["x"]).column("x").to_pylist()
+    [3, 3, 5, 6, 8, 6]
     >>> read_rows(pads.dataset(path), np.arange(1, 9), ["x"]).column("x").to_pylist()
     [1, 2, 3, 4, 5, 6, 7, 8]
     """
@@ -574,9 +576,9 @@ def read_rows(ds: pads.Dataset, positions: np.ndarray, columns: list[str]) -> pa
             lo, hi = np.searchsorted(wanted, [start, end])
             if hi > lo:
                 group = pf.read_row_group(g, columns=columns)
-                first = int(wanted[lo]) - start
-                if int(wanted[hi - 1]) - start - first == hi - lo - 1:  # sorted: a run of rows
-                    parts.append(group.slice(first, hi - lo))  # (no copy; a whole group as is)
+                run = wanted[lo:hi]
+                if (np.diff(run) == 1).all():  # a run of rows (no repeat): sliced, not copied
+                    parts.append(group.slice(int(run[0]) - start, hi - lo))
                 else:
                     parts.append(group.take(pa.array(wanted[lo:hi] - start)))
             start = end

@@ -220,15 +220,17 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> tuple[object, int]:
     # Python's cycle collector, run inside `fn`, would free tensors of earlier work (a test's,
     # a notebook's) and lower the peak by what they held: it waits until `fn` is done.
     collecting = gc.isenabled()
-    gc.disable()
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_stderr():
-        prof.__enter__()
-    try:
-        result = fn()
-    finally:
+    try:  # (on again however this ends: a profiler that would not start, say)
+        gc.disable()
         with _quiet_stderr():
-            prof.__exit__(None, None, None)
+            prof.__enter__()
+        try:
+            result = fn()
+        finally:
+            with _quiet_stderr():
+                prof.__exit__(None, None, None)
+    finally:
         if collecting:
             gc.enable()
     events = [e for e in prof.profiler.kineto_results.events()

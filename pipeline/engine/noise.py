@@ -102,9 +102,28 @@ class NoiseScale:
     def state_dict(self) -> dict[str, float]:
         return dict(vars(self))
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, float], per_sample: float | None = None,
+                        batch_size: int = 0) -> None:
+        """`state` as `state_dict` gave it. One of a checkpoint written before `per_sample`
+        was smoothed has none: `per_sample` (the loop's last ratio, kept beside it) seeds the
+        smoothing, as if every step so far had had it and `batch_size` samples (the last
+        step's; 0: unknown, the smoothing starts again from the next step) -- a restart from
+        a step alone would bring back the jumps it smooths.
+
+        >>> ns = NoiseScale(beta=0.5)
+        >>> ns.load_state_dict({"steps": 2, "grad_sq": 1.0, "trace": 8.0}, per_sample=40.0,
+        ...                    batch_size=64)
+        >>> _ = ns.update(sq_small=5.0, b_small=2, sq_big=2.0, b_big=8, elements=64 * 8,
+        ...               samples=64)
+        >>> ns.per_sample  # (40 x 0.75 x 0.5 + 8 x 0.5) / (0.75 x 0.5 + 0.5)
+        21.714285714285715
+        """
         for key, value in state.items():
             setattr(self, key, value)
+        if "per_sample" not in state and per_sample is not None:
+            self.per_sample = per_sample
+            mass = (1.0 - self.beta ** self.steps) * batch_size  # the EMA's, in samples
+            self._elements, self._samples = per_sample * mass, mass
 
 
 class LocalNorm:
