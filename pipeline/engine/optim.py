@@ -89,7 +89,9 @@ class LARS(torch.optim.Optimizer):
     LR and the momentum already accumulated keeps the LR it was taken with.
 
     If ||w|| == 0 or ||grad|| == 0, local_lr is 1 (not eta): the step is plain SGD-momentum, so a
-    zero-initialised tensor still trains (as in NVIDIA's LARC and timm's Lars). Beware: LARS
+    zero-initialised tensor still trains, and a tensor without gradient takes the plain decay
+    step lr * beta * w (as timm's Lars; NVIDIA's LARC adds no decay to it, and the paper's
+    formula would give it local_lr = eta / beta). Beware: LARS
     runs take a global LR typically many times SGD's (the trust ratio eta ||w|| / ||g|| is
     small), so such a tensor's first step is that much larger than the trust ratio would
     allow (the paper's formula would freeze it at 0).

@@ -133,3 +133,54 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact_with_a_clear_error(tm
     assert (folder / ck.STATE_FILE).read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == [ck.META_FILE, ck.STATE_FILE]
     assert load_checkpoint(folder)["step"] == 10
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars", "lamb"])
+def test_a_resume_from_a_checkpoint_steps_as_the_uninterrupted_run(name, tmp_path):
+    """3 steps, a checkpoint (model, optimizer, fp16 loss scaler, noise scale), then 3 more
+    steps in fresh objects loaded from it: bit for bit the 6 uninterrupted steps -- each
+    optimizer's state (momentum, Adam's moments and step count, LARS/LAMB's) goes through the
+    checkpoint's weights-only load whole. (The job-level resume tests run SGD only.)"""
+    from pipeline.engine.models import build_model
+    from pipeline.engine.noise import NoiseScale
+    from pipeline.engine.optim import build_optimizer
+    from pipeline.engine.step import train_step
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model("mlp", input_dim=4, num_outputs=3, vocab_size=None)
+        opt = build_optimizer(name, model, lr=0.05, weight_decay=0.01, momentum=0.9)
+        return model, opt, torch.amp.GradScaler("cpu", init_scale=2.0**8), NoiseScale()
+
+    g = torch.Generator().manual_seed(1)
+    batches = [[{"features": torch.randn(6, 4, generator=g),
+                 "label": torch.randint(0, 3, (6,), generator=g)} for _ in range(2)]
+               for _ in range(6)]
+
+    def steps(model, opt, scaler, noise, part):
+        for micro in part:
+            res = train_step(model, opt, micro, loss="cross_entropy", precision="fp16",
+                             scaler=scaler)
+            noise.update(sq_small=res.noise[0], b_small=res.noise[1], sq_big=res.noise[2],
+                         b_big=res.noise[3], elements=res.count, samples=res.count)
+
+    whole = fresh()
+    steps(*whole, batches)
+    first = fresh()
+    steps(*first, batches[:3])
+    model, opt, scaler, noise = first
+    save_checkpoint(tmp_path / "ck", {"step": 3, "epoch": 0, "model": model.state_dict(),
+                                      "optimizer": opt.state_dict(),
+                                      "scaler": scaler.state_dict(),
+                                      "noise": noise.state_dict()})
+    s = load_checkpoint(tmp_path / "ck")
+    resumed = fresh()
+    resumed[0].load_state_dict(s["model"])
+    resumed[1].load_state_dict(s["optimizer"])
+    resumed[2].load_state_dict(s["scaler"])
+    resumed[3].load_state_dict(s["noise"])
+    steps(*resumed, batches[3:])
+    for a, b in zip(whole[0].parameters(), resumed[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed[2].get_scale() == whole[2].get_scale()
+    assert resumed[3].state_dict() == whole[3].state_dict()

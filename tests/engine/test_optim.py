@@ -88,6 +88,16 @@ def test_zero_initialised_param_moves(adapt: bool) -> None:
     _close(w, [-0.1 / (1 + 1e-6), 0.2 / (2 + 1e-6), -0.05 / (0.5 + 1e-6)], tol=1e-15)
 
 
+def test_lars_zero_gradient_with_weight_decay_takes_the_plain_decay_step() -> None:
+    # ||grad|| = 0, ||w|| = 5, beta = 0.1: the trust ratio is 1 (as timm's Lars; the paper's
+    # eta ||w|| / (0 + beta ||w||) = eta / beta would make it 0.01 here), so the step is the
+    # plain decay lr * beta * w = 2.0 * 0.1 * [3, 4] = [0.6, 0.8]
+    w = _param([3.0, 4.0])
+    opt = LARS([w], lr=2.0, momentum=0.0, weight_decay=0.1, eps=0.0)
+    _step(opt, w, [0.0, 0.0])
+    _close(w, [2.4, 3.2])
+
+
 # --------------------------------------------------------------------------------------- LAMB
 
 
@@ -190,6 +200,7 @@ def _convnet() -> nn.Module:
 
 def test_param_groups_split_by_ndim() -> None:
     model = _convnet()
+    model.temperature = nn.Parameter(torch.tensor(1.0))  # a 0-dim parameter is in a group too
     groups = {g["name"]: g for g in param_groups(model, weight_decay=0.1)}
     assert set(groups) == {"decay", "no_decay"}
     decay, no_decay = groups["decay"], groups["no_decay"]
@@ -200,8 +211,8 @@ def test_param_groups_split_by_ndim() -> None:
     assert not ids_decay & ids_no
     assert ids_decay | ids_no == {id(p) for p in model.parameters()}
     assert ids_no == {id(p) for p in model.parameters() if p.ndim <= 1}
-    # conv bias, BN weight, BN bias, linear bias -> 4; conv weight, linear weight -> 2
-    assert (len(ids_no), len(ids_decay)) == (4, 2)
+    # conv bias, BN weight, BN bias, linear bias, the scalar -> 5; conv, linear weights -> 2
+    assert (len(ids_no), len(ids_decay)) == (5, 2)
 
 
 def test_param_groups_options() -> None:
