@@ -524,12 +524,14 @@ def test_the_finder_steps_the_batch_the_worker_would_collate_views_included(data
     train, _ = split_train_val(len(whole), whole.labels, d.val_fraction, d.split_seed)
     order = np.random.default_rng(0).permutation(train)
     assert not np.array_equal(order[:12], np.sort(order[:12]))
-    batch_of = _batch_maker(cfg, LargestRows(pads.dataset(info.uri), cfg, order), CPU, "digits_cnn")
     feed = RankFeed(cfg, whole, train, rank=0, world=1, image_shape=(8, 8))
-    got, want = batch_of(12), feed.collate(order[:12], (cfg.batching.seed, 0, 0), whole)
-    assert set(got) == set(want) and len(want["features"]) == 36  # 12 samples x 3 views
-    for key in want:
-        assert np.array_equal(got[key].numpy(), want[key]), key
+    want = feed.collate(order[:12], (cfg.batching.seed, 0, 0), whole)
+    # its rows read from the files (in one process), or the whole table (--on-workers' ranks)
+    for rows_of in (LargestRows(pads.dataset(info.uri), cfg, order).window, lambda size: whole):
+        got = _batch_maker(cfg, order, rows_of, CPU, "digits_cnn")(12)
+        assert set(got) == set(want) and len(want["features"]) == 36  # 12 samples x 3 views
+        for key in want:
+            assert np.array_equal(got[key].numpy(), want[key]), key
 
 
 ADAPTIVE = ["--set", "train.batch_size_schedule=adaptive", "--set", "train.batch_size_min=32",
