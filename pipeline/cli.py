@@ -394,7 +394,12 @@ def _run(argv: list[str] | None, address: str | None) -> int:
     except Exception as err:  # a run stopped on purpose (train.nonfinite=stop): its one line
         stopped = getattr(sys.modules.get("pipeline.launch"), "TrainingStopped", None)
         if stopped is None or not isinstance(err, stopped):
-            raise  # anything else: the traceback in full, exit 1
+            # anything else: the traceback in full, exit 1 -- masked (MLflow's connection
+            # errors carry the tracking URL, password and all)
+            import traceback
+
+            print(redact_text(traceback.format_exc()), end="", file=sys.stderr)
+            return 1
         print(str(err), file=sys.stderr)
         return 1
 

@@ -284,6 +284,23 @@ def test_a_refusal_naming_a_uri_with_credentials_masks_them(capsys):
     assert "me:***@h" in err and "wJalrSECRET" not in err
 
 
+def test_an_unexpected_failure_prints_its_traceback_masked_and_exits_1(monkeypatch, capsys):
+    """Anything but bad input and a stop on purpose: the traceback in full, exit 1 -- with a
+    URL's password masked (MLflow's connection errors name the whole tracking URL)."""
+    import dataclasses
+
+    def fails(*_args):
+        raise ConnectionError("API request to http://me:wJalrSECRET@h:5000/api failed")
+
+    command = dataclasses.replace(cli.COMMANDS["inspect-batches"], run=fails)
+    monkeypatch.setitem(cli.COMMANDS, "inspect-batches", command)
+    rc = cli.run(["inspect-batches", "--config", str(REPO / "jobs/configs/digits.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback (most recent call last)" in err
+    assert "ConnectionError: API request to http://me:***@h:5000/api failed" in err
+    assert "wJalrSECRET" not in err
+
+
 def test_sigterm_outside_a_run_exits_1_with_one_line_and_other_exits_pass(monkeypatch, capsys):
     """Ray's SIGTERM handler ends the driver with SystemExit(15) (`ray job stop`); where no
     run is to be marked (inspect-batches, or train before its run exists) the command exits 1
