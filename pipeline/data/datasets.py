@@ -329,11 +329,13 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
             raise ConfigError(f"data error: data.path does not exist: {d.path}")
     try:
         ds = pads.dataset(uri, format="parquet")
-        schema = ds.schema
+        schema = rows_schema(ds)
         num_rows = ds.count_rows()
     except (OSError, pa.ArrowException) as err:
         raise ConfigError(f"data error: data.path {uri} is not readable Parquet "
                           f"({_first_line(err)})") from None
+    if not ds.files:
+        raise ConfigError(f"data error: data.path {uri} holds no Parquet file")
     columns = tuple(schema.names)
     cfg = _fill_label_column(cfg, columns)
     d = cfg.data
@@ -345,6 +347,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         "data.id_column": d.id_column,
         "batching.difficulty_column": cfg.batching.difficulty_column,
     }
+    _check_files_agree(ds, named)  # (first: a column some files lack is named with them)
     for key, col in named.items():
         if col is not None and col not in columns:
             raise ConfigError(f"data error: {key}={col!r} is not a column of {uri} "
@@ -357,7 +360,6 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         if len(keys) > 1:
             raise ConfigError(f"config error: {' and '.join(keys)} name the same column {col!r}: "
                               "each names a column of its own")
-    _check_files_agree(ds, named)
     if d.feature_column is None and d.sequence_column is None:
         raise ConfigError("config error: data.feature_column or data.sequence_column must be set "
                           f"(columns of {uri}: {', '.join(columns)})")
@@ -404,6 +406,17 @@ def _first_line(err: BaseException) -> str:
     ('no JVM', 'OSError')
     """
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def rows_schema(ds: pads.Dataset) -> pa.Schema:
+    """The schema of the dataset's first file with rows -- what the checks compare the named
+    columns with (`_check_files_agree` compares the other files with it). The dataset's own
+    is its first file's, and an empty first file (Ray Data reads it as no block) may lack a
+    column, or hold it as another type. The dataset's own when every file is empty."""
+    for frag in ds.get_fragments():
+        if frag.metadata.num_rows:
+            return frag.physical_schema
+    return ds.schema
 
 
 def _check_files_agree(ds: pads.Dataset, named: dict[str, str | None]) -> None:
@@ -501,7 +514,7 @@ def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
         width = vector_width((batch.column(0) for batch in _stream(ds, [d.feature_column])),
                              f"data.feature_column={d.feature_column!r}")
     if b.difficulty_column is not None:
-        kind = ds.schema.field(b.difficulty_column).type
+        kind = rows_schema(ds).field(b.difficulty_column).type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
             raise ConfigError(f"data error: batching.difficulty_column={b.difficulty_column!r} "
                               f"is a {kind} column; difficulties are numbers")
@@ -534,7 +547,10 @@ def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:
                                   f"target: within each sequence's first {b.max_length} tokens "
                                   f"every target of {target_key} is {IGNORE_INDEX} (ignored)")
     cols = [c for c in (d.label_column, b.difficulty_column, d.id_column) if c]
-    table = ds.to_table(columns=cols) if cols else pa.table({"_": pa.nulls(ds.count_rows())})
+    # (file by file, as `_stream` reads: the dataset's own scan takes its first file's schema,
+    # which an empty first file may lack a column of)
+    table = (pa.Table.from_batches(list(_stream(ds, cols))) if cols
+             else pa.table({"_": pa.nulls(ds.count_rows())}))
     small = SampleTable.from_table(table, feature_column=None, label_column=d.label_column,
                                    difficulty_column=b.difficulty_column,
                                    id_column=d.id_column)  # checks the labels and the ids

@@ -139,6 +139,20 @@ def test_the_files_of_a_folder_must_agree_on_each_named_column(tmp_path):
         with pytest.raises(ConfigError, match="the files of data.path must agree") as err:
             resolved(second)
         assert said in str(err.value)
+    # An empty first file of another schema (Ray Data reads no block of it) is not the one
+    # the checks read the columns from: it lacked the label column, or held it as strings,
+    # and a good dataset was refused ("not a column", "a string column") -- or, lacking the
+    # features, the checks' read ended in a traceback (IndexError, exit 1)
+    features = pa.array([], pa.list_(pa.float32()))
+    for empty in (pa.table({"features": features}),
+                  pa.table({"features": features, "label": pa.array([], pa.string())}),
+                  pa.table({"label": pa.array([], pa.int64())})):
+        _, info = resolved(table(), first=empty)
+        assert info.num_rows == 40
+    # and a folder without a Parquet file is said as such
+    (tmp_path / "none").mkdir()
+    with pytest.raises(ConfigError, match="holds no Parquet file"):
+        resolve(load_config(None, [f"data.path={tmp_path / 'none'}"]))
 
 
 def test_a_builder_behind_a_registrys_decorator_is_taken(tmp_path):
