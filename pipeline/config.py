@@ -918,8 +918,26 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     """Set `a.b.c` in a nested dict; the section and key must already exist (except inside
-    free-form dict fields such as batching.options)."""
+    free-form dict fields such as batching.options). A whole section given a mapping
+    (`train={epochs: 3}`) is merged into it, as a config file's section is (it replaced the
+    section, every other key back to its default). Below `tune.search_space` the rest of the
+    key is one name, a swept key (`tune.search_space.train.base_lr={grid: [0.1, 0.2]}`).
+
+    >>> raw = {"train": {"epochs": 1, "seed": 0}, "tune": {"search_space": {}}}
+    >>> set_dotted(raw, "train", {"epochs": 3}); raw["train"]
+    {'epochs': 3, 'seed': 0}
+    >>> set_dotted(raw, "tune.search_space.train.seed", {"grid": [1, 2]})
+    >>> raw["tune"]["search_space"]
+    {'train.seed': {'grid': [1, 2]}}
+    """
     parts = key.split(".")
+    if len(parts) == 1 and isinstance(raw.get(key), dict) and isinstance(value, dict):
+        raw[key] = {**raw[key], **value}
+        return
+    if parts[:2] == ["tune", "search_space"] and len(parts) > 3 \
+            and isinstance(raw.get("tune"), dict) and isinstance(raw["tune"].get("search_space"), dict):
+        raw["tune"]["search_space"][".".join(parts[2:])] = value
+        return
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node, dict) or part not in node:
@@ -1035,7 +1053,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except _Refused as err:
             raise ConfigError(f"config error: {p}: {err}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config error: {p} is not valid YAML ({err.__class__.__name__})") from None
+            mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+            where = f", line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config error: {p} is not valid YAML ({err.__class__.__name__}"
+                              f"{': ' + problem if problem else ''}{where})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config error: {p} is not UTF-8 text") from None
         except OSError as err:

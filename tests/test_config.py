@@ -89,6 +89,22 @@ def test_overrides_parse_yaml_values_and_derived_values():
     assert cfg.tracking_uri() == "http://x:5000"
 
 
+def test_a_section_set_whole_is_merged_and_a_swept_key_can_be_set(tmp_path):
+    """`--set train={epochs: 3}` keeps the file's other train keys (it put them back to their
+    defaults); `--set tune.search_space.train.base_lr=...` sets one swept key (the dotted
+    name was read as sections: "unknown key"); a YAML error names its line."""
+    cfg = load_config(DIGITS, ["train={epochs: 3}"])
+    assert cfg.train.epochs == 3 and cfg.train.micro_batch_size == load_config(DIGITS).train.micro_batch_size
+    swept = load_config(REPO / "jobs/configs/sweep_digits.yaml",
+                        ["tune.search_space.train.base_lr={grid: [0.1, 0.2]}"])
+    assert swept.tune.search_space["train.base_lr"] == {"grid": [0.1, 0.2]}
+    assert "train.global_batch_size" in swept.tune.search_space  # the file's kept
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 2\n  seed: [3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(ParserError: .*, line 4\)"):
+        load_config(p)
+
+
 def test_overrides_of_text_keys_keep_the_text_as_given(tmp_path):
     """YAML would read these as an int, a date, a base-60 number, a boolean and a comment
     (null); a key of text keeps them as typed. YAML's null and quotes still mean what they do."""
