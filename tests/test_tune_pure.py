@@ -668,6 +668,29 @@ def test_more_draws_than_distinct_configs_are_refused(search, space, n, refused)
                                      "train the same weights"), err.value
 
 
+@pytest.mark.parametrize(("space", "extra", "why"), [
+    ({"train.batch_size_min": {"grid": [8, 16]}}, [], "train.batch_size_schedule=constant"),
+    ({"batching.num_views": {"grid": [2, 4]}}, [], "train.loss=cross_entropy"),  # (2: default)
+    ({"batching.options.c0": {"grid": [0.1, 0.5]}}, [], "batching.strategy=random"),
+    ({"train.noise_scale_ema": {"grid": [0.9, 0.99]}, "train.noise_scale": {"grid": [True,
+                                                                              False]}},
+     [], None),  # the trials that measure the noise scale use it
+])
+def test_a_swept_key_no_trial_uses_is_refused(space, extra, why):
+    """A sweep of a setting every trial ignores (a schedule's minimum under a constant batch,
+    the views of a loss without them, another strategy's option) trained the same weights in
+    each trial without a word."""
+    from pipeline.tune.space import check_trials
+
+    cfg = _cfg(space, *extra)
+    if why is None:
+        check_trials(cfg)
+        return
+    key = next(iter(space))
+    with pytest.raises(ConfigError, match=rf"tune.search_space.{key}: no trial uses it \({why}\)"):
+        check_trials(cfg)
+
+
 def test_a_sweep_with_nothing_to_vary_is_refused():
     """`python -m pipeline tune` on a config without a search space ran a one-trial "sweep"
     without a word."""

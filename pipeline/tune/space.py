@@ -205,6 +205,17 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
         except ConfigError as err:
             shown = ", ".join(f"{k}={v}" for k, v in combo.items())
             raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
+    default = Config().flat_params()
+    for key in keys:  # a swept key no trial uses: its trials would train the same weights
+        why = [next((u for u in trial.unused_settings() if u.startswith(f"{key} (")), None)
+               for trial in checked]
+        # (a trial at the key's default is not called unused: it is set to nothing)
+        at_default = [trial.flat_params().get(key) == default.get(key) for trial in checked]
+        if any(why) and all(w or d for w, d in zip(why, at_default, strict=True)):
+            why = [w for w in why if w]
+            raise ConfigError(f"config error: tune.search_space.{key}: no trial uses it "
+                              f"({why[0].split(' (', 1)[1].rstrip(')')}), so its values would "
+                              "train the same weights: sweep what the trials use")
     return checked
 
 
