@@ -86,6 +86,9 @@ def vector_width(chunks: Iterable[pa.Array], key: str) -> int:
 
     >>> vector_width([pa.array([[1.0, 2.0], [3.0, 4.0]])], "data.feature_column='x'")
     2
+    >>> halves = pa.array([[1.0, 2.0]], pa.list_(pa.float16()))  # (no Arrow kernel takes them)
+    >>> vector_width([halves], "x"), label_ids(pa.array(np.ones(2, np.float16)), "y").tolist()
+    (2, [1, 1])
     >>> vector_width([pa.array([[1.0, 2.0], [3.0]])], "data.feature_column='x'")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -110,6 +113,8 @@ def vector_width(chunks: Iterable[pa.Array], key: str) -> int:
         if len(arr) == 0:
             continue
         values = pc.list_flatten(arr)
+        if pa.types.is_float16(values.type):  # (Arrow's compute kernels take no half floats)
+            values = values.cast(pa.float32())
         if (len(values) and pa.types.is_floating(values.type)  # (all() of no values is null)
                 and not pc.all(pc.is_finite(values)).as_py()):
             # (training met it as a "non-finite loss", blaming itself, or skipped its steps)
@@ -180,6 +185,8 @@ def label_ids(col: pa.ChunkedArray | pa.Array, key: str) -> np.ndarray:
         raise ConfigError(f"data error: {key} is a {col.type} column; labels are integer class "
                           "ids 0..K-1")
     values = column_to_numpy(col)
+    if values.dtype == np.float16:  # (compared with 2**24 below: beyond float16's range)
+        values = values.astype(np.float32)
     whole = np.isfinite(values) & (values == np.round(values)) if values.dtype.kind == "f" else None
     if whole is not None and not whole.all():
         raise ConfigError(f"data error: {key} holds a non-integer label "
