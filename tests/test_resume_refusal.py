@@ -63,7 +63,7 @@ def test_a_resume_without_a_checkpoint_is_refused_alone(started, capsys, monkeyp
 
 
 def test_more_epochs_and_another_cluster_shape_may_resume(started, capsys, monkeypatch):
-    class Reached(Exception):
+    class Reached(BaseException):  # (not an Exception: the CLI prints those, exit 1)
         pass
 
     def cluster(*_a, **_k):
@@ -86,7 +86,7 @@ def test_resume_takes_its_own_runs_checkpoints_when_the_out_folder_held_another(
     """An --out used by a finished run (its checkpoints at a higher step) and then by a fresh
     one: --resume continues the fresh one from its own latest checkpoint, the folder run.json
     names, never from the older run's."""
-    class Reached(Exception):
+    class Reached(BaseException):  # (not an Exception: the CLI prints those, exit 1)
         pass
 
     def cluster(*_a, **_k):
@@ -192,7 +192,7 @@ def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys
     save_checkpoint(tmp_path / "ray_results" / "train-x" / "checkpoint_1", {"step": 9, "epoch": 1})
     from pipeline.launch import run_training
 
-    class Reached(Exception):
+    class Reached(BaseException):  # (not an Exception: the CLI prints those, exit 1)
         pass
 
     def ingest(info, cfg):  # the config the job goes on with reaches the ingest: stop there

@@ -382,6 +382,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
         _check_split_classes(labels, cfg)
     note = _check_first_epoch(facts.small, cfg)
+    notes = [n for n in (note, curriculum_note(cfg)) if n]
     b = cfg.batching
     exempt = ((b.strategy == "balanced" and b.options.get("epoch_samples") is not None)
               or (b.strategy == "length_bucket" and b.options.get("max_tokens") is not None))
@@ -395,8 +396,37 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,
                             facts=facts.model_facts(), small=facts.small,
                             filled={k: before[k] for k in FILLED_KEYS if before[k] != after[k]},
-                            notes=[note] if note else [],
+                            notes=notes,
                             step_costs=step_costs)
+
+
+def curriculum_note(cfg: Config) -> str | None:
+    """A note where a curriculum's pool is not whole by the run's last epoch
+    (`batching.options.pacing_epochs` beyond `train.epochs`): the run never trains on the
+    hardest samples. Said, not refused (a deliberately slow curriculum); None otherwise.
+
+    >>> from pipeline.config import load_config
+    >>> slow = load_config(None, ["batching.strategy=curriculum", "batching.options.difficulty=length",
+    ...                           "batching.options.pacing_epochs=1000", "train.epochs=10"])
+    >>> curriculum_note(slow)[:87]
+    'batching.options.pacing_epochs=1000 is beyond train.epochs=10: the last epoch trains on'
+    >>> curriculum_note(slow.with_overrides({"batching.options.pacing_epochs": 9})) is None
+    True
+    """
+    from pipeline.data.epochs import planner_options
+    from pipeline.data.pacing import competence
+
+    if cfg.batching.strategy != "curriculum":
+        return None
+    o = planner_options(cfg)
+    last = (cfg.train.epochs - 1) / float(o["pacing_epochs"])
+    c = competence(last, o.get("pacing", "root"), c0=o.get("c0", 0.1), steps=o.get("steps", 4),
+                   growth=o.get("growth", 2.0))
+    if c >= 1.0:
+        return None
+    return (f"batching.options.pacing_epochs={o['pacing_epochs']:g} is beyond train.epochs="
+            f"{cfg.train.epochs}: the last epoch trains on the easiest {c:.0%} of the training "
+            "split only (the pool is whole from epoch pacing_epochs + 1)")
 
 
 def _first_line(err: BaseException) -> str:
