@@ -178,12 +178,16 @@ def used_columns(cfg: Config) -> list[str]:
 
 
 def parquet_files(uri: str) -> tuple[list[str], Any]:
-    """The dataset's files as the driver's checks list them (pyarrow's discovery: every file
-    but `_` and `.` names, in its order), and their filesystem. Ray Data reads exactly these:
-    its own listing keeps only `*.parquet` files and skips `_` names at the top alone, so it
-    read other rows than the driver checked and the keeper reads again on a lost node."""
+    """The dataset's files with rows as the driver's checks list them (pyarrow's discovery:
+    every file but `_` and `.` names, in its order), and their filesystem. Ray Data reads
+    exactly these: its own listing keeps only `*.parquet` files and skips `_` names at the top
+    alone, so it read other rows than the driver checked and the keeper reads again on a lost
+    node. Files without rows are left out (they hold no row, so no position moves): Ray Data
+    takes the columns from its first file, and an empty first file without a column the
+    checks found in the files with rows made every block lack it."""
     ds = pads.dataset(uri, format="parquet")
-    return list(ds.files), ds.filesystem
+    with_rows = [f.path for f in ds.get_fragments() if f.metadata.num_rows]
+    return with_rows or list(ds.files), ds.filesystem
 
 
 def data_files(uri: str) -> list[tuple[str, int, int]]:

@@ -223,7 +223,9 @@ def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
             f"half the memory available over the {workers} workers (no --max-memory)")
     d, t = cfg.data, cfg.train
     ds = pads.dataset(info.uri, format="parquet") if table is None else None
-    st, facts = small_columns(cfg, info)  # as resolve read them; rows are read as needed
+    # as resolve read them, rows read as needed; or the workers' table, and the model's facts
+    # the info carries (its small columns are not sent: the files may be on the driver only)
+    st, facts = (table, info.facts) if table is not None else small_columns(cfg, info)
     train_pos, _ = split_train_val(len(st), st.labels, d.val_fraction, d.split_seed)
     order = largest_first(st.lengths, train_pos)
     torch.manual_seed(t.seed)

@@ -847,6 +847,10 @@ def find_on_workers(cfg: Config, info: DatasetInfo, max_memory: int | None, *,
             held = signal.getsignal(signal.SIGINT) if main else None  # (as fit_torch_trainer)
             try:
                 result = trainer.fit()
+            except SystemExit as err:  # Ray Train's Ctrl-C: its abort, then exit 0
+                if err.code == signal.SIGTERM:  # (`ray job stop`: as it is)
+                    raise
+                raise KeyboardInterrupt from None
             finally:
                 if held is not None:
                     signal.signal(signal.SIGINT, held)

@@ -265,3 +265,19 @@ def test_read_rows_keeps_the_order_asked_sorted_or_not(tmp_path):
     ds = pads.dataset(tmp_path / "t.parquet")
     for positions in ([3, 3, 10, 49], [49, 3, 10, 3], [0], list(range(50))[::-1]):
         assert read_rows(ds, np.array(positions), ["id"]).column("id").to_pylist() == positions
+
+
+def test_ray_data_is_given_the_files_with_rows_only(tmp_path):
+    """Ray Data takes the columns from its first file: an empty first file without the label
+    column (which the checks, reading the files with rows, accept) made every block lack it.
+    The files without rows are left out of its list; no row position moves."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x": pa.array([], pa.float32())}), tmp_path / "0.parquet")
+    pq.write_table(pa.table({"x": [1.0, 2.0], "label": [0, 1]}), tmp_path / "1.parquet")
+    pq.write_table(pa.table({"x": pa.array([], pa.float32()), "label": pa.array([], pa.int64())}),
+                   tmp_path / "2.parquet")
+    pq.write_table(pa.table({"x": [3.0], "label": [1]}), tmp_path / "3.parquet")
+    files, _ = blocks.parquet_files(str(tmp_path))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["1.parquet", "3.parquet"]
+    assert [rows for _, _, rows in blocks.data_files(str(tmp_path))] == [0, 2, 0, 1]

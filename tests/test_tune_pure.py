@@ -675,6 +675,8 @@ def test_more_draws_than_distinct_configs_are_refused(search, space, n, refused)
     ({"train.noise_scale_ema": {"grid": [0.9, 0.99]}, "train.noise_scale": {"grid": [True,
                                                                               False]}},
      [], None),  # the trials that measure the noise scale use it
+    ({"batching.options.selection_pressure": {"grid": [10.0, 100.0]},
+      "batching.strategy": {"grid": ["random", "hard_mining"]}}, [], None),  # hard mining's do
 ])
 def test_a_swept_key_no_trial_uses_is_refused(space, extra, why):
     """A sweep of a setting every trial ignores (a schedule's minimum under a constant batch,

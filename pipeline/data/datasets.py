@@ -347,7 +347,11 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         "data.id_column": d.id_column,
         "batching.difficulty_column": cfg.batching.difficulty_column,
     }
-    _check_files_agree(ds, named)  # (first: a column some files lack is named with them)
+    try:  # (first: a column some files lack is named with them)
+        _check_files_agree(ds, named)
+    except (OSError, pa.ArrowException) as err:  # a later file's footer damaged
+        raise ConfigError(f"data error: data.path {uri} is not readable Parquet "
+                          f"({_first_line(err)})") from None
     for key, col in named.items():
         if col is not None and col not in columns:
             raise ConfigError(f"data error: {key}={col!r} is not a column of {uri} "

@@ -205,18 +205,36 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
         except ConfigError as err:
             shown = ", ".join(f"{k}={v}" for k, v in combo.items())
             raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
-    default = Config().flat_params()
-    for key in keys:  # a swept key no trial uses: its trials would train the same weights
+    default = Config().to_dict()
+    every = math.prod(len(v) for v in lists) <= MAX_CHECKED_COMBINATIONS  # (else some unseen)
+    for key in keys if every else []:  # a swept key no trial uses: the same weights in each
         why = [next((u for u in trial.unused_settings() if u.startswith(f"{key} (")), None)
                for trial in checked]
         # (a trial at the key's default is not called unused: it is set to nothing)
-        at_default = [trial.flat_params().get(key) == default.get(key) for trial in checked]
+        at_default = [_dotted(trial.to_dict(), key) == _dotted(default, key) for trial in checked]
         if any(why) and all(w or d for w, d in zip(why, at_default, strict=True)):
             why = [w for w in why if w]
             raise ConfigError(f"config error: tune.search_space.{key}: no trial uses it "
                               f"({why[0].split(' (', 1)[1].rstrip(')')}), so its values would "
                               "train the same weights: sweep what the trials use")
     return checked
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key of a config tree (None where there is none: an option no
+    strategy was given).
+
+    >>> _dotted({"batching": {"options": {"c0": 0.5}}}, "batching.options.c0")
+    0.5
+    >>> _dotted({"batching": {"options": {}}}, "batching.options.c0") is None
+    True
+    """
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _to_check(keys: list[str], lists: list[list[Any]]) -> list[dict[str, Any]]:

@@ -828,3 +828,30 @@ def test_nothing_fitting_beside_the_gradients_is_a_one_line_exit(data_dir, tmp_p
                    "micro_batch_size=1 fits beside the "
                    "gradients a step of several micro-batches holds in 16.0 MiB, --max-memory "
                    "(train.global_batch_size=1024 needs accumulation here)\n"), err
+
+
+def test_a_workers_search_over_its_table_reads_no_file(data_dir, tmp_path):
+    """`--on-workers`: a rank searches over the table the object store gave it, with the
+    model's facts the info carries -- never the Parquet files, which may be on the driver's
+    node only (its small columns are not sent with the info either) -- and finds what the
+    search over the files finds."""
+    import dataclasses
+
+    import pyarrow.dataset as pads
+
+    from pipeline.config import load_config
+    from pipeline.data.batches import SampleTable
+    from pipeline.data.datasets import resolve
+    from pipeline.find_batch_size import search
+
+    cfg, info = resolve(load_config(DIGITS, ["model.name=mlp", "scaling.num_workers=1"]))
+    d = cfg.data
+    table = SampleTable.from_table(pads.dataset(info.uri).to_table(),
+                                   feature_column=d.feature_column, label_column=d.label_column)
+    elsewhere = dataclasses.replace(info, uri=str(tmp_path / "on-the-driver-only.parquet"),
+                                    small=None)
+    on_worker = search(cfg, elsewhere, 2 * 2**20, device=CPU, table=table)
+    here = search(cfg, info, 2 * 2**20, device=CPU)
+    assert on_worker["max_micro_batch_size"] == here["max_micro_batch_size"] > 0
+    assert [t["peak_memory_bytes"] for t in on_worker["trials"]] == \
+        [t["peak_memory_bytes"] for t in here["trials"]]
