@@ -250,7 +250,7 @@ COMMANDS: dict[str, Command] = {
         "scaling.num_workers Ray Train workers, every rank trying the same size and the minimum "
         "winning (no rank left waiting after another ran out of memory). On a CPU a step fits "
         "when its peak tensor memory is within --max-memory. "
-        "Prints a table; writes DIR/find_batch_size.json (max_micro_batch_size, device, "
+        "Prints a table; writes DIR/find_batch_size.json (max_micro_batch_size, device, ranks, "
         "suggestion: micro batch x accumulation x workers for train.global_batch_size, trials) "
         "and DIR/find_batch_size.png.",
         example=f"{PROG} find-batch-size --config jobs/configs/digits.yaml --max-memory 64MiB "
@@ -263,7 +263,8 @@ COMMANDS: dict[str, Command] = {
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config (defaults when omitted)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value by dotted key, e.g. train.epochs=2 (repeatable)")
+                   help="override a config value by dotted key, e.g. train.epochs=2; a section "
+                   "given a mapping is merged (repeatable)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder (default runs/<command>)")
     p.add_argument("--verbose", action="store_true",

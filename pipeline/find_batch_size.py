@@ -14,8 +14,8 @@ every rank tries the same size and the ranks agree on it (a MIN all-reduce: the 
 rank is left waiting in a collective after another ran out of memory), and rank 0's measurements
 are written.
 
-Writes `DIR/find_batch_size.json` (`max_micro_batch_size`, `device`, `suggestion`, `trials`,
-`step_cost_per_worker`) and `DIR/find_batch_size.png`, and prints a table. The step times of
+Writes `DIR/find_batch_size.json` (`max_micro_batch_size`, `device`, `ranks`, `suggestion`,
+`trials`, `step_cost_per_worker`) and `DIR/find_batch_size.png`, and prints a table. The step times of
 the sizes that fit give the throughput model of the adaptive batch-size schedule
 (`step_cost_per_worker`: its c for one worker, read back by `step_cost_from`, which
 `train.batch_size_throughput` names). Heavy imports (torch) happen inside the
@@ -224,7 +224,7 @@ def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
     d, t = cfg.data, cfg.train
     ds = pads.dataset(info.uri, format="parquet") if table is None else None
     # as resolve read them, rows read as needed; or the workers' table, and the model's facts
-    # the info carries (its small columns are not sent: the files may be on the driver only)
+    # the info carries (its small columns are not sent with it; the rank reads no file)
     st, facts = (table, info.facts) if table is not None else small_columns(cfg, info)
     train_pos, _ = split_train_val(len(st), st.labels, d.val_fraction, d.split_seed)
     order = largest_first(st.lengths, train_pos)

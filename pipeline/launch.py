@@ -815,7 +815,8 @@ def find_on_workers(cfg: Config, info: DatasetInfo, max_memory: int | None, *,
     (`pipeline.worker.find_func`), each rank on its own device (a cluster's GPU workers, where
     its head has none), the ranks agreeing on every size; the content of find_batch_size.json,
     as rank 0 measured it. The dataset reaches the workers through the object store, as a
-    job's does in the object-store mode (the files may be on this node only). Not tried again
+    job's does in the object-store mode (the ranks read no file; Ray Data's read needs the
+    data readable where its tasks run, as for `train`). Not tried again
     on a failure (a search is not resumed: run it again); an input error the workers met is
     raised as the ConfigError it was (exit 2)."""
     import tempfile
