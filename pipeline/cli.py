@@ -116,6 +116,13 @@ def _tune(args: argparse.Namespace, cfg: Config, info: Any, out: Path, address: 
 
     if (note := submitted_job_note(out, _store(args, cfg, out))) is not None:
         console.say(note)
+    # the notes a job gets: a setting no trial uses (one some trials use is not said), and the
+    # data checks'
+    unused = [{u.split(" (", 1)[0]: u for u in trial.unused_settings()} for trial in checked]
+    for key in [k for k in unused[0] if all(k in u for u in unused)] if unused else []:
+        console.say(f"note: {unused[0][key]} is set but no trial uses it")
+    for note in getattr(info, "notes", []):
+        console.say(f"note: {note}")
 
     try:
         trials = run_sweep(cfg, info, out, resume=args.resume, address=address, checked=checked)

@@ -90,7 +90,7 @@ def write_text(path: str | Path, text: str) -> Path:
 def run_state(out_dir: str | Path, name: str = "run.json") -> dict[str, Any]:
     """`out_dir/run.json`, the state a training run keeps in its --out folder (its MLflow run
     and the store it records to, its config, its data's fingerprint, its checkpoint folder and
-    its driver's host and pid); {} when there is none.
+    its driver: `launch.this_driver`); {} when there is none.
     ConfigError naming the file when it is not such a state (damaged, a folder): a traceback
     before (`name`: a sweep's `sweep.json`, read the same way).
 

@@ -962,27 +962,57 @@ def _write_state(state_file: Path, run_id: str | None, uri: str, cfg: Config,
     checkpoints' folder under ray_results/, and its driver (`driver_alive` asks after it)."""
     write_json(state_file, {"mlflow_run_id": run_id, "tracking_uri": uri, "config": cfg.to_dict(),
                             "checkpoints": checkpoints, "data": data,
-                            "driver": {"host": socket.gethostname(), "pid": os.getpid()}})
+                            "driver": this_driver()})
+
+
+def this_driver() -> dict[str, Any]:
+    """What run.json keeps of the driver (`driver_alive` asks after it): its host and pid, and
+    where Linux's /proc says them, the machine's boot (a cloned VM of the same hostname has
+    another), its pid namespace (a container sharing the hostname has another) and its start
+    time (a pid used again by a later process starts later)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), **_proc_facts(os.getpid())}
+
+
+def _proc_facts(pid: int) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    try:
+        facts["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        facts["pid_ns"] = os.stat(f"/proc/{pid}/ns/pid").st_ino
+        # field 22 of /proc/PID/stat, counted after the command's closing parenthesis
+        facts["started"] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):  # not Linux, or the process gone meanwhile
+        pass
+    return facts
 
 
 def driver_alive(driver: Any) -> bool | None:
-    """Whether the driver a run.json names (`{"host", "pid"}`) still runs: None when this
-    machine cannot tell (another host, or a run.json written before the driver was kept).
+    """Whether the driver a run.json names (`this_driver`) still runs: None when this
+    machine cannot tell (another host, boot or pid namespace -- a cloned VM, a container --, or
+    a run.json written before the driver was kept; Windows, where the probe would end it).
 
-    >>> driver_alive({"host": socket.gethostname(), "pid": os.getpid()})
+    >>> driver_alive(this_driver())
     True
+    >>> driver_alive({**this_driver(), "started": -1})  # its pid, taken by a later process
+    False
     >>> driver_alive({"host": "elsewhere", "pid": 1}), driver_alive(None)
     (None, None)
+    >>> driver_alive({**this_driver(), "pid_ns": -1}) if "pid_ns" in this_driver() else None
     """
-    if not isinstance(driver, dict) or driver.get("host") != socket.gethostname() \
-            or not isinstance(driver.get("pid"), int):
+    if os.name == "nt" or not isinstance(driver, dict) \
+            or driver.get("host") != socket.gethostname() or not isinstance(driver.get("pid"), int):
+        return None
+    here = _proc_facts(os.getpid())
+    if any(key in driver and driver[key] != here.get(key) for key in ("boot", "pid_ns")):
         return None
     try:
         os.kill(driver["pid"], 0)  # (no signal sent: does it exist?)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process of that pid: it exists
-        return True
+        pass
+    now = _proc_facts(driver["pid"]).get("started")
+    if "started" in driver and now is not None and now != driver["started"]:
+        return False  # the pid is another, later process's
     return True
 
 

@@ -1027,3 +1027,24 @@ def test_a_sweep_json_of_before_absolute_paths_still_resumes(tmp_path, monkeypat
     other = with_absolute_paths(load_config(None, [*sets, "data.path=d/b.parquet"]))
     with pytest.raises(ConfigError, match="differs from the sweep's in data.path"):
         _load_state(tmp_path / "sweep.json", other)
+
+
+@pytest.mark.parametrize(("config", "said"), [
+    ("sweep_digits.yaml", True),  # a constant batch in every trial
+    ("sweep_batch_schedule.yaml", False),  # its warmup and adaptive trials use it
+])
+def test_a_sweep_notes_a_setting_no_trial_uses(config, said, capsys, monkeypatch, data_dir):
+    """`tune` says what `train` says of a setting left unused -- where no trial uses it (a
+    schedule's minimum under a constant batch), not where some trials do."""
+    import types
+
+    fake = types.ModuleType("pipeline.tune.sweep")
+    fake.SweepInterrupted = type("SweepInterrupted", (KeyboardInterrupt,), {})
+    fake.run_sweep = lambda *a, **k: pd.DataFrame()
+    fake.print_sweep = lambda *a, **k: None
+    monkeypatch.setitem(sys.modules, "pipeline.tune.sweep", fake)  # (no Ray: the sweep itself)
+    rc, out, err = cli_in_process(["tune", "--config", str(REPO / "jobs" / "configs" / config),
+                                   "--set", "train.batch_size_min=16"], capsys, monkeypatch)
+    assert rc == 0, err
+    note = "note: train.batch_size_min (train.batch_size_schedule=constant) is set but no trial"
+    assert (note in out) == said, out
