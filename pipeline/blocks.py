@@ -553,8 +553,7 @@ def _to_join(feature_column: str | None, table: pa.Table) -> bool:
         return True
     if feature_column is None or feature_column not in table.column_names:
         return False
-    col = table.column(feature_column)
-    return col.num_chunks == 1 and float32_values(col.chunk(0)).type != col.type
+    return float32_type(table.column(feature_column).type) != table.column(feature_column).type
 
 
 def _joined(feature_column: str | None, *tables: pa.Table) -> tuple[pa.Table, int]:
@@ -574,19 +573,25 @@ def float32_values(arr: pa.Array) -> pa.Array:
     >>> float32_values(pa.array([[1, 2]])).type, float32_values(pa.array([1.0])).type
     (ListType(list<item: float>), DataType(double))
     """
-    t = arr.type
-    if pa.types.is_fixed_size_list(t):
-        target = pa.list_(pa.float32(), t.list_size)
-    elif pa.types.is_list(t):
-        target = pa.list_(pa.float32())
-    elif pa.types.is_large_list(t):
-        target = pa.large_list(pa.float32())
-    else:
-        return arr
+    target = float32_type(arr.type)
+    return arr if target == arr.type else arr.cast(target, safe=False)
+
+
+def float32_type(t: pa.DataType) -> pa.DataType:
+    """The type `float32_values` gives a column of type `t` (`t` itself where it casts none):
+    a list of integers or floats becomes a list of float32, of the same kind and size.
+
+    >>> float32_type(pa.large_list(pa.int64())), float32_type(pa.list_(pa.string()))
+    (LargeListType(large_list<item: float>), ListType(list<item: string>))
+    """
+    if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return t
     v = t.value_type
     if v == pa.float32() or not (pa.types.is_integer(v) or pa.types.is_floating(v)):
-        return arr
-    return arr.cast(target, safe=False)
+        return t
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(pa.float32(), t.list_size)
+    return pa.large_list(pa.float32()) if pa.types.is_large_list(t) else pa.list_(pa.float32())
 
 
 def on_head() -> NodeAffinitySchedulingStrategy:

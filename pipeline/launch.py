@@ -329,15 +329,16 @@ def _progress_callback(epochs: int) -> Any:
     return Progress()
 
 
-def _worker_entry(loop_config: dict[str, Any]) -> Any:
-    """Each worker: the console settings (Ray's per-rank report lines), then the worker function."""
+def _worker_entry(func: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any]) -> Any:
+    """Each worker (a job's `train_func`, the finder's `find_func`): the console settings
+    (Ray's per-rank report lines), then the worker function."""
     console.quiet_worker_logs(loop_config.get("verbose", False))
     console.say_pipeline_warnings()
     # Rank 0's MetricLogger retries on its own (points buffered, a try every 2 s, one line when
     # the store goes and one when it is back); MLflow's client would first retry each request
     # itself, saying nothing.
     tracking.no_client_retries()
-    return train_func(loop_config)
+    return func(loop_config)
 
 
 # How the training runs once the run is set up: (cfg, loop_config, Ray run name, storage) ->
@@ -779,7 +780,7 @@ def fit_torch_trainer(cfg: Config, loop_config: dict[str, Any], name: str, stora
     """The training on `scaling.num_workers` Ray Train workers (a TorchTrainer): restarts of
     the worker group from the last checkpoint up to `scaling.max_failures`."""
     trainer = TorchTrainer(
-        _worker_entry, train_loop_config=loop_config,
+        partial(_worker_entry, train_func), train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -833,9 +834,10 @@ def find_on_workers(cfg: Config, info: DatasetInfo, max_memory: int | None, *,
     try:
         with tempfile.TemporaryDirectory(prefix="pipeline-find-") as storage:  # (run state only)
             trainer = TorchTrainer(
-                partial(_find_entry, find_func, verbose),
+                partial(_worker_entry, find_func),
                 train_loop_config={"config": whole.to_dict(), "info": info, "table_refs": blocks,
-                                   "max_memory": max_memory, "progress": progress, "box": box},
+                                   "max_memory": max_memory, "progress": progress, "box": box,
+                                   "verbose": verbose},
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -882,12 +884,6 @@ class Box:
 
     def get(self) -> Any:
         return self.value
-
-
-def _find_entry(func: Callable[[dict[str, Any]], None], verbose: bool,
-                loop_config: dict[str, Any]) -> None:
-    console.quiet_worker_logs(verbose)
-    func(loop_config)
 
 
 LOST_NODE_WAIT_S = 30.0  # how long a failed streaming job waits for Ray to call a node lost

@@ -2,7 +2,7 @@
 and calls played by stand-ins (no cluster): `BlockKeeper.current` when reading a lost node's
 blocks again fails (the keeper keeps its state, so the next restart tries again and then hands
 out a consistent view), and `BlockFetch` gathering a rank's rows from two nodes' real
-`BlockServer`s, none included."""
+`BlockServer`s, none included; and which single block the object-store mode joins."""
 
 from __future__ import annotations
 
@@ -281,3 +281,22 @@ def test_ray_data_is_given_the_files_with_rows_only(tmp_path):
     files, _ = blocks.parquet_files(str(tmp_path))
     assert [f.rsplit("/", 1)[1] for f in files] == ["1.parquet", "3.parquet"]
     assert [rows for _, _, rows in blocks.data_files(str(tmp_path))] == [0, 2, 0, 1]
+
+
+def test_a_block_is_joined_only_where_a_rank_could_not_map_it_without_a_copy():
+    """`one_block` leaves one block as it is only where each column is one chunk and the
+    features are already float32 lists (or are no numeric list: nothing to cast)."""
+    f32 = pa.array([[1.0, 2.0]], pa.list_(pa.float32(), 2))
+    f64 = pa.array([[1.0, 2.0]], pa.list_(pa.float64(), 2))
+    ints = pa.array([[1, 2]], pa.large_list(pa.int64()))
+    words = pa.array([["a", "b"]], pa.list_(pa.string()))
+    label = pa.array([0])
+    assert not blocks._to_join("x", pa.table({"x": f32, "label": label}))
+    assert blocks._to_join("x", pa.table({"x": f64, "label": label}))
+    assert blocks._to_join("x", pa.table({"x": ints, "label": label}))
+    assert not blocks._to_join("x", pa.table({"x": words, "label": label}))
+    assert not blocks._to_join(None, pa.table({"x": f64, "label": label}))
+    assert not blocks._to_join("tokens", pa.table({"x": f64, "label": label}))
+    chunked = pa.table({"x": pa.chunked_array([f32, f32]), "label": pa.chunked_array([label, label])})
+    assert blocks._to_join("x", chunked) and blocks._to_join(None, chunked)
+    assert blocks.float32_values(ints).type == blocks.float32_type(ints.type) == pa.large_list(pa.float32())
