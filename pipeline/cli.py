@@ -311,12 +311,14 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    cfg, info = resolve(cfg)
     out = Path(args.out or f"runs/{args.command}").expanduser().resolve()  # (--out=~/x: no shell expands it)
     if (problem := out_problem(out)) is not None:
         raise ConfigError(f"argument error: --out {out}: {problem}")
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
+    if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
+        check_tracking_uri(*_store_and_source(args, cfg, out))
+    cfg, info = resolve(cfg)  # the data's checks last: they read the data (seconds on a big one)
     if args.resume and args.command == "train":  # no checkpoint, or another training
         started = run_state(out)
         if not started:  # (its checkpoints alone: whose config, whose MLflow run, which run?)
@@ -325,8 +327,6 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
                               "not check that it continues the same training; start a new run "
                               "in another --out")
         resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False)
-    if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
-        check_tracking_uri(*_store_and_source(args, cfg, out))
     return args, cfg, info, out
 
 

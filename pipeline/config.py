@@ -973,12 +973,24 @@ def _text_field(key: str) -> bool:
 def parse_override(item: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", YAML-parsed value). A field of text keeps the text as given,
     stripped (`tracking.experiment=2024`, `run_name=12:30`, `run_name=run #1`: not YAML's int,
-    base-60 number or comment), unless it is YAML's null (`null`, `~`, nothing) or quoted."""
+    base-60 number or comment), unless it is YAML's null (`null`, `~`) or quoted. No value at
+    all is refused: `--set data.path=$DATA` with DATA unset would train the embedded dataset.
+
+    >>> parse_override("data.path=null"), parse_override("train.epochs= 3")
+    (('data.path', None), ('train.epochs', 3))
+    >>> parse_override("data.path=")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: config error: --set data.path= gives no value ...
+    """
     if "=" not in item:
         raise ConfigError(f"bad --set {item!r}: expected dotted.key=value")
     key, _, text = item.partition("=")
     key = key.strip()
-    if _text_field(key) and text.strip() not in ("", "~", "null", "Null", "NULL"):
+    if not text.strip():
+        raise ConfigError(f"config error: --set {key}= gives no value (an unset shell variable?): "
+                          f"give {key}=null to unset the key")
+    if _text_field(key) and text.strip() not in ("~", "null", "Null", "NULL"):
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
@@ -986,7 +998,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         quoted = text.strip()[:1] in ("'", '"') and isinstance(value, str)
         return key, value if quoted else text.strip()  # as typed, a `#` and all
     try:
-        value = yaml.load(text, Loader=_Loader) if text != "" else None
+        value = yaml.load(text, Loader=_Loader)
     except _Refused as err:
         raise ConfigError(f"config error: --set {key}={text.strip()}: {err}") from None
     except yaml.YAMLError:
@@ -1071,8 +1083,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             if not isinstance(values, dict):
                 raise ConfigError(f"config error: section {section!r} must be a mapping")
             raw[section].update(values)
-    for item in overrides:
-        key, value = parse_override(item)
+    for item in overrides:  # (a key given twice: the last wins, as a script's default and
+        key, value = parse_override(item)  # the user's own after it mean)
         set_dotted(raw, key, value)
     t = raw["train"] if isinstance(raw["train"], dict) else {}  # not a mapping: validate says so
     if (t.get("batch_size_throughput") is not None and t.get("batch_size_step_cost") is not None

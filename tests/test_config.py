@@ -115,8 +115,10 @@ def test_overrides_of_text_keys_keep_the_text_as_given(tmp_path):
     assert load_config(None, ["tracking.run_name=#1"]).tracking.run_name == "#1"
     assert load_config(None, ["tracking.run_name=run #1 "]).tracking.run_name == "run #1"
     assert load_config(None, ['tracking.run_name="a b"']).tracking.run_name == "a b"
-    for null in ("null", "~", ""):
+    for null in ("null", "~"):
         assert load_config(None, [f"data.label_column={null}"]).data.label_column is None
+    with pytest.raises(ConfigError, match="no value"):  # (`=$UNSET` is not null: refused)
+        load_config(None, ["data.label_column= "])
     assert load_config(None, ["train.epochs=3"]).train.epochs == 3  # not text: YAML's int
     # a section whose keys are all commented out is an empty one, not an error
     p = tmp_path / "c.yaml"

@@ -576,6 +576,15 @@ CASES = [
     ("tracking-sqlite-in-memory", ["--config", DIGITS, *s("tracking.uri=sqlite:///:memory:")],
      "tracking.uri=sqlite:///:memory:: an in-memory store lives in one process"),
     ("out-is-a-file", ["--config", DIGITS, "--out", "{bad_yaml}"], "is a file, not a folder"),
+    # said before the data's checks, which read the data (seconds, or minutes from s3)
+    ("out-before-data", ["--config", DIGITS, *s("data.path=/nowhere/d.parquet"), "--out",
+                         "{bad_yaml}"], "is a file, not a folder"),
+    ("tracking-before-data", ["--config", DIGITS, *s("data.path=/nowhere/d.parquet",
+                                                     "tracking.uri=htp://127.0.0.1:5000")],
+     "MLflow has no store for 'htp' URIs"),
+    # `--set data.path=$DATA` with DATA unset trained the embedded dataset
+    ("set-no-value", ["--config", DIGITS, *s("data.path=")],
+     "--set data.path= gives no value (an unset shell variable?): give data.path=null"),
     # (it was mkdir's NotADirectoryError, a traceback: after the whole search, for find-batch-size)
     ("out-under-a-file", ["--config", DIGITS, "--out", "{bad_yaml}/runs"], "is a file, not a folder"),
     # a typo'd scheme passes no reachability probe (not http) and failed on the cluster
