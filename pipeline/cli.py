@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from pipeline import console
-from pipeline.config import Config, ConfigError, check_tracking_uri, load_config
+from pipeline.config import Config, ConfigError, DataUnreachable, check_tracking_uri, load_config
 from pipeline.files import run_state
 from pipeline.redact import redact_text
 from pipeline.resume import resume_folder, resume_point
@@ -390,6 +390,9 @@ def _run(argv: list[str] | None, address: str | None) -> int:
     except ConfigError as err:
         print(redact_text(str(err)), file=sys.stderr)  # (a data.path with credentials)
         return 2
+    except DataUnreachable as err:  # not bad input: the same command may work later
+        print(redact_text(str(err)), file=sys.stderr)
+        return 1
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     console.set_verbose(args.verbose)  # before Ray is imported

@@ -76,6 +76,11 @@ class ConfigError(ValueError):
     """Bad input (config, data, arguments): the CLI prints it as one line and exits 2."""
 
 
+class DataUnreachable(OSError):
+    """The data's storage could not be reached before the cluster (no network, a store down):
+    not bad input, which a retry would not mend. The CLI prints it as one line and exits 1."""
+
+
 def _not_bool(v: Any) -> Any:
     if isinstance(v, bool):
         raise ValueError("expected a number, not a boolean")

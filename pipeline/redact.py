@@ -5,7 +5,8 @@ Three kinds of secret are masked as `***`:
 - a value under a name that looks like a credential: any word of it is secret, password,
   passwd or credential(s), or its last word is token, key, apikey or pwd (`hf_token`,
   `model.kwargs.api_key`, `aws_secret_access_key`; not `max_tokens` or `token_budget`);
-- the password of a URI's user info (`http://user:pw@host` -> `http://user:***@host`);
+- the password of a URI's user info (`http://user:pw@host` -> `http://user:***@host`), and
+  a URI's query parameters of such names (Arrow's `s3://b/d?access_key=..&secret_key=..`);
 - anywhere in a string, the value of an environment variable whose name looks like a
   credential (`MLFLOW_TRACKING_TOKEN=abc123...` set, `abc123...` masked wherever it appears),
   for values of 6 characters or more -- but the shell's working directories, `PWD` and
@@ -27,6 +28,10 @@ _SHELL_DIRS = {"PWD", "OLDPWD"}  # the shell's, not credentials (`DB_PWD` is one
 # reads `http://me:p@ss@host` as password `p@ss`), which ends at "/", "?", "#" or whitespace.
 _URI_PASSWORD = re.compile(
     r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#@:\s]*:)[^/?#\s]+(?=@[^@/?#\s]*(?:[/?#\s]|$))")
+
+
+# A URI's query parameter (after "?" or "&" of a URI), its value to "&", "#" or whitespace.
+_QUERY_PARAM = re.compile(r"(?P<head>[?&](?P<name>[A-Za-z0-9_.-]+)=)(?P<value>[^&#\s]*)")
 
 
 def looks_secret(name: str) -> bool:
@@ -62,8 +67,12 @@ def redact_text(text: str, env_values: list[str] | None = None) -> str:
     'http://me:***@127.0.0.1:5000 and http://you:***@h/y?a=b@c'
     >>> redact_text("http://host:5000?to=a@b http://me:pw@h?x=1", [])  # no user info; a query
     'http://host:5000?to=a@b http://me:***@h?x=1'
+    >>> redact_text("s3://b/d?access_key=AK&secret_key=S3CR&region=x gs://b?access_token=T", [])
+    's3://b/d?access_key=***&secret_key=***&region=x gs://b?access_token=***'
     """
     text = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+    text = _QUERY_PARAM.sub(lambda m: m.group("head") + MASK if looks_secret(m.group("name"))
+                            and m.group("value") else m.group(0), text)
     for v in secret_env_values() if env_values is None else env_values:
         text = text.replace(v, MASK)
     return text

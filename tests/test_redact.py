@@ -39,6 +39,13 @@ def test_a_credential_inside_a_mapping_is_masked_in_the_flat_params():
     assert "sk-live-123" not in kwargs and kwargs == str({"api_key": MASK, "width": 8})
 
 
+def test_a_data_uris_query_credentials_are_masked_in_the_flat_params():
+    """Arrow reads S3 keys from the URI's query (`?access_key=..&secret_key=..`)."""
+    uri = "s3://bucket/d?access_key=AKIA0&secret_key=wJalr/K7&region=eu-west-1"
+    path = redact(Config().with_overrides({"data.path": uri}).flat_params(), env_values=[])["data.path"]
+    assert path == f"s3://bucket/d?access_key={MASK}&secret_key={MASK}&region=eu-west-1"
+
+
 def test_env_values_are_masked_wherever_they_appear_and_short_ones_are_not_taken():
     env = {"HF_TOKEN": "hf_abcdef123456", "MY_PASSWORD": "pw", "HOME": "/root"}
     values = secret_env_values(env)

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError, DataConfig, flatten
+from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError, DataConfig, DataUnreachable, flatten
 from pipeline.data.batches import (
     SampleTable,
     check_sequences,
@@ -237,6 +237,45 @@ def data_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     return None
 
 
+# How long the checks keep retrying a gs:// store that does not answer: Arrow's GCS client
+# retries transient errors for 15 minutes by default, so with no network the checks hung, saying
+# nothing (its S3 client gives up after a few seconds by itself).
+GCS_RETRY_S = 30.0
+
+
+def checked_dataset(uri: str) -> pads.Dataset:
+    """The dataset at `uri` as the driver's checks open it: a gs:// store that does not answer
+    fails within GCS_RETRY_S (unless the URI sets its own `retry_limit_seconds`), not after
+    Arrow's client's 15 minutes. Ray Data's reads on the cluster keep Arrow's default."""
+    if not uri.startswith("gs://") or "retry_limit_seconds=" in uri:
+        return pads.dataset(uri, format="parquet")
+    from datetime import timedelta
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    rebuild, (options,) = fs.__reduce__()  # (the URI's own options, as pickling carries them)
+    fs = rebuild({**options, "retry_time_limit": timedelta(seconds=GCS_RETRY_S)})
+    return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether Arrow's error says the store could not be reached (no network, a store down),
+    as its S3 client (`AWS Error NETWORK_CONNECTION`, a curl error) and GCS client
+    (`UNAVAILABLE: Retry policy exhausted`) word it: not the data's fault.
+
+    >>> unreachable(OSError("When getting information for key 'x' in bucket 'b': AWS Error "
+    ...                     "NETWORK_CONNECTION during HeadObject operation: curlCode: 7"))
+    True
+    >>> unreachable(OSError("Could not open Parquet input source 'd.parquet': Parquet magic "
+    ...                     "bytes not found in footer"))
+    False
+    """
+    text = str(err)
+    return any(mark in text for mark in ("NETWORK_CONNECTION", "curlCode: 6,", "curlCode: 7,",
+                                         "curlCode: 28,", "UNAVAILABLE: Retry policy exhausted"))
+
+
 def absolute_path(path: str) -> str:
     """A local path as `resolve` reads it: absolute from this working directory, `~` expanded;
     a URI (`scheme://...`) as it is.
@@ -328,10 +367,13 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         if "://" not in uri and not Path(uri).exists():
             raise ConfigError(f"data error: data.path does not exist: {d.path}")
     try:
-        ds = pads.dataset(uri, format="parquet")
+        ds = checked_dataset(uri)
         schema = rows_schema(ds)
         num_rows = ds.count_rows()
     except (OSError, pa.ArrowException) as err:
+        if unreachable(err):
+            raise DataUnreachable(f"data error: data.path {uri} could not be reached "
+                                  f"({_first_line(err)})") from None
         raise ConfigError(f"data error: data.path {uri} is not readable Parquet "
                           f"({_first_line(err)})") from None
     if not ds.files:

@@ -162,3 +162,36 @@ def test_a_builder_behind_a_registrys_decorator_is_taken(tmp_path):
     cfg, _ = resolve(load_config(None, ["model.name=import:tests.builders:registered_mlp",
                                         "model.kwargs.hidden=8"]))
     assert cfg.model.name == "import:tests.builders:registered_mlp"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_a_store_that_cannot_be_reached_exits_1_in_one_line_and_soon(scheme, tmp_path, capsys,
+                                                                      monkeypatch):
+    """No network (here: a store on a closed port) is not bad input (exit 2 said the data was
+    not Parquet), and the checks do not wait on Arrow's GCS client's 15 minutes of retries."""
+    import time
+
+    from pipeline import cli
+    from pipeline.data import datasets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "GCS_RETRY_S", 2.0)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "test")  # (S3's client asks no metadata service for any)
+    options = {"s3": "&region=us-east-1", "gs": ""}[scheme]
+    uri = f"{scheme}://bucket/d?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http{options}"
+    started = time.monotonic()
+    assert cli.run(["train", "--set", f"data.path={uri}", "--out", str(tmp_path / "o")]) == 1
+    assert time.monotonic() - started < 60
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"data error: data.path {scheme}://bucket/d"), lines
+    assert "could not be reached" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no run folder, no store
