@@ -170,9 +170,9 @@ class SeqTransformer(nn.Module):
             return self.head(x)
         if segments is not None:
             return self.head(_segment_means(x, segments))
-        m = mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * m).sum(1) / m.sum(1).clamp_min(1.0)
-        return self.head(pooled)
+        m = mask.unsqueeze(-1).float()  # (pooled in fp32: a bf16 sum of the mask stops at 256)
+        pooled = (x.float() * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(pooled.to(x.dtype))
 
     def _flex_layers(self, x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """The encoder layers with FlexAttention over the packed rows: a token attends to the
@@ -225,16 +225,17 @@ def _flex_layer(layer: nn.TransformerEncoderLayer, x: torch.Tensor, block: Any) 
 
 
 def _segment_means(x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-    """Mean of each packed sample's token outputs: [samples, d] in segment order."""
+    """Mean of each packed sample's token outputs: [samples, d] in segment order, summed in
+    fp32 (CPU autocast leaves LayerNorm's output bf16, where a running count stops at 256
+    (256 + 1 rounds to 256): a long sample's mean came out several times too large)."""
     real = segments > 0
     per_row = segments.amax(dim=1)
     first = torch.cumsum(per_row, 0) - per_row  # index of each row's first sample
     index = (first[:, None] + segments - 1)[real]
-    sums = torch.zeros(int(per_row.sum()), x.shape[-1], dtype=x.dtype, device=x.device)
-    sums.index_add_(0, index, x[real])
-    counts = torch.zeros(len(sums), dtype=x.dtype, device=x.device)
-    counts.index_add_(0, index, torch.ones_like(index, dtype=x.dtype))
-    return sums / counts[:, None]
+    sums = torch.zeros(int(per_row.sum()), x.shape[-1], dtype=torch.float32, device=x.device)
+    sums.index_add_(0, index, x[real].float())
+    counts = torch.bincount(index, minlength=len(sums)).float()
+    return (sums / counts[:, None]).to(x.dtype)
 
 
 def build_model(name: str, *, input_dim: int | None, num_outputs: int, vocab_size: int | None,

@@ -146,3 +146,30 @@ def test_an_odd_model_width_gets_its_positions():
     out = model({"input_ids": torch.randint(0, 10, (2, 5)),
                  "attention_mask": torch.ones(2, 5, dtype=torch.bool)})
     assert out.shape == (2, 3)
+
+
+def test_under_bf16_a_long_packed_sample_pools_as_its_padded_self():
+    """CPU autocast leaves LayerNorm's output bf16: a pooled mean summed in bf16 stopped
+    counting at 256 tokens (256 + 1 rounds to 256), and a packed 900-token sample's pooled
+    features came out 3.5 times too large (logits off by 0.5, against 0.003 padded)."""
+    rng = np.random.default_rng(0)
+    lengths = [500, 3, 900, 40]
+    tokens = [rng.integers(1, 64, n) for n in lengths]
+    width = max(lengths)
+    padded = {"input_ids": np.zeros((4, width), np.int64),
+              "attention_mask": np.zeros((4, width), bool)}
+    for i, t in enumerate(tokens):
+        padded["input_ids"][i, :len(t)], padded["attention_mask"][i, :len(t)] = t, True
+    row = np.concatenate(tokens)[None]
+    packed = {"input_ids": row, "attention_mask": np.ones_like(row, bool),
+              "segment_ids": np.repeat(np.arange(1, 5), lengths)[None],
+              "position_ids": np.concatenate([np.arange(n) for n in lengths])[None]}
+    torch.manual_seed(0)
+    model = SeqTransformer(vocab_size=64, num_outputs=4).eval()
+    with torch.no_grad():
+        exact = model(to_torch(padded, CPU)).float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = {name: model(to_torch(b, CPU)).float() for name, b in
+                   (("padded", padded), ("packed", packed))}
+    for name, out in got.items():  # bf16's own rounding: about 0.01 here
+        assert (out - exact).abs().max() < 0.05, name
