@@ -770,17 +770,22 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 @torch.no_grad()
 def _score_pool(model: torch.nn.Module, feed: RankFeed, n: int, batch: int, cfg: Config,
                 device: torch.device) -> np.ndarray:
-    """Per-sample training losses (hard-example mining): each rank scores its share of the pool;
-    an all-reduce gives every rank the full vector, indexed by table position."""
+    """Per-sample training losses (hard-example mining): the pool cut into chunks of `batch`
+    in pool order, dealt to the ranks in turn; an all-reduce gives every rank the full vector,
+    indexed by table position. A chunk is the same whatever the worker count, so with a
+    configured `train.micro_batch_size` each sample's loss comes from the same forward on 1 or
+    N workers (as a rank's contiguous share it came from other batches, whose padding and
+    rounding differ: the rank-based sampling turns 1e-6 of relative difference into other
+    draws)."""
     import torch.distributed as dist
 
     losses = torch.zeros(n, dtype=torch.float64, device=device)
     model.eval()
     buffers_synced(model)  # no collective in the forwards: a rank failing among them ...
-    mine = rank_slice(feed.train_pos, feed.rank, feed.world)
+    mine = micro_slices(feed.train_pos, batch)[feed.rank::feed.world]
     error: Exception | None = None
     try:
-        for part, rows in feed.over(micro_slices(mine, batch)):
+        for part, rows in feed.over(mine):
             nb = to_torch(rows.gather(part, max_length=cfg.batching.max_length), device)
             per = per_sample_loss(model(nb), nb, cfg.train.loss)
             losses[torch.as_tensor(part, device=device)] = per.double()

@@ -206,3 +206,50 @@ def test_ranks_that_planned_different_batches_all_stop():
         assert said[0] == said[1] is not None and said[0].startswith(
             "environment error: the ranks planned different batches for epoch 3 from the same "
             "data and seed"), said
+
+
+def test_hard_mining_scores_each_sample_in_the_same_chunk_on_any_worker_count():
+    """The pool is scored in chunks of the micro-batch (8: not a divisor of a rank's share of
+    the 248 samples on 2 or 3 workers) cut in pool order and dealt to the ranks in turn: the
+    vector the all-reduce gives (here the ranks' vectors summed) is bit for bit the one-worker
+    vector, so the next epoch's rank-based draws are too -- also where a sample's loss moves
+    with the batch it is in at rounding level (as kernels chosen by shape on a GPU: here a
+    model adding 1e-6 of its batch's mean). Each rank's contiguous share, cut into
+    micro-batches, put samples in other batches on another worker count."""
+    import pyarrow.compute as pc
+
+    from pipeline.data.batches import split_train_val
+    from pipeline.data.datasets import make_sequences
+    from pipeline.data.feed import RankFeed
+    from pipeline.engine.models import SeqTransformer
+    from pipeline.worker import _score_pool
+
+    class BatchRounding(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            out = self.model(batch)
+            return out + 1e-6 * out.mean(0, keepdim=True)
+
+    cfg = load_config(None, ["data.name=sequences", "batching.strategy=hard_mining",
+                             "train.micro_batch_size=8"])
+    table = make_sequences(310)
+    st = SampleTable.from_table(table, feature_column=None, label_column="label",
+                                sequence_column="tokens", target_column="targets")
+    train, _ = split_train_val(len(st), st.labels, 0.2, 0)
+    torch.manual_seed(0)
+    model = BatchRounding(SeqTransformer(
+        vocab_size=pc.max(pc.list_flatten(table["tokens"])).as_py() + 1,
+        num_outputs=int(st.labels.max()) + 1))
+    cpu = torch.device("cpu")
+
+    def scored(world: int) -> np.ndarray:
+        return sum(_score_pool(model, RankFeed(cfg, st, train, rank, world), len(st), 8, cfg, cpu)
+                   for rank in range(world))
+
+    one = scored(1)
+    assert (one[train] > 0).all() and (np.delete(one, train) == 0).all()
+    for world in (2, 3):
+        assert np.array_equal(scored(world), one), world
