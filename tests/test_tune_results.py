@@ -211,3 +211,30 @@ def test_the_noise_scale_at_the_target_is_the_latest_a_step_measured(mlflow_serv
     # the validations alone (what notebook 04 plots): the two epoch ends and step 15
     validations = target_points(mlflow_server, run, history(mlflow_server, run))
     assert validations["step"].tolist() == [10, 15, 20]
+
+
+def test_a_swept_secret_and_a_password_in_an_error_are_masked_in_the_trials_table(mlflow_server,
+                                                                                 tmp_path):
+    """trials.csv and summary.md (logged to the parent run) show the swept values and each
+    failed trial's error: a swept credential (a key named as one, a URI's password) and the
+    tracking server's password in MLflow's error text are masked there."""
+    experiment = f"test-masked-{uuid.uuid4().hex[:6]}"
+    space = ('tune.search_space={"model.kwargs.api_key": {"grid": ["sk-SECRET1", "sk-SECRET2"]},'
+             ' "data.path": {"grid": ["s3://AKIAX:wJalrSECRET@bucket/d.parquet"]}}')
+    cfg = load_config(REPO / "jobs" / "configs" / "digits.yaml", [
+        f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}", "train.epochs=1",
+        space])
+    c = MlflowClient(mlflow_server)
+    parent = c.create_run(c.create_experiment(experiment)).info.run_id
+    error = RuntimeError("mlflow.exceptions.MlflowException: API request to "
+                         "http://me:hunter22@mlflow:5000/api/2.0/mlflow/runs/get failed")
+    grid = [Result(metrics={"epoch": 1, "step": 10, "val_accuracy": 0.5,
+                            "config": {"model.kwargs.api_key": key,
+                                       "data.path": "s3://AKIAX:wJalrSECRET@bucket/d.parquet"}},
+                   checkpoint=None, error=error if key.endswith("2") else None,
+                   path=str(tmp_path / f"t{i}")) for i, key in enumerate(("sk-SECRET1", "sk-SECRET2"))]
+    df, _, _ = settle_trials(grid, cfg, mlflow_server, parent)
+    text = df.to_csv(index=False)
+    for secret in ("sk-SECRET", "wJalrSECRET", "hunter22"):
+        assert secret not in text, secret
+    assert "s3://AKIAX:***@bucket/d.parquet" in text and "http://me:***@mlflow" in text

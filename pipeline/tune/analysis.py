@@ -369,7 +369,9 @@ def _figure():
 def accuracy_vs_batch_plot(df: pd.DataFrame, path: str | Path, *, metric: str = "val_accuracy",
                            rule: str = RULE) -> Path:
     """Final `metric` against global batch size (log2 x axis), one line per LR scaling rule;
-    the best trial per (rule, batch) of those that trained their whole budget. A (rule, batch)
+    per (rule, batch) the best setting of the other swept keys of the trials that trained
+    their whole budget, trials differing only in a seed at their median (`_best_per_point`).
+    A (rule, batch)
     whose trials were all stopped early (ASHA: `status` EARLY_STOPPED) is an open marker of its
     own, at the best trial's last epoch, not a point of the line: its accuracy is not a final
     one. Failed trials and trials without the metric are left out."""

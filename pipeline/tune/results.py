@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from pipeline.config import Config, flatten
+from pipeline.redact import redact, redact_text
 from pipeline.tracking import client, end_run, metric_histories, nested_runs
 from pipeline.tune.analysis import BATCH, RULE, at_target, steps_before_target, steps_to_target
 
@@ -149,8 +150,8 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         h, pts = read.get(run_id, (pd.DataFrame(), pd.DataFrame()))
         row: dict[str, Any] = {"trial_id": trial_id}
         shown = [*swept, BATCH, RULE, *([SCHEDULE] if base.get(SCHEDULE) != "constant" else [])]
-        for key in dict.fromkeys(shown):
-            row[key] = own(key)
+        for key in dict.fromkeys(shown):  # (as trials.csv and summary.md show it: masked)
+            row.update(redact({key: own(key)}))
         # What the trial ran, as MLflow shows it: a trial that Tune stopped may have finished the
         # epoch in flight before its actor went (the stop is asynchronous), so the history can
         # hold one epoch more than Tune's last result; that epoch counts as run.
@@ -245,7 +246,8 @@ def _read_curves(uri: str, run_ids: list[str]) -> dict[str, tuple[pd.DataFrame, 
 
 def error_summary(err: BaseException | str | None) -> str:
     """A trial's error in one line: the last line of its message (a remote traceback ends with
-    the exception), at most 300 characters; "" for none.
+    the exception), at most 300 characters, secrets masked (MLflow's errors carry the store's
+    URL, password and all); "" for none.
 
     >>> error_summary("Traceback (most recent call last):\\n  File ...\\nValueError: boom\\n")
     'ValueError: boom'
@@ -255,4 +257,4 @@ def error_summary(err: BaseException | str | None) -> str:
     if err is None or isinstance(err, str) and not err.strip():
         return ""
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(err).__name__)[:300]
+    return redact_text(lines[-1] if lines else type(err).__name__)[:300]

@@ -232,7 +232,7 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
     cfg, info = trial_config(Config.model_validate(base), info, {
-        **overrides, "tracking.run_name": f"{trial_id} {_short(overrides)}".strip()})
+        **overrides, "tracking.run_name": f"{trial_id} {_short(redact(overrides))}".strip()})
     own_data = changes_data(overrides)
     out = Path(root) / trial_id
     if (out / "fatal.json").exists():  # Tune retries a failed trial; bad input or non-finite
@@ -249,7 +249,7 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     in_actor = runs_in_actor(cfg, overrides)
     run_training(cfg, info, out, resume=resume, parent_run_id=parent_run_id,
                  tags={"tune.trial_id": trial_id, "tune.sweep": sweep,
-                       "tune.overrides": json.dumps(overrides, default=str),
+                       "tune.overrides": json.dumps(redact(overrides), default=str),
                        "tune.trial_runner": "actor" if in_actor else "worker_group"},
                  extra_callbacks=[] if in_actor else [epochs_to_tune()], show_progress=False,
                  table_refs=None if own_data else table_refs, started_at=started_at,
@@ -344,7 +344,8 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     if resumed:
         reopen_run(uri, parent)
     else:
-        params = {**cfg.flat_params(), "tune.search_space": json.dumps(cfg.tune.search_space)}
+        params = {**cfg.flat_params(),  # (a swept secret masked: the key's name hides it not)
+                  "tune.search_space": json.dumps(redact(cfg.tune.search_space))}
         parent = start_run(uri, cfg.tracking.experiment,
                            run_name=cfg.tracking.run_name or name, params=params,
                            config_yaml=yaml.safe_dump(cfg.to_dict()),
@@ -544,7 +545,8 @@ def trial_console(cfg: Config, live: bool) -> Any:
             self.ended: dict[str, str] = {}  # trial id -> how it ended (Tune sets it later)
 
         def _overrides(self, trial: Any) -> dict[str, Any]:
-            return {k: v for k, v in (trial.config or {}).items() if k in cfg.tune.search_space}
+            return redact({k: v for k, v in (trial.config or {}).items()
+                           if k in cfg.tune.search_space})  # (as shown: secrets masked)
 
         def _redraw(self, trials: list[Any], line: str | None = None) -> None:
             if not live:
