@@ -510,8 +510,12 @@ def test_critical_batch_recovers_the_papers_curve_and_needs_two_batch_sizes():
     said = critical_batch_sentence(fit_missing, None, 0.95)
     assert "the largest batch that reached it" in said and "512, 1024 did not reach" in said
     assert critical_batch(df.iloc[:1])["verdict"] == "too_few"
-    nothing = critical_batch_sentence(critical_batch(df.iloc[:1]), 120.0, 0.95)
-    assert nothing.startswith("Too few batch sizes reached val_accuracy >= 0.95") and "120" in nothing
+    one = critical_batch_sentence(critical_batch(df.iloc[:1]), 120.0, 0.95)  # one size tried
+    assert one.startswith("Only one batch size was tried (32): sweep train.global_batch_size")
+    assert "120" in one
+    short = critical_batch_sentence(critical_batch(missing.iloc[3:]), 120.0, 0.95)  # 256 reached
+    assert short.startswith("Too few batch sizes reached val_accuracy >= 0.95") and "120" in short
+    assert "512, 1024 did not reach" in short
     assert critical_batch(pd.DataFrame({"train.global_batch_size": [], "steps_to_target": []})) is None
 
 

@@ -274,6 +274,11 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
     sizes; the gradient noise scale measured in the trials is about 150 samples): beyond it,
     more workers buy little -- doubling the batch from 180 saves at most a quarter of the steps
     for 1.5 times the samples.
+    >>> print(critical_batch_sentence({"verdict": "too_few", "points": 1, "missed": [],
+    ...                                "smallest": 64, "largest": 64}, None, 0.95))
+    ... # doctest: +NORMALIZE_WHITESPACE
+    Only one batch size was tried (64): sweep train.global_batch_size over several to place the
+    critical batch.
     """
     reach = f"val_accuracy >= {target:g}" if target is not None else "a target"
     # (a noise scale of 0 or less is no estimate: tr(Sigma)'s mean came out negative)
@@ -301,6 +306,10 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
         return ("No trial trained a fixed batch size (every one followed a "
                 f"train.batch_size_schedule), so steps to {reach} are not compared across batch "
                 f"sizes and the critical batch is not placed{guess}.{unknown}")
+    tried = sorted({*missed, *failed, *([fit["smallest"]] if fit and fit["points"] else [])})
+    if verdict == "too_few" and len(tried) == 1:  # (not a verdict of its own: too_few's case)
+        return (f"Only one batch size was tried ({tried[0]}): sweep train.global_batch_size over "
+                f"several to place the critical batch{guess}.{unknown}")
     if verdict == "too_few":
         return f"Too few batch sizes reached {reach} to place the critical batch{guess}.{unknown}"
     n, small, large = fit["points"], fit["smallest"], fit["largest"]
