@@ -589,8 +589,9 @@ def plan_hard_mining(
     first epoch: uniform sampling). Probabilities come from `rank_based_probabilities` with
     ``selection_pressure`` ``s`` (the hardest sample is about ``s`` times as likely as the
     easiest). The epoch draws ``N`` samples with replacement (``N - N % B`` with
-    ``drop_last``; ``dropped`` is that shortfall, so placed + dropped == N) and cuts them into
-    batches; a sample may appear several times.
+    ``drop_last``) and cuts them into batches; a sample may appear several times, and
+    ``dropped`` counts the samples of the pool that appear in no batch (as ``balanced``'s: about
+    a third of the pool even under uniform draws, (1 - 1/N)^N).
 
     Worked example:
 
@@ -611,7 +612,7 @@ def plan_hard_mining(
     size = n - (n % b if drop_last else 0)
     order = ids[rng.choice(n, size=size, replace=True, p=p)] if size else ids[:0]
     batches, _unused = chunk(order, b, drop_last)
-    return EpochPlan(batches=batches, dropped=n - size, pool_size=n)
+    return EpochPlan(batches=batches, dropped=n - len(np.unique(order)), pool_size=n)
 
 
 # --------------------------------------------------------------------------- length bucketing
