@@ -402,6 +402,9 @@ def _run(argv: list[str] | None, address: str | None) -> int:
     except ConfigError as err:  # bad input found while connecting (e.g. multi-node + sqlite)
         print(redact_text(str(err)), file=sys.stderr)  # (a data.path with credentials)
         return 2
+    except DataUnreachable as err:  # a sweep's checks of a swept data.path: one line, as above
+        print(redact_text(str(err)), file=sys.stderr)
+        return 1
     except Exception as err:  # a run stopped on purpose (train.nonfinite=stop): its one line
         stopped = getattr(sys.modules.get("pipeline.launch"), "TrainingStopped", None)
         if stopped is None or not isinstance(err, stopped):

@@ -275,8 +275,8 @@ class TrainConfig(_Section):
     global_batch_size: Int = Field(64, ge=1, description="samples per optimizer step, all "
                                    "workers together")
     micro_batch_size: Int | Literal["auto"] | None = Field(
-        None, description="samples per worker per forward/backward (accumulation); auto: the "
-        "largest that fits, halved on out-of-memory; unset: the worker's whole share")
+        None, description="samples per worker per forward/backward (accumulation); auto: "
+        "starts at the worker's share, halved on out-of-memory; unset: the worker's whole share")
     optimizer: Literal["sgd", "adamw", "lars", "lamb"] = Field("sgd", description="optimizer")
     base_lr: Float = Field(0.05, gt=0.0, description="learning rate at train.base_batch_size")
     base_batch_size: Int = Field(64, ge=1, description="batch size train.base_lr is tuned for")

@@ -33,6 +33,7 @@ from typing import Any
 
 from pipeline.config import Config, ConfigError
 from pipeline.files import save_figure, write_json
+from pipeline.redact import redact_text
 
 MARGIN = 0.9  # the suggestion's micro-batch is at most this share of the largest that fits
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -315,7 +316,7 @@ def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
         "tensors alive at the step's start (weights, gradients, optimizer state, batch) + the "
         "CPU allocator's high-water mark during the step (torch.profiler memory events)",
         "model": spec["name"], "optimizer": t.optimizer, "precision": t.precision, "loss": t.loss,
-        "dataset": info.uri,
+        "dataset": redact_text(info.uri),  # (a URI's credentials masked: a file users share)
     }
     if result["suggestion"] is not None:
         s = result["suggestion"]

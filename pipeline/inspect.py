@@ -29,6 +29,7 @@ from pipeline.data.epochs import pool_meta, truncated_lengths
 from pipeline.data.feed import RankFeed
 from pipeline.engine.batch_schedule import BatchSchedule
 from pipeline.files import replacing, save_figure, write_json
+from pipeline.redact import redact_text
 
 
 @ray.remote(num_cpus=1)
@@ -228,7 +229,7 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path,
                         unit=cfg.plan_batch_size() if cfg.train.batch_size_schedule == "warmup"
                         else None, world=cfg.scaling.num_workers)
     summary.update(strategy=cfg.batching.strategy, workers=cfg.scaling.num_workers,
-                   rows=len(df), dataset=info.uri)
+                   rows=len(df), dataset=redact_text(info.uri))  # (a URI's credentials)
     if share is not None:
         summary["class_share"] = {str(k): float(v) for k, v in share.items()}
     if cfg.batching.strategy == "hard_mining" and cfg.train.epochs > 1:

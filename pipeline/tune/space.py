@@ -14,8 +14,9 @@ import json
 import math
 from typing import Any
 
-from pipeline.config import Config, ConfigError, flatten
+from pipeline.config import Config, ConfigError, DataUnreachable, flatten
 from pipeline.data.datasets import DatasetInfo, absolute_path, as_given, refill, resolve
+from pipeline.redact import redact
 
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform")
 MAX_CHECKED_COMBINATIONS = 4096  # beyond, pairs of two keys' values, or one key's (`_to_check`)
@@ -202,9 +203,9 @@ def check_trials(cfg: Config, info: DatasetInfo | None = None) -> list[Config]:
             trial = resolve(given.with_overrides(combo))[0]
             trial.check_tune()  # tune.metric is logged, target_accuracy compares to val_accuracy
             checked.append(trial)
-        except ConfigError as err:
-            shown = ", ".join(f"{k}={v}" for k, v in combo.items())
-            raise ConfigError(f"{err} [tune.search_space trial {shown}]") from None
+        except (ConfigError, DataUnreachable) as err:  # (a swept secret masked)
+            shown = ", ".join(f"{k}={v}" for k, v in redact(combo).items())
+            raise type(err)(f"{err} [tune.search_space trial {shown}]") from None
     default = Config().to_dict()
     every = math.prod(len(v) for v in lists) <= MAX_CHECKED_COMBINATIONS  # (else some unseen)
     for key in keys if every else []:  # a swept key no trial uses: the same weights in each

@@ -172,11 +172,12 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("scheme", ["s3", "gs"])
-def test_a_store_that_cannot_be_reached_exits_1_in_one_line_and_soon(scheme, tmp_path, capsys,
-                                                                      monkeypatch):
+@pytest.mark.parametrize(("scheme", "command"), [("s3", "train"), ("gs", "train"), ("s3", "tune")])
+def test_a_store_that_cannot_be_reached_exits_1_in_one_line_and_soon(scheme, command, tmp_path,
+                                                                      capsys, monkeypatch):
     """No network (here: a store on a closed port) is not bad input (exit 2 said the data was
-    not Parquet), and the checks do not wait on Arrow's GCS client's 15 minutes of retries."""
+    not Parquet), and the checks do not wait on Arrow's GCS client's 15 minutes of retries.
+    A sweep's checks of a swept data.path end the same way (a traceback before)."""
     import time
 
     from pipeline import cli
@@ -189,7 +190,9 @@ def test_a_store_that_cannot_be_reached_exits_1_in_one_line_and_soon(scheme, tmp
     options = {"s3": "&region=us-east-1", "gs": ""}[scheme]
     uri = f"{scheme}://bucket/d?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http{options}"
     started = time.monotonic()
-    assert cli.run(["train", "--set", f"data.path={uri}", "--out", str(tmp_path / "o")]) == 1
+    given = (["--set", f"data.path={uri}"] if command == "train" else
+             ["--set", 'tune.search_space={"data.path": {"grid": ["%s"]}}' % uri])
+    assert cli.run([command, *given, "--out", str(tmp_path / "o")]) == 1
     assert time.monotonic() - started < 60
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"data error: data.path {scheme}://bucket/d"), lines
