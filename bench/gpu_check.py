@@ -568,8 +568,8 @@ def main() -> int:
             row["mfu"] = row["achieved_tflops"] / peak if peak else None
     info["wall_s"] = time.perf_counter() - start
 
+    path = save(args.out / "gpu_check.json", info)  # first: a scarce GPU's figures kept
     report(info)
-    path = save(args.out / "gpu_check.json", info)
     print(f"\nwrote {path}")
     return 0
 

@@ -31,7 +31,7 @@ written by the same generator (`make_sequences(4000 * K)`) into a temporary fold
 
     python bench/padding.py             # 25 s to 3 min on 2 cores; writes bench/results/padding.json
     python bench/padding.py --quick     # 3 repeats, 2 epochs of padding efficiency
-    python bench/padding.py --scale 10  # + a 40,000-row file (a few minutes more)
+    python bench/padding.py --scale 10  # + a 40,000-row file (about a minute more)
     python bench/padding.py --efficiency-only  # section 1 alone, no Ray (seconds)
 
 Ray is started locally (`address="local"`, 2 CPUs, no dashboard); its start-up is not timed.

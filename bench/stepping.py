@@ -226,8 +226,8 @@ def main() -> int:
         res["steps_per_round"] = n
         info["groups"].append(res)
     info["wall_s"] = time.perf_counter() - start
+    save(args.out, info)  # first: the figures kept should the report fail
     report(info)
-    save(args.out, info)
     print(f"wall {info['wall_s']:.1f} s; wrote {args.out}")
     return 0
 

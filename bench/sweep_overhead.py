@@ -17,7 +17,7 @@ trial's start -- for the first trial in a Tune actor, the actor's loading of the
 its first optimizer step, a metric of every run) read back from trials.csv.
 All log to one sqlite store under a temporary folder; none logs its model.
 
-    python bench/sweep_overhead.py [--epochs 1] [--repeats 2]
+    python bench/sweep_overhead.py [--epochs 1] [--repeats 3]
 
 Prints a table and writes bench/results/sweep_overhead.json.
 """
@@ -64,7 +64,8 @@ def _run(command: str, epochs: int, out: Path, extra: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (a multiple of the arms, "
+                    "3 or 2 with --no-worker-group, puts each arm first equally often)")
     ap.add_argument("--no-worker-group", action="store_true",
                     help="leave out the sweep whose trials are all TorchTrainers")
     args = ap.parse_args()

@@ -7,7 +7,7 @@ first rotates) so machine noise hits both. A third variant, the engine's own loo
 per step against what Ray, the data feed and logging add. Steady state = epochs 2.. (epoch 1 pays for
 start-up). The pipeline's per-epoch samples/s are read back from its MLflow run.
 
-    python bench/throughput.py [--epochs 6] [--batch 64] [--repeats 2]
+    python bench/throughput.py [--epochs 6] [--batch 64] [--repeats 3]
 
 Prints a table and writes bench/results/throughput.json.
 """
@@ -96,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)  # (the 3 arms each first once)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     cfg = load_config(None, [
