@@ -573,12 +573,16 @@ def _prepare_model(cfg: Config, spec: dict[str, Any], session: Session
     """The model as this rank trains it (SyncBatchNorm, DDP), whether it has BatchNorm, and the
     noise scale's probe of this rank's own gradient (None where there is none)."""
     world = session.world
+    problem: ConfigError | None = None
     try:
         model = build_model(**spec)
     except Exception as err:  # a model that cannot take this data, an import that fails, a
         # user builder's bug: built from the config alone, it would fail the same way again
-        raise ConfigError(f"config error: model.name={cfg.model.name}: "
-                          f"{type(err).__name__}: {err}") from None
+        problem = ConfigError(f"config error: model.name={cfg.model.name}: "
+                              f"{type(err).__name__}: {err}")
+    # All ranks stop, or none: a build that fails on one rank only (a module missing from one
+    # node's image) left the others waiting in DDP's first broadcast until its timeout.
+    agreed_input_error(problem, session.device)
     batchnorm = has_batchnorm(model)
     if batchnorm and cfg.train.micro_batch_size == "auto" and not cfg.train.auto_micro_batchnorm:
         raise ConfigError(

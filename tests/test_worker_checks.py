@@ -146,6 +146,44 @@ def _input_error_rank(rank: int, world: int) -> str:
     return "went on"
 
 
+def _model_build_rank(rank: int, world: int) -> str:
+    import pipeline.worker as worker
+    from pipeline.config import ConfigError
+
+    class DDPSession(worker.Session):
+        device = torch.device("cpu")
+
+        def __init__(self) -> None:
+            self.rank, self.world = rank, world
+
+        def prepare_model(self, model, ddp_kwargs):
+            return torch.nn.parallel.DistributedDataParallel(model, **(ddp_kwargs or {}))
+
+    if rank == 1:  # (its node's image lacks a module the model imports)
+        def build_model(**_):
+            raise ModuleNotFoundError("No module named 'flash_attn'")
+        worker.build_model = build_model
+    cfg = load_config(None, ["scaling.num_workers=2"])
+    spec = {"name": "mlp", "input_dim": 4, "num_outputs": 3, "vocab_size": None}
+    try:
+        worker._prepare_model(cfg, spec, DDPSession())
+    except ConfigError as err:
+        return str(err)
+    return "went on"
+
+
+@pytest.mark.timeout(120)
+def test_a_model_that_one_rank_cannot_build_stops_every_rank():
+    """A rank whose build fails stops with its error, and the other with one naming it (it
+    went on into DDP's first broadcast and waited there for the timeout, 30 minutes)."""
+    from tests.engine.ranks import run_ranks
+
+    r0, r1 = run_ranks(_model_build_rank, 2)
+    assert r1 == ("config error: model.name=auto: ModuleNotFoundError: No module named "
+                  "'flash_attn'")
+    assert r0.startswith("data error: 1 other rank(s) of 2 met bad input"), r0
+
+
 @pytest.mark.timeout(120)
 def test_bad_rows_on_one_rank_stop_every_rank():
     """Each rank checks its own rows; one that finds them changed since the checks stops, and
