@@ -801,6 +801,20 @@ def _score_pool(model: torch.nn.Module, feed: RankFeed, n: int, batch: int, cfg:
     return losses.cpu().numpy()
 
 
+def agreed_schedule_state(sched: BatchSchedule, world: int, device: torch.device
+                          ) -> dict[str, Any]:
+    """The batch-size schedule's state as a checkpoint keeps it (a collective: every rank calls
+    it), its step times the mean over the ranks: each rank times its own steps and a decision
+    fits the mean (`agree`), so a restart that gave every rank rank 0's own times fitted
+    another step cost, and chose other k's, than the run it continues."""
+    state = sched.state_dict()
+    if world > 1 and state["timings"]:
+        sizes = [m for m, _ in state["timings"]]
+        seconds = [v / world for v in all_reduce_sum([s for _, s in state["timings"]], device)]
+        state["timings"] = list(zip(sizes, seconds, strict=True))
+    return state
+
+
 def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             scaler: Any, state: LoopState, spec: dict[str, Any], sample_losses: np.ndarray | None,
             session: Session, sched: BatchSchedule) -> None:
@@ -821,6 +835,7 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
     if bad:
         raise NonFiniteError(f"non-finite weights or buffers on {int(bad)} other rank(s) {where};"
                              " no checkpoint written")
+    schedule = agreed_schedule_state(sched, session.world, next(model.parameters()).device)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if session.rank == 0:
@@ -835,7 +850,7 @@ def _report(metrics: dict[str, float], model: torch.nn.Module, optimizer: torch.
                 # the adaptive schedule's first decision after a resume reads the noise scale
                 # (in loss elements) in samples with it, before a step has measured it again
                 "elements_per_sample": state.elements_per_sample,
-                "batch_schedule": sched.state_dict(),
+                "batch_schedule": schedule,
                 "sample_losses": sample_losses, "metrics": metrics,
             })
             checkpoint = tmp

@@ -291,3 +291,39 @@ def test_hard_mining_scores_each_sample_in_the_same_chunk_on_any_worker_count():
     assert (one[train] > 0).all() and (np.delete(one, train) == 0).all()
     for world in (2, 3):
         assert np.array_equal(scored(world), one), world
+
+
+def _schedule_rank(rank: int, world: int) -> tuple[list, float, float]:
+    from pipeline.engine.step import all_reduce_sum
+    from pipeline.worker import agreed_schedule_state
+
+    def agree(values):
+        return [v / world for v in all_reduce_sum(values, torch.device("cpu"))]
+
+    def timed() -> BatchSchedule:
+        sched = BatchSchedule(kind="adaptive", unit=32, max_units=8)
+        slow = 1.0 + 2.0 * rank  # each rank its own step times
+        for step, batch in enumerate([32] * 6 + [128] * 6):
+            sched.observe(batch, slow * (0.01 + 0.0004 * batch) * (1 + 0.01 * (step % 3)))
+        return sched
+
+    uninterrupted = timed()
+    state = agreed_schedule_state(timed(), world, torch.device("cpu"))
+    restored = BatchSchedule(kind="adaptive", unit=32, max_units=8)
+    restored.load_state_dict(state)
+    uninterrupted._fit(agree)
+    restored._fit(agree)
+    return state["timings"], uninterrupted.step_cost, restored.step_cost
+
+
+@pytest.mark.timeout(120)
+def test_a_restored_schedule_fits_the_step_cost_the_run_it_continues_fitted():
+    """The checkpoint keeps the ranks' mean step times: every rank restores them, and the fit
+    after the restart is the uninterrupted run's, to the bit (with rank 0's own times, as
+    before: another c, and other k's)."""
+    from tests.engine.ranks import run_ranks
+
+    (t0, before0, after0), (t1, before1, after1) = run_ranks(_schedule_rank, 2)
+    assert t0 == t1  # one state, whichever rank's is written
+    assert before0 == before1 == after0 == after1 and before0 is not None
+    assert t0[0][1] == pytest.approx(2.0 * (0.01 + 0.0004 * 32))  # mean of 1x and 3x

@@ -178,6 +178,7 @@ def test_a_store_that_cannot_be_reached_exits_1_in_one_line_and_soon(scheme, com
     """No network (here: a store on a closed port) is not bad input (exit 2 said the data was
     not Parquet), and the checks do not wait on Arrow's GCS client's 15 minutes of retries.
     A sweep's checks of a swept data.path end the same way (a traceback before)."""
+    import json
     import time
 
     from pipeline import cli
@@ -191,7 +192,7 @@ def test_a_store_that_cannot_be_reached_exits_1_in_one_line_and_soon(scheme, com
     uri = f"{scheme}://bucket/d?endpoint_override=127.0.0.1:{_closed_port()}&scheme=http{options}"
     started = time.monotonic()
     given = (["--set", f"data.path={uri}"] if command == "train" else
-             ["--set", 'tune.search_space={"data.path": {"grid": ["%s"]}}' % uri])
+             ["--set", "tune.search_space=" + json.dumps({"data.path": {"grid": [uri]}})])
     assert cli.run([command, *given, "--out", str(tmp_path / "o")]) == 1
     assert time.monotonic() - started < 60
     lines = capsys.readouterr().err.strip().splitlines()
