@@ -17,6 +17,7 @@ import itertools
 import math
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -200,7 +201,11 @@ class RayTrainSession(Session):
         if ckpt is None:
             return None
         self._copy = tempfile.mkdtemp(prefix="pipeline-restart-")  # (a copy every restart:
-        return ckpt.to_directory(self._copy)  # removed once read, not left in /tmp)
+        try:  # removed once read, not left in /tmp -- nor when the copy fails: a full disk)
+            return ckpt.to_directory(self._copy)
+        except BaseException:
+            self.restart_checkpoint_read()
+            raise
 
     def restart_checkpoint_read(self) -> None:
         if getattr(self, "_copy", None):
@@ -349,10 +354,6 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             console.say(f"restarted after a failure: from the checkpoint of epoch {state.epoch} "
                         f"(step {state.step})")
     agree_on_restored(state.step, state.epoch, device)
-    logger = _metric_logger(loop_config) if rank == 0 else None
-    if logger is not None:
-        logger.mark_relogged_epochs(state.epoch)
-    _log_placement(logger, world)
     b = cfg.batching
     # this rank's batches: the same feed inspect-batches records (pipeline/data/feed.py)
     feed = RankFeed(cfg, st, train_pos, rank, world,
@@ -446,7 +447,11 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
 
     data_meter = _DataMeter(streamed, pulled)
     steps_log: list[tuple[int, dict[str, float], float]] = []  # (step, record, when)
-    try:
+    logger = _metric_logger(loop_config) if rank == 0 else None
+    try:  # (from the logger's start: a failure closes its sending thread)
+        if logger is not None:
+            logger.mark_relogged_epochs(state.epoch)
+        _log_placement(logger, world)
         for epoch in range(state.epoch, t.epochs):
             state.epoch = epoch
             if t.max_steps is not None and state.step >= t.max_steps:
@@ -479,9 +484,9 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                     input_errors=(ConfigError,))
             finally:  # a train.max_steps cut (or an error) leaves the steps mid-epoch: the rows
                 steps.close()  # they fetched ahead are let go now, not held through validation
+                if bar is not None:  # (an error's too: no stale bar on the driver's console)
+                    bar.close()
             wall = metrics["epoch_time_s"]  # training time: without validate() (on_step)
-            if bar is not None:
-                bar.close()
             if len(val_pos):
                 metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss,
                                         precision=t.precision, input_errors=(ConfigError,)))
@@ -505,7 +510,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                 "micro_batch_size": float(state.micro_batch_size),
             })
             if first_step:
-                metrics["startup_s"] = first_step[0] - started_at
+                # (the driver's clock against this worker's: clocks apart never below 0)
+                metrics["startup_s"] = max(0.0, first_step[0] - started_at)
             if sched.kind == "adaptive" and sched.step_cost is not None and math.isfinite(
                     sched.step_cost):  # c as used (set or fitted; inf: said on the console)
                 metrics["batch_size_step_cost"] = float(sched.step_cost)
@@ -551,7 +557,13 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             console.say(f"MLflow: the store does not answer; waiting up to {wait_s:.0f} s to send "
                         f"the last {logger.pending()} metric point(s) (else they are kept)")
         logger.close(timeout_s=wait_s, give_up=True)
-        if unsent := _keep_unsent(logger, loop_config):
+        try:  # (after the last report: raised, Ray Train would restart a finished run)
+            unsent = _keep_unsent(logger, loop_config)
+        except Exception as keep_err:  # (a full disk)
+            console.say(f"MLflow: {logger.pending() + logger.dropped} metric point(s) not "
+                        f"sent and not kept ({console.error_line(keep_err)})")
+            return
+        if unsent:
             console.say(f"MLflow: {unsent} metric point(s) could not be sent "
                         f"(the store was unreachable at the end of training)")
 
@@ -635,7 +647,9 @@ class _DataMeter:
         waited = s.wait_s if s is not None else 0.0  # the steps and validation waiting (streaming)
         out = {"data_fetched_mib": (fetched - self.fetched) / 2**20,
                "data_wait_s": waited - self.waited,
-               "worker_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+               # (ru_maxrss: KiB on Linux, bytes on macOS)
+               "worker_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+               / (2**20 if sys.platform == "darwin" else 1024)}
         self.fetched, self.waited = fetched, waited
         return out
 

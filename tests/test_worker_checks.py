@@ -327,3 +327,25 @@ def test_a_restored_schedule_fits_the_step_cost_the_run_it_continues_fitted():
     assert t0 == t1  # one state, whichever rank's is written
     assert before0 == before1 == after0 == after1 and before0 is not None
     assert t0[0][1] == pytest.approx(2.0 * (0.01 + 0.0004 * 32))  # mean of 1x and 3x
+
+
+def test_a_restart_checkpoint_copy_that_fails_leaves_nothing_in_tmp(monkeypatch, tmp_path):
+    """Each restart copies its checkpoint to a temporary folder, removed once read; a copy that
+    fails (a full disk) raises and leaves no partial folder behind (one per restart before).
+    Ray Train's checkpoint is played by a stand-in whose copy fails half-way."""
+    import tempfile
+    from pathlib import Path
+
+    import pipeline.worker as worker
+
+    class HalfCopied:
+        def to_directory(self, path: str) -> str:
+            (Path(path) / "state.pt").write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(worker.ray.train, "get_checkpoint", lambda: HalfCopied())
+    session = object.__new__(worker.RayTrainSession)  # (its __init__ asks Ray Train's context)
+    with pytest.raises(OSError, match="No space left"):
+        session.restart_checkpoint()
+    assert list(tmp_path.iterdir()) == []

@@ -6,8 +6,10 @@ the epoch after it, so no position inside an epoch is kept) and
 Three guarantees:
 
 - **Never half-written.** Both files go to temporary names first; a failed write (a full disk)
-  removes them and raises `CheckpointError`, leaving a previous checkpoint in the same folder
-  intact.
+  removes them and raises `CheckpointError`. Over a checkpoint in the same folder, that one is
+  left intact by a failure while the files are written, and gone (no checkpoint there, never
+  a mix) by one between its meta.json's removal and the renames; the pipeline writes each
+  checkpoint into a new folder.
 - **Never taken when damaged.** `find_latest_checkpoint` scans a tree for the folder with the
   highest step whose `state.pt` matches its checksum, so `--resume` after a crash of the driver,
   or after a write cut short, falls back to the previous good checkpoint (and says why through

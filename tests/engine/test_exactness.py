@@ -356,7 +356,7 @@ def test_the_epoch_end_writes_finite_weights_and_never_others():
     from pipeline.worker import _report
 
     class Session:
-        rank = 0
+        rank, world = 0, 1
 
         def __init__(self):
             self.reported = []
