@@ -6,6 +6,7 @@ the config and the dataset have been validated (so bad input never reaches the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -465,7 +466,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if show_progress and run_id:
             _log(f"MLflow run {run_id} in {redact_text(uri)}")
         fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
-        fatal_file.unlink(missing_ok=True)
+        for old in (fatal_file, *out_dir.glob("fatal.rank*.json")):  # (an earlier job's)
+            old.unlink(missing_ok=True)
         tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
         # an earlier job's in this --out (this run's, resumed, or another's): sent to their
         # run now, or kept under a name of their own (never dropped)
@@ -1077,6 +1079,14 @@ def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None) -> None
                 "node sees")
         return
     fatal = json.loads(fatal_file.read_text())
+    if fatal.get("peer"):  # rank 0 knows only that another rank met bad input: that rank's own
+        # line, where its file is on this node (`worker.fatal_path`), names the culprit
+        own = sorted(fatal_file.parent.glob(f"{fatal_file.stem}.rank*.json"),
+                     key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
+        for path in own:
+            with contextlib.suppress(OSError, ValueError):
+                fatal = json.loads(path.read_text())
+                break
     if fatal["kind"] == "input":
         raise ConfigError(fatal["message"])
     raise TrainingStopped(fatal["message"])

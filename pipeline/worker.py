@@ -256,10 +256,24 @@ def train_func(loop_config: dict[str, Any], session: Session | None = None) -> N
         if isinstance(err, PeerError) and not err.input_error:
             raise  # another rank failed otherwise: Ray Train restarts the group
         kind = "nonfinite" if isinstance(err, NonFiniteError) else "input"
-        message = f"data error: {err}" if isinstance(err, PeerError) else str(err)
-        if session.rank == 0 and loop_config.get("fatal_file"):
-            write_json(Path(loop_config["fatal_file"]), {"kind": kind, "message": message})
+        peer = isinstance(err, (PeerError, PeerInputError))
+        message = f"data error: {err}" if peer else str(err)
+        if loop_config.get("fatal_file") and (session.rank == 0 or not peer):
+            # rank 0's fatal.json; a rank with its own error (not rank 0's: it only knows that
+            # another met bad input) writes it beside, for the driver to name the culprit
+            write_json(fatal_path(Path(loop_config["fatal_file"]), session.rank),
+                       {"kind": kind, "message": message, "peer": peer})
         session.report({FATAL: 1.0}, None)
+
+
+def fatal_path(fatal_file: Path, rank: int) -> Path:
+    """Where rank `rank` writes its deterministic failure: rank 0 `fatal.json`, another
+    `fatal.rank<N>.json` beside it (`pipeline.launch.raise_fatal` reads them).
+
+    >>> fatal_path(Path("out/fatal.json"), 0).name, fatal_path(Path("out/fatal.json"), 3).name
+    ('fatal.json', 'fatal.rank3.json')
+    """
+    return fatal_file if rank == 0 else fatal_file.with_name(f"{fatal_file.stem}.rank{rank}.json")
 
 
 def agreed_input_error(problem: ConfigError | None, device: torch.device) -> None:
@@ -268,7 +282,11 @@ def agreed_input_error(problem: ConfigError | None, device: torch.device) -> Non
     try:
         agreed([], problem, True, device)
     except PeerError as err:
-        raise ConfigError(f"data error: {err}") from None
+        raise PeerInputError(f"data error: {err}") from None
+
+
+class PeerInputError(ConfigError):
+    """Bad input another rank met (`agreed_input_error`): this rank knows only that."""
 
 
 def _train(loop_config: dict[str, Any], session: Session) -> None:

@@ -349,3 +349,47 @@ def test_a_restart_checkpoint_copy_that_fails_leaves_nothing_in_tmp(monkeypatch,
     with pytest.raises(OSError, match="No space left"):
         session.restart_checkpoint()
     assert list(tmp_path.iterdir()) == []
+
+
+def _fatal_rank(rank: int, world: int, fatal_file: str) -> None:
+    import pipeline.worker as worker
+    from pipeline.config import ConfigError
+
+    class Reporting(worker.Session):
+        device = torch.device("cpu")
+
+        def report(self, metrics, checkpoint_dir):
+            torch.distributed.barrier()  # (Ray Train's report is one)
+
+    def train(loop_config, session):  # rank 2's streamed rows changed since the checks
+        mine = ConfigError("data error: d.parquet: changed since the checks: label 7") \
+            if rank == 2 else None
+        worker.agreed_input_error(mine, torch.device("cpu"))
+
+    worker._train = train
+    session = Reporting()
+    session.rank, session.world = rank, world
+    worker.train_func({"fatal_file": fatal_file}, session)
+
+
+@pytest.mark.timeout(120)
+def test_the_line_of_the_rank_that_met_bad_input_is_the_jobs(tmp_path):
+    """Rank 0 knows only that another rank met bad input; that rank writes its own line
+    beside fatal.json and the driver's error is that line (exit 2 naming the culprit), not
+    "1 other rank(s) of 3 met bad input"."""
+    import json
+
+    from pipeline.config import ConfigError
+    from pipeline.launch import raise_fatal
+    from tests.engine.ranks import run_ranks
+
+    fatal = tmp_path / "fatal.json"
+    run_ranks(_fatal_rank, 3, str(fatal))
+    assert json.loads(fatal.read_text())["peer"] is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fatal.json", "fatal.rank2.json"]
+    with pytest.raises(ConfigError) as err:
+        raise_fatal(fatal)
+    assert str(err.value) == "data error: d.parquet: changed since the checks: label 7"
+    (tmp_path / "fatal.rank2.json").unlink()  # (on another node's disk): rank 0's line
+    with pytest.raises(ConfigError, match="1 other rank"):
+        raise_fatal(fatal)
