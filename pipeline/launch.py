@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -466,7 +467,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if show_progress and run_id:
             _log(f"MLflow run {run_id} in {redact_text(uri)}")
         fatal_file = out_dir / "fatal.json"  # a worker's deterministic failure (see worker.train_func)
-        for old in (fatal_file, *out_dir.glob("fatal.rank*.json")):  # (an earlier job's)
+        for old in (fatal_file, *rank_fatal_files(fatal_file)):  # (an earlier job's)
             old.unlink(missing_ok=True)
         tracking_file = out_dir / "tracking.json"  # metric points rank 0 could not send to MLflow
         # an earlier job's in this --out (this run's, resumed, or another's): sent to their
@@ -1058,6 +1059,13 @@ class TrainingStopped(RuntimeError):
     under train.nonfinite=stop, say), or streamed data lost with the node that held it."""
 
 
+def rank_fatal_files(fatal_file: Path) -> list[Path]:
+    """The `fatal.rank<N>.json` files beside `fatal_file` (`worker.fatal_path`), by rank."""
+    found = [(int(m.group(1)), p) for p in fatal_file.parent.glob(f"{fatal_file.stem}.rank*.json")
+             if (m := re.fullmatch(rf"{re.escape(fatal_file.stem)}\.rank(\d+)\.json", p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None) -> None:
     """A worker met a deterministic failure and ended the run without a retry: raise it here,
     as ConfigError (bad input: exit 2) or TrainingStopped (exit 1), with the worker's line.
@@ -1081,9 +1089,7 @@ def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None) -> None
     fatal = json.loads(fatal_file.read_text())
     if fatal.get("peer"):  # rank 0 knows only that another rank met bad input: that rank's own
         # line, where its file is on this node (`worker.fatal_path`), names the culprit
-        own = sorted(fatal_file.parent.glob(f"{fatal_file.stem}.rank*.json"),
-                     key=lambda p: int(p.stem.rsplit("rank", 1)[1]))
-        for path in own:
+        for path in rank_fatal_files(fatal_file):
             with contextlib.suppress(OSError, ValueError):
                 fatal = json.loads(path.read_text())
                 break

@@ -13,6 +13,7 @@ spares the trial a worker group of its own. The training itself is the same code
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import resource
@@ -257,12 +258,16 @@ def train_func(loop_config: dict[str, Any], session: Session | None = None) -> N
             raise  # another rank failed otherwise: Ray Train restarts the group
         kind = "nonfinite" if isinstance(err, NonFiniteError) else "input"
         peer = isinstance(err, (PeerError, PeerInputError))
-        message = f"data error: {err}" if peer else str(err)
-        if loop_config.get("fatal_file") and (session.rank == 0 or not peer):
-            # rank 0's fatal.json; a rank with its own error (not rank 0's: it only knows that
-            # another met bad input) writes it beside, for the driver to name the culprit
-            write_json(fatal_path(Path(loop_config["fatal_file"]), session.rank),
-                       {"kind": kind, "message": message, "peer": peer})
+        message = f"data error: {err}" if isinstance(err, PeerError) else str(err)
+        fatal_file = loop_config.get("fatal_file")
+        if fatal_file and session.rank == 0:
+            write_json(Path(fatal_file), {"kind": kind, "message": message, "peer": peer})
+        elif fatal_file and kind == "input" and not peer:
+            # rank 0 knows only that another rank met bad input: this rank's own line beside,
+            # for the driver to name the culprit (where --out is on its node: else not kept)
+            with contextlib.suppress(OSError):
+                write_json(fatal_path(Path(fatal_file), session.rank),
+                           {"kind": kind, "message": message, "peer": False})
         session.report({FATAL: 1.0}, None)
 
 
@@ -276,13 +281,18 @@ def fatal_path(fatal_file: Path, rank: int) -> Path:
     return fatal_file if rank == 0 else fatal_file.with_name(f"{fatal_file.stem}.rank{rank}.json")
 
 
-def agreed_input_error(problem: ConfigError | None, device: torch.device) -> None:
+def agreed_input_error(problem: ConfigError | None, device: torch.device,
+                       failed_to: str | None = None) -> None:
     """Raise `problem` -- on every rank when any rank has one (a collective: every rank calls
-    it): a rank without its own raises one naming the ranks that met bad input."""
+    it): a rank without its own raises one naming the ranks that met bad input, or that
+    `failed_to` do something (a config error, "could not build the model")."""
     try:
         agreed([], problem, True, device)
     except PeerError as err:
-        raise PeerInputError(f"data error: {err}") from None
+        if failed_to is None:
+            raise PeerInputError(f"data error: {err}") from None
+        raise PeerInputError(f"config error: {err.failed} other rank(s) of {err.world} "
+                             f"{failed_to}; their error is in that worker's log") from None
 
 
 class PeerInputError(ConfigError):
@@ -612,7 +622,8 @@ def _prepare_model(cfg: Config, spec: dict[str, Any], session: Session
                               f"{type(err).__name__}: {err}")
     # All ranks stop, or none: a build that fails on one rank only (a module missing from one
     # node's image) left the others waiting in DDP's first broadcast until its timeout.
-    agreed_input_error(problem, session.device)
+    agreed_input_error(problem, session.device,
+                       failed_to=f"could not build model.name={cfg.model.name}")
     batchnorm = has_batchnorm(model)
     if batchnorm and cfg.train.micro_batch_size == "auto" and not cfg.train.auto_micro_batchnorm:
         raise ConfigError(
