@@ -30,8 +30,10 @@ _URI_PASSWORD = re.compile(
     r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#@:\s]*:)[^/?#\s]+(?=@[^@/?#\s]*(?:[/?#\s]|$))")
 
 
-# A URI's query parameter (after "?" or "&" of a URI), its value to "&", "#" or whitespace.
-_QUERY_PARAM = re.compile(r"(?P<head>[?&](?P<name>[A-Za-z0-9_.-]+)=)(?P<value>[^&#\s]*)")
+# A URI (scheme://, to whitespace, a quote or a bracket: as it sits in JSON, a repr or a
+# sentence), and a query parameter inside one (after "?" or "&"), its value to "&" or "#".
+_URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>()\[\]{},;]+")
+_QUERY_PARAM = re.compile(r"(?P<head>[?&](?P<name>[A-Za-z0-9_.-]+)=)(?P<value>[^&#]*)")
 
 
 def looks_secret(name: str) -> bool:
@@ -69,13 +71,21 @@ def redact_text(text: str, env_values: list[str] | None = None) -> str:
     'http://host:5000?to=a@b http://me:***@h?x=1'
     >>> redact_text("s3://b/d?access_key=AK&secret_key=S3CR&region=x gs://b?access_token=T", [])
     's3://b/d?access_key=***&secret_key=***&region=x gs://b?access_token=***'
+    >>> redact_text('{"p": "s3://b/d?secret_key=X", "q": 1} see ?sort_key=name', [])
+    '{"p": "s3://b/d?secret_key=***", "q": 1} see ?sort_key=name'
     """
     text = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
-    text = _QUERY_PARAM.sub(lambda m: m.group("head") + MASK if looks_secret(m.group("name"))
-                            and m.group("value") else m.group(0), text)
+    text = _URI.sub(lambda uri: _QUERY_PARAM.sub(_masked_param, uri.group(0)), text)
     for v in secret_env_values() if env_values is None else env_values:
         text = text.replace(v, MASK)
     return text
+
+
+def _masked_param(m: re.Match[str]) -> str:
+    """A query parameter with its value masked where its name looks like a credential."""
+    if looks_secret(m.group("name")) and m.group("value"):
+        return m.group("head") + MASK
+    return m.group(0)
 
 
 def redact(obj: Any, env_values: list[str] | None = None) -> Any:

@@ -46,6 +46,18 @@ def test_a_data_uris_query_credentials_are_masked_in_the_flat_params():
     assert path == f"s3://bucket/d?access_key={MASK}&secret_key={MASK}&region=eu-west-1"
 
 
+def test_masking_twice_is_masking_once_and_keeps_json_json():
+    """The project masks some text twice (a tag, then the run's tags): the second pass changes
+    nothing, and a masked JSON document still parses."""
+    import json
+
+    doc = json.dumps({"data.path": "s3://AK:pw@b/d?secret_key=X&region=r", "train.seed": 1})
+    once = redact_text(doc, [])
+    assert redact_text(once, []) == once
+    assert json.loads(once) == {"data.path": f"s3://AK:{MASK}@b/d?secret_key={MASK}&region=r",
+                                "train.seed": 1}
+
+
 def test_env_values_are_masked_wherever_they_appear_and_short_ones_are_not_taken():
     env = {"HF_TOKEN": "hf_abcdef123456", "MY_PASSWORD": "pw", "HOME": "/root"}
     values = secret_env_values(env)

@@ -244,9 +244,10 @@ GCS_RETRY_S = 30.0
 
 
 def checked_dataset(uri: str) -> pads.Dataset:
-    """The dataset at `uri` as the driver's checks open it: a gs:// store that does not answer
-    fails within GCS_RETRY_S (unless the URI sets its own `retry_limit_seconds`), not after
-    Arrow's client's 15 minutes. Ray Data's reads on the cluster keep Arrow's default."""
+    """The dataset at `uri` as the driver's checks first open it: a gs:// store that does not
+    answer fails within GCS_RETRY_S (unless the URI sets its own `retry_limit_seconds`), not
+    after Arrow's client's 15 minutes. Once it answered, the checks' long reads (and Ray
+    Data's on the cluster) keep Arrow's default retries (`resolve`)."""
     if not uri.startswith("gs://") or "retry_limit_seconds=" in uri:
         return pads.dataset(uri, format="parquet")
     from datetime import timedelta
@@ -274,6 +275,13 @@ def unreachable(err: BaseException) -> bool:
     text = str(err)
     return any(mark in text for mark in ("NETWORK_CONNECTION", "curlCode: 6,", "curlCode: 7,",
                                          "curlCode: 28,", "UNAVAILABLE: Retry policy exhausted"))
+
+
+def _raise_if_unreachable(err: BaseException, uri: str) -> None:
+    """DataUnreachable (exit 1) where Arrow's error says the store could not be reached."""
+    if unreachable(err):
+        raise DataUnreachable(f"data error: data.path {uri} could not be reached "
+                              f"({_first_line(err)})") from None
 
 
 def absolute_path(path: str) -> str:
@@ -371,9 +379,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         schema = rows_schema(ds)
         num_rows = ds.count_rows()
     except (OSError, pa.ArrowException) as err:
-        if unreachable(err):
-            raise DataUnreachable(f"data error: data.path {uri} could not be reached "
-                                  f"({_first_line(err)})") from None
+        _raise_if_unreachable(err, uri)
         raise ConfigError(f"data error: data.path {uri} is not readable Parquet "
                           f"({_first_line(err)})") from None
     if not ds.files:
@@ -389,9 +395,12 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         "data.id_column": d.id_column,
         "batching.difficulty_column": cfg.batching.difficulty_column,
     }
+    if uri.startswith("gs://") and "retry_limit_seconds=" not in uri:  # reached: the long
+        ds = pads.dataset(uri, format="parquet")  # reads below with Arrow's own retries
     try:  # (first: a column some files lack is named with them)
         _check_files_agree(ds, named)
     except (OSError, pa.ArrowException) as err:  # a later file's footer damaged
+        _raise_if_unreachable(err, uri)
         raise ConfigError(f"data error: data.path {uri} is not readable Parquet "
                           f"({_first_line(err)})") from None
     for key, col in named.items():
@@ -416,6 +425,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     except MemoryError:  # (pyarrow's is an ArrowException too: not the data's fault)
         raise
     except (OSError, pa.ArrowException) as err:  # (a damaged page: Arrow's own error)
+        _raise_if_unreachable(err, uri)
         raise ConfigError(f"data error: data.path {uri} could not be read "
                           f"({_first_line(err)})") from None
     cfg = _pick_model(cfg, embedded_digits=facts.embedded_digits, width=facts.width)

@@ -190,6 +190,7 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         # floats: [null, 100] is a float column)
         row["_overrides"] = {k: own(k) for k in swept}
         rows.append(row)
+    _number_masked(rows, swept)
     df = pd.DataFrame(rows)
     trials = {tid: Trial(metrics, overrides) for tid, metrics, overrides
               in zip(df["trial_id"], df.pop("_metrics"), df.pop("_overrides"), strict=True)}
@@ -242,6 +243,23 @@ def _read_curves(uri: str, run_ids: list[str]) -> dict[str, tuple[pd.DataFrame, 
         return {run_id: curves(run_id) for run_id in run_ids}
     with ThreadPoolExecutor(max_workers=8) as pool:
         return dict(zip(run_ids, pool.map(curves, run_ids), strict=True))
+
+
+def _number_masked(rows: list[dict[str, Any]], swept: list[str]) -> None:
+    """Masked swept values told apart: `*** #1`, `*** #2`, one number per value as given (by
+    first appearance), so that trials differing only in a secret stay different points of the
+    report (the same `***` in each made them look like seed repeats of one setting).
+
+    >>> rows = [{"k.api_key": "***", "_overrides": {"k.api_key": v}} for v in ("a", "b", "a")]
+    >>> _number_masked(rows, ["k.api_key"]); [r["k.api_key"] for r in rows]
+    ['*** #1', '*** #2', '*** #1']
+    """
+    for key in swept:
+        numbers: dict[str, int] = {}
+        for row in rows:
+            given = row["_overrides"].get(key)
+            if key in row and row[key] != given:  # masked
+                row[key] = f"{row[key]} #{numbers.setdefault(repr(given), len(numbers) + 1)}"
 
 
 def error_summary(err: BaseException | str | None) -> str:

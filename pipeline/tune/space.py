@@ -255,8 +255,9 @@ def _to_check(keys: list[str], lists: list[list[Any]]) -> list[dict[str, Any]]:
     pairs = list(itertools.combinations(range(len(keys)), 2))
     if pairs and sum(len(lists[i]) * len(lists[j]) for i, j in pairs) <= MAX_CHECKED_COMBINATIONS:
         return [{keys[i]: vi, keys[j]: vj} for i, j in pairs for vi in lists[i] for vj in lists[j]]
-    largest = {k: max(values) for k, values in zip(keys, lists, strict=True)
-               if k in ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.use_gpu")}
+    largest = {k: max(numbers) for k, values in zip(keys, lists, strict=True)
+               if k in ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.use_gpu")
+               and (numbers := [v for v in values if isinstance(v, (int, float))])}
     return ([{k: v} for k, values in zip(keys, lists, strict=True) for v in values]
             + ([largest] if len(largest) > 1 else []))
 
