@@ -14,10 +14,11 @@ from pipeline.data.epochs import keep_pacing, with_pacing
 # What a `--resume` may change: more epochs, validation more or less often, another cluster
 # shape, micro-batch or data mode (the global batches depend on none of them; a model with
 # BatchNorm normalises over the micro-batch, which a new cluster shape changes as well),
-# whether the model is logged, and a sweep's settings (`train` reads none). Anything else
-# makes the resumed run another training than the one its checkpoints and MLflow run belong to.
+# whether the model is logged, and a sweep's settings (`train` reads none); and a higher
+# `train.max_steps` (a run it stopped goes on). Anything else makes the resumed run another
+# training than the one its checkpoints and MLflow run belong to.
 RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "train.micro_batch_size",
-                     "tracking.log_model", "data.mode", "tune.")
+                     "tracking.log_model", "data.mode", "tune.", "train.max_steps")
 
 
 def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
@@ -36,8 +37,11 @@ def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
             raise ConfigError(f"data error: --resume: the data changed since the run started: "
                               f"{change}; its checkpoints belong to the data it had (train it "
                               "afresh, without --resume, on the new data)")
-    from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint  # (torch: not
-    # for --help)
+    from pipeline.engine.checkpoint import (  # (torch: not for --help)
+        epochs_done,
+        find_latest_checkpoint,
+        steps_done,
+    )
 
     resume_from = find_latest_checkpoint(storage, on_skip=on_skip, checksum=checksum)
     if resume_from is None:
@@ -47,9 +51,17 @@ def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
         raise ConfigError(f"argument error: --resume: train.epochs={cfg.train.epochs} is fewer "
                           f"than the {done} epochs the run has trained ({resume_from.name}): a "
                           "resume goes on to more epochs (the same number ends it there)")
+    cap = cfg.train.max_steps
+    if cap is not None and (steps := steps_done(resume_from)) >= cap:  # (it would train nothing
+        # and report the checkpoint's metrics as the resumed run's)
+        raise ConfigError(f"argument error: --resume: the run has trained {steps} steps "
+                          f"({resume_from.name}), train.max_steps={cap}: raise train.max_steps "
+                          "(or unset it) to train on")
     if not started:
         return cfg, resume_from, {}
-    before = started.get("config") or cfg.to_dict()
+    # (a run.json of an earlier version lacks the keys added since: at their defaults, not
+    # "changed", or no run of it could be resumed after an upgrade)
+    before = _with_defaults(started.get("config") or cfg.to_dict())
     cfg = keep_pacing(cfg, before)  # a curriculum's pool widens as it started to
     every = changed_keys(with_pacing(before), cfg.to_dict())
     changed = [k for k in every if not k.startswith(RESUME_MAY_CHANGE)]
@@ -78,11 +90,31 @@ def relaid_schedule(cfg: Config, resumed_with: dict[str, Any]) -> str | None:
     >>> relaid_schedule(load_config(None, ["train.epochs=8"]), {"train.epochs": 8}) is None
     True
     """
-    if "train.epochs" not in resumed_with or cfg.train.schedule == "constant":
+    if cfg.train.schedule == "constant":
+        return None
+    if "train.max_steps" in resumed_with:  # (the schedule ends at the cap where one is set)
+        cap = cfg.train.max_steps
+        return (f"warning: train.max_steps is now {cap if cap is not None else 'unset'}: the "
+                f"{cfg.train.schedule} LR schedule is laid over the new length from the step "
+                "the run resumes at, so the LR moves there (the steps before followed the first "
+                "length's)")
+    if "train.epochs" not in resumed_with:
         return None
     return (f"warning: train.epochs is now {cfg.train.epochs}: the {cfg.train.schedule} LR "
             f"schedule is laid over {cfg.train.epochs} epochs from the step the run resumes at, "
             "so the LR moves there (the steps before followed the first length's)")
+
+
+def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with every section's keys it lacks at their defaults.
+
+    >>> filled = _with_defaults({"train": {"epochs": 3}})["train"]
+    >>> filled["epochs"], filled["nonfinite"]
+    (3, 'stop')
+    """
+    defaults = Config().to_dict()
+    return {**config, **{section: {**values, **(config.get(section) or {})}
+                         for section, values in defaults.items() if isinstance(values, dict)}}
 
 
 def resume_folder(started: dict[str, Any]) -> str:

@@ -323,6 +323,50 @@ def test_a_resume_to_fewer_epochs_than_trained_is_refused(tmp_path, capsys, monk
     assert resume_point(resumed, tmp_path / "ray_results", run)[1].name == "checkpoint_4"
 
 
+def test_a_run_train_max_steps_stopped_resumes_only_with_a_higher_cap(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A run that train.max_steps=22 stopped after its first epoch: resumed with more epochs
+    and the same cap it trained nothing and reported its checkpoint's metrics as the resumed
+    run's (exit 0); refused now, naming the cap, and a higher cap (or none) goes on."""
+    cfg, _ = resolve(load_config(DIGITS, ["train.max_steps=22"]))
+    (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r",
+                                                   "tracking_uri": "http://127.0.0.1:9",
+                                                   "config": cfg.to_dict()}))
+    save_checkpoint(tmp_path / "ray_results" / "train-x" / "checkpoint_0", {"step": 22, "epoch": 0})
+    monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
+    rc = cli.run(["train", "--config", DIGITS, "--out", str(tmp_path), "--resume",
+                  "--set", "train.max_steps=22", "--set", "train.epochs=20"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == (
+        "argument error: --resume: the run has trained 22 steps (checkpoint_0), "
+        "train.max_steps=22: raise train.max_steps (or unset it) to train on")
+    from pipeline.resume import relaid_schedule, resume_point
+
+    run = json.loads((tmp_path / "run.json").read_text())
+    for cap in (["train.max_steps=44"], ["train.max_steps=null"]):
+        resumed, _ = resolve(load_config(DIGITS, cap))
+        _, at, changed = resume_point(resumed, tmp_path / "ray_results", run)
+        assert at.name == "checkpoint_0" and list(changed) == ["train.max_steps"]
+    cosine, _ = resolve(load_config(DIGITS, ["train.max_steps=44", "train.schedule=cosine"]))
+    assert relaid_schedule(cosine, {"train.max_steps": 44}).startswith(
+        "warning: train.max_steps is now 44: the cosine LR schedule is laid over the new length")
+
+
+def test_a_run_json_of_an_earlier_version_resumes(started, monkeypatch):
+    """A key added to the config since the run started is not a change: at its default (every
+    run of an earlier version was refused a resume after an upgrade)."""
+    from pipeline.resume import resume_point
+
+    run = json.loads((started / "run.json").read_text())
+    del run["config"]["train"]["nonfinite_limit"]
+    del run["config"]["train"]["noise_scale_ema"]
+    cfg, _ = resolve(load_config(DIGITS, []))
+    assert resume_point(cfg, started / "ray_results", run)[2] == {}
+    run["config"]["train"]["seed"] = 7  # a change is still one
+    with pytest.raises(Exception, match="differs from the run's in train.seed"):
+        resume_point(cfg, started / "ray_results", run)
+
+
 def test_a_resume_without_the_runs_state_is_refused(started, capsys, monkeypatch):
     """Checkpoints without run.json (deleted, or ray_results/ copied into a fresh --out): the
     config the checkpoints belong to and the MLflow run are unknown. It resumed from the newest

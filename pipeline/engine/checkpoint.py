@@ -117,6 +117,12 @@ def epochs_done(folder: str | Path) -> int:
     return int(_read_meta(Path(folder))["epoch"]) + 1
 
 
+def steps_done(folder: str | Path) -> int:
+    """The optimizer steps the checkpoint at `folder` has trained (its meta.json's `step`);
+    CheckpointError when it is unreadable."""
+    return int(_read_meta(Path(folder))["step"])
+
+
 def _verify(folder: Path, meta: dict[str, Any], checksum: bool = True) -> None:
     state = folder / STATE_FILE
     if not state.is_file():
