@@ -433,8 +433,10 @@ class BlockServer:
         table = read_rows(pads.dataset(uri, format="parquet"), np.concatenate(
             [np.arange(starts[i], starts[i] + counts[i]) for i in order]), columns)
         offset = 0
-        for i in order:
-            self.blocks[ids[i]] = table.slice(offset, counts[i])
+        for i in order:  # each block a copy of its own rows: a slice would keep the whole
+            # Parquet row group it came from alive (the rows of blocks held elsewhere too)
+            block = table.slice(offset, counts[i])
+            self.blocks[ids[i]] = block.take(pa.array(np.arange(block.num_rows)))
             offset += counts[i]
         return len(self.blocks)
 

@@ -300,3 +300,24 @@ def test_a_block_is_joined_only_where_a_rank_could_not_map_it_without_a_copy():
     chunked = pa.table({"x": pa.chunked_array([f32, f32]), "label": pa.chunked_array([label, label])})
     assert blocks._to_join("x", chunked) and blocks._to_join(None, chunked)
     assert blocks.float32_values(ints).type == blocks.float32_type(ints.type) == pa.large_list(pa.float32())
+
+
+def test_a_block_read_again_holds_its_own_rows_not_its_row_group(tmp_path):
+    """A lost node's block that covers part of a Parquet row group (pyarrow writes a file of
+    a million rows as one) is kept as a copy of its rows: a slice of the read kept the whole
+    row group alive, so a surviving node held the lost blocks' row groups in full."""
+    import pyarrow.parquet as pq
+
+    n = 400_000
+    pq.write_table(pa.table({"x": pa.array(np.arange(n, dtype=np.float32))}),
+                   tmp_path / "one.parquet")  # one row group
+    server = blocks.BlockServer()
+    files = blocks.data_files(str(tmp_path))
+    assert server.load(str(tmp_path), [3], [100_000], [25_000], ["x"], files) == 1
+    block = server.blocks[3]
+    assert block.column("x").to_pylist()[:2] == [100_000.0, 100_001.0]
+    assert block.get_total_buffer_size() < 2 * 25_000 * 4  # its own rows (was the group's 1.6 MB)
+    # an empty block read of a dataset whose first file is empty and lacks the column
+    pq.write_table(pa.table({"y": pa.array([], pa.int64())}), tmp_path / "0.parquet")
+    assert server.load(str(tmp_path), [9], [0], [0], ["x"], blocks.data_files(str(tmp_path))) == 2
+    assert server.blocks[9].num_rows == 0 and server.blocks[9].column_names == ["x"]

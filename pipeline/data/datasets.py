@@ -684,8 +684,8 @@ def read_rows(ds: pads.Dataset, positions: np.ndarray, columns: list[str]) -> pa
                 else:
                     parts.append(group.take(pa.array(wanted[lo:hi] - start)))
             start = end
-    if not parts:
-        return ds.schema.empty_table().select(columns)
+    if not parts:  # (the first file with rows': an empty first file may lack a column)
+        return rows_schema(ds).empty_table().select(columns)
     table = pa.concat_tables(parts)
     if np.all(order[1:] > order[:-1]):  # asked in row order: the rows are in it already
         return table
