@@ -282,8 +282,9 @@ class TrainConfig(_Section):
     base_batch_size: Int = Field(64, ge=1, description="batch size train.base_lr is tuned for")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "linear", description="LR scaling rule from train.base_batch_size to the global batch")
-    warmup_epochs: Float = Field(0.0, ge=0.0, description="linear warmup from train.base_lr to "
-                                 "the scaled LR, in epochs (at most train.epochs)")
+    warmup_epochs: Float = Field(0.0, ge=0.0, description="linear warmup from train.base_lr up "
+                                 "to the scaled LR, in epochs (at most train.epochs; none where "
+                                 "the scaled LR is not above train.base_lr)")
     schedule: Literal["constant", "cosine", "step"] = Field("constant", description="LR schedule "
                                                             "after warmup")
     momentum: Float = Field(0.9, ge=0.0, lt=1.0, description="momentum (sgd, lars) / beta1")
@@ -335,6 +336,17 @@ class TrainConfig(_Section):
         if not ok:
             raise ValueError("must be an integer >= 1, 'auto' or null")
         return v
+
+    def lr_ramps(self) -> bool:
+        """Whether an LR warmup has a ramp: it runs from train.base_lr up to the LR scaled to
+        the batch (the largest, `global_batch_size`), never down (`engine.schedule.lr_at`).
+
+        >>> TrainConfig(warmup_epochs=1).lr_ramps()  # (batch 64 = base_batch_size)
+        False
+        >>> TrainConfig(global_batch_size=256, lr_scaling="sqrt").lr_ramps()
+        True
+        """
+        return self.lr_scaling != "none" and self.global_batch_size > self.base_batch_size
 
 
 class ScalingConfig(_Section):
@@ -643,7 +655,9 @@ class Config(_Section):
             ("train.eval_every", set_(t, "eval_every"), self.data.val_fraction == 0,
              "data.val_fraction=0"),
             ("batching.num_views", set_(b, "num_views"), t.loss != "nt_xent",
-             f"train.loss={t.loss}")) if is_set and off]
+             f"train.loss={t.loss}"),
+            ("train.warmup_epochs", set_(t, "warmup_epochs"), not t.lr_ramps(),
+             "the scaled LR is not above train.base_lr: nothing to ramp")) if is_set and off]
         return unused
 
     def plan_batch_size(self) -> int:

@@ -143,13 +143,17 @@ def test_settings_of_a_feature_left_off_are_named():
     named, so `train` can say that they do nothing."""
     cfg = load_config(REPO / "jobs" / "configs" / "sweep_batch_schedule.yaml")
     assert cfg.train.batch_size_schedule == "constant"
+    # (its own batch, 32, is the LR's base batch: the warmup has no ramp; its trials of 64 up do)
+    no_ramp = "train.warmup_epochs (the scaled LR is not above train.base_lr: nothing to ramp)"
     assert cfg.unused_settings() == [
         "train.batch_size_min (train.batch_size_schedule=constant)",
         "train.batch_size_warmup_steps (train.batch_size_schedule=constant)",
-        "train.batch_size_step_cost (train.batch_size_schedule=constant)"]
-    adaptive = cfg.with_overrides({"train.batch_size_schedule": "adaptive"})
+        "train.batch_size_step_cost (train.batch_size_schedule=constant)", no_ramp]
+    adaptive = cfg.with_overrides({"train.batch_size_schedule": "adaptive",
+                                   "train.global_batch_size": 128})
     assert adaptive.unused_settings() == [
         "train.batch_size_warmup_steps (train.batch_size_schedule=adaptive)"]
+    assert no_ramp in adaptive.with_overrides({"train.lr_scaling": "none"}).unused_settings()
     assert load_config(None, ["train.batch_size_interval=3", "batching.pack_tokens=64"]
                        ).unused_settings() == [
         "train.batch_size_interval (train.batch_size_schedule=constant)",

@@ -233,7 +233,8 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
     (`pipeline.data.datasets`).
 
     >>> from pipeline.config import load_config
-    >>> cfg = load_config(None, ["train.warmup_epochs=1", "train.max_steps=8"])
+    >>> cfg = load_config(None, ["train.warmup_epochs=1", "train.max_steps=8",
+    ...                          "train.base_batch_size=32"])  # (the LR ramps: 32 -> 64)
     >>> try:
     ...     lr_schedule(cfg, [11, 11])
     ... except ValueError as err:
@@ -245,7 +246,8 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
     ...                                "train.max_steps=1000"]), [11, 11])  # max_steps not met
     ScheduleSteps(total=22, warmup=22)
     >>> ramp = ["train.batch_size_schedule=warmup", "train.batch_size_min=16",
-    ...         "train.batch_size_warmup_steps=4", "train.warmup_epochs=1", "train.max_steps=2"]
+    ...         "train.batch_size_warmup_steps=4", "train.warmup_epochs=1", "train.max_steps=2",
+    ...         "train.base_batch_size=16"]
     >>> try:  # the ramp's first 2 steps take 1 unit each: 2 of the warmup's 11
     ...     lr_schedule(load_config(None, ramp), [11, 11])
     ... except ValueError as err:
@@ -268,7 +270,8 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
     elif t.batch_size_schedule == "adaptive":
         capped = None  # the units max_steps steps take are decided during training
     out = schedule_steps(steps, t.warmup_epochs, capped)
-    if capped is not None and capped < sum(steps) and out.warmup >= out.total > 0:
+    if capped is not None and capped < sum(steps) and out.warmup >= out.total > 0 \
+            and t.lr_ramps():  # (no ramp: no peak to miss; `unused_settings` says so)
         what = ("optimizer steps" if t.batch_size_schedule == "constant" else
                 f"batches of train.batch_size_min={t.batch_size_min}")
         took = ("" if capped == t.max_steps else

@@ -245,7 +245,9 @@ def test_counting_the_epochs_max_steps_reaches_refuses_what_counting_all_refuses
     reaches gives the same answer as counting all ten."""
     from pipeline.data.epochs import lr_schedule
 
-    cfg, st, train = odd_setup("random", 1, **{"train.epochs": 10, "train.warmup_epochs": 2})
+    cfg, st, train = odd_setup("random", 1, **{"train.epochs": 10, "train.warmup_epochs": 2,
+                                               "train.lr_scaling": "linear",
+                                               "train.base_batch_size": 16})  # (a ramp)
     per_epoch = steps_per_epoch(cfg, st, train, 1)[0]
     cfg = cfg.with_overrides({"train.max_steps": 2 * per_epoch + extra})
 
