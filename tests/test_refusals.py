@@ -772,3 +772,27 @@ def test_a_batch_size_ramp_the_run_cuts_short_is_said_and_one_that_never_grows_r
                                            "train.micro_batch_size=16",
                                            "train.batch_size_warmup_steps=100000"]))
     assert info.notes == []
+
+
+def test_an_adaptive_run_too_short_to_choose_by_the_noise_scale_is_said():
+    """With its step cost measured the adaptive schedule times its first interval at 1 unit
+    batch and its second at 4, and first chooses by goodput at step 2 x interval: a run that
+    ends before (here 15 steps, or 2 epochs of 44 units with an interval of 10) trained at the
+    explored 4 units whatever the noise scale said, without a word. A note at the start; a
+    step cost given (no timing), or a run long enough, none."""
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+
+    adaptive = ["train.batch_size_schedule=adaptive", "train.batch_size_min=16"]
+    _, info = resolve(load_config(DIGITS, [*adaptive, "train.max_steps=15"]))
+    assert info.notes == [
+        "train.batch_size_interval=10: the adaptive schedule times its first two intervals (the "
+        "second at 4 unit batches) to measure its step cost and first chooses by the noise "
+        "scale at step 20, which the run (train.max_steps=15) does not reach: it trains at 64 "
+        "from step 10 on; decide more often, train longer, or set train.batch_size_step_cost"]
+    _, info = resolve(load_config(DIGITS, [*adaptive, "train.batch_size_min=32",
+                                           "train.epochs=2"]))  # 88 units, 10 + 40 < 88
+    assert info.notes == []
+    _, info = resolve(load_config(DIGITS, [*adaptive, "train.max_steps=15",
+                                           "train.batch_size_step_cost=100"]))
+    assert info.notes == []

@@ -934,7 +934,7 @@ def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:
     batches (at most that many steps) -- each trained the smallest batch throughout, without a
     word. A ramp the run cuts short after it grew is a note (returned): the batch it ends at.
     `units`: each epoch's unit batches."""
-    from pipeline.engine.batch_schedule import ramp_steps
+    from pipeline.engine.batch_schedule import EXPLORE_UNITS, ramp_steps
 
     t = cfg.train
     most = t.global_batch_size // t.batch_size_min if t.batch_size_min else 1
@@ -962,6 +962,17 @@ def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:
                           f"the run's length or more ({where}: at most {min(sum(units), cap)} "
                           "steps): the adaptive schedule would never decide; decide more often "
                           "or train longer")
+    if t.batch_size_step_cost is None:  # measured: its first interval timed at 1 unit batch,
+        # its second at EXPLORE_UNITS, its first choice by goodput at step 2 x interval
+        explored = min(EXPLORE_UNITS, most)
+        if t.batch_size_interval * (1 + explored) >= sum(units) or 2 * t.batch_size_interval >= cap:
+            return (f"train.batch_size_interval={t.batch_size_interval}: the adaptive schedule "
+                    f"times its first two intervals (the second at {explored} unit batches) to "
+                    f"measure its step cost and first chooses by the noise scale at step "
+                    f"{2 * t.batch_size_interval}, which the run ({where}) does not reach: it "
+                    f"trains at {explored * t.batch_size_min} from step "
+                    f"{t.batch_size_interval} on; decide more often, train longer, or set "
+                    "train.batch_size_step_cost")
     return None
 
 
