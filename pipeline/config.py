@@ -657,7 +657,14 @@ class Config(_Section):
             ("batching.num_views", set_(b, "num_views"), t.loss != "nt_xent",
              f"train.loss={t.loss}"),
             ("train.warmup_epochs", set_(t, "warmup_epochs"), not t.lr_ramps(),
-             "the scaled LR is not above train.base_lr: nothing to ramp")) if is_set and off]
+             "the scaled LR is not above train.base_lr: nothing to ramp"),
+            ("train.base_batch_size", set_(t, "base_batch_size"), t.lr_scaling == "none",
+             "train.lr_scaling=none"),
+            ("train.sync_batchnorm", t.sync_batchnorm, self.scaling.num_workers == 1,
+             "scaling.num_workers=1"),
+            ("train.auto_micro_batchnorm", t.auto_micro_batchnorm, t.micro_batch_size != "auto",
+             f"train.micro_batch_size={'null' if t.micro_batch_size is None else t.micro_batch_size}"
+             )) if is_set and off]
         return unused
 
     def plan_batch_size(self) -> int:

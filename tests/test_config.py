@@ -159,6 +159,12 @@ def test_settings_of_a_feature_left_off_are_named():
         "train.batch_size_interval (train.batch_size_schedule=constant)",
         "batching.pack_tokens (batching.packing=false)"]
     assert load_config(DIGITS).unused_settings() == []
+    assert load_config(None, ["train.sync_batchnorm=true", "scaling.num_workers=1",
+                              "train.auto_micro_batchnorm=true", "train.lr_scaling=none",
+                              "train.base_batch_size=32"]).unused_settings() == [
+        "train.base_batch_size (train.lr_scaling=none)",
+        "train.sync_batchnorm (scaling.num_workers=1)",
+        "train.auto_micro_batchnorm (train.micro_batch_size=null)"]
     # A strategy's options under another strategy: named, kept for a switch back (a sweep of
     # {batching.strategy: [curriculum, random]}, refused before); a typo is still refused.
     mixed = load_config(None, ["batching.strategy=random",

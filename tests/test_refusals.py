@@ -754,7 +754,7 @@ def test_a_batch_size_ramp_the_run_cuts_short_is_said_and_one_that_never_grows_r
     44 batches of 32 end after 40 steps of a ramp of 80, at a batch of 128 of 256 -- a note at
     the job's start, as `sweep_batch_schedule.yaml`'s warmup to 512 ends at 416 after 84 steps
     of 12 epochs; a ramp of 100,000 steps never leaves 32 (refused, above); and one unit (the
-    smallest batch is the batch) has nothing to grow."""
+    smallest batch is the batch) has nothing to grow: said too."""
     from pipeline.config import load_config
     from pipeline.data.datasets import resolve
 
@@ -771,7 +771,9 @@ def test_a_batch_size_ramp_the_run_cuts_short_is_said_and_one_that_never_grows_r
     _, info = resolve(load_config(DIGITS, [*ramp, "train.global_batch_size=32", "train.epochs=2",
                                            "train.micro_batch_size=16",
                                            "train.batch_size_warmup_steps=100000"]))
-    assert info.notes == []
+    assert info.notes == ["train.batch_size_schedule=warmup has one batch size to take: "
+                          "train.batch_size_min=32 is train.global_batch_size: it trains as "
+                          "constant"]
 
 
 def test_an_adaptive_run_too_short_to_choose_by_the_noise_scale_is_said():

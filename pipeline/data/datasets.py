@@ -938,8 +938,12 @@ def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:
 
     t = cfg.train
     most = t.global_batch_size // t.batch_size_min if t.batch_size_min else 1
-    if t.batch_size_schedule == "constant" or most == 1:  # (one unit: nothing to grow)
+    if t.batch_size_schedule == "constant":
         return None
+    if most == 1:  # (one unit: nothing to grow)
+        return (f"train.batch_size_schedule={t.batch_size_schedule} has one batch size to take: "
+                f"train.batch_size_min={t.batch_size_min} is train.global_batch_size: it trains "
+                "as constant" if t.batch_size_min is not None else None)
     cap = t.max_steps if t.max_steps is not None else math.inf
     where = (f"train.max_steps={t.max_steps}" if t.max_steps is not None and t.max_steps < sum(units)
              else f"train.epochs={t.epochs}")
