@@ -117,6 +117,44 @@ def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
                          for section, values in defaults.items() if isinstance(values, dict)}}
 
 
+def moved_ghost_batch(cfg: Config, started: dict[str, Any]) -> str | None:
+    """The warning a --resume gets when the batch each BatchNorm normalises over (its ghost
+    batch: a worker's micro-batch, times the workers under SyncBatchNorm) is not the run's: a
+    resume may change the cluster shape and the micro-batch, and for a model with BatchNorm
+    that makes the resumed steps another update than the uninterrupted run's. None otherwise
+    (no built-in BatchNorm model, an `auto` micro-batch, a batch-size schedule).
+
+    >>> from pipeline.config import load_config
+    >>> run = {"config": load_config(None, ["model.name=digits_cnn", "scaling.num_workers=2"]).to_dict()}
+    >>> moved_ghost_batch(load_config(None, ["model.name=digits_cnn", "scaling.num_workers=4"]), run)[:56]
+    'warning: each BatchNorm now normalises over 16 samples ('
+    >>> moved_ghost_batch(load_config(None, ["model.name=digits_cnn", "scaling.num_workers=2"]), run)
+    """
+    from pipeline.config import BATCHNORM_MODELS
+
+    before = started.get("config")
+    if not before or cfg.model.name not in BATCHNORM_MODELS:
+        return None
+
+    def ghost(c: Config) -> int | None:
+        t, workers = c.train, c.scaling.num_workers
+        if t.batch_size_schedule != "constant" or t.micro_batch_size == "auto":
+            return None
+        micro = t.micro_batch_size or t.global_batch_size // workers
+        return micro * workers if t.sync_batchnorm and workers > 1 else micro
+
+    try:
+        was = ghost(Config.model_validate(_with_defaults(before)))
+    except ValueError:  # (a stored config this version does not read: nothing to compare)
+        return None
+    now = ghost(cfg)
+    if was is None or now is None or was == now:
+        return None
+    return (f"warning: each BatchNorm now normalises over {now} samples ({was} when the run "
+            "started: its workers or micro-batch changed), so the resumed steps are not the "
+            "uninterrupted run's")
+
+
 def resume_folder(started: dict[str, Any]) -> str:
     """The folder under ray_results/ of a resumed run's checkpoints, named in its run.json
     (`started`); "" (the whole of ray_results/) for a run.json written before it was kept."""
