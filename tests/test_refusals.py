@@ -798,3 +798,22 @@ def test_an_adaptive_run_too_short_to_choose_by_the_noise_scale_is_said():
     _, info = resolve(load_config(DIGITS, [*adaptive, "train.max_steps=15",
                                            "train.batch_size_step_cost=100"]))
     assert info.notes == []
+
+
+def test_a_curriculum_the_run_ends_before_its_pool_is_whole_is_said():
+    """The pool grows to the whole training split by `pacing_epochs`: a run whose last epoch
+    comes before -- by train.epochs, or by train.max_steps ending it in its first epoch (it
+    trained the easiest 10% only, without a word) -- gets a note; one that gets there, none."""
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+
+    curriculum = ["data.name=sequences", "batching.strategy=curriculum",
+                  "batching.options.difficulty=length", "train.epochs=10"]
+    _, info = resolve(load_config(None, [*curriculum, "train.max_steps=5"]))
+    assert info.notes == ["train.max_steps=5 ends the run in epoch 1 of 10: its last epoch "
+                          "trains on the easiest 10% of the training split only "
+                          "(batching.options.pacing_epochs=5)"]
+    _, info = resolve(load_config(None, [*curriculum, "batching.options.pacing_epochs=20"]))
+    assert info.notes[0].startswith("batching.options.pacing_epochs=20 is beyond train.epochs=10")
+    _, info = resolve(load_config(None, curriculum))
+    assert info.notes == []

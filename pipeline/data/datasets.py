@@ -437,8 +437,8 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                           f"{d.val_fraction:g} holds out all {num_rows} rows of {uri}")
     if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
         _check_split_classes(labels, cfg)
-    note = _check_first_epoch(facts.small, cfg)
-    notes = [n for n in (note, curriculum_note(cfg)) if n]
+    note, reached = _check_first_epoch(facts.small, cfg)
+    notes = [n for n in (note, curriculum_note(cfg, reached)) if n]
     b = cfg.batching
     exempt = ((b.strategy == "balanced" and b.options.get("epoch_samples") is not None)
               or (b.strategy == "length_bucket" and b.options.get("max_tokens") is not None))
@@ -456,10 +456,11 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                             step_costs=step_costs)
 
 
-def curriculum_note(cfg: Config) -> str | None:
+def curriculum_note(cfg: Config, reached: int | None = None) -> str | None:
     """A note where a curriculum's pool is not whole by the run's last epoch
-    (`batching.options.pacing_epochs` beyond `train.epochs`): the run never trains on the
-    hardest samples. Said, not refused (a deliberately slow curriculum); None otherwise.
+    (`batching.options.pacing_epochs` beyond `train.epochs`, or `train.max_steps` ending the
+    run in epoch `reached`): the run never trains on the hardest samples. Said, not refused
+    (a deliberately slow curriculum); None otherwise.
 
     >>> from pipeline.config import load_config
     >>> slow = load_config(None, ["batching.strategy=curriculum", "batching.options.difficulty=length",
@@ -468,6 +469,9 @@ def curriculum_note(cfg: Config) -> str | None:
     'batching.options.pacing_epochs=1000 is beyond train.epochs=10: the last epoch trains on'
     >>> curriculum_note(slow.with_overrides({"batching.options.pacing_epochs": 9})) is None
     True
+    >>> curriculum_note(slow.with_overrides({"batching.options.pacing_epochs": 9,
+    ...                                      "train.max_steps": 5}), reached=1)[:64]
+    'train.max_steps=5 ends the run in epoch 1 of 10: its last epoch '
     """
     from pipeline.data.epochs import planner_options
     from pipeline.data.pacing import competence
@@ -475,11 +479,16 @@ def curriculum_note(cfg: Config) -> str | None:
     if cfg.batching.strategy != "curriculum":
         return None
     o = planner_options(cfg)
-    last = (cfg.train.epochs - 1) / float(o["pacing_epochs"])
+    epochs = min(cfg.train.epochs, reached or cfg.train.epochs)
+    last = (epochs - 1) / float(o["pacing_epochs"])
     c = competence(last, o.get("pacing", "root"), c0=o.get("c0", 0.1), steps=o.get("steps", 4),
                    growth=o.get("growth", 2.0))
     if c >= 1.0:
         return None
+    if epochs < cfg.train.epochs:
+        return (f"train.max_steps={cfg.train.max_steps} ends the run in epoch {epochs} of "
+                f"{cfg.train.epochs}: its last epoch trains on the easiest {c:.0%} of the "
+                f"training split only (batching.options.pacing_epochs={o['pacing_epochs']:g})")
     return (f"batching.options.pacing_epochs={o['pacing_epochs']:g} is beyond train.epochs="
             f"{cfg.train.epochs}: the last epoch trains on the easiest {c:.0%} of the training "
             "split only (the pool is whole from epoch pacing_epochs + 1)")
@@ -873,10 +882,11 @@ def _check_split_classes(labels: np.ndarray, cfg: Config) -> None:
                 f"data.val_fraction={cfg.data.val_fraction})")
 
 
-def _check_first_epoch(st: SampleTable, cfg: Config) -> str | None:
+def _check_first_epoch(st: SampleTable, cfg: Config) -> tuple[str | None, int]:
     """Plan epoch 0 on the driver from the small columns (`st`), so a strategy that cannot
     work on this data (no labels, classes not dividing the batch, an empty pool...) fails here
-    with exit 2 rather than on the workers. Returns a note for the job's start, or None."""
+    with exit 2 rather than on the workers. Returns a note for the job's start (or None) and
+    the epochs the run reaches (`train.max_steps` under a constant batch may end it sooner)."""
     from pipeline.data.epochs import epoch_batches, epoch_sizes, lr_schedule
 
     b = cfg.batching
@@ -901,7 +911,14 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> str | None:
     _check_token_budgets(st, cfg, train)
     _check_sync_batchnorm(cfg, sizes)
     _check_contrastive_batches(cfg, sizes, len(val))
-    return _check_schedule_reach(cfg, [len(s) for s in sizes])
+    reached, steps = cfg.train.epochs, 0
+    if cfg.train.max_steps is not None and cfg.train.batch_size_schedule == "constant":
+        for epoch, batch_sizes in enumerate(sizes):  # (a step is a batch)
+            steps += len(batch_sizes)
+            if steps >= cfg.train.max_steps:
+                reached = min(reached, epoch + 1)
+                break
+    return _check_schedule_reach(cfg, [len(s) for s in sizes]), reached
 
 
 def _check_contrastive_batches(cfg: Config, sizes: list[np.ndarray], n_val: int) -> None:
