@@ -474,6 +474,13 @@ CASES = [
         "train.loss=nt_xent", "model.name=mlp", "scaling.num_workers=1",
         "train.global_batch_size=3", "train.micro_batch_size=null", "batching.drop_last=false")],
      "train.loss=nt_xent: epoch 1 has a batch of 1 sample"),
+    # the same last unit batch of 1, a step alone while a batch-size ramp is at one unit
+    ("contrastive-ramp-step-of-one", ["--config", DIGITS, *s(
+        "train.loss=nt_xent", "model.name=mlp", "scaling.num_workers=1",
+        "train.global_batch_size=6", "train.micro_batch_size=null", "batching.drop_last=false",
+        "train.batch_size_schedule=warmup", "train.batch_size_min=3",
+        "train.batch_size_warmup_steps=600", "train.epochs=2")],
+     "train.loss=nt_xent: epoch 1 has a step of 1 sample"),
     ("contrastive-validation-of-one", ["--config", DIGITS, *s(
         "train.loss=nt_xent", "model.name=mlp", "data.label_column=null",
         "data.val_fraction=0.0001")],

@@ -925,17 +925,39 @@ def _check_contrastive_batches(cfg: Config, sizes: list[np.ndarray], n_val: int)
     """NT-Xent contrasts each sample with the others of its batch: a batch of one sample has
     none -- its loss and gradient are exactly 0, and the optimizer's momentum and weight decay
     would still step on it -- and a validation split of one sample scores val_accuracy 1.0 (a
-    sweep would rank it first). `sizes`: every epoch's batches (`epoch_sizes`), checked under a
-    constant batch (a schedule's last unit batch of 1 sample mostly joins others in a step)."""
+    sweep would rank it first). `sizes`: every epoch's batches (`epoch_sizes`), under a batch
+    schedule its unit batches, checked as the steps take them: a `warmup` ramp's (known
+    before training: an epoch's last unit of 1 sample is a step alone while the ramp is at one
+    unit); an `adaptive` schedule's k's are decided in training (not checked)."""
     if cfg.train.loss != "nt_xent":
         return
-    for epoch, batch_sizes in enumerate(sizes if cfg.train.batch_size_schedule == "constant"
-                                        else [], 1):
+    t = cfg.train
+    if t.batch_size_schedule == "constant":
+        steps = [(epoch, batch_sizes) for epoch, batch_sizes in enumerate(sizes, 1)]
+    elif t.batch_size_schedule == "warmup" and t.batch_size_min:
+        from pipeline.engine.batch_schedule import ramp_steps
+
+        taken = ramp_steps([len(s) for s in sizes], t.global_batch_size // t.batch_size_min,
+                           t.batch_size_warmup_steps or 0,
+                           t.max_steps if t.max_steps is not None else math.inf)
+        steps, left = [], [0] * len(sizes)
+        epoch = 0
+        for _, k in taken:  # (ramp_steps walks the epochs in order, as it is given them)
+            while left[epoch] >= len(sizes[epoch]):
+                epoch += 1
+            part = sizes[epoch][left[epoch]:left[epoch] + k]
+            left[epoch] += k
+            steps.append((epoch + 1, np.array([int(part.sum())])))
+    else:
+        steps = []
+    for epoch, batch_sizes in steps:
         if len(batch_sizes) and int(batch_sizes.min()) == 1:
             raise ConfigError(
-                f"config error: train.loss=nt_xent: epoch {epoch} has a batch of 1 sample (the "
-                f"last, which batching.drop_last=false keeps), with no other sample to contrast "
-                f"it with: set batching.drop_last=true, or a batch size that leaves more over")
+                f"config error: train.loss=nt_xent: epoch {epoch} has a "
+                f"{'batch' if t.batch_size_schedule == 'constant' else 'step'} of 1 sample "
+                f"(the last, which batching.drop_last=false keeps), with no other sample to "
+                f"contrast it with: set batching.drop_last=true, or a batch size that leaves "
+                f"more over")
     if n_val == 1:
         raise ConfigError(f"config error: train.loss=nt_xent: data.val_fraction="
                           f"{cfg.data.val_fraction:g} holds out 1 sample, with no other to "
