@@ -491,6 +491,10 @@ class Config(_Section):
             raise ValueError(f"batching.pack_tokens={bt.pack_tokens} is not a multiple of "
                              f"batching.pad_multiple_of={bt.pad_multiple_of}: a packed row padded "
                              "to the multiple would hold more than pack_tokens tokens")
+        if bt.max_length and bt.pad_multiple_of and bt.pad_multiple_of > bt.max_length:
+            raise ValueError(f"batching.pad_multiple_of={bt.pad_multiple_of} is more than "
+                             f"batching.max_length={bt.max_length}: every row would be padded "
+                             f"to {bt.pad_multiple_of} slots for at most {bt.max_length} tokens")
         if t.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError(
                 "train.precision=fp16 needs a CUDA device (scaling.use_gpu=false); use bf16 or fp32"

@@ -481,6 +481,9 @@ CASES = [
         "train.batch_size_schedule=warmup", "train.batch_size_min=3",
         "train.batch_size_warmup_steps=600", "train.epochs=2")],
      "train.loss=nt_xent: epoch 1 has a step of 1 sample"),
+    # every row 2**31 slots wide: out of memory on the workers
+    ("pad-past-max-length", [*SEQ, *s("batching.max_length=16", "batching.pad_multiple_of=4096")],
+     "batching.pad_multiple_of=4096 is more than batching.max_length=16"),
     ("contrastive-validation-of-one", ["--config", DIGITS, *s(
         "train.loss=nt_xent", "model.name=mlp", "data.label_column=null",
         "data.val_fraction=0.0001")],

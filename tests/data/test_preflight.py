@@ -199,3 +199,26 @@ def test_a_store_that_cannot_be_reached_exits_1_in_one_line_and_soon(scheme, com
     assert len(lines) == 1 and lines[0].startswith(f"data error: data.path {scheme}://bucket/d"), lines
     assert "could not be reached" in lines[0]
     assert list(tmp_path.iterdir()) == []  # no run folder, no store
+
+
+def test_options_that_plan_more_than_memory_holds_are_one_line(tmp_path):
+    """`balanced` with epoch_samples of 2**31: planning the epoch on the driver ran out of
+    memory in a traceback; now one line (in a process limited to 3 GiB of address space)."""
+    import subprocess
+    import sys
+
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))\n"
+            "from pipeline.config import load_config, ConfigError\n"
+            "from pipeline.data.datasets import resolve\n"
+            "try:\n"
+            "    resolve(load_config(None, ['batching.strategy=balanced', "
+            "'batching.options.epoch_samples=2147483640', 'train.global_batch_size=10', "
+            "'train.micro_batch_size=null', 'scaling.num_workers=1']))\n"
+            "except ConfigError as err:\n"
+            "    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.stdout.strip() == (
+        "config error: batching.strategy=balanced: planning its epochs ran out of memory on "
+        "the driver (batching.options={'epoch_samples': 2147483640}): they ask for more samples "
+        "than fit"), out.stderr[-2000:]
