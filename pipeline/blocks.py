@@ -21,8 +21,8 @@ actor of no CPU on the head node) knows where every block is served from and whi
 the Parquet data it holds; when a rank starts (the worker group Ray Train restarts after the
 loss) it asks the keeper, which has the lost blocks read again from the Parquet data on the nodes
 that train, each block to the one holding fewest (a replacement node first), before it
-answers -- from the same files (`data_files`: paths, sizes and row counts as at ingest), or a
-data error saying what changed.
+answers -- from the same files (`data_files`: paths, sizes and row counts as at ingest, and
+a store's modification times), or a data error saying what changed.
 
 Both modes build the same plans from the same small columns, and gather the same rows: the
 batches, hence the training, are the same (`tests/test_nodes_ray.py`).
@@ -190,22 +190,26 @@ def parquet_files(uri: str) -> tuple[list[str], Any]:
     return with_rows or list(ds.files), ds.filesystem
 
 
-def data_files(uri: str) -> list[tuple[str, int, int]]:
-    """(path, bytes, rows) of each file of the dataset, from the listing and the footers: what
-    the streaming mode's keeper compares before it reads a lost node's blocks again (a block is
-    the rows from a dataset row position on: another file listed, or one grown or cut, would
-    give it other rows)."""
+def data_files(uri: str) -> list[tuple[str, int, int, int | None]]:
+    """(path, bytes, rows, modified) of each file of the dataset, from the listing and the
+    footers: what the streaming mode's keeper compares before it reads a lost node's blocks
+    again (a block is the rows from a dataset row position on: another file listed, one grown
+    or cut, or one written again in place with the same size and rows would give it other
+    rows). `modified` (ns) for a store's URI (s3://, gs://: one object, one time); None for a
+    local path, which each node may hold a copy of, written at its own time (a rewrite in place
+    of the same size and rows goes unseen there)."""
     return _footers(uri)[0]
 
 
-def _footers(uri: str) -> tuple[list[tuple[str, int, int]], list[pq.FileMetaData]]:
+def _footers(uri: str) -> tuple[list[tuple[str, int, int, int | None]], list[pq.FileMetaData]]:
     """`data_files` and each file's footer, from one listing and one read of each footer."""
     ds = pads.dataset(uri, format="parquet")
     fragments = list(ds.get_fragments())
-    sizes = [f.size for f in ds.filesystem.get_file_info([f.path for f in fragments])]
+    infos = ds.filesystem.get_file_info([f.path for f in fragments])
     metas = [f.metadata for f in fragments]
-    return ([(f.path, int(size), int(m.num_rows))
-             for f, size, m in zip(fragments, sizes, metas, strict=True)], metas)
+    store = "://" in uri  # (`data_files`: a local path's time is its node's copy's)
+    return ([(f.path, int(info.size), int(m.num_rows), info.mtime_ns if store else None)
+             for f, info, m in zip(fragments, infos, metas, strict=True)], metas)
 
 
 def _read(uri: str, **kwargs: Any) -> Any:

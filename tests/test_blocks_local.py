@@ -224,6 +224,22 @@ def test_a_lost_nodes_blocks_are_read_again_only_from_the_files_ingest_read(tmp_
     with pytest.raises(ConfigError, match=r"b.parquet is \d+ bytes and 60 rows \(\d+ bytes and "
                                           r"100 rows at the start\)"):
         server.load(str(tmp_path), [1], [50], [50], ["id"], files)
+    # written again in place with other values, the same bytes and rows: a store's object has
+    # one modification time (here a local folder read as file://, as a store's URI is)
+    uri = f"file://{tmp_path}"
+    pq.write_table(pa.table({"id": pa.array(np.arange(100))}), tmp_path / "b.parquet")
+    files = blocks.data_files(uri)
+    assert blocks.data_files(str(tmp_path))[0][3] is None  # (a local path: each node's copy)
+    swapped = np.arange(100)
+    swapped[[60, 61]] = [61, 60]
+    pq.write_table(pa.table({"id": pa.array(swapped)}), tmp_path / "b.parquet")
+    import os
+
+    assert blocks.data_files(uri)[0][1:3] == files[0][1:3]  # the same size and rows
+    os.utime(tmp_path / "b.parquet", ns=(files[0][3] + 10**9, files[0][3] + 10**9))
+    with pytest.raises(ConfigError, match=r"b.parquet was written again \(the same bytes and rows "
+                                          r"as at the start\)"):
+        server.load(uri, [1], [50], [50], ["id"], files)
 
 
 def test_a_servers_blocks_are_read_again_in_one_pass_in_any_order(tmp_path, monkeypatch):
@@ -280,7 +296,7 @@ def test_ray_data_is_given_the_files_with_rows_only(tmp_path):
     pq.write_table(pa.table({"x": [3.0], "label": [1]}), tmp_path / "3.parquet")
     files, _ = blocks.parquet_files(str(tmp_path))
     assert [f.rsplit("/", 1)[1] for f in files] == ["1.parquet", "3.parquet"]
-    assert [rows for _, _, rows in blocks.data_files(str(tmp_path))] == [0, 2, 0, 1]
+    assert [rows for _, _, rows, _ in blocks.data_files(str(tmp_path))] == [0, 2, 0, 1]
 
 
 def test_a_block_is_joined_only_where_a_rank_could_not_map_it_without_a_copy():

@@ -187,8 +187,8 @@ def data_fingerprint(info: DatasetInfo) -> dict[str, Any]:
 
 
 def files_changed(before: list[Any], now: list[Any], at: str = "at the start") -> str | None:
-    """What differs between two listings of a dataset's files, (path, bytes[, rows]) each, in
-    words (None: nothing); `at`: when `before` was taken.
+    """What differs between two listings of a dataset's files, (path, bytes[, rows[,
+    modified]]) each, in words (None: nothing); `at`: when `before` was taken.
 
     >>> files_changed([("a", 10, 5)], [("a", 10, 5)]) is None
     True
@@ -196,6 +196,8 @@ def files_changed(before: list[Any], now: list[Any], at: str = "at the start") -
     'a is 12 bytes and 6 rows (10 bytes and 5 rows at the start)'
     >>> files_changed([("b", 8, 4)], [("a", 4, 2), ("b", 8, 4)])
     'its files are a, b (b at the start)'
+    >>> files_changed([("a", 10, 5, 1)], [("a", 10, 5, 2)])
+    'a was written again (the same bytes and rows as at the start)'
     """
     if [f[0] for f in before] != [f[0] for f in now]:
         def names(files: list[Any]) -> str:
@@ -208,8 +210,10 @@ def files_changed(before: list[Any], now: list[Any], at: str = "at the start") -
         return f"{file[1]} bytes" + (f" and {file[2]} rows" if len(file) > 2 else "")
 
     for old, new in zip(before, now, strict=True):
-        if tuple(old) != tuple(new):
+        if tuple(old[:3]) != tuple(new[:3]):
             return f"{new[0]} is {said(new)} ({said(old)} {at})"
+        if tuple(old) != tuple(new):  # (its modification time: rewritten in place)
+            return f"{new[0]} was written again (the same bytes and rows as {at})"
     return None
 
 
