@@ -30,6 +30,7 @@ batches, hence the training, are the same (`tests/test_nodes_ray.py`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -412,6 +413,11 @@ class BlockServer:
         """A block moved here (the result is stored in this node's object store)."""
         return table
 
+    def drop(self, ids: list[int]) -> None:
+        """Let go of blocks read here again by a re-read that failed elsewhere."""
+        for i in ids:
+            self.blocks.pop(i, None)
+
     def hold(self, ids: list[int], *blocks: pa.Table) -> int:
         self.blocks.update(zip(ids, blocks, strict=True))
         return len(self.blocks)
@@ -507,10 +513,10 @@ class BlockKeeper:
                  if n["NodeID"] not in lost]  # Ray may not have called a lost node dead yet
         targets = _reload_targets(len(ids), alive, [n for n in nodes if n not in lost])
         new = _servers([t for t in set(targets) if t not in servers])
+        mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
+                for node in set(targets)}
         try:
             servers.update(new)
-            mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
-                    for node in set(targets)}
             with config_errors_as_raised():  # the data changed: its line, to the rank
                 ray.get([servers[node].load.remote(  # every node reads its share at once
                     self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii],
@@ -522,6 +528,10 @@ class BlockKeeper:
         except BaseException:
             for server in new.values():
                 _kill(server)
+            for node, ii in mine.items():
+                if node not in new:  # a surviving server's copies of this attempt: let go (the
+                    with contextlib.suppress(Exception):  # next may place them elsewhere)
+                        ray.get(servers[node].drop.remote(ii), timeout=10)
             raise
         for i, ref in zip(ids, refs, strict=True):
             small[i] = ref

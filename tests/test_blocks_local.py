@@ -25,8 +25,9 @@ class Call:
 
 class Server:
     def __init__(self, node: str, fails: int = 0):
-        self.node, self.fails, self.up, self.loaded = node, fails, True, []
+        self.node, self.fails, self.up, self.loaded, self.dropped = node, fails, True, [], []
         self.load = Call(self._load)
+        self.drop = Call(self.dropped.extend)
 
     def _load(self, uri, ids, starts, rows, columns, files):
         if self.fails:
@@ -78,6 +79,46 @@ def test_a_failed_reread_leaves_the_keeper_as_it_was_and_the_next_one_succeeds(m
     servers_now, nodes, small, line = keeper.current()
     assert line is None and "d" not in servers_now and killed[-1] is d
     assert nodes == ["a", "c", "a", "c"] and small == ["s0", "small@c", "s2", "small@c"]
+
+
+def test_a_failed_reread_lets_go_of_what_the_surviving_servers_read_for_it(monkeypatch):
+    """Node b's four blocks go to the replacement c and the survivor a; c's read fails (all
+    reads run at once, as Ray's): a lets go of the blocks it read for this attempt (they were
+    kept to the end of the job, uncounted, the next attempt placing them elsewhere), and
+    keeps its own."""
+    made = []
+
+    def servers(nodes):
+        new = {n: Server(n, fails=1) for n in nodes}
+        made.append(new)
+        return new
+
+    def get(calls, timeout=None):  # every call runs, then the first error is raised
+        results, errors = [], []
+        for call in calls if isinstance(calls, list) else [calls]:
+            try:
+                results.append(call())
+            except Exception as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
+        return results if isinstance(calls, list) else results[0]
+
+    monkeypatch.setattr(blocks, "training_nodes", lambda cfg: [{"NodeID": "a"}, {"NodeID": "c"}])
+    monkeypatch.setattr(blocks, "_servers", servers)
+    monkeypatch.setattr(blocks, "_kill", lambda actor: None)
+    monkeypatch.setattr(blocks.ray, "get", get)
+    monkeypatch.setattr(blocks.Config, "model_validate", staticmethod(lambda d: d))
+    monkeypatch.setattr(blocks, "used_columns", lambda cfg: ["x"])
+    a, b = Server("a"), Server("b")
+    keeper = blocks.BlockKeeper("uri", {}, [10] * 5, ["a", "b", "b", "b", "b"],
+                                {"a": a, "b": b}, ["s0", "s1", "s2", "s3", "s4"])
+    monkeypatch.setattr(keeper, "lost", lambda: [n for n, s in keeper.servers.items() if not s.up])
+    b.up = False
+    with pytest.raises(OSError):
+        keeper.current()
+    assert a.loaded and sorted(a.dropped) == sorted(a.loaded)  # (its own block 0 untouched)
+    assert 0 not in a.dropped and made[0]["c"].loaded == []
 
 
 class Actor:
