@@ -240,3 +240,31 @@ def test_a_swept_secret_and_a_password_in_an_error_are_masked_in_the_trials_tabl
     assert "s3://AKIAX:***@bucket/d.parquet #1" in text and "http://me:***@mlflow" in text
     # told apart (else the two would be one point of the report, as seed repeats)
     assert df["model.kwargs.api_key"].tolist() == ["*** #1", "*** #2"]
+
+
+def test_a_trial_tune_calls_errored_is_an_error_without_its_error_files(mlflow_server, tmp_path):
+    """Tune's verdict decides, not the error files a result reads back (an experiment moved or
+    copied in part lacks them): such a trial was settled EARLY_STOPPED (its FAILED run re-marked
+    KILLED), or TERMINATED and FINISHED where it had reached its budget."""
+    import types
+
+    experiment = f"test-errfiles-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(REPO / "jobs" / "configs" / "digits.yaml", [
+        f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}", "train.epochs=3"])
+    c = MlflowClient(mlflow_server)
+    exp = c.create_experiment(experiment)
+    parent = c.create_run(exp).info.run_id
+    run = c.create_run(exp, tags={"mlflow.parentRunId": parent, "tune.trial_id": "t0"})
+    c.log_param(run.info.run_id, "train.epochs", "3")
+    c.set_terminated(run.info.run_id, "FAILED")
+
+    class Grid(list):
+        _experiment_analysis = types.SimpleNamespace(
+            trials=[types.SimpleNamespace(trial_id="t0", status="ERROR")])
+
+    grid = Grid([Result(metrics={"epoch": 3, "step": 30, "val_accuracy": 0.9,
+                                 "config": {"train.epochs": 3}},
+                        checkpoint=None, error=None, path=str(tmp_path / "t0"))])
+    df, _, _ = settle_trials(grid, cfg, mlflow_server, parent)
+    assert df["status"].tolist() == ["ERROR"] and "not read back" in df["error"].iloc[0]
+    assert c.get_run(run.info.run_id).info.status == "FAILED"

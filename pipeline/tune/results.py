@@ -121,6 +121,11 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
     swept = list(cfg.tune.search_space)
     base = flatten(cfg.to_dict())
     read = _read_curves(uri, [r.info.run_id for r in runs.values()])
+    # Tune's own verdict per trial (what `grid.num_errors` counts): a result's `error` is read
+    # back from the trial's error files, which an experiment moved or copied in part may lack
+    analysis = getattr(grid, "_experiment_analysis", None)
+    errored = {t.trial_id for t in getattr(analysis, "trials", None) or []
+               if getattr(t, "status", None) == "ERROR"}
     rows = []
     for result in grid:
         trial_id = Path(result.path).name
@@ -133,7 +138,7 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         reported = int(m.get("epoch", 0))  # Tune's last result
         epochs = own("train.epochs")  # (None: swept, and neither Tune nor MLflow knows it)
         ran_out = epochs is not None and ran_its_budget(m, epochs, own("train.max_steps"))
-        if result.error is not None:
+        if result.error is not None or trial_id in errored:
             status = "ERROR"
             if run and run.info.status != "FAILED":
                 end_run(uri, run_id, "FAILED")
@@ -184,7 +189,9 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         # The trial's fixed cost: from its start to its first optimizer step (its last attempt's)
         row["startup_s"] = float(m.get("startup_s", final.get("startup_s", math.nan)))
         row["mlflow_run_id"] = run_id
-        row["error"] = error_summary(result.error)
+        row["error"] = error_summary(result.error) or (
+            "(its error was not read back: the trial's error files are missing)"
+            if status == "ERROR" else "")
         row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}
         # its swept values as Tune gave them (a column of the table may have turned them into
         # floats: [null, 100] is a float column)
