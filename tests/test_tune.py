@@ -287,3 +287,40 @@ def test_a_sweep_stopped_before_its_trials_says_to_start_it_again(ray_client, ml
         run_sweep(cfg, info, tmp_path)
     parent = json.loads((tmp_path / "sweep.json").read_text())["parent_run_id"]
     assert MlflowClient(mlflow_server).get_run(parent).info.status == "KILLED"
+
+
+def test_a_sweep_leaves_no_reference_to_its_dataset_in_the_driver(ray_client, mlflow_server,
+                                                                  tmp_path, monkeypatch):
+    """A notebook runs sweep after sweep in one driver: Tune keeps the parameters a trainable
+    is given for the process's life (`tune.with_parameters` registers them with Ray's
+    post-init hooks), so the blocks handed to it stayed referenced -- pinned in the object
+    store -- after every sweep. The trials now reach them through a holder actor the sweep
+    ends: once it returns, the driver holds no reference to a block of its dataset."""
+    import gc
+
+    import ray
+
+    import pipeline.launch as launch
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+    from pipeline.tune import run_sweep
+
+    ingested, real = [], launch.ingest
+
+    def recorded(*args, **kwargs):
+        blocks = real(*args, **kwargs)
+        ingested.extend(ref.hex() for ref in blocks.refs)
+        return blocks
+
+    monkeypatch.setattr(launch, "ingest", recorded)
+    cfg, info = resolve(load_config(REPO / "jobs" / "configs" / "sweep_digits.yaml", [
+        f"tracking.uri={mlflow_server}", "tracking.experiment=test-sweep-refs", "train.epochs=1",
+        "train.warmup_epochs=0",
+        "tracking.log_model=false", "data.mode=object_store",
+        'tune.search_space={"train.base_lr": {"grid": [0.025]}}', "tune.scheduler=fifo"]))
+    run_sweep(cfg, info, tmp_path)
+    gc.collect()
+    # (this process's reference table: object ids as hex, in bytes)
+    held = {k.decode() for k in ray._private.worker.global_worker.core_worker
+            .get_all_reference_counts()}
+    assert ingested and not [i for i in ingested if i in held]

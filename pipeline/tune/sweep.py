@@ -220,6 +220,7 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     # A reused actor waits this long for the trial Tune stopped in it to leave (Tune's default
     # is 2 s, after which it fails the next trial; read in this process when Tune resets it).
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")
+    import ray.actor
     import ray.data
     from ray import tune
 
@@ -230,6 +231,8 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
 
     # Several trials ingest at once: their Ray Data progress bars would interleave on the driver.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if isinstance(table_refs, ray.actor.ActorHandle):  # the sweep's holder of its dataset
+        table_refs = ray.get(table_refs.get.remote())
     trial_id = tune.get_context().get_trial_id()
     cfg, info = trial_config(Config.model_validate(base), info, {
         **overrides, "tracking.run_name": f"{trial_id} {_short(redact(overrides))}".strip()})
@@ -289,8 +292,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     import ray
     from ray import tune
 
-    from pipeline.blocks import check_streaming_nodes
+    from pipeline.blocks import check_streaming_nodes, on_head
     from pipeline.launch import (
+        Box,
         autoscaler_most,
         check_experiment,
         check_store_reachable,
@@ -361,7 +365,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         return (f"sweep {name} interrupted before its trials started; run it again (without "
                 "--resume: there is nothing to continue)")
 
-    refs = None  # the sweep's dataset, once ingested
+    refs = holder = None  # the sweep's dataset, once ingested, and the trials' way to it
     try:  # from here on, however the sweep ends, its parent run ends with it
         if not resumed:
             log_text(uri, parent, json.dumps(redact(cfg.tune.search_space), indent=2),
@@ -376,6 +380,12 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
         console.say(f"MLflow parent run {parent} in {redact_text(uri)} "
                     f"(experiment '{cfg.tracking.experiment}')")
         refs = ingest(info, cfg)  # once for the sweep: every trial on this dataset reads them
+        # The trials reach it through a holder actor, ended with the sweep: Tune keeps the
+        # parameters it is given for the life of the process (`with_parameters` registers them
+        # with Ray's post-init hooks), so blocks handed to it stayed pinned in a notebook's
+        # object store after every sweep.
+        holder = ray.remote(num_cpus=0)(Box).options(scheduling_strategy=on_head()).remote()
+        ray.get(holder.put.remote(refs))
 
         def resources(overrides: dict[str, Any]) -> Any:
             swept = {k: v for k, v in overrides.items() if k in cfg.tune.search_space}
@@ -386,7 +396,7 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
             tune.with_parameters(_run_trial,
                                  base=cfg.with_overrides({"tracking.uri": uri}).to_dict(),
                                  info=info, root=str(out_dir / "trials" / name),
-                                 parent_run_id=parent, sweep=name, table_refs=refs),
+                                 parent_run_id=parent, sweep=name, table_refs=holder),
             resources)
         if resume:
             from pipeline.tune.resumable import Generator
@@ -440,6 +450,9 @@ def run_sweep(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool = F
     finally:  # Tune's trials are over: the streaming mode's servers go (a notebook's sweep
         if refs is not None:  # would keep them, and the data, for its kernel's life)
             refs.release()
+        if holder is not None:  # and with it the sweep's references to the blocks
+            with contextlib.suppress(Exception):  # (gone with its node, or Ray shut down)
+                ray.kill(holder)
         if resume:  # (read as Tune restored the generator, inside fit)
             from pipeline.tune.resumable import Generator
 
