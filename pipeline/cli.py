@@ -326,7 +326,8 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
                               "run's config, MLflow run and checkpoint folder): a resume could "
                               "not check that it continues the same training; start a new run "
                               "in another --out")
-        resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False)
+        resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False,
+                     finished=(out / "result.json").exists())
     return args, cfg, info, out
 
 

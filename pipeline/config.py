@@ -337,15 +337,22 @@ class TrainConfig(_Section):
             raise ValueError("must be an integer >= 1, 'auto' or null")
         return v
 
-    def lr_ramps(self) -> bool:
-        """Whether an LR warmup has a ramp: it runs from train.base_lr up to the LR scaled to
-        the batch (the largest, `global_batch_size`), never down (`engine.schedule.lr_at`).
+    def warmup_acts(self) -> bool:
+        """Whether an LR warmup changes anything: it ramps from train.base_lr up to the LR
+        scaled to the batch (the largest, `global_batch_size`), never down
+        (`engine.schedule.lr_at`), and a decaying `schedule` starts after it either way.
 
-        >>> TrainConfig(warmup_epochs=1).lr_ramps()  # (batch 64 = base_batch_size)
+        >>> TrainConfig(warmup_epochs=1).warmup_acts()  # (batch 64 = base_batch_size)
         False
-        >>> TrainConfig(global_batch_size=256, lr_scaling="sqrt").lr_ramps()
+        >>> TrainConfig(global_batch_size=256, lr_scaling="sqrt").warmup_acts()
+        True
+        >>> TrainConfig(warmup_epochs=1, schedule="cosine").warmup_acts()  # (the decay waits)
         True
         """
+        return self.lr_ramps() or self.schedule != "constant"
+
+    def lr_ramps(self) -> bool:
+        """Whether an LR warmup has a ramp to climb (`warmup_acts`)."""
         return self.lr_scaling != "none" and self.global_batch_size > self.base_batch_size
 
 
@@ -491,7 +498,8 @@ class Config(_Section):
             raise ValueError(f"batching.pack_tokens={bt.pack_tokens} is not a multiple of "
                              f"batching.pad_multiple_of={bt.pad_multiple_of}: a packed row padded "
                              "to the multiple would hold more than pack_tokens tokens")
-        if bt.max_length and bt.pad_multiple_of and bt.pad_multiple_of > bt.max_length:
+        if (bt.max_length and bt.pad_multiple_of and bt.pad_multiple_of > bt.max_length
+                and not bt.packing):  # (packed: it pads a row of several sequences)
             raise ValueError(f"batching.pad_multiple_of={bt.pad_multiple_of} is more than "
                              f"batching.max_length={bt.max_length}: every row would be padded "
                              f"to {bt.pad_multiple_of} slots for at most {bt.max_length} tokens")
@@ -660,7 +668,7 @@ class Config(_Section):
              "data.val_fraction=0"),
             ("batching.num_views", set_(b, "num_views"), t.loss != "nt_xent",
              f"train.loss={t.loss}"),
-            ("train.warmup_epochs", set_(t, "warmup_epochs"), not t.lr_ramps(),
+            ("train.warmup_epochs", set_(t, "warmup_epochs"), not t.warmup_acts(),
              "the scaled LR is not above train.base_lr: nothing to ramp"),
             ("train.base_batch_size", set_(t, "base_batch_size"), t.lr_scaling == "none",
              "train.lr_scaling=none"),

@@ -41,7 +41,13 @@ from pipeline.data.datasets import DatasetInfo, data_fingerprint
 from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
 from pipeline.redact import redact, redact_text
-from pipeline.resume import moved_ghost_batch, relaid_schedule, resume_folder, resume_point
+from pipeline.resume import (
+    cut_epoch,
+    moved_ghost_batch,
+    relaid_schedule,
+    resume_folder,
+    resume_point,
+)
 from pipeline.tracking import (
     DeferredRun,
     HalfRunError,
@@ -395,7 +401,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             data=fingerprint)
         if show_progress:
             _log(f"resuming from {resume_from} (epoch {epochs_done(resume_from)} done)")
-            for line in (relaid_schedule(cfg, resumed_with), moved_ghost_batch(cfg, started)):
+            for line in (relaid_schedule(cfg, resumed_with), moved_ghost_batch(cfg, started),
+                         cut_epoch(started, resume_from, resumed_with)):
                 if line is not None:
                     _log(line)
     if run_id is None and parent_run_id is None:  # a job's new run (a sweep checks its own)

@@ -23,12 +23,15 @@ RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "train.micr
 
 def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
                  on_skip: Callable[[Path, str], None] | None = None, checksum: bool = True,
-                 data: dict[str, Any] | None = None) -> tuple[Config, Path, dict[str, Any]]:
+                 data: dict[str, Any] | None = None, finished: bool = False
+                 ) -> tuple[Config, Path, dict[str, Any]]:
     """Where a --resume of the run `started` (its run.json) goes on from: (the config as it
     resumes, the latest checkpoint under `storage`, the keys it changes and their new values);
     ConfigError (exit 2) when there is no checkpoint, the config changed more than a resume
     may (`RESUME_MAY_CHANGE`) or the data changed (`data`: its `data_fingerprint` now, against
-    the one run.json kept). `checksum=False`: a quick look (`find_latest_checkpoint`)."""
+    the one run.json kept), or the run `finished` (its result.json written) at its
+    `train.max_steps`, which the resume keeps. `checksum=False`: a quick look
+    (`find_latest_checkpoint`)."""
     from pipeline.data.datasets import data_change
 
     if data is not None and started.get("data") is not None:  # (before the checkpoints' lines)
@@ -52,8 +55,9 @@ def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
                           f"than the {done} epochs the run has trained ({resume_from.name}): a "
                           "resume goes on to more epochs (the same number ends it there)")
     cap = cfg.train.max_steps
-    if cap is not None and (steps := steps_done(resume_from)) >= cap:  # (it would train nothing
-        # and report the checkpoint's metrics as the resumed run's)
+    if finished and cap is not None and (steps := steps_done(resume_from)) >= cap:  # (it
+        # would train nothing and report the checkpoint's metrics as the resumed run's; one
+        # that stopped before its end, in log_model say, ends at that checkpoint)
         raise ConfigError(f"argument error: --resume: the run has trained {steps} steps "
                           f"({resume_from.name}), train.max_steps={cap}: raise train.max_steps "
                           "(or unset it) to train on")
@@ -113,8 +117,25 @@ def _with_defaults(config: dict[str, Any]) -> dict[str, Any]:
     (3, 'stop')
     """
     defaults = Config().to_dict()
-    return {**config, **{section: {**values, **(config.get(section) or {})}
-                         for section, values in defaults.items() if isinstance(values, dict)}}
+    return {**config, **{section: {**values, **config.get(section, {})}
+                         for section, values in defaults.items()
+                         if isinstance(config.get(section, {}), dict)}}  # (else as stored:
+    # a damaged section is a difference, not a default)
+
+
+def cut_epoch(started: dict[str, Any], resume_from: Path, resumed_with: dict[str, Any]
+              ) -> str | None:
+    """The warning a --resume with another `train.max_steps` gets where the run's cap stopped
+    it: a run resumes at the epoch after its checkpoint's, so what the cap left of that epoch
+    is not trained. None otherwise."""
+    from pipeline.engine.checkpoint import epochs_done, steps_done
+
+    cap = ((started.get("config") or {}).get("train") or {}).get("max_steps")
+    if "train.max_steps" not in resumed_with or cap is None or steps_done(resume_from) < cap:
+        return None
+    epoch = epochs_done(resume_from)
+    return (f"warning: the run stopped at its train.max_steps={cap} in epoch {epoch}: it goes "
+            f"on from epoch {epoch + 1} (what the cap left of epoch {epoch} is not trained)")
 
 
 def moved_ghost_batch(cfg: Config, started: dict[str, Any]) -> str | None:

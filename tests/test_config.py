@@ -154,6 +154,13 @@ def test_settings_of_a_feature_left_off_are_named():
     assert adaptive.unused_settings() == [
         "train.batch_size_warmup_steps (train.batch_size_schedule=adaptive)"]
     assert no_ramp in adaptive.with_overrides({"train.lr_scaling": "none"}).unused_settings()
+    # no ramp, but a decaying schedule starts after the warmup: it acts
+    assert load_config(None, ["train.warmup_epochs=1", "train.schedule=cosine",
+                              "train.epochs=3"]).unused_settings() == []
+    # a packed row holds several sequences of at most max_length: padded to more, rightly
+    assert load_config(None, ["batching.max_length=64", "batching.packing=true",
+                              "batching.pack_tokens=512", "batching.pad_multiple_of=128"]
+                       ).batching.pad_multiple_of == 128
     assert load_config(None, ["train.batch_size_interval=3", "batching.pack_tokens=64"]
                        ).unused_settings() == [
         "train.batch_size_interval (train.batch_size_schedule=constant)",

@@ -325,14 +325,17 @@ def test_a_resume_to_fewer_epochs_than_trained_is_refused(tmp_path, capsys, monk
 
 def test_a_run_train_max_steps_stopped_resumes_only_with_a_higher_cap(tmp_path, capsys,
                                                                       monkeypatch):
-    """A run that train.max_steps=22 stopped after its first epoch: resumed with more epochs
-    and the same cap it trained nothing and reported its checkpoint's metrics as the resumed
-    run's (exit 0); refused now, naming the cap, and a higher cap (or none) goes on."""
+    """A run that train.max_steps=22 stopped after its first epoch and finished: resumed with
+    more epochs and the same cap it trained nothing and reported its checkpoint's metrics as
+    the resumed run's (exit 0); refused now, naming the cap, and a higher cap (or none) goes
+    on."""
     cfg, _ = resolve(load_config(DIGITS, ["train.max_steps=22"]))
     (tmp_path / "run.json").write_text(json.dumps({"mlflow_run_id": "r",
                                                    "tracking_uri": "http://127.0.0.1:9",
                                                    "config": cfg.to_dict()}))
     save_checkpoint(tmp_path / "ray_results" / "train-x" / "checkpoint_0", {"step": 22, "epoch": 0})
+    (tmp_path / "result.json").write_text("{}")  # it finished (a run that stopped before, in
+    # log_model say, is resumed to end at its checkpoint)
     monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
     rc = cli.run(["train", "--config", DIGITS, "--out", str(tmp_path), "--resume",
                   "--set", "train.max_steps=22", "--set", "train.epochs=20"])
@@ -343,10 +346,17 @@ def test_a_run_train_max_steps_stopped_resumes_only_with_a_higher_cap(tmp_path, 
     from pipeline.resume import relaid_schedule, resume_point
 
     run = json.loads((tmp_path / "run.json").read_text())
+    same, _ = resolve(load_config(DIGITS, ["train.max_steps=22"]))  # unfinished: ends there
+    assert resume_point(same, tmp_path / "ray_results", run)[2] == {}
+    from pipeline.resume import cut_epoch
+
     for cap in (["train.max_steps=44"], ["train.max_steps=null"]):
         resumed, _ = resolve(load_config(DIGITS, cap))
         _, at, changed = resume_point(resumed, tmp_path / "ray_results", run)
         assert at.name == "checkpoint_0" and list(changed) == ["train.max_steps"]
+        assert cut_epoch(run, at, changed) == (
+            "warning: the run stopped at its train.max_steps=22 in epoch 1: it goes on from "
+            "epoch 2 (what the cap left of epoch 1 is not trained)")
     cosine, _ = resolve(load_config(DIGITS, ["train.max_steps=44", "train.schedule=cosine"]))
     assert relaid_schedule(cosine, {"train.max_steps": 44}).startswith(
         "warning: train.max_steps is now 44: the cosine LR schedule is laid over the new length")

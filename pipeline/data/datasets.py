@@ -902,7 +902,7 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> tuple[str | None, int]:
     except MemoryError:  # (numpy's: plans the options make too large to hold, one epoch's)
         raise ConfigError(f"config error: batching.strategy={b.strategy}: planning its epochs "
                           f"ran out of memory on the driver (batching.options="
-                          f"{dict(b.options)}): they ask for more samples than fit") from None
+                          f"{dict(b.options)}, {len(train):,} training rows)") from None
     except (ValueError, KeyError) as err:
         unit = ("" if cfg.train.batch_size_schedule == "constant" else
                 f" (the batch planned is train.batch_size_min={cfg.plan_batch_size()} under "

@@ -271,15 +271,16 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
         capped = None  # the units max_steps steps take are decided during training
     out = schedule_steps(steps, t.warmup_epochs, capped)
     if capped is not None and capped < sum(steps) and out.warmup >= out.total > 0 \
-            and t.lr_ramps():  # (no ramp: no peak to miss; `unused_settings` says so)
+            and t.warmup_acts():  # (no ramp and no decay after it: nothing the cap could
+        # cut short; `unused_settings` says so)
         what = ("optimizer steps" if t.batch_size_schedule == "constant" else
                 f"batches of train.batch_size_min={t.batch_size_min}")
         took = ("" if capped == t.max_steps else
                 f" (its first {t.max_steps} steps take {capped} of those batches)")
         raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} {what} "
                          f"here, but train.max_steps={t.max_steps}{took} ends the run first: "
-                         "the LR would never reach its peak (warm up for fewer epochs, or drop "
-                         "max_steps)")
+                         "the LR would never reach its peak, or its decay never start (warm up "
+                         "for fewer epochs, or drop max_steps)")
     if capped is None and t.max_steps is not None and t.max_steps < sum(steps) and t.batch_size_min:
         # adaptive: a step takes 1 to K unit batches, so where max_steps ends the run, in
         # samples, is known only during training
@@ -290,7 +291,7 @@ def lr_schedule(cfg: Config, steps: Sequence[int]) -> ScheduleSteps:
                              "(it would be cut short): bound the run by train.epochs, or use "
                              "train.schedule=constant")
         most = units_at_most(cfg)
-        if most < sum(steps) and out.warmup >= most > 0:
+        if most < sum(steps) and out.warmup >= most > 0 and t.warmup_acts():
             raise ValueError(f"train.warmup_epochs={t.warmup_epochs:g} is {out.warmup} batches of "
                              f"train.batch_size_min={t.batch_size_min} here, but "
                              f"train.max_steps={t.max_steps} steps take {most} at most: the LR "

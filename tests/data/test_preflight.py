@@ -220,5 +220,5 @@ def test_options_that_plan_more_than_memory_holds_are_one_line(tmp_path):
                          timeout=300, cwd=tmp_path)
     assert out.stdout.strip() == (
         "config error: batching.strategy=balanced: planning its epochs ran out of memory on "
-        "the driver (batching.options={'epoch_samples': 2147483640}): they ask for more samples "
-        "than fit"), out.stderr[-2000:]
+        "the driver (batching.options={'epoch_samples': 2147483640}, 1,438 training rows)"
+    ), out.stderr[-2000:]
