@@ -197,8 +197,8 @@ def data_files(uri: str) -> list[tuple[str, int, int, int | None]]:
     again (a block is the rows from a dataset row position on: another file listed, one grown
     or cut, or one written again in place with the same size and rows would give it other
     rows). `modified` (ns) for a store's URI (s3://, gs://: one object, one time); None for a
-    local path, which each node may hold a copy of, written at its own time (a rewrite in place
-    of the same size and rows goes unseen there)."""
+    local file (a path or file://), which each node may hold a copy of, written at its own
+    time (a rewrite in place of the same size and rows goes unseen there)."""
     return _footers(uri)[0]
 
 
@@ -208,9 +208,17 @@ def _footers(uri: str) -> tuple[list[tuple[str, int, int, int | None]], list[pq.
     fragments = list(ds.get_fragments())
     infos = ds.filesystem.get_file_info([f.path for f in fragments])
     metas = [f.metadata for f in fragments]
-    store = "://" in uri  # (`data_files`: a local path's time is its node's copy's)
+    store = _one_modified_time(ds.filesystem)
     return ([(f.path, int(info.size), int(m.num_rows), info.mtime_ns if store else None)
              for f, info, m in zip(fragments, infos, metas, strict=True)], metas)
+
+
+def _one_modified_time(filesystem: Any) -> bool:
+    """Whether a file's modification time is one for every node: a store's (s3://, gs://),
+    not a local file's (a path or file://), which each node's copy may hold its own of."""
+    import pyarrow.fs as pafs
+
+    return not isinstance(filesystem, pafs.LocalFileSystem)
 
 
 def _read(uri: str, **kwargs: Any) -> Any:
@@ -515,12 +523,14 @@ class BlockKeeper:
         new = _servers([t for t in set(targets) if t not in servers])
         mine = {node: [i for i, t in zip(ids, targets, strict=True) if t == node]
                 for node in set(targets)}
+        loads: list[Any] = []
         try:
             servers.update(new)
+            loads = [servers[node].load.remote(  # every node reads its share at once
+                self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii],
+                used_columns(cfg), self.files) for node, ii in mine.items()]
             with config_errors_as_raised():  # the data changed: its line, to the rank
-                ray.get([servers[node].load.remote(  # every node reads its share at once
-                    self.uri, ii, [self.starts[i] for i in ii], [self.rows[i] for i in ii],
-                    used_columns(cfg), self.files) for node, ii in mine.items()])
+                ray.get(loads)
             for node, ii in mine.items():
                 for i in ii:
                     nodes[i] = node
@@ -528,6 +538,8 @@ class BlockKeeper:
         except BaseException:
             for server in new.values():
                 _kill(server)
+            with contextlib.suppress(Exception):  # (the others' reads end first: a drop
+                ray.wait(loads, num_returns=len(loads), timeout=60)  # before one stores nothing)
             for node, ii in mine.items():
                 if node not in new:  # a surviving server's copies of this attempt: let go (the
                     with contextlib.suppress(Exception):  # next may place them elsewhere)

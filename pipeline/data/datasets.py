@@ -1015,8 +1015,12 @@ def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:
                           "or train longer")
     if t.batch_size_step_cost is None:  # measured: its first interval timed at 1 unit batch,
         # its second at EXPLORE_UNITS, its first choice by goodput at step 2 x interval
-        explored = min(EXPLORE_UNITS, most)
-        if t.batch_size_interval * (1 + explored) >= sum(units) or 2 * t.batch_size_interval >= cap:
+        explored, interval, steps = min(EXPLORE_UNITS, most), t.batch_size_interval, 0
+        for left in units:  # the steps as training groups them (an epoch's last: what is left)
+            while left > 0 and steps < cap:
+                left -= 1 if steps < interval else explored
+                steps += 1
+        if steps <= 2 * interval:  # (step 2 x interval, 0-based, is never taken)
             return (f"train.batch_size_interval={t.batch_size_interval}: the adaptive schedule "
                     f"times its first two intervals (the second at {explored} unit batches) to "
                     f"measure its step cost and first chooses by the noise scale at step "
