@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import signal
 import socket
 import sys
@@ -67,7 +66,7 @@ from pipeline.tracking import (
     server_reachable,
     start_run,
 )
-from pipeline.worker import FATAL, train_func
+from pipeline.worker import FATAL, rank_fatal_files, train_func
 
 # Ray Train V2 waits for the controller's poll on every report (default 2 s); 0.2 s keeps short
 # epochs from idling. The driver's value is propagated to the controller and the workers.
@@ -1065,13 +1064,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainingStopped(RuntimeError):
     """Training ended early and is not retried: a deterministic failure (a non-finite loss
     under train.nonfinite=stop, say), or streamed data lost with the node that held it."""
-
-
-def rank_fatal_files(fatal_file: Path) -> list[Path]:
-    """The `fatal.rank<N>.json` files beside `fatal_file` (`worker.fatal_path`), by rank."""
-    found = [(int(m.group(1)), p) for p in fatal_file.parent.glob(f"{fatal_file.stem}.rank*.json")
-             if (m := re.fullmatch(rf"{re.escape(fatal_file.stem)}\.rank(\d+)\.json", p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import re
 import resource
 import shutil
 import sys
@@ -279,6 +280,13 @@ def fatal_path(fatal_file: Path, rank: int) -> Path:
     ('fatal.json', 'fatal.rank3.json')
     """
     return fatal_file if rank == 0 else fatal_file.with_name(f"{fatal_file.stem}.rank{rank}.json")
+
+
+def rank_fatal_files(fatal_file: Path) -> list[Path]:
+    """The files `fatal_path` names for ranks other than 0 beside `fatal_file`, by rank."""
+    found = [(int(m.group(1)), p) for p in fatal_file.parent.glob(f"{fatal_file.stem}.rank*.json")
+             if (m := re.fullmatch(rf"{re.escape(fatal_file.stem)}\.rank(\d+)\.json", p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def agreed_input_error(problem: ConfigError | None, device: torch.device,
@@ -573,11 +581,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             # (the store away): the epochs done are not trained again after a restart or a
             # --resume; their points are sent from the file (pipeline.launch), not lost with
             # this attempt
-            try:
-                _keep_unsent(logger, loop_config)
-            except Exception as keep_err:  # (a full disk): the error that ended training is
-                console.say(f"MLflow: {logger.pending() + logger.dropped} metric point(s) not "
-                            f"sent and not kept ({console.error_line(keep_err)})")  # (raised)
+            _keep_unsent(logger, loop_config)  # (its own failure said: this error is raised)
         raise
     if logger is not None:
         wait_s = float(loop_config.get("tracking_close_s", 120.0))
@@ -585,26 +589,27 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             console.say(f"MLflow: the store does not answer; waiting up to {wait_s:.0f} s to send "
                         f"the last {logger.pending()} metric point(s) (else they are kept)")
         logger.close(timeout_s=wait_s, give_up=True)
-        try:  # (after the last report: raised, Ray Train would restart a finished run)
-            unsent = _keep_unsent(logger, loop_config)
-        except Exception as keep_err:  # (a full disk)
-            console.say(f"MLflow: {logger.pending() + logger.dropped} metric point(s) not "
-                        f"sent and not kept ({console.error_line(keep_err)})")
-            return
-        if unsent:
+        if unsent := _keep_unsent(logger, loop_config):
             console.say(f"MLflow: {unsent} metric point(s) could not be sent "
                         f"(the store was unreachable at the end of training)")
 
 
 def _keep_unsent(logger: MetricLogger, loop_config: dict[str, Any]) -> int:
     """The points a closed logger could not send, kept in the job's tracking.json
-    (`keep_unsent`); their count (with those dropped), 0 where there is no file to keep them."""
+    (`keep_unsent`); their count (with those dropped), 0 where there is no file to keep them
+    or keeping them failed (a full disk: said here, never raised -- after a failure its error
+    is the one raised, after the last report Ray Train would restart a finished run)."""
     points = logger.unsent_points()  # (one snapshot: the count is of these, and dropped)
     unsent = len(points) + logger.dropped
     if not unsent or not loop_config.get("tracking_file"):
         return 0
-    keep_unsent(loop_config["tracking_file"], unsent, points, logger.run_id,
-                loop_config.get("tracking_uri"))
+    try:
+        keep_unsent(loop_config["tracking_file"], unsent, points, logger.run_id,
+                    loop_config.get("tracking_uri"))
+    except Exception as err:
+        console.say(f"MLflow: {logger.pending() + logger.dropped} metric point(s) not sent "
+                    f"and not kept ({console.error_line(err)})")
+        return 0
     return unsent
 
 

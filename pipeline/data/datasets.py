@@ -252,7 +252,7 @@ def checked_dataset(uri: str) -> pads.Dataset:
     answer fails within GCS_RETRY_S (unless the URI sets its own `retry_limit_seconds`), not
     after Arrow's client's 15 minutes. Once it answered, the checks' long reads (and Ray
     Data's on the cluster) keep Arrow's default retries (`resolve`)."""
-    if not uri.startswith("gs://") or "retry_limit_seconds=" in uri:
+    if not _bounded_retries(uri):
         return pads.dataset(uri, format="parquet")
     from datetime import timedelta
 
@@ -262,6 +262,12 @@ def checked_dataset(uri: str) -> pads.Dataset:
     rebuild, (options,) = fs.__reduce__()  # (the URI's own options, as pickling carries them)
     fs = rebuild({**options, "retry_time_limit": timedelta(seconds=GCS_RETRY_S)})
     return pads.dataset(path, filesystem=fs, format="parquet")
+
+
+def _bounded_retries(uri: str) -> bool:
+    """Whether `checked_dataset` bounds the retries of `uri`'s store (a gs:// URI without its
+    own `retry_limit_seconds`)."""
+    return uri.startswith("gs://") and "retry_limit_seconds=" not in uri
 
 
 def unreachable(err: BaseException) -> bool:
@@ -399,8 +405,8 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         "data.id_column": d.id_column,
         "batching.difficulty_column": cfg.batching.difficulty_column,
     }
-    if uri.startswith("gs://") and "retry_limit_seconds=" not in uri:  # reached: the long
-        ds = pads.dataset(uri, format="parquet")  # reads below with Arrow's own retries
+    if _bounded_retries(uri):  # reached: the long reads below with Arrow's own retries
+        ds = pads.dataset(uri, format="parquet")
     try:  # (first: a column some files lack is named with them)
         _check_files_agree(ds, named)
     except (OSError, pa.ArrowException) as err:  # a later file's footer damaged
