@@ -246,6 +246,16 @@ MODEL_KWARGS: dict[str, type[_Kwargs]] = {
     "digits_cnn": DigitsCNNKwargs, "mlp": MLPKwargs, "seq_transformer": SeqTransformerKwargs,
 }
 BATCHNORM_MODELS = ("digits_cnn",)  # built-in models with BatchNorm layers
+
+
+def ghost_batch_size(micro_batch_size: int, workers: int, sync_batchnorm: bool) -> int:
+    """The rows each BatchNorm normalises over (its ghost batch): a worker's micro-batch, times
+    the workers under SyncBatchNorm (see `pipeline.engine.batchnorm`).
+
+    >>> ghost_batch_size(8, 4, False), ghost_batch_size(8, 4, True), ghost_batch_size(8, 1, True)
+    (8, 32, 8)
+    """
+    return micro_batch_size * (workers if sync_batchnorm and workers > 1 else 1)
 _IMPORT = re.compile(r"import:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 

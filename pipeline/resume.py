@@ -151,7 +151,7 @@ def moved_ghost_batch(cfg: Config, started: dict[str, Any]) -> str | None:
     'warning: each BatchNorm now normalises over 16 samples ('
     >>> moved_ghost_batch(load_config(None, ["model.name=digits_cnn", "scaling.num_workers=2"]), run)
     """
-    from pipeline.config import BATCHNORM_MODELS
+    from pipeline.config import BATCHNORM_MODELS, ghost_batch_size
 
     before = started.get("config")
     if not before or cfg.model.name not in BATCHNORM_MODELS:
@@ -161,8 +161,7 @@ def moved_ghost_batch(cfg: Config, started: dict[str, Any]) -> str | None:
         t, workers = c.train, c.scaling.num_workers
         if t.batch_size_schedule != "constant" or t.micro_batch_size == "auto":
             return None
-        micro = t.micro_batch_size or t.global_batch_size // workers
-        return micro * workers if t.sync_batchnorm and workers > 1 else micro
+        return ghost_batch_size(t.micro_batch_size or c.per_worker_batch(), workers, t.sync_batchnorm)
 
     try:
         was = ghost(Config.model_validate(_with_defaults(before)))

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from pipeline import console
 from pipeline.blocks import load_rows
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, ghost_batch_size
 from pipeline.data.batches import first_misaligned, micro_slices, split_train_val
 from pipeline.data.epochs import lr_schedule, steps_per_epoch
 from pipeline.data.feed import FeedStep, RankFeed, image_shape
@@ -419,8 +419,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
 
         return micro
 
-    def agree(values: list[float]) -> list[float]:  # the mean over ranks
-        return [v / world for v in all_reduce_sum(values, device)]
+    agree = partial(mean_over_ranks, world=world, device=device)
 
     def next_units() -> int:
         """k for the next step; every change is said (rank 0) and logged as a curve."""
@@ -553,8 +552,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                 metrics["batch_size_step_cost"] = float(sched.step_cost)
             metrics.update(data_meter.epoch_metrics())
             if batchnorm:  # micro-batching is Ghost BatchNorm: the rows each BN normalises over
-                metrics["ghost_batch_size"] = float(state.micro_batch_size * (
-                    world if cfg.train.sync_batchnorm and world > 1 else 1))
+                metrics["ghost_batch_size"] = float(ghost_batch_size(
+                    state.micro_batch_size, world, cfg.train.sync_batchnorm))
             if cfg.data.sequence_column is not None:  # every rank: the sums are all-reduced
                 real, padded = all_reduce_sum([float(pad_stats["real"]),
                                                float(pad_stats["padded"])], device)
@@ -849,6 +848,11 @@ def _score_pool(model: torch.nn.Module, feed: RankFeed, n: int, batch: int, cfg:
     return losses.cpu().numpy()
 
 
+def mean_over_ranks(values: list[float], world: int, device: torch.device) -> list[float]:
+    """Each value's mean over the ranks (a collective: every rank calls it)."""
+    return [v / world for v in all_reduce_sum(values, device)] if world > 1 else list(values)
+
+
 def agreed_schedule_state(sched: BatchSchedule, world: int, device: torch.device
                           ) -> dict[str, Any]:
     """The batch-size schedule's state as a checkpoint keeps it (a collective: every rank calls
@@ -858,7 +862,7 @@ def agreed_schedule_state(sched: BatchSchedule, world: int, device: torch.device
     state = sched.state_dict()
     if world > 1 and state["timings"]:
         sizes = [m for m, _ in state["timings"]]
-        seconds = [v / world for v in all_reduce_sum([s for _, s in state["timings"]], device)]
+        seconds = mean_over_ranks([s for _, s in state["timings"]], world, device)
         state["timings"] = list(zip(sizes, seconds, strict=True))
     return state
 

@@ -946,26 +946,24 @@ def _check_contrastive_batches(cfg: Config, sizes: list[np.ndarray], n_val: int)
     if cfg.train.loss != "nt_xent":
         return
     t = cfg.train
-    if t.batch_size_schedule == "constant":
-        steps = [(epoch, batch_sizes) for epoch, batch_sizes in enumerate(sizes, 1)]
+    smallest: list[tuple[int, int]] = []  # (epoch, samples of a step: its smallest, or each)
+    if t.batch_size_schedule == "constant":  # (a step is a batch)
+        smallest = [(epoch, int(s.min())) for epoch, s in enumerate(sizes, 1) if len(s)]
     elif t.batch_size_schedule == "warmup" and t.batch_size_min:
         from pipeline.engine.batch_schedule import ramp_steps
 
         taken = ramp_steps([len(s) for s in sizes], t.global_batch_size // t.batch_size_min,
                            t.batch_size_warmup_steps or 0,
                            t.max_steps if t.max_steps is not None else math.inf)
-        steps, left = [], [0] * len(sizes)
+        left = [0] * len(sizes)
         epoch = 0
         for _, k in taken:  # (ramp_steps walks the epochs in order, as it is given them)
             while left[epoch] >= len(sizes[epoch]):
                 epoch += 1
-            part = sizes[epoch][left[epoch]:left[epoch] + k]
+            smallest.append((epoch + 1, int(sizes[epoch][left[epoch]:left[epoch] + k].sum())))
             left[epoch] += k
-            steps.append((epoch + 1, np.array([int(part.sum())])))
-    else:
-        steps = []
-    for epoch, batch_sizes in steps:
-        if len(batch_sizes) and int(batch_sizes.min()) == 1:
+    for epoch, samples in smallest:
+        if samples == 1:
             raise ConfigError(
                 f"config error: train.loss=nt_xent: epoch {epoch} has a "
                 f"{'batch' if t.batch_size_schedule == 'constant' else 'step'} of 1 sample "
