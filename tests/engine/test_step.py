@@ -132,6 +132,17 @@ def test_a_global_batch_smaller_than_the_ranks_trains_as_on_one_rank(kind):
                        before)
 
 
+@pytest.mark.parametrize("kind", ["dense", "tokens"])
+@pytest.mark.parametrize("world, n", [(2, 21), (3, 20)])
+def test_a_short_last_window_on_uneven_shares_equals_it_in_one_piece(kind, world, n):
+    """A short last global batch (21 or 20 samples, not 32) on 2 or 3 ranks: uneven shares
+    (11 + 10; 7 + 7 + 6), each in micro-batches of up to 4 (the last of each share short):
+    the step is the one-piece step of the n samples, for a dense and a token-level loss."""
+    before = model_for(kind).state_dict()
+    assert_same_update(one_step(kind, 0, 1, micro=n, n=n), run_ddp(kind, world=world, micro=4, n=n),
+                       before)
+
+
 def test_mean_of_means_differs_for_token_loss():
     """The test above can fail: averaging per-micro-batch token means gives another update."""
     ref = one_step("tokens", 0, 1, micro=G)
@@ -555,16 +566,36 @@ def test_auto_micro_batch_an_error_on_one_rank_is_raised_on_every_rank_without_a
 
 
 def test_evaluate_uses_running_stats():
-    """BatchNorm at evaluation: the same sample scores the same whatever its batch."""
+    """BatchNorm at evaluation normalises with its running statistics, not the batch's: the
+    same sample scores the same whatever its batch, and evaluation leaves the statistics as
+    they were. The statistics are set far from a fresh layer's (mean 0, variance 1), so a
+    forward that skipped BatchNorm, or used the batch's statistics, scores otherwise."""
     torch.manual_seed(0)
     model = build_model("digits_cnn", input_dim=64, num_outputs=10, vocab_size=None)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns
+    for bn in bns:
+        bn.running_mean.copy_(torch.randn_like(bn.running_mean))
+        bn.running_var.copy_(torch.rand_like(bn.running_var) * 4 + 0.25)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(16, 64)
     y = torch.randint(0, 10, (16,))
     one = evaluate(model, iter([{"features": x[:1], "label": y[:1]}]), loss="cross_entropy")
-    many = model(  # noqa: F841  (eval mode was set by evaluate)
-        {"features": x})
-    batch_loss = torch.nn.functional.cross_entropy(many[:1], y[:1]).item()
-    assert abs(one["val_loss"] - batch_loss) < 1e-5
+    for k, v in model.state_dict().items():  # statistics neither updated nor counted
+        assert torch.equal(v, before[k]), k
+    assert not model.training  # (evaluate leaves the model in eval mode)
+    with torch.no_grad():
+        in_batch = model({"features": x})[:1]
+        model.train()
+        batch_stats = model({"features": x})[:1]  # the batch's own statistics
+        model.eval()
+        for bn in bns:
+            bn.forward = torch.nn.Identity().forward  # no BatchNorm at all
+        no_bn = model({"features": x})[:1]
+    f = torch.nn.functional.cross_entropy
+    assert abs(one["val_loss"] - f(in_batch, y[:1]).item()) < 1e-5
+    assert abs(one["val_loss"] - f(batch_stats, y[:1]).item()) > 1e-2
+    assert abs(one["val_loss"] - f(no_bn, y[:1]).item()) > 1e-2
 
 
 def test_fp16_scaler_path_counts_skipped_steps():
