@@ -210,13 +210,21 @@ def test_ray_job_stop_ends_a_submitted_jobs_run_killed(ray_cluster, mlflow_serve
     assert (f"[pipeline] training interrupted; MLflow run {run_id} KILLED; continue it from its "
             f"last checkpoint with --resume --out {tmp_path}") in logs.splitlines(), logs[-3000:]
     assert sum("training interrupted" in ln for ln in logs.splitlines()) == 1, logs[-3000:]
-    # Training ended with the driver: nothing is logged to the run a few seconds on. (How soon
-    # after the run's end the workers go is Ray's teardown: half a second here, a few steps;
-    # the job's log is no witness, Ray forwards the actors' lines to it late.)
+    # Training ended with the driver: its workers go (Ray's teardown of the job's actors: half
+    # a second here, a few steps), and nothing is logged to the run after. (The job's log is no
+    # witness: Ray forwards the actors' lines to it late.)
+    from ray.util.state import list_actors
+
+    job_id = JobSubmissionClient(ray_cluster["dashboard"]).get_job_info(sub_id).job_id
+    assert job_id
+    deadline = time.monotonic() + 60
+    while list_actors(address=ray_cluster["dashboard"], filters=[
+            ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", job_id)]):
+        assert time.monotonic() < deadline, "the stopped job's workers still alive after 60 s"
+        time.sleep(0.2)
     client = MlflowClient(mlflow_server)
-    time.sleep(1.0)
     points = client.get_metric_history(run_id, "step/train_loss_step")
-    time.sleep(3.0)
+    time.sleep(1.0)  # (a point a dead worker's sending thread had in flight has landed by now)
     assert points and len(client.get_metric_history(run_id, "step/train_loss_step")) == len(points)
 
 

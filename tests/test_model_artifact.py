@@ -4,7 +4,9 @@ trained model on inputs of other batch sizes and sequence lengths than the trace
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 from pathlib import Path
 
 import mlflow
@@ -36,6 +38,33 @@ def _inputs(spec: dict) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
+class _CodeUnpickled(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_code_unpickled(monkeypatch):
+    """Inside: any unpickling through the `pickle` module -- its Unpickler (which torch.load
+    subclasses unless `weights_only`), load and loads -- raises; and through the modules that
+    hand torch.load pickle's Unpickler as their own (MLflow's pickle module, cloudpickle's)."""
+    class Refusing(pickle.Unpickler):
+        def find_class(self, module, name):
+            raise _CodeUnpickled(f"unpickled {module}.{name}")
+
+    def refuse(*args, **kwargs):
+        raise _CodeUnpickled("pickle.load(s) called")
+
+    import cloudpickle
+    import mlflow.pytorch.pickle_module
+
+    with monkeypatch.context() as m:
+        for module in (pickle, cloudpickle, mlflow.pytorch.pickle_module):
+            for name, value in (("Unpickler", Refusing), ("load", refuse), ("loads", refuse)):
+                if hasattr(module, name):
+                    m.setattr(module, name, value)
+        yield
+
+
 def _model_files(run_id: str, tmp_path) -> set[str]:
     local = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path / "dl"))
     return {p.name for p in Path(local).rglob("*") if p.is_file()}
@@ -65,7 +94,7 @@ def _logged(mlflow_server: str, tmp_path, spec: dict, model: torch.nn.Module) ->
 
 @pytest.mark.parametrize("which", list(SPECS))
 def test_the_logged_model_is_an_exported_graph_equal_to_the_trained_model(mlflow_server, tmp_path,
-                                                                          which):
+                                                                          which, monkeypatch):
     spec = SPECS[which]
     torch.manual_seed(0)
     model = build_model(**spec)
@@ -75,7 +104,8 @@ def test_the_logged_model_is_an_exported_graph_equal_to_the_trained_model(mlflow
     assert fmt == "pt2"
     files = _model_files(run_id, tmp_path)
     assert "model.pt2" in files and "model.pth" not in files, files  # no pickle to load
-    loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    with no_code_unpickled(monkeypatch):
+        loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     x = _inputs(spec)  # batch 5, length 13: neither is the traced example's (2, 8)
     with torch.no_grad():
         want = model.eval()(x)
@@ -100,7 +130,7 @@ def untraceable(**kwargs) -> torch.nn.Module:
 
 
 def test_a_model_that_cannot_be_exported_is_logged_as_pickle_and_says_so(mlflow_server, tmp_path,
-                                                                       capsys):
+                                                                       capsys, monkeypatch):
     spec = {"name": f"import:{__name__}:untraceable", "input_dim": 4, "num_outputs": 2,
             "vocab_size": None}
     model = build_model(**spec)
@@ -108,6 +138,8 @@ def test_a_model_that_cannot_be_exported_is_logged_as_pickle_and_says_so(mlflow_
     assert fmt == "pickle"
     assert "cannot be exported" in capsys.readouterr().err
     assert "model.pth" in _model_files(run_id, tmp_path)
+    with no_code_unpickled(monkeypatch), pytest.raises(_CodeUnpickled):  # (the guard above can
+        mlflow.pytorch.load_model(f"runs:/{run_id}/model")                # see an unpickling)
     loaded = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     x = {"features": torch.ones(3, 4)}
     torch.testing.assert_close(loaded(x), model(x))

@@ -106,7 +106,7 @@ def test_deterministic_per_seed_and_epoch(name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_worker_count_independence(name):
+def test_each_global_batch_splits_over_any_worker_count_within_one_sample(name):
     base = _plan(name, epoch=1)  # the plan takes no worker count (tests/data/test_epochs.py
     # checks the whole pipeline's invariance); each global batch splits over any worker count
     for batch in base.batches:

@@ -161,11 +161,15 @@ def test_a_resume_from_a_checkpoint_steps_as_the_uninterrupted_run(name, tmp_pat
         for micro in part:
             res = train_step(model, opt, micro, loss="cross_entropy", precision="fp16",
                              scaler=scaler)
+            assert not res.skipped  # (every step updates: a scaler that skipped them all would
+            # leave both runs at their first weights, equal without a checkpoint's help)
             noise.update(sq_small=res.noise[0], b_small=res.noise[1], sq_big=res.noise[2],
                          b_big=res.noise[3], elements=res.count, samples=res.count)
 
     whole = fresh()
+    initial = [p.detach().clone() for p in whole[0].parameters()]
     steps(*whole, batches)
+    assert all(not torch.equal(a, b) for a, b in zip(initial, whole[0].parameters(), strict=True))
     first = fresh()
     steps(*first, batches[:3])
     model, opt, scaler, noise = first
