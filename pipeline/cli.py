@@ -311,8 +311,14 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out or f"runs/{args.command}").expanduser().resolve()  # (--out=~/x: no shell expands it)
-    if (problem := out_problem(out)) is not None:
+    given = args.out or f"runs/{args.command}"
+    try:
+        out = Path(given).expanduser().resolve()  # (--out=~/x: no shell expands it)
+        problem = out_problem(out)
+    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
+        raise ConfigError(f"argument error: --out {given}: {getattr(err, 'strerror', None) or err}"
+                          ) from None
+    if problem is not None:
         raise ConfigError(f"argument error: --out {out}: {problem}")
     if args.resume and not (out / "ray_results").exists():
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
@@ -396,6 +402,8 @@ def _run(argv: list[str] | None, address: str | None) -> int:
         return 1
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
+    except Exception:
+        return _unexpected()
     console.set_verbose(args.verbose)  # before Ray is imported
     console.say_pipeline_warnings()
     try:
@@ -409,14 +417,18 @@ def _run(argv: list[str] | None, address: str | None) -> int:
     except Exception as err:  # a run stopped on purpose (train.nonfinite=stop): its one line
         stopped = getattr(sys.modules.get("pipeline.launch"), "TrainingStopped", None)
         if stopped is None or not isinstance(err, stopped):
-            # anything else: the traceback in full, exit 1 -- masked (MLflow's connection
-            # errors carry the tracking URL, password and all)
-            import traceback
-
-            print(redact_text(traceback.format_exc()), end="", file=sys.stderr)
-            return 1
-        print(str(err), file=sys.stderr)
+            return _unexpected()
+        print(redact_text(str(err)), file=sys.stderr)
         return 1
+
+
+def _unexpected() -> int:
+    """An error no check foresaw: its traceback in full, exit 1 -- masked (MLflow's connection
+    errors carry the tracking URL, password and all). Called in an `except` block."""
+    import traceback
+
+    print(redact_text(traceback.format_exc()), end="", file=sys.stderr)
+    return 1
 
 
 def main() -> None:

@@ -1040,8 +1040,8 @@ def parse_override(item: str) -> tuple[str, Any]:
                           f"give {key}=null to unset the key")
     if _text_field(key) and text.strip() not in ("~", "null", "Null", "NULL"):
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
+            value = yaml.load(text, Loader=_Loader)
+        except (yaml.YAMLError, ValueError, TypeError):  # (a bad `!!int` tag, say: kept as text)
             value = None
         quoted = text.strip()[:1] in ("'", '"') and isinstance(value, str)
         return key, value if quoted else text.strip()  # as typed, a `#` and all
@@ -1051,6 +1051,9 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"config error: --set {key}={text.strip()}: {err}") from None
     except yaml.YAMLError:
         value = text
+    except (ValueError, TypeError) as err:  # a tag PyYAML cannot build: `!!int x`
+        raise ConfigError(f"config error: --set {key}={text.strip()}: not a value YAML can "
+                          f"read ({err})") from None
     return key, value
 
 
@@ -1095,6 +1098,9 @@ _Loader.add_constructor("tag:yaml.org,2002:int",
                         lambda ld, n: ld._number(n, yaml.SafeLoader.construct_yaml_int))
 _Loader.add_constructor("tag:yaml.org,2002:float",
                         lambda ld, n: ld._number(n, yaml.SafeLoader.construct_yaml_float))
+# A date or time stays its text (`run_name: 2024-06-30`): no setting takes a date, and PyYAML
+# raised a bare ValueError on one that is not a day (`2024-02-30`).
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -1102,12 +1108,15 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw: dict[str, Any] = Config().to_dict()
     if path is not None:
         p = Path(path).expanduser()
-        if p.is_dir():
-            raise ConfigError(f"config error: the config file {p} is a folder")
-        if not p.exists():
+        try:
+            kind = "a folder" if p.is_dir() else "absent" if not p.exists() else (
+                "not a regular file" if not p.is_file() else None)
+        except OSError as err:  # a name too long, say
+            raise ConfigError(f"config error: cannot read {p} ({err.strerror or err})") from None
+        if kind == "absent":
             raise ConfigError(f"config error: no such config file: {p}")
-        if not p.is_file():
-            raise ConfigError(f"config error: the config file {p} is not a regular file")
+        if kind is not None:
+            raise ConfigError(f"config error: the config file {p} is {kind}")
         try:
             loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except _Refused as err:
@@ -1119,6 +1128,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                               f"{': ' + problem if problem else ''}{where})") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config error: {p} is not UTF-8 text") from None
+        except (ValueError, TypeError) as err:  # a tag PyYAML cannot build: `epochs: !!int x`
+            raise ConfigError(f"config error: {p}: not a config YAML can read ({err})") from None
         except OSError as err:
             raise ConfigError(f"config error: cannot read {p} ({err.strerror})") from None
         if not isinstance(loaded, dict):

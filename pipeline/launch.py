@@ -498,6 +498,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                        # rank 0 draws a bar per epoch (ray.experimental.tqdm_ray) when set
                        "progress_bar": show_progress and console.progress_bar_wanted(),
                        "verbose": verbose, "started_at": started_at}
+        # each rank's deterministic failure told to the driver too: its file is on the rank's
+        # node, which an --out that not every node sees leaves unread here
+        told = ray.remote(num_cpus=0)(Box).options(scheduling_strategy=on_head()).remote()
+        loop_config["fatal_box"] = told
         if fit is None:
             fit = partial(fit_torch_trainer, callbacks=[
                 *([_progress_callback(cfg.train.epochs)] if show_progress else []),
@@ -511,7 +515,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         finally:
             if watching is not None:
                 watching.set()
-        raise_fatal(fatal_file, metrics)
+            failures = _told_failures(told)
+        raise_fatal(fatal_file, metrics, failures)
         if checkpoint_path is None and resume_from is not None:
             # a resume from the last epoch's checkpoint (the job stopped while it logged its
             # model, say) trains no epoch: the run ends at that checkpoint, with its metrics
@@ -591,6 +596,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     finally:
         if owned is not None:  # the streaming mode's servers and keeper (a notebook's job
             owned.release()  # would keep them, and the data, for its kernel's life)
+        if pending is not None:  # (so would a failed job's traceback its handle: asked above)
+            with contextlib.suppress(Exception):
+                ray.kill(pending)
     return summary
 
 
@@ -895,6 +903,10 @@ class Box:
     def get(self) -> Any:
         return self.value
 
+    def put_item(self, key: Any, value: Any) -> None:
+        """One of several values, by key (each rank's own, say)."""
+        self.value = {**(self.value or {}), key: value}
+
 
 LOST_NODE_WAIT_S = 30.0  # how long a failed streaming job waits for Ray to call a node lost
 
@@ -1066,11 +1078,33 @@ class TrainingStopped(RuntimeError):
     under train.nonfinite=stop, say), or streamed data lost with the node that held it."""
 
 
-def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None) -> None:
+def _told_failures(box: Any) -> dict[int, dict[str, Any]]:
+    """The deterministic failures the ranks told `box` (rank -> its fatal record), and the box
+    ended; {} when none was told or the box cannot be asked."""
+    try:
+        return ray.get(box.get.remote(), timeout=10) or {}
+    except Exception:  # (gone with Ray, say: the files are read still)
+        return {}
+    finally:
+        with contextlib.suppress(Exception):
+            ray.kill(box)
+
+
+def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None,
+                told: dict[int, dict[str, Any]] | None = None) -> None:
     """A worker met a deterministic failure and ended the run without a retry: raise it here,
     as ConfigError (bad input: exit 2) or TrainingStopped (exit 1), with the worker's line.
-    `metrics`: the job's last report; its `fatal_error` ends the run even when rank 0's file is
-    not on this node (an `--out` that not every node sees), so that run is never FINISHED.
+    The ranks' records: their files in --out (`worker.fatal_path`), else what they `told` the
+    driver (rank -> record: a file on another node's disk is not read here). `metrics`: the
+    job's last report, a last resort: its `fatal_error` ends the run unFINISHED where neither
+    is at hand (Ray Train V2 keeps a report's metrics only with a checkpoint, which a failing
+    rank never reports: with it the line is the one below).
+
+    >>> raise_fatal(Path("/nowhere/fatal.json"), None, {0: {"kind": "input", "message": "x",
+    ...                                                    "peer": False}})
+    Traceback (most recent call last):
+    ...
+    pipeline.config.ConfigError: x
 
     >>> import tempfile
     >>> raise_fatal(Path(tempfile.mkdtemp()) / "fatal.json", {"fatal_error": 1.0})
@@ -1079,20 +1113,24 @@ def raise_fatal(fatal_file: Path, metrics: dict[str, Any] | None = None) -> None
     ...
     pipeline.launch.TrainingStopped: a worker ended training on a deterministic failure, but...
     """
-    if not fatal_file.exists():
+    told = told or {}
+    fatal = json.loads(fatal_file.read_text()) if fatal_file.exists() else told.get(0)
+    if fatal is None:
         if metrics and FATAL in metrics:
             raise TrainingStopped(
                 f"a worker ended training on a deterministic failure, but its message "
                 f"({fatal_file.name}) is not on this node: give --out a path on storage every "
                 "node sees")
         return
-    fatal = json.loads(fatal_file.read_text())
     if fatal.get("peer"):  # rank 0 knows only that another rank met bad input: that rank's own
-        # line, where its file is on this node (`worker.fatal_path`), names the culprit
+        # line, in its file where that is on this node (`worker.fatal_path`), else as told,
+        # names the culprit
+        own = [told[r] for r in sorted(told) if r != 0]
         for path in rank_fatal_files(fatal_file):
             with contextlib.suppress(OSError, ValueError):
-                fatal = json.loads(path.read_text())
+                own.insert(0, json.loads(path.read_text()))
                 break
+        fatal = own[0] if own else fatal
     if fatal["kind"] == "input":
         raise ConfigError(fatal["message"])
     raise TrainingStopped(fatal["message"])

@@ -74,6 +74,7 @@ from pipeline.engine.step import (
     to_torch,
 )
 from pipeline.files import write_json
+from pipeline.redact import redact_text
 from pipeline.tracking import MetricLogger, keep_unsent
 
 
@@ -260,15 +261,17 @@ def train_func(loop_config: dict[str, Any], session: Session | None = None) -> N
         kind = "nonfinite" if isinstance(err, NonFiniteError) else "input"
         peer = isinstance(err, (PeerError, PeerInputError))
         message = f"data error: {err}" if isinstance(err, PeerError) else str(err)
-        fatal_file = loop_config.get("fatal_file")
-        if fatal_file and session.rank == 0:
-            write_json(Path(fatal_file), {"kind": kind, "message": message, "peer": peer})
-        elif fatal_file and kind == "input" and not peer:
-            # rank 0 knows only that another rank met bad input: this rank's own line beside,
-            # for the driver to name the culprit (where --out is on its node: else not kept)
+        fatal_file, box = loop_config.get("fatal_file"), loop_config.get("fatal_box")
+        record = {"kind": kind, "message": redact_text(message), "peer": peer}  # (in --out: masked)
+        mine = session.rank == 0 or (kind == "input" and not peer)
+        # rank 0 knows only that another rank met bad input: that rank's own line beside, for
+        # the driver to name the culprit (where --out is on its node: else as told, below)
+        if fatal_file and mine:  # (not written, a full disk say: told all the same)
             with contextlib.suppress(OSError):
-                write_json(fatal_path(Path(fatal_file), session.rank),
-                           {"kind": kind, "message": message, "peer": False})
+                write_json(fatal_path(Path(fatal_file), session.rank), record)
+        if box is not None and mine:  # the driver's node may not see this one's --out
+            with contextlib.suppress(Exception):
+                ray.get(box.put_item.remote(session.rank, record), timeout=10)
         session.report({FATAL: 1.0}, None)
 
 

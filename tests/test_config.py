@@ -126,6 +126,19 @@ def test_overrides_of_text_keys_keep_the_text_as_given(tmp_path):
     assert load_config(p).train.epochs == 2
 
 
+
+def test_a_date_is_its_text_in_a_file_and_in_a_text_override(tmp_path):
+    """YAML 1.1 reads 2024-06-30 as a date, and one that is no day (2024-02-30) raised a bare
+    ValueError: a traceback, exit 1. No setting takes a date: it stays the text written."""
+    p = tmp_path / "c.yaml"
+    p.write_text("tracking:\n  run_name: 2024-02-30\n  experiment: 2024-06-30 12:00:00\n")
+    cfg = load_config(p)
+    assert (cfg.tracking.run_name, cfg.tracking.experiment) == ("2024-02-30", "2024-06-30 12:00:00")
+    assert load_config(None, ["tracking.run_name=2024-06-31"]).tracking.run_name == "2024-06-31"
+    with pytest.raises(ConfigError, match=r"train.epochs: Input should be a valid integer \(got '2024"):
+        load_config(None, ["train.epochs=2024-01-01"])
+
+
 def test_a_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch):
     """The workers run in a directory of their own: `sqlite:///mlflow.db` there would be
     another, empty database (every metric point refused as "run not found")."""

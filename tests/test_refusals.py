@@ -186,6 +186,10 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "dup.yaml").write_text("train:\n  epochs: 3\ntrain:\n  seed: 4\n")
     (root / "damaged" / "ray_results").mkdir(parents=True)  # a run.json cut short
     (root / "damaged" / "run.json").write_text('{"config": ')
+    (root / "typed" / "ray_results").mkdir(parents=True)  # a run.json whose URI is a number
+    (root / "typed" / "run.json").write_text('{"config": {}, "tracking_uri": 5}')
+    (root / "loop").symlink_to(root / "loop")  # a symlink to itself
+    (root / "tagged.yaml").write_text("train:\n  epochs: !!int x\n")  # a tag PyYAML cannot build
     (root / "sweep_elsewhere" / "ray_results").mkdir(parents=True)  # a sweep's own store
     (root / "sweep_elsewhere" / "sweep.json").write_text(
         '{"name": "s", "config": {}, "tracking_uri": "sqlite:////nowhere/s/mlflow.db"}')
@@ -193,7 +197,9 @@ def files(tmp_path_factory) -> dict[str, str]:
                latin1_yaml=str(root / "latin1.yaml"),
                folder=str(root / "a_folder"), started=str(root / "started"),
                dup_yaml=str(root / "dup.yaml"), damaged=str(root / "damaged"),
-               sweep_elsewhere=str(root / "sweep_elsewhere"))
+               sweep_elsewhere=str(root / "sweep_elsewhere"), typed=str(root / "typed"),
+               loop=str(root / "loop"), tagged_yaml=str(root / "tagged.yaml"),
+               long_name=str(root / ("a" * 300)))
     return out
 
 
@@ -566,6 +572,16 @@ CASES = [
     # a traceback (JSONDecodeError) before
     ("resume-damaged-state", ["--config", DIGITS, "--out", "{damaged}", "--resume"],
      "/damaged/run.json is not a run's state (Expecting value"),
+    # the tracking URI was read as text: a traceback (TypeError) before
+    ("resume-typed-state", ["--config", DIGITS, "--out", "{typed}", "--resume"],
+     "/typed/run.json is not a run's state (its tracking_uri is not text)"),
+    # each of these an unmasked traceback before (OSError, RuntimeError, ValueError)
+    ("out-name-too-long", ["--config", DIGITS, "--out", "{long_name}"], "File name too long"),
+    ("out-symlink-loop", ["--config", DIGITS, "--out", "{loop}/x"], "--out"),
+    ("config-name-too-long", ["--config", "{long_name}"], "File name too long"),
+    ("config-bad-tag", ["--config", "{tagged_yaml}"], "tagged.yaml: not a config YAML can read"),
+    ("set-bad-tag", ["--config", DIGITS, *s("train.epochs=!!int x")],
+     "--set train.epochs=!!int x: not a value YAML can read"),
     # (tune) the sweep's store is in its sweep.json (run.json was read: a sweep has none)
     ("space-resume-own-store", ["--config", DIGITS, *s(SWEEP), "--out", "{sweep_elsewhere}",
                                 "--resume"],

@@ -391,7 +391,22 @@ def test_the_line_of_the_rank_that_met_bad_input_is_the_jobs(tmp_path):
     with pytest.raises(ConfigError) as err:
         raise_fatal(fatal)
     assert str(err.value) == "data error: d.parquet: changed since the checks: label 7"
-    (tmp_path / "fatal.rank2.json").unlink()  # (on another node's disk): rank 0's line
+    told = {0: json.loads(fatal.read_text()),  # as the ranks tell the driver (their files may
+            2: json.loads((tmp_path / "fatal.rank2.json").read_text())}  # be on other nodes)
+    (tmp_path / "fatal.rank2.json").unlink()  # (on another node's disk): as told, else rank 0's
+    with pytest.raises(ConfigError) as err:
+        raise_fatal(fatal, None, told)
+    assert str(err.value) == "data error: d.parquet: changed since the checks: label 7"
+    fatal.unlink()
+    with pytest.raises(ConfigError) as err:
+        raise_fatal(fatal, None, told)
+    assert str(err.value) == "data error: d.parquet: changed since the checks: label 7"
+    told.pop(2)
+    with pytest.raises(ConfigError) as err:
+        raise_fatal(fatal, None, told)
+    assert str(err.value) == ("data error: 1 other rank(s) of 3 met bad input (their rows "
+                              "changed since the checks); their error is in that worker's log")
+    fatal.write_text(json.dumps(told[0]))
     with pytest.raises(ConfigError) as err:
         raise_fatal(fatal)
     assert str(err.value) == ("data error: 1 other rank(s) of 3 met bad input (their rows "
