@@ -154,3 +154,39 @@ def test_the_working_directory_is_not_a_secret(monkeypatch, tmp_path):
         f"sqlite:///{tmp_path}/mlflow.db pw ***")
     assert redact({"data": {"path": f"{tmp_path}/d.parquet"}}) == {
         "data": {"path": f"{tmp_path}/d.parquet"}}
+
+
+def test_a_refused_set_value_is_echoed_masked(capsys):
+    """A `--set` refused as YAML (a key given twice) echoes its value: a credential in it is
+    masked in that line (it was printed as typed)."""
+    from pipeline import cli
+
+    rc = cli.run(["train", "--set", "model.kwargs={api_key: hunter22, api_key: hunter22}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "hunter22" not in err, err
+    assert "model.kwargs={api_key: ***, api_key: ***}: duplicate key 'api_key'" in err
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    ("s3://b/d?secretKey=S3CR&accessKey=AK&region=x", "s3://b/d?secretKey=***&accessKey=***&region=x"),
+    ("https://a.blob.core.windows.net/c/d?sv=2022-11-02&sr=b&sig=Ab%2Bc",
+     "https://a.blob.core.windows.net/c/d?sv=2022-11-02&sr=b&sig=***"),
+    ("https://s3.amazonaws.com/b/k?X-Amz-Credential=AK%2F1&X-Amz-Signature=9f8e",
+     "https://s3.amazonaws.com/b/k?X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("git clone https://glpat-0123456789abcdefghij@gitlab.com/r.git",
+     "git clone https://***@gitlab.com/r.git"),
+    ("http://me@host:5000/x", "http://me@host:5000/x"),  # a user name, not a token
+])
+def test_uri_credentials_in_other_forms_are_masked(text, want):
+    assert redact_text(text, []) == want
+    assert redact_text(want, []) == want  # (masking twice is masking once)
+
+
+def test_a_credential_variables_file_path_is_not_masked(monkeypatch, tmp_path):
+    """GOOGLE_APPLICATION_CREDENTIALS names a key file: masking its path wherever it appears
+    hid the culprit of an error about that file. A value that is not an existing path is."""
+    key = tmp_path / "key.json"
+    key.write_text("{}")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+    monkeypatch.setenv("SERVICE_CREDENTIALS", "not-a-path-but-a-secret")
+    assert redact_text(f"cannot read {key}; not-a-path-but-a-secret") == f"cannot read {key}; ***"
