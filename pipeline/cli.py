@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,15 @@ PROG = "python -m pipeline"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's default prints usage; we want one line
+        """
+        >>> _Parser().error("argument --max-memory: expected one argument")  # --max-memory -5MiB
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        pipeline.config.ConfigError: ... (a value that starts with "-": give it as --max-memory=VALUE)
+        """
+        if (m := re.fullmatch(r"argument (--[\w-]+): expected one argument", message)):
+            message += f' (a value that starts with "-": give it as {m.group(1)}=VALUE)'
         raise ConfigError(f"argument error: {message}")
 
 
@@ -374,6 +385,11 @@ def _store(args: argparse.Namespace, cfg: Config, out: Path) -> str:
 
 def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
     """Run a command; `address="auto"` joins a running cluster and never starts one (jobs/)."""
+    main = threading.current_thread() is threading.main_thread()
+    # SIGTERM (`ray job stop`, a scheduler's kill) ends the command as Ray's own handler does
+    # once Ray is started -- with SystemExit, so that `finally` blocks clean up -- also before
+    # it is (the data's checks) and where it never is (find-batch-size in this process)
+    held = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
         return _run(argv, address)
     except (KeyboardInterrupt, SystemExit) as err:
@@ -385,6 +401,13 @@ def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
         command = next((a for a in given if a in COMMANDS), "pipeline")
         print(f"[pipeline] {command} interrupted", file=sys.stderr)
         return 1
+    finally:
+        if held is not None:
+            signal.signal(signal.SIGTERM, held)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    sys.exit(signum)
 
 
 def _run(argv: list[str] | None, address: str | None) -> int:

@@ -1141,7 +1141,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                 continue
             if not isinstance(values, dict):
                 raise ConfigError(f"config error: section {section!r} must be a mapping")
-            raw[section].update(values)
+            # a mapping's field with every entry commented out (`options:` alone) is an empty
+            # one, as a section is
+            raw[section].update({k: {} if v is None and isinstance(raw[section].get(k), dict)
+                                 else v for k, v in values.items()})
     for item in overrides:  # (a key given twice: the last wins, as a script's default and
         key, value = parse_override(item)  # the user's own after it mean)
         set_dotted(raw, key, value)

@@ -49,7 +49,8 @@ def replacing(path: str | Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, data: Any, *, nan_as_null: bool = True) -> Path:
-    """`data` as indented JSON at `path` (parents created; values JSON lacks become strings).
+    """`data` as indented JSON at `path` (parents created; numpy values as JSON's own, others JSON
+    lacks as their text).
     NaN and infinities, which strict JSON lacks (jq, JavaScript, most JSON libraries refuse
     Python's `NaN`), are written as null -- `nan_as_null=False` keeps them for a file only
     Python reads back (metric points to send again as they were).
@@ -62,15 +63,34 @@ def write_json(path: str | Path, data: Any, *, nan_as_null: bool = True) -> Path
     {'out': '/tmp/x', 'step': 3, 'm': [None, None, 1.5]}
     >>> [f.name for f in p.parent.iterdir()]  # no temporary file left beside it
     ['result.json']
+    >>> import numpy as np  # numpy's values as JSON's own, not as text
+    >>> p = write_json(root / "n.json", {"n": np.int64(3), "b": np.bool_(True),
+    ...                                  "a": np.array([1.0, np.nan])})
+    >>> json.loads(p.read_text())
+    {'n': 3, 'b': True, 'a': [1.0, None]}
+    >>> json.loads(write_json(root / "k.json", {"a": np.array([np.inf])}, nan_as_null=False).read_text())
+    {'a': [inf]}
     >>> shutil.rmtree(root)
     """
     if nan_as_null:
-        return write_text(path, json.dumps(_finite(data), indent=2, default=str, allow_nan=False))
-    return write_text(path, json.dumps(data, indent=2, default=str))
+        return write_text(path, json.dumps(_finite(data), indent=2, default=_plain, allow_nan=False))
+    return write_text(path, json.dumps(data, indent=2, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    """A value JSON lacks as one it has: numpy's scalars and arrays as Python's (an int was
+    written "3", a bool "True"); anything else as its text (a Path)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
 
 
 def _finite(data: Any) -> Any:
     """`data` with every non-finite float (numpy's too) as None, containers walked."""
+    if isinstance(data, np.ndarray):
+        return _finite(data.tolist())
     if isinstance(data, float | np.floating):
         return float(data) if math.isfinite(data) else None
     if isinstance(data, dict):

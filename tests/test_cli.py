@@ -322,3 +322,33 @@ def test_sigterm_outside_a_run_exits_1_with_one_line_and_other_exits_pass(monkey
         cli.run(["train"])
     assert caught.value.code == 3
 
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_before_ray_ends_the_command_with_its_line_and_cleans_up(tmp_path):
+    """SIGTERM where Ray's handler is not installed -- find-batch-size in its own process
+    never starts Ray -- ends the command as under Ray: exit 1 with its one line, and `finally`
+    blocks run (it was the signal's default: killed, exit -15, silent, temporary files left).
+    The handler is the command's only: the caller's is back after `run` returns."""
+    import signal
+    import time
+
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "find-batch-size", "--config",
+         str(REPO / "jobs/configs/digits.yaml"), "--max-memory", "64MiB", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert job.stdout is not None
+    for line in job.stdout:  # the search under way: its first trial's row
+        if line.split()[:2] == ["1", "yes"]:
+            break
+    else:
+        raise AssertionError(job.communicate()[1][-3000:])
+    time.sleep(0.5)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == "[pipeline] find-batch-size interrupted", err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    before = signal.getsignal(signal.SIGTERM)
+    cli.run(["train", "--set", "train.epochs=0"])  # (refused at once)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -124,6 +124,10 @@ def test_overrides_of_text_keys_keep_the_text_as_given(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("train:\n  epochs: 2\ntune:\n  # search_space: {}\n")
     assert load_config(p).train.epochs == 2
+    # so is a mapping's field: `options:` with its entries commented out, then a --set inside
+    p.write_text("batching:\n  options:\n    # pacing: root\nmodel:\n  kwargs:\n")
+    cfg = load_config(p, ["model.kwargs.hidden=32"])
+    assert (cfg.batching.options, cfg.model.kwargs) == ({}, {"hidden": 32})
 
 
 
