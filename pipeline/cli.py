@@ -28,7 +28,14 @@ from typing import Any
 import yaml
 
 from pipeline import console
-from pipeline.config import Config, ConfigError, DataUnreachable, check_tracking_uri, load_config
+from pipeline.config import (
+    Config,
+    ConfigError,
+    DataUnreachable,
+    check_tracking_uri,
+    load_config,
+    missing_resumed_store,
+)
 from pipeline.files import run_state
 from pipeline.redact import redact_text
 from pipeline.resume import resume_folder, resume_point
@@ -343,6 +350,9 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
                               "run's config, MLflow run and checkpoint folder): a resume could "
                               "not check that it continues the same training; start a new run "
                               "in another --out")
+        if started.get("mlflow_run_id") and started.get("tracking_uri") and (
+                missing := missing_resumed_store(started["mlflow_run_id"], started["tracking_uri"])):
+            raise missing
         resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False,
                      finished=(out / "result.json").exists())
     return args, cfg, info, out

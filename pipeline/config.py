@@ -911,8 +911,8 @@ def sqlite_problem(uri: str) -> str | None:
     >>> sqlite_problem(f"sqlite:///{root}")
     'it is a folder, not a database file'
     """
-    path = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else ""
-    if path == "":
+    path = sqlite_file(uri)
+    if not path:
         return None
     if path.startswith(":memory:") or "mode=memory" in uri.partition("?")[2]:  # (a worker's
         # metrics went to a store of its own: MLflow refused them as an unknown run, and
@@ -1016,6 +1016,27 @@ def _text_field(key: str) -> bool:
     model = Config.model_fields.get(section)
     field = None if model is None else model.annotation.model_fields.get(name)  # type: ignore[union-attr]
     return field is not None and field.annotation in (str, str | None)
+
+
+def sqlite_file(uri: str) -> str | None:
+    """The database file of a sqlite store's URI; None for another store.
+
+    >>> sqlite_file("sqlite:////data/mlflow.db?timeout=5"), sqlite_file("http://h:5000")
+    ('/data/mlflow.db', None)
+    """
+    return uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
+
+
+def missing_resumed_store(run_id: str, uri: str) -> ConfigError | None:
+    """The refusal of a --resume whose run's sqlite store file is gone (moved, deleted): MLflow
+    would make an empty one and fail on the run after the cluster work. None otherwise."""
+    local = sqlite_file(uri)
+    if local is None or Path(local).exists():
+        return None
+    from pipeline.redact import redact_text
+
+    return ConfigError(f"argument error: --resume: MLflow run {run_id} is in {redact_text(uri)}, "
+                       "and that database file is missing (moved or deleted?)")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

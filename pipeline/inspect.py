@@ -208,8 +208,8 @@ def inspect_batches(cfg: Config, info: DatasetInfo, out_dir: Path,
     from pipeline.blocks import config_errors_as_raised
     from pipeline.launch import connect, ingest
 
+    connect(address)  # (bad input found here: a refused command leaves no --out folder)
     out_dir.mkdir(parents=True, exist_ok=True)
-    connect(address)
     refs = ingest(info, cfg)
     try:
         with config_errors_as_raised():  # bad data met in a task

@@ -35,7 +35,7 @@ from pipeline.blocks import (  # ingest: also imported from here
     mode_line,
     on_head,
 )
-from pipeline.config import Config, ConfigError, named_store
+from pipeline.config import Config, ConfigError, missing_resumed_store, named_store, sqlite_file
 from pipeline.data.datasets import DatasetInfo, data_fingerprint
 from pipeline.engine.checkpoint import epochs_done, find_latest_checkpoint, load_checkpoint
 from pipeline.files import run_state, write_json
@@ -263,7 +263,7 @@ def local_store_problem(uri: str, nodes: list[dict[str, Any]]) -> str | None:
 def _store_to_ask(uri: str) -> bool:
     """Whether the checks before the cluster can ask the store at `uri`: it answers, and (a
     sqlite store) exists -- it is not made here: a refused job writes no store."""
-    local = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else None
+    local = sqlite_file(uri)
     return server_reachable(uri) and (local is None or Path(local).exists())
 
 
@@ -290,6 +290,8 @@ def check_resumed_run(uri: str, run_id: str) -> None:
     """Refuse, before any cluster work, a --resume whose MLflow run cannot go on: deleted (it,
     or its experiment) or gone from the store (`deleted_run`); a store that is away is left to
     the job (the run is continued when it is back), one failing for now too."""
+    if (missing := missing_resumed_store(run_id, uri)) is not None:
+        raise missing
     if not _store_to_ask(uri):
         return
     try:
@@ -371,8 +373,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     if not info.facts:  # the workers size the model from them (a DatasetInfo made by hand?)
         raise ValueError("run_training needs the DatasetInfo resolve() returns: it has no facts "
                          "of the data")
-    out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir.resolve()  # (made once the checks below pass: a refused job leaves none)
     state_file = out_dir / "run.json"
     started = run_state(out_dir) if resume else {}
     before = {} if resume else _earlier_state(out_dir)  # an earlier job's in this --out
@@ -414,6 +415,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         check_store_reachable(uri, cfg.tracking_source())
     if table_refs is None:  # (a sweep checks its trials' workers itself)
         check_workers_fit([cfg])
+    out_dir.mkdir(parents=True, exist_ok=True)
     refs = table_refs if table_refs is not None else ingest(info, cfg)
     owned = refs if table_refs is None else None  # this job's own ingest: ended with it
     marked = None  # the run made, or made RUNNING again, below
@@ -500,7 +502,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                        "verbose": verbose, "started_at": started_at}
         # each rank's deterministic failure told to the driver too: its file is on the rank's
         # node, which an --out that not every node sees leaves unread here
-        told = ray.remote(num_cpus=0)(Box).options(scheduling_strategy=on_head()).remote()
+        told = (ray.remote(num_cpus=0)(Box).options(scheduling_strategy=on_head()).remote()
+                if ray.is_initialized() else None)  # (None: a `fit` played without Ray)
         loop_config["fatal_box"] = told
         if fit is None:
             fit = partial(fit_torch_trainer, callbacks=[
@@ -1081,6 +1084,8 @@ class TrainingStopped(RuntimeError):
 def _told_failures(box: Any) -> dict[int, dict[str, Any]]:
     """The deterministic failures the ranks told `box` (rank -> its fatal record), and the box
     ended; {} when none was told or the box cannot be asked."""
+    if box is None:
+        return {}
     try:
         return ray.get(box.get.remote(), timeout=10) or {}
     except Exception:  # (gone with Ray, say: the files are read still)

@@ -490,3 +490,37 @@ def test_a_local_store_on_several_nodes_is_refused_naming_where_it_came_from(res
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://h:5000")
     assert cfg.tracking_source() == "MLFLOW_TRACKING_URI"
     assert cfg.with_overrides({"tracking.uri": "http://h:1"}).tracking_source() == "tracking.uri"
+
+
+def test_a_resume_whose_sqlite_store_is_gone_is_refused_before_the_cluster(started, capsys,
+                                                                           monkeypatch):
+    """run.json names a sqlite store whose file was moved or deleted: one line, exit 2, before
+    Ray -- and no empty store made in its place (MLflow made one, then failed on the run after
+    the cluster work: a traceback, exit 1; the next try was refused as "not in its store")."""
+    monkeypatch.setattr("pipeline.launch.connect", lambda *_a, **_k: pytest.fail("connected"))
+    store = started / "mlflow.db"
+    run = json.loads((started / "run.json").read_text())
+    (started / "run.json").write_text(json.dumps({**run, "tracking_uri": f"sqlite:///{store}"}))
+    rc = cli.run(["train", "--config", DIGITS, "--out", str(started), "--resume"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out + err == (f"argument error: --resume: MLflow run r is in sqlite:///{store}, and "
+                         "that database file is missing (moved or deleted?)\n")
+    assert not store.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "inspect-batches"])
+def test_a_job_refused_at_the_cluster_leaves_no_out_folder(command, tmp_path, capsys, monkeypatch):
+    """Bad input found on connecting (no cluster to join, say) is refused as any other: one
+    line, exit 2, and nothing left behind -- the --out folder was made before."""
+    from pipeline.config import ConfigError
+
+    def refused(*_a, **_k):
+        raise ConfigError("config error: no Ray cluster to join at auto")
+
+    monkeypatch.setattr("pipeline.launch.connect", refused)
+    out = tmp_path / "new" / "run"
+    rc = cli.run([command, "--config", DIGITS, "--out", str(out), "--set",
+                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert rc == 2 and capsys.readouterr().err == "config error: no Ray cluster to join at auto\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
