@@ -579,6 +579,7 @@ class MetricLogger:
         self._wake = threading.Event()
         self._closing = self._given_up = False
         self._down_since: float | None = None
+        self._relog_from: int | None = None  # a check `mark_relogged_epochs_soon` left to the thread
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
@@ -607,24 +608,20 @@ class MetricLogger:
                         "are logged again (MLflow tag relogged_epochs)", start_epoch + 1, shown)
         return again
 
+    def mark_relogged_epochs_soon(self, start_epoch: int) -> None:
+        """`mark_relogged_epochs`, on the sending thread, before it sends a point: it asks the
+        store, and a store that drops packets holds each call for MLflow's request timeout
+        (minutes) -- never training's."""
+        self._relog_from = start_epoch
+        self._wake.set()
+
     def set_tags(self, tags: dict[str, str]) -> None:
-        """Tags from rank 0 (no run yet: they are set when it exists; an unreachable store: a
-        warning, training goes on, and they are set with the next points it takes)."""
-        if self.run_id is None:
-            with self._lock:
-                self._tags.update(tags)
-            return
-        left = dict(tags)
-        try:
-            for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, value)
-                del left[key]
-        except Exception as err:
-            log.warning("MLflow: tags %s not set%s: %s", sorted(left),
-                        "" if refused(err) else " yet", error_line(err))
-            if not refused(err):  # (away: kept for when it is back)
-                with self._lock:
-                    self._tags.update(left)
+        """Tags from rank 0, set by the sending thread (training never waits on the store): at
+        once, or when the run exists, or -- the store away: a warning -- with the next points
+        it takes."""
+        with self._lock:
+            self._tags.update(tags)
+        self._wake.set()
 
     def add(self, metrics: dict[str, float], step: int, at: float | None = None) -> None:
         """Points of `step`, stamped `at` (time.time(); default now): a step's points are
@@ -674,11 +671,25 @@ class MetricLogger:
         return self.run_id is not None
 
     def _set_waiting_tags(self) -> None:
-        """The tags kept for a run that did not exist yet or a store that was away."""
+        """The tags waiting (`set_tags`): set where the run exists; those a store away did not
+        take wait again (those it refused are dropped: again would not help)."""
         with self._lock:
             tags, self._tags = self._tags, {}
-        if tags:
-            self.set_tags(tags)
+        if not tags or self.run_id is None:
+            with self._lock:
+                self._tags = {**tags, **self._tags}
+            return
+        left = dict(tags)
+        try:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+                del left[key]
+        except Exception as err:
+            log.warning("MLflow: tags %s not set%s: %s", sorted(left),
+                        "" if refused(err) else " yet", error_line(err))
+            if not refused(err):  # (away: kept for when it is back; newer values win)
+                with self._lock:
+                    self._tags = {**left, **self._tags}
 
     def close(self, timeout_s: float = 120.0, *, give_up: bool = False) -> int:
         """Send what is left, waiting at most timeout_s; the number of points not sent.
@@ -696,10 +707,23 @@ class MetricLogger:
         while True:
             self._wake.wait(timeout=self.retry_s)
             self._wake.clear()
+            if not self._given_up:
+                self._asked_for()
             while not self._given_up and self._send_one():
                 pass
             if self._given_up or (self._closing and not self.pending()):
                 return
+
+    def _asked_for(self) -> None:
+        """What training asked of the store besides points: the relogged-epochs check (before
+        any point of this attempt is sent: they would count as logged before) and tags."""
+        start, self._relog_from = self._relog_from, None
+        if start is not None:
+            self.mark_relogged_epochs(start)
+        with self._lock:
+            waiting = bool(self._tags)
+        if waiting and self._known_run():
+            self._set_waiting_tags()
 
     def _send_one(self) -> bool:
         """Send the oldest batch; True when it went and more may follow."""

@@ -488,7 +488,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
     logger = _metric_logger(loop_config) if rank == 0 else None
     try:  # (from the logger's start: a failure closes its sending thread)
         if logger is not None:
-            logger.mark_relogged_epochs(state.epoch)
+            logger.mark_relogged_epochs_soon(state.epoch)
         _log_placement(logger, world)
         for epoch in range(state.epoch, t.epochs):
             state.epoch = epoch

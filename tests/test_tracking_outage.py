@@ -200,3 +200,27 @@ def test_a_store_refusing_to_make_the_experiment_says_so():
     with pytest.raises(MlflowException, match="no permission to create batch-pipeline") as err:
         experiment_id(Refusing(), "batch-pipeline")
     assert refused(err.value)  # so the job refuses it as bad input (exit 2)
+
+
+def test_tags_and_the_relogged_epochs_check_never_hold_up_training(quick_http):
+    """A store that takes connections and never answers (a stopped VM behind a load balancer
+    drops packets the same way): rank 0's tags and its relogged-epochs check, asked at the
+    start of each worker attempt, are the sending thread's -- training went on at once; each
+    call held it up for MLflow's request timeout (5 s here, 120 s by default), in turn."""
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections queue; none is ever answered
+    try:
+        logger = MetricLogger(f"http://127.0.0.1:{silent.getsockname()[1]}", "a-run", retry_s=0.2)
+        start = time.monotonic()
+        logger.mark_relogged_epochs_soon(1)
+        logger.set_tags({"ray.num_nodes": "2", "ray.worker_nodes": "a,b"})
+        logger.add({"train_loss": 1.0}, step=1)
+        logger.flush()
+        assert time.monotonic() - start < 1.0
+        logger.close(timeout_s=0.2, give_up=True)
+    finally:
+        silent.close()
