@@ -89,8 +89,8 @@ def _device_name(device: Any) -> str:
 
 
 def _default_budget(workers: int = 1) -> int:
-    """Half the memory available now, shared by the config's `workers` (a CPU run without
-    --max-memory: a local cluster runs them all on this machine)."""
+    """Half the memory available now, shared by `workers` (a CPU run without --max-memory:
+    the workers on this machine, `workers_on_this_machine`)."""
     try:
         import psutil
 
@@ -100,6 +100,23 @@ def _default_budget(workers: int = 1) -> int:
 
         available = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
     return available // 2 // max(1, workers)
+
+
+def workers_on_this_machine(num_workers: int) -> int:
+    """The workers that share this machine's memory. In one process (no process group):
+    `num_workers`, the config's, as a local cluster runs them all here. On the ranks of
+    `--on-workers`: those whose host name is this rank's, gathered from every rank (a
+    collective: every rank calls it) -- a rank alone on its node has the node to itself,
+    whatever the cluster's size."""
+    import socket
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return max(1, num_workers)
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(hosts[dist.get_rank()])
 
 
 def largest_first(lengths: Any, positions: Any) -> Any:
@@ -217,11 +234,12 @@ def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
     from pipeline.worker import model_spec  # pure; lives beside the Ray worker function
 
     budget, source = max_memory, "--max-memory"
-    if budget is None and device.type == "cpu":
-        workers = cfg.scaling.num_workers
+    if budget is None and device.type == "cpu":  # (the same on every rank: all gather, or none)
+        workers = workers_on_this_machine(cfg.scaling.num_workers)
         budget, source = _default_budget(workers), (
             "half the memory available (no --max-memory)" if workers == 1 else
-            f"half the memory available over the {workers} workers (no --max-memory)")
+            f"half the memory available over the {workers} workers on this machine "
+            "(no --max-memory)")
     d, t = cfg.data, cfg.train
     ds = pads.dataset(info.uri, format="parquet") if table is None else None
     # as resolve read them, rows read as needed; or the workers' table, and the model's facts
@@ -380,7 +398,7 @@ TABLE_HEADER = f"{'size':>6}  {'fits':<4}  {'peak MiB':>10}  {'samples/s':>10}  
 def table_row(x: dict[str, Any]) -> str:
     """One trial (`Trial`'s fields) as a row of the table."""
     peak = "-" if x["peak_memory_bytes"] is None else f"{x['peak_memory_bytes'] / 2**20:.1f}"
-    sps = "-" if x["samples_per_s"] is None else f"{x['samples_per_s']:.1f}"
+    sps = "-" if x["samples_per_s"] is None or not x["fits"] else f"{x['samples_per_s']:.1f}"
     return (f"{x['micro_batch_size']:>6}  {'yes' if x['fits'] else 'no':<4}  {peak:>10}  "
             f"{sps:>10}  {x['note'] or ''}").rstrip()
 
@@ -441,7 +459,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax[0].set_xlabel("micro-batch size")
     ax[0].set_ylabel("peak memory of one step (MiB)")
     ax[0].legend(fontsize=8)
-    pts = [(x["micro_batch_size"], x["samples_per_s"]) for x in trials if x["samples_per_s"]]
+    pts = [(x["micro_batch_size"], x["samples_per_s"]) for x in trials
+           if x["fits"] and x["samples_per_s"]]
     if pts:
         ax[1].plot(*zip(*pts, strict=True), marker="o")
     ax[1].set_xscale("log", base=2)

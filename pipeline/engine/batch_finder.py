@@ -78,6 +78,7 @@ class Measured(NamedTuple):
     peak_memory_bytes: int | None = None
     samples_per_s: float | None = None
     note: str | None = None  # why it did not fit
+    predicted: bool = False  # not run: refused on its predicted peak (the search may run it later)
 
 
 @dataclass
@@ -85,7 +86,7 @@ class Trial:
     micro_batch_size: int
     fits: bool  # agreed by every rank
     peak_memory_bytes: int | None  # this rank's
-    samples_per_s: float | None  # this rank's
+    samples_per_s: float | None  # this rank's; None where the size does not fit (on any rank)
     note: str | None = None
 
 
@@ -114,7 +115,11 @@ def _release_cuda() -> None:
         torch.cuda.empty_cache()
 
 
-def find_max_micro_batch(try_step: Callable[[int], Measured | tuple], *, start: int = 1,
+# A rank's vote on a size; the minimum over the ranks is the verdict (-1: its step raised).
+_NO, _REFUSED, _FITS = 0, 1, 2  # run and did not fit | refused unrun on a prediction | fits
+
+
+def find_max_micro_batch(try_step: Callable[..., Measured | tuple], *, start: int = 1,
                          limit: int | None = None,
                          agree: Callable[[int], int] = min_over_ranks,
                          on_trial: Callable[[Trial], None] | None = None) -> Search:
@@ -123,6 +128,14 @@ def find_max_micro_batch(try_step: Callable[[int], Measured | tuple], *, start: 
     `Measured` (or `(fits, peak_memory_bytes, samples_per_s)`); out-of-memory raised from it
     counts as not fitting. Every rank must pass the same `start` and `limit`. `on_trial` is
     called with each size's `Trial` as soon as it is decided (progress).
+
+    A size refused unrun on a prediction (`Measured(predicted=True)`, `make_trial_step`'s
+    guard against running a size far past the budget) bounds the search only for now: when
+    the bisection closes on it -- one sample more than a size that fits -- it is run,
+    `try_step(size, predict=False)`, and where it fits the search goes on above it (memory
+    that grows slower than the line predicts: packed rows that later, shorter samples fill).
+    Such a size then shows twice in `trials`, refused and then run. No size is run twice
+    (but by a rank that fitted it where another rank refused it).
 
     >>> fits_below_100 = lambda n: (n <= 100, None, None)
     >>> s = find_max_micro_batch(fits_below_100)
@@ -136,10 +149,10 @@ def find_max_micro_batch(try_step: Callable[[int], Measured | tuple], *, start: 
     search = Search(0, limit=limit)
     start = min(start, limit) if limit is not None else start
 
-    def fits(size: int) -> bool:
+    def decide(size: int, predict: bool) -> int:
         oom, error = False, None
         try:
-            m = Measured(*try_step(size))
+            m = Measured(*(try_step(size) if predict else try_step(size, predict=False)))
         except Exception as err:
             if is_oom(err):
                 oom = True  # the traceback (and the tensors its frames hold) is released here
@@ -150,34 +163,53 @@ def find_max_micro_batch(try_step: Callable[[int], Measured | tuple], *, start: 
             m = Measured(False, None, None, "out of memory")
         # Every rank votes, also one whose step failed otherwise: -1 on any rank is raised on
         # all of them (the others would wait in this vote forever).
-        everyone = agree(-1 if error is not None else int(m.fits))
+        verdict = agree(-1 if error is not None else
+                        _FITS if m.fits else _REFUSED if m.predicted else _NO)
         if error is not None:
             raise error
-        if everyone < 0:
+        if verdict < 0:
             raise RuntimeError(f"micro-batch {size}: the trial step failed on another rank")
-        everyone = bool(everyone)
-        note = m.note if not m.fits else None if everyone else "another rank did not fit"
-        search.trials.append(Trial(size, everyone, m.peak_memory_bytes, m.samples_per_s, note))
+        fits = verdict == _FITS
+        if not m.fits or fits:
+            note = m.note
+        elif verdict == _NO:
+            note = "another rank did not fit"
+        else:
+            note = "another rank refused it unrun (predicted over budget)"
+        # (a speed only where the size fits: this rank's step of a size another rank could
+        # not take is no speed of the job's)
+        search.trials.append(Trial(size, fits, m.peak_memory_bytes,
+                                   m.samples_per_s if fits else None, note))
         if on_trial is not None:
             on_trial(search.trials[-1])
-        return everyone
+        return verdict
 
-    lo, hi, size = 0, None, start  # lo fits (0 trivially); hi does not (None: not found yet)
+    # lo fits (0 trivially). Above it: `failed`, the smallest size run and found not to fit,
+    # and `refused`, the sizes refused unrun (one may fit when run). Every size tried lies at
+    # or below lo or at or above the smallest of those, so a new size is never one tried.
+    lo, failed, refused = 0, None, set()
     while True:
-        if not fits(size):
-            hi = size
-            break
-        lo = size
-        if limit is not None and size >= limit:
-            search.hit_limit = True
-            break
-        size = 2 * size if limit is None else min(2 * size, limit)
-    while hi is not None and hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
+        hi = min(refused | ({failed} if failed is not None else set()), default=None)
+        if hi is None:  # nothing above lo is known not to fit: grow
+            if limit is not None and lo >= limit:
+                search.hit_limit = True  # the limit fits: the true boundary may lie beyond it
+                break
+            size, predict = start if lo == 0 else 2 * lo, True
+            size = size if limit is None else min(size, limit)
+        elif hi - lo > 1:
+            size, predict = (lo + hi) // 2, True
+        elif hi in refused:  # the boundary, if the prediction was right: run it to know
+            size, predict = hi, False
         else:
-            hi = mid
+            break
+        verdict = decide(size, predict)
+        refused.discard(size)
+        if verdict == _FITS:
+            lo = size
+        elif verdict == _REFUSED:
+            refused.add(size)
+        else:
+            failed = size if failed is None else min(failed, size)
     search.max_micro_batch_size = lo
     return search
 
@@ -297,10 +329,13 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                     device: torch.device, precision: str = "fp32",
                     scaler: torch.amp.GradScaler | None = None, max_memory_bytes: int | None = None,
                     timed_steps: int = 2, hold_gradients: bool = False, extra_bytes: int = 0
-                    ) -> Callable[[int], Measured]:
+                    ) -> Callable[..., Measured]:
     """`try_step(size)` for `find_max_micro_batch`: one measured step on `batch_of(size)` (its
     peak memory; over `max_memory_bytes` or out of memory: does not fit), then `timed_steps`
-    more for samples/s (the fastest). Out-of-memory is caught here: gradients are dropped and
+    more for samples/s (the fastest; a step an fp16 scaler skipped is not timed). With a
+    budget, a size the line through the two largest that fit puts past 1.5x the budget is
+    refused unrun (`Measured.predicted`), unless `try_step(size, predict=False)`: the search
+    runs it when it closes on it. Out-of-memory is caught here: gradients are dropped and
     the CUDA cache emptied once the exception (and the tensors its traceback holds) is gone.
     A DDP wrapper is unwrapped: the trial step runs no collective. `extra_bytes`: held beside
     the measured step (DDP's gradient buckets, about one more copy of the gradients, which a
@@ -350,14 +385,19 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         if max_memory_bytes is not None and peak > max_memory_bytes:
             return Measured(False, peak, None, f"over budget ({human_bytes(peak)} > "
                             f"{human_bytes(max_memory_bytes)})")
-        best = math.inf
-        for _ in range(timed_steps):
+        best, timed = math.inf, 0
+        for _ in range(3 * timed_steps):  # (fp16: a step the scaler skipped -- inf gradients, no
+            if timed == timed_steps:      # optimizer step, so faster -- is not timed; up to 3x)
+                break
+            scale = scalers[0].get_scale() if scalers[0] is not None else None
             t0 = time.perf_counter()
             step(batch)
             if cuda:
                 torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        return Measured(True, peak, size / best if timed_steps else None)
+            elapsed = time.perf_counter() - t0
+            if scale is None or scalers[0].get_scale() >= scale:  # (a skip backs the scale off)
+                best, timed = min(best, elapsed), timed + 1
+        return Measured(True, peak, size / best if timed else None)
 
     fitted: dict[int, int] = {}  # size -> peak, of the steps that fit
 
@@ -369,13 +409,15 @@ def make_trial_step(model: nn.Module, optimizer: torch.optim.Optimizer,
         (m0, p0), (m1, p1) = sorted(fitted.items())[-2:]
         return p1 + (p1 - p0) / (m1 - m0) * (size - m1)
 
-    def try_step(size: int) -> Measured:
-        guess = predicted(size) if max_memory_bytes is not None else None
+    def try_step(size: int, predict: bool = True) -> Measured:
+        guess = predicted(size) if predict and max_memory_bytes is not None else None
         if guess is not None and guess > 1.5 * max_memory_bytes:
             # not run: doubling from a size that fits would take up to twice the budget, which
-            # on a CPU (default: half the memory available) can bring the kernel's OOM killer
+            # on a CPU (default: half the memory available) can bring the kernel's OOM killer.
+            # Provisional: memory may grow slower than the line (packed rows that shorter
+            # samples fill); the search runs it (`predict=False`) when it closes on it.
             return Measured(False, None, None, f"over budget (predicted {human_bytes(guess)} > "
-                                               f"{human_bytes(max_memory_bytes)})")
+                                               f"{human_bytes(max_memory_bytes)})", predicted=True)
         try:
             seen = measure(size)
             if seen.fits and seen.peak_memory_bytes is not None:

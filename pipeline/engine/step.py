@@ -156,7 +156,9 @@ def is_oom(err: BaseException) -> bool:
     True
     """
     message = str(err).lower()
-    return (isinstance(err, torch.OutOfMemoryError | MemoryError) or "out of memory" in message
+    # torch.cuda.OutOfMemoryError: a name every torch that pyproject allows has (also a
+    # CPU-only build); torch.OutOfMemoryError, the same class where it exists, came later
+    return (isinstance(err, torch.cuda.OutOfMemoryError | MemoryError) or "out of memory" in message
             or "cannot allocate memory" in message or "can't allocate memory" in message
             or "status_alloc_failed" in message)
 

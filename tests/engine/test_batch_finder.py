@@ -167,7 +167,7 @@ def _finder_rank(rank: int, world: int, limits: tuple[int, ...], where: str):
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     try_step = make_trial_step(ddp, opt, _batch_of, loss="cross_entropy", device=CPU, timed_steps=1)
     s = find_max_micro_batch(try_step)
-    return s.max_micro_batch_size, _sizes(s), [(t.fits, t.note) for t in s.trials]
+    return s.max_micro_batch_size, _sizes(s), [(t.fits, t.note, t.samples_per_s) for t in s.trials]
 
 
 @pytest.mark.timeout(120)
@@ -177,10 +177,14 @@ def test_one_rank_out_of_memory_all_ranks_agree_on_the_minimum_without_a_hang(wh
     assert a0 == a1 == 60
     assert sizes0 == sizes1 == [1, 2, 4, 8, 16, 32, 64, 48, 56, 60, 62, 61]
     fits = [n <= 60 for n in sizes0]
-    assert [f for f, _ in notes0] == [f for f, _ in notes1] == fits
+    assert [f for f, _, _ in notes0] == [f for f, _, _ in notes1] == fits
     # Rank 1 ran out of memory above 60; rank 0 fitted up to 100 and stopped because rank 1 did.
-    assert [n for f, n in notes1 if not f] == ["out of memory"] * 3
-    assert [n for f, n in notes0 if not f] == ["another rank did not fit"] * 3
+    assert [n for f, n, _ in notes1 if not f] == ["out of memory"] * 3
+    assert [n for f, n, _ in notes0 if not f] == ["another rank did not fit"] * 3
+    # A speed only where the size fits: rank 0 timed its steps of 61, 62 and 64, but they are
+    # not sizes the job can take (the table and the plot showed them)
+    for notes in (notes0, notes1):
+        assert [sps is not None and sps > 0 for _, _, sps in notes] == fits
 
 
 def _finder_error_rank(rank: int, world: int):
@@ -249,13 +253,96 @@ def test_a_size_far_past_the_budget_is_not_run_and_would_not_have_fit():
     """Doubling from a size that fits can take twice the budget (on a CPU whose default budget
     is half the memory available: the kernel's OOM killer). A size the line through the two
     largest that fit puts past 1.5x the budget is refused unrun -- and run on its own, each
-    such size is indeed over the budget."""
+    such size is indeed over the budget. No size the search ran went past 1.5x the budget
+    (memory linear in the batch: no refused size is run later, as sub-linear memory's is)."""
     budget = 2 * 2**20
-    skipped = [t.micro_batch_size for t in _mlp_search(budget).trials
-               if (t.note or "").startswith("over budget (predicted")]
-    assert skipped
+    trials = _mlp_search(budget).trials
+    skipped = [t.micro_batch_size for t in trials if (t.note or "").startswith("over budget (predicted")]
+    run = [t for t in trials if t.peak_memory_bytes is not None]
+    assert skipped and not {t.micro_batch_size for t in run} & set(skipped)
+    assert max(t.peak_memory_bytes for t in run) <= 1.5 * budget
     for size in skipped:
         assert _mlp_step(None)(size).peak_memory_bytes > budget
+
+
+def test_a_size_refused_on_its_prediction_is_run_when_the_search_closes_on_it():
+    """The search's side, with a try_step that plays the prediction: 128 refused unrun (as a
+    line through 32 and 64 would put it past the budget) while every size up to 200 fits. The
+    bisection below it fits up to 127, so it runs 128 -- one sample more than a size that
+    fits -- and, as it fits, goes on above it to the exact boundary. No size runs twice."""
+    def fitting_up_to(most, runs):
+        def try_step(n, predict=True):
+            if predict and n == 128:
+                return Measured(False, note="over budget (predicted)", predicted=True)
+            runs.append(n)
+            return Measured(n <= most)
+
+        return try_step
+
+    runs = []
+    s = find_max_micro_batch(fitting_up_to(200, runs))
+    assert s.max_micro_batch_size == 200 and not s.hit_limit
+    assert _sizes(s) == DOUBLING + [96, 112, 120, 124, 126, 127, 128,
+                                    256, 192, 224, 208, 200, 204, 202, 201]
+    assert sorted(runs) == sorted(set(runs)) and 128 in runs
+    assert [(t.fits, t.note) for t in s.trials if t.micro_batch_size == 128] == [
+        (False, "over budget (predicted)"), (True, None)]
+    # where a size run below it does not fit, the refused size is never run
+    runs = []
+    s = find_max_micro_batch(fitting_up_to(100, runs))
+    assert s.max_micro_batch_size == 100 and 128 not in runs
+    assert _sizes(s) == DOUBLING + [96, 112, 104, 100, 102, 101]
+
+
+def test_memory_that_grows_slower_than_the_line_is_searched_to_the_exact_boundary():
+    """Packed sequences, longest first as the finder orders them: 100 documents of 512 tokens,
+    then 3,000 queries of 10 packed into rows of 512 tokens. Past the documents a size's new
+    samples fill packed rows already there: memory grows far slower than the line through 64
+    and 128, which puts 256 past 1.5x the budget (128's peak / 0.9). 256 was refused as if
+    measured and the search answered 255, while 256, 512 and 700 fit; the refusal is
+    provisional now, and the search meets the boundary a search that runs every size meets."""
+    from pipeline.data.padding import batch_shape
+
+    lengths = np.array([512] * 100 + [10] * 3000)
+
+    def batch_of(m):  # a step's memory follows its packed rows (8 feature rows each)
+        rows = 8 * batch_shape(lengths[:m], packing=True, pack_tokens=512)[0]
+        g = torch.Generator().manual_seed(m)
+        return {"features": torch.randn(rows, 64, generator=g), "label": torch.zeros(rows, dtype=torch.long)}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 3))
+
+        def forward(self, batch):
+            return self.net(batch["features"])
+
+    def trial_step(budget):
+        torch.manual_seed(0)
+        model = Net()
+        return make_trial_step(model, torch.optim.SGD(model.parameters(), lr=0.0), batch_of,
+                               loss="cross_entropy", device=CPU, max_memory_bytes=budget,
+                               timed_steps=0)
+
+    probe = trial_step(None)  # no budget: runs every size it is given
+    budget = int(probe(128).peak_memory_bytes / 0.9)
+    s = find_max_micro_batch(trial_step(budget), limit=len(lengths), agree=lambda v: v)
+    refused = [t.micro_batch_size for t in s.trials if (t.note or "").startswith("over budget (predicted")]
+    assert refused[:1] == [256]
+    run = [t for t in s.trials if not (t.note or "").startswith("over budget (predicted")]
+    assert len({t.micro_batch_size for t in run}) == len(run)  # no size run twice
+    n = s.max_micro_batch_size
+    for size in (256, 512, 700):  # past the old answer (255), and each fits when run
+        assert size <= n and probe(size).peak_memory_bytes <= budget
+    tried = {t.micro_batch_size: t for t in run}
+    assert tried[n].fits and not tried[n + 1].fits and tried[n + 1].peak_memory_bytes > budget
+
+    def measured(m):  # every size run, fitting within the budget: the reference boundary
+        peak = probe(m).peak_memory_bytes
+        return Measured(peak <= budget, peak)
+
+    assert n == find_max_micro_batch(measured, limit=len(lengths), agree=lambda v: v).max_micro_batch_size
 
 
 def test_a_cpu_step_fits_only_within_the_budget_and_a_bigger_budget_gives_a_bigger_answer():
@@ -276,6 +363,48 @@ def test_a_cpu_step_fits_only_within_the_budget_and_a_bigger_budget_gives_a_bigg
     # fewer than 1024 samples; and four times the budget holds more than twice as many.
     assert 0 < small.max_micro_batch_size < 1024
     assert big.max_micro_batch_size > 2 * small.max_micro_batch_size
+
+
+def test_a_step_the_fp16_scaler_skipped_is_not_timed():
+    """fp16: a step whose gradients overflow is skipped by the GradScaler (no optimizer step:
+    faster), and the finder kept the fastest of its timed steps -- the skipped one. Here the
+    two timed steps overflow in no time while a real step takes 50 ms: the speed is a real
+    step's (8 samples / 50 ms at most), timed on the steps after them (a CPU GradScaler
+    stands in for CUDA's)."""
+    import time
+
+    class SlowUnlessOverflowing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head, self.calls = nn.Linear(4, 3), 0
+
+        def forward(self, batch):
+            self.calls += 1
+            out = self.head(batch["features"])
+            if self.calls in (2, 3):  # the two timed steps: inf loss, the scaler skips them
+                return out * float("inf")
+            time.sleep(0.05)
+            return out
+
+    model = SlowUnlessOverflowing()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    try_step = make_trial_step(model, torch.optim.SGD(model.parameters(), lr=0.1), _batch_of,
+                               loss="cross_entropy", device=CPU, scaler=scaler, timed_steps=2)
+    m = try_step(8)
+    assert m.fits and scaler.get_scale() == 256.0  # two steps skipped (the scale halved twice)
+    assert model.calls == 5 and m.samples_per_s <= 8 / 0.05
+
+
+def test_out_of_memory_is_known_by_its_class_on_a_torch_without_the_top_level_name(monkeypatch):
+    """`torch.OutOfMemoryError` is newer than `torch.cuda.OutOfMemoryError` (the same class
+    where both exist). `is_oom` read the newer name: on a torch without it every error -- out
+    of memory or not -- raised AttributeError out of the finder and the auto micro-batch."""
+    from pipeline.engine.step import is_oom
+
+    oom = torch.cuda.OutOfMemoryError("allocation refused")  # (a message that does not say so)
+    monkeypatch.delattr(torch, "OutOfMemoryError")
+    assert is_oom(oom)
+    assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
 
 def test_the_cpu_peak_counts_tensors_alive_together_not_all_allocated():
@@ -351,6 +480,58 @@ def test_the_suggestion_for_the_adaptive_schedule_on_one_worker_is_a_config_it_a
     with pytest.raises(ValueError, match="below train.batch_size_min=64"):
         cfg.with_overrides({"train.micro_batch_size": suggest_batching(1000, 512, 1)["micro_batch_size"]})
     assert suggest_batching(1000, 512, 1, below=1) is None  # no micro-batch is below 1
+
+
+def test_a_size_that_does_not_fit_shows_no_speed_in_the_table_nor_the_plot(tmp_path, monkeypatch):
+    """A trial that does not fit has no speed (`samples_per_s` null); a file that holds one
+    anyway (a rank's own timing of a size another rank could not take, as the finder wrote
+    before) shows none in the table and plots none either."""
+    import pipeline.find_batch_size as fbs
+
+    trials = [{"micro_batch_size": 64, "fits": True, "peak_memory_bytes": 2**20,
+               "samples_per_s": 100.0, "note": None},
+              {"micro_batch_size": 128, "fits": False, "peak_memory_bytes": 2**21,
+               "samples_per_s": 150.0, "note": "another rank did not fit"}]
+    assert table_lines({"trials": trials})[2].split() == [
+        "128", "no", "2.0", "-", "another", "rank", "did", "not", "fit"]
+    figures = []
+    monkeypatch.setattr(fbs, "save_figure", lambda fig, path, dpi: figures.append(fig))
+    fbs.plot({"trials": trials, "max_memory_bytes": None, "max_micro_batch_size": 64,
+              "model": "mlp", "device": "cpu"}, tmp_path / "find_batch_size.png")
+    (speeds,) = figures[0].axes[1].lines
+    assert speeds.get_xydata().tolist() == [[64.0, 100.0]]
+
+
+def _default_budget_rank(rank: int, world: int, hosts: tuple[str, ...], cfg, info):
+    import socket
+
+    import pipeline.find_batch_size as fbs
+
+    socket.gethostname = lambda: hosts[rank]  # (this rank's process only)
+    shared_by = []
+    fbs._default_budget = lambda workers: shared_by.append(workers) or 8 * 2**20
+    r = fbs.search(cfg, info, None, device=CPU)
+    return shared_by, r["budget"], r["max_memory_bytes"]
+
+
+@pytest.mark.timeout(300)
+def test_the_default_cpu_budget_is_shared_by_the_workers_on_the_ranks_machine(data_dir):
+    """`--on-workers` without --max-memory on CPU ranks: each rank's budget is half its
+    machine's available memory over the workers on that machine -- not over all the workers,
+    which shrank a rank alone on its node as the cluster grew. Three gloo ranks (no Ray) on two
+    machines by host name, a and a and b; in one process, the config's workers share this
+    machine."""
+    import pipeline.find_batch_size as fbs
+    from pipeline.data.datasets import resolve
+
+    cfg, info = resolve(load_config(DIGITS, ["model.name=mlp", "scaling.num_workers=3",
+                                               "train.global_batch_size=96"]))
+    ranks = run_ranks(_default_budget_rank, 3, ("a", "a", "b"), cfg, info)
+    assert [r[0] for r in ranks] == [[2], [2], [1]]
+    assert [r[1] for r in ranks] == [
+        "half the memory available over the 2 workers on this machine (no --max-memory)"] * 2 + [
+        "half the memory available (no --max-memory)"]
+    assert fbs.workers_on_this_machine(3) == 3  # no process group: a local cluster runs them here
 
 
 # -- sizes -------------------------------------------------------------------------------------
