@@ -419,6 +419,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     refs = table_refs if table_refs is not None else ingest(info, cfg)
     owned = refs if table_refs is None else None  # this job's own ingest: ended with it
     marked = None  # the run made, or made RUNNING again, below
+    half: list[str] = []  # a run half made while the store went away (left RUNNING)
     try:
         line = mode_line(refs)
         if show_progress and line:
@@ -447,6 +448,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                     # it went away while the run was made: made when it is back, as below (a run
                     # half made and still RUNNING is marked FAILED then)
                     half = [err.run_id] if isinstance(err, HalfRunError) and not err.failed else []
+                    for rid in half:  # owed: the next job in --out marks it, should the store
+                        _owe(out_dir, rid, {"status": "FAILED", "tracking_uri": uri})  # not
+                        # come back while this one runs (`_end_owed_runs` at this job's end)
                     pending = _deferred_run(uri, half_made=half, **run_args)
                     _log(f"MLflow at {redact_text(uri)} failed while the run was made "
                          f"({console.error_line(cause)}): training starts without it; the run is created, "
@@ -599,6 +603,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     finally:
         if owned is not None:  # the streaming mode's servers and keeper (a notebook's job
             owned.release()  # would keep them, and the data, for its kernel's life)
+        if half:  # a run half made while the store went away: marked FAILED where it is back
+            # (the pending run may have done so), else left owed in --out for the next job
+            _end_owed_runs(out_dir, run_id)
         if pending is not None:  # (so would a failed job's traceback its handle: asked above)
             with contextlib.suppress(Exception):
                 ray.kill(pending)

@@ -137,3 +137,46 @@ def test_a_run_the_store_refuses_once_back_is_a_refusal_not_an_outage(tmp_path):
     assert refused_it and "deleted" in line, line
     with pytest.raises(ConfigError, match=r"refused the job's run when it was back"):
         launch.raise_refusal(pending.refusal(), uri, tmp_path / "tracking.json")
+
+
+@pytest.mark.ray
+def test_a_run_half_made_as_the_store_went_away_is_owed_and_marked_once_it_is_back(
+        ray_client, tmp_path, monkeypatch):
+    """The store goes away between creating the job's run and completing it, and stays away
+    for the whole job: the half-made run (RUNNING, its id known to no later job) is owed in
+    --out, and the next job there marks it FAILED once the store is back -- it was left
+    RUNNING for good."""
+    from pipeline.blocks import Blocks
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+    from tests.conftest import start_mlflow_server, stop_mlflow_server
+
+    monkeypatch.setenv(tracking.RETRIES, "0")
+    port = free_port()
+    (tmp_path / "store").mkdir()
+    server = start_mlflow_server(tmp_path / "store", port)
+    uri = f"http://127.0.0.1:{port}"
+    half = _run(uri)
+    gone = [server]
+
+    def went_away(*_a, **_k):  # created the run, then the store went away
+        stop_mlflow_server(gone.pop())
+        raise tracking.HalfRunError(half, False, ConnectionError("connection refused"))
+
+    monkeypatch.setattr(launch, "start_run", went_away)
+    monkeypatch.setattr(launch, "connect", lambda *a, **k: None)  # (this process: joined)
+    cfg, info = resolve(load_config(str(REPO / "jobs/configs/digits.yaml"),
+                                    ["train.epochs=1", f"tracking.uri={uri}",
+                                     "tracking.log_model=false"]))
+    out = tmp_path / "out"
+    launch.run_training(cfg, info, out, table_refs=Blocks("object_store", []),
+                        fit=lambda *a: ({"epoch": 1.0, "step": 22.0}, None))
+    assert json.loads((out / launch.OWED).read_text()) == {
+        half: {"status": "FAILED", "tracking_uri": uri}}
+    server = start_mlflow_server(tmp_path / "store", port)  # back, the same store
+    try:
+        launch._end_owed_runs(out, None)  # (the next job in --out, at its start)
+        assert MlflowClient(uri).get_run(half).info.status == "FAILED"
+        assert not (out / launch.OWED).exists()
+    finally:
+        stop_mlflow_server(server)
