@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -380,6 +381,71 @@ def test_training_and_inspect_draw_the_same_batches_from_the_one_feed(
                 "model_facts": info.facts, "run_id": run_id, "tracking_uri": uri}, session)
     assert [r["epoch"] for r in session.reports] == [1, 2]
     assert drawn == inspected and len(drawn) > 2 * 4
+
+
+@pytest.mark.ray
+def test_a_jobs_ranks_train_exactly_the_micro_batches_inspect_wrote_for_them(
+        ray_client, odd_parquet, tmp_path, capsys, monkeypatch):
+    """The job itself (`run_training`, Ray Train, 2 ranks): each rank's training micro-batches
+    -- what its `RankFeed.collate` is asked for, in order, recorded in the worker's process --
+    are the micro-batches `inspect-batches` wrote for that rank, over two epochs of a
+    batch-size warmup on length-bucketed sequences."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline import launch
+
+    sets = [f"data.path={odd_parquet}", "data.feature_column=null",
+            "data.sequence_column=tokens", "model.name=seq_transformer",
+            "model.kwargs={d_model: 16, nhead: 2, num_layers: 1, dim_feedforward: 32}",
+            "batching.strategy=length_bucket", "train.epochs=2",
+            "train.global_batch_size=48", "train.micro_batch_size=8",
+            "train.batch_size_schedule=warmup", "train.batch_size_min=16",
+            "train.batch_size_warmup_steps=4", "train.warmup_epochs=0",
+            "data.val_fraction=0.1", "scaling.num_workers=2", "tracking.log_model=false",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    rc, _, stderr = cli_in_process(["inspect-batches", *[a for s in sets for a in ("--set", s)],
+                                    "--out", str(tmp_path / "inspect")], capsys, monkeypatch)
+    assert rc == 0, stderr[-2000:]
+    df = pd.read_parquet(tmp_path / "inspect" / "batches.parquet")
+    df["row"] = np.arange(len(df))
+    inspected = {r: [(int(e), g["position"].tolist()) for (e, _, _), g in part.sort_values("row")
+                     .groupby(["epoch", "batch", "micro"], sort=False)]
+                 for r, part in df.groupby("rank")}
+    record = tmp_path / "drawn"
+
+    def entry(config):  # (a closure: Ray pickles it by value into each worker)
+        from pipeline.data.feed import RankFeed
+        from pipeline.worker import train_func
+
+        drawn, collate = [], RankFeed.collate
+
+        def recording(self, part, key, rows):
+            if key[2] == 0:  # a training micro-batch (validation's key ends in 1)
+                drawn.append((key[1], part.tolist()))
+            return collate(self, part, key, rows)
+
+        RankFeed.collate = recording
+        try:
+            launch._worker_entry(train_func, config)
+        finally:
+            rank = ray.train.get_context().get_world_rank()
+            (record / f"rank{rank}.json").write_text(json.dumps(drawn))
+
+    def fit(cfg, loop_config, name, storage):
+        result = TorchTrainer(entry, train_loop_config=loop_config,
+                              scaling_config=ray.train.ScalingConfig(num_workers=2),
+                              run_config=ray.train.RunConfig(name=name, storage_path=str(storage))
+                              ).fit()
+        assert result.error is None, result.error
+        return dict(result.metrics or {}), Path(result.checkpoint.path)
+
+    record.mkdir()
+    cfg, info = resolve(load_config(None, sets))
+    launch.run_training(cfg, info, tmp_path / "job", fit=fit, show_progress=False)
+    for rank in (0, 1):
+        drawn = [tuple(x) for x in json.loads((record / f"rank{rank}.json").read_text())]
+        assert drawn == inspected[rank] and len(drawn) > 2 * 4, rank
 
 
 @pytest.mark.ray
