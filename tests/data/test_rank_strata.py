@@ -215,3 +215,42 @@ def test_a_hundred_classes_of_two_or_three_are_solved_and_past_the_cap_the_chain
     assert np.array_equal(pattern, strategies._digit_reversal(np.array(counts)))
     assert _slices_hold_floor_or_ceil(pattern, counts, [2, 4, 8, 16, 48, 240])
     assert not _slices_hold_floor_or_ceil(pattern, counts, divisors(240))
+
+
+def _largest_remainder(share: np.ndarray, b: int) -> tuple[int, ...]:
+    """A batch of b's class counts at `share`, by largest remainder (hand-written here: the
+    planner's counts vary as pools deplete; the README's claim is per count vector)."""
+    raw = share * b
+    counts = np.floor(raw).astype(int)
+    for i in np.argsort(-(raw - counts), kind="stable")[: b - counts.sum()]:
+        counts[i] += 1
+    return tuple(int(c) for c in counts)
+
+
+def test_every_batch_up_to_300_holds_every_worker_count_at_digits_imbalanced_shares():
+    """README: every rank's slice within +-1 of its share for every worker count dividing the
+    batch, "every batch up to 300" -- checked for each of 2..300 at `digits_imbalanced`'s ten
+    class shares (skewed 433 : ... : 2 at 960)."""
+    share = np.bincount(IMBALANCED) / len(IMBALANCED)
+    for b in range(2, 301):
+        counts = _largest_remainder(share, b)
+        pattern = interleave_pattern(counts)
+        assert pattern is not None and _slices_hold_floor_or_ceil(pattern, counts, divisors(b)), b
+
+
+@pytest.mark.parametrize(("b", "chain"), [(960, [2, 4, 8, 16, 32, 64, 192, 960]),
+                                          (1536, [2, 4, 8, 16, 32, 64, 128, 256, 512, 1536])])
+def test_past_300_the_chain_is_exact_and_the_other_worker_counts_within_three_and_a_half(b, chain):
+    """README: beyond the solver's reach, the worker counts of the batch's prime-factor chain
+    within +-1, the others off their share by up to about 3.5 samples (at 960 and 1536)."""
+    share = np.bincount(IMBALANCED) / len(IMBALANCED)
+    counts = _largest_remainder(share, b)
+    pattern = interleave_pattern(counts)
+    assert _slices_hold_floor_or_ceil(pattern, counts, chain)
+    off_chain = [w for w in divisors(b) if w not in chain]
+    assert not _slices_hold_floor_or_ceil(pattern, counts, off_chain)  # (the claim's condition)
+    worst = 0.0
+    for w in off_chain:
+        per_slice = (pattern.reshape(w, b // w)[:, :, None] == np.arange(len(counts))).sum(1)
+        worst = max(worst, float(np.abs(per_slice - np.array(counts) / w).max()))
+    assert 1 < worst <= 3.5
