@@ -416,15 +416,11 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     if table_refs is None:  # (a sweep checks its trials' workers itself)
         check_workers_fit([cfg])
     out_dir.mkdir(parents=True, exist_ok=True)
-    refs = table_refs if table_refs is not None else ingest(info, cfg)
-    owned = refs if table_refs is None else None  # this job's own ingest: ended with it
+    owned = None  # this job's own ingest: ended with it
     marked = None  # the run made, or made RUNNING again, below
     half: list[str] = []  # a run half made while the store went away (left RUNNING)
+    pending = None  # the run, when the tracking server is unreachable at the start
     try:
-        line = mode_line(refs)
-        if show_progress and line:
-            _log(line)
-        pending = None  # the run, when the tracking server is unreachable at the start
         if run_id is None:
             # masked here (start_run masks again): a deferred run is made in an actor on the
             # head node, whose environment may lack the secrets this driver's holds
@@ -468,12 +464,28 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             pending = _deferred_run(uri, reopen=run_id)
             _log(f"MLflow at {redact_text(uri)} is unreachable: training goes on without it; run {run_id} "
                  "gets its metrics when the server is back")
+        # the data after the run: a store that answers but refuses the run (no permission to
+        # write in the experiment) is said before the ingest's minutes, not after them
+        refs = table_refs if table_refs is not None else ingest(info, cfg)
+        owned = refs if table_refs is None else None
+        line = mode_line(refs)
+        if show_progress and line:
+            _log(line)
     except BaseException as err:
         if owned is not None:
             owned.release()
         if marked is not None:  # stopped or failed while it was set up: not left RUNNING
             end_run(uri, marked, "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit)
                     else "FAILED")
+        if pending is not None:  # a run made once the store came back (during the ingest) is
+            # ended too; one not made yet is not made for a job that never ran
+            with contextlib.suppress(Exception):
+                made = ray.get(pending.run_id.remote(force=False), timeout=1.5)
+                if made is not None:
+                    end_run(uri, made, "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit)
+                            else "FAILED")
+            with contextlib.suppress(Exception):
+                ray.kill(pending)
         raise
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
         _write_state(state_file, run_id, uri, cfg, checkpoints, fingerprint)
