@@ -1,8 +1,8 @@
 """The batches ranks draw in the streaming mode, through the real fetch (`pipeline/blocks.py`):
 joined to the cluster at ADDRESS, ingest the digits in the streaming mode, run WORLD ranks as
 Ray tasks spread over the nodes, and print, as JSON, every step's global batch as the ranks
-collated it (sample ids in rank order) with a checksum of the features they gathered, and the
-nodes the ranks ran on. `tests/test_nodes_ray.py` compares 1 and 2 ranks on 1 and 2 nodes.
+collated it (sample ids in rank order) with a digest of each row's features as gathered, and
+the nodes the ranks ran on. `tests/test_nodes_ray.py` compares 1 and 2 ranks on 1 and 2 nodes.
 
     python -m tests.stream_probe ADDRESS WORLD
 """
@@ -17,6 +17,14 @@ import ray
 
 SETS = ["data.mode=streaming", "batching.strategy=stratified", "train.global_batch_size=64",
         "train.micro_batch_size=16", "train.epochs=2"]
+
+
+def row_digest(features: np.ndarray) -> str:
+    """A row's features, as float32 bytes, digested: each id's own row, not a step's sum."""
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(features, np.float32).tobytes(),
+                           digest_size=8).hexdigest()
 
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
@@ -34,12 +42,12 @@ def rank_batches(cfg_dict: dict, blocks, rank: int, world: int) -> dict:
     for epoch in range(cfg.train.epochs):
         _, it = feed.epoch(epoch, lambda: 1)
         for step in it:
-            ids, total = [], 0.0
+            ids, rows = [], []
             for part in step.micro(16):
                 nb = feed.collate(part, (0, epoch, 0), step.rows)
                 ids += nb["sample_id"].tolist()
-                total += float(np.asarray(nb["features"], np.float64).sum())
-            steps.append({"ids": ids, "sum": total})
+                rows += [row_digest(r) for r in np.asarray(nb["features"]).reshape(len(part), -1)]
+            steps.append({"ids": ids, "rows": rows})
     return {"node": ray.get_runtime_context().get_node_id(), "steps": steps,
             "fetched": streamed.fetched_bytes}
 
@@ -54,7 +62,7 @@ def main(address: str, world: int) -> None:
     blocks = ingest(info, cfg)
     ranks = ray.get([rank_batches.remote(cfg.to_dict(), blocks, r, world) for r in range(world)])
     steps = [{"ids": [i for r in ranks for i in r["steps"][s]["ids"]],
-              "sum": sum(r["steps"][s]["sum"] for r in ranks)}
+              "rows": [d for r in ranks for d in r["steps"][s]["rows"]]}
              for s in range(len(ranks[0]["steps"]))]
     print(json.dumps({"steps": steps, "nodes": [r["node"] for r in ranks],
                       "block_nodes": sorted(set(blocks.nodes) - {None}),

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -181,6 +182,14 @@ def test_streamed_global_batches_do_not_depend_on_workers_or_nodes(two_nodes, ra
     pair = _probe(cluster.address, 2)
     assert len(one["steps"]) > 2 * 20
     assert one["steps"] == alone["steps"] == pair["steps"]
+    # each id's features are its own row of the data (a row gathered for another id, or
+    # swapped between ranks, shows here: the steps above compare the same draw three times)
+    from pipeline.data.datasets import make_digits
+    from tests.stream_probe import row_digest
+
+    table = np.asarray(make_digits().column("features").to_pylist(), np.float32)
+    for step in pair["steps"]:
+        assert step["rows"] == [row_digest(table[i]) for i in step["ids"]]
     assert sorted(pair["nodes"]) == sorted(w.node_id for w in workers)
     assert pair["block_nodes"] == sorted(w.node_id for w in workers)
     features = 64 * 4  # bytes of a digits row's features (the only large column)
