@@ -49,7 +49,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pipeline import console
 from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, one_array
-from pipeline.data.datasets import DatasetInfo, files_changed
+from pipeline.data.datasets import DatasetInfo, embedded_name, files_changed
 from pipeline.data.rows import Fetch, LargeColumns, StreamedRows, scatter_rows, take_rows
 
 CHUNK_BYTES = 6 << 20  # the streaming mode's fetches: about this much per call (bench/README.md)
@@ -222,7 +222,14 @@ def _one_modified_time(filesystem: Any) -> bool:
 
 
 def _read(uri: str, **kwargs: Any) -> Any:
-    """`ray.data.read_parquet` over the files `parquet_files` lists."""
+    """`ray.data.read_parquet` over the files `parquet_files` lists. An embedded dataset's
+    file is on the driver's machine alone (a cluster's head, which may offer no CPU to a read
+    task): the driver reads it (a few MB) and hands it to Ray Data, in `override_num_blocks`
+    blocks where given."""
+    if embedded_name(uri) is not None:
+        ds = ray.data.from_arrow(pq.read_table(uri, columns=kwargs.get("columns")))
+        blocks = kwargs.get("override_num_blocks")
+        return ds.repartition(blocks) if blocks else ds
     files, fs = parquet_files(uri)
     return ray.data.read_parquet(files, filesystem=fs, file_extensions=None, **kwargs)
 
@@ -438,8 +445,9 @@ class BlockServer:
         """Blocks read again from the Parquet data (a lost node's): block `ids[i]` is the
         `counts[i]` rows from dataset row `starts[i]`, the columns ingest read -- of the same
         files (`data_files` at ingest: `files`), or a ConfigError saying what changed."""
-        from pipeline.data.datasets import read_rows
+        from pipeline.data.datasets import ensure_embedded, read_rows
 
+        ensure_embedded(uri)  # (the embedded dataset's file: written on the driver's node alone)
         if files is not None and (change := files_changed(files, data_files(uri))):
             # A block is the rows from a position on: read now, it would hold other rows (or
             # fail on a file cut short, on every restart). Input, not a failure to retry.

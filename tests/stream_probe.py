@@ -4,7 +4,7 @@ Ray tasks spread over the nodes, and print, as JSON, every step's global batch a
 collated it (sample ids in rank order) with a digest of each row's features as gathered, and
 the nodes the ranks ran on. `tests/test_nodes_ray.py` compares 1 and 2 ranks on 1 and 2 nodes.
 
-    python -m tests.stream_probe ADDRESS WORLD
+    python -m tests.stream_probe ADDRESS WORLD [MODE]   (MODE: data.mode, streaming by default)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import ray
 
-SETS = ["data.mode=streaming", "batching.strategy=stratified", "train.global_batch_size=64",
+SETS = ["batching.strategy=stratified", "train.global_batch_size=64",
         "train.micro_batch_size=16", "train.epochs=2"]
 
 
@@ -49,25 +49,38 @@ def rank_batches(cfg_dict: dict, blocks, rank: int, world: int) -> dict:
                 rows += [row_digest(r) for r in np.asarray(nb["features"]).reshape(len(part), -1)]
             steps.append({"ids": ids, "rows": rows})
     return {"node": ray.get_runtime_context().get_node_id(), "steps": steps,
-            "fetched": streamed.fetched_bytes}
+            "fetched": streamed.fetched_bytes if streamed is not None else 0}
 
 
-def main(address: str, world: int) -> None:
+def file_reads_elsewhere() -> list[str]:
+    """The tasks that read a Parquet file (Ray Data's reads and its file sampling) on another
+    node than this driver's: the embedded dataset's file is on the driver's machine alone."""
+    from ray.util.state import list_tasks
+
+    here = ray.get_runtime_context().get_node_id()
+    return sorted({t.name for t in list_tasks(detail=True, limit=10_000)
+                   if ("ReadParquet" in t.name or "parquet_file_info" in t.name)
+                   and t.node_id not in (None, here)})
+
+
+def main(address: str, world: int, mode: str = "streaming") -> None:
     from pipeline.blocks import ingest
     from pipeline.config import load_config
     from pipeline.data.datasets import resolve
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    cfg, info = resolve(load_config(None, [*SETS, f"scaling.num_workers={world}"]))
+    cfg, info = resolve(load_config(None, [*SETS, f"scaling.num_workers={world}",
+                                           f"data.mode={mode}"]))
     blocks = ingest(info, cfg)
     ranks = ray.get([rank_batches.remote(cfg.to_dict(), blocks, r, world) for r in range(world)])
     steps = [{"ids": [i for r in ranks for i in r["steps"][s]["ids"]],
               "rows": [d for r in ranks for d in r["steps"][s]["rows"]]}
              for s in range(len(ranks[0]["steps"]))]
     print(json.dumps({"steps": steps, "nodes": [r["node"] for r in ranks],
+                      "file_reads_elsewhere": file_reads_elsewhere(),
                       "block_nodes": sorted(set(blocks.nodes) - {None}),
                       "fetched": [r["fetched"] for r in ranks], "rows": info.num_rows}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

@@ -463,6 +463,54 @@ def test_a_jobs_ranks_train_exactly_the_micro_batches_inspect_wrote_for_them(
 
 
 @pytest.mark.ray
+def test_hard_minings_second_epoch_draws_by_the_losses_its_first_epoch_scored(
+        ray_client, tmp_path, monkeypatch):
+    """The worker hands the pool's losses, scored after epoch 1, to epoch 2's plan: its draws
+    lean to the hard samples (their mean loss well above the pool's; selection pressure 100),
+    where epoch 1 -- no losses yet -- drew uniformly. A worker that passed no losses would
+    draw uniformly in both, and train and log as well."""
+    import ray
+    import yaml
+
+    from pipeline.data.datasets import make_digits
+    from pipeline.data.feed import RankFeed
+    from pipeline.tracking import start_run
+    from pipeline.worker import train_func
+
+    sets = ["batching.strategy=hard_mining", "batching.options.selection_pressure=100",
+            "train.epochs=2", "scaling.num_workers=1", "tracking.log_model=false"]
+    cfg, info = resolve(load_config(DIGITS, sets))
+    drawn: dict[int, list[int]] = {0: [], 1: []}
+    given: dict[int, np.ndarray | None] = {}
+    collate, epoch_of = RankFeed.collate, RankFeed.epoch
+
+    def recording(self, part, key, rows):
+        if key[2] == 0:  # a training micro-batch
+            drawn[key[1]] += part.tolist()
+        return collate(self, part, key, rows)
+
+    def planned(self, epoch, units, sample_losses=None):
+        given[epoch] = None if sample_losses is None else np.array(sample_losses)
+        return epoch_of(self, epoch, units, sample_losses)
+
+    monkeypatch.setattr(RankFeed, "collate", recording)
+    monkeypatch.setattr(RankFeed, "epoch", planned)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "mined", run_name=None, params={}, config_yaml=yaml.safe_dump({}))
+    session = _OneRank()
+    train_func({"config": cfg.to_dict(), "table_refs": [ray.put(make_digits())],
+                "model_facts": info.facts, "run_id": run_id, "tracking_uri": uri}, session)
+    assert given[0] is None or np.isnan(given[0]).all()  # epoch 1: nothing scored yet
+    losses = given[1]
+    train = np.unique(drawn[0])  # (uniform draws with replacement: most of the pool)
+    assert losses is not None and np.isfinite(losses[train]).all()
+    pool_mean = losses[train].mean()
+    first, second = losses[drawn[0]].mean(), losses[drawn[1]].mean()
+    assert second > 1.5 * pool_mean and abs(first - pool_mean) < 0.25 * pool_mean, (
+        first, second, pool_mean)
+
+
+@pytest.mark.ray
 def test_a_token_budget_trains_every_step_at_the_configured_batchs_lr(ray_client, odd_parquet,
                                                                        tmp_path):
     """Under `max_tokens` a step's sample count follows its sequences' lengths; its LR is the

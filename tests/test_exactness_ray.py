@@ -39,12 +39,13 @@ def test_nonfinite_loss_stops_the_job_failed_without_nonfinite_checkpoint(
     assert json.loads((tmp_path / "fatal.json").read_text())["kind"] == "nonfinite"
 
 
-@pytest.mark.parametrize(("label", "line"), [
-    (-1, r"negative label \(-1\)"),  # the table's own check on the workers
-    (5, r"changed since the checks: label 5, the model has 3 outputs"),  # the model's outputs
+@pytest.mark.parametrize(("label", "line", "mode"), [
+    (-1, r"negative label \(-1\)", "object_store"),  # the table's own check on the workers
+    (5, r"changed since the checks: label 5, the model has 3 outputs", "object_store"),
+    (5, r"label 5, the model has 3 outputs", "streaming"),  # each fetched chunk's check
 ])
 def test_data_changed_after_the_checks_fails_at_once_with_one_line(ray_client, mlflow_server,
-                                                                   tmp_path, label, line):
+                                                                   tmp_path, label, line, mode):
     """The file is checked (labels 0-2: a model of 3 outputs), then changed before training: a
     data error the driver's checks could not see ends the job with the workers' one line, as
     bad input. The workers return instead of raising -- so Ray Train, which restarts only a
@@ -70,6 +71,7 @@ def test_data_changed_after_the_checks_fails_at_once_with_one_line(ray_client, m
     cfg, info = resolve(load_config(None, [
         f"data.path={path}", "data.feature_column=x", "data.label_column=y", "model.name=mlp",
         "train.epochs=1", "train.global_batch_size=32", "scaling.max_failures=3",
+        f"data.mode={mode}",
         f"tracking.uri={mlflow_server}", "tracking.experiment=test-worker-input-error"]))
     assert info.facts["max_label"] == 2
     labels[7] = label

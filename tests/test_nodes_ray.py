@@ -160,11 +160,11 @@ def test_a_local_tracking_store_is_refused_on_two_nodes(two_nodes, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def _probe(address: str, world: int) -> dict:
+def _probe(address: str, world: int, mode: str = "streaming") -> dict:
     """`tests/stream_probe.py`: the global batches `world` ranks draw in the streaming mode."""
     import os
 
-    proc = subprocess.run([sys.executable, "-m", "tests.stream_probe", address, str(world)],
+    proc = subprocess.run([sys.executable, "-m", "tests.stream_probe", address, str(world), mode],
                           capture_output=True, text=True, cwd=REPO, timeout=300,
                           env={**os.environ, "RAY_ADDRESS": address})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -190,6 +190,11 @@ def test_streamed_global_batches_do_not_depend_on_workers_or_nodes(two_nodes, ra
     table = np.asarray(make_digits().column("features").to_pylist(), np.float32)
     for step in pair["steps"]:
         assert step["rows"] == [row_digest(table[i]) for i in step["ids"]]
+    # the embedded dataset's file is on the driver's machine alone (a cluster's head, with no
+    # CPU for a read task here as in cluster.yaml): no other node reads it, in either mode
+    assert pair["file_reads_elsewhere"] == []
+    whole = _probe(cluster.address, 2, "object_store")
+    assert whole["file_reads_elsewhere"] == [] and whole["steps"] == pair["steps"]
     assert sorted(pair["nodes"]) == sorted(w.node_id for w in workers)
     assert pair["block_nodes"] == sorted(w.node_id for w in workers)
     features = 64 * 4  # bytes of a digits row's features (the only large column)

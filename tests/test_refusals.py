@@ -70,6 +70,9 @@ def refused(argv: list[str], capsys, monkeypatch, cwd=None) -> str:
     reached = [ln for ln in lines if ln.startswith(f"{__name__}._Reached: ")]
     if rc == 1 and reached:  # (the CLI prints an unexpected failure's traceback, exit 1)
         raise _Reached(reached[-1].split(": ", 1)[1])
+    imported = [ln for ln in lines if ln.startswith(("ModuleNotFoundError: ", "ImportError: "))]
+    if rc == 1 and imported:  # an import of Ray or MLflow before the cluster (masked traceback)
+        raise ImportError(imported[-1])
     assert rc == 2, err
     assert len(lines) == 1, err
     if cwd is not None:
@@ -579,6 +582,10 @@ CASES = [
     ("out-name-too-long", ["--config", DIGITS, "--out", "{long_name}"], "File name too long"),
     ("out-symlink-loop", ["--config", DIGITS, "--out", "{loop}/x"], "--out"),
     ("config-name-too-long", ["--config", "{long_name}"], "File name too long"),
+    ("data-path-name-too-long", [*s("data.path={long_name}")], "data.path /"),
+    ("data-path-symlink-loop", [*s("data.path={loop}/d.parquet")], "data error: data.path /"),
+    ("cache-dir-name-too-long", [*s("data.name=digits", "data.cache_dir={long_name}")],
+     "data.cache_dir: cannot write the embedded dataset 'digits'"),
     ("config-bad-tag", ["--config", "{tagged_yaml}"], "tagged.yaml: not a config YAML can read"),
     ("set-bad-tag", ["--config", DIGITS, *s("train.epochs=!!int x")],
      "--set train.epochs=!!int x: not a value YAML can read"),

@@ -201,6 +201,8 @@ def test_a_curriculum_resumed_with_more_epochs_keeps_its_pacing(tmp_path, capsys
     monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
     monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda *a, **k: None)
     monkeypatch.setattr("pipeline.launch.check_workers_fit", lambda cfg: None)
+    # (the run, reopened before the ingest, waits for its store elsewhere: an actor; none here)
+    monkeypatch.setattr("pipeline.launch._deferred_run", lambda *a, **k: None)
     monkeypatch.setattr("pipeline.launch.ingest", ingest)
     resumed, _ = resolve(load_config(None, [*seq, "train.epochs=8"]))
     with pytest.raises(Reached) as reached:
@@ -524,3 +526,30 @@ def test_a_job_refused_at_the_cluster_leaves_no_out_folder(command, tmp_path, ca
                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     assert rc == 2 and capsys.readouterr().err == "config error: no Ray cluster to join at auto\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_resume_on_data_written_again_at_the_same_size_is_refused(tmp_path):
+    """Two labels swapped and the file written again: the same size, rows and facts -- the
+    listing saw nothing -- but the small columns the checks read differ."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.datasets import data_change, data_fingerprint, make_digits
+
+    data = tmp_path / "d.parquet"
+    table = make_digits()
+    plain = {"compression": "none", "use_dictionary": False}  # (a swap keeps the size exact)
+    pq.write_table(table, data, **plain)
+    sets = [f"data.path={data}", "data.feature_column=features"]
+    before = data_fingerprint(resolve(load_config(DIGITS, sets))[1])
+    labels = table.column("label").to_pylist()
+    i = next(k for k in range(1, len(labels)) if labels[k] != labels[0])
+    labels[0], labels[i] = labels[i], labels[0]
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa.array(labels, table.schema.field("label").type)), data,
+                   **plain)
+    now = data_fingerprint(resolve(load_config(DIGITS, sets))[1])
+    assert now["files"] == before["files"] and now["rows"] == before["rows"]
+    assert data_change(before, now) == ("its ids, labels, lengths or difficulties differ (the "
+                                        "same files and sizes: written again)")
+    assert data_change(before, {k: v for k, v in now.items() if k != "small"}) is None  # (old)

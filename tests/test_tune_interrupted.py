@@ -143,6 +143,11 @@ def test_a_trial_whose_actor_is_killed_runs_again_to_the_same_weights(ray_client
     stdout, stderr = sweep.communicate(timeout=600)
     assert sweep.returncode == 0, (stdout + stderr)[-4000:]
     assert killed_at < EPOCHS - 1, "the trial ended before the kill took effect"
+    # run again, in another actor (a trial never interrupted would pass every check below)
+    again = list_actors(filters=[("class_name", "=", "ImplicitFunc"),
+                                 ("job_id", "=", actors[0].job_id)], limit=1000)
+    assert len({a.actor_id for a in again}) >= 2 and actors[0].actor_id in {
+        a.actor_id for a in again}, again
 
     result = json.loads((trial / "result.json").read_text())
     assert result["mlflow_run_id"] == run_id  # its own run, continued

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import posixpath
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from pipeline.data.batches import (
     vector_width,
 )
 from pipeline.data.padding import IGNORE_INDEX
+from pipeline.redact import redact_text
 
 DATASET_VERSION = "v1"
 SEQ_VOCAB = 64
@@ -116,20 +118,68 @@ def embedded_path(name: str, root: str | None = None) -> Path:
         raise ConfigError(f"config error: data.name: unknown embedded dataset {name!r}; "
                           f"known: {', '.join(EMBEDDED_DATASETS)} (or set data.path)")
     path = cache_dir(root) / f"{name}-{DATASET_VERSION}.parquet"
-    if not path.exists():
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
+    source = ("data.cache_dir" if root or not os.environ.get("PIPELINE_DATA_DIR")
+              else "PIPELINE_DATA_DIR")  # (the default is under ~/.cache)
+    try:
+        if _readable_parquet(path):
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a name of its own (two containers sharing the cache may share a pid too), written
+        # whole and synced before the rename; anything that stops it (SIGTERM too) leaves none
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(BUILDERS[name](), tmp)
+            with os.fdopen(fd, "wb") as f:
+                pq.write_table(BUILDERS[name](), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # (mkstemp's 0600 would keep a shared cache's file from others)
             os.replace(tmp, path)
-        except OSError as err:  # a cache_dir that is a file, read-only, on a full disk...
+        except BaseException:
             with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            source = ("data.cache_dir" if root or not os.environ.get("PIPELINE_DATA_DIR")
-                      else "PIPELINE_DATA_DIR")  # (the default is under ~/.cache)
-            raise ConfigError(f"config error: {source}: cannot write the embedded dataset "
-                              f"{name!r} to {path.parent} ({err.strerror or err})") from None
+                os.unlink(tmp)
+            raise
+    except (OSError, RuntimeError) as err:  # a cache_dir that is a file, read-only, on a full
+        # disk, a name too long...
+        raise ConfigError(f"config error: {source}: cannot write the embedded dataset "
+                          f"{name!r} to {path.parent} ({getattr(err, 'strerror', None) or err})"
+                          ) from None
     return path
+
+
+def _readable_parquet(path: Path) -> bool:
+    """Whether `path` is a Parquet file whose footer reads (a damaged cache file -- cut short by
+    a crash, say -- is written again, not blamed on a data.path never given)."""
+    if not path.exists():
+        return False
+    try:
+        pq.read_metadata(path)
+    except (OSError, pa.ArrowException):
+        return False
+    return True
+
+
+def embedded_name(uri: str) -> str | None:
+    """The embedded dataset whose cache file (`embedded_path`) `uri` is; None for other data.
+    That file is on the machine that resolved the config alone: the cluster reads it there,
+    and a node that reads it again writes its own (`ensure_embedded`).
+
+    >>> embedded_name("/home/me/.cache/batch-pipeline/datasets/digits-v1.parquet")
+    'digits'
+    >>> embedded_name("s3://b/digits-v1.parquet"), embedded_name("/data/train.parquet")
+    (None, None)
+    """
+    if "://" in uri:
+        return None
+    name = Path(uri).name
+    return next((n for n in BUILDERS if name == f"{n}-{DATASET_VERSION}.parquet"), None)
+
+
+def ensure_embedded(uri: str) -> None:
+    """An embedded dataset's cache file at `uri`, written here when this machine lacks it (its
+    builder is deterministic: the same rows as the driver's)."""
+    name = embedded_name(uri)
+    if name is not None and not Path(uri).exists():
+        embedded_path(name, str(Path(uri).parent))
 
 
 @dataclass(frozen=True)
@@ -172,10 +222,10 @@ FILLED_KEYS = ("data.feature_column", "data.sequence_column", "data.target_colum
 
 def data_fingerprint(info: DatasetInfo) -> dict[str, Any]:
     """What a `--resume` compares to know the data is the one its checkpoints were trained on
-    (kept in run.json): the row count, each file's path and size (a listing: no file is read)
-    and the facts the model is built from. A row appended changes the split and the batches
-    (or the model's shape: a traceback in every restarted worker); a value changed in place,
-    the file's size, most likely."""
+    (kept in run.json): the row count, each file's path and size (a listing and the footers),
+    the facts the model is built from and a digest of the small columns the checks read. A
+    row appended changes the split and the batches (or the model's shape: a traceback in every
+    restarted worker); a value changed in place, the file's size, most likely, or the digest."""
     ds = pads.dataset(info.uri, format="parquet")
     files = ds.filesystem.get_file_info(list(ds.files))
     # named from the dataset's folder: the same data elsewhere is the same (`ray job submit`
@@ -183,7 +233,28 @@ def data_fingerprint(info: DatasetInfo) -> dict[str, Any]:
     root = posixpath.commonpath([posixpath.dirname(f.path) for f in files]) if files else ""
     return {"rows": int(info.num_rows), "facts": dict(info.facts),
             "files": [[posixpath.relpath(f.path, root) if root else f.path, int(f.size)]
-                      for f in files]}
+                      for f in files],
+            **({"small": small_digest(info.small)} if info.small is not None else {})}
+
+
+def small_digest(st: SampleTable) -> str:
+    """A digest of the small columns the checks read (ids, labels, lengths, difficulties): a
+    file written again at the same size with labels swapped, or other lengths, shows (its
+    features alone changed do not: the driver never reads them).
+
+    >>> a = SampleTable(np.arange(3), np.array([0, 1, 1]), None, None, None, None, None)
+    >>> b = SampleTable(np.arange(3), np.array([1, 0, 1]), None, None, None, None, None)
+    >>> small_digest(a) == small_digest(a), small_digest(a) == small_digest(b)
+    (True, False)
+    """
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("ids", "labels", "lengths", "difficulty"):
+        values = getattr(st, name)
+        h.update(name.encode() + (b"-" if values is None else
+                                  np.ascontiguousarray(values).tobytes()))
+    return h.hexdigest()
 
 
 def files_changed(before: list[Any], now: list[Any], at: str = "at the start") -> str | None:
@@ -238,6 +309,10 @@ def data_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
         if before["facts"].get(key) != now["facts"].get(key):
             return (f"{key} is {now['facts'].get(key)} ({before['facts'].get(key)} when the run "
                     "started)")
+    if before.get("small") and now.get("small") and before["small"] != now["small"]:
+        # (a run.json of an earlier version has no digest: not compared)
+        return ("its ids, labels, lengths or difficulties differ (the same files and sizes: "
+                "written again)")
     return None
 
 
@@ -290,7 +365,7 @@ def unreachable(err: BaseException) -> bool:
 def _raise_if_unreachable(err: BaseException, uri: str) -> None:
     """DataUnreachable (exit 1) where Arrow's error says the store could not be reached."""
     if unreachable(err):
-        raise DataUnreachable(f"data error: data.path {uri} could not be reached "
+        raise DataUnreachable(f"data error: data.path {redact_text(uri)} could not be reached "
                               f"({_first_line(err)})") from None
 
 
@@ -381,19 +456,24 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     if d.path is None:
         uri = str(embedded_path(d.name, d.cache_dir).resolve())
     else:
-        uri = absolute_path(d.path)
-        if "://" not in uri and not Path(uri).exists():
-            raise ConfigError(f"data error: data.path does not exist: {d.path}")
+        try:
+            uri = absolute_path(d.path)
+            missing = "://" not in uri and not Path(uri).exists()
+        except (OSError, RuntimeError, ValueError) as err:  # a name too long, a symlink loop
+            raise ConfigError(f"data error: data.path {redact_text(d.path)}: "
+                              f"{getattr(err, 'strerror', None) or err}") from None
+        if missing:
+            raise ConfigError(f"data error: data.path does not exist: {redact_text(d.path)}")
     try:
         ds = checked_dataset(uri)
         schema = rows_schema(ds)
         num_rows = ds.count_rows()
     except (OSError, pa.ArrowException) as err:
         _raise_if_unreachable(err, uri)
-        raise ConfigError(f"data error: data.path {uri} is not readable Parquet "
+        raise ConfigError(f"data error: data.path {redact_text(uri)} is not readable Parquet "
                           f"({_first_line(err)})") from None
     if not ds.files:
-        raise ConfigError(f"data error: data.path {uri} holds no Parquet file")
+        raise ConfigError(f"data error: data.path {redact_text(uri)} holds no Parquet file")
     columns = tuple(schema.names)
     cfg = _fill_label_column(cfg, columns)
     d = cfg.data
@@ -411,11 +491,11 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         _check_files_agree(ds, named)
     except (OSError, pa.ArrowException) as err:  # a later file's footer damaged
         _raise_if_unreachable(err, uri)
-        raise ConfigError(f"data error: data.path {uri} is not readable Parquet "
+        raise ConfigError(f"data error: data.path {redact_text(uri)} is not readable Parquet "
                           f"({_first_line(err)})") from None
     for key, col in named.items():
         if col is not None and col not in columns:
-            raise ConfigError(f"data error: {key}={col!r} is not a column of {uri} "
+            raise ConfigError(f"data error: {key}={col!r} is not a column of {redact_text(uri)} "
                               f"(columns: {', '.join(columns)})")
     keys_of: dict[str, list[str]] = {}
     for key, col in named.items():
@@ -427,16 +507,16 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                               "each names a column of its own")
     if d.feature_column is None and d.sequence_column is None:
         raise ConfigError("config error: data.feature_column or data.sequence_column must be set "
-                          f"(columns of {uri}: {', '.join(columns)})")
+                          f"(columns of {redact_text(uri)}: {', '.join(columns)})")
     if num_rows == 0:
-        raise ConfigError(f"data error: {uri} has no rows")
+        raise ConfigError(f"data error: {redact_text(uri)} has no rows")
     try:
         facts = _scan_columns(ds, cfg)  # the only read of the data on the driver
     except MemoryError:  # (pyarrow's is an ArrowException too: not the data's fault)
         raise
     except (OSError, pa.ArrowException) as err:  # (a damaged page: Arrow's own error)
         _raise_if_unreachable(err, uri)
-        raise ConfigError(f"data error: data.path {uri} could not be read "
+        raise ConfigError(f"data error: data.path {redact_text(uri)} could not be read "
                           f"({_first_line(err)})") from None
     cfg = _pick_model(cfg, embedded_digits=facts.embedded_digits, width=facts.width)
     _check_model_and_loss(cfg, facts)
@@ -444,7 +524,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     train, _ = split_train_val(num_rows, labels, d.val_fraction, d.split_seed)
     if len(train) == 0:
         raise ConfigError(f"data error: the training split is empty: data.val_fraction="
-                          f"{d.val_fraction:g} holds out all {num_rows} rows of {uri}")
+                          f"{d.val_fraction:g} holds out all {num_rows} rows of {redact_text(uri)}")
     if labels is not None and cfg.train.loss == "cross_entropy" and d.val_fraction > 0:
         _check_split_classes(labels, cfg)
     note, reached = _check_first_epoch(facts.small, cfg)
@@ -457,7 +537,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
         # batches are checked by planning epoch 1 above)
         raise ConfigError(
             f"data error: train.global_batch_size={cfg.train.global_batch_size} is larger than "
-            f"the {len(train)} training rows of {uri}")
+            f"the {len(train)} training rows of {redact_text(uri)}")
     before, after = flatten(given.to_dict()), flatten(cfg.to_dict())
     return cfg, DatasetInfo(uri=uri, num_rows=num_rows, columns=columns,
                             facts=facts.model_facts(), small=facts.small,
@@ -594,19 +674,35 @@ class DataFacts:
 
 
 def _parquet_files(ds: pads.Dataset) -> Iterator[pq.ParquetFile]:
-    """The dataset's files in its row order, opened one at a time."""
+    """The dataset's files in its row order, opened one at a time, read through a buffer
+    (pyarrow's default pre-buffers a row group's whole column chunks: a file written as one
+    row group held its whole column)."""
     for path in ds.files:
         with ds.filesystem.open_input_file(path) as f:
-            yield pq.ParquetFile(f)
+            yield pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
+
+
+STREAM_BATCH_BYTES = 32 << 20  # what a streamed batch of the checks holds, about
+
+
+def _batch_rows(pf: pq.ParquetFile, columns: list[str]) -> int:
+    """Rows of a streamed batch of `columns`: about STREAM_BATCH_BYTES of them uncompressed,
+    from the footer (16,384 rows of 4,096 float32 features held 256 MiB), 64 to 16,384."""
+    meta, names = pf.metadata, set(columns)
+    size = sum(meta.row_group(g).column(c).total_uncompressed_size
+               for g in range(meta.num_row_groups) for c in range(meta.num_columns)
+               if meta.row_group(g).column(c).path_in_schema.split(".")[0] in names)
+    per_row = size / max(1, meta.num_rows)
+    return int(min(16_384, max(64, STREAM_BATCH_BYTES // max(1.0, per_row))))
 
 
 def _stream(ds: pads.Dataset, columns: list[str]) -> Iterator[pa.RecordBatch]:
-    """The columns batch by batch (16,384 rows), file by file, in the dataset's row order,
-    with one batch and the row groups it spans in memory. (The dataset scanner's `to_batches`
+    """The columns batch by batch (`_batch_rows`: about 32 MiB each), file by file, in the
+    dataset's row order, with about one batch in memory. (The dataset scanner's `to_batches`
     held more than the whole 1M-sequence dataset of bench/driver_memory.py at its peak with
     its default read-ahead, and still 60% of it with read-ahead 1.)"""
     for pf in _parquet_files(ds):
-        yield from pf.iter_batches(batch_size=16_384, columns=columns)
+        yield from pf.iter_batches(batch_size=_batch_rows(pf, columns), columns=columns)
 
 
 def _scan_columns(ds: pads.Dataset, cfg: Config) -> DataFacts:

@@ -222,3 +222,50 @@ def test_options_that_plan_more_than_memory_holds_are_one_line(tmp_path):
         "config error: batching.strategy=balanced: planning its epochs ran out of memory on "
         "the driver (batching.options={'epoch_samples': 2147483640}, 1,438 training rows)"
     ), out.stderr[-2000:]
+
+
+def test_a_node_without_the_embedded_file_writes_the_same_one(tmp_path):
+    """The embedded dataset's file is written on the driver's machine alone; a node that
+    reads it again (the streaming mode's re-read of a lost node's blocks) writes its own from
+    the same deterministic builder: the same rows and bytes. Other data is never written."""
+    from pipeline.data.datasets import embedded_path, ensure_embedded
+
+    driver = embedded_path("digits", str(tmp_path / "driver"))
+    node = tmp_path / "node" / driver.name
+    ensure_embedded(str(node))
+    assert node.read_bytes() == driver.read_bytes()
+    ensure_embedded(str(tmp_path / "mine.parquet"))  # (the user's data: not ours to write)
+    assert not (tmp_path / "mine.parquet").exists()
+
+
+def test_a_damaged_embedded_file_is_written_again_and_a_paths_secret_is_masked(tmp_path):
+    """A cache file cut short (a crash before the fsync'd rename existed, say) was read as
+    "data.path ... is not readable Parquet" -- a data.path never given -- and never rebuilt;
+    it is written again. A data.path's credential is masked in the refusal itself (a sweep or
+    a notebook shows the exception's text, not the CLI's masked line)."""
+    from pipeline.data.datasets import embedded_path
+
+    good = embedded_path("digits", str(tmp_path)).read_bytes()
+    embedded_path("digits", str(tmp_path)).write_bytes(good[: len(good) // 2])
+    cfg, info = resolve(load_config(None, ["data.name=digits", f"data.cache_dir={tmp_path}"]))
+    assert info.num_rows == 1797 and embedded_path("digits", str(tmp_path)).read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["digits-v1.parquet"]  # no temporary left
+    with pytest.raises(ConfigError) as err:
+        resolve(load_config(None, ["data.path=file:///nowhere/d.parquet?secret_key=hunter22"]))
+    assert "hunter22" not in str(err.value) and "secret_key=***" in str(err.value)
+
+
+def test_a_wide_feature_columns_streamed_batches_hold_about_32_mib(tmp_path):
+    """16,384 rows of 4,096 float32 features are 256 MiB: a streamed batch is sized from the
+    footer instead (about 32 MiB), so the checks hold about that of a wide column -- 1 GiB
+    at its peak for 312 MiB of features before (measured with pyarrow's memory pool)."""
+    from pipeline.data.datasets import STREAM_BATCH_BYTES
+
+    rows, width = 5_000, 4_096
+    values = pa.array(np.random.default_rng(0).random(rows * width, dtype=np.float32))
+    x = pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * width), values)
+    pq.write_table(pa.table({"x": x, "y": np.zeros(rows, np.int64)}), tmp_path / "w.parquet",
+                   row_group_size=rows)  # one row group
+    batches = list(_stream(pads.dataset(str(tmp_path / "w.parquet"), format="parquet"), ["x"]))
+    assert sum(b.num_rows for b in batches) == rows and len(batches) > 2
+    assert max(b.nbytes for b in batches) <= 1.1 * STREAM_BATCH_BYTES

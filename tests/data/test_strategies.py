@@ -207,6 +207,22 @@ def test_balanced_batch_repeats_a_sample_only_when_its_class_is_too_small():
     assert all(np.sum(b == 10) == 2 for b in batches)
 
 
+@pytest.mark.parametrize("batch_size", [20, 60])
+def test_balanced_slices_for_worker_counts_that_do_not_divide_the_batch(batch_size):
+    """README: "any worker count": with one that does not divide the batch the ranks' slices
+    differ in length by one (`rank_slice`), and each still holds every class within 1 of its
+    equal share of that slice (len / classes)."""
+    plan = _plan("balanced", global_batch_size=batch_size, epoch_samples=3000)
+    worst = 0.0
+    for b in plan.batches:
+        for w in (w for w in range(2, batch_size) if batch_size % w):
+            for r in range(w):
+                part = rank_slice(b, r, w)
+                counts = np.bincount(META.labels[_rows(part)], minlength=10)
+                worst = max(worst, float(np.abs(counts - len(part) / 10).max()))
+    assert worst <= 1.0
+
+
 @pytest.mark.parametrize("batch_size", [20, 60, 120])
 def test_balanced_every_slice_of_a_batch_is_balanced(batch_size):
     """Every rank's contiguous slice (any worker count dividing the batch), and every window of
