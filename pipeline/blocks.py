@@ -51,6 +51,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.batches import SampleTable, one_array
 from pipeline.data.datasets import DatasetInfo, embedded_name, files_changed
 from pipeline.data.rows import Fetch, LargeColumns, StreamedRows, scatter_rows, take_rows
+from pipeline.redact import redact_text
 
 CHUNK_BYTES = 6 << 20  # the streaming mode's fetches: about this much per call (bench/README.md)
 STREAM_SHARE = 0.25  # auto: stream when the data fills more than this share of a node's store
@@ -451,7 +452,7 @@ class BlockServer:
         if files is not None and (change := files_changed(files, data_files(uri))):
             # A block is the rows from a position on: read now, it would hold other rows (or
             # fail on a file cut short, on every restart). Input, not a failure to retry.
-            raise ConfigError(f"data error: data.path={uri} changed since the job started: "
+            raise ConfigError(f"data error: data.path={redact_text(uri)} changed since the job started: "
                               f"{change}; the blocks of the lost node(s) cannot be read again")
         # One read of them all, in row order: each footer and row group is read once (not
         # once per block), and the rows come in the order asked (no copy to reorder them).

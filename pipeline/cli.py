@@ -35,6 +35,7 @@ from pipeline.config import (
     check_tracking_uri,
     load_config,
     missing_resumed_store,
+    sqlite_file,
 )
 from pipeline.files import run_state
 from pipeline.redact import redact_text
@@ -83,9 +84,10 @@ def submitted_job_note(out: Path, uri: str, cwd: Path | None = None,
     if not (job.get("runtime_env") or {}).get("working_dir"):  # not an uploaded copy
         return None
     here = (cwd or Path.cwd()).resolve()
-    inside = [what for what, path in (("--out", out), ("the MLflow store", Path(
-        uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None))
-        if path is not None and path.resolve().is_relative_to(here)]
+    store = sqlite_file(uri)
+    inside = [what for what, path in (("--out", out),
+                                      ("the MLflow store", Path(store) if store else None))
+              if path is not None and path.resolve().is_relative_to(here)]
     if not inside:
         return None
     return (f"note: this job runs in Ray's temporary copy of its working directory ({here}): "
@@ -342,6 +344,11 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
         check_tracking_uri(*_store_and_source(args, cfg, out))
+    if args.resume and args.command == "train":  # (its store file gone: before the data's reads)
+        started = run_state(out)
+        if started.get("mlflow_run_id") and started.get("tracking_uri") and (
+                missing := missing_resumed_store(started["mlflow_run_id"], started["tracking_uri"])):
+            raise missing
     cfg, info = resolve(cfg)  # the data's checks last: they read the data (seconds on a big one)
     if args.resume and args.command == "train":  # no checkpoint, or another training
         started = run_state(out)
@@ -350,9 +357,6 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
                               "run's config, MLflow run and checkpoint folder): a resume could "
                               "not check that it continues the same training; start a new run "
                               "in another --out")
-        if started.get("mlflow_run_id") and started.get("tracking_uri") and (
-                missing := missing_resumed_store(started["mlflow_run_id"], started["tracking_uri"])):
-            raise missing
         resume_point(cfg, out / "ray_results" / resume_folder(started), started, checksum=False,
                      finished=(out / "result.json").exists())
     return args, cfg, info, out
@@ -433,7 +437,9 @@ def _run(argv: list[str] | None, address: str | None) -> int:
     except DataUnreachable as err:  # not bad input: the same command may work later
         print(redact_text(str(err)), file=sys.stderr)
         return 1
-    except SystemExit as exit_:  # --help
+    except SystemExit as exit_:  # --help (SIGTERM's: `run` says it and exits 1)
+        if exit_.code == signal.SIGTERM:
+            raise
         return exit_.code if isinstance(exit_.code, int) else 0
     except Exception:
         return _unexpected()

@@ -480,12 +480,14 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if pending is not None:  # a run made once the store came back (during the ingest) is
             # ended too; one not made yet is not made for a job that never ran
             with contextlib.suppress(Exception):
-                made = ray.get(pending.run_id.remote(force=False), timeout=1.5)
+                made = ray.get(pending.made.remote(), timeout=1.5)
                 if made is not None:
                     end_run(uri, made, "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit)
                             else "FAILED")
             with contextlib.suppress(Exception):
                 ray.kill(pending)
+        if half:  # (as at the job's end, below)
+            _end_owed_runs(out_dir, None)
         raise
     try:  # from here on the run exists (or is pending): however the job ends, it ends too
         _write_state(state_file, run_id, uri, cfg, checkpoints, fingerprint)
@@ -581,9 +583,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         # a Ctrl-C after it (logging the model, say) is a KeyboardInterrupt. A run created
         # once the server came back is asked for briefly (`ray job stop` kills 3 s after).
         if pending is not None and run_id is None:
-            # not forced: a run begun now would outlive the 1.5 s and be left RUNNING
-            run_id = _deferred_run_id(pending, state_file, timeout_s=1.5,
-                                      force=False)
+            # the run made already, if any: none is begun now (it would outlive the 1.5 s and be
+            # left RUNNING)
+            run_id = _deferred_run_id(pending, state_file, timeout_s=1.5, force=False)
         if isinstance(err, SystemExit) and err.code == signal.SIGTERM and ray.is_initialized():
             # SIGTERM (`ray job stop`): the process ends, and training with it now -- the Train
             # controller and workers are this driver's actors -- not after the run is marked
@@ -985,9 +987,11 @@ def _watch_deferred_run(pending: Any, state_file: Path, every_s: float = 2.0
 def _deferred_run_id(pending: Any, state_file: Path, timeout_s: float = 60,
                      force: bool = True) -> str | None:
     """The id of the run a job created when the server came back (None: it never did); kept
-    in run.json, so that a --resume continues that run."""
+    in run.json, so that a --resume continues that run. `force=False`: the run made already,
+    if any -- none is begun (`DeferredRun.made`)."""
     try:
-        run_id = ray.get(pending.run_id.remote(force=force), timeout=timeout_s)
+        asked = pending.run_id.remote(force=True) if force else pending.made.remote()
+        run_id = ray.get(asked, timeout=timeout_s)
     except Exception:  # the actor is gone with a failing job
         return None
     if run_id is not None:

@@ -6,10 +6,11 @@ Four kinds of secret are masked as `***`:
   passwd or credential(s), or its last word is token, key, apikey or pwd (`hf_token`,
   `model.kwargs.api_key`, `aws_secret_access_key`, `secretKey`; not `max_tokens` or
   `token_budget`) -- in a config tree, and in text as `name=value` or, in a YAML flow
-  mapping, `{name: value}` (a refused `--set` echoes its value);
+  mapping, `{name: value}` (a refused `--set` echoes its value), for values of 6 characters
+  or more and not inside a path (`/key=2024-01/`, a Hive partition);
 - the password of a URI's user info (`http://user:pw@host` -> `http://user:***@host`), a
-  user info that is a token alone (`https://ghp_...@github.com`: 20 characters or more, no
-  colon), and a URI's query parameters of such names or signatures (Arrow's
+  user info that is a token alone (`https://ghp_...@github.com`: 20 characters or more,
+  letters and digits, no colon), and a URI's query parameters of such names or signatures (Arrow's
   `s3://b/d?access_key=..&secret_key=..`, Azure's `sig=`, S3's `X-Amz-Signature=`);
 - anywhere in a string, the value of an environment variable whose name looks like a
   credential (`MLFLOW_TRACKING_TOKEN=abc123...` set, `abc123...` masked wherever it appears),
@@ -40,14 +41,19 @@ _URI_PASSWORD = re.compile(
 _URI = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>()\[\]{},;]+")
 _QUERY_PARAM = re.compile(r"(?P<head>[?&](?P<name>[A-Za-z0-9_.-]+)=)(?P<value>[^&#]*)")
 _SIGNATURES = {"sig", "signature", "x-amz-signature"}  # (a query's signature: the URL's key)
-# A user info that is one token (no password): long, one word, as GitHub's and GitLab's are.
-_URI_TOKEN_USER = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://)[A-Za-z0-9_\-.~]{20,}(?=@)")
-# `name=value` in text (not a query's `?name=` or `&name=`: a URI's are masked above, and one
-# outside a URI is no credential), and `name: value` after a flow mapping's "{" or ",": a
-# value to a space, a comma, a bracket or a quote's end.
+# A user info that is one token (no password): long, one word of letters and digits, as
+# GitHub's and GitLab's are (a long user name without a digit is a name).
+_URI_TOKEN_USER = re.compile(
+    r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://)(?=[^@/?#\s]*[0-9])(?=[^@/?#\s]*[A-Za-z])"
+    r"[A-Za-z0-9_\-.~]{20,}(?=@)")
+# `name=value` in text and `name: value` after a flow mapping's "{" or ",", the value 6
+# characters or more (as the environment's: `key=len`, a traceback's keyword argument, is no
+# secret), quoted or to a space, a comma, a bracket, a slash or a quote. Not a query's
+# `?name=` or `&name=` (a URI's are masked above, one outside a URI is no credential), nor a
+# path's `/key=2024-01/` (a Hive partition).
 _NAMED_VALUE = re.compile(
-    r"(?P<head>(?<![?&\w.-])(?P<name>[A-Za-z_][\w.-]*)=|(?<=[{,])\s*(?P<yname>[A-Za-z_][\w.-]*):\s+)"
-    r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s,;{}\[\]()&]+)")
+    r"(?P<head>(?<![?&\w./-])(?P<name>[A-Za-z_][\w.-]*)=|(?<=[{,])\s*(?P<yname>[A-Za-z_][\w.-]*):\s+)"
+    r"(?P<value>\"[^\"]{6,}\"|'[^']{6,}'|[^\s,;{}\[\]()&\"'/]{6,})")
 
 
 def looks_secret(name: str) -> bool:
@@ -101,10 +107,12 @@ def redact_text(text: str, env_values: list[str] | None = None) -> str:
     >>> redact_text("https://a.blob.core.windows.net/c?sv=2022&sig=AbC%3D "
     ...             "https://ghp_0123456789abcdefghijKL@github.com/r", [])
     'https://a.blob.core.windows.net/c?sv=2022&sig=*** https://***@github.com/r'
-    >>> redact_text("--set model.kwargs={api_key: hunter22, width: 8} and HF_TOKEN=hf_x, seed=3", [])
+    >>> redact_text("--set model.kwargs={api_key: hunter22, width: 8} and HF_TOKEN=hf_x123, seed=3", [])
     '--set model.kwargs={api_key: ***, width: 8} and HF_TOKEN=***, seed=3'
     >>> redact_text("config error: model.kwargs.api_key: Input should be a valid string", [])
     'config error: model.kwargs.api_key: Input should be a valid string'
+    >>> redact_text("/data/key=2024-01/p.parquet sorted(x, key=len) mysql://db_admin_user_name@db", [])
+    '/data/key=2024-01/p.parquet sorted(x, key=len) mysql://db_admin_user_name@db'
     """
     text = _URI_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
     text = _URI_TOKEN_USER.sub(lambda m: m.group("head") + MASK, text)

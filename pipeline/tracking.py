@@ -522,6 +522,11 @@ class DeferredRun:
                 self.half_made = [r for r in self.half_made if not end_run(self.uri, r, "FAILED")]
         return self._id
 
+    def made(self) -> str | None:
+        """The run's id if it was made (or reopened) already; never tries (a job stopping has
+        no time to see a creation through: one begun then would be left RUNNING)."""
+        return self._id
+
     def refusal(self) -> tuple[bool, str] | None:
         """Why the run will never be made, where the store came back and would not make it:
         (whether it refused it -- bad input, as at a job's start --, the error's line); None
@@ -580,6 +585,7 @@ class MetricLogger:
         self._closing = self._given_up = False
         self._down_since: float | None = None
         self._relog_from: int | None = None  # a check `mark_relogged_epochs_soon` left to the thread
+        self._tags_wait = False  # tags the store failed: kept for its next points
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
@@ -685,11 +691,13 @@ class MetricLogger:
                 self.client.set_tag(self.run_id, key, value)
                 del left[key]
         except Exception as err:
-            log.warning("MLflow: tags %s not set%s: %s", sorted(left),
-                        "" if refused(err) else " yet", error_line(err))
-            if not refused(err):  # (away: kept for when it is back; newer values win)
-                with self._lock:
+            if refused(err) or not self._tags_wait:  # (said once an outage)
+                log.warning("MLflow: tags %s not set%s: %s", sorted(left),
+                            "" if refused(err) else " yet", error_line(err))
+            if not refused(err):  # (away: kept, and set with the next points the store takes;
+                with self._lock:  # newer values win)
                     self._tags = {**left, **self._tags}
+                self._tags_wait = True
 
     def close(self, timeout_s: float = 120.0, *, give_up: bool = False) -> int:
         """Send what is left, waiting at most timeout_s; the number of points not sent.
@@ -722,8 +730,8 @@ class MetricLogger:
             self.mark_relogged_epochs(start)
         with self._lock:
             waiting = bool(self._tags)
-        if waiting and self._known_run():
-            self._set_waiting_tags()
+        if waiting and not self._tags_wait and self._known_run():  # (a store that failed
+            self._set_waiting_tags()  # them: with the next points it takes, `_send_one`)
 
     def _send_one(self) -> bool:
         """Send the oldest batch; True when it went and more may follow."""
@@ -752,6 +760,7 @@ class MetricLogger:
             return False
         with self._lock:
             del self._buffer[: len(chunk)]  # add() only appends: the front is still this chunk
+        self._tags_wait = False
         self._set_waiting_tags()  # (the store took points: it takes tags too)
         if self._down_since is not None:
             log.warning("MLflow reachable again after %.0f s: buffered metric points sent",

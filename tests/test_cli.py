@@ -350,3 +350,19 @@ def test_sigterm_before_ray_ends_the_command_with_its_line_and_cleans_up(tmp_pat
     before = signal.getsignal(signal.SIGTERM)
     cli.run(["train", "--set", "train.epochs=0"])  # (refused at once)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_during_the_data_checks_is_the_commands_line_and_exit_1(monkeypatch, capsys):
+    """SIGTERM while `prepare` reads the data (before Ray): the command's line and exit 1, as
+    later -- the `--help` exit's clause took its SystemExit(15) for a code to return."""
+    import signal
+
+    def checks(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGTERM)  # (the handler `run` installed raises here)
+        raise AssertionError("SIGTERM did not end the checks")
+
+    monkeypatch.setattr("pipeline.data.datasets.resolve", checks)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.run(["inspect-batches", "--config", str(REPO / "jobs/configs/digits.yaml")]) == 1
+    assert capsys.readouterr().err == "[pipeline] inspect-batches interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) is before

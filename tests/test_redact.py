@@ -190,3 +190,14 @@ def test_a_credential_variables_file_path_is_not_masked(monkeypatch, tmp_path):
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
     monkeypatch.setenv("SERVICE_CREDENTIALS", "not-a-path-but-a-secret")
     assert redact_text(f"cannot read {key}; not-a-path-but-a-secret") == f"cannot read {key}; ***"
+
+
+@pytest.mark.parametrize("text", [
+    "/data/key=2024-01-01/part-0.parquet",  # a Hive partition: the path as given
+    "s3://b/t/token=abcdefgh/p.parquet",
+    "File x.py, in f: sorted(rows, key=len)",  # a traceback's keyword argument
+    "mysql://db_admin_user_account_x@db:3306/m",  # a long user name, not a token
+    '{"p": "s3://b/d", "key": "digits"}',  # JSON of a config: kept valid, nothing secret
+])
+def test_text_that_only_looks_like_a_credential_is_kept(text):
+    assert redact_text(text, []) == text

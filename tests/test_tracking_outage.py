@@ -224,3 +224,33 @@ def test_tags_and_the_relogged_epochs_check_never_hold_up_training(quick_http):
         logger.close(timeout_s=0.2, give_up=True)
     finally:
         silent.close()
+
+
+def test_tags_a_store_away_did_not_take_are_said_once_and_kept_for_its_next_points(quick_http):
+    """Tags the store failed wait for the next points it takes (as before they moved to the
+    sending thread): one line for the outage, not one every retry_s (1,800 an hour at 2 s)."""
+    import logging
+    import time
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    tracking_log, keep = logging.getLogger("pipeline.tracking"), Keep()
+    was = (tracking_log.level, tracking_log.disabled)
+    tracking_log.addHandler(keep)
+    tracking_log.setLevel(logging.WARNING)
+    tracking_log.disabled = False
+    try:
+        logger = MetricLogger(f"http://127.0.0.1:{free_port()}", "a-run", retry_s=0.05)
+        logger.set_tags({"ray.num_nodes": "2"})
+        time.sleep(1.0)  # about 20 wake-ups of the sending thread
+        logger.close(timeout_s=0.2, give_up=True)
+    finally:
+        tracking_log.removeHandler(keep)
+        tracking_log.setLevel(was[0])
+        tracking_log.disabled = was[1]
+    assert sum("tags ['ray.num_nodes'] not set yet" in line for line in said) == 1, said
+    assert logger._tags == {"ray.num_nodes": "2"}  # kept

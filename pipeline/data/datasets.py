@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError, DataConfig, DataUnreachable, flatten
@@ -330,8 +331,6 @@ def checked_dataset(uri: str) -> pads.Dataset:
     if not _bounded_retries(uri):
         return pads.dataset(uri, format="parquet")
     from datetime import timedelta
-
-    import pyarrow.fs as pafs
 
     fs, path = pafs.FileSystem.from_uri(uri)
     rebuild, (options,) = fs.__reduce__()  # (the URI's own options, as pickling carries them)
@@ -674,12 +673,15 @@ class DataFacts:
 
 
 def _parquet_files(ds: pads.Dataset) -> Iterator[pq.ParquetFile]:
-    """The dataset's files in its row order, opened one at a time, read through a buffer
-    (pyarrow's default pre-buffers a row group's whole column chunks: a file written as one
-    row group held its whole column)."""
+    """The dataset's files in its row order, opened one at a time; a local file read through a
+    buffer (pyarrow's default pre-buffers a row group's whole column chunks: a file written as
+    one row group held its whole column). A store's file keeps the default: its pre-buffering
+    coalesces the reads into few requests, where a buffer makes one request per MiB."""
+    local = isinstance(ds.filesystem, pafs.LocalFileSystem)
     for path in ds.files:
         with ds.filesystem.open_input_file(path) as f:
-            yield pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
+            yield (pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False) if local
+                   else pq.ParquetFile(f))
 
 
 STREAM_BATCH_BYTES = 32 << 20  # what a streamed batch of the checks holds, about

@@ -4,8 +4,10 @@
 not fit (or `limit`), then bisects between the last fit and the first failure: the answer is
 exact (100 when 100 fits and 101 does not), not the power of two below it -- halving on
 out-of-memory, as HF Accelerate's `find_executable_batch_size` does, lands on 64 there.
-Every size tried is recorded (`Trial`). Out-of-memory (`torch.OutOfMemoryError`, or a
-RuntimeError that says "out of memory") counts as "does not fit" and the search goes on.
+Every size tried is recorded (`Trial`). Out-of-memory (`torch.cuda.OutOfMemoryError`, or an
+error that says "out of memory") counts as "does not fit" and the search goes on. Within a
+memory budget a size predicted far past it is refused unrun, for now: the search runs it when
+it closes on it (`find_max_micro_batch`).
 
 Several ranks: every rank tries the same size and `agree` -- an all-reduce MIN over the
 process group -- turns the ranks' verdicts into one before any rank moves on, so all ranks walk
@@ -206,8 +208,8 @@ def find_max_micro_batch(try_step: Callable[..., Measured | tuple], *, start: in
         refused.discard(size)
         if verdict == _FITS:
             lo = size
-        elif verdict == _REFUSED:
-            refused.add(size)
+        elif verdict == _REFUSED and predict:  # (refused again when asked to run: a failure,
+            refused.add(size)                  # or the search would ask for ever)
         else:
             failed = size if failed is None else min(failed, size)
     search.max_micro_batch_size = lo

@@ -1036,3 +1036,21 @@ def test_a_workers_search_over_its_table_reads_no_file(data_dir, tmp_path):
     assert on_worker["max_micro_batch_size"] == here["max_micro_batch_size"] > 0
     assert [t["peak_memory_bytes"] for t in on_worker["trials"]] == \
         [t["peak_memory_bytes"] for t in here["trials"]]
+
+
+def test_a_size_refused_again_when_asked_to_run_ends_the_search_there():
+    """A try_step that refuses a size on its prediction even when asked to run it (a wrapper
+    that drops `predict`) is taken as a failure there: the search ends (it asked for ever)."""
+    from pipeline.engine.batch_finder import Measured, find_max_micro_batch
+
+    asked: list[tuple[int, bool]] = []
+
+    def stubborn(size: int, predict: bool = True) -> Measured:
+        asked.append((size, predict))
+        if size <= 8:
+            return Measured(True, None, None)
+        return Measured(False, None, None, "over budget (predicted)", predicted=True)
+
+    s = find_max_micro_batch(stubborn)
+    assert s.max_micro_batch_size == 8 and asked[-1] == (9, False)
+    assert len(asked) == len(set(asked)) < 12
