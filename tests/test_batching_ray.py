@@ -120,7 +120,8 @@ def test_the_streaming_modes_actors_end_with_the_call_that_ingested(ray_client, 
     monkeypatch.setattr(pipeline.launch, "ingest", counting)
 
     def alive() -> int:
-        return sum(len(list_actors(filters=[("class_name", "=", name), ("state", "=", "ALIVE")]))
+        return sum(len(list_actors(filters=[("class_name", "=", name), ("state", "=", "ALIVE")],
+                                   limit=10_000))
                    for name in ("BlockServer", "BlockKeeper"))
 
     before = alive()

@@ -44,7 +44,7 @@ def _train(mlflow_server: str, out, experiment: str, *more: str) -> subprocess.P
 def _train_workers(ray) -> list[int]:
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+    return [a.pid for a in list_actors(limit=10_000, filters=[("class_name", "=", "RayTrainWorker"),
                                                 ("state", "=", "ALIVE")])]
 
 
@@ -218,7 +218,7 @@ def test_ray_job_stop_ends_a_submitted_jobs_run_killed(ray_cluster, mlflow_serve
     job_id = JobSubmissionClient(ray_cluster["dashboard"]).get_job_info(sub_id).job_id
     assert job_id
     deadline = time.monotonic() + 60
-    while list_actors(address=ray_cluster["dashboard"], filters=[
+    while list_actors(address=ray_cluster["dashboard"], limit=10_000, filters=[
             ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), ("job_id", "=", job_id)]):
         assert time.monotonic() < deadline, "the stopped job's workers still alive after 60 s"
         time.sleep(0.2)

@@ -135,8 +135,13 @@ def test_a_trial_whose_actor_is_killed_runs_again_to_the_same_weights(ray_client
         time.sleep(0.2)
     (trial,) = _trial_dirs(out)
     run_id = json.loads((trial / "run.json").read_text())["mlflow_run_id"]
-    # Tune's actor for a function trainable
-    actors = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
+    # Tune's actor for a function trainable. (`limit`: the state API takes its default 100
+    # actors before it filters by class: a whole session's thousands hid this one.)
+    deadline = time.monotonic() + 30
+    while not (actors := list_actors(filters=[("class_name", "=", "ImplicitFunc"),
+                                              ("state", "=", "ALIVE")], limit=10_000)):
+        assert time.monotonic() < deadline, "no live trial actor"
+        time.sleep(0.2)
     assert len(actors) == 1, actors
     os.kill(actors[0].pid, signal.SIGKILL)
     killed_at = load_checkpoint(find_latest_checkpoint(trial / "ray_results"))["epoch"]
@@ -145,7 +150,7 @@ def test_a_trial_whose_actor_is_killed_runs_again_to_the_same_weights(ray_client
     assert killed_at < EPOCHS - 1, "the trial ended before the kill took effect"
     # run again, in another actor (a trial never interrupted would pass every check below)
     again = list_actors(filters=[("class_name", "=", "ImplicitFunc"),
-                                 ("job_id", "=", actors[0].job_id)], limit=1000)
+                                 ("job_id", "=", actors[0].job_id)], limit=10_000)
     assert len({a.actor_id for a in again}) >= 2 and actors[0].actor_id in {
         a.actor_id for a in again}, again
 
