@@ -344,14 +344,14 @@ def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object,
         raise ConfigError(f"argument error: --resume: nothing to resume in {out}")
     if args.command in ("train", "tune"):  # the store they record to: one MLflow knows
         check_tracking_uri(*_store_and_source(args, cfg, out))
-    if args.resume and args.command == "train":  # (its store file gone: before the data's reads)
-        started = run_state(out)
-        if started.get("mlflow_run_id") and started.get("tracking_uri") and (
-                missing := missing_resumed_store(started["mlflow_run_id"], started["tracking_uri"])):
-            raise missing
+    resuming = args.resume and args.command == "train"
+    started = run_state(out) if resuming else {}
+    # a resumed run whose store file is gone: said before the data's reads
+    if started.get("mlflow_run_id") and started.get("tracking_uri") and (
+            missing := missing_resumed_store(started["mlflow_run_id"], started["tracking_uri"])):
+        raise missing
     cfg, info = resolve(cfg)  # the data's checks last: they read the data (seconds on a big one)
-    if args.resume and args.command == "train":  # no checkpoint, or another training
-        started = run_state(out)
+    if resuming:  # no checkpoint, or another training
         if not started:  # (its checkpoints alone: whose config, whose MLflow run, which run?)
             raise ConfigError(f"argument error: --resume: {out / 'run.json'} is missing (the "
                               "run's config, MLflow run and checkpoint folder): a resume could "

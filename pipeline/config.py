@@ -256,6 +256,8 @@ def ghost_batch_size(micro_batch_size: int, workers: int, sync_batchnorm: bool) 
     (8, 32, 8)
     """
     return micro_batch_size * (workers if sync_batchnorm and workers > 1 else 1)
+
+
 _IMPORT = re.compile(r"import:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 

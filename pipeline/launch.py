@@ -474,16 +474,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     except BaseException as err:
         if owned is not None:
             owned.release()
+        status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
         if marked is not None:  # stopped or failed while it was set up: not left RUNNING
-            end_run(uri, marked, "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit)
-                    else "FAILED")
+            end_run(uri, marked, status)
         if pending is not None:  # a run made once the store came back (during the ingest) is
             # ended too; one not made yet is not made for a job that never ran
             with contextlib.suppress(Exception):
                 made = ray.get(pending.made.remote(), timeout=1.5)
                 if made is not None:
-                    end_run(uri, made, "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit)
-                            else "FAILED")
+                    end_run(uri, made, status)
             with contextlib.suppress(Exception):
                 ray.kill(pending)
         if half:  # (as at the job's end, below)

@@ -678,7 +678,10 @@ class MetricLogger:
 
     def _set_waiting_tags(self) -> None:
         """The tags waiting (`set_tags`): set where the run exists; those a store away did not
-        take wait again (those it refused are dropped: again would not help)."""
+        take wait again (those it refused are dropped: again would not help), until it takes
+        points (`_send_one` clears `_tags_wait`)."""
+        if self._tags_wait:
+            return
         with self._lock:
             tags, self._tags = self._tags, {}
         if not tags or self.run_id is None:
@@ -730,8 +733,8 @@ class MetricLogger:
             self.mark_relogged_epochs(start)
         with self._lock:
             waiting = bool(self._tags)
-        if waiting and not self._tags_wait and self._known_run():  # (a store that failed
-            self._set_waiting_tags()  # them: with the next points it takes, `_send_one`)
+        if waiting and self._known_run():
+            self._set_waiting_tags()
 
     def _send_one(self) -> bool:
         """Send the oldest batch; True when it went and more may follow."""

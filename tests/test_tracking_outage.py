@@ -22,6 +22,29 @@ def quick_http(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
+@pytest.fixture
+def tracking_said():
+    """What pipeline.tracking logs at WARNING and above during the test, whatever the session
+    did to logging: its messages, in order."""
+    import logging
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    tracking_log, keep = logging.getLogger("pipeline.tracking"), Keep()
+    was = (tracking_log.level, tracking_log.disabled)
+    tracking_log.addHandler(keep)
+    tracking_log.setLevel(logging.WARNING)
+    tracking_log.disabled = False
+    yield said
+    tracking_log.removeHandler(keep)
+    tracking_log.setLevel(was[0])
+    tracking_log.disabled = was[1]
+
+
 def _wait_for(predicate, timeout: float = 30.0) -> None:
     import time
 
@@ -92,22 +115,11 @@ def test_a_logger_closed_giving_up_ends_its_thread_and_one_closed_waiting_keeps_
 
 
 def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp_path,
-                                                                              quick_http):
+                                                                              quick_http,
+                                                                              tracking_said):
     """The server is down when the job starts: points and tags wait; once it is up, the run is
     created (once, however often it is asked) with its params and config, then they arrive."""
-    import logging
-
-    said: list[str] = []  # what pipeline.tracking logs, whatever the session did to logging
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(record.getMessage())
-
-    tracking_log, keep = logging.getLogger("pipeline.tracking"), Keep()
-    was = (tracking_log.level, tracking_log.disabled)
-    tracking_log.addHandler(keep)
-    tracking_log.setLevel(logging.WARNING)
-    tracking_log.disabled = False
+    said = tracking_said
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     assert not server_reachable(uri) and server_reachable(f"sqlite:///{tmp_path}/x.db")
@@ -140,9 +152,6 @@ def test_a_job_started_while_the_server_is_down_gets_its_run_when_it_is_back(tmp
             == [(1, 1.0), (2, 0.5), (3, 1.0 / 3)]
     finally:
         stop_mlflow_server(server)
-        tracking_log.removeHandler(keep)
-        tracking_log.setLevel(was[0])
-        tracking_log.disabled = was[1]
 
 
 def test_a_resume_while_the_server_is_down_continues_its_run_when_it_is_back(tmp_path,
@@ -226,31 +235,16 @@ def test_tags_and_the_relogged_epochs_check_never_hold_up_training(quick_http):
         silent.close()
 
 
-def test_tags_a_store_away_did_not_take_are_said_once_and_kept_for_its_next_points(quick_http):
+def test_tags_a_store_away_did_not_take_are_said_once_and_kept_for_its_next_points(
+        quick_http, tracking_said):
     """Tags the store failed wait for the next points it takes (as before they moved to the
     sending thread): one line for the outage, not one every retry_s (1,800 an hour at 2 s)."""
-    import logging
     import time
 
-    said: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(record.getMessage())
-
-    tracking_log, keep = logging.getLogger("pipeline.tracking"), Keep()
-    was = (tracking_log.level, tracking_log.disabled)
-    tracking_log.addHandler(keep)
-    tracking_log.setLevel(logging.WARNING)
-    tracking_log.disabled = False
-    try:
-        logger = MetricLogger(f"http://127.0.0.1:{free_port()}", "a-run", retry_s=0.05)
-        logger.set_tags({"ray.num_nodes": "2"})
-        time.sleep(1.0)  # about 20 wake-ups of the sending thread
-        logger.close(timeout_s=0.2, give_up=True)
-    finally:
-        tracking_log.removeHandler(keep)
-        tracking_log.setLevel(was[0])
-        tracking_log.disabled = was[1]
+    logger = MetricLogger(f"http://127.0.0.1:{free_port()}", "a-run", retry_s=0.05)
+    logger.set_tags({"ray.num_nodes": "2"})
+    time.sleep(1.0)  # about 20 wake-ups of the sending thread
+    logger.close(timeout_s=0.2, give_up=True)
+    said = tracking_said
     assert sum("tags ['ray.num_nodes'] not set yet" in line for line in said) == 1, said
     assert logger._tags == {"ray.num_nodes": "2"}  # kept

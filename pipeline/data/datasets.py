@@ -118,7 +118,7 @@ def embedded_path(name: str, root: str | None = None) -> Path:
     if name not in BUILDERS:
         raise ConfigError(f"config error: data.name: unknown embedded dataset {name!r}; "
                           f"known: {', '.join(EMBEDDED_DATASETS)} (or set data.path)")
-    path = cache_dir(root) / f"{name}-{DATASET_VERSION}.parquet"
+    path = cache_dir(root) / _cache_file_name(name)
     source = ("data.cache_dir" if root or not os.environ.get("PIPELINE_DATA_DIR")
               else "PIPELINE_DATA_DIR")  # (the default is under ~/.cache)
     try:
@@ -172,7 +172,12 @@ def embedded_name(uri: str) -> str | None:
     if "://" in uri:
         return None
     name = Path(uri).name
-    return next((n for n in BUILDERS if name == f"{n}-{DATASET_VERSION}.parquet"), None)
+    return next((n for n in BUILDERS if name == _cache_file_name(n)), None)
+
+
+def _cache_file_name(name: str) -> str:
+    """The embedded dataset `name`'s file in the cache (`embedded_path`)."""
+    return f"{name}-{DATASET_VERSION}.parquet"
 
 
 def ensure_embedded(uri: str) -> None:
