@@ -18,4 +18,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run(["train", *sys.argv[1:]], address="auto"))
+    sys.exit(run(["train", *sys.argv[1:]], address="auto", job="python jobs/train.py"))

@@ -21,4 +21,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run(["tune", *sys.argv[1:]], address="auto"))
+    sys.exit(run(["tune", *sys.argv[1:]], address="auto", job="python jobs/tune.py"))

@@ -301,7 +301,9 @@ def _common_arguments(p: argparse.ArgumentParser) -> None:
                    "default and description, and exit")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(job: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; `job` (e.g. "python jobs/train.py") names a job script that fixes the
+    command, for its usage line and example (`python jobs/train.py --help`)."""
     p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
                 description="Ray-based training and tuning of PyTorch models, built around how "
                 "batches are composed,\nstepped and sized. Every command reads one typed config "
@@ -311,9 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "description.\n\nexample:\n  " + COMMANDS["train"].example)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, title="commands")
     for name, c in COMMANDS.items():
+        example = c.example if job is None else c.example.replace(
+            f"{PROG} {name}", f"ray job submit --working-dir . -- {job}", 1).replace(
+            "--out runs/", "--out /shared/runs/")  # (the job's working directory is a temporary copy)
         sp = sub.add_parser(name, help=c.summary, formatter_class=argparse.RawDescriptionHelpFormatter,
                             description=textwrap.fill(c.description, 96),
-                            epilog=f"example:\n  {c.example}")
+                            epilog=f"example:\n  {example}", **({} if job is None else {"prog": job}))
         _common_arguments(sp)
         if c.add_arguments is not None:
             c.add_arguments(sp)
@@ -321,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def parse_args(argv: list[str] | None, job: str | None = None) -> argparse.Namespace:
+    return build_parser(job).parse_args(argv)
 
 
 def prepare(argv: list[str] | None) -> tuple[argparse.Namespace, Config, object, Path]:
@@ -397,15 +402,16 @@ def _store(args: argparse.Namespace, cfg: Config, out: Path) -> str:
     return _store_and_source(args, cfg, out)[0]
 
 
-def run(argv: list[str] | None = None, *, address: str | None = None) -> int:
-    """Run a command; `address="auto"` joins a running cluster and never starts one (jobs/)."""
+def run(argv: list[str] | None = None, *, address: str | None = None, job: str | None = None) -> int:
+    """Run a command; `address="auto"` joins a running cluster and never starts one (jobs/),
+    `job` names the job script for `--help` (see build_parser)."""
     main = threading.current_thread() is threading.main_thread()
     # SIGTERM (`ray job stop`, a scheduler's kill) ends the command as Ray's own handler does
     # once Ray is started -- with SystemExit, so that `finally` blocks clean up -- also before
     # it is (the data's checks) and where it never is (find-batch-size in this process)
     held = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
     try:
-        return _run(argv, address)
+        return _run(argv, address, job)
     except (KeyboardInterrupt, SystemExit) as err:
         # Ctrl-C, or SIGTERM (`ray job stop`: Ray's handler exits with the signal's number),
         # where no run is to be marked (train and tune mark theirs): 1 and one line, as they do
@@ -424,9 +430,9 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     sys.exit(signum)
 
 
-def _run(argv: list[str] | None, address: str | None) -> int:
+def _run(argv: list[str] | None, address: str | None, job: str | None = None) -> int:
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, job)
         if args.print_config:
             print(config_yaml(load_config(args.config, args.overrides), args.command), end="")
             return 0

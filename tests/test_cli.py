@@ -41,6 +41,24 @@ def test_each_command_has_its_own_help_with_description_and_example(name, capsys
     assert ("--resume" in out) == (name in ("train", "tune"))
 
 
+@pytest.mark.parametrize("name", ["train", "tune"])
+def test_a_job_scripts_help_names_the_script_and_a_submit_example(name):
+    """jobs/train.py and jobs/tune.py fix the command: their --help is the command's, with
+    their own usage line and an example as `ray job submit` runs them (an --out outside the
+    job's temporary working directory), in a fresh interpreter."""
+    out = subprocess.run([sys.executable, f"jobs/{name}.py", "--help"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.startswith(f"usage: python jobs/{name}.py [-h] ")
+    assert "python -m pipeline" not in out.stdout
+    assert " ".join(cli.COMMANDS[name].description.split()) in " ".join(out.stdout.split())
+    example = out.stdout.split("example:\n  ")[1].strip()
+    assert example.startswith(f"ray job submit --working-dir . -- python jobs/{name}.py --config ")
+    assert "--out /shared/runs/" in example
+    assert example.split(f"jobs/{name}.py ")[1].replace("/shared/runs/", "runs/") == \
+        cli.COMMANDS[name].example.split(f"pipeline {name} ")[1]
+
+
 def test_help_examples_name_configs_that_exist():
     for command in cli.COMMANDS.values():
         words = command.example.split()
