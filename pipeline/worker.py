@@ -388,7 +388,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             session.restart_checkpoint_read()
     if s is not None:
         sample_losses = _restore(s, model, optimizer, scaler, sched, state,
-                                 auto_micro=t.micro_batch_size == "auto", per_worker=per_worker)
+                                 auto_micro=t.micro_batch_size == "auto", per_worker=per_worker,
+                                 world=world)
         if restarted and rank == 0:
             console.say(f"restarted after a failure: from the checkpoint of epoch {state.epoch} "
                         f"(step {state.step})")
@@ -790,7 +791,7 @@ def _log_placement(logger: MetricLogger | None, world: int) -> None:
 
 def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              scaler: Any, sched: BatchSchedule, state: LoopState, auto_micro: bool = False,
-             per_worker: int = 0) -> np.ndarray | None:
+             per_worker: int = 0, world: int = 1) -> np.ndarray | None:
     """Put a checkpoint's training state back (`_report` writes it): the weights, optimizer and
     scaler, the counters, the batch schedule's k's, the noise scale's averages and, under
     `micro_batch_size: auto`, the micro-batch size an out-of-memory left (at most this run's
@@ -807,6 +808,8 @@ def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
     state.elements_per_sample = float(s.get("elements_per_sample", 1.0))
     if s.get("batch_schedule"):
         sched.load_state_dict(s["batch_schedule"])
+        if s["batch_schedule"].get("world", world) != world:  # a resume on another worker count:
+            sched.timings = []  # its steps take other times (the measured c goes on until refit)
     state.skipped_steps = int(s.get("skipped_steps", 0))
     state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
     if state.noise is not None and s.get("noise"):
@@ -861,8 +864,9 @@ def agreed_schedule_state(sched: BatchSchedule, world: int, device: torch.device
     """The batch-size schedule's state as a checkpoint keeps it (a collective: every rank calls
     it), its step times the mean over the ranks: each rank times its own steps and a decision
     fits the mean (`agree`), so a restart that gave every rank rank 0's own times fitted
-    another step cost, and chose other k's, than the run it continues."""
-    state = sched.state_dict()
+    another step cost, and chose other k's, than the run it continues. The worker count is
+    kept beside them: a resume on another (`_restore`) does not fit its steps with these."""
+    state = {**sched.state_dict(), "world": world}
     if world > 1 and state["timings"]:
         sizes = [m for m, _ in state["timings"]]
         seconds = mean_over_ranks([s for _, s in state["timings"]], world, device)

@@ -115,6 +115,26 @@ def test_a_checkpoint_restores_every_counter_the_training_goes_on_with(tmp_path)
     assert sched_back == sched
 
 
+@pytest.mark.parametrize(("world", "kept"), [(1, True), (2, False)])
+def test_a_resume_on_another_worker_count_fits_no_step_times_of_the_old_one(tmp_path, world, kept):
+    """The adaptive schedule's step times are the checkpoint's worker count's (here 1): a
+    resume on 2 workers starts its timings afresh (their steps take other times), keeping the
+    measured c until it fits one; on 1 worker it goes on with them."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = BatchSchedule(kind="adaptive", unit=32, max_units=8, cold=False)
+    for batch in [32] * 6 + [128] * 6:
+        sched.observe(batch, 0.01 + 1e-4 * batch)
+    sched.step_cost, sched.measured = 100.0, True
+    _report({"epoch": 1.0}, model, optimizer, None, LoopState(step=12), {"name": "mlp"}, None,
+            _KeepCheckpoint(tmp_path / "ckpt"), sched)
+    back = BatchSchedule(kind="adaptive", unit=32, max_units=8)
+    _restore(load_checkpoint(tmp_path / "ckpt"), model, optimizer, None, back, LoopState(),
+             world=world)
+    assert back.step_cost == 100.0 and back.measured and back.units == sched.units
+    assert back.timings == (sched.timings if kept else []) and len(sched.timings) == 12
+
+
 @pytest.mark.parametrize(("auto", "per_worker", "want"), [(False, 32, 32), (True, 32, 8),
                                                           (True, 4, 4)])
 def test_a_resume_keeps_the_micro_batch_an_out_of_memory_left_only_under_auto(
@@ -327,7 +347,8 @@ def test_a_restored_schedule_fits_the_step_cost_the_run_it_continues_fitted():
     (t0, before0, after0), (t1, before1, after1) = run_ranks(_schedule_rank, 2)
     assert t0 == t1  # one state, whichever rank's is written
     assert before0 == before1 == after0 == after1 and before0 is not None
-    assert t0[0][1] == pytest.approx(2.0 * (0.01 + 0.0004 * 32))  # mean of 1x and 3x
+    # mean of 1x and 3x, of step 1 (step 0, the process's first, is not timed)
+    assert t0[0][1] == pytest.approx(2.0 * (0.01 + 0.0004 * 32) * 1.01) and len(t0) == 11
 
 
 def test_a_restart_checkpoint_copy_that_fails_leaves_nothing_in_tmp(monkeypatch, tmp_path):

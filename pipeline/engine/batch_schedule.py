@@ -35,7 +35,10 @@ batches; a stratified or length-bucketed plan stays balanced unit by unit.
   to step, and 1 and 2 units differ by less than that (c from 0 to 3,040 samples between runs
   of the same trial, README); 1 and 4 units differ by 3 units' compute. At every later
   decision the line is fitted again through the last 200 steps, which span the batch sizes
-  the schedule chose since, so c sharpens as the run goes on. A measured c makes the
+  the schedule chose since, so c sharpens as the run goes on -- while they hold two sizes of
+  at least 5 steps each, the larger at least twice the smaller (a settled schedule's window
+  holds one size and each epoch's short last step: a line through those is the step-to-step
+  noise, and set c anywhere up to inf); otherwise c stays as last fitted. A measured c makes the
   schedule depend on timing: it is logged, and kept in checkpoints so a resume goes on with
   the same model. The k's themselves are therefore the worker count's too: the noise scale is
   measured from each rank's share (the small batch) and a measured c from the cluster's step
@@ -50,6 +53,7 @@ batches; a stratified or length-bucketed plan stays balanced unit by unit.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -58,6 +62,7 @@ import numpy as np
 SCHEDULES = ("constant", "warmup", "adaptive")
 MARGIN = 0.05  # adaptive: change the batch only for 5% more goodput (no flapping on noise)
 EXPLORE_UNITS = 4  # adaptive, c measured: the second interval's k (the first is timed at 1)
+REFIT_STEPS, REFIT_SPAN = 5, 2.0  # a later fit: sizes of 5+ steps each, the largest 2x the least
 
 
 def efficiency(batch: float, unit: float, phi: float) -> float:
@@ -154,6 +159,9 @@ class BatchSchedule:
     units: int = 1  # the current k
     timings: list[tuple[int, float]] = field(default_factory=list)  # (batch, seconds) per step
     decisions: int = 0
+    # the next step observed is this process's first (allocators and kernels warming up: its
+    # time is not the step's); a fresh schedule, as after a restart or resume, starts cold
+    cold: bool = field(default=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULES:
@@ -171,6 +179,8 @@ class BatchSchedule:
             return self.units
         if step == 0 or step % self.interval:
             return self.units
+        if agree is not None:  # every rank decides with one noise scale (each measured its
+            phi_samples = agree([phi_samples])[0]  # own: alike only with identical kernels)
         self.decisions += 1
         if self.step_cost is None and step == self.interval and self.max_units > 1:
             # explore: time the next interval at more units, so T(M) = a + b M has two sizes
@@ -186,15 +196,23 @@ class BatchSchedule:
         return self.units
 
     def observe(self, batch: int, seconds: float) -> None:
-        """Record one step's wall time (adaptive without a configured step cost)."""
+        """Record one step's wall time (adaptive without a configured step cost), but for the
+        first step of the process (`cold`)."""
         if self.kind == "adaptive" and (self.step_cost is None or self.measured):
+            if self.cold:
+                self.cold = False
+                return
             self.timings = [*self.timings[-199:], (int(batch), float(seconds))]
 
     def _fit(self, agree: Callable[[list[float]], list[float]] | None) -> None:
-        if not self.timings:
+        timed = self.timings
+        if self.measured:  # a later fit: only through sizes timed often enough, far enough apart
+            counts = {m: n for m, n in Counter(m for m, _ in timed).items() if n >= REFIT_STEPS}
+            if len(counts) < 2 or max(counts) < REFIT_SPAN * min(counts):
+                return  # (every rank alike: the sizes are the same on all)
+            timed = [(m, t) for m, t in timed if m in counts]
+        if not timed:
             return
-        # Leave out the run's first timed step (warm-up of allocators and kernels).
-        timed = self.timings[1:] if len(self.timings) > 2 else self.timings
         sizes = [float(m) for m, _ in timed]
         seconds = [s for _, s in timed]
         if agree is not None:

@@ -94,7 +94,10 @@ class NoiseScale:
 
     @property
     def value(self) -> float:
-        """B_simple = tr(Sigma) / |G|^2 of the smoothed estimates (nan until measurable)."""
+        """B_simple = tr(Sigma) / |G|^2 of the smoothed estimates (nan until |G|^2 > 0; below
+        0 while the smoothed tr(Sigma) is: the unbiased estimate of a noise too small for the
+        batches to resolve -- the adaptive schedule and a sweep's report count only values
+        above 0)."""
         if self.steps == 0 or not self.grad_sq > 0:
             return math.nan
         return self.trace / self.grad_sq

@@ -123,10 +123,12 @@ def test_adaptive_explores_then_decides_by_goodput_every_interval():
     for step in range(6):
         t.next_units(step, 400.0)
         t.observe(t.units * 32, 0.01 + 1e-4 * t.units * 32)
-    t.next_units(6, 400.0, agree=lambda xs: [x * 0 + 0.05 + 1e-4 * m
-                                             for x, m in zip(xs, [32, 32, 128, 128, 128],
-                                                             strict=True)])
+    t.next_units(6, 400.0, agree=lambda xs: xs if len(xs) == 1 else  # (the noise scale)
+                 [x * 0 + 0.05 + 1e-4 * m for x, m in zip(xs, [32, 32, 128, 128, 128],
+                                                          strict=True)])
     assert t.step_cost == pytest.approx(500.0)
+    # (step 0 is not timed: the process's first step warms up allocators and kernels)
+    assert [m for m, _ in t.timings] == [32, 32, 128, 128, 128]
 
 
 def test_a_step_no_slower_at_the_explored_batch_means_a_fixed_cost_and_the_largest_batch():
@@ -163,7 +165,49 @@ def test_a_measured_step_cost_is_fitted_again_at_every_decision():
         s.observe(k * 32, a + 1e-4 * k * 32)
     assert costs[6] == pytest.approx(100.0) and s.measured
     assert s.step_cost == pytest.approx(200.0)  # the window: steps 12-59, all at a = 0.02
-    assert len(s.timings) == 60
+    assert len(s.timings) == 59  # (step 0, the process's first, is not timed)
+
+
+def test_a_settled_schedule_keeps_its_c_rather_than_fit_a_line_through_noise():
+    """Once the batch has settled, the window holds one size and each epoch's short last step:
+    a line through those fits the step-to-step noise -- a short step a little slower than the
+    full ones gave no positive slope, c = inf and the largest batch. A later fit needs two
+    sizes of 5+ steps each, the larger at least twice the smaller; otherwise c stays."""
+    s = BatchSchedule("adaptive", unit=32, max_units=16, interval=10, step_cost=100.0,
+                      measured=True, units=4, cold=False)
+    s.timings = [(128, 0.228)] * 199 + [(96, 0.23)]  # the epoch's last step: 3 units, slower
+    assert fit_step_cost([m for m, _ in s.timings], [t for _, t in s.timings]) is None
+    assert s.next_units(200, phi_samples=400.0) == 4  # (c = 100: 6 is best, not 5% better)
+    assert s.step_cost == 100.0
+    # the same with four such steps of 96 (under 5: no size of its own) and one of 32
+    s.timings = [(128, 0.228)] * 195 + [(96, 0.23)] * 4 + [(32, 0.3)]
+    s.next_units(210, phi_samples=400.0)
+    assert s.step_cost == 100.0
+    # sizes 1.5x apart, 5+ steps each: not far enough apart for a line
+    s.timings = [(128, 0.1)] * 100 + [(192, 0.09)] * 100
+    s.next_units(220, phi_samples=400.0)
+    assert s.step_cost == 100.0
+    # two sizes 2x apart, 5+ steps each: fitted again, through those two only (c = 50)
+    s.timings = [(64, 0.0114)] * 10 + [(128, 0.0178)] * 10 + [(96, 1.0)] * 4
+    s.next_units(230, phi_samples=400.0)
+    assert s.step_cost == pytest.approx(50.0)
+
+
+def test_every_rank_decides_with_one_noise_scale():
+    """Each rank measures the noise scale itself (alike only where every kernel is): a decision
+    takes its mean over the ranks (`agree`), so ranks that measured 40 and 1,000 both decide
+    as at 520 (c = 100: M* = sqrt(100 x 520) = 228, 7 units of 32), not at 2 and 10 units."""
+    def mean_of(values):
+        def agree(xs):
+            return [sum(values) / len(values)] if len(xs) == 1 else xs
+        return agree
+
+    ks = []
+    for phi in (40.0, 1000.0):
+        s = BatchSchedule("adaptive", unit=32, max_units=16, interval=2, step_cost=100.0)
+        ks.append(s.next_units(2, phi, agree=mean_of([40.0, 1000.0])))
+    assert ks == [best_units(520.0, 32, 16, 100.0)] * 2 == [7, 7]
+    assert best_units(40.0, 32, 16, 100.0) == 2 and best_units(1000.0, 32, 16, 100.0) == 10
 
 
 def test_exploring_at_4_units_measures_c_closer_than_at_2_on_a_noisy_machine():
