@@ -62,7 +62,8 @@ def competence(
         return min(1.0, math.sqrt(p * (1.0 - c0 * c0) + c0 * c0))
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps}")
-    k = math.floor(p * int(steps))
+    # (+1e-9: progress 15 / 22 of 22 steps is 14.999... in floats, and its step 15 came late)
+    k = math.floor(p * int(steps) + 1e-9)
     if kind == "step":
         return min(1.0, c0 + (1.0 - c0) * k / int(steps))
     # exponential

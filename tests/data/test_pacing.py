@@ -91,6 +91,22 @@ def test_monotone_in_range_and_one_at_end(kind, c0):
         assert values[0] == pytest.approx(c0)
 
 
+def test_a_step_starts_at_its_epoch_though_the_progress_is_rounded_in_floats():
+    """Epoch e of P = steps epochs is step e exactly: 15 / 22 x 22 is 14.999... in floats,
+    which put epoch 15 of 22 on step 14 (c0 + (1 - c0) 14/22) -- one step late. By hand:
+    0.1 + 0.9 x 15/22 = 0.71363..., and 0.1 x 2^15 > 1."""
+    assert 15 / 22 * 22 < 15  # (the float that floor() met)
+    assert competence(15 / 22, "step", c0=0.1, steps=22) == pytest.approx(0.1 + 0.9 * 15 / 22)
+    for e, p in ((13, 23), (31, 39)):  # two more such cases
+        assert competence(e / p, "step", c0=0.1, steps=p) == pytest.approx(0.1 + 0.9 * e / p)
+    assert competence(15 / 22, "exponential", c0=0.001, steps=22, growth=1.5) == \
+        pytest.approx(0.001 * 1.5**15)
+    # every epoch e < P of P <= 60 epochs paced in P steps: step e
+    for p in range(1, 61):
+        for e in range(p):
+            assert competence(e / p, "step", c0=0.1, steps=p) == pytest.approx(0.1 + 0.9 * e / p)
+
+
 def test_exponential_reaches_one_even_when_growth_is_slow():
     # 0.1 * 1.1**3 = 0.1331 just before the end; the pool is whole once pacing is over.
     assert competence(0.99, "exponential", c0=0.1, steps=4, growth=1.1) == pytest.approx(0.1331)
