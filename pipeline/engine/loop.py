@@ -220,7 +220,8 @@ def train_epoch(
                     f"grad_norm={res.grad_norm:.4g}, lr={lr:.4g}); the update was skipped and "
                     f"training stopped "
                     f"(train.nonfinite=stop, {state.nonfinite_steps} non-finite step(s))")
-        if math.isfinite(res.loss):  # a skipped step's NaN would make the epoch's means NaN
+        if math.isfinite(res.loss) and not res.nonfinite:  # (a NaN would make them NaN; a
+            # finite loss of a step whose gradient was not is left out with it, as said)
             loss_sum += res.loss * res.count
             correct += res.correct
             count += res.count

@@ -18,7 +18,8 @@ Limited Setup", arXiv 2101.06983): embed every micro-batch without a graph, take
 the global loss w.r.t. each embedding, then re-run each micro-batch's forward and back-propagate
 that gradient. The update equals the single-batch update for any (workers, micro-batch) split
 (for models without BatchNorm: with BatchNorm every split is Ghost Batch Normalization, see
-`pipeline.engine.batchnorm`).
+`pipeline.engine.batchnorm`; and without dropout: its masks are drawn per rank and micro-batch,
+so another split draws others).
 
 Out of memory on some ranks only (`agree_oom`, used by `train.micro_batch_size: auto` with
 several workers): a rank that runs out of memory inside DDP's synchronising backward would leave
