@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import cli
+from pipeline.data.batches import split_train_val
 from tests.conftest import REPO
 
 DIGITS = str(REPO / "jobs" / "configs" / "digits.yaml")
@@ -140,11 +141,16 @@ def files(tmp_path_factory) -> dict[str, str]:
     ignored = pa.array([[-100] * len(t) for t in targets.to_pylist()])  # nothing to learn
     head_ignored = pa.array([[-100, -100, *t[2:]] for t in targets.to_pylist()])  # (lengths >= 3)
     label = pa.array(_labels())
+    # the longest sequence (40 tokens) a validation row's; the training rows' at most 19
+    _, val = split_train_val(N, _labels(), 0.2, seed=0)
+    long_val = pa.array([list(range(40)) if i == val[0] else t
+                         for i, t in enumerate(tokens.to_pylist())])
     tables = {
         "vec16": {"x": _vectors(16), "y": label, "name": pa.array([f"s{i}" for i in range(N)])},
         "ragged": {"x": _vectors(16, ragged=True), "y": label},
         "scalar": {"x": pa.array(np.arange(N, dtype=np.float64)), "y": label},
         "seq": {"tokens": tokens, "targets": targets, "y": label},
+        "long_val_seq": {"tokens": long_val, "y": label},
         "both": {"x": _vectors(16), "tokens": tokens, "y": label},
         "neg_token": {"tokens": bad_tokens, "y": label},
         "huge_token": {"tokens": huge_tokens, "y": label},
@@ -516,6 +522,11 @@ CASES = [
     ("pack-tokens-below-longest", [*SEQ, *s("model.name=seq_transformer", "batching.packing=true",
                                             "batching.pack_tokens=10")],
      "batching.pack_tokens=10 is shorter than the longest training sequence (19 tokens)"),
+    # validation is packed too: a longer sequence there got a row wider than pack_tokens
+    ("pack-tokens-below-a-validation-sequence", [
+        *s("data.path={long_val_seq}", "data.sequence_column=tokens", "data.label_column=y",
+           "model.name=seq_transformer", "batching.packing=true", "batching.pack_tokens=24")],
+     "batching.pack_tokens=24 is shorter than the longest validation sequence (40 tokens)"),
     ("pack-tokens-not-a-multiple", [*SEQ, *s("model.name=seq_transformer", "batching.packing=true",
                                              "batching.pack_tokens=30", "batching.pad_multiple_of=8")],
      "batching.pack_tokens=30 is not a multiple"),

@@ -222,9 +222,11 @@ def first_misaligned(tokens: pa.Array | pa.ChunkedArray, targets: pa.Array | pa.
     1
     >>> first_misaligned(pa.array([[1, 2]]), pa.array([[0, 1]])) is None
     True
+    >>> first_misaligned(pa.array([[1, 2], None]), pa.array([[0, 1], None]))
+    1
     """
-    n_tok, n_tgt = (pc.list_value_length(a).fill_null(-1).to_numpy(zero_copy_only=False)
-                    for a in (tokens, targets))
+    n_tok, n_tgt = (pc.list_value_length(a).fill_null(fill).to_numpy(zero_copy_only=False)
+                    for a, fill in ((tokens, -1), (targets, -2)))  # (a null never matches)
     off = np.flatnonzero(n_tok != n_tgt)
     return int(off[0]) if len(off) else None
 

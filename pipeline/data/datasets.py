@@ -1025,7 +1025,7 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> tuple[str | None, int]:
         raise ConfigError(
             f"config error: batching.strategy={b.strategy}: epoch 1 has no batch of "
             f"train.global_batch_size={cfg.train.global_batch_size} from {len(train)} training rows")
-    _check_token_budgets(st, cfg, train)
+    _check_token_budgets(st, cfg, train, val)
     _check_sync_batchnorm(cfg, sizes)
     _check_contrastive_batches(cfg, sizes, len(val))
     reached, steps = cfg.train.epochs, 0
@@ -1138,11 +1138,13 @@ def _check_schedule_reach(cfg: Config, units: list[int]) -> str | None:
     return None
 
 
-def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray) -> None:
-    """Budgets the longest training sequence (as collated: `planned_lengths`) must fit: a
-    packed row's `batching.pack_tokens` (a longer sequence would get a wider row of its own),
-    and a token-budget batch (`length_bucket`'s `max_tokens`: a longer sequence would get a
-    batch of its own, over the budget)."""
+def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray,
+                         val: np.ndarray | None = None) -> None:
+    """Budgets the longest sequence (as collated: `planned_lengths`) must fit: a packed row's
+    `batching.pack_tokens`, training or validation sequence (validation is packed too; a
+    longer sequence would get a wider row of its own), and a token-budget batch
+    (`length_bucket`'s `max_tokens`, training: a longer sequence would get a batch of its own,
+    over the budget)."""
     from pipeline.data.epochs import planned_lengths
 
     b = cfg.batching
@@ -1150,9 +1152,15 @@ def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray) -> Non
         return
     longest = int(planned_lengths(cfg, st.lengths[train]).max())
     cut = " (or set batching.max_length to truncate them)"
-    if b.packing and b.pack_tokens is not None and longest > b.pack_tokens:
-        raise ConfigError(f"config error: batching.pack_tokens={b.pack_tokens} is shorter than "
-                          f"the longest training sequence ({longest} tokens): raise it{cut}")
+    if b.packing and b.pack_tokens is not None:
+        for rows, which in ((train, "training"), (val, "validation")):
+            if rows is None or not len(rows):
+                continue
+            most = int(planned_lengths(cfg, st.lengths[rows]).max())
+            if most > b.pack_tokens:
+                raise ConfigError(f"config error: batching.pack_tokens={b.pack_tokens} is shorter "
+                                  f"than the longest {which} sequence ({most} tokens): raise "
+                                  f"it{cut}")
     max_tokens = b.options.get("max_tokens") if b.strategy == "length_bucket" else None
     if max_tokens is not None and max_tokens < longest:
         raise ConfigError(

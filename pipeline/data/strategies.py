@@ -683,10 +683,12 @@ def plan_length_bucket(
       (``n_samples * longest <= max_tokens``, at least one sample per batch); batch sizes
       vary and nothing is dropped (``drop_last`` has no effect). The last cut of a mega-batch
       -- its longest samples, what the budget left over, maybe fewer than there are workers
-      -- joins the next mega-batch before that is sorted and cut, so that only the epoch's
-      last batch may be that short (a batch of fewer samples than workers leaves some ranks
+      -- joins the next mega-batch before that is sorted and cut, so that no mega-batch's
+      boundary leaves a short batch (a batch of fewer samples than workers leaves some ranks
       an empty share; cut short at every mega-batch, the longest sequences would each be a
-      batch of a few samples).
+      batch of a few samples). Within a mega-batch a cut can still be short where the sorted
+      lengths jump (a few mid-length samples before the long ones), and so can the epoch's
+      last batch.
 
     Worked example (12 samples, batch 2, one mega-batch of 6 -> similar lengths together):
 
