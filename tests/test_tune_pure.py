@@ -462,6 +462,16 @@ def test_summary_table_leaves_missing_integers_blank():
     assert lines[2:] == ["| a | 40 |", "| b |  |"]
 
 
+def test_summary_table_tells_small_swept_values_apart():
+    """A log-uniform LR sweep's 1e-5 and 4e-5 (and 2.5e-4, which 4 decimals round) keep their
+    own digits; metrics keep 4 decimals, counts past 1,000 none."""
+    df = pd.DataFrame({"train.base_lr": [1e-5, 4e-5, 0.00025, 0.0],
+                       "val_accuracy": [0.98765, 0.5, 0.01, 0.0], "samples": [1234.0] * 4})
+    lines = summary_table(df, metric="none").strip().splitlines()
+    assert lines[2:] == ["| 1e-05 | 0.9877 | 1234 |", "| 4e-05 | 0.5000 | 1234 |",
+                         "| 0.00025 | 0.0100 | 1234 |", "| 0.0000 | 0.0000 | 1234 |"]
+
+
 def test_digits_train_rows_follow_the_split():
     """The helper the end-to-end tests derive step counts from agrees with the split rule:
     round(count x val_fraction) of each class held out."""
@@ -883,6 +893,32 @@ def test_steps_that_stop_falling_at_the_largest_batches_are_not_called_beyond():
     assert critical_batch(_curve([400, 200, 100, 60, 41]))["verdict"] == "levels_off"
 
 
+def test_a_knee_just_past_the_largest_batch_is_said_as_such_not_as_proportional_steps():
+    """100 steps at 32 and 66 at 64: a third fewer, not half. The line's knee, 68 (by hand:
+    100 = S (1 + K/32), 66 = S (1 + K/64) give K = 64 x 34 / 32 = 68), is just past 64, so
+    the critical batch is at least 64 -- but the steps did not "keep falling about in
+    proportion to the batch"; the sentence gives the saving and the fitted knee."""
+    from pipeline.tune.analysis import critical_batch, critical_batch_sentence
+
+    fit = critical_batch(pd.DataFrame({"train.global_batch_size": [32, 64],
+                                       "steps_to_target": [100, 66]}))
+    assert fit["verdict"] == "beyond" and fit["b_crit"] == math.inf
+    assert fit["b_crit_fit"] == pytest.approx(68.0)
+    assert fit["last_saving"] == (32, 64, pytest.approx(0.34))
+    said = critical_batch_sentence(fit, None, 0.95)
+    assert said == ("Steps to val_accuracy >= 0.95 fall with the batch up to 64, the largest "
+                    "batch that reached it (from 32 to 64 by 34%; perfect scaling: 50%), and a "
+                    "fit over 2 batch sizes puts the knee near 68, past them: the critical "
+                    "batch is at least about 64, and more workers still buy some fewer steps "
+                    "there.")
+    assert "in proportion" not in said
+    # perfect scaling: no finite knee, "in proportion" as before
+    perfect = critical_batch(pd.DataFrame({"train.global_batch_size": [32, 64],
+                                           "steps_to_target": [400, 200]}))
+    assert perfect["b_crit_fit"] == math.inf
+    assert "keep falling about in proportion" in critical_batch_sentence(perfect, None, 0.95)
+
+
 def test_a_batch_that_trained_past_the_largests_count_without_reaching_it_is_evidence():
     """512 trained 60 steps, more than the 35 that 256 needed, and never reached the target:
     its steps to it are more than 60, so the steps stopped falling -- not "not measured, at
@@ -986,6 +1022,39 @@ def test_a_trial_that_reads_its_own_data_finds_a_relative_path_from_tunes_trial_
             trial, trial_info = trial_config(given, info, {key: value})
             assert Path(trial_info.uri).parent == tmp_path / "d"
         monkeypatch.chdir(tmp_path)
+
+
+def test_the_reports_best_config_survives_a_best_trials_data_gone_unreadable(
+        tmp_path, monkeypatch, capsys):
+    """The report fills the best trial's config for its data: a swept `data.path` is read
+    again for that, after every trial has run. A file gone by then (or a store's blip) made
+    the sweep FAILED without its result.json; now the config as given with the trial's
+    overrides, and one warning line naming the file."""
+    import pyarrow.parquet as pq
+
+    from pipeline.data.datasets import make_digits, resolve
+    from pipeline.tune.report import best_config
+    from pipeline.tune.space import with_absolute_paths
+
+    (tmp_path / "d").mkdir()
+    for name in ("a", "b"):
+        pq.write_table(make_digits(), tmp_path / "d" / f"{name}.parquet")
+    monkeypatch.chdir(tmp_path)
+    cfg, info = resolve(load_config(None, [
+        "data.path=d/a.parquet", "data.feature_column=features",
+        'tune.search_space={"data.path": {"grid": ["d/a.parquet", "d/b.parquet"]}}']))
+    cfg = with_absolute_paths(cfg)
+    b = str(tmp_path / "d" / "b.parquet")
+    filled = best_config(cfg, info, {"data.path": b})
+    assert filled.data.path == b and filled.model.name == "mlp"  # (auto, filled for its data)
+    capsys.readouterr()
+    (tmp_path / "d" / "b.parquet").unlink()
+    given = best_config(cfg, info, {"data.path": b})
+    assert given.data.path == b and given.model.name == "auto"  # as configured
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("[pipeline] warning: the best trial's dataset could not be read "
+                           "again") and "b.parquet" in line and line.endswith(
+                               "result.json gives it as configured")
 
 
 def test_grid_values_are_taken_as_their_keys_type_so_a_repeat_is_seen():

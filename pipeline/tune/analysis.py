@@ -159,6 +159,8 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
       off the line (the fit does not describe the curve well);
     - `beyond`: steps fall about in proportion to the batch up to the largest that reached the
       target (S_min about 0, or a knee past it): the critical batch is at least that;
+      `b_crit_fit` the line's knee (inf for S_min <= 0), `last_saving` (P, L, the fraction of
+      the steps that going from P to L saved);
     - `levels_off`: the line says `beyond`, but the data say steps stopped falling at the
       largest batches (`levels_at`): the last doubling saved less than a knee at the largest
       batch would (`last_saving`), or a larger batch trained more steps than the largest's
@@ -205,7 +207,10 @@ def critical_batch(df: pd.DataFrame, steps: str = "steps_to_target") -> dict[str
         stop = _levels_off(points, d, steps)
         if stop:
             return {**out, **stop, "verdict": "levels_off"}
-        return {**out, "verdict": "beyond", "b_crit": math.inf, "s_min": max(s_min, 0.0)}
+        big, prev = int(points.index[-1]), int(points.index[-2])
+        return {**out, "verdict": "beyond", "b_crit": math.inf, "s_min": max(s_min, 0.0),
+                "b_crit_fit": b_crit,
+                "last_saving": (prev, big, 1 - float(points.iloc[-1]) / float(points.iloc[-2]))}
     fitted = s_min * (1 + b_crit / points.index.to_numpy(dtype=float))
     off = np.abs(points.to_numpy(dtype=float) - fitted) / points.to_numpy(dtype=float)
     worst = int(np.argmax(off))
@@ -322,9 +327,18 @@ def critical_batch_sentence(fit: dict[str, Any] | None, noise_scale: float | Non
     if verdict == "beyond":
         caveat = (" -- as far as measured: larger batches did not reach the target"
                   if above else "")
-        return (f"Steps to {reach} keep falling about in proportion to the batch up to {large}, "
-                f"the largest batch that reached it{noise}: the critical batch is at least "
-                f"about {large}, and more workers still buy fewer steps there{caveat}.{unknown}")
+        knee = fit.get("b_crit_fit", math.inf)
+        if knee is None or not math.isfinite(knee):  # (S_min <= 0: proportional, or better)
+            return (f"Steps to {reach} keep falling about in proportion to the batch up to "
+                    f"{large}, the largest batch that reached it{noise}: the critical batch is "
+                    f"at least about {large}, and more workers still buy fewer steps there"
+                    f"{caveat}.{unknown}")
+        prev, big, saved = fit["last_saving"]
+        return (f"Steps to {reach} fall with the batch up to {large}, the largest batch that "
+                f"reached it (from {prev} to {big} by {100 * saved:.0f}%; perfect scaling: "
+                f"{100 * (1 - prev / big):.0f}%), and a fit over {n} batch sizes puts the knee "
+                f"near {knee:.0f}, past them{noise}: the critical batch is at least about "
+                f"{large}, and more workers still buy some fewer steps there{caveat}.{unknown}")
     if verdict == "levels_off":
         at = fit["levels_at"]
         if fit.get("overrun"):
@@ -494,7 +508,9 @@ def _save(fig, path: str | Path) -> Path:
 def _cell(v: object) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):  # NA: Int64 columns
         return ""
-    if isinstance(v, float):
+    if isinstance(v, float):  # (a swept LR of 1e-5 or 4e-5 printed as 0.0000, alike)
+        if v != 0 and abs(v) < 0.01:
+            return f"{v:.3g}"
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v).replace("|", "\\|")
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.config import Config
-from pipeline.data.datasets import DatasetInfo
+from pipeline import console
+from pipeline.config import Config, ConfigError
+from pipeline.data.datasets import DatasetInfo, as_given
 from pipeline.files import write_json, write_text
 from pipeline.redact import redact
 from pipeline.tracking import client, log_summary
@@ -121,8 +122,7 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
                                f"by (tune.metric); see {out_dir / 'trials.csv'}")
         raise RuntimeError(f"every trial of sweep {name} failed; see {out_dir / 'trials.csv'}")
     overrides = {k: _plain(v) for k, v in trials[best["trial_id"]].overrides.items()}
-    best_cfg = (trial_config(cfg, info, overrides)[0] if info is not None  # (as it trained)
-                else cfg.with_overrides(overrides))
+    best_cfg = best_config(cfg, info, overrides)
     write_json(out_dir / "result.json", redact({  # (masked: shared, logged to the parent run)
         "status": "FINISHED", "sweep": name, "parent_run_id": parent, "tracking_uri": uri,
         "best": {"trial_id": best["trial_id"], "mlflow_run_id": best["mlflow_run_id"],
@@ -137,6 +137,21 @@ def write_report(df: pd.DataFrame, runs: dict[str, Any], trials: dict[str, Trial
     }))
     df.attrs["score"] = scored["_score"]  # what the best was chosen by (`print_sweep`)
     return df
+
+
+def best_config(cfg: Config, info: DatasetInfo | None, overrides: dict[str, Any]) -> Config:
+    """The best trial's config as it trained (`trial_config`: filled for its data). A trial
+    that swept `data.*` has its dataset read again for that; where it can no longer be read
+    (a store's blip, a file gone) after every trial has run, the config as given with the
+    trial's overrides, and a `warning:` line -- the sweep's report is not lost for it."""
+    if info is None:
+        return cfg.with_overrides(overrides)
+    try:
+        return trial_config(cfg, info, overrides)[0]
+    except (OSError, ConfigError) as err:  # (DataUnreachable is an OSError)
+        console.say(f"warning: the best trial's dataset could not be read again to fill its "
+                    f"config ({console.error_line(err)}): result.json gives it as configured")
+        return as_given(cfg, info).with_overrides(overrides)
 
 
 def _plain(v: Any) -> Any:
