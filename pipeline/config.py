@@ -1176,9 +1176,30 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             and not _step_cost_from_file(t, raw["scaling"])):
         # two sources of c: resolve fills the step cost from the file, so a run's resolved
         # config (MLflow's config.yaml) holds both, in agreement, and is taken back as it is
-        raise ConfigError("config error: train.batch_size_step_cost and "
-                          "train.batch_size_throughput are both set: set one (the other null)")
+        raise ConfigError(_two_step_costs(t, raw["scaling"]))
     return validate(raw)
+
+
+def _two_step_costs(train: dict[str, Any], scaling: Any) -> str:
+    """The line for a step cost that is not the one train.batch_size_throughput's file gives
+    for the config's workers: where it is the file's for another worker count (a run's resolved
+    config given back with other `scaling.num_workers`), it says so."""
+    from pipeline.find_batch_size import step_cost_from
+
+    try:
+        per_worker = step_cost_from(str(train["batch_size_throughput"]), 1)
+        workers = float(train["batch_size_step_cost"]) / per_worker
+    except (ConfigError, TypeError, ValueError, KeyError, ZeroDivisionError):
+        workers = math.nan
+    if math.isfinite(workers) and workers >= 1 and math.isclose(workers, round(workers),
+                                                                 rel_tol=1e-9):
+        now = scaling.get("num_workers") if isinstance(scaling, dict) else None
+        return (f"config error: train.batch_size_step_cost={train['batch_size_step_cost']} is "
+                f"train.batch_size_throughput's step cost for {round(workers)} worker(s) "
+                f"({per_worker:g} per worker), not for scaling.num_workers={now}: set it to "
+                "null to take the file's for this run's workers")
+    return ("config error: train.batch_size_step_cost and train.batch_size_throughput are both "
+            "set: set one (the other null)")
 
 
 def _step_cost_from_file(train: dict[str, Any], scaling: Any) -> bool:

@@ -42,6 +42,7 @@ from pipeline.files import run_state, write_json
 from pipeline.redact import redact, redact_text
 from pipeline.resume import (
     cut_epoch,
+    moved_batches,
     moved_ghost_batch,
     relaid_schedule,
     resume_folder,
@@ -402,6 +403,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         if show_progress:
             _log(f"resuming from {resume_from} (epoch {epochs_done(resume_from)} done)")
             for line in (relaid_schedule(cfg, resumed_with), moved_ghost_batch(cfg, started),
+                         moved_batches(cfg, started),
                          cut_epoch(started, resume_from, resumed_with)):
                 if line is not None:
                     _log(line)

@@ -12,10 +12,12 @@ from pipeline.config import Config, ConfigError, changed_keys
 from pipeline.data.epochs import keep_pacing, with_pacing
 
 # What a `--resume` may change: more epochs, validation more or less often, another cluster
-# shape, micro-batch or data mode (the global batches depend on none of them; a model with
-# BatchNorm normalises over the micro-batch, which a new cluster shape changes as well),
-# whether the model is logged, and a sweep's settings (`train` reads none); and a higher
-# `train.max_steps` (a run it stopped goes on). Anything else makes the resumed run another
+# shape, micro-batch or data mode (the global batches depend on none of them -- but for what
+# `moved_ghost_batch` and `moved_batches` warn of: a model with BatchNorm normalises over the
+# micro-batch, the adaptive schedule's k's follow a noise scale measured from each rank's
+# share, hard mining scores its pool in chunks of the micro-batch), whether the model is
+# logged, and a sweep's settings (`train` reads none); and `train.max_steps`, not below the
+# steps trained (a run it stopped goes on). Anything else makes the resumed run another
 # training than the one its checkpoints and MLflow run belong to.
 RESUME_MAY_CHANGE = ("train.epochs", "train.eval_every", "scaling.", "train.micro_batch_size",
                      "tracking.log_model", "data.mode", "tune.", "train.max_steps")
@@ -55,9 +57,11 @@ def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
                           f"than the {done} epochs the run has trained ({resume_from.name}): a "
                           "resume goes on to more epochs (the same number ends it there)")
     cap = cfg.train.max_steps
-    if finished and cap is not None and (steps := steps_done(resume_from)) >= cap:  # (it
-        # would train nothing and report the checkpoint's metrics as the resumed run's; one
-        # that stopped before its end, in log_model say, ends at that checkpoint)
+    if cap is not None and (steps := steps_done(resume_from)) >= cap and (finished or
+                                                                      steps > cap):  # (it
+        # would train nothing and report the checkpoint's metrics as the resumed run's, with a
+        # cap below what it trained; one that stopped before its end at the same cap, in
+        # log_model say, ends at that checkpoint)
         raise ConfigError(f"argument error: --resume: the run has trained {steps} steps "
                           f"({resume_from.name}), train.max_steps={cap}: raise train.max_steps "
                           "(or unset it) to train on")
@@ -173,6 +177,46 @@ def moved_ghost_batch(cfg: Config, started: dict[str, Any]) -> str | None:
     return (f"warning: each BatchNorm now normalises over {now} samples ({was} when the run "
             "started: its workers or micro-batch changed), so the resumed steps are not the "
             "uninterrupted run's")
+
+
+def moved_batches(cfg: Config, started: dict[str, Any]) -> str | None:
+    """The warning a --resume gets when the batches it trains from here may not be the
+    uninterrupted run's, though every key it changed may change: the adaptive schedule's k's
+    follow a noise scale measured from each rank's share (the small batch: on one worker, the
+    first micro-batch), so another worker count -- or micro-batch, on one worker -- measures
+    another; hard mining scores its pool in chunks of the micro-batch dealt to the ranks, so
+    another micro-batch (or worker count, with the default micro-batch global / workers) scores
+    to other rounding, which moves its rank-based draws. None otherwise.
+
+    >>> from pipeline.config import load_config
+    >>> sets = ["train.batch_size_schedule=adaptive", "train.batch_size_min=32", "train.micro_batch_size=16"]
+    >>> run = {"config": load_config(None, [*sets, "scaling.num_workers=2"]).to_dict()}
+    >>> moved_batches(load_config(None, [*sets, "scaling.num_workers=4"]), run)[:61]
+    "warning: the adaptive schedule's noise scale is measured from"
+    >>> moved_batches(load_config(None, [*sets, "scaling.num_workers=2", "train.epochs=9"]), run)
+    """
+    before = started.get("config")
+    if not before:
+        return None
+    try:
+        was = Config.model_validate(_with_defaults(before))
+    except ValueError:  # (a stored config this version does not read: nothing to compare)
+        return None
+    workers = was.scaling.num_workers != cfg.scaling.num_workers
+    micro = was.train.micro_batch_size != cfg.train.micro_batch_size
+    if cfg.train.batch_size_schedule == "adaptive" and (
+            workers or (micro and cfg.scaling.num_workers == 1)):
+        return ("warning: the adaptive schedule's noise scale is measured from each rank's "
+                "share of a step (on one worker, its first micro-batch), which the new "
+                f"{'workers' if workers else 'micro-batch'} change: the batch sizes it "
+                "chooses from here may differ from the uninterrupted run's")
+    if cfg.batching.strategy == "hard_mining" and (
+            micro or (workers and cfg.train.micro_batch_size is None)):
+        return ("warning: hard_mining scores its pool in chunks of the micro-batch, which the "
+                f"new {'micro-batch' if micro else 'workers'} change: the losses it draws by "
+                "differ in rounding, so the later epochs' batches may differ from the "
+                "uninterrupted run's")
+    return None
 
 
 def resume_folder(started: dict[str, Any]) -> str:

@@ -364,6 +364,59 @@ def test_a_run_train_max_steps_stopped_resumes_only_with_a_higher_cap(tmp_path, 
         "warning: train.max_steps is now 44: the cosine LR schedule is laid over the new length")
 
 
+def test_a_resume_never_caps_the_run_below_the_steps_it_trained(tmp_path):
+    """A run started with train.max_steps=200 that crashed at step 80 (not finished): a resume
+    with a cap of 50 was accepted, stopped at once and reported the checkpoint as the run (its
+    cap below the steps it had trained); refused now, unfinished or not. A cap above the steps
+    trained (100), or the same (80, an unfinished run ends at its checkpoint), goes on."""
+    from pipeline.config import ConfigError
+    from pipeline.resume import resume_point
+
+    cfg, _ = resolve(load_config(DIGITS, ["train.max_steps=200"]))
+    run = {"config": cfg.to_dict()}
+    storage = tmp_path / "ray_results"
+    save_checkpoint(storage / "train-x" / "checkpoint_3", {"step": 80, "epoch": 3})
+    lower, _ = resolve(load_config(DIGITS, ["train.max_steps=50"]))
+    with pytest.raises(ConfigError, match=r"^argument error: --resume: the run has trained 80 "
+                       r"steps \(checkpoint_3\), train.max_steps=50: raise train.max_steps"):
+        resume_point(lower, storage, run)
+    for cap in (100, 80):
+        resumed, _ = resolve(load_config(DIGITS, [f"train.max_steps={cap}"]))
+        assert resume_point(resumed, storage, run)[2] == {"train.max_steps": str(cap)}
+
+
+@pytest.mark.parametrize(("was", "now", "said"), [
+    # adaptive: each rank's share is the noise scale's small batch
+    (["scaling.num_workers=2"], ["scaling.num_workers=4"], "adaptive schedule's noise scale"),
+    (["scaling.num_workers=1", "train.micro_batch_size=8"],
+     ["scaling.num_workers=1", "train.micro_batch_size=4"], "adaptive schedule's noise scale"),
+    (["scaling.num_workers=2", "train.micro_batch_size=8"],
+     ["scaling.num_workers=2", "train.micro_batch_size=4"], None),  # (2 ranks: their shares)
+    # hard mining: scored in chunks of the micro-batch (global / workers when unset)
+    (["batching.strategy=hard_mining", "train.micro_batch_size=16"],
+     ["batching.strategy=hard_mining", "train.micro_batch_size=8"], "hard_mining scores"),
+    (["batching.strategy=hard_mining", "train.micro_batch_size=null", "scaling.num_workers=2"],
+     ["batching.strategy=hard_mining", "train.micro_batch_size=null", "scaling.num_workers=4"],
+     "hard_mining scores"),
+    (["batching.strategy=hard_mining", "train.micro_batch_size=8", "scaling.num_workers=2"],
+     ["batching.strategy=hard_mining", "train.micro_batch_size=8", "scaling.num_workers=4"],
+     None),  # (the same chunks on any worker count)
+])
+def test_a_resume_that_may_move_the_batches_says_so(was, now, said):
+    """Keys a resume may change, that still move what an adaptive schedule or hard mining
+    trains from there: a warning line at the resume (README: the equivalence table)."""
+    from pipeline.resume import moved_batches
+
+    sched = ["train.batch_size_schedule=adaptive", "train.batch_size_min=32",
+             "train.global_batch_size=128"]
+    extra = [] if any("hard_mining" in k for k in was) else sched
+    before = load_config(DIGITS, [*extra, *was])
+    line = moved_batches(load_config(DIGITS, [*extra, *now]), {"config": before.to_dict()})
+    assert (line is None) if said is None else (line.startswith("warning: ") and said in line)
+    if said is not None:  # the same config: nothing to say
+        assert moved_batches(before, {"config": before.to_dict()}) is None
+
+
 def test_a_run_json_of_an_earlier_version_resumes(started, monkeypatch):
     """A key added to the config since the run started is not a change: at its default (every
     run of an earlier version was refused a resume after an upgrade)."""

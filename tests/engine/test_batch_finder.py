@@ -753,6 +753,11 @@ def test_throughput_file_fills_the_step_cost_for_the_jobs_workers(data_dir, tmp_
     ([], {"step_cost_per_worker": float("nan")}, "config error: train.batch_size_throughput: "),
     (["--set", "train.batch_size_step_cost=100"], {"step_cost_per_worker": 75.0},
      "config error: train.batch_size_step_cost and train.batch_size_throughput are both set"),
+    # the file's cost for 7 workers: a resolved config.yaml given back with other workers
+    # (the line blamed both keys, not the worker count)
+    (["--set", "train.batch_size_step_cost=525"], {"step_cost_per_worker": 75.0},
+     "config error: train.batch_size_step_cost=525 is train.batch_size_throughput's step cost "
+     "for 7 worker(s) (75 per worker), not for scaling.num_workers=2: set it to null"),
 ])
 def test_throughput_file_refusals_exit_2_with_one_line(data_dir, tmp_path, capsys, extra,
                                                       content, line):
