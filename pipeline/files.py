@@ -132,6 +132,9 @@ def run_state(out_dir: str | Path, name: str = "run.json") -> dict[str, Any]:
         for key in ("tracking_uri", "checkpoints", "mlflow_run_id"):  # (what is read as text)
             if state.get(key) is not None and not isinstance(state[key], str):
                 raise ValueError(f"its {key} is not text")
+        for key in ("config", "data"):  # (what is read as a mapping: a resume compares them)
+            if state.get(key) is not None and not isinstance(state[key], dict):
+                raise ValueError(f"its {key} is not a mapping")
     except (OSError, ValueError) as err:  # (UnicodeDecodeError and JSONDecodeError are too)
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise ConfigError(f"argument error: {state_file} is not a run's state ({reason}): "

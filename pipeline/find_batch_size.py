@@ -229,9 +229,8 @@ def search(cfg: Config, info: Any, max_memory: int | None, *, device: Any,
         suggest_batching,
         trial_step_cost,
     )
-    from pipeline.engine.models import build_model
+    from pipeline.engine.models import build_model, model_spec
     from pipeline.engine.optim import build_optimizer
-    from pipeline.worker import model_spec  # pure; lives beside the Ray worker function
 
     budget, source = max_memory, "--max-memory"
     if budget is None and device.type == "cpu":  # (the same on every rank: all gather, or none)

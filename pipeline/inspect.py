@@ -6,7 +6,9 @@ steps, rank slice, micro-batches, the slots the collate pads or packs to) for
 per sample drawn to `batches.parquet` (epoch, rank, batch, micro, sample id, label, length,
 difficulty, weight, padded length), prints a summary and writes a PNG.
 Hard-example mining has no losses without training: its weights are uniform here, and its epochs
-after the first (planned in training from the losses it measured) are uniform draws here.
+after the first (planned in training from the losses it measured) are uniform draws here. An
+`adaptive` batch-size schedule's steps (grouped in training by the noise scale it measures) are
+shown as their unit batches, and an `auto` micro-batch at its starting size.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ from pipeline.engine.loop import (
     assert_finite_weights,
     train_epoch,
 )
-from pipeline.engine.models import build_model
+from pipeline.engine.models import build_model, model_spec
 from pipeline.engine.noise import NoiseScale, attach_local_norm
 from pipeline.engine.optim import build_optimizer
 from pipeline.engine.schedule import lr_at, scale_lr
@@ -76,29 +76,6 @@ from pipeline.engine.step import (
 from pipeline.files import write_json
 from pipeline.redact import redact_text
 from pipeline.tracking import MetricLogger, keep_unsent
-
-
-def model_spec(cfg: Config, facts: dict[str, int | None]) -> dict[str, Any]:
-    """Everything needed to rebuild the model (kept in checkpoints for the final artifact).
-    `facts`: what the model needs to know of the data, as the driver's checks found it
-    (`DatasetInfo.facts`: feature width, largest token id, target and label)."""
-    per_token = cfg.train.loss == "token_cross_entropy"
-    if cfg.train.loss == "nt_xent":
-        outputs = int(cfg.model.kwargs.get("embedding_dim", 32))
-    elif per_token:
-        outputs = int(facts["max_target"]) + 1
-    else:
-        outputs = int(facts["max_label"]) + 1
-    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embedding_dim"}
-    return {
-        "name": cfg.model.name,
-        "input_dim": facts["input_dim"],
-        "num_outputs": outputs,
-        "vocab_size": None if facts["max_token"] is None else int(facts["max_token"]) + 1,
-        "per_token": per_token,
-        "activation_checkpointing": cfg.model.activation_checkpointing,
-        **kwargs,
-    }
 
 
 def data_outside_model(cfg: Config, spec: dict[str, Any], st: Any) -> str | None:

@@ -24,6 +24,16 @@ def small_mlp(*, input_dim, num_outputs, vocab_size=None, per_token=False,
     return nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
 
 
+def batchnorm_mlp(*, input_dim, num_outputs, vocab_size=None, per_token=False,
+                  activation_checkpointing=False, hidden=16):
+    """`small_mlp` with a BatchNorm layer: `train.micro_batch_size: auto` would change the
+    batch it normalises over on an out-of-memory, which the driver's checks refuse."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(input_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_outputs))
+
+
 def _registered(build):
     """A registry's decorator: the wrapper passes on only the arguments `build` names (the
     others, e.g. vocab_size for a vector model, are dropped)."""

@@ -197,6 +197,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     (root / "damaged" / "run.json").write_text('{"config": ')
     (root / "typed" / "ray_results").mkdir(parents=True)  # a run.json whose URI is a number
     (root / "typed" / "run.json").write_text('{"config": {}, "tracking_uri": 5}')
+    (root / "text_config" / "ray_results").mkdir(parents=True)  # a run.json whose config is text
+    (root / "text_config" / "run.json").write_text('{"config": "x"}')
     (root / "loop").symlink_to(root / "loop")  # a symlink to itself
     (root / "tagged.yaml").write_text("train:\n  epochs: !!int x\n")  # a tag PyYAML cannot build
     (root / "sweep_elsewhere" / "ray_results").mkdir(parents=True)  # a sweep's own store
@@ -207,6 +209,7 @@ def files(tmp_path_factory) -> dict[str, str]:
                folder=str(root / "a_folder"), started=str(root / "started"),
                dup_yaml=str(root / "dup.yaml"), damaged=str(root / "damaged"),
                sweep_elsewhere=str(root / "sweep_elsewhere"), typed=str(root / "typed"),
+               text_config=str(root / "text_config"),
                loop=str(root / "loop"), tagged_yaml=str(root / "tagged.yaml"),
                long_name=str(root / ("a" * 300)))
     return out
@@ -451,6 +454,11 @@ CASES = [
      "model.name=import:os:getcwd cannot take the keyword arguments it is called with "
      "(activation_checkpointing, input_dim, num_outputs, per_token, vocab_size; model.kwargs "
      "included): got an unexpected keyword argument 'activation_checkpointing'"),
+    # a user's model with BatchNorm: refused on the workers, after the cluster work
+    ("import-batchnorm-auto-micro", [*VEC, *s("model.name=import:tests.builders:batchnorm_mlp",
+                                              "train.micro_batch_size=auto")],
+     "train.micro_batch_size=auto would change the ghost-batch size of the BatchNorm layers of "
+     "model.name=import:tests.builders:batchnorm_mlp"),
     ("import-kwarg-typo", s("model.name=import:tests.builders:small_mlp", "model.kwargs.hiden=8"),
      "got an unexpected keyword argument 'hiden'"),
     ("space-import-no-function", ["--config", DIGITS, *s(
@@ -589,6 +597,9 @@ CASES = [
     # the tracking URI was read as text: a traceback (TypeError) before
     ("resume-typed-state", ["--config", DIGITS, "--out", "{typed}", "--resume"],
      "/typed/run.json is not a run's state (its tracking_uri is not text)"),
+    # (a traceback: TypeError, 'str' object is not a mapping)
+    ("resume-config-not-a-mapping", ["--config", DIGITS, "--out", "{text_config}", "--resume"],
+     "/text_config/run.json is not a run's state (its config is not a mapping)"),
     # each of these an unmasked traceback before (OSError, RuntimeError, ValueError)
     ("out-name-too-long", ["--config", DIGITS, "--out", "{long_name}"], "File name too long"),
     ("out-symlink-loop", ["--config", DIGITS, "--out", "{loop}/x"], "--out"),

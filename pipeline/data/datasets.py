@@ -196,7 +196,7 @@ class DatasetInfo:
     num_rows: int
     columns: tuple[str, ...]
     # What the model needs to know of the data, as the checks found it: every process builds
-    # the model from these (`pipeline.worker.model_spec`), none counts them again.
+    # the model from these (`pipeline.engine.models.model_spec`), none counts them again.
     facts: dict[str, int | None] = dataclasses.field(default_factory=dict, hash=False)
     # Every row's small columns as the checks read them (labels, difficulties, sequence
     # lengths): kept in the process that resolved the config, never pickled (a trial or a
@@ -670,7 +670,7 @@ class DataFacts:
     small: SampleTable  # every row's labels, difficulties and sequence lengths; no features
 
     def model_facts(self) -> dict[str, int | None]:
-        """What the model needs to know of the data (`pipeline.worker.model_spec`'s `facts`)."""
+        """What the model needs to know of the data (`pipeline.engine.models.model_spec`'s `facts`)."""
         labels = self.small.labels
         return {"input_dim": self.width, "max_token": self.max_token,
                 "max_target": self.max_target,
@@ -859,6 +859,14 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
         except Exception as err:  # the import itself may fail in any way (the user's code)
             raise ConfigError(f"config error: model.name={name}: {error_line(err)}") from None
         _check_builder_arguments(name, builder, kwargs)
+        t = cfg.train
+        if t.micro_batch_size == "auto" and not t.auto_micro_batchnorm and _builds_batchnorm(
+                cfg, facts):  # (the config refuses the built-in models with BatchNorm alike)
+            raise ConfigError(
+                f"config error: train.micro_batch_size=auto would change the ghost-batch size of "
+                f"the BatchNorm layers of model.name={name} on out-of-memory (another update); "
+                "set a fixed train.micro_batch_size, or opt in with "
+                "train.auto_micro_batchnorm=true")
     if name in ("digits_cnn", "mlp") and d.feature_column is None:
         raise ConfigError(f"config error: model.name={name} takes feature vectors "
                           f"(data.feature_column), but the data has token sequences "
@@ -897,6 +905,22 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
     if vocab is not None and facts.max_token is not None and facts.max_token >= vocab:
         raise ConfigError(f"config error: model.kwargs.vocab_size={vocab} is too small for the "
                           f"token id {facts.max_token} in data.sequence_column")
+
+
+def _builds_batchnorm(cfg: Config, facts: DataFacts) -> bool:
+    """Whether a user's model (`import:`) has BatchNorm layers: built as the workers build it,
+    on PyTorch's meta device (no memory for its weights). A builder that cannot build there (or
+    at all) is left to the workers, which check the model they build."""
+    import torch
+
+    from pipeline.engine.batchnorm import has_batchnorm
+    from pipeline.engine.models import build_model, model_spec
+
+    try:
+        with torch.device("meta"):
+            return has_batchnorm(build_model(**model_spec(cfg, facts.model_facts())))
+    except Exception:  # (the user's code: any failure)
+        return False
 
 
 def _check_builder_arguments(name: str, builder: Any, kwargs: dict[str, Any]) -> None:

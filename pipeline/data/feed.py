@@ -3,9 +3,11 @@
 
 The Ray Train worker trains on it (`pipeline/worker.py`) and `inspect-batches` records it
 (`pipeline/inspect.py`): both walk an epoch through `RankFeed.epoch` and cut a step's rows with
-`FeedStep.micro`, so what is inspected is what is trained by construction -- with one
-exception: hard-example mining plans each epoch after the first from the losses training
-measured, which inspection does not have (it shows uniform draws for those epochs). Training
+`FeedStep.micro`, so what is inspected is what is trained by construction -- but for what
+only training knows: hard-example mining plans each epoch after the first from the losses
+training measured (inspection shows uniform draws for those epochs), an `adaptive` batch-size
+schedule groups unit batches into steps by the noise scale training measures (inspection
+shows the unit batches), and an `auto` micro-batch shrinks on an out-of-memory. Training
 collates a micro-batch (`RankFeed.collate`); inspection takes its shape from the function the
 collate pads or packs to (`RankFeed.shape`). In the streaming mode (`data.mode`) the feed holds
 only the small columns, and a step's rows are fetched ahead (`pipeline/data/rows.py`); the
@@ -100,8 +102,10 @@ class RankFeed:
     def over(self, parts: list[np.ndarray]) -> Iterator[tuple[np.ndarray, SampleTable | Window]]:
         """Each of `parts` (validation micro-batches, a scoring pass) with where to gather its
         rows from (fetched a chunk ahead in the streaming mode). An empty part (a rank's share
-        of a validation split smaller than the ranks) is gathered as an empty batch: every rank
-        runs the same forward passes."""
+        of a validation split smaller than the ranks) is gathered as an empty batch. The ranks
+        may run different numbers of forward passes (their shares of a validation split differ
+        by a row, cut into micro-batches): a pass over them must hold no collective (evaluation
+        and scoring sum after the passes; contrastive validation pads its parts alike)."""
         if self.streamed is None:
             return ((part, self.st) for part in parts)
         return self.streamed.parts(parts)

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import importlib
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.engine.batchnorm import running_stats_frozen
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 
 def checkpointed(module: nn.Module, *args: Any) -> torch.Tensor:
@@ -236,6 +239,29 @@ def _segment_means(x: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     sums.index_add_(0, index, x[real].float())
     counts = torch.bincount(index, minlength=len(sums)).float()
     return (sums / counts[:, None]).to(x.dtype)
+
+
+def model_spec(cfg: Config, facts: dict[str, int | None]) -> dict[str, Any]:
+    """Everything needed to rebuild the model (kept in checkpoints for the final artifact).
+    `facts`: what the model needs to know of the data, as the driver's checks found it
+    (`DatasetInfo.facts`: feature width, largest token id, target and label)."""
+    per_token = cfg.train.loss == "token_cross_entropy"
+    if cfg.train.loss == "nt_xent":
+        outputs = int(cfg.model.kwargs.get("embedding_dim", 32))
+    elif per_token:
+        outputs = int(facts["max_target"]) + 1
+    else:
+        outputs = int(facts["max_label"]) + 1
+    kwargs = {k: v for k, v in cfg.model.kwargs.items() if k != "embedding_dim"}
+    return {
+        "name": cfg.model.name,
+        "input_dim": facts["input_dim"],
+        "num_outputs": outputs,
+        "vocab_size": None if facts["max_token"] is None else int(facts["max_token"]) + 1,
+        "per_token": per_token,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+        **kwargs,
+    }
 
 
 def build_model(name: str, *, input_dim: int | None, num_outputs: int, vocab_size: int | None,
