@@ -667,6 +667,16 @@ class Config(_Section):
         if b.pack_tokens is not None and not b.packing:
             unused.append("batching.pack_tokens (batching.packing=false)")
         unused += [f"batching.options.{k} (batching.strategy={b.strategy})" for k in b._other_options]
+        if b.strategy == "curriculum":  # options of a pacing other than the one chosen
+            pacing = b.options.get("pacing", "root")
+            unused += [f"batching.options.{k} ({why})" for k, off, why in (
+                ("steps", pacing not in ("step", "exponential"), f"batching.options.pacing={pacing}"),
+                ("growth", pacing != "exponential", f"batching.options.pacing={pacing}"),
+                ("c0", pacing == "none", "batching.options.pacing=none"),
+                ("pacing_epochs", pacing == "none", "batching.options.pacing=none"),
+                ("difficulty", b.difficulty_column is not None,
+                 f"batching.difficulty_column={b.difficulty_column}"),
+            ) if k in b.options and b.options[k] is not None and off]
 
         def set_(section: BaseModel, name: str) -> bool:  # not at its default
             return getattr(section, name) != type(section).model_fields[name].default

@@ -5,6 +5,7 @@ subprocess smoke tests here check the same from a fresh interpreter."""
 from __future__ import annotations
 
 import inspect
+import json
 import subprocess
 import sys
 
@@ -210,6 +211,26 @@ def test_settings_of_a_feature_left_off_are_named():
         "train.noise_scale_ema (train.noise_scale=false)",
         "train.eval_every (data.val_fraction=0)",
         "batching.num_views (train.loss=cross_entropy)"]
+    # A curriculum's options of a pacing other than its own (steps: step and exponential;
+    # growth: exponential; c0 and pacing_epochs: any but none), and the scoring option where a
+    # difficulty column is given (the column is taken)
+    def curriculum(options: dict, *more: str) -> list[str]:
+        return load_config(None, ["batching.strategy=curriculum",
+                                  f"batching.options={json.dumps(options)}", *more]
+                           ).unused_settings()
+
+    assert curriculum({"pacing": "linear", "steps": 3, "growth": 3.0}) == [
+        "batching.options.steps (batching.options.pacing=linear)",
+        "batching.options.growth (batching.options.pacing=linear)"]
+    assert curriculum({"steps": 3}) == ["batching.options.steps (batching.options.pacing=root)"]
+    assert curriculum({"pacing": "step", "steps": 3, "growth": 3.0}) == [
+        "batching.options.growth (batching.options.pacing=step)"]
+    assert curriculum({"pacing": "exponential", "steps": 3, "growth": 3.0, "c0": 0.2}) == []
+    assert curriculum({"pacing": "none", "c0": 0.2, "pacing_epochs": 2}) == [
+        "batching.options.c0 (batching.options.pacing=none)",
+        "batching.options.pacing_epochs (batching.options.pacing=none)"]
+    assert curriculum({"difficulty": "length"}, "batching.difficulty_column=h") == [
+        "batching.options.difficulty (batching.difficulty_column=h)"]
 
 
 def test_new_train_keys_and_their_defaults():
