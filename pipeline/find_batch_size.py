@@ -349,6 +349,30 @@ def _line(text: str) -> None:
     sys.stdout.flush()
 
 
+def measured_setup(path: str) -> dict[str, object]:
+    """What a find_batch_size.json (`step_cost_from` read it already) was measured with, as
+    config keys: model.name, train.precision, train.loss, scaling.use_gpu (those it records).
+
+    >>> import json, tempfile; f = Path(tempfile.mkdtemp()) / "fbs.json"
+    >>> _ = f.write_text(json.dumps({"model": "mlp", "precision": "fp32", "device": "cuda:0 (H100)"}))
+    >>> measured_setup(str(f))
+    {'model.name': 'mlp', 'train.precision': 'fp32', 'scaling.use_gpu': True}
+    """
+    import json
+
+    try:
+        result = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(result, dict):
+        return {}
+    keys = {"model": "model.name", "precision": "train.precision", "loss": "train.loss"}
+    out: dict[str, object] = {keys[k]: result[k] for k in keys if isinstance(result.get(k), str)}
+    if isinstance(result.get("device"), str):
+        out["scaling.use_gpu"] = result["device"].startswith("cuda")
+    return out
+
+
 def step_cost_from(path: str, num_workers: int) -> float:
     """The adaptive schedule's step cost c for `num_workers` workers from a
     `find_batch_size.json` (`train.batch_size_throughput`).

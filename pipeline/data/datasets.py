@@ -437,6 +437,30 @@ def _fill_step_cost(cfg: Config, known: dict[str, float] | None = None) -> Confi
     return cfg.with_overrides({"train.batch_size_step_cost": per_worker * cfg.scaling.num_workers})
 
 
+def _check_throughput_setup(cfg: Config) -> None:
+    """train.batch_size_throughput's file was measured for this run's model, precision, loss
+    and device: a step cost is that setup's own (another model's c silently set this one's
+    schedule). ConfigError naming the keys that differ."""
+    t = cfg.train
+    if t.batch_size_throughput is None or t.batch_size_schedule != "adaptive":
+        return
+    from pipeline.find_batch_size import measured_setup
+
+    was = measured_setup(t.batch_size_throughput)
+    now = {"model.name": cfg.model.name, "train.precision": t.precision, "train.loss": t.loss,
+           "scaling.use_gpu": cfg.scaling.use_gpu}
+    differs = [k for k in now if k in was and was[k] != now[k]]
+    if differs:
+        def shown(v: object) -> str:
+            return str(v).lower() if isinstance(v, bool) else str(v)
+
+        raise ConfigError(
+            f"config error: train.batch_size_throughput={t.batch_size_throughput} was measured "
+            f"with {', '.join(f'{k}={shown(was[k])}' for k in differs)}, this run has "
+            f"{', '.join(f'{k}={shown(now[k])}' for k in differs)}: its step cost is that "
+            "setup's (run find-batch-size with this config, or set train.batch_size_step_cost)")
+
+
 def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
     """Find the dataset, fill what the config leaves to the data, and check that the data can
     be trained as configured; raise ConfigError (exit 2, one line naming the culprit) otherwise.
@@ -524,6 +548,7 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
                           f"({_first_line(err)})") from None
     cfg = _pick_model(cfg, embedded_digits=facts.embedded_digits, width=facts.width)
     _check_model_and_loss(cfg, facts)
+    _check_throughput_setup(cfg)
     labels = facts.small.labels
     train, _ = split_train_val(num_rows, labels, d.val_fraction, d.split_seed)
     if len(train) == 0:

@@ -770,6 +770,29 @@ def test_throughput_file_refusals_exit_2_with_one_line(data_dir, tmp_path, capsy
     assert err.count("\n") == 1 and err.startswith(line), err
 
 
+def test_a_throughput_file_of_another_model_precision_or_device_is_refused(data_dir, tmp_path,
+                                                                         capsys):
+    """A step cost is its setup's own: a file measured for seq_transformer in bf16 set the
+    digits_cnn fp32 run's schedule silently. Refused, naming the keys and both values; a file
+    of the same setup (or one that records none of it) is taken."""
+    path = _finder_file(tmp_path, step_cost_per_worker=75.0, model="seq_transformer",
+                        precision="bf16", loss="cross_entropy", device="cuda:0 (NVIDIA H100)")
+    rc, _, err = _run(["train", "--config", DIGITS, *ADAPTIVE,
+                       "--set", f"train.batch_size_throughput={path}",
+                       "--out", str(tmp_path / "run")], capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.strip() == (
+        f"config error: train.batch_size_throughput={path} was measured with "
+        "model.name=seq_transformer, train.precision=bf16, scaling.use_gpu=true, this run has "
+        "model.name=digits_cnn, train.precision=fp32, scaling.use_gpu=false: its step cost is "
+        "that setup's (run find-batch-size with this config, or set train.batch_size_step_cost)")
+    same = _finder_file(tmp_path, step_cost_per_worker=75.0, model="digits_cnn",
+                        precision="fp32", loss="cross_entropy")
+    cfg = cli.prepare(["train", "--config", DIGITS, *ADAPTIVE,
+                       "--set", f"train.batch_size_throughput={same}"])[1]
+    assert cfg.train.batch_size_step_cost == 150.0
+
+
 def test_a_throughput_file_under_another_schedule_is_noted_as_unused_and_not_read_into_c(
         data_dir, tmp_path):
     """As every setting of a schedule the config leaves off (a sweep over schedules holds the
