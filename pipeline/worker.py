@@ -453,12 +453,16 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         return ([to_torch(feed.collate(p, key, rows), device)
                  for p, rows in itertools.islice(parts, len(batch))] for batch in batches)
 
+    validated: dict[int, dict[str, float]] = {}  # the last pass within an epoch, by its step
+
     def validate(epoch: int, step: int) -> dict[str, float]:
         """A validation pass within the epoch every train.eval_every steps (every rank takes
         it at the same step: it all-reduces)."""
         if t.eval_every and step % t.eval_every == 0 and len(val_pos):
-            return evaluate(model, eval_batches(epoch), loss=t.loss, precision=t.precision,
-                            input_errors=(ConfigError,))
+            validated.clear()
+            validated[step] = evaluate(model, eval_batches(epoch), loss=t.loss,
+                                       precision=t.precision, input_errors=(ConfigError,))
+            return validated[step]
         return {}
 
     data_meter = _DataMeter(streamed, pulled)
@@ -503,9 +507,11 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                 if bar is not None:  # (an error's too: no stale bar on the driver's console)
                     bar.close()
             wall = metrics["epoch_time_s"]  # training time: without validate() (on_step)
-            if len(val_pos):
-                metrics.update(evaluate(model, eval_batches(epoch), loss=t.loss,
-                                        precision=t.precision, input_errors=(ConfigError,)))
+            if len(val_pos):  # (an epoch that ended at a step just validated: the same
+                # weights, the same pass -- every rank alike, as the steps are)
+                metrics.update(validated.get(state.step) or evaluate(
+                    model, eval_batches(epoch), loss=t.loss, precision=t.precision,
+                    input_errors=(ConfigError,)))
             if b.strategy == "hard_mining":
                 # in micro-batches of the size known to fit, as validation takes them
                 sample_losses = _score_pool(model, feed, len(st), state.micro_batch_size, cfg,

@@ -245,7 +245,7 @@ def test_batch_size_schedules_log_the_batch_of_every_step_and_scale_the_lr(ray_c
                                         key=lambda m: m.step)]
 
     out = run_cli("train", *common, "--set", "train.batch_size_schedule=warmup",
-                  "--set", "train.batch_size_warmup_steps=12", "--set", "train.eval_every=5",
+                  "--set", "train.batch_size_warmup_steps=12", "--set", "train.eval_every=6",
                   "--out", str(tmp_path / "w"))
     assert out.returncode == 0, out.stderr[-3000:]
     warm = json.loads((tmp_path / "w" / "result.json").read_text())
@@ -265,10 +265,18 @@ def test_batch_size_schedules_log_the_batch_of_every_step_and_scale_the_lr(ray_c
     for lr, size in zip(lrs, sizes, strict=True):  # base 0.05 at 64, linear, no LR warmup
         assert lr == pytest.approx(0.05 * size / 64)
     assert curve(warm, "samples")[-1] == sum(sizes)
-    # train.eval_every=5: a validation pass every 5 optimizer steps, logged at that step.
+    # train.eval_every=6: a validation pass every 6 optimizer steps, logged at that step.
     evals = client.get_metric_history(warm["mlflow_run_id"], "step/val_accuracy")
-    assert sorted(m.step for m in evals) == list(range(5, len(sizes) + 1, 5))
+    assert sorted(m.step for m in evals) == list(range(6, len(sizes) + 1, 6))
     assert all(0 <= m.value <= 1 for m in evals)
+    # The epochs end at steps 12 and 18, each validated then: the epoch's validation is that
+    # pass (the same weights; taken, not run again)
+    ends = curve(warm, "step")
+    assert ends == [12.0, 18.0]
+    for kind in ("val_accuracy", "val_loss"):
+        by_step = {m.step: m.value for m in client.get_metric_history(warm["mlflow_run_id"],
+                                                                      f"step/{kind}")}
+        assert curve(warm, kind) == [by_step[12], by_step[18]], kind
 
     # the step cost from a find-batch-size file: 256 samples' worth per worker, 2 workers
     finder = tmp_path / "find_batch_size.json"

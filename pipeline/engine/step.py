@@ -238,12 +238,10 @@ def buffers_synced(model: nn.Module) -> None:
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum over ranks (a no-op without an initialised process group)."""
+    # float64 on every backend (NCCL has ncclFloat64 among its reduction types; float32, used
+    # here before, counts exactly only up to 2^24: a step's 16.7 M loss elements)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            # NCCL on some builds lacks float64 reductions. (float32 counts are exact up to
-            # 2^24: a step's loss elements beyond 16.7 M would be counted to +-1 or 2.)
-            t = t.to(torch.float32)
         dist.all_reduce(t)
     return [float(x) for x in t.tolist()]
 
