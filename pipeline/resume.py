@@ -185,7 +185,8 @@ def moved_batches(cfg: Config, started: dict[str, Any]) -> str | None:
     follow a noise scale measured from each rank's share (the small batch: on one worker, the
     first micro-batch), so another worker count -- or micro-batch, on one worker -- measures
     another; hard mining scores its pool in chunks of the micro-batch dealt to the ranks, so
-    another micro-batch (or worker count, with the default micro-batch global / workers) scores
+    another micro-batch (or worker count, with the micro-batch global / workers: unset or
+    `auto`) scores
     to other rounding, which moves its rank-based draws. None otherwise.
 
     >>> from pipeline.config import load_config
@@ -210,8 +211,8 @@ def moved_batches(cfg: Config, started: dict[str, Any]) -> str | None:
                 "share of a step (on one worker, its first micro-batch), which the new "
                 f"{'workers' if workers else 'micro-batch'} change: the batch sizes it "
                 "chooses from here may differ from the uninterrupted run's")
-    if cfg.batching.strategy == "hard_mining" and (
-            micro or (workers and cfg.train.micro_batch_size is None)):
+    if cfg.batching.strategy == "hard_mining" and (  # (auto: the share, or what it shrank to)
+            micro or (workers and cfg.train.micro_batch_size in (None, "auto"))):
         return ("warning: hard_mining scores its pool in chunks of the micro-batch, which the "
                 f"new {'micro-batch' if micro else 'workers'} change: the losses it draws by "
                 "differ in rounding, so the later epochs' batches may differ from the "

@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -115,8 +115,11 @@ def data_outside_model(cfg: Config, spec: dict[str, Any], st: Any) -> str | None
             and isinstance(st.tokens, (pa.Array, pa.ChunkedArray)):
         if (i := first_misaligned(st.tokens, st.targets)) is not None:
             n_tok, n_tgt = (pc.list_value_length(a)[i].as_py() for a in (st.tokens, st.targets))
+            def count(n: int | None, what: str) -> str:
+                return f"{n} {what}(s)" if n is not None else f"a null list of {what}s"
+
             return (f"row {i} of the rows received: data.target_column={cfg.data.target_column!r} "
-                    f"holds {n_tgt} target(s) for {n_tok} token(s) (one per token)")
+                    f"holds {count(n_tgt, 'target')} for {count(n_tok, 'token')} (one per token)")
     if (m := bottom(st.tokens)) is not None and m < 0:  # (the embedding's IndexError, retried)
         return f"token id {m}, token ids are >= 0"
     if loss == "token_cross_entropy" and (m := bottom(st.targets, IGNORE_INDEX)) is not None \
@@ -269,6 +272,30 @@ def rank_fatal_files(fatal_file: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class Validation:
+    """A run's validation passes (`run(epoch)`, a collective: every rank takes each pass): within
+    an epoch every `every` steps (train.eval_every), and at each epoch's end -- where the epoch
+    ended at a step just validated, that pass's result (the same weights; every rank alike, as
+    the steps are), not a second pass. None where there are no validation rows."""
+
+    def __init__(self, run: Callable[[int], dict[str, float]], every: int | None, rows: int):
+        self.run, self.every, self.rows = run, every, rows
+        self.last: tuple[int, dict[str, float]] | None = None  # (step, result)
+
+    def at_step(self, epoch: int, step: int) -> dict[str, float]:
+        if self.every and step % self.every == 0 and self.rows:
+            self.last = (step, self.run(epoch))
+            return self.last[1]
+        return {}
+
+    def at_epoch_end(self, epoch: int, step: int) -> dict[str, float]:
+        if not self.rows:
+            return {}
+        if self.last is not None and self.last[0] == step:
+            return self.last[1]
+        return self.run(epoch)
+
+
 def agreed_input_error(problem: ConfigError | None, device: torch.device,
                        failed_to: str | None = None) -> None:
     """Raise `problem` -- on every rank when any rank has one (a collective: every rank calls
@@ -417,7 +444,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                         "the best goodput")
         if rank == 0 and k != before and sched.kind == "adaptive":
             console.say(f"batch size {before * unit} -> {k * unit} at step {state.step + 1} "
-                        f"(noise scale {phi / state.elements_per_sample:.0f} samples)")
+                        f"(noise scale {sched.phi:.0f} samples)")  # (the ranks' mean)
         return k
 
     # The job's fixed cost: from its start (the driver's run_training, or the sweep trial's
@@ -453,17 +480,9 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
         return ([to_torch(feed.collate(p, key, rows), device)
                  for p, rows in itertools.islice(parts, len(batch))] for batch in batches)
 
-    validated: dict[int, dict[str, float]] = {}  # the last pass within an epoch, by its step
-
-    def validate(epoch: int, step: int) -> dict[str, float]:
-        """A validation pass within the epoch every train.eval_every steps (every rank takes
-        it at the same step: it all-reduces)."""
-        if t.eval_every and step % t.eval_every == 0 and len(val_pos):
-            validated.clear()
-            validated[step] = evaluate(model, eval_batches(epoch), loss=t.loss,
-                                       precision=t.precision, input_errors=(ConfigError,))
-            return validated[step]
-        return {}
+    validation = Validation(lambda epoch: evaluate(
+        model, eval_batches(epoch), loss=t.loss, precision=t.precision,
+        input_errors=(ConfigError,)), t.eval_every, len(val_pos))
 
     data_meter = _DataMeter(streamed, pulled)
     steps_log: list[tuple[int, dict[str, float], float]] = []  # (step, record, when)
@@ -498,7 +517,7 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                     scaler=scaler, grad_clip=t.grad_clip, auto_micro=t.micro_batch_size == "auto",
                     max_steps=t.max_steps,
                     on_step=partial(_record_step, steps_log, bar, sched, units_before,
-                                    partial(validate, epoch)), seed=t.seed, rank=rank,
+                                    partial(validation.at_step, epoch)), seed=t.seed, rank=rank,
                     nonfinite=t.nonfinite, nonfinite_limit=t.nonfinite_limit,
                     noise_probe=noise_probe, on_event=console.say if rank == 0 else None,
                     input_errors=(ConfigError,))
@@ -506,12 +525,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
                 steps.close()  # they fetched ahead are let go now, not held through validation
                 if bar is not None:  # (an error's too: no stale bar on the driver's console)
                     bar.close()
-            wall = metrics["epoch_time_s"]  # training time: without validate() (on_step)
-            if len(val_pos):  # (an epoch that ended at a step just validated: the same
-                # weights, the same pass -- every rank alike, as the steps are)
-                metrics.update(validated.get(state.step) or evaluate(
-                    model, eval_batches(epoch), loss=t.loss, precision=t.precision,
-                    input_errors=(ConfigError,)))
+            wall = metrics["epoch_time_s"]  # training time: without validation (on_step)
+            metrics.update(validation.at_epoch_end(epoch, state.step))
             if b.strategy == "hard_mining":
                 # in micro-batches of the size known to fit, as validation takes them
                 sample_losses = _score_pool(model, feed, len(st), state.micro_batch_size, cfg,
@@ -790,9 +805,16 @@ def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
     state.batch_size = int(s.get("batch_size", 0))
     state.elements_per_sample = float(s.get("elements_per_sample", 1.0))
     if s.get("batch_schedule"):
+        configured = sched.step_cost  # (this run's config: the throughput file's for its workers)
         sched.load_state_dict(s["batch_schedule"])
-        if s["batch_schedule"].get("world", world) != world:  # a resume on another worker count:
-            sched.timings = []  # its steps take other times (the measured c goes on until refit)
+        if not sched.measured:
+            sched.step_cost = configured
+        was = int(s["batch_schedule"].get("world", world))
+        if was != world and sched.measured and sched.step_cost is not None:
+            # a resume on another worker count: its steps take other times, and a worker steps
+            # M / W samples (T = a + b M / W: c = W x a worker's own), as the finder's file says
+            sched.step_cost = sched.step_cost * world / was
+            sched.timings = []
     state.skipped_steps = int(s.get("skipped_steps", 0))
     state.nonfinite_steps = int(s.get("nonfinite_steps", 0))
     if state.noise is not None and s.get("noise"):

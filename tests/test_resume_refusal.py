@@ -398,6 +398,9 @@ def test_a_resume_never_caps_the_run_below_the_steps_it_trained(tmp_path):
     (["batching.strategy=hard_mining", "train.micro_batch_size=null", "scaling.num_workers=2"],
      ["batching.strategy=hard_mining", "train.micro_batch_size=null", "scaling.num_workers=4"],
      "hard_mining scores"),
+    (["batching.strategy=hard_mining", "train.micro_batch_size=auto", "scaling.num_workers=2"],
+     ["batching.strategy=hard_mining", "train.micro_batch_size=auto", "scaling.num_workers=4"],
+     "hard_mining scores"),  # (auto starts at the share, global / workers)
     (["batching.strategy=hard_mining", "train.micro_batch_size=8", "scaling.num_workers=2"],
      ["batching.strategy=hard_mining", "train.micro_batch_size=8", "scaling.num_workers=4"],
      None),  # (the same chunks on any worker count)

@@ -463,13 +463,16 @@ def test_summary_table_leaves_missing_integers_blank():
 
 
 def test_summary_table_tells_small_swept_values_apart():
-    """A log-uniform LR sweep's 1e-5 and 4e-5 (and 2.5e-4, which 4 decimals round) keep their
-    own digits; metrics keep 4 decimals, counts past 1,000 none."""
-    df = pd.DataFrame({"train.base_lr": [1e-5, 4e-5, 0.00025, 0.0],
-                       "val_accuracy": [0.98765, 0.5, 0.01, 0.0], "samples": [1234.0] * 4})
+    """A log-uniform LR sweep's 1e-5 and 4e-5 (and 2.5e-4, which 4 decimals round; two draws
+    apart in their 4th digit) keep their own digits: 4 significant ones below 0.01, else 4
+    decimals, and none past 1,000."""
+    df = pd.DataFrame({"train.base_lr": [1e-5, 4e-5, 0.00025, 1.2341e-5, 1.2362e-5, 0.0],
+                       "val_accuracy": [0.98765, 0.5, 0.01, 0.0, 0.0, 0.0],
+                       "samples": [1234.0] * 6})
     lines = summary_table(df, metric="none").strip().splitlines()
     assert lines[2:] == ["| 1e-05 | 0.9877 | 1234 |", "| 4e-05 | 0.5000 | 1234 |",
-                         "| 0.00025 | 0.0100 | 1234 |", "| 0.0000 | 0.0000 | 1234 |"]
+                         "| 0.00025 | 0.0100 | 1234 |", "| 1.234e-05 | 0.0000 | 1234 |",
+                         "| 1.236e-05 | 0.0000 | 1234 |", "| 0.0000 | 0.0000 | 1234 |"]
 
 
 def test_digits_train_rows_follow_the_split():
@@ -1052,8 +1055,8 @@ def test_the_reports_best_config_survives_a_best_trials_data_gone_unreadable(
     given = best_config(cfg, info, {"data.path": b})
     assert given.data.path == b and given.model.name == "auto"  # as configured
     (line,) = capsys.readouterr().out.splitlines()
-    assert line.startswith("[pipeline] warning: the best trial's dataset could not be read "
-                           "again") and "b.parquet" in line and line.endswith(
+    assert line.startswith("[pipeline] warning: the best trial's config could not be filled "
+                           "for its data again") and "b.parquet" in line and line.endswith(
                                "result.json gives it as configured")
 
 

@@ -97,7 +97,7 @@ def test_a_checkpoint_restores_every_counter_the_training_goes_on_with(tmp_path)
     noise.update(sq_small=3.0, b_small=8, sq_big=2.0, b_big=32)
     state = LoopState(step=7, epoch=2, micro_batch_size=8, samples=1234, units=21, batch_size=128,
                       elements_per_sample=256.5, skipped_steps=2, nonfinite_steps=1, noise=noise)
-    sched.units, sched.step_cost, sched.decisions = 4, 12.5, 3
+    sched.units, sched.step_cost, sched.measured, sched.decisions = 4, 12.5, True, 3
     _report({"epoch": 3.0}, model, optimizer, None, state, {"name": "mlp"}, None,
             _KeepCheckpoint(tmp_path / "ckpt"), sched)
     back = LoopState(micro_batch_size=32, noise=NoiseScale())
@@ -118,21 +118,57 @@ def test_a_checkpoint_restores_every_counter_the_training_goes_on_with(tmp_path)
 @pytest.mark.parametrize(("world", "kept"), [(1, True), (2, False)])
 def test_a_resume_on_another_worker_count_fits_no_step_times_of_the_old_one(tmp_path, world, kept):
     """The adaptive schedule's step times are the checkpoint's worker count's (here 1): a
-    resume on 2 workers starts its timings afresh (their steps take other times), keeping the
-    measured c until it fits one; on 1 worker it goes on with them."""
+    resume on 2 workers starts its timings afresh (their steps take other times) and scales
+    the measured c with the workers (a worker steps M / W samples: c = W x its own, as the
+    finder's file is read); on 1 worker it goes on with both. A c not yet fitted keeps the
+    timings (with the explored size's alone it could never fit one); a configured c is this
+    run's config's (the throughput file's for its workers), not the checkpoint's."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = BatchSchedule(kind="adaptive", unit=32, max_units=8, cold=False)
-    for batch in [32] * 6 + [128] * 6:
-        sched.observe(batch, 0.01 + 1e-4 * batch)
-    sched.step_cost, sched.measured = 100.0, True
-    _report({"epoch": 1.0}, model, optimizer, None, LoopState(step=12), {"name": "mlp"}, None,
-            _KeepCheckpoint(tmp_path / "ckpt"), sched)
-    back = BatchSchedule(kind="adaptive", unit=32, max_units=8)
-    _restore(load_checkpoint(tmp_path / "ckpt"), model, optimizer, None, back, LoopState(),
-             world=world)
-    assert back.step_cost == 100.0 and back.measured and back.units == sched.units
-    assert back.timings == (sched.timings if kept else []) and len(sched.timings) == 12
+
+    def resumed(step_cost, measured, configured=None):
+        sched = BatchSchedule(kind="adaptive", unit=32, max_units=8, cold=False)
+        for batch in [32] * 6 + [128] * 6:
+            sched.observe(batch, 0.01 + 1e-4 * batch)
+        sched.step_cost, sched.measured = step_cost, measured
+        folder = tmp_path / f"ckpt-{step_cost}-{measured}"
+        _report({"epoch": 1.0}, model, optimizer, None, LoopState(step=12), {"name": "mlp"},
+                None, _KeepCheckpoint(folder), sched)
+        back = BatchSchedule(kind="adaptive", unit=32, max_units=8, step_cost=configured)
+        _restore(load_checkpoint(folder), model, optimizer, None, back, LoopState(), world=world)
+        return sched, back
+
+    sched, back = resumed(100.0, True)
+    assert back.measured and back.units == sched.units and len(sched.timings) == 12
+    assert (back.step_cost, back.timings) == ((100.0, sched.timings) if kept else (200.0, []))
+    sched, back = resumed(None, False)  # explored, not fitted yet: the timings are all there is
+    assert back.step_cost is None and back.timings == sched.timings
+    sched, back = resumed(80.0, False, configured=80.0 * world)  # the file's, per worker 80
+    assert back.step_cost == 80.0 * world and not back.measured
+
+
+def test_an_epoch_that_ended_at_a_step_just_validated_takes_that_pass():
+    """train.eval_every=6 over epochs ending at steps 12 and 20: passes at 6 and 12 within
+    epoch 1, whose end takes step 12's (the same weights) -- not a third pass; epoch 2's end,
+    at step 20 (after 18's), runs its own. No validation rows: no pass at all."""
+    from pipeline.worker import Validation
+
+    ran = []
+
+    def run(epoch):
+        ran.append(epoch)
+        return {"val_accuracy": 0.5 + len(ran) / 100}
+
+    v = Validation(run, every=6, rows=10)
+    steps = [v.at_step(0, s) for s in range(1, 13)]
+    assert [s for s in steps if s] == [{"val_accuracy": 0.51}, {"val_accuracy": 0.52}]
+    assert v.at_epoch_end(0, 12) == {"val_accuracy": 0.52} and ran == [0, 0]
+    steps = [v.at_step(1, s) for s in range(13, 21)]
+    assert v.at_epoch_end(1, 20) == {"val_accuracy": 0.54} and ran == [0, 0, 1, 1]
+    none = Validation(run, every=6, rows=0)
+    assert none.at_step(0, 6) == {} == none.at_epoch_end(0, 6) and len(ran) == 4
+    every_epoch = Validation(run, every=None, rows=10)  # (eval_every unset: the epoch's end)
+    assert every_epoch.at_step(0, 6) == {} and every_epoch.at_epoch_end(0, 6) and len(ran) == 5
 
 
 @pytest.mark.parametrize(("auto", "per_worker", "want"), [(False, 32, 32), (True, 32, 8),

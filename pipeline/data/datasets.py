@@ -458,7 +458,8 @@ def _check_throughput_setup(cfg: Config) -> None:
             f"config error: train.batch_size_throughput={t.batch_size_throughput} was measured "
             f"with {', '.join(f'{k}={shown(was[k])}' for k in differs)}, this run has "
             f"{', '.join(f'{k}={shown(now[k])}' for k in differs)}: its step cost is that "
-            "setup's (run find-batch-size with this config, or set train.batch_size_step_cost)")
+            "setup's (measure this one: find-batch-size with this config and --set "
+            "train.batch_size_throughput=null; or set train.batch_size_step_cost instead)")
 
 
 def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
@@ -1053,19 +1054,23 @@ def _check_first_epoch(st: SampleTable, cfg: Config) -> tuple[str | None, int]:
 
     b = cfg.batching
     train, val = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
+    out_of_memory = False
     try:
         eb = epoch_batches(cfg, st, train, 0, cfg.scaling.num_workers)
         # Every epoch's batches (curriculum pools, epoch_samples...): none may be empty.
         sizes = epoch_sizes(cfg, st, train)
     except MemoryError:  # (numpy's: plans the options make too large to hold, one epoch's)
-        raise ConfigError(f"config error: batching.strategy={b.strategy}: planning its epochs "
-                          f"ran out of memory on the driver (batching.options="
-                          f"{dict(b.options)}, {len(train):,} training rows)") from None
+        out_of_memory = True  # said below, once the traceback's frames (and the arrays they
+        # held) are gone: here, building the line itself ran out of memory now and then
     except (ValueError, KeyError) as err:
         unit = ("" if cfg.train.batch_size_schedule == "constant" else
                 f" (the batch planned is train.batch_size_min={cfg.plan_batch_size()} under "
                 f"train.batch_size_schedule={cfg.train.batch_size_schedule})")
         raise ConfigError(f"config error: batching.strategy={b.strategy}: {err}{unit}") from None
+    if out_of_memory:
+        raise ConfigError(f"config error: batching.strategy={b.strategy}: planning its epochs "
+                          f"ran out of memory on the driver (batching.options="
+                          f"{dict(b.options)}, {len(train):,} training rows)")
     try:  # the workers' LR schedule, from the same counts
         lr_schedule(cfg, [len(s) for s in sizes])
     except ValueError as err:

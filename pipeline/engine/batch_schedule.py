@@ -159,6 +159,7 @@ class BatchSchedule:
     units: int = 1  # the current k
     timings: list[tuple[int, float]] = field(default_factory=list)  # (batch, seconds) per step
     decisions: int = 0
+    phi: float = field(default=math.nan, compare=False)  # the noise scale of the last decision
     # the next step observed is this process's first (allocators and kernels warming up: its
     # time is not the step's); a fresh schedule, as after a restart or resume, starts cold
     cold: bool = field(default=True, repr=False, compare=False)
@@ -181,6 +182,7 @@ class BatchSchedule:
             return self.units
         if agree is not None:  # every rank decides with one noise scale (each measured its
             phi_samples = agree([phi_samples])[0]  # own: alike only with identical kernels)
+        self.phi = phi_samples
         self.decisions += 1
         if self.step_cost is None and step == self.interval and self.max_units > 1:
             # explore: time the next interval at more units, so T(M) = a + b M has two sizes

@@ -510,7 +510,7 @@ def _cell(v: object) -> str:
         return ""
     if isinstance(v, float):  # (a swept LR of 1e-5 or 4e-5 printed as 0.0000, alike)
         if v != 0 and abs(v) < 0.01:
-            return f"{v:.3g}"
+            return f"{v:.4g}"
         return f"{v:.4f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v).replace("|", "\\|")
 

@@ -149,8 +149,8 @@ def best_config(cfg: Config, info: DatasetInfo | None, overrides: dict[str, Any]
     try:
         return trial_config(cfg, info, overrides)[0]
     except (OSError, ConfigError) as err:  # (DataUnreachable is an OSError)
-        console.say(f"warning: the best trial's dataset could not be read again to fill its "
-                    f"config ({console.error_line(err)}): result.json gives it as configured")
+        console.say(f"warning: the best trial's config could not be filled for its data "
+                    f"again ({console.error_line(err)}): result.json gives it as configured")
         return as_given(cfg, info).with_overrides(overrides)
 
 

@@ -785,7 +785,8 @@ def test_a_throughput_file_of_another_model_precision_or_device_is_refused(data_
         f"config error: train.batch_size_throughput={path} was measured with "
         "model.name=seq_transformer, train.precision=bf16, scaling.use_gpu=true, this run has "
         "model.name=digits_cnn, train.precision=fp32, scaling.use_gpu=false: its step cost is "
-        "that setup's (run find-batch-size with this config, or set train.batch_size_step_cost)")
+        "that setup's (measure this one: find-batch-size with this config and --set "
+        "train.batch_size_throughput=null; or set train.batch_size_step_cost instead)")
     same = _finder_file(tmp_path, step_cost_per_worker=75.0, model="digits_cnn",
                         precision="fp32", loss="cross_entropy")
     cfg = cli.prepare(["train", "--config", DIGITS, *ADAPTIVE,
