@@ -153,13 +153,20 @@ def find_latest_checkpoint(root: str | Path,
     model), for a quick answer to "is there one?"."""
     skip = on_skip or (lambda folder, why: None)
     found: list[tuple[tuple[int, int], Path, dict[str, Any]]] = []
-    for meta_file in Path(root).rglob(META_FILE):
-        try:
-            meta = _read_meta(meta_file.parent)
-        except CheckpointError as e:
-            skip(meta_file.parent, str(e))
+    # os.walk, not rglob: a folder that goes while it is walked -- Ray Train's copy of a new
+    # checkpoint, `.checkpoint_*.tmp`, renamed when whole -- is passed over, where rglob raised
+    # FileNotFoundError; and such copies in progress are not checkpoints yet (left out)
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not (d.startswith(".") and d.endswith(".tmp"))]
+        if META_FILE not in files:
             continue
-        found.append(((int(meta["step"]), int(meta["epoch"])), meta_file.parent, meta))
+        folder = Path(top)
+        try:
+            meta = _read_meta(folder)
+        except CheckpointError as e:
+            skip(folder, str(e))
+            continue
+        found.append(((int(meta["step"]), int(meta["epoch"])), folder, meta))
     for _, folder, meta in sorted(found, key=lambda f: f[0], reverse=True):
         try:
             _verify(folder, meta, checksum)

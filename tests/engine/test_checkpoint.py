@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 from pathlib import Path
 
@@ -85,6 +86,32 @@ def test_a_damaged_latest_checkpoint_is_skipped_and_the_previous_good_one_is_tak
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_checkpoint_copy_in_progress_is_neither_taken_nor_a_crash_when_it_goes(
+        tmp_path, monkeypatch):
+    """Ray Train copies a reported checkpoint into the storage as `.checkpoint_*.tmp` and
+    renames it when whole. Looking for the latest while that happens (a sweep's test polled
+    for it, a resume may) raised FileNotFoundError from rglob when the folder was renamed
+    under it; and a copy whose meta file had arrived could be taken. Here: the folder goes
+    as it is listed (its scandir raises, as the rename makes it), and a copy of a later step
+    waits beside the real one."""
+    run = tmp_path / "ray_results" / "train-x"
+    good = save_checkpoint(run / "checkpoint_1", {"step": 8, "epoch": 1})
+    copying = save_checkpoint(run / ".checkpoint_epoch_00002.tmp", {"step": 16, "epoch": 2})
+    gone = run / ".checkpoint_epoch_00003.tmp"
+    gone.mkdir()
+    real = os.scandir
+
+    def renamed_meanwhile(path="."):
+        if Path(path) == gone:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", renamed_meanwhile)
+    assert find_latest_checkpoint(tmp_path / "ray_results") == good
+    assert find_latest_checkpoint(tmp_path / "ray_results", checksum=False) == good
+    assert (copying / ck.META_FILE).exists()  # (a whole checkpoint's files, not yet renamed)
+
+
 def test_a_really_full_disk_is_a_checkpoint_error_and_leaves_no_temporary_file(tmp_path):
     """A disk that fills during `torch.save` (here /dev/full, which refuses every write with
     ENOSPC) surfaces from PyTorch's zip writer as a RuntimeError, not an OSError: it is still
