@@ -258,6 +258,14 @@ def ghost_batch_size(micro_batch_size: int, workers: int, sync_batchnorm: bool) 
     return micro_batch_size * (workers if sync_batchnorm and workers > 1 else 1)
 
 
+def auto_micro_batchnorm_refusal(model_name: str) -> str:
+    """Why `train.micro_batch_size: auto` is refused for a model with BatchNorm (the config for
+    the built-in ones, the driver's checks and the workers for a user's `import:` model)."""
+    return (f"train.micro_batch_size=auto would change the ghost-batch size of the BatchNorm "
+            f"layers of model.name={model_name} on out-of-memory (another update); set a fixed "
+            "train.micro_batch_size, or opt in with train.auto_micro_batchnorm=true")
+
+
 _IMPORT = re.compile(r"import:[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
@@ -543,10 +551,7 @@ class Config(_Section):
                              f"(train.epochs={t.epochs})")
         if (t.micro_batch_size == "auto" and self.model.name in BATCHNORM_MODELS
                 and not t.auto_micro_batchnorm):
-            raise ValueError(
-                f"train.micro_batch_size=auto would change the ghost-batch size of the BatchNorm "
-                f"layers of model.name={self.model.name} on out-of-memory (another update); set "
-                "a fixed train.micro_batch_size, or opt in with train.auto_micro_batchnorm=true")
+            raise ValueError(auto_micro_batchnorm_refusal(self.model.name))
         if t.micro_batch_size == "auto" and self.scaling.num_workers > 1 and (
                 t.loss == "nt_xent" or t.sync_batchnorm):
             culprit = "train.loss=nt_xent" if t.loss == "nt_xent" else "train.sync_batchnorm=true"

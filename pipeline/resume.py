@@ -157,8 +157,7 @@ def moved_ghost_batch(cfg: Config, started: dict[str, Any]) -> str | None:
     """
     from pipeline.config import BATCHNORM_MODELS, ghost_batch_size
 
-    before = started.get("config")
-    if not before or cfg.model.name not in BATCHNORM_MODELS:
+    if cfg.model.name not in BATCHNORM_MODELS or (started_cfg := _started_config(started)) is None:
         return None
 
     def ghost(c: Config) -> int | None:
@@ -167,10 +166,7 @@ def moved_ghost_batch(cfg: Config, started: dict[str, Any]) -> str | None:
             return None
         return ghost_batch_size(t.micro_batch_size or c.per_worker_batch(), workers, t.sync_batchnorm)
 
-    try:
-        was = ghost(Config.model_validate(_with_defaults(before)))
-    except ValueError:  # (a stored config this version does not read: nothing to compare)
-        return None
+    was = ghost(started_cfg)
     now = ghost(cfg)
     if was is None or now is None or was == now:
         return None
@@ -186,8 +182,7 @@ def moved_batches(cfg: Config, started: dict[str, Any]) -> str | None:
     first micro-batch), so another worker count -- or micro-batch, on one worker -- measures
     another; hard mining scores its pool in chunks of the micro-batch dealt to the ranks, so
     another micro-batch (or worker count, with the micro-batch global / workers: unset or
-    `auto`) scores
-    to other rounding, which moves its rank-based draws. None otherwise.
+    `auto`) scores to other rounding, which moves its rank-based draws. None otherwise.
 
     >>> from pipeline.config import load_config
     >>> sets = ["train.batch_size_schedule=adaptive", "train.batch_size_min=32", "train.micro_batch_size=16"]
@@ -196,12 +191,8 @@ def moved_batches(cfg: Config, started: dict[str, Any]) -> str | None:
     "warning: the adaptive schedule's noise scale is measured from"
     >>> moved_batches(load_config(None, [*sets, "scaling.num_workers=2", "train.epochs=9"]), run)
     """
-    before = started.get("config")
-    if not before:
-        return None
-    try:
-        was = Config.model_validate(_with_defaults(before))
-    except ValueError:  # (a stored config this version does not read: nothing to compare)
+    was = _started_config(started)
+    if was is None:
         return None
     workers = was.scaling.num_workers != cfg.scaling.num_workers
     micro = was.train.micro_batch_size != cfg.train.micro_batch_size
@@ -218,6 +209,19 @@ def moved_batches(cfg: Config, started: dict[str, Any]) -> str | None:
                 "differ in rounding, so the later epochs' batches may differ from the "
                 "uninterrupted run's")
     return None
+
+
+def _started_config(started: dict[str, Any]) -> Config | None:
+    """The config a run started with (its run.json, `started`), keys added since at their
+    defaults; None where there is none, or one this version does not read (nothing to
+    compare)."""
+    before = started.get("config")
+    if not before:
+        return None
+    try:
+        return Config.model_validate(_with_defaults(before))
+    except ValueError:
+        return None
 
 
 def resume_folder(started: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from pipeline import console
 from pipeline.blocks import load_rows
-from pipeline.config import Config, ConfigError, ghost_batch_size
+from pipeline.config import Config, ConfigError, auto_micro_batchnorm_refusal, ghost_batch_size
 from pipeline.data.batches import first_misaligned, micro_slices, split_train_val
 from pipeline.data.epochs import lr_schedule, steps_per_epoch
 from pipeline.data.feed import FeedStep, RankFeed, image_shape
@@ -632,10 +632,7 @@ def _prepare_model(cfg: Config, spec: dict[str, Any], session: Session
                        failed_to=f"could not build model.name={cfg.model.name}")
     batchnorm = has_batchnorm(model)
     if batchnorm and cfg.train.micro_batch_size == "auto" and not cfg.train.auto_micro_batchnorm:
-        raise ConfigError(
-            "config error: train.micro_batch_size=auto would change the ghost-batch size of the "
-            f"BatchNorm layers of model.name={cfg.model.name} on out-of-memory; set a fixed size "
-            "or train.auto_micro_batchnorm=true")
+        raise ConfigError(f"config error: {auto_micro_batchnorm_refusal(cfg.model.name)}")
     if cfg.train.sync_batchnorm and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # micro_batch_size=auto with several workers: no collective inside forward or backward, so

@@ -29,7 +29,15 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import EMBEDDED_DATASETS, Config, ConfigError, DataConfig, DataUnreachable, flatten
+from pipeline.config import (
+    EMBEDDED_DATASETS,
+    Config,
+    ConfigError,
+    DataConfig,
+    DataUnreachable,
+    auto_micro_batchnorm_refusal,
+    flatten,
+)
 from pipeline.data.batches import (
     SampleTable,
     check_sequences,
@@ -888,11 +896,7 @@ def _check_model_and_loss(cfg: Config, facts: DataFacts) -> None:
         t = cfg.train
         if t.micro_batch_size == "auto" and not t.auto_micro_batchnorm and _builds_batchnorm(
                 cfg, facts):  # (the config refuses the built-in models with BatchNorm alike)
-            raise ConfigError(
-                f"config error: train.micro_batch_size=auto would change the ghost-batch size of "
-                f"the BatchNorm layers of model.name={name} on out-of-memory (another update); "
-                "set a fixed train.micro_batch_size, or opt in with "
-                "train.auto_micro_batchnorm=true")
+            raise ConfigError(f"config error: {auto_micro_batchnorm_refusal(name)}")
     if name in ("digits_cnn", "mlp") and d.feature_column is None:
         raise ConfigError(f"config error: model.name={name} takes feature vectors "
                           f"(data.feature_column), but the data has token sequences "
@@ -1207,10 +1211,9 @@ def _check_token_budgets(st: SampleTable, cfg: Config, train: np.ndarray,
     longest = int(planned_lengths(cfg, st.lengths[train]).max())
     cut = " (or set batching.max_length to truncate them)"
     if b.packing and b.pack_tokens is not None:
-        for rows, which in ((train, "training"), (val, "validation")):
-            if rows is None or not len(rows):
-                continue
-            most = int(planned_lengths(cfg, st.lengths[rows]).max())
+        longest_val = (int(planned_lengths(cfg, st.lengths[val]).max())
+                       if val is not None and len(val) else 0)
+        for most, which in ((longest, "training"), (longest_val, "validation")):
             if most > b.pack_tokens:
                 raise ConfigError(f"config error: batching.pack_tokens={b.pack_tokens} is shorter "
                                   f"than the longest {which} sequence ({most} tokens): raise "
