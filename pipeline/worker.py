@@ -495,7 +495,8 @@ def _train(loop_config: dict[str, Any], session: Session) -> None:
             state.epoch = epoch
             if t.max_steps is not None and state.step >= t.max_steps:
                 break
-            eb, steps = feed.epoch(epoch, next_units, sample_losses)
+            eb, steps = feed.epoch(epoch, next_units, sample_losses,
+                                   guess=lambda n, first=state.step: sched.planned(first + n))
             agree_on_plan(eb.batches, epoch, device)
             if rank == 0 and eb.plan.note:
                 console.say(eb.plan.note)

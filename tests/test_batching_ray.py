@@ -594,6 +594,46 @@ def test_a_streamed_rank_meeting_rows_changed_since_the_checks_ends_as_bad_input
 
 
 @pytest.mark.ray
+def test_a_streamed_warmup_fetches_each_row_once_an_epoch(ray_client, tmp_path):
+    """In the streaming mode the rows of the coming steps are fetched ahead; a warmup's steps
+    change size (k 1 -> 2 -> 3 -> 4 units) on a ramp known in advance, so the chunks are cut
+    for the sizes the steps will have: an epoch receives its training rows and its validation
+    rows once each. (Fetched for the size of the step they were asked from, each change
+    fetched the rest of the epoch again: 3x the first epoch's rows here.)"""
+    import yaml
+
+    from pipeline.blocks import ingest
+    from pipeline.data.batches import SampleTable, split_train_val
+    from pipeline.data.epochs import epoch_batches
+    from pipeline.tracking import start_run
+    from pipeline.worker import train_func
+
+    sets = ["data.name=digits", "model.name=mlp", "train.global_batch_size=64",
+            "train.batch_size_schedule=warmup", "train.batch_size_min=16",
+            "train.batch_size_warmup_steps=12", "train.epochs=2", "data.mode=streaming",
+            "scaling.num_workers=1", "tracking.log_model=false"]
+    cfg, info = resolve(load_config(None, sets))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "warmup", run_name=None, params={}, config_yaml=yaml.safe_dump({}))
+    blocks = ingest(info, cfg)
+    try:
+        train_func({"config": cfg.to_dict(), "table_refs": blocks, "model_facts": info.facts,
+                    "run_id": run_id, "tracking_uri": uri}, _OneRank())
+    finally:
+        blocks.release()
+    client = MlflowClient(uri)
+    assert sorted(set(history(client, run_id, "step/global_batch_size")[:13])) == [16, 32, 48, 64]
+    from pipeline.data.datasets import make_digits
+
+    st = SampleTable.from_table(make_digits(), feature_column="features", label_column="label")
+    train, val = split_train_val(len(st), st.labels, cfg.data.val_fraction, cfg.data.split_seed)
+    row = 64 * 4  # bytes of a row's features (float32), the only large column
+    for epoch, mib in enumerate(history(client, run_id, "data_fetched_mib")):
+        drawn = np.unique(np.concatenate(epoch_batches(cfg, st, train, epoch, 1).batches))
+        assert mib * 2**20 == pytest.approx((len(drawn) + len(val)) * row, rel=0.01), epoch
+
+
+@pytest.mark.ray
 def test_an_autoscaler_that_cannot_be_asked_refuses_nothing(ray_client, monkeypatch, capsys):
     """Unknown is not "no autoscaler": a failing lookup (a private API) is said and the fit
     left unchecked, where it used to be read as none -- refusing a valid job on an autoscaling

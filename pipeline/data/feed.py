@@ -82,21 +82,24 @@ class RankFeed:
         self.streamed = streamed
 
     def epoch(self, epoch: int, units: Callable[[], int],
-              sample_losses: np.ndarray | None = None
+              sample_losses: np.ndarray | None = None,
+              guess: Callable[[int], int | None] | None = None
               ) -> tuple[EpochBatches, Generator[FeedStep, None, None]]:
         """The epoch's plan and its steps. `units()` is asked before each step for how many unit
-        batches it joins (a batch-size schedule; 1 for a constant batch)."""
+        batches it joins (a batch-size schedule; 1 for a constant batch). `guess(n)`, where the
+        schedule knows it in advance, is what `units()` will say for the epoch's n-th step: the
+        streaming mode fetches rows ahead for it (a wrong guess costs a fetch, never a batch)."""
         eb = epoch_batches(self.cfg, self.st, self.train_pos, epoch, self.world, sample_losses)
-        return eb, self._steps(eb.batches, units)
+        return eb, self._steps(eb.batches, units, guess)
 
-    def _steps(self, batches: list[np.ndarray], units: Callable[[], int]
-               ) -> Generator[FeedStep, None, None]:
+    def _steps(self, batches: list[np.ndarray], units: Callable[[], int],
+               guess: Callable[[int], int | None] | None) -> Generator[FeedStep, None, None]:
         grouped = group_units(batches, units)
         if self.streamed is None:
             for batch, k in grouped:
                 yield FeedStep(batch, k, rank_slice(batch, self.rank, self.world), self.st)
             return
-        for batch, k, rows in self.streamed.steps(batches, grouped):
+        for batch, k, rows in self.streamed.steps(batches, grouped, guess):
             yield FeedStep(batch, k, rank_slice(batch, self.rank, self.world), rows)
 
     def over(self, parts: list[np.ndarray]) -> Iterator[tuple[np.ndarray, SampleTable | Window]]:

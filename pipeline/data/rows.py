@@ -10,9 +10,10 @@ way a batch is gathered from table positions with `.gather(positions)`, so both 
 same arrays for the same positions.
 
 A step's rows are known only when the batch-size schedule says how many unit batches it joins
-(`group_units`); the next chunk is asked for on the guess that the steps keep the current size,
-and a step the guess missed is fetched when it comes (it happens where an adaptive or warmup
-schedule changes the batch).
+(`group_units`). The next chunks are asked for on the schedule's own forecast where it has one
+(a constant batch, a warmup ramp: a function of the step, `BatchSchedule.planned`), else on the
+guess that the steps keep the current size; a step the guess missed (where an adaptive schedule
+changes the batch) is fetched when it comes, and the chunks asked for ahead are dropped.
 """
 
 from __future__ import annotations
@@ -209,14 +210,24 @@ class StreamedRows:
             self.check(win.rows)
         return win
 
-    def steps(self, batches: list[np.ndarray], steps: Iterable[tuple[np.ndarray, int]]
+    def steps(self, batches: list[np.ndarray], steps: Iterable[tuple[np.ndarray, int]],
+              guess: Callable[[int], int | None] | None = None
               ) -> Iterator[tuple[np.ndarray, int, Window]]:
         """Each step of `steps` (its global batch, its unit batches; from `group_units` over
-        `batches`) with a window holding this rank's rows of it."""
+        `batches`) with a window holding this rank's rows of it. `guess(n)` forecasts the unit
+        batches of the epoch's n-th step (0-based) for the chunks asked for ahead; None, or
+        no `guess`, for the size of the step they are asked from."""
+        def size(m: int, k: int) -> int:  # the forecast of step m, asked from a step of k
+            forecast = guess(m) if guess is not None else None
+            return k if forecast is None else forecast
+
         start = 0  # the unit batch the step begins with
+        n = 0  # the epoch's step
         cur: dict[tuple[int, int], np.ndarray] = {}  # (start, k) -> my rows, the chunk in use
         cur_window: Window | None = None
-        asked: deque[tuple[dict[tuple[int, int], np.ndarray], np.ndarray, Any, int]] = deque()
+        # chunks asked for ahead: (their steps, positions, handle, the unit batch and the
+        # epoch's step after their last)
+        asked: deque[tuple[dict[tuple[int, int], np.ndarray], np.ndarray, Any, int, int]] = deque()
         try:
             for batch, k in steps:
                 key = (start, k)
@@ -224,42 +235,46 @@ class StreamedRows:
                     if asked and key not in asked[0][0]:  # the guess of the steps' size missed
                         asked.clear()
                     if asked:
-                        cur, pos, handle, end = asked.popleft()
+                        cur, pos, handle, end, after = asked.popleft()
                     else:  # the epoch's first chunk, or after a miss
-                        cur, pos, end = self._chunk(batches, start, k)
+                        cur, pos, end, after = self._chunk(
+                            batches, start, n, lambda m, n=n, k=k: k if m == n else size(m, k))
                         handle = self.fetch.submit(pos)
-                    end = asked[-1][3] if asked else end  # ask on from the last chunk asked for
+                    # ask on from the last chunk asked for
+                    end, after = (asked[-1][3], asked[-1][4]) if asked else (end, after)
                     while len(asked) < self.ahead and end < len(batches):
-                        nxt, nxt_pos, nxt_end = self._chunk(batches, end, k)
-                        asked.append((nxt, nxt_pos, self.fetch.submit(nxt_pos), nxt_end))
-                        end = nxt_end
+                        nxt, nxt_pos, nxt_end, nxt_after = self._chunk(
+                            batches, end, after, lambda m, k=k: size(m, k))
+                        asked.append((nxt, nxt_pos, self.fetch.submit(nxt_pos), nxt_end,
+                                      nxt_after))
+                        end, after = nxt_end, nxt_after
                     if cur_window is not None:
                         cur_window.release()  # its steps are done: not held beside the next
                     cur_window = self._get(handle, pos)
                     handle = None  # the nodes' answers, joined into the window: not held too
                 yield batch, k, cur_window
-                start += k
+                start, n = start + k, n + 1
         finally:  # also when the consumer stops early (train.max_steps) or fails: the chunks
             asked.clear()  # asked for ahead and the one in use are not kept by this generator
             if cur_window is not None:
                 cur_window.release()
 
-    def _chunk(self, batches: list[np.ndarray], start: int, k: int
-               ) -> tuple[dict[tuple[int, int], np.ndarray], np.ndarray, int]:
-        """Steps of k unit batches from `start` on, about `chunk_rows` of this rank's rows in
-        all: {(start, k): my rows}, their positions (sorted, unique) and the unit batch after
-        the last step."""
+    def _chunk(self, batches: list[np.ndarray], start: int, n: int, size: Callable[[int], int]
+               ) -> tuple[dict[tuple[int, int], np.ndarray], np.ndarray, int, int]:
+        """The steps from unit batch `start` (the epoch's n-th step) on, step m of `size(m)`
+        unit batches, about `chunk_rows` of this rank's rows in all: {(start, k): my rows},
+        their positions (sorted, unique), the unit batch and the epoch's step after the last."""
         steps: dict[tuple[int, int], np.ndarray] = {}
         rows = 0
         while start < len(batches) and (not steps or rows < self.chunk_rows):
-            group = batches[start : start + k]
+            group = batches[start : start + max(1, size(n))]
             mine = rank_slice(group[0] if len(group) == 1 else np.concatenate(group),
                               self.rank, self.world)
             steps[(start, len(group))] = mine
             rows += len(mine)
-            start += len(group)
+            start, n = start + len(group), n + 1
         pos = np.unique(np.concatenate(list(steps.values()))) if steps else np.zeros(0, np.int64)
-        return steps, pos, start
+        return steps, pos, start, n
 
     def parts(self, parts: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Window]]:
         """Each part with a window holding its rows, fetched in chunks, one chunk ahead."""

@@ -197,6 +197,22 @@ class BatchSchedule:
                 self.units = best
         return self.units
 
+    def planned(self, step: int) -> int | None:
+        """k at optimizer step `step` where it is known in advance (constant, warmup: a function
+        of the step), None where it is decided in the run (adaptive): what the streaming mode
+        fetches rows ahead for (`StreamedRows.steps`).
+
+        >>> BatchSchedule("warmup", unit=8, max_units=4, ramp_steps=6).planned(3)
+        2
+        >>> BatchSchedule("adaptive", unit=8, max_units=4).planned(3) is None
+        True
+        """
+        if self.kind == "constant":
+            return self.max_units
+        if self.kind == "warmup":
+            return warmup_units(step, self.max_units, self.ramp_steps)
+        return None
+
     def observe(self, batch: int, seconds: float) -> None:
         """Record one step's wall time (adaptive without a configured step cost), but for the
         first step of the process (`cold`)."""

@@ -56,25 +56,27 @@ def _tables(kind: str):
     return table, cols, full, small
 
 
-CASES = {  # name -> (dataset, overrides, units per step: a function of the step index)
+WARMUP = ["model.name=seq_transformer", "train.global_batch_size=32",
+          "train.batch_size_schedule=warmup", "train.batch_size_min=8",
+          "train.batch_size_warmup_steps=6", "train.micro_batch_size=8"]
+CASES = {  # name -> (dataset, overrides, units per step: a function of the epoch's step index,
+    # whether the feed is told them in advance, as a constant or warmup schedule tells it)
     "packed, length-bucketed": ("sequences", [
         "batching.strategy=length_bucket", "batching.packing=true", "model.name=seq_transformer",
-        "train.global_batch_size=32", "train.micro_batch_size=8"], lambda i: 1),
-    "padded, warmup from 8 to 32": ("sequences", [
-        "model.name=seq_transformer", "train.global_batch_size=32",
-        "train.batch_size_schedule=warmup", "train.batch_size_min=8",
-        "train.batch_size_warmup_steps=6", "train.micro_batch_size=8"],
-        lambda i: min(4, 1 + i // 2)),
+        "train.global_batch_size=32", "train.micro_batch_size=8"], lambda i: 1, False),
+    "padded, warmup from 8 to 32": ("sequences", WARMUP, lambda i: min(4, 1 + i // 2), True),
+    "padded, sizes not known in advance": ("sequences", WARMUP, lambda i: min(4, 1 + i // 2),
+                                           False),  # (as an adaptive schedule's)
     "contrastive digits": ("digits", ["batching.strategy=contrastive", "train.loss=nt_xent",
                                        "train.global_batch_size=64", "model.name=mlp"],
-                           lambda i: 1),
+                           lambda i: 1, False),
 }
 
 
 @pytest.mark.parametrize("world", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
 def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
-    kind, sets, units = CASES[case]
+    kind, sets, units, forecast = CASES[case]
     cfg = load_config(None, [f"data.name={kind}", *sets])
     table, cols, full, small = _tables(kind)
     train, val = split_train_val(len(full), full.labels, 0.2, 0)
@@ -87,7 +89,8 @@ def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
         for epoch in range(2):
             a, b = iter(range(10**6)), iter(range(10**6))  # the step index, for `units`
             _, want_steps = whole.epoch(epoch, lambda a=a: units(next(a)))
-            _, got_steps = feed.epoch(epoch, lambda b=b: units(next(b)))
+            _, got_steps = feed.epoch(epoch, lambda b=b: units(next(b)),
+                                      guess=units if forecast else None)
             asked_before, used_before = len(fetch.asked), len(fetch.used)
             mine, windows = [], []
             for want, got in zip(want_steps, got_steps, strict=True):
@@ -110,13 +113,13 @@ def test_streamed_rows_collate_what_the_whole_table_collates(case, world):
             mine = np.concatenate(mine)
             assert len(mine) == len(np.unique(mine))
             dropped = len(fetch.asked) - len(fetch.used)  # never used, all epochs so far
-            if case != "padded, warmup from 8 to 32":
+            if case != "padded, sizes not known in advance":
                 assert len(used) == len(mine) and set(used) == set(mine)
                 assert dropped == 0  # every chunk asked for was used: several, one by one
                 assert len(fetch.asked) - asked_before == len(fetch.used) - used_before > 1
                 assert fetch.most_in_flight <= 3
                 continue
-            # Where the steps change size (the warmup: k 1 -> 2 -> 3 -> 4, three changes an
+            # Where the steps change size unforecast (k 1 -> 2 -> 3 -> 4, three changes an
             # epoch), the chunk in use was fetched for steps of the old size: the rest of it
             # (less than a chunk: 40 rows here, and one step's share of 32) is fetched again
             # in the next, and the two chunks asked for ahead are dropped unused.
