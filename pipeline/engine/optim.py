@@ -84,9 +84,15 @@ class LARS(torch.optim.Optimizer):
         w        = w - v                                             (Alg. 1, line 6)
 
     LR convention: the global LR enters *inside* the momentum buffer, as in the paper (v
-    accumulates already-scaled steps). With a constant LR this equals torch's SGD convention
-    (v = m v + g; w -= lr v); when a schedule changes ``lr``, only new contributions use the new
-    LR and the momentum already accumulated keeps the LR it was taken with.
+    accumulates already-scaled steps), with Goyal et al. 2017's momentum correction (arXiv
+    1706.02677, sec. 3, "Remark 3"): when a schedule changes ``lr`` from lr_old to lr_new, v is
+    first scaled by lr_new / lr_old. Without it an LR change reaches the step only over about
+    1 / (1 - m) steps (a batch-size schedule's jump from LR 0.4 to 3.2, m = 0.9: the next step
+    a fifth of SGD's, and at LR 0 the weights still moved by m v). So the step follows the LR
+    schedule exactly as torch's SGD convention (v = m v + g; w -= lr v) does, to which
+    ``adapt=False`` is equal at any LR sequence that does not rise again after an LR of 0
+    (there v is 0: momentum starts afresh, where SGD's kept on; a schedule reaches 0 only at
+    its last step).
 
     If ||w|| == 0 or ||grad|| == 0, local_lr is 1 (not eta): the step is plain SGD-momentum, so a
     zero-initialised tensor still trains, and a tensor without gradient takes the plain decay
@@ -129,6 +135,15 @@ class LARS(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            # the momentum correction (class docstring): the LR the buffers were taken with is
+            # kept in the group, so in the optimizer's state_dict (a checkpoint without it, as
+            # written before, resumes with no correction at its first step)
+            before = group.get("momentum_lr")
+            if m != 0 and before is not None and before != lr and before > 0:
+                for p in group["params"]:
+                    if "momentum_buffer" in self.state[p]:
+                        self.state[p]["momentum_buffer"].mul_(lr / before)
+            group["momentum_lr"] = lr
             for p, grad in _grads(group):
                 g = grad.add(p, alpha=wd) if wd != 0 else grad.clone()  # Alg. 1 line 4
                 if group["adapt"]:

@@ -62,14 +62,24 @@ def test_lars_weight_decay_in_gradient_and_denominator() -> None:
     _close(w, [w1[0] - v2[0], w1[1] - v2[1]])
 
 
-def test_lars_lr_enters_inside_momentum() -> None:
-    # Paper convention: a later LR change does not rescale momentum already accumulated.
+def test_lars_momentum_follows_an_lr_change() -> None:
+    # Goyal et al. 2017's momentum correction: the momentum accumulated at lr_old is scaled by
+    # lr_new / lr_old when the LR changes, so the step follows the schedule at once.
     w = _param([3.0, 4.0])
     opt = LARS([w], lr=2.0, momentum=0.9, eps=0.0)
-    _step(opt, w, [0.6, 0.8])  # v1 = [0.006, 0.008], w1 = [2.994, 3.992]
+    _step(opt, w, [0.6, 0.8])  # v1 = [0.006, 0.008], w1 = [2.994, 3.992] = 0.998 w
+    opt.param_groups[0]["lr"] = 4.0
+    # ||w1|| = 4.99, local_lr = 0.00499; v2 = 0.9 (4/2) v1 + 4 x 0.00499 x [0.6, 0.8]
+    #    = [0.0108 + 0.011976, 0.0144 + 0.015968] = [0.022776, 0.030368]
+    _step(opt, w, [0.6, 0.8])
+    _close(w, [2.994 - 0.022776, 3.992 - 0.030368])
     opt.param_groups[0]["lr"] = 0.0
-    _step(opt, w, [0.6, 0.8])  # v2 = 0.9 v1 = [0.0054, 0.0072]
-    _close(w, [2.994 - 0.0054, 3.992 - 0.0072])
+    _step(opt, w, [0.6, 0.8])  # v3 = 0.9 (0/4) v2 + 0: at LR 0 the weights stay
+    _close(w, [2.994 - 0.022776, 3.992 - 0.030368])
+    opt.param_groups[0]["lr"] = 2.0
+    _step(opt, w, [0.6, 0.8])  # after LR 0 the momentum starts afresh: v4 = 2 local_lr g
+    local = 0.001 * math.hypot(2.994 - 0.022776, 3.992 - 0.030368)
+    _close(w, [2.971224 - 2 * local * 0.6, 3.961632 - 2 * local * 0.8])
 
 
 @pytest.mark.parametrize("adapt", [True, False])
@@ -136,9 +146,14 @@ def test_lamb_without_bias_correction() -> None:
 # ------------------------------------------------------------------------- torch equivalences
 
 
-def _lockstep(opt_a, model_a, opt_b, model_b, steps: int = 3) -> None:
+def _lockstep(opt_a, model_a, opt_b, model_b, steps: int = 3,
+              lrs: list[float] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for i in range(steps):
+        if lrs is not None:  # a schedule's LR for both, per step
+            for opt in (opt_a, opt_b):
+                for group in opt.param_groups:
+                    group["lr"] = lrs[i]
         x = torch.randn(16, 5, generator=gen)
         y = torch.randn(16, 2, generator=gen)
         for opt, model in ((opt_a, model_a), (opt_b, model_b)):
@@ -163,6 +178,42 @@ def test_lars_without_adapt_equals_sgd(wd: float, nesterov: bool) -> None:
     ours = LARS([{"params": list(b.parameters()), "adapt": False}], lr=0.1, momentum=0.9,
                 weight_decay=wd, nesterov=nesterov)
     _lockstep(ref, a, ours, b)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lars_without_adapt_equals_sgd_through_lr_changes(nesterov: bool) -> None:
+    """A warmup, a batch-size schedule's jumps (0.04 -> 0.32: 64 -> 512 samples, linear rule)
+    and a decay to 0: SGD's step follows each LR at once, and so does LARS's (the momentum
+    correction). (An LR after 0 differs: LARS's momentum starts afresh, SGD's kept on.)"""
+    a, b = _models()
+    ref = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov)
+    ours = LARS([{"params": list(b.parameters()), "adapt": False}], lr=0.1, momentum=0.9,
+                nesterov=nesterov)
+    lrs = [0.01, 0.02, 0.04, 0.04, 0.32, 0.32, 0.16, 0.05, 0.0]
+    _lockstep(ref, a, ours, b, steps=len(lrs), lrs=lrs)
+
+
+def test_lars_resumes_with_its_momentum_lr() -> None:
+    """The LR the momentum was taken with is in the state_dict: a resumed optimizer corrects
+    at the next LR change as the uninterrupted one does."""
+    a, b = _models()
+    whole = LARS(a.parameters(), lr=0.1, momentum=0.9)
+    first = LARS(b.parameters(), lr=0.1, momentum=0.9)
+    lrs = [0.1, 0.4, 0.4, 1.6, 0.8]
+    _lockstep(whole, a, first, b, steps=3, lrs=lrs[:3])
+    resumed = LARS(b.parameters(), lr=5.0, momentum=0.9)
+    resumed.load_state_dict(first.state_dict())
+    assert [g["momentum_lr"] for g in resumed.param_groups] == [0.4]
+    gen = torch.Generator().manual_seed(1)
+    for lr in lrs[3:]:
+        x, y = torch.randn(16, 5, generator=gen), torch.randn(16, 2, generator=gen)
+        for opt, model in ((whole, a), (resumed, b)):
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.05])
