@@ -420,6 +420,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     out_dir.mkdir(parents=True, exist_ok=True)
     owned = None  # this job's own ingest: ended with it
     marked = None  # the run made, or made RUNNING again, below
+    earlier = None  # a resumed run's status before it was made RUNNING again
     half: list[str] = []  # a run half made while the store went away (left RUNNING)
     pending = None  # the run, when the tracking server is unreachable at the start
     try:
@@ -458,10 +459,9 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                 _log(f"MLflow at {redact_text(uri)} is unreachable: training starts without it; the run is "
                      "created, and its metrics sent, when the server is back")
         elif server_reachable(uri):
+            earlier = run_status(uri, run_id)
             reopen_run(uri, run_id)
             marked = run_id
-            if resumed_with:  # MLflow params never change: the new values as tags, and the config
-                _record_resume(uri, run_id, resumed_with, cfg)
         else:  # a resume while the server is away: the run is RUNNING again when it is back
             pending = _deferred_run(uri, reopen=run_id)
             _log(f"MLflow at {redact_text(uri)} is unreachable: training goes on without it; run {run_id} "
@@ -473,10 +473,16 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         line = mode_line(refs)
         if show_progress and line:
             _log(line)
+        if marked is not None and resumed_with:  # MLflow params never change: the new values
+            _record_resume(uri, run_id, resumed_with, cfg)  # as tags, and the config
     except BaseException as err:
         if owned is not None:
             owned.release()
         status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+        if marked is not None and earlier in ("FINISHED", "FAILED", "KILLED"):
+            # a resume that failed (or was stopped) before it trained: the run's record is as
+            # it was, its status too (a FINISHED run turned FAILED by data gone since)
+            status = earlier
         if marked is not None:  # stopped or failed while it was set up: not left RUNNING
             end_run(uri, marked, status)
         if pending is not None:  # a run made once the store came back (during the ingest) is

@@ -138,6 +138,45 @@ def test_a_resume_after_the_last_epoch_ends_at_its_checkpoint_with_its_metrics(t
     assert c.get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_resume_that_fails_before_it_trains_leaves_its_finished_run_as_it_was(
+        tmp_path, monkeypatch, stop):
+    """A FINISHED run resumed for more epochs, whose ingest fails (the data's store gone, a
+    Ctrl-C): the job fails, and the run stays FINISHED with its result.json, without the
+    resume's tags -- not FAILED (or KILLED) for epochs it never began."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.launch import run_training
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg, info = resolve(load_config(DIGITS, ["train.epochs=2", f"tracking.uri={uri}"]))
+    c = MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("resume-finished")).info.run_id
+    c.set_terminated(run_id, "FINISHED")
+    out = tmp_path / "out"
+    save_checkpoint(out / "ray_results" / "run-a" / "train-a" / "checkpoint_1",
+                    {"step": 44, "epoch": 1, "metrics": {"epoch": 2.0, "step": 44.0}})
+    (out / "run.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri,
+                                              "config": cfg.to_dict(), "checkpoints": "run-a"}))
+    result = json.dumps({"status": "FINISHED", "mlflow_run_id": run_id})
+    (out / "result.json").write_text(result)
+
+    def ingest(*_a, **_k):
+        raise stop("the data's store went away")
+
+    monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_workers_fit", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.ingest", ingest)
+    more, _ = resolve(load_config(DIGITS, ["train.epochs=3", f"tracking.uri={uri}"]))
+    with pytest.raises(stop, match="store went away"):
+        run_training(more, info, out, resume=True)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert not any(k.startswith("resumed.") for k in run.data.tags)
+    assert (out / "result.json").read_text() == result
+
+
 def test_a_resume_uses_its_runs_store_and_workers_that_stop_early_fail_it(tmp_path, monkeypatch):
     """Resumed from another working directory (the default store is ./mlflow.db), the job
     continues its run in the store run.json names. Its workers then return after epoch 2 of
