@@ -454,6 +454,12 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                     _log(f"MLflow at {redact_text(uri)} failed while the run was made "
                          f"({console.error_line(cause)}): training starts without it; the run is created, "
                          "and its metrics sent, when the server is back")
+                if marked is not None:
+                    # named in run.json at once: a driver killed during the ingest (minutes,
+                    # for data that outgrows a node) leaves it there for --resume, or for the
+                    # next job in --out to mark KILLED -- not RUNNING with nothing naming it
+                    _write_state(state_file, run_id, uri, cfg, checkpoints, fingerprint)
+                    _end_abandoned_run(out_dir, before, run_id)  # (run.json named it)
             else:  # training does not wait for tracking: the run is created when the server is back
                 pending = _deferred_run(uri, **run_args)
                 _log(f"MLflow at {redact_text(uri)} is unreachable: training starts without it; the run is "
@@ -484,7 +490,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
             # it was, its status too (a FINISHED run turned FAILED by data gone since)
             status = earlier
         if marked is not None:  # stopped or failed while it was set up: not left RUNNING
-            end_run(uri, marked, status)
+            _end(out_dir, uri, marked, status)  # (owed, should the store not take it)
         if pending is not None:  # a run made once the store came back (during the ingest) is
             # ended too; one not made yet is not made for a job that never ran
             with contextlib.suppress(Exception):
@@ -589,9 +595,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         # Ctrl-C or SIGTERM (`ray job stop`) on the driver: Ray ends its wait with SystemExit;
         # a Ctrl-C after it (logging the model, say) is a KeyboardInterrupt. A run created
         # once the server came back is asked for briefly (`ray job stop` kills 3 s after).
-        if pending is not None and run_id is None:
-            # the run made already, if any: none is begun now (it would outlive the 1.5 s and be
-            # left RUNNING)
+        if pending is not None:
+            # the run made (or a resume's run reopened) already, if any: none is begun now (it
+            # would outlive the 1.5 s and be left RUNNING); a resume's run not reopened yet is
+            # as it was, not this job's to mark
             run_id = _deferred_run_id(pending, state_file, timeout_s=1.5, force=False)
         if isinstance(err, SystemExit) and err.code == signal.SIGTERM and ray.is_initialized():
             # SIGTERM (`ray job stop`): the process ends, and training with it now -- the Train
@@ -614,8 +621,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         raise TrainingInterrupted(f"training interrupted{ended}; {how}") from None
     except BaseException:
         _unfinished(out_dir)
-        if pending is not None and run_id is None:
-            run_id = _deferred_run_id(pending, state_file)
+        if pending is not None:  # (a resume's run not reopened yet: as it was, unmarked)
+            run_id = _deferred_run_id(pending, state_file, force=run_id is None)
         if run_id is not None:
             # the points rank 0 kept (those up to a divergence, say: what explains the failure)
             _kept_at_end(out_dir / "tracking.json", uri, run_id)
@@ -738,15 +745,21 @@ def _owe(out_dir: Path, run_id: str, entry: dict[str, str] | None) -> None:
 
 def _end_owed_runs(out_dir: Path, current: str | None) -> None:
     """The runs earlier jobs in `out_dir` could not mark ended (`_end`), marked now where their
-    store takes it; `current` (this job's run: a --resume continues it) is this job's to end,
-    and dropped from the list."""
+    store takes it -- those still RUNNING: a run ended since (by a --resume, by hand) keeps its
+    status, and its entry goes; `current` (this job's run: a --resume continues it) is this
+    job's to end, and dropped from the list."""
     owed = _owed(out_dir)
     if current in owed:
         _owe(out_dir, current, None)
     others = {run: e for run, e in owed.items() if run != current}
     reachable = {e["tracking_uri"]: server_reachable(e["tracking_uri"]) for e in others.values()}
     for run, e in others.items():
-        if reachable[e["tracking_uri"]] and end_run(e["tracking_uri"], run, e["status"]):
+        if not reachable[e["tracking_uri"]]:
+            continue
+        now = run_status(e["tracking_uri"], run)
+        if now is not None and now != "RUNNING":
+            _owe(out_dir, run, None)
+        elif now == "RUNNING" and end_run(e["tracking_uri"], run, e["status"]):
             _owe(out_dir, run, None)
             _log(f"MLflow run {run} marked {e['status']}, as the job that ran it could not")
 

@@ -47,6 +47,14 @@ def test_a_status_the_store_did_not_take_is_kept_and_marked_by_the_next_job(tmp_
     launch._end_owed_runs(tmp_path, resumed)
     assert MlflowClient(uri).get_run(resumed).info.status == "RUNNING"
     assert not (tmp_path / launch.OWED).exists()
+    # a run ended since (a --resume that finished it, elsewhere) keeps its status: the entry
+    # goes, unmarked
+    MlflowClient(uri).set_terminated(resumed, "FINISHED")
+    (tmp_path / launch.OWED).write_text(json.dumps({resumed: {"status": "FAILED",
+                                                              "tracking_uri": uri}}))
+    launch._end_owed_runs(tmp_path, None)
+    assert MlflowClient(uri).get_run(resumed).info.status == "FINISHED"
+    assert not (tmp_path / launch.OWED).exists()
 
 
 def test_a_fresh_job_marks_the_run_an_earlier_killed_driver_left_running_and_nothing_else(
@@ -180,3 +188,33 @@ def test_a_run_half_made_as_the_store_went_away_is_owed_and_marked_once_it_is_ba
         assert not (out / launch.OWED).exists()
     finally:
         stop_mlflow_server(server)
+
+
+def test_a_job_names_its_run_in_run_json_before_the_ingest(tmp_path, monkeypatch):
+    """The run is in run.json before the data is read (minutes for data that outgrows a node):
+    a driver killed then leaves it named there (for --resume, or the next job in --out to mark
+    KILLED), not RUNNING with nothing naming it; a failed ingest ends it FAILED, named."""
+    from pipeline.config import load_config
+    from pipeline.data.datasets import resolve
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg, info = resolve(load_config(str(REPO / "jobs/configs/digits.yaml"),
+                                    [f"tracking.uri={uri}"]))
+    seen = []
+
+    def ingest(*_a, **_k):
+        state = json.loads((tmp_path / "out" / "run.json").read_text())
+        seen.append((state["mlflow_run_id"],
+                     MlflowClient(uri).get_run(state["mlflow_run_id"]).info.status))
+        raise RuntimeError("the data's store went away")
+
+    monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_workers_fit", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.ingest", ingest)
+    with pytest.raises(RuntimeError, match="store went away"):
+        launch.run_training(cfg, info, tmp_path / "out")
+    ((run, status),) = seen
+    assert status == "RUNNING"
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["mlflow_run_id"] == run
+    assert MlflowClient(uri).get_run(run).info.status == "FAILED"
