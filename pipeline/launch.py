@@ -466,7 +466,15 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                      "created, and its metrics sent, when the server is back")
         elif server_reachable(uri):
             earlier = run_status(uri, run_id)
-            reopen_run(uri, run_id)
+            try:
+                reopen_run(uri, run_id)
+            except Exception as err:
+                if refused(creation_cause(err)):  # as a refused new run: bad input, one line
+                    raise ConfigError(f"config error: MLflow at {redact_text(uri)} refused to "
+                                      f"continue run {run_id} ({console.error_line(err)})"
+                                      ) from None
+                marked = run_id  # failing for now: applied or not, it ends as it was (below)
+                raise
             marked = run_id
         else:  # a resume while the server is away: the run is RUNNING again when it is back
             pending = _deferred_run(uri, reopen=run_id)
@@ -1083,8 +1091,8 @@ def driver_alive(driver: Any) -> bool | None:
 def raise_refusal(why: tuple[bool, str] | None, uri: str, tracking_file: Path) -> None:
     """The store came back during the job and would not make its run (`why`:
     `DeferredRun.refusal`): as at a job's start, a ConfigError where it refused it (exit 2),
-    else a failure -- not "unreachable for the whole job" and exit 0. The checkpoints and
-    tracking.json stay.
+    else a failure in one line (`TrainingStopped`, exit 1; a traceback around the line before)
+    -- not "unreachable for the whole job" and exit 0. The checkpoints and tracking.json stay.
 
     >>> raise_refusal(None, "http://h:5000", Path("tracking.json"))  # not refused: nothing
     >>> raise_refusal((True, "RestException: RESOURCE_DOES_NOT_EXIST: experiment deleted"),
@@ -1093,6 +1101,11 @@ def raise_refusal(why: tuple[bool, str] | None, uri: str, tracking_file: Path) -
     Traceback (most recent call last):
     ...
     pipeline.config.ConfigError: config error: MLflow at http://me:***@h:5000 refused the job's...
+    >>> raise_refusal((False, "MlflowException: database is locked"), "http://h:5000",
+    ...               Path("tracking.json"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pipeline.launch.TrainingStopped: MLflow at http://h:5000 could not make the job's run when...
     """
     if why is None:
         return
@@ -1102,7 +1115,7 @@ def raise_refusal(why: tuple[bool, str] | None, uri: str, tracking_file: Path) -
            f"points are in {tracking_file}, its checkpoints kept")
     if refused_it:
         raise ConfigError(f"config error: {msg}")
-    raise RuntimeError(msg)
+    raise TrainingStopped(msg)
 
 
 def _write_run_id(state_file: Path, run_id: str) -> None:

@@ -177,6 +177,46 @@ def test_a_resume_that_fails_before_it_trains_leaves_its_finished_run_as_it_was(
     assert (out / "result.json").read_text() == result
 
 
+def test_a_resume_whose_run_the_store_refuses_to_continue_is_one_line(tmp_path, monkeypatch,
+                                                                      capsys):
+    """The store answers the lookup but refuses to make the run RUNNING again (a server that
+    lets this user read, not write: its 403 is injected here, a sqlite store has no
+    permissions): one line and exit 2, as a refused new run -- not MLflow's traceback."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg, _ = resolve(load_config(DIGITS, ["train.epochs=2", f"tracking.uri={uri}"]))
+    c = MlflowClient(uri)
+    run_id = c.create_run(c.create_experiment("resume-refused")).info.run_id
+    c.set_terminated(run_id, "KILLED")
+    out = tmp_path / "out"
+    save_checkpoint(out / "ray_results" / "run-a" / "train-a" / "checkpoint_0",
+                    {"step": 22, "epoch": 0, "metrics": {"epoch": 1.0, "step": 22.0}})
+    (out / "run.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri,
+                                              "config": cfg.to_dict(), "checkpoints": "run-a"}))
+
+    def refuse(*_a, **_k):
+        raise MlflowException("Permission denied for run", error_code=PERMISSION_DENIED)
+
+    def no_ingest(*_a, **_k):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr("pipeline.launch.connect", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_workers_fit", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.launch.reopen_run", refuse)
+    monkeypatch.setattr("pipeline.launch.ingest", no_ingest)
+    rc = cli.run(["train", "--config", DIGITS, "--out", str(out), "--resume",
+                  "--set", f"tracking.uri={uri}"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "refused to continue" in ln]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"MLflow at {uri} refused to continue run {run_id} (" in lines[0]
+    assert c.get_run(run_id).info.status == "KILLED"
+
+
 def test_a_resume_uses_its_runs_store_and_workers_that_stop_early_fail_it(tmp_path, monkeypatch):
     """Resumed from another working directory (the default store is ./mlflow.db), the job
     continues its run in the store run.json names. Its workers then return after epoch 2 of
