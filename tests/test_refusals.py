@@ -869,6 +869,8 @@ def test_a_curriculum_the_run_ends_before_its_pool_is_whole_is_said():
                           "trains on the easiest 10% of the training split only "
                           "(batching.options.pacing_epochs=5)"]
     _, info = resolve(load_config(None, [*curriculum, "batching.options.pacing_epochs=20"]))
-    assert info.notes[0].startswith("batching.options.pacing_epochs=20 is beyond train.epochs=10")
+    assert info.notes[0].startswith("batching.options.pacing_epochs=20 with train.epochs=10: "
+                                    "the pool would be whole from epoch 21, after the run; its "
+                                    "last epoch trains on the easiest ")
     _, info = resolve(load_config(None, curriculum))
     assert info.notes == []

@@ -586,15 +586,18 @@ def resolve(cfg: Config) -> tuple[Config, DatasetInfo]:
 
 def curriculum_note(cfg: Config, reached: int | None = None) -> str | None:
     """A note where a curriculum's pool is not whole by the run's last epoch
-    (`batching.options.pacing_epochs` beyond `train.epochs`, or `train.max_steps` ending the
-    run in epoch `reached`): the run never trains on the hardest samples. Said, not refused
-    (a deliberately slow curriculum); None otherwise.
+    (`batching.options.pacing_epochs` above `train.epochs` - 1: 0-based epoch e takes c(e /
+    pacing_epochs), or `train.max_steps` ending the run in epoch `reached`): the run never
+    trains on the hardest samples. Said, not refused (a deliberately slow curriculum); None
+    otherwise.
 
     >>> from pipeline.config import load_config
     >>> slow = load_config(None, ["batching.strategy=curriculum", "batching.options.difficulty=length",
     ...                           "batching.options.pacing_epochs=1000", "train.epochs=10"])
-    >>> curriculum_note(slow)[:87]
-    'batching.options.pacing_epochs=1000 is beyond train.epochs=10: the last epoch trains on'
+    >>> curriculum_note(slow)[:97]
+    'batching.options.pacing_epochs=1000 with train.epochs=10: the pool would be whole from epoch 1001'
+    >>> curriculum_note(slow.with_overrides({"batching.options.pacing_epochs": 9.5}))[:96]
+    'batching.options.pacing_epochs=9.5 with train.epochs=10: the pool would be whole from epoch 11, '
     >>> curriculum_note(slow.with_overrides({"batching.options.pacing_epochs": 9})) is None
     True
     >>> curriculum_note(slow.with_overrides({"batching.options.pacing_epochs": 9,
@@ -617,9 +620,10 @@ def curriculum_note(cfg: Config, reached: int | None = None) -> str | None:
         return (f"train.max_steps={cfg.train.max_steps} ends the run in epoch {epochs} of "
                 f"{cfg.train.epochs}: its last epoch trains on the easiest {c:.0%} of the "
                 f"training split only (batching.options.pacing_epochs={o['pacing_epochs']:g})")
-    return (f"batching.options.pacing_epochs={o['pacing_epochs']:g} is beyond train.epochs="
-            f"{cfg.train.epochs}: the last epoch trains on the easiest {c:.0%} of the training "
-            "split only (the pool is whole from epoch pacing_epochs + 1)")
+    whole = math.ceil(o["pacing_epochs"]) + 1  # (1-based: epoch e is 0-based e - 1)
+    return (f"batching.options.pacing_epochs={o['pacing_epochs']:g} with train.epochs="
+            f"{cfg.train.epochs}: the pool would be whole from epoch {whole}, after the run; "
+            f"its last epoch trains on the easiest {c:.0%} of the training split only")
 
 
 def _first_line(err: BaseException) -> str:

@@ -513,6 +513,9 @@ def plan_curriculum(
         8
         >>> plan_curriculum(meta, seed=0, epoch=0, **{**opts, "global_batch_size": 6}).note
         'curriculum pool raised from 4 to 6 samples at epoch 1 to hold one global batch (6)'
+        >>> plan_curriculum(meta, seed=0, epoch=0, **{**opts, "global_batch_size": 12,
+        ...                                            "drop_last": False}).note[33:]
+        'the whole split at epoch 1: its 8 samples are fewer than one global batch (12)'
     """
     b = _check_batch_size(global_batch_size)
     difficulty = _column(meta, "difficulty", "curriculum").astype(np.float64)
@@ -520,8 +523,11 @@ def plan_curriculum(
     pace = dict(pacing=pacing, c0=c0, pacing_epochs=pacing_epochs, steps=steps, growth=growth)
     size = curriculum_pool_size(len(ids), epoch, min_size=b, **pace)
     paced = curriculum_pool_size(len(ids), epoch, **pace)
-    note = (f"curriculum pool raised from {paced} to {size} samples at epoch {epoch + 1} to hold "
-            f"one global batch ({b})" if size > paced else "")
+    note = ("" if size <= paced else
+            f"curriculum pool raised from {paced} to {size} samples at epoch {epoch + 1} to hold "
+            f"one global batch ({b})" if size >= b else
+            f"curriculum pool raised from {paced} to the whole split at epoch {epoch + 1}: its "
+            f"{size} samples are fewer than one global batch ({b})")
     easiest = np.lexsort((ids, difficulty))[:size]
     order = ids[easiest[epoch_rng(seed, epoch).permutation(size)]]
     batches, dropped = chunk(order, b, drop_last)
