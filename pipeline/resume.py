@@ -70,6 +70,13 @@ def resume_point(cfg: Config, storage: Path, started: dict[str, Any],
     # (a run.json of an earlier version lacks the keys added since: at their defaults, not
     # "changed", or no run of it could be resumed after an upgrade)
     before = _with_defaults(started.get("config") or cfg.to_dict())
+    was = before["train"].get("max_steps")
+    if (was is not None and (steps := steps_done(resume_from)) >= was and done >= cfg.train.epochs
+            and (cap is None or cap > steps)):  # a higher cap, and no epoch left to go on in
+        raise ConfigError(f"argument error: --resume: the run stopped at its train.max_steps="
+                          f"{was} in its last epoch ({done} of {cfg.train.epochs}): a resume "
+                          "goes on from the next epoch's start, so it would train nothing; "
+                          "raise train.epochs too")
     cfg = keep_pacing(cfg, before)  # a curriculum's pool widens as it started to
     every = changed_keys(with_pacing(before), cfg.to_dict())
     changed = [k for k in every if not k.startswith(RESUME_MAY_CHANGE)]

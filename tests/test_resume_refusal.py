@@ -443,6 +443,31 @@ def test_a_run_train_max_steps_stopped_resumes_only_with_a_higher_cap(tmp_path, 
         "warning: train.max_steps is now 44: the cosine LR schedule is laid over the new length")
 
 
+def test_a_run_its_cap_stopped_in_its_last_epoch_resumes_only_with_more_epochs(tmp_path):
+    """train.epochs=2, train.max_steps=30: the cap stops the run in epoch 2 (of 22 steps
+    each). A resume goes on from the next epoch's start, so one with a higher cap and the same
+    epochs trained nothing and ended FINISHED at the checkpoint: refused, naming the way on;
+    with more epochs it goes on."""
+    from pipeline.config import ConfigError
+    from pipeline.resume import resume_point
+
+    cfg, _ = resolve(load_config(DIGITS, ["train.epochs=2", "train.max_steps=30"]))
+    run = {"mlflow_run_id": "r", "config": cfg.to_dict()}
+    save_checkpoint(tmp_path / "train-x" / "checkpoint_1", {"step": 30, "epoch": 1})
+    for cap in ("train.max_steps=44", "train.max_steps=null"):
+        higher, _ = resolve(load_config(DIGITS, ["train.epochs=2", cap]))
+        with pytest.raises(ConfigError) as err:
+            resume_point(higher, tmp_path, run)
+        assert str(err.value) == (
+            "argument error: --resume: the run stopped at its train.max_steps=30 in its last "
+            "epoch (2 of 2): a resume goes on from the next epoch's start, so it would train "
+            "nothing; raise train.epochs too")
+    more, _ = resolve(load_config(DIGITS, ["train.epochs=3", "train.max_steps=60"]))
+    assert resume_point(more, tmp_path, run)[2] == {"train.epochs": "3", "train.max_steps": "60"}
+    same, _ = resolve(load_config(DIGITS, ["train.epochs=2", "train.max_steps=30"]))
+    assert resume_point(same, tmp_path, run)[2] == {}  # (unfinished: ends at the checkpoint)
+
+
 def test_a_resume_never_caps_the_run_below_the_steps_it_trained(tmp_path):
     """A run started with train.max_steps=200 that crashed at step 80 (not finished): a resume
     with a cap of 50 was accepted, stopped at once and reported the checkpoint as the run (its
