@@ -1124,3 +1124,36 @@ def test_a_sweep_notes_a_setting_no_trial_uses(config, said, capsys, monkeypatch
     assert rc == 0, err
     note = "note: train.batch_size_min (train.batch_size_schedule=constant) is set but no trial"
     assert (note in out) == said, out
+
+
+def test_a_trial_meeting_bad_input_keeps_it_and_its_retry_fails_at_once(tmp_path, monkeypatch):
+    """A trial whose config is bad input (a combination of swept keys past the sweep's checks,
+    data changed since) fails with the culprit's line, kept in its fatal.json as a worker keeps
+    its own: Tune's retry of the trial fails on it at once, without building the trial or
+    reading its data again (a deterministic input error is never retried)."""
+    from ray import tune
+
+    from pipeline.data.datasets import resolve
+    from pipeline.tune import space, sweep
+
+    class Context:
+        def get_trial_id(self):
+            return "trial_1"
+
+    monkeypatch.setattr(tune, "get_context", lambda: Context())
+    cfg, info = resolve(load_config(REPO / "jobs" / "configs" / "sweep_digits.yaml", []))
+    bad = {"train.global_batch_size": 3, "scaling.num_workers": 2}
+    kwargs = dict(base=cfg.to_dict(), info=info, root=str(tmp_path), parent_run_id="p",
+                  sweep="s", table_refs=None)
+    with pytest.raises(ConfigError, match="global_batch_size=3 is not divisible") as first:
+        sweep._run_trial(bad, **kwargs)
+    record = json.loads((tmp_path / "trial_1" / "fatal.json").read_text())
+    assert record == {"kind": "input", "message": str(first.value), "peer": False}
+
+    def built(*_a, **_k):
+        raise AssertionError("the trial was built again")
+
+    monkeypatch.setattr(space, "trial_config", built)
+    with pytest.raises(ConfigError) as again:
+        sweep._run_trial(bad, **kwargs)
+    assert str(again.value) == str(first.value)

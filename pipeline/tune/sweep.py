@@ -224,22 +224,41 @@ def _run_trial(overrides: dict[str, Any], *, base: dict[str, Any], info: Dataset
     import ray.data
     from ray import tune
 
-    from pipeline.engine.checkpoint import find_latest_checkpoint
-    from pipeline.launch import raise_fatal, run_training
-    from pipeline.tune.space import changes_data, trial_config
-    from pipeline.tune.trial import epochs_to_tune, fit_in_actor, runs_in_actor
+    from pipeline.launch import raise_fatal
 
     # Several trials ingest at once: their Ray Data progress bars would interleave on the driver.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if isinstance(table_refs, ray.actor.ActorHandle):  # the sweep's holder of its dataset
         table_refs = ray.get(table_refs.get.remote())
     trial_id = tune.get_context().get_trial_id()
-    cfg, info = trial_config(Config.model_validate(base), info, {
-        **overrides, "tracking.run_name": f"{trial_id} {_short(redact(overrides))}".strip()})
-    own_data = changes_data(overrides)
     out = Path(root) / trial_id
     if (out / "fatal.json").exists():  # Tune retries a failed trial; bad input or non-finite
         raise_fatal(out / "fatal.json")  # training would fail the same way: not trained again
+    try:
+        _trial_in(out, overrides, base=base, info=info, parent_run_id=parent_run_id,
+                  sweep=sweep, table_refs=table_refs, started_at=started_at)
+    except ConfigError as err:  # bad input found in the trial (a combination of swept keys
+        # past the sweep's checks, data changed since): kept as the workers keep theirs, so
+        # that Tune's retry fails at once, not after reading the data again
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "fatal.json", {"kind": "input", "message": str(err), "peer": False})
+        raise
+
+
+def _trial_in(out: Path, overrides: dict[str, Any], *, base: dict[str, Any], info: DatasetInfo,
+              parent_run_id: str, sweep: str, table_refs: Any, started_at: float) -> None:
+    """`_run_trial`'s trial in its folder `out`."""
+    from ray import tune
+
+    from pipeline.engine.checkpoint import find_latest_checkpoint
+    from pipeline.launch import run_training
+    from pipeline.tune.space import changes_data, trial_config
+    from pipeline.tune.trial import epochs_to_tune, fit_in_actor, runs_in_actor
+
+    trial_id = out.name
+    cfg, info = trial_config(Config.model_validate(base), info, {
+        **overrides, "tracking.run_name": f"{trial_id} {_short(redact(overrides))}".strip()})
+    own_data = changes_data(overrides)
     if (out / "result.json").exists():  # it ended just before the sweep's driver was killed,
         # after Tune last saved its state: not trained again; Tune gets its final metrics
         metrics = json.loads((out / "result.json").read_text())["metrics"]
