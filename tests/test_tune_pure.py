@@ -224,9 +224,11 @@ def test_bad_search_space_is_a_config_error(space, culprit):
 
 def test_a_large_search_space_is_checked_pair_by_pair(monkeypatch):
     """Beyond MAX_CHECKED_COMBINATIONS (made 39 here: 4 x 2 x 5 = 40 combinations), every two
-    keys' values are checked together (38 pairs), the third key at the config's: batch 33 fits
-    1 worker and 2 workers fit batch 32, but 33 on 2 workers is refused, named with the pair.
-    Beyond the limit for pairs too, each key's values are checked alone (4 + 2 + 5)."""
+    keys' values are checked together (38 pairs), the third key at its first value (a trial's):
+    batch 33 fits 1 worker and 2 workers fit batch 32, but 33 on 2 workers is refused, named
+    with the trial. Beyond the limit for pairs too, each key's values are checked alone
+    (4 + 2 + 5). The config's own value of a swept key is no trial's, and never checked: its
+    2 workers cannot split batch 33, but the sweep's 1 worker can."""
     from pipeline.tune import space
     from pipeline.tune.space import check_trials
 
@@ -235,7 +237,8 @@ def test_a_large_search_space_is_checked_pair_by_pair(monkeypatch):
     grid = {"train.global_batch_size": {"grid": [32, 33, 34, 36]},
             "scaling.num_workers": {"grid": [1, 2]}, "train.base_lr": lrs}
     with pytest.raises(ConfigError, match=r"\[tune.search_space trial "
-                                          r"train.global_batch_size=33, scaling.num_workers=2\]"):
+                                          r"train.global_batch_size=33, scaling.num_workers=2, "
+                                          r"train.base_lr=0.01\]"):
         check_trials(_cfg(grid))
     fine = {**grid, "train.global_batch_size": {"grid": [32, 34, 36, 38]}}
     checked = check_trials(_cfg(fine))
@@ -244,6 +247,12 @@ def test_a_large_search_space_is_checked_pair_by_pair(monkeypatch):
         (b, w) for b in (32, 34, 36, 38) for w in (1, 2)}
     monkeypatch.setattr(space, "MAX_CHECKED_COMBINATIONS", 30)
     assert len(check_trials(_cfg(fine))) == 4 + 2 + 5
+    one_worker = {**fine, "train.global_batch_size": {"grid": [32, 33, 34, 36]},
+                  "scaling.num_workers": {"grid": [1]}, "train.seed": {"grid": [0, 1, 2]}}
+    for limit in (30, 59):  # 60 combinations: singles, pairs (59)
+        monkeypatch.setattr(space, "MAX_CHECKED_COMBINATIONS", limit)
+        checked = check_trials(_cfg(one_worker, "scaling.num_workers=2"))
+        assert {c.scaling.num_workers for c in checked} == {1}
     one_key = {"train.base_lr": {"grid": [0.001 * i for i in range(1, 41)]}}
     assert len(check_trials(_cfg(one_key))) == 40  # one key: all its values, whatever the limit
 

@@ -239,27 +239,31 @@ def _dotted(tree: dict[str, Any], key: str) -> Any:
 
 
 def _to_check(keys: list[str], lists: list[list[Any]]) -> list[dict[str, Any]]:
-    """The combinations of the keys' values to check (the other keys at the config's): all of
-    them up to MAX_CHECKED_COMBINATIONS; beyond, every pair of values of every two keys (a batch
-    the swept worker count cannot split, say; a failure that needs three keys' values together
-    is met in its trial), while those pairs are within the limit; else each key's values alone,
-    and the swept `scaling.*` keys at their largest together: the trials' concurrency is sized
-    from the checked trials' largest need (`trial_concurrency`), which two keys make.
+    """The combinations of the keys' values to check, each a trial's: all of them up to
+    MAX_CHECKED_COMBINATIONS; beyond, every pair of values of every two keys (a batch the swept
+    worker count cannot split, say; a failure that needs three keys' values together is met in
+    its trial), while those pairs are within the limit; else each key's values alone, and the
+    swept `scaling.*` keys at their largest together: the trials' concurrency is sized from the
+    checked trials' largest need (`trial_concurrency`), which two keys make. The keys a check
+    does not vary are at their first values -- never at the config's, which no trial has (a
+    worker count the sweep replaces refused a valid sweep, and sized its concurrency).
 
     >>> big = [list(range(70))] * 3  # 70^3 combinations, 3 x 70^2 pairs: each key alone
     >>> _to_check(["scaling.num_workers", "scaling.cpus_per_worker", "train.seed"], big)[-1]
-    {'scaling.num_workers': 69, 'scaling.cpus_per_worker': 69}
+    {'scaling.num_workers': 69, 'scaling.cpus_per_worker': 69, 'train.seed': 0}
     """
     if math.prod(len(v) for v in lists) <= MAX_CHECKED_COMBINATIONS:
         return [dict(zip(keys, vs, strict=True)) for vs in itertools.product(*lists)]
+    first = {k: values[0] for k, values in zip(keys, lists, strict=True)}
     pairs = list(itertools.combinations(range(len(keys)), 2))
     if pairs and sum(len(lists[i]) * len(lists[j]) for i, j in pairs) <= MAX_CHECKED_COMBINATIONS:
-        return [{keys[i]: vi, keys[j]: vj} for i, j in pairs for vi in lists[i] for vj in lists[j]]
+        return [{**first, keys[i]: vi, keys[j]: vj}
+                for i, j in pairs for vi in lists[i] for vj in lists[j]]
     largest = {k: max(numbers) for k, values in zip(keys, lists, strict=True)
                if k in ("scaling.num_workers", "scaling.cpus_per_worker", "scaling.use_gpu")
                and (numbers := [v for v in values if isinstance(v, (int, float))])}
-    return ([{k: v} for k, values in zip(keys, lists, strict=True) for v in values]
-            + ([largest] if len(largest) > 1 else []))
+    return ([{**first, k: v} for k, values in zip(keys, lists, strict=True) for v in values]
+            + ([{**first, **largest}] if len(largest) > 1 else []))
 
 
 def _between(kind: str, bounds: list[float]) -> float:
