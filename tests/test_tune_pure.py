@@ -1080,6 +1080,10 @@ def test_grid_values_are_taken_as_their_keys_type_so_a_repeat_is_seen():
     with pytest.raises(ConfigError, match=r"train.base_lr lists 0.0001 more than once"):
         check_trials(*resolve(load_config(None, [
             'tune.search_space={"train.base_lr": {"grid": ["1e-4", 0.0001]}}'])))
+    # also a key under a mapping (batching.options, model.kwargs), which the config holds whole
+    mining = 'tune.search_space={"batching.options.selection_pressure": {"grid": ["1e2", 100.0]}}'
+    with pytest.raises(ConfigError, match=r"selection_pressure lists 100.0 more than once"):
+        check_trials(*resolve(load_config(None, ["batching.strategy=hard_mining", mining])))
 
 
 def test_a_swept_dict_valued_key_is_a_setting_of_its_own_in_the_analysis(tmp_path):

@@ -95,11 +95,22 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
 
 def _typed(cfg: Config, key: str, value: Any) -> Any:
     """`value` as the config holds it under `key` (as given where the config refuses it: the
-    trial's checks say why)."""
+    trial's checks say why) -- also under a mapping (`batching.options.*`, `model.kwargs.*`),
+    which `flatten` keeps whole: "1e2" and 100.0 are one value there too.
+
+    >>> from pipeline.config import load_config
+    >>> mining = load_config(None, ["batching.strategy=hard_mining"])
+    >>> _typed(mining, "batching.options.selection_pressure", "1e2")
+    100.0
+    >>> _typed(mining, "train.base_lr", "1e-4")
+    0.0001
+    """
     try:
-        return flatten(cfg.with_overrides({key: value}).to_dict()).get(key, value)
+        tree = cfg.with_overrides({key: value}).to_dict()
     except ConfigError:
         return value
+    typed = _dotted(tree, key)
+    return value if typed is None else typed
 
 
 def _number(value: Any) -> Any:
