@@ -55,6 +55,9 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
         # before its run.json knew the first: the first is left RUNNING
         "twice_first": trial_run("twice", 3, 1, None),
         "twice": trial_run("twice", 3, 3, "FINISHED"),
+        # ASHA stopped it at its epoch-2 result, but it finished epoch 3, its last, in flight
+        # (the stop is asynchronous) before its actor went: it ran its budget
+        "in_flight": trial_run("in_flight", 3, 3, None),
     }
 
     def result(trial_id: str, epochs: int, reported: int, error: Exception | None = None):
@@ -66,19 +69,21 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
     grid = [result("finished", 3, 3), result("stopped", 3, 1), result("short", 1, 1),
             result("unrecorded", 3, 3),  # MLflow away all along: no run at all
             result("failed", 3, 2, RuntimeError("worker died")), result("capped", 3, 2),
-            result("killed_done", 3, 3), result("twice", 3, 3)]
+            result("killed_done", 3, 3), result("twice", 3, 3), result("in_flight", 3, 2)]
     df, _, _ = settle_trials(grid, cfg, mlflow_server, parent)
     status = dict(zip(df["trial_id"], df["status"], strict=True))
     assert status == {"finished": "TERMINATED", "stopped": "EARLY_STOPPED", "short": "TERMINATED",
                       "unrecorded": "TERMINATED", "failed": "ERROR", "capped": "TERMINATED",
-                      "killed_done": "TERMINATED", "twice": "TERMINATED"}
+                      "killed_done": "TERMINATED", "twice": "TERMINATED",
+                      "in_flight": "TERMINATED"}
     assert df.set_index("trial_id").loc["stopped", "stopped_at_epoch"] == 1
-    assert df["stopped_at_epoch"].isna().sum() == 7
+    assert df.set_index("trial_id").loc["in_flight", "epochs"] == 3
+    assert df["stopped_at_epoch"].isna().sum() == 8
     shown = {k: c.get_run(v) for k, v in runs.items()}
     assert {k: r.info.status for k, r in shown.items()} == {
         "finished": "FINISHED", "stopped": "KILLED", "short": "FINISHED", "failed": "FAILED",
         "capped": "FINISHED", "killed_done": "FINISHED", "twice_first": "KILLED",
-        "twice": "FINISHED"}
+        "twice": "FINISHED", "in_flight": "FINISHED"}
     assert [k for k, r in shown.items() if r.data.tags.get("early_stopped")] == ["stopped"]
 
 

@@ -136,8 +136,15 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
         params = run.data.params if run else {}
         own = partial(_own_value, conf, params, base, swept)
         reported = int(m.get("epoch", 0))  # Tune's last result
+        h, pts = read.get(run_id, (pd.DataFrame(), pd.DataFrame()))
+        # What the trial ran, as MLflow shows it: a trial that Tune stopped may have finished the
+        # epoch in flight before its actor went (the stop is asynchronous), so the history can
+        # hold one epoch more than Tune's last result; that epoch counts as run -- and where it
+        # was the trial's last, the trial ran its budget.
+        final = h.iloc[-1] if len(h) and int(h["epoch"].iloc[-1]) >= reported else pd.Series(m)
         epochs = own("train.epochs")  # (None: swept, and neither Tune nor MLflow knows it)
-        ran_out = epochs is not None and ran_its_budget(m, epochs, own("train.max_steps"))
+        ran_out = epochs is not None and any(ran_its_budget(r, epochs, own("train.max_steps"))
+                                             for r in (m, final))
         if result.error is not None or trial_id in errored:
             status = "ERROR"
             if run and run.info.status != "FAILED":
@@ -152,15 +159,10 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
                 c.set_tag(run_id, "early_stopped", "true")
             if run and run.info.status != "KILLED":  # a resumed sweep's settle: ended already,
                 end_run(uri, run_id, "KILLED")  # its end time kept
-        h, pts = read.get(run_id, (pd.DataFrame(), pd.DataFrame()))
         row: dict[str, Any] = {"trial_id": trial_id}
         shown = [*swept, BATCH, RULE, *([SCHEDULE] if base.get(SCHEDULE) != "constant" else [])]
         for key in dict.fromkeys(shown):  # (as trials.csv and summary.md show it: masked)
             row.update(redact({key: own(key)}))
-        # What the trial ran, as MLflow shows it: a trial that Tune stopped may have finished the
-        # epoch in flight before its actor went (the stop is asynchronous), so the history can
-        # hold one epoch more than Tune's last result; that epoch counts as run.
-        final = h.iloc[-1] if len(h) and int(h["epoch"].iloc[-1]) >= reported else pd.Series(m)
         row.update({
             "status": status,
             "epochs": int(final.get("epoch", 0)),
