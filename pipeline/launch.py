@@ -753,8 +753,9 @@ def _owe(out_dir: Path, run_id: str, entry: dict[str, str] | None) -> None:
 
 def _end_owed_runs(out_dir: Path, current: str | None) -> None:
     """The runs earlier jobs in `out_dir` could not mark ended (`_end`), marked now where their
-    store takes it -- those still RUNNING: a run ended since (by a --resume, by hand) keeps its
-    status, and its entry goes; `current` (this job's run: a --resume continues it) is this
+    store takes it -- but a run FINISHED since (a --resume finished it) keeps its status, and
+    its entry goes (one KILLED or FAILED takes a FINISHED owed: a resume that trained to its
+    end while the store was away); `current` (this job's run: a --resume continues it) is this
     job's to end, and dropped from the list."""
     owed = _owed(out_dir)
     if current in owed:
@@ -764,10 +765,9 @@ def _end_owed_runs(out_dir: Path, current: str | None) -> None:
     for run, e in others.items():
         if not reachable[e["tracking_uri"]]:
             continue
-        now = run_status(e["tracking_uri"], run)
-        if now is not None and now != "RUNNING":
+        if run_status(e["tracking_uri"], run) == "FINISHED":
             _owe(out_dir, run, None)
-        elif now == "RUNNING" and end_run(e["tracking_uri"], run, e["status"]):
+        elif end_run(e["tracking_uri"], run, e["status"]):
             _owe(out_dir, run, None)
             _log(f"MLflow run {run} marked {e['status']}, as the job that ran it could not")
 

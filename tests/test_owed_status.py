@@ -47,13 +47,20 @@ def test_a_status_the_store_did_not_take_is_kept_and_marked_by_the_next_job(tmp_
     launch._end_owed_runs(tmp_path, resumed)
     assert MlflowClient(uri).get_run(resumed).info.status == "RUNNING"
     assert not (tmp_path / launch.OWED).exists()
-    # a run ended since (a --resume that finished it, elsewhere) keeps its status: the entry
-    # goes, unmarked
+    # a run finished since (a --resume that finished it, elsewhere) keeps its status: the
+    # entry goes, unmarked; one KILLED takes a FINISHED owed (a resume that trained to its end
+    # while the store was away, the run not made RUNNING again)
     MlflowClient(uri).set_terminated(resumed, "FINISHED")
     (tmp_path / launch.OWED).write_text(json.dumps({resumed: {"status": "FAILED",
                                                               "tracking_uri": uri}}))
     launch._end_owed_runs(tmp_path, None)
     assert MlflowClient(uri).get_run(resumed).info.status == "FINISHED"
+    assert not (tmp_path / launch.OWED).exists()
+    MlflowClient(uri).set_terminated(run, "KILLED")
+    (tmp_path / launch.OWED).write_text(json.dumps({run: {"status": "FINISHED",
+                                                          "tracking_uri": uri}}))
+    launch._end_owed_runs(tmp_path, None)
+    assert MlflowClient(uri).get_run(run).info.status == "FINISHED"
     assert not (tmp_path / launch.OWED).exists()
 
 
