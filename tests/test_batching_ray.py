@@ -490,9 +490,9 @@ def test_hard_minings_second_epoch_draws_by_the_losses_its_first_epoch_scored(
             drawn[key[1]] += part.tolist()
         return collate(self, part, key, rows)
 
-    def planned(self, epoch, units, sample_losses=None):
+    def planned(self, epoch, units, sample_losses=None, **kwargs):
         given[epoch] = None if sample_losses is None else np.array(sample_losses)
-        return epoch_of(self, epoch, units, sample_losses)
+        return epoch_of(self, epoch, units, sample_losses, **kwargs)
 
     monkeypatch.setattr(RankFeed, "collate", recording)
     monkeypatch.setattr(RankFeed, "epoch", planned)
