@@ -62,6 +62,7 @@ from pipeline.tracking import (
     log_text,
     refused,
     reopen_run,
+    restore_status,
     run_status,
     send_points,
     server_reachable,
@@ -421,6 +422,7 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
     owned = None  # this job's own ingest: ended with it
     marked = None  # the run made, or made RUNNING again, below
     earlier = None  # a resumed run's status before it was made RUNNING again
+    fresh = False  # the run was made here (named in run.json before the ingest)
     half: list[str] = []  # a run half made while the store went away (left RUNNING)
     pending = None  # the run, when the tracking server is unreachable at the start
     try:
@@ -456,8 +458,10 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                          "and its metrics sent, when the server is back")
                 if marked is not None:
                     # named in run.json at once: a driver killed during the ingest (minutes,
-                    # for data that outgrows a node) leaves it there for --resume, or for the
-                    # next job in --out to mark KILLED -- not RUNNING with nothing naming it
+                    # for data that outgrows a node) leaves it there for the next job in --out
+                    # to mark KILLED -- not RUNNING with nothing naming it (a setup that fails
+                    # or is stopped puts the earlier job's run.json back, below)
+                    fresh = True
                     _write_state(state_file, run_id, uri, cfg, checkpoints, fingerprint)
                     _end_abandoned_run(out_dir, before, run_id)  # (run.json named it)
             else:  # training does not wait for tracking: the run is created when the server is back
@@ -473,7 +477,8 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
                     raise ConfigError(f"config error: MLflow at {redact_text(uri)} refused to "
                                       f"continue run {run_id} ({console.error_line(err)})"
                                       ) from None
-                marked = run_id  # failing for now: applied or not, it ends as it was (below)
+                if earlier is not None:  # failing for now: applied or not, it ends as it was
+                    marked = run_id  # (below); a status not known is not put on it
                 raise
             marked = run_id
         else:  # a resume while the server is away: the run is RUNNING again when it is back
@@ -495,10 +500,14 @@ def run_training(cfg: Config, info: DatasetInfo, out_dir: Path, *, resume: bool 
         status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
         if marked is not None and earlier in ("FINISHED", "FAILED", "KILLED"):
             # a resume that failed (or was stopped) before it trained: the run's record is as
-            # it was, its status too (a FINISHED run turned FAILED by data gone since)
-            status = earlier
-        if marked is not None:  # stopped or failed while it was set up: not left RUNNING
+            # it was, its status and end time too (a FINISHED run turned FAILED by data gone
+            # since)
+            if not restore_status(uri, marked, earlier):
+                _end(out_dir, uri, marked, earlier)  # (owed, should the store not take it)
+        elif marked is not None:  # stopped or failed while it was set up: not left RUNNING
             _end(out_dir, uri, marked, status)  # (owed, should the store not take it)
+            if fresh:  # run.json names the earlier job's run again
+                _put_back_state(state_file, before)
         if pending is not None:  # a run made once the store came back (during the ingest) is
             # ended too; one not made yet is not made for a job that never ran
             with contextlib.suppress(Exception):
@@ -770,6 +779,19 @@ def _end_owed_runs(out_dir: Path, current: str | None) -> None:
         elif end_run(e["tracking_uri"], run, e["status"]):
             _owe(out_dir, run, None)
             _log(f"MLflow run {run} marked {e['status']}, as the job that ran it could not")
+
+
+def _put_back_state(state_file: Path, before: dict[str, Any]) -> None:
+    """run.json as the earlier job in --out left it (`before`; none: removed), where this job's
+    setup failed: its run never trained, and a --resume there goes on with that job's.
+    Bookkeeping, never an error."""
+    try:
+        if before:
+            write_json(state_file, before)
+        else:
+            state_file.unlink(missing_ok=True)
+    except OSError as err:
+        _log(f"{state_file} could not be put back ({console.error_line(err)})")
 
 
 def _earlier_state(out_dir: Path) -> dict[str, Any]:

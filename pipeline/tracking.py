@@ -250,6 +250,18 @@ def reopen_run(uri: str, run_id: str) -> None:
     client(uri).update_run(run_id, status="RUNNING")
 
 
+def restore_status(uri: str, run_id: str, status: str) -> bool:
+    """A run reopened by a resume that never trained put back to the `status` it had, its end
+    time kept (`end_run` sets it to now); whether the store took it (never an error)."""
+    try:
+        client(uri).update_run(run_id, status=status)
+        return True
+    except Exception as err:
+        log.warning("MLflow: run %s could not be put back to %s: %s", run_id, status,
+                    error_line(err))
+        return False
+
+
 def log_summary(uri: str, run_id: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
     """A run's closing metrics (at step 0) and tags, in one request."""
     now = int(time.time() * 1000)

@@ -199,8 +199,9 @@ def test_a_run_half_made_as_the_store_went_away_is_owed_and_marked_once_it_is_ba
 
 def test_a_job_names_its_run_in_run_json_before_the_ingest(tmp_path, monkeypatch):
     """The run is in run.json before the data is read (minutes for data that outgrows a node):
-    a driver killed then leaves it named there (for --resume, or the next job in --out to mark
-    KILLED), not RUNNING with nothing naming it; a failed ingest ends it FAILED, named."""
+    a driver killed then leaves it named there (for the next job in --out to mark KILLED), not
+    RUNNING with nothing naming it. A failed ingest ends it FAILED and puts the earlier job's
+    run.json back (a --resume goes on with that job), or none where there was none."""
     from pipeline.config import load_config
     from pipeline.data.datasets import resolve
 
@@ -219,9 +220,18 @@ def test_a_job_names_its_run_in_run_json_before_the_ingest(tmp_path, monkeypatch
     monkeypatch.setattr("pipeline.launch.check_store_reachable", lambda *a, **k: None)
     monkeypatch.setattr("pipeline.launch.check_workers_fit", lambda *a, **k: None)
     monkeypatch.setattr("pipeline.launch.ingest", ingest)
+    monkeypatch.setattr("pipeline.launch.ray_job_tags", dict)  # (no Ray job: no cluster here)
     with pytest.raises(RuntimeError, match="store went away"):
         launch.run_training(cfg, info, tmp_path / "out")
     ((run, status),) = seen
     assert status == "RUNNING"
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["mlflow_run_id"] == run
+    assert not (tmp_path / "out" / "run.json").exists()
     assert MlflowClient(uri).get_run(run).info.status == "FAILED"
+    earlier = {"mlflow_run_id": "older", "tracking_uri": uri, "config": cfg.to_dict(),
+               "checkpoints": "run-older"}
+    (tmp_path / "out" / "run.json").write_text(json.dumps(earlier))
+    with pytest.raises(RuntimeError, match="store went away"):
+        launch.run_training(cfg, info, tmp_path / "out")
+    assert seen[1][0] not in (run, "older") and seen[1][1] == "RUNNING"
+    assert json.loads((tmp_path / "out" / "run.json").read_text()) == earlier
+    assert MlflowClient(uri).get_run(seen[1][0]).info.status == "FAILED"

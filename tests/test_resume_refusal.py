@@ -142,8 +142,8 @@ def test_a_resume_after_the_last_epoch_ends_at_its_checkpoint_with_its_metrics(t
 def test_a_resume_that_fails_before_it_trains_leaves_its_finished_run_as_it_was(
         tmp_path, monkeypatch, stop):
     """A FINISHED run resumed for more epochs, whose ingest fails (the data's store gone, a
-    Ctrl-C): the job fails, and the run stays FINISHED with its result.json, without the
-    resume's tags -- not FAILED (or KILLED) for epochs it never began."""
+    Ctrl-C): the job fails, and the run stays FINISHED (its end time too) with its
+    result.json, without the resume's tags -- not FAILED (or KILLED) for epochs it never began."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.launch import run_training
@@ -152,7 +152,7 @@ def test_a_resume_that_fails_before_it_trains_leaves_its_finished_run_as_it_was(
     cfg, info = resolve(load_config(DIGITS, ["train.epochs=2", f"tracking.uri={uri}"]))
     c = MlflowClient(uri)
     run_id = c.create_run(c.create_experiment("resume-finished")).info.run_id
-    c.set_terminated(run_id, "FINISHED")
+    c.set_terminated(run_id, "FINISHED", end_time=1_700_000_000_000)
     out = tmp_path / "out"
     save_checkpoint(out / "ray_results" / "run-a" / "train-a" / "checkpoint_1",
                     {"step": 44, "epoch": 1, "metrics": {"epoch": 2.0, "step": 44.0}})
@@ -172,7 +172,7 @@ def test_a_resume_that_fails_before_it_trains_leaves_its_finished_run_as_it_was(
     with pytest.raises(stop, match="store went away"):
         run_training(more, info, out, resume=True)
     run = c.get_run(run_id)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.end_time == 1_700_000_000_000
     assert not any(k.startswith("resumed.") for k in run.data.tags)
     assert (out / "result.json").read_text() == result
 

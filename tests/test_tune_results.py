@@ -70,7 +70,7 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
             result("unrecorded", 3, 3),  # MLflow away all along: no run at all
             result("failed", 3, 2, RuntimeError("worker died")), result("capped", 3, 2),
             result("killed_done", 3, 3), result("twice", 3, 3), result("in_flight", 3, 2)]
-    df, _, _ = settle_trials(grid, cfg, mlflow_server, parent)
+    df, _, trials = settle_trials(grid, cfg, mlflow_server, parent)
     status = dict(zip(df["trial_id"], df["status"], strict=True))
     assert status == {"finished": "TERMINATED", "stopped": "EARLY_STOPPED", "short": "TERMINATED",
                       "unrecorded": "TERMINATED", "failed": "ERROR", "capped": "TERMINATED",
@@ -78,6 +78,10 @@ def test_a_trial_is_early_stopped_only_if_it_ended_before_its_own_last_epoch(mlf
                       "in_flight": "TERMINATED"}
     assert df.set_index("trial_id").loc["stopped", "stopped_at_epoch"] == 1
     assert df.set_index("trial_id").loc["in_flight", "epochs"] == 3
+    # ranked on the epoch it finished in flight (0.8), as its row shows it, not on Tune's 0.7
+    assert df.set_index("trial_id").loc["in_flight", "val_accuracy"] == pytest.approx(0.8)
+    assert trials["in_flight"].metrics["val_accuracy"] == pytest.approx(0.8)
+    assert trials["finished"].metrics["val_accuracy"] == pytest.approx(0.8)
     assert df["stopped_at_epoch"].isna().sum() == 8
     shown = {k: c.get_run(v) for k, v in runs.items()}
     assert {k: r.info.status for k, r in shown.items()} == {

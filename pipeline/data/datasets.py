@@ -600,6 +600,11 @@ def curriculum_note(cfg: Config, reached: int | None = None) -> str | None:
     'batching.options.pacing_epochs=9.5 with train.epochs=10: the pool would be whole from epoch 11, '
     >>> curriculum_note(slow.with_overrides({"batching.options.pacing_epochs": 9})) is None
     True
+    >>> fast = {"batching.options.pacing": "exponential", "batching.options.c0": 0.01,
+    ...         "batching.options.growth": 10, "batching.options.steps": 4,
+    ...         "batching.options.pacing_epochs": 100}  # whole at progress 0.5: epoch 51
+    >>> curriculum_note(slow.with_overrides(fast))[:95]
+    'batching.options.pacing_epochs=100 with train.epochs=10: the pool would be whole from epoch 51,'
     >>> curriculum_note(slow.with_overrides({"batching.options.pacing_epochs": 9,
     ...                                      "train.max_steps": 5}), reached=1)[:64]
     'train.max_steps=5 ends the run in epoch 1 of 10: its last epoch '
@@ -620,7 +625,16 @@ def curriculum_note(cfg: Config, reached: int | None = None) -> str | None:
         return (f"train.max_steps={cfg.train.max_steps} ends the run in epoch {epochs} of "
                 f"{cfg.train.epochs}: its last epoch trains on the easiest {c:.0%} of the "
                 f"training split only (batching.options.pacing_epochs={o['pacing_epochs']:g})")
-    whole = math.ceil(o["pacing_epochs"]) + 1  # (1-based: epoch e is 0-based e - 1)
+    def full(e: int) -> bool:  # the pool of 0-based epoch e is whole
+        return competence(e / float(o["pacing_epochs"]), o.get("pacing", "root"),
+                          c0=o.get("c0", 0.1), steps=o.get("steps", 4),
+                          growth=o.get("growth", 2.0)) >= 1.0
+
+    low, high = epochs - 1, math.ceil(o["pacing_epochs"])  # not whole, whole (c(1) = 1)
+    while high - low > 1:  # (an exponential pacing is whole before pacing_epochs)
+        mid = (low + high) // 2
+        low, high = (low, mid) if full(mid) else (mid, high)
+    whole = high + 1  # 1-based
     return (f"batching.options.pacing_epochs={o['pacing_epochs']:g} with train.epochs="
             f"{cfg.train.epochs}: the pool would be whole from epoch {whole}, after the run; "
             f"its last epoch trains on the easiest {c:.0%} of the training split only")

@@ -216,14 +216,18 @@ class StreamedRows:
         """Each step of `steps` (its global batch, its unit batches; from `group_units` over
         `batches`) with a window holding this rank's rows of it. `guess(n)` forecasts the unit
         batches of the epoch's n-th step (0-based) for the chunks asked for ahead; None, or
-        no `guess`, for the size of the step they are asked from."""
+        no `guess`, for the size of the step they are asked from. A forecast that missed is
+        not asked again this epoch (each of its chunks would miss)."""
+        trusted = guess is not None
+
         def size(m: int, k: int) -> int:  # the forecast of step m, asked from a step of k
-            forecast = guess(m) if guess is not None else None
+            forecast = guess(m) if trusted and guess is not None else None
             return k if forecast is None else forecast
 
         start = 0  # the unit batch the step begins with
         n = 0  # the epoch's step
         cur: dict[tuple[int, int], np.ndarray] = {}  # (start, k) -> my rows, the chunk in use
+        cur_end = 0  # the unit batch after the chunk in use
         cur_window: Window | None = None
         # chunks asked for ahead: (their steps, positions, handle, the unit batch and the
         # epoch's step after their last)
@@ -232,14 +236,16 @@ class StreamedRows:
             for batch, k in steps:
                 key = (start, k)
                 if key not in cur:
-                    if asked and key not in asked[0][0]:  # the guess of the steps' size missed
-                        asked.clear()
+                    if start < cur_end or (asked and key not in asked[0][0]):
+                        asked.clear()  # the guess of the steps' size missed
+                        trusted = False
                     if asked:
                         cur, pos, handle, end, after = asked.popleft()
                     else:  # the epoch's first chunk, or after a miss
                         cur, pos, end, after = self._chunk(
                             batches, start, n, lambda m, n=n, k=k: k if m == n else size(m, k))
                         handle = self.fetch.submit(pos)
+                    cur_end = end
                     # ask on from the last chunk asked for
                     end, after = (asked[-1][3], asked[-1][4]) if asked else (end, after)
                     while len(asked) < self.ahead and end < len(batches):

@@ -97,7 +97,7 @@ def curve_labels(found: list[tuple[str, str, Any]]) -> dict[str, Any]:
 
 class Trial(NamedTuple):
     """What a sweep's report needs of a trial beyond its row of the table."""
-    metrics: dict[str, Any]  # its last result as Tune ranked it (Tune's own keys left out)
+    metrics: dict[str, Any]  # its last result (an epoch finished in flight: its; Tune's keys out)
     overrides: dict[str, Any]  # its swept values, as Tune gave them
 
 
@@ -195,6 +195,9 @@ def settle_trials(grid: Any, cfg: Config, uri: str,
             "(its error was not read back: the trial's error files are missing)"
             if status == "ERROR" else "")
         row["_metrics"] = {k: v for k, v in m.items() if k not in _TUNE_KEYS}
+        if int(final.get("epoch", 0)) > reported:  # the epoch in flight's, as the row shows it:
+            row["_metrics"].update({k: float(final[k]) for k in row["_metrics"]  # ranked on it
+                                    if k in final.index and pd.notna(final[k])})
         # its swept values as Tune gave them (a column of the table may have turned them into
         # floats: [null, 100] is a float column)
         row["_overrides"] = {k: own(k) for k in swept}

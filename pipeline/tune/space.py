@@ -95,8 +95,9 @@ def parse_search_space(cfg: Config) -> dict[str, tuple[str, list[Any]]]:
 
 def _typed(cfg: Config, key: str, value: Any) -> Any:
     """`value` as the config holds it under `key` (as given where the config refuses it: the
-    trial's checks say why) -- also under a mapping (`batching.options.*`, `model.kwargs.*`),
-    which `flatten` keeps whole: "1e2" and 100.0 are one value there too.
+    trial's checks say why) -- also under a mapping (`batching.options.*`, a built-in model's
+    `model.kwargs.*`), which `flatten` keeps whole: "1e2" and 100.0 are one value there too
+    (an `import:` model's kwargs are not typed by the config: as given).
 
     >>> from pipeline.config import load_config
     >>> mining = load_config(None, ["batching.strategy=hard_mining"])
