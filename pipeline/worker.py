@@ -791,8 +791,9 @@ def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
     """Put a checkpoint's training state back (`_report` writes it): the weights, optimizer and
     scaler, the counters, the batch schedule's k's, the noise scale's averages and, under
     `micro_batch_size: auto`, the micro-batch size an out-of-memory left (at most this run's
-    `per_worker` share: a resume may have more workers); a fixed or `null` micro-batch is the
-    config's, on this run's workers. Return hard mining's per-sample losses, if it kept them."""
+    `per_worker` share: a resume may have more workers; none left: this run's share); a fixed
+    or `null` micro-batch is the config's, on this run's workers. Return hard mining's
+    per-sample losses, if it kept them."""
     _unwrap(model).load_state_dict(s["model"])
     optimizer.load_state_dict(s["optimizer"])
     if scaler is not None and s.get("scaler"):
@@ -818,8 +819,15 @@ def _restore(s: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.O
     if state.noise is not None and s.get("noise"):
         state.noise.load_state_dict(s["noise"], per_sample=state.elements_per_sample,
                                     batch_size=state.batch_size)
-    if auto_micro and s.get("micro_batch_size"):
-        state.micro_batch_size = min(int(s["micro_batch_size"]), per_worker or state.micro_batch_size)
+    if auto_micro and s.get("micro_batch_size") and per_worker:
+        saved = int(s["micro_batch_size"])
+        # `auto` starts at a worker's share and halves on an out-of-memory: a size below the
+        # share of the workers it was saved on (G / W_old) is a shrink, kept (at most this
+        # run's share); the whole share is this run's share (fewer workers: a larger one --
+        # the old share kept accumulation and its cost for no memory reason)
+        was = int((s.get("batch_schedule") or {}).get("world", world))
+        shrunk = saved < per_worker * world // was
+        state.micro_batch_size = min(saved, per_worker) if shrunk else per_worker
     return s.get("sample_losses")
 
 

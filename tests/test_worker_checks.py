@@ -16,7 +16,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 from pipeline.data.batches import SampleTable
 from pipeline.engine.batch_schedule import BatchSchedule
-from pipeline.engine.checkpoint import load_checkpoint
+from pipeline.engine.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.engine.loop import LoopState
 from pipeline.engine.noise import NoiseScale
 from pipeline.worker import _report, _restore, data_outside_model, model_spec
@@ -82,6 +82,31 @@ class _KeepCheckpoint:
 
     def report(self, metrics, checkpoint_dir):
         shutil.copytree(checkpoint_dir, self.folder)
+
+
+@pytest.mark.parametrize(("saved", "world_was", "world", "want"), [
+    (16, 4, 2, 32),  # no out-of-memory on 4 workers (their share, 64 / 4): 2 workers' share
+    (8, 4, 2, 8),  # an out-of-memory halved it on 4 workers: kept on 2
+    (32, 2, 4, 16),  # no out-of-memory on 2: 4 workers' share
+    (8, 2, 4, 8),  # halved twice on 2: kept, within 4 workers' share
+])
+def test_an_auto_micro_batch_resumed_on_other_workers_keeps_only_a_shrink(tmp_path, saved,
+                                                                          world_was, world, want):
+    """`micro_batch_size: auto` of a global batch of 64 resumed on another worker count: a
+    size an out-of-memory left is kept (at most the new share); the old share, which no
+    out-of-memory shrank, is not (on fewer workers it kept an accumulation, and its cost, that
+    no memory limit asked for)."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = BatchSchedule(kind="constant", unit=64, max_units=1)
+    save_checkpoint(tmp_path / "ckpt", {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 5,
+        "epoch": 0, "micro_batch_size": saved,
+        "batch_schedule": {**sched.state_dict(), "world": world_was}})
+    state = LoopState(micro_batch_size=64 // world)
+    _restore(load_checkpoint(tmp_path / "ckpt"), model, optimizer, None, sched, state,
+             auto_micro=True, per_worker=64 // world, world=world)
+    assert state.micro_batch_size == want
 
 
 def test_a_checkpoint_restores_every_counter_the_training_goes_on_with(tmp_path):
