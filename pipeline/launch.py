@@ -1142,10 +1142,15 @@ def raise_refusal(why: tuple[bool, str] | None, uri: str, tracking_file: Path) -
 
 def _write_run_id(state_file: Path, run_id: str) -> None:
     """run.json with the run made once the server came back (the rest as `_write_state` wrote
-    it)."""
+    it) -- where it is still this job's: two jobs may share an --out (the default runs/train),
+    and a later one's run.json, overwritten with this job's run, resumed this run with the other
+    job's checkpoints."""
     try:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):  # (not written yet: the job failed as it began)
+        return
+    driver, here = state.get("driver") or {}, this_driver()
+    if (driver.get("host"), driver.get("pid")) != (here["host"], here["pid"]):
         return
     write_json(state_file, {**state, "mlflow_run_id": run_id})
 

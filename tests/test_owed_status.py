@@ -235,3 +235,19 @@ def test_a_job_names_its_run_in_run_json_before_the_ingest(tmp_path, monkeypatch
     assert seen[1][0] not in (run, "older") and seen[1][1] == "RUNNING"
     assert json.loads((tmp_path / "out" / "run.json").read_text()) == earlier
     assert MlflowClient(uri).get_run(seen[1][0]).info.status == "FAILED"
+
+
+def test_a_run_made_late_is_written_into_this_jobs_run_json_only(tmp_path):
+    """A job whose run is made once the store is back writes its id into run.json -- not into
+    another job's that took over the same --out meanwhile (its --resume would continue this
+    job's run with its own checkpoints)."""
+    state = tmp_path / "run.json"
+    mine = {"mlflow_run_id": None, "checkpoints": "run-a", "driver": launch.this_driver()}
+    state.write_text(json.dumps(mine))
+    launch._write_run_id(state, "late")
+    assert json.loads(state.read_text()) == {**mine, "mlflow_run_id": "late"}
+    other = {**mine, "checkpoints": "run-b", "mlflow_run_id": "theirs",
+             "driver": {**mine["driver"], "pid": mine["driver"]["pid"] + 1}}
+    state.write_text(json.dumps(other))
+    launch._write_run_id(state, "late")
+    assert json.loads(state.read_text()) == other
