@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -239,8 +239,33 @@ def _own_value(conf: dict[str, Any], params: dict[str, str], base: dict[str, Any
     if key in conf:
         return conf[key]
     if key in params:  # `Config.flat_params`: str() of each value, "None" for None
-        return None if params[key] == "None" else yaml.safe_load(params[key])
+        return _param(key, params[key])
     return None if key in swept else base.get(key)
+
+
+@lru_cache(maxsize=4096)
+def _param(key: str, raw: str) -> Any:
+    """A logged param's value, as the config types it under `key` where it can say (YAML 1.1
+    reads str(1e-05) as text, and "yes" or "off" as booleans), else as YAML reads it.
+
+    >>> _param("train.base_lr", "1e-05"), _param("tracking.run_name", "yes")
+    (1e-05, 'yes')
+    >>> _param("train.epochs", "3"), _param("train.max_steps", "None")
+    (3, None)
+    """
+    if raw == "None":
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str | bool):
+        try:
+            from pipeline.tune.space import _dotted
+
+            typed = _dotted(Config().with_overrides({key: raw}).to_dict(), key)
+        except ValueError:  # (ConfigError too) a key the default config cannot take alone
+            typed = None
+        if typed is not None:
+            return typed
+    return value
 
 
 def _read_curves(uri: str, run_ids: list[str]) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
